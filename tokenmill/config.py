@@ -1,0 +1,162 @@
+"""Validated configuration objects, one per concern.
+
+Each dataclass checks itself in ``__post_init__`` and raises ``ValueError`` with a sentence a user can act on.
+``EngineConfig`` bundles the others; the CLI and ``LLM(**kwargs)`` build it through ``EngineConfig.from_kwargs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
+    """Map a user dtype name to a torch dtype; 'auto' is bf16 on CUDA and fp32 on CPU."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {name!r}")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but torch sees no CUDA GPU")
+    return name
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to load and how. ``model`` is a HF directory or a .gguf file (None: embedded SmolLM2)."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None  # None: the model's own limit (max_position_embeddings)
+    seed: int = 0
+    served_model_name: str | None = None
+    chat_template: str | None = None  # a path or a literal Jinja template overriding the model's
+    # Build random weights of a known shape instead of loading (benchmarks on real shapes without files).
+    random_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
+        self.torch_dtype = resolve_dtype(self.dtype, self.device)
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: block size and how many blocks (a CPU memory budget, a GPU fraction, or a count)."""
+
+    block_size: int = 16
+    kv_cache_memory_gib: float | None = None  # CPU budget; default picks a modest size
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None  # explicit block count, wins over the budgets
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two between 1 and 128; got {self.block_size}")
+        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB; got {self.kv_cache_memory_gib}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise ValueError(f"num_gpu_blocks_override must be >= 2; got {self.num_gpu_blocks_override}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits: sequences per step and tokens per step (chunked prefill splits prompts)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    max_waiting_requests: int | None = None  # backpressure for the server; None: unbounded
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be >= 0; got {self.max_waiting_requests}")
+
+
+@dataclass
+class RunnerConfig:
+    """How the model runs: eager or CUDA graphs, attention backend choice."""
+
+    enforce_eager: bool = False
+    attention_backend: str = "auto"  # auto | torch | triton
+    max_graph_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+    def check_against_model(self, max_model_len: int) -> None:
+        """Cross-field checks that need the model's context length (called once it is known)."""
+        sched = self.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be >= max_model_len "
+                f"({max_model_len}) when chunked prefill is off"
+            )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from flat vLLM-style keyword arguments (``LLM(model=..., block_size=8, ...)``)."""
+        groups: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}, "runner": {}}
+        owners = {
+            "model": ModelConfig,
+            "cache": CacheConfig,
+            "scheduler": SchedulerConfig,
+            "runner": RunnerConfig,
+        }
+        aliases = {"kv_cache_memory": "kv_cache_memory_gib", "num_kv_blocks": "num_gpu_blocks_override"}
+        for key, value in kwargs.items():
+            key = aliases.get(key, key)
+            for group, klass in owners.items():
+                if key in {f.name for f in dataclasses.fields(klass)}:
+                    groups[group][key] = value
+                    break
+            else:
+                raise TypeError(f"unknown engine argument {key!r}")
+        return cls(
+            model=ModelConfig(**groups["model"]),
+            cache=CacheConfig(**groups["cache"]),
+            scheduler=SchedulerConfig(**groups["scheduler"]),
+            runner=RunnerConfig(**groups["runner"]),
+        )
