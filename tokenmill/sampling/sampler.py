@@ -1,0 +1,119 @@
+"""The Sampler: one batched step from [N, V] logits to one token id per row, plus optional logprobs.
+
+Order (vLLM-like): min_tokens → repetition → presence/frequency → greedy argmax, or temperature → top-k → top-p
+→ min-p → exponential-race sample. Processors live in penalties.py and filters.py, logprobs in logprobs.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.outputs import Logprob
+from tokenmill.sampling.filters import apply_min_p, apply_top_k_top_p
+from tokenmill.sampling.logprobs import sample_logprobs
+from tokenmill.sampling.penalties import apply_min_tokens, apply_penalties
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One row of logits: a sequence being sampled this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens this sequence has generated so far
+    generator: torch.Generator | None = None  # per-request seeded generator; None: the shared default RNG
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one sampled id per row
+    logprobs: list[dict[int, Logprob] | None]  # per row, when its params.logprobs is not None
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator on ``device`` seeded with ``seed``, or None for unseeded requests."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def exponential_noise(
+    shape: tuple[int, int], generators: Sequence[torch.Generator | None], device: torch.device
+) -> torch.Tensor:
+    """Exponential(1) noise per row: seeded rows draw a full row from their own generator (so their samples
+    do not depend on the rest of the batch); unseeded rows share one draw from the default RNG."""
+    noise = torch.empty(shape, dtype=torch.float32, device=device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == len(generators):
+        return noise.exponential_()
+    if unseeded:
+        noise[_index(unseeded, device)] = torch.empty(len(unseeded), shape[1], device=device).exponential_()
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            if generator.device.type != noise.device.type:
+                raise ValueError(
+                    f"row {i}'s generator is on {generator.device} but logits are on {device}; "
+                    "make it with make_generator(seed, logits.device)"
+                )
+            noise[i].exponential_(generator=generator)
+    return noise
+
+
+def sample_from_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Random rows (temperature > 0): temperature, top-k/top-p, min-p, then the exponential race
+    argmax(p / E), E ~ Exponential(1), which draws from p exactly and lets each row use its own generator."""
+    params = [row.params for row in rows]
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    logits = logits / temperature.unsqueeze(1)
+    apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
+    apply_min_p(logits, [p.min_p for p in params])
+    probs = logits.softmax(dim=-1)
+    noise = exponential_noise(tuple(probs.shape), [row.generator for row in rows], probs.device)
+    return (probs / noise).argmax(dim=-1)
+
+
+class Sampler:
+    """Turns a batch of logits into next tokens; stateless apart from the model's EOS ids."""
+
+    def __init__(self, eos_token_ids: set[int]):
+        self.eos_token_ids = set(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"logits must be [len(rows)={len(rows)}, vocab]; got shape {tuple(logits.shape)}"
+            )
+        raw_logits = logits
+        # A float32 copy: processors work in place and logprobs need the raw values untouched.
+        logits = logits.to(torch.float32, copy=True)
+        apply_min_tokens(logits, rows, self.eos_token_ids)
+        apply_penalties(logits, rows)
+
+        device = logits.device
+        greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+        if len(greedy) == len(rows):
+            token_ids = logits.argmax(dim=-1)
+        else:
+            random = [i for i, row in enumerate(rows) if not row.params.greedy]
+            if not greedy:
+                token_ids = sample_from_logits(logits, rows)
+            else:
+                token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
+                greedy_t = _index(greedy, device)
+                token_ids[greedy_t] = logits[greedy_t].argmax(dim=-1)
+                random_t = _index(random, device)
+                token_ids[random_t] = sample_from_logits(logits[random_t], [rows[i] for i in random])
+
+        num_logprobs = [row.params.logprobs for row in rows]
+        logprobs = sample_logprobs(raw_logits, token_ids, num_logprobs)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
