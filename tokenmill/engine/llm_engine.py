@@ -1,0 +1,231 @@
+"""LLMEngine: the synchronous engine loop — add requests, ``step()`` until done, abort.
+
+One step = schedule → run the model on the scheduled tokens → sample → append tokens, detokenize, check
+stop conditions → free finished sequences. The server's AsyncLLM drives the same loop from its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tokenmill.attention.backend import get_attention_backend
+from tokenmill.config import EngineConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
+from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
+from tokenmill.model.loader import load_model
+from tokenmill.outputs import RequestOutput
+from tokenmill.runner.kv_sizing import num_kv_blocks
+from tokenmill.runner.model_runner import ModelRunner, StepResult
+from tokenmill.sampling.sampler import make_generator
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1, blocks held by live sequences
+    prefix_cache_queries: int  # prompt tokens looked up (cumulative)
+    prefix_cache_hits: int  # prompt tokens served from cache (cumulative)
+    num_preemptions: int
+    num_steps: int
+    prompt_tokens: int
+    generation_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, load_progress: bool = False) -> None:
+        self.config = config
+        mc = config.model
+        self.attn_backend = get_attention_backend(config.runner.attention_backend, mc.device)
+        loaded = load_model(mc, self.attn_backend, progress=load_progress)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids: set[int] = set(loaded.eos_token_ids)
+        self.max_model_len: int = loaded.max_model_len
+        self.model_name: str = loaded.name
+        config.check_against_model(self.max_model_len)
+
+        self.runner = ModelRunner(self.model, mc.device, mc.torch_dtype, config.cache.block_size, self.eos_token_ids)
+        num_blocks = num_kv_blocks(
+            config.cache, mc.device, self.model.num_layers, self.model.num_kv_heads, self.model.head_dim,
+            mc.torch_dtype, self.max_model_len, config.scheduler.max_num_seqs,
+        )
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.num_kv_cache_tokens = num_blocks * config.cache.block_size
+        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        logger.info(
+            "engine ready: model=%s max_model_len=%d kv_cache=%d tokens (%d blocks of %d) device=%s dtype=%s",
+            self.model_name, self.max_model_len, self.num_kv_cache_tokens, num_blocks,
+            config.cache.block_size, mc.device, mc.torch_dtype,
+        )
+
+    @classmethod
+    def from_kwargs(cls, load_progress: bool = False, **kwargs) -> LLMEngine:
+        return cls(EngineConfig.from_kwargs(**kwargs), load_progress=load_progress)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (a sentence with the numbers) when a request can never run."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens but max_model_len is {self.max_model_len}; "
+                "the prompt must leave room for at least one generated token"
+            )
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
+                f"max_model_len ({self.max_model_len}); lower max_tokens or shorten the prompt"
+            )
+        vocab = self.model.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); the model's vocabulary has {vocab} tokens")
+        total = n + (params.max_tokens or (self.max_model_len - n))
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"this request needs up to {total} tokens of KV cache but the whole cache holds "
+                f"{self.num_kv_cache_tokens}; raise --kv-cache-memory or lower max_tokens"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids, params)
+        request = Request(request_id, prompt, list(prompt_token_ids), params,
+                          arrival_time=arrival_time if arrival_time is not None else time.monotonic())
+        leader: Sequence | None = None
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            seq = Sequence(
+                seq_id=request_id if params.n == 1 else f"{request_id}#{index}",
+                index=index,
+                request=request,
+                prompt_token_ids=request.prompt_token_ids,
+                params=params,
+                generator=make_generator(seed, self.config.model.device),
+                detokenizer=IncrementalDetokenizer(self.tokenizer.hf, request.prompt_token_ids, params)
+                if self.tokenizer is not None else None,
+                leader=leader,
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            leader = leader or seq
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        self.prompt_tokens += len(prompt_token_ids)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            for seq in request.sequences:
+                if not seq.status.finished:
+                    seq.status = SequenceStatus.FINISHED_ABORTED
+                    self.scheduler.remove_finished(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.block_manager.usage,
+            prefix_cache_queries=self.block_manager.prefix_cache_queries,
+            prefix_cache_hits=self.block_manager.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.num_unfinished:
+                raise RuntimeError(
+                    f"scheduler made no progress with {self.scheduler.num_unfinished} sequences pending "
+                    f"and {self.block_manager.num_free_blocks}/{self.block_manager.num_blocks} free blocks"
+                )
+            return []
+        now = time.monotonic()
+        for item in sched.scheduled:
+            metrics = item.seq.request.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        result = self.runner.execute(sched)
+        self.num_steps += 1
+        return self._apply(sched, result)
+
+    def _apply(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        now = time.monotonic()
+        for item in sched.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+        touched: dict[str, Request] = {}
+        for row, token_id, logprobs in zip(result.rows, result.token_ids, result.logprobs, strict=True):
+            seq = sched.scheduled[row].seq
+            self._append_token(seq, token_id, logprobs)
+            request = seq.request
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            request.metrics.last_token_time = now
+            touched[request.request_id] = request
+        outputs = []
+        for item in sched.scheduled:
+            if not item.seq.status.finished:
+                self.block_manager.cache_full_blocks(item.seq)
+        for request in touched.values():
+            if request.finished:
+                request.metrics.finished_time = now
+                self.requests.pop(request.request_id, None)
+            outputs.append(request.make_output())
+        return outputs
+
+    def _append_token(self, seq: Sequence, token_id: int, logprobs) -> None:
+        seq.token_ids.append(token_id)
+        self.generation_tokens += 1
+        if seq.logprobs is not None and logprobs is not None:
+            seq.logprobs.append(logprobs)
+        params = seq.params
+        num_out = seq.num_output_tokens
+        past_min = num_out >= params.min_tokens
+        stop_string = seq.detokenizer.update([token_id]) if seq.detokenizer is not None else None
+        status: SequenceStatus | None = None
+        if past_min and not params.ignore_eos and token_id in self.eos_token_ids:
+            status = SequenceStatus.FINISHED_STOPPED
+        elif past_min and token_id in params.stop_token_ids:
+            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token_id
+        elif past_min and stop_string is not None:
+            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_string
+        elif params.max_tokens is not None and num_out >= params.max_tokens:
+            status = SequenceStatus.FINISHED_LENGTH
+        elif seq.num_tokens >= self.max_model_len:
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            seq.status = status
+            self.scheduler.remove_finished(seq)

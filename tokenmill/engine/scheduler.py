@@ -1,0 +1,131 @@
+"""Scheduler: decides which sequences run this step and how many tokens each (no tensors here).
+
+There are no prefill/decode phases: a sequence gets N tokens per step, N = the rest of its prompt (or a
+chunk of it that fits the token budget) or 1 when decoding, so chunked prefill and mixed batches fall out.
+Running sequences go first; when blocks run out the newest running sequence is preempted by recompute
+(blocks freed, back to the head of the waiting queue). Waiting sequences are admitted in FCFS order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the sequence's last known token, so its logits give the next one."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def remove_finished(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence from the queues and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Running sequences, oldest first; make room by preempting the newest.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, num_new)
+                out.scheduled.append(ScheduledSequence(seq, num_new))
+                budget -= num_new
+                index += 1
+                continue
+            break  # seq itself was preempted: nothing older is left to run
+
+        # 2. Waiting sequences in arrival order, unless this step had to preempt (memory is tight).
+        if out.preempted:
+            return out
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            leader = seq.leader
+            if leader is not None and not leader.status.finished and not leader.is_prefilled:
+                skipped.append(self.waiting.popleft())  # shares the leader's prompt once it is computed
+                continue
+            if leader is not None and leader.block_table:
+                self.block_manager.share_prompt_blocks(seq, leader)
+            self.block_manager.match_prefix(seq)
+            num_new = seq.num_tokens - seq.num_computed_tokens
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                self._release_unscheduled(seq)
+                break
+            num_new = min(num_new, budget)
+            if not self.block_manager.can_allocate(seq, num_new):
+                self._release_unscheduled(seq)
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        return out
+
+    def _release_unscheduled(self, seq: Sequence) -> None:
+        # Prefix blocks taken while trying to admit it go back; it retries next step.
+        self.block_manager.free(seq)
+        seq.num_cached_tokens = 0

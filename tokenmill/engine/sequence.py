@@ -1,0 +1,116 @@
+"""Request state: a ``Request`` (what the user asked) owns one ``Sequence`` per completion (n > 1 → n).
+
+The scheduler and block manager work on sequences; the engine turns a request's sequences into one
+RequestOutput. A sequence's progress is ``num_computed_tokens`` (tokens whose KV is in the cache).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: str
+    index: int  # completion index within its request
+    request: Request
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    detokenizer: Any  # IncrementalDetokenizer
+    # Sequences 1..n-1 of a request wait for sequence 0's prompt and then share its prompt blocks.
+    leader: Sequence | None = None
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated, filled in __post_init__
+    logprobs: list[dict[int, Logprob]] | None = None
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (or shared from the leader)
+    status: SequenceStatus = SequenceStatus.WAITING
+    stop_reason: int | str | None = None
+    # Hash of each full block of this sequence that is registered in the prefix cache (chained).
+    block_hashes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_prefilled(self) -> bool:
+        return self.num_computed_tokens >= self.prompt_len
+
+    def completion_output(self) -> CompletionOutput:
+        finished = self.status.finished
+        return CompletionOutput(
+            index=self.index,
+            text=self.detokenizer.output_text(finished) if self.detokenizer is not None else "",
+            token_ids=list(self.output_token_ids),
+            finish_reason=self.status.value if finished else None,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            stop_reason=self.stop_reason,
+        )
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    sequences: list[Sequence] = field(default_factory=list)
+    metrics: RequestMetrics | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.status.finished for seq in self.sequences)
+
+    def make_output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[seq.completion_output() for seq in self.sequences],
+            finished=self.finished,
+            metrics=self.metrics,
+            num_cached_tokens=max((seq.num_cached_tokens for seq in self.sequences), default=0),
+        )

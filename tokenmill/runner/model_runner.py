@@ -1,0 +1,61 @@
+"""ModelRunner: executes one SchedulerOutput — builds tensors, runs the model, samples the next tokens."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.attention.backend import allocate_kv_cache
+from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.outputs import Logprob
+from tokenmill.runner.inputs import build_model_inputs
+from tokenmill.sampling.sampler import Sampler, SamplingRow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    # Parallel lists over the scheduled entries that sampled this step.
+    rows: list[int]
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, device: str, dtype: torch.dtype, block_size: int,
+                 eos_token_ids: set[int]) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.block_size = block_size
+        self.sampler = Sampler(eos_token_ids)
+        self.kv_caches: list[torch.Tensor] = []
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = allocate_kv_cache(
+            self.model.num_layers, num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim,
+            self.dtype, self.device,
+        )
+
+    @torch.inference_mode()
+    def forward_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Logits [num_sampling_seqs, vocab] (float32) and which scheduled rows they belong to."""
+        inputs = build_model_inputs(sched, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
+        return logits.float(), inputs.sample_rows
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        logits, rows = self.forward_logits(sched)
+        if not rows:
+            return StepResult([], [], [])
+        sampling_rows = []
+        for row in rows:
+            seq = sched.scheduled[row].seq
+            sampling_rows.append(SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator))
+        out = self.sampler(logits, sampling_rows)
+        return StepResult(rows, out.token_ids, out.logprobs)
