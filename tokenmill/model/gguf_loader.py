@@ -1,0 +1,220 @@
+"""GGUF files: metadata -> ModelSpec, tensors dequantized and renamed to HF names, tokenizer conversion.
+
+Uses the ``gguf`` package's reader and dequantizer; llama.cpp's Q/K row permutation for llama-arch models is
+undone here. The converted tokenizer is cached on disk because transformers' conversion takes ~10 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenmill.model.layers import rope_inv_freq
+from tokenmill.model.spec import ModelSpec
+from tokenmill.model.tokenizer import Tokenizer
+
+# GGUF general.architecture -> HF architecture (llama.cpp stores Mistral as "llama").
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# GGUF per-block tensor name -> HF sub-name under model.layers.N.
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+# Llama 3.1's rope scaling; GGUFs store its per-frequency factors as the rope_freqs tensor instead.
+_LLAMA3_DEFAULT_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def open_gguf(path: str | Path) -> Any:
+    from gguf import GGUFReader
+
+    return GGUFReader(str(path))
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def gguf_spec(reader: Any) -> ModelSpec:
+    """ModelSpec from a GGUF's metadata and tensor list."""
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    hf_arch = GGUF_ARCHITECTURES[arch]
+    if arch == "llama" and "mistral" in str(_field(reader, "general.name", "")).lower():
+        hf_arch = "MistralForCausalLM"
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    rope_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"partial rotary embeddings (rope.dimension_count {rope_dim} != head_dim {head_dim}) are not supported")
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    spec = ModelSpec(
+        architecture=hf_arch,
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),  # ggml shapes are [cols, rows]
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_layers=int(_field(reader, f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=_gguf_rope_scaling(reader, arch, head_dim, theta, tensors),
+        tie_word_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        o_bias="blk.0.attn_output.bias" in tensors,
+        mlp_bias="blk.0.ffn_up.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        sliding_window=int(window) if window is not None else None,
+        eos_token_ids=sorted(gguf_eos_token_ids(reader)),
+    )
+    if arch == "qwen3" and not spec.qk_norm:
+        raise ValueError("qwen3 GGUF has no attn_q_norm tensors; the file looks incomplete")
+    return spec
+
+
+def _gguf_rope_scaling(
+    reader: Any, arch: str, head_dim: int, theta: float, tensors: dict[str, Any]
+) -> dict[str, Any] | None:
+    scaling_type = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if "rope_freqs.weight" in tensors:
+        # Llama 3.1+ GGUFs: check the stored factors are the standard llama3 ones rather than trust them blindly.
+        from gguf.quants import dequantize
+
+        tensor = tensors["rope_freqs.weight"]
+        factors = torch.from_numpy(np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        plain = rope_inv_freq(head_dim, theta, None)
+        scaling = dict(_LLAMA3_DEFAULT_ROPE)
+        scaling["original_max_position_embeddings"] = int(
+            _field(reader, f"{arch}.rope.scaling.original_context_length", 8192)
+        )
+        expected = plain / rope_inv_freq(head_dim, theta, scaling)
+        if factors.shape != expected.shape or not torch.allclose(factors, expected, rtol=1e-3):
+            raise ValueError("GGUF rope_freqs factors do not match llama3 rope scaling; custom factors are not supported")
+        return scaling
+    if scaling_type in ("none", None):
+        return None
+    if scaling_type == "linear":
+        return {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    raise ValueError(f"GGUF rope scaling type {scaling_type!r} is not supported; supported: none, linear, llama3")
+
+
+def gguf_eos_token_ids(reader: Any) -> set[int]:
+    ids = set()
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        value = _field(reader, key)
+        if value is not None:
+            ids.add(int(value))
+    return ids
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF checkpoint name of a GGUF tensor; None for tensors the model does not load (rope_freqs)."""
+    match = _BLOCK_RE.match(gguf_name)
+    if match:
+        layer, part, kind = match.groups()
+        if part not in _BLOCK_NAMES:
+            raise ValueError(f"GGUF tensor {gguf_name!r} is not part of a supported Llama-family block")
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    base, _, kind = gguf_name.rpartition(".")
+    if base == "rope_freqs":
+        return None
+    if base not in _TOP_NAMES:
+        raise ValueError(f"GGUF tensor {gguf_name!r} is not part of a supported Llama-family model")
+    return f"{_TOP_NAMES[base]}.{kind}"
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of llama Q/K weights (interleaved rope -> HF rotate-half layout)."""
+    rows = weight.shape[0]
+    half = rows // num_heads // 2
+    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def iter_gguf_weights(reader: Any, spec: ModelSpec, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, fp32 tensor) for every GGUF tensor, dequantized one at a time."""
+    from gguf.quants import dequantize
+
+    permuted = _field(reader, "general.architecture") == "llama"
+    tensors = reader.tensors
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, desc="loading GGUF tensors", unit="tensor")
+    for tensor in tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        array = dequantize(tensor.data, tensor.tensor_type)
+        weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if permuted and name.endswith("q_proj.weight"):
+            weight = unpermute_qk(weight, spec.num_heads)
+        elif permuted and name.endswith("k_proj.weight"):
+            weight = unpermute_qk(weight, spec.num_kv_heads)
+        yield name, weight
+
+
+def tokenizer_cache_root() -> Path:
+    root = os.environ.get("TOKENMILL_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "tokenmill"
+
+
+def load_gguf_tokenizer(
+    path: str | Path, chat_template: str | None = None, reader: Any = None
+) -> Tokenizer | None:
+    """The GGUF's tokenizer via transformers (converted once, then cached); None if the file has none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path).resolve()
+    if _field(reader if reader is not None else open_gguf(path), "tokenizer.ggml.model") is None:
+        return None
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = tokenizer_cache_root() / "tokenizers" / key
+    if not (cached / "tokenizer_config.json").is_file():
+        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
+        hf.save_pretrained(str(staging))
+        try:
+            staging.rename(cached)
+        except OSError:
+            # Another process cached it first; theirs is identical.
+            shutil.rmtree(staging, ignore_errors=True)
+        return Tokenizer(hf, chat_template)
+    return Tokenizer(AutoTokenizer.from_pretrained(str(cached)), chat_template)

@@ -1,0 +1,204 @@
+"""One Llama-family decoder for Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
+
+Tokens of all sequences arrive packed flat ([T], no batch dim); attention goes through the paged-KV backend.
+Checkpoint names (HF layout) load through ``load_weights``, which packs q/k/v and gate/up into fused weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.model.layers import (
+    Linear,
+    MergedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    VocabEmbedding,
+    default_weight_loader,
+    silu_and_mul,
+)
+from tokenmill.model.spec import ModelSpec
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int, attn_backend: AttentionBackend, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.scale = spec.head_dim**-0.5
+        self.qkv_proj = MergedLinear(
+            spec.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=spec.qkv_bias
+        )
+        self.o_proj = Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+        # Shared across layers; kept out of this module's children so it is not registered once per layer.
+        self._rotary = (rotary,)
+        self.attn_backend = attn_backend
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, _ = self.q_norm(q)
+            k, _ = self.k_norm(k)
+        q, k = self._rotary[0](q, k, positions)
+        out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        size = spec.intermediate_size
+        self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate": size, "up": size}, bias=spec.mlp_bias)
+        self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int, attn_backend: AttentionBackend, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = LlamaAttention(spec, layer_idx, attn_backend, rotary)
+        self.mlp = LlamaMLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add is fused into the next norm: rms_norm(x, w, eps, residual) returns (norm(x+r), x+r).
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: ModelSpec, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            spec.head_dim, spec.rope_theta, spec.rope_scaling, spec.max_position_embeddings
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(spec, i, attn_backend, self.rotary_emb) for i in range(spec.num_layers)
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Serves LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM checkpoints."""
+
+    # checkpoint sub-name -> (fused parameter sub-name, shard id)
+    packed_modules_mapping: dict[str, tuple[str, str]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, spec: ModelSpec, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.spec = spec
+        self.num_layers = spec.num_layers
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.vocab_size = spec.vocab_size
+        self.model = LlamaModel(spec, attn_backend)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] for the packed tokens of this step."""
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [N, vocab] for the selected hidden states [N, hidden]."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named checkpoint tensors; raises if a name is unknown or a parameter stays unloaded."""
+        params = dict(self.named_parameters())
+        expected = self._expected_shards(params)
+        loaded: set[tuple[str, str | None]] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.spec.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            param_name, shard_id = self._map_name(name)
+            param = params.get(param_name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {self.spec.architecture}")
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                loader(param, tensor, shard_id)
+            except ValueError as exc:
+                raise ValueError(f"cannot load checkpoint tensor {name!r}: {exc}") from exc
+            loaded.add((param_name, shard_id))
+        missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+
+    def _map_name(self, name: str) -> tuple[str, str | None]:
+        for ckpt_name, (fused_name, shard_id) in self.packed_modules_mapping.items():
+            if f".{ckpt_name}." in name:
+                return name.replace(f".{ckpt_name}.", f".{fused_name}."), shard_id
+        return name, None
+
+    def _expected_shards(self, params: dict[str, nn.Parameter]) -> set[tuple[str, str | None]]:
+        expected: set[tuple[str, str | None]] = set()
+        fused = {fused_name for fused_name, _ in self.packed_modules_mapping.values()}
+        for name in params:
+            owner = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+            if owner in fused:
+                expected.update((name, shard) for f, shard in self.packed_modules_mapping.values() if f == owner)
+            else:
+                expected.add((name, None))
+        return expected
