@@ -69,15 +69,20 @@ def exponential_noise(
     return noise
 
 
-def sample_from_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Random rows (temperature > 0): temperature, top-k/top-p, min-p, then the exponential race
-    argmax(p / E), E ~ Exponential(1), which draws from p exactly and lets each row use its own generator."""
+def filtered_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Random rows (temperature > 0): logits / temperature, then top-k/top-p, then min-p (dropped: -inf)."""
     params = [row.params for row in rows]
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
     logits = logits / temperature.unsqueeze(1)
     apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
     apply_min_p(logits, [p.min_p for p in params])
-    probs = logits.softmax(dim=-1)
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The exponential race argmax(p / E), E ~ Exponential(1): an exact draw from p that lets each row use
+    its own generator."""
+    probs = filtered_logits(logits, rows).softmax(dim=-1)
     noise = exponential_noise(tuple(probs.shape), [row.generator for row in rows], probs.device)
     return (probs / noise).argmax(dim=-1)
 
