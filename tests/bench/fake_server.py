@@ -66,11 +66,15 @@ class FakeServer:
         behaviour = self._behaviour()
         if behaviour.startswith("http_"):
             status = int(behaviour.split("_")[1])
-            return await self._json(writer, status, {"error": {"message": "injected failure", "code": status}})
+            return await self._json(
+                writer, status, {"error": {"message": "injected failure", "code": status}}
+            )
         if behaviour == "hang":
             await asyncio.sleep(self.options.hang_s)
             return False
-        return await self._stream(writer, json.loads(body), chat=path.endswith("chat/completions"), drop=behaviour == "drop")
+        return await self._stream(
+            writer, json.loads(body), chat=path.endswith("chat/completions"), drop=behaviour == "drop"
+        )
 
     async def _json(self, writer: asyncio.StreamWriter, status: int, payload: dict) -> bool:
         data = json.dumps(payload).encode()
@@ -96,11 +100,19 @@ class FakeServer:
         def chunk(text: str, finish: str | None) -> dict:
             if chat:
                 delta = {"content": text} if text else {}
-                return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return {"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+                return {
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+            return {
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+            }
 
         if chat:  # OpenAI sends the role alone first; it carries no token
-            await send({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+            await send(
+                {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+            )
         await asyncio.sleep(opts.first_token_delay_s)
         sent = 0
         while sent < num_tokens:

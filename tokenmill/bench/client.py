@@ -127,9 +127,13 @@ def _classify(exc: BaseException) -> str:
     return rk.ERROR_CLIENT
 
 
-async def _stream(client: httpx.AsyncClient, target: Target, request: BenchRequest, state: _StreamState) -> None:
+async def _stream(
+    client: httpx.AsyncClient, target: Target, request: BenchRequest, state: _StreamState
+) -> None:
     record = state.record
-    async with client.stream("POST", target.url, json=build_payload(target, request), headers=target.headers()) as resp:
+    async with client.stream(
+        "POST", target.url, json=build_payload(target, request), headers=target.headers()
+    ) as resp:
         if resp.status_code != 200:
             body = await resp.aread()
             record.error = rk.http_error_kind(resp.status_code)

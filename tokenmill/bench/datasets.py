@@ -139,7 +139,9 @@ def sharegpt_dataset(
         if len(requests) == num:
             break
     if not requests:
-        raise ValueError(f"ShareGPT file {path} has no usable conversation (need a prompt and a reply of >= 4 tokens)")
+        raise ValueError(
+            f"ShareGPT file {path} has no usable conversation (need a prompt and a reply of >= 4 tokens)"
+        )
     return requests
 
 

@@ -115,7 +115,9 @@ async def _run_point(
     return LoadResult(load, records, num_not_sent)
 
 
-async def run_loads(target: Target, requests: list[BenchRequest], loads: list[LoadConfig]) -> list[LoadResult]:
+async def run_loads(
+    target: Target, requests: list[BenchRequest], loads: list[LoadConfig]
+) -> list[LoadResult]:
     """Run each load point in turn on the same requests; warmup requests go first and are not recorded."""
     if not requests:
         raise ValueError("the dataset produced no requests; raise --num-prompts or check the dataset file")

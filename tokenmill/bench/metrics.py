@@ -52,7 +52,9 @@ def parse_slo(text: str) -> SLO:
         key, sep, value = part.partition("=")
         key = key.strip().lower()
         if not sep or key not in SLO_KEYS:
-            raise ValueError(f"--slo entry {part!r} must be KEY=MILLISECONDS with KEY one of {', '.join(SLO_KEYS)}")
+            raise ValueError(
+                f"--slo entry {part!r} must be KEY=MILLISECONDS with KEY one of {', '.join(SLO_KEYS)}"
+            )
         try:
             limits[f"{key}_ms"] = float(value)
         except ValueError as exc:
@@ -103,7 +105,9 @@ def distribution_ms(values_s: Iterable[float]) -> dict[str, float | None]:
 
 def peak_concurrency(records: Sequence[RequestRecord]) -> int:
     """Most requests in flight at one instant (an end at the same time as a start frees its slot first)."""
-    events = sorted([(r.start, 1) for r in records] + [(r.end, -1) for r in records], key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(r.start, 1) for r in records] + [(r.end, -1) for r in records], key=lambda e: (e[0], e[1])
+    )
     peak = current = 0
     for _, delta in events:
         current += delta
@@ -138,7 +142,9 @@ def _per_second(count: float, duration: float) -> float:
     return count / duration if duration > 0 else 0.0
 
 
-def summarize(records: Sequence[RequestRecord], slo: SLO | None = None, num_not_sent: int = 0) -> dict[str, Any]:
+def summarize(
+    records: Sequence[RequestRecord], slo: SLO | None = None, num_not_sent: int = 0
+) -> dict[str, Any]:
     """The summary of one run: counts, errors by kind, throughput, goodput and latency distributions."""
     done = [r for r in records if r.ok]
     duration = benchmark_duration(records)
@@ -170,4 +176,3 @@ def summarize(records: Sequence[RequestRecord], slo: SLO | None = None, num_not_
         summary["good_requests"] = good
         summary["goodput"] = _per_second(good, duration)
     return summary
-
