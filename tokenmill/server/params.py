@@ -1,0 +1,98 @@
+"""Turn validated request models into SamplingParams, rejecting features tokenmill does not implement yet.
+
+Shared by routes_completions.py and routes_chat.py; any ValueError from SamplingParams becomes a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.errors import BadRequestError, NotSupportedError
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+# SamplingParams field names a ValueError message starts with, so the error can name its ``param``.
+_PARAM_NAMES = (
+    "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "seed", "max_tokens", "min_tokens", "stop_token_ids", "stop", "logprobs", "prompt_logprobs",
+)
+
+
+def _common(req: SamplingFields) -> dict[str, Any]:
+    if req.logit_bias:
+        raise NotSupportedError("logit_bias is not supported yet", param="logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise BadRequestError("stream_options is only allowed together with stream=true", param="stream_options")
+    kwargs: dict[str, Any] = {
+        "n": req.n,
+        "seed": req.seed,
+        "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        "stop_token_ids": list(req.stop_token_ids or []),
+        "ignore_eos": req.ignore_eos,
+        "min_tokens": req.min_tokens,
+        "skip_special_tokens": req.skip_special_tokens,
+        "include_stop_str_in_output": req.include_stop_str_in_output,
+    }
+    optional = {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "repetition_penalty": req.repetition_penalty,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+    }
+    kwargs.update({key: value for key, value in optional.items() if value is not None})
+    if kwargs.get("top_k") == 0:  # OpenAI-style clients send 0 for "off"
+        kwargs["top_k"] = -1
+    return kwargs
+
+
+def build_params(kwargs: dict[str, Any]) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        message = str(exc)
+        param = next((name for name in _PARAM_NAMES if message.startswith(name + " ")), None)
+        raise BadRequestError(message, param=param) from exc
+
+
+def completion_params(req: CompletionRequest) -> SamplingParams:
+    if req.suffix:
+        raise NotSupportedError("suffix is not supported yet", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise NotSupportedError(f"best_of ({req.best_of}) different from n ({req.n}) is not supported yet", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise NotSupportedError("echo together with logprobs (prompt logprobs) is not supported yet", param="echo")
+    kwargs = _common(req)
+    kwargs["max_tokens"] = req.max_tokens
+    kwargs["logprobs"] = req.logprobs
+    return build_params(kwargs)
+
+
+def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+    if req.tools:
+        raise NotSupportedError("tools (function calling) are not supported yet", param="tools")
+    if req.tool_choice not in (None, "none"):
+        raise NotSupportedError("tool_choice is not supported yet", param="tool_choice")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise NotSupportedError(
+            f"response_format type {req.response_format.type!r} is not supported yet; only 'text' is",
+            param="response_format",
+        )
+    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise BadRequestError(
+            f"max_tokens ({req.max_tokens}) and max_completion_tokens ({req.max_completion_tokens}) disagree; "
+            "give one of them",
+            param="max_completion_tokens",
+        )
+    if req.top_logprobs is not None and not req.logprobs:
+        raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+    kwargs = _common(req)
+    kwargs["max_tokens"] = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if req.logprobs:
+        kwargs["logprobs"] = req.top_logprobs if req.top_logprobs is not None else 0
+    params = build_params(kwargs)
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+        raise BadRequestError(f"top_logprobs must be in [0, 20]; got {req.top_logprobs}", param="top_logprobs")
+    return params
