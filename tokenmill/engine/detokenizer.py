@@ -40,6 +40,11 @@ class IncrementalDetokenizer:
         """The stop string that ended the text, or None."""
         return self._stop_reason
 
+    @property
+    def num_window_tokens(self) -> int:
+        """Token ids kept for decoding (context plus unread): stays a handful however long the output."""
+        return len(self._ids)
+
     def update(self, new_token_ids: list[int]) -> str | None:
         """Append tokens' text; returns the matched stop string (tokens after a match are ignored) or None."""
         if self._stop_reason is not None:
