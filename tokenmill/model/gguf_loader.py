@@ -117,7 +117,7 @@ def _gguf_rope_scaling(
         from gguf.quants import dequantize
 
         tensor = tensors["rope_freqs.weight"]
-        factors = torch.from_numpy(np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        factors = torch.tensor(dequantize(tensor.data, tensor.tensor_type), dtype=torch.float32)
         plain = rope_inv_freq(head_dim, theta, None)
         scaling = dict(_LLAMA3_DEFAULT_ROPE)
         scaling["original_max_position_embeddings"] = int(
@@ -180,8 +180,10 @@ def iter_gguf_weights(reader: Any, spec: ModelSpec, progress: bool = False) -> I
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
-        array = dequantize(tensor.data, tensor.tensor_type)
-        weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        array = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if not array.flags.writeable:  # F32 tensors come back as views of the read-only memory map
+            array = array.copy()
+        weight = torch.from_numpy(array)
         if permuted and name.endswith("q_proj.weight"):
             weight = unpermute_qk(weight, spec.num_heads)
         elif permuted and name.endswith("k_proj.weight"):
