@@ -1,0 +1,58 @@
+"""Triton attention backend: KV-cache write, then paged decode (decode-only steps) or prefill attention.
+
+Must agree with ``TorchAttentionBackend``. No host syncs inside ``forward``; decode-only steps launch a grid
+fixed by the batch size and the block-table width, so the runner can capture them in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.kernels._triton import HAS_TRITON
+from tokenmill.kernels.kv_cache_write import reshape_and_cache
+from tokenmill.kernels.paged_attention import paged_decode, plan_decode
+from tokenmill.kernels.prefill_attention import prefill_attention
+
+if not HAS_TRITON:  # get_attention_backend catches ImportError and falls back to the torch reference
+    raise ImportError("the Triton attention backend needs the 'triton' package (install tokenmill[gpu])")
+
+
+class TritonAttentionBackend:
+    """Padding rows of a CUDA-graph batch need slot_mapping -1 (skipped) and seq_len 0 (output zeros)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._num_sms: dict[int, int] = {}
+
+    def _sm_count(self, device: torch.device) -> int:
+        if device.type != "cuda":  # Triton's CPU interpreter (debugging): any positive count plans correctly
+            return 4
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._num_sms:
+            self._num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return self._num_sms[index]
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        reshape_and_cache(key, value, kv_cache, meta.slot_mapping)
+        if meta.is_decode_only:
+            block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+            plan = plan_decode(
+                query.shape[0],
+                num_kv_heads,
+                meta.block_tables.shape[1] * block_size,
+                self._sm_count(query.device),
+            )
+            return paged_decode(query, kv_cache, meta.block_tables, meta.seq_lens, scale, plan=plan)
+        return prefill_attention(
+            query, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale
+        )

@@ -1,0 +1,84 @@
+"""KV-cache write (reshape_and_cache): scatter this step's keys/values into their paged-cache slots.
+
+Cache layout per layer is [2, num_blocks, block_size, num_kv_heads, head_dim] (K at 0, V at 1). A negative
+slot marks a padding token (CUDA-graph batches padded up to a captured size) and is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+
+
+def reshape_and_cache_reference(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Pure-torch scatter of key/value [T, num_kv_heads, head_dim] into the cache; slots < 0 are skipped."""
+    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    flat[0].index_copy_(0, slots, key[keep].to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, value[keep].to(kv_cache.dtype))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _reshape_and_cache_kernel(
+        key_ptr,
+        value_ptr,
+        cache_ptr,
+        slot_ptr,
+        key_stride_t,
+        key_stride_h,
+        value_stride_t,
+        value_stride_h,
+        v_offset,  # elements between K and V halves of the cache
+        NUM_KV_HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot >= 0:
+            heads = tl.arange(0, BLOCK_H)[:, None]
+            dims = tl.arange(0, BLOCK_D)[None, :]
+            mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
+            k = tl.load(key_ptr + token * key_stride_t + heads * key_stride_h + dims, mask=mask)
+            v = tl.load(value_ptr + token * value_stride_t + heads * value_stride_h + dims, mask=mask)
+            dst = cache_ptr + slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
+            tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + v_offset, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def reshape_and_cache(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Triton scatter of key/value [T, num_kv_heads, head_dim] into the cache (one program per token)."""
+    require_triton("reshape_and_cache")
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous [2, num_blocks, block_size, num_kv_heads, head_dim]")
+    if key.stride(2) != 1 or value.stride(2) != 1:
+        raise ValueError("key and value must have a contiguous last (head_dim) axis")
+    _reshape_and_cache_kernel[(num_tokens,)](
+        key,
+        value,
+        kv_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        kv_cache.stride(0),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_H=next_power_of_2(num_kv_heads),
+        BLOCK_D=next_power_of_2(head_dim),
+        num_warps=4,
+    )

@@ -1,0 +1,284 @@
+"""Paged decode attention: one query token per sequence against its K/V read through the block table.
+
+GQA-aware (one program serves every query head of a KV head, so K/V are read once) and split-K
+(flash-decoding): long contexts split into partitions whose partial softmax results a reduce kernel merges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+
+
+def paged_decode_reference(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """query [B, Hq, D] -> out [B, Hq, D]; computed in fp32 per sequence (slow, exact)."""
+    num_seqs, num_heads, _ = query.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(query)
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        if seq_len == 0:
+            continue
+        blocks = block_tables[i, : (seq_len + block_size - 1) // block_size].long()
+        keys = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len].float()
+        values = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len].float()
+        q = query[i].float().view(num_kv_heads, group, -1)  # [Hkv, G, D]
+        scores = torch.einsum("hgd,thd->hgt", q, keys) * scale
+        probs = scores.softmax(dim=-1)
+        out[i] = torch.einsum("hgt,thd->hgd", probs, values).reshape(num_heads, -1).to(query.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Launch shape of one decode call; fixed by (batch, heads, max blocks) so CUDA graphs can capture it."""
+
+    num_splits: int
+    partition_size: int  # tokens per split, a multiple of block_n
+    block_n: int  # keys per inner iteration
+
+
+def plan_decode(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_len: int,
+    num_sms: int,
+    block_n: int = 64,
+    min_partition: int = 256,
+    max_splits: int = 64,
+) -> DecodePlan:
+    """Split the keys only when (sequence, KV head) programs alone would leave SMs idle.
+
+    ``max_len`` is an upper bound on any sequence length (block-table width x block size), not the real
+    lengths: splits past a sequence's end do nothing, and the plan needs no device-to-host sync.
+    """
+    if num_seqs <= 0 or num_kv_heads <= 0 or max_len <= 0 or num_sms <= 0:
+        raise ValueError(
+            f"plan_decode needs positive sizes; got num_seqs={num_seqs}, num_kv_heads={num_kv_heads}, "
+            f"max_len={max_len}, num_sms={num_sms}"
+        )
+    programs = num_seqs * num_kv_heads
+    wanted = -(-2 * num_sms // programs)  # two waves of programs keep every SM busy
+    by_length = -(-max_len // min_partition)
+    num_splits = max(1, min(wanted, by_length, max_splits))
+    per_split = -(-max_len // num_splits)
+    partition = -(-per_split // block_n) * block_n
+    num_splits = -(-max_len // partition)
+    return DecodePlan(num_splits=num_splits, partition_size=partition, block_n=block_n)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr,
+        cache_ptr,
+        bt_ptr,
+        seq_lens_ptr,
+        out_ptr,
+        part_out_ptr,
+        part_lse_ptr,
+        q_stride_b,
+        q_stride_h,
+        out_stride_b,
+        out_stride_h,
+        bt_stride,
+        v_offset,
+        qk_scale,
+        NUM_KV_HEADS: tl.constexpr,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        PARTITION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        seq = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        start = split * PARTITION
+        end = tl.minimum(start + PARTITION, seq_len)
+
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        gmask = g < GROUP
+        dmask = d < HEAD_DIM
+        heads = kv_head * GROUP + g
+        q = tl.load(
+            q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
+            mask=gmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        token_stride = NUM_KV_HEADS * HEAD_DIM
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            block = tl.load(bt_ptr + seq * bt_stride + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+            row = (block * BLOCK_SIZE + n % BLOCK_SIZE) * token_stride + kv_head * HEAD_DIM
+            kv_mask = nmask[:, None] & dmask[None, :]
+            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        out_mask = gmask[:, None] & dmask[None, :]
+        if NUM_SPLITS == 1:
+            res = acc / tl.maximum(l_i, 1e-30)[:, None]
+            tl.store(
+                out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :],
+                res.to(out_ptr.dtype.element_ty),
+                mask=out_mask,
+            )
+        else:
+            # Partials: normalized output and log2-sum-exp per (seq, head, split); fp32 scratch.
+            idx = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+            res = acc / tl.maximum(l_i, 1e-30)[:, None]
+            tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + d[None, :], res, mask=out_mask)
+            tl.store(part_lse_ptr + idx, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=gmask)
+
+    @triton.jit
+    def _paged_decode_reduce_kernel(
+        part_out_ptr,
+        part_lse_ptr,
+        seq_lens_ptr,
+        out_ptr,
+        out_stride_b,
+        out_stride_h,
+        NUM_HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        PARTITION: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        used = tl.cdiv(seq_len, PARTITION)  # splits that saw at least one key
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        smask = s < used
+        base = (seq * NUM_HEADS + head) * NUM_SPLITS
+        lse = tl.load(part_lse_ptr + base + s, mask=smask, other=float("-inf"))
+        m = tl.maximum(tl.max(lse, axis=0), -1e30)  # finite even when no split was used
+        w = tl.where(smask, tl.exp2(lse - m), 0.0)
+        parts = tl.load(
+            part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
+            mask=smask[:, None] & (d[None, :] < HEAD_DIM),
+            other=0.0,
+        )
+        res = tl.sum(parts * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
+        tl.store(
+            out_ptr + seq * out_stride_b + head * out_stride_h + d,
+            res.to(out_ptr.dtype.element_ty),
+            mask=d < HEAD_DIM,
+        )
+
+
+def paged_decode(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    plan: DecodePlan | None = None,
+    num_sms: int | None = None,
+    out: torch.Tensor | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """query [B, Hq, D] (one token per sequence) -> [B, Hq, D]. seq_lens 0 gives zeros (padding rows).
+
+    No host sync: the plan depends only on shapes, so the same launch can be captured in a CUDA graph.
+    """
+    require_triton("paged_decode")
+    num_seqs, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
+    if cache_head_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(
+            f"query heads/dim ({num_heads}, {head_dim}) must be a multiple of the cache's KV heads and match "
+            f"its head_dim ({num_kv_heads}, {cache_head_dim})"
+        )
+    if query.stride(-1) != 1 or not kv_cache.is_contiguous():
+        raise ValueError("query needs a contiguous last axis and kv_cache must be contiguous")
+    if out is None:
+        out = torch.empty_like(query)
+    if num_seqs == 0:
+        return out
+    if plan is None:
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+        plan = plan_decode(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, num_sms)
+    group = num_heads // num_kv_heads
+    split_shape = (num_seqs, num_heads, plan.num_splits) if plan.num_splits > 1 else (1, 1, 1)
+    part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
+    part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)
+    block_d = max(16, next_power_of_2(head_dim))
+    _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
+        query,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        kv_cache.stride(0),
+        scale * 1.4426950408889634,
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        NUM_SPLITS=plan.num_splits,
+        PARTITION=plan.partition_size,
+        BLOCK_N=plan.block_n,
+        BLOCK_G=max(16, next_power_of_2(group)),
+        BLOCK_D=block_d,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if plan.num_splits > 1:
+        _paged_decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out,
+            part_lse,
+            seq_lens,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=plan.num_splits,
+            PARTITION=plan.partition_size,
+            BLOCK_S=next_power_of_2(plan.num_splits),
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,186 @@
+"""Prefill / mixed-batch attention over the paged KV cache (flash-attention style, varlen, causal).
+
+Query j of a sequence with ``context_len`` cached tokens sees keys 0 .. context_len + j, so prefix-cache hits
+and chunked prefill need nothing special; scores never leave registers (online softmax).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+
+
+def prefill_attention_reference(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """query [T, Hq, D] packed by ``query_start_loc``; computed in fp32 with an explicit mask (slow, exact)."""
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_heads = query.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(query)
+    for i, seq_len in enumerate(seq_lens):
+        lo, hi = query_start_loc[i], query_start_loc[i + 1]
+        q_len = hi - lo
+        if q_len == 0:
+            continue
+        blocks = block_tables[i, : (seq_len + block_size - 1) // block_size].long()
+        keys = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len].float()
+        values = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len].float()
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", query[lo:hi].float(), keys) * scale
+        context_len = seq_len - q_len
+        visible = torch.ones(q_len, seq_len, dtype=torch.bool, device=query.device).tril(diagonal=context_len)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(query.dtype)
+    return out
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr,
+        cache_ptr,
+        bt_ptr,
+        qsl_ptr,
+        seq_lens_ptr,
+        out_ptr,
+        q_stride_t,
+        q_stride_h,
+        out_stride_t,
+        out_stride_h,
+        bt_stride,
+        v_offset,
+        qk_scale,
+        NUM_KV_HEADS: tl.constexpr,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        tile = tl.program_id(2)
+        q_start = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context_len = seq_len - q_len
+        kv_head = head // GROUP
+
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
+        d = tl.arange(0, BLOCK_D)
+        rmask = rows < q_len
+        dmask = d < HEAD_DIM
+        q_tokens = (q_start + rows).to(tl.int64)
+        q = tl.load(
+            q_ptr + q_tokens[:, None] * q_stride_t + head * q_stride_h + d[None, :],
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        q_pos = context_len + rows  # absolute position of each query
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Keys this tile can see: up to the last valid query's position (tiles past q_len loop zero times).
+        kv_end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_M)
+        kv_end = tl.where(tile * BLOCK_M < q_len, kv_end, 0)
+        token_stride = NUM_KV_HEADS * HEAD_DIM
+        for n0 in range(0, kv_end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < kv_end
+            block = tl.load(bt_ptr + seq * bt_stride + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+            row = (block * BLOCK_SIZE + n % BLOCK_SIZE) * token_stride + kv_head * HEAD_DIM
+            kv_mask = nmask[:, None] & dmask[None, :]
+            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            visible = nmask[None, :] & (n[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # Rows with nothing visible yet keep m = -inf; use 0 there so exp2 stays finite (p = 0).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        res = acc / tl.maximum(l_i, 1e-30)[:, None]
+        tl.store(
+            out_ptr + q_tokens[:, None] * out_stride_t + head * out_stride_h + d[None, :],
+            res.to(out_ptr.dtype.element_ty),
+            mask=rmask[:, None] & dmask[None, :],
+        )
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """query [T, Hq, D] packed varlen -> [T, Hq, D]; keys (this step's included) come from the cache.
+
+    Grid is (sequences, query heads, query tiles of the longest sequence); host data needed: max_query_len.
+    """
+    require_triton("prefill_attention")
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
+    if cache_head_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(
+            f"query heads/dim ({num_heads}, {head_dim}) must be a multiple of the cache's KV heads and match "
+            f"its head_dim ({num_kv_heads}, {cache_head_dim})"
+        )
+    if query.stride(-1) != 1 or not kv_cache.is_contiguous():
+        raise ValueError("query needs a contiguous last axis and kv_cache must be contiguous")
+    if out is None:
+        out = torch.empty_like(query)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
+        return out
+    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
+    _prefill_kernel[grid](
+        query,
+        kv_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        out,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        kv_cache.stride(0),
+        scale * 1.4426950408889634,
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
