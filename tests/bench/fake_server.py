@@ -27,6 +27,7 @@ class FakeServerOptions:
     tokens_per_chunk: int = 1
     eos_after: int | None = None  # without ignore_eos, stop after this many tokens (an "EOS")
     hang_s: float = 30.0
+    send_usage: bool = True  # False mimics a server that ignores stream_options.include_usage
 
 
 class FakeServer:
@@ -125,7 +126,7 @@ class FakeServer:
             if opts.token_delay_s:
                 await asyncio.sleep(opts.token_delay_s)
         await send(chunk("", "length" if num_tokens == max_tokens else "stop"))
-        if (request.get("stream_options") or {}).get("include_usage"):
+        if opts.send_usage and (request.get("stream_options") or {}).get("include_usage"):
             prompt = request.get("prompt") or " ".join(m["content"] for m in request.get("messages", []))
             usage = {"prompt_tokens": len(str(prompt).split()), "completion_tokens": num_tokens}
             usage["total_tokens"] = usage["prompt_tokens"] + num_tokens
@@ -167,9 +168,16 @@ def main() -> None:
     parser.add_argument("--tokens-per-chunk", type=int, default=1)
     parser.add_argument("--eos-after", type=int, default=None)
     parser.add_argument("--hang", type=float, default=30.0)
+    parser.add_argument("--no-usage", action="store_true")
     args = parser.parse_args()
     options = FakeServerOptions(
-        args.mode, args.first_token_delay, args.token_delay, args.tokens_per_chunk, args.eos_after, args.hang
+        args.mode,
+        args.first_token_delay,
+        args.token_delay,
+        args.tokens_per_chunk,
+        args.eos_after,
+        args.hang,
+        send_usage=not args.no_usage,
     )
     asyncio.run(serve(options))
 
