@@ -1,0 +1,159 @@
+"""A small OpenAI-compatible stand-in backend for gateway tests: starts in under a second, names itself in
+every answer, streams SSE, exports tokenmill:num_requests_{waiting,running}, and can cut a stream on request.
+
+Run: python tests/gateway/stub_server.py --port P --name NAME [--token-delay S] [--api-key K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+
+class StubState:
+    def __init__(self, name: str, port: int, token_delay: float, api_key: str | None) -> None:
+        self.name = name
+        self.port = port
+        self.token_delay = token_delay
+        self.api_key = api_key
+        self.running = 0
+        self.served = 0
+
+
+def _words(body: dict) -> int:
+    return int(body.get("max_tokens") or body.get("max_completion_tokens") or 4)
+
+
+def build_app(state: StubState) -> FastAPI:
+    app = FastAPI()
+    ident = f"{state.name}@{state.port}"
+
+    def denied(request: Request) -> JSONResponse | None:
+        if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
+            error = {
+                "message": "bad backend key",
+                "type": "authentication_error",
+                "param": None,
+                "code": None,
+            }
+            return JSONResponse({"error": error}, 401)
+        return None
+
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        label = f'model_name="{state.name}"'
+        text = (
+            "# TYPE tokenmill:num_requests_running gauge\n"
+            f"tokenmill:num_requests_running{{{label}}} {state.running}\n"
+            "# TYPE tokenmill:num_requests_waiting gauge\n"
+            f"tokenmill:num_requests_waiting{{{label}}} 0\n"
+            "# TYPE tokenmill:request_success_total counter\n"
+            f"tokenmill:request_success_total{{{label}}} {state.served}\n"
+        )
+        return PlainTextResponse(text)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": state.name, "object": "model", "created": 0, "owned_by": "stub"}],
+        }
+
+    async def generate(request: Request, chat: bool) -> JSONResponse | StreamingResponse:
+        if (bad := denied(request)) is not None:
+            return bad
+        body = await request.json()
+        if body.get("model") != state.name:
+            error = {"message": f"unknown model {body.get('model')}", "type": "invalid_request_error",
+                     "param": "model", "code": "model_not_found"}  # fmt: skip
+            return JSONResponse({"error": error}, 404)
+        n_words = _words(body)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        state.running += 1
+        if not body.get("stream"):
+            try:
+                await asyncio.sleep(state.token_delay * n_words)
+            finally:
+                state.running -= 1
+            state.served += 1
+            text = " ".join([ident] * n_words)
+            choice = {"index": 0, "finish_reason": "length", "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            usage = {"prompt_tokens": 1, "completion_tokens": n_words, "total_tokens": n_words + 1}
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": state.name,
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            )
+
+        async def events():
+            try:
+                for i in range(n_words):
+                    await asyncio.sleep(state.token_delay)
+                    if body.get("stub_cut_after") is not None and i >= int(body["stub_cut_after"]):
+                        # Break the HTTP stream mid-body, as a crashing backend would.
+                        raise RuntimeError("stub: cutting the stream on purpose")
+                    piece = ident if i == 0 else f" {ident}"
+                    if chat:
+                        delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                        choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
+                        chunk = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                                 "model": state.name, "choices": [choice]}  # fmt: skip
+                    else:
+                        choice = {"index": 0, "text": piece, "finish_reason": None, "logprobs": None}
+                        chunk = {"id": rid, "object": obj, "created": created, "model": state.name,
+                                 "choices": [choice]}  # fmt: skip
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                state.served += 1
+                yield "data: [DONE]\n\n"
+            finally:
+                state.running -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await generate(request, chat=True)
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--api-key", default=None)
+    args = parser.parse_args()
+    state = StubState(args.name, args.port, args.token_delay, args.api_key)
+    uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Autoscaler for a managed pool: replicas = ceil(load / target per replica) within [min, max], where load is
+(waiting + running) scraped from each replica's /metrics plus requests queued at the gateway.
+
+``decide`` is pure (unit-tested); ``Autoscaler.run`` observes, decides and calls ``ManagedPool.scale_to``,
+which logs and counts every change. Cold start from zero happens in the pool, on the first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tokenmill.gateway.config import AutoscaleConfig
+from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.gateway.pools import ManagedPool
+
+log = logging.getLogger("tokenmill.gateway.autoscaler")
+
+LOAD_METRICS = ("tokenmill:num_requests_waiting", "tokenmill:num_requests_running")
+
+
+def parse_load(metrics_text: str) -> float:
+    """Sum of waiting + running over every label set in a replica's Prometheus text."""
+    total = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name in LOAD_METRICS:
+            total += sum(sample.value for sample in family.samples)
+    return total
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    reason: str  # load | idle | hold | cooldown
+
+
+def decide(
+    config: AutoscaleConfig,
+    current: int,
+    load: float,
+    idle_s: float,
+    since_scale_s: float,
+) -> Decision:
+    """The replica count to move to now, given the pool's load and how long since its last request/scale."""
+    wanted = math.ceil(load / config.target_load_per_replica) if load > 0 else 0
+    if wanted == 0 and idle_s < config.idle_timeout_s:
+        wanted = max(current, 1) if current > 0 else 0  # recently busy: keep what runs until idle
+    desired = min(max(wanted, config.min_replicas), config.max_replicas)
+    if desired > current:
+        if since_scale_s < config.scale_up_cooldown_s:
+            return Decision(current, "cooldown")
+        return Decision(desired, "load")
+    if desired < current:
+        if since_scale_s < config.scale_down_cooldown_s:
+            return Decision(current, "cooldown")
+        return Decision(desired, "idle" if desired == 0 or load == 0 else "load")
+    return Decision(current, "hold")
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        pool: ManagedPool,
+        config: AutoscaleConfig,
+        client: httpx.AsyncClient,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.config = config
+        self.client = client
+        self.metrics = metrics
+        self.clock = clock
+
+    async def _replica_load(self, url: str) -> float:
+        try:
+            resp = await self.client.get(f"{url}/metrics", timeout=2.0)
+            resp.raise_for_status()
+            return parse_load(resp.text)
+        except (httpx.HTTPError, ValueError) as err:
+            log.debug("model %s: could not read %s/metrics: %r", self.pool.name, url, err)
+            # Fall back to what the gateway itself has in flight there.
+            return float(next((r.outstanding for r in self.pool.replicas if r.url == url), 0))
+
+    async def observe(self) -> float:
+        urls = [r.url for r in self.pool.replicas if r.available]
+        loads = await asyncio.gather(*(self._replica_load(u) for u in urls))
+        load = sum(loads) + self.pool.queued
+        self.metrics.pool_load.labels(self.pool.name).set(load)
+        return load
+
+    async def tick(self) -> Decision:
+        load = await self.observe()
+        now = self.clock()
+        current = self.pool.target
+        # A replica that just started has not had a chance to be used: idle counts from the later of the two.
+        idle_s = now - max(self.pool.last_request_at, self.pool.last_scale_at)
+        decision = decide(self.config, current, load, idle_s, now - self.pool.last_scale_at)
+        log.debug("model %s: load %.1f on %d replicas → %s", self.pool.name, load, current, decision)
+        if decision.desired != current:
+            self.pool.scale_to(decision.desired, reason=decision.reason)
+        return decision
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            try:
+                await self.tick()
+            except Exception:  # the loop must survive one bad tick; the error is logged with its traceback
+                log.exception("model %s: autoscaler tick failed", self.pool.name)

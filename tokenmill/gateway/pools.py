@@ -1,0 +1,334 @@
+"""Model pools: a set of replicas behind one model name. External pools are fixed URLs; managed pools start,
+supervise (restart on exit), scale and stop ``tokenmill serve`` replica processes on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from tokenmill.gateway.balancer import Balancer, make_balancer
+from tokenmill.gateway.config import PoolConfig
+from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.gateway.replica import Replica, ReplicaState
+
+log = logging.getLogger("tokenmill.gateway.pools")
+
+READY_POLL_S = 0.25
+MAX_RESTART_BACKOFF_S = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Linux: a replica gets SIGTERM when the gateway dies, even by SIGKILL, so no orphan keeps a port or GPU.
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class Pool:
+    """Replicas of one model and the balancer that picks among them."""
+
+    def __init__(self, config: PoolConfig, metrics: GatewayMetrics, balancer: Balancer | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.metrics = metrics
+        self.balancer = balancer or make_balancer(config.balancer)
+        self.replicas: list[Replica] = []
+        self.last_request_at = time.monotonic()
+        self.queued = 0  # requests waiting at the gateway for a replica of this pool
+        self._changed = asyncio.Condition()
+
+    # --- state -------------------------------------------------------------------------------------------
+    def set_state(self, replica: Replica, state: ReplicaState) -> None:
+        replica.state = state
+        self.refresh_gauges()
+        if state is ReplicaState.READY:
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def refresh_gauges(self) -> None:
+        for state in ReplicaState:
+            count = sum(1 for r in self.replicas if r.state is state)
+            self.metrics.replicas.labels(self.name, state.value).set(count)
+
+    @property
+    def num_ready(self) -> int:
+        return sum(1 for r in self.replicas if r.available)
+
+    def can_grow(self) -> bool:
+        """Whether waiting could help: a replica is starting or restarting (managed pools only)."""
+        return False
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "kind": self.config.kind,
+            "balancer": self.config.balancer,
+            "queued": self.queued,
+            "replicas": [r.snapshot() for r in self.replicas],
+        }
+
+    def claim(self, replica: Replica) -> None:
+        replica.outstanding += 1
+        self.last_request_at = time.monotonic()
+
+    def release(self, replica: Replica) -> None:
+        replica.outstanding -= 1
+        self.last_request_at = time.monotonic()  # idle time counts from the end of the last request
+
+    # --- picking a replica --------------------------------------------------------------------------------
+    def choose(self, key: str | None, exclude: Sequence[str] = ()) -> Replica | None:
+        fresh = [r for r in self.replicas if r.slot not in exclude]
+        # Prefer a replica not tried yet; when every ready one was tried, any ready one beats failing.
+        return self.balancer.choose(fresh, key) or self.balancer.choose(self.replicas, key)
+
+    async def acquire(self, key: str | None, exclude: Sequence[str], timeout_s: float) -> Replica | None:
+        """A ready replica, waiting up to ``timeout_s`` for one to start (cold start, restart) if none is."""
+        self.last_request_at = time.monotonic()
+        replica = self.choose(key, exclude)
+        if replica is not None:
+            return replica
+        deadline = time.monotonic() + timeout_s
+        self.queued += 1
+        self.metrics.queued.labels(self.name).set(self.queued)
+        try:
+            while replica is None:
+                self.on_starved()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.can_grow():
+                    return None
+                async with self._changed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+                replica = self.choose(key, exclude)
+            return replica
+        finally:
+            self.queued -= 1
+            self.metrics.queued.labels(self.name).set(self.queued)
+
+    def on_starved(self) -> None:
+        """Called while a request waits for a replica; managed pools start one from zero here."""
+
+    async def start(self) -> None:
+        self.refresh_gauges()
+
+    async def stop(self) -> None:
+        for replica in self.replicas:
+            replica.state = ReplicaState.STOPPED
+        self.refresh_gauges()
+
+
+class ExternalPool(Pool):
+    """Fixed URLs of any OpenAI-compatible server; trusted until health checks say otherwise."""
+
+    async def start(self) -> None:
+        self.replicas = [
+            Replica(slot=url.rstrip("/"), url=url.rstrip("/"), state=ReplicaState.READY)
+            for url in self.config.urls
+        ]
+        await super().start()
+
+
+class ManagedPool(Pool):
+    """Runs ``config.command`` once per replica on a free port; restarts replicas that exit; scales on demand."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        metrics: GatewayMetrics,
+        client: httpx.AsyncClient,
+        log_dir: Path | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        super().__init__(config, metrics)
+        self.client = client
+        self.host = host
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"tokenmill-gateway-{config.name}-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.last_scale_at = 0.0
+
+    @property
+    def target(self) -> int:
+        """Replicas that are meant to be running (not retiring)."""
+        return sum(1 for r in self.replicas if not r.stopping)
+
+    async def start(self) -> None:
+        await super().start()
+        self.scale_to(self.config.replicas, reason="initial")
+
+    def can_grow(self) -> bool:
+        return any(r.state is ReplicaState.STARTING and not r.stopping for r in self.replicas)
+
+    def on_starved(self) -> None:
+        if self.target == 0:
+            self.scale_to(1, reason="cold_start")
+
+    # --- scaling ------------------------------------------------------------------------------------------
+    def scale_to(self, count: int, reason: str) -> None:
+        """Start or retire replicas until ``count`` are meant to run; logs and counts the decision."""
+        current = self.target
+        if count == current:
+            return
+        direction = "up" if count > current else "down"
+        log.info(
+            "model %s: scaling %s from %d to %d replicas (%s)", self.name, direction, current, count, reason
+        )
+        self.metrics.scale_events.labels(self.name, direction, reason).inc()
+        self.metrics.desired_replicas.labels(self.name).set(count)
+        self.last_scale_at = time.monotonic()
+        if count > current:
+            used = {r.slot for r in self.replicas}
+            index = 0
+            for _ in range(count - current):
+                while f"{self.name}-{index}" in used:
+                    index += 1
+                replica = Replica(slot=f"{self.name}-{index}", url="")
+                used.add(replica.slot)
+                self.replicas.append(replica)
+                replica.supervisor = asyncio.get_running_loop().create_task(self._supervise(replica))
+        else:
+            active = [r for r in self.replicas if not r.stopping]
+            # Retire replicas that are not serving first, then the least busy.
+            active.sort(key=lambda r: (r.available, r.outstanding))
+            for replica in active[: current - count]:
+                replica.stopping = True
+                asyncio.get_running_loop().create_task(self._retire(replica))
+        self.refresh_gauges()
+
+    async def _retire(self, replica: Replica) -> None:
+        if replica.available:
+            self.set_state(replica, ReplicaState.DRAINING)
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while replica.outstanding > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await self._terminate(replica)
+        if replica.supervisor is not None:
+            replica.supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replica.supervisor
+        await self._terminate(replica, grace_s=0.0)  # a process spawned while we were draining
+        replica.state = ReplicaState.STOPPED
+        if replica in self.replicas:
+            self.replicas.remove(replica)
+        self.refresh_gauges()
+
+    # --- one replica's life -------------------------------------------------------------------------------
+    def _command(self, port: int) -> list[str]:
+        values = {
+            "python": sys.executable,
+            "model": self.config.model or "",
+            "host": self.host,
+            "port": str(port),
+            "name": self.config.served_name,
+        }
+        return [part.format(**values) for part in self.config.command] + list(self.config.args)
+
+    async def _spawn(self, replica: Replica) -> None:
+        port = free_port(self.host)
+        env = {**os.environ, **self.config.env}
+        key = self.config.resolved_api_key()
+        if key:
+            env["TOKENMILL_API_KEY"] = key  # the environment, not argv, so `ps` does not show it
+        command = self._command(port)
+        log_path = self.log_dir / f"{replica.slot}.log"
+        with open(log_path, "ab") as log_file:
+            replica.process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C on the gateway's terminal must not hit replicas directly
+                preexec_fn=_die_with_parent,
+            )
+        replica.port = port
+        replica.url = f"http://{self.host}:{port}"
+        replica.started_at = time.monotonic()
+        replica.consecutive_failures = 0
+        replica.consecutive_successes = 0
+        log.info("model %s: started replica %s pid %d on %s (log %s)",
+                 self.name, replica.slot, replica.process.pid, replica.url, log_path)  # fmt: skip
+
+    async def _wait_ready(self, replica: Replica) -> bool:
+        assert replica.process is not None
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if replica.process.returncode is not None:
+                return False
+            try:
+                resp = await self.client.get(f"{replica.url}/health", timeout=2.0)
+                if resp.status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass  # not listening yet: keep polling until the deadline
+            await asyncio.sleep(READY_POLL_S)
+        log.error("model %s: replica %s not ready after %.0f s; killing it",
+                  self.name, replica.slot, self.config.startup_timeout_s)  # fmt: skip
+        await self._terminate(replica, grace_s=0.0)
+        return False
+
+    async def _supervise(self, replica: Replica) -> None:
+        backoff = 0.5
+        while not replica.stopping:
+            self.set_state(replica, ReplicaState.STARTING)
+            await self._spawn(replica)
+            assert replica.process is not None
+            if await self._wait_ready(replica) and not replica.stopping:
+                log.info("model %s: replica %s ready after %.1f s",
+                         self.name, replica.slot, time.monotonic() - replica.started_at)  # fmt: skip
+                backoff = 0.5
+                self.set_state(replica, ReplicaState.READY)
+            code = await replica.process.wait()
+            if replica.stopping:
+                return
+            log.warning("model %s: replica %s (pid %d) exited with %d; restarting",
+                        self.name, replica.slot, replica.process.pid, code)  # fmt: skip
+            if replica.state in (ReplicaState.READY, ReplicaState.DRAINING):
+                self.metrics.ejections.labels(self.name, "process_exit").inc()
+            replica.restarts += 1
+            self.metrics.restarts.labels(self.name).inc()
+            self.set_state(replica, ReplicaState.STARTING)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_RESTART_BACKOFF_S)
+
+    async def _terminate(self, replica: Replica, grace_s: float | None = None) -> None:
+        process = replica.process
+        if process is None or process.returncode is not None:
+            return
+        grace = self.config.drain_timeout_s if grace_s is None else grace_s
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=max(grace, 0.1) + 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    async def stop(self) -> None:
+        for replica in self.replicas:
+            replica.stopping = True
+        await asyncio.gather(*(self._retire(r) for r in list(self.replicas)))
+        await super().stop()

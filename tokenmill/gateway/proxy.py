@@ -1,0 +1,207 @@
+"""Send one request to a pool's replicas: retry on another replica until the first byte reaches the client,
+then relay the body (SSE event by event, never the whole stream); a cut stream ends with an SSE error event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi.responses import Response, StreamingResponse
+
+from tokenmill.gateway.errors import error_response, sse_error_event
+from tokenmill.gateway.health import HealthTracker
+from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.gateway.pools import Pool
+from tokenmill.gateway.replica import Replica
+
+log = logging.getLogger("tokenmill.gateway.proxy")
+
+# Statuses that say "this replica cannot take it now" rather than "the request is wrong".
+RETRY_STATUSES = {500, 502, 503, 504}
+BUSY_STATUS = 429
+PASS_HEADERS = ("content-type", "x-request-id")
+
+
+class UpstreamUnavailableError(RuntimeError):
+    """No replica produced a first byte: none available, or every attempt failed."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ProxyRequest:
+    path: str  # "/v1/completions" or "/v1/chat/completions"
+    body: dict[str, Any]
+    headers: dict[str, str]
+    affinity_key: str | None
+    stream: bool
+    # Called once when the response is complete (or cut) with its HTTP status.
+    on_done: Callable[[int], None]
+
+
+class Proxy:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        health: HealthTracker,
+        metrics: GatewayMetrics,
+        max_attempts: int,
+        wait_for_replica_s: float,
+    ) -> None:
+        self.client = client
+        self.health = health
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.wait_for_replica_s = wait_for_replica_s
+
+    def _backend_headers(self, pool: Pool, request: ProxyRequest) -> dict[str, str]:
+        headers = {"content-type": "application/json", **request.headers}
+        key = pool.config.resolved_api_key()
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return headers
+
+    async def forward(self, pool: Pool, request: ProxyRequest) -> Response:
+        payload = json.dumps({**request.body, "model": pool.config.served_name}).encode()
+        headers = self._backend_headers(pool, request)
+        tried: list[str] = []
+        last_problem = "no replica is available"
+        last_busy: httpx.Response | None = None
+        for attempt in range(self.max_attempts):
+            replica = await pool.acquire(request.affinity_key, tried, self.wait_for_replica_s)
+            if replica is None:
+                break
+            if attempt > 0:
+                self.metrics.retries.labels(pool.name).inc()
+            tried.append(replica.slot)
+            send = self._send_stream if request.stream else self._send_whole
+            result = await send(pool, replica, request, payload, headers)
+            if isinstance(result, Response):
+                return result
+            if isinstance(result, httpx.Response):
+                last_busy = result  # 429/5xx: remember it to pass on if no other replica does better
+                last_problem = f"replica {replica.slot} answered {result.status_code}"
+            else:
+                last_problem = f"replica {replica.slot}: {result}"
+        if last_busy is not None:
+            request.on_done(last_busy.status_code)
+            return Response(last_busy.content, last_busy.status_code, headers=_pass_headers(last_busy))
+        raise UpstreamUnavailableError(
+            f"Model {pool.name!r} could not serve the request after {len(tried)} attempt(s): {last_problem}.",
+            503 if not tried else 502,
+        )
+
+    async def _send_whole(
+        self, pool: Pool, replica: Replica, request: ProxyRequest, payload: bytes, headers: dict[str, str]
+    ) -> Response | httpx.Response | str:
+        pool.claim(replica)
+        try:
+            resp = await self.client.post(f"{replica.url}{request.path}", content=payload, headers=headers)
+        except httpx.TimeoutException as err:
+            # A timed-out generation is not retried: it would cost another full timeout.
+            self.health.record_failure(pool, replica, type(err).__name__)
+            request.on_done(504)
+            return error_response(
+                504, f"Model {pool.name!r} did not answer within the request timeout.", "timeout"
+            )
+        except httpx.TransportError as err:
+            self.health.record_failure(pool, replica, type(err).__name__)
+            return type(err).__name__
+        finally:
+            pool.release(replica)
+        if resp.status_code in RETRY_STATUSES or resp.status_code == BUSY_STATUS:
+            if resp.status_code != BUSY_STATUS:
+                self.health.record_failure(pool, replica, f"status {resp.status_code}")
+            return resp
+        self.health.record_success(pool, replica)
+        request.on_done(resp.status_code)
+        return Response(resp.content, resp.status_code, headers=_pass_headers(resp))
+
+    async def _send_stream(
+        self, pool: Pool, replica: Replica, request: ProxyRequest, payload: bytes, headers: dict[str, str]
+    ) -> Response | httpx.Response | str:
+        pool.claim(replica)
+        handed_over = False
+        try:
+            built = self.client.build_request(
+                "POST", f"{replica.url}{request.path}", content=payload, headers=headers
+            )
+            try:
+                resp = await self.client.send(built, stream=True)
+            except httpx.TransportError as err:
+                self.health.record_failure(pool, replica, type(err).__name__)
+                return type(err).__name__
+            if resp.status_code != 200:
+                await resp.aread()
+                await resp.aclose()
+                if resp.status_code in RETRY_STATUSES or resp.status_code == BUSY_STATUS:
+                    if resp.status_code != BUSY_STATUS:
+                        self.health.record_failure(pool, replica, f"status {resp.status_code}")
+                    return resp
+                request.on_done(resp.status_code)
+                return Response(resp.content, resp.status_code, headers=_pass_headers(resp))
+            chunks = resp.aiter_raw()
+            try:
+                first = await anext(chunks, b"")
+            except httpx.TransportError as err:
+                await resp.aclose()
+                self.health.record_failure(pool, replica, type(err).__name__)
+                return type(err).__name__
+            self.health.record_success(pool, replica)
+            handed_over = True
+            relay = self._relay(pool, replica, request, resp, first, chunks)
+            return StreamingResponse(relay, status_code=200, headers=_pass_headers(resp))
+        finally:
+            if not handed_over:
+                pool.release(replica)
+
+    async def _relay(
+        self,
+        pool: Pool,
+        replica: Replica,
+        request: ProxyRequest,
+        resp: httpx.Response,
+        first: bytes,
+        chunks: AsyncIterator[bytes],
+    ) -> AsyncIterator[bytes]:
+        status = 200
+        pending = first
+        try:
+            # Forward whole SSE events as soon as each is complete, so a cut never leaves half an event.
+            while True:
+                end = pending.rfind(b"\n\n")
+                if end >= 0:
+                    yield pending[: end + 2]
+                    pending = pending[end + 2 :]
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
+                pending += chunk
+            if pending:
+                yield pending
+        except httpx.TransportError as err:
+            status = 502
+            self.metrics.stream_errors.labels(pool.name).inc()
+            self.health.record_failure(pool, replica, type(err).__name__)
+            log.warning(
+                "model %s: stream from replica %s cut after the first byte: %r", pool.name, replica.slot, err
+            )
+            yield sse_error_event(
+                f"The backend serving model {pool.name!r} failed mid-stream ({type(err).__name__}); "
+                "the response is incomplete."
+            )
+        finally:
+            pool.release(replica)
+            await resp.aclose()
+            request.on_done(status)
+
+
+def _pass_headers(resp: httpx.Response) -> dict[str, str]:
+    return {k: resp.headers[k] for k in PASS_HEADERS if k in resp.headers}
