@@ -62,9 +62,12 @@ def print_plan(console: Console, plan: CapacityPlan) -> None:
         )
     console.print(table)
     if plan.replicas is None:
-        console.print("No load point meets the SLO: one replica cannot serve this workload within it.")
+        console.print(
+            "No load point meets the SLO: one replica cannot serve this workload within it.", soft_wrap=True
+        )
         return
     console.print(
         f"One replica sustains {plan.per_replica_rate:.3f} req/s within the SLO (at {plan.chosen.label}); "
-        f"{plan.target_qps:g} req/s needs {plan.replicas} replica(s)."
+        f"{plan.target_qps:g} req/s needs {plan.replicas} replica(s).",
+        soft_wrap=True,
     )
