@@ -14,6 +14,7 @@ NEG_INF = float("-inf")
 def test_token_counts_counts_each_id(device):
     counts = token_counts([[1, 1, 3], [], [0]], 4, device)
     assert counts.tolist() == [[0, 2, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]]
+    assert token_counts([[], []], 3, device).tolist() == [[0, 0, 0], [0, 0, 0]]
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative(device):

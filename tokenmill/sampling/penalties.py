@@ -1,10 +1,11 @@
 """Logits processors that look at a sequence's history: min_tokens, repetition, presence and frequency penalties.
 
-Batched over rows with scatter_add on padded token tensors; used by sampler.py before temperature and filters.
+Batched over rows with one scatter_add of packed token ids; used by sampler.py before temperature and filters.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -15,19 +16,27 @@ if TYPE_CHECKING:
 
 
 def token_counts(sequences: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[len(sequences), vocab_size] float counts of each token id per sequence (one scatter_add for all rows)."""
-    longest = max((len(seq) for seq in sequences), default=0)
-    counts = torch.zeros(len(sequences), vocab_size + 1, dtype=torch.float32, device=device)
-    if longest == 0:
-        return counts[:, :vocab_size]
-    # Pad with an extra column id (vocab_size) so padding lands in a column that is dropped afterwards.
-    padded = torch.tensor(
-        [list(seq) + [vocab_size] * (longest - len(seq)) for seq in sequences],
-        dtype=torch.long,
-        device=device,
+    """[len(sequences), vocab_size] float counts of each token id per sequence, by one scatter_add.
+
+    The ids are packed flat (row * vocab_size + id) rather than padded: an int64 array buffer turns Python
+    lists into a tensor several times faster than torch.tensor on nested lists, and no pad column is needed.
+    """
+    counts = torch.zeros(len(sequences), vocab_size, dtype=torch.float32, device=device)
+    lengths = [len(seq) for seq in sequences]
+    total = sum(lengths)
+    if total == 0:
+        return counts
+    flat = array("q")
+    for seq in sequences:
+        flat.extend(seq)
+    token_ids = torch.frombuffer(flat, dtype=torch.int64).to(device)
+    row_ids = torch.repeat_interleave(
+        torch.arange(len(sequences), device=device),
+        torch.tensor(lengths, device=device),
+        output_size=total,  # known here, so CUDA need not sync to size the result
     )
-    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
-    return counts[:, :vocab_size]
+    counts.view(-1).scatter_add_(0, row_ids * vocab_size + token_ids, torch.ones(total, device=device))
+    return counts
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: set[int]) -> None:

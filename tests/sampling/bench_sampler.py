@@ -1,0 +1,66 @@
+"""Micro-benchmark of one Sampler step (not a test): python tests/sampling/bench_sampler.py [--device cuda].
+
+Prints milliseconds per call for batch sizes and sampling mixes on a realistic vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from tokenmill.sampling import Sampler, SamplingRow, make_generator
+from tokenmill.sampling_params import SamplingParams
+
+
+def rows_for(mix: str, batch: int, vocab: int, device: torch.device, rng: random.Random) -> list[SamplingRow]:
+    rows = []
+    for i in range(batch):
+        params = {
+            "greedy": dict(temperature=0.0),
+            "temperature": dict(temperature=0.8),
+            "top_k_top_p": dict(temperature=0.8, top_k=50, top_p=0.9) if i % 2 else dict(temperature=0.8),
+            "penalties": dict(
+                temperature=0.8, repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.1
+            ),
+            "seeded": dict(temperature=0.8, top_p=0.95, seed=i),
+            "logprobs": dict(temperature=0.8, logprobs=5),
+            "everything": dict(
+                temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1, seed=i, logprobs=5
+            ),
+        }[mix]
+        sp = SamplingParams(**params)
+        prompt = [rng.randrange(vocab) for _ in range(512)]
+        output = [rng.randrange(vocab) for _ in range(256)]
+        rows.append(SamplingRow(sp, prompt, output, make_generator(sp.seed, device)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--batches", default="1,32,256")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sampler = Sampler(eos_token_ids={0})
+    rng = random.Random(0)
+    print(f"device={device} vocab={args.vocab} torch={torch.__version__}")
+    for batch in (int(b) for b in args.batches.split(",")):
+        logits = torch.randn(batch, args.vocab, device=device) * 3
+        for mix in ("greedy", "temperature", "top_k_top_p", "penalties", "seeded", "logprobs", "everything"):
+            rows = rows_for(mix, batch, args.vocab, device, rng)
+            for _ in range(3):
+                sampler(logits, rows)
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                sampler(logits, rows)  # ends with .tolist(): one host sync per call
+            ms = (time.perf_counter() - start) / args.iters * 1e3
+            print(f"batch={batch:4d} {mix:12s} {ms:8.2f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
