@@ -101,3 +101,18 @@ def test_sampler_penalty_changes_the_greedy_choice(device):
     assert sampler(
         logits, [make_row(device, prompt=[0], temperature=0.0, repetition_penalty=1.1)]
     ).token_ids == [1]
+
+
+def test_sampler_leaves_the_callers_logits_untouched(device):
+    torch.manual_seed(6)
+    logits = torch.randn(4, 20, device=device)
+    original = logits.clone()
+    rows = [
+        make_row(device, output=[1, 2], repetition_penalty=1.5, top_k=3),
+        make_row(device, min_tokens=2, top_p=0.5),
+        make_row(device, temperature=0.0),
+        make_row(device, min_p=0.2, seed=1),
+    ]
+    Sampler(eos_token_ids={0})(logits, rows)
+    Sampler(eos_token_ids={0})(logits, rows[2:])
+    assert torch.equal(logits, original)

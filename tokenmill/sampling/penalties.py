@@ -63,6 +63,11 @@ def _needs_penalties(row: SamplingRow) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
+def needs_history(rows: Sequence[SamplingRow]) -> bool:
+    """Whether any row needs min_tokens masking or a penalty this step (else both processors are no-ops)."""
+    return any(len(row.output_token_ids) < row.params.min_tokens or _needs_penalties(row) for row in rows)
+
+
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     """In place: repetition penalty (HF: over prompt + output, logit > 0 → /p else *p), then presence and
     frequency penalties (OpenAI: over output only, logit -= presence * [count > 0] + frequency * count)."""

@@ -14,7 +14,7 @@ import torch
 from tokenmill.outputs import Logprob
 from tokenmill.sampling.filters import apply_min_p, apply_top_k_top_p
 from tokenmill.sampling.logprobs import sample_logprobs
-from tokenmill.sampling.penalties import apply_min_tokens, apply_penalties
+from tokenmill.sampling.penalties import apply_min_tokens, apply_penalties, needs_history
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -99,10 +99,13 @@ class Sampler:
                 f"logits must be [len(rows)={len(rows)}, vocab]; got shape {tuple(logits.shape)}"
             )
         raw_logits = logits
-        # A float32 copy: processors work in place and logprobs need the raw values untouched.
-        logits = logits.to(torch.float32, copy=True)
-        apply_min_tokens(logits, rows, self.eos_token_ids)
-        apply_penalties(logits, rows)
+        if needs_history(rows):
+            # A float32 copy: these processors work in place and logprobs need the raw values untouched.
+            logits = logits.to(torch.float32, copy=True)
+            apply_min_tokens(logits, rows, self.eos_token_ids)
+            apply_penalties(logits, rows)
+        else:
+            logits = logits.to(torch.float32)  # later steps never write into it: no copy for float32
 
         device = logits.device
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
