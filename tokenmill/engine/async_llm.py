@@ -270,6 +270,9 @@ class AsyncLLM:
                 )
             except ValueError as exc:
                 error = exc
+            except Exception as exc:  # noqa: BLE001 - one bad request must not take the loop down
+                logger.exception("engine rejected request %s with an unexpected error", sub.request_id)
+                error = exc
         if error is None:
             self._streams[sub.request_id] = sub.stream
         if not sub.stream.loop.is_closed():

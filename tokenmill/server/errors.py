@@ -104,7 +104,7 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
     if not errors:
         return "the request body is invalid", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_tag(part)]
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON: {reason}".rstrip(": "), None
@@ -116,6 +116,11 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
     if len(errors) > 1:
         message += f"; and {len(errors) - 1} more error(s)"
     return message, param
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic names the union member it tried (``prompt.list[int]``); the client only needs the field path.
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "none"} or "[" in part or "-" in part)
 
 
 def _short_repr(value: object, limit: int = 80) -> str:

@@ -47,7 +47,11 @@ def completion_logprobs(
         text = token_text(tokenizer, token_id, sampled)
         tokens.append(text)
         token_logprobs.append(_finite(sampled.logprob) if sampled is not None else None)
-        top_logprobs.append({token_text(tokenizer, tid, lp): _finite(lp.logprob) for tid, lp in _top(entry, k)})
+        top: dict[str, float] = {}
+        for tid, lp in _top(entry, k):
+            # Distinct ids can decode alike (partial UTF-8 → U+FFFD); keep the better-ranked one.
+            top.setdefault(token_text(tokenizer, tid, lp), _finite(lp.logprob))
+        top_logprobs.append(top)
         text_offset.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}

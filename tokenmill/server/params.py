@@ -18,7 +18,16 @@ _PARAM_NAMES = (
 )
 
 
+# Bounds the server adds on top of SamplingParams: n sequences are allocated at once, and torch seeds are 64-bit.
+MAX_N = 128
+MAX_SEED = 2**63 - 1 - MAX_N
+
+
 def _common(req: SamplingFields) -> dict[str, Any]:
+    if req.n > MAX_N:
+        raise BadRequestError(f"n must be <= {MAX_N}; got {req.n}", param="n")
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+        raise BadRequestError(f"seed must be in [0, {MAX_SEED}]; got {req.seed}", param="seed")
     if req.logit_bias:
         raise NotSupportedError("logit_bias is not supported yet", param="logit_bias")
     if req.stream_options is not None and not req.stream:

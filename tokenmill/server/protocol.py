@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-_REQUEST_CONFIG = ConfigDict(extra="allow", strict=True)
+# allow_inf_nan=False: Python's JSON parser accepts NaN/Infinity, which would slip past every range check.
+_REQUEST_CONFIG = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):

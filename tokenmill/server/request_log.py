@@ -66,6 +66,9 @@ class RequestRecord:
             return
         self._finished = True
         latency = time.monotonic() - self.start
+        if status == 499:  # the client went away; vLLM counts these under finished_reason="abort"
+            self.finish_reasons.append("abort")
+            self.metrics.observe_finished("abort")
         if status == 200 and self.first_token_at is not None:
             self.metrics.observe_e2e(latency)
         ttft = f"{self.first_token_at - self.start:.3f}s" if self.first_token_at is not None else "-"
