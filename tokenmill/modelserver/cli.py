@@ -1,0 +1,96 @@
+"""``tokenmill export | serve-models | bench-model``: the ONNX pipeline, the KServe v2 server, the trtexec-like bench.
+
+Registered by tokenmill/cli.py through ``register(subparsers)``; heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BUNDLED = ("classifier", "sentiment")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser("export", help="torch -> ONNX -> simplify -> validate -> FP16/INT8 into a model repository")
+    export.add_argument("model", nargs="?", default="all", help="classifier | sentiment | all (bundled), ignored with --hf-dir")
+    export.add_argument("--repository", required=True, type=Path, help="model repository directory to write into")
+    export.add_argument("--hf-dir", type=Path, help="a HF BERT-family directory to export instead of a bundled model")
+    export.add_argument("--head", type=Path, help="with --hf-dir: a head JSON (as trained by train_head) for logits")
+    export.add_argument("--name", help="model name in the repository (default: the bundled name or the dir name)")
+    export.add_argument("--version", type=int, default=1)
+    export.add_argument("--variants", default="fp16,int8,int8_a16", help="comma list of fp16,int8,int8_a16 or 'none'")
+    export.add_argument("--calibration-size", type=int, default=8, help="samples used to calibrate INT8")
+    export.add_argument("--atol", type=float, default=1e-4, help="max |torch - onnx| allowed on fp32 outputs")
+    export.set_defaults(func=run_export)
+
+    serve = subparsers.add_parser("serve-models", help="serve a model repository over KServe v2 HTTP")
+    serve.add_argument("--repository", required=True, type=Path)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    serve.add_argument("--log-level", default="warning")
+    serve.set_defaults(func=run_serve)
+
+    bench = subparsers.add_parser("bench-model", help="trtexec-like latency p50/p90/p99 + throughput per batch size")
+    bench.add_argument("--model", default="classifier", help="classifier | sentiment | path/to/model.onnx")
+    bench.add_argument("--backends", default="onnxruntime", help="comma list of onnxruntime,torch,tensorrt")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    bench.add_argument("--batch-sizes", default="1,2,4,8")
+    bench.add_argument("--seq-len", type=int, default=64, help="sequence length for text models")
+    bench.add_argument("--iterations", type=int, default=20)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--onnx-dir", type=Path, help="where exported graphs are cached (default: a temp dir)")
+    bench.add_argument("--output", type=Path, help="write results as JSON here")
+    bench.set_defaults(func=run_bench)
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    return () if text in ("", "none") else tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from tokenmill.modelserver.export import bundled_export_spec, hf_export_spec
+    from tokenmill.modelserver.pipeline import export_to_repository
+
+    variants = _variants(args.variants)
+    common = dict(version=args.version, variants=variants, calibration_size=args.calibration_size, atol=args.atol)
+    if args.hf_dir:
+        name = args.name or args.hf_dir.name
+        export_to_repository(name, args.repository, spec=hf_export_spec(args.hf_dir, args.head), **common)
+        return 0
+    names = BUNDLED if args.model == "all" else (args.model,)
+    if args.name and len(names) > 1:
+        print("--name needs a single model, not 'all'", file=sys.stderr)
+        return 2
+    for name in names:
+        if name not in BUNDLED:
+            print(f"model must be one of {[*BUNDLED, 'all']} (or use --hf-dir), got {name!r}", file=sys.stderr)
+            return 2
+        export_to_repository(args.name or name, args.repository, spec=bundled_export_spec(name), **common)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tokenmill.modelserver.app import ModelServerConfig, create_app
+
+    app = create_app(ModelServerConfig(args.repository, device=args.device, max_body_bytes=args.max_body_bytes))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from tokenmill.modelserver.bench_model import bench_model
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    results = bench_model(args.model, _variants(args.backends), args.device, batch_sizes, seq_len=args.seq_len,
+                          iterations=args.iterations, warmup=args.warmup, onnx_dir=args.onnx_dir, log=print)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2))
+    return 0
