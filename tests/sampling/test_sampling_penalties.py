@@ -114,5 +114,5 @@ def test_sampler_leaves_the_callers_logits_untouched(device):
         make_row(device, min_p=0.2, seed=1),
     ]
     Sampler(eos_token_ids={0})(logits, rows)
-    Sampler(eos_token_ids={0})(logits, rows[2:])
+    Sampler(eos_token_ids={0})(logits[2:], rows[2:])  # no history processors: the no-copy path
     assert torch.equal(logits, original)
