@@ -61,7 +61,7 @@ def test_top_k_disabled_or_at_least_vocab_is_a_no_op(device):
     ],
 )
 def test_top_p_keeps_smallest_prefix_reaching_p(device, top_p, expected):
-    logits = log_probs([0.5, 0.25, 0.125, 0.0625, 0.0625], device).unsqueeze(0)
+    logits = log_probs([0.5, 0.25, 0.125, 0.075, 0.05], device).unsqueeze(0)
     apply_top_k_top_p(logits, [-1], [top_p])
     assert kept(logits[0]) == expected
 
