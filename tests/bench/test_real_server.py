@@ -32,11 +32,31 @@ URL_RE = re.compile(r"http://127\.0\.0\.1:(\d+)")
 def tokenmill_server(tiny_llama_dir: Path, tmp_path_factory) -> Iterator[str]:
     """``python -m tokenmill serve`` on port 0 (it logs the URL it bound); yields the base URL once it answers."""
     log_path = tmp_path_factory.mktemp("bench_server") / "server.log"
-    command = [sys.executable, "-m", "tokenmill", "serve", str(tiny_llama_dir), "--host", "127.0.0.1",
-               "--port", "0", "--device", "cpu", "--max-model-len", "256", "--served-model-name", "tiny-llama"]
+    command = [
+        sys.executable,
+        "-m",
+        "tokenmill",
+        "serve",
+        str(tiny_llama_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "256",
+        "--served-model-name",
+        "tiny-llama",
+    ]
     with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
         deadline = time.monotonic() + 180
         url = None
@@ -64,10 +84,30 @@ def tokenmill_server(tiny_llama_dir: Path, tmp_path_factory) -> Iterator[str]:
 
 def test_bounded_run_against_tokenmill(tmp_path: Path, tokenmill_server: str, tiny_llama_dir: Path) -> None:
     doc = run_bench(
-        tmp_path, tokenmill_server, "--model", "tiny-llama", "--tokenizer", str(tiny_llama_dir),
-        "--num-prompts", "50", "--max-concurrency", "8", "--random-input-len", "24", "--random-output-len", "8",
-        "--random-range-ratio", "0.5", "--ignore-eos", "--warmup", "2", "--timeout", "120", "--save-detailed",
-        "--slo", "ttft=60000,tpot=60000",
+        tmp_path,
+        tokenmill_server,
+        "--model",
+        "tiny-llama",
+        "--tokenizer",
+        str(tiny_llama_dir),
+        "--num-prompts",
+        "50",
+        "--max-concurrency",
+        "8",
+        "--random-input-len",
+        "24",
+        "--random-output-len",
+        "8",
+        "--random-range-ratio",
+        "0.5",
+        "--ignore-eos",
+        "--warmup",
+        "2",
+        "--timeout",
+        "120",
+        "--save-detailed",
+        "--slo",
+        "ttft=60000,tpot=60000",
     )
     s = doc["runs"][0]["summary"]
     assert s["num_sent"] == 50 and s["num_completed"] + s["num_failed"] == s["num_sent"]
@@ -86,8 +126,22 @@ def test_bounded_run_against_tokenmill(tmp_path: Path, tokenmill_server: str, ti
 
 
 def test_chat_endpoint_against_tokenmill(tmp_path: Path, tokenmill_server: str) -> None:
-    doc = run_bench(tmp_path, tokenmill_server, "--model", "tiny-llama", "--endpoint", "chat", "--num-prompts", "6",
-                    "--random-input-len", "10", "--random-output-len", "5", "--ignore-eos", "--save-detailed")
+    doc = run_bench(
+        tmp_path,
+        tokenmill_server,
+        "--model",
+        "tiny-llama",
+        "--endpoint",
+        "chat",
+        "--num-prompts",
+        "6",
+        "--random-input-len",
+        "10",
+        "--random-output-len",
+        "5",
+        "--ignore-eos",
+        "--save-detailed",
+    )
     s = doc["runs"][0]["summary"]
     assert s["num_completed"] == 6, s["errors"]
     assert s["total_output_tokens"] == 30

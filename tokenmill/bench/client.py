@@ -87,6 +87,7 @@ class _StreamState:
 
     def __init__(self, record: RequestRecord, t0: float) -> None:
         self.record, self.t0, self.done = record, t0, False
+        self.done_time: float | None = None
         self.chunks = 0
 
     def feed(self, line: str) -> None:
@@ -94,7 +95,7 @@ class _StreamState:
             return  # blank separators, comments (":") and event/id fields carry no tokens
         data = line[len("data:") :].strip()
         if data == "[DONE]":
-            self.done = True
+            self.done, self.done_time = True, time.perf_counter() - self.t0
             return
         chunk = json.loads(data)
         if not isinstance(chunk, dict):
@@ -139,10 +140,17 @@ async def _stream(
             record.error = rk.http_error_kind(resp.status_code)
             record.error_detail = body.decode("utf-8", "replace")[:300]
             return
-        async for line in resp.aiter_lines():
-            state.feed(line)
-            if state.done or record.error:
-                return
+        # Split lines ourselves: httpx's aiter_lines costs several times more CPU per SSE event.
+        pending = b""
+        async for data in resp.aiter_bytes():
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if not state.done:
+                    state.feed(line.decode("utf-8").rstrip("\r"))
+                if record.error:
+                    return
+        # Reading on after [DONE] to the body's end keeps the connection reusable (keep-alive).
     if not state.done:
         record.error, record.error_detail = rk.ERROR_PROTOCOL, "stream ended without data: [DONE]"
 
@@ -164,9 +172,13 @@ async def send_request(
             await _stream(client, target, request, state)
     # A load generator must count every failure and keep going, so any exception becomes an error kind.
     except Exception as exc:  # noqa: BLE001
-        record.error = _classify(exc)
         record.error_detail = f"{type(exc).__name__}: {exc}"[:300]
-    record.end = time.perf_counter() - t0
+        if (
+            not state.done
+        ):  # after [DONE] the answer is complete; a failure draining the body is not its error
+            record.error = _classify(exc)
+    # The request ends at [DONE]; reading the closing bytes of the body after it is not part of its latency.
+    record.end = state.done_time if state.done_time is not None and record.ok else time.perf_counter() - t0
     if record.output_tokens_source != "usage":
         record.output_tokens = state.chunks  # no usage block: one chunk ≈ one token
     return record
