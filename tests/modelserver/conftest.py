@@ -1,0 +1,73 @@
+"""Fixtures: both bundled models exported once per session into a tmp repository, and a real server subprocess.
+
+The server runs ``python -m tokenmill serve-models`` on a free loopback port; tests talk to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_BODY_BYTES = 2 * 1024 * 1024  # test_bad_input.py repeats this; one 224x224 fp32 image is 602,112 bytes, so 2 MiB leaves room for a few
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> dict:
+    """Run the export pipeline for both bundled models (FP16 + INT8 variants, small calibration)."""
+    from tokenmill.modelserver.pipeline import export_to_repository
+
+    repo = tmp_path_factory.mktemp("model_repository")
+    reports = {
+        "classifier": export_to_repository("classifier", repo, variants=("fp16", "int8"), calibration_size=4),
+        "sentiment": export_to_repository("sentiment", repo, variants=("fp16", "int8"), calibration_size=16),
+    }
+    return {"repository": repo, "reports": reports}
+
+
+@pytest.fixture(scope="session")
+def server(exported) -> str:
+    """Base URL of a live model server over the exported repository."""
+    port = free_port()
+    log = open(exported["repository"] / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenmill", "serve-models", "--repository", str(exported["repository"]),
+         "--port", str(port), "--device", "cpu", "--max-body-bytes", str(MAX_BODY_BYTES)],
+        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    url = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early: {(exported['repository'] / 'server.log').read_text()}")
+            try:
+                if httpx.get(f"http://{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready within 120 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
