@@ -183,3 +183,25 @@ def _add_tokenizer(writer, hf_dir: Path) -> None:
     if template is None and (hf_dir / "chat_template.jinja").is_file():
         template = (hf_dir / "chat_template.jinja").read_text()
     writer.add_chat_template(template)
+
+
+def hf_logits_quantized(directory: Path | str, prompts: list[torch.Tensor], qtype_name: str) -> list[torch.Tensor]:
+    """transformers' logits with every 2-D weight round-tripped through ``qtype`` (what a GGUF holds).
+
+    Quantization blocks run along rows, so llama.cpp's Q/K row permutation does not change the values.
+    """
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                array = param.numpy()
+                if qtype == gguf.GGMLQuantizationType.F16:
+                    array = array.astype(np.float16).astype(np.float32)
+                elif qtype != gguf.GGMLQuantizationType.F32:
+                    array = gguf.quants.dequantize(gguf.quants.quantize(array, qtype), qtype)
+                param.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+        return [model(p[None]).logits[0].float() for p in prompts]

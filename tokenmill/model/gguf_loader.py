@@ -91,7 +91,7 @@ def gguf_spec(reader: Any) -> ModelSpec:
         num_heads=heads,
         num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         head_dim=head_dim,
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rms_norm_eps=_f32_to_decimal(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=theta,
         rope_scaling=_gguf_rope_scaling(reader, arch, head_dim, theta, tensors),
         tie_word_embeddings="output.weight" not in tensors,
@@ -106,6 +106,11 @@ def gguf_spec(reader: Any) -> ModelSpec:
     if arch == "qwen3" and not spec.qk_norm:
         raise ValueError("qwen3 GGUF has no attn_q_norm tensors; the file looks incomplete")
     return spec
+
+
+def _f32_to_decimal(value: float) -> float:
+    # GGUF stores floats as f32 (1e-5 reads back as 9.9999997e-06); 7 significant digits recover the decimal.
+    return float(f"{float(value):.7g}")
 
 
 def _gguf_rope_scaling(
@@ -180,7 +185,9 @@ def iter_gguf_weights(reader: Any, spec: ModelSpec, progress: bool = False) -> I
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
-        array = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        # A plain-ndarray view skips numpy's per-slice memmap bookkeeping, which dominates dequantize time.
+        raw = tensor.data.view(np.ndarray) if isinstance(tensor.data, np.memmap) else tensor.data
+        array = np.ascontiguousarray(dequantize(raw, tensor.tensor_type), dtype=np.float32)
         if not array.flags.writeable:  # F32 tensors come back as views of the read-only memory map
             array = array.copy()
         weight = torch.from_numpy(array)

