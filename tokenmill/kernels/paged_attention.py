@@ -55,6 +55,7 @@ def plan_decode(
     block_n: int = 64,
     min_partition: int = 256,
     max_splits: int = 64,
+    waves: int = 2,
 ) -> DecodePlan:
     """Split the keys only when (sequence, KV head) programs alone would leave SMs idle.
 
@@ -67,7 +68,7 @@ def plan_decode(
             f"max_len={max_len}, num_sms={num_sms}"
         )
     programs = num_seqs * num_kv_heads
-    wanted = -(-2 * num_sms // programs)  # two waves of programs keep every SM busy
+    wanted = -(-waves * num_sms // programs)  # enough programs in flight per SM to hide memory latency
     by_length = -(-max_len // min_partition)
     num_splits = max(1, min(wanted, by_length, max_splits))
     per_split = -(-max_len // num_splits)

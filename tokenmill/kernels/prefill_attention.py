@@ -45,6 +45,56 @@ def prefill_attention_reference(
 if HAS_TRITON:
 
     @triton.jit
+    def _prefill_step(
+        acc,
+        l_i,
+        m_i,
+        q,
+        q_pos,
+        n0,
+        kv_end,
+        cache_ptr,
+        bt_row_ptr,
+        v_offset,
+        kv_col,
+        d,
+        qk_scale,
+        TOKEN_STRIDE: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        PRECISION: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):
+        """One key tile of online softmax. MASKED tiles (the causal diagonal and the ragged end) pay for
+        bounds and causal masks; the tiles every query sees in full skip them."""
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < kv_end
+        dmask = d < HEAD_DIM
+        if MASKED:
+            block = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+            kv_mask = nmask[:, None] & dmask[None, :]
+        else:
+            block = tl.load(bt_row_ptr + n // BLOCK_SIZE).to(tl.int64)
+            kv_mask = dmask[None, :]
+        row = (block * BLOCK_SIZE + n % BLOCK_SIZE) * TOKEN_STRIDE + kv_col
+        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = m_new
+        if MASKED:
+            # A row that has seen no key yet keeps m = -inf; exponentiate against 0 there (p = 0, no NaN).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return acc, l_i, m_new
+
+    @triton.jit
     def _prefill_kernel(
         q_ptr,
         cache_ptr,
@@ -70,57 +120,84 @@ if HAS_TRITON:
     ):
         seq = tl.program_id(0)
         head = tl.program_id(1)
-        tile = tl.program_id(2)
+        # Last query tiles see the most keys: launch them first so the short ones fill the tail.
+        tile = tl.num_programs(2) - 1 - tl.program_id(2)
         q_start = tl.load(qsl_ptr + seq)
         q_len = tl.load(qsl_ptr + seq + 1) - q_start
         seq_len = tl.load(seq_lens_ptr + seq)
         context_len = seq_len - q_len
-        kv_head = head // GROUP
 
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
         d = tl.arange(0, BLOCK_D)
         rmask = rows < q_len
         dmask = d < HEAD_DIM
         q_tokens = (q_start + rows).to(tl.int64)
+        io_mask = rmask[:, None] & dmask[None, :]
         q = tl.load(
-            q_ptr + q_tokens[:, None] * q_stride_t + head * q_stride_h + d[None, :],
-            mask=rmask[:, None] & dmask[None, :],
-            other=0.0,
+            q_ptr + q_tokens[:, None] * q_stride_t + head * q_stride_h + d[None, :], mask=io_mask, other=0.0
         )
         q_pos = context_len + rows  # absolute position of each query
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # Keys this tile can see: up to the last valid query's position (tiles past q_len loop zero times).
-        kv_end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_M)
-        kv_end = tl.where(tile * BLOCK_M < q_len, kv_end, 0)
-        token_stride = NUM_KV_HEADS * HEAD_DIM
-        for n0 in range(0, kv_end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < kv_end
-            block = tl.load(bt_ptr + seq * bt_stride + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-            row = (block * BLOCK_SIZE + n % BLOCK_SIZE) * token_stride + kv_head * HEAD_DIM
-            kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            visible = nmask[None, :] & (n[None, :] <= q_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # Rows with nothing visible yet keep m = -inf; use 0 there so exp2 stays finite (p = 0).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        # Keys this tile can see: up to its last query's position; tiles past q_len loop zero times.
+        valid_tile = tile * BLOCK_M < q_len
+        kv_end = tl.where(valid_tile, tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_M), 0)
+        # Keys 0 .. context_len + tile*BLOCK_M are visible to every row of the tile: no masks there.
+        full_end = tl.where(valid_tile, (context_len + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N, 0)
+        bt_row_ptr = bt_ptr + seq.to(tl.int64) * bt_stride
+        kv_col = (head // GROUP) * HEAD_DIM
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _prefill_step(
+                acc,
+                l_i,
+                m_i,
+                q,
+                q_pos,
+                n0,
+                kv_end,
+                cache_ptr,
+                bt_row_ptr,
+                v_offset,
+                kv_col,
+                d,
+                qk_scale,
+                NUM_KV_HEADS * HEAD_DIM,
+                BLOCK_SIZE,
+                BLOCK_N,
+                HEAD_DIM,
+                PRECISION,
+                False,
+            )
+        for n0 in range(full_end, kv_end, BLOCK_N):
+            acc, l_i, m_i = _prefill_step(
+                acc,
+                l_i,
+                m_i,
+                q,
+                q_pos,
+                n0,
+                kv_end,
+                cache_ptr,
+                bt_row_ptr,
+                v_offset,
+                kv_col,
+                d,
+                qk_scale,
+                NUM_KV_HEADS * HEAD_DIM,
+                BLOCK_SIZE,
+                BLOCK_N,
+                HEAD_DIM,
+                PRECISION,
+                True,
+            )
 
         res = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(
             out_ptr + q_tokens[:, None] * out_stride_t + head * out_stride_h + d[None, :],
             res.to(out_ptr.dtype.element_ty),
-            mask=rmask[:, None] & dmask[None, :],
+            mask=io_mask,
         )
 
 
