@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import yaml
 
+from tokenmill.gateway.pools import die_with_parent
+
 REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).resolve().parent / "stub_server.py"
 STUB_COMMAND = ["{python}", str(STUB), "--host", "{host}", "--port", "{port}", "--name", "{name}"]
@@ -59,7 +61,9 @@ def stub_backend(name: str, token_delay: float = 0.0, api_key: str | None = None
     cmd = [sys.executable, str(STUB), "--port", str(port), "--name", name, "--token-delay", str(token_delay)]
     if api_key:
         cmd += ["--api-key", api_key]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200, 60, f"stub {name}")
@@ -104,7 +108,7 @@ def run_gateway(
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tokenmill", "gateway", "--config", str(config_path)],
-            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )  # fmt: skip
     gateway = GatewayProcess(f"http://127.0.0.1:{port}", proc, log_path)
     try:

@@ -100,8 +100,11 @@ class Autoscaler:
         load = await self.observe()
         now = self.clock()
         current = self.pool.target
-        # A replica that just started has not had a chance to be used: idle counts from the later of the two.
-        idle_s = now - max(self.pool.last_request_at, self.pool.last_scale_at)
+        # A replica that is starting or just became ready has not had a chance to be used: idle counts from
+        # the latest of last request, last scale decision and last replica ready, and not at all while starting.
+        idle_s = now - max(self.pool.last_request_at, self.pool.last_scale_at, self.pool.last_ready_at)
+        if current > 0 and self.pool.num_ready == 0:
+            idle_s = 0.0
         decision = decide(self.config, current, load, idle_s, now - self.pool.last_scale_at)
         log.debug("model %s: load %.1f on %d replicas → %s", self.pool.name, load, current, decision)
         if decision.desired != current:

@@ -36,7 +36,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Linux: a replica gets SIGTERM when the gateway dies, even by SIGKILL, so no orphan keeps a port or GPU.
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -54,6 +54,7 @@ class Pool:
         self.balancer = balancer or make_balancer(config.balancer)
         self.replicas: list[Replica] = []
         self.last_request_at = time.monotonic()
+        self.last_ready_at = 0.0  # when a replica last became ready
         self.queued = 0  # requests waiting at the gateway for a replica of this pool
         self._changed = asyncio.Condition()
 
@@ -62,6 +63,7 @@ class Pool:
         replica.state = state
         self.refresh_gauges()
         if state is ReplicaState.READY:
+            self.last_ready_at = time.monotonic()
             asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
@@ -261,7 +263,7 @@ class ManagedPool(Pool):
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # Ctrl-C on the gateway's terminal must not hit replicas directly
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         replica.port = port
         replica.url = f"http://{self.host}:{port}"
