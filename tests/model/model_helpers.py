@@ -132,7 +132,16 @@ def write_tiny_gguf(hf_dir: Path, path: Path, qtype_name: str, with_tokenizer: b
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    rope = cfg["rope_parameters"]
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "llama3":
+        # llama.cpp stores Llama 3.1 scaling as per-frequency divisors in a rope_freqs tensor.
+        from tokenmill.model.layers import rope_inv_freq
+
+        scaled = rope_inv_freq(head_dim, rope["rope_theta"], rope)
+        factors = rope_inv_freq(head_dim, rope["rope_theta"], None) / scaled
+        writer.add_tensor("rope_freqs.weight", factors.numpy().astype(np.float32))
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_eos_token_id(cfg["eos_token_id"])
     if with_tokenizer:

@@ -53,6 +53,25 @@ def test_quantized_llama_gguf_matches_dequantized_weights(tiny_model_dirs, tmp_p
             assert rel_err(mine, ref) < 0.1
 
 
+def test_llama3_rope_freqs_gguf_matches_transformers(tmp_path):
+    from tiny_models import make_tiny_model_dir
+
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 10000.0,
+    }
+    directory = make_tiny_model_dir(tmp_path / "llama3", "llama", rope_parameters=rope)
+    loaded = load(write_tiny_gguf(directory, tmp_path / "llama3.gguf", "F32"), tokenizer=str(directory))
+    assert loaded.spec.rope_scaling == {k: v for k, v in rope.items() if k != "rope_theta"}
+    prompts = make_prompts([100, 20], loaded.spec.vocab_size)
+    for mine, ref in zip(run_in_steps(loaded.model, prompts, [[100, 20]]), hf_logits(directory, prompts), strict=True):
+        assert rel_err(mine, ref) < 1e-4
+
+
 def test_unpermute_inverts_llama_cpp_permutation():
     heads, head_dim, hidden = 3, 8, 5
     weight = torch.randn(heads * head_dim, hidden)
