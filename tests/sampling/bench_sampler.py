@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--batches", default="1,32,256")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument(
+        "--profile", default="", help="a mix to profile at the largest batch (torch.profiler)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     sampler = Sampler(eos_token_ids={0})
@@ -60,6 +63,16 @@ def main() -> None:
                 sampler(logits, rows)  # ends with .tolist(): one host sync per call
             ms = (time.perf_counter() - start) / args.iters * 1e3
             print(f"batch={batch:4d} {mix:12s} {ms:8.2f} ms/step")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        rows = rows_for(args.profile, batch, args.vocab, device, rng)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                sampler(logits, rows)
+        sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=25))
 
 
 if __name__ == "__main__":

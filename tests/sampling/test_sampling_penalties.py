@@ -6,15 +6,17 @@ import torch
 from conftest import make_row
 
 from tokenmill.sampling import Sampler
-from tokenmill.sampling.penalties import apply_min_tokens, apply_penalties, token_counts
+from tokenmill.sampling.penalties import apply_min_tokens, apply_penalties, flat_positions
 
 NEG_INF = float("-inf")
 
 
-def test_token_counts_counts_each_id(device):
-    counts = token_counts([[1, 1, 3], [], [0]], 4, device)
-    assert counts.tolist() == [[0, 2, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]]
-    assert token_counts([[], []], 3, device).tolist() == [[0, 0, 0], [0, 0, 0]]
+def test_flat_positions_index_the_flattened_logits(device):
+    positions, rows = flat_positions([[1, 1, 3], [], [0]], [2, 0, 1], 4, device)
+    assert positions.tolist() == [2 * 4 + 1, 2 * 4 + 1, 2 * 4 + 3, 1 * 4 + 0]
+    assert rows.tolist() == [2, 2, 2, 1]
+    empty, empty_rows = flat_positions([[], []], [0, 1], 4, device)
+    assert empty.numel() == 0 and empty_rows.numel() == 0
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative(device):
@@ -116,3 +118,45 @@ def test_sampler_leaves_the_callers_logits_untouched(device):
     Sampler(eos_token_ids={0})(logits, rows)
     Sampler(eos_token_ids={0})(logits[2:], rows[2:])  # no history processors: the no-copy path
     assert torch.equal(logits, original)
+
+
+def reference_penalties(logits: torch.Tensor, rows) -> torch.Tensor:
+    """Row by row, token by token, straight from the definitions."""
+    out = logits.clone().cpu()
+    for i, row in enumerate(rows):
+        p = row.params
+        for token in set(row.prompt_token_ids) | set(row.output_token_ids):
+            value = float(out[i, token])
+            out[i, token] = value / p.repetition_penalty if value > 0 else value * p.repetition_penalty
+        for token in set(row.output_token_ids):
+            count = row.output_token_ids.count(token)
+            out[i, token] -= p.presence_penalty + p.frequency_penalty * count
+    return out
+
+
+def test_penalties_match_the_reference_on_random_batches(device):
+    gen = torch.Generator().manual_seed(7)
+    vocab = 40
+    for _ in range(5):
+        batch = int(torch.randint(1, 6, (1,), generator=gen))
+        logits = torch.randn(batch, vocab, generator=gen).to(device)
+        rows = []
+        for _ in range(batch):
+            knobs = torch.rand(3, generator=gen).tolist()
+            rows.append(
+                make_row(
+                    device,
+                    prompt=torch.randint(
+                        0, vocab, (int(torch.randint(0, 12, (1,), generator=gen)),), generator=gen
+                    ).tolist(),
+                    output=torch.randint(
+                        0, vocab, (int(torch.randint(0, 12, (1,), generator=gen)),), generator=gen
+                    ).tolist(),
+                    repetition_penalty=1.0 if knobs[0] < 0.3 else 0.5 + 2 * knobs[0],
+                    presence_penalty=0.0 if knobs[1] < 0.3 else 4 * knobs[1] - 2,
+                    frequency_penalty=0.0 if knobs[2] < 0.3 else 4 * knobs[2] - 2,
+                )
+            )
+        expected = reference_penalties(logits, rows)
+        apply_penalties(logits, rows)
+        torch.testing.assert_close(logits.cpu(), expected)

@@ -15,28 +15,26 @@ if TYPE_CHECKING:
     from tokenmill.sampling.sampler import SamplingRow
 
 
-def token_counts(sequences: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[len(sequences), vocab_size] float counts of each token id per sequence, by one scatter_add.
-
-    The ids are packed flat (row * vocab_size + id) rather than padded: an int64 array buffer turns Python
-    lists into a tensor several times faster than torch.tensor on nested lists, and no pad column is needed.
-    """
-    counts = torch.zeros(len(sequences), vocab_size, dtype=torch.float32, device=device)
+def flat_positions(
+    sequences: Sequence[Sequence[int]], batch_rows: Sequence[int], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every token of every sequence: its flat position batch_row * vocab_size + token_id in the [N, V]
+    logits, and its batch row. The ids go through an int64 array buffer, several times faster than
+    torch.tensor on nested lists."""
     lengths = [len(seq) for seq in sequences]
     total = sum(lengths)
-    if total == 0:
-        return counts
     flat = array("q")
     for seq in sequences:
         flat.extend(seq)
-    token_ids = torch.frombuffer(flat, dtype=torch.int64).to(device)
+    token_ids = (
+        torch.frombuffer(flat, dtype=torch.int64).to(device) if total else torch.zeros(0, dtype=torch.long)
+    )
     row_ids = torch.repeat_interleave(
-        torch.arange(len(sequences), device=device),
-        torch.tensor(lengths, device=device),
+        torch.tensor(list(batch_rows), dtype=torch.long, device=device),
+        torch.tensor(lengths, dtype=torch.long, device=device),
         output_size=total,  # known here, so CUDA need not sync to size the result
     )
-    counts.view(-1).scatter_add_(0, row_ids * vocab_size + token_ids, torch.ones(total, device=device))
-    return counts
+    return row_ids * vocab_size + token_ids.to(device), row_ids
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: set[int]) -> None:
@@ -70,34 +68,34 @@ def needs_history(rows: Sequence[SamplingRow]) -> bool:
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     """In place: repetition penalty (HF: over prompt + output, logit > 0 → /p else *p), then presence and
-    frequency penalties (OpenAI: over output only, logit -= presence * [count > 0] + frequency * count)."""
-    index = [i for i, row in enumerate(rows) if _needs_penalties(row)]
-    if not index:
-        return
-    selected = [rows[i] for i in index]
-    whole_batch = len(index) == len(rows)
+    frequency penalties (OpenAI: over output only, logit -= presence * [count > 0] + frequency * count).
+
+    Works on the seen (row, token) positions only: gather their logits, change them, write them back.
+    A token seen twice writes the same value twice, so duplicates need no de-duplication.
+    """
     device = logits.device
-    vocab_size = logits.shape[1]
-    index_t = None if whole_batch else torch.tensor(index, dtype=torch.long, device=device)
-    sub = logits if index_t is None else logits[index_t]
+    num_rows, vocab_size = logits.shape
+    flat_logits = logits.view(-1)  # logits is a fresh contiguous copy made by the sampler
 
-    output_counts = token_counts([row.output_token_ids for row in selected], vocab_size, device)
-    repetition = [row.params.repetition_penalty for row in selected]
-    if any(r != 1.0 for r in repetition):
-        prompt_counts = token_counts([row.prompt_token_ids for row in selected], vocab_size, device)
-        seen = (prompt_counts + output_counts) > 0
-        penalty = torch.tensor(repetition, dtype=sub.dtype, device=device).unsqueeze(1)
-        penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
-        sub = torch.where(seen, penalized, sub)
+    repetition_rows = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if repetition_rows:
+        sequences = [rows[i].prompt_token_ids for i in repetition_rows]
+        sequences += [rows[i].output_token_ids for i in repetition_rows]
+        positions, row_ids = flat_positions(sequences, repetition_rows * 2, vocab_size, device)
+        penalty = torch.tensor([row.params.repetition_penalty for row in rows], device=device)[row_ids]
+        values = flat_logits[positions]
+        flat_logits[positions] = torch.where(values > 0, values / penalty, values * penalty)
 
-    presence = [row.params.presence_penalty for row in selected]
-    frequency = [row.params.frequency_penalty for row in selected]
-    if any(presence) or any(frequency):
-        presence_t = torch.tensor(presence, dtype=sub.dtype, device=device).unsqueeze(1)
-        frequency_t = torch.tensor(frequency, dtype=sub.dtype, device=device).unsqueeze(1)
-        sub = sub - presence_t * (output_counts > 0).to(sub.dtype) - frequency_t * output_counts
-
-    if index_t is None:
-        logits.copy_(sub)
-    else:
-        logits[index_t] = sub
+    additive_rows = [
+        i
+        for i, row in enumerate(rows)
+        if row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0
+    ]
+    if additive_rows:
+        sequences = [rows[i].output_token_ids for i in additive_rows]
+        positions, row_ids = flat_positions(sequences, additive_rows, vocab_size, device)
+        counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
+        counts.scatter_add_(0, positions, torch.ones(positions.numel(), device=device))
+        presence = torch.tensor([row.params.presence_penalty for row in rows], device=device)[row_ids]
+        frequency = torch.tensor([row.params.frequency_penalty for row in rows], device=device)[row_ids]
+        flat_logits[positions] = flat_logits[positions] - (presence + frequency * counts[positions])
