@@ -151,7 +151,7 @@ def test_dashboard_and_scaler_metrics_exist_on_real_processes(gateway):
 
 def test_autoscaling_to_max_then_zero_then_cold_start(tmp_path, tiny_llama_dir):
     autoscale = {"min_replicas": 0, "max_replicas": 2, "target_load_per_replica": 1, "interval_s": 0.5,
-                 "scale_up_cooldown_s": 1, "scale_down_cooldown_s": 1, "idle_timeout_s": 4}  # fmt: skip
+                 "scale_up_cooldown_s": 1, "scale_down_cooldown_s": 3, "idle_timeout_s": 4}  # fmt: skip
     config = {"models": [managed("elastic", tiny_llama_dir, 1, autoscale=autoscale)]}
     with run_gateway(config, tmp_path) as gw:
         wait_ready(gw, "elastic", 1, STARTUP_S)

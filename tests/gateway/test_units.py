@@ -185,6 +185,9 @@ def test_autoscaler_decisions():
     assert decide(cfg, current=1, load=9, idle_s=0, since_scale_s=5).reason == "cooldown"
     assert decide(cfg, current=3, load=4, idle_s=0, since_scale_s=40).desired == 1
     assert decide(cfg, current=3, load=4, idle_s=0, since_scale_s=20).reason == "cooldown"
+    # Stabilization: a recent busier recommendation holds a scale-down back (or limits how far it goes).
+    assert decide(cfg, current=3, load=4, idle_s=0, since_scale_s=40, window_max=3).reason == "stabilizing"
+    assert decide(cfg, current=3, load=4, idle_s=0, since_scale_s=40, window_max=2).desired == 2
     assert decide(cfg, current=2, load=0, idle_s=10, since_scale_s=100).desired == 2  # not idle long enough
     idle = decide(cfg, current=2, load=0, idle_s=61, since_scale_s=100)
     assert (idle.desired, idle.reason) == (0, "idle")  # scale to zero

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +39,19 @@ def parse_load(metrics_text: str) -> float:
 @dataclass(frozen=True)
 class Decision:
     desired: int
-    reason: str  # load | idle | hold | cooldown
+    reason: str  # load | idle | hold | cooldown | stabilizing
+
+
+def recommend(config: AutoscaleConfig, current: int, load: float, idle_s: float) -> tuple[int, str]:
+    """The replica count one observation asks for: ceil(load / target) within [min, max], and why."""
+    wanted = math.ceil(load / config.target_load_per_replica) if load > 0 else 0
+    reason = "load"
+    if wanted == 0:
+        if idle_s < config.idle_timeout_s:
+            wanted = max(current, 1) if current > 0 else 0  # recently busy: keep what runs until idle
+        else:
+            reason = "idle"
+    return min(max(wanted, config.min_replicas), config.max_replicas), reason
 
 
 def decide(
@@ -47,20 +60,26 @@ def decide(
     load: float,
     idle_s: float,
     since_scale_s: float,
+    window_max: int = 0,
 ) -> Decision:
-    """The replica count to move to now, given the pool's load and how long since its last request/scale."""
-    wanted = math.ceil(load / config.target_load_per_replica) if load > 0 else 0
-    if wanted == 0 and idle_s < config.idle_timeout_s:
-        wanted = max(current, 1) if current > 0 else 0  # recently busy: keep what runs until idle
-    desired = min(max(wanted, config.min_replicas), config.max_replicas)
+    """The replica count to move to now.
+
+    ``window_max`` is the largest recommendation of the last ``scale_down_cooldown_s``: as in the Kubernetes
+    HPA's stabilization window, a scale-down goes no lower than that, so one quiet scrape between busy ones
+    does not stop a replica that is still needed.
+    """
+    desired, reason = recommend(config, current, load, idle_s)
     if desired > current:
         if since_scale_s < config.scale_up_cooldown_s:
             return Decision(current, "cooldown")
-        return Decision(desired, "load")
+        return Decision(desired, reason)
     if desired < current:
+        stable = max(desired, min(window_max, current))
+        if stable >= current:
+            return Decision(current, "stabilizing")
         if since_scale_s < config.scale_down_cooldown_s:
             return Decision(current, "cooldown")
-        return Decision(desired, "idle" if desired == 0 or load == 0 else "load")
+        return Decision(stable, reason)
     return Decision(current, "hold")
 
 
@@ -78,6 +97,7 @@ class Autoscaler:
         self.client = client
         self.metrics = metrics
         self.clock = clock
+        self._recent: deque[tuple[float, int]] = deque()  # (time, recommendation): the stabilization window
 
     async def _replica_load(self, url: str) -> float:
         try:
@@ -105,7 +125,11 @@ class Autoscaler:
         idle_s = now - max(self.pool.last_request_at, self.pool.last_scale_at, self.pool.last_ready_at)
         if current > 0 and self.pool.num_ready == 0:
             idle_s = 0.0
-        decision = decide(self.config, current, load, idle_s, now - self.pool.last_scale_at)
+        while self._recent and self._recent[0][0] < now - self.config.scale_down_cooldown_s:
+            self._recent.popleft()
+        window_max = max((count for _, count in self._recent), default=0)
+        decision = decide(self.config, current, load, idle_s, now - self.pool.last_scale_at, window_max)
+        self._recent.append((now, recommend(self.config, current, load, idle_s)[0]))
         log.debug("model %s: load %.1f on %d replicas → %s", self.pool.name, load, current, decision)
         if decision.desired != current:
             self.pool.scale_to(decision.desired, reason=decision.reason)
