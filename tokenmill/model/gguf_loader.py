@@ -210,20 +210,21 @@ def load_gguf_tokenizer(
     from transformers import AutoTokenizer
 
     path = Path(path).resolve()
-    if _field(reader if reader is not None else open_gguf(path), "tokenizer.ggml.model") is None:
-        return None
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = tokenizer_cache_root() / "tokenizers" / key
-    if not (cached / "tokenizer_config.json").is_file():
-        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
-        hf.save_pretrained(str(staging))
-        try:
-            staging.rename(cached)
-        except OSError:
-            # Another process cached it first; theirs is identical.
-            shutil.rmtree(staging, ignore_errors=True)
-        return Tokenizer(hf, chat_template)
-    return Tokenizer(AutoTokenizer.from_pretrained(str(cached)), chat_template)
+    if (cached / "tokenizer_config.json").is_file():
+        return Tokenizer(AutoTokenizer.from_pretrained(str(cached)), chat_template)
+    # Opening a reader parses every token string (seconds for big vocabularies), so only on a cache miss.
+    if _field(reader if reader is not None else open_gguf(path), "tokenizer.ggml.model") is None:
+        return None
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
+    hf.save_pretrained(str(staging))
+    try:
+        staging.rename(cached)
+    except OSError:
+        # Another process cached it first; theirs is identical.
+        shutil.rmtree(staging, ignore_errors=True)
+    return Tokenizer(hf, chat_template)
