@@ -34,8 +34,11 @@ def test_n_completions_are_distinct_and_share_prompt_blocks(llm):
 
 def test_seeded_sampling_reproduces_and_seeds_differ(llm):
     prompt = "Once upon a time"
-    run = lambda seed: llm.generate([prompt], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=seed,
-                                                             ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+
+    def run(seed: int) -> list[int]:
+        params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=seed, ignore_eos=True)
+        return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+
     assert run(7) == run(7)
     assert run(7) != run(8)
 
@@ -94,7 +97,7 @@ def test_abort_frees_blocks_midway(llm):
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
     tokenizer = llm.get_tokenizer()
     for i in range(3):
-        engine.add_request(f"abort-{i}", tokenizer.encode("some prompt text number %d" % i), params)
+        engine.add_request(f"abort-{i}", tokenizer.encode(f"some prompt text number {i}"), params)
     engine.step()
     engine.step()
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
