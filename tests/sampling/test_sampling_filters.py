@@ -151,3 +151,41 @@ def test_sampling_never_picks_filtered_tokens(device):
     filtered = logits.clone()
     apply_top_k_top_p(filtered, [-1], [0.3])
     assert set(tokens[n // 2 :]) <= kept(filtered[0])
+
+
+def reference_top_k_top_p(row: torch.Tensor, k: int, p: float) -> set[int]:
+    """One row straight from the definitions, in float64."""
+    probs = row.double().cpu().softmax(dim=-1)
+    order = probs.argsort(descending=True).tolist()
+    if 0 < k < len(order):
+        order = order[:k]
+    mass = probs[order].sum()
+    keep, total = [], 0.0
+    for token in order:
+        keep.append(token)
+        total += float(probs[token]) / float(mass)
+        if total >= p:
+            break
+    return set(keep)
+
+
+@pytest.mark.parametrize("vocab", [300, 3000])
+def test_filters_match_the_reference_on_both_sort_paths(device, vocab):
+    # A row without top_k (or with one above PARTIAL_SORT_MAX_K) forces the full sort; small ks take topk.
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (2 * torch.randn(6, vocab, generator=gen)).to(device)
+    top_k = [5, -1, 50, 2000 if vocab > 2000 else 200, 1, 17]
+    top_p = [1.0, 0.6, 0.9, 0.95, 0.5, 0.3]
+    filtered = logits.clone()
+    apply_top_k_top_p(filtered, top_k, top_p)
+    for i in range(6):
+        assert kept(filtered[i]) == reference_top_k_top_p(logits[i], top_k[i], top_p[i])
+    small_k, some_p = [5, 50, 17, 1, 30, 8], [0.6, 0.9, 0.95, 0.5, 0.3, 1.0]  # partial path with top-p
+    partial = logits.clone()
+    apply_top_k_top_p(partial, small_k, some_p)
+    for i in range(6):
+        assert kept(partial[i]) == reference_top_k_top_p(logits[i], small_k[i], some_p[i])
+    only_k = logits.clone()
+    apply_top_k_top_p(only_k, [5, 9, 40, 1, 2, 3], [1.0] * 6)  # all small: partial path
+    for i, k in enumerate([5, 9, 40, 1, 2, 3]):
+        assert kept(only_k[i]) == set(logits[i].topk(k).indices.tolist())

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from tokenmill.outputs import Logprob
+from tokenmill.sampling.transfer import to_device
 
 
 def _gather(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[list[float]]:
@@ -45,7 +46,7 @@ def sample_logprobs(
     if not index:
         return result
     whole_batch = len(index) == len(num_logprobs)
-    index_t = None if whole_batch else torch.tensor(index, dtype=torch.long, device=raw_logits.device)
+    index_t = None if whole_batch else to_device(index, torch.long, raw_logits.device)
     logits = raw_logits if index_t is None else raw_logits[index_t]
     chosen = token_ids if index_t is None else token_ids[index_t]
     k = min(max(num_logprobs[i] for i in index), raw_logits.shape[1])

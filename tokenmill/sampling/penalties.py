@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tokenmill.sampling.transfer import to_device
+
 if TYPE_CHECKING:
     from tokenmill.sampling.sampler import SamplingRow
 
@@ -20,21 +22,19 @@ def flat_positions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For every token of every sequence: its flat position batch_row * vocab_size + token_id in the [N, V]
     logits, and its batch row. The ids go through an int64 array buffer, several times faster than
-    torch.tensor on nested lists."""
+    torch.tensor on nested lists, and reach the device without a stream sync."""
     lengths = [len(seq) for seq in sequences]
     total = sum(lengths)
     flat = array("q")
     for seq in sequences:
         flat.extend(seq)
-    token_ids = (
-        torch.frombuffer(flat, dtype=torch.int64).to(device) if total else torch.zeros(0, dtype=torch.long)
-    )
+    token_ids = to_device(flat, torch.long, device)
     row_ids = torch.repeat_interleave(
-        torch.tensor(list(batch_rows), dtype=torch.long, device=device),
-        torch.tensor(lengths, dtype=torch.long, device=device),
+        to_device(list(batch_rows), torch.long, device),
+        to_device(lengths, torch.long, device),
         output_size=total,  # known here, so CUDA need not sync to size the result
     )
-    return row_ids * vocab_size + token_ids.to(device), row_ids
+    return row_ids * vocab_size + token_ids, row_ids
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: set[int]) -> None:
@@ -51,8 +51,8 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_toke
                 row_index.append(i)
                 token_index.append(token_id)
     if row_index:
-        rows_t = torch.tensor(row_index, dtype=torch.long, device=logits.device)
-        tokens_t = torch.tensor(token_index, dtype=torch.long, device=logits.device)
+        rows_t = to_device(row_index, torch.long, logits.device)
+        tokens_t = to_device(token_index, torch.long, logits.device)
         logits[rows_t, tokens_t] = float("-inf")
 
 
@@ -82,7 +82,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         sequences = [rows[i].prompt_token_ids for i in repetition_rows]
         sequences += [rows[i].output_token_ids for i in repetition_rows]
         positions, row_ids = flat_positions(sequences, repetition_rows * 2, vocab_size, device)
-        penalty = torch.tensor([row.params.repetition_penalty for row in rows], device=device)[row_ids]
+        penalty = to_device([row.params.repetition_penalty for row in rows], torch.float32, device)[row_ids]
         values = flat_logits[positions]
         flat_logits[positions] = torch.where(values > 0, values / penalty, values * penalty)
 
@@ -96,6 +96,6 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         positions, row_ids = flat_positions(sequences, additive_rows, vocab_size, device)
         counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
         counts.scatter_add_(0, positions, torch.ones(positions.numel(), device=device))
-        presence = torch.tensor([row.params.presence_penalty for row in rows], device=device)[row_ids]
-        frequency = torch.tensor([row.params.frequency_penalty for row in rows], device=device)[row_ids]
+        presence = to_device([row.params.presence_penalty for row in rows], torch.float32, device)[row_ids]
+        frequency = to_device([row.params.frequency_penalty for row in rows], torch.float32, device)[row_ids]
         flat_logits[positions] = flat_logits[positions] - (presence + frequency * counts[positions])

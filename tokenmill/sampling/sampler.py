@@ -15,6 +15,7 @@ from tokenmill.outputs import Logprob
 from tokenmill.sampling.filters import apply_min_p, apply_top_k_top_p
 from tokenmill.sampling.logprobs import sample_logprobs
 from tokenmill.sampling.penalties import apply_min_tokens, apply_penalties, needs_history
+from tokenmill.sampling.transfer import to_device
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -44,7 +45,7 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return to_device(rows, torch.long, device)
 
 
 def exponential_noise(
@@ -72,7 +73,7 @@ def exponential_noise(
 def filtered_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Random rows (temperature > 0): logits / temperature, then top-k/top-p, then min-p (dropped: -inf)."""
     params = [row.params for row in rows]
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    temperature = to_device([p.temperature for p in params], logits.dtype, logits.device)
     logits = logits / temperature.unsqueeze(1)
     apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
     apply_min_p(logits, [p.min_p for p in params])
