@@ -81,6 +81,20 @@ def test_unpermute_inverts_llama_cpp_permutation():
     assert torch.equal(unpermute_qk(permuted, heads), weight)
 
 
+def test_unsupported_gguf_architecture_is_a_clear_error(tmp_path):
+    import gguf
+
+    path = tmp_path / "phi3.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="GGUF architecture 'phi3' is not supported; supported: llama, qwen2, qwen3"):
+        load(path)
+
+
 def test_tensor_names_map_to_hf():
     assert hf_tensor_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
     assert hf_tensor_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
