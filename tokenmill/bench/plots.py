@@ -28,6 +28,18 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _load_axis(ax, series: Sequence[LoadSeries], xlabel: str) -> None:
+    """Label the load axis; a sweep spanning 8x or more (1, 4, 16, 64) reads better on a log2 scale."""
+    xs = [x for _, points in series for x, _ in points if x is not None and x > 0]
+    if xs and max(xs) / min(xs) >= 8:
+        ax.set_xscale("log", base=2)
+        ticks = sorted(set(xs))
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def latency_cdfs(series: Sequence[RecordSeries]) -> str:
     """Empirical CDFs of TTFT, TPOT, ITL and E2E, one line per series."""
     fig = Figure(figsize=(11, 7))
@@ -63,10 +75,8 @@ def latency_vs_load(series: Sequence[LoadSeries], xlabel: str) -> str:
                 ys = [s[key][stat] if s[key][stat] is not None else np.nan for _, s in points]
                 ax.plot(xs, ys, style, label=f"{name} {stat}")
         ax.set_title(f"{title} vs load")
-        ax.set_xlabel(xlabel)
         ax.set_ylabel("ms")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _load_axis(ax, series, xlabel)
     return _png(fig)
 
 
@@ -86,9 +96,7 @@ def throughput_vs_load(series: Sequence[LoadSeries], xlabel: str) -> str:
     ax_req.set_title("Request throughput and goodput vs load")
     ax_req.set_ylabel("requests/s")
     for ax in (ax_tok, ax_req):
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _load_axis(ax, series, xlabel)
     return _png(fig)
 
 
