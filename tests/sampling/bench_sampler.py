@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from array import array
 
 import torch
 
@@ -22,11 +23,15 @@ def rows_for(mix: str, batch: int, vocab: int, device: torch.device, rng: random
             "greedy": dict(temperature=0.0),
             "temperature": dict(temperature=0.8),
             "top_k_top_p": dict(temperature=0.8, top_k=50, top_p=0.9) if i % 2 else dict(temperature=0.8),
+            "top_p_only": dict(temperature=0.8, top_p=0.9),  # no top_k: the full-vocabulary sort
             "penalties": dict(
                 temperature=0.8, repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.1
             ),
             "seeded": dict(temperature=0.8, top_p=0.95, seed=i),
             "logprobs": dict(temperature=0.8, logprobs=5),
+            "penalties_array": dict(  # the same, with array('q') histories
+                temperature=0.8, repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.1
+            ),
             "everything": dict(
                 temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1, seed=i, logprobs=5
             ),
@@ -34,6 +39,8 @@ def rows_for(mix: str, batch: int, vocab: int, device: torch.device, rng: random
         sp = SamplingParams(**params)
         prompt = [rng.randrange(vocab) for _ in range(512)]
         output = [rng.randrange(vocab) for _ in range(256)]
+        if mix == "penalties_array":
+            prompt, output = array("q", prompt), array("q", output)
         rows.append(SamplingRow(sp, prompt, output, make_generator(sp.seed, device)))
     return rows
 
@@ -54,7 +61,17 @@ def main() -> None:
     print(f"device={device} vocab={args.vocab} torch={torch.__version__}")
     for batch in (int(b) for b in args.batches.split(",")):
         logits = torch.randn(batch, args.vocab, device=device) * 3
-        for mix in ("greedy", "temperature", "top_k_top_p", "penalties", "seeded", "logprobs", "everything"):
+        for mix in (
+            "greedy",
+            "temperature",
+            "top_k_top_p",
+            "top_p_only",
+            "penalties",
+            "penalties_array",
+            "seeded",
+            "logprobs",
+            "everything",
+        ):
             rows = rows_for(mix, batch, args.vocab, device, rng)
             for _ in range(3):
                 sampler(logits, rows)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from array import array
+
+import pytest
 import torch
 from conftest import make_row
 
@@ -134,7 +137,8 @@ def reference_penalties(logits: torch.Tensor, rows) -> torch.Tensor:
     return out
 
 
-def test_penalties_match_the_reference_on_random_batches(device):
+@pytest.mark.parametrize("history", [list, lambda ids: array("q", ids)], ids=["list", "array"])
+def test_penalties_match_the_reference_on_random_batches(device, history):
     gen = torch.Generator().manual_seed(7)
     vocab = 40
     for _ in range(5):
@@ -157,6 +161,9 @@ def test_penalties_match_the_reference_on_random_batches(device):
                     frequency_penalty=0.0 if knobs[2] < 0.3 else 4 * knobs[2] - 2,
                 )
             )
+        for row in rows:
+            row.prompt_token_ids = history(row.prompt_token_ids)
+            row.output_token_ids = history(row.output_token_ids)
         expected = reference_penalties(logits, rows)
         apply_penalties(logits, rows)
         torch.testing.assert_close(logits.cpu(), expected)

@@ -21,13 +21,17 @@ def flat_positions(
     sequences: Sequence[Sequence[int]], batch_rows: Sequence[int], vocab_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For every token of every sequence: its flat position batch_row * vocab_size + token_id in the [N, V]
-    logits, and its batch row. The ids go through an int64 array buffer, several times faster than
-    torch.tensor on nested lists, and reach the device without a stream sync."""
+    logits, and its batch row. The ids go through an int64 array buffer (several times faster than
+    torch.tensor on nested lists; a memcpy when the rows hold array('q') histories) and reach the device
+    without a stream sync."""
     lengths = [len(seq) for seq in sequences]
     total = sum(lengths)
     flat = array("q")
     for seq in sequences:
-        flat.extend(seq)
+        if isinstance(seq, list):
+            flat.fromlist(seq)  # converts each Python int (~tens of ns): the cost of long list histories
+        else:
+            flat.extend(seq)  # an array('q') history is a memcpy
     token_ids = to_device(flat, torch.long, device)
     row_ids = torch.repeat_interleave(
         to_device(list(batch_rows), torch.long, device),

@@ -6,6 +6,7 @@ Order (vLLM-like): min_tokens → repetition → presence/frequency → greedy a
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,8 +25,9 @@ class SamplingRow:
     """One row of logits: a sequence being sampled this step."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # tokens this sequence has generated so far
+    # Lists, or array('q') which the penalties read with a memcpy instead of converting every int per step.
+    prompt_token_ids: list[int] | array
+    output_token_ids: list[int] | array  # tokens this sequence has generated so far
     generator: torch.Generator | None = None  # per-request seeded generator; None: the shared default RNG
 
 
