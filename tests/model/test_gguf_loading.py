@@ -202,3 +202,40 @@ def _greedy(model, prompt: list[int], steps: int) -> list[int]:
             seq.append(token)
             query = [token]
     return new
+
+
+@pytest.mark.parametrize("qtype_name", ["Q4_K", "Q6_K", "Q5_K", "Q8_0"])
+def test_k_quant_tensors_dequantize_through_the_loader(tmp_path, qtype_name):
+    """gguf has no Python quantizer for K-quants: write random blocks (with sane f16 scales) and check the
+    loader yields gguf's own dequantization, Q/K rows un-permuted."""
+    import gguf
+    import numpy as np
+
+    from tokenmill.model.gguf_loader import iter_gguf_weights, open_gguf
+    from tokenmill.model.spec import ModelSpec
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = 64, 256
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    # Where each format keeps its f16 super-block scale(s).
+    scale_at = {"Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [type_size - 2], "Q8_0": [0]}[qtype_name]
+    for offset in scale_at:
+        raw[:, :, offset : offset + 2] = scale
+    raw = raw.reshape(rows, -1)
+    path = tmp_path / f"{qtype_name}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=qtype)
+    writer.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    spec = ModelSpec("LlamaForCausalLM", 10, cols, rows, 1, num_heads=4, num_kv_heads=4, head_dim=16)
+    weights = dict(iter_gguf_weights(open_gguf(path), spec))
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
+    assert expected.shape == (rows, cols) and torch.isfinite(expected).all()
+    assert torch.equal(weights["model.layers.0.mlp.up_proj.weight"], expected)
+    assert torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], unpermute_qk(expected, 4))
