@@ -45,9 +45,13 @@ def compare_table(names: Sequence[str], summaries: Sequence[dict[str, Any]], tit
     return table
 
 
+def _limits(slo: dict[str, float | None]) -> str:
+    return ", ".join(f"{k.removesuffix('_ms')} <= {v:g} ms" for k, v in slo.items() if v is not None)
+
+
 def print_plan(console: Console, plan: CapacityPlan) -> None:
     table = Table(
-        title=f"Capacity plan: SLO {plan.slo}, pass = good fraction >= {plan.min_good_fraction:.0%}"
+        title=f"Capacity plan: SLO {_limits(plan.slo)}; a point passes at >= {plan.min_good_fraction:.0%} good"
     )
     for column in ("load", "sent", "good", "good fraction", "goodput (req/s)", "passes"):
         table.add_column(column, justify="right")

@@ -20,6 +20,14 @@ from tokenmill.bench.records import RequestRecord
 SCHEMA = "tokenmill.bench.serve/1"
 
 
+def command_line() -> str:
+    """The command as typed: ``python -m tokenmill`` shows up as ``.../tokenmill/__main__.py`` in argv."""
+    program = Path(sys.argv[0]).name if sys.argv else ""
+    if program in ("__main__.py", "tokenmill"):
+        return shlex.join(["tokenmill", *sys.argv[1:]])
+    return shlex.join(sys.argv)
+
+
 def make_metadata(
     target: dict[str, Any], dataset: dict[str, Any], label: str | None = None
 ) -> dict[str, Any]:
@@ -29,7 +37,7 @@ def make_metadata(
         "schema": SCHEMA,
         "label": label,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(sys.argv),
+        "command": command_line(),
         "tokenmill_version": __version__,
         "machine": f"{platform.node()} {platform.machine()} {platform.system()} python {platform.python_version()}",
         "target": target,
