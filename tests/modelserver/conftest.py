@@ -17,7 +17,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MAX_BODY_BYTES = 2 * 1024 * 1024  # test_bad_input.py repeats this; one 224x224 fp32 image is 602,112 bytes, so 2 MiB leaves room for a few
+MAX_BODY_BYTES = 4 * 1024 * 1024  # test_bad_input.py repeats this; one 224x224 fp32 image is 602,112 bytes, and about 3 MB as JSON text
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from skimage import data
 
 from tokenmill.modelserver import processing
 
-MAX_BODY_BYTES = 2 * 1024 * 1024  # must equal conftest.MAX_BODY_BYTES (the server's --max-body-bytes)
+MAX_BODY_BYTES = 4 * 1024 * 1024  # must equal conftest.MAX_BODY_BYTES (the server's --max-body-bytes)
 
 
 def infer_json(server: str, model: str, inputs: list[dict]) -> httpx.Response:

@@ -93,7 +93,7 @@ def test_task_endpoints(server):
     assert len(predictions) == 3 and {p["index"] for p in predictions} & CATS
     assert predictions[0]["label"] in {"Egyptian cat", "tabby", "tiger cat"}
     reply = httpx.post(f"http://{server}/v1/sentiment/sentiment",
-                       json={"text": ["The staff were kind and the room was spotless.", "The food was cold and stale."]},
+                       json={"text": ["I absolutely loved this, wonderful!", "Awful, a complete waste of money."]},
                        timeout=60)
     assert reply.status_code == 200
     assert [r["label"] for r in reply.json()["results"]] == ["positive", "negative"]
