@@ -106,8 +106,12 @@ class ModelSpec:
 
 
 def _arch_from_model_type(model_type: str | None) -> str:
-    names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-    names["qwen3"] = "Qwen3ForCausalLM"
+    names = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+    }
     return names.get(model_type or "", f"<model_type {model_type!r}>")
 
 
