@@ -104,7 +104,7 @@ class RequestStream:
 
 
 class AsyncLLM:
-    """Thread-backed async front of an ``LLMEngine`` (anything with add_request/abort_request/step/get_stats)."""
+    """Thread-backed async front of an ``LLMEngine`` (validate_prompt/add_request/abort_request/step/get_stats)."""
 
     def __init__(
         self,
@@ -258,17 +258,19 @@ class AsyncLLM:
         error: BaseException | None = None
         if sub.stream.finished:  # aborted before the engine saw it
             error = asyncio.CancelledError()
-        elif self.max_waiting_requests is not None and self._num_waiting() >= self.max_waiting_requests:
-            error = EngineQueueFullError(
-                f"the server is at capacity: {self._num_waiting()} requests are waiting "
-                f"(max_waiting_requests={self.max_waiting_requests}); retry later"
-            )
         else:
             try:
+                # An invalid request gets its 400 even under load: retrying it would never help.
+                self.engine.validate_prompt(sub.prompt_token_ids, sub.params)
+                if self.max_waiting_requests is not None and self._num_waiting() >= self.max_waiting_requests:
+                    raise EngineQueueFullError(
+                        f"the server is at capacity: {self._num_waiting()} requests are waiting "
+                        f"(max_waiting_requests={self.max_waiting_requests}); retry later"
+                    )
                 self.engine.add_request(
                     sub.request_id, sub.prompt_token_ids, sub.params, prompt=sub.prompt, arrival_time=sub.arrival_time
                 )
-            except ValueError as exc:
+            except (ValueError, EngineQueueFullError) as exc:
                 error = exc
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the loop down
                 logger.exception("engine rejected request %s with an unexpected error", sub.request_id)
