@@ -1,0 +1,204 @@
+"""Shared pieces of the modelserver benchmarks: a repository built once, a server subprocess, a load generator.
+
+Requests are KServe v2 binary-tensor infer calls (what tritonclient sends), generated with asyncio + httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}, python {platform.python_version()}"
+
+
+def ensure_repository(path: Path, models: tuple[str, ...]) -> Path:
+    """Export the bundled models (fp32 only) into ``path`` unless already there."""
+    from tokenmill.modelserver.pipeline import export_to_repository
+
+    for name in models:
+        if not (path / name / "1" / "model.onnx").exists():
+            export_to_repository(name, path, variants=())
+    return path
+
+
+def variant_repository(src: Path, dst: Path, model: str, **overrides) -> Path:
+    """A one-model repository sharing ``src``'s graph (symlink) with config.yaml fields overridden."""
+    (dst / model / "1").mkdir(parents=True, exist_ok=True)
+    link = dst / model / "1" / "model.onnx"
+    if not link.exists():
+        link.symlink_to((src / model / "1" / "model.onnx").resolve())
+    for extra in ("labels.txt",):
+        if (src / model / extra).exists() and not (dst / model / extra).exists():
+            (dst / model / extra).symlink_to((src / model / extra).resolve())
+    config = yaml.safe_load((src / model / "config.yaml").read_text())
+    config.update(overrides)
+    (dst / model / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``tokenmill serve-models`` in a subprocess on a free loopback port."""
+
+    def __init__(self, repository: Path, device: str = "cpu") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenmill", "serve-models", "--repository", str(repository), "--port",
+             str(self.port), "--device", device],
+            cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server not ready after 180 s")
+            time.sleep(0.3)
+
+    def mean_batch_size(self, model: str) -> tuple[float, float]:
+        """(samples, executions) so far from /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = count = 0.0
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics").text):
+            if family.name == "tokenmill_model_batch_size":
+                for s in family.samples:
+                    if s.labels.get("model") == model and s.name.endswith("_sum"):
+                        total += s.value
+                    elif s.labels.get("model") == model and s.name.endswith("_count"):
+                        count += s.value
+        return total, count
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def binary_body(feeds: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 binary-tensor request body and its headers."""
+    from tokenmill.modelserver.tensors import datatype_of
+
+    inputs = [{"name": k, "shape": list(v.shape), "datatype": datatype_of(v),
+               "parameters": {"binary_data_size": v.nbytes}} for k, v in feeds.items()]
+    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
+    body = header + b"".join(np.ascontiguousarray(v).tobytes() for v in feeds.values())
+    return body, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+@dataclass
+class LoadResult:
+    mode: str  # "closed" (fixed concurrency) or "open" (Poisson arrivals at rate)
+    level: float  # concurrency or offered requests/s
+    requests: int
+    failed: int
+    duration_s: float
+    throughput_rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_batch_size: float | None = None
+
+
+def _summary(mode, level, latencies, failed, duration) -> LoadResult:
+    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    return LoadResult(mode, level, len(latencies), failed, round(duration, 3), round(len(latencies) / duration, 2),
+                      round(float(np.percentile(ms, 50)), 2), round(float(np.percentile(ms, 90)), 2),
+                      round(float(np.percentile(ms, 99)), 2))
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict) -> float | None:
+    start = time.perf_counter()
+    reply = await client.post(url, content=body, headers=headers)
+    return time.perf_counter() - start if reply.status_code == 200 else None
+
+
+async def closed_loop(url: str, body: bytes, headers: dict, concurrency: int, seconds: float) -> LoadResult:
+    """``concurrency`` clients each sending back-to-back for ``seconds``."""
+    latencies: list[float] = []
+    failed = 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def worker():
+            nonlocal failed
+            while time.perf_counter() < stop:
+                took = await _post(client, url, body, headers)
+                if took is None:
+                    failed += 1
+                else:
+                    latencies.append(took)
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        duration = time.perf_counter() - start
+    return _summary("closed", concurrency, latencies, failed, duration)
+
+
+async def open_loop(url: str, body: bytes, headers: dict, rate: float, seconds: float, seed: int = 0) -> LoadResult:
+    """Poisson arrivals at ``rate`` requests/s for ``seconds``; latency includes any queueing."""
+    rng = np.random.default_rng(seed)
+    latencies: list[float] = []
+    failed = 0
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512)) as client:
+        async def one():
+            nonlocal failed
+            took = await _post(client, url, body, headers)
+            if took is None:
+                failed += 1
+            else:
+                latencies.append(took)
+
+        tasks = []
+        start = time.perf_counter()
+        next_at = start
+        while next_at < start + seconds:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one()))
+            next_at += rng.exponential(1.0 / rate)
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return _summary("open", rate, latencies, failed, duration)
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    full = {"date": now.isoformat(timespec="seconds"), "machine": machine(),
+            "load_average_at_start": payload.pop("load_average_at_start", None),
+            "load_average_at_end": list(os.getloadavg()), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            **payload}
+    path = RESULTS / f"{name}_{now.strftime('%Y-%m-%d_%H%M')}.json"
+    path.write_text(json.dumps(full, indent=2))
+    return path
