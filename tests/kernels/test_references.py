@@ -17,7 +17,7 @@ from tokenmill.kernels import apply_rotary, rms_norm, silu_and_mul
 from tokenmill.kernels._triton import next_power_of_2
 from tokenmill.kernels.activation import silu_and_mul_reference
 from tokenmill.kernels.kv_cache_write import reshape_and_cache_reference
-from tokenmill.kernels.paged_attention import paged_decode_reference, plan_decode
+from tokenmill.kernels.paged_attention import count_leading_decodes, paged_decode_reference, plan_decode
 from tokenmill.kernels.prefill_attention import prefill_attention_reference
 from tokenmill.kernels.rms_norm import rms_norm_reference
 from tokenmill.kernels.rotary import apply_rotary_reference, build_cos_sin_cache, rope_inv_freq
@@ -132,6 +132,13 @@ def test_plan_decode_splits_only_when_sms_would_idle():
 def test_plan_decode_rejects_nonpositive_sizes():
     with pytest.raises(ValueError, match="num_seqs=0"):
         plan_decode(0, 8, 128, 132)
+
+
+def test_count_leading_decodes():
+    assert count_leading_decodes([0, 1, 2, 3]) == 3  # all decode
+    assert count_leading_decodes([0, 1, 2, 10, 11]) == 2  # a prefill after two decodes stops the count
+    assert count_leading_decodes([0, 7, 8]) == 0
+    assert count_leading_decodes([0]) == 0
 
 
 def test_next_power_of_2():

@@ -11,7 +11,7 @@ import torch
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.kv_cache_write import reshape_and_cache
-from tokenmill.kernels.paged_attention import paged_decode, plan_decode
+from tokenmill.kernels.paged_attention import count_leading_decodes, paged_decode, plan_decode
 from tokenmill.kernels.prefill_attention import prefill_attention
 
 if not HAS_TRITON:  # get_attention_backend catches ImportError and falls back to the torch reference
@@ -45,14 +45,43 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         reshape_and_cache(key, value, kv_cache, meta.slot_mapping)
         if meta.is_decode_only:
-            block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-            plan = plan_decode(
-                query.shape[0],
-                num_kv_heads,
-                meta.block_tables.shape[1] * block_size,
-                self._sm_count(query.device),
+            return self._decode(query, kv_cache, meta.block_tables, meta.seq_lens, scale)
+        # Leading decode sequences take the GQA decode kernel; the rest (prefills, chunks) the prefill one.
+        # Both write into one output; the prefill kernel indexes query/out by absolute token position.
+        num_decodes = count_leading_decodes(meta.query_start_loc_cpu)
+        out = torch.empty_like(query)
+        if num_decodes:
+            self._decode(
+                query[:num_decodes],
+                kv_cache,
+                meta.block_tables[:num_decodes],
+                meta.seq_lens[:num_decodes],
+                scale,
+                out=out[:num_decodes],
             )
-            return paged_decode(query, kv_cache, meta.block_tables, meta.seq_lens, scale, plan=plan)
         return prefill_attention(
-            query, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale
+            query,
+            kv_cache,
+            meta.query_start_loc[num_decodes:],
+            meta.seq_lens[num_decodes:],
+            meta.block_tables[num_decodes:],
+            meta.max_query_len,
+            scale,
+            out=out,
         )
+
+    def _decode(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # The plan depends on shapes only (block-table width bounds every length): graph-capturable.
+        block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+        plan = plan_decode(
+            query.shape[0], num_kv_heads, block_tables.shape[1] * block_size, self._sm_count(query.device)
+        )
+        return paged_decode(query, kv_cache, block_tables, seq_lens, scale, plan=plan, out=out)

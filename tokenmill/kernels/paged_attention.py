@@ -79,6 +79,21 @@ def plan_decode(
     return DecodePlan(num_splits=num_splits, partition_size=partition, block_n=block_n)
 
 
+def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
+    """How many sequences at the head of a packed batch have exactly one query token.
+
+    A mixed batch that lists its decode sequences first (as vLLM v1's runner orders them) sends those to
+    the GQA decode kernel and only the rest to the prefill kernel; decodes later in the batch still work,
+    through the prefill kernel.
+    """
+    count = 0
+    for start, end in zip(query_start_loc_cpu, query_start_loc_cpu[1:], strict=False):
+        if end - start != 1:
+            break
+        count += 1
+    return count
+
+
 if HAS_TRITON:
 
     @triton.jit

@@ -210,10 +210,12 @@ def prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    # H100 round 3 (Llama-3-8B heads): best total over 4x512, 1x2048, 16x512 fresh and 8x512 over a
+    # 1536-token prefix; within 11% of the best tile for each.
+    block_m: int = 128,
+    block_n: int = 32,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """query [T, Hq, D] packed varlen -> [T, Hq, D]; keys (this step's included) come from the cache.
 
@@ -234,6 +236,9 @@ def prefill_attention(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
         return out
+    if query.dtype == torch.float32:
+        # fp32 tiles are twice the bytes: stay with the shapes measured to fit shared memory (round 1).
+        block_m, num_stages = min(block_m, 64), min(num_stages, 2)
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
     _prefill_kernel[grid](
         query,
