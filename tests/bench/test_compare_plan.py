@@ -135,6 +135,20 @@ def test_compare_renders_side_by_side(tmp_path: Path, capsys) -> None:
     assert rows["TTFT mean (ms)"][1] == pytest.approx(1.0)
 
 
+def test_compare_warns_when_workloads_differ(tmp_path: Path, capsys) -> None:
+    paths = []
+    for name, output_tokens in (("a", 5), ("b", 4)):
+        records = [RequestRecord(0, 0.0, 1.0, [0.1, 0.2, 0.3], output_tokens, 8)]
+        meta = {"label": name, "target": {}, "dataset": {"name": "random"}, "date": "d", "command": "c"}
+        doc = make_document(
+            meta, None, [make_run("rate=inf", {"request_rate": None}, summarize(records), records)]
+        )
+        paths.append(str(save_json(doc, tmp_path / f"{name}.json")))
+    assert main(["bench", "compare", *paths, "--output", str(tmp_path / "c.html")]) == 0
+    assert "b generated 4 output tokens, a 5" in capsys.readouterr().out
+    assert "Workloads differ" in (tmp_path / "c.html").read_text()
+
+
 def test_compare_needs_two_runs(tmp_path: Path, capsys) -> None:
     assert main(["bench", "compare", str(tmp_path / "a.json")]) == 2
     assert "at least 2 result files" in capsys.readouterr().err

@@ -117,7 +117,9 @@ def compare_rows(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, list[An
     return rows
 
 
-def render_compare_report(names: Sequence[str], documents: Sequence[dict[str, Any]]) -> str:
+def render_compare_report(
+    names: Sequence[str], documents: Sequence[dict[str, Any]], warnings: Sequence[str] = ()
+) -> str:
     """Side by side: per load point a table (baseline = first file) and overlaid plots."""
     body = [
         "<p>Relative differences are against the first run: (other − first) / first. "
@@ -133,6 +135,9 @@ def render_compare_report(names: Sequence[str], documents: Sequence[dict[str, An
         for n, d in zip(names, documents, strict=True)
     ]
     body.append(_table(["run", "target", "date", "command"], meta_rows))
+    if warnings:
+        items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+        body.append(f"<p class='worse'>Workloads differ; read the numbers with care:</p><ul>{items}</ul>")
     num_points = min(len(d["runs"]) for d in documents)
     for point in range(num_points):
         runs = [d["runs"][point] for d in documents]
