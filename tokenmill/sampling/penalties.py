@@ -1,6 +1,6 @@
 """Logits processors that look at a sequence's history: min_tokens, repetition, presence and frequency penalties.
 
-Batched over rows with one scatter_add of packed token ids; used by sampler.py before temperature and filters.
+Batched: gather the logits at every seen (row, token) position, change them, write them back; used by sampler.py.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 import torch
 
 
-def to_device(values: Sequence[int] | Sequence[float] | array, dtype: torch.dtype, device: torch.device):
+def to_device(
+    values: Sequence[int] | Sequence[float] | array, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """A 1-D tensor of ``values`` on ``device``, copied without stalling the CUDA stream."""
     if isinstance(values, array):
         # An int64 array buffer converts far faster than a list; frombuffer rejects an empty buffer.
