@@ -152,9 +152,10 @@ def test_dashboard_and_scaler_metrics_exist_on_real_processes(gateway):
 def test_autoscaling_to_max_then_zero_then_cold_start(tmp_path, tiny_llama_dir):
     autoscale = {"min_replicas": 0, "max_replicas": 2, "target_load_per_replica": 1, "interval_s": 0.5,
                  "scale_up_cooldown_s": 1, "scale_down_cooldown_s": 3, "idle_timeout_s": 4}  # fmt: skip
-    config = {"models": [managed("elastic", tiny_llama_dir, 1, autoscale=autoscale)]}
+    # Start at zero: the first requests queue at the gateway (cold start), and that queue alone asks for max.
+    config = {"models": [managed("elastic", tiny_llama_dir, 0, autoscale=autoscale)]}
     with run_gateway(config, tmp_path) as gw:
-        wait_ready(gw, "elastic", 1, STARTUP_S)
+        assert gw.pool("elastic")["replicas"] == []
         stop = threading.Event()
         statuses: list[int] = []
         body = {"model": "elastic", "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True}
@@ -181,6 +182,7 @@ def test_autoscaling_to_max_then_zero_then_cold_start(tmp_path, tiny_llama_dir):
         scale = "tokenmill:gateway_scale_events_total"
         assert metric_value(metrics, scale, model="elastic", direction="up", reason="load") >= 1
         assert metric_value(metrics, scale, model="elastic", direction="down", reason="idle") >= 1
-        assert metric_value(metrics, scale, model="elastic", direction="up", reason="cold_start") >= 1
+        assert metric_value(metrics, scale, model="elastic", direction="up", reason="cold_start") == 2
         log = gw.log()
+        assert "scaling up from 0 to 1 replicas (cold_start)" in log
         assert "scaling up from 1 to 2 replicas (load)" in log and "to 0 replicas (idle)" in log

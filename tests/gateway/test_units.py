@@ -205,3 +205,15 @@ def test_parse_load_sums_waiting_and_running():
         'tokenmill:kv_cache_usage_perc{model_name="a"} 0.5\n'
     )
     assert parse_load(text) == 8.0
+
+
+def test_cli_refuses_a_bad_config_with_the_field_named(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "gateway.yaml"
+    bad.write_text("models:\n  - {name: a, kind: managed, replicas: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", "gateway", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "models.0: pool 'a': a managed pool needs 'model'" in proc.stderr

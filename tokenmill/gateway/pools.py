@@ -305,8 +305,8 @@ class ManagedPool(Pool):
             code = await replica.process.wait()
             if replica.stopping:
                 return
-            log.warning("model %s: replica %s (pid %d) exited with %d; restarting",
-                        self.name, replica.slot, replica.process.pid, code)  # fmt: skip
+            log.warning("model %s: replica %s (pid %d) exited with %d; restarting. Last log lines:\n%s",
+                        self.name, replica.slot, replica.process.pid, code, self._log_tail(replica))  # fmt: skip
             if replica.state in (ReplicaState.READY, ReplicaState.DRAINING):
                 self.metrics.ejections.labels(self.name, "process_exit").inc()
             replica.restarts += 1
@@ -314,6 +314,16 @@ class ManagedPool(Pool):
             self.set_state(replica, ReplicaState.STARTING)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_RESTART_BACKOFF_S)
+
+    def _log_tail(self, replica: Replica, lines: int = 5) -> str:
+        path = self.log_dir / f"{replica.slot}.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 4096))
+                tail = f.read().decode(errors="replace").splitlines()[-lines:]
+        except OSError as err:
+            return f"  (cannot read {path}: {err.strerror})"
+        return "\n".join(f"  {line}" for line in tail)
 
     async def _terminate(self, replica: Replica, grace_s: float | None = None) -> None:
         process = replica.process

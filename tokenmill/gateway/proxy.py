@@ -104,8 +104,9 @@ class Proxy:
         pool.claim(replica)
         try:
             resp = await self.client.post(f"{replica.url}{request.path}", content=payload, headers=headers)
-        except httpx.TimeoutException as err:
-            # A timed-out generation is not retried: it would cost another full timeout.
+        except httpx.ReadTimeout as err:
+            # A timed-out generation is not retried: it would cost another full timeout. (A connect timeout
+            # is a TransportError below and goes to another replica.)
             self.health.record_failure(pool, replica, type(err).__name__)
             request.on_done(504)
             return error_response(
