@@ -60,3 +60,17 @@ def test_prompt_logprobs_score_next_tokens(device):
         assert abs(entry[token].logprob - float(expected[t, token])) < 1e-5
         top = expected[t].topk(3).indices.tolist()
         assert [entry[tok].rank for tok in top] == [1, 2, 3]
+
+
+def test_bfloat16_logits_are_accepted(device):
+    torch.manual_seed(2)
+    logits = torch.randn(3, 64, device=device).to(torch.bfloat16)
+    rows = [
+        make_row(device, temperature=0.0, logprobs=2),
+        make_row(device, seed=3),
+        make_row(device, top_p=0.5),
+    ]
+    out = Sampler(set())(logits, rows)
+    assert out.token_ids[0] == int(logits[0].float().argmax())
+    expected = torch.log_softmax(logits[0].float(), dim=-1)
+    assert abs(out.logprobs[0][out.token_ids[0]].logprob - float(expected[out.token_ids[0]])) < 1e-5
