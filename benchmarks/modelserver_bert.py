@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per sentence (short reviews are ~16-40)")
     parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--half", action="store_true", help="torch backend: fp16 weights and activations")
+    parser.add_argument("--hf-dir", type=Path, help="a copy of the MiniLM directory (default: the installed package)")
     parser.add_argument("--serve-seconds", type=float, default=10.0, help="0 skips the served part")
     parser.add_argument("--serve-concurrency", type=int, default=32)
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "tokenmill-modelserver-bench")
@@ -42,7 +44,8 @@ def main() -> None:
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     report = bench_model("sentiment", (args.backend,), args.device, batch_sizes, seq_len=args.seq_len,
-                         iterations=args.iterations, warmup=2, onnx_dir=args.work_dir / "onnx")
+                         iterations=args.iterations, warmup=2, onnx_dir=args.work_dir / "onnx",
+                         hf_dir=args.hf_dir, half=args.half)
     best = max(report["results"], key=lambda r: r["throughput_per_s"])
     print(f"best: batch {best['batch_size']} -> {best['throughput_per_s']:.1f} sentences/s ({args.backend}, {args.device})")
 
@@ -71,7 +74,8 @@ def main() -> None:
         served = {"config": config, "seq_len": int(feeds["input_ids"].shape[1]), **asdict(result)}
         print(f"served: {result.throughput_rps:.1f} sentences/s at concurrency {args.serve_concurrency},"
               f" mean batch {result.mean_batch_size}, p99 {result.p99_ms} ms")
-    path = write_result(f"modelserver_bert_{args.backend}_{args.device}", {
+    tag = f"{args.backend}_{args.device}" + ("_fp16" if args.half else "")
+    path = write_result(f"modelserver_bert_{tag}", {
         "load_average_at_start": load_at_start,
         "note": "sentiment = all-MiniLM-L6-v2 encoder + shipped logistic head, fp32; synthetic ids of --seq-len; "
                 "the host CPU is shared with other jobs (see load averages)",

@@ -76,7 +76,8 @@ def load_encoder(hf_dir: Path) -> nn.Module:
     from transformers import AutoModel
 
     # Eager attention traces to plain ONNX ops; SDPA paths add data-dependent branches.
-    return AutoModel.from_pretrained(str(hf_dir), attn_implementation="eager").eval()
+    # .float(): newer transformers keep a checkpoint's dtype (an fp16 copy would otherwise mismatch the fp32 head).
+    return AutoModel.from_pretrained(str(hf_dir), attn_implementation="eager").float().eval()
 
 
 def load_head(path: Path) -> tuple[nn.Linear, dict]:

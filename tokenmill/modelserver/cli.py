@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--iterations", type=int, default=20)
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--onnx-dir", type=Path, help="where exported graphs are cached (default: a temp dir)")
+    bench.add_argument("--hf-dir", type=Path, help="sentiment: a copy of the MiniLM directory to use instead of the package")
+    bench.add_argument("--half", action="store_true", help="torch backend: run the module in fp16")
     bench.add_argument("--output", type=Path, help="write results as JSON here")
     bench.set_defaults(func=run_bench)
 
@@ -89,7 +91,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     results = bench_model(args.model, _variants(args.backends), args.device, batch_sizes, seq_len=args.seq_len,
-                          iterations=args.iterations, warmup=args.warmup, onnx_dir=args.onnx_dir, log=print)
+                          iterations=args.iterations, warmup=args.warmup, onnx_dir=args.onnx_dir, hf_dir=args.hf_dir,
+                          half=args.half, log=print)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2))

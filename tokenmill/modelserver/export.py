@@ -81,18 +81,20 @@ def text_example_inputs(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
 TEXT_AXES = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
 
 
-def bundled_export_spec(name: str) -> ExportSpec:
-    """``classifier`` (EfficientNet-Lite0) or ``sentiment`` (MiniLM + shipped head)."""
+def bundled_export_spec(name: str, hf_dir: Path | None = None) -> ExportSpec:
+    """``classifier`` (EfficientNet-Lite0) or ``sentiment`` (MiniLM + shipped head; ``hf_dir`` = a copy of MiniLM)."""
     if name == "classifier":
         example = {"images": torch.randn(2, 3, bundled.IMAGE_SIZE, bundled.IMAGE_SIZE)}
         axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
         return ExportSpec(bundled.efficientnet_lite0(), example, ["logits"], axes, task="image_classification")
     if name == "sentiment":
-        tokenizer = bundled.load_tokenizer()
+        hf_dir = Path(hf_dir) if hf_dir else bundled.minilm_dir()
+        tokenizer = bundled.load_tokenizer(hf_dir)
         example = text_example_inputs(tokenizer, ["a fine example", "another, somewhat longer example sentence"])
         axes = dict(TEXT_AXES, logits={0: "batch"})
-        extra = {"tokenizer_dir": str(bundled.minilm_dir()), "labels": list(bundled.SENTIMENT_LABELS)}
-        return ExportSpec(bundled.sentiment_model(), example, ["logits"], axes, task="text_classification", extra=extra)
+        extra = {"tokenizer_dir": str(hf_dir), "labels": list(bundled.SENTIMENT_LABELS)}
+        model = bundled.sentiment_model(hf_dir)
+        return ExportSpec(model, example, ["logits"], axes, task="text_classification", extra=extra)
     raise ValueError(f"bundled model must be 'classifier' or 'sentiment', got {name!r}")
 
 
