@@ -37,9 +37,13 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> list[torch.Tensor]:
-    """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer (K at 0, V at 1)."""
+    """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer (K at 0, V at 1).
+
+    Zero-filled, not empty: batched reference paths multiply masked-out slots by a zero weight, and
+    uninitialised memory can hold NaN bit patterns (0 * NaN = NaN).
+    """
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-    return [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
 
 def kv_cache_bytes_per_block(

@@ -56,6 +56,31 @@ def paged_attention_reference(
     return out
 
 
+def decode_attention_batched(
+    query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    max_seq_len: int, scale: float,
+) -> torch.Tensor:
+    """One query token per sequence, all sequences at once: gather K/V padded to max_seq_len, mask the tail.
+
+    The per-sequence loop above costs one attention call per sequence per layer; batching decodes turns that
+    into one call per layer (the CPU's hot path when many sequences decode together).
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_blocks = -(-max_seq_len // block_size)
+    tables = block_tables[:, :num_blocks].long()
+    keys = kv_cache[0][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
+    values = kv_cache[1][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
+    positions = torch.arange(num_blocks * block_size, device=query.device)
+    mask = (positions[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
+    group = num_heads // num_kv_heads
+    q = query.view(num_seqs, num_kv_heads, group, head_dim)
+    out = F.scaled_dot_product_attention(
+        q, keys.transpose(1, 2).to(query.dtype), values.transpose(1, 2).to(query.dtype), attn_mask=mask, scale=scale
+    )
+    return out.reshape(num_seqs, num_heads, head_dim)
+
+
 class TorchAttentionBackend:
     name = "torch"
 
@@ -69,4 +94,8 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        if meta.is_decode_only and meta.num_seqs > 1:
+            return decode_attention_batched(
+                query, kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
+            )
         return paged_attention_reference(query, kv_cache, meta, scale)
