@@ -53,13 +53,13 @@ def main() -> None:
     if args.serve_seconds > 0 and args.backend == "onnxruntime":
         from tokenmill.modelserver import bundled, processing
 
-        base = ensure_repository(args.work_dir / "base", ("sentiment",))
+        base = ensure_repository(args.work_dir / "base", ("sentiment",), hf_dir=args.hf_dir)
         max_batch = max(best["batch_size"], 2)
         config = {"max_batch_size": max_batch, "instance_count": 1,
                   "dynamic_batching": {"preferred_batch_sizes": [max_batch], "max_queue_delay_ms": 10.0,
                                        "pad_inputs": {"input_ids": 0, "attention_mask": 0}}}
         repo = variant_repository(base, args.work_dir / "bert_best", "sentiment", **config)
-        feeds = processing.tokenize(bundled.load_tokenizer(), ["word " * (args.seq_len - 2)])
+        feeds = processing.tokenize(bundled.load_tokenizer(args.hf_dir), ["word " * (args.seq_len - 2)])
         body, headers = binary_body(feeds)
         server = Server(repo, device=args.device)
         try:

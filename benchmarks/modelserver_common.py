@@ -29,13 +29,14 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}, python {platform.python_version()}"
 
 
-def ensure_repository(path: Path, models: tuple[str, ...]) -> Path:
-    """Export the bundled models (fp32 only) into ``path`` unless already there."""
+def ensure_repository(path: Path, models: tuple[str, ...], hf_dir: Path | None = None) -> Path:
+    """Export the bundled models (fp32 only) into ``path`` unless already there (``hf_dir``: a MiniLM copy)."""
+    from tokenmill.modelserver.export import bundled_export_spec
     from tokenmill.modelserver.pipeline import export_to_repository
 
     for name in models:
         if not (path / name / "1" / "model.onnx").exists():
-            export_to_repository(name, path, variants=())
+            export_to_repository(name, path, spec=bundled_export_spec(name, hf_dir), variants=())
     return path
 
 
