@@ -26,7 +26,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}, python {platform.python_version()}"
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()} {os.cpu_count()} CPUs{gpu}, {platform.platform()}, python {platform.python_version()}"
 
 
 def ensure_repository(path: Path, models: tuple[str, ...], hf_dir: Path | None = None) -> Path:
