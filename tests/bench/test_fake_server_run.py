@@ -120,3 +120,32 @@ def test_user_errors_exit_with_a_sentence(tmp_path: Path, multi_token_server: st
         == 2
     )
     assert "--sweep 'threads=2' must look like concurrency=1,4,16" in capsys.readouterr().err
+
+
+def test_client_processes_share_one_clock_and_cap(tmp_path: Path, multi_token_server: str) -> None:
+    from tokenmill.bench.multiproc import split_concurrency
+
+    assert split_concurrency(5, 2) == [3, 2] and split_concurrency(1, 3) == [1, 0, 0]
+    assert split_concurrency(None, 2) == [None, None]
+    doc = run_bench(
+        tmp_path,
+        multi_token_server,
+        *SMALL,
+        "--num-prompts",
+        "12",
+        "--max-concurrency",
+        "4",
+        "--client-processes",
+        "2",
+        "--request-rate",
+        "200",
+        "--save-detailed",
+    )
+    s = doc["runs"][0]["summary"]
+    assert s["num_completed"] == 12 and s["errors"] == {}
+    records = doc["runs"][0]["requests"]
+    assert [r["index"] for r in records] == list(range(12))
+    assert s["peak_concurrency"] <= 4
+    # One time origin for both processes: starts are non-negative and the merged run spans seconds.
+    assert min(r["start"] for r in records) >= 0 and s["duration_s"] < 60
+    assert doc["metadata"]["target"]["client_processes"] == 2

@@ -100,6 +100,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     lg.add_argument("--seed", type=int, default=0)
     lg.add_argument("--sweep", default=None, help="concurrency=1,4,16,64 or rate=1,2,4 in one command")
+    lg.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="spread requests over N client processes when one core cannot keep up (see docs)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--slo", default=None, help="goodput limits in ms, e.g. ttft=500,tpot=50,e2e=10000")
     o.add_argument("--result-dir", default=".", help="folder for NAME.json, NAME.csv and NAME.html")

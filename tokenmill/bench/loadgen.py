@@ -80,13 +80,30 @@ def _pool_limits(load: LoadConfig, num_requests: int) -> httpx.Limits:
     return httpx.Limits(max_connections=max(1, size), max_keepalive_connections=max(1, size))
 
 
-async def _run_point(
-    client: httpx.AsyncClient, target: Target, requests: list[BenchRequest], load: LoadConfig, desc: str
-) -> LoadResult:
-    offsets = arrival_offsets(len(requests), load.request_rate, load.burstiness, load.seed)
+def make_client(target: Target, pool_size: int) -> httpx.AsyncClient:
+    """The one HTTP/1.1 keep-alive client of a process, its pool as large as its allowed concurrency."""
+    limits = httpx.Limits(max_connections=max(1, pool_size), max_keepalive_connections=max(1, pool_size))
+    # trust_env=False: a proxy from the environment must never sit between the client and the server.
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(target.timeout_s), trust_env=False)
+
+
+# (request index in the dataset, request, send offset in seconds after the run's start)
+ScheduledRequest = tuple[int, BenchRequest, float]
+
+
+async def run_schedule(
+    client: httpx.AsyncClient,
+    target: Target,
+    schedule: list[ScheduledRequest],
+    load: LoadConfig,
+    t0: float,
+    bar: tqdm | None = None,
+) -> tuple[list[RequestRecord], int]:
+    """Send each request at its offset after ``t0`` (a perf_counter value), at most max_concurrency at once.
+
+    Returns the records and how many requests the duration limit kept from being sent.
+    """
     slots = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
-    bar = tqdm(total=len(requests), desc=desc, disable=not load.progress, unit="req", leave=False)
-    t0 = time.perf_counter()
 
     async def one(index: int, request: BenchRequest) -> RequestRecord:
         try:
@@ -94,11 +111,12 @@ async def _run_point(
         finally:
             if slots is not None:
                 slots.release()
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
 
     tasks: list[asyncio.Task[RequestRecord]] = []
     num_not_sent = 0
-    for index, (request, offset) in enumerate(zip(requests, offsets, strict=True)):
+    for position, (index, request, offset) in enumerate(schedule):
         delay = offset - (time.perf_counter() - t0)
         if delay > 0:
             await asyncio.sleep(delay)
@@ -107,31 +125,55 @@ async def _run_point(
         if load.duration_s is not None and time.perf_counter() - t0 >= load.duration_s:
             if slots is not None:
                 slots.release()
-            num_not_sent = len(requests) - index
+            num_not_sent = len(schedule) - position
             break
         tasks.append(asyncio.create_task(one(index, request)))
-    records = list(await asyncio.gather(*tasks))
+    return list(await asyncio.gather(*tasks)), num_not_sent
+
+
+def make_schedule(requests: list[BenchRequest], load: LoadConfig) -> list[ScheduledRequest]:
+    offsets = arrival_offsets(len(requests), load.request_rate, load.burstiness, load.seed)
+    return [(i, r, float(o)) for i, (r, o) in enumerate(zip(requests, offsets, strict=True))]
+
+
+async def _run_point(
+    client: httpx.AsyncClient, target: Target, requests: list[BenchRequest], load: LoadConfig, desc: str
+) -> LoadResult:
+    bar = tqdm(total=len(requests), desc=desc, disable=not load.progress, unit="req", leave=False)
+    records, num_not_sent = await run_schedule(
+        client, target, make_schedule(requests, load), load, time.perf_counter(), bar
+    )
     bar.close()
     return LoadResult(load, records, num_not_sent)
 
 
+async def _warmup(target: Target, requests: list[BenchRequest], load: LoadConfig) -> None:
+    warm = [requests[i % len(requests)] for i in range(load.warmup)]
+    warm_load = replace(load, request_rate=math.inf, duration_s=None)
+    async with make_client(target, load.max_concurrency or len(warm)) as client:
+        await _run_point(client, target, warm, warm_load, "warmup")
+
+
 async def run_loads(
-    target: Target, requests: list[BenchRequest], loads: list[LoadConfig]
+    target: Target, requests: list[BenchRequest], loads: list[LoadConfig], client_processes: int = 1
 ) -> list[LoadResult]:
-    """Run each load point in turn on the same requests; warmup requests go first and are not recorded."""
+    """Run each load point in turn on the same requests; warmup requests go first and are not recorded.
+
+    With ``client_processes`` > 1 each point's requests are spread over that many processes (multiproc.py).
+    """
     if not requests:
         raise ValueError("the dataset produced no requests; raise --num-prompts or check the dataset file")
+    if client_processes < 1:
+        raise ValueError(f"--client-processes ({client_processes}) must be >= 1")
+    if loads[0].warmup:
+        await _warmup(target, requests, loads[0])
+    if client_processes > 1:
+        from tokenmill.bench.multiproc import run_point_in_processes
+
+        return [run_point_in_processes(target, requests, load, client_processes) for load in loads]
     biggest = max(_pool_limits(load, len(requests)).max_connections or 1 for load in loads)
-    limits = httpx.Limits(max_connections=biggest, max_keepalive_connections=biggest)
-    timeout = httpx.Timeout(target.timeout_s)
     results = []
-    # trust_env=False: a proxy from the environment must never sit between the client and the server.
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
-        first = loads[0]
-        if first.warmup:
-            warm = [requests[i % len(requests)] for i in range(first.warmup)]
-            warm_load = replace(first, request_rate=math.inf, duration_s=None)
-            await _run_point(client, target, warm, warm_load, "warmup")
+    async with make_client(target, biggest) as client:
         for i, load in enumerate(loads):
             desc = f"load {i + 1}/{len(loads)}" if len(loads) > 1 else "requests"
             results.append(await _run_point(client, target, requests, load, desc))

@@ -117,7 +117,7 @@ def run_serve(args: argparse.Namespace, console: Console | None = None) -> int:
     if args.sweep:
         param, values = parse_sweep(args.sweep)
         loads, sweep = sweep_loads(base, param, values), {"param": param, "values": values}
-    results = asyncio.run(run_loads(target, requests, loads))
+    results = asyncio.run(run_loads(target, requests, loads, args.client_processes))
 
     runs, records = [], []
     for result in results:
@@ -132,6 +132,7 @@ def run_serve(args: argparse.Namespace, console: Console | None = None) -> int:
         "model": args.model,
         "endpoint": args.endpoint,
         "ignore_eos": args.ignore_eos,
+        "client_processes": args.client_processes,
         "timeout_s": args.timeout,
     }
     document = make_document(make_metadata(target_meta, dataset, args.label), sweep, runs)
