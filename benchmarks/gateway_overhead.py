@@ -92,9 +92,10 @@ def timed_first_byte(client: httpx.Client, url: str, body: dict) -> float:
     start = time.perf_counter()
     with client.stream("POST", url, json=body) as resp:
         resp.raise_for_status()
-        next(resp.iter_raw())
+        chunks = resp.iter_raw()
+        next(chunks)
         elapsed = time.perf_counter() - start
-        for _ in resp.iter_raw():
+        for _ in chunks:
             pass
     return elapsed
 

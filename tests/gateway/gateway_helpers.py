@@ -55,9 +55,11 @@ def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def stub_backend(name: str, token_delay: float = 0.0, api_key: str | None = None) -> Iterator[str]:
-    """An external stand-in backend; yields its base URL."""
-    port = free_port()
+def stub_backend(
+    name: str, token_delay: float = 0.0, api_key: str | None = None, port: int | None = None
+) -> Iterator[str]:
+    """An external stand-in backend (on ``port``, or a free one); yields its base URL."""
+    port = port or free_port()
     cmd = [sys.executable, str(STUB), "--port", str(port), "--name", name, "--token-delay", str(token_delay)]
     if api_key:
         cmd += ["--api-key", api_key]

@@ -245,3 +245,29 @@ def test_autoscaler_scales_up_on_load_scraped_from_replica_metrics(tmp_path):
         assert metric_value(metrics, "tokenmill:gateway_scale_events_total", model="elastic", direction="down",
                             reason="idle") == 1  # fmt: skip
         assert metric_value(metrics, "tokenmill:gateway_queued_requests", model="elastic") == 0
+
+
+def test_external_replica_is_ejected_by_health_checks_and_readmitted(tmp_path):
+    port = free_port()
+    config = {
+        "health": {"interval_s": 0.3, "timeout_s": 1.0, "failure_threshold": 2},
+        "models": [{"name": "ext", "kind": "external", "urls": [f"http://127.0.0.1:{port}"]}],
+    }
+    body = {"model": "ext", "prompt": "hi", "max_tokens": 1}
+
+    def state() -> str:
+        return gw.pool("ext")["replicas"][0]["state"]
+
+    with run_gateway(config, tmp_path) as gw:
+        with stub_backend("ext", port=port):
+            wait_until(lambda: state() == "ready", 30, "the backend to be (re-)admitted")
+            assert post(gw, "/v1/completions", body, {}).status_code == 200
+        wait_until(lambda: state() == "ejected", 30, "active checks to eject the stopped backend")
+        down = post(gw, "/v1/completions", body, {})
+        assert down.status_code == 503 and down.json()["error"]["code"] == "upstream_unavailable"
+        with stub_backend("ext", port=port):
+            wait_until(lambda: state() == "ready", 30, "re-admission once /health passes again")
+            assert post(gw, "/v1/completions", body, {}).status_code == 200
+        metrics = gw.metrics()
+        assert metric_value(metrics, "tokenmill:gateway_replica_ejections_total", model="ext") >= 1
+        assert metric_value(metrics, "tokenmill:gateway_replica_readmissions_total", model="ext") >= 1
