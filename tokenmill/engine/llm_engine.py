@@ -54,11 +54,18 @@ class LLMEngine:
         config.check_against_model(self.max_model_len)
 
         self.runner = ModelRunner(self.model, mc.device, mc.torch_dtype, config.cache.block_size, self.eos_token_ids)
+        sched_cfg = config.scheduler
+        on_cuda = mc.device.startswith("cuda")
+        if on_cuda:  # measure peak activation memory before giving the rest to the KV cache
+            self.runner.profile_run(min(sched_cfg.max_num_batched_tokens, self.max_model_len), sched_cfg.max_num_seqs)
         num_blocks = num_kv_blocks(
             config.cache, mc.device, self.model.num_layers, self.model.num_kv_heads, self.model.head_dim,
             mc.torch_dtype, self.max_model_len, config.scheduler.max_num_seqs,
         )
         self.runner.allocate_kv_cache(num_blocks)
+        if on_cuda and not config.runner.enforce_eager:
+            self.runner.capture_graphs(min(sched_cfg.max_num_seqs, config.runner.max_graph_batch_size),
+                                       self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.num_kv_cache_tokens = num_blocks * config.cache.block_size

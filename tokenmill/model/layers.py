@@ -13,6 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.kernels import ops as fused
+from tokenmill.kernels._triton import HAS_TRITON
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Fused Triton kernels on CUDA tensors; the plain torch code below is the reference elsewhere."""
+    return HAS_TRITON and x.is_cuda
+
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
     """Copy a checkpoint tensor into a parameter of the same shape (casting dtype and device)."""
@@ -25,6 +33,10 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual), x + residual); with no residual, (norm(x), x). Variance in fp32 like HF."""
+    if _fused(x):
+        if residual is None:
+            return fused.rms_norm(x.contiguous(), weight, eps), x
+        return fused.rms_norm(x, weight, eps, residual)
     if residual is not None:
         x = x + residual
     variance = x.float().pow(2).mean(-1, keepdim=True)
@@ -47,6 +59,8 @@ class RMSNorm(nn.Module):
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU on a fused [.., 2 * d] gate|up projection: silu(gate) * up."""
+    if _fused(x):
+        return fused.silu_and_mul(x)
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
 
@@ -93,6 +107,8 @@ def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox-style (rotate-half) rope on q [T, Hq, D] and k [T, Hkv, D] at ``positions`` [T]."""
+    if _fused(q):  # in place on the (strided) q/k views of the fused qkv output
+        return fused.apply_rotary(q, k, positions, cos_sin_cache)
     cos, sin = cos_sin_cache.index_select(0, positions).to(q.dtype).chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.attention.backend import allocate_kv_cache
+from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.outputs import Logprob
+from tokenmill.runner.cuda_graphs import DecodeGraphs
 from tokenmill.runner.inputs import build_model_inputs
 from tokenmill.sampling.sampler import Sampler, SamplingRow
 
@@ -33,6 +35,7 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = Sampler(eos_token_ids)
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: DecodeGraphs | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_cache(
@@ -41,10 +44,35 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def profile_run(self, num_tokens: int, num_sampled: int) -> None:
+        """One forward at the largest step size on a throwaway cache, so peak activation memory is measured."""
+        num_blocks = -(-num_tokens // self.block_size)
+        caches = allocate_kv_cache(self.model.num_layers, num_blocks, self.block_size, self.model.num_kv_heads,
+                                   self.model.head_dim, self.dtype, self.device)
+        meta = AttentionMetadata.build([num_tokens], [num_tokens], [list(range(num_blocks))], self.block_size,
+                                       self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.arange(num_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, positions, caches, meta)
+        self.model.compute_logits(hidden[-1:].expand(num_sampled, -1))
+        del caches, hidden
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_blocks, self.device)
+        self.graphs.capture()
+
+    @torch.inference_mode()
     def forward_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         """Logits [num_sampling_seqs, vocab] (float32) and which scheduled rows they belong to."""
         inputs = build_model_inputs(sched, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
         return logits.float(), inputs.sample_rows
 
