@@ -150,8 +150,8 @@ def test_async_llm_engine_fault_fails_pending_requests(make_engine):
     llm = AsyncLLM(make_engine(), fault_after_steps=2, on_dead=deaths.append)
     llm.start()
     asyncio.run(main(llm))
+    llm.shutdown()  # joins the engine thread
     assert not llm.is_healthy and len(deaths) == 1
-    llm.shutdown()
 
 
 # ---- two apps in one process ---------------------------------------------------------------------------------

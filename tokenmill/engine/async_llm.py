@@ -323,6 +323,12 @@ class AsyncLLM:
                 self.error = exc
             pending = list(self._submissions)
             self._submissions.clear()
+        # Tell the owner first, so by the time a client sees its error the server already reports unhealthy.
+        if self.on_dead is not None and not isinstance(exc, EngineDeadError):
+            try:
+                self.on_dead(exc)
+            except Exception:  # noqa: BLE001 - failing every pending request below matters more
+                logger.exception("the on_dead callback failed")
         dead = EngineDeadError(self._dead_message())
         for sub in pending:
             if not sub.stream.loop.is_closed():
@@ -330,8 +336,6 @@ class AsyncLLM:
         for stream in self._streams.values():
             stream.put_threadsafe(EngineDeadError(self._dead_message()))
         self._streams.clear()
-        if self.on_dead is not None and not isinstance(exc, EngineDeadError):
-            self.on_dead(exc)
 
 
 def _set_exception_if_pending(future: asyncio.Future, exc: BaseException) -> None:

@@ -10,6 +10,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenmill.server.errors import AuthenticationError
+from tokenmill.server.request_log import log_rejected
 
 
 class APIKeyMiddleware:
@@ -35,6 +36,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         error = AuthenticationError("missing or invalid API key; send it as 'Authorization: Bearer <key>'")
+        log_rejected(scope["method"], scope["path"], error.status_code, error.message)
         response = error.to_response()
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_llm import EngineDeadError, EngineQueueFullError
+from tokenmill.server.request_log import log_rejected
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation_error(exc)
+        log_rejected(request.method, request.url.path, 400, message)
         return error_response(400, message, "invalid_request_error", param, "invalid_value")
 
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -144,6 +146,7 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         error_type = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        log_rejected(request.method, request.url.path, exc.status_code, message)
         response = error_response(exc.status_code, message, error_type, None, str(exc.status_code))
         for key, value in (exc.headers or {}).items():
             response.headers[key] = value

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import ServiceUnavailableError
+from tokenmill.server.request_log import log_rejected
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -102,6 +103,7 @@ class LifecycleMiddleware:
             return
         if self.lifecycle.draining:
             error = ServiceUnavailableError("the server is shutting down and accepts no new requests")
+            log_rejected(scope["method"], scope["path"], error.status_code, error.message)
             response = error.to_response()
             response.headers["Connection"] = "close"
             await response(scope, receive, send)

@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.server.errors import PayloadTooLargeError
+from tokenmill.server.request_log import log_rejected
 
 
 class BodySizeLimitMiddleware:
@@ -25,7 +26,9 @@ class BodySizeLimitMiddleware:
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._too_large().to_response()(scope, receive, send)
+                error = self._too_large()
+                log_rejected(scope["method"], scope["path"], error.status_code, error.message)
+                await error.to_response()(scope, receive, send)
                 return
         received = 0
 

@@ -82,3 +82,8 @@ class RequestRecord:
         if self.log_prompts and self.prompt_text is not None:
             line += f" prompt={self.prompt_text!r}"
         logger.info(line)
+
+
+def log_rejected(method: str, path: str, status: int, message: str) -> None:
+    """The log line of a request refused before any route ran (validation, auth, size, draining, no route)."""
+    logger.info("request - %s %s status=%d error=%r", method, path, status, message)
