@@ -151,6 +151,8 @@ def test_heuristic_scorer_parts_and_plugins():
     assert plugged.score({"prompt": "zzz"}) >= 0.5
     with pytest.raises(ValueError, match="scorer must be 'heuristic' or 'package.module:name'"):
         load_scorer("nonsense", {})
+    with pytest.raises(ValueError, match="scorer 'no_such_module:x' cannot be loaded"):
+        load_scorer("no_such_module:x", {})
     with pytest.raises(ValueError, match="length_scale_chars must be >= 1"):
         load_scorer("heuristic", {"length_scale_chars": 0})
 
@@ -217,3 +219,13 @@ def test_cli_refuses_a_bad_config_with_the_field_named(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "models.0: pool 'a': a managed pool needs 'model'" in proc.stderr
+
+
+def test_relay_forwards_whole_sse_events_for_both_line_endings():
+    from tokenmill.gateway.proxy import MAX_PENDING_BYTES, complete_events_end
+
+    assert complete_events_end(b"data: a\n\ndata: b") == len(b"data: a\n\n")
+    assert complete_events_end(b"data: a\r\n\r\ndata: b\r\n\r\n") == len(b"data: a\r\n\r\ndata: b\r\n\r\n")
+    assert complete_events_end(b"data: half an ev") == 0
+    # Not SSE after all: released once past the cap instead of held to the end.
+    assert complete_events_end(b"x" * (MAX_PENDING_BYTES + 1)) == MAX_PENDING_BYTES + 1

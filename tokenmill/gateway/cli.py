@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default=None, help="override the config's host")
     parser.add_argument("--port", type=int, default=None, help="override the config's port")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--shutdown-timeout", type=float, default=30.0,
+        help="seconds open requests and streams get to finish after SIGTERM before the gateway exits",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -33,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every backend call (health checks included) at INFO: keep that for --log-level debug.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.log_level == "debug" else logging.WARNING)
     try:
         config = load_config(args.config)
         if args.host is not None:
@@ -45,5 +51,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     app = build_app(gateway)
     logging.getLogger("tokenmill.gateway").info("listening on http://%s:%d", config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(
+        app, host=config.host, port=config.port, log_level=args.log_level, access_log=False,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )  # fmt: skip
     return 0

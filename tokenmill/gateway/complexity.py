@@ -98,7 +98,10 @@ def load_scorer(spec: str, options: dict[str, Any]) -> ComplexityScorer:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"scorer must be 'heuristic' or 'package.module:name'; got {spec!r}")
-    target = getattr(importlib.import_module(module_name), attr)
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"scorer {spec!r} cannot be loaded: {err}") from None
     if not isinstance(target, type) and hasattr(target, "score"):
         return target  # a ready scorer object
     if isinstance(target, type) or options:

@@ -25,6 +25,9 @@ log = logging.getLogger("tokenmill.gateway.proxy")
 RETRY_STATUSES = {500, 502, 503, 504}
 BUSY_STATUS = 429
 PASS_HEADERS = ("content-type", "x-request-id")
+# Ask proxies in front of the gateway (nginx and the like) not to buffer event streams.
+STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+MAX_PENDING_BYTES = 1 << 20
 
 
 class UpstreamUnavailableError(RuntimeError):
@@ -158,7 +161,9 @@ class Proxy:
             self.health.record_success(pool, replica)
             handed_over = True
             relay = self._relay(pool, replica, request, resp, first, chunks)
-            return StreamingResponse(relay, status_code=200, headers=_pass_headers(resp))
+            return StreamingResponse(
+                relay, status_code=200, headers={**_pass_headers(resp), **STREAM_HEADERS}
+            )
         finally:
             if not handed_over:
                 pool.release(replica)
@@ -177,10 +182,10 @@ class Proxy:
         try:
             # Forward whole SSE events as soon as each is complete, so a cut never leaves half an event.
             while True:
-                end = pending.rfind(b"\n\n")
-                if end >= 0:
-                    yield pending[: end + 2]
-                    pending = pending[end + 2 :]
+                end = complete_events_end(pending)
+                if end > 0:
+                    yield pending[:end]
+                    pending = pending[end:]
                 chunk = await anext(chunks, None)
                 if chunk is None:
                     break
@@ -202,6 +207,18 @@ class Proxy:
             pool.release(replica)
             await resp.aclose()
             request.on_done(status)
+
+
+def complete_events_end(buffer: bytes) -> int:
+    """Length of the prefix of ``buffer`` made of whole SSE events (0 if none), for either line ending.
+
+    A buffer past ``MAX_PENDING_BYTES`` with no event boundary (not SSE after all) is released whole, so
+    the relay never holds more than that.
+    """
+    ends = [i + len(sep) for sep in (b"\n\n", b"\r\n\r\n") if (i := buffer.rfind(sep)) >= 0]
+    if ends:
+        return max(ends)
+    return len(buffer) if len(buffer) > MAX_PENDING_BYTES else 0
 
 
 def _pass_headers(resp: httpx.Response) -> dict[str, str]:
