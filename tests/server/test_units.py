@@ -5,6 +5,7 @@ and AsyncLLM over a real tiny LLMEngine (streaming, abort on close, backpressure
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from fastapi.testclient import TestClient
@@ -164,3 +165,18 @@ def test_two_apps_have_separate_metric_registries(make_engine):
     assert 'tokenmill:request_success_total{finished_reason="length",model_name="one"} 1.0' in first_metrics
     assert "request_success_total{" not in second_metrics
     assert 'tokenmill:generation_tokens_total{model_name="two"} 0.0' in second_metrics
+
+
+def test_engine_death_mid_stream_sends_error_event(make_engine):
+    app = build_app(AsyncLLM(make_engine(), fault_after_steps=3), ServerConfig(engine_death_grace=0))
+    body = {"prompt": "hi", "max_tokens": 20, "ignore_eos": True, "stream": True}
+    with TestClient(app) as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200  # headers went out before the engine died
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "engine_dead" and error["type"] == "server_error"
+        assert client.get("/health").status_code == 503
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 500
+    assert app.state.ctx.lifecycle.exit_code == 1
