@@ -1,0 +1,389 @@
+"""``tokenmill bench throughput``: offline, in-process engine throughput with a per-step roofline.
+
+Drives LLMEngine.step() directly, timing each step with a device sync and reading its composition from the
+scheduler's output; tokenmill.bench.roofline turns that into % of the bandwidth roofline and physical floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenmill.bench.roofline import H100_COPY_GBPS, H100_MATMUL_TFLOPS, Ceilings, StepShape, summarize
+from tokenmill.bench.workloads import (
+    OfflineRequest,
+    fixed_workload,
+    parse_range,
+    range_workload,
+    sharegpt_workload,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``bench throughput`` (engine flags keep the names of ``tokenmill generate``)."""
+    e = parser.add_argument_group("engine")
+    e.add_argument("--model", default=None, help="HF directory or .gguf file")
+    e.add_argument("--random-weights", default=None, help="preset: llama3-8b, qwen3-0.6b, ... (no weights needed)")
+    e.add_argument("--tokenizer", default=None, help="tokenizer dir or .gguf (default: the model's own)")
+    e.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache budget in GiB (CPU)")
+    e.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    e.add_argument("--seed", type=int, default=0, help="weights and workload seed")
+    w = parser.add_argument_group("workload")
+    w.add_argument("--num-prompts", type=int, default=100)
+    w.add_argument("--input-len", type=int, default=512)
+    w.add_argument("--output-len", type=int, default=128)
+    w.add_argument("--input-len-range", default=None, help="LOW:HIGH, uniform (needs --output-len-range)")
+    w.add_argument("--output-len-range", default=None, help="LOW:HIGH, uniform (needs --input-len-range)")
+    w.add_argument("--dataset", default=None, help="ShareGPT-format JSON file")
+    w.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length")
+    w.add_argument("--temperature", type=float, default=1.0)
+    w.add_argument("--warmup-requests", type=int, default=4, help="short untimed requests first (JIT, caches)")
+    r = parser.add_argument_group("roofline and output")
+    r.add_argument("--bandwidth-gbps", type=float, default=H100_COPY_GBPS, help="measured copy bandwidth, GB/s")
+    r.add_argument("--matmul-tflops", type=float, default=H100_MATMUL_TFLOPS, help="measured bf16 matmul rate")
+    r.add_argument("--profile", default=None, metavar="DIR", help="write a torch profiler chrome trace here")
+    r.add_argument("--profile-steps", type=int, default=64, help="engine steps to keep in the profile")
+    r.add_argument("--output-json", default=None, metavar="PATH")
+
+
+def engine_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
+    from tokenmill.engine.cli import engine_kwargs
+
+    if args.model is None and args.random_weights is None:
+        raise ValueError("give --model (HF dir or .gguf) or --random-weights PRESET")
+    kwargs = engine_kwargs(args)
+    if args.tokenizer:
+        kwargs["tokenizer"] = args.tokenizer
+    return kwargs
+
+
+# ---- per-step measurement ------------------------------------------------------------------------
+class StepRecorder:
+    """Wraps ``engine.scheduler.schedule`` to note each step's shape before the runner changes it."""
+
+    def __init__(self, engine: Any) -> None:
+        self._scheduler = engine.scheduler
+        self._original = engine.scheduler.schedule
+        self.pending: StepShape | None = None
+        self._scheduler.schedule = self._schedule  # instance attribute shadows the method
+
+    def _schedule(self) -> Any:
+        out = self._original()
+        if out.is_empty:
+            self.pending = None
+        else:
+            items = out.scheduled
+            self.pending = StepShape(
+                cached=tuple(i.seq.num_computed_tokens for i in items),
+                new=tuple(i.num_tokens for i in items),
+                num_sampled=sum(1 for i in items if i.samples),
+            )
+        return out
+
+    def take(self) -> StepShape | None:
+        shape, self.pending = self.pending, None
+        return shape
+
+    def detach(self) -> None:
+        del self._scheduler.schedule
+
+
+def device_sync(device: str) -> Callable[[], None]:
+    if device.startswith("cuda"):
+        import torch
+
+        return lambda: torch.cuda.synchronize(torch.device(device))
+    return lambda: None
+
+
+@dataclass
+class OfflineResult:
+    elapsed_s: float
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    steps: list[StepShape] = field(default_factory=list)
+    step_times_s: list[float] = field(default_factory=list)
+    profile_summary: dict[str, Any] | None = None
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
+
+    @property
+    def requests_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+
+def sampling_params(output_len: int, ignore_eos: bool, temperature: float) -> Any:
+    from tokenmill.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=output_len, min_tokens=output_len if ignore_eos else 0,
+                          ignore_eos=ignore_eos, temperature=temperature)
+
+
+def run_offline(
+    engine: Any,
+    requests: list[OfflineRequest],
+    ignore_eos: bool = True,
+    temperature: float = 1.0,
+    profile_dir: str | None = None,
+    profile_steps: int = 64,
+    id_prefix: str = "r",
+) -> OfflineResult:
+    """Add every request, then step the engine until done, timing each step between device syncs."""
+    sync = device_sync(engine.config.model.device)
+    for i, req in enumerate(requests):
+        engine.add_request(f"{id_prefix}{i}", req.prompt_token_ids,
+                           sampling_params(req.output_len, ignore_eos, temperature))
+    recorder = StepRecorder(engine)
+    result = OfflineResult(0.0, len(requests), sum(len(r.prompt_token_ids) for r in requests), 0)
+    profiler = _start_profiler(engine.config.model.device) if profile_dir else None
+    try:
+        sync()
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            index = len(result.steps)
+            with _step_range(index, profiler is not None):
+                t0 = time.perf_counter()
+                outputs = engine.step()
+                sync()
+                t1 = time.perf_counter()
+            for out in outputs:
+                if out.finished:
+                    result.output_tokens += sum(len(c.token_ids) for c in out.outputs)
+            shape = recorder.take()
+            if shape is not None:
+                result.steps.append(shape)
+                result.step_times_s.append(t1 - t0)
+            if profiler is not None and index + 1 == profile_steps:
+                profiler.stop()
+                result.profile_summary = _write_profile(profiler, Path(profile_dir), index + 1, t1 - start)
+                profiler = None
+        result.elapsed_s = time.perf_counter() - start
+    finally:
+        recorder.detach()
+    if profiler is not None:
+        profiler.stop()
+        result.profile_summary = _write_profile(profiler, Path(profile_dir), len(result.steps), result.elapsed_s)
+    return result
+
+
+def warm_up(engine: Any, num_requests: int, vocab_size: int) -> None:
+    """Short requests so one-time costs (Triton JIT, allocator growth) stay out of the timed run."""
+    if num_requests < 1:
+        return
+    warm = fixed_workload(num_requests, 16, 8, vocab_size, seed=12345)
+    run_offline(engine, warm, ignore_eos=True, temperature=1.0, id_prefix="warmup-")
+
+
+# ---- profiler -------------------------------------------------------------------------------------
+def _start_profiler(device: str) -> Any:
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+@contextmanager
+def _step_range(index: int, enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    import torch
+
+    nvtx = torch.cuda.nvtx.range(f"step {index}") if torch.cuda.is_available() else nullcontext()
+    with nvtx, torch.profiler.record_function(f"step {index}"):
+        yield
+
+
+def kernel_category(name: str) -> str:
+    """Coarse bucket of a GPU kernel by name: gemm, attention, norm/rope/act, sampling, copy, other."""
+    low = name.lower()
+    if any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas", "sm90_", "sm80_")):
+        return "gemm"
+    if any(k in low for k in ("attn", "attention", "flash", "paged", "sdpa", "softmax")):
+        return "attention"
+    if any(k in low for k in ("rms", "norm", "rotary", "rope", "silu", "act_and_mul")):
+        return "norm/rope/act"
+    if any(k in low for k in ("sort", "topk", "multinomial", "argmax", "exponential", "sampl")):
+        return "sampling"
+    if any(k in low for k in ("memcpy", "memset", "copy", "cat", "index", "scatter", "gather", "fill")):
+        return "copy/index"
+    return "other"
+
+
+def _device_self_time_us(event: Any) -> float:
+    # torch renamed cuda_* to device_* timings; read whichever this version has.
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, attr, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def _write_profile(profiler: Any, directory: Path, num_steps: int, wall_s: float) -> dict[str, Any]:
+    """Chrome trace + text table + GPU time per kernel category (the rest of the wall time is gaps)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    trace = directory / "trace.json"
+    profiler.export_chrome_trace(str(trace))
+    averages = profiler.key_averages()
+    on_gpu = any(_device_self_time_us(e) > 0 for e in averages)
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    try:
+        table = averages.table(sort_by=sort_by, row_limit=40)
+    except (AttributeError, KeyError, ValueError):  # older/newer torch spell the sort key differently
+        table = averages.table(sort_by="self_device_time_total" if on_gpu else "cpu_time_total", row_limit=40)
+    (directory / "summary.txt").write_text(table + "\n")
+    categories: dict[str, float] = {}
+    for event in averages:
+        us = _device_self_time_us(event)
+        if us > 0 and getattr(event, "device_type", None) is not None and "CUDA" in str(event.device_type):
+            key = kernel_category(event.key)
+            categories[key] = categories.get(key, 0.0) + us / 1e6
+    busy = sum(categories.values())
+    summary = {
+        "trace": str(trace),
+        "table": str(directory / "summary.txt"),
+        "profiled_steps": num_steps,
+        "profiled_wall_s": wall_s,
+        "gpu_time_s_by_category": categories,
+        "gpu_busy_s": busy,
+        "gpu_idle_s": max(0.0, wall_s - busy) if on_gpu else None,
+    }
+    (directory / "categories.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ---- reporting ------------------------------------------------------------------------------------
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def step_summary(result: OfflineResult) -> dict[str, Any]:
+    """Decode step time by batch size, prefill/mixed totals, and a compact per-step list."""
+    by_batch: dict[int, list[float]] = {}
+    other_n, other_s = 0, 0.0
+    for shape, seconds in zip(result.steps, result.step_times_s, strict=True):
+        if shape.is_decode:
+            by_batch.setdefault(len(shape.new), []).append(seconds)
+        else:
+            other_n, other_s = other_n + 1, other_s + seconds
+    return {
+        "decode_ms_median_by_batch": {
+            str(b): {"steps": len(t), "median_ms": 1e3 * statistics.median(t)} for b, t in sorted(by_batch.items())
+        },
+        "prefill_or_mixed_steps": other_n,
+        "prefill_or_mixed_s": other_s,
+        # [num_seqs, tokens computed, cached tokens read, milliseconds] per step
+        "steps": [[len(s.new), s.num_tokens, sum(s.cached), round(1e3 * t, 4)]
+                  for s, t in zip(result.steps, result.step_times_s, strict=True)],
+    }
+
+
+def build_requests(args: argparse.Namespace, engine: Any) -> list[OfflineRequest]:
+    vocab = engine.model.spec.vocab_size
+    if args.dataset:
+        hf = engine.tokenizer.hf if engine.tokenizer is not None else None
+        out_len = args.output_len if args.ignore_eos else None
+        return sharegpt_workload(args.dataset, args.num_prompts, hf, seed=args.seed, output_len=out_len,
+                                 max_total_len=engine.max_model_len)
+    if (args.input_len_range is None) != (args.output_len_range is None):
+        raise ValueError("--input-len-range and --output-len-range go together; give both or neither")
+    if args.input_len_range:
+        return range_workload(args.num_prompts, parse_range(args.input_len_range, "--input-len-range"),
+                              parse_range(args.output_len_range, "--output-len-range"), vocab, seed=args.seed)
+    return fixed_workload(args.num_prompts, args.input_len, args.output_len, vocab, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ceilings = Ceilings(args.bandwidth_gbps, args.matmul_tflops)
+    engine = LLMEngine.from_kwargs(**engine_kwargs_from(args))
+    spec = engine.model.spec
+    device = engine.config.model.device
+    dtype_bytes = engine.config.model.torch_dtype.itemsize
+    requests = build_requests(args, engine)
+    warm_up(engine, args.warmup_requests, spec.vocab_size)
+    result = run_offline(engine, requests, ignore_eos=args.ignore_eos, temperature=args.temperature,
+                         profile_dir=args.profile, profile_steps=args.profile_steps)
+    roof = summarize(spec, result.steps, result.step_times_s, ceilings, dtype_bytes)
+    print_report(result, roof.to_dict(), engine.model_name, device)
+    if args.output_json:
+        record = {
+            "benchmark": "throughput",
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "device": device_name(device),
+            "command": " ".join(["tokenmill", *sys.argv[1:]]) if sys.argv else "",
+            "config": {k: v for k, v in vars(args).items() if k != "func"},
+            "model": engine.model_name,
+            "dtype": str(engine.config.model.torch_dtype),
+            "kv_cache_tokens": engine.num_kv_cache_tokens,
+            "ceilings": {"bandwidth_gbps": ceilings.bandwidth_gbps, "matmul_tflops": ceilings.matmul_tflops},
+            "results": {
+                "elapsed_s": result.elapsed_s, "num_requests": result.num_requests,
+                "prompt_tokens": result.prompt_tokens, "output_tokens": result.output_tokens,
+                "output_tok_s": result.output_tok_s, "total_tok_s": result.total_tok_s,
+                "requests_s": result.requests_s,
+            },
+            "roofline": roof.to_dict(),
+            "per_step": step_summary(result),
+            "profile": result.profile_summary,
+        }
+        path = Path(args.output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def print_report(result: OfflineResult, roof: dict[str, float], model: str, device: str) -> None:
+    print(f"\nmodel {model} on {device_name(device)}: {result.num_requests} requests, "
+          f"{result.prompt_tokens} prompt + {result.output_tokens} output tokens")
+    print(f"elapsed            {result.elapsed_s:10.3f} s")
+    print(f"requests/s         {result.requests_s:10.2f}")
+    print(f"output tok/s       {result.output_tok_s:10.1f}")
+    print(f"total tok/s        {result.total_tok_s:10.1f}")
+    print(f"engine steps       {roof['num_steps']:10d}  ({roof['num_decode_steps']} decode-only)")
+    print(f"decode roofline    {roof['decode_roofline_pct']:9.1f} %  "
+          f"(bytes/bandwidth {roof['decode_roofline_s']:.3f} s of {roof['decode_measured_s']:.3f} s measured)")
+    print(f"physical floor     {roof['floor_pct']:9.1f} %  "
+          f"(max(FLOPs/rate, bytes/bandwidth) {roof['floor_s']:.3f} s of {roof['measured_s']:.3f} s in steps)")
+    if result.profile_summary:
+        print(f"profile            {result.profile_summary['trace']}")
