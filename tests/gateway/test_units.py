@@ -8,6 +8,7 @@ import random
 from collections import Counter
 
 import pytest
+import yaml
 
 from tokenmill.gateway.auth import KeyAuth, TokenBucket
 from tokenmill.gateway.autoscaler import decide, parse_load
@@ -229,3 +230,14 @@ def test_relay_forwards_whole_sse_events_for_both_line_endings():
     assert complete_events_end(b"data: half an ev") == 0
     # Not SSE after all: released once past the cap instead of held to the end.
     assert complete_events_end(b"x" * (MAX_PENDING_BYTES + 1)) == MAX_PENDING_BYTES + 1
+
+
+def test_the_example_config_in_the_docs_is_valid():
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "GATEWAY.md").read_text()
+    block = re.search(r"```yaml\n# gateway.yaml\n(.*?)```", docs, re.DOTALL).group(1)
+    config = parse_config(yaml.safe_load(block), "docs/GATEWAY.md")
+    assert [p.name for p in config.models] == ["fast", "strong"]
+    Router(config)  # its virtual model and scorer load

@@ -273,18 +273,21 @@ class ManagedPool(Pool):
         log.info("model %s: started replica %s pid %d on %s (log %s)",
                  self.name, replica.slot, replica.process.pid, replica.url, log_path)  # fmt: skip
 
+    async def _healthy(self, replica: Replica) -> bool:
+        try:
+            resp = await self.client.get(f"{replica.url}/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False  # not listening yet (still loading weights)
+        return resp.status_code == 200
+
     async def _wait_ready(self, replica: Replica) -> bool:
         assert replica.process is not None
         deadline = time.monotonic() + self.config.startup_timeout_s
         while time.monotonic() < deadline:
             if replica.process.returncode is not None:
                 return False
-            try:
-                resp = await self.client.get(f"{replica.url}/health", timeout=2.0)
-                if resp.status_code == 200:
-                    return True
-            except httpx.HTTPError:
-                pass  # not listening yet: keep polling until the deadline
+            if await self._healthy(replica):
+                return True
             await asyncio.sleep(READY_POLL_S)
         log.error("model %s: replica %s not ready after %.0f s; killing it",
                   self.name, replica.slot, self.config.startup_timeout_s)  # fmt: skip
