@@ -155,3 +155,21 @@ def test_async_client_concurrent_chat_and_stream(shared_server):
     texts, streamed = asyncio.run(main())
     assert len(set(texts)) == 1  # same seed, same text, even when batched together
     assert streamed == texts[0]
+
+
+def test_streaming_logprobs_and_stop_match_non_streamed(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2,
+                  extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in whole.choices[0].logprobs.content]
+    assert len(streamed) == whole.usage.completion_tokens == 10
+
+    full = whole.choices[0].message.content
+    stop = next(full[i:i + 2] for i in range(1, len(full) - 1) if full[i:i + 2].strip())
+    stopped = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0,
+                                                  stop=stop, stream=True, extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in stopped if c.choices)
+    assert text == full[: full.index(stop)]
+    assert [c.choices[0].finish_reason for c in stopped if c.choices and c.choices[0].finish_reason] == ["stop"]
