@@ -27,7 +27,7 @@ from tokenmill.gateway.config import parse_config
 from tokenmill.gateway.metrics import GatewayMetrics
 
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
-CRD_KINDS = {"ScaledObject", "ServiceMonitor"}  # not in the Kubernetes schemas; checked structurally below
+CRD_KINDS = {"ScaledObject", "ServiceMonitor"}  # not in the Kubernetes schemas: validated by their CRD models
 
 
 def docs_of(kind: str) -> list[dict]:
@@ -54,6 +54,50 @@ def test_builtin_manifests_pass_the_kubernetes_schema(version):
         "HorizontalPodAutoscaler",
         "PersistentVolumeClaim",
     } <= validated
+
+
+def _unknown_fields(given: object, kept: object, path: str = "") -> list[str]:
+    """Keys in ``given`` that a schema model dropped (it ignores unknown fields; the API server would not)."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        missing = [f"{path}.{k}" for k in given if k not in kept]
+        return missing + [
+            p for k in given if k in kept for p in _unknown_fields(given[k], kept[k], f"{path}.{k}")
+        ]
+    if isinstance(given, list) and isinstance(kept, list):
+        return [
+            p
+            for i, (g, k) in enumerate(zip(given, kept, strict=False))
+            for p in _unknown_fields(g, k, f"{path}[{i}]")
+        ]
+    return []
+
+
+def _validate_crd(doc: dict) -> None:
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+
+    # Pydantic models generated from the KEDA and prometheus-operator CRD schemas (cloudcoil-models-*).
+    model = {"ScaledObject": ScaledObject, "ServiceMonitor": ServiceMonitor}[doc["kind"]]
+    parsed = model.model_validate(doc)
+    kept = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    unknown = _unknown_fields(doc, kept)
+    assert not unknown, f"{doc['kind']} has fields its CRD schema does not know: {unknown}"
+
+
+def test_crds_pass_their_crd_schemas():
+    checked = [doc["kind"] for _, doc in k8s_documents() if doc["kind"] in CRD_KINDS]
+    for _, doc in k8s_documents():
+        if doc["kind"] in CRD_KINDS:
+            _validate_crd(doc)
+    assert sorted(checked) == ["ScaledObject", "ServiceMonitor"]
+    broken = copy.deepcopy(docs_of("ScaledObject")[0])
+    broken["spec"]["maxReplicaCount"] = "many"
+    with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
+        _validate_crd(broken)
+    typo = copy.deepcopy(docs_of("ServiceMonitor")[0])
+    typo["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(AssertionError, match=r"spec.endpoints\[0\].intervall"):
+        _validate_crd(typo)
 
 
 def test_the_validator_rejects_a_broken_deployment():
