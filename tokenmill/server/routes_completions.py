@@ -121,7 +121,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     echo = texts if body.echo else [None] * len(texts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(ctx, request_id, body, params, streams, echo, include_usage, record)
+        events = _stream(ctx, request_id, params, streams, echo, include_usage, record)
         return DisconnectAwareStreamingResponse(events, media_type="text/event-stream")
     try:
         finals = await run_unless_disconnected(request, _collect(streams, record))
@@ -163,7 +163,6 @@ async def _collect(streams: list[RequestStream], record: RequestRecord) -> list[
 async def _stream(
     ctx: ServerContext,
     request_id: str,
-    body: CompletionRequest,
     params: SamplingParams,
     streams: list[RequestStream],
     echo: list[str | None],
