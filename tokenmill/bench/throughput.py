@@ -331,6 +331,15 @@ def build_requests(args: argparse.Namespace, engine: Any) -> list[OfflineRequest
 
 
 def run(args: argparse.Namespace) -> int:
+    """Entry point of ``bench throughput``: a user error becomes one line on stderr and exit status 2."""
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tokenmill bench throughput: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from tokenmill.engine.llm_engine import LLMEngine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

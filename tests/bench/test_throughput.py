@@ -1,0 +1,148 @@
+"""``bench throughput`` and ``benchmarks/gpu_vs_transformers.py`` on CPU with the tiny random preset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenmill.bench.throughput import sampling_params
+from tokenmill.bench.workloads import fixed_workload, parse_range, range_workload
+from tokenmill.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_SCRIPT = REPO / "benchmarks" / "gpu_vs_transformers.py"
+TINY = ["bench", "throughput", "--random-weights", "tiny-llama", "--device", "cpu", "--num-kv-blocks", "64",
+        "--warmup-requests", "0"]
+
+
+def _run_json(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "result.json"
+    assert main([*TINY, *extra, "--output-json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_fixed_workload_counts_every_token_and_step(tmp_path: Path) -> None:
+    record = _run_json(tmp_path, "--num-prompts", "4", "--input-len", "12", "--output-len", "5", "--ignore-eos")
+    results = record["results"]
+    assert results["num_requests"] == 4
+    assert results["prompt_tokens"] == 48
+    assert results["output_tokens"] == 20  # ignore_eos: exactly output-len each
+    assert results["output_tok_s"] == pytest.approx(20 / results["elapsed_s"])
+    steps = record["per_step"]["steps"]  # [num_seqs, tokens computed, cached tokens read, ms]
+    # Every prompt token plus every generated token but the last is computed exactly once.
+    assert sum(s[1] for s in steps) == 48 + 4 * (5 - 1)
+    assert steps[0][2] == 0  # the first step reads no cached KV
+    assert steps[-1] == [4, 4, 4 * (12 + 3), steps[-1][3]]  # last decode step: 4 sequences, 15 cached each
+    assert record["roofline"]["num_steps"] == len(steps)
+    assert record["roofline"]["num_decode_steps"] == sum(1 for s in steps if s[0] == s[1])
+    assert 0 < record["roofline"]["floor_pct"] < 100
+    assert "throughput" in record["command"] and record["device"].startswith("cpu")
+    assert record["config"]["random_weights"] == "tiny-llama"
+
+
+def test_range_workload_runs(tmp_path: Path) -> None:
+    record = _run_json(tmp_path, "--num-prompts", "3", "--input-len-range", "4:9", "--output-len-range", "2:4",
+                       "--ignore-eos")
+    expected = range_workload(3, (4, 9), (2, 4), 49152, seed=0)
+    assert record["results"]["prompt_tokens"] == sum(len(r.prompt_token_ids) for r in expected)
+    assert record["results"]["output_tokens"] == sum(r.output_len for r in expected)
+
+
+def test_sharegpt_dataset(tmp_path: Path) -> None:
+    conversations = [
+        {"conversations": [{"from": "human", "value": "Tell me about the ocean and its tides, please."},
+                           {"from": "gpt", "value": "The ocean covers most of the planet and tides follow the moon."}]},
+        {"conversations": [{"from": "human", "value": "Why is the sky blue on a clear summer day?"},
+                           {"from": "gpt", "value": "Sunlight scatters off air molecules, blue light the most."}]},
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(conversations))
+    record = _run_json(tmp_path, "--dataset", str(path), "--num-prompts", "2", "--ignore-eos", "--output-len", "3")
+    assert record["results"]["num_requests"] == 2
+    assert record["results"]["output_tokens"] == 6
+    assert record["results"]["prompt_tokens"] > 2 * 8  # real tokenized text, not placeholders
+
+
+def test_profile_writes_trace_with_step_ranges(tmp_path: Path) -> None:
+    record = _run_json(tmp_path, "--num-prompts", "2", "--input-len", "6", "--output-len", "3", "--ignore-eos",
+                       "--profile", str(tmp_path / "prof"))
+    trace = (tmp_path / "prof" / "trace.json").read_text()
+    assert '"step 0"' in trace and '"step 2"' in trace
+    assert (tmp_path / "prof" / "summary.txt").is_file()
+    assert record["profile"]["profiled_steps"] == 3
+
+
+def test_user_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "throughput", "--device", "cpu"]) == 2
+    assert "--random-weights" in capsys.readouterr().err
+    assert main([*TINY, "--input-len-range", "5:2", "--output-len-range", "1:2"]) == 2
+    assert "LOW <= HIGH" in capsys.readouterr().err
+
+
+def test_workload_helpers() -> None:
+    assert parse_range("100:1024", "--x") == (100, 1024)
+    with pytest.raises(ValueError, match="--x must look like LOW:HIGH"):
+        parse_range("100-1024", "--x")
+    a, b = range_workload(50, (100, 1024), (1, 3), 1000, seed=7), range_workload(50, (100, 1024), (1, 3), 1000, seed=7)
+    assert a == b  # seeded
+    assert all(100 <= len(r.prompt_token_ids) <= 1024 and 1 <= r.output_len <= 3 for r in a)
+    assert all(0 <= t < 1000 for r in a for t in r.prompt_token_ids)
+    fixed = fixed_workload(3, 7, 2, 50)
+    assert [len(r.prompt_token_ids) for r in fixed] == [7, 7, 7] and {r.output_len for r in fixed} == {2}
+    with pytest.raises(ValueError, match="input_len must be >= 1"):
+        fixed_workload(1, 0, 1, 50)
+
+
+def _load_bench_module():
+    spec = importlib.util.spec_from_file_location("gpu_vs_transformers", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_shares_weights_with_transformers() -> None:
+    # The comparison is only fair if both engines run the same numbers: fp32 greedy tokens must match.
+    import torch
+
+    bench = _load_bench_module()
+    args = bench.parse_args(["--device", "cpu", "--preset", "tiny-llama", "--workloads", "b"])
+    spec = bench.preset_spec("tiny-llama")
+    hf = bench.build_hf_model(spec, torch.float32, "cpu", seed=3)
+    engine = bench.build_engine("tiny-llama", args, 64, hf)
+    prompt = fixed_workload(1, 10, 6, spec.vocab_size, seed=5)[0]
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt.prompt_token_ids]), max_new_tokens=6, min_new_tokens=6,
+                               do_sample=False, pad_token_id=0)[0, 10:].tolist()
+    engine.add_request("check", prompt.prompt_token_ids, sampling_params(6, ignore_eos=True, temperature=0.0))
+    tokens: list[int] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens = out.outputs[0].token_ids
+    assert tokens == expected
+
+
+def test_gpu_vs_transformers_quick_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_SCRIPT), "--quick", "--preset", "tiny-llama", "--device", "cpu", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["device"].startswith("cpu") and "--quick" in record["command"]
+    engines = {(r["workload"], r["engine"]) for r in record["rows"]}
+    assert engines == {(w, e) for w in "abc" for e in ("tokenmill", "transformers")}
+    for row in record["rows"]:
+        assert row["output_tokens"] == record["workloads"][row["workload"]]["output_tokens"]
+        assert row["output_tok_s"] > 0 and row["floor_s"] > 0
+    c_hf = next(r for r in record["rows"] if r["workload"] == "c" and r["engine"] == "transformers")
+    assert any(n.startswith("ESTIMATED") for n in c_hf["notes"])  # one of two static batches timed
+    assert [s["batch"] for s in record["decode_sweep"]] == [1, 2, 4]
+    assert "(d) decode step vs bandwidth roofline" in proc.stdout
