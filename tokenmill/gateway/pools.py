@@ -14,8 +14,9 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -57,6 +58,8 @@ class Pool:
         self.last_ready_at = 0.0  # when a replica last became ready
         self.queued = 0  # requests waiting at the gateway for a replica of this pool
         self._changed = asyncio.Condition()
+        # The event loop keeps only weak references to tasks: hold them until they finish.
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- state -------------------------------------------------------------------------------------------
     def set_state(self, replica: Replica, state: ReplicaState) -> None:
@@ -64,7 +67,13 @@ class Pool:
         self.refresh_gauges()
         if state is ReplicaState.READY:
             self.last_ready_at = time.monotonic()
-            asyncio.get_running_loop().create_task(self._notify())
+            self._spawn_task(self._notify())
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -216,7 +225,7 @@ class ManagedPool(Pool):
             active.sort(key=lambda r: (r.available, r.outstanding))
             for replica in active[: current - count]:
                 replica.stopping = True
-                asyncio.get_running_loop().create_task(self._retire(replica))
+                self._spawn_task(self._retire(replica))
         self.refresh_gauges()
 
     async def _retire(self, replica: Replica) -> None:
