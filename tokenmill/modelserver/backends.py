@@ -42,7 +42,8 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, instances: int = 1, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, instances: int = 1, device: str = "auto", threads: int | None = None,
+                 spinning: bool = False) -> None:
         import onnxruntime as ort
 
         self.providers = best_ort_providers(device)
@@ -50,6 +51,10 @@ class OrtBackend:
         threads = threads or max(1, (os.cpu_count() or 1) // instances)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning worker threads keep every core busy between batches, starving the server's event loop
+        # (measured: served MiniLM fell to 77/s vs 871/s direct); a lone benchmark caller may turn it on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.sessions = [ort.InferenceSession(str(path), options, providers=self.providers) for _ in range(instances)]
         self.output_names = [o.name for o in self.sessions[0].get_outputs()]

@@ -58,7 +58,7 @@ def bench_model(model: str, backends: tuple[str, ...], device: str, batch_sizes:
                     "results": [], "skipped": {}}
     for name in backends:
         if name == "onnxruntime":
-            backend = OrtBackend(onnx_path, device=device)
+            backend = OrtBackend(onnx_path, device=device, spinning=True)  # one caller: trtexec-like
             report["providers"] = backend.providers
         elif name == "torch":
             if spec is None:

@@ -94,6 +94,10 @@ def run_bench(args: argparse.Namespace) -> int:
                           iterations=args.iterations, warmup=args.warmup, onnx_dir=args.onnx_dir, hf_dir=args.hf_dir,
                           half=args.half, log=print)
     if args.output:
+        import datetime as dt
+
+        results = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                   "command": " ".join(["tokenmill", *sys.argv[1:]]), **results}
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2))
     return 0
