@@ -72,6 +72,7 @@ class Row:
     elapsed_s: float
     floor_s: float | None = None
     decode_roofline_pct: float | None = None
+    prefill_matmul_pct: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -172,7 +173,11 @@ def tokenmill_row(engine: LLMEngine, wl: Workload, ceilings: Ceilings) -> tuple[
     row = Row(wl.key, "tokenmill", result.output_tokens, result.elapsed_s, floor_s=roof.floor_s,
               decode_roofline_pct=roof.decode_roofline_pct)
     row.notes.append(f"{roof.num_steps} steps, {roof.num_decode_steps} decode-only; "
-                     f"step time {roof.measured_s:.3f} s of {result.elapsed_s:.3f} s wall")
+                     f"step time {roof.measured_s:.3f} s of {result.elapsed_s:.3f} s wall; floor {roof.floor_s:.3f} s")
+    if roof.prefill_measured_s > 0:
+        row.notes.append(f"prefill/mixed steps: {roof.prefill_measured_s:.3f} s at "
+                         f"{roof.prefill_matmul_pct:.1f}% of the matmul rate")
+    row.prefill_matmul_pct = roof.prefill_matmul_pct
     return row, result
 
 
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         del hf_model
         _free(args.device)
         print(f"[{preset}] tokenmill engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        warm_up(engine, 4, spec.vocab_size)
+        warm_len = (16, 4) if args.quick else (256, 8)  # prompts long enough to hit the prefill kernels
+        warm_up(engine, 8, spec.vocab_size, *warm_len)
         for wl in mine:
             row, _ = tokenmill_row(engine, wl, ceilings)
             rows.append(row)
@@ -356,7 +362,8 @@ def write_json(args: argparse.Namespace, workloads: list[Workload], rows: list[R
                                "transformers_batch": wl.hf_batch} for wl in workloads},
         "rows": [{"workload": r.workload, "engine": r.engine, "output_tokens": r.output_tokens,
                   "elapsed_s": r.elapsed_s, "output_tok_s": r.tok_s, "floor_s": r.floor_s,
-                  "floor_pct": r.floor_pct, "decode_roofline_pct": r.decode_roofline_pct, "notes": r.notes}
+                  "floor_pct": r.floor_pct, "decode_roofline_pct": r.decode_roofline_pct,
+                  "prefill_matmul_pct": r.prefill_matmul_pct, "notes": r.notes}
                  for r in rows],
         "decode_sweep": sweep,
         "wall_s": wall_s,

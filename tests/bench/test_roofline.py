@@ -85,6 +85,10 @@ def test_summary_of_issue_example_a() -> None:
     assert 1.0 < summary.decode_roofline_s < 1.2
     assert 2.0 < summary.floor_s < 2.5
     assert summary.floor_pct == pytest.approx(100 * summary.floor_s / (0.01 * 128))
+    # The made-up 10 ms prefill step only checks the arithmetic (a real one takes over a second).
+    assert summary.prefill_measured_s == pytest.approx(0.01)
+    assert summary.prefill_compute_s == pytest.approx(step_flops(spec, steps[0]) / 800e12)
+    assert summary.prefill_matmul_pct == pytest.approx(100 * summary.prefill_compute_s / 0.01)
 
 
 def test_summary_rejects_mismatched_lengths() -> None:

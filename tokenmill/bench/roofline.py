@@ -119,6 +119,13 @@ class RooflineSummary:
     num_decode_steps: int
     decode_measured_s: float
     decode_roofline_s: float  # bytes / bandwidth over decode-only steps
+    prefill_measured_s: float = 0.0  # steps with any prompt tokens (prefill or mixed)
+    prefill_compute_s: float = 0.0  # their FLOPs / matmul rate
+
+    @property
+    def prefill_matmul_pct(self) -> float:
+        """Achieved share of the matmul rate over prefill/mixed steps (the issue's prefill target)."""
+        return 100.0 * self.prefill_compute_s / self.prefill_measured_s if self.prefill_measured_s > 0 else 0.0
 
     @property
     def floor_pct(self) -> float:
@@ -138,6 +145,9 @@ class RooflineSummary:
             "decode_measured_s": self.decode_measured_s,
             "decode_roofline_s": self.decode_roofline_s,
             "decode_roofline_pct": self.decode_roofline_pct,
+            "prefill_measured_s": self.prefill_measured_s,
+            "prefill_compute_s": self.prefill_compute_s,
+            "prefill_matmul_pct": self.prefill_matmul_pct,
         }
 
 
@@ -153,6 +163,7 @@ def summarize(
         raise ValueError(f"steps ({len(steps)}) and times_s ({len(times_s)}) must have the same length")
     floor = sum(floor_time(spec, s, ceilings, dtype_bytes) for s in steps)
     decode = [(s, t) for s, t in zip(steps, times_s, strict=True) if s.is_decode]
+    prefill = [(s, t) for s, t in zip(steps, times_s, strict=True) if not s.is_decode]
     return RooflineSummary(
         num_steps=len(steps),
         measured_s=float(sum(times_s)),
@@ -160,4 +171,6 @@ def summarize(
         num_decode_steps=len(decode),
         decode_measured_s=float(sum(t for _, t in decode)),
         decode_roofline_s=sum(bandwidth_time(spec, s, ceilings, dtype_bytes) for s, _ in decode),
+        prefill_measured_s=float(sum(t for _, t in prefill)),
+        prefill_compute_s=sum(compute_time(spec, s, ceilings) for s, _ in prefill),
     )

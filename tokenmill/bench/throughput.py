@@ -195,11 +195,11 @@ def run_offline(
     return result
 
 
-def warm_up(engine: Any, num_requests: int, vocab_size: int) -> None:
-    """Short requests so one-time costs (Triton JIT, allocator growth) stay out of the timed run."""
+def warm_up(engine: Any, num_requests: int, vocab_size: int, input_len: int = 16, output_len: int = 8) -> None:
+    """Untimed requests so one-time costs (Triton JIT, allocator growth) stay out of the timed run."""
     if num_requests < 1:
         return
-    warm = fixed_workload(num_requests, 16, 8, vocab_size, seed=12345)
+    warm = fixed_workload(num_requests, input_len, output_len, vocab_size, seed=12345)
     run_offline(engine, warm, ignore_eos=True, temperature=1.0, id_prefix="warmup-")
 
 
@@ -259,11 +259,7 @@ def _write_profile(profiler: Any, directory: Path, num_steps: int, wall_s: float
     profiler.export_chrome_trace(str(trace))
     averages = profiler.key_averages()
     on_gpu = any(_device_self_time_us(e) > 0 for e in averages)
-    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    try:
-        table = averages.table(sort_by=sort_by, row_limit=40)
-    except (AttributeError, KeyError, ValueError):  # older/newer torch spell the sort key differently
-        table = averages.table(sort_by="self_device_time_total" if on_gpu else "cpu_time_total", row_limit=40)
+    table = averages.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=40)
     (directory / "summary.txt").write_text(table + "\n")
     categories: dict[str, float] = {}
     for event in averages:
@@ -394,5 +390,7 @@ def print_report(result: OfflineResult, roof: dict[str, float], model: str, devi
           f"(bytes/bandwidth {roof['decode_roofline_s']:.3f} s of {roof['decode_measured_s']:.3f} s measured)")
     print(f"physical floor     {roof['floor_pct']:9.1f} %  "
           f"(max(FLOPs/rate, bytes/bandwidth) {roof['floor_s']:.3f} s of {roof['measured_s']:.3f} s in steps)")
+    print(f"prefill matmul     {roof['prefill_matmul_pct']:9.1f} %  "
+          f"(FLOPs/rate {roof['prefill_compute_s']:.3f} s of {roof['prefill_measured_s']:.3f} s in prefill/mixed steps)")
     if result.profile_summary:
         print(f"profile            {result.profile_summary['trace']}")
