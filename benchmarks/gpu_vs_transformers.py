@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -351,7 +352,7 @@ def write_json(args: argparse.Namespace, workloads: list[Workload], rows: list[R
         "benchmark": "gpu_vs_transformers",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device_name(args.device),
-        "command": " ".join(["python", *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
         "transformers": _transformers_version(),
         "config": {k: v for k, v in vars(args).items() if k != "keys"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_fixed_workload_counts_every_token_and_step(tmp_path: Path) -> None:
     assert record["roofline"]["num_steps"] == len(steps)
     assert record["roofline"]["num_decode_steps"] == sum(1 for s in steps if s[0] == s[1])
     assert 0 < record["roofline"]["floor_pct"] < 100
-    assert "throughput" in record["command"] and record["device"].startswith("cpu")
+    assert record["command"] == shlex.join(sys.argv) and record["device"].startswith("cpu")
     assert record["config"]["random_weights"] == "tiny-llama"
 
 
@@ -53,19 +54,28 @@ def test_range_workload_runs(tmp_path: Path) -> None:
     assert record["results"]["output_tokens"] == sum(r.output_len for r in expected)
 
 
-def test_sharegpt_dataset(tmp_path: Path) -> None:
-    conversations = [
-        {"conversations": [{"from": "human", "value": "Tell me about the ocean and its tides, please."},
-                           {"from": "gpt", "value": "The ocean covers most of the planet and tides follow the moon."}]},
-        {"conversations": [{"from": "human", "value": "Why is the sky blue on a clear summer day?"},
-                           {"from": "gpt", "value": "Sunlight scatters off air molecules, blue light the most."}]},
-    ]
+def test_sharegpt_dataset_on_hf_model_dir(tmp_path: Path) -> None:
+    from tiny_models import make_tiny_model_dir
+    from transformers import AutoTokenizer
+
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    prompts = ["Tell me about the ocean and its tides, please.", "Why is the sky blue on a clear summer day?"]
+    replies = ["The ocean covers most of the planet and tides follow the moon.",
+               "Sunlight scatters off air molecules, blue light the most."]
+    conversations = [{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": r}]}
+                     for p, r in zip(prompts, replies, strict=True)]
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(conversations))
-    record = _run_json(tmp_path, "--dataset", str(path), "--num-prompts", "2", "--ignore-eos", "--output-len", "3")
-    assert record["results"]["num_requests"] == 2
-    assert record["results"]["output_tokens"] == 6
-    assert record["results"]["prompt_tokens"] > 2 * 8  # real tokenized text, not placeholders
+    out = tmp_path / "result.json"
+    argv = ["bench", "throughput", "--model", str(model_dir), "--device", "cpu", "--num-kv-blocks", "64",
+            "--warmup-requests", "0", "--dataset", str(path), "--num-prompts", "2", "--ignore-eos",
+            "--output-len", "3", "--output-json", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert results["num_requests"] == 2 and results["output_tokens"] == 6
+    # Prompts are the human turns tokenized with the model's own tokenizer.
+    assert results["prompt_tokens"] == sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
 
 
 def test_profile_writes_trace_with_step_ranges(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -355,7 +356,7 @@ def _run(args: argparse.Namespace) -> int:
             "benchmark": "throughput",
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "device": device_name(device),
-            "command": " ".join(["tokenmill", *sys.argv[1:]]) if sys.argv else "",
+            "command": shlex.join(sys.argv),  # this process's exact argv
             "config": {k: v for k, v in vars(args).items() if k != "func"},
             "model": engine.model_name,
             "dtype": str(engine.config.model.torch_dtype),
