@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             sweep = decode_sweep(engine, sizes, ceilings, args.seed)
         del engine
         _free(args.device)
+        if args.device.startswith("cuda"):  # a leak here would shrink the next engine's KV cache
+            print(f"[{preset}] released; {torch.cuda.memory_allocated() / 1e9:.1f} GB still allocated, "
+                  f"{time.perf_counter() - started:.0f} s so far", flush=True)
     fill_floor_for_transformers(rows)
     print_table(workloads, rows, sweep, args)
     write_json(args, workloads, rows, sweep, time.perf_counter() - started)

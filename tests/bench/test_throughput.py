@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenmill.bench.throughput import sampling_params
+from tokenmill.bench.throughput import kernel_category, sampling_params
 from tokenmill.bench.workloads import fixed_workload, parse_range, range_workload
 from tokenmill.cli import main
 
@@ -106,6 +106,17 @@ def test_workload_helpers() -> None:
     assert [len(r.prompt_token_ids) for r in fixed] == [7, 7, 7] and {r.output_len for r in fixed} == {2}
     with pytest.raises(ValueError, match="input_len must be >= 1"):
         fixed_workload(1, 0, 1, 50)
+
+
+def test_kernel_categories() -> None:
+    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert kernel_category("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert kernel_category("_paged_decode_attention_kernel") == "attention"
+    assert kernel_category("_fused_rms_norm_kernel") == "norm/rope/act"
+    assert kernel_category("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") \
+        == "copy/index"
+    assert kernel_category("void at::native::(anonymous namespace)::cunn_SoftMaxForward") == "softmax"
+    assert kernel_category("something_else") == "other"
 
 
 def _load_bench_module():

@@ -229,12 +229,14 @@ def _step_range(index: int, enabled: bool) -> Iterator[None]:
 
 
 def kernel_category(name: str) -> str:
-    """Coarse bucket of a GPU kernel by name: gemm, attention, norm/rope/act, sampling, copy, other."""
+    """Coarse bucket of a GPU kernel by name: gemm, attention, softmax, norm/rope/act, sampling, copy, other."""
     low = name.lower()
     if any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas", "sm90_", "sm80_")):
         return "gemm"
-    if any(k in low for k in ("attn", "attention", "flash", "paged", "sdpa", "softmax")):
+    if any(k in low for k in ("attn", "attention", "flash", "paged", "sdpa")):
         return "attention"
+    if "softmax" in low:  # sampling over the vocabulary or an unfused attention: the trace tells which
+        return "softmax"
     if any(k in low for k in ("rms", "norm", "rotary", "rope", "silu", "act_and_mul")):
         return "norm/rope/act"
     if any(k in low for k in ("sort", "topk", "multinomial", "argmax", "exponential", "sampl")):
@@ -394,4 +396,9 @@ def print_report(result: OfflineResult, roof: dict[str, float], model: str, devi
     print(f"prefill matmul     {roof['prefill_matmul_pct']:9.1f} %  "
           f"(FLOPs/rate {roof['prefill_compute_s']:.3f} s of {roof['prefill_measured_s']:.3f} s in prefill/mixed steps)")
     if result.profile_summary:
-        print(f"profile            {result.profile_summary['trace']}")
+        prof = result.profile_summary
+        print(f"profile            {prof['trace']} ({prof['profiled_steps']} steps, {prof['profiled_wall_s']:.3f} s)")
+        for name, seconds in sorted(prof["gpu_time_s_by_category"].items(), key=lambda kv: -kv[1]):
+            print(f"  gpu {name:<14} {seconds:9.4f} s")
+        if prof["gpu_idle_s"] is not None:
+            print(f"  gpu idle (launch gaps, Python, syncs) {prof['gpu_idle_s']:.4f} s")
