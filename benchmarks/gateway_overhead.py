@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -131,7 +132,10 @@ def machine() -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
+            "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+            # uvicorn uses these when importable (uvicorn[standard]); they change the gateway's cost.
+            "uvloop": importlib.util.find_spec("uvloop") is not None,
+            "httptools": importlib.util.find_spec("httptools") is not None}  # fmt: skip
 
 
 def main() -> int:
@@ -142,6 +146,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=1)
     parser.add_argument("--out", default=None, help="result JSON path (default: benchmarks/results/...)")
+    parser.add_argument("--tag", default="", help="suffix for the default result file name")
     args = parser.parse_args()
 
     backend_port, gateway_port = free_port(), free_port()
@@ -187,7 +192,7 @@ def main() -> int:
         "results": results,
     }
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / (
-        f"gateway_overhead-{args.backend}-{now.strftime('%Y%m%d')}.json"
+        f"gateway_overhead-{args.backend}{'-' + args.tag if args.tag else ''}-{now.strftime('%Y%m%d')}.json"
     )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
