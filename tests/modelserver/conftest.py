@@ -29,13 +29,14 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory) -> dict:
     """Run the export pipeline for both bundled models (FP16 + INT8 variants, small calibration)."""
-    from tokenmill.modelserver.pipeline import export_to_repository
+    from tokenmill.modelserver.pipeline import copy_version, export_to_repository
 
     repo = tmp_path_factory.mktemp("model_repository")
     reports = {
         "classifier": export_to_repository("classifier", repo, variants=("fp16", "int8"), calibration_size=4),
         "sentiment": export_to_repository("sentiment", repo, variants=("fp16", "int8"), calibration_size=16),
     }
+    copy_version(repo, "sentiment", 1, 2)  # a second version of the same graph, to exercise version routing
     return {"repository": repo, "reports": reports}
 
 

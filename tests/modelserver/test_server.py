@@ -73,6 +73,23 @@ def test_metadata_config_and_versions(client, server):
     assert index == {"classifier", "sentiment"}
 
 
+def test_versions_route_separately(client, server):
+    assert client.get_model_metadata("sentiment")["versions"] == ["1", "2"]
+    ids = np.array([[101, 2307, 102]], dtype=np.int64)
+    outputs = []
+    for version in ("1", "2"):
+        tensors = []
+        for name in ("input_ids", "attention_mask"):
+            tensor = triton.InferInput(name, [1, 3], "INT64")
+            tensor.set_data_from_numpy(ids if name == "input_ids" else np.ones_like(ids))
+            tensors.append(tensor)
+        result = client.infer("sentiment", tensors, model_version=version)
+        assert result.get_response()["model_version"] == version
+        outputs.append(result.as_numpy("logits"))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+    assert httpx.get(f"http://{server}/v2/models/sentiment/versions/3/ready").status_code == 400
+
+
 def test_unload_then_load(client):
     client.unload_model("sentiment")
     assert not client.is_model_ready("sentiment")

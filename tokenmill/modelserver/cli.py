@@ -97,7 +97,10 @@ def run_bench(args: argparse.Namespace) -> int:
         import datetime as dt
 
         results = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                   "command": " ".join(["tokenmill", *sys.argv[1:]]), **results}
+                   "command": (f"tokenmill bench-model --model {args.model} --backends {args.backends} --device "
+                               f"{args.device} --batch-sizes {args.batch_sizes} --seq-len {args.seq_len} --iterations "
+                               f"{args.iterations} --warmup {args.warmup}" + (" --half" if args.half else "")),
+                   **results}
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2))
     return 0
