@@ -185,9 +185,11 @@ def tokenmill_row(engine: LLMEngine, wl: Workload, ceilings: Ceilings) -> tuple[
 def decode_sweep(engine: LLMEngine, sizes: Sizes, ceilings: Ceilings, seed: int) -> list[dict[str, Any]]:
     """(d): median decode-only step time at each batch size against bytes / bandwidth for that step."""
     spec, itemsize = engine.model.spec, engine.config.model.torch_dtype.itemsize
+    budget = engine.config.scheduler.max_num_batched_tokens
     rows = []
     for batch in sizes.d_batches:
-        requests = fixed_workload(batch, sizes.d_lens[0], sizes.d_lens[1], spec.vocab_size, seed=seed + batch)
+        output_len = decode_sweep_output_len(batch, sizes, budget)
+        requests = fixed_workload(batch, sizes.d_lens[0], output_len, spec.vocab_size, seed=seed + batch)
         result = run_offline(engine, requests, ignore_eos=True, temperature=0.0, id_prefix=f"d{batch}-")
         full = [(s, t) for s, t in zip(result.steps, result.step_times_s, strict=True)
                 if s.is_decode and len(s.new) == batch]
@@ -195,10 +197,22 @@ def decode_sweep(engine: LLMEngine, sizes: Sizes, ceilings: Ceilings, seed: int)
             continue
         measured = statistics.median(t for _, t in full)
         roofline = statistics.median(bandwidth_time(spec, s, ceilings, itemsize) for s, _ in full)
-        rows.append({"batch": batch, "steps": len(full), "median_step_ms": 1e3 * measured,
+        rows.append({"batch": batch, "output_len": output_len, "steps": len(full), "median_step_ms": 1e3 * measured,
                      "roofline_ms": 1e3 * roofline, "roofline_pct": 100.0 * roofline / measured,
                      "tok_s": batch / measured})
     return rows
+
+
+def decode_sweep_output_len(batch: int, sizes: Sizes, max_num_batched_tokens: int) -> int:
+    """Prompts are prefilled a token budget at a time while earlier ones already decode; generate long
+    enough that all ``batch`` sequences then decode together for ``sizes.d_lens[1]`` steps."""
+    per_step = max(1, max_num_batched_tokens - batch)  # decoding sequences take one budget token each
+    prefill_steps = -(-batch * sizes.d_lens[0] // per_step)
+    return prefill_steps + sizes.d_lens[1]
+
+
+def max_sweep_len(sizes: Sizes, max_num_batched_tokens: int) -> int:
+    return sizes.d_lens[0] + max(decode_sweep_output_len(b, sizes, max_num_batched_tokens) for b in sizes.d_batches)
 
 
 # ---- plumbing --------------------------------------------------------------------------------------
@@ -287,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{wl.key}] transformers {rows[-1].tok_s:,.1f} tok/s", flush=True)
         need = [len(r.prompt_token_ids) + r.output_len for wl in mine for r in wl.requests]
         if "d" in args.keys and preset == (args.preset or "llama3-8b"):
-            need.append(sum(sizes.d_lens))
+            need.append(max_sweep_len(sizes, args.max_num_batched_tokens))
         _free(args.device)
         if args.device.startswith("cuda"):  # transformers' peak would otherwise shrink tokenmill's KV cache
             torch.cuda.reset_peak_memory_stats()
@@ -339,12 +353,13 @@ def print_table(workloads: list[Workload], rows: list[Row], sweep: list[dict[str
         for note in r.notes:
             print(f"{'':<42}{note}")
     if sweep:
-        print(f"\n(d) decode step vs bandwidth roofline ({args.preset or 'llama3-8b'}, context "
-              f"{'+'.join(map(str, (QUICK if args.quick else FULL).d_lens))})")
-        print(f"{'batch':>6}{'step ms':>10}{'roofline ms':>13}{'% roofline':>12}{'tok/s':>11}")
+        sizes = QUICK if args.quick else FULL
+        print(f"\n(d) decode step vs bandwidth roofline ({args.preset or 'llama3-8b'}, {sizes.d_lens[0]}-token "
+              f"prompts; median over steps where the whole batch decodes)")
+        print(f"{'batch':>6}{'out len':>9}{'steps':>7}{'step ms':>10}{'roofline ms':>13}{'% roofline':>12}{'tok/s':>11}")
         for s in sweep:
-            print(f"{s['batch']:>6}{s['median_step_ms']:>10.2f}{s['roofline_ms']:>13.2f}{s['roofline_pct']:>12.1f}"
-                  f"{s['tok_s']:>11,.0f}")
+            print(f"{s['batch']:>6}{s['output_len']:>9}{s['steps']:>7}{s['median_step_ms']:>10.2f}"
+                  f"{s['roofline_ms']:>13.2f}{s['roofline_pct']:>12.1f}{s['tok_s']:>11,.0f}")
     print("floor = Σ over tokenmill's steps of max(FLOPs / matmul rate, bytes / bandwidth); transformers' "
           "% floor uses the same floor")
 
