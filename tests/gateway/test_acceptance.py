@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import json
 import os
 import signal
 import threading
@@ -186,3 +187,28 @@ def test_autoscaling_to_max_then_zero_then_cold_start(tmp_path, tiny_llama_dir):
         log = gw.log()
         assert "scaling up from 0 to 1 replicas (cold_start)" in log
         assert "scaling up from 1 to 2 replicas (load)" in log and "to 0 replicas (idle)" in log
+
+
+def test_replica_killed_mid_stream_gives_the_client_an_error_event(gateway):
+    wait_ready(gateway, "fast", 2, STARTUP_S)
+    body = {
+        "model": "fast",
+        "prompt": "Once upon a time",
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        slot = resp.headers["x-tokenmill-replica"]
+        pid = next(r["pid"] for r in gateway.ready_replicas("fast") if r["slot"] == slot)
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["index"] == 0
+        os.kill(pid, signal.SIGKILL)
+        rest = [line[6:] for line in lines if line.startswith("data: ")]
+    assert rest, "the stream ended with no event at all"
+    assert "[DONE]" not in rest  # the stream did not pretend to finish
+    error = json.loads(rest[-1])["error"]
+    assert error["code"] == "upstream_stream_cut" and error["type"] == "server_error"
+    assert metric_value(gateway.metrics(), "tokenmill:gateway_stream_errors_total", model="fast") >= 1

@@ -28,6 +28,7 @@ PASS_HEADERS = ("content-type", "x-request-id")
 # Ask proxies in front of the gateway (nginx and the like) not to buffer event streams.
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 MAX_PENDING_BYTES = 1 << 20
+REPLICA_HEADER = "x-tokenmill-replica"
 
 
 class UpstreamUnavailableError(RuntimeError):
@@ -87,6 +88,9 @@ class Proxy:
             send = self._send_stream if request.stream else self._send_whole
             result = await send(pool, replica, request, payload, headers)
             if isinstance(result, Response):
+                result.headers[REPLICA_HEADER] = (
+                    replica.slot
+                )  # which replica answered: for operators and tests
                 return result
             if isinstance(result, httpx.Response):
                 last_busy = result  # 429/5xx: remember it to pass on if no other replica does better
