@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import json
 import shlex
@@ -281,52 +282,78 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     sizes = QUICK if args.quick else FULL
     ceilings = Ceilings(args.bandwidth_gbps, args.matmul_tflops)
-    dtype = getattr(torch, args.dtype)
     workloads = make_workloads(args.keys, sizes, args.preset, args.seed, args.hf_batches_c)
-    presets = list(dict.fromkeys([wl.preset for wl in workloads] +
-                                 ([args.preset or "llama3-8b"] if "d" in args.keys else [])))
+    sweep_preset = (args.preset or "llama3-8b") if "d" in args.keys else None
+    presets = list(dict.fromkeys([wl.preset for wl in workloads] + ([sweep_preset] if sweep_preset else [])))
     rows: list[Row] = []
     sweep: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
     for preset in presets:
         mine = [wl for wl in workloads if wl.preset == preset]
-        spec = preset_spec(preset)
-        hf_model = None
-        if not args.skip_transformers and mine:
-            t0 = time.perf_counter()
-            hf_model = build_hf_model(spec, dtype, args.device, args.seed)
-            print(f"[{preset}] transformers model built in {time.perf_counter() - t0:.1f} s", flush=True)
-            hf_generate_batch(hf_model, fixed_workload(1, 8, 4, spec.vocab_size, 99), args.device)  # warm-up
-            for wl in mine:  # transformers first, before tokenmill's KV cache takes the free memory
-                rows.append(run_transformers(hf_model, wl, args.device))
-                print(f"[{wl.key}] transformers {rows[-1].tok_s:,.1f} tok/s", flush=True)
-        need = [len(r.prompt_token_ids) + r.output_len for wl in mine for r in wl.requests]
-        if "d" in args.keys and preset == (args.preset or "llama3-8b"):
-            need.append(max_sweep_len(sizes, args.max_num_batched_tokens))
-        _free(args.device)
-        if args.device.startswith("cuda"):  # transformers' peak would otherwise shrink tokenmill's KV cache
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        engine = build_engine(preset, args, max(need) + 16, hf_model)
-        del hf_model
-        _free(args.device)
-        print(f"[{preset}] tokenmill engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        warm_len = (16, 4) if args.quick else (256, 8)  # prompts long enough to hit the prefill kernels
-        warm_up(engine, 8, spec.vocab_size, *warm_len)
-        for wl in mine:
-            row, _ = tokenmill_row(engine, wl, ceilings)
-            rows.append(row)
-            print(f"[{wl.key}] tokenmill {row.tok_s:,.1f} tok/s", flush=True)
-        if "d" in args.keys and preset == (args.preset or "llama3-8b"):
-            sweep = decode_sweep(engine, sizes, ceilings, args.seed)
-        del engine
-        _free(args.device)
+        sweep += run_preset(preset, mine, preset == sweep_preset, args, sizes, ceilings, rows, failures)
+        _free(args.device)  # the engine and the transformers model went out of scope with run_preset
         if args.device.startswith("cuda"):  # a leak here would shrink the next engine's KV cache
             print(f"[{preset}] released; {torch.cuda.memory_allocated() / 1e9:.1f} GB still allocated, "
                   f"{time.perf_counter() - started:.0f} s so far", flush=True)
     fill_floor_for_transformers(rows)
     print_table(workloads, rows, sweep, args)
-    write_json(args, workloads, rows, sweep, time.perf_counter() - started)
-    return 0
+    for failure in failures:
+        print(f"FAILED ({failure['workload']}) {failure['engine']}: {failure['error']}")
+    write_json(args, workloads, rows, sweep, failures, time.perf_counter() - started)
+    return 1 if failures else 0
+
+
+def run_preset(preset: str, mine: list[Workload], with_sweep: bool, args: argparse.Namespace, sizes: Sizes,
+               ceilings: Ceilings, rows: list[Row], failures: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """transformers first (before tokenmill's KV cache takes the free memory), then tokenmill on its weights."""
+    spec = preset_spec(preset)
+    hf_model = None
+    if not args.skip_transformers and mine:
+        t0 = time.perf_counter()
+        hf_model = build_hf_model(spec, getattr(torch, args.dtype), args.device, args.seed)
+        print(f"[{preset}] transformers model built in {time.perf_counter() - t0:.1f} s", flush=True)
+        hf_generate_batch(hf_model, fixed_workload(1, 8, 4, spec.vocab_size, 99), args.device)  # warm-up
+        for wl in mine:
+            row = _guarded(failures, wl.key, "transformers", args.device,
+                           functools.partial(run_transformers, hf_model, wl, args.device))
+            if row is not None:
+                rows.append(row)
+                print(f"[{wl.key}] transformers {row.tok_s:,.1f} tok/s", flush=True)
+    need = [len(r.prompt_token_ids) + r.output_len for wl in mine for r in wl.requests]
+    if with_sweep:
+        need.append(max_sweep_len(sizes, args.max_num_batched_tokens))
+    _free(args.device)
+    if args.device.startswith("cuda"):  # transformers' peak would otherwise shrink tokenmill's KV cache
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    engine = build_engine(preset, args, max(need) + 16, hf_model)
+    hf_model = None  # tokenmill holds its own copy now
+    _free(args.device)
+    print(f"[{preset}] tokenmill engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    warm_len = (16, 4) if args.quick else (256, 8)  # prompts long enough to hit the prefill kernels
+    warm_up(engine, 8, spec.vocab_size, *warm_len)
+    for wl in mine:
+        result = _guarded(failures, wl.key, "tokenmill", args.device,
+                          functools.partial(tokenmill_row, engine, wl, ceilings))
+        if result is not None:
+            rows.append(result[0])
+            print(f"[{wl.key}] tokenmill {result[0].tok_s:,.1f} tok/s", flush=True)
+    if not with_sweep:
+        return []
+    return _guarded(failures, "d", "tokenmill", args.device,
+                    functools.partial(decode_sweep, engine, sizes, ceilings, args.seed)) or []
+
+
+def _guarded(failures: list[dict[str, str]], workload: str, engine: str, device: str, fn: Any) -> Any:
+    """Run one measurement; an out-of-memory or engine error is recorded and the run goes on (one GPU
+    session should still report everything else)."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        failures.append({"workload": workload, "engine": engine, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        print(f"[{workload}] {engine} FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        _free(device)
+        return None
 
 
 def fill_floor_for_transformers(rows: list[Row]) -> None:
@@ -365,7 +392,7 @@ def print_table(workloads: list[Workload], rows: list[Row], sweep: list[dict[str
 
 
 def write_json(args: argparse.Namespace, workloads: list[Workload], rows: list[Row], sweep: list[dict[str, Any]],
-               wall_s: float) -> None:
+               failures: list[dict[str, str]], wall_s: float) -> None:
     record = {
         "benchmark": "gpu_vs_transformers",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -385,6 +412,7 @@ def write_json(args: argparse.Namespace, workloads: list[Workload], rows: list[R
                   "prefill_matmul_pct": r.prefill_matmul_pct, "notes": r.notes}
                  for r in rows],
         "decode_sweep": sweep,
+        "failures": failures,
         "wall_s": wall_s,
     }
     stem = "gpu_vs_transformers_quick" if args.quick else "gpu_vs_transformers"
