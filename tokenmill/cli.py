@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except ValueError as exc:  # configuration and input errors: a sentence for the user, not a traceback
+        parser.exit(2, f"tokenmill {args.command}: error: {exc}\n")
     return int(result or 0)
 
 

@@ -68,6 +68,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.seed is not None:
             _check_number("seed", self.seed, integer=True)
+            if not -(2**63) <= self.seed < 2**63:  # torch generators take 64-bit seeds (n > 1 adds the index)
+                raise ValueError(f"seed must be a 64-bit signed integer; got {self.seed}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
