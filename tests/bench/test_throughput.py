@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tokenmill.bench.throughput import kernel_category, sampling_params
 from tokenmill.bench.workloads import fixed_workload, parse_range, range_workload
@@ -129,8 +130,6 @@ def _load_bench_module():
 
 def test_benchmark_shares_weights_with_transformers() -> None:
     # The comparison is only fair if both engines run the same numbers: fp32 greedy tokens must match.
-    import torch
-
     bench = _load_bench_module()
     args = bench.parse_args(["--device", "cpu", "--preset", "tiny-llama", "--workloads", "b"])
     spec = bench.preset_spec("tiny-llama")
@@ -167,3 +166,19 @@ def test_gpu_vs_transformers_quick_on_cpu(tmp_path: Path) -> None:
     assert any(n.startswith("ESTIMATED") for n in c_hf["notes"])  # one of two static batches timed
     assert [s["batch"] for s in record["decode_sweep"]] == [1, 2, 4]
     assert "(d) decode step vs bandwidth roofline" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_profiles_kernels_by_category(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    argv = ["bench", "throughput", "--random-weights", "qwen3-0.6b", "--device", "cuda", "--max-model-len", "256",
+            "--num-prompts", "8", "--input-len", "64", "--output-len", "16", "--ignore-eos",
+            "--profile", str(tmp_path / "prof"), "--output-json", str(out)]
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["results"]["output_tokens"] == 8 * 16
+    assert not record["device"].startswith("cpu")  # the CUDA device's name
+    profile = record["profile"]
+    assert profile["gpu_busy_s"] > 0 and "gemm" in profile["gpu_time_s_by_category"]
+    assert 0 < record["roofline"]["decode_roofline_pct"] < 100
