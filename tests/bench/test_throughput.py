@@ -77,6 +77,10 @@ def test_sharegpt_dataset_on_hf_model_dir(tmp_path: Path) -> None:
     assert results["num_requests"] == 2 and results["output_tokens"] == 6
     # Prompts are the human turns tokenized with the model's own tokenizer.
     assert results["prompt_tokens"] == sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
+    # Without --output-len each request asks for as many tokens as its recorded reply has.
+    assert main([a for a in argv if a not in ("--output-len", "3")]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["output_tokens"] == sum(len(tokenizer.encode(r, add_special_tokens=False)) for r in replies)
 
 
 def test_profile_writes_trace_with_step_ranges(tmp_path: Path) -> None:

@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w = parser.add_argument_group("workload")
     w.add_argument("--num-prompts", type=int, default=100)
     w.add_argument("--input-len", type=int, default=512)
-    w.add_argument("--output-len", type=int, default=128)
+    w.add_argument("--output-len", type=int, default=None,
+                   help="default 128; with --dataset it replaces the replies' lengths")
     w.add_argument("--input-len-range", default=None, help="LOW:HIGH, uniform (needs --output-len-range)")
     w.add_argument("--output-len-range", default=None, help="LOW:HIGH, uniform (needs --input-len-range)")
     w.add_argument("--dataset", default=None, help="ShareGPT-format JSON file")
@@ -196,12 +197,13 @@ def run_offline(
     return result
 
 
-def warm_up(engine: Any, num_requests: int, vocab_size: int, input_len: int = 16, output_len: int = 8) -> None:
+def warm_up(engine: Any, num_requests: int, vocab_size: int, input_len: int = 16, output_len: int = 8,
+            temperature: float = 1.0) -> None:
     """Untimed requests so one-time costs (Triton JIT, allocator growth) stay out of the timed run."""
     if num_requests < 1:
         return
     warm = fixed_workload(num_requests, input_len, output_len, vocab_size, seed=12345)
-    run_offline(engine, warm, ignore_eos=True, temperature=1.0, id_prefix="warmup-")
+    run_offline(engine, warm, ignore_eos=True, temperature=temperature, id_prefix="warmup-")
 
 
 # ---- profiler -------------------------------------------------------------------------------------
@@ -318,15 +320,15 @@ def build_requests(args: argparse.Namespace, engine: Any) -> list[OfflineRequest
     vocab = engine.model.spec.vocab_size
     if args.dataset:
         hf = engine.tokenizer.hf if engine.tokenizer is not None else None
-        out_len = args.output_len if args.ignore_eos else None
-        return sharegpt_workload(args.dataset, args.num_prompts, hf, seed=args.seed, output_len=out_len,
+        return sharegpt_workload(args.dataset, args.num_prompts, hf, seed=args.seed, output_len=args.output_len,
                                  max_total_len=engine.max_model_len)
     if (args.input_len_range is None) != (args.output_len_range is None):
         raise ValueError("--input-len-range and --output-len-range go together; give both or neither")
     if args.input_len_range:
         return range_workload(args.num_prompts, parse_range(args.input_len_range, "--input-len-range"),
                               parse_range(args.output_len_range, "--output-len-range"), vocab, seed=args.seed)
-    return fixed_workload(args.num_prompts, args.input_len, args.output_len, vocab, seed=args.seed)
+    output_len = args.output_len if args.output_len is not None else 128
+    return fixed_workload(args.num_prompts, args.input_len, output_len, vocab, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,7 +350,7 @@ def _run(args: argparse.Namespace) -> int:
     device = engine.config.model.device
     dtype_bytes = engine.config.model.torch_dtype.itemsize
     requests = build_requests(args, engine)
-    warm_up(engine, args.warmup_requests, spec.vocab_size)
+    warm_up(engine, args.warmup_requests, spec.vocab_size, temperature=args.temperature)
     result = run_offline(engine, requests, ignore_eos=args.ignore_eos, temperature=args.temperature,
                          profile_dir=args.profile, profile_steps=args.profile_steps)
     roof = summarize(spec, result.steps, result.step_times_s, ceilings, dtype_bytes)
@@ -397,7 +399,8 @@ def print_report(result: OfflineResult, roof: dict[str, float], model: str, devi
           f"(FLOPs/rate {roof['prefill_compute_s']:.3f} s of {roof['prefill_measured_s']:.3f} s in prefill/mixed steps)")
     if result.profile_summary:
         prof = result.profile_summary
-        print(f"profile            {prof['trace']} ({prof['profiled_steps']} steps, {prof['profiled_wall_s']:.3f} s)")
+        print(f"profile            {prof['trace']} ({prof['profiled_steps']} steps, {prof['profiled_wall_s']:.3f} s; "
+              "the profiler slows the steps it records)")
         for name, seconds in sorted(prof["gpu_time_s_by_category"].items(), key=lambda kv: -kv[1]):
             print(f"  gpu {name:<14} {seconds:9.4f} s")
         if prof["gpu_idle_s"] is not None:
