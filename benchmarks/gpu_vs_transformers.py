@@ -369,16 +369,16 @@ def print_table(workloads: list[Workload], rows: list[Row], sweep: list[dict[str
     hf = {r.workload: r for r in rows if r.engine == "transformers"}
     print(f"\n{device_name(args.device)} · {args.dtype} · {'QUICK (smoke test) ' if args.quick else ''}"
           f"ceilings {args.bandwidth_gbps:.0f} GB/s, {args.matmul_tflops:.0f} TFLOP/s")
-    print(f"{'workload':<40}{'engine':<14}{'out tok/s':>12}{'× hf':>8}{'% floor':>9}{'% decode roof':>15}")
+    print(f"{'workload':<46}{'engine':<14}{'out tok/s':>12}{'× hf':>8}{'% floor':>9}{'% decode roof':>15}")
     titles = {wl.key: wl.title for wl in workloads}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r.workload, r.engine != "transformers")):
         ratio = f"{r.tok_s / hf[r.workload].tok_s:.2f}" if r.workload in hf else "-"
         floor = f"{r.floor_pct:.1f}" if r.floor_pct is not None else "-"
         roof = f"{r.decode_roofline_pct:.1f}" if r.decode_roofline_pct is not None else "-"
-        print(f"{'(' + r.workload + ') ' + titles[r.workload]:<40}{r.engine:<14}{r.tok_s:>12,.1f}{ratio:>8}"
+        print(f"{'(' + r.workload + ') ' + titles[r.workload]:<46}{r.engine:<14}{r.tok_s:>12,.1f}{ratio:>8}"
               f"{floor:>9}{roof:>15}")
         for note in r.notes:
-            print(f"{'':<42}{note}")
+            print(f"{'':<48}{note}")
     if sweep:
         sizes = QUICK if args.quick else FULL
         print(f"\n(d) decode step vs bandwidth roofline ({args.preset or 'llama3-8b'}, {sizes.d_lens[0]}-token "
