@@ -7,7 +7,6 @@ sequence with ``context_len`` cached tokens sees keys ``0 .. context_len + j``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tokenmill.attention.metadata import AttentionMetadata
 
@@ -30,11 +29,24 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
     return keys, values
 
 
+def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """GQA attention without repeating K/V: q [..., Hkv, G*Q, D], keys/values [..., Hkv, L, D], visible
+    broadcastable to [..., Hkv, G*Q, L]. Softmax in fp32. Plain matmuls beat SDPA's masked CPU path here."""
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax for half types, fp64 stays fp64
+    scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc) * scale
+    scores.masked_fill_(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values)
+
+
 def paged_attention_reference(
     query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Attention of every query token over its sequence's cached keys (cache must already hold them)."""
-    num_heads = query.shape[1]
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
     out = torch.empty_like(query)
     starts = meta.query_start_loc_cpu
     for i, seq_len in enumerate(meta.seq_lens_cpu):
@@ -43,16 +55,20 @@ def paged_attention_reference(
         if q_len == 0:
             continue
         keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
-        group = num_heads // keys.shape[1]
-        keys = keys.repeat_interleave(group, dim=1).to(query.dtype)
-        values = values.repeat_interleave(group, dim=1).to(query.dtype)
         context_len = seq_len - q_len
         # Causal with an offset: query j may see key t when t <= context_len + j.
-        mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=query.device).tril(diagonal=context_len)
-        attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=scale
+        visible = torch.ones(q_len, seq_len, dtype=torch.bool, device=query.device).tril(diagonal=context_len)
+        qh = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, Q, D]
+        attn = masked_attention(
+            qh.reshape(num_kv_heads, group * q_len, head_dim),
+            keys.transpose(0, 1).to(query.dtype),
+            values.transpose(0, 1).to(query.dtype),
+            visible.repeat(group, 1),
+            scale,
         )
-        out[starts[i] : starts[i + 1]] = attn.transpose(0, 1)
+        out[starts[i] : starts[i + 1]] = attn.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(
+            q_len, num_heads, head_dim
+        )
     return out
 
 
@@ -75,8 +91,8 @@ def decode_attention_batched(
     mask = (positions[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
     group = num_heads // num_kv_heads
     q = query.view(num_seqs, num_kv_heads, group, head_dim)
-    out = F.scaled_dot_product_attention(
-        q, keys.transpose(1, 2).to(query.dtype), values.transpose(1, 2).to(query.dtype), attn_mask=mask, scale=scale
+    out = masked_attention(
+        q, keys.transpose(1, 2).to(query.dtype), values.transpose(1, 2).to(query.dtype), mask, scale
     )
     return out.reshape(num_seqs, num_heads, head_dim)
 
