@@ -79,6 +79,8 @@ class ModelConfig:
     max_batch_size: int = 8
     dynamic_batching: DynamicBatching | None = field(default_factory=DynamicBatching)
     instance_count: int = 1
+    intra_op_threads: int = 0  # onnxruntime threads per instance; 0 = the machine's cores split between instances
+    ort_spinning: bool = False  # spinning ORT threads cut per-op wake-up latency but steal cores from the HTTP loop
     task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
@@ -86,6 +88,8 @@ class ModelConfig:
             raise ValueError(f"platform {self.platform!r} must be one of {list(PLATFORMS)}")
         if self.max_batch_size < 0:
             raise ValueError(f"max_batch_size ({self.max_batch_size}) must be >= 0 (0 = the model takes no batch axis)")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads ({self.intra_op_threads}) must be >= 0 (0 = automatic)")
         if not 1 <= self.instance_count <= 64:
             raise ValueError(f"instance_count ({self.instance_count}) must be between 1 and 64")
         if not self.inputs or not self.outputs:

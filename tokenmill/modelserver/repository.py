@@ -23,7 +23,8 @@ class ServedModel:
     def __init__(self, config: ModelConfig, version: str, path: Path, metrics: ServerMetrics, device: str) -> None:
         self.config = config
         self.version = version
-        self.backend = OrtBackend(path, instances=config.instance_count, device=device)
+        self.backend = OrtBackend(path, instances=config.instance_count, device=device,
+                                  threads=config.intra_op_threads or None, spinning=config.ort_spinning)
         labels = {"model": config.name, "version": version}
         self.metrics = {
             name: getattr(metrics, name).labels(**labels)
