@@ -18,7 +18,7 @@ Message = dict[str, Any]
 
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        self.engine = LLMEngine.from_kwargs(model=model, **engine_args)
+        self.engine = LLMEngine.from_kwargs(model=model, stream_outputs=False, **engine_args)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -41,8 +41,12 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, load_progress: bool = False) -> None:
+    def __init__(self, config: EngineConfig, load_progress: bool = False, stream_outputs: bool = True) -> None:
+        """``stream_outputs``: step() reports every request that progressed (servers stream them); when False
+        it reports finished requests only and text is decoded once at the end unless stop strings need it
+        per token (offline runs: no per-step output building or detokenizing)."""
         self.config = config
+        self.stream_outputs = stream_outputs
         mc = config.model
         self.attn_backend = get_attention_backend(config.runner.attention_backend, mc.device)
         loaded = load_model(mc, self.attn_backend, progress=load_progress)
@@ -80,8 +84,8 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_kwargs(cls, load_progress: bool = False, **kwargs) -> LLMEngine:
-        return cls(EngineConfig.from_kwargs(**kwargs), load_progress=load_progress)
+    def from_kwargs(cls, load_progress: bool = False, stream_outputs: bool = True, **kwargs) -> LLMEngine:
+        return cls(EngineConfig.from_kwargs(**kwargs), load_progress=load_progress, stream_outputs=stream_outputs)
 
     # ---- requests --------------------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -210,7 +214,8 @@ class LLMEngine:
             if request.finished:
                 request.metrics.finished_time = now
                 self.requests.pop(request.request_id, None)
-            outputs.append(request.make_output())
+            if self.stream_outputs or request.finished:
+                outputs.append(request.make_output())
         return outputs
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs) -> None:
@@ -221,7 +226,7 @@ class LLMEngine:
         params = seq.params
         num_out = seq.num_output_tokens
         past_min = num_out >= params.min_tokens
-        stop_string = seq.detokenizer.update([token_id]) if seq.detokenizer is not None else None
+        stop_string = seq.detokenize_pending() if self.stream_outputs or params.stop else None
         status: SequenceStatus | None = None
         if past_min and not params.ignore_eos and token_id in self.eos_token_ids:
             status = SequenceStatus.FINISHED_STOPPED

@@ -50,6 +50,7 @@ class Sequence:
     stop_reason: int | str | None = None
     # Hash of each full block of this sequence that is registered in the prefix cache (chained).
     block_hashes: list[int] = field(default_factory=list)
+    num_detokenized: int = 0  # generated tokens already fed to the detokenizer
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -74,7 +75,16 @@ class Sequence:
     def is_prefilled(self) -> bool:
         return self.num_computed_tokens >= self.prompt_len
 
+    def detokenize_pending(self) -> str | None:
+        """Feed generated tokens the detokenizer has not seen; returns a matched stop string, if any."""
+        pending = self.token_ids[self.prompt_len + self.num_detokenized :]
+        self.num_detokenized += len(pending)
+        if not pending or self.detokenizer is None:
+            return None
+        return self.detokenizer.update(pending)
+
     def completion_output(self) -> CompletionOutput:
+        self.detokenize_pending()
         finished = self.status.finished
         return CompletionOutput(
             index=self.index,
