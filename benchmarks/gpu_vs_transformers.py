@@ -75,6 +75,7 @@ class Row:
     floor_s: float | None = None
     decode_roofline_pct: float | None = None
     prefill_matmul_pct: float | None = None
+    profile: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -168,7 +169,8 @@ def build_engine(preset: str, args: argparse.Namespace, max_model_len: int, hf_m
     return engine
 
 
-def tokenmill_row(engine: LLMEngine, wl: Workload, ceilings: Ceilings) -> tuple[Row, OfflineResult]:
+def tokenmill_row(engine: LLMEngine, wl: Workload, ceilings: Ceilings,
+                  profile_dir: str | None = None) -> tuple[Row, OfflineResult]:
     result = run_offline(engine, wl.requests, ignore_eos=True, temperature=0.0, id_prefix=f"{wl.key}-")
     roof = summarize(engine.model.spec, result.steps, result.step_times_s, ceilings,
                      engine.config.model.torch_dtype.itemsize)
@@ -180,6 +182,21 @@ def tokenmill_row(engine: LLMEngine, wl: Workload, ceilings: Ceilings) -> tuple[
         row.notes.append(f"prefill/mixed steps: {roof.prefill_measured_s:.3f} s at "
                          f"{roof.prefill_matmul_pct:.1f}% of the matmul rate")
     row.prefill_matmul_pct = roof.prefill_matmul_pct
+    if profile_dir:
+        # A second, profiled run of the same workload (the timed run above stays unprofiled); its window
+        # sits mid-run where decode and mixed steps happen.
+        window = 32
+        again = run_offline(engine, wl.requests, ignore_eos=True, temperature=0.0, id_prefix=f"{wl.key}-prof-",
+                            profile_dir=str(Path(profile_dir) / wl.key), profile_steps=window,
+                            profile_start=max(0, len(result.steps) // 2 - window // 2))
+        row.profile = again.profile_summary
+        if row.profile:
+            parts = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in
+                              sorted(row.profile["gpu_time_s_by_category"].items(), key=lambda kv: -kv[1]))
+            idle = row.profile["gpu_idle_s"]
+            row.notes.append(f"profile of {row.profile['profiled_steps']} steps ({1e3 * row.profile['profiled_wall_s']:.1f}"
+                             f" ms): GPU ms {parts or '(no GPU kernels recorded)'}"
+                             + (f"; idle {1e3 * idle:.1f}" if idle is not None else ""))
     return row, result
 
 
@@ -266,6 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="transformers batches timed in (c) (scaled to all, marked ESTIMATED); 0 = all")
     parser.add_argument("--bandwidth-gbps", type=float, default=H100_COPY_GBPS)
     parser.add_argument("--matmul-tflops", type=float, default=H100_MATMUL_TFLOPS)
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after each timed tokenmill run, rerun it profiling 32 mid-run steps into DIR/<workload>")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/...)")
     args = parser.parse_args(argv)
     args.keys = [k.strip() for k in args.workloads.split(",") if k.strip()]
@@ -334,7 +353,7 @@ def run_preset(preset: str, mine: list[Workload], with_sweep: bool, args: argpar
     warm_up(engine, 8, spec.vocab_size, *warm_len, temperature=0.0)  # greedy, like the timed runs
     for wl in mine:
         result = _guarded(failures, wl.key, "tokenmill", args.device,
-                          functools.partial(tokenmill_row, engine, wl, ceilings))
+                          functools.partial(tokenmill_row, engine, wl, ceilings, args.profile))
         if result is not None:
             rows.append(result[0])
             print(f"[{wl.key}] tokenmill {result[0].tok_s:,.1f} tok/s", flush=True)
@@ -409,7 +428,7 @@ def write_json(args: argparse.Namespace, workloads: list[Workload], rows: list[R
         "rows": [{"workload": r.workload, "engine": r.engine, "output_tokens": r.output_tokens,
                   "elapsed_s": r.elapsed_s, "output_tok_s": r.tok_s, "floor_s": r.floor_s,
                   "floor_pct": r.floor_pct, "decode_roofline_pct": r.decode_roofline_pct,
-                  "prefill_matmul_pct": r.prefill_matmul_pct, "notes": r.notes}
+                  "prefill_matmul_pct": r.prefill_matmul_pct, "profile": r.profile, "notes": r.notes}
                  for r in rows],
         "decode_sweep": sweep,
         "failures": failures,

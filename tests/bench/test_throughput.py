@@ -90,6 +90,12 @@ def test_profile_writes_trace_with_step_ranges(tmp_path: Path) -> None:
     assert '"step 0"' in trace and '"step 2"' in trace
     assert (tmp_path / "prof" / "summary.txt").is_file()
     assert record["profile"]["profiled_steps"] == 3
+    record = _run_json(tmp_path, "--num-prompts", "2", "--input-len", "6", "--output-len", "6", "--ignore-eos",
+                       "--profile", str(tmp_path / "window"), "--profile-start", "2", "--profile-steps", "2")
+    trace = (tmp_path / "window" / "trace.json").read_text()
+    assert '"step 2"' in trace and '"step 3"' in trace
+    assert '"step 1"' not in trace and '"step 4"' not in trace
+    assert record["profile"]["profiled_steps"] == 2
 
 
 def test_user_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -155,7 +161,8 @@ def test_benchmark_shares_weights_with_transformers() -> None:
 def test_gpu_vs_transformers_quick_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH_SCRIPT), "--quick", "--preset", "tiny-llama", "--device", "cpu", "--out", str(out)],
+        [sys.executable, str(BENCH_SCRIPT), "--quick", "--preset", "tiny-llama", "--device", "cpu", "--out", str(out),
+         "--profile", str(tmp_path / "prof")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -170,6 +177,9 @@ def test_gpu_vs_transformers_quick_on_cpu(tmp_path: Path) -> None:
     assert any(n.startswith("ESTIMATED") for n in c_hf["notes"])  # one of two static batches timed
     assert [s["batch"] for s in record["decode_sweep"]] == [1, 2, 4]
     assert "(d) decode step vs bandwidth roofline" in proc.stdout
+    assert (tmp_path / "prof" / "a" / "trace.json").is_file()  # profiled rerun, separate from the timed one
+    profiled = next(r for r in record["rows"] if r["workload"] == "b" and r["engine"] == "tokenmill")["profile"]
+    assert profiled["profiled_steps"] == 16  # all of (b)'s steps fit in the 32-step window
 
 
 @pytest.mark.gpu

@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--matmul-tflops", type=float, default=H100_MATMUL_TFLOPS, help="measured bf16 matmul rate")
     r.add_argument("--profile", default=None, metavar="DIR", help="write a torch profiler chrome trace here")
     r.add_argument("--profile-steps", type=int, default=64, help="engine steps to keep in the profile")
+    r.add_argument("--profile-start", type=int, default=0, help="first engine step to profile (0-based)")
     r.add_argument("--output-json", default=None, metavar="PATH")
 
 
@@ -158,20 +159,27 @@ def run_offline(
     profile_dir: str | None = None,
     profile_steps: int = 64,
     id_prefix: str = "r",
+    profile_start: int = 0,
 ) -> OfflineResult:
-    """Add every request, then step the engine until done, timing each step between device syncs."""
-    sync = device_sync(engine.config.model.device)
+    """Add every request, then step the engine until done, timing each step between device syncs.
+
+    With ``profile_dir``, steps ``profile_start`` .. ``profile_start + profile_steps - 1`` are profiled.
+    """
+    device = engine.config.model.device
+    sync = device_sync(device)
     for i, req in enumerate(requests):
         engine.add_request(f"{id_prefix}{i}", req.prompt_token_ids,
                            sampling_params(req.output_len, ignore_eos, temperature))
     recorder = StepRecorder(engine)
     result = OfflineResult(0.0, len(requests), sum(len(r.prompt_token_ids) for r in requests), 0)
-    profiler = _start_profiler(engine.config.model.device) if profile_dir else None
+    profiler, profile_t0 = None, 0.0
     try:
         sync()
         start = time.perf_counter()
         while engine.has_unfinished_requests():
             index = len(result.steps)
+            if profile_dir and index == profile_start and profiler is None and result.profile_summary is None:
+                profiler, profile_t0 = _start_profiler(device), time.perf_counter()
             with _step_range(index, profiler is not None):
                 t0 = time.perf_counter()
                 outputs = engine.step()
@@ -184,16 +192,18 @@ def run_offline(
             if shape is not None:
                 result.steps.append(shape)
                 result.step_times_s.append(t1 - t0)
-            if profiler is not None and index + 1 == profile_steps:
+            if profiler is not None and len(result.steps) >= profile_start + profile_steps:
                 profiler.stop()
-                result.profile_summary = _write_profile(profiler, Path(profile_dir), index + 1, t1 - start)
+                result.profile_summary = _write_profile(profiler, Path(profile_dir), len(result.steps) - profile_start,
+                                                        t1 - profile_t0)
                 profiler = None
         result.elapsed_s = time.perf_counter() - start
     finally:
         recorder.detach()
-    if profiler is not None:
+    if profiler is not None:  # the run ended inside the profiled window
         profiler.stop()
-        result.profile_summary = _write_profile(profiler, Path(profile_dir), len(result.steps), result.elapsed_s)
+        result.profile_summary = _write_profile(profiler, Path(profile_dir), len(result.steps) - profile_start,
+                                                time.perf_counter() - profile_t0)
     return result
 
 
@@ -352,7 +362,8 @@ def _run(args: argparse.Namespace) -> int:
     requests = build_requests(args, engine)
     warm_up(engine, args.warmup_requests, spec.vocab_size, temperature=args.temperature)
     result = run_offline(engine, requests, ignore_eos=args.ignore_eos, temperature=args.temperature,
-                         profile_dir=args.profile, profile_steps=args.profile_steps)
+                         profile_dir=args.profile, profile_steps=args.profile_steps,
+                         profile_start=args.profile_start)
     roof = summarize(spec, result.steps, result.step_times_s, ceilings, dtype_bytes)
     print_report(result, roof.to_dict(), engine.model_name, device)
     if args.output_json:
