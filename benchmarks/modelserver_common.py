@@ -153,7 +153,8 @@ async def closed_loop(url: str, body: bytes, headers: dict, concurrency: int, se
     latencies: list[float] = []
     failed = 0
     stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # Keep-alive for every client: with the default (20) the rest would reconnect on every request.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         async def worker():
             nonlocal failed
@@ -175,7 +176,7 @@ async def open_loop(url: str, body: bytes, headers: dict, rate: float, seconds: 
     rng = np.random.default_rng(seed)
     latencies: list[float] = []
     failed = 0
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512)) as client:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512, max_keepalive_connections=512)) as client:
         async def one():
             nonlocal failed
             took = await _post(client, url, body, headers)
