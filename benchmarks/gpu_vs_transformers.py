@@ -161,7 +161,7 @@ def build_engine(preset: str, args: argparse.Namespace, max_model_len: int, hf_m
     engine = LLMEngine.from_kwargs(
         random_weights=preset, dtype=args.dtype, device=args.device, max_model_len=max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enforce_eager=args.enforce_eager, seed=args.seed,
+        enforce_eager=args.enforce_eager, seed=args.seed, stream_outputs=False,
     )
     if hf_model is not None:
         with torch.no_grad():  # copies in place, so captured CUDA graphs keep their parameter addresses

@@ -355,7 +355,7 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ceilings = Ceilings(args.bandwidth_gbps, args.matmul_tflops)
-    engine = LLMEngine.from_kwargs(**engine_kwargs_from(args))
+    engine = LLMEngine.from_kwargs(stream_outputs=False, **engine_kwargs_from(args))  # offline: finished outputs only
     spec = engine.model.spec
     device = engine.config.model.device
     dtype_bytes = engine.config.model.torch_dtype.itemsize
