@@ -65,3 +65,18 @@ def test_messages_say_what_was_expected(server):
 
 def test_unknown_model_is_404(server):
     assert infer_json(server, "nope", [image_tensor()]).status_code == 404
+
+
+def failures(server: str, model: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://{server}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "tokenmill_model_request_failure"
+               for s in f.samples if s.labels.get("model") == model and s.name.endswith("_total"))
+
+
+def test_bad_requests_count_as_failures(server):
+    before = failures(server, "classifier")
+    infer_json(server, "classifier", [image_tensor(datatype="INT32")])
+    infer_json(server, "classifier", [image_tensor(name="pixels")])
+    assert failures(server, "classifier") == before + 2
