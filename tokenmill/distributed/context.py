@@ -1,0 +1,72 @@
+"""ParallelContext: one rank's view of its tensor-parallel group, with the few collectives TP needs.
+
+Groups are built straight from a rendezvous store (no default process group), so several engines can live in
+one process one after another; every collective carries the group's timeout, so a dead peer raises, never hangs.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelContext:
+    rank: int
+    world_size: int
+    group: dist.ProcessGroup | None  # None only when world_size == 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1; got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}); got {self.rank}")
+        if self.world_size > 1 and self.group is None:
+            raise ValueError(f"a process group is required when world_size ({self.world_size}) > 1")
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the group in place and return it."""
+        if self.world_size == 1:
+            return tensor
+        assert self.group is not None
+        self.group.allreduce([tensor]).wait()
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` (same shape on all ranks) along ``dim``, in rank order."""
+        if self.world_size == 1:
+            return tensor
+        assert self.group is not None
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self.group.allgather([parts], [tensor]).wait()
+        return torch.cat(parts, dim=dim)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            assert self.group is not None
+            self.group.barrier().wait()
+
+
+def create_parallel_context(
+    rank: int, world_size: int, store_path: Path, backend: str = "gloo", timeout_s: float = 60.0
+) -> ParallelContext:
+    """Join the group of ``world_size`` ranks meeting at the file ``store_path`` (a fresh temp file per group)."""
+    if world_size == 1:
+        return ParallelContext(0, 1, None)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.FileStore(str(store_path), world_size)
+    store.set_timeout(timeout)
+    if backend == "gloo":
+        group: dist.ProcessGroup = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    elif backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        group = dist.ProcessGroupNCCL(store, rank, world_size, options)
+    else:
+        raise ValueError(f"backend must be gloo or nccl; got {backend!r}")
+    return ParallelContext(rank, world_size, group)
