@@ -17,7 +17,7 @@ SUBCOMMAND_MODULES = (
     "tokenmill.server.cli",  # serve
     "tokenmill.bench.cli",  # bench serve | compare | plan | throughput
     "tokenmill.gateway.cli",  # gateway
-    "tokenmill.modelserver.cli",  # export | bench model | serve-models
+    "tokenmill.modelserver.cli",  # export | bench-model | serve-models
 )
 
 
