@@ -35,22 +35,11 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``bench throughput`` (engine flags keep the names of ``tokenmill generate``)."""
+    from tokenmill.engine.cli import add_engine_arguments
+
     e = parser.add_argument_group("engine")
-    e.add_argument("--model", default=None, help="HF directory or .gguf file")
-    e.add_argument("--random-weights", default=None, help="preset: llama3-8b, qwen3-0.6b, ... (no weights needed)")
+    add_engine_arguments(e, model_flag=True)
     e.add_argument("--tokenizer", default=None, help="tokenizer dir or .gguf (default: the model's own)")
-    e.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--max-num-seqs", type=int, default=256)
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    e.add_argument("--block-size", type=int, default=16)
-    e.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache budget in GiB (CPU)")
-    e.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count")
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    e.add_argument("--seed", type=int, default=0, help="weights and workload seed")
     w = parser.add_argument_group("workload")
     w.add_argument("--num-prompts", type=int, default=100)
     w.add_argument("--input-len", type=int, default=512)

@@ -8,9 +8,16 @@ import logging
 from tokenmill.sampling_params import SamplingParams
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine flags shared by generate, serve and bench (vLLM's names where the meaning matches)."""
-    parser.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, model_flag: bool = False) -> None:
+    """Engine flags shared by generate, serve and bench (vLLM's names where the meaning matches).
+
+    The model is positional (``tokenmill serve MODEL``) unless ``model_flag`` asks for ``--model``.
+    """
+    model_help = "HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"
+    if model_flag:
+        parser.add_argument("--model", default=None, help=model_help)
+    else:
+        parser.add_argument("model", nargs="?", default=None, help=model_help)
     parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--max-model-len", type=int, default=None)
