@@ -1,0 +1,106 @@
+"""Load one rank's shard: HF safetensors read slice by slice (get_slice), or random weights of a preset shape.
+
+Rank 0 also gathers what the engine needs besides the model (tokenizer, EOS ids, context length, name).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.config import ModelConfig
+from tokenmill.distributed.context import ParallelContext
+from tokenmill.distributed.parallel_model import build_parallel_model
+from tokenmill.model.loader import (
+    _TOKENIZER_FILES,
+    LoadedModel,
+    _generation_config_eos,
+    _random_weights_tokenizer,
+    _resolve_max_model_len,
+    init_random_weights,
+    load_tokenizer,
+)
+from tokenmill.model.presets import preset_spec
+from tokenmill.model.spec import ModelSpec
+from tokenmill.model.tokenizer import Tokenizer
+
+
+class LazySlice:
+    """A checkpoint tensor not yet read: ``narrow`` reads only the asked-for rows/columns from the file."""
+
+    def __init__(self, handle_slice: Any) -> None:
+        self._slice = handle_slice
+        self.shape = tuple(handle_slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._slice[tuple(index)]
+
+
+def iter_safetensors_slices(directory: Path) -> Iterator[tuple[str, torch.Tensor | LazySlice]]:
+    """(name, tensor) for vectors (norms, biases: small, every rank needs them) and (name, LazySlice) for matrices."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise ValueError(f"{directory} has no *.safetensors weights (pytorch_model.bin is not supported)")
+    for shard in shards:
+        with safe_open(str(shard), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                part = handle.get_slice(name)
+                if len(part.get_shape()) < 2:
+                    yield name, handle.get_tensor(name)
+                else:
+                    yield name, LazySlice(part)
+
+
+def load_shard(
+    model_config: ModelConfig, attn_backend: AttentionBackend, ctx: ParallelContext, device: str
+) -> LoadedModel:
+    """This rank's model shard on ``device``; the tokenizer is loaded on rank 0 only."""
+    dtype = model_config.torch_dtype
+    if model_config.random_weights is not None:
+        preset = model_config.random_weights
+        spec = preset_spec(preset)
+        model = build_parallel_model(spec, attn_backend, dtype, device, ctx)
+        init_random_weights(model, model_config.seed)
+        tokenizer = _random_weights_tokenizer(model_config) if ctx.rank == 0 else None
+        eos = set(spec.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.vocab_size <= spec.vocab_size:
+            eos.add(tokenizer.eos_token_id)
+        return LoadedModel(model, spec, tokenizer, eos, _resolve_max_model_len(spec, model_config),
+                           model_config.served_model_name or preset, f"random:{preset}")
+    directory = Path(model_config.model).expanduser() if model_config.model else None
+    if directory is None or not (directory / "config.json").is_file():
+        raise ValueError(
+            f"tensor_parallel_size > 1 needs a Hugging Face safetensors directory or --random-weights; "
+            f"got model {model_config.model!r} (GGUF and the embedded default model run on one rank only)"
+        )
+    from transformers import AutoConfig
+
+    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(str(directory)))
+    max_model_len = _resolve_max_model_len(spec, model_config)
+    model = build_parallel_model(spec, attn_backend, dtype, device, ctx)
+    with torch.no_grad():
+        model.load_weights(iter_safetensors_slices(directory))
+    tokenizer: Tokenizer | None = None
+    eos = set(spec.eos_token_ids) | _generation_config_eos(directory)
+    if ctx.rank == 0:
+        if model_config.tokenizer:
+            tokenizer = load_tokenizer(model_config.tokenizer, model_config.chat_template)
+        elif any((directory / name).is_file() for name in _TOKENIZER_FILES):
+            tokenizer = Tokenizer.from_pretrained(directory, model_config.chat_template)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+    return LoadedModel(model, spec, tokenizer, eos, max_model_len,
+                       model_config.served_model_name or directory.resolve().name, str(directory))

@@ -1,0 +1,238 @@
+"""TPExecutor: tensor-parallel model execution — rank 0 in the engine process, ranks 1..N-1 as spawned workers.
+
+Each step rank 0 sends the step's inputs (token ids, positions, attention metadata as plain lists) to every
+worker over its pipe, all ranks run the model (collectives inside), and rank 0 samples. A dead rank raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from tokenmill.attention.backend import AttentionBackend, get_attention_backend
+from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.config import EngineConfig
+from tokenmill.distributed.context import ParallelContext, create_parallel_context
+from tokenmill.distributed.loading import load_shard
+from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.runner.inputs import ModelInputs, build_model_inputs
+from tokenmill.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# NVLink multicast stays off in every rank (see the device notes); harmless on CPU.
+_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel rank died or failed; the engine cannot continue."""
+
+
+def _rank_device(device: str, rank: int) -> str:
+    return f"cuda:{rank}" if device.startswith("cuda") else device
+
+
+def _step_payload(inputs: ModelInputs) -> dict[str, Any]:
+    starts = inputs.meta.query_start_loc_cpu
+    return {
+        "input_ids": inputs.input_ids.tolist(),
+        "positions": inputs.positions.tolist(),
+        "query_lens": [b - a for a, b in zip(starts, starts[1:], strict=False)],
+        "seq_lens": list(inputs.meta.seq_lens_cpu),
+        "block_tables": inputs.meta.block_tables.tolist(),
+        "sample_indices": inputs.sample_indices.tolist(),
+    }
+
+
+def _run_step(runner: ModelRunner, payload: dict[str, Any]) -> None:
+    """A worker's half of one step: the same forward and logits (whose all-gather needs every rank)."""
+    device = runner.device
+    meta = AttentionMetadata.build(payload["query_lens"], payload["seq_lens"], payload["block_tables"],
+                                   runner.block_size, device)
+    ids = torch.tensor(payload["input_ids"], dtype=torch.int64, device=device)
+    positions = torch.tensor(payload["positions"], dtype=torch.int64, device=device)
+    sample = torch.tensor(payload["sample_indices"], dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        hidden = runner.model(ids, positions, runner.kv_caches, meta)
+        runner.model.compute_logits(hidden.index_select(0, sample))
+
+
+def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connection, parent_pid: int,
+                 timeout_s: float) -> None:
+    """Entry point of ranks 1..N-1: join the group, load this rank's shard, then serve commands until 'stop'."""
+    mc = config.model
+    tp = config.runner.tensor_parallel_size
+    device = _rank_device(mc.device, rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    try:
+        ctx = create_parallel_context(rank, tp, Path(store_path), "nccl" if device.startswith("cuda") else "gloo",
+                                      timeout_s)
+        backend = get_attention_backend(config.runner.attention_backend, device)
+        loaded = load_shard(mc, backend, ctx, device)
+        runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set())
+        conn.send(("ready", None))
+        while True:
+            while not conn.poll(1.0):
+                if os.getppid() != parent_pid:  # the engine died without saying stop
+                    return
+            op, payload = conn.recv()
+            if op == "stop":
+                return
+            if op == "alloc":
+                runner.allocate_kv_cache(payload)
+            elif op == "profile":
+                runner.profile_run(*payload)
+            elif op == "step":
+                _run_step(runner, payload)
+            else:
+                raise ValueError(f"unknown tensor-parallel command {op!r}; expected alloc, profile, step or stop")
+    except (EOFError, BrokenPipeError):
+        return  # the engine closed our pipe: it is shutting down or gone
+    except Exception as exc:
+        logger.exception("tensor-parallel rank %d failed", rank)
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        except (BrokenPipeError, OSError):
+            logger.warning("rank %d could not report its failure: the engine's pipe is closed", rank)
+        raise
+
+
+def _stop_workers(workers: list[Any], conns: list[Connection], tmpdir: str, timeout_s: float) -> None:
+    """Ask every worker to stop, wait, kill stragglers, and remove the rendezvous directory."""
+    for conn in conns:
+        try:
+            conn.send(("stop", None))
+        except (BrokenPipeError, OSError):
+            logger.debug("a tensor-parallel worker pipe was already closed at shutdown")
+    for proc in workers:
+        proc.join(timeout_s)
+        if proc.is_alive():
+            logger.warning("tensor-parallel worker pid %d did not stop in %.0f s; killing it", proc.pid, timeout_s)
+            proc.kill()
+            proc.join(timeout_s)
+    for conn in conns:
+        conn.close()
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class TPExecutor(ModelRunner):
+    """A ModelRunner whose model is rank 0's shard; ``loaded`` carries the tokenizer and model facts."""
+
+    def __init__(self, config: EngineConfig, attn_backend: AttentionBackend, timeout_s: float = 60.0,
+                 load_timeout_s: float = 1800.0) -> None:
+        mc = config.model
+        self.world_size = config.runner.tensor_parallel_size
+        self.timeout_s = timeout_s
+        on_cuda = mc.device.startswith("cuda")
+        if on_cuda:
+            for key, value in _NCCL_ENV.items():
+                os.environ.setdefault(key, value)
+            if torch.cuda.device_count() < self.world_size:
+                raise ValueError(f"tensor_parallel_size ({self.world_size}) exceeds the {torch.cuda.device_count()} "
+                                 "visible GPUs")
+        self._tmpdir = tempfile.mkdtemp(prefix="tokenmill-tp-")
+        store_path = Path(self._tmpdir) / "rendezvous"
+        spawn = mp.get_context("spawn")
+        self.workers: list[Any] = []
+        self.conns: list[Connection] = []
+        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self.conns, self._tmpdir, 10.0)
+        for rank in range(1, self.world_size):
+            parent_end, child_end = spawn.Pipe()
+            proc = spawn.Process(target=_worker_main, name=f"tokenmill-tp-rank{rank}", daemon=True,
+                                 args=(rank, config, str(store_path), child_end, os.getpid(), timeout_s))
+            proc.start()
+            child_end.close()
+            self.workers.append(proc)
+            self.conns.append(parent_end)
+        try:
+            self.ctx: ParallelContext = create_parallel_context(0, self.world_size, store_path,
+                                                                "nccl" if on_cuda else "gloo", timeout_s)
+            self.loaded = load_shard(mc, attn_backend, self.ctx, mc.device)
+            self._wait_ready(load_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        super().__init__(self.loaded.model, mc.device, mc.torch_dtype, config.cache.block_size,
+                         set(self.loaded.eos_token_ids))
+        logger.info("tensor parallel: %d ranks (%s), worker pids %s", self.world_size,
+                    "nccl" if on_cuda else "gloo", [p.pid for p in self.workers])
+
+    # ---- worker protocol -------------------------------------------------------------------------
+    def _wait_ready(self, timeout_s: float) -> None:
+        for rank, conn in enumerate(self.conns, start=1):
+            waited = 0.0
+            while not conn.poll(1.0):
+                waited += 1.0
+                self.check_workers()
+                if waited >= timeout_s:
+                    raise TensorParallelError(f"tensor-parallel rank {rank} did not finish loading in {timeout_s:.0f} s")
+            op, detail = conn.recv()
+            if op != "ready":
+                raise TensorParallelError(f"tensor-parallel rank {rank} failed while loading: {detail}")
+
+    def check_workers(self) -> None:
+        """Raise TensorParallelError naming every worker that has exited or reported an error."""
+        problems = []
+        for rank, (proc, conn) in enumerate(zip(self.workers, self.conns, strict=True), start=1):
+            if not proc.is_alive():
+                problems.append(f"rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+            elif conn.poll(0):
+                problems.append(f"rank {rank} (pid {proc.pid}) reported {conn.recv()[1]}")
+        if problems:
+            raise TensorParallelError("tensor-parallel worker failure: " + "; ".join(problems)
+                                      + "; the engine cannot continue")
+
+    def _send(self, op: str, payload: Any) -> None:
+        self.check_workers()
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send((op, payload))
+            except (BrokenPipeError, OSError) as exc:
+                raise TensorParallelError(f"cannot reach tensor-parallel rank {rank}: {exc}") from exc
+
+    def _collective(self, fn: Any, *args: Any) -> Any:
+        """Run rank 0's part of a collective step; a failure names the dead ranks when there are any."""
+        try:
+            return fn(*args)
+        except RuntimeError as exc:
+            if isinstance(exc, TensorParallelError):
+                raise
+            self.check_workers()
+            raise TensorParallelError(f"tensor-parallel collective failed on rank 0: {exc}") from exc
+
+    def shutdown(self) -> None:
+        """Stop every worker (killing it after a grace period) and clean up; safe to call twice."""
+        self._finalizer()
+
+    # ---- ModelRunner overrides -------------------------------------------------------------------
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._send("alloc", num_blocks)
+        super().allocate_kv_cache(num_blocks)
+
+    def profile_run(self, num_tokens: int, num_sampled: int) -> None:
+        self._send("profile", (num_tokens, num_sampled))
+        self._collective(super().profile_run, num_tokens, num_sampled)
+
+    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+        logger.info("tensor parallel runs eagerly: CUDA graphs are not captured for tensor_parallel_size > 1")
+
+    @torch.inference_mode()
+    def forward_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        inputs = build_model_inputs(sched, self.block_size, self.device)
+        self._send("step", _step_payload(inputs))
+        logits = self._collective(self._forward, inputs)
+        return logits, inputs.sample_rows
+
+    def _forward(self, inputs: ModelInputs) -> torch.Tensor:
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices)).float()
