@@ -113,10 +113,13 @@ class RunnerConfig:
     enforce_eager: bool = False
     attention_backend: str = "auto"  # auto | torch | triton
     max_graph_batch_size: int = 256
+    tensor_parallel_size: int = 1  # ranks sharing each layer (one process per rank; gloo on CPU, NCCL on GPU)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
+        if not 1 <= self.tensor_parallel_size <= 64:
+            raise ValueError(f"tensor_parallel_size must be between 1 and 64; got {self.tensor_parallel_size}")
 
 
 @dataclass

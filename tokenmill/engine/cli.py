@@ -31,6 +31,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--random-weights", default=None, help="preset name: random weights of a real shape")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="ranks sharing each layer, one process per rank (gloo on CPU, NCCL on GPUs)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -49,6 +51,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager,
         seed=args.seed,
         random_weights=args.random_weights,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

@@ -49,7 +49,14 @@ class LLMEngine:
         self.stream_outputs = stream_outputs
         mc = config.model
         self.attn_backend = get_attention_backend(config.runner.attention_backend, mc.device)
-        loaded = load_model(mc, self.attn_backend, progress=load_progress)
+        executor = None
+        if config.runner.tensor_parallel_size > 1:  # rank 0 lives here; the other ranks are worker processes
+            from tokenmill.runner.tp_executor import TPExecutor
+
+            executor = TPExecutor(config, self.attn_backend)
+            loaded = executor.loaded
+        else:
+            loaded = load_model(mc, self.attn_backend, progress=load_progress)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids: set[int] = set(loaded.eos_token_ids)
@@ -57,7 +64,8 @@ class LLMEngine:
         self.model_name: str = loaded.name
         config.check_against_model(self.max_model_len)
 
-        self.runner = ModelRunner(self.model, mc.device, mc.torch_dtype, config.cache.block_size, self.eos_token_ids)
+        self.runner = executor or ModelRunner(self.model, mc.device, mc.torch_dtype, config.cache.block_size,
+                                              self.eos_token_ids)
         sched_cfg = config.scheduler
         on_cuda = mc.device.startswith("cuda")
         if on_cuda:  # measure peak activation memory before giving the rest to the KV cache
