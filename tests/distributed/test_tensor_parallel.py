@@ -6,8 +6,11 @@ child process, and a rank killed mid-run must make the engine raise instead of h
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,6 +115,9 @@ def test_killed_rank_makes_generation_raise(tmp_path):
         engine.step()
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(30)
+        # Rank 0 alone inside a collective: gloo sees the closed peer and raises instead of waiting forever.
+        with pytest.raises(RuntimeError):
+            engine.runner.model.model.embed_tokens(torch.tensor([1, 2, 3]))
         with pytest.raises(TensorParallelError, match="rank 1"):
             while engine.has_unfinished_requests():
                 engine.step()
@@ -120,3 +126,24 @@ def test_killed_rank_makes_generation_raise(tmp_path):
     finally:
         engine.runner.shutdown()
     _assert_reaped([worker.pid])
+
+
+def test_generate_cli_with_two_ranks_prints_the_tp1_text(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama")
+    base = [sys.executable, "-m", "tokenmill", "generate", str(model_dir), "--device", "cpu", "--dtype", "float32",
+            "--prompt", "The quick brown fox", "--max-tokens", "6"]
+    runs = [subprocess.run(base + extra, capture_output=True, text=True, timeout=180)
+            for extra in ([], ["--tensor-parallel-size", "2"])]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert "### The quick brown fox" in runs[1].stdout
+    assert runs[1].stdout == runs[0].stdout
+    assert "tensor parallel: 2 ranks (gloo)" in runs[1].stderr
+
+
+def test_heads_not_divisible_by_ranks_fail_at_startup_and_leave_no_worker(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama")
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by tensor_parallel_size \(3\)"):
+        LLM(str(model_dir), tensor_parallel_size=3, **ENGINE_ARGS)
+    assert {p.pid for p in multiprocessing.active_children()} == before

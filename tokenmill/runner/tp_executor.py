@@ -75,6 +75,7 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     try:
+        conn.send(("started", None))  # imports done: rank 0 may now block in the rendezvous
         ctx = create_parallel_context(rank, tp, Path(store_path), "nccl" if device.startswith("cuda") else "gloo",
                                       timeout_s)
         backend = get_attention_backend(config.runner.attention_backend, device)
@@ -155,10 +156,11 @@ class TPExecutor(ModelRunner):
             self.workers.append(proc)
             self.conns.append(parent_end)
         try:
+            self._wait_for("started", load_timeout_s)
             self.ctx: ParallelContext = create_parallel_context(0, self.world_size, store_path,
                                                                 "nccl" if on_cuda else "gloo", timeout_s)
             self.loaded = load_shard(mc, attn_backend, self.ctx, mc.device)
-            self._wait_ready(load_timeout_s)
+            self._wait_for("ready", load_timeout_s)
         except BaseException:
             self.shutdown()
             raise
@@ -168,17 +170,20 @@ class TPExecutor(ModelRunner):
                     "nccl" if on_cuda else "gloo", [p.pid for p in self.workers])
 
     # ---- worker protocol -------------------------------------------------------------------------
-    def _wait_ready(self, timeout_s: float) -> None:
-        for rank, conn in enumerate(self.conns, start=1):
+    def _wait_for(self, expected: str, timeout_s: float) -> None:
+        """Wait until every worker says ``expected`` ('started': imported; 'ready': shard loaded), watching for deaths."""
+        for rank, (proc, conn) in enumerate(zip(self.workers, self.conns, strict=True), start=1):
             waited = 0.0
             while not conn.poll(1.0):
                 waited += 1.0
-                self.check_workers()
+                if not proc.is_alive():
+                    raise TensorParallelError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code "
+                                              f"{proc.exitcode} before it was {expected}")
                 if waited >= timeout_s:
-                    raise TensorParallelError(f"tensor-parallel rank {rank} did not finish loading in {timeout_s:.0f} s")
+                    raise TensorParallelError(f"tensor-parallel rank {rank} was not {expected} after {timeout_s:.0f} s")
             op, detail = conn.recv()
-            if op != "ready":
-                raise TensorParallelError(f"tensor-parallel rank {rank} failed while loading: {detail}")
+            if op != expected:
+                raise TensorParallelError(f"tensor-parallel rank {rank} failed before it was {expected}: {detail}")
 
     def check_workers(self) -> None:
         """Raise TensorParallelError naming every worker that has exited or reported an error."""
