@@ -31,6 +31,11 @@ class ModelRunner:
                  eos_token_ids: set[int]) -> None:
         self.model = model
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            # Softmax tails underflow into denormal floats, which x86 handles ~100x slower (a SmolLM2 decode
+            # step measured 3.0 s with them, 0.17 s without). Flushing them to zero changes no result that
+            # fp32 can represent next to the normal values they are summed with.
+            torch.set_flush_denormal(True)
         self.dtype = dtype
         self.block_size = block_size
         self.sampler = Sampler(eos_token_ids)
