@@ -195,3 +195,8 @@ def test_heads_not_divisible_by_ranks_fail_at_startup_and_leave_no_worker(tmp_pa
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by tensor_parallel_size \(3\)"):
         LLM(str(model_dir), tensor_parallel_size=3, **ENGINE_ARGS)
     assert {p.pid for p in multiprocessing.active_children()} == before
+
+
+def test_gguf_models_are_refused_for_tensor_parallel(tmp_path):
+    with pytest.raises(ValueError, match="needs a Hugging Face safetensors directory or --random-weights"):
+        LLM(str(tmp_path / "model.gguf"), tensor_parallel_size=2, **ENGINE_ARGS)

@@ -64,6 +64,25 @@ def iter_safetensors_slices(directory: Path) -> Iterator[tuple[str, torch.Tensor
                     yield name, LazySlice(part)
 
 
+def model_spec(model_config: ModelConfig) -> ModelSpec:
+    """The model's shape without loading weights (random preset or HF config.json); other sources are refused."""
+    if model_config.random_weights is not None:
+        return preset_spec(model_config.random_weights)
+    from transformers import AutoConfig
+
+    return ModelSpec.from_hf_config(AutoConfig.from_pretrained(str(_hf_directory(model_config))))
+
+
+def _hf_directory(model_config: ModelConfig) -> Path:
+    directory = Path(model_config.model).expanduser() if model_config.model else None
+    if directory is None or not (directory / "config.json").is_file():
+        raise ValueError(
+            f"tensor_parallel_size > 1 needs a Hugging Face safetensors directory or --random-weights; "
+            f"got model {model_config.model!r} (GGUF and the embedded default model run on one rank only)"
+        )
+    return directory
+
+
 def load_shard(
     model_config: ModelConfig, attn_backend: AttentionBackend, ctx: ParallelContext, device: str
 ) -> LoadedModel:
@@ -80,15 +99,8 @@ def load_shard(
             eos.add(tokenizer.eos_token_id)
         return LoadedModel(model, spec, tokenizer, eos, _resolve_max_model_len(spec, model_config),
                            model_config.served_model_name or preset, f"random:{preset}")
-    directory = Path(model_config.model).expanduser() if model_config.model else None
-    if directory is None or not (directory / "config.json").is_file():
-        raise ValueError(
-            f"tensor_parallel_size > 1 needs a Hugging Face safetensors directory or --random-weights; "
-            f"got model {model_config.model!r} (GGUF and the embedded default model run on one rank only)"
-        )
-    from transformers import AutoConfig
-
-    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(str(directory)))
+    directory = _hf_directory(model_config)
+    spec = model_spec(model_config)
     max_model_len = _resolve_max_model_len(spec, model_config)
     model = build_parallel_model(spec, attn_backend, dtype, device, ctx)
     with torch.no_grad():

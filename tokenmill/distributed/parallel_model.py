@@ -41,6 +41,16 @@ def build_parallel_model(
     return model.eval().requires_grad_(False)
 
 
+def check_parallel_shape(spec: ModelSpec, world_size: int) -> None:
+    """Raise ValueError (before any process starts) when the heads or MLP width cannot be split over the ranks."""
+    for what, size in (("num_attention_heads", spec.num_heads), ("intermediate_size", spec.intermediate_size)):
+        if size % world_size:
+            raise ValueError(f"{what} ({size}) must be divisible by tensor_parallel_size ({world_size})")
+    kv = spec.num_kv_heads
+    if (kv >= world_size and kv % world_size) or (kv < world_size and world_size % kv):
+        raise ValueError(f"num_key_value_heads ({kv}) and tensor_parallel_size ({world_size}) must divide one another")
+
+
 def _swap_parallel_layers(model: nn.Module, spec: ModelSpec, ctx: ParallelContext) -> None:
     local_kv = spec.num_kv_heads
     for layer in model.model.layers:

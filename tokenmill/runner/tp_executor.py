@@ -22,7 +22,8 @@ from tokenmill.attention.backend import AttentionBackend, get_attention_backend
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.context import ParallelContext, create_parallel_context
-from tokenmill.distributed.loading import load_shard
+from tokenmill.distributed.loading import load_shard, model_spec
+from tokenmill.distributed.parallel_model import check_parallel_shape
 from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.runner.inputs import ModelInputs, build_model_inputs
 from tokenmill.runner.model_runner import ModelRunner
@@ -141,6 +142,7 @@ class TPExecutor(ModelRunner):
             if torch.cuda.device_count() < self.world_size:
                 raise ValueError(f"tensor_parallel_size ({self.world_size}) exceeds the {torch.cuda.device_count()} "
                                  "visible GPUs")
+        check_parallel_shape(model_spec(mc), self.world_size)  # fail before starting any process
         self._tmpdir = tempfile.mkdtemp(prefix="tokenmill-tp-")
         store_path = Path(self._tmpdir) / "rendezvous"
         spawn = mp.get_context("spawn")
