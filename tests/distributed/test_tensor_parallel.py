@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import RunnerConfig
+from tokenmill.distributed.loading import LazySlice, iter_safetensors_slices
 from tokenmill.runner.tp_executor import TensorParallelError
 
 MAX_NEW = 10
@@ -200,3 +201,33 @@ def test_heads_not_divisible_by_ranks_fail_at_startup_and_leave_no_worker(tmp_pa
 def test_gguf_models_are_refused_for_tensor_parallel(tmp_path):
     with pytest.raises(ValueError, match="needs a Hugging Face safetensors directory or --random-weights"):
         LLM(str(tmp_path / "model.gguf"), tensor_parallel_size=2, **ENGINE_ARGS)
+
+
+def test_safetensors_matrices_are_read_slice_by_slice(tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama")
+    full = load_file(str(model_dir / "model.safetensors"))
+    seen = 0
+    for name, item in iter_safetensors_slices(model_dir):
+        if full[name].dim() < 2:
+            assert isinstance(item, torch.Tensor) and torch.equal(item, full[name])
+            continue
+        assert isinstance(item, LazySlice) and item.shape == tuple(full[name].shape)
+        torch.testing.assert_close(item.narrow(0, 1, 2), full[name][1:3], rtol=0, atol=0)
+        torch.testing.assert_close(item.narrow(1, 3, 5), full[name][:, 3:8], rtol=0, atol=0)
+        seen += 1
+    assert seen == 2 + 2 * 7  # embed + lm_head + per layer q, k, v, o, gate, up, down
+
+
+def test_random_weights_preset_generates_with_two_ranks(tmp_path):
+    tokenizer_dir = make_tiny_model_dir(tmp_path / "m", "llama")
+    llm = LLM(None, random_weights="tiny-llama", tokenizer=str(tokenizer_dir), tensor_parallel_size=2,
+              **ENGINE_ARGS)
+    try:
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
+        assert all(0 <= t < 49152 for t in out[0].outputs[0].token_ids)
+    finally:
+        llm.engine.runner.shutdown()
