@@ -67,7 +67,7 @@ def tp_case(request, tmp_path_factory):
     tp2 = LLM(str(model_dir), tensor_parallel_size=2, **ENGINE_ARGS)
     yield model_dir, prompts, tp1, tp2
     pids = [p.pid for p in tp2.engine.runner.workers]
-    tp2.engine.runner.shutdown()
+    tp2.engine.shutdown()
     _assert_reaped(pids)
 
 
@@ -128,7 +128,7 @@ def test_killed_rank_makes_generation_raise(tmp_path):
         with pytest.raises(TensorParallelError):  # stays failed; never hangs on the dead rank
             engine.step()
     finally:
-        engine.runner.shutdown()
+        engine.shutdown()
     _assert_reaped([worker.pid])
 
 
@@ -230,4 +230,4 @@ def test_random_weights_preset_generates_with_two_ranks(tmp_path):
         assert len(out[0].outputs[0].token_ids) == 4
         assert all(0 <= t < 49152 for t in out[0].outputs[0].token_ids)
     finally:
-        llm.engine.runner.shutdown()
+        llm.engine.shutdown()

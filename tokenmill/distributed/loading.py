@@ -17,13 +17,13 @@ from tokenmill.config import ModelConfig
 from tokenmill.distributed.context import ParallelContext
 from tokenmill.distributed.parallel_model import build_parallel_model
 from tokenmill.model.loader import (
-    _TOKENIZER_FILES,
+    TOKENIZER_FILES,
     LoadedModel,
-    _generation_config_eos,
-    _random_weights_tokenizer,
-    _resolve_max_model_len,
+    generation_config_eos,
     init_random_weights,
     load_tokenizer,
+    random_weights_tokenizer,
+    resolve_max_model_len,
 )
 from tokenmill.model.presets import preset_spec
 from tokenmill.model.spec import ModelSpec
@@ -93,24 +93,24 @@ def load_shard(
         spec = preset_spec(preset)
         model = build_parallel_model(spec, attn_backend, dtype, device, ctx)
         init_random_weights(model, model_config.seed)
-        tokenizer = _random_weights_tokenizer(model_config) if ctx.rank == 0 else None
+        tokenizer = random_weights_tokenizer(model_config) if ctx.rank == 0 else None
         eos = set(spec.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.vocab_size <= spec.vocab_size:
             eos.add(tokenizer.eos_token_id)
-        return LoadedModel(model, spec, tokenizer, eos, _resolve_max_model_len(spec, model_config),
+        return LoadedModel(model, spec, tokenizer, eos, resolve_max_model_len(spec, model_config),
                            model_config.served_model_name or preset, f"random:{preset}")
     directory = _hf_directory(model_config)
     spec = model_spec(model_config)
-    max_model_len = _resolve_max_model_len(spec, model_config)
+    max_model_len = resolve_max_model_len(spec, model_config)
     model = build_parallel_model(spec, attn_backend, dtype, device, ctx)
     with torch.no_grad():
         model.load_weights(iter_safetensors_slices(directory))
     tokenizer: Tokenizer | None = None
-    eos = set(spec.eos_token_ids) | _generation_config_eos(directory)
+    eos = set(spec.eos_token_ids) | generation_config_eos(directory)
     if ctx.rank == 0:
         if model_config.tokenizer:
             tokenizer = load_tokenizer(model_config.tokenizer, model_config.chat_template)
-        elif any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        elif any((directory / name).is_file() for name in TOKENIZER_FILES):
             tokenizer = Tokenizer.from_pretrained(directory, model_config.chat_template)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)

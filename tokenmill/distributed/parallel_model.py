@@ -12,7 +12,7 @@ from torch import nn
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.distributed.context import ParallelContext
 from tokenmill.model.layers import RMSNorm, RotaryEmbedding
-from tokenmill.model.loader import _default_dtype
+from tokenmill.model.loader import default_dtype
 from tokenmill.model.parallel_layers import (
     ParallelLMHead,
     RowParallelLinear,
@@ -29,7 +29,7 @@ def build_parallel_model(
     ctx: ParallelContext,
 ) -> nn.Module:
     """This rank's uninitialised shard on ``device``; load it with ``model.load_weights`` (full tensors or slices)."""
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         with torch.device("meta"):
             model = get_model_class(spec.architecture)(spec, attn_backend)
         with torch.device(device):

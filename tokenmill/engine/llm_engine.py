@@ -166,6 +166,10 @@ class LLMEngine:
                     seq.status = SequenceStatus.FINISHED_ABORTED
                     self.scheduler.remove_finished(seq)
 
+    def shutdown(self) -> None:
+        """Stop worker processes (tensor parallelism); a single-process engine has nothing to stop."""
+        self.runner.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

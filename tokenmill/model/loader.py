@@ -24,7 +24,7 @@ from tokenmill.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 from tokenmill.model.tokenizer import Tokenizer
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclass
@@ -64,7 +64,7 @@ def load_model(model_config: ModelConfig, attn_backend: AttentionBackend, progre
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -76,12 +76,12 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def build_model(spec: ModelSpec, attn_backend: AttentionBackend, dtype: torch.dtype, device: str) -> nn.Module:
     """An uninitialised model allocated directly on ``device`` in ``dtype`` (no CPU copy, no init pass)."""
     model_class = get_model_class(spec.architecture)
-    with _default_dtype(dtype), torch.device(device):
+    with default_dtype(dtype), torch.device(device):
         model = model_class(spec, attn_backend)
     return model.eval().requires_grad_(False)
 
 
-def _resolve_max_model_len(spec: ModelSpec, model_config: ModelConfig) -> int:
+def resolve_max_model_len(spec: ModelSpec, model_config: ModelConfig) -> int:
     max_model_len = model_config.max_model_len or spec.max_position_embeddings
     spec.check_max_model_len(max_model_len)
     return max_model_len
@@ -98,16 +98,16 @@ def _load_hf_dir(
 
     # AutoConfig fills the per-architecture defaults that save_pretrained leaves out of config.json.
     spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(str(directory)))
-    max_model_len = _resolve_max_model_len(spec, model_config)
+    max_model_len = resolve_max_model_len(spec, model_config)
     model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
     with torch.no_grad():
         model.load_weights(iter_safetensors(directory, progress))
     tokenizer = None
     if model_config.tokenizer:
         tokenizer = load_tokenizer(model_config.tokenizer, model_config.chat_template)
-    elif any((directory / name).is_file() for name in _TOKENIZER_FILES):
+    elif any((directory / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = Tokenizer.from_pretrained(directory, model_config.chat_template)
-    eos = set(spec.eos_token_ids) | _generation_config_eos(directory)
+    eos = set(spec.eos_token_ids) | generation_config_eos(directory)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     return LoadedModel(
@@ -147,7 +147,7 @@ def iter_safetensors(directory: Path, progress: bool = False) -> Iterator[tuple[
         bar.close()
 
 
-def _generation_config_eos(directory: Path) -> set[int]:
+def generation_config_eos(directory: Path) -> set[int]:
     path = directory / "generation_config.json"
     if not path.is_file():
         return set()
@@ -162,7 +162,7 @@ def _load_gguf(path: Path, model_config: ModelConfig, attn_backend: AttentionBac
 
     reader = open_gguf(path)
     spec = gguf_spec(reader)
-    max_model_len = _resolve_max_model_len(spec, model_config)
+    max_model_len = resolve_max_model_len(spec, model_config)
     model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
     with torch.no_grad():
         model.load_weights(iter_gguf_weights(reader, spec, progress))
@@ -215,10 +215,10 @@ def init_random_weights(model: nn.Module, seed: int) -> None:
 def _load_random(model_config: ModelConfig, attn_backend: AttentionBackend) -> LoadedModel:
     preset = model_config.random_weights or ""
     spec = preset_spec(preset)
-    max_model_len = _resolve_max_model_len(spec, model_config)
+    max_model_len = resolve_max_model_len(spec, model_config)
     model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
     init_random_weights(model, model_config.seed)
-    tokenizer = _random_weights_tokenizer(model_config)
+    tokenizer = random_weights_tokenizer(model_config)
     eos = set(spec.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.vocab_size <= spec.vocab_size:
         eos.add(tokenizer.eos_token_id)
@@ -233,7 +233,7 @@ def _load_random(model_config: ModelConfig, attn_backend: AttentionBackend) -> L
     )
 
 
-def _random_weights_tokenizer(model_config: ModelConfig) -> Tokenizer | None:
+def random_weights_tokenizer(model_config: ModelConfig) -> Tokenizer | None:
     """model_config.tokenizer if given, else the embedded SmolLM2 tokenizer when installed, else None."""
     if model_config.tokenizer:
         return load_tokenizer(model_config.tokenizer, model_config.chat_template)

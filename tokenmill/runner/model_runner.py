@@ -42,6 +42,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
 
+    def shutdown(self) -> None:
+        """In-process runner: nothing to stop (the tensor-parallel executor stops its workers here)."""
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_cache(
             self.model.num_layers, num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim,
