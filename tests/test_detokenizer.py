@@ -151,10 +151,13 @@ def test_stop_string_in_the_first_token_and_deltas_add_up(tokenizer):
     text = "def add(a, b):\n    return a + b\n"
     ids = tokenizer.encode(text)
     detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=["\n\n", "return"]))
-    deltas = []
-    for token_id in ids:
+    deltas, sent = [], 0
+    for token_id in ids:  # deltas as the server streams them: the new tail of output_text
         stop = detok.update([token_id])
-        deltas.append(detok.get_delta(finished=stop is not None))
+        text = detok.output_text(finished=stop is not None)
+        assert text.startswith("".join(deltas))  # nothing streamed is ever taken back
+        deltas.append(text[sent:])
+        sent = len(text)
         if stop is not None:
             break
     assert stop == "return"

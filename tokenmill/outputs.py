@@ -37,7 +37,6 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
-    num_cached_prompt_tokens: int = 0
 
 
 @dataclass

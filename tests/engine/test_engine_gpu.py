@@ -12,7 +12,6 @@ from test_greedy_vs_transformers import MAX_NEW, MODES, TEXTS, _reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.sampling_params import SamplingParams as SP
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -42,7 +41,7 @@ def test_bf16_prefill_logits_within_tolerance(case):
     engine = llm.engine
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for i, ids in enumerate(prompts[:3]):
-        engine.add_request(f"p{i}", ids, SP(max_tokens=1, temperature=0.0))
+        engine.add_request(f"p{i}", ids, SamplingParams(max_tokens=1, temperature=0.0))
     sched = engine.scheduler.schedule()
     logits, rows = engine.runner.forward_logits(sched)
     for row, got in zip(rows, logits, strict=True):

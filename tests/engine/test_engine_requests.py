@@ -19,16 +19,20 @@ def _no_leak(engine: LLMEngine) -> None:
     assert all(block.ref_count == 0 for block in engine.block_manager.blocks)
 
 
-def test_n_completions_are_distinct_and_share_prompt_blocks(llm):
+def test_n_completions_are_distinct_and_share_prompt_blocks(tiny_llama_dir):
+    # Prefix caching off: the only way a child can start with computed tokens is the fork from its leader.
+    llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", block_size=4, enable_prefix_caching=False)
     prompt = "Paris is the capital of France. Continuous batching keeps the GPU busy"
+    prompt_len = len(llm.get_tokenizer().encode(prompt))
     params = SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=3, ignore_eos=True)
-    hits_before = llm.engine.get_stats().prefix_cache_hits
     (output,) = llm.generate([prompt], params, use_tqdm=False)
     assert [c.index for c in output.outputs] == [0, 1, 2, 3]
     assert len({tuple(c.token_ids) for c in output.outputs}) == 4
     assert all(len(c.token_ids) == 10 and c.finish_reason == "length" for c in output.outputs)
-    # Children reuse the leader's full prompt blocks instead of recomputing them.
-    assert output.num_cached_tokens > 0 or llm.engine.get_stats().prefix_cache_hits > hits_before
+    children = llm.engine.get_stats()
+    assert children.prefix_cache_hits == 0
+    # Every full prompt block but the one holding the last prompt token is shared, not recomputed.
+    assert output.num_cached_tokens == (prompt_len - 1) // 4 * 4 > 0
     _no_leak(llm.engine)
 
 

@@ -13,7 +13,7 @@ from tokenmill.engine.sequence import SequenceStatus
 def _scheduler(num_blocks=64, block_size=4, budget=64, max_seqs=8, chunked=True, caching=False) -> Scheduler:
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
     config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked)
-    return Scheduler(config, bm, max_model_len=1024)
+    return Scheduler(config, bm)
 
 
 def _advance(sched: Scheduler, out: SchedulerOutput, token: int = 7) -> None:

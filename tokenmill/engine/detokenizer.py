@@ -33,7 +33,6 @@ class IncrementalDetokenizer:
         self._prefix_text: str | None = None  # cached decode of ids[prefix_offset:read_offset]
         self._text = ""
         self._stop_reason: str | None = None
-        self._num_sent = 0  # characters already handed out by get_delta
 
     @property
     def stop_reason(self) -> str | None:
@@ -67,13 +66,6 @@ class IncrementalDetokenizer:
         if finished:
             return self._text + self._pending_text()
         return self._text[: len(self._text) - self._held_back()]
-
-    def get_delta(self, finished: bool) -> str:
-        """Text added to output_text(finished) since the previous get_delta call (for streaming)."""
-        text = self.output_text(finished)
-        delta = text[self._num_sent :]
-        self._num_sent = len(text)
-        return delta
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(
