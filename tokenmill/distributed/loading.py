@@ -17,17 +17,16 @@ from tokenmill.config import ModelConfig
 from tokenmill.distributed.context import ParallelContext
 from tokenmill.distributed.parallel_model import build_parallel_model
 from tokenmill.model.loader import (
-    TOKENIZER_FILES,
     LoadedModel,
+    eos_token_ids,
     generation_config_eos,
+    hf_dir_tokenizer,
     init_random_weights,
-    load_tokenizer,
     random_weights_tokenizer,
     resolve_max_model_len,
 )
 from tokenmill.model.presets import preset_spec
 from tokenmill.model.spec import ModelSpec
-from tokenmill.model.tokenizer import Tokenizer
 
 
 class LazySlice:
@@ -94,9 +93,7 @@ def load_shard(
         model = build_parallel_model(spec, attn_backend, dtype, device, ctx)
         init_random_weights(model, model_config.seed)
         tokenizer = random_weights_tokenizer(model_config) if ctx.rank == 0 else None
-        eos = set(spec.eos_token_ids)
-        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.vocab_size <= spec.vocab_size:
-            eos.add(tokenizer.eos_token_id)
+        eos = eos_token_ids(spec, tokenizer)
         return LoadedModel(model, spec, tokenizer, eos, resolve_max_model_len(spec, model_config),
                            model_config.served_model_name or preset, f"random:{preset}")
     directory = _hf_directory(model_config)
@@ -105,14 +102,7 @@ def load_shard(
     model = build_parallel_model(spec, attn_backend, dtype, device, ctx)
     with torch.no_grad():
         model.load_weights(iter_safetensors_slices(directory))
-    tokenizer: Tokenizer | None = None
-    eos = set(spec.eos_token_ids) | generation_config_eos(directory)
-    if ctx.rank == 0:
-        if model_config.tokenizer:
-            tokenizer = load_tokenizer(model_config.tokenizer, model_config.chat_template)
-        elif any((directory / name).is_file() for name in TOKENIZER_FILES):
-            tokenizer = Tokenizer.from_pretrained(directory, model_config.chat_template)
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
+    tokenizer = hf_dir_tokenizer(directory, model_config) if ctx.rank == 0 else None
+    eos = eos_token_ids(spec, tokenizer, generation_config_eos(directory))
     return LoadedModel(model, spec, tokenizer, eos, max_model_len,
                        model_config.served_model_name or directory.resolve().name, str(directory))

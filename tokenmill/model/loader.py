@@ -87,6 +87,23 @@ def resolve_max_model_len(spec: ModelSpec, model_config: ModelConfig) -> int:
     return max_model_len
 
 
+def eos_token_ids(spec: ModelSpec, tokenizer: Tokenizer | None, extra: set[int] | None = None) -> set[int]:
+    """The config's EOS ids, generation_config's (``extra``) and the tokenizer's when it is a valid id."""
+    eos = set(spec.eos_token_ids) | (extra or set())
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id < spec.vocab_size:
+        eos.add(tokenizer.eos_token_id)
+    return eos
+
+
+def hf_dir_tokenizer(directory: Path, model_config: ModelConfig) -> Tokenizer | None:
+    """The --tokenizer override, else the directory's own tokenizer files, else none."""
+    if model_config.tokenizer:
+        return load_tokenizer(model_config.tokenizer, model_config.chat_template)
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return Tokenizer.from_pretrained(directory, model_config.chat_template)
+    return None
+
+
 def _load_hf_dir(
     directory: Path, model_config: ModelConfig, attn_backend: AttentionBackend, progress: bool
 ) -> LoadedModel:
@@ -102,14 +119,8 @@ def _load_hf_dir(
     model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
     with torch.no_grad():
         model.load_weights(iter_safetensors(directory, progress))
-    tokenizer = None
-    if model_config.tokenizer:
-        tokenizer = load_tokenizer(model_config.tokenizer, model_config.chat_template)
-    elif any((directory / name).is_file() for name in TOKENIZER_FILES):
-        tokenizer = Tokenizer.from_pretrained(directory, model_config.chat_template)
-    eos = set(spec.eos_token_ids) | generation_config_eos(directory)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
+    tokenizer = hf_dir_tokenizer(directory, model_config)
+    eos = eos_token_ids(spec, tokenizer, generation_config_eos(directory))
     return LoadedModel(
         model=model,
         spec=spec,
@@ -170,9 +181,7 @@ def _load_gguf(path: Path, model_config: ModelConfig, attn_backend: AttentionBac
         tokenizer = load_tokenizer(model_config.tokenizer, model_config.chat_template)
     else:
         tokenizer = load_gguf_tokenizer(path, model_config.chat_template, reader)
-    eos = set(spec.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
+    eos = eos_token_ids(spec, tokenizer)
     return LoadedModel(
         model=model,
         spec=spec,
@@ -219,9 +228,7 @@ def _load_random(model_config: ModelConfig, attn_backend: AttentionBackend) -> L
     model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
     init_random_weights(model, model_config.seed)
     tokenizer = random_weights_tokenizer(model_config)
-    eos = set(spec.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.vocab_size <= spec.vocab_size:
-        eos.add(tokenizer.eos_token_id)
+    eos = eos_token_ids(spec, tokenizer)
     return LoadedModel(
         model=model,
         spec=spec,
