@@ -1,85 +1,26 @@
-"""Acceptance 2: ``bench serve`` against a real ``tokenmill serve`` subprocess on the tiny Llama (loopback).
-
-Skipped until the server exists; the same client path is covered against tests/bench/fake_server.py meanwhile.
-"""
+"""Acceptance 2: ``bench serve`` against a real ``tokenmill serve`` subprocess on the tiny Llama (loopback)."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
-import os
-import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from server_process import ServerProcess
 
 from .helpers import run_bench
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("tokenmill.server.cli") is None,
-    reason="tokenmill.server.cli is not written yet; the client path is tested against fake_server.py",
-)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-URL_RE = re.compile(r"http://127\.0\.0\.1:(\d+)")
 
 
 @pytest.fixture(scope="module")
 def tokenmill_server(tiny_llama_dir: Path, tmp_path_factory) -> Iterator[str]:
-    """``python -m tokenmill serve`` on port 0 (it logs the URL it bound); yields the base URL once it answers."""
+    """``python -m tokenmill serve`` on port 0 (it logs the URL it bound); yields the base URL."""
     log_path = tmp_path_factory.mktemp("bench_server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "tokenmill",
-        "serve",
-        str(tiny_llama_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--device",
-        "cpu",
-        "--max-model-len",
-        "256",
-        "--served-model-name",
-        "tiny-llama",
-    ]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    server = ServerProcess(tiny_llama_dir, log_path, "--max-model-len", "256", "--served-model-name", "tiny-llama")
     try:
-        deadline = time.monotonic() + 180
-        url = None
-        while url is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"tokenmill serve did not start:\n{log_path.read_text()[-3000:]}")
-            match = URL_RE.search(log_path.read_text())
-            if match and int(match.group(1)) != 0:
-                candidate = f"http://127.0.0.1:{match.group(1)}"
-                try:
-                    if httpx.get(candidate + "/v1/models", timeout=5, trust_env=False).status_code == 200:
-                        url = candidate
-                except httpx.HTTPError:
-                    url = None  # bound but not answering yet
-            time.sleep(0.2)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        server.stop()
 
 
 def test_bounded_run_against_tokenmill(tmp_path: Path, tokenmill_server: str, tiny_llama_dir: Path) -> None:

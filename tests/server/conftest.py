@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess  # tests/server_process.py, shared with the bench tests
 
 # Small context so every request (fuzzed ones too) generates a bounded number of tokens on CPU.
 SHARED_ARGS = ("--max-model-len", "256", "--served-model-name", "tiny-llama")

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 _URL_RE = re.compile(r"serving at (http://127\.0\.0\.1:\d+)")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ServerProcess:
