@@ -114,6 +114,9 @@ class RunnerConfig:
     attention_backend: str = "auto"  # auto | torch | triton
     max_graph_batch_size: int = 256
     tensor_parallel_size: int = 1  # ranks sharing each layer (one process per rank; gloo on CPU, NCCL on GPU)
+    # Schedule and launch step N+1 while the GPU still runs step N (the host waits for step N's ids after
+    # queueing N+1). None: on for a single CUDA device, off elsewhere (a CPU forward pass is synchronous).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -1,7 +1,7 @@
 """The engine on CUDA (Triton backend, CUDA graphs): skipped without a GPU.
 
-fp32: greedy tokens identical to transformers in every engine mode; bf16: logits within tolerance of an
-fp32 reference; CUDA graphs and eager mode agree.
+fp32: greedy tokens identical to transformers in every engine mode, synchronous and async scheduling;
+bf16: logits within tolerance of an fp32 reference; CUDA graphs and eager mode agree.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def case(tiny_model_dirs):
 @pytest.mark.parametrize("eager", [False, True])
 def test_fp32_greedy_matches_transformers_on_cuda(case, mode, eager):
     model_dir, prompts, expected = case
-    llm = LLM(str(model_dir), device="cuda", dtype="float32", enforce_eager=eager, **MODES[mode])
+    kwargs = {"async_scheduling": False, **MODES[mode]}  # plain modes: synchronous (async is CUDA's default)
+    llm = LLM(str(model_dir), device="cuda", dtype="float32", enforce_eager=eager, **kwargs)
+    assert llm.engine.async_scheduling is mode.startswith("async_")
     assert llm.engine.attn_backend.name == "triton"
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected

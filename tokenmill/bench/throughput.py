@@ -1,7 +1,7 @@
 """``tokenmill bench throughput``: offline, in-process engine throughput with a per-step roofline.
 
-Drives LLMEngine.step() directly, timing each step with a device sync and reading its composition from the
-scheduler's output; tokenmill.bench.roofline turns that into % of the bandwidth roofline and physical floor.
+Drives LLMEngine.step() directly, timing each step between returns of step() and reading its composition
+from the scheduler's output; tokenmill.bench.roofline turns that into % of the bandwidth roofline and physical floor.
 """
 
 from __future__ import annotations
@@ -150,8 +150,11 @@ def run_offline(
     id_prefix: str = "r",
     profile_start: int = 0,
 ) -> OfflineResult:
-    """Add every request, then step the engine until done, timing each step between device syncs.
+    """Add every request, then step the engine until done, timing each ``step()`` call.
 
+    No device sync per step (it would undo async scheduling): each call returns once a step's sampled ids
+    are on the host, so the time between returns is that step's time. With async scheduling the step that
+    lands in a call is the one launched by the call before, and its time is credited to that step's shape.
     With ``profile_dir``, steps ``profile_start`` .. ``profile_start + profile_steps - 1`` are profiled.
     """
     device = engine.config.model.device
@@ -162,25 +165,32 @@ def run_offline(
     recorder = StepRecorder(engine)
     result = OfflineResult(0.0, len(requests), sum(len(r.prompt_token_ids) for r in requests), 0)
     profiler, profile_t0 = None, 0.0
+    overlapped = getattr(engine, "async_scheduling", False)
+    launched: StepShape | None = None  # async: the step in flight, which lands in the next call
+    unattributed = 0.0  # time of calls in which no step landed (the first launch)
     try:
         sync()
         start = time.perf_counter()
-        while engine.has_unfinished_requests():
+        t1 = start
+        while engine.has_unfinished_requests() or (overlapped and engine.in_flight is not None):
             index = len(result.steps)
             if profile_dir and index == profile_start and profiler is None and result.profile_summary is None:
                 profiler, profile_t0 = _start_profiler(device), time.perf_counter()
             with _step_range(index, profiler is not None):
-                t0 = time.perf_counter()
+                t0 = t1
                 outputs = engine.step()
-                sync()
                 t1 = time.perf_counter()
             for out in outputs:
                 if out.finished:
                     result.output_tokens += sum(len(c.token_ids) for c in out.outputs)
             shape = recorder.take()
-            if shape is not None:
-                result.steps.append(shape)
-                result.step_times_s.append(t1 - t0)
+            landed, launched = (launched, shape) if overlapped else (shape, None)
+            if landed is None:
+                unattributed += t1 - t0
+            else:
+                result.steps.append(landed)
+                result.step_times_s.append(t1 - t0 + unattributed)
+                unattributed = 0.0
             if profiler is not None and len(result.steps) >= profile_start + profile_steps:
                 profiler.stop()
                 result.profile_summary = _write_profile(profiler, Path(profile_dir), len(result.steps) - profile_start,
@@ -268,7 +278,10 @@ def _write_profile(profiler: Any, directory: Path, num_steps: int, wall_s: float
     categories: dict[str, float] = {}
     for event in averages:
         us = _device_self_time_us(event)
-        if us > 0 and getattr(event, "device_type", None) is not None and "CUDA" in str(event.device_type):
+        # The per-step NVTX/record_function ranges also show up as GPU events spanning their kernels:
+        # skip them, or every kernel would count twice.
+        annotation = getattr(event, "is_user_annotation", False) or event.key.startswith("step ")
+        if us > 0 and not annotation and "CUDA" in str(getattr(event, "device_type", "")):
             key = kernel_category(event.key)
             categories[key] = categories.get(key, 0.0) + us / 1e6
     busy = sum(categories.values())

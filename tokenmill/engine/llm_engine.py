@@ -1,7 +1,13 @@
-"""LLMEngine: the synchronous engine loop — add requests, ``step()`` until done, abort.
+"""LLMEngine: the engine loop — add requests, ``step()`` until done, abort.
 
 One step = schedule → run the model on the scheduled tokens → sample → append tokens, detokenize, check
 stop conditions → free finished sequences. The server's AsyncLLM drives the same loop from its own thread.
+
+Async scheduling (CUDA): step N+1 is scheduled and queued on the GPU before the host reads step N's sampled
+ids, so host work overlaps GPU work. Each sampled token enters its sequence as a placeholder -(j + 1) (entry j
+of step N's id tensor); step N+1's inputs read it on the device, and the host swaps in the real id when it
+lands. A sequence that stops at step N still ran in step N+1; that extra row is dropped. Steps whose
+sequences need penalties (which read the ids of the history) wait for the previous step first.
 """
 
 from __future__ import annotations
@@ -20,11 +26,21 @@ from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
 from tokenmill.model.loader import load_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.runner.kv_sizing import num_kv_blocks
-from tokenmill.runner.model_runner import ModelRunner, StepResult
+from tokenmill.runner.model_runner import LaunchedStep, ModelRunner, StepResult
+from tokenmill.sampling.penalties import needs_penalties
 from tokenmill.sampling.sampler import make_generator
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose sampled ids the host has not read yet."""
+
+    sched: SchedulerOutput
+    launched: LaunchedStep
+    placeholders: list[tuple[Sequence, int]]  # per sampled entry: its sequence and the placeholder's index
 
 
 @dataclass
@@ -82,6 +98,11 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.num_kv_cache_tokens = num_blocks * config.cache.block_size
         self.requests: dict[str, Request] = {}
+        overlap = config.runner.async_scheduling
+        if overlap is None:
+            overlap = on_cuda and executor is None
+        self.async_scheduling = bool(overlap) and executor is None  # TP ranks replay real ids only
+        self.in_flight: InFlightStep | None = None
         self.num_steps = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -146,6 +167,8 @@ class LLMEngine:
                 generator=make_generator(seed, self.config.model.device),
                 detokenizer=IncrementalDetokenizer(self.tokenizer.hf, request.prompt_token_ids, params)
                 if self.tokenizer is not None else None,
+                token_limit=min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+                if params.max_tokens is not None else self.max_model_len,
                 leader=leader,
                 logprobs=[] if params.logprobs is not None else None,
             )
@@ -188,22 +211,66 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns outputs of the requests that progressed (with async scheduling: of the
+        previous step, whose ids land while this one runs)."""
+        outputs: list[RequestOutput] = []
+        if self.in_flight is not None and self._needs_history_ids():
+            outputs = self._land_in_flight()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.scheduler.num_unfinished:
+            if self.in_flight is not None:
+                return outputs + self._land_in_flight()
+            if self.scheduler.num_unfinished and not outputs:
                 raise RuntimeError(
                     f"scheduler made no progress with {self.scheduler.num_unfinished} sequences pending "
                     f"and {self.block_manager.num_free_blocks}/{self.block_manager.num_blocks} free blocks"
                 )
-            return []
+            return outputs
         now = time.monotonic()
         for item in sched.scheduled:
             metrics = item.seq.request.metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
-        result = self.runner.execute(sched)
         self.num_steps += 1
-        return self._apply(sched, result)
+        if not self.async_scheduling:
+            return outputs + self._apply(sched, self.runner.execute(sched))
+        prev = self.in_flight.launched.token_ids if self.in_flight is not None else None
+        launched = self.runner.launch(sched, prev)
+        for item in sched.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+        placeholders = []
+        for j, row in enumerate(launched.rows):
+            seq = sched.scheduled[row].seq
+            placeholders.append((seq, len(seq.token_ids)))
+            seq.token_ids.append(-(j + 1))
+            seq.num_pending += 1
+        if self.in_flight is not None:
+            outputs += self._land_in_flight()
+        self.in_flight = InFlightStep(sched, launched, placeholders)
+        return outputs
+
+    def _needs_history_ids(self) -> bool:
+        # Penalties read the history's ids on the device side of the next step, so they must be real.
+        return any(needs_penalties(seq.params) for seq in self.scheduler.running)
+
+    def _land_in_flight(self) -> list[RequestOutput]:
+        """Wait for the in-flight step's ids, swap them in for the placeholders, check stop conditions."""
+        step, self.in_flight = self.in_flight, None
+        assert step is not None
+        result = step.launched.result()
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for (seq, index), token_id, logprobs in zip(step.placeholders, result.token_ids, result.logprobs,
+                                                    strict=True):
+            if seq.status.finished:  # stopped at the step before (or aborted): this row was surplus
+                continue
+            seq.token_ids[index] = token_id
+            seq.num_pending -= 1
+            self._record_token(seq, token_id, logprobs, now, touched)
+        for item in step.sched.scheduled:
+            if not item.seq.status.finished:
+                self.block_manager.cache_full_blocks(item.seq)
+        return self._collect_outputs(touched, now)
 
     def _apply(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         now = time.monotonic()
@@ -212,31 +279,38 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         for row, token_id, logprobs in zip(result.rows, result.token_ids, result.logprobs, strict=True):
             seq = sched.scheduled[row].seq
-            self._append_token(seq, token_id, logprobs)
-            request = seq.request
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            request.metrics.last_token_time = now
-            touched[request.request_id] = request
-        outputs = []
+            seq.token_ids.append(token_id)
+            self._record_token(seq, token_id, logprobs, now, touched)
         for item in sched.scheduled:
             if not item.seq.status.finished:
                 self.block_manager.cache_full_blocks(item.seq)
+        return self._collect_outputs(touched, now)
+
+    def _collect_outputs(self, touched: dict[str, Request], now: float) -> list[RequestOutput]:
+        outputs = []
         for request in touched.values():
-            if request.finished:
+            finished = request.finished
+            if finished:
                 request.metrics.finished_time = now
                 self.requests.pop(request.request_id, None)
-            if self.stream_outputs or request.finished:
+            if self.stream_outputs or finished:
                 outputs.append(request.make_output())
         return outputs
 
-    def _append_token(self, seq: Sequence, token_id: int, logprobs) -> None:
-        seq.token_ids.append(token_id)
+    def _record_token(self, seq: Sequence, token_id: int, logprobs, now: float, touched: dict[str, Request]) -> None:
+        """A sampled id is in place in ``seq.token_ids``: bookkeeping, detokenizing, stop conditions."""
+        request = seq.request
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        touched[request.request_id] = request
         self.generation_tokens += 1
         if seq.logprobs is not None and logprobs is not None:
             seq.logprobs.append(logprobs)
         params = seq.params
-        num_out = seq.num_output_tokens
+        num_tokens = seq.num_resolved_tokens
+        num_out = num_tokens - seq.prompt_len
         past_min = num_out >= params.min_tokens
         stop_string = seq.detokenize_pending() if self.stream_outputs or params.stop else None
         status: SequenceStatus | None = None
@@ -248,8 +322,10 @@ class LLMEngine:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_string
         elif params.max_tokens is not None and num_out >= params.max_tokens:
             status = SequenceStatus.FINISHED_LENGTH
-        elif seq.num_tokens >= self.max_model_len:
+        elif num_tokens >= self.max_model_len:
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
+            del seq.token_ids[num_tokens:]  # placeholders of a step launched after this token: surplus
+            seq.num_pending = 0
             seq.status = status
             self.scheduler.remove_finished(seq)

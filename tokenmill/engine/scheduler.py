@@ -80,6 +80,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.reached_limit:  # its last token is in flight; the engine finishes it when it lands
+                index += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(seq, num_new):
                 victim = self.running[-1]

@@ -51,6 +51,11 @@ class Sequence:
     # Hash of each full block of this sequence that is registered in the prefix cache (chained).
     block_hashes: list[int] = field(default_factory=list)
     num_detokenized: int = 0  # generated tokens already fed to the detokenizer
+    # Overlapped steps: tokens sampled on the GPU whose ids the host has not read yet sit at the end of
+    # token_ids as negative placeholders (see LLMEngine); they count as tokens for scheduling only.
+    num_pending: int = 0
+    # Most tokens (prompt + generated) this sequence may reach: min(prompt + max_tokens, max_model_len).
+    token_limit: int | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -64,12 +69,24 @@ class Sequence:
         return len(self.prompt_token_ids)
 
     @property
+    def num_resolved_tokens(self) -> int:
+        """Tokens whose ids are known on the host (all of them unless a step is in flight)."""
+        return len(self.token_ids) - self.num_pending
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
+        """Generated ids known on the host."""
+        return self.token_ids[self.prompt_len : self.num_resolved_tokens]
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens, counting those still in flight (min_tokens and the token limit count them)."""
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def reached_limit(self) -> bool:
+        """All tokens it may produce exist (maybe still in flight): nothing more to compute for it."""
+        return self.token_limit is not None and len(self.token_ids) >= self.token_limit
 
     @property
     def is_prefilled(self) -> bool:
@@ -77,7 +94,7 @@ class Sequence:
 
     def detokenize_pending(self) -> str | None:
         """Feed generated tokens the detokenizer has not seen; returns a matched stop string, if any."""
-        pending = self.token_ids[self.prompt_len + self.num_detokenized :]
+        pending = self.token_ids[self.prompt_len + self.num_detokenized : self.num_resolved_tokens]
         self.num_detokenized += len(pending)
         if not pending or self.detokenizer is None:
             return None

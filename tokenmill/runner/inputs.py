@@ -1,12 +1,16 @@
-"""Turn a SchedulerOutput into the flat tensors one forward pass needs (token ids, positions, metadata)."""
+"""Turn a SchedulerOutput into the flat tensors one forward pass needs (token ids, positions, metadata).
+
+All int64 arrays of a step travel in one host-to-device copy and all int32 ones in another (no stream syncs).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.attention.metadata import AttentionMetadata, HostLayout, upload_arrays
 from tokenmill.engine.scheduler import SchedulerOutput
 
 
@@ -19,30 +23,46 @@ class ModelInputs:
     sample_rows: list[int]  # which scheduled entries sample this step, in order
 
 
-def build_model_inputs(sched: SchedulerOutput, block_size: int, device: torch.device | str) -> ModelInputs:
+def build_model_inputs(
+    sched: SchedulerOutput, block_size: int, device: torch.device | str, prev_token_ids: torch.Tensor | None = None
+) -> ModelInputs:
+    """``prev_token_ids``: sampled ids of the step still in flight. A negative input id -(j + 1) is a
+    placeholder for its entry j (the host has not read it yet); it is filled in on the device."""
     token_ids: list[int] = []
-    positions: list[int] = []
     query_lens: list[int] = []
     seq_lens: list[int] = []
     tables: list[list[int]] = []
     sample_indices: list[int] = []
     sample_rows: list[int] = []
     for row, item in enumerate(sched.scheduled):
-        seq, start = item.seq, item.seq.num_computed_tokens
-        end = start + item.num_tokens
-        token_ids.extend(seq.token_ids[start:end])
-        positions.extend(range(start, end))
-        query_lens.append(item.num_tokens)
+        seq, num = item.seq, item.num_tokens
+        start = seq.num_computed_tokens
+        end = start + num
+        if num == 1:
+            token_ids.append(seq.token_ids[start])
+        else:
+            token_ids.extend(seq.token_ids[start:end])
+        query_lens.append(num)
         seq_lens.append(end)
         tables.append(seq.block_table)
-        if item.samples:
+        if end == seq.num_tokens:  # reaches the last known token: its logits give the next one
             sample_indices.append(len(token_ids) - 1)
             sample_rows.append(row)
-    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device)
+    layout = HostLayout.build(query_lens, seq_lens, tables, block_size)
+    ids, positions, slots, samples = upload_arrays(
+        [np.asarray(token_ids, dtype=np.int64), layout.positions, layout.slot_mapping,
+         np.asarray(sample_indices, dtype=np.int64)],
+        device,
+    )
+    if token_ids and min(token_ids) < 0:
+        if prev_token_ids is None:
+            raise RuntimeError("placeholder input ids need the in-flight step's sampled ids")
+        ids = torch.where(ids >= 0, ids, prev_token_ids[(-ids - 1).clamp_(min=0)])
+    int32 = upload_arrays([layout.query_start_loc, layout.seq_lens, layout.block_tables], device)
     return ModelInputs(
-        input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        meta=meta,
-        sample_indices=torch.tensor(sample_indices, dtype=torch.int64, device=device),
+        input_ids=ids,
+        positions=positions,
+        meta=AttentionMetadata.from_layout(layout, slots, int32),
+        sample_indices=samples,
         sample_rows=sample_rows,
     )

@@ -13,6 +13,7 @@ from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.outputs import Logprob
 from tokenmill.runner.cuda_graphs import DecodeGraphs
 from tokenmill.runner.inputs import build_model_inputs
+from tokenmill.sampling.penalties import needs_penalties
 from tokenmill.sampling.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,26 @@ class StepResult:
     rows: list[int]
     token_ids: list[int]
     logprobs: list[dict[int, Logprob] | None]
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose GPU work is queued: sampled ids live on the device until ``result()`` reads them."""
+
+    rows: list[int]  # scheduled entries that sample, in the order of token_ids
+    token_ids: torch.Tensor  # [len(rows)] int64 on the model's device
+    logprobs: list[dict[int, Logprob] | None]
+    host_ids: torch.Tensor | None = None  # pinned copy being filled (CUDA)
+    ready: torch.cuda.Event | None = None  # recorded after that copy
+
+    def result(self) -> StepResult:
+        """Wait for this step's sampled ids (only this step's: later queued work keeps running)."""
+        if self.ready is not None and self.host_ids is not None:
+            self.ready.synchronize()
+            ids = self.host_ids.tolist()
+        else:
+            ids = self.token_ids.tolist()
+        return StepResult(self.rows, ids, self.logprobs)
 
 
 class ModelRunner:
@@ -74,24 +95,46 @@ class ModelRunner:
         self.graphs.capture()
 
     @torch.inference_mode()
-    def forward_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
-        """Logits [num_sampling_seqs, vocab] (float32) and which scheduled rows they belong to."""
-        inputs = build_model_inputs(sched, self.block_size, self.device)
+    def forward_logits(
+        self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Logits [num_sampling_seqs, vocab] (float32) and which scheduled rows they belong to.
+
+        ``prev_token_ids``: the in-flight step's sampled ids, which placeholder input ids point into.
+        """
+        inputs = build_model_inputs(sched, self.block_size, self.device, prev_token_ids)
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            # One token per row, so row i's token is flat index i; the graph computed every row's logits.
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            if len(inputs.sample_rows) < inputs.meta.num_seqs:  # e.g. a 1-token chunk mid-prompt
+                logits = logits.index_select(0, inputs.sample_indices)
+            return logits, inputs.sample_rows
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
         return logits.float(), inputs.sample_rows
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        logits, rows = self.forward_logits(sched)
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:
+        """Queue the step's forward pass and sampling; the host waits only in ``LaunchedStep.result()``."""
+        logits, rows = self.forward_logits(sched, prev_token_ids)
         if not rows:
-            return StepResult([], [], [])
+            return LaunchedStep([], torch.zeros(0, dtype=torch.int64, device=self.device), [])
         sampling_rows = []
         for row in rows:
             seq = sched.scheduled[row].seq
-            sampling_rows.append(SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator))
-        out = self.sampler(logits, sampling_rows)
-        return StepResult(rows, out.token_ids, out.logprobs)
+            # Only penalties read the history's ids; copying every history on every step costs O(length).
+            history = seq.output_token_ids if needs_penalties(seq.params) else ()
+            sampling_rows.append(
+                SamplingRow(seq.params, seq.prompt_token_ids, history, seq.generator, seq.num_output_tokens)
+            )
+        token_ids, logprobs = self.sampler.sample(logits, sampling_rows)
+        if self.device.type != "cuda":
+            return LaunchedStep(rows, token_ids, logprobs)
+        host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+        host_ids.copy_(token_ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedStep(rows, token_ids, logprobs, host_ids, ready)

@@ -234,7 +234,11 @@ class TPExecutor(ModelRunner):
         logger.info("tensor parallel runs eagerly: CUDA graphs are not captured for tensor_parallel_size > 1")
 
     @torch.inference_mode()
-    def forward_logits(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+    def forward_logits(
+        self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        if prev_token_ids is not None:  # the engine keeps async scheduling off for tensor parallelism
+            raise ValueError("tensor-parallel steps take real input ids, not placeholders of a step in flight")
         inputs = build_model_inputs(sched, self.block_size, self.device)
         self._send("step", _step_payload(inputs))
         logits = self._collective(self._forward, inputs)

@@ -27,8 +27,15 @@ class SamplingRow:
     params: SamplingParams
     # Lists, or array('q') which the penalties read with a memcpy instead of converting every int per step.
     prompt_token_ids: list[int] | array
-    output_token_ids: list[int] | array  # tokens this sequence has generated so far
+    # Tokens generated so far. Only the penalties read the ids; a caller that knows no penalty applies may
+    # pass () with num_output_tokens set, sparing a copy of every history on every step.
+    output_token_ids: list[int] | array | tuple[()]
     generator: torch.Generator | None = None  # per-request seeded generator; None: the shared default RNG
+    num_output_tokens: int | None = None  # None: len(output_token_ids)
+
+    @property
+    def output_len(self) -> int:
+        return len(self.output_token_ids) if self.num_output_tokens is None else self.num_output_tokens
 
 
 @dataclass
@@ -97,6 +104,13 @@ class Sampler:
         self.eos_token_ids = set(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        token_ids, logprobs = self.sample(logits, rows)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[torch.Tensor, list[dict[int, Logprob] | None]]:
+        """Token ids as a device tensor (no host sync unless logprobs are asked for), and per-row logprobs."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [len(rows)={len(rows)}, vocab]; got shape {tuple(logits.shape)}"
@@ -126,5 +140,4 @@ class Sampler:
                 token_ids[random_t] = sample_from_logits(logits[random_t], [rows[i] for i in random])
 
         num_logprobs = [row.params.logprobs for row in rows]
-        logprobs = sample_logprobs(raw_logits, token_ids, num_logprobs)
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+        return token_ids, sample_logprobs(raw_logits, token_ids, num_logprobs)

@@ -1,0 +1,102 @@
+"""Where the GPU time goes: linear-layer bandwidth at decode batch sizes, and profiled engine runs.
+
+Part 1 times ``F.linear`` (cuBLAS) on the Llama-3-8B / Qwen3-0.6B projection shapes at M = 1..256 tokens and
+reports the achieved weight-read bandwidth (the ceiling our decode steps can reach with these GEMMs).
+Part 2 runs ``bench throughput`` with ``--profile`` on the issue-4 workloads and prints the torch profiler's
+GPU time by kernel category (gemm, attention, norm/rope/act, sampling, copy) and the idle rest (launch gaps,
+Python, syncs). Results and traces go under --out.
+
+    python benchmarks/gpu_profile.py --out $OUT/profile      # H100, ~4 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenmill.bench import throughput  # noqa: E402
+
+# (name, in_features, out_features) per model shape
+SHAPES = {
+    "llama3-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096),
+                  ("lm_head", 4096, 128256)],
+    "qwen3-0.6b": [("qkv", 1024, 4096), ("o", 2048, 1024), ("gate_up", 1024, 6144), ("down", 3072, 1024),
+                   ("lm_head", 1024, 151936)],
+}
+
+# name -> bench throughput argv (profile window in decode-heavy steps)
+RUNS = {
+    "b_batch1": ["--random-weights", "llama3-8b", "--num-prompts", "1", "--input-len", "128", "--output-len", "256",
+                 "--profile-start", "100", "--profile-steps", "32"],
+    "d_batch64": ["--random-weights", "llama3-8b", "--num-prompts", "64", "--input-len", "512", "--output-len", "64",
+                  "--profile-start", "30", "--profile-steps", "16"],
+    "c_qwen": ["--random-weights", "qwen3-0.6b", "--num-prompts", "256", "--input-len-range", "100:1024",
+               "--output-len-range", "100:1024", "--profile-start", "300", "--profile-steps", "16"],
+    "a_prefill": ["--random-weights", "llama3-8b", "--num-prompts", "128", "--input-len", "512", "--output-len", "128",
+                  "--profile-start", "0", "--profile-steps", "8"],
+}
+
+
+def linear_bandwidth(iters: int = 50) -> list[dict[str, Any]]:
+    from triton.testing import do_bench_cudagraph
+
+    rows = []
+    for model, shapes in SHAPES.items():
+        for name, k, n in shapes:
+            weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            for m in (1, 8, 32, 64, 128, 256):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ms = do_bench_cudagraph(lambda x=x, weight=weight: F.linear(x, weight), rep=iters)
+                nbytes = 2 * (n * k + m * k + m * n)
+                rows.append({"model": model, "layer": name, "m": m, "k": k, "n": n, "ms": ms,
+                             "gbps": nbytes / ms / 1e6, "tflops": 2 * m * n * k / ms / 1e9})
+            del weight
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma list of " + ",".join(RUNS))
+    parser.add_argument("--skip-linear", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "benchmark": "gpu_profile", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(), "command": shlex.join(["python", *sys.argv]),
+        "torch": torch.__version__,
+    }
+    if not args.skip_linear:
+        record["linear"] = linear_bandwidth()
+        print(f"{'model':<11} {'layer':<8} {'m':>4} {'ms':>8} {'GB/s':>7} {'TFLOP/s':>8}")
+        for r in record["linear"]:
+            print(f"{r['model']:<11} {r['layer']:<8} {r['m']:>4} {r['ms']:8.4f} {r['gbps']:7.0f} {r['tflops']:8.1f}")
+    record["runs"] = {}
+    for name in args.runs.split(","):
+        bench = argparse.ArgumentParser()
+        throughput.add_arguments(bench)
+        argv = [*RUNS[name], "--ignore-eos", "--warmup-requests", "4", "--profile", str(out / name),
+                "--output-json", str(out / f"{name}.json")]
+        print(f"\n=== {name}: bench throughput {shlex.join(argv)}", flush=True)
+        rc = throughput.run(bench.parse_args(argv))
+        record["runs"][name] = {"argv": argv, "rc": rc}
+        gc.collect()
+        torch.cuda.empty_cache()
+    (out / "gpu_profile.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
