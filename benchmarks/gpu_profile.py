@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenmill.bench import throughput  # noqa: E402
 
 # (name, in_features, out_features) per model shape
 SHAPES = {
@@ -85,15 +81,15 @@ def main() -> int:
             print(f"{r['model']:<11} {r['layer']:<8} {r['m']:>4} {r['ms']:8.4f} {r['gbps']:7.0f} {r['tflops']:8.1f}")
     record["runs"] = {}
     for name in args.runs.split(","):
-        bench = argparse.ArgumentParser()
-        throughput.add_arguments(bench)
         argv = [*RUNS[name], "--ignore-eos", "--warmup-requests", "4", "--profile", str(out / name),
                 "--output-json", str(out / f"{name}.json")]
         print(f"\n=== {name}: bench throughput {shlex.join(argv)}", flush=True)
-        rc = throughput.run(bench.parse_args(argv))
+        # One process per engine: an engine sizes its KV cache from the free memory, which a previous
+        # engine in the same process would still hold.
+        code = ("import sys, argparse; from tokenmill.bench import throughput as t; p = argparse.ArgumentParser(); "
+                "t.add_arguments(p); sys.exit(t.run(p.parse_args(sys.argv[1:])))")
+        rc = subprocess.run([sys.executable, "-c", code, *argv], check=False).returncode
         record["runs"][name] = {"argv": argv, "rc": rc}
-        gc.collect()
-        torch.cuda.empty_cache()
     (out / "gpu_profile.json").write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
