@@ -44,19 +44,35 @@ RUNS = {
 }
 
 
-def linear_bandwidth(iters: int = 50) -> list[dict[str, Any]]:
+def linear_bandwidth(rep_ms: int = 50) -> list[dict[str, Any]]:
+    """cuBLAS (torch's default cuBLASLt, and legacy cuBLAS) vs each skinny-GEMM config per shape and M."""
     from triton.testing import do_bench_cudagraph
+
+    from tokenmill.kernels.skinny_gemm import CANDIDATES, MAX_ROWS, skinny_linear
+
+    def bench(fn: Any) -> float:
+        return do_bench_cudagraph(fn, rep=rep_ms)
 
     rows = []
     for model, shapes in SHAPES.items():
         for name, k, n in shapes:
             weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-            for m in (1, 8, 32, 64, 128, 256):
+            for m in (1, 2, 4, 8, 16, 64, 256):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                ms = do_bench_cudagraph(lambda x=x, weight=weight: F.linear(x, weight), rep=iters)
+                variants: dict[str, float] = {"cublaslt": bench(lambda x=x, weight=weight: F.linear(x, weight))}
+                try:
+                    torch.backends.cuda.preferred_blas_library("cublas")
+                    variants["cublas"] = bench(lambda x=x, weight=weight: F.linear(x, weight))
+                finally:
+                    torch.backends.cuda.preferred_blas_library("cublaslt")
+                if m <= MAX_ROWS:
+                    for c in CANDIDATES:
+                        key = f"skinny_n{c.block_n}_k{c.block_k}_w{c.num_warps}_s{c.num_stages}"
+                        variants[key] = bench(lambda x=x, weight=weight, c=c: skinny_linear(x, weight, None, c))
                 nbytes = 2 * (n * k + m * k + m * n)
-                rows.append({"model": model, "layer": name, "m": m, "k": k, "n": n, "ms": ms,
-                             "gbps": nbytes / ms / 1e6, "tflops": 2 * m * n * k / ms / 1e9})
+                for variant, ms in variants.items():
+                    rows.append({"model": model, "layer": name, "m": m, "k": k, "n": n, "variant": variant,
+                                 "ms": ms, "gbps": nbytes / ms / 1e6, "tflops": 2 * m * n * k / ms / 1e9})
             del weight
     return rows
 
@@ -66,6 +82,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma list of " + ",".join(RUNS))
     parser.add_argument("--skip-linear", action="store_true")
+    parser.add_argument("--linear-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,11 +93,12 @@ def main() -> int:
     }
     if not args.skip_linear:
         record["linear"] = linear_bandwidth()
-        print(f"{'model':<11} {'layer':<8} {'m':>4} {'ms':>8} {'GB/s':>7} {'TFLOP/s':>8}")
+        print(f"{'model':<11} {'layer':<8} {'m':>4} {'variant':<26} {'us':>8} {'GB/s':>7} {'TFLOP/s':>8}")
         for r in record["linear"]:
-            print(f"{r['model']:<11} {r['layer']:<8} {r['m']:>4} {r['ms']:8.4f} {r['gbps']:7.0f} {r['tflops']:8.1f}")
+            print(f"{r['model']:<11} {r['layer']:<8} {r['m']:>4} {r['variant']:<26} {1e3 * r['ms']:8.1f} "
+                  f"{r['gbps']:7.0f} {r['tflops']:8.1f}")
     record["runs"] = {}
-    for name in args.runs.split(","):
+    for name in ([] if args.linear_only else args.runs.split(",")):
         argv = [*RUNS[name], "--ignore-eos", "--warmup-requests", "4", "--profile", str(out / name),
                 "--output-json", str(out / f"{name}.json")]
         print(f"\n=== {name}: bench throughput {shlex.join(argv)}", flush=True)

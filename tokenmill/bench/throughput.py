@@ -174,10 +174,11 @@ def run_offline(
         t1 = start
         while engine.has_unfinished_requests() or (overlapped and engine.in_flight is not None):
             index = len(result.steps)
+            t0 = t1
             if profile_dir and index == profile_start and profiler is None and result.profile_summary is None:
-                profiler, profile_t0 = _start_profiler(device), time.perf_counter()
+                profiler = _start_profiler(device)
+                t0 = profile_t0 = time.perf_counter()  # the profiler's start-up is not a step's time
             with _step_range(index, profiler is not None):
-                t0 = t1
                 outputs = engine.step()
                 t1 = time.perf_counter()
             for out in outputs:
@@ -196,6 +197,7 @@ def run_offline(
                 result.profile_summary = _write_profile(profiler, Path(profile_dir), len(result.steps) - profile_start,
                                                         t1 - profile_t0)
                 profiler = None
+                t1 = time.perf_counter()  # writing the trace is not the next step's time either
         result.elapsed_s = time.perf_counter() - start
     finally:
         recorder.detach()
