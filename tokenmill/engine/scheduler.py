@@ -125,6 +125,9 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
+        # One-token entries first: the attention backend sends a leading run of them to the decode kernel,
+        # and one stuck behind a prompt chunk would go through the prefill kernel's 128-row query tiles.
+        out.scheduled.sort(key=lambda item: item.num_tokens != 1)
         return out
 
     def _release_unscheduled(self, seq: Sequence) -> None:

@@ -96,7 +96,9 @@ def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
 
 if HAS_TRITON:
 
-    @triton.jit
+    # Triton compiles a variant per divisibility of every int argument (== 1, % 16 == 0, other); these
+    # follow the batch (block-table width, split geometry), so each new variant cost a mid-run compile.
+    @triton.jit(do_not_specialize=["bt_stride", "num_splits", "partition"])
     def _paged_decode_kernel(
         q_ptr,
         cache_ptr,
@@ -183,7 +185,7 @@ if HAS_TRITON:
             tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + d[None, :], res, mask=out_mask)
             tl.store(part_lse_ptr + idx, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=gmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _paged_decode_reduce_kernel(
         part_out_ptr,
         part_lse_ptr,

@@ -94,7 +94,7 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, l_i, m_new
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["bt_stride"])  # the block-table width follows the batch: no variant per width
     def _prefill_kernel(
         q_ptr,
         cache_ptr,

@@ -42,7 +42,7 @@ def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # rows follow the batch size: one compiled kernel for all
     def _skinny_gemm_kernel(
         x_ptr,
         w_ptr,
