@@ -350,7 +350,10 @@ def run_preset(preset: str, mine: list[Workload], with_sweep: bool, args: argpar
     _free(args.device)
     print(f"[{preset}] tokenmill engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     warm_len = (16, 4) if args.quick else (256, 8)  # prompts long enough to hit the prefill kernels
-    warm_up(engine, 8, spec.vocab_size, *warm_len, temperature=0.0)  # greedy, like the timed runs
+    # Twice the token budget of prompts: later prompts prefill while earlier ones decode, so mixed steps
+    # (and the kernel variants they need) are compiled before anything is timed.
+    warm_requests = 8 + 2 * args.max_num_batched_tokens // warm_len[0]
+    warm_up(engine, warm_requests, spec.vocab_size, *warm_len, temperature=0.0)  # greedy, like the timed runs
     for wl in mine:
         result = _guarded(failures, wl.key, "tokenmill", args.device,
                           functools.partial(tokenmill_row, engine, wl, ceilings, args.profile))
