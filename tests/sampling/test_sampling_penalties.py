@@ -96,6 +96,24 @@ def test_sampler_blocks_eos_until_min_tokens(device):
     assert eos not in seeded and stop not in seeded
 
 
+def test_writable_logits_are_masked_in_place_unless_logprobs_need_them(device):
+    eos = 3
+    sampler = Sampler(eos_token_ids={eos})
+    base = torch.tensor([[0.0, 1.0, 5.0, 9.0], [9.0, 1.0, 0.0, 8.0]], device=device)
+    rows = [make_row(device, output=[], min_tokens=2, temperature=0.0) for _ in range(2)]
+    kept = base.clone()
+    ids, _ = sampler.sample(kept, rows)  # default: the caller's logits stay as they were
+    assert ids.tolist() == [2, 0] and torch.equal(kept, base)
+    scratch = base.clone()
+    ids, _ = sampler.sample(scratch, rows, logits_writable=True)
+    assert ids.tolist() == [2, 0] and scratch[:, eos].tolist() == [NEG_INF, NEG_INF]
+    with_logprobs = [make_row(device, output=[], min_tokens=2, temperature=0.0, logprobs=1) for _ in range(2)]
+    scratch = base.clone()
+    ids, logprobs = sampler.sample(scratch, with_logprobs, logits_writable=True)
+    assert torch.equal(scratch, base)  # logprobs read the raw values, so the processors got a copy
+    assert ids.tolist() == [2, 0] and all(lp is not None for lp in logprobs)
+
+
 def test_sampler_penalty_changes_the_greedy_choice(device):
     logits = torch.tensor([[2.0, 1.9, 0.0]], device=device)
     sampler = Sampler(set())

@@ -130,7 +130,8 @@ class ModelRunner:
             sampling_rows.append(
                 SamplingRow(seq.params, seq.prompt_token_ids, history, seq.generator, seq.num_output_tokens)
             )
-        token_ids, logprobs = self.sampler.sample(logits, sampling_rows)
+        # The logits are this step's scratch (the graph's output buffer or a fresh tensor).
+        token_ids, logprobs = self.sampler.sample(logits, sampling_rows, logits_writable=True)
         if self.device.type != "cuda":
             return LaunchedStep(rows, token_ids, logprobs)
         host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
