@@ -93,14 +93,16 @@ class SchedulerConfig:
     """Continuous batching limits: sequences per step and tokens per step (chunked prefill splits prompts)."""
 
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    # Tokens per step; None: 8192 on CUDA (vLLM's serving default; measured on the H100: Llama-3-8B 128 × 512
+    # prefill at 74.8% of the matmul rate vs 68.8% at 2048), 2048 on CPU (shorter mixed steps there).
+    max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # backpressure for the server; None: unbounded
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0; got {self.max_waiting_requests}")
@@ -133,6 +135,11 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+    def __post_init__(self) -> None:
+        if self.scheduler.max_num_batched_tokens is None:
+            on_cuda = self.model.device.startswith("cuda")
+            self.scheduler.max_num_batched_tokens = 8192 if on_cuda else 2048
 
     def check_against_model(self, max_model_len: int) -> None:
         """Cross-field checks that need the model's context length (called once it is known)."""

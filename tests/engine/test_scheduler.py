@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
 from engine_helpers import make_seq
 
-from tokenmill.config import SchedulerConfig
+from tokenmill.config import EngineConfig, SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import SequenceStatus
@@ -112,3 +114,14 @@ def test_abort_of_waiting_and_running_frees_everything():
         sched.remove_finished(seq)
     assert sched.num_unfinished == 0
     assert sched.block_manager.num_free_blocks == 8
+
+
+def test_token_budget_default_follows_the_device():
+    assert EngineConfig.from_kwargs(device="cpu").scheduler.max_num_batched_tokens == 2048
+    assert EngineConfig.from_kwargs(device="cpu", max_num_batched_tokens=64).scheduler.max_num_batched_tokens == 64
+    if torch.cuda.is_available():
+        assert EngineConfig.from_kwargs(device="cuda").scheduler.max_num_batched_tokens == 8192
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1"):
+        SchedulerConfig(max_num_batched_tokens=0)
+    with pytest.raises(ValueError, match="unresolved"):
+        Scheduler(SchedulerConfig(), BlockManager(4, 4, False))

@@ -43,6 +43,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        if config.max_num_batched_tokens is None:
+            raise ValueError("max_num_batched_tokens is unresolved; build the config through EngineConfig")
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
