@@ -5,6 +5,8 @@ Agreement is measured against the fp32 graph on a fixed evaluation set: top-1 ag
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +48,15 @@ def to_int8(src: str | Path, dst: str | Path, calibration: list[dict[str, np.nda
 
     if not calibration:
         raise ValueError("calibration must hold at least one feed (input name -> array)")
-    prepped = Path(dst).with_suffix(".prep.onnx")
-    try:
-        quant_pre_process(str(src), str(prepped), skip_symbolic_shape=False)
-    except Exception:  # noqa: BLE001 - symbolic inference gives up on some dynamic-sequence graphs (BERT)
-        quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
+    prepped = Path(dst).with_suffix(".prep.onnx").resolve()
+    src = Path(src).resolve()
+    # Symbolic shape inference writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data) into the working
+    # directory: run it from a temporary one so nothing is left in the caller's.
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        try:
+            quant_pre_process(str(src), str(prepped), skip_symbolic_shape=False)
+        except Exception:  # noqa: BLE001 - symbolic inference gives up on some dynamic-sequence graphs (BERT)
+            quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
     try:
         quantize_static(
             str(prepped),
