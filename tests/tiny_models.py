@@ -102,3 +102,18 @@ def make_tiny_model_dir(directory: Path, arch: str = "llama", seed: int = 0, **o
     model.save_pretrained(directory, safe_serialization=True)
     GenerationConfig(eos_token_id=eos_id, bos_token_id=SPECIAL_TOKENS.index("<|im_start|>")).save_pretrained(directory)
     return directory
+
+
+def transformers_greedy(model_dir: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """transformers ``generate`` greedy continuations (fp32), each cut after its first EOS: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    outputs = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=eos)
+        new = out[0, len(ids):].tolist()
+        outputs.append(new[: new.index(eos) + 1] if eos in new else new)
+    return outputs

@@ -17,8 +17,8 @@ import time
 import httpx
 import pytest
 import torch
-from tiny_models import make_tiny_model_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny_models import make_tiny_model_dir, transformers_greedy
+from transformers import AutoTokenizer
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import RunnerConfig
@@ -32,18 +32,6 @@ TEXTS = [
     "Unicode: café, naïve, Straße, 東京",
 ]
 ENGINE_ARGS = dict(device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=64, block_size=8)
-
-
-def _transformers_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    outputs = []
-    for ids in prompts:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=eos)
-        new = out[0, len(ids):].tolist()
-        outputs.append(new[: new.index(eos) + 1] if eos in new else new)
-    return outputs
 
 
 def _assert_reaped(pids: list[int]) -> None:
@@ -77,7 +65,7 @@ def test_greedy_tokens_match_tp1_and_transformers(tp_case):
     want = [o.outputs[0].token_ids for o in tp1.generate(prompts, params, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in tp2.generate(prompts, params, use_tqdm=False)]
     assert got == want
-    assert got == _transformers_greedy(model_dir, prompts)
+    assert got == transformers_greedy(model_dir, prompts, MAX_NEW)
 
 
 def test_logits_match_tp1(tp_case):

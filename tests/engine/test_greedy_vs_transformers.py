@@ -7,9 +7,8 @@ enough to force preemption by recompute; each also with async scheduling. All mu
 from __future__ import annotations
 
 import pytest
-import torch
-from tiny_models import ARCHITECTURES
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny_models import ARCHITECTURES, transformers_greedy
+from transformers import AutoTokenizer
 
 from tokenmill import LLM, SamplingParams
 
@@ -33,17 +32,7 @@ MODES.update({f"async_{name}": dict(kwargs, async_scheduling=True) for name, kwa
 
 
 def _reference(model_dir, prompts: list[list[int]]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    outputs = []
-    for ids in prompts:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=eos)
-        new = out[0, len(ids):].tolist()
-        if eos in new:
-            new = new[: new.index(eos) + 1]
-        outputs.append(new)
-    return outputs
+    return transformers_greedy(model_dir, prompts, MAX_NEW)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)

@@ -165,14 +165,14 @@ def run_offline(
     recorder = StepRecorder(engine)
     result = OfflineResult(0.0, len(requests), sum(len(r.prompt_token_ids) for r in requests), 0)
     profiler, profile_t0 = None, 0.0
-    overlapped = getattr(engine, "async_scheduling", False)
+    overlapped = engine.async_scheduling
     launched: StepShape | None = None  # async: the step in flight, which lands in the next call
     unattributed = 0.0  # time of calls in which no step landed (the first launch)
     try:
         sync()
         start = time.perf_counter()
         t1 = start
-        while engine.has_unfinished_requests() or (overlapped and engine.in_flight is not None):
+        while engine.has_unfinished_requests() or engine.in_flight is not None:
             index = len(result.steps)
             t0 = t1
             if profile_dir and index == profile_start and profiler is None and result.profile_summary is None:

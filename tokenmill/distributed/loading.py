@@ -5,7 +5,6 @@ Rank 0 also gathers what the engine needs besides the model (tokenizer, EOS ids,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from tokenmill.model.loader import (
     init_random_weights,
     random_weights_tokenizer,
     resolve_max_model_len,
+    safetensors_shards,
 )
 from tokenmill.model.presets import preset_spec
 from tokenmill.model.spec import ModelSpec
@@ -46,14 +46,7 @@ def iter_safetensors_slices(directory: Path) -> Iterator[tuple[str, torch.Tensor
     """(name, tensor) for vectors (norms, biases: small, every rank needs them) and (name, LazySlice) for matrices."""
     from safetensors import safe_open
 
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        shards = sorted(directory.glob("*.safetensors"))
-    if not shards:
-        raise ValueError(f"{directory} has no *.safetensors weights (pytorch_model.bin is not supported)")
-    for shard in shards:
+    for shard in safetensors_shards(directory):
         with safe_open(str(shard), framework="pt", device="cpu") as handle:
             for name in handle.keys():
                 part = handle.get_slice(name)

@@ -7,7 +7,8 @@ Async scheduling (CUDA): step N+1 is scheduled and queued on the GPU before the 
 ids, so host work overlaps GPU work. Each sampled token enters its sequence as a placeholder -(j + 1) (entry j
 of step N's id tensor); step N+1's inputs read it on the device, and the host swaps in the real id when it
 lands. A sequence that stops at step N still ran in step N+1; that extra row is dropped. Steps whose
-sequences need penalties (which read the ids of the history) wait for the previous step first.
+sequences need penalties (which read the ids of the history) wait for the previous step first. Without async
+scheduling the same path runs with each step landing in the call that launched it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
 from tokenmill.model.loader import load_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.runner.kv_sizing import num_kv_blocks
-from tokenmill.runner.model_runner import LaunchedStep, ModelRunner, StepResult
+from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 from tokenmill.sampling.penalties import needs_penalties
 from tokenmill.sampling.sampler import make_generator
 from tokenmill.sampling_params import SamplingParams
@@ -103,9 +104,8 @@ class LLMEngine:
         self.num_kv_cache_tokens = num_blocks * config.cache.block_size
         self.requests: dict[str, Request] = {}
         overlap = config.runner.async_scheduling
-        if overlap is None:
-            overlap = on_cuda and executor is None
-        self.async_scheduling = bool(overlap) and executor is None  # TP ranks replay real ids only
+        # TP ranks replay real input ids only, so tensor parallelism stays synchronous.
+        self.async_scheduling = executor is None and (on_cuda if overlap is None else overlap)
         self.in_flight: InFlightStep | None = None
         self.num_steps = 0
         self.prompt_tokens = 0
@@ -236,8 +236,8 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         self.num_steps += 1
-        if not self.async_scheduling:
-            return outputs + self._apply(sched, self.runner.execute(sched))
+        # Synchronous scheduling is the same path with the step landing at once (in_flight is always None
+        # here then, since every step lands in the call that launched it).
         prev = self.in_flight.launched.token_ids if self.in_flight is not None else None
         launched = self.runner.launch(sched, prev)
         for item in sched.scheduled:
@@ -251,6 +251,8 @@ class LLMEngine:
         if self.in_flight is not None:
             outputs += self._land_in_flight()
         self.in_flight = InFlightStep(sched, launched, placeholders)
+        if not self.async_scheduling:
+            outputs += self._land_in_flight()
         return outputs
 
     def _needs_history_ids(self) -> bool:
@@ -258,7 +260,8 @@ class LLMEngine:
         return any(needs_penalties(seq.params) for seq in self.scheduler.running)
 
     def _land_in_flight(self) -> list[RequestOutput]:
-        """Wait for the in-flight step's ids, swap them in for the placeholders, check stop conditions."""
+        """Wait for the in-flight step's ids, swap them in for the placeholders, check stop conditions, free
+        finished sequences, register full blocks in the prefix cache."""
         step, self.in_flight = self.in_flight, None
         assert step is not None
         result = step.launched.result()
@@ -272,20 +275,6 @@ class LLMEngine:
             seq.num_pending -= 1
             self._record_token(seq, token_id, logprobs, now, touched)
         for item in step.sched.scheduled:
-            if not item.seq.status.finished:
-                self.block_manager.cache_full_blocks(item.seq)
-        return self._collect_outputs(touched, now)
-
-    def _apply(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
-        now = time.monotonic()
-        for item in sched.scheduled:
-            item.seq.num_computed_tokens += item.num_tokens
-        touched: dict[str, Request] = {}
-        for row, token_id, logprobs in zip(result.rows, result.token_ids, result.logprobs, strict=True):
-            seq = sched.scheduled[row].seq
-            seq.token_ids.append(token_id)
-            self._record_token(seq, token_id, logprobs, now, touched)
-        for item in sched.scheduled:
             if not item.seq.status.finished:
                 self.block_manager.cache_full_blocks(item.seq)
         return self._collect_outputs(touched, now)
@@ -324,9 +313,7 @@ class LLMEngine:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token_id
         elif past_min and stop_string is not None:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_string
-        elif params.max_tokens is not None and num_out >= params.max_tokens:
-            status = SequenceStatus.FINISHED_LENGTH
-        elif num_tokens >= self.max_model_len:
+        elif num_tokens >= seq.token_limit:  # max_tokens reached, or max_model_len
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
             del seq.token_ids[num_tokens:]  # placeholders of a step launched after this token: surplus

@@ -54,7 +54,8 @@ class Sequence:
     # Overlapped steps: tokens sampled on the GPU whose ids the host has not read yet sit at the end of
     # token_ids as negative placeholders (see LLMEngine); they count as tokens for scheduling only.
     num_pending: int = 0
-    # Most tokens (prompt + generated) this sequence may reach: min(prompt + max_tokens, max_model_len).
+    # Most tokens (prompt + generated) it may reach: min(prompt + max_tokens, max_model_len). The engine sets
+    # it on every sequence it creates; None only for sequences built by hand (scheduler tests).
     token_limit: int | None = None
 
     def __post_init__(self) -> None:

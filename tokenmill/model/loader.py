@@ -132,10 +132,8 @@ def _load_hf_dir(
     )
 
 
-def iter_safetensors(directory: Path, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of a single or sharded safetensors checkpoint, one at a time."""
-    from safetensors import safe_open
-
+def safetensors_shards(directory: Path) -> list[Path]:
+    """The shard files of a single or sharded (index.json) safetensors checkpoint, in a stable order."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -143,6 +141,14 @@ def iter_safetensors(directory: Path, progress: bool = False) -> Iterator[tuple[
         shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         raise ValueError(f"{directory} has no *.safetensors weights (pytorch_model.bin is not supported)")
+    return shards
+
+
+def iter_safetensors(directory: Path, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a single or sharded safetensors checkpoint, one at a time."""
+    from safetensors import safe_open
+
+    shards = safetensors_shards(directory)
     bar = None
     if progress:
         from tqdm import tqdm

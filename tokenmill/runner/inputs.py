@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokenmill.attention.metadata import AttentionMetadata, HostLayout, upload_arrays
+from tokenmill.attention.metadata import AttentionMetadata, HostLayout
 from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.transfer import upload_arrays
 
 
 @dataclass

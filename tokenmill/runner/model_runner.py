@@ -113,9 +113,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
         return logits.float(), inputs.sample_rows
 
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        return self.launch(sched).result()
-
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:
         """Queue the step's forward pass and sampling; the host waits only in ``LaunchedStep.result()``."""

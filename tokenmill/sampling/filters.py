@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.sampling.transfer import to_device
+from tokenmill.transfer import to_device
 
 # Rows whose top_k is at most this take a partial topk instead of a full sort of the vocabulary.
 PARTIAL_SORT_MAX_K = 1024

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from tokenmill.outputs import Logprob
-from tokenmill.sampling.transfer import to_device
+from tokenmill.transfer import to_device
 
 
 def _gather(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[list[float]]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tokenmill.sampling.transfer import to_device
+from tokenmill.transfer import to_device
 
 if TYPE_CHECKING:
     from tokenmill.sampling.sampler import SamplingRow

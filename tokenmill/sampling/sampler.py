@@ -16,8 +16,8 @@ from tokenmill.outputs import Logprob
 from tokenmill.sampling.filters import apply_min_p, apply_top_k_top_p
 from tokenmill.sampling.logprobs import sample_logprobs
 from tokenmill.sampling.penalties import apply_min_tokens, apply_penalties, needs_history
-from tokenmill.sampling.transfer import to_device
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.transfer import to_device
 
 
 @dataclass
