@@ -11,6 +11,7 @@ as achieved bandwidth / FLOP rate and % of the measured ceiling. Writes JSON; pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -290,6 +291,43 @@ def bench_decode(rep: Report, num_sms: int) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_decode_wide_table(rep: Report, num_sms: int) -> None:
+    """Decode inside a CUDA graph planned for max_model_len: short sequences behind a wide block table.
+
+    "fixed" gives every sequence the planned partition (min_partition == partition_size, the layout before
+    per-sequence partitions); "spread" lets each sequence divide its own length over the splits.
+    """
+    gen = torch.Generator().manual_seed(1)
+    for batch, seq_len, table_tokens in [(1, 512, 8192), (8, 512, 8192), (1, 512, 131072), (4, 2048, 131072),
+                                         (32, 512, 32768)]:
+        kv_bytes = batch * seq_len * HKV * D * 2 * 2
+        copies = max(1, min(64, -(-400_000_000 // kv_bytes)))
+        num_blocks, tables = make_tables(batch, seq_len, copies, gen)
+        width = table_tokens // BS
+        tables = [F.pad(t, (0, width - t.shape[1])) for t in tables]
+        cache = torch.randn(2, num_blocks, BS, HKV, D, device=DEV).to(torch.bfloat16)
+        q = torch.randn(batch, HQ, D, device=DEV).to(torch.bfloat16)
+        lens = torch.full((batch,), seq_len, dtype=torch.int32, device=DEV)
+        shape = f"B={batch} L={seq_len} table={table_tokens}"
+        out = torch.empty_like(q)
+        ref = paged_decode_reference(q.float(), cache, tables[0], lens, D**-0.5)
+        spread = plan_decode(batch, HKV, table_tokens, num_sms)
+        for name, plan in (("spread", spread),
+                           ("fixed", dataclasses.replace(spread, min_partition=spread.partition_size))):
+            out.fill_(float("nan"))
+            paged_decode(q, cache, tables[0], lens, D**-0.5, plan=plan, out=out)
+            rep.check(f"paged_decode[{name}]", torch.bfloat16, shape, rel_err(out, ref))
+
+            def run(plan: DecodePlan = plan) -> None:
+                for t in tables:
+                    paged_decode(q, cache, t, lens, D**-0.5, plan=plan, out=out)
+
+            ms = median_ms(run, graph=True) / len(tables)
+            rep.time("paged_decode_wide_table", name, shape, ms, kv_bytes, splits=plan.num_splits,
+                     partition=plan.partition_size, min_partition=plan.min_partition)
+        torch.cuda.empty_cache()
+
+
 def bench_prefill(rep: Report) -> None:
     gen = torch.Generator().manual_seed(1)
     # (list of (context_len, query_len)) -> label
@@ -374,7 +412,7 @@ def main() -> None:
     parser.add_argument(
         "--out", default=os.environ.get("OUT", "benchmarks/results"), help="folder for the JSON"
     )
-    parser.add_argument("--only", default="pointwise,decode,prefill", help="comma list of sections")
+    parser.add_argument("--only", default="pointwise,decode,decode_wide,prefill", help="comma list of sections")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_kernels.py needs a CUDA GPU")
@@ -386,6 +424,7 @@ def main() -> None:
     for name, run in (
         ("pointwise", lambda: bench_pointwise(rep)),
         ("decode", lambda: bench_decode(rep, props.multi_processor_count)),
+        ("decode_wide", lambda: bench_decode_wide_table(rep, props.multi_processor_count)),
         ("prefill", lambda: bench_prefill(rep)),
     ):
         if name not in sections:

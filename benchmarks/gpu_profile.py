@@ -37,6 +37,8 @@ RUNS = {
                  "--profile-start", "100", "--profile-steps", "32"],
     "d_batch64": ["--random-weights", "llama3-8b", "--num-prompts", "64", "--input-len", "512", "--output-len", "64",
                   "--profile-start", "30", "--profile-steps", "16"],
+    "d_batch256": ["--random-weights", "llama3-8b", "--num-prompts", "256", "--input-len", "512", "--output-len", "64",
+                   "--profile-start", "40", "--profile-steps", "16"],
     "c_qwen": ["--random-weights", "qwen3-0.6b", "--num-prompts", "256", "--input-len-range", "100:1024",
                "--output-len-range", "100:1024", "--profile-start", "300", "--profile-steps", "16"],
     "a_prefill": ["--random-weights", "llama3-8b", "--num-prompts", "128", "--input-len", "512", "--output-len", "128",
@@ -45,19 +47,23 @@ RUNS = {
 
 
 def linear_bandwidth(rep_ms: int = 50) -> list[dict[str, Any]]:
-    """cuBLAS (torch's default cuBLASLt, and legacy cuBLAS) vs each skinny-GEMM config per shape and M."""
-    from triton.testing import do_bench_cudagraph
+    """cuBLAS (torch's default cuBLASLt, and legacy cuBLAS) vs each tiled-GEMM config per shape and M.
 
-    from tokenmill.kernels.skinny_gemm import CANDIDATES, MAX_ROWS, skinny_linear
+    Timed like the start-up tuning (runner/linear_tuning.py): triton's do_bench flushes L2 between calls,
+    so the weights come from HBM as they do in a decode step.
+    """
+    from triton.testing import do_bench
+
+    from tokenmill.kernels.tiled_gemm import candidates_for, tiled_linear
 
     def bench(fn: Any) -> float:
-        return do_bench_cudagraph(fn, rep=rep_ms)
+        return do_bench(fn, warmup=10, rep=rep_ms)
 
     rows = []
     for model, shapes in SHAPES.items():
         for name, k, n in shapes:
             weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-            for m in (1, 2, 4, 8, 16, 64, 256):
+            for m in (1, 2, 4, 8, 16, 32, 64, 128, 256):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 variants: dict[str, float] = {"cublaslt": bench(lambda x=x, weight=weight: F.linear(x, weight))}
                 try:
@@ -65,15 +71,42 @@ def linear_bandwidth(rep_ms: int = 50) -> list[dict[str, Any]]:
                     variants["cublas"] = bench(lambda x=x, weight=weight: F.linear(x, weight))
                 finally:
                     torch.backends.cuda.preferred_blas_library("cublaslt")
-                if m <= MAX_ROWS:
-                    for c in CANDIDATES:
-                        key = f"skinny_n{c.block_n}_k{c.block_k}_w{c.num_warps}_s{c.num_stages}"
-                        variants[key] = bench(lambda x=x, weight=weight, c=c: skinny_linear(x, weight, None, c))
+                for c in candidates_for(m):
+                    variants[f"tiled_{c.name}"] = bench(lambda x=x, weight=weight, c=c: tiled_linear(x, weight, None, c))
                 nbytes = 2 * (n * k + m * k + m * n)
                 for variant, ms in variants.items():
                     rows.append({"model": model, "layer": name, "m": m, "k": k, "n": n, "variant": variant,
                                  "ms": ms, "gbps": nbytes / ms / 1e6, "tflops": 2 * m * n * k / ms / 1e9})
             del weight
+    return rows
+
+
+def linear_tunableop(rep_ms: int = 50) -> list[dict[str, Any]]:
+    """cuBLAS's default choice vs PyTorch TunableOp (which times the BLAS libraries' candidate algorithms)
+    for the Llama-3-8B projections at 64-256 rows, where the default runs below the copy rate."""
+    from triton.testing import do_bench
+
+    rows = []
+    for name, k, n in SHAPES["llama3-8b"]:
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for m in (64, 128, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            default = do_bench(lambda x=x, weight=weight: F.linear(x, weight), warmup=10, rep=rep_ms)
+            torch.cuda.tunable.enable(True)
+            torch.cuda.tunable.tuning_enable(True)
+            try:
+                F.linear(x, weight)  # tunes this shape once
+                torch.cuda.synchronize()
+                torch.cuda.tunable.tuning_enable(False)
+                tuned = do_bench(lambda x=x, weight=weight: F.linear(x, weight), warmup=10, rep=rep_ms)
+            finally:
+                torch.cuda.tunable.enable(False)
+            rows.append({"layer": name, "m": m, "k": k, "n": n, "default_ms": default, "tunableop_ms": tuned,
+                         "ratio": tuned / default})
+            print(f"tunableop llama3-8b {name:<8} m={m:<4} default {1e3 * default:7.1f} us  "
+                  f"tunableop {1e3 * tuned:7.1f} us  ({tuned / default:.2f}x)", flush=True)
+        del weight
+    rows.append({"tunableop_results": [list(map(str, r)) for r in torch.cuda.tunable.get_results()]})
     return rows
 
 
@@ -83,6 +116,7 @@ def main() -> int:
     parser.add_argument("--runs", default=",".join(RUNS), help="comma list of " + ",".join(RUNS))
     parser.add_argument("--skip-linear", action="store_true")
     parser.add_argument("--linear-only", action="store_true")
+    parser.add_argument("--tunableop", action="store_true", help="also time PyTorch TunableOp's GEMM choice")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,10 +127,12 @@ def main() -> int:
     }
     if not args.skip_linear:
         record["linear"] = linear_bandwidth()
-        print(f"{'model':<11} {'layer':<8} {'m':>4} {'variant':<26} {'us':>8} {'GB/s':>7} {'TFLOP/s':>8}")
+        print(f"{'model':<11} {'layer':<8} {'m':>4} {'variant':<28} {'us':>8} {'GB/s':>7} {'TFLOP/s':>8}")
         for r in record["linear"]:
-            print(f"{r['model']:<11} {r['layer']:<8} {r['m']:>4} {r['variant']:<26} {1e3 * r['ms']:8.1f} "
+            print(f"{r['model']:<11} {r['layer']:<8} {r['m']:>4} {r['variant']:<28} {1e3 * r['ms']:8.1f} "
                   f"{r['gbps']:7.0f} {r['tflops']:8.1f}")
+    if args.tunableop:
+        record["tunableop"] = linear_tunableop()
     record["runs"] = {}
     for name in ([] if args.linear_only else args.runs.split(",")):
         argv = [*RUNS[name], "--ignore-eos", "--warmup-requests", "4", "--profile", str(out / name),

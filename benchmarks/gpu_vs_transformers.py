@@ -182,6 +182,15 @@ def tokenmill_row(engine: LLMEngine, wl: Workload, ceilings: Ceilings,
         row.notes.append(f"prefill/mixed steps: {roof.prefill_measured_s:.3f} s at "
                          f"{roof.prefill_matmul_pct:.1f}% of the matmul rate")
     row.prefill_matmul_pct = roof.prefill_matmul_pct
+    mixed_ms = [round(1e3 * t) for shape, t in zip(result.steps, result.step_times_s, strict=True) if not shape.is_decode]
+    if mixed_ms:
+        row.notes.append(f"prefill/mixed step ms: {mixed_ms}")
+    if result.jit_compiles:
+        seconds = sum(c["seconds"] for c in result.jit_compiles)
+        where = ", ".join(f"{c['kernel']} (step {c['step']}, {c['seconds']:.2f} s)" for c in result.jit_compiles)
+        row.notes.append(f"Triton compiled {len(result.jit_compiles)} variant(s) in the timed run, {seconds:.2f} s: {where}")
+    else:
+        row.notes.append("no Triton compile in the timed run")
     if profile_dir:
         # A second, profiled run of the same workload (the timed run above stays unprofiled); its window
         # sits mid-run where decode and mixed steps happen.
@@ -217,7 +226,7 @@ def decode_sweep(engine: LLMEngine, sizes: Sizes, ceilings: Ceilings, seed: int)
         roofline = statistics.median(bandwidth_time(spec, s, ceilings, itemsize) for s, _ in full)
         rows.append({"batch": batch, "output_len": output_len, "steps": len(full), "median_step_ms": 1e3 * measured,
                      "roofline_ms": 1e3 * roofline, "roofline_pct": 100.0 * roofline / measured,
-                     "tok_s": batch / measured})
+                     "tok_s": batch / measured, "jit_compiles": result.jit_compiles})
     return rows
 
 

@@ -119,8 +119,9 @@ class RunnerConfig:
     # Schedule and launch step N+1 while the GPU still runs step N (the host waits for step N's ids after
     # queueing N+1). None: on for a single CUDA device, off elsewhere (a CPU forward pass is synchronous).
     async_scheduling: bool | None = None
-    # Time cuBLAS against the skinny decode GEMM per weight shape at start-up (bf16/fp16 on CUDA).
-    tune_skinny_gemm: bool = True
+    # Time cuBLAS against the tiled Triton GEMM per weight shape at decode row counts at start-up (bf16/fp16
+    # on CUDA); each (shape, rows) keeps whichever is faster.
+    tune_gemm: bool = True
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):

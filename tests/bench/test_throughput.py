@@ -45,6 +45,7 @@ def test_fixed_workload_counts_every_token_and_step(tmp_path: Path) -> None:
     assert 0 < record["roofline"]["floor_pct"] < 100
     assert record["command"] == shlex.join(sys.argv) and record["device"].startswith("cpu")
     assert record["config"]["random_weights"] == "tiny-llama"
+    assert record["jit_compiles_in_timed_run"] == []  # CPU: nothing is JIT-compiled
 
 
 def test_range_workload_runs(tmp_path: Path) -> None:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 from conftest import rel_err, requires_cuda
 
-from tokenmill.kernels.skinny_gemm import CANDIDATES, skinny_linear, skinny_linear_reference
+from tokenmill.kernels.tiled_gemm import (
+    SKINNY_CANDIDATES,
+    WIDE_CANDIDATES,
+    tiled_linear,
+    tiled_linear_reference,
+)
 from tokenmill.model.layers import Linear
-from tokenmill.runner.linear_tuning import ROW_COUNTS, tune_skinny_linears
+from tokenmill.runner.linear_tuning import ROW_COUNTS, tune_linears
 
 pytestmark = requires_cuda
 
@@ -21,31 +26,39 @@ def test_tuned_linears_match_reference_at_every_row_count():
         torch.nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:
             torch.nn.init.normal_(module.bias)
-    plans = tune_skinny_linears(model)
+    plans = tune_linears(model, max_rows=200)  # rounds up: row counts 1..256 are tuned
     assert len(plans) == 3
     for module in model:
-        assert set(module.skinny_plan) <= set(ROW_COUNTS)
-        assert all(config in CANDIDATES for config in module.skinny_plan.values())
-        for rows in (1, 3, 8, 16, 40):  # 40: beyond the skinny range, cuBLAS
+        assert set(module.gemm_plan) <= set(ROW_COUNTS)
+        assert all(config in SKINNY_CANDIDATES + WIDE_CANDIDATES for config in module.gemm_plan.values())
+        for rows in (1, 3, 8, 16, 40, 200, 300):  # 300: beyond every plan, cuBLAS
             x = torch.randn(rows, module.weight.shape[1], device="cuda", dtype=torch.bfloat16)
-            ref = skinny_linear_reference(x, module.weight, module.bias).float()
+            ref = tiled_linear_reference(x, module.weight, module.bias).float()
             assert rel_err(module(x), ref) < 1e-2
+
+
+def test_tuning_stops_at_the_largest_decode_batch():
+    module = Linear(512, 1024).to("cuda", torch.bfloat16)
+    torch.nn.init.normal_(module.weight, std=0.02)
+    tune_linears(torch.nn.ModuleList([module]), max_rows=8)
+    assert set(module.gemm_plan) <= {1, 2, 4, 8}
 
 
 def test_fp32_linears_are_left_to_cublas():
     model = torch.nn.ModuleList([Linear(256, 256)]).to("cuda")
-    assert tune_skinny_linears(model) == {}
-    assert model[0].skinny_plan == {}
+    assert tune_linears(model) == {}
+    assert model[0].gemm_plan == {}
 
 
 def test_linear_follows_its_plan_per_row_count():
     torch.manual_seed(1)
     module = Linear(1024, 2048).to("cuda", torch.bfloat16)
     torch.nn.init.normal_(module.weight, std=0.02)
-    module.skinny_plan = {1: CANDIDATES[0], 4: CANDIDATES[1]}
-    for rows, config in [(1, CANDIDATES[0]), (3, CANDIDATES[1]), (4, CANDIDATES[1])]:
+    module.gemm_plan = {1: SKINNY_CANDIDATES[0], 4: SKINNY_CANDIDATES[1], 64: WIDE_CANDIDATES[2]}
+    for rows, config in [(1, SKINNY_CANDIDATES[0]), (3, SKINNY_CANDIDATES[1]), (4, SKINNY_CANDIDATES[1]),
+                         (40, WIDE_CANDIDATES[2]), (64, WIDE_CANDIDATES[2])]:
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
-        assert torch.equal(module(x), skinny_linear(x, module.weight, None, config))
-    for rows in (2, 8, 40):  # no plan entry for 2 or 8, and 40 is past the skinny range: cuBLAS
+        assert torch.equal(module(x), tiled_linear(x, module.weight, None, config))
+    for rows in (2, 8, 65):  # no plan entry for 2, 8 or 128 (65 rounds up to 128): cuBLAS
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(module(x), torch.nn.functional.linear(x, module.weight))

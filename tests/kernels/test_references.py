@@ -119,6 +119,7 @@ def test_plan_decode_covers_every_key_once(num_seqs, max_len):
     assert plan.partition_size % plan.block_n == 0
     assert plan.num_splits * plan.partition_size >= max_len  # every key has a split
     assert (plan.num_splits - 1) * plan.partition_size < max_len  # and no split is empty by construction
+    assert plan.min_partition % plan.block_n == 0 and plan.min_partition <= plan.partition_size
     assert 1 <= plan.num_splits <= 64
 
 

@@ -5,6 +5,8 @@ Skips without CUDA + triton (runs on CPU under TRITON_INTERPRET=1 for kernel deb
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_paged_batch, rel_err, requires_triton_device
@@ -20,6 +22,7 @@ from tokenmill.kernels.rotary import (
     build_cos_sin_cache,
     rope_inv_freq,
 )
+from tokenmill.kernels.rotary_kv_write import rotary_and_cache, rotary_and_cache_reference
 
 pytestmark = requires_triton_device
 DTYPES = [torch.bfloat16, torch.float16]
@@ -102,6 +105,39 @@ def test_rotary_in_place(device, dtype, num_heads, num_kv_heads, head_dim, rotar
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (6, 6, 64), (14, 2, 64)])
+def test_rotary_and_cache_matches_the_separate_kernels(device, dtype, num_heads, num_kv_heads, head_dim):
+    """Bit-identical to rotary + KV write run apart, within tolerance of the fp32 reference; a padding
+    slot (-1) writes nothing, query is rotated in place, key is left as it was."""
+    tokens, num_blocks, block_size = 13, 6, 16
+    cache_table = build_cos_sin_cache(rope_inv_freq(head_dim, 500000.0), 8192).to(device)
+    positions = torch.randint(0, 8192, (tokens,), device=device)
+    slots = torch.randperm(num_blocks * block_size)[:tokens].to(device)
+    slots[4] = -1
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=device).to(dtype)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1))
+    k_before = k.clone()
+    cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype,
+                       device=device)
+    q_sep, k_sep, cache_sep = q.clone(), k.clone(), cache.clone()
+    apply_rotary_triton(q_sep, k_sep, positions, cache_table)
+    reshape_and_cache(k_sep, v, cache_sep, slots)
+    q_ref, k_ref, cache_ref = q.float(), k.float(), cache.float()
+    rotary_and_cache_reference(q_ref, k_ref, v.float(), positions, cache_table, cache_ref, slots)
+
+    rotary_and_cache(q, k, v, positions, cache_table, cache, slots)
+    torch.testing.assert_close(q, q_sep, rtol=0, atol=0)
+    torch.testing.assert_close(cache, cache_sep, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(k, k_before)
+    assert rel_err(q, q_ref) <= TOL
+    written = ~torch.isnan(cache_ref)
+    assert torch.equal(written, ~torch.isnan(cache))
+    assert written.sum() == 2 * (tokens - 1) * num_kv_heads * head_dim
+    assert rel_err(cache[written], cache_ref[written]) <= TOL
+
+
 DECODE_CASES = [
     # (seq_lens, num_heads, num_kv_heads, head_dim, block_size)
     ([1, 17, 300, 1000], 8, 2, 128, 16),
@@ -130,6 +166,27 @@ def test_paged_decode(device, dtype, case, splits):
     paged_decode(query, cache, meta.block_tables, meta.seq_lens, scale, plan=plan, out=out)
     ref = paged_decode_reference(query.float(), cache.float(), meta.block_tables, meta.seq_lens, scale)
     assert rel_err(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_paged_decode_plan_for_a_wide_table_spreads_short_sequences(device, dtype):
+    """A CUDA graph plans for max_model_len; each sequence still spreads its own length over the splits
+    (and the fixed layout, min_partition == partition_size, computes the same attention)."""
+    skip_interpreter_bf16_dot(device, dtype)
+    seq_lens = [3, 200, 513]
+    query, key, value, cache, meta = make_paged_batch(
+        [(n - 1, 1) for n in seq_lens], 8, 2, 64, 16, dtype, device, seed=11
+    )
+    reshape_and_cache(key, value, cache, meta.slot_mapping)
+    wide = torch.nn.functional.pad(meta.block_tables, (0, 512 - meta.block_tables.shape[1]))  # 8192 tokens
+    plan = plan_decode(len(seq_lens), 2, wide.shape[1] * 16, 16)  # 11 splits of 768 tokens
+    assert plan.num_splits > 1 and plan.partition_size > plan.min_partition
+    fixed = dataclasses.replace(plan, min_partition=plan.partition_size)
+    ref = paged_decode_reference(query.float(), cache.float(), meta.block_tables, meta.seq_lens, 0.125)
+    for p in (plan, fixed):
+        out = torch.full_like(query, float("nan"))
+        paged_decode(query, cache, wide, meta.seq_lens, 0.125, plan=p, out=out)
+        assert rel_err(out, ref) <= TOL
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import make_row
 
+from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.sampling import Sampler, SamplingRow, make_generator
 from tokenmill.sampling_params import SamplingParams
 
@@ -87,3 +88,15 @@ def test_top_k_frequencies_match_renormalised_softmax(device):
     freq = torch.bincount(torch.tensor(tokens), minlength=5).double() / n
     expected = torch.cat([logits[0, :3].double().cpu().softmax(dim=-1), torch.zeros(2, dtype=torch.float64)])
     assert torch.allclose(freq, expected, atol=0.02)
+
+
+def test_fused_kernel_takes_only_unseeded_unfiltered_rows(device):
+    from tokenmill.sampling.sampler import fused_sampling_applies
+
+    logits = torch.randn(2, 50, device=device)
+    plain = [make_row(device, temperature=0.7), make_row(device)]
+    on_gpu = device.type == "cuda" and HAS_TRITON
+    assert fused_sampling_applies(logits, plain) == on_gpu
+    for knobs in ({"seed": 3}, {"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}):
+        assert not fused_sampling_applies(logits, [plain[0], make_row(device, **knobs)])
+    assert fused_sampling_applies(logits, [make_row(device, top_k=50)]) == on_gpu  # k >= vocab filters nothing

@@ -15,6 +15,9 @@ from tokenmill.attention.metadata import AttentionMetadata
 
 class AttentionBackend(Protocol):
     name: str
+    # True: the model hands query/key over unrotated with ``rotary`` and the backend applies it (the Triton
+    # backend inside its KV-cache write); False: the model rotates them first and passes no ``rotary``.
+    fuses_rotary: bool
 
     def forward(
         self,
@@ -24,6 +27,7 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,  # (positions [T], cos_sin_cache [P, D])
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

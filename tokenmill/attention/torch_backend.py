@@ -99,6 +99,7 @@ def decode_attention_batched(
 
 class TorchAttentionBackend:
     name = "torch"
+    fuses_rotary = False  # the model rotates query/key (model/layers.py) before calling forward
 
     def forward(
         self,
@@ -108,7 +109,10 @@ class TorchAttentionBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        if rotary is not None:
+            raise ValueError("the torch attention backend does not fuse rotary: rotate query/key first")
         write_kv_cache(key, value, kv_cache, meta.slot_mapping)
         if meta.is_decode_only and meta.num_seqs > 1:
             return decode_attention_batched(

@@ -13,6 +13,7 @@ from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.kv_cache_write import reshape_and_cache
 from tokenmill.kernels.paged_attention import count_leading_decodes, paged_decode, plan_decode
 from tokenmill.kernels.prefill_attention import prefill_attention
+from tokenmill.kernels.rotary_kv_write import rotary_and_cache
 
 if not HAS_TRITON:  # get_attention_backend catches ImportError and falls back to the torch reference
     raise ImportError("the Triton attention backend needs the 'triton' package (install tokenmill[gpu])")
@@ -22,6 +23,7 @@ class TritonAttentionBackend:
     """Padding rows of a CUDA-graph batch need slot_mapping -1 (skipped) and seq_len 0 (output zeros)."""
 
     name = "triton"
+    fuses_rotary = True
 
     def __init__(self) -> None:
         self._num_sms: dict[int, int] = {}
@@ -42,8 +44,12 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        reshape_and_cache(key, value, kv_cache, meta.slot_mapping)
+        if rotary is not None:  # one kernel rotates q in place and writes rotated k and v into the cache
+            rotary_and_cache(query, key, value, rotary[0], rotary[1], kv_cache, meta.slot_mapping)
+        else:
+            reshape_and_cache(key, value, kv_cache, meta.slot_mapping)
         if meta.is_decode_only:
             return self._decode(query, kv_cache, meta.block_tables, meta.seq_lens, scale)
         # Leading decode sequences take the GQA decode kernel; the rest (prefills, chunks) the prefill one.

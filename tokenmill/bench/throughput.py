@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenmill.bench.jit_watch import JitWatch
 from tokenmill.bench.roofline import H100_COPY_GBPS, H100_MATMUL_TFLOPS, Ceilings, StepShape, summarize
 from tokenmill.bench.workloads import (
     OfflineRequest,
@@ -119,6 +120,8 @@ class OfflineResult:
     steps: list[StepShape] = field(default_factory=list)
     step_times_s: list[float] = field(default_factory=list)
     profile_summary: dict[str, Any] | None = None
+    # Triton kernel variants compiled during the timed run (each one's time sits in one step's time)
+    jit_compiles: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def output_tok_s(self) -> float:
@@ -168,39 +171,42 @@ def run_offline(
     overlapped = engine.async_scheduling
     launched: StepShape | None = None  # async: the step in flight, which lands in the next call
     unattributed = 0.0  # time of calls in which no step landed (the first launch)
-    try:
-        sync()
-        start = time.perf_counter()
-        t1 = start
-        while engine.has_unfinished_requests() or engine.in_flight is not None:
-            index = len(result.steps)
-            t0 = t1
-            if profile_dir and index == profile_start and profiler is None and result.profile_summary is None:
-                profiler = _start_profiler(device)
-                t0 = profile_t0 = time.perf_counter()  # the profiler's start-up is not a step's time
-            with _step_range(index, profiler is not None):
-                outputs = engine.step()
-                t1 = time.perf_counter()
-            for out in outputs:
-                if out.finished:
-                    result.output_tokens += sum(len(c.token_ids) for c in out.outputs)
-            shape = recorder.take()
-            landed, launched = (launched, shape) if overlapped else (shape, None)
-            if landed is None:
-                unattributed += t1 - t0
-            else:
-                result.steps.append(landed)
-                result.step_times_s.append(t1 - t0 + unattributed)
-                unattributed = 0.0
-            if profiler is not None and len(result.steps) >= profile_start + profile_steps:
-                profiler.stop()
-                result.profile_summary = _write_profile(profiler, Path(profile_dir), len(result.steps) - profile_start,
-                                                        t1 - profile_t0)
-                profiler = None
-                t1 = time.perf_counter()  # writing the trace is not the next step's time either
-        result.elapsed_s = time.perf_counter() - start
-    finally:
-        recorder.detach()
+    with JitWatch() as watch:
+        try:
+            sync()
+            start = time.perf_counter()
+            t1 = start
+            while engine.has_unfinished_requests() or engine.in_flight is not None:
+                index = len(result.steps)
+                t0 = t1
+                if profile_dir and index == profile_start and profiler is None and result.profile_summary is None:
+                    profiler = _start_profiler(device)
+                    t0 = profile_t0 = time.perf_counter()  # the profiler's start-up is not a step's time
+                watch.step = index
+                with _step_range(index, profiler is not None):
+                    outputs = engine.step()
+                    t1 = time.perf_counter()
+                for out in outputs:
+                    if out.finished:
+                        result.output_tokens += sum(len(c.token_ids) for c in out.outputs)
+                shape = recorder.take()
+                landed, launched = (launched, shape) if overlapped else (shape, None)
+                if landed is None:
+                    unattributed += t1 - t0
+                else:
+                    result.steps.append(landed)
+                    result.step_times_s.append(t1 - t0 + unattributed)
+                    unattributed = 0.0
+                if profiler is not None and len(result.steps) >= profile_start + profile_steps:
+                    profiler.stop()
+                    result.profile_summary = _write_profile(profiler, Path(profile_dir), len(result.steps) - profile_start,
+                                                            t1 - profile_t0)
+                    profiler = None
+                    t1 = time.perf_counter()  # writing the trace is not the next step's time either
+            result.elapsed_s = time.perf_counter() - start
+        finally:
+            recorder.detach()
+    result.jit_compiles = watch.summary()
     if profiler is not None:  # the run ended inside the profiled window
         profiler.stop()
         result.profile_summary = _write_profile(profiler, Path(profile_dir), len(result.steps) - profile_start,
@@ -395,6 +401,7 @@ def _run(args: argparse.Namespace) -> int:
             "roofline": roof.to_dict(),
             "per_step": step_summary(result),
             "profile": result.profile_summary,
+            "jit_compiles_in_timed_run": result.jit_compiles,
         }
         path = Path(args.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,6 +424,11 @@ def print_report(result: OfflineResult, roof: dict[str, float], model: str, devi
           f"(max(FLOPs/rate, bytes/bandwidth) {roof['floor_s']:.3f} s of {roof['measured_s']:.3f} s in steps)")
     print(f"prefill matmul     {roof['prefill_matmul_pct']:9.1f} %  "
           f"(FLOPs/rate {roof['prefill_compute_s']:.3f} s of {roof['prefill_measured_s']:.3f} s in prefill/mixed steps)")
+    if result.jit_compiles:
+        seconds = sum(c["seconds"] for c in result.jit_compiles)
+        names = sorted({c["kernel"] for c in result.jit_compiles})
+        print(f"JIT in timed run   {len(result.jit_compiles)} Triton compile(s), {seconds:.2f} s inside step times: "
+              f"{', '.join(names)}")
     if result.profile_summary:
         prof = result.profile_summary
         print(f"profile            {prof['trace']} ({prof['profiled_steps']} steps, {prof['profiled_wall_s']:.3f} s; "

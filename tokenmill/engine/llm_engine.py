@@ -85,10 +85,11 @@ class LLMEngine:
                                               self.eos_token_ids)
         sched_cfg = config.scheduler
         on_cuda = mc.device.startswith("cuda")
-        if on_cuda and executor is None and config.runner.tune_skinny_gemm:
-            from tokenmill.runner.linear_tuning import tune_skinny_linears
+        if on_cuda and executor is None and config.runner.tune_gemm:
+            from tokenmill.runner.linear_tuning import tune_linears
 
-            tune_skinny_linears(self.model)  # before graph capture, which bakes the choice in
+            # Before graph capture, which bakes the choice in; rows up to the largest decode batch.
+            tune_linears(self.model, max_rows=sched_cfg.max_num_seqs)
         if on_cuda:  # measure peak activation memory before giving the rest to the KV cache
             self.runner.profile_run(min(sched_cfg.max_num_batched_tokens, self.max_model_len), sched_cfg.max_num_seqs)
         num_blocks = num_kv_blocks(

@@ -25,7 +25,9 @@ def reshape_and_cache_reference(
 
 if HAS_TRITON:
 
-    @triton.jit
+    # slot_ptr is a view into the step's packed metadata whose alignment follows the batch: not specialized
+    # on it, or a new batch composition compiles a new variant mid-run.
+    @triton.jit(do_not_specialize=["slot_ptr"])
     def _reshape_and_cache_kernel(
         key_ptr,
         value_ptr,

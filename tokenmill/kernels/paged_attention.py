@@ -43,8 +43,15 @@ class DecodePlan:
     """Launch shape of one decode call; fixed by (batch, heads, max blocks) so CUDA graphs can capture it."""
 
     num_splits: int
-    partition_size: int  # tokens per split, a multiple of block_n
+    partition_size: int  # tokens per split for a sequence of the planned max_len, a multiple of block_n
     block_n: int  # keys per inner iteration
+    # Each sequence spreads its own length over the splits (partition = its length / num_splits, at least
+    # this many tokens): in a CUDA graph planned for max_model_len a short sequence still fills the splits.
+    # min_partition == partition_size gives every sequence the planned partition (the fixed layout).
+    min_partition: int = 128
+
+
+REDUCE_WIDTH = 64  # plan_decode's default cap on splits
 
 
 def plan_decode(
@@ -54,7 +61,7 @@ def plan_decode(
     num_sms: int,
     block_n: int = 64,
     min_partition: int = 128,
-    max_splits: int = 64,
+    max_splits: int = REDUCE_WIDTH,
     waves: int = 4,
 ) -> DecodePlan:
     """Split the keys only when (sequence, KV head) programs alone would leave SMs idle.
@@ -76,7 +83,8 @@ def plan_decode(
     per_split = -(-max_len // num_splits)
     partition = -(-per_split // block_n) * block_n
     num_splits = -(-max_len // partition)
-    return DecodePlan(num_splits=num_splits, partition_size=partition, block_n=block_n)
+    floor = min(partition, -(-min_partition // block_n) * block_n)
+    return DecodePlan(num_splits=num_splits, partition_size=partition, block_n=block_n, min_partition=floor)
 
 
 def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
@@ -96,9 +104,11 @@ def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
 
 if HAS_TRITON:
 
-    # Triton compiles a variant per divisibility of every int argument (== 1, % 16 == 0, other); these
-    # follow the batch (block-table width, split geometry), so each new variant cost a mid-run compile.
-    @triton.jit(do_not_specialize=["bt_stride", "num_splits", "partition"])
+    # Triton compiles a variant per divisibility of every int argument (== 1, % 16 == 0, other) and per
+    # 16-byte alignment of every pointer; these follow the batch (block-table width, split geometry, and
+    # the offsets of block tables / lengths inside the step's packed metadata), so each new variant cost
+    # a mid-run compile (measured: 0.5-0.7 s inside one timed step on the H100).
+    @triton.jit(do_not_specialize=["bt_ptr", "seq_lens_ptr", "bt_stride", "num_splits", "min_partition"])
     def _paged_decode_kernel(
         q_ptr,
         cache_ptr,
@@ -114,8 +124,8 @@ if HAS_TRITON:
         bt_stride,
         v_offset,
         qk_scale,
-        num_splits,  # runtime, like partition: both follow the batch's longest sequence, and as
-        partition,  # constexprs every new length compiled a new kernel (~0.3 s) in eager mixed steps
+        num_splits,  # runtime, like min_partition: both follow the batch, and as constexprs every new
+        min_partition,  # length compiled a new kernel (~0.3 s) in eager mixed steps
         NUM_KV_HEADS: tl.constexpr,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -130,6 +140,7 @@ if HAS_TRITON:
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + seq)
+        partition = tl.maximum(min_partition, tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N)
         start = split * partition
         end = tl.minimum(start + partition, seq_len)
 
@@ -277,7 +288,7 @@ def paged_decode(
         kv_cache.stride(0),
         scale * 1.4426950408889634,
         plan.num_splits,
-        plan.partition_size,
+        plan.min_partition,
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_DIM=head_dim,
@@ -300,7 +311,9 @@ def paged_decode(
             plan.num_splits,
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
-            BLOCK_S=next_power_of_2(plan.num_splits),
+            # One width for every split count up to the planner's cap: a width per count compiled a new
+            # variant whenever a mixed step's block-table width moved the count (eager steps, mid-run).
+            BLOCK_S=max(REDUCE_WIDTH, next_power_of_2(plan.num_splits)),
             BLOCK_D=block_d,
             num_warps=4,
         )

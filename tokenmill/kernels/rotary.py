@@ -48,7 +48,17 @@ def apply_rotary_reference(
 if HAS_TRITON:
 
     @triton.jit
-    def _rotate_heads(
+    def load_cos_sin(cache_ptr, pos_ptr, token, cache_stride, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """fp32 cos and sin rows [1, BLOCK_HALF] of ``token``'s position."""
+        pos = tl.load(pos_ptr + token).to(tl.int64)
+        dims = tl.arange(0, BLOCK_HALF)[None, :]
+        dmask = dims < HALF
+        cos = tl.load(cache_ptr + pos * cache_stride + dims, mask=dmask, other=0.0).to(tl.float32)
+        sin = tl.load(cache_ptr + pos * cache_stride + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
+        return cos, sin
+
+    @triton.jit
+    def rotate_heads(
         x_ptr,
         token,
         stride_t,
@@ -69,7 +79,9 @@ if HAS_TRITON:
         tl.store(base, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
         tl.store(base + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    # pos_ptr sits after the input ids in the step's packed int64 inputs: its 16-byte alignment follows the
+    # token count's parity, and specializing on it compiled a second variant mid-run.
+    @triton.jit(do_not_specialize=["pos_ptr"])
     def _rotary_kernel(
         q_ptr,
         k_ptr,
@@ -88,13 +100,9 @@ if HAS_TRITON:
         BLOCK_HALF: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + token).to(tl.int64)
-        dims = tl.arange(0, BLOCK_HALF)[None, :]
-        dmask = dims < HALF
-        cos = tl.load(cache_ptr + pos * cache_stride + dims, mask=dmask, other=0.0).to(tl.float32)
-        sin = tl.load(cache_ptr + pos * cache_stride + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
-        _rotate_heads(q_ptr, token, q_stride_t, q_stride_h, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
-        _rotate_heads(k_ptr, token, k_stride_t, k_stride_h, cos, sin, NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
+        cos, sin = load_cos_sin(cache_ptr, pos_ptr, token, cache_stride, HALF, BLOCK_HALF)
+        rotate_heads(q_ptr, token, q_stride_t, q_stride_h, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
+        rotate_heads(k_ptr, token, k_stride_t, k_stride_h, cos, sin, NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
 
 
 def apply_rotary_triton(

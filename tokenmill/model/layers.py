@@ -15,7 +15,7 @@ from torch import nn
 
 from tokenmill.kernels import ops as fused
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2
-from tokenmill.kernels.skinny_gemm import MAX_ROWS, SkinnyConfig, skinny_linear
+from tokenmill.kernels.tiled_gemm import TileConfig, tiled_linear
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -145,15 +145,15 @@ class Linear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size))
             self.bias.weight_loader = default_weight_loader
-        # Row count (a power of two) -> skinny-GEMM config that beat cuBLAS for this weight at start-up
-        # (runner/linear_tuning.py); empty: always cuBLAS.
-        self.skinny_plan: dict[int, SkinnyConfig] = {}
+        # Row count (a power of two) -> tiled-GEMM config that beat cuBLAS for this weight at start-up
+        # (runner/linear_tuning.py); a row count rounds up to the next power of two; absent: cuBLAS.
+        self.gemm_plan: dict[int, TileConfig] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.skinny_plan and x.dim() == 2 and x.shape[0] <= MAX_ROWS:
-            config = self.skinny_plan.get(next_power_of_2(x.shape[0]))
+        if self.gemm_plan and x.dim() == 2:
+            config = self.gemm_plan.get(next_power_of_2(x.shape[0]))
             if config is not None:
-                return skinny_linear(x, self.weight, self.bias, config)
+                return tiled_linear(x, self.weight, self.bias, config)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -59,8 +59,12 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, _ = self.q_norm(q)
             k, _ = self.k_norm(k)
-        q, k = self._rotary[0](q, k, positions)
-        out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
+        rotary = self._rotary[0]
+        if self.attn_backend.fuses_rotary and q.is_cuda:  # rotated inside the backend's KV-cache write
+            out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, (positions, rotary.cos_sin_cache))
+        else:
+            q, k = rotary(q, k, positions)
+            out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

@@ -1,9 +1,10 @@
-"""Start-up choice between cuBLAS and the skinny GEMM for each weight shape at decode row counts.
+"""Start-up choice between cuBLAS and the tiled Triton GEMM for each weight shape at decode row counts.
 
 Timed on the device itself (weights are read from HBM each call, as in a decode step: triton's do_bench
-flushes L2 between runs); the skinny kernel is kept for a (shape, rows) pair only when it is faster by
-``margin``. Measured on the H100 (benchmarks/gpu_profile.py): Llama-3-8B lm_head 375 → 341 µs and o_proj
-11.3 → 8.7 µs at one row, while cuBLAS stays ahead on gate_up — hence a per-shape choice, not a rule.
+flushes L2 between runs); a tiled config is kept for a (shape, rows) pair only when it is faster than cuBLAS
+by ``margin``. Measured on the H100 (benchmarks/gpu_profile.py): at one row Llama-3-8B's lm_head 375 → 341 µs
+and o_proj 11.3 → 8.7 µs, while cuBLAS stays ahead on gate_up; at 256 rows cuBLAS's 128-row tiles leave SMs
+idle on the narrow projections. Hence a per-shape, per-row-count choice, not a rule.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.skinny_gemm import CANDIDATES, SkinnyConfig, skinny_linear
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2
+from tokenmill.kernels.tiled_gemm import TileConfig, candidates_for, tiled_linear
 from tokenmill.model.layers import Linear
 
 logger = logging.getLogger(__name__)
 
-ROW_COUNTS = (1, 2, 4, 8, 16)
+ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+Plan = dict[int, TileConfig]
 
 
 def _time_ms(fn) -> float:
@@ -28,33 +31,37 @@ def _time_ms(fn) -> float:
     return float(do_bench(fn, warmup=5, rep=10))
 
 
-def tune_skinny_linears(model: torch.nn.Module, margin: float = 0.97) -> dict[tuple[int, int, bool], dict[int, SkinnyConfig]]:
-    """Set ``skinny_plan`` on every bf16/fp16 CUDA ``Linear`` of ``model``; returns the plan per weight shape."""
+def tune_linears(model: torch.nn.Module, max_rows: int = ROW_COUNTS[-1], margin: float = 0.97) -> dict[tuple[int, int, bool], Plan]:
+    """Set ``gemm_plan`` on every bf16/fp16 CUDA ``Linear`` of ``model`` for row counts up to ``max_rows``
+    (rounded up to a power of two); returns the plan per (out, in, has_bias) weight shape."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     if not HAS_TRITON or not linears:
         return {}
-    plans: dict[tuple[int, int, bool], dict[int, SkinnyConfig]] = {}
+    row_counts = [r for r in ROW_COUNTS if r <= next_power_of_2(max(1, max_rows))]
+    plans: dict[tuple[int, int, bool], Plan] = {}
     for module in linears:
         weight = module.weight
         if not weight.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
             continue
         key = (weight.shape[0], weight.shape[1], module.bias is not None)
         if key not in plans:
-            plans[key] = _tune_shape(weight, module.bias, margin)
-        module.skinny_plan = plans[key]
+            plans[key] = _tune_shape(weight, module.bias, row_counts, margin)
+        module.gemm_plan = plans[key]
     for (n, k, _), plan in plans.items():
-        logger.info("linear %dx%d: skinny GEMM for rows %s, cuBLAS otherwise", n, k, sorted(plan) or "none")
+        chosen = ", ".join(f"{rows}: {config.name}" for rows, config in sorted(plan.items())) or "none"
+        logger.info("linear %dx%d: tiled GEMM at rows {%s}, cuBLAS otherwise", n, k, chosen)
     return plans
 
 
 @torch.inference_mode()
-def _tune_shape(weight: torch.Tensor, bias: torch.Tensor | None, margin: float) -> dict[int, SkinnyConfig]:
-    plan: dict[int, SkinnyConfig] = {}
-    for rows in ROW_COUNTS:
+def _tune_shape(weight: torch.Tensor, bias: torch.Tensor | None, row_counts: list[int], margin: float) -> Plan:
+    plan: Plan = {}
+    for rows in row_counts:
         x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
         cublas = _time_ms(lambda x=x: F.linear(x, weight, bias))
-        timed = [(_time_ms(lambda x=x, c=c: skinny_linear(x, weight, bias, c)), i) for i, c in enumerate(CANDIDATES)]
+        candidates = candidates_for(rows)
+        timed = [(_time_ms(lambda x=x, c=c: tiled_linear(x, weight, bias, c)), i) for i, c in enumerate(candidates)]
         best_ms, best = min(timed)
         if best_ms < margin * cublas:
-            plan[rows] = CANDIDATES[best]
+            plan[rows] = candidates[best]
     return plan

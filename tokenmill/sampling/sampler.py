@@ -2,6 +2,8 @@
 
 Order (vLLM-like): min_tokens → repetition → presence/frequency → greedy argmax, or temperature → top-k → top-p
 → min-p → exponential-race sample. Processors live in penalties.py and filters.py, logprobs in logprobs.py.
+On CUDA, rows that only use temperature (no seed, no filter: the common case) are drawn by one fused Triton
+kernel (kernels/gumbel_sample.py) from the same distribution.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.kernels._triton import HAS_TRITON
+from tokenmill.kernels.gumbel_sample import gumbel_sample
 from tokenmill.outputs import Logprob
 from tokenmill.sampling.filters import apply_min_p, apply_top_k_top_p
 from tokenmill.sampling.logprobs import sample_logprobs
@@ -89,9 +93,29 @@ def filtered_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return logits
 
 
+def fused_sampling_applies(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> bool:
+    """Every row draws from the default RNG with temperature alone, and the fused kernel can run here."""
+    if not (HAS_TRITON and logits.is_cuda and logits.stride(1) == 1):
+        return False
+    vocab = logits.shape[1]
+    return all(
+        row.generator is None and not 0 < row.params.top_k < vocab and row.params.top_p >= 1.0
+        and row.params.min_p <= 0.0
+        for row in rows
+    )
+
+
 def sample_from_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """The exponential race argmax(p / E), E ~ Exponential(1): an exact draw from p that lets each row use
-    its own generator."""
+    its own generator; the fused Gumbel-max kernel (the same draw) where ``fused_sampling_applies``."""
+    if fused_sampling_applies(logits, rows):
+        temps = {row.params.temperature for row in rows}
+        # One temperature for the batch (the usual case) goes as a kernel argument, not a host-to-device copy.
+        temperature = next(iter(temps)) if len(temps) == 1 else to_device(
+            [row.params.temperature for row in rows], torch.float32, logits.device)
+        # From torch's CPU generator: no device sync, and torch.manual_seed still makes runs repeatable.
+        seed = int(torch.randint(2**31 - 1, (1,)).item())
+        return gumbel_sample(logits, temperature, seed)
     probs = filtered_logits(logits, rows).softmax(dim=-1)
     noise = exponential_noise(tuple(probs.shape), [row.generator for row in rows], probs.device)
     return (probs / noise).argmax(dim=-1)

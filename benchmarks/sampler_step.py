@@ -1,14 +1,24 @@
-"""Micro-benchmark of one Sampler step (not a test): python tests/sampling/bench_sampler.py [--device cuda].
+"""Micro-benchmark of one Sampler step: milliseconds per call for batch sizes and sampling mixes.
 
-Prints milliseconds per call for batch sizes and sampling mixes on a realistic vocabulary.
+    python benchmarks/sampler_step.py --device cuda --out $OUT/sampler.json
+
+"temperature" takes the fused Gumbel-max kernel on CUDA; "temperature_torch" is the same rows forced
+through the torch path (softmax + exponential race), measured in the same run for the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import random
+import shlex
+import sys
 import time
 from array import array
+from contextlib import nullcontext
+from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -22,6 +32,7 @@ def rows_for(mix: str, batch: int, vocab: int, device: torch.device, rng: random
         params = {
             "greedy": dict(temperature=0.0),
             "temperature": dict(temperature=0.8),
+            "temperature_torch": dict(temperature=0.8),
             "top_k_top_p": dict(temperature=0.8, top_k=50, top_p=0.9) if i % 2 else dict(temperature=0.8),
             "top_p_only": dict(temperature=0.8, top_p=0.9),  # no top_k: the full-vocabulary sort
             "penalties": dict(
@@ -51,6 +62,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--batches", default="1,32,256")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", default=None, help="write the timings as JSON here")
     parser.add_argument(
         "--profile", default="", help="a mix to profile at the largest batch (torch.profiler)"
     )
@@ -59,11 +71,13 @@ def main() -> None:
     sampler = Sampler(eos_token_ids={0})
     rng = random.Random(0)
     print(f"device={device} vocab={args.vocab} torch={torch.__version__}")
+    timings = []
     for batch in (int(b) for b in args.batches.split(",")):
         logits = torch.randn(batch, args.vocab, device=device) * 3
         for mix in (
             "greedy",
             "temperature",
+            "temperature_torch",
             "top_k_top_p",
             "top_p_only",
             "penalties",
@@ -73,13 +87,24 @@ def main() -> None:
             "everything",
         ):
             rows = rows_for(mix, batch, args.vocab, device, rng)
-            for _ in range(3):
-                sampler(logits, rows)
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                sampler(logits, rows)  # ends with .tolist(): one host sync per call
-            ms = (time.perf_counter() - start) / args.iters * 1e3
-            print(f"batch={batch:4d} {mix:12s} {ms:8.2f} ms/step")
+            forced = (mock.patch("tokenmill.sampling.sampler.fused_sampling_applies", return_value=False)
+                      if mix == "temperature_torch" else nullcontext())
+            with forced:
+                for _ in range(3):
+                    sampler(logits, rows)
+                start = time.perf_counter()
+                for _ in range(args.iters):
+                    sampler(logits, rows)  # ends with .tolist(): one host sync per call
+                ms = (time.perf_counter() - start) / args.iters * 1e3
+            timings.append({"batch": batch, "mix": mix, "ms_per_step": ms})
+            print(f"batch={batch:4d} {mix:17s} {ms:8.3f} ms/step")
+    if args.out:
+        record = {"benchmark": "sampler_step", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "command": shlex.join(["python", *sys.argv]), "torch": torch.__version__,
+                  "vocab": args.vocab, "timings": timings}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
