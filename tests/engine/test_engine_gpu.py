@@ -12,6 +12,7 @@ from test_greedy_vs_transformers import MAX_NEW, MODES, TEXTS, _reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench.jit_watch import JitWatch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,6 +23,22 @@ def case(tiny_model_dirs):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenizer.encode(t) for t in TEXTS]
     return model_dir, prompts, _reference(model_dir, prompts)
+
+
+def test_start_up_compiles_every_kernel_variant_a_run_needs(case):
+    """Start-up (profile run with sampler warm-up, GEMM tuning, graph capture) leaves nothing for Triton to
+    compile while serving: prefills, chunked prefills, mixed and decode steps, greedy, one temperature for the
+    batch, a temperature per row and top-p rows."""
+    model_dir, prompts, _ = case
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_num_batched_tokens=32, max_num_seqs=8)
+    params = [SamplingParams(temperature=0.0, max_tokens=10), SamplingParams(temperature=0.8, max_tokens=10),
+              SamplingParams(temperature=1.2, max_tokens=10), SamplingParams(temperature=0.9, top_p=0.8,
+                                                                           max_tokens=10)]
+    with JitWatch() as watch:
+        for batch in ([prompts[0]], prompts, prompts * 2):
+            outputs = llm.generate(batch, [params[i % 4] for i in range(len(batch))], use_tqdm=False)
+            assert all(len(o.outputs[0].token_ids) > 0 for o in outputs)
+    assert watch.compiles == [], "\n".join(f"{c.kernel}: {c.variant}" for c in watch.compiles)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

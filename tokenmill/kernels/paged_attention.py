@@ -130,7 +130,6 @@ if HAS_TRITON:
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
-        SPLIT: tl.constexpr,  # num_splits > 1: write partials for the reduce kernel
         BLOCK_N: tl.constexpr,
         BLOCK_G: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -182,7 +181,9 @@ if HAS_TRITON:
             n = n_next
 
         out_mask = gmask[:, None] & dmask[None, :]
-        if not SPLIT:
+        # A runtime branch, not a constexpr: CUDA graphs at small batches capture only split plans, and a
+        # constexpr made the first unsplit eager decode (a short mixed step) compile a variant mid-run.
+        if num_splits == 1:
             res = acc / tl.maximum(l_i, 1e-30)[:, None]
             tl.store(
                 out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :],
@@ -293,7 +294,6 @@ def paged_decode(
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        SPLIT=plan.num_splits > 1,
         BLOCK_N=plan.block_n,
         BLOCK_G=max(16, next_power_of_2(group)),
         BLOCK_D=block_d,

@@ -15,6 +15,7 @@ from tokenmill.runner.cuda_graphs import DecodeGraphs
 from tokenmill.runner.inputs import build_model_inputs
 from tokenmill.sampling.penalties import needs_penalties
 from tokenmill.sampling.sampler import Sampler, SamplingRow
+from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,23 @@ class ModelRunner:
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(num_tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, positions, caches, meta)
-        self.model.compute_logits(hidden[-1:].expand(num_sampled, -1))
-        del caches, hidden
+        logits = self.model.compute_logits(hidden[-1:].expand(num_sampled, -1))
+        self._warm_up_sampler(logits)
+        del caches, hidden, logits
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+
+    def _warm_up_sampler(self, logits: torch.Tensor) -> None:
+        """The sampler's heaviest path (penalty counts, a full-vocabulary top-p sort) at the largest batch counts
+        toward the measured peak memory, and the fused sampling kernel's variants (one temperature for the batch,
+        one per row) compile now rather than inside the first sampled request."""
+        num_rows = logits.shape[0]
+        heavy = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.1, frequency_penalty=0.1)
+        for params in ([heavy] * num_rows, [SamplingParams(temperature=0.7)] * num_rows,
+                       [SamplingParams(temperature=0.5 + 0.1 * (i % 2)) for i in range(num_rows)]):
+            rows = [SamplingRow(p, [0], [0]) for p in params]
+            self.sampler.sample(logits.clone(), rows, logits_writable=True)
 
     def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
         max_blocks = -(-max_model_len // self.block_size)
