@@ -35,7 +35,7 @@ from tokenmill.bench.roofline import (
     bandwidth_time,
     summarize,
 )
-from tokenmill.bench.throughput import OfflineResult, device_name, run_offline, warm_up
+from tokenmill.bench.throughput import OfflineResult, device_name, run_offline, warm_up_mixed_steps
 from tokenmill.bench.workloads import OfflineRequest, fixed_workload, range_workload
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.model.presets import preset_spec
@@ -359,10 +359,7 @@ def run_preset(preset: str, mine: list[Workload], with_sweep: bool, args: argpar
     _free(args.device)
     print(f"[{preset}] tokenmill engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     warm_len = (16, 4) if args.quick else (256, 8)  # prompts long enough to hit the prefill kernels
-    # Twice the token budget of prompts: later prompts prefill while earlier ones decode, so mixed steps
-    # (and the kernel variants they need) are compiled before anything is timed.
-    warm_requests = 8 + 2 * args.max_num_batched_tokens // warm_len[0]
-    warm_up(engine, warm_requests, spec.vocab_size, *warm_len, temperature=0.0)  # greedy, like the timed runs
+    warm_up_mixed_steps(engine, spec.vocab_size, *warm_len, temperature=0.0)  # greedy, like the timed runs
     for wl in mine:
         result = _guarded(failures, wl.key, "tokenmill", args.device,
                           functools.partial(tokenmill_row, engine, wl, ceilings, args.profile))

@@ -12,6 +12,7 @@ from tokenmill.kernels.tiled_gemm import (
     tiled_linear_reference,
 )
 from tokenmill.model.layers import Linear
+from tokenmill.runner import linear_tuning
 from tokenmill.runner.linear_tuning import ROW_COUNTS, tune_linears
 
 pytestmark = requires_cuda
@@ -37,11 +38,22 @@ def test_tuned_linears_match_reference_at_every_row_count():
             assert rel_err(module(x), ref) < 1e-2
 
 
-def test_tuning_stops_at_the_largest_decode_batch():
+def test_tuning_times_row_counts_up_to_the_largest_decode_batch(monkeypatch):
+    timed: list[int] = []
+    original = linear_tuning.candidates_for
+
+    def recording(rows):
+        timed.append(rows)
+        return original(rows)
+
+    monkeypatch.setattr(linear_tuning, "candidates_for", recording)
     module = Linear(512, 1024).to("cuda", torch.bfloat16)
     torch.nn.init.normal_(module.weight, std=0.02)
-    tune_linears(torch.nn.ModuleList([module]), max_rows=8)
-    assert set(module.gemm_plan) <= {1, 2, 4, 8}
+    for max_rows, expected in [(8, [1, 2, 4, 8]), (40, [1, 2, 4, 8, 16, 32, 64])]:  # 40 rounds up to 64
+        timed.clear()
+        tune_linears(torch.nn.ModuleList([module]), max_rows=max_rows)
+        assert timed == expected
+        assert set(module.gemm_plan) <= set(expected)
 
 
 def test_fp32_linears_are_left_to_cublas():

@@ -223,6 +223,14 @@ def warm_up(engine: Any, num_requests: int, vocab_size: int, input_len: int = 16
     run_offline(engine, warm, ignore_eos=True, temperature=temperature, id_prefix="warmup-")
 
 
+def warm_up_mixed_steps(engine: Any, vocab_size: int, input_len: int = 256, output_len: int = 8,
+                        temperature: float = 1.0) -> None:
+    """Twice the engine's token budget of prompts: later ones prefill while earlier ones decode, so the
+    allocator reaches its mixed-step sizes (and anything start-up missed compiles) before the timed run."""
+    budget = engine.config.scheduler.max_num_batched_tokens
+    warm_up(engine, 8 + 2 * budget // input_len, vocab_size, input_len, output_len, temperature=temperature)
+
+
 # ---- profiler -------------------------------------------------------------------------------------
 def _start_profiler(device: str) -> Any:
     import torch
@@ -372,10 +380,7 @@ def _run(args: argparse.Namespace) -> int:
     requests = build_requests(args, engine)
     warm_up(engine, args.warmup_requests, spec.vocab_size, temperature=args.temperature)
     if device.startswith("cuda") and args.warmup_requests > 0:
-        # Twice the token budget of 256-token prompts: later ones prefill while earlier ones decode, so the
-        # kernel variants of mixed steps compile here rather than inside the timed run.
-        budget = engine.config.scheduler.max_num_batched_tokens
-        warm_up(engine, 8 + 2 * budget // 256, spec.vocab_size, 256, 8, temperature=args.temperature)
+        warm_up_mixed_steps(engine, spec.vocab_size, temperature=args.temperature)
     result = run_offline(engine, requests, ignore_eos=args.ignore_eos, temperature=args.temperature,
                          profile_dir=args.profile, profile_steps=args.profile_steps,
                          profile_start=args.profile_start)

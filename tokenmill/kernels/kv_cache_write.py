@@ -25,9 +25,7 @@ def reshape_and_cache_reference(
 
 if HAS_TRITON:
 
-    # slot_ptr is a view into the step's packed metadata whose alignment follows the batch: not specialized
-    # on it, or a new batch composition compiles a new variant mid-run.
-    @triton.jit(do_not_specialize=["slot_ptr"])
+    @triton.jit
     def _reshape_and_cache_kernel(
         key_ptr,
         value_ptr,

@@ -94,8 +94,9 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, l_i, m_new
 
-    # The block-table width and the offsets of the per-sequence arrays (sliced past the leading decodes)
-    # follow the batch: without this each new width or 16-byte alignment compiled a variant mid-run.
+    # The block-table width and the per-sequence arrays' offsets follow the batch: the arrays are sliced past
+    # the leading decodes, so their alignment does too; without this each new width or alignment compiled a
+    # variant mid-run.
     @triton.jit(do_not_specialize=["bt_stride", "bt_ptr", "qsl_ptr", "seq_lens_ptr"])
     def _prefill_kernel(
         q_ptr,

@@ -79,9 +79,7 @@ if HAS_TRITON:
         tl.store(base, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
         tl.store(base + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
 
-    # pos_ptr sits after the input ids in the step's packed int64 inputs: its 16-byte alignment follows the
-    # token count's parity, and specializing on it compiled a second variant mid-run.
-    @triton.jit(do_not_specialize=["pos_ptr"])
+    @triton.jit
     def _rotary_kernel(
         q_ptr,
         k_ptr,

@@ -35,9 +35,7 @@ def rotary_and_cache_reference(
 
 if HAS_TRITON:
 
-    # pos_ptr / slot_ptr point into the step's packed inputs, at offsets that follow the batch: not
-    # specialized on their alignment (a new variant would compile mid-run).
-    @triton.jit(do_not_specialize=["pos_ptr", "slot_ptr"])
+    @triton.jit
     def _rotary_kv_write_kernel(
         q_ptr,
         k_ptr,

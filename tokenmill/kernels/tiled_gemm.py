@@ -4,10 +4,10 @@ Two regimes, one kernel with the row tile as a parameter:
 - skinny (M <= 16): a decode step reads every weight once for a handful of tokens, so the product is bound
   by the weight read; rows pad to one 16-row MMA tile. cuBLAS's heuristics left Llama-3-8B's o_proj at M=1
   at 1.6 TB/s of the 3.0 TB/s copy rate, where a plain tiled kernel streams the weight faster.
-- wide (17..256 rows, the decode CUDA-graph ladder): at 256 rows a projection does ~256 FLOP per weight byte,
-  the H100's ridge point. cuBLAS's 128x128 tiles give a narrow output (o_proj, down_proj: N = 4096) only 64
-  tiles for 132 SMs (measured 430-460 TFLOP/s at M=256); 64-row tiles fill the machine, and programs that
-  share a weight tile run side by side so the weight is read from HBM once.
+- wide (17..256 rows, the decode CUDA-graph ladder): 32-128-row tiles; programs that share a weight tile
+  run side by side so the weight is read from HBM once. Measured on the H100 (gpu_linear_tiled_2026-11-24):
+  20-40% slower than cuBLAS on every Llama-3-8B / Qwen3-0.6B projection but lm_head (3-4% faster up to 32
+  rows), since at these row counts cuBLAS's wgmma/TMA kernels win on compute.
 The runner times cuBLAS against these configs per weight shape and row count at start-up and keeps a config
 only where it wins (runner/linear_tuning.py); this module only computes.
 """

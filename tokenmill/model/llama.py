@@ -60,7 +60,7 @@ class LlamaAttention(nn.Module):
             q, _ = self.q_norm(q)
             k, _ = self.k_norm(k)
         rotary = self._rotary[0]
-        if self.attn_backend.fuses_rotary and q.is_cuda:  # rotated inside the backend's KV-cache write
+        if self.attn_backend.fuses_rotary:  # rotated inside the backend's KV-cache write
             out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, (positions, rotary.cos_sin_cache))
         else:
             q, k = rotary(q, k, positions)

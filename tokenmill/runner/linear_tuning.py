@@ -2,9 +2,9 @@
 
 Timed on the device itself (weights are read from HBM each call, as in a decode step: triton's do_bench
 flushes L2 between runs); a tiled config is kept for a (shape, rows) pair only when it is faster than cuBLAS
-by ``margin``. Measured on the H100 (benchmarks/gpu_profile.py): at one row Llama-3-8B's lm_head 375 → 341 µs
-and o_proj 11.3 → 8.7 µs, while cuBLAS stays ahead on gate_up; at 256 rows cuBLAS's 128-row tiles leave SMs
-idle on the narrow projections. Hence a per-shape, per-row-count choice, not a rule.
+by ``margin``. Measured on the H100 (benchmarks/gpu_profile.py): at one row Llama-3-8B's lm_head 381 → 354 µs
+and o_proj 23.2 → 21.8 µs, while cuBLAS stays ahead on gate_up; from 32 rows up cuBLAS wins everywhere but on
+lm_head. Hence a per-shape, per-row-count choice, not a rule.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ class ModelRunner:
             return logits, inputs.sample_rows
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
-        return logits.float(), inputs.sample_rows
+        return logits, inputs.sample_rows  # compute_logits already returns float32
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:

@@ -246,4 +246,4 @@ class TPExecutor(ModelRunner):
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices)).float()
+        return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
