@@ -1,5 +1,7 @@
 """Turn a SchedulerOutput into the flat tensors one forward pass needs (token ids, positions, metadata).
 
+Two halves: ``host_step`` builds host arrays (what tensor-parallel ranks receive), ``upload_step`` moves them.
+
 All int64 arrays of a step travel in one host-to-device copy and all int32 ones in another (no stream syncs).
 """
 
@@ -24,11 +26,18 @@ class ModelInputs:
     sample_rows: list[int]  # which scheduled entries sample this step, in order
 
 
-def build_model_inputs(
-    sched: SchedulerOutput, block_size: int, device: torch.device | str, prev_token_ids: torch.Tensor | None = None
-) -> ModelInputs:
-    """``prev_token_ids``: sampled ids of the step still in flight. A negative input id -(j + 1) is a
-    placeholder for its entry j (the host has not read it yet); it is filled in on the device."""
+@dataclass
+class HostStep:
+    """A step's inputs as host arrays: small, picklable, and the same on every tensor-parallel rank."""
+
+    token_ids: np.ndarray  # [num_tokens] int64; negative ids are placeholders (see upload_step)
+    layout: HostLayout
+    sample_indices: np.ndarray  # [num_sampled] int64
+    sample_rows: list[int]
+
+
+def host_step(sched: SchedulerOutput, block_size: int) -> HostStep:
+    """Flatten the scheduled entries into host arrays (no device work)."""
     token_ids: list[int] = []
     query_lens: list[int] = []
     seq_lens: list[int] = []
@@ -49,13 +58,20 @@ def build_model_inputs(
         if end == seq.num_tokens:  # reaches the last known token: its logits give the next one
             sample_indices.append(len(token_ids) - 1)
             sample_rows.append(row)
-    layout = HostLayout.build(query_lens, seq_lens, tables, block_size)
+    return HostStep(np.asarray(token_ids, dtype=np.int64), HostLayout.build(query_lens, seq_lens, tables, block_size),
+                    np.asarray(sample_indices, dtype=np.int64), sample_rows)
+
+
+def upload_step(
+    host: HostStep, device: torch.device | str, prev_token_ids: torch.Tensor | None = None
+) -> ModelInputs:
+    """``prev_token_ids``: sampled ids of the step still in flight. A negative input id -(j + 1) is a
+    placeholder for its entry j (the host has not read it yet); it is filled in on the device."""
+    layout = host.layout
     ids, positions, slots, samples = upload_arrays(
-        [np.asarray(token_ids, dtype=np.int64), layout.positions, layout.slot_mapping,
-         np.asarray(sample_indices, dtype=np.int64)],
-        device,
+        [host.token_ids, layout.positions, layout.slot_mapping, host.sample_indices], device
     )
-    if token_ids and min(token_ids) < 0:
+    if host.token_ids.size and host.token_ids.min() < 0:
         if prev_token_ids is None:
             raise RuntimeError("placeholder input ids need the in-flight step's sampled ids")
         ids = torch.where(ids >= 0, ids, prev_token_ids[(-ids - 1).clamp_(min=0)])
@@ -65,5 +81,11 @@ def build_model_inputs(
         positions=positions,
         meta=AttentionMetadata.from_layout(layout, slots, int32),
         sample_indices=samples,
-        sample_rows=sample_rows,
+        sample_rows=host.sample_rows,
     )
+
+
+def build_model_inputs(
+    sched: SchedulerOutput, block_size: int, device: torch.device | str, prev_token_ids: torch.Tensor | None = None
+) -> ModelInputs:
+    return upload_step(host_step(sched, block_size), device, prev_token_ids)

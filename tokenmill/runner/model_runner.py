@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +14,7 @@ from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.outputs import Logprob
 from tokenmill.runner.cuda_graphs import DecodeGraphs
-from tokenmill.runner.inputs import build_model_inputs
+from tokenmill.runner.inputs import ModelInputs, build_model_inputs
 from tokenmill.sampling.penalties import needs_penalties
 from tokenmill.sampling.sampler import Sampler, SamplingRow
 from tokenmill.sampling_params import SamplingParams
@@ -37,15 +39,29 @@ class LaunchedStep:
     logprobs: list[dict[int, Logprob] | None]
     host_ids: torch.Tensor | None = None  # pinned copy being filled (CUDA)
     ready: torch.cuda.Event | None = None  # recorded after that copy
+    watch: Callable[[], None] | None = None  # raises if the wait can never end (a dead tensor-parallel peer)
 
     def result(self) -> StepResult:
         """Wait for this step's sampled ids (only this step's: later queued work keeps running)."""
         if self.ready is not None and self.host_ids is not None:
-            self.ready.synchronize()
+            if self.watch is None:
+                self.ready.synchronize()
+            else:
+                self._watched_wait(self.ready, self.watch)
             ids = self.host_ids.tolist()
         else:
             ids = self.token_ids.tolist()
         return StepResult(self.rows, ids, self.logprobs)
+
+    @staticmethod
+    def _watched_wait(ready: torch.cuda.Event, watch: Callable[[], None], every_s: float = 0.005) -> None:
+        """Poll the event (sleep(0) yields the GIL to the server's threads) and call ``watch`` every ``every_s``."""
+        next_watch = time.monotonic() + every_s
+        while not ready.query():
+            if time.monotonic() >= next_watch:
+                watch()
+                next_watch = time.monotonic() + every_s
+            time.sleep(0)
 
 
 class ModelRunner:
@@ -116,15 +132,18 @@ class ModelRunner:
         ``prev_token_ids``: the in-flight step's sampled ids, which placeholder input ids point into.
         """
         inputs = build_model_inputs(sched, self.block_size, self.device, prev_token_ids)
+        return self.run_model(inputs), inputs.sample_rows
+
+    def run_model(self, inputs: ModelInputs) -> torch.Tensor:
+        """fp32 logits of the sampling rows: a captured graph for decode batches it covers, else eager."""
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
             # One token per row, so row i's token is flat index i; the graph computed every row's logits.
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
             if len(inputs.sample_rows) < inputs.meta.num_seqs:  # e.g. a 1-token chunk mid-prompt
                 logits = logits.index_select(0, inputs.sample_indices)
-            return logits, inputs.sample_rows
+            return logits
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
-        return logits, inputs.sample_rows  # compute_logits already returns float32
+        return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))  # already float32
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:

@@ -1,7 +1,9 @@
 """TPExecutor: tensor-parallel model execution — rank 0 in the engine process, ranks 1..N-1 as spawned workers.
 
-Each step rank 0 sends the step's inputs (token ids, positions, attention metadata as plain lists) to every
-worker over its pipe, all ranks run the model (collectives inside), and rank 0 samples. A dead rank raises.
+Each step rank 0 sends the step's host arrays (``HostStep``: token ids, layout, sample indices) to every worker
+over its pipe; every rank uploads them and runs the same ``ModelRunner.run_model`` (a captured CUDA graph for decode
+batches, collectives inside, captured on all ranks in the same order), and rank 0 samples. A dead rank raises,
+also while rank 0 waits on the GPU for a collective its peer will never join.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -19,14 +22,13 @@ import torch
 import torch.multiprocessing as mp
 
 from tokenmill.attention.backend import AttentionBackend, get_attention_backend
-from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.context import ParallelContext, create_parallel_context
 from tokenmill.distributed.loading import load_shard, model_spec
 from tokenmill.distributed.parallel_model import check_parallel_shape
 from tokenmill.engine.scheduler import SchedulerOutput
-from tokenmill.runner.inputs import ModelInputs, build_model_inputs
-from tokenmill.runner.model_runner import ModelRunner
+from tokenmill.runner.inputs import host_step, upload_step
+from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -39,32 +41,11 @@ class TensorParallelError(RuntimeError):
 
 
 def _rank_device(device: str, rank: int) -> str:
-    return f"cuda:{rank}" if device.startswith("cuda") else device
-
-
-def _step_payload(inputs: ModelInputs) -> dict[str, Any]:
-    starts = inputs.meta.query_start_loc_cpu
-    return {
-        "input_ids": inputs.input_ids.tolist(),
-        "positions": inputs.positions.tolist(),
-        "query_lens": [b - a for a, b in zip(starts, starts[1:], strict=False)],
-        "seq_lens": list(inputs.meta.seq_lens_cpu),
-        "block_tables": inputs.meta.block_tables.tolist(),
-        "sample_indices": inputs.sample_indices.tolist(),
-    }
-
-
-def _run_step(runner: ModelRunner, payload: dict[str, Any]) -> None:
-    """A worker's half of one step: the same forward and logits (whose all-gather needs every rank)."""
-    device = runner.device
-    meta = AttentionMetadata.build(payload["query_lens"], payload["seq_lens"], payload["block_tables"],
-                                   runner.block_size, device)
-    ids = torch.tensor(payload["input_ids"], dtype=torch.int64, device=device)
-    positions = torch.tensor(payload["positions"], dtype=torch.int64, device=device)
-    sample = torch.tensor(payload["sample_indices"], dtype=torch.int64, device=device)
-    with torch.inference_mode():
-        hidden = runner.model(ids, positions, runner.kv_caches, meta)
-        runner.model.compute_logits(hidden.index_select(0, sample))
+    """Rank r runs on the r-th GPU after the one the engine was given (cuda:1 → ranks on cuda:1, cuda:2, ...)."""
+    if not device.startswith("cuda"):
+        return device
+    base = int(device.partition(":")[2] or 0)
+    return f"cuda:{base + rank}"
 
 
 def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connection, parent_pid: int,
@@ -94,10 +75,14 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
                 runner.allocate_kv_cache(payload)
             elif op == "profile":
                 runner.profile_run(*payload)
-            elif op == "step":
-                _run_step(runner, payload)
+            elif op == "capture":
+                runner.capture_graphs(*payload)
+            elif op == "step":  # the same forward and logits as rank 0 (the logits' all-gather needs every rank)
+                with torch.inference_mode():
+                    runner.run_model(upload_step(payload, runner.device))
             else:
-                raise ValueError(f"unknown tensor-parallel command {op!r}; expected alloc, profile, step or stop")
+                raise ValueError(f"unknown tensor-parallel command {op!r}; expected alloc, profile, capture, step "
+                                 "or stop")
     except (EOFError, BrokenPipeError):
         return  # the engine closed our pipe: it is shutting down or gone
     except Exception as exc:
@@ -137,11 +122,12 @@ class TPExecutor(ModelRunner):
         self.timeout_s = timeout_s
         on_cuda = mc.device.startswith("cuda")
         if on_cuda:
-            for key, value in _NCCL_ENV.items():
-                os.environ.setdefault(key, value)
-            if torch.cuda.device_count() < self.world_size:
-                raise ValueError(f"tensor_parallel_size ({self.world_size}) exceeds the {torch.cuda.device_count()} "
-                                 "visible GPUs")
+            os.environ.update(_NCCL_ENV)  # inherited by the spawned workers
+            last = _rank_device(mc.device, self.world_size - 1)
+            if int(last.partition(":")[2]) >= torch.cuda.device_count():
+                raise ValueError(f"tensor_parallel_size ({self.world_size}) on {mc.device} needs GPUs up to {last}; "
+                                 f"{torch.cuda.device_count()} are visible")
+            torch.cuda.set_device(torch.device(_rank_device(mc.device, 0)))  # NCCL binds rank 0 to the current GPU
         check_parallel_shape(model_spec(mc), self.world_size)  # fail before starting any process
         self._tmpdir = tempfile.mkdtemp(prefix="tokenmill-tp-")
         store_path = Path(self._tmpdir) / "rendezvous"
@@ -231,7 +217,9 @@ class TPExecutor(ModelRunner):
         self._collective(super().profile_run, num_tokens, num_sampled)
 
     def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
-        logger.info("tensor parallel runs eagerly: CUDA graphs are not captured for tensor_parallel_size > 1")
+        """Every rank captures the same ladder in the same order, so the collectives inside pair up."""
+        self._send("capture", (max_batch, max_model_len))
+        self._collective(super().capture_graphs, max_batch, max_model_len)
 
     @torch.inference_mode()
     def forward_logits(
@@ -239,11 +227,21 @@ class TPExecutor(ModelRunner):
     ) -> tuple[torch.Tensor, list[int]]:
         if prev_token_ids is not None:  # the engine keeps async scheduling off for tensor parallelism
             raise ValueError("tensor-parallel steps take real input ids, not placeholders of a step in flight")
-        inputs = build_model_inputs(sched, self.block_size, self.device)
-        self._send("step", _step_payload(inputs))
-        logits = self._collective(self._forward, inputs)
-        return logits, inputs.sample_rows
+        host = host_step(sched, self.block_size)
+        self._send("step", host)
+        inputs = upload_step(host, self.device)
+        return self._collective(self.run_model, inputs), inputs.sample_rows
 
-    def _forward(self, inputs: ModelInputs) -> torch.Tensor:
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
+    def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:
+        """On GPUs a dead peer leaves rank 0's collective kernel waiting forever: its result watches the workers."""
+        launched = self._collective(super().launch, sched, prev_token_ids)
+        deadline = time.monotonic() + self.timeout_s
+
+        def watch() -> None:  # a stopped or deadlocked rank is alive but never joins: the deadline catches it
+            self.check_workers()
+            if time.monotonic() > deadline:
+                raise TensorParallelError(f"a tensor-parallel step did not finish in {self.timeout_s:.0f} s; a rank "
+                                          "is stuck and the engine cannot continue")
+
+        launched.watch = watch
+        return launched
