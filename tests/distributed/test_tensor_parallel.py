@@ -68,6 +68,22 @@ def test_greedy_tokens_match_tp1_and_transformers(tp_case):
     assert got == transformers_greedy(model_dir, prompts, MAX_NEW)
 
 
+def test_async_scheduling_with_two_ranks_gives_the_same_tokens(tmp_path):
+    """Rank 0 schedules step N+1 before reading step N's ids; the worker fills the placeholders from rank 0's
+    broadcast of them."""
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+    llm = LLM(str(model_dir), tensor_parallel_size=2, async_scheduling=True, **ENGINE_ARGS)
+    try:
+        assert llm.engine.async_scheduling and llm.engine.runner.share_sampled_ids
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == transformers_greedy(model_dir, prompts, MAX_NEW)
+    finally:
+        llm.engine.shutdown()
+
+
 def test_logits_match_tp1(tp_case):
     _, prompts, tp1, tp2 = tp_case
     logits = []

@@ -1,6 +1,7 @@
 """Tensor parallelism on GPUs: NCCL ranks, Triton attention, CUDA graphs captured on every rank.
 
-Skipped below two GPUs. fp32 greedy tokens must equal TP=1 and transformers with graphs and eagerly; bf16 logits
+Skipped below two GPUs. fp32 greedy tokens must equal transformers with graphs, eagerly, with and without async
+scheduling (rank 0 broadcasts its sampled ids for the next step's placeholders); bf16 logits
 must stay within tolerance of TP=1; a rank killed while rank 0 waits on the GPU must raise, not hang.
 """
 
@@ -41,12 +42,14 @@ def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-@pytest.mark.parametrize("eager", [False, True])
-def test_fp32_greedy_matches_transformers_with_two_ranks(model_case, eager):
+@pytest.mark.parametrize("eager, async_scheduling", [(False, True), (False, False), (True, True)])
+def test_fp32_greedy_matches_transformers_with_two_ranks(model_case, eager, async_scheduling):
     model_dir, prompts, expected = model_case
-    llm = LLM(str(model_dir), dtype="float32", tensor_parallel_size=2, enforce_eager=eager, **ENGINE_ARGS)
+    llm = LLM(str(model_dir), dtype="float32", tensor_parallel_size=2, enforce_eager=eager,
+              async_scheduling=async_scheduling, **ENGINE_ARGS)
     try:
         assert llm.engine.attn_backend.name == "triton"
+        assert llm.engine.async_scheduling is async_scheduling
         assert (llm.engine.runner.graphs is None) is eager
         assert _greedy(llm, prompts) == expected
         assert _greedy(llm, prompts * 3) == expected * 3  # decode batches of 9: a padded graph size
@@ -58,7 +61,7 @@ def test_bf16_decode_logits_within_tolerance_of_one_rank(model_case):
     model_dir, prompts, _ = model_case
     logits = []
     for tp in (1, 2):
-        llm = LLM(str(model_dir), dtype="bfloat16", tensor_parallel_size=tp, **ENGINE_ARGS)
+        llm = LLM(str(model_dir), dtype="bfloat16", tensor_parallel_size=tp, async_scheduling=False, **ENGINE_ARGS)
         engine = llm.engine
         try:
             for i, ids in enumerate(prompts):

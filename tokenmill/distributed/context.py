@@ -46,6 +46,23 @@ class ParallelContext:
         self.group.allgather([parts], [tensor]).wait()
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s copy (same shape and dtype on all ranks)."""
+        if self.world_size == 1:
+            return tensor
+        assert self.group is not None
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        self.group.broadcast([tensor], options).wait()
+        return tensor
+
+    def close(self) -> None:
+        """Drop this rank's communicator without waiting for peers (they may be gone already); NCCL's
+        background threads would otherwise keep polling the removed rendezvous file until exit."""
+        abort = getattr(self.group, "abort", None)
+        if abort is not None:
+            abort()
+
     def barrier(self) -> None:
         if self.world_size > 1:
             assert self.group is not None

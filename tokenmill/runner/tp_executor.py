@@ -63,6 +63,7 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         backend = get_attention_backend(config.runner.attention_backend, device)
         loaded = load_shard(mc, backend, ctx, device)
         runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set())
+        sampled_ids: torch.Tensor | None = None  # rank 0's sampled ids of the previous step (async scheduling)
         conn.send(("ready", None))
         while True:
             while not conn.poll(1.0):
@@ -70,6 +71,7 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
                     return
             op, payload = conn.recv()
             if op == "stop":
+                ctx.close()
                 return
             if op == "alloc":
                 runner.allocate_kv_cache(payload)
@@ -78,8 +80,13 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
             elif op == "capture":
                 runner.capture_graphs(*payload)
             elif op == "step":  # the same forward and logits as rank 0 (the logits' all-gather needs every rank)
+                host, share_sampled_ids = payload
                 with torch.inference_mode():
-                    runner.run_model(upload_step(payload, runner.device))
+                    runner.run_model(upload_step(host, runner.device, sampled_ids))
+                    sampled_ids = None
+                    if share_sampled_ids and host.sample_rows:  # the next step's placeholder ids point into these
+                        sampled_ids = torch.empty(len(host.sample_rows), dtype=torch.int64, device=runner.device)
+                        ctx.broadcast(sampled_ids)
             else:
                 raise ValueError(f"unknown tensor-parallel command {op!r}; expected alloc, profile, capture, step "
                                  "or stop")
@@ -154,6 +161,8 @@ class TPExecutor(ModelRunner):
             raise
         super().__init__(self.loaded.model, mc.device, mc.torch_dtype, config.cache.block_size,
                          set(self.loaded.eos_token_ids))
+        # Set by the engine when it schedules a step while the previous one runs (async scheduling).
+        self.share_sampled_ids = False
         logger.info("tensor parallel: %d ranks (%s), worker pids %s", self.world_size,
                     "nccl" if on_cuda else "gloo", [p.pid for p in self.workers])
 
@@ -205,7 +214,13 @@ class TPExecutor(ModelRunner):
 
     def shutdown(self) -> None:
         """Stop every worker (killing it after a grace period) and clean up; safe to call twice."""
+        stopping = self._finalizer.alive
         self._finalizer()
+        if stopping and hasattr(self, "ctx"):  # after the workers: nothing can be in flight between ranks now
+            try:
+                self.ctx.close()
+            except RuntimeError as exc:
+                logger.warning("closing rank 0's communicator failed: %s", exc)
 
     # ---- ModelRunner overrides -------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -225,16 +240,17 @@ class TPExecutor(ModelRunner):
     def forward_logits(
         self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[int]]:
-        if prev_token_ids is not None:  # the engine keeps async scheduling off for tensor parallelism
-            raise ValueError("tensor-parallel steps take real input ids, not placeholders of a step in flight")
         host = host_step(sched, self.block_size)
-        self._send("step", host)
-        inputs = upload_step(host, self.device)
+        self._send("step", (host, self.share_sampled_ids))
+        inputs = upload_step(host, self.device, prev_token_ids)
         return self._collective(self.run_model, inputs), inputs.sample_rows
 
     def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:
-        """On GPUs a dead peer leaves rank 0's collective kernel waiting forever: its result watches the workers."""
+        """Rank 0 samples; with async scheduling its ids go to every rank (the next step's placeholders point
+        into them). On GPUs a dead peer leaves rank 0's collective kernel waiting forever: the result watches."""
         launched = self._collective(super().launch, sched, prev_token_ids)
+        if self.share_sampled_ids and launched.rows:
+            self._collective(self.ctx.broadcast, launched.token_ids)
         deadline = time.monotonic() + self.timeout_s
 
         def watch() -> None:  # a stopped or deadlocked rank is alive but never joins: the deadline catches it
