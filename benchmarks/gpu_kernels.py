@@ -291,6 +291,54 @@ def bench_decode(rep: Report, num_sms: int) -> None:
         torch.cuda.empty_cache()
 
 
+def read_only_ceiling(rep: Report) -> None:
+    buf = torch.randn(2 * 1024**3, device=DEV, dtype=torch.bfloat16)
+    ms = median_ms(lambda: buf.sum(dtype=torch.float32))
+    rep.time("read_only_sum", "torch", "4 GB bf16", ms, buf.numel() * 2)
+
+
+def bench_decode_large(rep: Report, num_sms: int) -> None:
+    """Launch shapes of the unsplit decode kernel at large batches (workload (d) at 128 and 256 rows, ~544
+    cached tokens), against a read-only ceiling: torch.sum over a 4 GB buffer reads without writing."""
+    read_only_ceiling(rep)
+    gen = torch.Generator().manual_seed(2)
+    for batch, seq_len in [(256, 544), (128, 544)]:
+        kv_bytes = batch * seq_len * HKV * D * 2 * 2
+        copies = max(1, min(64, -(-400_000_000 // kv_bytes)))
+        num_blocks, tables = make_tables(batch, seq_len, copies, gen)
+        cache = torch.randn(2, num_blocks, BS, HKV, D, device=DEV).to(torch.bfloat16)
+        q = torch.randn(batch, HQ, D, device=DEV).to(torch.bfloat16)
+        lens = torch.full((batch,), seq_len, dtype=torch.int32, device=DEV)
+        shape = f"B={batch} L={seq_len}"
+        out = torch.empty_like(q)
+        ref = paged_decode_reference(q.float(), cache, tables[0], lens, D**-0.5)
+        width = tables[0].shape[1] * BS
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3, 4):
+                    plan = plan_decode(batch, HKV, width, num_sms, block_n=block_n)
+                    launch = {"num_warps": warps, "num_stages": stages}
+                    out.fill_(float("nan"))
+                    try:
+                        paged_decode(q, cache, tables[0], lens, D**-0.5, plan=plan, out=out, **launch)
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip that shape
+                        print(f"{shape} bn{block_n} w{warps} s{stages}: {exc}".splitlines()[0], flush=True)
+                        continue
+                    err = rel_err(out, ref)
+                    if err > 1e-2:
+                        rep.check(f"paged_decode[bn{block_n}_w{warps}_s{stages}]", torch.bfloat16, shape, err)
+                        continue
+
+                    def run(plan: DecodePlan = plan, launch: dict = launch) -> None:
+                        for t in tables:
+                            paged_decode(q, cache, t, lens, D**-0.5, plan=plan, out=out, **launch)
+
+                    ms = median_ms(run, graph=True) / len(tables)
+                    rep.time("paged_decode_large", f"bn{block_n}_w{warps}_s{stages}", shape, ms, kv_bytes,
+                             splits=plan.num_splits, rel_err=err)
+        torch.cuda.empty_cache()
+
+
 def bench_decode_wide_table(rep: Report, num_sms: int) -> None:
     """Decode inside a CUDA graph planned for max_model_len: short sequences behind a wide block table.
 
@@ -425,6 +473,7 @@ def main() -> None:
         ("pointwise", lambda: bench_pointwise(rep)),
         ("decode", lambda: bench_decode(rep, props.multi_processor_count)),
         ("decode_wide", lambda: bench_decode_wide_table(rep, props.multi_processor_count)),
+        ("decode_large", lambda: bench_decode_large(rep, props.multi_processor_count)),
         ("prefill", lambda: bench_prefill(rep)),
     ):
         if name not in sections:
