@@ -109,34 +109,6 @@ def linear_tunableop(rep_ms: int = 50) -> dict[str, Any]:
     return {"timings": rows, "chosen": [list(map(str, r)) for r in torch.cuda.tunable.get_results()]}
 
 
-def linear_split_k(rep_ms: int = 50) -> list[dict[str, Any]]:
-    """cuBLAS vs split-K (kernels/split_k_gemm.py) on the Llama-3-8B projections at 32-256 rows, with each
-    variant's error against an fp32 product (timed like the start-up tuning: L2 flushed between calls)."""
-    from triton.testing import do_bench
-
-    from tokenmill.kernels.split_k_gemm import SPLIT_K_CANDIDATES
-
-    rows = []
-    for name, k, n in SHAPES["llama3-8b"][:4]:
-        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        for m in (32, 64, 128, 256):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x.float(), weight.float())
-            variants = {"cublas": lambda x=x, weight=weight: F.linear(x, weight)}
-            for sk in SPLIT_K_CANDIDATES:
-                if k % sk.splits == 0:
-                    variants[sk.name] = lambda x=x, weight=weight, sk=sk: sk(x, weight, None)
-            for variant, fn in variants.items():
-                err = ((fn().float() - ref).norm() / ref.norm()).item()
-                ms = do_bench(fn, warmup=10, rep=rep_ms)
-                rows.append({"layer": name, "m": m, "k": k, "n": n, "variant": variant, "ms": ms,
-                             "tflops": 2 * m * n * k / ms / 1e9, "rel_err": err})
-                print(f"splitk llama3-8b {name:<8} m={m:<4} {variant:<8} {1e3 * ms:7.1f} us "
-                      f"{2 * m * n * k / ms / 1e9:6.0f} TFLOP/s  rel err {err:.2e}", flush=True)
-        del weight
-    return rows
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
@@ -144,7 +116,6 @@ def main() -> int:
     parser.add_argument("--skip-linear", action="store_true")
     parser.add_argument("--linear-only", action="store_true")
     parser.add_argument("--tunableop", action="store_true", help="also time PyTorch TunableOp's GEMM choice")
-    parser.add_argument("--splitk", action="store_true", help="also time split-K GEMMs against cuBLAS")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,8 +132,6 @@ def main() -> int:
                   f"{r['gbps']:7.0f} {r['tflops']:8.1f}")
     if args.tunableop:
         record["tunableop"] = linear_tunableop()
-    if args.splitk:
-        record["splitk"] = linear_split_k()
     record["runs"] = {}
     for name in ([] if args.linear_only else args.runs.split(",")):
         argv = [*RUNS[name], "--ignore-eos", "--warmup-requests", "4", "--profile", str(out / name),
