@@ -1,0 +1,109 @@
+"""Probe: a TMA-descriptor Triton GEMM against cuBLAS on the decode projections at 128/256 rows (H100).
+
+cuBLAS runs Llama-3-8B's qkv and o_proj at 256 rows at ~390 and ~310 TFLOP/s (too few output tiles for 132 SMs);
+this times a plain tile-per-program Triton kernel whose loads go through TMA descriptors, over tile shapes, to see
+whether any beats cuBLAS by enough to be worth a tuner option. Prints a table and writes JSON.
+
+    python benchmarks/gemm_tma_probe.py --out $OUT
+"""
+
+# ruff: noqa: B023  (every lambda here is timed at once, inside the loop iteration that binds its names)
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+@triton.jit
+def _tma_gemm_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr, M_FASTEST: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    if M_FASTEST:  # programs sharing a weight tile run side by side
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+    else:
+        pid_n = pid % num_n
+        pid_m = pid // num_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        a = x_desc.load([pid_m * BLOCK_M, k])
+        b = w_desc.load([pid_n * BLOCK_N, k])
+        acc = tl.dot(a, b.T, acc)
+    y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+
+
+def tma_launcher(x, w, y, bm, bn, bk, stages, warps, m_fastest):
+    """Descriptors built once (as a CUDA graph would bake them in); returns the launch."""
+    m, k = x.shape
+    n = w.shape[0]
+    xd = TensorDescriptor.from_tensor(x, [bm, bk])
+    wd = TensorDescriptor.from_tensor(w, [bn, bk])
+    yd = TensorDescriptor.from_tensor(y, [bm, bn])
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+
+    def launch() -> None:
+        _tma_gemm_kernel[grid](xd, wd, yd, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
+                               M_FASTEST=m_fastest, num_warps=warps)
+
+    return launch
+
+
+CONFIGS = [(bm, bn, bk, st, wp, mf)
+           for bm, bn, wp in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 256, 8),
+                              (128, 256, 8))
+           for bk, st in ((64, 4), (128, 3))
+           for mf in (True,)]
+SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    rows = []
+    for name, k, n in SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for m in (128, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), w.float())
+            base = do_bench(lambda x=x, w=w: F.linear(x, w), warmup=10, rep=50)
+            rows.append({"layer": name, "m": m, "variant": "cublas", "ms": base, "rel_err": None})
+            print(f"{name:<8} m={m:<4} cublas {1e3 * base:7.1f} us {2 * m * n * k / base / 1e9:5.0f} TF", flush=True)
+            y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            for bm, bn, bk, st, wp, mf in CONFIGS:
+                label = f"m{bm}_n{bn}_k{bk}_s{st}_w{wp}"
+                try:
+                    launch = tma_launcher(x, w, y, bm, bn, bk, st, wp, mf)
+                    y.fill_(float("nan"))
+                    launch()
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    ms = do_bench(launch, warmup=10, rep=50)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
+                    print(f"{name} m={m} {label}: {exc}".splitlines()[0], flush=True)
+                    continue
+                rows.append({"layer": name, "m": m, "variant": label, "ms": ms, "rel_err": err})
+                print(f"{name:<8} m={m:<4} {label:<22} {1e3 * ms:7.1f} us {2 * m * n * k / ms / 1e9:5.0f} TF "
+                      f"({base / ms:.2f}x cublas) err {err:.1e}", flush=True)
+    record = {"benchmark": "gemm_tma_probe", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name(), "command": " ".join(["python3", *sys.argv]),
+              "torch": torch.__version__, "triton": triton.__version__, "rows": rows}
+    out = Path(args.out) / f"gemm_tma_probe_{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
