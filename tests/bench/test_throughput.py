@@ -197,3 +197,27 @@ def test_cuda_run_profiles_kernels_by_category(tmp_path: Path) -> None:
     profile = record["profile"]
     assert profile["gpu_busy_s"] > 0 and "gemm" in profile["gpu_time_s_by_category"]
     assert 0 < record["roofline"]["decode_roofline_pct"] < 100
+
+
+def test_gpu_tensor_parallel_quick_on_cpu(tmp_path: Path) -> None:
+    """The tensor-parallel benchmark end to end with gloo ranks: one record per run, the N-rank ceilings, and the
+    scaling entry against the smallest size."""
+    out = tmp_path / "tp.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_tensor_parallel.py"), "--runs", "tiny-llama:1,tiny-llama:2",
+         "--quick", "--device", "cpu", "--decode-batches", "1,2", "--max-num-batched-tokens", "64", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert [(r["preset"], r["tensor_parallel_size"]) for r in record["runs"]] == [("tiny-llama", 1), ("tiny-llama", 2)]
+    one, two = record["runs"]
+    assert two["ceilings"]["bandwidth_gbps"] == pytest.approx(2 * one["ceilings"]["bandwidth_gbps"])
+    for run in record["runs"]:
+        assert set(run["workloads"]) == {"a", "b"} and all(w["output_tok_s"] > 0 for w in run["workloads"].values())
+        assert [s["batch"] for s in run["decode_sweep"]] == [1, 2]
+    (scale,) = record["scaling"]
+    assert (scale["from_tp"], scale["to_tp"]) == (1, 2)
+    speedup = two["workloads"]["b"]["output_tok_s"] / one["workloads"]["b"]["output_tok_s"]
+    assert scale["b_speedup"] == pytest.approx(speedup) and scale["b_efficiency"] == pytest.approx(speedup / 2)
+    assert "scaling tiny-llama TP 1 → 2" in proc.stdout
