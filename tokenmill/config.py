@@ -116,6 +116,9 @@ class RunnerConfig:
     attention_backend: str = "auto"  # auto | torch | triton
     max_graph_batch_size: int = 256
     tensor_parallel_size: int = 1  # ranks sharing each layer (one process per rank; gloo on CPU, NCCL on GPU)
+    # Tensor parallelism on GPUs: all-reduces of up to 8 MiB through a one-shot Triton kernel over CUDA IPC
+    # buffers instead of NCCL (larger ones stay on NCCL). Off by default until measured on several GPUs.
+    custom_all_reduce: bool = False
     # Schedule and launch step N+1 while the GPU still runs step N (the host waits for step N's ids after
     # queueing N+1). None: on for a single CUDA device, off elsewhere (a CPU forward pass is synchronous).
     async_scheduling: bool | None = None

@@ -9,9 +9,13 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from tokenmill.distributed.custom_all_reduce import CustomAllReduce
 
 
 @dataclass
@@ -19,6 +23,7 @@ class ParallelContext:
     rank: int
     world_size: int
     group: dist.ProcessGroup | None  # None only when world_size == 1
+    custom: CustomAllReduce | None = None  # small all-reduces on GPUs (see distributed/custom_all_reduce.py)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -32,6 +37,8 @@ class ParallelContext:
         """Sum ``tensor`` over the group in place and return it."""
         if self.world_size == 1:
             return tensor
+        if self.custom is not None and self.custom.takes(tensor):
+            return self.custom.all_reduce(tensor)
         assert self.group is not None
         self.group.allreduce([tensor]).wait()
         return tensor
@@ -59,6 +66,9 @@ class ParallelContext:
     def close(self) -> None:
         """Drop this rank's communicator without waiting for peers (they may be gone already); NCCL's
         background threads would otherwise keep polling the removed rendezvous file until exit."""
+        if self.custom is not None:
+            self.custom.close()
+            self.custom = None
         abort = getattr(self.group, "abort", None)
         if abort is not None:
             abort()
@@ -70,9 +80,13 @@ class ParallelContext:
 
 
 def create_parallel_context(
-    rank: int, world_size: int, store_path: Path, backend: str = "gloo", timeout_s: float = 60.0
+    rank: int, world_size: int, store_path: Path, backend: str = "gloo", timeout_s: float = 60.0,
+    custom_all_reduce_device: torch.device | None = None,
 ) -> ParallelContext:
-    """Join the group of ``world_size`` ranks meeting at the file ``store_path`` (a fresh temp file per group)."""
+    """Join the group of ``world_size`` ranks meeting at the file ``store_path`` (a fresh temp file per group).
+
+    ``custom_all_reduce_device``: also set up the one-shot all-reduce's shared buffers on that GPU (NCCL only).
+    """
     if world_size == 1:
         return ParallelContext(0, 1, None)
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -86,4 +100,11 @@ def create_parallel_context(
         group = dist.ProcessGroupNCCL(store, rank, world_size, options)
     else:
         raise ValueError(f"backend must be gloo or nccl; got {backend!r}")
-    return ParallelContext(rank, world_size, group)
+    custom = None
+    if custom_all_reduce_device is not None:
+        if backend != "nccl":
+            raise ValueError("the custom all-reduce runs on GPUs only (backend nccl)")
+        from tokenmill.distributed.custom_all_reduce import CustomAllReduce
+
+        custom = CustomAllReduce(rank, world_size, store, custom_all_reduce_device)
+    return ParallelContext(rank, world_size, group, custom)

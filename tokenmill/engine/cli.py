@@ -34,6 +34,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--random-weights", default=None, help="preset name: random weights of a real shape")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="ranks sharing each layer, one process per rank (gloo on CPU, NCCL on GPUs)")
+    parser.add_argument("--custom-all-reduce", action="store_true",
+                        help="tensor parallelism on GPUs: small all-reduces by a one-shot kernel over CUDA IPC "
+                             "buffers instead of NCCL (experimental)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -53,6 +56,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         random_weights=args.random_weights,
         tensor_parallel_size=args.tensor_parallel_size,
+        custom_all_reduce=args.custom_all_reduce,
     )
 
 

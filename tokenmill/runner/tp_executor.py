@@ -58,8 +58,9 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         torch.cuda.set_device(device)
     try:
         conn.send(("started", None))  # imports done: rank 0 may now block in the rendezvous
-        ctx = create_parallel_context(rank, tp, Path(store_path), "nccl" if device.startswith("cuda") else "gloo",
-                                      timeout_s)
+        on_cuda = device.startswith("cuda")
+        ctx = create_parallel_context(rank, tp, Path(store_path), "nccl" if on_cuda else "gloo", timeout_s,
+                                      torch.device(device) if on_cuda and config.runner.custom_all_reduce else None)
         backend = get_attention_backend(config.runner.attention_backend, device)
         loaded = load_shard(mc, backend, ctx, device)
         runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set())
@@ -152,8 +153,10 @@ class TPExecutor(ModelRunner):
             self.conns.append(parent_end)
         try:
             self._wait_for("started", load_timeout_s)
+            custom_device = torch.device(_rank_device(mc.device, 0)) if on_cuda and config.runner.custom_all_reduce \
+                else None
             self.ctx: ParallelContext = create_parallel_context(0, self.world_size, store_path,
-                                                                "nccl" if on_cuda else "gloo", timeout_s)
+                                                                "nccl" if on_cuda else "gloo", timeout_s, custom_device)
             self.loaded = load_shard(mc, attn_backend, self.ctx, mc.device)
             self._wait_for("ready", load_timeout_s)
         except BaseException:
