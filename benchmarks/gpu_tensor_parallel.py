@@ -9,6 +9,7 @@ by N: each rank reads 1/N of the weights and of the KV cache. Scaling efficiency
 throughput of each size with the smallest size of the same preset: (tok/s ratio) / (GPU ratio).
 
 Usage (nvidia-h200-x2): python benchmarks/gpu_tensor_parallel.py --runs llama3-70b:2,llama3-8b:1,llama3-8b:2
+A run PRESET:TP:car uses the one-shot custom all-reduce (--custom-all-reduce) instead of NCCL for small tensors.
 Smoke test (CPU, gloo): python benchmarks/gpu_tensor_parallel.py --runs tiny-llama:1,tiny-llama:2 --quick --device cpu
 """
 
@@ -61,24 +62,28 @@ def measure_ceilings(device: str) -> dict[str, float]:
     return {"bandwidth_gbps": 2 * src.numel() / copy_s / 1e9, "matmul_tflops": 2 * 8192**3 / matmul_s / 1e12}
 
 
-def build_engine(preset: str, tp: int, args: argparse.Namespace, max_model_len: int) -> LLMEngine:
+def build_engine(preset: str, tp: int, custom_all_reduce: bool, args: argparse.Namespace,
+                 max_model_len: int) -> LLMEngine:
     return LLMEngine.from_kwargs(
         random_weights=preset, dtype=args.dtype, device=args.device, max_model_len=max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enforce_eager=args.enforce_eager, seed=args.seed, tensor_parallel_size=tp, stream_outputs=False,
+        enforce_eager=args.enforce_eager, seed=args.seed, tensor_parallel_size=tp,
+        custom_all_reduce=custom_all_reduce, stream_outputs=False,
     )
 
 
-def run_one(preset: str, tp: int, args: argparse.Namespace, sizes: Sizes, gpu: dict[str, float]) -> dict[str, Any]:
+def run_one(preset: str, tp: int, custom_all_reduce: bool, args: argparse.Namespace, sizes: Sizes,
+            gpu: dict[str, float]) -> dict[str, Any]:
     ceilings = Ceilings(tp * gpu["bandwidth_gbps"], tp * gpu["matmul_tflops"])
     workloads = make_workloads(["a", "b"], sizes, preset, args.seed, 0)
     sweep_sizes = Sizes(sizes.a, sizes.b, sizes.c, tuple(args.decode_batches), sizes.d_lens)
     need = max([len(r.prompt_token_ids) + r.output_len for wl in workloads for r in wl.requests]
                + [max_sweep_len(sweep_sizes, args.max_num_batched_tokens)])
     t0 = time.perf_counter()
-    engine = build_engine(preset, tp, args, need + 16)
+    engine = build_engine(preset, tp, custom_all_reduce, args, need + 16)
     ready_s = time.perf_counter() - t0
-    print(f"[{preset} tp={tp}] engine ready in {ready_s:.1f} s", flush=True)
+    label = f"{preset} tp={tp}{' car' if custom_all_reduce else ''}"
+    print(f"[{label}] engine ready in {ready_s:.1f} s", flush=True)
     try:
         warm = (16, 4) if args.quick else (256, 8)
         warm_up_mixed_steps(engine, preset_spec(preset).vocab_size, *warm, temperature=0.0)
@@ -88,7 +93,7 @@ def run_one(preset: str, tp: int, args: argparse.Namespace, sizes: Sizes, gpu: d
             rows[wl.key] = {"title": wl.title, "output_tok_s": row.tok_s, "elapsed_s": row.elapsed_s,
                             "floor_pct": row.floor_pct, "decode_roofline_pct": row.decode_roofline_pct,
                             "prefill_matmul_pct": row.prefill_matmul_pct, "notes": row.notes}
-            print(f"[{preset} tp={tp}] ({wl.key}) {wl.title}: {row.tok_s:,.1f} tok/s", flush=True)
+            print(f"[{label}] ({wl.key}) {wl.title}: {row.tok_s:,.1f} tok/s", flush=True)
         sweep = decode_sweep(engine, sweep_sizes, ceilings, args.seed)
     finally:
         engine.shutdown()
@@ -96,7 +101,8 @@ def run_one(preset: str, tp: int, args: argparse.Namespace, sizes: Sizes, gpu: d
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    return {"preset": preset, "tensor_parallel_size": tp, "engine_ready_s": ready_s,
+    return {"preset": preset, "tensor_parallel_size": tp, "custom_all_reduce": custom_all_reduce,
+            "engine_ready_s": ready_s,
             "ceilings": {"bandwidth_gbps": ceilings.bandwidth_gbps, "matmul_tflops": ceilings.matmul_tflops},
             "workloads": rows, "decode_sweep": sweep}
 
@@ -105,11 +111,13 @@ def scaling(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each run against the smallest tensor_parallel_size of its preset: (tok/s ratio) / (GPU ratio)."""
     out = []
     for r in results:
-        base = min((b for b in results if b["preset"] == r["preset"]), key=lambda b: b["tensor_parallel_size"])
+        base = min((b for b in results if b["preset"] == r["preset"]),
+                   key=lambda b: (b["tensor_parallel_size"], b["custom_all_reduce"]))
         if base is r:
             continue
         gpus = r["tensor_parallel_size"] / base["tensor_parallel_size"]
-        entry = {"preset": r["preset"], "from_tp": base["tensor_parallel_size"], "to_tp": r["tensor_parallel_size"]}
+        entry = {"preset": r["preset"], "from_tp": base["tensor_parallel_size"], "to_tp": r["tensor_parallel_size"],
+                 "custom_all_reduce": r["custom_all_reduce"]}
         for key in ("a", "b"):
             if key in r["workloads"] and key in base["workloads"]:
                 speedup = r["workloads"][key]["output_tok_s"] / base["workloads"][key]["output_tok_s"]
@@ -119,26 +127,31 @@ def scaling(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _tp_label(run: dict[str, Any]) -> str:
+    return f"{run['tensor_parallel_size']}{'+car' if run['custom_all_reduce'] else ''}"
+
+
 def print_table(results: list[dict[str, Any]], scale: list[dict[str, Any]], gpu: dict[str, float],
                 device: str) -> None:
     print(f"\n{device_name(device)} · one GPU measured {gpu['bandwidth_gbps']:,.0f} GB/s copy, "
           f"{gpu['matmul_tflops']:,.0f} TFLOP/s bf16 matmul; ceilings below are N × these")
-    print(f"{'preset':<14}{'TP':>3}  {'workload':<34}{'out tok/s':>12}{'% floor':>9}{'% decode roof':>15}")
+    print(f"{'preset':<14}{'TP':>6}  {'workload':<34}{'out tok/s':>12}{'% floor':>9}{'% decode roof':>15}")
     for r in results:
         for key, w in r["workloads"].items():
             floor = f"{w['floor_pct']:.1f}" if w["floor_pct"] is not None else "-"
             roof = f"{w['decode_roofline_pct']:.1f}" if w["decode_roofline_pct"] is not None else "-"
-            print(f"{r['preset']:<14}{r['tensor_parallel_size']:>3}  {'(' + key + ') ' + w['title']:<34}"
+            print(f"{r['preset']:<14}{_tp_label(r):>6}  {'(' + key + ') ' + w['title']:<34}"
                   f"{w['output_tok_s']:>12,.1f}{floor:>9}{roof:>15}")
-    print(f"\n{'preset':<14}{'TP':>3}{'batch':>7}{'step ms':>10}{'roofline ms':>13}{'% roofline':>12}{'tok/s':>11}")
+    print(f"\n{'preset':<14}{'TP':>6}{'batch':>7}{'step ms':>10}{'roofline ms':>13}{'% roofline':>12}{'tok/s':>11}")
     for r in results:
         for s in r["decode_sweep"]:
-            print(f"{r['preset']:<14}{r['tensor_parallel_size']:>3}{s['batch']:>7}{s['median_step_ms']:>10.2f}"
+            print(f"{r['preset']:<14}{_tp_label(r):>6}{s['batch']:>7}{s['median_step_ms']:>10.2f}"
                   f"{s['roofline_ms']:>13.2f}{s['roofline_pct']:>12.1f}{s['tok_s']:>11,.0f}")
     for s in scale:
         parts = ", ".join(f"({k}) {s[k + '_speedup']:.2f}× = {100 * s[k + '_efficiency']:.0f}% efficiency"
                           for k in ("a", "b") if k + "_speedup" in s)
-        print(f"scaling {s['preset']} TP {s['from_tp']} → {s['to_tp']}: {parts}")
+        car = " (custom all-reduce)" if s["custom_all_reduce"] else ""
+        print(f"scaling {s['preset']} TP {s['from_tp']} → {s['to_tp']}{car}: {parts}")
 
 
 def write_json(out: Path, args: argparse.Namespace, sizes: Sizes, gpu: dict[str, float],
@@ -163,6 +176,14 @@ def write_json(out: Path, args: argparse.Namespace, sizes: Sizes, gpu: dict[str,
     out.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _parse_run(item: str) -> tuple[str, int, bool]:
+    """PRESET:TP or PRESET:TP:car -> (preset, tensor_parallel_size, custom all-reduce)."""
+    parts = item.strip().split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "car"):
+        raise ValueError(f"bad run {item!r}")
+    return parts[0], int(parts[1]), len(parts) == 3
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="llama3-70b:2", help="comma-separated PRESET:TP pairs, run in order")
@@ -177,10 +198,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/...)")
     args = parser.parse_args(argv)
     try:
-        args.run_list = [(p, int(n)) for p, _, n in (item.strip().partition(":") for item in args.runs.split(","))]
+        args.run_list = [_parse_run(item) for item in args.runs.split(",")]
         args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
     except ValueError:
-        parser.error("--runs takes PRESET:TP pairs (e.g. llama3-70b:2) and --decode-batches integers")
+        parser.error("--runs takes PRESET:TP or PRESET:TP:car items (e.g. llama3-70b:2) and --decode-batches "
+                     "integers")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     return args
@@ -199,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[dict[str, Any]] = []
     stem = "gpu_tensor_parallel_quick" if args.quick else "gpu_tensor_parallel"
     out = Path(args.out or Path(__file__).parent / "results" / f"{stem}_{dt.date.today().isoformat()}.json")
-    for preset, tp in args.run_list:
+    for preset, tp, custom_all_reduce in args.run_list:
         try:
-            results.append(run_one(preset, tp, args, sizes, gpu))
+            results.append(run_one(preset, tp, custom_all_reduce, args, sizes, gpu))
         except (RuntimeError, ValueError) as exc:  # out of memory, a failed rank: record it, run the rest
             failures.append({"preset": preset, "tensor_parallel_size": tp, "error": f"{type(exc).__name__}: {exc}"[:500]})
             print(f"[{preset} tp={tp}] FAILED: {failures[-1]['error']}", flush=True)

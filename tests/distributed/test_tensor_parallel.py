@@ -202,6 +202,12 @@ def test_heads_not_divisible_by_ranks_fail_at_startup_and_leave_no_worker(tmp_pa
     assert {p.pid for p in multiprocessing.active_children()} == before
 
 
+def test_custom_all_reduce_is_refused_on_cpu(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "m", "llama")
+    with pytest.raises(ValueError, match="custom_all_reduce shares CUDA buffers"):
+        LLM(str(model_dir), tensor_parallel_size=2, custom_all_reduce=True, **ENGINE_ARGS)
+
+
 def test_gguf_models_are_refused_for_tensor_parallel(tmp_path):
     with pytest.raises(ValueError, match="needs a Hugging Face safetensors directory or --random-weights"):
         LLM(str(tmp_path / "model.gguf"), tensor_parallel_size=2, **ENGINE_ARGS)

@@ -42,14 +42,16 @@ def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-@pytest.mark.parametrize("eager, async_scheduling", [(False, True), (False, False), (True, True)])
-def test_fp32_greedy_matches_transformers_with_two_ranks(model_case, eager, async_scheduling):
+@pytest.mark.parametrize("eager, async_scheduling, custom_all_reduce",
+                         [(False, True, False), (False, False, False), (True, True, False), (False, True, True)])
+def test_fp32_greedy_matches_transformers_with_two_ranks(model_case, eager, async_scheduling, custom_all_reduce):
     model_dir, prompts, expected = model_case
     llm = LLM(str(model_dir), dtype="float32", tensor_parallel_size=2, enforce_eager=eager,
-              async_scheduling=async_scheduling, **ENGINE_ARGS)
+              async_scheduling=async_scheduling, custom_all_reduce=custom_all_reduce, **ENGINE_ARGS)
     try:
         assert llm.engine.attn_backend.name == "triton"
         assert llm.engine.async_scheduling is async_scheduling
+        assert (llm.engine.runner.ctx.custom is not None) is custom_all_reduce
         assert (llm.engine.runner.graphs is None) is eager
         assert _greedy(llm, prompts) == expected
         assert _greedy(llm, prompts * 3) == expected * 3  # decode batches of 9: a padded graph size

@@ -23,7 +23,7 @@ _LAZY_ENABLE_PEER_ACCESS = 1
 
 
 class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # c_char would read back only up to the first zero byte
 
 
 class _Driver:
@@ -31,6 +31,8 @@ class _Driver:
 
     def __init__(self) -> None:
         self.lib = ctypes.CDLL("libcuda.so.1")
+        self.lib.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), _IpcHandle, ctypes.c_uint]
+        self.lib.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(_IpcHandle), ctypes.c_uint64]
 
     def _check(self, result: int, what: str) -> None:
         if result != 0:
@@ -53,12 +55,13 @@ class _Driver:
     def export(self, ptr: int) -> bytes:
         handle = _IpcHandle()
         self._check(self.lib.cuIpcGetMemHandle(ctypes.byref(handle), ctypes.c_uint64(ptr)), "cuIpcGetMemHandle")
-        return bytes(handle.reserved)
+        return bytes(handle.reserved)  # all 64 bytes
 
     def open(self, handle: bytes) -> int:
         ptr = ctypes.c_uint64()
-        raw = _IpcHandle()
-        ctypes.memmove(ctypes.byref(raw), handle, 64)
+        if len(handle) != 64:
+            raise RuntimeError(f"a CUDA IPC handle has 64 bytes; got {len(handle)}")
+        raw = _IpcHandle.from_buffer_copy(handle)
         self._check(self.lib.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), raw, ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS)),
                     "cuIpcOpenMemHandle")
         return ptr.value

@@ -136,6 +136,8 @@ class TPExecutor(ModelRunner):
                 raise ValueError(f"tensor_parallel_size ({self.world_size}) on {mc.device} needs GPUs up to {last}; "
                                  f"{torch.cuda.device_count()} are visible")
             torch.cuda.set_device(torch.device(_rank_device(mc.device, 0)))  # NCCL binds rank 0 to the current GPU
+        if config.runner.custom_all_reduce and not on_cuda:
+            raise ValueError("custom_all_reduce shares CUDA buffers between GPUs; it needs --device cuda")
         check_parallel_shape(model_spec(mc), self.world_size)  # fail before starting any process
         self._tmpdir = tempfile.mkdtemp(prefix="tokenmill-tp-")
         store_path = Path(self._tmpdir) / "rendezvous"
