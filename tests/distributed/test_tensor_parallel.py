@@ -150,6 +150,7 @@ def test_generate_cli_runs_with_two_ranks(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_server_with_a_dead_rank_answers_503_and_exits_nonzero(tmp_path):
+    pytest.importorskip("fastapi", reason="the server extra is not installed (the GPU box has no fastapi)")
     model_dir = make_tiny_model_dir(tmp_path / "m", "llama")
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
