@@ -220,6 +220,20 @@ def make_tables(
     return total, tables
 
 
+def decode_case(
+    batch: int, seq_len: int, gen: torch.Generator
+) -> tuple[int, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 decode inputs at Llama-3-8B heads: (K/V bytes read per call, block tables over disjoint blocks
+    (>= 400 MB touched per graph replay), cache, query, sequence lengths)."""
+    kv_bytes = batch * seq_len * HKV * D * 2 * 2
+    copies = max(1, min(64, -(-400_000_000 // kv_bytes)))
+    num_blocks, tables = make_tables(batch, seq_len, copies, gen)
+    cache = torch.randn(2, num_blocks, BS, HKV, D, device=DEV).to(torch.bfloat16)
+    q = torch.randn(batch, HQ, D, device=DEV).to(torch.bfloat16)
+    lens = torch.full((batch,), seq_len, dtype=torch.int32, device=DEV)
+    return kv_bytes, tables, cache, q, lens
+
+
 def bench_decode(rep: Report, num_sms: int) -> None:
     gen = torch.Generator().manual_seed(0)
     cases = [(1, 2048), (1, 8192), (8, 2048), (32, 1024), (64, 2048), (128, 1024), (256, 512), (256, 2048)]
@@ -303,12 +317,7 @@ def bench_decode_large(rep: Report, num_sms: int) -> None:
     read_only_ceiling(rep)
     gen = torch.Generator().manual_seed(2)
     for batch, seq_len in [(256, 544), (128, 544)]:
-        kv_bytes = batch * seq_len * HKV * D * 2 * 2
-        copies = max(1, min(64, -(-400_000_000 // kv_bytes)))
-        num_blocks, tables = make_tables(batch, seq_len, copies, gen)
-        cache = torch.randn(2, num_blocks, BS, HKV, D, device=DEV).to(torch.bfloat16)
-        q = torch.randn(batch, HQ, D, device=DEV).to(torch.bfloat16)
-        lens = torch.full((batch,), seq_len, dtype=torch.int32, device=DEV)
+        kv_bytes, tables, cache, q, lens = decode_case(batch, seq_len, gen)
         shape = f"B={batch} L={seq_len}"
         out = torch.empty_like(q)
         ref = paged_decode_reference(q.float(), cache, tables[0], lens, D**-0.5)
@@ -348,14 +357,9 @@ def bench_decode_wide_table(rep: Report, num_sms: int) -> None:
     gen = torch.Generator().manual_seed(1)
     for batch, seq_len, table_tokens in [(1, 512, 8192), (8, 512, 8192), (1, 512, 131072), (4, 2048, 131072),
                                          (32, 512, 32768)]:
-        kv_bytes = batch * seq_len * HKV * D * 2 * 2
-        copies = max(1, min(64, -(-400_000_000 // kv_bytes)))
-        num_blocks, tables = make_tables(batch, seq_len, copies, gen)
+        kv_bytes, tables, cache, q, lens = decode_case(batch, seq_len, gen)
         width = table_tokens // BS
         tables = [F.pad(t, (0, width - t.shape[1])) for t in tables]
-        cache = torch.randn(2, num_blocks, BS, HKV, D, device=DEV).to(torch.bfloat16)
-        q = torch.randn(batch, HQ, D, device=DEV).to(torch.bfloat16)
-        lens = torch.full((batch,), seq_len, dtype=torch.int32, device=DEV)
         shape = f"B={batch} L={seq_len} table={table_tokens}"
         out = torch.empty_like(q)
         ref = paged_decode_reference(q.float(), cache, tables[0], lens, D**-0.5)

@@ -126,6 +126,10 @@ class RunnerConfig:
     # on CUDA); each (shape, rows) keeps whichever is faster.
     tune_gemm: bool = True
 
+    def schedules_async(self, on_cuda: bool) -> bool:
+        """Whether the engine overlaps steps (and tensor-parallel ranks share rank 0's sampled ids)."""
+        return on_cuda if self.async_scheduling is None else self.async_scheduling
+
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")

@@ -80,31 +80,27 @@ class ParallelContext:
 
 
 def create_parallel_context(
-    rank: int, world_size: int, store_path: Path, backend: str = "gloo", timeout_s: float = 60.0,
-    custom_all_reduce_device: torch.device | None = None,
+    rank: int, world_size: int, store_path: Path, device: str, timeout_s: float = 60.0,
+    custom_all_reduce: bool = False,
 ) -> ParallelContext:
-    """Join the group of ``world_size`` ranks meeting at the file ``store_path`` (a fresh temp file per group).
-
-    ``custom_all_reduce_device``: also set up the one-shot all-reduce's shared buffers on that GPU (NCCL only).
-    """
+    """Join the group of ``world_size`` ranks meeting at the file ``store_path`` (a fresh temp file per group):
+    NCCL when ``device`` is a GPU, gloo otherwise. ``custom_all_reduce``: also set up the one-shot all-reduce's
+    shared buffers on that GPU."""
     if world_size == 1:
         return ParallelContext(0, 1, None)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.FileStore(str(store_path), world_size)
     store.set_timeout(timeout)
-    if backend == "gloo":
-        group: dist.ProcessGroup = dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    elif backend == "nccl":
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        group = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        group: dist.ProcessGroup = dist.ProcessGroupNCCL(store, rank, world_size, options)
     else:
-        raise ValueError(f"backend must be gloo or nccl; got {backend!r}")
+        group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
     custom = None
-    if custom_all_reduce_device is not None:
-        if backend != "nccl":
-            raise ValueError("the custom all-reduce runs on GPUs only (backend nccl)")
+    if custom_all_reduce:  # TPExecutor refuses it off CUDA before any process starts
         from tokenmill.distributed.custom_all_reduce import CustomAllReduce
 
-        custom = CustomAllReduce(rank, world_size, store, custom_all_reduce_device)
+        custom = CustomAllReduce(rank, world_size, store, torch.device(device))
     return ParallelContext(rank, world_size, group, custom)

@@ -104,10 +104,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.num_kv_cache_tokens = num_blocks * config.cache.block_size
         self.requests: dict[str, Request] = {}
-        overlap = config.runner.async_scheduling
-        self.async_scheduling = on_cuda if overlap is None else overlap
-        if executor is not None:  # every rank then needs rank 0's sampled ids for the placeholders
-            executor.share_sampled_ids = self.async_scheduling
+        self.async_scheduling = config.runner.schedules_async(on_cuda)
         self.in_flight: InFlightStep | None = None
         self.num_steps = 0
         self.prompt_tokens = 0

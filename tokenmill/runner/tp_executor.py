@@ -58,9 +58,9 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         torch.cuda.set_device(device)
     try:
         conn.send(("started", None))  # imports done: rank 0 may now block in the rendezvous
-        on_cuda = device.startswith("cuda")
-        ctx = create_parallel_context(rank, tp, Path(store_path), "nccl" if on_cuda else "gloo", timeout_s,
-                                      torch.device(device) if on_cuda and config.runner.custom_all_reduce else None)
+        ctx = create_parallel_context(rank, tp, Path(store_path), device, timeout_s, config.runner.custom_all_reduce)
+        # With async scheduling the next step's placeholder ids point into rank 0's sampled ids.
+        share_sampled_ids = config.runner.schedules_async(device.startswith("cuda"))
         backend = get_attention_backend(config.runner.attention_backend, device)
         loaded = load_shard(mc, backend, ctx, device)
         runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set())
@@ -81,12 +81,11 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
             elif op == "capture":
                 runner.capture_graphs(*payload)
             elif op == "step":  # the same forward and logits as rank 0 (the logits' all-gather needs every rank)
-                host, share_sampled_ids = payload
                 with torch.inference_mode():
-                    runner.run_model(upload_step(host, runner.device, sampled_ids))
+                    runner.run_model(upload_step(payload, runner.device, sampled_ids))
                     sampled_ids = None
-                    if share_sampled_ids and host.sample_rows:  # the next step's placeholder ids point into these
-                        sampled_ids = torch.empty(len(host.sample_rows), dtype=torch.int64, device=runner.device)
+                    if share_sampled_ids and payload.sample_rows:
+                        sampled_ids = torch.empty(len(payload.sample_rows), dtype=torch.int64, device=runner.device)
                         ctx.broadcast(sampled_ids)
             else:
                 raise ValueError(f"unknown tensor-parallel command {op!r}; expected alloc, profile, capture, step "
@@ -155,10 +154,9 @@ class TPExecutor(ModelRunner):
             self.conns.append(parent_end)
         try:
             self._wait_for("started", load_timeout_s)
-            custom_device = torch.device(_rank_device(mc.device, 0)) if on_cuda and config.runner.custom_all_reduce \
-                else None
             self.ctx: ParallelContext = create_parallel_context(0, self.world_size, store_path,
-                                                                "nccl" if on_cuda else "gloo", timeout_s, custom_device)
+                                                                _rank_device(mc.device, 0), timeout_s,
+                                                                config.runner.custom_all_reduce)
             self.loaded = load_shard(mc, attn_backend, self.ctx, mc.device)
             self._wait_for("ready", load_timeout_s)
         except BaseException:
@@ -166,8 +164,8 @@ class TPExecutor(ModelRunner):
             raise
         super().__init__(self.loaded.model, mc.device, mc.torch_dtype, config.cache.block_size,
                          set(self.loaded.eos_token_ids))
-        # Set by the engine when it schedules a step while the previous one runs (async scheduling).
-        self.share_sampled_ids = False
+        # The engine schedules a step while the previous one runs: every rank needs rank 0's sampled ids.
+        self.share_sampled_ids = config.runner.schedules_async(on_cuda)
         logger.info("tensor parallel: %d ranks (%s), worker pids %s", self.world_size,
                     "nccl" if on_cuda else "gloo", [p.pid for p in self.workers])
 
@@ -246,7 +244,7 @@ class TPExecutor(ModelRunner):
         self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[int]]:
         host = host_step(sched, self.block_size)
-        self._send("step", (host, self.share_sampled_ids))
+        self._send("step", host)
         inputs = upload_step(host, self.device, prev_token_ids)
         return self._collective(self.run_model, inputs), inputs.sample_rows
 
