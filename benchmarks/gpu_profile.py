@@ -109,6 +109,27 @@ def linear_tunableop(rep_ms: int = 50) -> dict[str, Any]:
     return {"timings": rows, "chosen": [list(map(str, r)) for r in torch.cuda.tunable.get_results()]}
 
 
+def gpu_gaps(trace_path: Path, top: int = 12) -> dict[str, Any]:
+    """Idle time on the GPU between consecutive device events of a chrome trace, by (before, after) pair.
+
+    Shows where a step's wall time is not kernel time: graph-launch latency, input copies, host waits.
+    """
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                    key=lambda e: e["ts"])
+    pairs: dict[tuple[str, str], list[float]] = {}
+    for before, after in zip(device, device[1:], strict=False):
+        gap = after["ts"] - (before["ts"] + before["dur"])
+        if gap > 0:
+            pairs.setdefault((before["name"][:60], after["name"][:60]), []).append(gap)
+    span = device[-1]["ts"] + device[-1]["dur"] - device[0]["ts"] if device else 0.0
+    busy = sum(e["dur"] for e in device)
+    ranked = sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "events": len(device),
+            "top_gaps": [{"before": b, "after": a, "count": len(g), "total_us": sum(g), "max_us": max(g)}
+                         for (b, a), g in ranked]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
@@ -116,6 +137,7 @@ def main() -> int:
     parser.add_argument("--skip-linear", action="store_true")
     parser.add_argument("--linear-only", action="store_true")
     parser.add_argument("--tunableop", action="store_true", help="also time PyTorch TunableOp's GEMM choice")
+    parser.add_argument("--gaps", action="store_true", help="also list the GPU idle gaps of each run's trace")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +165,12 @@ def main() -> int:
                 "t.add_arguments(p); sys.exit(t.run(p.parse_args(sys.argv[1:])))")
         rc = subprocess.run([sys.executable, "-c", code, *argv], check=False).returncode
         record["runs"][name] = {"argv": argv, "rc": rc}
+        if args.gaps and (out / name / "trace.json").exists():
+            gaps = record["runs"][name]["gaps"] = gpu_gaps(out / name / "trace.json")
+            print(f"{name}: GPU span {gaps['span_us'] / 1e3:.2f} ms, busy {gaps['busy_us'] / 1e3:.2f} ms, "
+                  f"idle {gaps['idle_us'] / 1e3:.2f} ms over {gaps['events']} device events; largest idle by pair:")
+            for g in gaps["top_gaps"]:
+                print(f"  {g['total_us']:9.1f} us  x{g['count']:<5} max {g['max_us']:7.1f}  {g['before']}  ->  {g['after']}")
     (out / "gpu_profile.json").write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
