@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import rel_err, requires_cuda
 
-from tokenmill.kernels.activation import silu_and_mul_triton
+from tokenmill.kernels.gemv import GEMV_CANDIDATES, gemv
 from tokenmill.kernels.tiled_gemm import (
     SKINNY_CANDIDATES,
     WIDE_CANDIDATES,
@@ -32,7 +32,7 @@ def test_tuned_linears_match_reference_at_every_row_count():
     assert len(plans) == 3
     for module in model:
         assert set(module.gemm_plan) <= set(ROW_COUNTS)
-        assert all(config in SKINNY_CANDIDATES + WIDE_CANDIDATES for config in module.gemm_plan.values())
+        assert all(c in GEMV_CANDIDATES + SKINNY_CANDIDATES + WIDE_CANDIDATES for c in module.gemm_plan.values())
         for rows in (1, 3, 8, 16, 40, 200, 300):  # 300: beyond every plan, cuBLAS
             x = torch.randn(rows, module.weight.shape[1], device="cuda", dtype=torch.bfloat16)
             ref = tiled_linear_reference(x, module.weight, module.bias).float()
@@ -67,35 +67,13 @@ def test_linear_follows_its_plan_per_row_count():
     torch.manual_seed(1)
     module = Linear(1024, 2048).to("cuda", torch.bfloat16)
     torch.nn.init.normal_(module.weight, std=0.02)
-    module.gemm_plan = {1: SKINNY_CANDIDATES[0], 4: SKINNY_CANDIDATES[1], 64: WIDE_CANDIDATES[2]}
-    for rows, config in [(1, SKINNY_CANDIDATES[0]), (3, SKINNY_CANDIDATES[1]), (4, SKINNY_CANDIDATES[1]),
-                         (40, WIDE_CANDIDATES[2]), (64, WIDE_CANDIDATES[2])]:
+    module.gemm_plan = {1: GEMV_CANDIDATES[1], 4: SKINNY_CANDIDATES[1], 64: WIDE_CANDIDATES[2]}
+    for rows, config in [(3, SKINNY_CANDIDATES[1]), (4, SKINNY_CANDIDATES[1]), (40, WIDE_CANDIDATES[2]),
+                         (64, WIDE_CANDIDATES[2])]:
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(module(x), tiled_linear(x, module.weight, None, config))
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(module(x), gemv(x, module.weight, None, GEMV_CANDIDATES[1]))
     for rows in (2, 8, 65):  # no plan entry for 2, 8 or 128 (65 rounds up to 128): cuBLAS
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(module(x), torch.nn.functional.linear(x, module.weight))
-
-
-def test_swiglu_down_projection_tunes_a_fused_plan_that_matches_the_reference():
-    torch.manual_seed(2)
-    module = Linear(1536, 1024, gated_input=True).to("cuda", torch.bfloat16)
-    torch.nn.init.normal_(module.weight, std=0.02)
-    tune_linears(torch.nn.ModuleList([module]), max_rows=64)
-    assert set(module.gated_plan) <= {1, 2, 4, 8, 16, 32, 64}
-    for rows in (1, 3, 16, 40, 300):
-        gate_up = torch.randn(rows, 3072, device="cuda", dtype=torch.bfloat16)
-        ref = tiled_linear_reference(gate_up, module.weight, gated=True).float()
-        assert rel_err(module.forward_gated(gate_up), ref) < 1e-2
-
-
-def test_forward_gated_follows_its_plan_per_row_count():
-    torch.manual_seed(3)
-    module = Linear(512, 256, gated_input=True).to("cuda", torch.bfloat16)
-    torch.nn.init.normal_(module.weight, std=0.02)
-    module.gated_plan = {1: SKINNY_CANDIDATES[0], 8: SKINNY_CANDIDATES[2]}
-    for rows, config in [(1, SKINNY_CANDIDATES[0]), (5, SKINNY_CANDIDATES[2])]:
-        gate_up = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
-        assert torch.equal(module.forward_gated(gate_up), tiled_linear(gate_up, module.weight, None, config, gated=True))
-    gate_up = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)  # no plan entry for 2: two kernels
-    assert torch.equal(module.forward_gated(gate_up), module(silu_and_mul_triton(gate_up)))

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import rel_err, requires_cuda
 
-from tokenmill.kernels.activation import silu_and_mul_triton
 from tokenmill.kernels.tiled_gemm import (
     SKINNY_CANDIDATES,
     WIDE_CANDIDATES,
@@ -56,26 +55,3 @@ def test_tiled_linear_rejects_what_it_cannot_do():
         tiled_linear(x[:, :32], weight)
     with pytest.raises(ValueError, match="contiguous"):
         tiled_linear(x, torch.randn(64, 32, device="cuda", dtype=torch.bfloat16).t())
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("rows", [1, 5, 16, 40])
-@pytest.mark.parametrize("shape", [(1024, 1536), (700, 1000)], ids=["even", "ragged"])
-def test_gated_tiled_linear_is_silu_and_mul_then_the_product(dtype, rows, shape):
-    """Fused SiLU-and-mul: within tolerance of fp32, and bit-equal to the activation kernel + the same GEMM."""
-    n, k = shape
-    gen = torch.Generator(device="cuda").manual_seed(rows * 7 + n)
-    gate_up = (torch.randn(rows, 2 * k, device="cuda", generator=gen) * 2).to(dtype)
-    weight = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(dtype)
-    ref = tiled_linear_reference(gate_up, weight, gated=True).float()
-    activated = silu_and_mul_triton(gate_up)
-    for config in candidates_for(rows):
-        out = tiled_linear(gate_up, weight, None, config, gated=True)
-        assert out.shape == (rows, n) and rel_err(out, ref) < TOL, config
-        assert torch.equal(out, tiled_linear(activated, weight, None, config)), config
-
-
-def test_gated_tiled_linear_checks_the_gate_up_width():
-    weight = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="gate | up"):
-        tiled_linear(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), weight, gated=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels._triton import HAS_TRITON, pdl_options, require_triton, tl, triton, use_pdl
+from tokenmill.kernels._triton import HAS_TRITON, require_triton, tl, triton
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -17,11 +17,9 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 if HAS_TRITON:
-    from tokenmill.kernels._triton import pdl_wait_for_producer
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, INTER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        pdl_wait_for_producer(PDL)
+    def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, INTER: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < INTER
@@ -31,7 +29,7 @@ if HAS_TRITON:
         tl.store(out_ptr + row * INTER + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None, pdl: bool | None = None) -> torch.Tensor:
+def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     require_triton("silu_and_mul")
     width = x.shape[-1]
     if width % 2:
@@ -46,6 +44,6 @@ def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None, pdl: b
     if rows > 0:
         block = 1024
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), INTER=inter, BLOCK=block, num_warps=4, **pdl_options(use_pdl(x2, pdl))
+            x2, out, x2.stride(0), INTER=inter, BLOCK=block, num_warps=4
         )
     return out

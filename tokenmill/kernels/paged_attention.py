@@ -10,15 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.kernels._triton import (
-    HAS_TRITON,
-    next_power_of_2,
-    pdl_options,
-    require_triton,
-    tl,
-    triton,
-    use_pdl,
-)
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 
 
 def paged_decode_reference(
@@ -111,7 +103,6 @@ def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
 
 
 if HAS_TRITON:
-    from tokenmill.kernels._triton import pdl_wait_for_producer
 
     # Triton compiles a variant per divisibility of every int argument (== 1, % 16 == 0, other); these
     # follow the batch (block-table width, split geometry), so each new variant cost a mid-run compile
@@ -143,9 +134,7 @@ if HAS_TRITON:
         BLOCK_G: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
-        PDL: tl.constexpr,
     ):
-        pdl_wait_for_producer(PDL)
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -220,9 +209,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        PDL: tl.constexpr,
     ):
-        pdl_wait_for_producer(PDL)
         # Splits past a sequence's end wrote lse = -inf and zeros, so every split can be read without
         # first loading seq_len (one dependent load fewer on this short kernel's critical path).
         seq = tl.program_id(0).to(tl.int64)
@@ -258,7 +245,6 @@ def paged_decode(
     out: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    pdl: bool | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, D] (one token per sequence) -> [B, Hq, D]. seq_lens 0 gives zeros (padding rows).
 
@@ -287,7 +273,6 @@ def paged_decode(
     part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
     part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)
     block_d = max(16, next_power_of_2(head_dim))
-    launch = pdl_options(use_pdl(query, pdl))
     _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
         query,
         kv_cache,
@@ -315,7 +300,6 @@ def paged_decode(
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
-        **launch,
     )
     if plan.num_splits > 1:
         _paged_decode_reduce_kernel[(num_seqs, num_heads)](
@@ -332,6 +316,5 @@ def paged_decode(
             BLOCK_S=max(REDUCE_WIDTH, next_power_of_2(plan.num_splits)),
             BLOCK_D=block_d,
             num_warps=4,
-            **launch,
         )
     return out

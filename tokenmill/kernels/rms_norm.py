@@ -8,15 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels._triton import (
-    HAS_TRITON,
-    next_power_of_2,
-    pdl_options,
-    require_triton,
-    tl,
-    triton,
-    use_pdl,
-)
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 
 
 def rms_norm_reference(
@@ -31,7 +23,6 @@ def rms_norm_reference(
 
 
 if HAS_TRITON:
-    from tokenmill.kernels._triton import pdl_wait_for_producer
 
     @triton.jit
     def _rms_norm_kernel(
@@ -46,9 +37,7 @@ if HAS_TRITON:
         N: tl.constexpr,
         BLOCK: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr,
     ):
-        pdl_wait_for_producer(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -71,7 +60,6 @@ def rms_norm_triton(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
-    pdl: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One program per row; outputs are new contiguous tensors unless ``out``/``residual_out`` are given."""
     require_triton("rms_norm")
@@ -106,6 +94,5 @@ def rms_norm_triton(
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
             num_warps=min(16, max(1, block // 256)),
-            **pdl_options(use_pdl(x2, pdl)),
         )
     return out if residual is None else (out, res_out)

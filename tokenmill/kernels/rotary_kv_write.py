@@ -11,20 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels._triton import (
-    HAS_TRITON,
-    next_power_of_2,
-    pdl_options,
-    require_triton,
-    tl,
-    triton,
-    use_pdl,
-)
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 from tokenmill.kernels.kv_cache_write import reshape_and_cache_reference
 from tokenmill.kernels.rotary import apply_rotary_reference
 
 if HAS_TRITON:
-    from tokenmill.kernels._triton import pdl_wait_for_producer
     from tokenmill.kernels.rotary import load_cos_sin, rotate_heads
 
 
@@ -67,9 +58,7 @@ if HAS_TRITON:
         BLOCK_QH: tl.constexpr,
         BLOCK_KH: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
-        PDL: tl.constexpr,
     ):
-        pdl_wait_for_producer(PDL)
         HALF: tl.constexpr = HEAD_DIM // 2
         token = tl.program_id(0).to(tl.int64)
         cos, sin = load_cos_sin(cos_sin_ptr, pos_ptr, token, cos_sin_stride, HALF, BLOCK_HALF)
@@ -105,7 +94,6 @@ def rotary_and_cache(
     cos_sin_cache: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-    pdl: bool | None = None,
 ) -> None:
     """query [T, Hq, D] rotated in place; rotated key [T, Hkv, D] and value written to their cache slots.
 
@@ -137,5 +125,4 @@ def rotary_and_cache(
         BLOCK_KH=next_power_of_2(num_kv_heads),
         BLOCK_HALF=next_power_of_2(head_dim // 2),
         num_warps=4,
-        **pdl_options(use_pdl(query, pdl)),
     )

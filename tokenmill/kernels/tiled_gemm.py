@@ -10,10 +10,6 @@ Two regimes, one kernel with the row tile as a parameter:
   rows), since at these row counts cuBLAS's wgmma/TMA kernels win on compute.
 The runner times cuBLAS against these configs per weight shape and row count at start-up and keeps a config
 only where it wins (runner/linear_tuning.py); this module only computes.
-
-``gated=True`` takes the gate|up projection's output [M, 2K] and applies SiLU-and-mul while loading it
-(the down projection of a SwiGLU MLP): at decode batch sizes that saves the separate activation kernel's
-launch, and the rounding is the activation kernel's (fp32 math, one cast to the activation dtype).
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels._triton import HAS_TRITON, pdl_options, require_triton, tl, triton, use_pdl
+from tokenmill.kernels._triton import HAS_TRITON, require_triton, tl, triton
 
 SKINNY_ROWS = 16  # up to this many rows one 16-row tile covers the batch
 
@@ -60,19 +56,13 @@ def candidates_for(rows: int) -> tuple[TileConfig, ...]:
     return SKINNY_CANDIDATES if rows <= SKINNY_ROWS else WIDE_CANDIDATES
 
 
-def tiled_linear_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
-) -> torch.Tensor:
-    """fp32 product cast back to x's dtype; ``gated``: x is [M, 2K] and the product is of silu(gate) * up."""
-    if gated:
-        gate, up = x.float().chunk(2, dim=-1)
-        x = (F.silu(gate) * up).to(x.dtype)
+def tiled_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 product cast back to x's dtype."""
     out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return out.to(x.dtype)
 
 
 if HAS_TRITON:
-    from tokenmill.kernels._triton import pdl_wait_for_producer
 
     @triton.jit(do_not_specialize=["M"])  # rows follow the batch size: one compiled kernel for all
     def _tiled_gemm_kernel(
@@ -87,14 +77,11 @@ if HAS_TRITON:
         stride_wn,
         stride_om,
         HAS_BIAS: tl.constexpr,
-        GATED: tl.constexpr,  # x is [M, 2K] gate|up: multiply silu(gate) * up into the product
         EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr,
     ):
-        pdl_wait_for_producer(PDL)
         # Row tiles vary fastest: the programs that read one weight tile are launched together, so the
         # weight comes from HBM once and from L2 for the others.
         pid = tl.program_id(0)
@@ -111,17 +98,12 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
-                xmask = mmask[:, None]
+                x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
                 w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
             else:
                 kmask = (k0 + kk) < K
-                xmask = mmask[:, None] & kmask[None, :]
+                x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=xmask, other=0.0)
-            if GATED:  # silu_and_mul's arithmetic: fp32, one rounding to the activation dtype
-                gate = x.to(tl.float32)
-                up = tl.load(x_ptrs + K, mask=xmask, other=0.0).to(tl.float32)
-                x = (gate / (1.0 + tl.exp(-gate)) * up).to(w.dtype)
             acc = tl.dot(x, tl.trans(w), acc)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
@@ -135,29 +117,18 @@ if HAS_TRITON:
 
 
 def tiled_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    config: TileConfig = SKINNY_CANDIDATES[1],
-    gated: bool = False,
-    pdl: bool | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: TileConfig = SKINNY_CANDIDATES[1]
 ) -> torch.Tensor:
-    """x [M, K] (bf16/fp16) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, fp32 accumulation.
-
-    ``gated``: x is [M, 2K] (gate | up) and the product is of silu(gate) * up. ``pdl``: programmatic
-    dependent launch (None: wherever the device has it).
-    """
+    """x [M, K] (bf16/fp16) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, fp32 accumulation."""
     require_triton("tiled_linear")
-    width = 2 * weight.shape[-1] if gated else weight.shape[-1]
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != width:
-        shape = "[M, 2K] (gate | up)" if gated else "[M, K]"
-        raise ValueError(f"tiled_linear needs x {shape} and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"tiled_linear needs x [M, K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
         raise ValueError(f"tiled_linear takes bf16/fp16 x and weight of one dtype; got {x.dtype}, {weight.dtype}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("tiled_linear needs contiguous rows (last stride 1)")
-    m = x.shape[0]
-    n, k = weight.shape
+    m, k = x.shape
+    n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -165,8 +136,8 @@ def tiled_linear(
     _tiled_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, out,
         m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % config.block_k == 0,
+        HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(use_pdl(x, pdl)),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

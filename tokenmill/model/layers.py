@@ -15,7 +15,7 @@ from torch import nn
 
 from tokenmill.kernels import ops as fused
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2
-from tokenmill.kernels.tiled_gemm import TileConfig, tiled_linear
+from tokenmill.kernels.decode_linear import KernelConfig, decode_linear
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -137,37 +137,24 @@ class RotaryEmbedding(nn.Module):
 class Linear(nn.Module):
     """y = x W^T + b with a plain weight loader (o_proj, down_proj, lm_head)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, gated_input: bool = False) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
-        # gated_input: called through forward_gated (a SwiGLU down projection), so start-up tuning also
-        # times the fused SiLU-and-mul GEMM for it.
-        self.gated_input = gated_input
         self.weight = nn.Parameter(torch.empty(output_size, input_size))
         self.weight.weight_loader = default_weight_loader
         self.bias: nn.Parameter | None = None
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size))
             self.bias.weight_loader = default_weight_loader
-        # Row count (a power of two) -> tiled-GEMM config that beat cuBLAS for this weight at start-up
+        # Row count (a power of two) -> GEMV / tiled-GEMM config that beat cuBLAS for this weight at start-up
         # (runner/linear_tuning.py); a row count rounds up to the next power of two; absent: cuBLAS.
-        self.gemm_plan: dict[int, TileConfig] = {}
-        # The same for ``forward_gated``: configs of the tiled GEMM that applies SiLU-and-mul as it loads.
-        self.gated_plan: dict[int, TileConfig] = {}
+        self.gemm_plan: dict[int, KernelConfig] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemm_plan and x.dim() == 2:
             config = self.gemm_plan.get(next_power_of_2(x.shape[0]))
             if config is not None:
-                return tiled_linear(x, self.weight, self.bias, config)
+                return decode_linear(x, self.weight, self.bias, config)
         return F.linear(x, self.weight, self.bias)
-
-    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """self(silu_and_mul(gate_up)) for a SwiGLU down projection; one kernel where the plan says so."""
-        if self.gated_plan and gate_up.dim() == 2:
-            config = self.gated_plan.get(next_power_of_2(gate_up.shape[0]))
-            if config is not None and gate_up.stride(1) == 1:
-                return tiled_linear(gate_up, self.weight, self.bias, config, gated=True)
-        return self(silu_and_mul(gate_up))
 
 
 class MergedLinear(Linear):

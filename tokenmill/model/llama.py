@@ -20,6 +20,7 @@ from tokenmill.model.layers import (
     RotaryEmbedding,
     VocabEmbedding,
     default_weight_loader,
+    silu_and_mul,
 )
 from tokenmill.model.spec import ModelSpec
 
@@ -72,11 +73,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = spec.intermediate_size
         self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate": size, "up": size}, bias=spec.mlp_bias)
-        self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias, gated_input=True)
+        self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # forward_gated = down_proj(silu_and_mul(.)), fused into the GEMM where start-up tuning chose it
-        return self.down_proj.forward_gated(self.gate_up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

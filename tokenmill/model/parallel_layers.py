@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed.context import ParallelContext
-from tokenmill.model.layers import silu_and_mul
 
 
 class Sliceable(Protocol):
@@ -137,10 +136,6 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.ctx.all_reduce(F.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
-
-    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The down projection of a SwiGLU MLP (what LlamaMLP calls): self(silu_and_mul(gate_up))."""
-        return self(silu_and_mul(gate_up))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,13 +1,17 @@
-"""Decode-step A/B of two launch-overhead cuts, on the engine's own CUDA graphs (one process, one GPU):
-programmatic dependent launch (PDL) of the Triton kernels, and SiLU-and-mul fused into the down projection.
+"""Decode-step A/B of the linear-layer kernel choices, on the engine's own CUDA graphs (one process, one GPU):
+cuBLAS everywhere; the start-up tuner choosing between cuBLAS and the tiled GEMM (the engine before the
+GEMV); the tuner with the GEMV as a candidate too (the engine's default).
 
 For each batch size a Llama-shaped model with random weights (every layer, lm_head included) is captured as
 the engine captures a decode step (runner/cuda_graphs.DecodeGraphs), once per variant, and the replays are
 timed round-robin across variants (CUDA events per replay, median). Each time is reported against the
 step's bandwidth floor: (weights + KV read) / the copy rate measured in the same run. The variants' logits
-are compared with the baseline (greedy tokens must agree; values within bf16 rounding).
+are compared with cuBLAS's (greedy tokens should agree; values within bf16 rounding).
 
-    python benchmarks/gpu_decode_fusion.py --out $OUT/decode_fusion.json      # H100, ~2 min
+    python3 benchmarks/gpu_decode_linears.py --out $OUT/decode_linears.json      # H100, ~2 min
+
+(Earlier versions also A/B'd programmatic dependent launch of the Triton kernels (commit 7907f64) and
+SiLU-and-mul fused into the down projection's GEMV (gpu_decode_linears_2026-11-24.json): neither gained.)
 """
 
 from __future__ import annotations
@@ -27,20 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill.attention.backend import allocate_kv_cache  # noqa: E402
 from tokenmill.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from tokenmill.kernels import _triton  # noqa: E402
+from tokenmill.kernels.tiled_gemm import candidates_for as tiled_candidates_for  # noqa: E402
 from tokenmill.model.layers import Linear  # noqa: E402
 from tokenmill.model.loader import build_model, init_random_weights  # noqa: E402
 from tokenmill.model.presets import preset_spec  # noqa: E402
+from tokenmill.runner import linear_tuning  # noqa: E402
 from tokenmill.runner.cuda_graphs import DecodeGraphs  # noqa: E402
-from tokenmill.runner.linear_tuning import tune_linears  # noqa: E402
 
 BLOCK_SIZE = 16
-VARIANTS = {  # name -> (programmatic dependent launch, fused SiLU-and-mul down projection where tuned)
-    "baseline": (False, False),
-    "fused_act": (False, True),
-    "pdl": (True, False),
-    "pdl+fused_act": (True, True),
-}
+VARIANTS = ("cublas", "tiled", "gemv")
 
 
 def copy_rate_gbps() -> float:
@@ -70,19 +69,33 @@ def fill_batch(graphs: DecodeGraphs, batch: int, context: int, vocab: int, seed:
     graphs.seq_lens[:batch].fill_(context + 1)
 
 
-def set_variant(model: torch.nn.Module, gated_plans: dict[str, Any], pdl: bool, fused: bool) -> None:
+def tune_plans(model: torch.nn.Module, max_rows: int) -> dict[str, dict[str, dict]]:
+    """variant -> module name -> gemm_plan, from the engine's tuner (its candidates narrowed to the tiled
+    GEMM for the "tiled" variant)."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
+    full_candidates = linear_tuning.candidates_for
+    plans: dict[str, dict[str, dict]] = {"cublas": {n: {} for n in linears}}
+    try:
+        linear_tuning.candidates_for = tiled_candidates_for
+        linear_tuning.tune_linears(model, max_rows=max_rows)
+        plans["tiled"] = {n: dict(m.gemm_plan) for n, m in linears.items()}
+    finally:
+        linear_tuning.candidates_for = full_candidates
+    linear_tuning.tune_linears(model, max_rows=max_rows)
+    plans["gemv"] = {n: dict(m.gemm_plan) for n, m in linears.items()}
+    return plans
+
+
+def set_variant(model: torch.nn.Module, plans: dict[str, dict]) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and module.gated_input:
-            module.gated_plan = gated_plans[name] if fused else {}
-    # The hardware probe decides PDL; switching it off here is this benchmark's A/B, not an engine knob.
-    _triton._device_has_pdl = _PROBE if pdl else _no_pdl
+        if isinstance(module, Linear):
+            module.gemm_plan = plans[name]
 
 
-_PROBE = _triton._device_has_pdl
-
-
-def _no_pdl(device_index: int) -> bool:
-    return False
+def describe(plans: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """Each weight shape's choice per row count (one layer stands for all)."""
+    return {name: {str(r): c.name for r, c in sorted(plan.items())} for name, plan in plans.items()
+            if not name.startswith("model.layers.") or name.startswith("model.layers.0.")}
 
 
 @torch.inference_mode()
@@ -91,8 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(spec, TritonAttentionBackend(), torch.bfloat16, "cuda")
     init_random_weights(model, seed=0)
     batches = [int(b) for b in args.batches.split(",")]
-    tune_linears(model, max_rows=max(batches))
-    gated_plans = {n: dict(m.gated_plan) for n, m in model.named_modules() if isinstance(m, Linear) and m.gated_input}
+    plans = tune_plans(model, max(batches))
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     kv_token_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
     blocks_per_seq = -(-(args.context + 1) // BLOCK_SIZE)
@@ -101,14 +113,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for cache in kv_caches:
         cache.normal_()
     copy_gbps = copy_rate_gbps()
-    print(f"{args.preset}: weights {weight_bytes / 1e9:.2f} GB, context {args.context}, copy rate {copy_gbps:.0f} GB/s; "
-          f"fused down projection at rows {sorted(next(iter(gated_plans.values()), {}))}", flush=True)
+    print(f"{args.preset}: weights {weight_bytes / 1e9:.2f} GB, context {args.context}, copy rate {copy_gbps:.0f} GB/s",
+          flush=True)
+    for module, choice in describe(plans["gemv"]).items():
+        print(f"  {module}: {choice}", flush=True)
     rows = []
     for batch in batches:
         graphs: dict[str, DecodeGraphs] = {}
         logits: dict[str, torch.Tensor] = {}
-        for name, (pdl, fused) in VARIANTS.items():
-            set_variant(model, gated_plans, pdl, fused)
+        for name in VARIANTS:
+            set_variant(model, plans[name])
             g = DecodeGraphs(model, kv_caches, BLOCK_SIZE, batch, blocks_per_seq, torch.device("cuda"))
             g.sizes, g.max_batch = [batch], batch
             fill_batch(g, batch, args.context, spec.vocab_size, seed=batch)
@@ -116,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             g.graphs[batch].replay()
             torch.cuda.synchronize()
             graphs[name], logits[name] = g, g.outputs[batch].clone()
-        set_variant(model, gated_plans, True, True)
+        set_variant(model, plans["gemv"])
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(args.rounds):  # round-robin: clock and thermal drift hit every variant alike
             for name, g in graphs.items():
@@ -128,20 +142,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     end.synchronize()
                     times[name].append(start.elapsed_time(end))
         floor_ms = (weight_bytes + batch * (args.context + 1) * kv_token_bytes) / copy_gbps / 1e6
-        base = logits["baseline"]
+        base = logits["cublas"]
         for name, samples in times.items():
             ms = statistics.median(samples)
             err = ((logits[name] - base).norm() / base.norm()).item()
             same = bool(torch.equal(logits[name].argmax(-1), base.argmax(-1)))
             rows.append({"batch": batch, "variant": name, "median_ms": ms, "roofline_pct": 100 * floor_ms / ms,
-                         "speedup_vs_baseline": statistics.median(times["baseline"]) / ms,
-                         "logits_rel_err_vs_baseline": err, "greedy_tokens_equal_baseline": same})
-            print(f"batch {batch:>4} {name:<14} {ms:7.3f} ms  {100 * floor_ms / ms:5.1f}% of roofline  "
-                  f"{rows[-1]['speedup_vs_baseline']:.3f}x  logits rel err {err:.1e}  greedy equal {same}", flush=True)
+                         "speedup_vs_cublas": statistics.median(times["cublas"]) / ms,
+                         "speedup_vs_tiled": statistics.median(times["tiled"]) / ms,
+                         "logits_rel_err_vs_cublas": err, "greedy_tokens_equal_cublas": same})
+            print(f"batch {batch:>4} {name:<15} {ms:7.3f} ms  {100 * floor_ms / ms:5.1f}% of roofline  "
+                  f"{rows[-1]['speedup_vs_cublas']:.3f}x cuBLAS  {rows[-1]['speedup_vs_tiled']:.3f}x tiled  "
+                  f"logits rel err {err:.1e}  greedy equal {same}", flush=True)
         del graphs, logits
         torch.cuda.empty_cache()
-    return {"copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "gated_plans_rows": sorted(next(iter(gated_plans.values()), {})),
-            "rows": rows}
+    return {"copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "roofline_bytes": "weights (no embedding table) + KV read",
+            "plans": {v: describe(plans[v]) for v in VARIANTS}, "rows": rows}
 
 
 def main() -> int:
@@ -155,7 +171,7 @@ def main() -> int:
     args = parser.parse_args()
     record = {"benchmark": "gpu_decode_fusion", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "command": shlex.join(["python3", "benchmarks/gpu_decode_fusion.py", *sys.argv[1:]]), **run(args)}
+              "command": shlex.join(["python3", "benchmarks/gpu_decode_linears.py", *sys.argv[1:]]), **run(args)}
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     return 0
