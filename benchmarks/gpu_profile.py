@@ -47,14 +47,14 @@ RUNS = {
 
 
 def linear_bandwidth(rep_ms: int = 50) -> list[dict[str, Any]]:
-    """cuBLAS (torch's default cuBLASLt, and legacy cuBLAS) vs each tiled-GEMM config per shape and M.
+    """cuBLAS (torch's default cuBLASLt, and legacy cuBLAS) vs each GEMV / tiled-GEMM config per shape and M.
 
     Timed like the start-up tuning (runner/linear_tuning.py): triton's do_bench flushes L2 between calls,
     so the weights come from HBM as they do in a decode step.
     """
     from triton.testing import do_bench
 
-    from tokenmill.kernels.tiled_gemm import candidates_for, tiled_linear
+    from tokenmill.kernels.decode_linear import candidates_for, decode_linear
 
     def bench(fn: Any) -> float:
         return do_bench(fn, warmup=10, rep=rep_ms)
@@ -71,8 +71,9 @@ def linear_bandwidth(rep_ms: int = 50) -> list[dict[str, Any]]:
                     variants["cublas"] = bench(lambda x=x, weight=weight: F.linear(x, weight))
                 finally:
                     torch.backends.cuda.preferred_blas_library("cublaslt")
-                for c in candidates_for(m):
-                    variants[f"tiled_{c.name}"] = bench(lambda x=x, weight=weight, c=c: tiled_linear(x, weight, None, c))
+                for c in candidates_for(m):  # the GEMV (1-2 rows) and the tiled GEMM configs
+                    variants[c.name if c.name.startswith("gemv") else f"tiled_{c.name}"] = bench(
+                        lambda x=x, weight=weight, c=c: decode_linear(x, weight, None, c))
                 nbytes = 2 * (n * k + m * k + m * n)
                 for variant, ms in variants.items():
                     rows.append({"model": model, "layer": name, "m": m, "k": k, "n": n, "variant": variant,

@@ -100,3 +100,22 @@ def test_fused_kernel_takes_only_unseeded_unfiltered_rows(device):
     for knobs in ({"seed": 3}, {"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}):
         assert not fused_sampling_applies(logits, [plain[0], make_row(device, **knobs)])
     assert fused_sampling_applies(logits, [make_row(device, top_k=50)]) == on_gpu  # k >= vocab filters nothing
+
+
+def test_half_precision_logits_sample_as_their_fp32_upcast(device):
+    """The model hands the sampler bf16 logits: greedy, seeded, top-k/top-p and penalised rows pick the same
+    tokens as from the exact fp32 upcast (and logprobs are computed in fp32)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 300, generator=gen) * 3).to(torch.bfloat16).to(device)
+    specs = [dict(temperature=0.0), dict(temperature=0.8, seed=7), dict(temperature=1.0, top_k=20, seed=8),
+             dict(temperature=0.7, top_p=0.9, seed=9), dict(temperature=0.0, repetition_penalty=1.3, logprobs=3)]
+    sampler = Sampler(eos_token_ids={0})
+
+    def sample(x: torch.Tensor):
+        rows = [make_row(device, prompt=[1, 2, 3], output=[4], **spec) for spec in specs]
+        return sampler.sample(x, rows)
+
+    ids_bf16, logprobs_bf16 = sample(logits)
+    ids_fp32, logprobs_fp32 = sample(logits.float())
+    assert torch.equal(ids_bf16, ids_fp32)
+    assert logprobs_bf16 == logprobs_fp32

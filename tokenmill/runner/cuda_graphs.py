@@ -1,7 +1,7 @@
 """CUDA graphs for decode: one captured forward per batch size on a ladder, replayed with padded inputs.
 
 Decode steps are launch-bound at small batch sizes (hundreds of small kernels per step); a graph replays
-them with one launch. The graph ends with the fp32 logits of every row (lm_head included), since in a
+them with one launch. The graph ends with the logits (model dtype) of every row (lm_head included), since in a
 decode step (nearly) every row samples. Graphs read fixed buffers, so each step copies its inputs into them; padding rows
 get slot -1 (the KV write skips them) and sequence length 0 (attention writes zeros).
 """
@@ -88,7 +88,7 @@ class DecodeGraphs:
         )
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """fp32 logits [batch, vocab] of every row (a view into the graph's output buffer)."""
+        """Logits [batch, vocab] of every row (a view into the graph's output buffer)."""
         batch = meta.num_seqs
         size = next(s for s in self.sizes if s >= batch)
         self.input_ids[:batch].copy_(input_ids)

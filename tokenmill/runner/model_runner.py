@@ -127,7 +127,7 @@ class ModelRunner:
     def forward_logits(
         self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[int]]:
-        """Logits [num_sampling_seqs, vocab] (float32) and which scheduled rows they belong to.
+        """Logits [num_sampling_seqs, vocab] (model dtype) and which scheduled rows they belong to.
 
         ``prev_token_ids``: the in-flight step's sampled ids, which placeholder input ids point into.
         """
@@ -135,7 +135,7 @@ class ModelRunner:
         return self.run_model(inputs), inputs.sample_rows
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
-        """fp32 logits of the sampling rows: a captured graph for decode batches it covers, else eager."""
+        """Logits of the sampling rows: a captured graph for decode batches it covers, else eager."""
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
             # One token per row, so row i's token is flat index i; the graph computed every row's logits.
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
@@ -143,7 +143,7 @@ class ModelRunner:
                 logits = logits.index_select(0, inputs.sample_indices)
             return logits
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))  # already float32
+        return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:

@@ -116,7 +116,7 @@ def sample_from_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tor
         # From torch's CPU generator: no device sync, and torch.manual_seed still makes runs repeatable.
         seed = int(torch.randint(2**31 - 1, (1,)).item())
         return gumbel_sample(logits, temperature, seed)
-    probs = filtered_logits(logits, rows).softmax(dim=-1)
+    probs = filtered_logits(logits.to(torch.float32), rows).softmax(dim=-1)
     noise = exponential_noise(tuple(probs.shape), [row.generator for row in rows], probs.device)
     return (probs / noise).argmax(dim=-1)
 
@@ -150,8 +150,6 @@ class Sampler:
             logits = logits.to(torch.float32, copy=wants_raw)
             apply_min_tokens(logits, rows, self.eos_token_ids)
             apply_penalties(logits, rows)
-        else:
-            logits = logits.to(torch.float32)  # later steps never write into it: no copy for float32
 
         device = logits.device
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
