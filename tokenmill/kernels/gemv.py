@@ -3,9 +3,11 @@
 At one row a decode step's projections are pure weight reads. Each program here reduces ``block_n`` weight
 rows against the (at most two) input rows with fp32 FMAs over [block_n, block_k] weight tiles: no 16-row
 tensor-core tile to pad to, small programs in many waves. Measured on the H100 (benchmarks/results/
-gemv_probe_2026-11-24.json, L2 flushed between calls like a decode step): at one row 3-10% faster than
-cuBLAS on Llama-3-8B's qkv, o, gate_up and down projections, slower from four rows on. The runner keeps it
-per shape and row count only where it wins (runner/linear_tuning.py). (A variant that applied SiLU-and-mul
+gpu_linear_gemv_2026-11-24.json, L2 flushed between calls like a decode step): at one row 4-13% faster than
+cuBLAS on every Llama-3-8B projection (gate_up 96.4 -> 87.8 us, o 23.2 -> 20.2, lm_head 379 -> 342), and
+in the batch-1 decode graph 1.06x the step of the tiled-GEMM choice (gpu_decode_linears_2026-11-24.json);
+slower from four rows on. The runner keeps it per shape and row count only where it wins
+(runner/linear_tuning.py). (A variant that applied SiLU-and-mul
 while loading the down projection's input saved the activation kernel but measured no faster inside the
 decode CUDA graph, gpu_decode_linears_2026-11-24.json, so it was dropped.)
 """
