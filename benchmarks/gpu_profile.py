@@ -119,14 +119,16 @@ def gpu_gaps(trace_path: Path, top: int = 12) -> dict[str, Any]:
     device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
                     key=lambda e: e["ts"])
     pairs: dict[tuple[str, str], list[float]] = {}
-    for before, after in zip(device, device[1:], strict=False):
-        gap = after["ts"] - (before["ts"] + before["dur"])
-        if gap > 0:
-            pairs.setdefault((before["name"][:60], after["name"][:60]), []).append(gap)
-    span = device[-1]["ts"] + device[-1]["dur"] - device[0]["ts"] if device else 0.0
-    busy = sum(e["dur"] for e in device)
+    end, last = 0.0, None  # the latest end so far and its event: events on other streams may overlap
+    for event in device:
+        if last is not None and event["ts"] > end:
+            pairs.setdefault((last["name"][:60], event["name"][:60]), []).append(event["ts"] - end)
+        if last is None or event["ts"] + event["dur"] > end:
+            end, last = event["ts"] + event["dur"], event
+    span = end - device[0]["ts"] if device else 0.0
+    idle = sum(sum(g) for g in pairs.values())
     ranked = sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:top]
-    return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "events": len(device),
+    return {"span_us": span, "busy_us": span - idle, "idle_us": idle, "events": len(device),
             "top_gaps": [{"before": b, "after": a, "count": len(g), "total_us": sum(g), "max_us": max(g)}
                          for (b, a), g in ranked]}
 

@@ -1,34 +1,16 @@
-"""The GEMV against an fp32 reference on fresh random inputs (bf16 and fp16, every config)."""
+"""The GEMV's limits and dispatch (its values against fp32 are checked with the tiled GEMM's in test_tiled_gemm.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err, requires_cuda
+from conftest import requires_cuda
 
 from tokenmill.kernels.decode_linear import candidates_for, decode_linear
 from tokenmill.kernels.gemv import GEMV_CANDIDATES, GemvConfig, gemv
-from tokenmill.kernels.tiled_gemm import SKINNY_CANDIDATES, tiled_linear, tiled_linear_reference
+from tokenmill.kernels.tiled_gemm import SKINNY_CANDIDATES, tiled_linear
 
 pytestmark = requires_cuda
-TOL = 1e-2
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("shape", [(4096, 4096), (1000, 1024), (6144, 4000)], ids=["square", "ragged_n", "ragged_k"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_gemv_matches_fp32_reference(dtype, rows, shape, bias):
-    n, k = shape
-    gen = torch.Generator(device="cuda").manual_seed(rows * 1000 + n + k)
-    x = torch.randn(rows, k, device="cuda", generator=gen).to(dtype)
-    weight = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(dtype)
-    b = torch.randn(n, device="cuda", generator=gen).to(dtype) if bias else None
-    ref = tiled_linear_reference(x, weight, b).float()
-    for config in GEMV_CANDIDATES:
-        out = gemv(x, weight, b, config)
-        assert out.shape == (rows, n) and out.dtype == dtype
-        assert rel_err(out, ref) < TOL, config
 
 
 def test_candidates_offer_the_gemv_only_where_it_applies():

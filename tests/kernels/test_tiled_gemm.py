@@ -1,4 +1,5 @@
-"""The tiled GEMM against an fp32 reference on fresh random inputs (bf16 and fp16, every config)."""
+"""The decode linear kernels (tiled GEMM, GEMV) against an fp32 reference on fresh random inputs (bf16 and
+fp16, every config)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 from conftest import rel_err, requires_cuda
 
+from tokenmill.kernels.decode_linear import candidates_for as decode_candidates_for
+from tokenmill.kernels.decode_linear import decode_linear
 from tokenmill.kernels.tiled_gemm import (
     SKINNY_CANDIDATES,
     WIDE_CANDIDATES,
-    candidates_for,
     tiled_linear,
     tiled_linear_reference,
 )
@@ -19,18 +21,19 @@ TOL = 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 64, 200, 256])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 17, 64, 200, 256])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 1024), (6144, 4000)], ids=["square", "ragged_n", "ragged_k"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_tiled_linear_matches_fp32_reference(dtype, rows, shape, bias):
+def test_every_decode_linear_config_matches_fp32_reference(dtype, rows, shape, bias):
+    """Every config the tuner may pick at ``rows``: the GEMV's (1-2 rows) and the tiled GEMM's."""
     n, k = shape
     gen = torch.Generator(device="cuda").manual_seed(rows * 1000 + n + k)
     x = torch.randn(rows, k, device="cuda", generator=gen).to(dtype)
     weight = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(dtype)
     b = torch.randn(n, device="cuda", generator=gen).to(dtype) if bias else None
     ref = tiled_linear_reference(x, weight, b).float()
-    for config in candidates_for(rows):
-        out = tiled_linear(x, weight, b, config)
+    for config in decode_candidates_for(rows):
+        out = decode_linear(x, weight, b, config)
         assert out.shape == (rows, n) and out.dtype == dtype
         assert rel_err(out, ref) < TOL, config
 

@@ -7,9 +7,8 @@ gpu_linear_gemv_2026-11-24.json, L2 flushed between calls like a decode step): a
 cuBLAS on every Llama-3-8B projection (gate_up 96.4 -> 87.8 us, o 23.2 -> 20.2, lm_head 379 -> 342), and
 in the batch-1 decode graph 1.06x the step of the tiled-GEMM choice (gpu_decode_linears_2026-11-24.json);
 slower from four rows on. The runner keeps it per shape and row count only where it wins
-(runner/linear_tuning.py). (A variant that applied SiLU-and-mul
-while loading the down projection's input saved the activation kernel but measured no faster inside the
-decode CUDA graph, gpu_decode_linears_2026-11-24.json, so it was dropped.)
+(runner/linear_tuning.py). A variant that applied SiLU-and-mul while loading the down projection's input
+saved the activation kernel but was no faster inside the decode CUDA graph (same JSON), so it was dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
+from tokenmill.kernels.tiled_gemm import linear_output
 
 GEMV_MAX_ROWS = 2  # from four rows on the [rows, block_n, block_k] products cost more than an MMA tile
 
@@ -102,18 +102,11 @@ def gemv(
     config: GemvConfig = GEMV_CANDIDATES[0],
 ) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_ROWS, bf16/fp16) times weight [N, K]^T (+ bias) -> [M, N], fp32 accumulation."""
-    require_triton("gemv")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"gemv needs x [M, K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    out = linear_output(x, weight, "gemv")
     if x.shape[0] > GEMV_MAX_ROWS:
         raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows; got {x.shape[0]} (use tiled_linear)")
-    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
-        raise ValueError(f"gemv takes bf16/fp16 x and weight of one dtype; got {x.dtype}, {weight.dtype}")
-    if x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError("gemv needs contiguous rows (last stride 1)")
     m = x.shape[0]
     n, k = weight.shape
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](

@@ -116,20 +116,26 @@ if HAS_TRITON:
         )
 
 
+def linear_output(x: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:
+    """Check the operands of a Triton linear (x [M, K] and weight [N, K], bf16/fp16, contiguous rows) and
+    return its empty [M, N] output."""
+    require_triton(what)
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{what} needs x [M, K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        raise ValueError(f"{what} takes bf16/fp16 x and weight of one dtype; got {x.dtype}, {weight.dtype}")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"{what} needs contiguous rows (last stride 1)")
+    return torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+
+
 def tiled_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: TileConfig = SKINNY_CANDIDATES[1]
 ) -> torch.Tensor:
     """x [M, K] (bf16/fp16) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, fp32 accumulation."""
-    require_triton("tiled_linear")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"tiled_linear needs x [M, K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
-        raise ValueError(f"tiled_linear takes bf16/fp16 x and weight of one dtype; got {x.dtype}, {weight.dtype}")
-    if x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError("tiled_linear needs contiguous rows (last stride 1)")
+    out = linear_output(x, weight, "tiled_linear")
     m, k = x.shape
     n = weight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
