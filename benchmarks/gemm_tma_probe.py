@@ -44,6 +44,62 @@ def _tma_gemm_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLO
     y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
 
 
+@triton.jit
+def _tma_gemm_ws_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    # Tile per program, the K loop warp-specialized (TMA producer warps feeding the MMA warps).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=True):
+        a = x_desc.load([pid_m * BLOCK_M, k])
+        b = w_desc.load([pid_n * BLOCK_N, k])
+        acc = tl.dot(a, b.T, acc)
+    y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+
+
+@triton.jit
+def _tma_gemm_persistent_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr, STAGES: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                                WS: tl.constexpr):
+    # One program per SM walks tiles pid, pid + P, ...; the tile loop optionally warp-specialized.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_tiles = num_m * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=False, warp_specialize=WS):
+        pid_m = tile % num_m
+        pid_n = tile // num_m
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            a = x_desc.load([pid_m * BLOCK_M, k])
+            b = w_desc.load([pid_n * BLOCK_N, k])
+            acc = tl.dot(a, b.T, acc)
+        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+
+
+def variant_launcher(kind, x, w, y, bm, bn, bk, stages, warps, num_sms):
+    """Warp-specialized ("ws"), persistent ("persistent") or both ("persistent_ws") TMA GEMM launches."""
+    m, k = x.shape
+    n = w.shape[0]
+    xd = TensorDescriptor.from_tensor(x, [bm, bk])
+    wd = TensorDescriptor.from_tensor(w, [bn, bk])
+    yd = TensorDescriptor.from_tensor(y, [bm, bn])
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if kind == "ws":
+        def launch() -> None:
+            _tma_gemm_ws_kernel[(tiles,)](xd, wd, yd, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
+                                          num_warps=warps)
+        return launch
+    programs = min(num_sms, tiles)
+
+    def launch_persistent() -> None:
+        _tma_gemm_persistent_kernel[(programs,)](xd, wd, yd, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                 STAGES=stages, NUM_PROGRAMS=programs,
+                                                 WS=kind == "persistent_ws", num_warps=warps)
+    return launch_persistent
+
+
 def tma_launcher(x, w, y, bm, bn, bk, stages, warps, m_fastest):
     """Descriptors built once (as a CUDA graph would bake them in); returns the launch."""
     m, k = x.shape
@@ -71,21 +127,27 @@ SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("do
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--kinds", default="plain", help="comma list of plain, ws, persistent, persistent_ws")
+    parser.add_argument("--rows", default="128,256")
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     rows = []
     for name, k, n in SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        for m in (128, 256):
+        for m in (int(r) for r in args.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), w.float())
             base = do_bench(lambda x=x, w=w: F.linear(x, w), warmup=10, rep=50)
             rows.append({"layer": name, "m": m, "variant": "cublas", "ms": base, "rel_err": None})
             print(f"{name:<8} m={m:<4} cublas {1e3 * base:7.1f} us {2 * m * n * k / base / 1e9:5.0f} TF", flush=True)
             y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            for bm, bn, bk, st, wp, mf in CONFIGS:
-                label = f"m{bm}_n{bn}_k{bk}_s{st}_w{wp}"
+            for (bm, bn, bk, st, wp, mf), kind in ((c, kind) for kind in kinds for c in CONFIGS):
+                label = f"{'' if kind == 'plain' else kind + '_'}m{bm}_n{bn}_k{bk}_s{st}_w{wp}"
                 try:
-                    launch = tma_launcher(x, w, y, bm, bn, bk, st, wp, mf)
+                    launch = (tma_launcher(x, w, y, bm, bn, bk, st, wp, mf) if kind == "plain"
+                              else variant_launcher(kind, x, w, y, bm, bn, bk, st, wp, num_sms))
                     y.fill_(float("nan"))
                     launch()
                     err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -99,7 +161,7 @@ def main() -> int:
     record = {"benchmark": "gemm_tma_probe", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(), "command": " ".join(["python3", *sys.argv]),
               "torch": torch.__version__, "triton": triton.__version__, "rows": rows}
-    out = Path(args.out) / f"gemm_tma_probe_{dt.date.today().isoformat()}.json"
+    out = Path(args.out) / f"gemm_tma_probe_{'_'.join(kinds)}_{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     return 0

@@ -348,6 +348,86 @@ def bench_decode_large(rep: Report, num_sms: int) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_decode_layout(rep: Report, num_sms: int) -> None:
+    """Token-major cache blocks ([block, token, head, dim]: one program reads 16 rows of 256 B, 2 KB apart) vs
+    head-major ([block, head, token, dim]: one contiguous 4 KB span per block and KV head), the same kernel
+    through strides; and key splits at large batches (more, shorter programs: a shorter tail wave)."""
+    read_only_ceiling(rep)
+    gen = torch.Generator().manual_seed(3)
+    for batch, seq_len in [(256, 544), (64, 2048), (8, 2048)]:
+        kv_bytes, tables, cache, q, lens = decode_case(batch, seq_len, gen)
+        head_major = cache.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)  # same values, new layout
+        shape = f"B={batch} L={seq_len}"
+        out = torch.empty_like(q)
+        ref = paged_decode_reference(q.float(), cache, tables[0], lens, D**-0.5)
+        width = tables[0].shape[1] * BS
+        base = plan_decode(batch, HKV, width, num_sms)
+        plans = {"": base}
+        if base.num_splits == 1:
+            for splits in (2, 4):
+                part = -(-width // splits // base.block_n) * base.block_n
+                plans[f"_split{splits}"] = DecodePlan(num_splits=-(-width // part), partition_size=part,
+                                                      block_n=base.block_n, min_partition=part)
+        for layout, kv in (("token_major", cache), ("head_major", head_major)):
+            for suffix, plan in plans.items():
+                for launch_name, launch in (("", {}), ("_bn32w2", {"num_warps": 2})):
+                    if launch_name and suffix:
+                        continue
+                    if launch_name:
+                        plan = dataclasses.replace(plan, block_n=32, min_partition=min(plan.min_partition, 32))
+                    name = f"{layout}{suffix}{launch_name}"
+                    out.fill_(float("nan"))
+                    paged_decode(q, kv, tables[0], lens, D**-0.5, plan=plan, out=out, **launch)
+                    err = rel_err(out, ref)
+                    rep.check(f"paged_decode[{name}]", torch.bfloat16, shape, err)
+
+                    def run(plan: DecodePlan = plan, kv: torch.Tensor = kv, launch: dict = launch) -> None:
+                        for t in tables:
+                            paged_decode(q, kv, t, lens, D**-0.5, plan=plan, out=out, **launch)
+
+                    ms = median_ms(run, graph=True) / len(tables)
+                    rep.time("paged_decode_layout", name, shape, ms, kv_bytes, splits=plan.num_splits, rel_err=err)
+        del head_major, cache
+        torch.cuda.empty_cache()
+
+
+def bench_decode_persistent(rep: Report, num_sms: int) -> None:
+    """Unsplit decode at large batches: a program per (sequence, KV head) vs persistent programs that walk
+    several items as one pipelined loop (no pipeline drain at each item's end, no tail of short programs)."""
+    read_only_ceiling(rep)
+    gen = torch.Generator().manual_seed(4)
+    for batch, seq_len in [(256, 544), (128, 544), (64, 2048), (256, 2048)]:
+        kv_bytes, tables, cache, q, lens = decode_case(batch, seq_len, gen)
+        shape = f"B={batch} L={seq_len}"
+        out = torch.empty_like(q)
+        ref = paged_decode_reference(q.float(), cache, tables[0], lens, D**-0.5)
+        base = plan_decode(batch, HKV, tables[0].shape[1] * BS, num_sms)
+        variants: dict[str, tuple[DecodePlan, dict]] = {"per_item": (base, {}),
+                                                         "per_item_bn32w2": (dataclasses.replace(base, block_n=32), {"num_warps": 2})}
+        for per_sm in (2, 3, 4, 6, 8):
+            variants[f"persistent{per_sm}"] = (dataclasses.replace(base, programs=per_sm * num_sms), {})
+            variants[f"persistent{per_sm}_s3"] = (dataclasses.replace(base, programs=per_sm * num_sms), {"num_stages": 3})
+            variants[f"persistent{per_sm}_bn32w2"] = (dataclasses.replace(base, block_n=32, programs=per_sm * num_sms),
+                                                       {"num_warps": 2})
+        for name, (plan, launch) in variants.items():
+            out.fill_(float("nan"))
+            try:
+                paged_decode(q, cache, tables[0], lens, D**-0.5, plan=plan, out=out, **launch)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip that shape
+                print(f"{shape} {name}: {exc}".splitlines()[0], flush=True)
+                continue
+            err = rel_err(out, ref)
+            rep.check(f"paged_decode[{name}]", torch.bfloat16, shape, err)
+
+            def run(plan: DecodePlan = plan, launch: dict = launch) -> None:
+                for t in tables:
+                    paged_decode(q, cache, t, lens, D**-0.5, plan=plan, out=out, **launch)
+
+            ms = median_ms(run, graph=True) / len(tables)
+            rep.time("paged_decode_persistent", name, shape, ms, kv_bytes, splits=plan.num_splits, rel_err=err)
+        torch.cuda.empty_cache()
+
+
 def bench_decode_wide_table(rep: Report, num_sms: int) -> None:
     """Decode inside a CUDA graph planned for max_model_len: short sequences behind a wide block table.
 
@@ -478,6 +558,8 @@ def main() -> None:
         ("decode", lambda: bench_decode(rep, props.multi_processor_count)),
         ("decode_wide", lambda: bench_decode_wide_table(rep, props.multi_processor_count)),
         ("decode_large", lambda: bench_decode_large(rep, props.multi_processor_count)),
+        ("decode_layout", lambda: bench_decode_layout(rep, props.multi_processor_count)),
+        ("decode_persistent", lambda: bench_decode_persistent(rep, props.multi_processor_count)),
         ("prefill", lambda: bench_prefill(rep)),
     ):
         if name not in sections:

@@ -128,6 +128,7 @@ def test_kernel_categories() -> None:
     assert kernel_category("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") \
         == "copy/index"
     assert kernel_category("void at::native::(anonymous namespace)::cunn_SoftMaxForward") == "softmax"
+    assert kernel_category("_gumbel_partial_kernel") == "sampling"  # the fused temperature sampler
     assert kernel_category("something_else") == "other"
 
 

@@ -266,7 +266,7 @@ def kernel_category(name: str) -> str:
         return "softmax"
     if any(k in low for k in ("rms", "norm", "rotary", "rope", "silu", "act_and_mul")):
         return "norm/rope/act"
-    if any(k in low for k in ("sort", "topk", "multinomial", "argmax", "exponential", "sampl")):
+    if any(k in low for k in ("sort", "topk", "multinomial", "argmax", "exponential", "sampl", "gumbel")):
         return "sampling"
     if any(k in low for k in ("memcpy", "memset", "copy", "cat", "index", "scatter", "gather", "fill")):
         return "copy/index"
