@@ -391,43 +391,6 @@ def bench_decode_layout(rep: Report, num_sms: int) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_decode_persistent(rep: Report, num_sms: int) -> None:
-    """Unsplit decode at large batches: a program per (sequence, KV head) vs persistent programs that walk
-    several items as one pipelined loop (no pipeline drain at each item's end, no tail of short programs)."""
-    read_only_ceiling(rep)
-    gen = torch.Generator().manual_seed(4)
-    for batch, seq_len in [(256, 544), (128, 544), (64, 2048), (256, 2048)]:
-        kv_bytes, tables, cache, q, lens = decode_case(batch, seq_len, gen)
-        shape = f"B={batch} L={seq_len}"
-        out = torch.empty_like(q)
-        ref = paged_decode_reference(q.float(), cache, tables[0], lens, D**-0.5)
-        base = plan_decode(batch, HKV, tables[0].shape[1] * BS, num_sms)
-        variants: dict[str, tuple[DecodePlan, dict]] = {"per_item": (base, {}),
-                                                         "per_item_bn32w2": (dataclasses.replace(base, block_n=32), {"num_warps": 2})}
-        for per_sm in (2, 3, 4, 6, 8):
-            variants[f"persistent{per_sm}"] = (dataclasses.replace(base, programs=per_sm * num_sms), {})
-            variants[f"persistent{per_sm}_s3"] = (dataclasses.replace(base, programs=per_sm * num_sms), {"num_stages": 3})
-            variants[f"persistent{per_sm}_bn32w2"] = (dataclasses.replace(base, block_n=32, programs=per_sm * num_sms),
-                                                       {"num_warps": 2})
-        for name, (plan, launch) in variants.items():
-            out.fill_(float("nan"))
-            try:
-                paged_decode(q, cache, tables[0], lens, D**-0.5, plan=plan, out=out, **launch)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip that shape
-                print(f"{shape} {name}: {exc}".splitlines()[0], flush=True)
-                continue
-            err = rel_err(out, ref)
-            rep.check(f"paged_decode[{name}]", torch.bfloat16, shape, err)
-
-            def run(plan: DecodePlan = plan, launch: dict = launch) -> None:
-                for t in tables:
-                    paged_decode(q, cache, t, lens, D**-0.5, plan=plan, out=out, **launch)
-
-            ms = median_ms(run, graph=True) / len(tables)
-            rep.time("paged_decode_persistent", name, shape, ms, kv_bytes, splits=plan.num_splits, rel_err=err)
-        torch.cuda.empty_cache()
-
-
 def bench_decode_wide_table(rep: Report, num_sms: int) -> None:
     """Decode inside a CUDA graph planned for max_model_len: short sequences behind a wide block table.
 
@@ -559,7 +522,6 @@ def main() -> None:
         ("decode_wide", lambda: bench_decode_wide_table(rep, props.multi_processor_count)),
         ("decode_large", lambda: bench_decode_large(rep, props.multi_processor_count)),
         ("decode_layout", lambda: bench_decode_layout(rep, props.multi_processor_count)),
-        ("decode_persistent", lambda: bench_decode_persistent(rep, props.multi_processor_count)),
         ("prefill", lambda: bench_prefill(rep)),
     ):
         if name not in sections:

@@ -191,6 +191,26 @@ def test_paged_decode_behind_a_wide_table_per_sequence_and_fixed_partitions(devi
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_paged_decode_reads_a_head_major_cache_through_its_strides(device, dtype):
+    """The kernel indexes the cache by strides: the same values stored head-major inside each block (a
+    permuted view, as benchmarks/gpu_kernels.py --only decode_layout times) give the same attention."""
+    skip_interpreter_bf16_dot(device, dtype)
+    seq_lens = [5, 70, 161]
+    query, key, value, cache, meta = make_paged_batch(
+        [(n - 1, 1) for n in seq_lens], 8, 4, 64, 16, dtype, device, seed=21
+    )
+    reshape_and_cache(key, value, cache, meta.slot_mapping)
+    head_major = cache.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
+    torch.testing.assert_close(head_major, cache, rtol=0, atol=0, equal_nan=True)
+    assert head_major.stride(2) == 64 and head_major.stride(3) == 16 * 64
+    ref = paged_decode_reference(query.float(), cache.float(), meta.block_tables, meta.seq_lens, 0.125)
+    width = meta.block_tables.shape[1] * 16
+    for plan in (plan_decode(3, 4, width, 1), plan_decode(3, 4, width, 10_000, min_partition=32, block_n=32)):
+        out = torch.full_like(query, float("nan"))
+        paged_decode(query, head_major, meta.block_tables, meta.seq_lens, 0.125, plan=plan, out=out)
+        assert rel_err(out, ref) <= TOL
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_paged_decode_padding_rows_give_zeros(device, dtype):
     skip_interpreter_bf16_dot(device, dtype)
     query, key, value, cache, meta = make_paged_batch([(20, 1), (0, 1)], 4, 2, 64, 16, dtype, device, seed=3)

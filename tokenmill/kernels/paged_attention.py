@@ -49,9 +49,6 @@ class DecodePlan:
     # this many tokens): in a CUDA graph planned for max_model_len a short sequence still fills the splits.
     # min_partition == partition_size gives every sequence the planned partition (the fixed layout).
     min_partition: int = 128
-    # Unsplit plans only: > 0 launches this many persistent programs, each walking several (sequence, KV
-    # head) items as one pipelined loop; 0 launches a program per item.
-    programs: int = 0
 
 
 REDUCE_WIDTH = 64  # plan_decode's default cap on splits
@@ -202,99 +199,6 @@ if HAS_TRITON:
             tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + d[None, :], res, mask=out_mask)
             tl.store(part_lse_ptr + idx, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=gmask)
 
-    @triton.jit(do_not_specialize=["bt_stride", "num_items"])
-    def _paged_decode_persistent_kernel(
-        q_ptr,
-        cache_ptr,
-        bt_ptr,
-        seq_lens_ptr,
-        out_ptr,
-        q_stride_b,
-        q_stride_h,
-        out_stride_b,
-        out_stride_h,
-        bt_stride,
-        v_offset,
-        qk_scale,
-        num_items,  # num_seqs * NUM_KV_HEADS
-        NUM_KV_HEADS: tl.constexpr,
-        GROUP: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr,
-        STRIDE_BLOCK: tl.constexpr,
-        STRIDE_TOKEN: tl.constexpr,
-        STRIDE_HEAD: tl.constexpr,
-    ):
-        # Unsplit decode for large batches: each program walks the (sequence, KV head) items pid, pid + P, ...
-        # as ONE flat loop over their key tiles, so the loads of the next item's first tile are in flight
-        # while the current item finishes (a program per item drains its pipeline at every item's end).
-        pid = tl.program_id(0)
-        step = tl.num_programs(0)
-        total = 0
-        for item in range(pid, num_items, step):
-            length = tl.load(seq_lens_ptr + item // NUM_KV_HEADS)
-            total += tl.maximum(tl.cdiv(length, BLOCK_N), 1)  # a length-0 item still writes its zeros once
-
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        gmask = g < GROUP
-        dmask = d < HEAD_DIM
-        out_mask = gmask[:, None] & dmask[None, :]
-        tile = tl.arange(0, BLOCK_N)
-
-        item = pid
-        seq = (item // NUM_KV_HEADS).to(tl.int64)
-        seq_len = tl.load(seq_lens_ptr + seq, mask=item < num_items, other=0)
-        start = 0
-        block = tl.load(bt_ptr + seq * bt_stride + tile // BLOCK_SIZE, mask=tile < seq_len, other=0)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for _ in range(0, total):
-            kv_head = item % NUM_KV_HEADS
-            heads = kv_head * GROUP + g
-            n = start + tile
-            nmask = n < seq_len
-            row = block.to(tl.int64) * STRIDE_BLOCK + (n % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
-            kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            q = tl.load(q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=out_mask, other=0.0)
-
-            # Where the next tile comes from: the rest of this item, or the first tile of the next one.
-            last = start + BLOCK_N >= seq_len
-            next_item = tl.where(last, item + step, item)
-            next_seq = (next_item // NUM_KV_HEADS).to(tl.int64)
-            next_len = tl.load(seq_lens_ptr + next_seq, mask=next_item < num_items, other=0)
-            next_start = tl.where(last, 0, start + BLOCK_N)
-            next_n = next_start + tile
-            next_block = tl.load(bt_ptr + next_seq * bt_stride + next_n // BLOCK_SIZE, mask=next_n < next_len, other=0)
-
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.maximum(m_new, -1e30)  # a length-0 item: every score -inf, exp2 must not see -inf - -inf
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-
-            res = acc / tl.maximum(l_i, 1e-30)[:, None]
-            tl.store(
-                out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :],
-                res.to(out_ptr.dtype.element_ty),
-                mask=out_mask & last,
-            )
-            m_i = tl.where(last, float("-inf"), m_i)
-            l_i = tl.where(last, 0.0, l_i)
-            acc = tl.where(last, 0.0, acc)
-            item, seq, seq_len, start, block = next_item, next_seq, next_len, next_start, next_block
-
     @triton.jit(do_not_specialize=["num_splits"])
     def _paged_decode_reduce_kernel(
         part_out_ptr,
@@ -346,6 +250,9 @@ def paged_decode(
 ) -> torch.Tensor:
     """query [B, Hq, D] (one token per sequence) -> [B, Hq, D]. seq_lens 0 gives zeros (padding rows).
 
+    kv_cache is indexed [K/V, block, token, head, dim] through its strides, so a head-major cache passed as a
+    permuted view works too (measured on the H100: no faster, gpu_kernels_decode_layout_2026-11-24.json).
+
     No host sync: the plan depends only on shapes, so the same launch can be captured in a CUDA graph.
     """
     require_triton("paged_decode")
@@ -371,40 +278,6 @@ def paged_decode(
     part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
     part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)
     block_d = max(16, next_power_of_2(head_dim))
-    constants = dict(
-        NUM_KV_HEADS=num_kv_heads,
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        BLOCK_N=plan.block_n,
-        BLOCK_G=max(16, next_power_of_2(group)),
-        BLOCK_D=block_d,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        STRIDE_BLOCK=kv_cache.stride(1),
-        STRIDE_TOKEN=kv_cache.stride(2),
-        STRIDE_HEAD=kv_cache.stride(3),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    if plan.num_splits == 1 and plan.programs > 0:
-        num_items = num_seqs * num_kv_heads
-        _paged_decode_persistent_kernel[(min(plan.programs, num_items),)](
-            query,
-            kv_cache,
-            block_tables,
-            seq_lens,
-            out,
-            query.stride(0),
-            query.stride(1),
-            out.stride(0),
-            out.stride(1),
-            block_tables.stride(0),
-            kv_cache.stride(0),
-            scale * 1.4426950408889634,
-            num_items,
-            **constants,
-        )
-        return out
     _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
         query,
         kv_cache,
@@ -422,7 +295,19 @@ def paged_decode(
         scale * 1.4426950408889634,
         plan.num_splits,
         plan.min_partition,
-        **constants,
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=plan.block_n,
+        BLOCK_G=max(16, next_power_of_2(group)),
+        BLOCK_D=block_d,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        STRIDE_BLOCK=kv_cache.stride(1),
+        STRIDE_TOKEN=kv_cache.stride(2),
+        STRIDE_HEAD=kv_cache.stride(3),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if plan.num_splits > 1:
         _paged_decode_reduce_kernel[(num_seqs, num_heads)](
