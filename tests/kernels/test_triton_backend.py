@@ -52,6 +52,27 @@ def test_backend_matches_torch_reference(device, dtype, batch):
     torch.testing.assert_close(cache.float().nan_to_num(nan=0.0), ref_cache, rtol=0, atol=0)
 
 
+@requires_triton_device
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("batch", ["decode", "mixed"])
+def test_backend_with_rotary_matches_rotating_first(device, dtype, batch):
+    """The model hands the backend unrotated q/k plus (positions, cos_sin): decode-only steps rotate inside
+    the decode kernel, mixed steps in the fused KV write; both must equal rotating first, then attending."""
+    from tokenmill.kernels.rotary import apply_rotary_reference, build_cos_sin_cache, rope_inv_freq
+
+    seqs = BATCHES[batch]
+    query, key, value, cache, meta = make_paged_batch(seqs, 8, 2, 64, 16, dtype, device, seed=7)
+    positions = torch.tensor([ctx + i for ctx, n in seqs for i in range(n)], device=device)
+    cos_sin = build_cos_sin_cache(rope_inv_freq(64, 10000.0), 2048).to(device)
+    q_ref, k_ref = query.float().clone(), key.float().clone()
+    apply_rotary_reference(q_ref, k_ref, positions, cos_sin)
+    ref_cache = cache.float().nan_to_num(nan=0.0)
+    ref = TorchAttentionBackend().forward(q_ref, k_ref, value.float(), ref_cache, meta, 0.125)
+    out = _backend().forward(query, key, value, cache, meta, 0.125, (positions, cos_sin))
+    assert rel_err(out, ref) <= (1e-4 if dtype == torch.float32 else TOL)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(cache.float().nan_to_num(nan=0.0), ref_cache, rtol=tol, atol=tol)
+
 @requires_cuda
 def test_auto_backend_on_cuda_is_triton():
     assert get_attention_backend("auto", "cuda").name == "triton"
