@@ -1,8 +1,6 @@
-"""Decode-step A/B of kernel choices, on the engine's own CUDA graphs (one process, one GPU): cuBLAS everywhere;
-the start-up tuner choosing between cuBLAS and the tiled GEMM (the engine before the GEMV); the tuner with the
-GEMV as a candidate too ("gemv", the engine's default); and "rotary_separate": the default linears, but q/k
-rotated and the new K/V cached by their own kernel before the decode attention (the engine before the decode
-kernel took that job over).
+"""Decode-step A/B of the linear-layer kernel choices, on the engine's own CUDA graphs (one process, one GPU):
+cuBLAS everywhere; the start-up tuner choosing between cuBLAS and the tiled GEMM (the engine before the
+GEMV); the tuner with the GEMV as a candidate too (the engine's default).
 
 For each batch size a Llama-shaped model with random weights (every layer, lm_head included) is captured as
 the engine captures a decode step (runner/cuda_graphs.DecodeGraphs), once per variant, and the replays are
@@ -41,7 +39,7 @@ from tokenmill.runner import linear_tuning  # noqa: E402
 from tokenmill.runner.cuda_graphs import DecodeGraphs  # noqa: E402
 
 BLOCK_SIZE = 16
-VARIANTS = ("cublas", "tiled", "gemv", "rotary_separate")
+VARIANTS = ("cublas", "tiled", "gemv")
 
 
 def copy_rate_gbps() -> float:
@@ -103,12 +101,10 @@ def describe(plans: dict[str, dict]) -> dict[str, dict[str, str]]:
 @torch.inference_mode()
 def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = preset_spec(args.preset)
-    backend = TritonAttentionBackend()
-    model = build_model(spec, backend, torch.bfloat16, "cuda")
+    model = build_model(spec, TritonAttentionBackend(), torch.bfloat16, "cuda")
     init_random_weights(model, seed=0)
     batches = [int(b) for b in args.batches.split(",")]
     plans = tune_plans(model, max(batches))
-    plans["rotary_separate"] = plans["gemv"]
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     kv_token_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
     blocks_per_seq = -(-(args.context + 1) // BLOCK_SIZE)
@@ -127,7 +123,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logits: dict[str, torch.Tensor] = {}
         for name in VARIANTS:
             set_variant(model, plans[name])
-            backend.rotary_in_decode = name != "rotary_separate"
             g = DecodeGraphs(model, kv_caches, BLOCK_SIZE, batch, blocks_per_seq, torch.device("cuda"))
             g.sizes, g.max_batch = [batch], batch
             fill_batch(g, batch, args.context, spec.vocab_size, seed=batch)
@@ -136,7 +131,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
             graphs[name], logits[name] = g, g.outputs[batch].clone()
         set_variant(model, plans["gemv"])
-        backend.rotary_in_decode = True
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(args.rounds):  # round-robin: clock and thermal drift hit every variant alike
             for name, g in graphs.items():
@@ -156,16 +150,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"batch": batch, "variant": name, "median_ms": ms, "roofline_pct": 100 * floor_ms / ms,
                          "speedup_vs_cublas": statistics.median(times["cublas"]) / ms,
                          "speedup_vs_tiled": statistics.median(times["tiled"]) / ms,
-                         "speedup_vs_rotary_separate": statistics.median(times["rotary_separate"]) / ms,
                          "logits_rel_err_vs_cublas": err, "greedy_tokens_equal_cublas": same})
             print(f"batch {batch:>4} {name:<15} {ms:7.3f} ms  {100 * floor_ms / ms:5.1f}% of roofline  "
                   f"{rows[-1]['speedup_vs_cublas']:.3f}x cuBLAS  {rows[-1]['speedup_vs_tiled']:.3f}x tiled  "
-                  f"{rows[-1]['speedup_vs_rotary_separate']:.3f}x rotary apart  "
                   f"logits rel err {err:.1e}  greedy equal {same}", flush=True)
         del graphs, logits
         torch.cuda.empty_cache()
     return {"copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "roofline_bytes": "weights (no embedding table) + KV read",
-            "plans": {v: describe(plans[v]) for v in VARIANTS if v != "rotary_separate"}, "rows": rows}
+            "plans": {v: describe(plans[v]) for v in VARIANTS}, "rows": rows}
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ from conftest import make_paged_batch, rel_err, requires_triton_device
 
 from tokenmill.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 from tokenmill.kernels.kv_cache_write import reshape_and_cache, reshape_and_cache_reference
-from tokenmill.kernels.paged_attention import NewTokens, paged_decode, paged_decode_reference, plan_decode
+from tokenmill.kernels.paged_attention import paged_decode, paged_decode_reference, plan_decode
 from tokenmill.kernels.prefill_attention import prefill_attention, prefill_attention_reference
 from tokenmill.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from tokenmill.kernels.rotary import (
@@ -209,43 +209,6 @@ def test_paged_decode_reads_a_head_major_cache_through_its_strides(device, dtype
         out = torch.full_like(query, float("nan"))
         paged_decode(query, head_major, meta.block_tables, meta.seq_lens, 0.125, plan=plan, out=out)
         assert rel_err(out, ref) <= TOL
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("splits", ["one", "many"])
-def test_paged_decode_rotates_and_caches_the_new_token_itself(device, dtype, splits):
-    """With NewTokens the decode kernel does what rotary_and_cache then paged_decode do: the same output
-    (within tolerance of the fp32 reference), the same cache (rotated key and value in each slot, a padding
-    row's slot -1 untouched), the query tensor left unrotated. The unwritten slots are NaN, so reading the new
-    token's slot before writing it would poison the result."""
-    skip_interpreter_bf16_dot(device, dtype)
-    num_heads, num_kv_heads, head_dim = 8, 2, 64
-    seq_lens = [1, 17, 64, 65, 300, 9]
-    _, _, _, cache, meta = make_paged_batch(
-        [(n - 1, 1) for n in seq_lens], num_heads, num_kv_heads, head_dim, 16, dtype, device, seed=5
-    )
-    seq_lens_t, slots = meta.seq_lens.clone(), meta.slot_mapping.clone()
-    seq_lens_t[-1], slots[-1] = 0, -1  # a CUDA-graph padding row
-    batch = len(seq_lens)
-    qkv = torch.randn(batch, (num_heads + 2 * num_kv_heads) * head_dim, device=device).to(dtype)
-    q, k, v = (t.view(batch, -1, head_dim) for t in qkv.split(
-        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1))
-    positions = (seq_lens_t.long() - 1).clamp(min=0)
-    cos_sin = build_cos_sin_cache(rope_inv_freq(head_dim, 10000.0), 512).to(device)
-    q_sep, cache_sep = q.clone(), cache.clone()
-    rotary_and_cache(q_sep, k, v, positions, cos_sin, cache_sep, slots)
-    ref = paged_decode_reference(q_sep.float(), cache_sep.float(), meta.block_tables, seq_lens_t, 0.125)
-    q_before = q.clone()
-    width = meta.block_tables.shape[1] * 16
-    sms = {"one": 1, "many": 10_000}[splits]
-    plan = plan_decode(batch, num_kv_heads, width, sms, min_partition=32, block_n=32)
-    assert (plan.num_splits > 1) == (splits == "many")
-    out = torch.full_like(q, float("nan"))
-    paged_decode(q, cache, meta.block_tables, seq_lens_t, 0.125, plan=plan, out=out,
-                 new_tokens=NewTokens(k, v, positions, cos_sin, slots))
-    assert rel_err(out[:-1], ref[:-1]) <= TOL
-    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
-    torch.testing.assert_close(cache, cache_sep, rtol=1e-2, atol=1e-2, equal_nan=True)
-    assert torch.equal(q, q_before)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_paged_decode_padding_rows_give_zeros(device, dtype):

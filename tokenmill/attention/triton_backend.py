@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from tokenmill.attention.metadata import AttentionMetadata
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2
+from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.kv_cache_write import reshape_and_cache
-from tokenmill.kernels.paged_attention import NewTokens, count_leading_decodes, paged_decode, plan_decode
+from tokenmill.kernels.paged_attention import count_leading_decodes, paged_decode, plan_decode
 from tokenmill.kernels.prefill_attention import prefill_attention
 from tokenmill.kernels.rotary_kv_write import rotary_and_cache
 
@@ -25,10 +25,8 @@ class TritonAttentionBackend:
     name = "triton"
     fuses_rotary = True
 
-    def __init__(self, rotary_in_decode: bool = True) -> None:
+    def __init__(self) -> None:
         self._num_sms: dict[int, int] = {}
-        # False: decode steps rotate and cache through rotary_and_cache first (benchmarks/gpu_decode_linears.py A/B).
-        self.rotary_in_decode = rotary_in_decode
 
     def _sm_count(self, device: torch.device) -> int:
         if device.type != "cuda":  # Triton's CPU interpreter (debugging): any positive count plans correctly
@@ -48,11 +46,6 @@ class TritonAttentionBackend:
         scale: float,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        head_dim = query.shape[-1]
-        if self.rotary_in_decode and meta.is_decode_only and rotary is not None and head_dim == next_power_of_2(head_dim):
-            # The decode kernel rotates q and the new k and caches k, v itself: one launch per layer fewer.
-            new = NewTokens(key, value, rotary[0], rotary[1], meta.slot_mapping)
-            return self._decode(query, kv_cache, meta.block_tables, meta.seq_lens, scale, new_tokens=new)
         if rotary is not None:  # one kernel rotates q in place and writes rotated k and v into the cache
             rotary_and_cache(query, key, value, rotary[0], rotary[1], kv_cache, meta.slot_mapping)
         else:
@@ -91,11 +84,10 @@ class TritonAttentionBackend:
         seq_lens: torch.Tensor,
         scale: float,
         out: torch.Tensor | None = None,
-        new_tokens: NewTokens | None = None,
     ) -> torch.Tensor:
         # The plan depends on shapes only (block-table width bounds every length): graph-capturable.
         block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
         plan = plan_decode(
             query.shape[0], num_kv_heads, block_tables.shape[1] * block_size, self._sm_count(query.device)
         )
-        return paged_decode(query, kv_cache, block_tables, seq_lens, scale, plan=plan, out=out, new_tokens=new_tokens)
+        return paged_decode(query, kv_cache, block_tables, seq_lens, scale, plan=plan, out=out)

@@ -51,18 +51,6 @@ class DecodePlan:
     min_partition: int = 128
 
 
-@dataclass(frozen=True)
-class NewTokens:
-    """The decode step's own token per sequence, for ``paged_decode`` to rotate and cache itself (instead of a
-    separate rotary + KV-write kernel first): the cache then holds only the seq_len - 1 earlier tokens."""
-
-    key: torch.Tensor  # [B, Hkv, D], not yet rotated (any strides with a contiguous last axis)
-    value: torch.Tensor  # [B, Hkv, D]
-    positions: torch.Tensor  # [B] int64
-    cos_sin_cache: torch.Tensor  # [max_position, D] fp32: cos then sin (kernels/rotary.py)
-    slot_mapping: torch.Tensor  # [B]; -1 = padding row, nothing written
-
-
 REDUCE_WIDTH = 64  # plan_decode's default cap on splits
 
 
@@ -116,17 +104,11 @@ def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
 
 if HAS_TRITON:
 
-    @triton.jit
-    def _rotate(x, x_partner, cos, sin, d, HALF: tl.constexpr):
-        """neox rotary on a full head row: x[d] cos - x[d + H/2] sin (first half), x[d] cos + x[d - H/2] sin."""
-        sign = tl.where(d < HALF, -1.0, 1.0)
-        return x.to(tl.float32) * cos + sign * x_partner.to(tl.float32) * sin
-
     # Triton compiles a variant per divisibility of every int argument (== 1, % 16 == 0, other); these
     # follow the batch (block-table width, split geometry), so each new variant cost a mid-run compile
     # (measured: 0.5-0.7 s inside one timed step on the H100). Pointers into the step's packed metadata are
     # 16-byte aligned by transfer.upload_arrays, so their alignment class never changes.
-    @triton.jit(do_not_specialize=["bt_stride", "num_splits", "min_partition", "pos_ptr", "slot_ptr"])
+    @triton.jit(do_not_specialize=["bt_stride", "num_splits", "min_partition"])
     def _paged_decode_kernel(
         q_ptr,
         cache_ptr,
@@ -144,18 +126,6 @@ if HAS_TRITON:
         qk_scale,
         num_splits,  # runtime, like min_partition: both follow the batch, and as constexprs every new
         min_partition,  # length compiled a new kernel (~0.3 s) in eager mixed steps
-        # ROTATE_NEW only: the step's token per sequence (unrotated q above, unrotated k, v), its position
-        # and cache slot; the kernel rotates q and k and writes k, v into the slot itself.
-        k_new_ptr,
-        v_new_ptr,
-        k_new_stride_b,
-        k_new_stride_h,
-        v_new_stride_b,
-        v_new_stride_h,
-        pos_ptr,
-        slot_ptr,
-        cos_sin_ptr,
-        cos_sin_stride,
         NUM_KV_HEADS: tl.constexpr,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -167,7 +137,6 @@ if HAS_TRITON:
         STRIDE_BLOCK: tl.constexpr,  # cache strides in elements: fixed per engine, so constants here
         STRIDE_TOKEN: tl.constexpr,
         STRIDE_HEAD: tl.constexpr,
-        ROTATE_NEW: tl.constexpr,
     ):
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
@@ -176,57 +145,33 @@ if HAS_TRITON:
         partition = tl.maximum(min_partition, tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N)
         start = split * partition
         end = tl.minimum(start + partition, seq_len)
-        # With ROTATE_NEW the cache holds the first seq_len - 1 tokens; the split whose range ends at seq_len
-        # adds the new token from registers after its cached keys.
-        cached_end = tl.minimum(end, seq_len - 1) if ROTATE_NEW else end
-        owns_new = (start < end) & (end == seq_len)
 
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         gmask = g < GROUP
         dmask = d < HEAD_DIM
         heads = kv_head * GROUP + g
-        q_rows = q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h
-        q_mask = gmask[:, None] & dmask[None, :]
-        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
-        if ROTATE_NEW:
-            HALF: tl.constexpr = HEAD_DIM // 2
-            partner = tl.where(d < HALF, d + HALF, d - HALF)
-            pos = tl.load(pos_ptr + seq, mask=seq_len > 0, other=0).to(tl.int64)  # padding rows: any row
-            cos = tl.load(cos_sin_ptr + pos * cos_sin_stride + d % HALF, mask=dmask, other=0.0).to(tl.float32)
-            sin = tl.load(cos_sin_ptr + pos * cos_sin_stride + HALF + d % HALF, mask=dmask, other=0.0).to(tl.float32)
-            q_partner = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0)
-            # Rounded to the activation dtype, as the separate rotary kernel stores it.
-            q = _rotate(q, q_partner, cos[None, :], sin[None, :], d[None, :], HALF).to(q.dtype)
-            # The owning split rotates the new key and writes it and the value into the cache slot now: the
-            # loads are issued before the cached keys', and no program reads that slot in this launch.
-            k_row = k_new_ptr + seq * k_new_stride_b + kv_head * k_new_stride_h
-            kv_load = dmask & owns_new
-            k_new = tl.load(k_row + d, mask=kv_load, other=0.0)
-            k_new = _rotate(k_new, tl.load(k_row + partner, mask=kv_load, other=0.0), cos, sin, d, HALF)
-            k_new = k_new.to(k_new_ptr.dtype.element_ty)
-            v_new = tl.load(v_new_ptr + seq * v_new_stride_b + kv_head * v_new_stride_h + d, mask=kv_load, other=0.0)
-            slot = tl.load(slot_ptr + seq, mask=owns_new, other=-1).to(tl.int64)
-            dst = (slot // BLOCK_SIZE) * STRIDE_BLOCK + (slot % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
-            store = dmask & (slot >= 0)
-            tl.store(cache_ptr + dst + d, k_new.to(cache_ptr.dtype.element_ty), mask=store)
-            tl.store(cache_ptr + v_offset + dst + d, v_new.to(cache_ptr.dtype.element_ty), mask=store)
+        q = tl.load(
+            q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
+            mask=gmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         bt_row = bt_ptr + seq * bt_stride
         n = start + tl.arange(0, BLOCK_N)
-        block = tl.load(bt_row + n // BLOCK_SIZE, mask=n < cached_end, other=0)
-        for _ in range(start, cached_end, BLOCK_N):
-            nmask = n < cached_end
+        block = tl.load(bt_row + n // BLOCK_SIZE, mask=n < end, other=0)
+        for _ in range(start, end, BLOCK_N):
+            nmask = n < end
             row = block.to(tl.int64) * STRIDE_BLOCK + (n % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             # Next tile's block ids load while K/V are in flight: the table read leaves the critical path.
             n_next = n + BLOCK_N
-            block = tl.load(bt_row + n_next // BLOCK_SIZE, mask=n_next < cached_end, other=0)
+            block = tl.load(bt_row + n_next // BLOCK_SIZE, mask=n_next < end, other=0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -236,16 +181,6 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
             n = n_next
-
-        if ROTATE_NEW:
-            # One more key for the owning split: the online-softmax update with a single column.
-            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
-            m_new = tl.where(owns_new, tl.maximum(m_i, s_new), m_i)
-            alpha = tl.where(owns_new, tl.exp2(m_i - m_new), 1.0)
-            p_new = tl.where(owns_new, tl.exp2(s_new - m_new), 0.0)
-            l_i = l_i * alpha + p_new
-            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
-            m_i = m_new
 
         out_mask = gmask[:, None] & dmask[None, :]
         # A runtime branch, not a constexpr: CUDA graphs at small batches capture only split plans, and a
@@ -312,13 +247,8 @@ def paged_decode(
     out: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    new_tokens: NewTokens | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, D] (one token per sequence) -> [B, Hq, D]. seq_lens 0 gives zeros (padding rows).
-
-    With ``new_tokens`` the query is not yet rotated: the kernel rotates it and the new key, writes the key
-    and value into their cache slots and attends over them, as ``rotary_and_cache`` followed by this call would
-    (the query tensor itself is left as given).
 
     kv_cache is indexed [K/V, block, token, head, dim] through its strides, so a head-major cache passed as a
     permuted view works too (measured on the H100: no faster, gpu_kernels_decode_layout_2026-11-24.json).
@@ -348,16 +278,6 @@ def paged_decode(
     part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
     part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)
     block_d = max(16, next_power_of_2(head_dim))
-    new = new_tokens
-    if new is not None:
-        if new.cos_sin_cache.shape[-1] != head_dim or head_dim % 2 or head_dim != block_d:
-            raise ValueError(f"the fused rotary needs an even power-of-two head_dim rotated whole; got rotary dim "
-                             f"{new.cos_sin_cache.shape[-1]} for head_dim {head_dim}")
-        if new.key.shape != (num_seqs, num_kv_heads, head_dim) or new.value.shape != new.key.shape:
-            raise ValueError(f"new key/value must be [{num_seqs}, {num_kv_heads}, {head_dim}]; got "
-                             f"{tuple(new.key.shape)} / {tuple(new.value.shape)}")
-        if new.key.stride(-1) != 1 or new.value.stride(-1) != 1 or new.cos_sin_cache.stride(-1) != 1:
-            raise ValueError("new key, value and cos_sin_cache need a contiguous last axis")
     _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
         query,
         kv_cache,
@@ -375,17 +295,6 @@ def paged_decode(
         scale * 1.4426950408889634,
         plan.num_splits,
         plan.min_partition,
-        # Without new tokens these are never read (ROTATE_NEW is a constexpr): any valid tensors and strides.
-        new.key if new else query,
-        new.value if new else query,
-        new.key.stride(0) if new else 0,
-        new.key.stride(1) if new else 0,
-        new.value.stride(0) if new else 0,
-        new.value.stride(1) if new else 0,
-        new.positions if new else seq_lens,
-        new.slot_mapping if new else seq_lens,
-        new.cos_sin_cache if new else query,
-        new.cos_sin_cache.stride(0) if new else 0,
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_DIM=head_dim,
@@ -397,7 +306,6 @@ def paged_decode(
         STRIDE_BLOCK=kv_cache.stride(1),
         STRIDE_TOKEN=kv_cache.stride(2),
         STRIDE_HEAD=kv_cache.stride(3),
-        ROTATE_NEW=new is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
