@@ -2,9 +2,12 @@
 
 cuBLAS runs Llama-3-8B's qkv and o_proj at 256 rows at ~390 and ~310 TFLOP/s (too few output tiles for 132 SMs);
 this times a plain tile-per-program Triton kernel whose loads go through TMA descriptors, over tile shapes, to see
-whether any beats cuBLAS by enough to be worth a tuner option. Prints a table and writes JSON.
+whether any beats cuBLAS by enough to be worth a tuner option. ``--kinds`` adds Triton's warp-specialized K loop
+("ws") and persistent programs ("persistent", "persistent_ws"). Prints a table and writes JSON.
+Recorded: gemm_tma_probe_2026-11-24.json (plain: 0.84-1.00x cuBLAS at best) and
+gemm_tma_probe_ws_persistent_ws_2026-11-24.json (0.79-0.90x at 256 rows).
 
-    python benchmarks/gemm_tma_probe.py --out $OUT
+    python benchmarks/gemm_tma_probe.py --out $OUT [--kinds plain,ws,persistent_ws] [--rows 128,256]
 """
 
 # ruff: noqa: B023  (every lambda here is timed at once, inside the loop iteration that binds its names)
