@@ -28,8 +28,20 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
+def _tile_product(x_desc, w_desc, y_desc, pid_m, pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr):
+    # One output tile; WS: the K loop warp-specialized (TMA producer warps feeding the MMA warps).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
+        a = x_desc.load([pid_m * BLOCK_M, k])
+        b = w_desc.load([pid_n * BLOCK_N, k])
+        acc = tl.dot(a, b.T, acc)
+    y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+
+
+@triton.jit
 def _tma_gemm_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr, M_FASTEST: tl.constexpr):
+                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr, M_FASTEST: tl.constexpr, WS: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -39,28 +51,7 @@ def _tma_gemm_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLO
     else:
         pid_n = pid % num_n
         pid_m = pid // num_n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        a = x_desc.load([pid_m * BLOCK_M, k])
-        b = w_desc.load([pid_n * BLOCK_N, k])
-        acc = tl.dot(a, b.T, acc)
-    y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
-
-
-@triton.jit
-def _tma_gemm_ws_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    # Tile per program, the K loop warp-specialized (TMA producer warps feeding the MMA warps).
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % num_m
-    pid_n = pid // num_m
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=True):
-        a = x_desc.load([pid_m * BLOCK_M, k])
-        b = w_desc.load([pid_n * BLOCK_N, k])
-        acc = tl.dot(a, b.T, acc)
-    y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+    _tile_product(x_desc, w_desc, y_desc, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, WS)
 
 
 @triton.jit
@@ -71,28 +62,24 @@ def _tma_gemm_persistent_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.con
     num_m = tl.cdiv(M, BLOCK_M)
     num_tiles = num_m * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=False, warp_specialize=WS):
-        pid_m = tile % num_m
-        pid_n = tile // num_m
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            a = x_desc.load([pid_m * BLOCK_M, k])
-            b = w_desc.load([pid_n * BLOCK_N, k])
-            acc = tl.dot(a, b.T, acc)
-        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+        _tile_product(x_desc, w_desc, y_desc, tile % num_m, tile // num_m, K, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                      False)
 
 
-def variant_launcher(kind, x, w, y, bm, bn, bk, stages, warps, num_sms):
-    """Warp-specialized ("ws"), persistent ("persistent") or both ("persistent_ws") TMA GEMM launches."""
+def tma_launcher(kind, x, w, y, bm, bn, bk, stages, warps, num_sms, m_fastest=True):
+    """Descriptors built once (as a CUDA graph would bake them in); returns the launch of a tile-per-program
+    kernel ("plain", "ws": its K loop warp-specialized) or of persistent programs ("persistent",
+    "persistent_ws": the tile loop warp-specialized)."""
     m, k = x.shape
     n = w.shape[0]
     xd = TensorDescriptor.from_tensor(x, [bm, bk])
     wd = TensorDescriptor.from_tensor(w, [bn, bk])
     yd = TensorDescriptor.from_tensor(y, [bm, bn])
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    if kind == "ws":
+    if kind in ("plain", "ws"):
         def launch() -> None:
-            _tma_gemm_ws_kernel[(tiles,)](xd, wd, yd, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
-                                          num_warps=warps)
+            _tma_gemm_kernel[(tiles,)](xd, wd, yd, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
+                                       M_FASTEST=m_fastest, WS=kind == "ws", num_warps=warps)
         return launch
     programs = min(num_sms, tiles)
 
@@ -101,22 +88,6 @@ def variant_launcher(kind, x, w, y, bm, bn, bk, stages, warps, num_sms):
                                                  STAGES=stages, NUM_PROGRAMS=programs,
                                                  WS=kind == "persistent_ws", num_warps=warps)
     return launch_persistent
-
-
-def tma_launcher(x, w, y, bm, bn, bk, stages, warps, m_fastest):
-    """Descriptors built once (as a CUDA graph would bake them in); returns the launch."""
-    m, k = x.shape
-    n = w.shape[0]
-    xd = TensorDescriptor.from_tensor(x, [bm, bk])
-    wd = TensorDescriptor.from_tensor(w, [bn, bk])
-    yd = TensorDescriptor.from_tensor(y, [bm, bn])
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-
-    def launch() -> None:
-        _tma_gemm_kernel[grid](xd, wd, yd, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
-                               M_FASTEST=m_fastest, num_warps=warps)
-
-    return launch
 
 
 CONFIGS = [(bm, bn, bk, st, wp, mf)
@@ -149,8 +120,7 @@ def main() -> int:
             for (bm, bn, bk, st, wp, mf), kind in ((c, kind) for kind in kinds for c in CONFIGS):
                 label = f"{'' if kind == 'plain' else kind + '_'}m{bm}_n{bn}_k{bk}_s{st}_w{wp}"
                 try:
-                    launch = (tma_launcher(x, w, y, bm, bn, bk, st, wp, mf) if kind == "plain"
-                              else variant_launcher(kind, x, w, y, bm, bn, bk, st, wp, num_sms))
+                    launch = tma_launcher(kind, x, w, y, bm, bn, bk, st, wp, num_sms, mf)
                     y.fill_(float("nan"))
                     launch()
                     err = ((y.float() - ref).norm() / ref.norm()).item()

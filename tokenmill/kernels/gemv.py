@@ -20,6 +20,9 @@ import torch
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
 from tokenmill.kernels.tiled_gemm import linear_output
 
+if HAS_TRITON:
+    from tokenmill.kernels.tiled_gemm import store_linear_tile
+
 GEMV_MAX_ROWS = 2  # from four rows on the [rows, block_n, block_k] products cost more than an MMA tile
 
 
@@ -86,13 +89,7 @@ if HAS_TRITON:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            out_ptr + m[:, None] * stride_om + n[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=mmask[:, None] & nmask[None, :],
-        )
+        store_linear_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, HAS_BIAS)
 
 
 def gemv(

@@ -64,6 +64,17 @@ def tiled_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 if HAS_TRITON:
 
+    @triton.jit
+    def store_linear_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, HAS_BIAS: tl.constexpr):
+        """The Triton linears' epilogue: fp32 [rows m, outputs n] tile (+ bias) stored in the output dtype."""
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + m[:, None] * stride_om + n[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mmask[:, None] & nmask[None, :],
+        )
+
     @triton.jit(do_not_specialize=["M"])  # rows follow the batch size: one compiled kernel for all
     def _tiled_gemm_kernel(
         x_ptr,
@@ -107,13 +118,7 @@ if HAS_TRITON:
             acc = tl.dot(x, tl.trans(w), acc)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            out_ptr + m[:, None] * stride_om + n[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=mmask[:, None] & nmask[None, :],
-        )
+        store_linear_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, HAS_BIAS)
 
 
 def linear_output(x: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:

@@ -4,7 +4,8 @@ Timed on the device itself (weights are read from HBM each call, as in a decode 
 flushes L2 between runs); a Triton config is kept for a (shape, rows) pair only when it is faster than
 cuBLAS by ``margin``. Measured on the H100 (benchmarks/gpu_profile.py --linear-only,
 gpu_linear_gemv_2026-11-24.json): at one row the GEMV beats cuBLAS by 4-13% on Llama-3-8B's projections; the
-tiled GEMM wins on lm_head up to 32 rows; from 32 rows up cuBLAS wins everywhere else. Hence a per-shape, per-row-count choice, not a rule.
+tiled GEMM wins on lm_head up to 32 rows; from 32 rows up cuBLAS wins everywhere else. Hence a per-shape,
+per-row-count choice, not a rule.
 """
 
 from __future__ import annotations
@@ -65,4 +66,3 @@ def _tune_shape(weight: torch.Tensor, bias: torch.Tensor | None, row_counts: lis
         if best_ms < margin * cublas:
             plan[rows] = candidates[best]
     return plan
-
