@@ -57,6 +57,9 @@ def test_fp32_greedy_matches_transformers_with_two_ranks(model_case, eager, asyn
         assert _greedy(llm, prompts * 3) == expected * 3  # decode batches of 9: a padded graph size
     finally:
         llm.engine.shutdown()
+    # The worker stopped by itself (a kill after the grace period would leave -9): its communicator closed
+    # after its CUDA graphs were dropped, which NCCL's abort waits for.
+    assert [worker.exitcode for worker in llm.engine.runner.workers] == [0]
 
 
 def test_bf16_decode_logits_within_tolerance_of_one_rank(model_case):
@@ -85,6 +88,7 @@ def test_bf16_decode_logits_within_tolerance_of_one_rank(model_case):
 _FAILURE_SCRIPT = """
 import os, signal, sys, threading, time
 from tokenmill import LLM, SamplingParams
+from tokenmill.runner.tp_executor import TensorParallelError
 llm = LLM(sys.argv[1], dtype="bfloat16", tensor_parallel_size=2, device="cuda", max_model_len=256, max_num_seqs=8)
 engine = llm.engine
 engine.runner.timeout_s = 10.0

@@ -7,6 +7,8 @@ one process one after another; every collective carries the group's timeout, so 
 from __future__ import annotations
 
 import datetime
+import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +18,8 @@ import torch.distributed as dist
 
 if TYPE_CHECKING:
     from tokenmill.distributed.custom_all_reduce import CustomAllReduce
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,15 +67,30 @@ class ParallelContext:
         self.group.broadcast([tensor], options).wait()
         return tensor
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> bool:
         """Drop this rank's communicator without waiting for peers (they may be gone already); NCCL's
-        background threads would otherwise keep polling the removed rendezvous file until exit."""
-        if self.custom is not None:
-            self.custom.close()
-            self.custom = None
-        abort = getattr(self.group, "abort", None)
-        if abort is not None:
-            abort()
+        background threads would otherwise keep polling the removed rendezvous file until exit.
+
+        Drop every CUDA graph that captured a collective first: NCCL's abort waits until those graphs are
+        destroyed. The abort runs in a daemon thread because a kernel stuck on a dead peer can still block it;
+        returns False when it did not finish within ``timeout_s``."""
+        custom, self.custom = self.custom, None
+        group = self.group
+
+        def release() -> None:
+            try:
+                abort = getattr(group, "abort", None)
+                if abort is not None:
+                    abort()  # first: it also ends NCCL kernels still waiting on a peer
+                if custom is not None:
+                    custom.close()
+            except RuntimeError as exc:
+                logger.warning("rank %d: closing the communicator failed: %s", self.rank, exc)
+
+        closer = threading.Thread(target=release, name=f"tokenmill-tp-close-rank{self.rank}", daemon=True)
+        closer.start()
+        closer.join(timeout_s)
+        return not closer.is_alive()
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -8,6 +8,7 @@ also while rank 0 waits on the GPU for a collective its peer will never join.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -72,7 +73,10 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
                     return
             op, payload = conn.recv()
             if op == "stop":
-                ctx.close()
+                runner.graphs = None  # NCCL's abort waits for the graphs that captured its collectives
+                gc.collect()
+                if not ctx.close():
+                    logger.warning("rank %d: closing the communicator did not finish; exiting anyway", rank)
                 return
             if op == "alloc":
                 runner.allocate_kv_cache(payload)
@@ -220,10 +224,10 @@ class TPExecutor(ModelRunner):
         stopping = self._finalizer.alive
         self._finalizer()
         if stopping and hasattr(self, "ctx"):  # after the workers: nothing can be in flight between ranks now
-            try:
-                self.ctx.close()
-            except RuntimeError as exc:
-                logger.warning("closing rank 0's communicator failed: %s", exc)
+            self.graphs = None  # NCCL's abort waits for the graphs that captured its collectives
+            gc.collect()
+            if not self.ctx.close():
+                logger.warning("closing rank 0's communicator did not finish in time; left to process exit")
 
     # ---- ModelRunner overrides -------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
