@@ -33,8 +33,11 @@ from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
-# NVLink multicast stays off in every rank (see the device notes); harmless on CPU.
-_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# NVLink multicast stays off in every rank (see the device notes); harmless on CPU. No NCCL heartbeat monitor:
+# it polls the rendezvous file, which is removed at shutdown, and would stall the next group's creation; the
+# executor's own step deadline (TPExecutor.launch) catches a stuck rank.
+_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+             "TORCH_NCCL_ENABLE_MONITORING": "0"}
 
 
 class TensorParallelError(RuntimeError):
@@ -196,7 +199,10 @@ class TPExecutor(ModelRunner):
             if not proc.is_alive():
                 problems.append(f"rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
             elif conn.poll(0):
-                problems.append(f"rank {rank} (pid {proc.pid}) reported {conn.recv()[1]}")
+                try:
+                    problems.append(f"rank {rank} (pid {proc.pid}) reported {conn.recv()[1]}")
+                except (EOFError, OSError):  # it died between the two checks: its end of the pipe is gone
+                    problems.append(f"rank {rank} (pid {proc.pid}) exited (its pipe closed)")
         if problems:
             raise TensorParallelError("tensor-parallel worker failure: " + "; ".join(problems)
                                       + "; the engine cannot continue")
