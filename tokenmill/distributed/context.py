@@ -76,6 +76,8 @@ class ParallelContext:
         returns False when it did not finish within ``timeout_s``."""
         custom, self.custom = self.custom, None
         group = self.group
+        if self.world_size > 1:
+            self.group = None  # no collective after close; the group's threads end once it is released
 
         def release() -> None:
             try:

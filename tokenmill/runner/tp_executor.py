@@ -108,8 +108,8 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         raise
 
 
-def _stop_workers(workers: list[Any], conns: list[Connection], tmpdir: str, timeout_s: float) -> None:
-    """Ask every worker to stop, wait, kill stragglers, and remove the rendezvous directory."""
+def _stop_workers(workers: list[Any], conns: list[Connection], timeout_s: float) -> None:
+    """Ask every worker to stop, wait, and kill stragglers."""
     for conn in conns:
         try:
             conn.send(("stop", None))
@@ -123,6 +123,11 @@ def _stop_workers(workers: list[Any], conns: list[Connection], tmpdir: str, time
             proc.join(timeout_s)
     for conn in conns:
         conn.close()
+
+
+def _stop_workers_and_remove(workers: list[Any], conns: list[Connection], tmpdir: str, timeout_s: float) -> None:
+    """The garbage-collection path: stop the workers, then remove the rendezvous directory."""
+    _stop_workers(workers, conns, timeout_s)
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -150,7 +155,7 @@ class TPExecutor(ModelRunner):
         spawn = mp.get_context("spawn")
         self.workers: list[Any] = []
         self.conns: list[Connection] = []
-        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self.conns, self._tmpdir, 10.0)
+        self._finalizer = weakref.finalize(self, _stop_workers_and_remove, self.workers, self.conns, self._tmpdir, 10.0)
         for rank in range(1, self.world_size):
             parent_end, child_end = spawn.Pipe()
             proc = spawn.Process(target=_worker_main, name=f"tokenmill-tp-rank{rank}", daemon=True,
@@ -226,14 +231,21 @@ class TPExecutor(ModelRunner):
             raise TensorParallelError(f"tensor-parallel collective failed on rank 0: {exc}") from exc
 
     def shutdown(self) -> None:
-        """Stop every worker (killing it after a grace period) and clean up; safe to call twice."""
-        stopping = self._finalizer.alive
-        self._finalizer()
-        if stopping and hasattr(self, "ctx"):  # after the workers: nothing can be in flight between ranks now
+        """Stop every worker (killing it after a grace period), close rank 0's communicator, then remove the
+        rendezvous directory (a communicator still open would keep polling it); safe to call twice."""
+        if self._finalizer.detach() is None:
+            return
+        started = time.monotonic()
+        _stop_workers(self.workers, self.conns, 10.0)
+        workers_s = time.monotonic() - started
+        if hasattr(self, "ctx"):  # after the workers: nothing can be in flight between ranks now
             self.graphs = None  # NCCL's abort waits for the graphs that captured its collectives
             gc.collect()
             if not self.ctx.close():
                 logger.warning("closing rank 0's communicator did not finish in time; left to process exit")
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        logger.info("tensor parallel stopped: workers in %.1f s, all in %.1f s", workers_s,
+                    time.monotonic() - started)
 
     # ---- ModelRunner overrides -------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
