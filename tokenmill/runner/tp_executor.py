@@ -33,11 +33,8 @@ from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
-# NVLink multicast stays off in every rank (see the device notes); harmless on CPU. No NCCL heartbeat monitor:
-# it polls the rendezvous file, which is removed at shutdown, and would stall the next group's creation; the
-# executor's own step deadline (TPExecutor.launch) catches a stuck rank.
-_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-             "TORCH_NCCL_ENABLE_MONITORING": "0"}
+# NVLink multicast stays off in every rank (see the device notes); harmless on CPU.
+_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class TensorParallelError(RuntimeError):
