@@ -6,12 +6,19 @@ Each kernel module defines its @triton.jit functions under ``if HAS_TRITON:`` an
 
 from __future__ import annotations
 
+import functools
+import os
+
+import torch
+
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_wait
 except ImportError:  # CPU CI has no triton; references still work.
     triton = None
     tl = None
+    gdc_wait = None
 
 HAS_TRITON = triton is not None
 
@@ -26,3 +33,27 @@ def require_triton(what: str) -> None:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (>= 1); Triton block shapes must be powers of two."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def _pdl_on(device_index: int) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TOKENMILL_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch (Hopper and newer, compiled kernels): the kernel may start while
+    the one before it drains and waits (``gdc_wait``, first thing in every kernel that takes a PDL flag) before it
+    touches memory. Saves ~0.3-0.5 µs per kernel boundary inside a decode graph (benchmarks/gpu_pdl_probe.py).
+    ``TOKENMILL_PDL=0`` turns it off for A/B runs; read once per process."""
+    if device.type != "cuda" or not HAS_TRITON:
+        return False
+    return _pdl_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """Launch keywords for a kernel with a ``PDL`` constexpr: the flag and Triton's ``launch_pdl`` go together,
+    since a kernel launched early must wait (``gdc_wait``) before its first memory access."""
+    on = use_pdl(device)
+    return {"PDL": on, "launch_pdl": on}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels._triton import HAS_TRITON, require_triton, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, gdc_wait, pdl_launch, require_triton, tl, triton
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,11 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, INTER: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(
+        x_ptr, out_ptr, x_stride, INTER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+    ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < INTER
@@ -44,6 +48,6 @@ def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> tor
     if rows > 0:
         block = 1024
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), INTER=inter, BLOCK=block, num_warps=4
+            x2, out, x2.stride(0), INTER=inter, BLOCK=block, **pdl_launch(x.device), num_warps=4
         )
     return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, gdc_wait, next_power_of_2, pdl_launch, tl, triton
 from tokenmill.kernels.tiled_gemm import linear_output
 
 if HAS_TRITON:
@@ -67,7 +67,10 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         kk = tl.arange(0, BLOCK_K)
@@ -111,6 +114,7 @@ def gemv(
         m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         BLOCK_M=next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        **pdl_launch(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

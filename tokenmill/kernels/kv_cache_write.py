@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels._triton import (
+    HAS_TRITON,
+    gdc_wait,
+    next_power_of_2,
+    pdl_launch,
+    require_triton,
+    tl,
+    triton,
+)
 
 
 def reshape_and_cache_reference(
@@ -40,7 +48,10 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         token = tl.program_id(0)
         slot = tl.load(slot_ptr + token).to(tl.int64)
         if slot >= 0:
@@ -80,5 +91,6 @@ def reshape_and_cache(
         HEAD_DIM=head_dim,
         BLOCK_H=next_power_of_2(num_kv_heads),
         BLOCK_D=next_power_of_2(head_dim),
+        **pdl_launch(key.device),
         num_warps=4,
     )

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels._triton import (
+    HAS_TRITON,
+    gdc_wait,
+    next_power_of_2,
+    pdl_launch,
+    require_triton,
+    tl,
+    triton,
+)
 
 
 def paged_decode_reference(
@@ -137,7 +145,10 @@ if HAS_TRITON:
         STRIDE_BLOCK: tl.constexpr,  # cache strides in elements: fixed per engine, so constants here
         STRIDE_TOKEN: tl.constexpr,
         STRIDE_HEAD: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -211,7 +222,10 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         # Splits past a sequence's end wrote lse = -inf and zeros, so every split can be read without
         # first loading seq_len (one dependent load fewer on this short kernel's critical path).
         seq = tl.program_id(0).to(tl.int64)
@@ -306,6 +320,7 @@ def paged_decode(
         STRIDE_BLOCK=kv_cache.stride(1),
         STRIDE_TOKEN=kv_cache.stride(2),
         STRIDE_HEAD=kv_cache.stride(3),
+        **pdl_launch(query.device),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -323,6 +338,7 @@ def paged_decode(
             # variant whenever a mixed step's block-table width moved the count (eager steps, mid-run).
             BLOCK_S=max(REDUCE_WIDTH, next_power_of_2(plan.num_splits)),
             BLOCK_D=block_d,
+            **pdl_launch(query.device),
             num_warps=4,
         )
     return out

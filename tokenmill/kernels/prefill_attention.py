@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels._triton import (
+    HAS_TRITON,
+    gdc_wait,
+    next_power_of_2,
+    pdl_launch,
+    require_triton,
+    tl,
+    triton,
+)
 
 
 def prefill_attention_reference(
@@ -120,7 +128,10 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         seq = tl.program_id(0)
         head = tl.program_id(1)
         # Last query tiles see the most keys: launch them first so the short ones fill the tail.
@@ -265,6 +276,7 @@ def prefill_attention(
         BLOCK_N=block_n,
         BLOCK_D=max(16, next_power_of_2(head_dim)),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        **pdl_launch(query.device),
         num_warps=num_warps,
         num_stages=num_stages,
     )

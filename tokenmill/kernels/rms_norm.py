@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels._triton import (
+    HAS_TRITON,
+    gdc_wait,
+    next_power_of_2,
+    pdl_launch,
+    require_triton,
+    tl,
+    triton,
+)
 
 
 def rms_norm_reference(
@@ -37,7 +45,10 @@ if HAS_TRITON:
         N: tl.constexpr,
         BLOCK: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -93,6 +104,7 @@ def rms_norm_triton(
             N=hidden_size,
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
+            **pdl_launch(x.device),
             num_warps=min(16, max(1, block // 256)),
         )
     return out if residual is None else (out, res_out)

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels._triton import (
+    HAS_TRITON,
+    gdc_wait,
+    next_power_of_2,
+    pdl_launch,
+    require_triton,
+    tl,
+    triton,
+)
 
 
 def rope_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
@@ -96,7 +104,10 @@ if HAS_TRITON:
         BLOCK_QH: tl.constexpr,
         BLOCK_KH: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         token = tl.program_id(0).to(tl.int64)
         cos, sin = load_cos_sin(cache_ptr, pos_ptr, token, cache_stride, HALF, BLOCK_HALF)
         rotate_heads(q_ptr, token, q_stride_t, q_stride_h, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
@@ -131,6 +142,7 @@ def apply_rotary_triton(
             BLOCK_QH=next_power_of_2(qh.shape[1]),
             BLOCK_KH=next_power_of_2(kh.shape[1]),
             BLOCK_HALF=next_power_of_2(half),
+            **pdl_launch(qh.device),
             num_warps=4,
         )
     return q, k

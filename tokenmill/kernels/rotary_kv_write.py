@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels._triton import (
+    HAS_TRITON,
+    gdc_wait,
+    next_power_of_2,
+    pdl_launch,
+    require_triton,
+    tl,
+    triton,
+)
 from tokenmill.kernels.kv_cache_write import reshape_and_cache_reference
 from tokenmill.kernels.rotary import apply_rotary_reference
 
@@ -58,7 +66,10 @@ if HAS_TRITON:
         BLOCK_QH: tl.constexpr,
         BLOCK_KH: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         HALF: tl.constexpr = HEAD_DIM // 2
         token = tl.program_id(0).to(tl.int64)
         cos, sin = load_cos_sin(cos_sin_ptr, pos_ptr, token, cos_sin_stride, HALF, BLOCK_HALF)
@@ -124,5 +135,6 @@ def rotary_and_cache(
         BLOCK_QH=next_power_of_2(num_heads),
         BLOCK_KH=next_power_of_2(num_kv_heads),
         BLOCK_HALF=next_power_of_2(head_dim // 2),
+        **pdl_launch(query.device),
         num_warps=4,
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels._triton import HAS_TRITON, require_triton, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, gdc_wait, pdl_launch, require_triton, tl, triton
 
 SKINNY_ROWS = 16  # up to this many rows one 16-row tile covers the batch
 
@@ -92,7 +92,10 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
+            gdc_wait()
         # Row tiles vary fastest: the programs that read one weight tile are launched together, so the
         # weight comes from HBM once and from L2 for the others.
         pid = tl.program_id(0)
@@ -149,6 +152,7 @@ def tiled_linear(
         m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        **pdl_launch(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
