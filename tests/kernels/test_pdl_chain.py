@@ -13,7 +13,7 @@ import os
 import torch
 from conftest import rel_err, requires_cuda
 
-from tokenmill.kernels._triton import pdl_launch, use_pdl
+from tokenmill.kernels._triton import PDL_MAX_ROWS, pdl_launch, use_pdl
 from tokenmill.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 from tokenmill.kernels.gemv import gemv
 from tokenmill.kernels.rms_norm import rms_norm_reference, rms_norm_triton
@@ -41,10 +41,13 @@ def _chain(x, residual, layers, norm, act, linear):
     return x + residual
 
 
-def test_pdl_flag_follows_the_device():
-    assert pdl_launch(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+def test_pdl_flag_follows_the_device_and_the_row_count():
+    assert pdl_launch(torch.device("cpu"), 1) == {"PDL": False, "launch_pdl": False}
     hopper = torch.cuda.get_device_capability()[0] >= 9
-    assert use_pdl(torch.device("cuda")) == (hopper and os.environ.get("TOKENMILL_PDL", "1") != "0")
+    on = hopper and os.environ.get("TOKENMILL_PDL", "1") != "0"
+    assert use_pdl(torch.device("cuda")) == on
+    assert pdl_launch(torch.device("cuda"), PDL_MAX_ROWS) == {"PDL": on, "launch_pdl": on}
+    assert pdl_launch(torch.device("cuda"), PDL_MAX_ROWS + 1) == {"PDL": False, "launch_pdl": False}
 
 
 def test_a_graph_of_dependent_kernels_matches_the_fp32_chain():

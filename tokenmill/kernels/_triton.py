@@ -45,15 +45,21 @@ def _pdl_on(device_index: int) -> bool:
 def use_pdl(device: torch.device) -> bool:
     """Launch with programmatic dependent launch (Hopper and newer, compiled kernels): the kernel may start while
     the one before it drains and waits (``gdc_wait``, first thing in every kernel that takes a PDL flag) before it
-    touches memory. Saves ~0.3-0.5 µs per kernel boundary inside a decode graph (benchmarks/gpu_pdl_probe.py).
-    ``TOKENMILL_PDL=0`` turns it off for A/B runs; read once per process."""
+    touches memory. Saves ~0.3-0.5 µs per kernel boundary inside a decode graph (benchmarks/gpu_pdl_probe.py);
+    ``pdl_launch`` applies it to small launches only. ``TOKENMILL_PDL=0`` turns it off for A/B runs (read once
+    per process)."""
     if device.type != "cuda" or not HAS_TRITON:
         return False
     return _pdl_on(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pdl_launch(device: torch.device) -> dict[str, bool]:
-    """Launch keywords for a kernel with a ``PDL`` constexpr: the flag and Triton's ``launch_pdl`` go together,
-    since a kernel launched early must wait (``gdc_wait``) before its first memory access."""
-    on = use_pdl(device)
+# Above this many rows (tokens, sequences) launches stay plain: on the H100 PDL measured 0.3-0.9% faster decode
+# steps at 1-8 rows, equal at 16-64, and 0.2-0.5% slower at 128-256 (benchmarks/results/README.md).
+PDL_MAX_ROWS = 64
+
+
+def pdl_launch(device: torch.device, rows: int) -> dict[str, bool]:
+    """Launch keywords for a kernel with a ``PDL`` constexpr over ``rows`` rows: the flag and Triton's
+    ``launch_pdl`` go together, since a kernel launched early must wait (``gdc_wait``) before touching memory."""
+    on = rows <= PDL_MAX_ROWS and use_pdl(device)
     return {"PDL": on, "launch_pdl": on}

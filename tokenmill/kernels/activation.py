@@ -48,6 +48,6 @@ def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> tor
     if rows > 0:
         block = 1024
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), INTER=inter, BLOCK=block, **pdl_launch(x.device), num_warps=4
+            x2, out, x2.stride(0), INTER=inter, BLOCK=block, **pdl_launch(x.device, rows), num_warps=4
         )
     return out

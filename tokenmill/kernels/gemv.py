@@ -114,7 +114,7 @@ def gemv(
         m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
         BLOCK_M=next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        **pdl_launch(x.device),
+        **pdl_launch(x.device, m),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -91,6 +91,6 @@ def reshape_and_cache(
         HEAD_DIM=head_dim,
         BLOCK_H=next_power_of_2(num_kv_heads),
         BLOCK_D=next_power_of_2(head_dim),
-        **pdl_launch(key.device),
+        **pdl_launch(key.device, num_tokens),
         num_warps=4,
     )

@@ -320,7 +320,7 @@ def paged_decode(
         STRIDE_BLOCK=kv_cache.stride(1),
         STRIDE_TOKEN=kv_cache.stride(2),
         STRIDE_HEAD=kv_cache.stride(3),
-        **pdl_launch(query.device),
+        **pdl_launch(query.device, num_seqs),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -338,7 +338,7 @@ def paged_decode(
             # variant whenever a mixed step's block-table width moved the count (eager steps, mid-run).
             BLOCK_S=max(REDUCE_WIDTH, next_power_of_2(plan.num_splits)),
             BLOCK_D=block_d,
-            **pdl_launch(query.device),
+            **pdl_launch(query.device, num_seqs),
             num_warps=4,
         )
     return out

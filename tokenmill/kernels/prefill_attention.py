@@ -276,7 +276,7 @@ def prefill_attention(
         BLOCK_N=block_n,
         BLOCK_D=max(16, next_power_of_2(head_dim)),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        **pdl_launch(query.device),
+        **pdl_launch(query.device, query.shape[0]),
         num_warps=num_warps,
         num_stages=num_stages,
     )

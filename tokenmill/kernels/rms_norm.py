@@ -104,7 +104,7 @@ def rms_norm_triton(
             N=hidden_size,
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
-            **pdl_launch(x.device),
+            **pdl_launch(x.device, rows),
             num_warps=min(16, max(1, block // 256)),
         )
     return out if residual is None else (out, res_out)

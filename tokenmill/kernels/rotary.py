@@ -142,7 +142,7 @@ def apply_rotary_triton(
             BLOCK_QH=next_power_of_2(qh.shape[1]),
             BLOCK_KH=next_power_of_2(kh.shape[1]),
             BLOCK_HALF=next_power_of_2(half),
-            **pdl_launch(qh.device),
+            **pdl_launch(qh.device, num_tokens),
             num_warps=4,
         )
     return q, k

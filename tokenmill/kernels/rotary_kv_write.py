@@ -135,6 +135,6 @@ def rotary_and_cache(
         BLOCK_QH=next_power_of_2(num_heads),
         BLOCK_KH=next_power_of_2(num_kv_heads),
         BLOCK_HALF=next_power_of_2(head_dim // 2),
-        **pdl_launch(query.device),
+        **pdl_launch(query.device, num_tokens),
         num_warps=4,
     )
