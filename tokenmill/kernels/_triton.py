@@ -53,8 +53,10 @@ def use_pdl(device: torch.device) -> bool:
     return _pdl_on(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# Above this many rows (tokens, sequences) launches stay plain: on the H100 PDL measured 0.3-0.9% faster decode
-# steps at 1-8 rows, equal at 16-64, and 0.2-0.5% slower at 128-256 (benchmarks/results/README.md).
+# Above this many rows (tokens, sequences) launches stay plain. On the H100, PDL made decode steps 0.3-1% faster
+# at 1-4 rows and nothing measurable at 16 and more (a first reading of -0.5% at 256 rows recurred with PDL off
+# there, so it was noise); large launches are long enough that the saved gap does not show
+# (benchmarks/results/gpu_pdl_ab_2026-11-24.json).
 PDL_MAX_ROWS = 64
 
 
