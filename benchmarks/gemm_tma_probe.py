@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from gpu_record import write_record
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -131,12 +131,8 @@ def main() -> int:
                 rows.append({"layer": name, "m": m, "variant": label, "ms": ms, "rel_err": err})
                 print(f"{name:<8} m={m:<4} {label:<22} {1e3 * ms:7.1f} us {2 * m * n * k / ms / 1e9:5.0f} TF "
                       f"({base / ms:.2f}x cublas) err {err:.1e}", flush=True)
-    record = {"benchmark": "gemm_tma_probe", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(), "command": " ".join(["python3", *sys.argv]),
-              "torch": torch.__version__, "triton": triton.__version__, "rows": rows}
-    out = Path(args.out) / f"gemm_tma_probe_{'_'.join(kinds)}_{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(Path(args.out) / f"gemm_tma_probe_{'_'.join(kinds)}_{dt.date.today().isoformat()}.json",
+                 "gemm_tma_probe", triton=triton.__version__, rows=rows)
     return 0
 
 

@@ -17,15 +17,13 @@ SiLU-and-mul fused into the down projection's GEMV (gpu_decode_linears_2026-11-2
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_record import write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -169,11 +167,9 @@ def main() -> int:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    record = {"benchmark": "gpu_decode_fusion", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "command": shlex.join(["python3", "benchmarks/gpu_decode_linears.py", *sys.argv[1:]]), **run(args)}
+    result = run(args)
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(Path(args.out), "gpu_decode_fusion", **result)
     return 0
 
 

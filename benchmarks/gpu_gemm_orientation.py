@@ -10,15 +10,13 @@ calls (triton's do_bench), as in a decode step where the weights come from HBM. 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_record import write_record
 
 SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
 
@@ -51,12 +49,7 @@ def main() -> int:
                              "tflops": 2 * m * k * n / ms / 1e9, "gbps": 2 * k * n / ms / 1e6, "rel_err": err})
                 print(f"{name:<8} {m:>4} {variant:<26} {1e3 * ms:8.1f} us {rows[-1]['tflops']:7.1f} TFLOP/s "
                       f"err {err:.1e}", flush=True)
-    record = {"benchmark": "gpu_gemm_orientation", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "command": shlex.join(["python3", *sys.argv]), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_gemm_orientation.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_record(Path(args.out) / "gpu_gemm_orientation.json", "gpu_gemm_orientation", rows=rows)
     return 0
 
 

@@ -16,14 +16,11 @@ Prints a table (µs per kernel), writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_record import write_record
 
 CHAIN = 256
 
@@ -113,12 +110,7 @@ def main() -> int:
                              "variant": variant, "us_per_link": us / CHAIN, "chain_correct": ok})
                 print(f"{programs:>4} x {kib:>3} KiB {'cuBLAS+' if with_mm else '':<8}{variant:<18}"
                       f"{us / CHAIN:8.2f} us/link  correct={ok}", flush=True)
-    record = {"benchmark": "gpu_pdl_probe", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "chain": CHAIN,
-              "command": shlex.join(["python3", *sys.argv]), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_pdl_probe.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_record(Path(args.out) / "gpu_pdl_probe.json", "gpu_pdl_probe", chain=CHAIN, rows=rows)
     return 0
 
 

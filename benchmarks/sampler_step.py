@@ -9,11 +9,7 @@ through the torch path (softmax + exponential race), measured in the same run fo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import random
-import shlex
-import sys
 import time
 from array import array
 from contextlib import nullcontext
@@ -21,6 +17,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from gpu_record import write_record
 
 from tokenmill.sampling import Sampler, SamplingRow, make_generator
 from tokenmill.sampling_params import SamplingParams
@@ -99,12 +96,8 @@ def main() -> None:
             timings.append({"batch": batch, "mix": mix, "ms_per_step": ms})
             print(f"batch={batch:4d} {mix:17s} {ms:8.3f} ms/step")
     if args.out:
-        record = {"benchmark": "sampler_step", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  "command": shlex.join(["python", *sys.argv]), "torch": torch.__version__,
-                  "vocab": args.vocab, "timings": timings}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(Path(args.out), "sampler_step", device=torch.cuda.get_device_name() if device.type == "cuda"
+                     else "cpu", vocab=args.vocab, timings=timings)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -68,16 +68,14 @@ class ParallelContext:
         return tensor
 
     def close(self, timeout_s: float = 30.0) -> bool:
-        """Drop this rank's communicator without waiting for peers (they may be gone already); NCCL's
-        background threads would otherwise keep polling the removed rendezvous file until exit.
+        """Drop this rank's communicator without waiting for peers (they may be gone already), so that NCCL's
+        background threads end before the rendezvous file is removed; no collective works afterwards.
 
         Drop every CUDA graph that captured a collective first: NCCL's abort waits until those graphs are
         destroyed. The abort runs in a daemon thread because a kernel stuck on a dead peer can still block it;
         returns False when it did not finish within ``timeout_s``."""
         custom, self.custom = self.custom, None
-        group = self.group
-        if self.world_size > 1:
-            self.group = None  # no collective after close; the group's threads end once it is released
+        group, self.group = self.group, None  # the group's threads end once it is released
 
         def release() -> None:
             try:

@@ -18,9 +18,21 @@ try:
 except ImportError:  # CPU CI has no triton; references still work.
     triton = None
     tl = None
-    gdc_wait = None
 
 HAS_TRITON = triton is not None
+
+if HAS_TRITON:
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """First statement of every kernel launched through ``pdl_launch``: a kernel launched early
+        (programmatic dependent launch) waits here until the previous kernel has finished and its writes are
+        visible; without PDL it compiles to nothing."""
+        if PDL:
+            gdc_wait()
+
+else:
+    pdl_wait = None
 
 
 def require_triton(what: str) -> None:
@@ -44,7 +56,7 @@ def _pdl_on(device_index: int) -> bool:
 
 def use_pdl(device: torch.device) -> bool:
     """Launch with programmatic dependent launch (Hopper and newer, compiled kernels): the kernel may start while
-    the one before it drains and waits (``gdc_wait``, first thing in every kernel that takes a PDL flag) before it
+    the one before it drains and waits (``pdl_wait``, first thing in every kernel that takes a PDL flag) before it
     touches memory. Saves ~0.3-0.5 µs per kernel boundary inside a decode graph (benchmarks/gpu_pdl_probe.py);
     ``pdl_launch`` applies it to small launches only. ``TOKENMILL_PDL=0`` turns it off for A/B runs (read once
     per process)."""
@@ -62,6 +74,6 @@ PDL_MAX_ROWS = 64
 
 def pdl_launch(device: torch.device, rows: int) -> dict[str, bool]:
     """Launch keywords for a kernel with a ``PDL`` constexpr over ``rows`` rows: the flag and Triton's
-    ``launch_pdl`` go together, since a kernel launched early must wait (``gdc_wait``) before touching memory."""
+    ``launch_pdl`` go together, since a kernel launched early must wait (``pdl_wait``) before touching memory."""
     on = rows <= PDL_MAX_ROWS and use_pdl(device)
     return {"PDL": on, "launch_pdl": on}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels._triton import HAS_TRITON, gdc_wait, pdl_launch, require_triton, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, pdl_launch, pdl_wait, require_triton, tl, triton
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -22,8 +22,7 @@ if HAS_TRITON:
     def _silu_and_mul_kernel(
         x_ptr, out_ptr, x_stride, INTER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < INTER

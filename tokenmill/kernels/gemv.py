@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, gdc_wait, next_power_of_2, pdl_launch, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, pdl_launch, pdl_wait, tl, triton
 from tokenmill.kernels.tiled_gemm import linear_output
 
 if HAS_TRITON:
@@ -69,8 +69,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         kk = tl.arange(0, BLOCK_K)

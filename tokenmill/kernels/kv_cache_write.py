@@ -10,9 +10,9 @@ import torch
 
 from tokenmill.kernels._triton import (
     HAS_TRITON,
-    gdc_wait,
     next_power_of_2,
     pdl_launch,
+    pdl_wait,
     require_triton,
     tl,
     triton,
@@ -50,8 +50,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         token = tl.program_id(0)
         slot = tl.load(slot_ptr + token).to(tl.int64)
         if slot >= 0:

@@ -12,9 +12,9 @@ import torch
 
 from tokenmill.kernels._triton import (
     HAS_TRITON,
-    gdc_wait,
     next_power_of_2,
     pdl_launch,
+    pdl_wait,
     require_triton,
     tl,
     triton,
@@ -147,8 +147,7 @@ if HAS_TRITON:
         STRIDE_HEAD: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -224,8 +223,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         # Splits past a sequence's end wrote lse = -inf and zeros, so every split can be read without
         # first loading seq_len (one dependent load fewer on this short kernel's critical path).
         seq = tl.program_id(0).to(tl.int64)

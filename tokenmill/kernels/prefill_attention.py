@@ -10,9 +10,9 @@ import torch
 
 from tokenmill.kernels._triton import (
     HAS_TRITON,
-    gdc_wait,
     next_power_of_2,
     pdl_launch,
+    pdl_wait,
     require_triton,
     tl,
     triton,
@@ -130,8 +130,7 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         # Last query tiles see the most keys: launch them first so the short ones fill the tail.

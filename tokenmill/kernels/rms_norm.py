@@ -10,9 +10,9 @@ import torch
 
 from tokenmill.kernels._triton import (
     HAS_TRITON,
-    gdc_wait,
     next_power_of_2,
     pdl_launch,
+    pdl_wait,
     require_triton,
     tl,
     triton,
@@ -47,8 +47,7 @@ if HAS_TRITON:
         HAS_RESIDUAL: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N

@@ -10,9 +10,9 @@ import torch
 
 from tokenmill.kernels._triton import (
     HAS_TRITON,
-    gdc_wait,
     next_power_of_2,
     pdl_launch,
+    pdl_wait,
     require_triton,
     tl,
     triton,
@@ -106,8 +106,7 @@ if HAS_TRITON:
         BLOCK_HALF: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         token = tl.program_id(0).to(tl.int64)
         cos, sin = load_cos_sin(cache_ptr, pos_ptr, token, cache_stride, HALF, BLOCK_HALF)
         rotate_heads(q_ptr, token, q_stride_t, q_stride_h, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)

@@ -13,9 +13,9 @@ import torch
 
 from tokenmill.kernels._triton import (
     HAS_TRITON,
-    gdc_wait,
     next_power_of_2,
     pdl_launch,
+    pdl_wait,
     require_triton,
     tl,
     triton,
@@ -68,8 +68,7 @@ if HAS_TRITON:
         BLOCK_HALF: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         HALF: tl.constexpr = HEAD_DIM // 2
         token = tl.program_id(0).to(tl.int64)
         cos, sin = load_cos_sin(cos_sin_ptr, pos_ptr, token, cos_sin_stride, HALF, BLOCK_HALF)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels._triton import HAS_TRITON, gdc_wait, pdl_launch, require_triton, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, pdl_launch, pdl_wait, require_triton, tl, triton
 
 SKINNY_ROWS = 16  # up to this many rows one 16-row tile covers the batch
 
@@ -94,8 +94,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel first
-            gdc_wait()
+        pdl_wait(PDL)
         # Row tiles vary fastest: the programs that read one weight tile are launched together, so the
         # weight comes from HBM once and from L2 for the others.
         pid = tl.program_id(0)

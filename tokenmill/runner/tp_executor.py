@@ -73,10 +73,7 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
                     return
             op, payload = conn.recv()
             if op == "stop":
-                runner.graphs = None  # NCCL's abort waits for the graphs that captured its collectives
-                gc.collect()
-                if not ctx.close():
-                    logger.warning("rank %d: closing the communicator did not finish; exiting anyway", rank)
+                _close_rank(runner, ctx)
                 return
             if op == "alloc":
                 runner.allocate_kv_cache(payload)
@@ -103,6 +100,15 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         except (BrokenPipeError, OSError):
             logger.warning("rank %d could not report its failure: the engine's pipe is closed", rank)
         raise
+
+
+def _close_rank(runner: ModelRunner, ctx: ParallelContext) -> None:
+    """Drop the runner's CUDA graphs, then close the rank's communicator: NCCL's abort waits until every graph
+    that captured one of its collectives is destroyed."""
+    runner.graphs = None
+    gc.collect()
+    if not ctx.close():
+        logger.warning("rank %d: closing the communicator did not finish in time; left to process exit", ctx.rank)
 
 
 def _stop_workers(workers: list[Any], conns: list[Connection], timeout_s: float) -> None:
@@ -236,10 +242,7 @@ class TPExecutor(ModelRunner):
         _stop_workers(self.workers, self.conns, 10.0)
         workers_s = time.monotonic() - started
         if hasattr(self, "ctx"):  # after the workers: nothing can be in flight between ranks now
-            self.graphs = None  # NCCL's abort waits for the graphs that captured its collectives
-            gc.collect()
-            if not self.ctx.close():
-                logger.warning("closing rank 0's communicator did not finish in time; left to process exit")
+            _close_rank(self, self.ctx)
         shutil.rmtree(self._tmpdir, ignore_errors=True)
         logger.info("tensor parallel stopped: workers in %.1f s, all in %.1f s", workers_s,
                     time.monotonic() - started)
