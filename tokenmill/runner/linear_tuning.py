@@ -6,11 +6,19 @@ cuBLAS by ``margin``. Measured on the H100 (benchmarks/gpu_profile.py --linear-o
 gpu_linear_gemv_2026-11-24.json): at one row the GEMV beats cuBLAS by 4-13% on Llama-3-8B's projections; the
 tiled GEMM wins on lm_head up to 32 rows; from 32 rows up cuBLAS wins everywhere else. Hence a per-shape,
 per-row-count choice, not a rule.
+
+Each candidate is timed the way a decode graph runs it: replayed in a CUDA graph, cycling through copies of the
+weight so that every call reads it from HBM. Timing with triton's ``do_bench`` (an L2 flush before each call)
+picked our tiled GEMM for Llama-3-8B's qkv at 256 rows, which in the decode graph is 39 µs against cuBLAS's 24
+(benchmarks/results/gpu_step_anatomy_2026-11-24.json): the flush leaves L2 full of dirty lines that the timed
+call must write back first, which is not what a decode step sees.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +34,41 @@ ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 Plan = dict[int, KernelConfig]
 
 
-def _time_ms(fn) -> float:
-    from triton.testing import do_bench
+# Weight bytes each timing cycles through: several times the H100's 50 MB L2, so no call finds its weight there.
+ROTATION_BYTES = 256 << 20
+MAX_COPIES = 32
+CALLS_PER_GRAPH = 24
 
-    return float(do_bench(fn, warmup=5, rep=10))
+Operands = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _rotation(weight: torch.Tensor, bias: torch.Tensor | None) -> list[Operands]:
+    """The weight (and bias) plus copies of it, ``ROTATION_BYTES`` in all (at most ``MAX_COPIES`` tensors)."""
+    copies = max(1, min(MAX_COPIES, -(-ROTATION_BYTES // weight.nbytes)))
+    return [(weight, bias)] + [(weight.clone(), None if bias is None else bias.clone()) for _ in range(copies - 1)]
+
+
+def _graph_ms(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], rotation: list[Operands],
+              repeats: int = 5) -> float:
+    """Median time of one ``fn(weight, bias)`` call inside a CUDA graph of calls over ``rotation``."""
+    calls = rotation * -(-CALLS_PER_GRAPH // len(rotation))
+    for weight, bias in rotation:  # compile and pick cuBLAS's algorithm outside the capture
+        fn(weight, bias)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for weight, bias in calls:
+            fn(weight, bias)
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    return statistics.median(times)
 
 
 def tune_linears(model: torch.nn.Module, max_rows: int = ROW_COUNTS[-1], margin: float = 0.97) -> dict[tuple[int, int, bool], Plan]:
@@ -57,11 +96,13 @@ def tune_linears(model: torch.nn.Module, max_rows: int = ROW_COUNTS[-1], margin:
 @torch.inference_mode()
 def _tune_shape(weight: torch.Tensor, bias: torch.Tensor | None, row_counts: list[int], margin: float) -> Plan:
     plan: Plan = {}
+    rotation = _rotation(weight, bias)
     for rows in row_counts:
         x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        cublas = _time_ms(lambda x=x: F.linear(x, weight, bias))
+        cublas = _graph_ms(lambda w, b, x=x: F.linear(x, w, b), rotation)
         candidates = candidates_for(rows)
-        timed = [(_time_ms(lambda x=x, c=c: decode_linear(x, weight, bias, c)), i) for i, c in enumerate(candidates)]
+        timed = [(_graph_ms(lambda w, b, x=x, c=c: decode_linear(x, w, b, c), rotation), i)
+                 for i, c in enumerate(candidates)]
         best_ms, best = min(timed)
         if best_ms < margin * cublas:
             plan[rows] = candidates[best]
