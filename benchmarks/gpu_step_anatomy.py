@@ -6,6 +6,7 @@ Workload (d)'s largest step (Llama-3-8B shape, random weights, 256 sequences x ~
 2. graph replay: the same batch's captured graph replayed back to back (no input copies, no sampling, no host);
 3. kernel sum: the replay's kernels by the profiler, so replay - kernel sum = gaps between kernels in the graph;
 4. PDL A/B/A: graphs re-captured with programmatic dependent launch at every row count, then at the default;
+   staging A/B/A: the graph inputs filled by the one-launch staging kernel, then by the torch ops it replaced;
 5. attention footprint: the decode kernel over all layers' engine-sized caches with contiguous, compact-random
    and whole-cache-random block tables, and over one small cache (as in gpu_kernels.py).
 
@@ -30,6 +31,7 @@ from gpu_record import write_record  # noqa: E402
 from gpu_vs_transformers import Sizes, decode_sweep, max_sweep_len  # noqa: E402
 
 import tokenmill.kernels._triton as triton_helpers  # noqa: E402
+import tokenmill.runner.cuda_graphs as cuda_graphs  # noqa: E402
 from tokenmill.bench.roofline import H100_COPY_GBPS, H100_MATMUL_TFLOPS, Ceilings  # noqa: E402
 from tokenmill.bench.throughput import warm_up_mixed_steps  # noqa: E402
 from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
@@ -142,7 +144,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="(d) runs per variant")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--parts", default="pdl,footprint", help="optional parts to run: pdl, footprint (comma list)")
+    parser.add_argument("--parts", default="pdl,stage,footprint",
+                        help="optional parts to run: pdl, stage, footprint (comma list)")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +175,13 @@ def main() -> int:
         record["pdl_ab"].append(entry)
         print(f"PDL up to {rows} rows: steps {[round(x, 3) for x in entry['median_step_ms']]} ms, "
               f"replay {entry['replay_ms']:.3f} ms", flush=True)
+    record["stage_ab"] = []
+    for kernel in () if "stage" not in parts else (False, True, False, True):
+        cuda_graphs.HAS_TRITON = kernel  # False: DecodeGraphs.run stages with the reference torch ops
+        entry = {"staging": "kernel" if kernel else "torch ops", **step_median_ms(engine, args.batch, args.repeats,
+                                                                                   ceilings)}
+        record["stage_ab"].append(entry)
+        print(f"staging by {entry['staging']}: steps {[round(x, 3) for x in entry['median_step_ms']]} ms", flush=True)
     if "footprint" in parts:
         record["attention_footprint"] = attention_footprint(engine, args.batch, 544)
     write_record(out, "gpu_step_anatomy", **record)

@@ -1,4 +1,4 @@
-"""upload_arrays: one copy for a step's arrays, every view with its values and on a 16-byte boundary."""
+"""upload_arrays: one copy for a step's arrays of any dtypes, every view with its values and on a 16-byte boundary."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def test_views_keep_values_and_start_aligned(dtype):
         assert (view.data_ptr() - base) % ALIGN_BYTES == 0
 
 
-def test_mixed_dtypes_are_refused():
-    with pytest.raises(ValueError, match="one dtype"):
-        upload_arrays([np.zeros(2, np.int64), np.zeros(2, np.int32)], "cpu")
+def test_mixed_dtypes_share_one_copy():
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(-9, 9, size=3).astype(np.int32), rng.integers(-9, 9, size=5),
+              rng.integers(0, 50, size=(2, 3)).astype(np.int32), np.zeros(0, np.int64), rng.random(3)]
+    out = upload_arrays(arrays, "cpu")
+    base = out[0].data_ptr()
+    for host, view in zip(arrays, out, strict=True):
+        assert view.dtype == torch.from_numpy(host).dtype and view.shape == host.shape
+        assert torch.equal(view, torch.from_numpy(host))
+        assert (view.data_ptr() - base) % ALIGN_BYTES == 0

@@ -34,24 +34,23 @@ ALIGN_BYTES = 16  # Triton specializes kernels on a pointer's 16-byte alignment
 
 
 def upload_arrays(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
-    """Host arrays (all of one dtype) → tensors on ``device`` with one copy for all of them (views of it).
+    """Host arrays (any mix of dtypes) → tensors on ``device`` with one copy for all of them (views of it).
 
     Each view starts on a 16-byte boundary: at packed offsets that follow the step's sizes, a kernel reading
     one of them would otherwise see a new pointer alignment, and Triton compile a new variant, mid-run.
     """
-    if len({a.dtype for a in arrays}) > 1:
-        raise ValueError(f"upload_arrays takes arrays of one dtype; got {sorted({str(a.dtype) for a in arrays})}")
-    dtype = arrays[0].dtype if arrays else np.dtype(np.int64)
-    step = max(1, ALIGN_BYTES // dtype.itemsize)
     offsets, end = [], 0
     for a in arrays:
         offsets.append(end)
-        end += -(-a.size // step) * step
-    flat = np.zeros(end, dtype=dtype)
+        end += -(-a.nbytes // ALIGN_BYTES) * ALIGN_BYTES
+    flat = np.zeros(end, dtype=np.uint8)
     for a, offset in zip(arrays, offsets, strict=True):
-        flat[offset : offset + a.size] = a.reshape(-1)
+        flat[offset : offset + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
     whole = _copy(torch.from_numpy(flat), torch.device(device))
-    return [whole[offset : offset + a.size].view(a.shape) for a, offset in zip(arrays, offsets, strict=True)]
+    return [
+        whole[offset : offset + a.nbytes].view(torch.from_numpy(a[:0].reshape(-1)).dtype).view(a.shape)
+        for a, offset in zip(arrays, offsets, strict=True)
+    ]
 
 
 def _copy(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Decode steps are launch-bound at small batch sizes (hundreds of small kernels per step); a graph replays
 them with one launch. The graph ends with the logits (model dtype) of every row (lm_head included), since in a
-decode step (nearly) every row samples. Graphs read fixed buffers, so each step copies its inputs into them; padding rows
-get slot -1 (the KV write skips them) and sequence length 0 (attention writes zeros).
+decode step (nearly) every row samples. Graphs read fixed buffers, so each step copies its inputs into them (one
+kernel, kernels/stage_inputs.py); padding rows get slot -1 (the KV write skips them) and sequence length 0 (attention
+writes zeros).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import torch
 
 from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.kernels._triton import HAS_TRITON
+from tokenmill.kernels.stage_inputs import GraphInputs, stage_decode_inputs, stage_decode_inputs_reference
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.buffers = GraphInputs(self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -87,17 +91,21 @@ class DecodeGraphs:
             and meta.block_tables.shape[1] <= self.max_blocks
         )
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits [batch, vocab] of every row (a view into the graph's output buffer)."""
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        placeholder_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [batch, vocab] of every row (a view into the graph's output buffer).
+
+        ``placeholder_ids``: the in-flight step's sampled ids, which negative input ids -(j + 1) stand for.
+        """
         batch = meta.num_seqs
         size = next(s for s in self.sizes if s >= batch)
-        self.input_ids[:batch].copy_(input_ids)
-        self.positions[:batch].copy_(positions)
-        self.slot_mapping[:batch].copy_(meta.slot_mapping)
-        self.slot_mapping[batch:size].fill_(-1)
-        self.seq_lens[:batch].copy_(meta.seq_lens)
-        self.seq_lens[batch:size].fill_(0)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:batch, :width].copy_(meta.block_tables)
+        stage = stage_decode_inputs if HAS_TRITON else stage_decode_inputs_reference
+        stage(self.buffers, input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, size,
+              placeholder_ids)
         self.graphs[size].replay()
         return self.outputs[size][:batch]

@@ -2,7 +2,7 @@
 
 Two halves: ``host_step`` builds host arrays (what tensor-parallel ranks receive), ``upload_step`` moves them.
 
-All int64 arrays of a step travel in one host-to-device copy and all int32 ones in another (no stream syncs).
+All of a step's arrays (int64 and int32) travel in one host-to-device copy (no stream syncs).
 """
 
 from __future__ import annotations
@@ -19,11 +19,21 @@ from tokenmill.transfer import upload_arrays
 
 @dataclass
 class ModelInputs:
-    input_ids: torch.Tensor  # [num_tokens] int64
+    input_ids: torch.Tensor  # [num_tokens] int64; negative ids are placeholders into placeholder_ids
     positions: torch.Tensor  # [num_tokens] int64
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampled] flat index of each sampling sequence's last token
     sample_rows: list[int]  # which scheduled entries sample this step, in order
+    # The in-flight step's sampled ids when input_ids holds placeholders, else None. Swapped in where the ids
+    # are used: by the decode graphs' staging kernel, or by ``resolved_ids`` on the eager path.
+    placeholder_ids: torch.Tensor | None = None
+
+    def resolved_ids(self) -> torch.Tensor:
+        """input_ids with each placeholder -(j + 1) replaced by ``placeholder_ids[j]``."""
+        if self.placeholder_ids is None:
+            return self.input_ids
+        ids = self.input_ids
+        return torch.where(ids >= 0, ids, self.placeholder_ids[(-ids - 1).clamp(min=0)])
 
 
 @dataclass
@@ -68,20 +78,20 @@ def upload_step(
     """``prev_token_ids``: sampled ids of the step still in flight. A negative input id -(j + 1) is a
     placeholder for its entry j (the host has not read it yet); it is filled in on the device."""
     layout = host.layout
-    ids, positions, slots, samples = upload_arrays(
-        [host.token_ids, layout.positions, layout.slot_mapping, host.sample_indices], device
+    has_placeholders = bool(host.token_ids.size) and host.token_ids.min() < 0
+    if has_placeholders and prev_token_ids is None:
+        raise RuntimeError("placeholder input ids need the in-flight step's sampled ids")
+    ids, positions, slots, samples, *int32 = upload_arrays(
+        [host.token_ids, layout.positions, layout.slot_mapping, host.sample_indices,
+         layout.query_start_loc, layout.seq_lens, layout.block_tables], device
     )
-    if host.token_ids.size and host.token_ids.min() < 0:
-        if prev_token_ids is None:
-            raise RuntimeError("placeholder input ids need the in-flight step's sampled ids")
-        ids = torch.where(ids >= 0, ids, prev_token_ids[(-ids - 1).clamp_(min=0)])
-    int32 = upload_arrays([layout.query_start_loc, layout.seq_lens, layout.block_tables], device)
     return ModelInputs(
         input_ids=ids,
         positions=positions,
         meta=AttentionMetadata.from_layout(layout, slots, int32),
         sample_indices=samples,
         sample_rows=host.sample_rows,
+        placeholder_ids=prev_token_ids if has_placeholders else None,
     )
 
 

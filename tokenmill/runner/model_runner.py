@@ -138,11 +138,11 @@ class ModelRunner:
         """Logits of the sampling rows: a captured graph for decode batches it covers, else eager."""
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
             # One token per row, so row i's token is flat index i; the graph computed every row's logits.
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.placeholder_ids)
             if len(inputs.sample_rows) < inputs.meta.num_seqs:  # e.g. a 1-token chunk mid-prompt
                 logits = logits.index_select(0, inputs.sample_indices)
             return logits
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        hidden = self.model(inputs.resolved_ids(), inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
 
     @torch.inference_mode()
