@@ -42,13 +42,13 @@ CALLS_PER_GRAPH = 24
 Operands = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def _rotation(weight: torch.Tensor, bias: torch.Tensor | None) -> list[Operands]:
+def weight_rotation(weight: torch.Tensor, bias: torch.Tensor | None) -> list[Operands]:
     """The weight (and bias) plus copies of it, ``ROTATION_BYTES`` in all (at most ``MAX_COPIES`` tensors)."""
     copies = max(1, min(MAX_COPIES, -(-ROTATION_BYTES // weight.nbytes)))
     return [(weight, bias)] + [(weight.clone(), None if bias is None else bias.clone()) for _ in range(copies - 1)]
 
 
-def _graph_ms(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], rotation: list[Operands],
+def graph_time_ms(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], rotation: list[Operands],
               repeats: int = 5) -> float:
     """Median time of one ``fn(weight, bias)`` call inside a CUDA graph of calls over ``rotation``."""
     calls = rotation * -(-CALLS_PER_GRAPH // len(rotation))
@@ -96,12 +96,12 @@ def tune_linears(model: torch.nn.Module, max_rows: int = ROW_COUNTS[-1], margin:
 @torch.inference_mode()
 def _tune_shape(weight: torch.Tensor, bias: torch.Tensor | None, row_counts: list[int], margin: float) -> Plan:
     plan: Plan = {}
-    rotation = _rotation(weight, bias)
+    rotation = weight_rotation(weight, bias)
     for rows in row_counts:
         x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        cublas = _graph_ms(lambda w, b, x=x: F.linear(x, w, b), rotation)
+        cublas = graph_time_ms(lambda w, b, x=x: F.linear(x, w, b), rotation)
         candidates = candidates_for(rows)
-        timed = [(_graph_ms(lambda w, b, x=x, c=c: decode_linear(x, w, b, c), rotation), i)
+        timed = [(graph_time_ms(lambda w, b, x=x, c=c: decode_linear(x, w, b, c), rotation), i)
                  for i, c in enumerate(candidates)]
         best_ms, best = min(timed)
         if best_ms < margin * cublas:
