@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill.attention.backend import allocate_kv_cache  # noqa: E402
 from tokenmill.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from tokenmill.cuda_timing import event_times_ms, median_event_ms  # noqa: E402
 from tokenmill.kernels.tiled_gemm import candidates_for as tiled_candidates_for  # noqa: E402
 from tokenmill.model.layers import Linear  # noqa: E402
 from tokenmill.model.loader import build_model, init_random_weights  # noqa: E402
@@ -43,15 +44,7 @@ VARIANTS = ("cublas", "tiled", "gemv")
 def copy_rate_gbps() -> float:
     src = torch.randn(256 * 1024 * 1024, device="cuda")  # 1 GiB fp32
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(30):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e6
+    return 2 * src.numel() * 4 / median_event_ms(lambda: dst.copy_(src), 30) / 1e6
 
 
 def fill_batch(graphs: DecodeGraphs, batch: int, context: int, vocab: int, seed: int) -> None:
@@ -59,12 +52,12 @@ def fill_batch(graphs: DecodeGraphs, batch: int, context: int, vocab: int, seed:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     blocks_per_seq = -(-(context + 1) // BLOCK_SIZE)
     table = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    graphs.block_tables[:batch, :blocks_per_seq].copy_(table)
-    graphs.input_ids[:batch].copy_(torch.randint(0, vocab, (batch,), device="cuda", generator=gen))
-    graphs.positions[:batch].fill_(context)
+    graphs.inputs.block_tables[:batch, :blocks_per_seq].copy_(table)
+    graphs.inputs.input_ids[:batch].copy_(torch.randint(0, vocab, (batch,), device="cuda", generator=gen))
+    graphs.inputs.positions[:batch].fill_(context)
     slots = table[:, context // BLOCK_SIZE].long() * BLOCK_SIZE + context % BLOCK_SIZE
-    graphs.slot_mapping[:batch].copy_(slots)
-    graphs.seq_lens[:batch].fill_(context + 1)
+    graphs.inputs.slot_mapping[:batch].copy_(slots)
+    graphs.inputs.seq_lens[:batch].fill_(context + 1)
 
 
 def tune_plans(model: torch.nn.Module, max_rows: int) -> dict[str, dict[str, dict]]:
@@ -132,13 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(args.rounds):  # round-robin: clock and thermal drift hit every variant alike
             for name, g in graphs.items():
-                for _ in range(args.replays):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    g.graphs[batch].replay()
-                    end.record()
-                    end.synchronize()
-                    times[name].append(start.elapsed_time(end))
+                times[name] += event_times_ms(g.graphs[batch].replay, args.replays)
         floor_ms = (weight_bytes + batch * (args.context + 1) * kv_token_bytes) / copy_gbps / 1e6
         base = logits["cublas"]
         for name, samples in times.items():

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from gpu_record import write_record
 
+from tokenmill.cuda_timing import median_event_ms
+
 CHAIN = 256
 
 
@@ -68,16 +70,7 @@ def time_graph(fn: Any, reps: int = 20) -> float:
         fn()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return 1e3 * median_event_ms(graph.replay, reps)
 
 
 def main() -> int:

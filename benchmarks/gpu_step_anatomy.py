@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,22 +33,10 @@ import tokenmill.kernels._triton as triton_helpers  # noqa: E402
 import tokenmill.runner.cuda_graphs as cuda_graphs  # noqa: E402
 from tokenmill.bench.roofline import H100_COPY_GBPS, H100_MATMUL_TFLOPS, Ceilings  # noqa: E402
 from tokenmill.bench.throughput import warm_up_mixed_steps  # noqa: E402
+from tokenmill.cuda_timing import median_event_ms  # noqa: E402
 from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
 from tokenmill.kernels.paged_attention import paged_decode, plan_decode  # noqa: E402
 from tokenmill.model.layers import Linear  # noqa: E402
-
-
-def event_ms(fn: Any, repeats: int) -> float:
-    """Median of ``repeats`` CUDA-event timings of ``fn``."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def step_median_ms(engine: LLMEngine, batch: int, repeats: int, ceilings: Ceilings) -> dict[str, Any]:
@@ -72,7 +59,7 @@ def linear_plans(engine: LLMEngine) -> dict[str, dict[int, str]]:
 def replay_anatomy(engine: LLMEngine, batch: int, out_dir: Path) -> dict[str, Any]:
     """Back-to-back replays of the batch's graph (inputs as the last step left them), and its kernels."""
     graph = engine.runner.graphs.graphs[batch]
-    replay_ms = event_ms(graph.replay, 30)
+    replay_ms = median_event_ms(graph.replay, 30)
     replays = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
@@ -130,7 +117,7 @@ def attention_footprint(engine: LLMEngine, batch: int, seq_len: int) -> list[dic
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             all_layers()
-        per_layer_us = 1e3 * event_ms(graph.replay, 20) / len(layer_caches)
+        per_layer_us = 1e3 * median_event_ms(graph.replay, 20) / len(layer_caches)
         rows.append({"tables": name, "cache_blocks": int(layer_caches[0].shape[1]), "per_layer_us": per_layer_us,
                      "tb_per_s": kv_bytes / per_layer_us / 1e6})
         print(f"attention {name:<20} {per_layer_us:7.1f} us a layer, {rows[-1]['tb_per_s']:.2f} TB/s", flush=True)
@@ -171,7 +158,7 @@ def main() -> int:
     for rows in () if "pdl" not in parts else (1 << 20, default_rows, 1 << 20, default_rows):
         recapture(engine, rows)
         entry = {"pdl_max_rows": rows, **step_median_ms(engine, args.batch, args.repeats, ceilings),
-                 "replay_ms": event_ms(engine.runner.graphs.graphs[args.batch].replay, 30)}
+                 "replay_ms": median_event_ms(engine.runner.graphs.graphs[args.batch].replay, 30)}
         record["pdl_ab"].append(entry)
         print(f"PDL up to {rows} rows: steps {[round(x, 3) for x in entry['median_step_ms']]} ms, "
               f"replay {entry['replay_ms']:.3f} ms", flush=True)

@@ -20,7 +20,6 @@ import datetime as dt
 import gc
 import json
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from gpu_vs_transformers import FULL, QUICK, Sizes, decode_sweep, make_workloads
 
 from tokenmill.bench.roofline import Ceilings
 from tokenmill.bench.throughput import device_name, warm_up_mixed_steps
+from tokenmill.cuda_timing import median_event_ms
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.model.presets import preset_spec
 
@@ -47,15 +47,7 @@ def measure_ceilings(device: str) -> dict[str, float]:
     def timed(fn: Any, repeats: int = 10) -> float:
         fn()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+        return median_event_ms(fn, repeats) / 1e3
 
     copy_s = timed(lambda: dst.copy_(src))
     matmul_s = timed(lambda: a @ b)

@@ -37,6 +37,14 @@ def _check(dst: GraphInputs, input_ids: torch.Tensor, block_tables: torch.Tensor
         raise ValueError(f"block table width {width} exceeds the graph's {dst.block_tables.shape[1]}")
 
 
+def resolve_placeholders(input_ids: torch.Tensor, placeholder_ids: torch.Tensor | None) -> torch.Tensor:
+    """``input_ids`` with each placeholder -(j + 1) replaced by ``placeholder_ids[j]`` (the in-flight step's
+    sampled ids); unchanged when there are none."""
+    if placeholder_ids is None:
+        return input_ids
+    return torch.where(input_ids >= 0, input_ids, placeholder_ids[(-input_ids - 1).clamp(min=0)])
+
+
 def stage_decode_inputs_reference(
     dst: GraphInputs,
     input_ids: torch.Tensor,
@@ -50,9 +58,7 @@ def stage_decode_inputs_reference(
     """Torch ops doing what the kernel does. A negative id -(j + 1) takes ``placeholder_ids[j]``."""
     _check(dst, input_ids, block_tables, size)
     batch, width = block_tables.shape
-    if placeholder_ids is not None:
-        input_ids = torch.where(input_ids >= 0, input_ids, placeholder_ids[(-input_ids - 1).clamp(min=0)])
-    dst.input_ids[:batch].copy_(input_ids)
+    dst.input_ids[:batch].copy_(resolve_placeholders(input_ids, placeholder_ids))
     dst.positions[:batch].copy_(positions)
     dst.slot_mapping[:batch].copy_(slot_mapping)
     dst.slot_mapping[batch:size].fill_(-1)

@@ -44,22 +44,23 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq
         n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.inputs = GraphInputs(  # what each step's staging writes and every graph reads
+            input_ids=torch.zeros(n, dtype=torch.int64, device=device),
+            positions=torch.zeros(n, dtype=torch.int64, device=device),
+            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=device),
+            seq_lens=torch.zeros(n, dtype=torch.int32, device=device),
+            block_tables=torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device),
+        )
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.buffers = GraphInputs(self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=self.inputs.slot_mapping[:size],
             query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size],
+            seq_lens=self.inputs.seq_lens[:size],
+            block_tables=self.inputs.block_tables[:size],
             max_query_len=1,
             max_seq_len=self.max_blocks * self.block_size,
             query_start_loc_cpu=list(range(size + 1)),
@@ -68,7 +69,7 @@ class DecodeGraphs:
         )
 
     def _forward(self, size: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._meta(size))
+        hidden = self.model(self.inputs.input_ids[:size], self.inputs.positions[:size], self.kv_caches, self._meta(size))
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -105,7 +106,7 @@ class DecodeGraphs:
         batch = meta.num_seqs
         size = next(s for s in self.sizes if s >= batch)
         stage = stage_decode_inputs if HAS_TRITON else stage_decode_inputs_reference
-        stage(self.buffers, input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, size,
+        stage(self.inputs, input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, size,
               placeholder_ids)
         self.graphs[size].replay()
         return self.outputs[size][:batch]

@@ -14,6 +14,7 @@ import torch
 
 from tokenmill.attention.metadata import AttentionMetadata, HostLayout
 from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.kernels.stage_inputs import resolve_placeholders
 from tokenmill.transfer import upload_arrays
 
 
@@ -30,10 +31,7 @@ class ModelInputs:
 
     def resolved_ids(self) -> torch.Tensor:
         """input_ids with each placeholder -(j + 1) replaced by ``placeholder_ids[j]``."""
-        if self.placeholder_ids is None:
-            return self.input_ids
-        ids = self.input_ids
-        return torch.where(ids >= 0, ids, self.placeholder_ids[(-ids - 1).clamp(min=0)])
+        return resolve_placeholders(self.input_ids, self.placeholder_ids)
 
 
 @dataclass

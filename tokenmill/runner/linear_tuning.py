@@ -17,12 +17,12 @@ call must write back first, which is not what a decode step sees.
 from __future__ import annotations
 
 import logging
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from tokenmill.cuda_timing import median_event_ms
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2
 from tokenmill.kernels.decode_linear import KernelConfig, candidates_for, decode_linear
 from tokenmill.model.layers import Linear
@@ -60,15 +60,7 @@ def graph_time_ms(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor
         for weight, bias in calls:
             fn(weight, bias)
     graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-    return statistics.median(times)
+    return median_event_ms(graph.replay, repeats) / len(calls)
 
 
 def tune_linears(model: torch.nn.Module, max_rows: int = ROW_COUNTS[-1], margin: float = 0.97) -> dict[tuple[int, int, bool], Plan]:
