@@ -21,10 +21,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, model_dir: Path | None, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        """``model_dir`` None: no positional model (``args`` then gives e.g. ``--random-weights PRESET``)."""
         self.log_path = log_path
         command = [
-            sys.executable, "-m", "tokenmill", "serve", str(model_dir),
+            sys.executable, "-m", "tokenmill", "serve", *([str(model_dir)] if model_dir is not None else []),
             "--host", "127.0.0.1", "--port", "0", "--device", "cpu", *args,
         ]
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()

@@ -41,12 +41,22 @@ def _lengths(rng: np.random.Generator, mean: int, range_ratio: float, num: int, 
     return rng.integers(low, high + 1, size=num)
 
 
-def random_text(num_tokens: int, rng: np.random.Generator, tokenizer: Any | None) -> tuple[str, int]:
+def sampling_vocab(tokenizer: Any | None) -> np.ndarray | None:
+    """The ids random prompts draw from (all but special tokens); built once per dataset (a 128k-id scan)."""
+    if tokenizer is None:
+        return None
+    special = set(tokenizer.all_special_ids)
+    return np.array([i for i in range(len(tokenizer)) if i not in special])
+
+
+def random_text(
+    num_tokens: int, rng: np.random.Generator, tokenizer: Any | None, vocab: np.ndarray | None = None
+) -> tuple[str, int]:
     """Text of about ``num_tokens`` tokens and its length (exact with a tokenizer, else in words)."""
     if tokenizer is None:
         return " ".join(rng.choice(_WORDS, size=num_tokens)), num_tokens
-    special = set(tokenizer.all_special_ids)
-    vocab = np.array([i for i in range(len(tokenizer)) if i not in special])
+    if vocab is None:
+        vocab = sampling_vocab(tokenizer)
     ids = rng.choice(vocab, size=num_tokens).tolist()
     # Decoding then re-encoding can merge or split tokens; trim on the re-encoded ids to hit the length.
     text = tokenizer.decode(ids)
@@ -70,8 +80,9 @@ def random_dataset(
     input_lens = _lengths(rng, input_len, range_ratio, num, "--random-input-len")
     output_lens = _lengths(rng, output_len, range_ratio, num, "--random-output-len")
     requests = []
+    vocab = sampling_vocab(tokenizer)
     for n_in, n_out in zip(input_lens, output_lens, strict=True):
-        text, length = random_text(int(n_in), rng, tokenizer)
+        text, length = random_text(int(n_in), rng, tokenizer, vocab)
         requests.append(BenchRequest(text, length, int(n_out)))
     return requests
 
@@ -92,10 +103,11 @@ def shared_prefix_dataset(
         )
     rng = np.random.default_rng(seed)
     requests = []
+    vocab = sampling_vocab(tokenizer)
     for _ in range(num_prefixes):
-        prefix, n_prefix = random_text(prefix_len, rng, tokenizer)
+        prefix, n_prefix = random_text(prefix_len, rng, tokenizer, vocab)
         for _ in range(questions_per_prefix):
-            question, _ = random_text(question_len, rng, tokenizer)
+            question, _ = random_text(question_len, rng, tokenizer, vocab)
             prompt = f"{prefix}\n{question}"
             length = count_tokens(tokenizer, prompt) or n_prefix + question_len
             requests.append(BenchRequest(prompt, length, output_len))

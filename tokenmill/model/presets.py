@@ -50,6 +50,12 @@ _PRESETS: dict[str, dict[str, Any]] = {
         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=1e4,
         max_position_embeddings=2048, eos_token_ids=[2],
     ),
+    # Llama-3's vocabulary on a toy body: wider than any embedded tokenizer, so it gets the synthetic one.
+    "tiny-llama3": dict(
+        architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=64, intermediate_size=128,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=5e5,
+        max_position_embeddings=2048, eos_token_ids=[128001, 128009],
+    ),
 }
 
 

@@ -1,0 +1,373 @@
+"""Online serving vs the offline engine on exactly the same requests (issue 19's table, one command).
+
+1. writes the preset's synthetic tokenizer (so the client counts tokens exactly as the server does);
+2. starts ``tokenmill serve --random-weights PRESET`` as a subprocess on a free port;
+3. ``tokenmill bench serve``'s code from this process (the JSON records the equivalent command line): an untimed warm-up pass, then N requests (inputs U[in·(1−r), in·(1+r)], outputs
+   likewise, ignore_eos, greedy, rate inf), optional concurrency points, and (when py-spy is on PATH) a
+   separate profiled pass whose hottest frames land in the JSON;
+4. stops the server (SIGTERM: it must drain and exit 0) and runs the offline engine (the ``bench throughput``
+   path: LLMEngine + run_offline) on the same prompts' token ids and output lengths;
+5. samples the server's process tree CPU% and nvidia-smi GPU busy % during every phase;
+6. writes one JSON (date, device, command, both sides, ratio) to --out, else $OUT, else benchmarks/results/.
+
+H100:  python benchmarks/gpu_online_vs_offline.py --concurrency 256,64,16,1
+CPU smoke test (a minute):  python benchmarks/gpu_online_vs_offline.py --preset tiny-llama3 --device cpu \
+           --num-prompts 16 --input-len 24 --output-len 8 --max-model-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from resource_sampler import ResourceSampler
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+URL_RE = re.compile(r"serving at (http://[^\s;]+)")
+METRIC_STEPS = "tokenmill:engine_steps_total"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="llama3-8b")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=230, help="mean input length (tokens)")
+    p.add_argument("--output-len", type=int, default=200, help="mean output length (tokens)")
+    p.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in L·[1−r, 1+r]")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--engine-args", default="", help="extra engine flags for both sides, e.g. '--max-num-seqs 512'")
+    p.add_argument("--server-args", default="", help="extra flags for the server only")
+    p.add_argument("--concurrency", default="", help="also run bench serve at these max concurrencies, e.g. 256,64,16,1")
+    p.add_argument("--warmup-prompts", type=int, default=None, help="untimed warm-up requests (default min(N, 300))")
+    p.add_argument("--profile-prompts", type=int, default=None,
+                   help="requests of the py-spy pass (default min(N, 400); 0 skips it)")
+    p.add_argument("--client-processes", type=int, default=4,
+                   help="load-generator processes (one sustains ~15k streamed tokens/s: docs/BENCHMARKING.md)")
+    p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-start-timeout", type=float, default=600.0)
+    p.add_argument("--out", default=None, help="folder for the JSON (default $OUT, else benchmarks/results)")
+    return p.parse_args(argv)
+
+
+# ---- the server side ----------------------------------------------------------------------------
+class Server:
+    def __init__(self, args: argparse.Namespace, log_path: Path) -> None:
+        self.log_path = log_path
+        command = [sys.executable, "-m", "tokenmill", "serve", "--random-weights", args.preset,
+                   "--served-model-name", args.preset, "--host", "127.0.0.1", "--port", "0",
+                   "--device", args.device, *engine_flags(args), *shlex.split(args.server_args)]
+        self.command = shlex.join(command)
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.url = self._wait_for_url(args.server_start_timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait_for_url(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = URL_RE.search(self.log_path.read_text(errors="replace"))
+            if match:
+                return match.group(1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before serving:\n{self.log_tail()}")
+            time.sleep(0.5)
+        self.proc.kill()
+        raise RuntimeError(f"server did not start within {timeout}s:\n{self.log_tail()}")
+
+    def engine_steps(self) -> float | None:
+        import httpx
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(METRIC_STEPS)]
+        return sum(values) if values else None
+
+    def stop(self, timeout: float = 120.0) -> int | None:
+        """SIGTERM (drain), then the exit status; None if it had to be killed."""
+        code: int | None = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            code = self.proc.returncode
+        self._log.close()
+        return code
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    flags = shlex.split(args.engine_args)
+    if args.max_model_len is not None:
+        flags += ["--max-model-len", str(args.max_model_len)]
+    return flags
+
+
+class Client:
+    """``tokenmill bench serve``'s own code (dataset, load generator, metrics) run from this process, so each
+    phase's start and end are known exactly; ``command`` is the equivalent CLI line."""
+
+    def __init__(self, args: argparse.Namespace, server: Server, tokenizer_dir: Path) -> None:
+        from tokenmill.bench.client import Target
+        from tokenmill.bench.tokenizer import load_tokenizer
+
+        self.args, self.server, self.tokenizer_dir = args, server, tokenizer_dir
+        self.target = Target(base_url=server.url, model=args.preset, ignore_eos=True, temperature=0.0,
+                             timeout_s=1200.0)
+        self.tokenizer = load_tokenizer(str(tokenizer_dir))
+
+    def command(self, num_prompts: int, seed: int, concurrency: int | None) -> str:
+        a = self.args
+        line = ["tokenmill", "bench", "serve", "--base-url", self.server.url, "--model", a.preset,
+                "--tokenizer", str(self.tokenizer_dir), "--dataset", "random", "--num-prompts", str(num_prompts),
+                "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+                "--random-range-ratio", str(a.range_ratio), "--ignore-eos", "--temperature", "0",
+                "--request-rate", "inf", "--seed", str(seed), "--client-processes", str(a.client_processes)]
+        return shlex.join(line + (["--max-concurrency", str(concurrency)] if concurrency else []))
+
+    def requests(self, num_prompts: int, seed: int) -> list[Any]:
+        from tokenmill.bench.datasets import random_dataset
+
+        a = self.args
+        return random_dataset(num_prompts, a.input_len, a.output_len, a.range_ratio, self.tokenizer, seed)
+
+    def run(self, requests: list[Any], seed: int, concurrency: int | None = None) -> dict[str, Any]:
+        import asyncio
+
+        from tokenmill.bench.loadgen import LoadConfig, run_loads
+        from tokenmill.bench.metrics import summarize
+
+        load = LoadConfig(max_concurrency=concurrency, seed=seed, progress=False)
+        steps_before = self.server.engine_steps()
+        [result] = asyncio.run(run_loads(self.target, requests, [load], self.args.client_processes))
+        summary = summarize(result.records, None, result.num_not_sent)
+        steps = None if steps_before is None else self.server.engine_steps() - steps_before
+        return {
+            "command": self.command(len(requests), seed, concurrency),
+            "summary": summary,
+            "engine_steps": steps,
+            "ms_per_engine_step": 1e3 * summary["duration_s"] / steps if steps else None,
+        }
+
+
+def compact(run: dict[str, Any]) -> dict[str, Any]:
+    s = run["summary"]
+    return {
+        "num_completed": s["num_completed"], "num_failed": s["num_failed"], "duration_s": s["duration_s"],
+        "output_tok_s": s["output_throughput"], "total_tok_s": s["total_token_throughput"],
+        "median_tpot_ms": (s.get("tpot_ms") or {}).get("median"), "p99_tpot_ms": (s.get("tpot_ms") or {}).get("p99"),
+        "median_ttft_ms": (s.get("ttft_ms") or {}).get("median"), "p99_itl_ms": (s.get("itl_ms") or {}).get("p99"),
+        "median_itl_ms": (s.get("itl_ms") or {}).get("median"),
+        "engine_steps": run["engine_steps"], "ms_per_engine_step": run["ms_per_engine_step"],
+    }
+
+
+def py_spy_profile(pid: int, seconds: float, path: Path) -> subprocess.Popen | None:
+    exe = shutil.which("py-spy")
+    if exe is None:
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--threads", "--rate", "200",
+                             "--duration", str(int(seconds)), "--format", "raw", "--output", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def hottest_frames(raw_path: Path, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares of the hottest frames in py-spy's collapsed stacks."""
+    self_counts: Counter[str] = Counter()
+    incl_counts: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in raw_path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        threads[next((f for f in frames if f.startswith("thread")), frames[0])] += n
+        self_counts[frames[-1]] += n
+        for frame in set(frames):
+            incl_counts[frame] += n
+    share = (lambda c: [[f, round(100 * k / total, 2)] for f, k in c.most_common(top)]) if total else (lambda c: [])
+    return {"samples": total, "threads_percent": share(threads), "self_percent": share(self_counts),
+            "inclusive_percent": share(incl_counts)}
+
+
+# ---- the offline side ---------------------------------------------------------------------------
+def run_offline_side(args: argparse.Namespace, tokenizer_dir: Path) -> dict[str, Any]:
+    from tokenmill.bench.datasets import random_dataset
+    from tokenmill.bench.throughput import run_offline, step_summary, warm_up, warm_up_mixed_steps
+    from tokenmill.bench.tokenizer import load_tokenizer
+    from tokenmill.bench.workloads import OfflineRequest
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.cli import add_engine_arguments, engine_kwargs
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    engine_args = parser.parse_args(["--random-weights", args.preset, "--device", args.device, *engine_flags(args)])
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(engine_args)), stream_outputs=False)
+    # The very prompts bench serve sent (same generator, seed and tokenizer), encoded as the server does.
+    hf = load_tokenizer(str(tokenizer_dir))
+    dataset = random_dataset(args.num_prompts, args.input_len, args.output_len, args.range_ratio, hf, args.seed)
+    requests = [OfflineRequest(engine.tokenizer.encode(r.prompt), r.output_len) for r in dataset]
+    vocab = engine.model.spec.vocab_size
+    warm_up(engine, 4, vocab, temperature=0.0)
+    if engine.config.model.device.startswith("cuda"):
+        warm_up_mixed_steps(engine, vocab, temperature=0.0)
+    result = run_offline(engine, requests, ignore_eos=True, temperature=0.0)
+    per_step = step_summary(result)
+    del per_step["steps"]
+    return {
+        "output_tok_s": result.output_tok_s, "total_tok_s": result.total_tok_s, "elapsed_s": result.elapsed_s,
+        "num_requests": result.num_requests, "prompt_tokens": result.prompt_tokens,
+        "output_tokens": result.output_tokens, "engine_steps": len(result.steps),
+        "ms_per_engine_step": 1e3 * result.elapsed_s / max(1, len(result.steps)), "per_step": per_step,
+        "kv_cache_tokens": engine.num_kv_cache_tokens,
+    }
+
+
+def device_description(device: str) -> str:
+    import torch
+
+    if torch.cuda.is_available() and device != "cpu":
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out or os.environ.get("OUT") or REPO_ROOT / "benchmarks" / "results")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tokenmill.model.synthetic_tokenizer import save_preset_tokenizer
+
+    out = output_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC)
+    record: dict[str, Any] = {
+        "benchmark": "gpu_online_vs_offline", "date": stamp.isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]), "config": vars(args),
+        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                     cwd=REPO_ROOT).stdout.strip() or None,
+    }
+    path = out / f"online_vs_offline_{args.preset}_{stamp.strftime('%Y%m%dT%H%M%S')}.json"
+    with tempfile.TemporaryDirectory(prefix="tokenmill-online-") as tmp:
+        work = Path(tmp)
+        tokenizer_dir = save_preset_tokenizer(args.preset, work / "tokenizer")
+        t_start = time.monotonic()
+        server = Server(args, work / "server.log")
+        record["server_command"] = server.command
+        record["server_start_s"] = time.monotonic() - t_start
+        sampler = ResourceSampler({"server": server.proc.pid, "client": os.getpid()})
+        online: dict[str, Any] = {}
+        try:
+            client = Client(args, server, tokenizer_dir)
+
+            def phase(name: str, num_prompts: int, seed: int, concurrency: int | None = None,
+                      on_start: Any = None) -> dict[str, Any]:
+                requests = client.requests(num_prompts, seed)  # built before the phase starts: not measured
+                if on_start is not None:
+                    on_start()
+                sampler.mark(name)
+                result = client.run(requests, seed, concurrency)
+                sampler.end(name)
+                online[name] = compact(result)
+                return result
+
+            warm = args.warmup_prompts if args.warmup_prompts is not None else min(args.num_prompts, 300)
+            if warm:
+                phase("warmup", warm, args.seed + 1)
+            main_run = phase("rate_inf", args.num_prompts, args.seed)
+            online["bench_command"] = main_run["command"]
+            for c in [int(v) for v in args.concurrency.split(",") if v.strip()]:
+                n = min(args.num_prompts, max(32, 4 * c))
+                phase(f"concurrency_{c}", n, args.seed, c)
+            n_prof = args.profile_prompts if args.profile_prompts is not None else min(args.num_prompts, 400)
+            if n_prof and shutil.which("py-spy"):
+                raw = work / "pyspy.txt"
+                # Sample ~90% of the expected run time, so the profile holds the loaded server only.
+                seconds = max(3.0, 0.9 * main_run["summary"]["duration_s"] * n_prof / args.num_prompts)
+                spies: list[subprocess.Popen | None] = []
+                phase("profiled", n_prof, args.seed + 2,
+                      on_start=lambda: spies.append(py_spy_profile(server.proc.pid, seconds, raw)))
+                spy = spies[0]
+                assert spy is not None
+                _, err = spy.communicate(timeout=120)
+                if raw.is_file():
+                    online["py_spy"] = hottest_frames(raw)
+                    shutil.copy(raw, out / f"{path.stem}_pyspy.txt")
+                else:
+                    online["py_spy"] = {"error": err[-2000:]}
+            elif n_prof:
+                online["py_spy"] = {"error": "py-spy is not on PATH"}
+        finally:
+            sampler.stop()
+            record["server_exit_code_after_sigterm"] = server.stop()
+            record["server_log_tail"] = server.log_tail(15)
+        record["online"] = online
+        record["resources"] = sampler.summary()
+        if not args.skip_offline:
+            offline_sampler = ResourceSampler({"offline": os.getpid()})
+            offline_sampler.mark("offline")
+            record["offline"] = run_offline_side(args, tokenizer_dir)
+            offline_sampler.end("offline")
+            offline_sampler.stop()
+            record["resources"]["offline_whole_phase_incl_load"] = offline_sampler.summary()["offline"]
+            record["online_over_offline"] = online["rate_inf"]["output_tok_s"] / record["offline"]["output_tok_s"]
+    record["device"] = device_description(args.device)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print_table(record)
+    print(f"wrote {path}")
+    return 0
+
+
+def print_table(record: dict[str, Any]) -> None:
+    print(f"\n{record['device']}  preset {record['config']['preset']}")
+    print(f"{'run':<22}{'out tok/s':>11}{'med TPOT ms':>13}{'ms/step':>9}{'server CPU%':>13}{'GPU busy%':>11}")
+    res = record["resources"]
+    for name, row in record["online"].items():
+        if not isinstance(row, dict) or "output_tok_s" not in row:
+            continue
+        phase = res.get(name, {})
+        cpu = max((v["mean"] for k, v in phase.get("cpu_percent", {}).items() if k.startswith("server")),
+                  default=None)
+        print(f"{'online ' + name:<22}{row['output_tok_s']:>11.0f}{_fmt(row['median_tpot_ms']):>13}"
+              f"{_fmt(row['ms_per_engine_step']):>9}{_fmt(cpu):>13}{_fmt(phase.get('gpu_busy_percent_mean')):>11}")
+    if "offline" in record:
+        off = record["offline"]
+        gpu = res.get("offline_whole_phase_incl_load", {}).get("gpu_busy_percent_mean")
+        print(f"{'offline':<22}{off['output_tok_s']:>11.0f}{'-':>13}{_fmt(off['ms_per_engine_step']):>9}"
+              f"{'-':>13}{_fmt(gpu):>11}")
+        print(f"online / offline = {record['online_over_offline']:.3f}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
