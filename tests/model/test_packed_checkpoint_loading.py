@@ -11,11 +11,12 @@ from linear_helpers import FakePackedMethod, dequantize, quantize
 from model_helpers import load, make_prompts, rel_err, run_in_steps
 from tiny_models import make_tiny_model_dir
 
+from tokenmill.model import linear_method
 from tokenmill.model.linear_method import (
-    QUANTIZATION_REGISTRY,
     DenseLinearMethod,
     LinearMethod,
     QuantizationConfig,
+    QuantizationRegistry,
 )
 
 QUANT_METHOD = "tokenmill-test-packed"
@@ -35,12 +36,12 @@ class FakePackedConfig(QuantizationConfig):
         return FakePackedMethod()
 
 
-if QUANT_METHOD not in QUANTIZATION_REGISTRY.names():
-    QUANTIZATION_REGISTRY.register(QUANT_METHOD)(FakePackedConfig)
-
-
-def test_packed_checkpoint_matches_the_dense_model_on_its_dequantized_weights(tmp_path):
+def test_packed_checkpoint_matches_the_dense_model_on_its_dequantized_weights(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
+
+    registry = QuantizationRegistry(plugin_package="tokenmill.no_such_package")  # the real one stays untouched
+    registry.register(QUANT_METHOD)(FakePackedConfig)
+    monkeypatch.setattr(linear_method, "QUANTIZATION_REGISTRY", registry)
 
     source = make_tiny_model_dir(tmp_path / "src", "llama")
     state = load_file(str(source / "model.safetensors"))
