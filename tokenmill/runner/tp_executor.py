@@ -25,10 +25,10 @@ import torch.multiprocessing as mp
 from tokenmill.attention.backend import AttentionBackend, get_attention_backend
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.context import ParallelContext, create_parallel_context
-from tokenmill.distributed.loading import load_shard, model_spec
-from tokenmill.distributed.parallel_model import check_parallel_shape
 from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.model.loader import check_tensor_parallel, load_model
 from tokenmill.runner.inputs import host_step, upload_step
+from tokenmill.runner.linear_tuning import tune_rank_linears
 from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         # With async scheduling the next step's placeholder ids point into rank 0's sampled ids.
         share_sampled_ids = config.runner.schedules_async(device.startswith("cuda"))
         backend = get_attention_backend(config.runner.attention_backend, device)
-        loaded = load_shard(mc, backend, ctx, device)
+        loaded = load_model(mc, backend, parallel=ctx, device=device)
+        tune_rank_linears(loaded.model, config, device)  # this rank's partition shapes, before capture
         runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set())
         sampled_ids: torch.Tensor | None = None  # rank 0's sampled ids of the previous step (async scheduling)
         conn.send(("ready", None))
@@ -152,7 +153,7 @@ class TPExecutor(ModelRunner):
             torch.cuda.set_device(torch.device(_rank_device(mc.device, 0)))  # NCCL binds rank 0 to the current GPU
         if config.runner.custom_all_reduce and not on_cuda:
             raise ValueError("custom_all_reduce shares CUDA buffers between GPUs; it needs --device cuda")
-        check_parallel_shape(model_spec(mc), self.world_size)  # fail before starting any process
+        check_tensor_parallel(mc, self.world_size)  # fail before starting any process
         self._tmpdir = tempfile.mkdtemp(prefix="tokenmill-tp-")
         store_path = Path(self._tmpdir) / "rendezvous"
         spawn = mp.get_context("spawn")
@@ -172,7 +173,8 @@ class TPExecutor(ModelRunner):
             self.ctx: ParallelContext = create_parallel_context(0, self.world_size, store_path,
                                                                 _rank_device(mc.device, 0), timeout_s,
                                                                 config.runner.custom_all_reduce)
-            self.loaded = load_shard(mc, attn_backend, self.ctx, mc.device)
+            self.loaded = load_model(mc, attn_backend, parallel=self.ctx, device=mc.device)
+            tune_rank_linears(self.loaded.model, config, mc.device)
             self._wait_for("ready", load_timeout_s)
         except BaseException:
             self.shutdown()
