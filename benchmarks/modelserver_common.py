@@ -72,7 +72,7 @@ class Server:
         """``root``: the checkout whose tokenmill serves (another one gives an A/B baseline in the same run)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokenmill", "serve-models", "--repository", str(repository), "--port",
              str(self.port), "--device", device, *extra_args],

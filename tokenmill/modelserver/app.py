@@ -39,6 +39,7 @@ class ModelServerConfig:
     load_on_start: bool = True
     backend: str = "config"  # "config" = each model's platform; "torch" / "onnxruntime" override it
     workers: int = 1  # HTTP worker processes, each with its own model runtimes (cores are split between them)
+    grpc_address: str | None = None  # "host:port" for KServe v2 over gRPC beside HTTP; None = HTTP only
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
@@ -92,7 +93,17 @@ def create_app(config: ModelServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         if config.load_on_start:
             await repo.load_all()
+        grpc = None
+        if config.grpc_address:
+            from tokenmill import __version__
+            from tokenmill.modelserver.grpc_server import GrpcFrontend, InferenceService
+
+            grpc = GrpcFrontend(InferenceService(repo, SERVER_NAME, __version__, EXTENSIONS), config.grpc_address,
+                                config.max_body_bytes)
+            grpc.start()
         yield
+        if grpc is not None:
+            grpc.stop()
         await repo.close()
 
     app = FastAPI(title="tokenmill model server", lifespan=lifespan)

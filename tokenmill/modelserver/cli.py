@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--backend", default="config", choices=["config", "torch", "onnxruntime"],
                        help="config = each model's platform; torch serves models with a torch section "
                             "(CUDA graphs + fp16 on --device cuda)")
+    serve.add_argument("--grpc-port", type=int, default=None,
+                       help="also serve KServe v2 over gRPC on this port (Triton's GRPCInferenceService; off by default)")
     serve.add_argument("--workers", type=int, default=1,
                        help="HTTP worker processes sharing the port, each with its own model runtimes")
     serve.add_argument("--log-level", default="warning")
@@ -93,7 +95,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from tokenmill.modelserver.app import CONFIG_ENV, ModelServerConfig, create_app
 
     config = ModelServerConfig(args.repository, device=args.device, max_body_bytes=args.max_body_bytes,
-                               backend=args.backend, workers=args.workers)
+                               backend=args.backend, workers=args.workers,
+                               grpc_address=f"{args.host}:{args.grpc_port}" if args.grpc_port else None)
     options = dict(host=args.host, port=args.port, log_level=args.log_level, http=args.http, loop=args.loop)
     if config.workers == 1:
         uvicorn.run(create_app(config), **options)
