@@ -91,6 +91,21 @@ class Server:
                 raise RuntimeError("server not ready after 180 s")
             time.sleep(0.3)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server and its worker processes so far (Linux /proc): per-request CPU is a
+        steadier A/B measure than throughput on a host shared with other jobs."""
+        total, todo = 0.0, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return total
+
     def mean_batch_size(self, model: str) -> tuple[float, float]:
         """(samples, executions) so far from /metrics."""
         from prometheus_client.parser import text_string_to_metric_families

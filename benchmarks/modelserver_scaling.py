@@ -68,7 +68,8 @@ def main() -> None:
     if args.baseline_root:
         servers.insert(0, ("baseline", [], args.baseline_root.resolve()))
     rows = []
-    print(f"{'server':>12} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'fail':>5} {'batch':>6}")
+    print(f"{'server':>14} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'fail':>5} {'batch':>6} "
+          f"{'cpu ms/req':>8}")
     for label, extra, root in servers:
         server = Server(repo, device=args.device, extra_args=extra, root=root)
         try:
@@ -76,12 +77,15 @@ def main() -> None:
             drive(url, body, headers, 4, 2.0, 1, args.client)  # warm-up
             for level in levels:
                 s0, r0 = server.mean_batch_size(args.model)
+                cpu0 = server.cpu_seconds()
                 result = drive(url, body, headers, level, args.seconds, args.client_procs, args.client)
+                cpu_ms = (server.cpu_seconds() - cpu0) * 1000 / max(1, result.requests)
                 s1, r1 = server.mean_batch_size(args.model)
                 result.mean_batch_size = round((s1 - s0) / max(1.0, r1 - r0), 2)
-                rows.append({"server": label, "server_args": extra, "root": str(root), **asdict(result)})
-                print(f"{label:>12} {level:>7} {result.throughput_rps:>8.1f} {result.p50_ms:>8.1f} "
-                      f"{result.p99_ms:>8.1f} {result.failed:>5} {result.mean_batch_size:>6}")
+                rows.append({"server": label, "server_args": extra, "root": str(root), **asdict(result),
+                             "server_cpu_ms_per_request": round(cpu_ms, 2)})
+                print(f"{label:>14} {level:>7} {result.throughput_rps:>8.1f} {result.p50_ms:>8.1f} "
+                      f"{result.p99_ms:>8.1f} {result.failed:>5} {result.mean_batch_size:>6} {cpu_ms:>8.2f}")
         finally:
             server.close()
     ratios = {}
