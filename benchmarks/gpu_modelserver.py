@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,4", help="HTTP worker counts to serve with, one server each")
     parser.add_argument("--concurrency", default="16,64,256")
     parser.add_argument("--batch-concurrency", default="4,16", help="concurrency for 64-sentence requests")
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--client-procs", type=int, default=6)
     parser.add_argument("--max-queue-delay-ms", type=float, default=1.0)
     parser.add_argument("--iterations", type=int, default=50)

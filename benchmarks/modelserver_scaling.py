@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--server", action="append", default=[],
                         help="LABEL:EXTRA serve-models ARGS (repeatable); default one server labelled 'this'")
     parser.add_argument("--baseline-root", type=Path, help="also serve from this checkout (label 'baseline')")
+    parser.add_argument("--base-repository", type=Path,
+                        help="take the model from this repository instead of exporting the bundled one (e.g. a "
+                             "tiny BERT exported with `tokenmill export --hf-dir`, to time the front end alone)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
@@ -55,7 +58,7 @@ def main() -> None:
     load_at_start = list(os.getloadavg())
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    base = ensure_repository(args.work_dir / "base", (args.model,))
+    base = args.base_repository or ensure_repository(args.work_dir / "base", (args.model,))
     batching = {"preferred_batch_sizes": [args.max_batch_size], "max_queue_delay_ms": args.max_queue_delay_ms}
     if args.model == "sentiment":
         batching["pad_inputs"] = {"input_ids": 0, "attention_mask": 0}
@@ -96,6 +99,7 @@ def main() -> None:
     print("throughput at", levels[-1], "/ at", levels[0], "clients:", ratios)
     out = write_result(f"modelserver_scaling_{args.model}", {
         "load_average_at_start": load_at_start, "model": args.model, "config": config, "client": args.client,
+        "base_repository": str(args.base_repository) if args.base_repository else None,
         "client_procs": args.client_procs, "seconds": args.seconds, "results": rows,
         "scaling_ratio_last_over_first": ratios,
         "note": "closed loop, one item per request over the task endpoint; client and server share this host's "

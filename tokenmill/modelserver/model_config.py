@@ -154,7 +154,10 @@ class ModelConfig:
             raise ValueError(f"{path}: {exc}") from exc
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+        raw = asdict(self)
+        if raw["torch"] is None:  # left out, so repositories without it stay readable by older servers
+            del raw["torch"]
+        Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def config_from_onnx(name: str, onnx_path: Path, max_batch_size: int = 32, **kwargs) -> ModelConfig:
