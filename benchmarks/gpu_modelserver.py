@@ -32,6 +32,8 @@ import numpy as np
 import yaml
 from modelserver_common import ROOT, Server, drive, machine
 
+sys.path.insert(0, str(ROOT))  # this checkout's tokenmill, also when run as `python benchmarks/gpu_modelserver.py`
+
 SENTENCE = "The film was a delight from start to finish, and I would gladly watch it again."
 TEXT_LADDER = [1, 2, 4, 8, 16, 32, 64, 128]
 IMAGE_LADDER = [1, 2, 4, 8, 16, 32, 64]
