@@ -41,13 +41,24 @@ def exported(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def server(exported) -> str:
-    """Base URL of a live model server over the exported repository."""
-    port = free_port()
+def grpc_server(server_ports) -> str:
+    """host:port of the same server's KServe v2 gRPC endpoint."""
+    return server_ports["grpc"]
+
+
+@pytest.fixture(scope="session")
+def server(server_ports) -> str:
+    """host:port of a live model server (HTTP) over the exported repository."""
+    return server_ports["http"]
+
+
+@pytest.fixture(scope="session")
+def server_ports(exported) -> dict[str, str]:
+    port, grpc_port = free_port(), free_port()
     log = open(exported["repository"] / "server.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenmill", "serve-models", "--repository", str(exported["repository"]),
-         "--port", str(port), "--device", "cpu", "--max-body-bytes", str(MAX_BODY_BYTES)],
+         "--port", str(port), "--device", "cpu", "--max-body-bytes", str(MAX_BODY_BYTES), "--grpc-port", str(grpc_port)],
         cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     url = f"127.0.0.1:{port}"
@@ -64,7 +75,7 @@ def server(exported) -> str:
             if time.monotonic() > deadline:
                 raise RuntimeError("server did not become ready within 120 s")
             time.sleep(0.3)
-        yield url
+        yield {"http": url, "grpc": f"127.0.0.1:{grpc_port}"}
     finally:
         proc.terminate()
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,18 +28,42 @@ SERVER_NAME = "tokenmill"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "task_endpoints", "metrics"]
 
 
+CONFIG_ENV = "TOKENMILL_MODELSERVER_CONFIG"  # how `--workers N` hands the config to each worker process
+
+
 @dataclass
 class ModelServerConfig:
     repository: Path
     device: str = "auto"
     max_body_bytes: int = 32 * 1024 * 1024
     load_on_start: bool = True
+    backend: str = "config"  # "config" = each model's platform; "torch" / "onnxruntime" override it
+    workers: int = 1  # HTTP worker processes, each with its own model runtimes (cores are split between them)
+    grpc_address: str | None = None  # "host:port" for KServe v2 over gRPC beside HTTP; None = HTTP only
 
     def __post_init__(self) -> None:
+        self.repository = Path(self.repository)
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes ({self.max_body_bytes}) must be at least 1024")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device {self.device!r} must be 'auto', 'cpu' or 'cuda'")
+        if self.backend not in ("config", "torch", "onnxruntime"):
+            raise ValueError(f"backend {self.backend!r} must be 'config', 'torch' or 'onnxruntime'")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"workers ({self.workers}) must be between 1 and 64")
+
+    def to_env(self) -> str:
+        return json.dumps(dict(asdict(self), repository=str(self.repository)))
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory for `--workers N`: every worker process builds the same app from the environment."""
+    return create_app(ModelServerConfig(**json.loads(os.environ[CONFIG_ENV])))
+
+
+def fast_json(payload: dict) -> Response:
+    """Plain ``json.dumps``: FastAPI's default response path (jsonable_encoder + validation) costs more per request."""
+    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -61,13 +86,24 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def create_app(config: ModelServerConfig) -> FastAPI:
     metrics = ServerMetrics()
-    repo = ModelRepository(config.repository, metrics, device=config.device)
+    repo = ModelRepository(config.repository, metrics, device=config.device, backend=config.backend,
+                           thread_share=config.workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if config.load_on_start:
             await repo.load_all()
+        grpc = None
+        if config.grpc_address:
+            from tokenmill import __version__
+            from tokenmill.modelserver.grpc_server import GrpcFrontend, InferenceService
+
+            grpc = GrpcFrontend(InferenceService(repo, SERVER_NAME, __version__, EXTENSIONS), config.grpc_address,
+                                config.max_body_bytes)
+            grpc.start()
         yield
+        if grpc is not None:
+            grpc.stop()
         await repo.close()
 
     app = FastAPI(title="tokenmill model server", lifespan=lifespan)
@@ -168,20 +204,20 @@ def create_app(config: ModelServerConfig) -> FastAPI:
         return served
 
     @app.post("/v1/classify/{model}")
-    async def classify(model: str, request: Request, top_k: int | None = None) -> dict:
+    async def classify(model: str, request: Request, top_k: int | None = None) -> Response:
         served = task_model(model, "image_classification")
         k = top_k or served.config.task.top_k
         if not 1 <= k <= len(served.labels):
             raise BadInputError(f"top_k ({k}) must be between 1 and {len(served.labels)}")
         body = await read_body(request, config.max_body_bytes)
-        rgb = await asyncio.to_thread(processing.decode_image, body)
-        name = served.config.inputs[0].name
-        outputs = await served.infer({name: processing.preprocess_image(rgb)[None]})
+        image = await asyncio.to_thread(processing.image_tensor, body)  # decode + resize never hold the loop
+        outputs = await served.infer({served.config.inputs[0].name: image})
         logits = outputs[served.config.outputs[0].name][0]
-        return {"model": model, "version": served.version, "predictions": processing.top_k(logits, served.labels, k)}
+        return fast_json({"model": model, "version": served.version,
+                          "predictions": processing.top_k(logits, served.labels, k)})
 
     @app.post("/v1/sentiment/{model}")
-    async def sentiment(model: str, request: Request) -> dict:
+    async def sentiment(model: str, request: Request) -> Response:
         served = task_model(model, "text_classification")
         body = await read_body(request, config.max_body_bytes)
         try:
@@ -194,11 +230,11 @@ def create_app(config: ModelServerConfig) -> FastAPI:
             raise BadInputError('body must be JSON with "text": a non-empty string or a list of them')
         if len(texts) > served.config.max_batch_size:
             raise BadInputError(f"at most max_batch_size ({served.config.max_batch_size}) texts per request")
-        feeds = processing.tokenize(served.tokenizer, texts)
-        outputs = await served.infer(feeds)
+        # Tokenized on the batcher's worker together with the other requests of its batch.
+        outputs = await served.infer(processing.check_texts(texts))
         logits = outputs[served.config.outputs[0].name]
         results = [processing.sentiment(row, served.labels) for row in np.asarray(logits)]
-        return {"model": model, "version": served.version, "results": results}
+        return fast_json({"model": model, "version": served.version, "results": results})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

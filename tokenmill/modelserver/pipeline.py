@@ -16,7 +16,13 @@ import numpy as np
 
 from tokenmill.modelserver import bundled, processing
 from tokenmill.modelserver.export import ExportSpec, bundled_export_spec, export_spec
-from tokenmill.modelserver.model_config import DynamicBatching, ModelConfig, TaskConfig, config_from_onnx
+from tokenmill.modelserver.model_config import (
+    DynamicBatching,
+    ModelConfig,
+    TaskConfig,
+    TorchConfig,
+    config_from_onnx,
+)
 from tokenmill.modelserver.quantize import agreement, to_fp16, to_int8
 from tokenmill.modelserver.simplify import simplify
 from tokenmill.modelserver.validate import validate
@@ -81,6 +87,14 @@ def calibration_set(spec: ExportSpec, size: int) -> list[dict[str, np.ndarray]]:
 
 
 def default_config(name: str, spec: ExportSpec, onnx_path: Path, model_dir: Path) -> ModelConfig:
+    config = _task_config(name, spec, onnx_path, model_dir)
+    if "torch_model" in spec.extra:  # bundled architectures can also be served by the torch backend
+        hf_dir = spec.extra.get("tokenizer_dir") if spec.extra["torch_model"] == "sentiment" else None
+        config.torch = TorchConfig(model=spec.extra["torch_model"], hf_dir=hf_dir)
+    return config
+
+
+def _task_config(name: str, spec: ExportSpec, onnx_path: Path, model_dir: Path) -> ModelConfig:
     if spec.task == "image_classification":
         (model_dir / "labels.txt").write_text("\n".join(bundled.imagenet_labels()) + "\n")
         task = TaskConfig(kind="image_classification", labels_file="labels.txt", top_k=5)

@@ -59,10 +59,24 @@ def sentiment(logits: np.ndarray, labels: list[str]) -> dict:
     return {"label": labels[best], "scores": {name: float(p) for name, p in zip(labels, probs, strict=True)}}
 
 
-def tokenize(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+def image_tensor(data: bytes, size: int = bundled.IMAGE_SIZE) -> np.ndarray:
+    """Image file bytes -> 1x3xSxS float32, ready to batch (run off the event loop: PIL releases the GIL)."""
+    return preprocess_image(decode_image(data), size)[None]
+
+
+def check_texts(texts: list) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise BadInputError(f"text[{i}] is empty; expected a non-empty string")
+    return texts
+
+
+def tokenize(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+    return encode_texts(tokenizer, check_texts(texts))
+
+
+def encode_texts(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+    """Already-checked texts -> padded input_ids + attention_mask, in one Rust ``encode_batch`` call."""
     encoded = tokenizer.encode_batch(texts)
     return {
         "input_ids": np.asarray([e.ids for e in encoded], dtype=np.int64),

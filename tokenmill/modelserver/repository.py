@@ -6,6 +6,8 @@ Load/unload follow the KServe v2 repository extension; every numeric version dir
 from __future__ import annotations
 
 import asyncio
+import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,24 +17,38 @@ from tokenmill.modelserver.batcher import DynamicBatcher
 from tokenmill.modelserver.errors import BadInputError, ModelNotFoundError, ModelNotReadyError
 from tokenmill.modelserver.metrics import ServerMetrics
 from tokenmill.modelserver.model_config import ModelConfig
+from tokenmill.modelserver.processing import encode_texts
 
 
 class ServedModel:
     """One loaded version: its backend instances, dynamic batcher and task helpers (labels, tokenizer)."""
 
-    def __init__(self, config: ModelConfig, version: str, path: Path, metrics: ServerMetrics, device: str) -> None:
+    def __init__(self, config: ModelConfig, version: str, path: Path, metrics: ServerMetrics, device: str,
+                 platform: str | None = None, thread_share: int = 1) -> None:
+        """``platform`` overrides config.platform; ``thread_share``: processes sharing the cores (HTTP workers)."""
         self.config = config
         self.version = version
-        self.backend = OrtBackend(path, instances=config.instance_count, device=device,
-                                  threads=config.intra_op_threads or None, spinning=config.ort_spinning)
+        self.platform = platform or config.platform
+        if self.platform == "torch":
+            if config.torch is None:
+                raise ValueError(f"model {config.name!r} has no 'torch:' section in config.yaml, so the torch "
+                                 "backend cannot build it; add one (model: classifier|sentiment) or serve with onnxruntime")
+            from tokenmill.modelserver.torch_backend import TorchServingBackend, build_module
+
+            torch_device = "cuda" if device in ("cuda", "auto") and torch_cuda_available() else "cpu"
+            if device == "cuda" and torch_device != "cuda":
+                raise RuntimeError("device 'cuda' asked for but torch sees no CUDA device")
+            self.backend = TorchServingBackend(build_module(config.torch), config, torch_device)
+        else:
+            threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // (config.instance_count * thread_share))
+            self.backend = OrtBackend(path, instances=config.instance_count, device=device, threads=threads,
+                                      spinning=config.ort_spinning)
         labels = {"model": config.name, "version": version}
         self.metrics = {
             name: getattr(metrics, name).labels(**labels)
             for name in ("requests", "failures", "inferences", "executions", "queue_seconds", "compute_seconds",
                          "batch_size")
         }
-        self.batcher = DynamicBatcher(config, self.backend.run, on_batch=self._on_batch,
-                                      on_queue=self.metrics["queue_seconds"].observe)
         self.labels = list(config.task.labels)
         if config.task.labels_file:
             self.labels = (path.parent.parent / config.task.labels_file).read_text().splitlines()
@@ -41,6 +57,9 @@ class ServedModel:
             from tokenmill.modelserver.bundled import load_tokenizer
 
             self.tokenizer = load_tokenizer(Path(config.task.tokenizer_dir))
+        tokenize = partial(encode_texts, self.tokenizer) if self.tokenizer is not None else None
+        self.batcher = DynamicBatcher(config, self.backend.run, on_batch=self._on_batch,
+                                      on_queue=self.metrics["queue_seconds"].observe, tokenize=tokenize)
 
     def _on_batch(self, rows: int, seconds: float) -> None:
         self.metrics["executions"].inc()
@@ -77,9 +96,10 @@ class ServedModel:
             checked[name] = arr
         return checked
 
-    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, inputs: dict[str, np.ndarray] | list[str]) -> dict[str, np.ndarray]:
+        """Tensors (checked against the config here), or checked texts that the batcher tokenizes per batch."""
         try:
-            outputs = await self.batcher.infer(self.check_inputs(inputs))
+            outputs = await self.batcher.infer(inputs if isinstance(inputs, list) else self.check_inputs(inputs))
         except Exception:
             self.metrics["failures"].inc()
             raise
@@ -90,17 +110,27 @@ class ServedModel:
         def tensors(specs):
             return [{"name": s.name, "datatype": s.datatype, "shape": self.config.full_shape(s)} for s in specs]
 
-        return {"name": self.config.name, "versions": [self.version], "platform": self.config.platform,
+        return {"name": self.config.name, "versions": [self.version], "platform": self.platform,
                 "inputs": tensors(self.config.inputs), "outputs": tensors(self.config.outputs)}
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class ModelRepository:
-    def __init__(self, root: str | Path, metrics: ServerMetrics, device: str = "auto") -> None:
+    def __init__(self, root: str | Path, metrics: ServerMetrics, device: str = "auto", backend: str = "config",
+                 thread_share: int = 1) -> None:
+        """``backend``: "config" (each model's platform) or a platform forced on every model."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"model repository {self.root} is not a directory")
         self.metrics = metrics
         self.device = device
+        self.platform = None if backend == "config" else backend
+        self.thread_share = thread_share
         self.loaded: dict[str, dict[str, ServedModel]] = {}  # model -> version -> served
         self.errors: dict[str, str] = {}
         self.lock = asyncio.Lock()
@@ -110,7 +140,9 @@ class ModelRepository:
 
     def versions_on_disk(self, name: str, config: ModelConfig) -> list[str]:
         model_dir = self.root / name
-        found = [p.name for p in model_dir.iterdir() if p.name.isdigit() and (p / config.model_file).is_file()]
+        needs_file = (self.platform or config.platform) == "onnxruntime"  # torch builds from config.torch
+        found = [p.name for p in model_dir.iterdir()
+                 if p.name.isdigit() and p.is_dir() and (not needs_file or (p / config.model_file).is_file())]
         return sorted(found, key=int)
 
     def index(self) -> list[dict]:
@@ -138,7 +170,8 @@ class ModelRepository:
                 served = {}
                 for v in versions:
                     path = self.root / name / v / config.model_file
-                    served[v] = await asyncio.to_thread(ServedModel, config, v, path, self.metrics, self.device)
+                    served[v] = await asyncio.to_thread(ServedModel, config, v, path, self.metrics, self.device,
+                                                        self.platform, self.thread_share)
                     served[v].batcher.start()
             except Exception as exc:
                 self.errors[name] = str(exc)

@@ -37,7 +37,7 @@ def _bytes_elements(raw: bytes) -> np.ndarray:
     return np.array(items, dtype=np.object_)
 
 
-def _to_array(spec: dict, raw: bytes | None) -> np.ndarray:
+def to_array(spec: dict, raw: bytes | None) -> np.ndarray:
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
     if not isinstance(name, str) or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise BadInputError("each input needs a string 'name', a 'datatype' and a 'shape' list of non-negative ints")
@@ -91,7 +91,7 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
                 raise BadInputError(f"input {spec.get('name')!r}: binary_data_size {size} runs past the request body")
             raw = body[offset : offset + int(size)]
             offset += int(size)
-        inputs[spec["name"] if isinstance(spec.get("name"), str) else ""] = _to_array(spec, raw)
+        inputs[spec["name"] if isinstance(spec.get("name"), str) else ""] = to_array(spec, raw)
     params = header.get("parameters") or {}
     outputs = {
         o["name"]: bool((o.get("parameters") or {}).get("binary_data", params.get("binary_data_output", False)))
