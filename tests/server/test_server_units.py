@@ -17,7 +17,7 @@ from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.app import build_app
 from tokenmill.server.config import ServerConfig
-from tokenmill.server.errors import BadRequestError, NotSupportedError
+from tokenmill.server.errors import BadRequestError
 from tokenmill.server.params import chat_params, completion_params
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 

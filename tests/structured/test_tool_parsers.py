@@ -111,3 +111,18 @@ def test_named_stream_sends_arguments_as_they_come():
     content, calls = _assemble(deltas)
     assert content == "" and calls[0]["name"] == "lookup" and json.loads(calls[0]["arguments"]) == {"query": "tokenmill"}
     assert len(deltas) > 3 and stream.finish_reason("stop") == "tool_calls"
+
+
+def test_auto_needs_the_server_flag_and_a_parser():
+    from tokenmill.server.errors import BadRequestError
+    from tokenmill.server.protocol import ChatCompletionRequest
+    from tokenmill.server.tool_calls import plan_tools
+
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
+                                                "tools": [{"type": "function", "function": {"name": "f"}}]})
+    with pytest.raises(BadRequestError, match="--enable-auto-tool-choice"):
+        plan_tools(req, False, "hermes", None)
+    with pytest.raises(BadRequestError, match="--tool-call-parser"):
+        plan_tools(req, True, None, "plain template")
+    assert plan_tools(req, True, None, "{{ '<tool_call>' }}").parser.name == "hermes"
+    assert plan_tools(req.model_copy(update={"tool_choice": "none"}), True, "hermes", None) is None

@@ -20,8 +20,9 @@ def function_parameters(tool: dict[str, Any]) -> dict[str, Any]:
     return tool["function"].get("parameters") or EMPTY_PARAMETERS
 
 
+# Forced calls are compact JSON: the arguments are machine-read, and blanks would only spend tokens.
 def named_tool_spec(tool: dict[str, Any]) -> StructuredOutputsParams:
-    return StructuredOutputsParams(json=function_parameters(tool))
+    return StructuredOutputsParams(json=function_parameters(tool), disable_any_whitespace=True)
 
 
 def required_tools_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def required_tools_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[s
 
 
 def required_tools_spec(tools: list[dict[str, Any]], parallel: bool) -> StructuredOutputsParams:
-    return StructuredOutputsParams(json=required_tools_schema(tools, parallel))
+    return StructuredOutputsParams(json=required_tools_schema(tools, parallel), disable_any_whitespace=True)
 
 
 def parse_required_output(text: str) -> list[ParsedToolCall]:
