@@ -39,8 +39,12 @@ class GrammarCompiler:
     """One per engine: the tokenizer's vocabulary prepared once (lazily: ~0.2 s for 49k tokens) and an LRU cache
     of compiled grammars keyed by ``StructuredOutputsParams.cache_key()``."""
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: set[int], cache_size: int = 256):
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: set[int], cache_size: int = 256,
+                 tokenizer_info: Any = None):
+        """``tokenizer_info``: a ready xgrammar TokenizerInfo instead of ``hf_tokenizer`` (benchmarks on
+        random-weight presets, which have no tokenizer)."""
         self.hf_tokenizer = hf_tokenizer
+        self.tokenizer_info = tokenizer_info
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self.cache_size = cache_size
@@ -58,10 +62,12 @@ class GrammarCompiler:
                     raise GrammarError(
                         "structured outputs need the 'xgrammar' package (pip install tokenmill[structured])"
                     ) from exc
-                if self.hf_tokenizer is None:
-                    raise GrammarError("structured outputs need the model's tokenizer; this model has none")
-                info = xgr.TokenizerInfo.from_huggingface(
-                    self.hf_tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids)
+                info = self.tokenizer_info
+                if info is None:
+                    if self.hf_tokenizer is None:
+                        raise GrammarError("structured outputs need the model's tokenizer; this model has none")
+                    info = xgr.TokenizerInfo.from_huggingface(
+                        self.hf_tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2)
             return self._compiler
 
