@@ -84,6 +84,21 @@ def footprint(dist: str) -> dict:
     return {"packages": sorted(seen - {dist}), "mb": round(total / 1e6, 1)}
 
 
+def xgrammar_mask_times(matcher, token_ids: list[int], vocab: int) -> list[float]:
+    """Seconds per bitmask fill while walking ``token_ids``; stops after the first token the grammar rejects."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    times = []
+    for token in token_ids:
+        start = time.perf_counter()
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        times.append(time.perf_counter() - start)
+        if not matcher.accept_token(token):
+            break
+    return times
+
+
 def bench_xgrammar(hf_tok, answer_ids: list[int], vocab: int) -> dict:
     import xgrammar as xgr
 
@@ -98,14 +113,9 @@ def bench_xgrammar(hf_tok, answer_ids: list[int], vocab: int) -> dict:
         compiled = compiler.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
         compiles.append(time.perf_counter() - t0)
     matcher = xgr.GrammarMatcher(compiled)
-    bitmask = xgr.allocate_token_bitmask(1, vocab)
-    mask_times = []
-    for tok in answer_ids:
-        t0 = time.perf_counter()
-        matcher.fill_next_token_bitmask(bitmask, 0)
-        mask_times.append(time.perf_counter() - t0)
-        if not matcher.accept_token(tok):
-            raise RuntimeError(f"xgrammar rejected token {tok}")
+    mask_times = xgrammar_mask_times(matcher, answer_ids, vocab)
+    if len(mask_times) < len(answer_ids):
+        raise RuntimeError(f"xgrammar rejected token {answer_ids[len(mask_times) - 1]}")
     return {"version": importlib.metadata.version("xgrammar"), "tokenizer_prep_s": t_tok,
             "compile_s": compiles, "mask_us": mask_times, "terminated_ok": matcher.is_terminated() or
             matcher.accept_token(hf_tok.eos_token_id)}

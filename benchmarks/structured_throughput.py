@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from structured_backends import xgrammar_mask_times  # benchmarks/ is on sys.path when run as a script
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.structured.compiler import GrammarCompiler
@@ -75,15 +76,7 @@ def mask_times(grammars: GrammarCompiler, token_ids: list[int], vocab: int) -> l
     import xgrammar as xgr
 
     matcher = xgr.GrammarMatcher(grammars.compile(StructuredOutputsParams(json=SCHEMA)))
-    bitmask = xgr.allocate_token_bitmask(1, vocab)
-    times = []
-    for token in token_ids:
-        start = time.perf_counter()
-        matcher.fill_next_token_bitmask(bitmask, 0)
-        times.append(time.perf_counter() - start)
-        if not matcher.accept_token(token):
-            break
-    return times
+    return xgrammar_mask_times(matcher, token_ids, vocab)
 
 
 def main() -> None:

@@ -108,6 +108,17 @@ def _check_weather_args(arguments: str) -> dict:
     return args
 
 
+def _assert_streamed_call_equals(client, kwargs: dict, name: str, args: dict) -> None:
+    """The openai SDK's stream helper assembles the deltas into the same single call."""
+    with client.chat.completions.stream(**kwargs) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls"
+    [streamed] = final.message.tool_calls
+    assert streamed.function.name == name and json.loads(streamed.function.arguments) == args
+
+
 def test_required_tool_call_round_trip(client):
     messages = [{"role": "user", "content": "Weather in Paris for 2 days?"}]
     result = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL],
@@ -140,13 +151,7 @@ def test_named_tool_call_streamed_reassembles_to_non_streamed(client):
     [call] = whole.message.tool_calls
     assert call.function.name == "get_weather"
     args = _check_weather_args(call.function.arguments)
-    with client.chat.completions.stream(**kwargs) as stream:
-        for _ in stream:
-            pass
-        final = stream.get_final_completion().choices[0]
-    assert final.finish_reason == "tool_calls"
-    [streamed] = final.message.tool_calls
-    assert streamed.function.name == "get_weather" and json.loads(streamed.function.arguments) == args
+    _assert_streamed_call_equals(client, kwargs, "get_weather", args)
 
 
 # The random model cannot choose to call a tool, so a regex makes it write a Hermes-format call; the auto path
@@ -166,10 +171,4 @@ def test_auto_tool_choice_parses_hermes_calls_streamed_and_not(client):
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == "I will check. "  # text before the marker is streamed as it comes, the call held back
-    with client.chat.completions.stream(**kwargs) as stream:
-        for _ in stream:
-            pass
-        final = stream.get_final_completion().choices[0]
-    assert final.finish_reason == "tool_calls"
-    [streamed] = final.message.tool_calls
-    assert streamed.function.name == "get_weather" and json.loads(streamed.function.arguments) == args
+    _assert_streamed_call_equals(client, kwargs, "get_weather", args)
