@@ -126,3 +126,29 @@ def test_auto_needs_the_server_flag_and_a_parser():
         plan_tools(req, True, None, "plain template")
     assert plan_tools(req, True, None, "{{ '<tool_call>' }}").parser.name == "hermes"
     assert plan_tools(req.model_copy(update={"tool_choice": "none"}), True, "hermes", None) is None
+
+
+def test_chat_template_receives_tools_and_tool_turns(tmp_path):
+    """The route hands the template the tools and the assistant/tool turns, with arguments decoded."""
+    from types import SimpleNamespace
+
+    from tiny_models import build_tokenizer
+    from transformers import AutoTokenizer
+
+    from tokenmill.model.tokenizer import Tokenizer
+    from tokenmill.server.protocol import ChatMessage
+    from tokenmill.server.routes_chat import chat_prompt
+
+    build_tokenizer(tmp_path)
+    template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+                "{% for m in messages %}<{{ m.role }}>{% for c in m.tool_calls or [] %}"
+                "{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}"
+                "{{ m.tool_call_id or '' }}:{{ m.content }}{% endfor %}")
+    tokenizer = Tokenizer(AutoTokenizer.from_pretrained(str(tmp_path)), chat_template=template)
+    messages = [ChatMessage(role="user", content="Weather?"),
+                ChatMessage(role="assistant", tool_calls=[{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]),
+                ChatMessage(role="tool", tool_call_id="call_1", content="cold")]
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    ids = chat_prompt(SimpleNamespace(tokenizer=tokenizer), messages, False, tools)
+    assert tokenizer.decode(ids) == "[tool get_weather]<user>:Weather?<assistant>get_weather(Oslo):<tool>call_1:cold"
