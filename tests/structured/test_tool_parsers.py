@@ -96,6 +96,17 @@ def test_auto_stream_releases_text_and_holds_the_call(step):
     assert not any("<tool_call>" in (d.get("content") or "") for d in deltas)
 
 
+def test_auto_without_parallel_calls_keeps_the_first():
+    from tokenmill.server.tool_calls import tool_message
+
+    text = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}</tool_call>'
+    both = ToolPlan("auto", [], parser=get_tool_parser("hermes"))
+    one = ToolPlan("auto", [], parser=get_tool_parser("hermes"), parallel=False)
+    assert [c["function"]["name"] for c in tool_message(both, text, "stop")[0]["tool_calls"]] == ["a", "b"]
+    message, finish = tool_message(one, text, "stop")
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["a"] and finish == "tool_calls"
+
+
 @pytest.mark.parametrize("step", [1, 4])
 def test_auto_stream_without_call_is_plain_text(step):
     plan = ToolPlan("auto", [], parser=get_tool_parser("hermes"))

@@ -29,6 +29,7 @@ class ToolPlan:
     spec: StructuredOutputsParams | None = None  # the grammar of a forced call
     function_name: str | None = None  # the named function
     parser: ToolParser | None = None  # auto
+    parallel: bool = True  # parallel_tool_calls; false keeps the first call only
 
 
 def new_call_id() -> str:
@@ -74,7 +75,8 @@ def plan_tools(req: ChatCompletionRequest, enable_auto_tool_choice: bool, tool_c
                 "format implies one",
                 param="tool_choice",
             )
-        return ToolPlan("auto", tools, parser=get_tool_parser(parser_name))
+        return ToolPlan("auto", tools, parser=get_tool_parser(parser_name),
+                        parallel=req.parallel_tool_calls is not False)
     raise BadRequestError(f"tool_choice must be 'none', 'auto', 'required' or a function object; got {choice!r}",
                           param="tool_choice")
 
@@ -108,7 +110,7 @@ def parse_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[ParsedToolC
         calls = parse_required_output(text)
         return (None if calls else text), calls
     parsed = plan.parser.parse(text)
-    return parsed.content, parsed.tool_calls
+    return parsed.content, parsed.tool_calls if plan.parallel else parsed.tool_calls[:1]
 
 
 def call_dicts(calls: list[ParsedToolCall], ids: list[str] | None = None) -> list[dict[str, Any]]:
