@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.structured.params import StructuredOutputsParams
+
 
 def _check_number(name: str, value: object, *, integer: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -32,8 +34,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Output must match a JSON schema / regex / choice / grammar (a dict of the same fields is accepted).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -6,7 +6,8 @@ import pytest
 from server_process import ServerProcess  # tests/server_process.py, shared with the bench tests
 
 # Small context so every request (fuzzed ones too) generates a bounded number of tokens on CPU.
-SHARED_ARGS = ("--max-model-len", "256", "--served-model-name", "tiny-llama")
+SHARED_ARGS = ("--max-model-len", "256", "--served-model-name", "tiny-llama", "--enable-auto-tool-choice",
+               "--tool-call-parser", "hermes")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.app import build_app
 from tokenmill.server.config import ServerConfig
-from tokenmill.server.errors import BadRequestError, NotSupportedError
+from tokenmill.server.errors import BadRequestError
 from tokenmill.server.params import chat_params, completion_params
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -54,10 +54,10 @@ def test_completion_params_mapping():
 
 def test_chat_params_rejects_unbuilt_features():
     base = {"messages": [{"role": "user", "content": "hi"}]}
-    with pytest.raises(NotSupportedError):
-        chat_params(ChatCompletionRequest.model_validate({**base, "tools": [{"type": "function"}]}))
-    with pytest.raises(NotSupportedError):
+    with pytest.raises(BadRequestError, match="'schema'"):
         chat_params(ChatCompletionRequest.model_validate({**base, "response_format": {"type": "json_schema"}}))
+    params = chat_params(ChatCompletionRequest.model_validate({**base, "response_format": {"type": "json_object"}}))
+    assert params.structured_outputs.json_object
     with pytest.raises(BadRequestError):
         chat_params(ChatCompletionRequest.model_validate({**base, "max_tokens": 3, "max_completion_tokens": 4}))
     params = chat_params(ChatCompletionRequest.model_validate({**base, "max_completion_tokens": 4, "logprobs": True,

@@ -172,6 +172,8 @@ class AsyncLLM:
         (backpressure) or EngineDeadError. The returned stream yields cumulative RequestOutputs.
         """
         loop = asyncio.get_running_loop()
+        if params.structured_outputs is not None:  # compile (or find cached) here, not on the engine thread
+            await asyncio.to_thread(self.engine.grammars.compile, params.structured_outputs)
         stream = RequestStream(request_id, loop, self)
         submission = _Submission(
             request_id, list(prompt_token_ids), params, prompt, time.monotonic(), stream, loop.create_future()

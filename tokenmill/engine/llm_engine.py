@@ -31,6 +31,7 @@ from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 from tokenmill.sampling.penalties import needs_penalties
 from tokenmill.sampling.sampler import make_generator
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.num_kv_cache_tokens = num_blocks * config.cache.block_size
         self.requests: dict[str, Request] = {}
+        self.grammars = GrammarCompiler(self.tokenizer.hf if self.tokenizer is not None else None,
+                                        self.model.vocab_size, self.eos_token_ids)
         self.async_scheduling = config.runner.schedules_async(on_cuda)
         self.in_flight: InFlightStep | None = None
         self.num_steps = 0
@@ -158,6 +161,7 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids, params)
         request = Request(request_id, prompt, list(prompt_token_ids), params,
                           arrival_time=arrival_time if arrival_time is not None else time.monotonic())
+        spec = params.structured_outputs  # compiled off this thread by AsyncLLM; a cache hit here
         leader: Sequence | None = None
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
@@ -174,6 +178,7 @@ class LLMEngine:
                 if params.max_tokens is not None else self.max_model_len,
                 leader=leader,
                 logprobs=[] if params.logprobs is not None else None,
+                grammar=self.grammars.matcher(spec) if spec is not None else None,
             )
             leader = leader or seq
             request.sequences.append(seq)
@@ -250,7 +255,10 @@ class LLMEngine:
         if self.in_flight is not None:
             outputs += self._land_in_flight()
         self.in_flight = InFlightStep(sched, launched, placeholders)
-        if not self.async_scheduling:
+        # A step that sampled a grammar-constrained row lands now: that row's next mask needs this token.
+        # Steps of unconstrained rows only stay overlapped.
+        constrained = any(seq.grammar is not None for seq, _ in placeholders)
+        if not self.async_scheduling or constrained:
             outputs += self._land_in_flight()
         return outputs
 
@@ -305,6 +313,7 @@ class LLMEngine:
         num_out = num_tokens - seq.prompt_len
         past_min = num_out >= params.min_tokens
         stop_string = seq.detokenize_pending() if self.stream_outputs or params.stop else None
+        grammar_ended = seq.grammar is not None and seq.grammar.advance(token_id)
         status: SequenceStatus | None = None
         if past_min and not params.ignore_eos and token_id in self.eos_token_ids:
             status = SequenceStatus.FINISHED_STOPPED
@@ -312,6 +321,8 @@ class LLMEngine:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token_id
         elif past_min and stop_string is not None:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_string
+        elif grammar_ended:  # its stop token accepted (ignore_eos cannot outlive the grammar)
+            status = SequenceStatus.FINISHED_STOPPED
         elif num_tokens >= seq.token_limit:  # max_tokens reached, or max_model_len
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:

@@ -57,6 +57,7 @@ class Sequence:
     # Most tokens (prompt + generated) it may reach: min(prompt + max_tokens, max_model_len). The engine sets
     # it on every sequence it creates; None only for sequences built by hand (scheduler tests).
     token_limit: int | None = None
+    grammar: Any = None  # structured.RequestGrammar when the output is constrained (advanced as tokens land)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

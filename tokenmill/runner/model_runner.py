@@ -157,7 +157,8 @@ class ModelRunner:
             # Only penalties read the history's ids; copying every history on every step costs O(length).
             history = seq.output_token_ids if needs_penalties(seq.params) else ()
             sampling_rows.append(
-                SamplingRow(seq.params, seq.prompt_token_ids, history, seq.generator, seq.num_output_tokens)
+                SamplingRow(seq.params, seq.prompt_token_ids, history, seq.generator, seq.num_output_tokens,
+                            seq.grammar)
             )
         # The logits are this step's scratch (the graph's output buffer or a fresh tensor).
         token_ids, logprobs = self.sampler.sample(logits, sampling_rows, logits_writable=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ from tokenmill.sampling.filters import apply_min_p, apply_top_k_top_p
 from tokenmill.sampling.logprobs import sample_logprobs
 from tokenmill.sampling.penalties import apply_min_tokens, apply_penalties, needs_history
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.bitmask import apply_grammar_bitmask
 from tokenmill.transfer import to_device
 
 
@@ -36,6 +38,8 @@ class SamplingRow:
     output_token_ids: list[int] | array | tuple[()]
     generator: torch.Generator | None = None  # per-request seeded generator; None: the shared default RNG
     num_output_tokens: int | None = None  # None: len(output_token_ids)
+    grammar: Any = None  # a structured.RequestGrammar: tokens it forbids get -inf before sampling
+
 
     @property
     def output_len(self) -> int:
@@ -143,10 +147,13 @@ class Sampler:
                 f"logits must be [len(rows)={len(rows)}, vocab]; got shape {tuple(logits.shape)}"
             )
         raw_logits = logits
+        wants_logprobs = any(row.params.logprobs is not None for row in rows)
+        logits = apply_grammar_bitmask(logits, [row.grammar for row in rows],
+                                       copy=not logits_writable or wants_logprobs)
         if needs_history(rows):
             # These processors work in place: on a float32 copy unless the caller's logits are scratch and
             # no row wants logprobs (which read the raw values). The copy of a 256 x 128k batch costs ~90 µs.
-            wants_raw = not logits_writable or any(row.params.logprobs is not None for row in rows)
+            wants_raw = (not logits_writable or wants_logprobs) and logits is raw_logits
             logits = logits.to(torch.float32, copy=wants_raw)
             apply_min_tokens(logits, rows, self.eos_token_ids)
             apply_penalties(logits, rows)

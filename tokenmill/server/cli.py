@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-request-bytes", type=int, default=10 * 1024 * 1024, help="413 above this body size")
     parser.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log lines")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='tool_choice "auto": parse tool calls from the model\'s output (needs a parser)')
+    parser.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen", "llama3_json", "mistral"],
+                        help="tool-call format of the model family (default: implied by the chat template)")
     parser.add_argument("--engine-death-grace", type=float, default=2.0, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -59,6 +63,8 @@ def build_configs(args: argparse.Namespace):
         max_request_bytes=args.max_request_bytes,
         log_prompts=args.log_prompts,
         log_level=args.log_level,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
     return engine_config, server_config
 

@@ -19,6 +19,8 @@ class ServerConfig:
     max_request_bytes: int = 10 * 1024 * 1024
     log_prompts: bool = False
     log_level: str = "info"
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls from the model's text
+    tool_call_parser: str | None = None  # vLLM's names: hermes, qwen, llama3_json, mistral
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -31,5 +33,10 @@ class ServerConfig:
             raise ValueError(f"engine_death_grace must be >= 0 seconds; got {self.engine_death_grace}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024; got {self.max_request_bytes}")
+        if self.tool_call_parser is not None:
+            from tokenmill.structured.tool_parsers import TOOL_PARSERS
+
+            if self.tool_call_parser not in TOOL_PARSERS:
+                raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_PARSERS)}; got {self.tool_call_parser!r}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError(f"log_level must be one of critical, error, warning, info, debug; got {self.log_level!r}")

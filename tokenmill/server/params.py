@@ -10,6 +10,8 @@ from typing import Any
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import BadRequestError, NotSupportedError
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tokenmill.server.structured_fields import structured_spec
+from tokenmill.structured.params import StructuredOutputsParams
 
 # SamplingParams field names a ValueError message starts with, so the error can name its ``param``.
 _PARAM_NAMES = (
@@ -76,19 +78,12 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
     kwargs = _common(req)
     kwargs["max_tokens"] = req.max_tokens
     kwargs["logprobs"] = req.logprobs
+    kwargs["structured_outputs"] = structured_spec(req)
     return build_params(kwargs)
 
 
-def chat_params(req: ChatCompletionRequest) -> SamplingParams:
-    if req.tools:
-        raise NotSupportedError("tools (function calling) are not supported yet", param="tools")
-    if req.tool_choice not in (None, "none"):
-        raise NotSupportedError("tool_choice is not supported yet", param="tool_choice")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise NotSupportedError(
-            f"response_format type {req.response_format.type!r} is not supported yet; only 'text' is",
-            param="response_format",
-        )
+def chat_params(req: ChatCompletionRequest, tool_spec: StructuredOutputsParams | None = None) -> SamplingParams:
+    """``tool_spec``: the grammar of a forced tool call (server/tool_calls.py), exclusive with other constraints."""
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
         raise BadRequestError(
             f"max_tokens ({req.max_tokens}) and max_completion_tokens ({req.max_completion_tokens}) disagree; "
@@ -99,6 +94,11 @@ def chat_params(req: ChatCompletionRequest) -> SamplingParams:
         raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
     kwargs = _common(req)
     kwargs["max_tokens"] = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    spec = structured_spec(req, req.response_format)
+    if spec is not None and tool_spec is not None:
+        raise BadRequestError("a forced tool_choice cannot be combined with response_format or structured_outputs",
+                              param="tool_choice")
+    kwargs["structured_outputs"] = spec or tool_spec
     if req.logprobs:
         kwargs["logprobs"] = req.top_logprobs if req.top_logprobs is not None else 0
     params = build_params(kwargs)

@@ -43,6 +43,7 @@ from tokenmill.server.streaming import (
     run_unless_disconnected,
     sse_event,
 )
+from tokenmill.server.tool_calls import ToolCallStream, ToolPlan, plan_tools, template_messages, tool_message
 
 router = APIRouter()
 
@@ -67,14 +68,20 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_calls is not None:
+            entry["tool_calls"] = [dict(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         result.append(entry)
     return result
 
 
-def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    dicts = messages_to_dicts(messages)
+def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
+    dicts = template_messages(messages_to_dicts(messages))
+    extra = {"tools": tools} if tools else {}
     try:
-        return ctx.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt)
+        return ctx.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt, **extra)
     except (ValueError, jinja2.TemplateError) as exc:
         raise BadRequestError(f"the chat template could not render these messages: {exc}", param="messages") from exc
 
@@ -93,8 +100,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     record = RequestRecord(request_id, "chat", ctx.metrics, ctx.config.log_prompts)
     try:
         check_model(ctx, body.model)
-        params = chat_params(body)
-        prompt_ids = chat_prompt(ctx, body.messages, body.add_generation_prompt)
+        plan = plan_tools(body, ctx.config.enable_auto_tool_choice, ctx.config.tool_call_parser,
+                          ctx.tokenizer.chat_template)
+        params = chat_params(body, plan.spec if plan is not None else None)
+        prompt_ids = chat_prompt(ctx, body.messages, body.add_generation_prompt,
+                                 plan.tools if plan is not None else None)
         record.prompt_text = repr(messages_to_dicts(body.messages))
         [stream] = await start_streams(ctx, request_id, [prompt_ids], params, [None])
     except APIError as exc:
@@ -102,7 +112,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(ctx, request_id, params, stream, include_usage, record)
+        events = _stream(ctx, request_id, params, stream, include_usage, record, plan)
         return DisconnectAwareStreamingResponse(events, media_type="text/event-stream")
     try:
         final = await run_unless_disconnected(request, _collect(stream, record))
@@ -113,16 +123,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         error = from_engine_error(exc)
         record.finish(error.status_code, error.message)
         raise error from exc
-    choices = [
-        {
+    choices = []
+    for choice in final.outputs:
+        message, finish_reason = {"role": "assistant", "content": choice.text}, choice.finish_reason
+        if plan is not None:
+            message, finish_reason = tool_message(plan, choice.text, finish_reason)
+        choices.append({
             "index": choice.index,
-            "message": {"role": "assistant", "content": choice.text},
+            "message": message,
             "logprobs": _logprobs(ctx, params, choice, 0),
-            "finish_reason": choice.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": choice.stop_reason,
-        }
-        for choice in final.outputs
-    ]
+        })
     completion_tokens = sum(len(choice.token_ids) for choice in final.outputs)
     record.finish(200)
     return JSONResponse({
@@ -153,8 +165,10 @@ async def _stream(
     stream: RequestStream,
     include_usage: bool,
     record: RequestRecord,
+    plan: ToolPlan | None = None,
 ) -> AsyncIterator[str]:
     created = now_seconds()
+    tool_streams = [ToolCallStream(plan) for _ in range(params.n)] if plan is not None else None
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         payload: dict[str, Any] = {
@@ -187,10 +201,21 @@ async def _stream(
                 logprobs = _logprobs(ctx, params, choice, sent_tokens[i])
                 sent_text[i] = len(choice.text)
                 sent_tokens[i] = len(choice.logprobs) if choice.logprobs is not None else len(choice.token_ids)
-                if not text and logprobs is None and choice.finish_reason is None:
+                finish_reason = choice.finish_reason
+                if tool_streams is not None:  # tool calls: deltas from the parser state, not raw text
+                    tool_stream = tool_streams[i]
+                    deltas = tool_stream.deltas(choice.text, finish_reason is not None)
+                    finish_reason = tool_stream.finish_reason(finish_reason)
+                    for delta in deltas:
+                        yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+                    if finish_reason is not None:
+                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason,
+                                      "stop_reason": choice.stop_reason}])
+                    continue
+                if not text and logprobs is None and finish_reason is None:
                     continue
                 delta = {"content": text} if text else {}
-                yield chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": choice.finish_reason,
+                yield chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
                               "stop_reason": choice.stop_reason}])
         if include_usage:
             yield chunk([], usage=usage(prompt_tokens, completion_tokens))
