@@ -182,23 +182,20 @@ class Scheduler:
         """The step as plain data: per sequence only what the runner has not been told yet."""
         record = StepRecord(finished_req_ids=self.finished_seq_ids)
         self.finished_seq_ids = []
+        new_requests, scheduled = record.new_requests, record.scheduled
         for item in out.scheduled:
-            seq = item.seq
+            seq, drafts = item.seq, item.draft_token_ids
             if not seq.known_to_runner:
                 seq.known_to_runner = True
-                record.new_requests.append(NewRequest(seq.seq_id, seq.params, seq.seed, seq.prompt_len))
-            table = seq.block_table
-            record.scheduled.append(ScheduledRequest(
-                req_id=seq.seq_id,
-                num_tokens=item.num_tokens,
-                num_computed_tokens=seq.num_computed_tokens,
-                new_token_ids=seq.token_ids[seq.num_sent_tokens:],
-                new_block_ids=table[seq.num_sent_blocks:],
-                num_blocks=len(table),
-                draft_token_ids=item.draft_token_ids,
-                samples=item.samples,
+                new_requests.append(NewRequest(seq.seq_id, seq.params, seq.seed, seq.prompt_len))
+            table, token_ids, start = seq.block_table, seq.token_ids, seq.num_computed_tokens
+            num_tokens = len(token_ids) + seq.num_in_flight
+            # Positional arguments: this runs for every scheduled sequence on every step.
+            scheduled.append(ScheduledRequest(
+                seq.seq_id, item.num_tokens, start, token_ids[seq.num_sent_tokens:], table[seq.num_sent_blocks:],
+                len(table), drafts, start + item.num_tokens - len(drafts) == num_tokens,
             ))
-            seq.num_sent_tokens = len(seq.token_ids)
+            seq.num_sent_tokens = len(token_ids)
             seq.num_sent_blocks = len(table)
         return record
 

@@ -63,16 +63,18 @@ def step_arrays(record: StepRecord, batch: InputBatch, block_size: int) -> StepA
     in_flight: dict[int, int] = {}  # flat token index -> entry of the previous step's sampled ids
     prev_index = batch.prev_sample_index
     next_index: dict[str, int] = {}
+    requests = batch.requests
     num_sampled = 0
-    for row, entry in enumerate(record.scheduled):
-        state = batch.requests[entry.req_id]
+    for row, entry in enumerate(record.scheduled):  # runs for every row of every step: kept lean
+        state = requests[entry.req_id]
         start, num, drafts = entry.num_computed_tokens, entry.num_tokens, entry.draft_token_ids
+        known = state.token_ids
         known_end = start + num - len(drafts)  # drafts follow the sequence's own tokens
-        host_end = min(known_end, len(state.token_ids))
+        host_end = known_end if known_end <= len(known) else len(known)
         if host_end - start == 1:
-            token_ids.append(state.token_ids[start])
+            token_ids.append(known[start])
         else:
-            token_ids.extend(state.token_ids[start:host_end])
+            token_ids.extend(known[start:host_end])
         if known_end > host_end:  # the last token was sampled by the step still in flight
             source = prev_index.get(entry.req_id)
             if known_end - host_end != 1 or source is None:
@@ -80,17 +82,21 @@ def step_arrays(record: StepRecord, batch: InputBatch, block_size: int) -> StepA
                                    "host and not sampled by the previous step")
             in_flight[len(token_ids)] = source
             token_ids.append(0)
-        token_ids.extend(drafts)
+        if drafts:
+            token_ids.extend(drafts)
         query_lens.append(num)
         seq_lens.append(start + num)
         tables.append(state.block_table)
         if entry.samples:
-            first = len(token_ids) - 1 - len(drafts)
-            sample_indices.extend(range(first, len(token_ids)))
-            sample_rows.append(row)
-            if not drafts:  # a verification row's next input depends on acceptance: the host must read it
+            if drafts:  # k + 1 logit rows; the next input depends on acceptance, so the host must read it
+                first = len(token_ids) - 1 - len(drafts)
+                sample_indices.extend(range(first, len(token_ids)))
+                num_sampled += 1 + len(drafts)
+            else:
+                sample_indices.append(len(token_ids) - 1)
                 next_index[entry.req_id] = num_sampled
-            num_sampled += 1 + len(drafts)
+                num_sampled += 1
+            sample_rows.append(row)
     batch.prev_sample_index = next_index
     index = None
     if in_flight:
