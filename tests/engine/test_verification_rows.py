@@ -56,12 +56,12 @@ def _engine(model_dir, caching: bool, tp: int = 1, proposer=None, device: str = 
                                  draft_proposer=proposer, device=device, **ENGINE_ARGS)
 
 
-def _run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams):
+def _run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, prefix: str = "r"):
     """Generate to the end; returns {id: output ids} and {id: tokens gained per step that gained any}."""
     for i, ids in enumerate(prompts):
-        engine.add_request(f"r{i}", ids, params)
+        engine.add_request(f"{prefix}{i}", ids, params)
     outputs: dict[str, list[int]] = {}
-    gains: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    gains: dict[str, list[int]] = {f"{prefix}{i}": [] for i in range(len(prompts))}
     while engine.has_unfinished_requests() or engine.in_flight is not None:
         for out in engine.step():
             ids = out.outputs[0].token_ids
@@ -103,10 +103,15 @@ def test_acceptance_is_the_longest_agreeing_prefix_plus_one():
         accept_drafts([1, 2], [1, 2])
 
 
-def _reference(model_dir, prompts, params, caching, device="cpu"):
-    engine = _engine(model_dir, caching, device=device)
-    outputs, _ = _run(engine, prompts, params)
-    return {rid: prompts[int(rid[1:])] + ids for rid, ids in outputs.items()}
+_REFERENCES: dict[tuple[str, str], dict[str, list[int]]] = {}
+
+
+def _reference(model_dir, prompts, case: str, device: str = "cpu") -> dict[str, list[int]]:
+    """Plain decoding's prompt + output ids per request id (computed once per case and device)."""
+    if (case, device) not in _REFERENCES:
+        outputs, _ = _run(_engine(model_dir, caching=False, device=device), prompts, PARAMS[case])
+        _REFERENCES[case, device] = {rid: prompts[int(rid[1:])] + ids for rid, ids in outputs.items()}
+    return _REFERENCES[case, device]
 
 
 def _check(engine, prompts, params, reference, wrong: bool, caching: bool):
@@ -137,7 +142,7 @@ def _check(engine, prompts, params, reference, wrong: bool, caching: bool):
 def test_drafts_give_plain_decoding_tokens_and_wrong_ones_roll_back(setup, caching, case, device):
     model_dir, prompts, vocab = setup
     params = PARAMS[case]
-    reference = _reference(model_dir, prompts, params, caching, device)
+    reference = _reference(model_dir, prompts, case, device)
     for wrong in (0, 2):
         proposer = ScriptedProposer(reference, vocab, wrong_every=wrong)
         engine = _engine(model_dir, caching, proposer=proposer, device=device)
@@ -145,10 +150,21 @@ def test_drafts_give_plain_decoding_tokens_and_wrong_ones_roll_back(setup, cachi
         assert proposer.calls
 
 
+def test_the_runner_drops_the_state_of_finished_requests(setup):
+    model_dir, prompts, _ = setup
+    engine = _engine(model_dir, caching=True)
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+    _run(engine, prompts, params, prefix="a")
+    _run(engine, prompts, params, prefix="b")
+    # The first round's state went with the second round's first record; the second's waits for the next one.
+    assert set(engine.runner.batch.requests) == {f"b{i}" for i in range(len(prompts))}
+    assert sorted(engine.scheduler.finished_seq_ids) == sorted(engine.runner.batch.requests)
+
+
 def test_verification_rows_with_two_tensor_parallel_ranks(setup):
     model_dir, prompts, vocab = setup
     params = PARAMS["greedy"]
-    reference = _reference(model_dir, prompts, params, caching=True)
+    reference = _reference(model_dir, prompts, "greedy")
     proposer = ScriptedProposer(reference, vocab)
     engine = _engine(model_dir, True, tp=2, proposer=proposer)
     try:

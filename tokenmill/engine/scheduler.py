@@ -180,6 +180,8 @@ class Scheduler:
 
     def _record(self, out: SchedulerOutput) -> StepRecord:
         """The step as plain data: per sequence only what the runner has not been told yet."""
+        if not out.scheduled:  # the engine runs no step: keep the finished ids for the next record
+            return StepRecord()
         record = StepRecord(finished_req_ids=self.finished_seq_ids)
         self.finished_seq_ids = []
         new_requests, scheduled = record.new_requests, record.scheduled
