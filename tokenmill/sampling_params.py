@@ -31,7 +31,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled token is always included)
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's field; rejected with a ValueError until the engine honours it
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # Output must match a JSON schema / regex / choice / grammar (a dict of the same fields is accepted).
@@ -82,6 +82,10 @@ class SamplingParams:
                 _check_number(name, value, integer=True)
                 if not 0 <= value <= 20:
                     raise ValueError(f"{name} must be in [0, 20]; got {value}")
+        if self.prompt_logprobs is not None:
+            # Scoring every prompt position needs its logits through chunked prefill and past the prefix cache.
+            raise ValueError("prompt_logprobs is not supported yet; leave it unset (logprobs of generated tokens "
+                             "are: set logprobs)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

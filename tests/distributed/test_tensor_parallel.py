@@ -93,7 +93,7 @@ def test_logits_match_tp1(tp_case):
             engine.add_request(f"logits-{i}", ids, SamplingParams(temperature=0.0, max_tokens=4))
         sched = engine.scheduler.schedule()
         assert len(sched.scheduled) == len(prompts)
-        logits.append(engine.runner.forward_logits(sched)[0])
+        logits.append(engine.runner.forward_logits(sched.record)[0])
         engine.abort_request([f"logits-{i}" for i in range(len(prompts))])
     assert logits[1].shape == (len(prompts), tp1.engine.model.vocab_size)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5 * logits[0].abs().max().item())

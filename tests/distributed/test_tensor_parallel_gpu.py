@@ -74,7 +74,7 @@ def test_bf16_decode_logits_within_tolerance_of_one_rank(model_case):
             engine.step()  # prefill
             sched = engine.scheduler.schedule()  # a decode step: the captured graph runs it
             assert all(item.num_tokens == 1 for item in sched.scheduled)
-            logits.append(engine.runner.forward_logits(sched)[0].float().cpu())
+            logits.append(engine.runner.forward_logits(sched.record)[0].float().cpu())
         finally:
             engine.shutdown()
     # bf16 rounds each rank's partial sums before the all-reduce: a few bf16 ulps of the largest logit.

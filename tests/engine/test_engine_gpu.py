@@ -62,7 +62,7 @@ def test_bf16_prefill_logits_within_tolerance(case):
     for i, ids in enumerate(prompts[:3]):
         engine.add_request(f"p{i}", ids, SamplingParams(max_tokens=1, temperature=0.0))
     sched = engine.scheduler.schedule()
-    logits, rows = engine.runner.forward_logits(sched)
+    logits, rows = engine.runner.forward_logits(sched.record)
     for row, got in zip(rows, logits, strict=True):
         ids = sched.scheduled[row].seq.prompt_token_ids
         with torch.no_grad():

@@ -128,6 +128,13 @@ def test_invalid_requests_raise_clear_errors(llm):
     _no_leak(engine)
 
 
+def test_prompt_logprobs_is_refused_until_supported():
+    with pytest.raises(ValueError, match="prompt_logprobs is not supported yet"):
+        SamplingParams(prompt_logprobs=1)
+    with pytest.raises(ValueError, match="prompt_logprobs must be in"):
+        SamplingParams(prompt_logprobs=99)
+
+
 def test_chat_applies_the_template(llm):
     out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)
     tokenizer = llm.get_tokenizer()

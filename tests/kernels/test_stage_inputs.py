@@ -6,7 +6,12 @@ import pytest
 import torch
 from conftest import requires_triton_device, triton_device
 
-from tokenmill.kernels.stage_inputs import GraphInputs, stage_decode_inputs, stage_decode_inputs_reference
+from tokenmill.kernels.stage_inputs import (
+    GraphInputs,
+    InFlightIds,
+    stage_decode_inputs,
+    stage_decode_inputs_reference,
+)
 
 pytestmark = requires_triton_device
 
@@ -28,16 +33,18 @@ def clone(b: GraphInputs) -> GraphInputs:
 
 
 @pytest.mark.parametrize("batch,size,width", [(1, 1, 1), (3, 4, 7), (17, 32, 129), (64, 64, MAX_BLOCKS), (5, 8, 0)])
-@pytest.mark.parametrize("with_placeholders", [False, True])
-def test_staging_matches_the_torch_ops(batch, size, width, with_placeholders):
+@pytest.mark.parametrize("with_in_flight", [False, True])
+def test_staging_matches_the_torch_ops(batch, size, width, with_in_flight):
     device = triton_device()
     gen = torch.Generator().manual_seed(batch * 1000 + width)
     ids = torch.randint(0, 32000, (batch,), generator=gen)
-    placeholder_ids = None
-    if with_placeholders:
-        placeholder_ids = torch.randint(0, 32000, (batch + 3,), generator=gen).to(device)
+    in_flight = None
+    if with_in_flight:
+        sampled = torch.randint(0, 32000, (batch + 3,), generator=gen).to(device)
         chosen = torch.rand(batch, generator=gen) < 0.7  # most rows, not all, wait on the in-flight step
-        ids = torch.where(chosen, -(torch.randperm(batch + 3, generator=gen)[:batch] + 1), ids)
+        index = torch.where(chosen, torch.randperm(batch + 3, generator=gen)[:batch], -1)
+        ids = torch.where(chosen, 0, ids)  # the host does not know those ids
+        in_flight = InFlightIds(sampled, index.to(device))
     # One packed upload, as upload_step makes it: rows of the table are contiguous with stride = width.
     positions = torch.randint(0, 4096, (batch,), generator=gen)
     slots = torch.randint(0, 10**6, (batch,), generator=gen)
@@ -46,11 +53,11 @@ def test_staging_matches_the_torch_ops(batch, size, width, with_placeholders):
     args = [t.to(device) for t in (ids, positions, slots, seq_lens, tables)]
     expected = random_buffers(gen, device)
     got = clone(expected)
-    stage_decode_inputs_reference(expected, *args, size, placeholder_ids)
-    stage_decode_inputs(got, *args, size, placeholder_ids)
+    stage_decode_inputs_reference(expected, *args, size, in_flight)
+    stage_decode_inputs(got, *args, size, in_flight)
     for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
-    if with_placeholders:
+    if with_in_flight:
         assert (got.input_ids[:batch] >= 0).all()
     assert (got.slot_mapping[batch:size] == -1).all() and (got.seq_lens[batch:size] == 0).all()
 

@@ -270,7 +270,8 @@ class AsyncLLM:
                         f"(max_waiting_requests={self.max_waiting_requests}); retry later"
                     )
                 self.engine.add_request(
-                    sub.request_id, sub.prompt_token_ids, sub.params, prompt=sub.prompt, arrival_time=sub.arrival_time
+                    sub.request_id, sub.prompt_token_ids, sub.params, prompt=sub.prompt, arrival_time=sub.arrival_time,
+                    validated=True,
                 )
             except (ValueError, EngineQueueFullError) as exc:
                 error = exc

@@ -93,6 +93,21 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        seq.num_sent_blocks = 0
+
+    def free_tail(self, seq: Sequence) -> None:
+        """Rollback: release the blocks past ``num_computed_tokens`` (they held only rejected tokens' KV). Such a
+        block was never registered in the prefix cache, which only hashes blocks of computed, accepted tokens."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        if len(seq.block_table) <= keep:
+            return
+        for block_id in reversed(seq.block_table[keep:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+        del seq.block_table[keep:]
+        seq.num_sent_blocks = min(seq.num_sent_blocks, keep)
 
     # ---- prefix sharing -----------------------------------------------------------------------------
     def _max_shareable_blocks(self, seq: Sequence) -> int:
@@ -133,10 +148,13 @@ class BlockManager:
         seq.num_cached_tokens = seq.num_computed_tokens
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register blocks that became full (all tokens computed) in the prefix cache."""
+        """Register blocks that became full (all tokens computed and accepted) in the prefix cache. Call it after a
+        rollback lowered ``num_computed_tokens``: draft tokens never enter ``token_ids``, and a block is hashed
+        only over ids there."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        num_full = min(num_full, len(seq.block_table))
         parent = seq.block_hashes[-1] if seq.block_hashes else None
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])

@@ -4,11 +4,16 @@ One step = schedule → run the model on the scheduled tokens → sample → app
 stop conditions → free finished sequences. The server's AsyncLLM drives the same loop from its own thread.
 
 Async scheduling (CUDA): step N+1 is scheduled and queued on the GPU before the host reads step N's sampled
-ids, so host work overlaps GPU work. Each sampled token enters its sequence as a placeholder -(j + 1) (entry j
-of step N's id tensor); step N+1's inputs read it on the device, and the host swaps in the real id when it
-lands. A sequence that stops at step N still ran in step N+1; that extra row is dropped. Steps whose
-sequences need penalties (which read the ids of the history) wait for the previous step first. Without async
-scheduling the same path runs with each step landing in the call that launched it.
+ids, so host work overlaps GPU work. A sampled token the host has not read is counted by its sequence's
+``num_in_flight`` (never written into ``token_ids``); step N+1's inputs read it on the device from step N's
+sampled ids, and the host appends the real id when it lands. A sequence that stops at step N still ran in step
+N+1; that extra row is dropped. Steps whose sequences need penalties (which read the ids of the history) or may get
+draft tokens (a proposal needs the ids) wait for the previous step first. Without async scheduling the same path
+runs with each step landing in the call that launched it.
+
+Verification rows: with a ``DraftProposer``, a decoding sequence may be scheduled with k draft tokens; the runner
+returns the 1..k+1 tokens it accepts, and the engine rolls back the rest (``Scheduler.rollback``: computed-token
+count, KV blocks; the prefix cache only ever hashes accepted tokens).
 """
 
 from __future__ import annotations
@@ -22,14 +27,13 @@ from tokenmill.attention.backend import get_attention_backend
 from tokenmill.config import EngineConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
+from tokenmill.engine.scheduler import DraftProposer, Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
 from tokenmill.model.loader import load_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.runner.kv_sizing import num_kv_blocks
 from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 from tokenmill.sampling.penalties import needs_penalties
-from tokenmill.sampling.sampler import make_generator
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.compiler import GrammarCompiler
 
@@ -42,7 +46,7 @@ class InFlightStep:
 
     sched: SchedulerOutput
     launched: LaunchedStep
-    placeholders: list[tuple[Sequence, int]]  # per sampled entry: its sequence and the placeholder's index
+    sampling: list[Sequence]  # sequences that sample this step (each has one token in flight)
 
 
 @dataclass
@@ -59,10 +63,12 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, load_progress: bool = False, stream_outputs: bool = True) -> None:
+    def __init__(self, config: EngineConfig, load_progress: bool = False, stream_outputs: bool = True,
+                 draft_proposer: DraftProposer | None = None) -> None:
         """``stream_outputs``: step() reports every request that progressed (servers stream them); when False
         it reports finished requests only and text is decoded once at the end unless stop strings need it
-        per token (offline runs: no per-step output building or detokenizing)."""
+        per token (offline runs: no per-step output building or detokenizing). ``draft_proposer``: drafts to
+        verify for decoding sequences (speculative decoding; None: plain decoding)."""
         self.config = config
         self.stream_outputs = stream_outputs
         mc = config.model
@@ -103,6 +109,7 @@ class LLMEngine:
                                        self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler.draft_proposer = draft_proposer
         self.num_kv_cache_tokens = num_blocks * config.cache.block_size
         self.requests: dict[str, Request] = {}
         self.grammars = GrammarCompiler(self.tokenizer.hf if self.tokenizer is not None else None,
@@ -119,8 +126,10 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_kwargs(cls, load_progress: bool = False, stream_outputs: bool = True, **kwargs) -> LLMEngine:
-        return cls(EngineConfig.from_kwargs(**kwargs), load_progress=load_progress, stream_outputs=stream_outputs)
+    def from_kwargs(cls, load_progress: bool = False, stream_outputs: bool = True,
+                    draft_proposer: DraftProposer | None = None, **kwargs) -> LLMEngine:
+        return cls(EngineConfig.from_kwargs(**kwargs), load_progress=load_progress, stream_outputs=stream_outputs,
+                   draft_proposer=draft_proposer)
 
     # ---- requests --------------------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -155,10 +164,14 @@ class LLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         arrival_time: float | None = None,
+        validated: bool = False,
     ) -> None:
+        """``validated``: the caller has run ``validate_prompt`` on this prompt (a front end that answers bad
+        requests before queueing them), so it is not checked twice."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.validate_prompt(prompt_token_ids, params)
+        if not validated:
+            self.validate_prompt(prompt_token_ids, params)
         request = Request(request_id, prompt, list(prompt_token_ids), params,
                           arrival_time=arrival_time if arrival_time is not None else time.monotonic())
         spec = params.structured_outputs  # compiled off this thread by AsyncLLM; a cache hit here
@@ -171,7 +184,7 @@ class LLMEngine:
                 request=request,
                 prompt_token_ids=request.prompt_token_ids,
                 params=params,
-                generator=make_generator(seed, self.config.model.device),
+                seed=seed,
                 detokenizer=IncrementalDetokenizer(self.tokenizer.hf, request.prompt_token_ids, params)
                 if self.tokenizer is not None else None,
                 token_limit=min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
@@ -242,45 +255,54 @@ class LLMEngine:
         self.num_steps += 1
         # Synchronous scheduling is the same path with the step landing at once (in_flight is always None
         # here then, since every step lands in the call that launched it).
-        prev = self.in_flight.launched.token_ids if self.in_flight is not None else None
-        launched = self.runner.launch(sched, prev)
+        # Matchers of the constrained rows this step samples: the sampler fills their masks (rank 0 only; the
+        # record itself stays plain data).
+        grammars = {item.seq.seq_id: item.seq.grammar for item in sched.scheduled
+                    if item.samples and item.seq.grammar is not None}
+        launched = self.runner.launch(sched.record, grammars)
+        sampling = []
         for item in sched.scheduled:
+            if item.samples:
+                item.seq.num_in_flight += 1
+                sampling.append(item.seq)
             item.seq.num_computed_tokens += item.num_tokens
-        placeholders = []
-        for j, row in enumerate(launched.rows):
-            seq = sched.scheduled[row].seq
-            placeholders.append((seq, len(seq.token_ids)))
-            seq.token_ids.append(-(j + 1))
-            seq.num_pending += 1
         if self.in_flight is not None:
             outputs += self._land_in_flight()
-        self.in_flight = InFlightStep(sched, launched, placeholders)
+        self.in_flight = InFlightStep(sched, launched, sampling)
         # A step that sampled a grammar-constrained row lands now: that row's next mask needs this token.
         # Steps of unconstrained rows only stay overlapped.
-        constrained = any(seq.grammar is not None for seq, _ in placeholders)
-        if not self.async_scheduling or constrained:
+        if not self.async_scheduling or grammars:
             outputs += self._land_in_flight()
         return outputs
 
     def _needs_history_ids(self) -> bool:
-        # Penalties read the history's ids on the device side of the next step, so they must be real.
-        return any(needs_penalties(seq.params) for seq in self.scheduler.running)
+        # Penalties read the history's ids on the device side of the next step, so they must be real; so do
+        # proposers, and a verification row's next input depends on how many drafts were accepted.
+        return self.scheduler.draft_proposer is not None or any(
+            needs_penalties(seq.params) for seq in self.scheduler.running)
 
     def _land_in_flight(self) -> list[RequestOutput]:
-        """Wait for the in-flight step's ids, swap them in for the placeholders, check stop conditions, free
-        finished sequences, register full blocks in the prefix cache."""
+        """Wait for the in-flight step's ids, append them, roll back rejected drafts, check stop conditions, free
+        finished sequences, register full blocks (of accepted tokens) in the prefix cache."""
         step, self.in_flight = self.in_flight, None
         assert step is not None
         result = step.launched.result()
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for (seq, index), token_id, logprobs in zip(step.placeholders, result.token_ids, result.logprobs,
-                                                    strict=True):
+        drafts = {item.seq.seq_id: len(item.draft_token_ids) for item in step.sched.scheduled
+                  if item.draft_token_ids} if self.scheduler.draft_proposer is not None else {}
+        for seq in step.sampling:
             if seq.status.finished:  # stopped at the step before (or aborted): this row was surplus
                 continue
-            seq.token_ids[index] = token_id
-            seq.num_pending -= 1
-            self._record_token(seq, token_id, logprobs, now, touched)
+            seq.num_in_flight -= 1
+            token_ids = result.token_ids[seq.seq_id]
+            # k drafts computed k + 1 tokens' KV; only the tokens before the last one gained are kept.
+            self.scheduler.rollback(seq, drafts.get(seq.seq_id, 0) + 1 - len(token_ids))
+            for token_id, logprobs in zip(token_ids, result.logprobs[seq.seq_id], strict=True):
+                seq.token_ids.append(token_id)
+                self._record_token(seq, token_id, logprobs, now, touched)
+                if seq.status.finished:
+                    break
         for item in step.sched.scheduled:
             if not item.seq.status.finished:
                 self.block_manager.cache_full_blocks(item.seq)
@@ -309,7 +331,7 @@ class LLMEngine:
         if seq.logprobs is not None and logprobs is not None:
             seq.logprobs.append(logprobs)
         params = seq.params
-        num_tokens = seq.num_resolved_tokens
+        num_tokens = len(seq.token_ids)
         num_out = num_tokens - seq.prompt_len
         past_min = num_out >= params.min_tokens
         stop_string = seq.detokenize_pending() if self.stream_outputs or params.stop else None
@@ -326,7 +348,6 @@ class LLMEngine:
         elif num_tokens >= seq.token_limit:  # max_tokens reached, or max_model_len
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
-            del seq.token_ids[num_tokens:]  # placeholders of a step launched after this token: surplus
-            seq.num_pending = 0
+            seq.num_in_flight = 0  # a token of a step launched after this one: surplus
             seq.status = status
             self.scheduler.remove_finished(seq)

@@ -4,33 +4,49 @@ There are no prefill/decode phases: a sequence gets N tokens per step, N = the r
 chunk of it that fits the token budget) or 1 when decoding, so chunked prefill and mixed batches fall out.
 Running sequences go first; when blocks run out the newest running sequence is preempted by recompute
 (blocks freed, back to the head of the waiting queue). Waiting sequences are admitted in FCFS order.
+A decoding sequence may carry draft tokens from a ``DraftProposer``: it is then a verification row of 1 + k
+query tokens. The plain record of the step (engine/step_record.py) is what the runner receives.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.sequence import Sequence, SequenceStatus
+from tokenmill.engine.step_record import NewRequest, ScheduledRequest, StepRecord
+
+
+class DraftProposer(Protocol):
+    """Proposes tokens to verify after a decoding sequence's last token (speculative decoding, issue 23).
+
+    ``token_ids`` are the sequence's accepted ids (prompt + output; read-only); at most ``max_num_tokens`` ids
+    are used. Return [] to decode plainly this step.
+    """
+
+    def propose(self, seq_id: str, token_ids: list[int], max_num_tokens: int) -> list[int]: ...
 
 
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the sequence's last known token, so its logits give the next one."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_tokens - len(self.draft_token_ids) == self.seq.num_tokens
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    record: StepRecord = field(default_factory=StepRecord)  # the same step as plain data, for the runner
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +66,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.draft_proposer: DraftProposer | None = None
+        self.finished_seq_ids: list[str] = []  # runner state to drop, sent with the next record
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -65,6 +83,17 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        if seq.known_to_runner:
+            seq.known_to_runner = False
+            self.finished_seq_ids.append(seq.seq_id)
+
+    def rollback(self, seq: Sequence, num_rejected: int) -> None:
+        """Forget the KV of the last ``num_rejected`` computed tokens (draft tokens a verification rejected):
+        they are recomputed if ever needed, and blocks holding nothing else go back to the free queue."""
+        if num_rejected <= 0:
+            return
+        seq.num_computed_tokens -= num_rejected
+        self.block_manager.free_tail(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
@@ -86,14 +115,19 @@ class Scheduler:
                 index += 1
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            drafts = self._drafts(seq, budget) if num_new == 1 else []
+            num_new += len(drafts)
             while not self.block_manager.can_allocate(seq, num_new):
+                if drafts:  # speculation is optional: drop it before preempting anyone
+                    drafts, num_new = [], 1
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
                     break
             else:
                 self.block_manager.allocate(seq, num_new)
-                out.scheduled.append(ScheduledSequence(seq, num_new))
+                out.scheduled.append(ScheduledSequence(seq, num_new, drafts))
                 budget -= num_new
                 index += 1
                 continue
@@ -101,6 +135,7 @@ class Scheduler:
 
         # 2. Waiting sequences in arrival order, unless this step had to preempt (memory is tight).
         if out.preempted:
+            out.record = self._record(out)
             return out
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -130,7 +165,41 @@ class Scheduler:
         # One-token entries first: the attention backend sends a leading run of them to the decode kernel,
         # and one stuck behind a prompt chunk would go through the prefill kernel's 128-row query tiles.
         out.scheduled.sort(key=lambda item: item.num_tokens != 1)
+        out.record = self._record(out)
         return out
+
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for a decoding sequence; none while a token is in flight (a proposal needs the ids)."""
+        if self.draft_proposer is None or seq.num_in_flight:
+            return []
+        # k drafts can yield k + 1 tokens: stay within the sequence's token limit and the step's budget.
+        room = min(budget - 1, (seq.token_limit or seq.num_tokens + budget) - seq.num_tokens - 1)
+        if room <= 0:
+            return []
+        return list(self.draft_proposer.propose(seq.seq_id, seq.token_ids, room))[:room]
+
+    def _record(self, out: SchedulerOutput) -> StepRecord:
+        """The step as plain data: per sequence only what the runner has not been told yet."""
+        if not out.scheduled:  # the engine runs no step: keep the finished ids for the next record
+            return StepRecord()
+        record = StepRecord(finished_req_ids=self.finished_seq_ids)
+        self.finished_seq_ids = []
+        new_requests, scheduled = record.new_requests, record.scheduled
+        for item in out.scheduled:
+            seq, drafts = item.seq, item.draft_token_ids
+            if not seq.known_to_runner:
+                seq.known_to_runner = True
+                new_requests.append(NewRequest(seq.seq_id, seq.params, seq.seed, seq.prompt_len))
+            table, token_ids, start = seq.block_table, seq.token_ids, seq.num_computed_tokens
+            num_tokens = len(token_ids) + seq.num_in_flight
+            # Positional arguments: this runs for every scheduled sequence on every step.
+            scheduled.append(ScheduledRequest(
+                seq.seq_id, item.num_tokens, start, token_ids[seq.num_sent_tokens:], table[seq.num_sent_blocks:],
+                len(table), drafts, start + item.num_tokens - len(drafts) == num_tokens,
+            ))
+            seq.num_sent_tokens = len(token_ids)
+            seq.num_sent_blocks = len(table)
+        return record
 
     def _release_unscheduled(self, seq: Sequence) -> None:
         # Prefix blocks taken while trying to admit it go back; it retries next step.

@@ -9,13 +9,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -37,11 +34,13 @@ class Sequence:
     request: Request
     prompt_token_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int | None  # the runner seeds this sequence's generator with it (None: the shared default RNG)
     detokenizer: Any  # IncrementalDetokenizer
     # Sequences 1..n-1 of a request wait for sequence 0's prompt and then share its prompt blocks.
     leader: Sequence | None = None
-    token_ids: list[int] = field(default_factory=list)  # prompt + generated, filled in __post_init__
+    # Prompt + accepted generated ids, all known on the host (filled in __post_init__). Never holds a draft or a
+    # stand-in for a token still on the device: those are counted by num_in_flight.
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -51,9 +50,14 @@ class Sequence:
     # Hash of each full block of this sequence that is registered in the prefix cache (chained).
     block_hashes: list[int] = field(default_factory=list)
     num_detokenized: int = 0  # generated tokens already fed to the detokenizer
-    # Overlapped steps: tokens sampled on the GPU whose ids the host has not read yet sit at the end of
-    # token_ids as negative placeholders (see LLMEngine); they count as tokens for scheduling only.
-    num_pending: int = 0
+    # Overlapped steps: tokens sampled on the device whose ids the host has not read yet (0 or 1). They follow
+    # token_ids and count as tokens for scheduling; the runner reads them from its device-side buffer.
+    num_in_flight: int = 0
+    # What the runner has been told (see engine/step_record.py): ids of token_ids[:num_sent_tokens], the first
+    # num_sent_blocks entries of block_table, and whether it holds state for this sequence at all.
+    num_sent_tokens: int = 0
+    num_sent_blocks: int = 0
+    known_to_runner: bool = False
     # Most tokens (prompt + generated) it may reach: min(prompt + max_tokens, max_model_len). The engine sets
     # it on every sequence it creates; None only for sequences built by hand (scheduler tests).
     token_limit: int | None = None
@@ -64,31 +68,27 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens it has, counting one still in flight."""
+        return len(self.token_ids) + self.num_in_flight
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
-    def num_resolved_tokens(self) -> int:
-        """Tokens whose ids are known on the host (all of them unless a step is in flight)."""
-        return len(self.token_ids) - self.num_pending
-
-    @property
     def output_token_ids(self) -> list[int]:
         """Generated ids known on the host."""
-        return self.token_ids[self.prompt_len : self.num_resolved_tokens]
+        return self.token_ids[self.prompt_len :]
 
     @property
     def num_output_tokens(self) -> int:
-        """Generated tokens, counting those still in flight (min_tokens and the token limit count them)."""
-        return len(self.token_ids) - len(self.prompt_token_ids)
+        """Generated tokens, counting one still in flight (min_tokens and the token limit count it)."""
+        return self.num_tokens - self.prompt_len
 
     @property
     def reached_limit(self) -> bool:
         """All tokens it may produce exist (maybe still in flight): nothing more to compute for it."""
-        return self.token_limit is not None and len(self.token_ids) >= self.token_limit
+        return self.token_limit is not None and self.num_tokens >= self.token_limit
 
     @property
     def is_prefilled(self) -> bool:
@@ -96,7 +96,7 @@ class Sequence:
 
     def detokenize_pending(self) -> str | None:
         """Feed generated tokens the detokenizer has not seen; returns a matched stop string, if any."""
-        pending = self.token_ids[self.prompt_len + self.num_detokenized : self.num_resolved_tokens]
+        pending = self.token_ids[self.prompt_len + self.num_detokenized :]
         self.num_detokenized += len(pending)
         if not pending or self.detokenizer is None:
             return None

@@ -2,7 +2,7 @@
 
 A replayed decode graph reads its token ids, positions, cache slots, sequence lengths and block tables from fixed
 buffers. Filling them with torch ops took ~12 small kernels between two graphs (copies, padding fills, and the
-five ops that swap placeholder ids for the in-flight step's sampled ids). This kernel does all of it: one program
+ops that read tokens still in flight from the previous step's sampled ids). This kernel does all of it: one program
 per padded row; rows past the batch get slot -1 (the KV write skips them) and length 0 (attention writes zeros).
 On the H100 a batch-1 decode step went from 5.746 to 5.722 ms
 (benchmarks/results/gpu_step_anatomy_stage_b1_2026-11-24.json).
@@ -37,12 +37,26 @@ def _check(dst: GraphInputs, input_ids: torch.Tensor, block_tables: torch.Tensor
         raise ValueError(f"block table width {width} exceeds the graph's {dst.block_tables.shape[1]}")
 
 
-def resolve_placeholders(input_ids: torch.Tensor, placeholder_ids: torch.Tensor | None) -> torch.Tensor:
-    """``input_ids`` with each placeholder -(j + 1) replaced by ``placeholder_ids[j]`` (the in-flight step's
-    sampled ids); unchanged when there are none."""
-    if placeholder_ids is None:
+@dataclass(frozen=True)
+class InFlightIds:
+    """Input tokens the host has not read yet (async scheduling): the device reads them from the previous step.
+
+    Why an index array and not a marker inside the ids: token ids stay real ids everywhere (the host's copy of a
+    sequence never holds a stand-in), the source of each input is explicit, and the array rides in the step's one
+    host-to-device upload. The buffer is the previous step's sampler output itself: no copy, and tensor-parallel
+    ranks already receive it by broadcast.
+    """
+
+    sampled: torch.Tensor  # [num_sampled_prev] int64: the previous step's sampled ids, on the device
+    index: torch.Tensor  # [num_tokens] int64: entry of ``sampled`` that input token t is, or -1 (its id is known)
+
+
+def resolve_in_flight(input_ids: torch.Tensor, in_flight: InFlightIds | None) -> torch.Tensor:
+    """``input_ids`` with every token whose ``in_flight.index`` is >= 0 read from ``in_flight.sampled``."""
+    if in_flight is None:
         return input_ids
-    return torch.where(input_ids >= 0, input_ids, placeholder_ids[(-input_ids - 1).clamp(min=0)])
+    index = in_flight.index
+    return torch.where(index < 0, input_ids, in_flight.sampled[index.clamp(min=0)])
 
 
 def stage_decode_inputs_reference(
@@ -53,12 +67,13 @@ def stage_decode_inputs_reference(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     size: int,
-    placeholder_ids: torch.Tensor | None = None,
+    in_flight: InFlightIds | None = None,
 ) -> None:
-    """Torch ops doing what the kernel does. A negative id -(j + 1) takes ``placeholder_ids[j]``."""
+    """Torch ops doing what the kernel does. Row r's token is ``in_flight.sampled[in_flight.index[r]]`` where
+    that index is >= 0."""
     _check(dst, input_ids, block_tables, size)
     batch, width = block_tables.shape
-    dst.input_ids[:batch].copy_(resolve_placeholders(input_ids, placeholder_ids))
+    dst.input_ids[:batch].copy_(resolve_in_flight(input_ids, in_flight))
     dst.positions[:batch].copy_(positions)
     dst.slot_mapping[:batch].copy_(slot_mapping)
     dst.slot_mapping[batch:size].fill_(-1)
@@ -74,7 +89,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["batch", "width", "table_stride"])
     def _stage_decode_inputs_kernel(
         ids_ptr,
-        placeholder_ptr,
+        source_ptr,
+        sampled_ptr,
         pos_ptr,
         slot_ptr,
         lens_ptr,
@@ -88,15 +104,16 @@ if HAS_TRITON:
         dst_table_stride,
         batch,
         width,
-        HAS_PLACEHOLDERS: tl.constexpr,
+        HAS_IN_FLIGHT: tl.constexpr,
         BLOCK_W: tl.constexpr,
     ):
         row = tl.program_id(0)
         if row < batch:
             token = tl.load(ids_ptr + row)
-            if HAS_PLACEHOLDERS:
-                sampled = tl.load(placeholder_ptr + tl.maximum(-token - 1, 0), mask=token < 0, other=0)
-                token = tl.where(token < 0, sampled, token)
+            if HAS_IN_FLIGHT:
+                source = tl.load(source_ptr + row)
+                sampled = tl.load(sampled_ptr + tl.maximum(source, 0), mask=source >= 0, other=0)
+                token = tl.where(source >= 0, sampled, token)
             tl.store(dst_ids_ptr + row, token)
             tl.store(dst_pos_ptr + row, tl.load(pos_ptr + row))
             tl.store(dst_slot_ptr + row, tl.load(slot_ptr + row))
@@ -120,7 +137,7 @@ def stage_decode_inputs(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     size: int,
-    placeholder_ids: torch.Tensor | None = None,
+    in_flight: InFlightIds | None = None,
 ) -> None:
     """Write rows ``[0, batch)`` of the step's inputs into ``dst`` and pad rows ``[batch, size)``."""
     require_triton("stage_decode_inputs")
@@ -132,9 +149,12 @@ def stage_decode_inputs(
             raise ValueError(f"{name} must be a contiguous [{batch}] tensor; got shape {tuple(t.shape)}")
     if width and block_tables.stride(1) != 1:
         raise ValueError("block_tables must have contiguous rows")
+    if in_flight is not None and (in_flight.index.shape != (batch,) or in_flight.index.stride(0) != 1 and batch > 1):
+        raise ValueError(f"in_flight.index must be a contiguous [{batch}] tensor; got {tuple(in_flight.index.shape)}")
     _stage_decode_inputs_kernel[(size,)](
         input_ids,
-        input_ids if placeholder_ids is None else placeholder_ids,
+        input_ids if in_flight is None else in_flight.index,
+        input_ids if in_flight is None else in_flight.sampled,
         positions,
         slot_mapping,
         seq_lens,
@@ -148,6 +168,6 @@ def stage_decode_inputs(
         dst.block_tables.stride(0),
         batch,
         width,
-        HAS_PLACEHOLDERS=placeholder_ids is not None,
+        HAS_IN_FLIGHT=in_flight is not None,
         BLOCK_W=128,
     )

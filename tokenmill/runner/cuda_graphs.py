@@ -15,7 +15,12 @@ import torch
 
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.stage_inputs import GraphInputs, stage_decode_inputs, stage_decode_inputs_reference
+from tokenmill.kernels.stage_inputs import (
+    GraphInputs,
+    InFlightIds,
+    stage_decode_inputs,
+    stage_decode_inputs_reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +102,16 @@ class DecodeGraphs:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        placeholder_ids: torch.Tensor | None = None,
+        in_flight: InFlightIds | None = None,
     ) -> torch.Tensor:
         """Logits [batch, vocab] of every row (a view into the graph's output buffer).
 
-        ``placeholder_ids``: the in-flight step's sampled ids, which negative input ids -(j + 1) stand for.
+        ``in_flight``: rows whose token the previous step sampled and the host has not read (staging reads it).
         """
         batch = meta.num_seqs
         size = next(s for s in self.sizes if s >= batch)
         stage = stage_decode_inputs if HAS_TRITON else stage_decode_inputs_reference
         stage(self.inputs, input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, size,
-              placeholder_ids)
+              in_flight)
         self.graphs[size].replay()
         return self.outputs[size][:batch]

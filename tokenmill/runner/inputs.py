@@ -1,8 +1,8 @@
-"""Turn a SchedulerOutput into the flat tensors one forward pass needs (token ids, positions, metadata).
+"""Turn a step record into the flat tensors one forward pass needs (token ids, positions, attention metadata).
 
-Two halves: ``host_step`` builds host arrays (what tensor-parallel ranks receive), ``upload_step`` moves them.
-
-All of a step's arrays (int64 and int32) travel in one host-to-device copy (no stream syncs).
+Two halves: ``step_arrays`` builds host arrays from the record and the persistent batch (the same on every
+tensor-parallel rank), ``upload_step`` moves them: all of a step's arrays (int64 and int32) travel in one
+host-to-device copy (no stream syncs). ``attention_layout`` is the one place that shapes attention metadata.
 """
 
 from __future__ import annotations
@@ -13,87 +13,117 @@ import numpy as np
 import torch
 
 from tokenmill.attention.metadata import AttentionMetadata, HostLayout
-from tokenmill.engine.scheduler import SchedulerOutput
-from tokenmill.kernels.stage_inputs import resolve_placeholders
+from tokenmill.engine.step_record import StepRecord
+from tokenmill.kernels.stage_inputs import InFlightIds, resolve_in_flight
+from tokenmill.runner.input_batch import InputBatch
 from tokenmill.transfer import upload_arrays
 
 
 @dataclass
 class ModelInputs:
-    input_ids: torch.Tensor  # [num_tokens] int64; negative ids are placeholders into placeholder_ids
+    input_ids: torch.Tensor  # [num_tokens] int64; entries read from ``in_flight`` hold 0 until resolved
     positions: torch.Tensor  # [num_tokens] int64
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [num_sampled] flat index of each sampling sequence's last token
+    sample_indices: torch.Tensor  # [num_sampled] flat index of each token whose logits are sampled
     sample_rows: list[int]  # which scheduled entries sample this step, in order
-    # The in-flight step's sampled ids when input_ids holds placeholders, else None. Swapped in where the ids
-    # are used: by the decode graphs' staging kernel, or by ``resolved_ids`` on the eager path.
-    placeholder_ids: torch.Tensor | None = None
+    # Tokens the previous step sampled and the host has not read. Swapped in where the ids are used: by the
+    # decode graphs' staging kernel, or by ``resolved_ids`` on the eager path.
+    in_flight: InFlightIds | None = None
 
     def resolved_ids(self) -> torch.Tensor:
-        """input_ids with each placeholder -(j + 1) replaced by ``placeholder_ids[j]``."""
-        return resolve_placeholders(self.input_ids, self.placeholder_ids)
+        return resolve_in_flight(self.input_ids, self.in_flight)
 
 
 @dataclass
-class HostStep:
-    """A step's inputs as host arrays: small, picklable, and the same on every tensor-parallel rank."""
+class StepArrays:
+    """A step's inputs as host arrays, before upload."""
 
-    token_ids: np.ndarray  # [num_tokens] int64; negative ids are placeholders (see upload_step)
+    token_ids: np.ndarray  # [num_tokens] int64
+    in_flight_index: np.ndarray | None  # [num_tokens] int64: entry of the previous step's sampled ids, or -1
     layout: HostLayout
-    sample_indices: np.ndarray  # [num_sampled] int64
+    sample_indices: np.ndarray  # [num_sampled] int64 (a verification row with k drafts samples k + 1 tokens)
     sample_rows: list[int]
 
 
-def host_step(sched: SchedulerOutput, block_size: int) -> HostStep:
-    """Flatten the scheduled entries into host arrays (no device work)."""
+def attention_layout(query_lens: list[int], seq_lens: list[int], tables: list[list[int]],
+                     block_size: int) -> HostLayout:
+    """Where the step's tokens sit in the batch and the paged cache (the attention backend's input)."""
+    return HostLayout.build(query_lens, seq_lens, tables, block_size)
+
+
+def step_arrays(record: StepRecord, batch: InputBatch, block_size: int) -> StepArrays:
+    """Flatten the record's entries into host arrays (no device work). Records, in ``batch.prev_sample_index``,
+    where each plain sampling row's token will sit in this step's sampled ids (the next step may read it)."""
     token_ids: list[int] = []
     query_lens: list[int] = []
     seq_lens: list[int] = []
     tables: list[list[int]] = []
     sample_indices: list[int] = []
     sample_rows: list[int] = []
-    for row, item in enumerate(sched.scheduled):
-        seq, num = item.seq, item.num_tokens
-        start = seq.num_computed_tokens
-        end = start + num
-        if num == 1:
-            token_ids.append(seq.token_ids[start])
+    in_flight: dict[int, int] = {}  # flat token index -> entry of the previous step's sampled ids
+    prev_index = batch.prev_sample_index
+    next_index: dict[str, int] = {}
+    requests = batch.requests
+    num_sampled = 0
+    for row, entry in enumerate(record.scheduled):  # runs for every row of every step: kept lean
+        state = requests[entry.req_id]
+        start, num, drafts = entry.num_computed_tokens, entry.num_tokens, entry.draft_token_ids
+        known = state.token_ids
+        known_end = start + num - len(drafts)  # drafts follow the sequence's own tokens
+        host_end = known_end if known_end <= len(known) else len(known)
+        if host_end - start == 1:
+            token_ids.append(known[start])
         else:
-            token_ids.extend(seq.token_ids[start:end])
+            token_ids.extend(known[start:host_end])
+        if known_end > host_end:  # the last token was sampled by the step still in flight
+            source = prev_index.get(entry.req_id)
+            if known_end - host_end != 1 or source is None:
+                raise RuntimeError(f"request {entry.req_id!r}: {known_end - host_end} input token(s) unknown to the "
+                                   "host and not sampled by the previous step")
+            in_flight[len(token_ids)] = source
+            token_ids.append(0)
+        if drafts:
+            token_ids.extend(drafts)
         query_lens.append(num)
-        seq_lens.append(end)
-        tables.append(seq.block_table)
-        if end == seq.num_tokens:  # reaches the last known token: its logits give the next one
-            sample_indices.append(len(token_ids) - 1)
+        seq_lens.append(start + num)
+        tables.append(state.block_table)
+        if entry.samples:
+            if drafts:  # k + 1 logit rows; the next input depends on acceptance, so the host must read it
+                first = len(token_ids) - 1 - len(drafts)
+                sample_indices.extend(range(first, len(token_ids)))
+                num_sampled += 1 + len(drafts)
+            else:
+                sample_indices.append(len(token_ids) - 1)
+                next_index[entry.req_id] = num_sampled
+                num_sampled += 1
             sample_rows.append(row)
-    return HostStep(np.asarray(token_ids, dtype=np.int64), HostLayout.build(query_lens, seq_lens, tables, block_size),
-                    np.asarray(sample_indices, dtype=np.int64), sample_rows)
+    batch.prev_sample_index = next_index
+    index = None
+    if in_flight:
+        index = np.full(len(token_ids), -1, dtype=np.int64)
+        index[list(in_flight)] = list(in_flight.values())
+    return StepArrays(np.asarray(token_ids, dtype=np.int64), index,
+                      attention_layout(query_lens, seq_lens, tables, block_size),
+                      np.asarray(sample_indices, dtype=np.int64), sample_rows)
 
 
-def upload_step(
-    host: HostStep, device: torch.device | str, prev_token_ids: torch.Tensor | None = None
-) -> ModelInputs:
-    """``prev_token_ids``: sampled ids of the step still in flight. A negative input id -(j + 1) is a
-    placeholder for its entry j (the host has not read it yet); it is filled in on the device."""
+def upload_step(host: StepArrays, device: torch.device | str, prev_sampled: torch.Tensor | None) -> ModelInputs:
+    """One host-to-device copy; ``prev_sampled``: the previous step's sampled ids (needed when tokens are in flight)."""
     layout = host.layout
-    has_placeholders = bool(host.token_ids.size) and host.token_ids.min() < 0
-    if has_placeholders and prev_token_ids is None:
-        raise RuntimeError("placeholder input ids need the in-flight step's sampled ids")
-    ids, positions, slots, samples, *int32 = upload_arrays(
-        [host.token_ids, layout.positions, layout.slot_mapping, host.sample_indices,
-         layout.query_start_loc, layout.seq_lens, layout.block_tables], device
+    arrays = [host.token_ids, layout.positions, layout.slot_mapping, host.sample_indices]
+    if host.in_flight_index is not None:
+        if prev_sampled is None:
+            raise RuntimeError("input tokens in flight need the previous step's sampled ids on this rank")
+        arrays.append(host.in_flight_index)
+    ids, positions, slots, samples, *rest = upload_arrays(
+        arrays + [layout.query_start_loc, layout.seq_lens, layout.block_tables], device
     )
+    in_flight = InFlightIds(prev_sampled, rest.pop(0)) if host.in_flight_index is not None else None
     return ModelInputs(
         input_ids=ids,
         positions=positions,
-        meta=AttentionMetadata.from_layout(layout, slots, int32),
+        meta=AttentionMetadata.from_layout(layout, slots, rest),
         sample_indices=samples,
         sample_rows=host.sample_rows,
-        placeholder_ids=prev_token_ids if has_placeholders else None,
+        in_flight=in_flight,
     )
-
-
-def build_model_inputs(
-    sched: SchedulerOutput, block_size: int, device: torch.device | str, prev_token_ids: torch.Tensor | None = None
-) -> ModelInputs:
-    return upload_step(host_step(sched, block_size), device, prev_token_ids)

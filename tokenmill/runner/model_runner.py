@@ -1,4 +1,8 @@
-"""ModelRunner: executes one SchedulerOutput — builds tensors, runs the model, samples the next tokens."""
+"""ModelRunner: executes one step record — updates its persistent batch, builds tensors, runs the model, samples.
+
+It returns token ids per request id (several for a verification row). With async scheduling the next step may
+be launched before this one's ids are read: its inputs read them from this step's sampled-id tensor.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from tokenmill.attention.backend import allocate_kv_cache
 from tokenmill.attention.metadata import AttentionMetadata
-from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.engine.step_record import StepRecord
+from tokenmill.kernels._triton import HAS_TRITON
+from tokenmill.kernels.stage_inputs import InFlightIds, stage_decode_inputs
 from tokenmill.outputs import Logprob
 from tokenmill.runner.cuda_graphs import DecodeGraphs
-from tokenmill.runner.inputs import ModelInputs, build_model_inputs
-from tokenmill.sampling.penalties import needs_penalties
+from tokenmill.runner.input_batch import InputBatch
+from tokenmill.runner.inputs import ModelInputs, step_arrays, upload_step
+from tokenmill.sampling.acceptance import accept_drafts
 from tokenmill.sampling.sampler import Sampler, SamplingRow
 from tokenmill.sampling_params import SamplingParams
 
@@ -24,19 +32,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepResult:
-    # Parallel lists over the scheduled entries that sampled this step.
-    rows: list[int]
-    token_ids: list[int]
-    logprobs: list[dict[int, Logprob] | None]
+    """Per request that sampled: the ids it gains, in order (one for a plain row, 1..k+1 for a verification
+    row with k drafts), and their logprobs (None entries unless its params ask for them)."""
+
+    token_ids: dict[str, list[int]]
+    logprobs: dict[str, list[dict[int, Logprob] | None]]
 
 
 @dataclass
 class LaunchedStep:
     """A step whose GPU work is queued: sampled ids live on the device until ``result()`` reads them."""
 
-    rows: list[int]  # scheduled entries that sample, in the order of token_ids
-    token_ids: torch.Tensor  # [len(rows)] int64 on the model's device
-    logprobs: list[dict[int, Logprob] | None]
+    req_ids: list[str]  # requests that sample this step, in the order of their tokens in token_ids
+    drafts: list[list[int]]  # per such request: its draft ids (k drafts: k + 1 entries in token_ids)
+    token_ids: torch.Tensor  # [num_sampled] int64 on the model's device
+    logprobs: list[dict[int, Logprob] | None]  # per entry of token_ids
     host_ids: torch.Tensor | None = None  # pinned copy being filled (CUDA)
     ready: torch.cuda.Event | None = None  # recorded after that copy
     watch: Callable[[], None] | None = None  # raises if the wait can never end (a dead tensor-parallel peer)
@@ -51,7 +61,19 @@ class LaunchedStep:
             ids = self.host_ids.tolist()
         else:
             ids = self.token_ids.tolist()
-        return StepResult(self.rows, ids, self.logprobs)
+        if len(ids) == len(self.req_ids):  # plain rows only: one token each
+            return StepResult({r: [t] for r, t in zip(self.req_ids, ids, strict=True)},
+                              {r: [lp] for r, lp in zip(self.req_ids, self.logprobs, strict=True)})
+        tokens: dict[str, list[int]] = {}
+        logprobs: dict[str, list[dict[int, Logprob] | None]] = {}
+        start = 0
+        for req_id, drafts in zip(self.req_ids, self.drafts, strict=True):
+            end = start + len(drafts) + 1
+            accepted = accept_drafts(drafts, ids[start:end])
+            tokens[req_id] = accepted
+            logprobs[req_id] = self.logprobs[start : start + len(accepted)]
+            start = end
+        return StepResult(tokens, logprobs)
 
     @staticmethod
     def _watched_wait(ready: torch.cuda.Event, watch: Callable[[], None], every_s: float = 0.005) -> None:
@@ -66,7 +88,8 @@ class LaunchedStep:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, device: str, dtype: torch.dtype, block_size: int,
-                 eos_token_ids: set[int]) -> None:
+                 eos_token_ids: set[int], samples: bool = True) -> None:
+        """``samples``: False on tensor-parallel ranks 1..N-1, which run the model but leave sampling to rank 0."""
         self.model = model
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -79,6 +102,8 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_ids)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
+        self.batch = InputBatch(self.device, samples)
+        self.prev_sampled: torch.Tensor | None = None  # the last launched step's sampled ids (device)
 
     def shutdown(self) -> None:
         """In-process runner: nothing to stop (the tensor-parallel executor stops its workers here)."""
@@ -122,23 +147,36 @@ class ModelRunner:
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_blocks, self.device)
         self.graphs.capture()
+        self._warm_up_staging()
+
+    def _warm_up_staging(self) -> None:
+        """Compile both variants of the staging kernel (with and without tokens in flight) now, not mid-run."""
+        if not HAS_TRITON or self.graphs is None:
+            return
+        ids = torch.zeros(1, dtype=torch.int64, device=self.device)
+        lens = torch.ones(1, dtype=torch.int32, device=self.device)
+        table = torch.zeros(1, 1, dtype=torch.int32, device=self.device)
+        for in_flight in (None, InFlightIds(ids, ids)):
+            stage_decode_inputs(self.graphs.inputs, ids, ids, ids, lens, table, 1, in_flight)
+        torch.cuda.synchronize(self.device)
+
+    def prepare_inputs(self, record: StepRecord) -> ModelInputs:
+        """Apply the record to the persistent batch and upload the step's inputs (one host-to-device copy)."""
+        self.batch.update(record)
+        return upload_step(step_arrays(record, self.batch, self.block_size), self.device, self.prev_sampled)
 
     @torch.inference_mode()
-    def forward_logits(
-        self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Logits [num_sampling_seqs, vocab] (model dtype) and which scheduled rows they belong to.
-
-        ``prev_token_ids``: the in-flight step's sampled ids, which placeholder input ids point into.
-        """
-        inputs = build_model_inputs(sched, self.block_size, self.device, prev_token_ids)
+    def forward_logits(self, record: StepRecord) -> tuple[torch.Tensor, list[int]]:
+        """Logits [num_sampled_tokens, vocab] (model dtype) and which scheduled entries sample (a verification
+        row with k drafts has k + 1 consecutive logit rows)."""
+        inputs = self.prepare_inputs(record)
         return self.run_model(inputs), inputs.sample_rows
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """Logits of the sampling rows: a captured graph for decode batches it covers, else eager."""
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
             # One token per row, so row i's token is flat index i; the graph computed every row's logits.
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.placeholder_ids)
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.in_flight)
             if len(inputs.sample_rows) < inputs.meta.num_seqs:  # e.g. a 1-token chunk mid-prompt
                 logits = logits.index_select(0, inputs.sample_indices)
             return logits
@@ -146,26 +184,44 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:
-        """Queue the step's forward pass and sampling; the host waits only in ``LaunchedStep.result()``."""
-        logits, rows = self.forward_logits(sched, prev_token_ids)
+    def launch(self, record: StepRecord, grammars: dict[str, Any] | None = None) -> LaunchedStep:
+        """Queue the step's forward pass and sampling; the host waits only in ``LaunchedStep.result()``.
+        ``grammars``: request id -> structured.RequestGrammar for the constrained rows (their masks are filled
+        by the sampler; drafts and grammars are not combined yet)."""
+        logits, rows = self.forward_logits(record)
         if not rows:
-            return LaunchedStep([], torch.zeros(0, dtype=torch.int64, device=self.device), [])
-        sampling_rows = []
+            self.prev_sampled = None
+            return LaunchedStep([], [], torch.zeros(0, dtype=torch.int64, device=self.device), [])
+        sampling_rows: list[SamplingRow] = []
+        req_ids: list[str] = []
+        drafts_per_row: list[list[int]] = []
         for row in rows:
-            seq = sched.scheduled[row].seq
-            # Only penalties read the history's ids; copying every history on every step costs O(length).
-            history = seq.output_token_ids if needs_penalties(seq.params) else ()
-            sampling_rows.append(
-                SamplingRow(seq.params, seq.prompt_token_ids, history, seq.generator, seq.num_output_tokens,
-                            seq.grammar)
-            )
+            entry = record.scheduled[row]
+            state = self.batch.requests[entry.req_id]
+            drafts = entry.draft_token_ids
+            # Outputs before this step's first sampled token, counting one in flight (min_tokens reads it).
+            num_outputs = entry.num_computed_tokens + entry.num_tokens - len(drafts) - state.prompt_len
+            req_ids.append(entry.req_id)
+            drafts_per_row.append(drafts)
+            if not drafts:
+                state.row.num_output_tokens = num_outputs
+                if grammars and entry.req_id in grammars:  # a request's matcher is fixed for its life
+                    state.row.grammar = grammars[entry.req_id]
+                sampling_rows.append(state.row)
+                continue
+            # A verification row: one sampling row per position; position i's history has drafts[:i] after it.
+            base = state.row
+            for i in range(len(drafts) + 1):
+                history = list(state.outputs) + drafts[:i] if state.needs_history else ()
+                sampling_rows.append(SamplingRow(base.params, base.prompt_token_ids, history, base.generator,
+                                                 num_outputs + i))
         # The logits are this step's scratch (the graph's output buffer or a fresh tensor).
         token_ids, logprobs = self.sampler.sample(logits, sampling_rows, logits_writable=True)
+        self.prev_sampled = token_ids
         if self.device.type != "cuda":
-            return LaunchedStep(rows, token_ids, logprobs)
+            return LaunchedStep(req_ids, drafts_per_row, token_ids, logprobs)
         host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
         host_ids.copy_(token_ids, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return LaunchedStep(rows, token_ids, logprobs, host_ids, ready)
+        return LaunchedStep(req_ids, drafts_per_row, token_ids, logprobs, host_ids, ready)

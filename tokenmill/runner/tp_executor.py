@@ -1,8 +1,9 @@
 """TPExecutor: tensor-parallel model execution — rank 0 in the engine process, ranks 1..N-1 as spawned workers.
 
-Each step rank 0 sends the step's host arrays (``HostStep``: token ids, layout, sample indices) to every worker
-over its pipe; every rank uploads them and runs the same ``ModelRunner.run_model`` (a captured CUDA graph for decode
-batches, collectives inside, captured on all ranks in the same order), and rank 0 samples. A dead rank raises,
+Each step rank 0 sends the scheduler's step record (engine/step_record.py: plain data) to every worker over its
+pipe; every rank applies it to its own persistent batch, builds and uploads the same inputs and runs the same
+``ModelRunner.run_model`` (a captured CUDA graph for decode batches, collectives inside, captured on all ranks in the
+same order), and rank 0 samples. A dead rank raises,
 also while rank 0 waits on the GPU for a collective its peer will never join.
 """
 
@@ -25,9 +26,9 @@ import torch.multiprocessing as mp
 from tokenmill.attention.backend import AttentionBackend, get_attention_backend
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.context import ParallelContext, create_parallel_context
-from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.engine.step_record import StepRecord
 from tokenmill.model.loader import check_tensor_parallel, load_model
-from tokenmill.runner.inputs import host_step, upload_step
+from tokenmill.runner.inputs import ModelInputs
 from tokenmill.runner.linear_tuning import tune_rank_linears
 from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 
@@ -60,13 +61,12 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
     try:
         conn.send(("started", None))  # imports done: rank 0 may now block in the rendezvous
         ctx = create_parallel_context(rank, tp, Path(store_path), device, timeout_s, config.runner.custom_all_reduce)
-        # With async scheduling the next step's placeholder ids point into rank 0's sampled ids.
+        # With async scheduling the next step may read tokens in flight from rank 0's sampled ids.
         share_sampled_ids = config.runner.schedules_async(device.startswith("cuda"))
         backend = get_attention_backend(config.runner.attention_backend, device)
         loaded = load_model(mc, backend, parallel=ctx, device=device)
         tune_rank_linears(loaded.model, config, device)  # this rank's partition shapes, before capture
-        runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set())
-        sampled_ids: torch.Tensor | None = None  # rank 0's sampled ids of the previous step (async scheduling)
+        runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set(), samples=False)
         conn.send(("ready", None))
         while True:
             while not conn.poll(1.0):
@@ -84,11 +84,13 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
                 runner.capture_graphs(*payload)
             elif op == "step":  # the same forward and logits as rank 0 (the logits' all-gather needs every rank)
                 with torch.inference_mode():
-                    runner.run_model(upload_step(payload, runner.device, sampled_ids))
-                    sampled_ids = None
-                    if share_sampled_ids and payload.sample_rows:
-                        sampled_ids = torch.empty(len(payload.sample_rows), dtype=torch.int64, device=runner.device)
-                        ctx.broadcast(sampled_ids)
+                    inputs = runner.prepare_inputs(payload)
+                    runner.run_model(inputs)
+                    runner.prev_sampled = None  # rank 0's sampled ids, which the next step may read (async)
+                    if share_sampled_ids and inputs.sample_rows:
+                        runner.prev_sampled = torch.empty(inputs.sample_indices.shape[0], dtype=torch.int64,
+                                                          device=runner.device)
+                        ctx.broadcast(runner.prev_sampled)
             else:
                 raise ValueError(f"unknown tensor-parallel command {op!r}; expected alloc, profile, capture, step "
                                  "or stop")
@@ -263,20 +265,18 @@ class TPExecutor(ModelRunner):
         self._send("capture", (max_batch, max_model_len))
         self._collective(super().capture_graphs, max_batch, max_model_len)
 
-    @torch.inference_mode()
-    def forward_logits(
-        self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[int]]:
-        host = host_step(sched, self.block_size)
-        self._send("step", host)
-        inputs = upload_step(host, self.device, prev_token_ids)
-        return self._collective(self.run_model, inputs), inputs.sample_rows
+    def prepare_inputs(self, record: StepRecord) -> ModelInputs:
+        self._send("step", record)
+        return super().prepare_inputs(record)
 
-    def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:
-        """Rank 0 samples; with async scheduling its ids go to every rank (the next step's placeholders point
-        into them). On GPUs a dead peer leaves rank 0's collective kernel waiting forever: the result watches."""
-        launched = self._collective(super().launch, sched, prev_token_ids)
-        if self.share_sampled_ids and launched.rows:
+    def run_model(self, inputs: ModelInputs) -> torch.Tensor:
+        return self._collective(super().run_model, inputs)
+
+    def launch(self, record: StepRecord, grammars: dict[str, Any] | None = None) -> LaunchedStep:
+        """Rank 0 samples; with async scheduling its ids go to every rank (the next step may read tokens in flight
+        from them). On GPUs a dead peer leaves rank 0's collective kernel waiting forever: the result watches."""
+        launched = self._collective(super().launch, record, grammars)
+        if self.share_sampled_ids and launched.req_ids:
             self._collective(self.ctx.broadcast, launched.token_ids)
         deadline = time.monotonic() + self.timeout_s
 

@@ -1,0 +1,83 @@
+"""Host cost of one decode step's bookkeeping at batch B, without a model: schedule (the step record included),
+the runner's persistent-batch update and the host arrays of the step's inputs. Runs on any machine (no GPU).
+
+    python benchmarks/step_host_cost.py --batches 1,32,256 --out $OUT/step_host_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import time
+from pathlib import Path
+
+import torch
+from gpu_record import write_record
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Request, Sequence
+from tokenmill.runner.input_batch import InputBatch
+from tokenmill.runner.inputs import step_arrays
+from tokenmill.sampling_params import SamplingParams
+
+BLOCK_SIZE = 16
+
+
+def measure(batch: int, steps: int, prompt_len: int) -> dict[str, float]:
+    """Median microseconds per decode step of each part, after every sequence is prefilled."""
+    bm = BlockManager(batch * (prompt_len + steps + 32) // BLOCK_SIZE + batch, BLOCK_SIZE, True)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len), bm)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 16)
+    for i in range(batch):
+        prompt = list(range(i, i + prompt_len))
+        request = Request(f"r{i}", None, prompt, params)
+        sched.add(Sequence(f"r{i}", 0, request, prompt, params, seed=None, detokenizer=None,
+                           token_limit=prompt_len + steps + 16))
+    inputs = InputBatch(torch.device("cpu"))
+    parts: dict[str, list[float]] = {"schedule": [], "batch_update": [], "step_arrays": []}
+    gc.disable()
+    try:
+        for step in range(steps + 1):
+            t0 = time.perf_counter()
+            out = sched.schedule()
+            t1 = time.perf_counter()
+            inputs.update(out.record)
+            t2 = time.perf_counter()
+            step_arrays(out.record, inputs, BLOCK_SIZE)
+            t3 = time.perf_counter()
+            if step:  # step 0 is the prefill
+                for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                    parts[name].append(seconds * 1e6)
+            for item in out.scheduled:  # what landing does: computed tokens move on, one new token each
+                item.seq.num_computed_tokens += item.num_tokens
+                item.seq.token_ids.append(7)
+    finally:
+        gc.enable()
+    return {name: sorted(v)[len(v) // 2] for name, v in parts.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,32,256")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--out", default=None, help="write the timings as JSON here")
+    args = parser.parse_args()
+    rows = []
+    print(f"{'batch':>5} {'schedule us':>12} {'update us':>10} {'arrays us':>10} {'total us':>9}")
+    for batch in (int(b) for b in args.batches.split(",")):
+        timing = measure(batch, args.steps, args.prompt_len)
+        total = sum(timing.values())
+        rows.append({"batch": batch, **timing, "total": total})
+        print(f"{batch:5d} {timing['schedule']:12.0f} {timing['batch_update']:10.0f} {timing['step_arrays']:10.0f} "
+              f"{total:9.0f}")
+    if args.out:
+        write_record(Path(args.out), "step_host_cost", device=f"cpu ({platform.processor() or platform.machine()})",
+                     timings_us=rows)
+
+
+if __name__ == "__main__":
+    main()
