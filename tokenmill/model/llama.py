@@ -148,6 +148,7 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
         self.vocab_size = spec.vocab_size
+        self.attn_backend = attn_backend  # the runner builds this backend's metadata and graph buffers
         self.model = LlamaModel(spec, attn_backend)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
         if spec.tie_word_embeddings:

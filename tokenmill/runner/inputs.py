@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.metadata import AttentionMetadata, HostLayout
 from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.kernels.stage_inputs import resolve_placeholders
@@ -71,22 +72,23 @@ def host_step(sched: SchedulerOutput, block_size: int) -> HostStep:
 
 
 def upload_step(
-    host: HostStep, device: torch.device | str, prev_token_ids: torch.Tensor | None = None
+    host: HostStep, device: torch.device | str, prev_token_ids: torch.Tensor | None = None, *,
+    backend: AttentionBackend,
 ) -> ModelInputs:
     """``prev_token_ids``: sampled ids of the step still in flight. A negative input id -(j + 1) is a
-    placeholder for its entry j (the host has not read it yet); it is filled in on the device."""
+    placeholder for its entry j (the host has not read it yet); it is filled in on the device. The attention
+    ``backend`` names the layout arrays it needs and builds its metadata from them (one upload for all)."""
     layout = host.layout
     has_placeholders = bool(host.token_ids.size) and host.token_ids.min() < 0
     if has_placeholders and prev_token_ids is None:
         raise RuntimeError("placeholder input ids need the in-flight step's sampled ids")
-    ids, positions, slots, samples, *int32 = upload_arrays(
-        [host.token_ids, layout.positions, layout.slot_mapping, host.sample_indices,
-         layout.query_start_loc, layout.seq_lens, layout.block_tables], device
+    ids, positions, samples, *attn = upload_arrays(
+        [host.token_ids, layout.positions, host.sample_indices, *backend.metadata_arrays(layout)], device
     )
     return ModelInputs(
         input_ids=ids,
         positions=positions,
-        meta=AttentionMetadata.from_layout(layout, slots, int32),
+        meta=backend.prepare_metadata(layout, attn),
         sample_indices=samples,
         sample_rows=host.sample_rows,
         placeholder_ids=prev_token_ids if has_placeholders else None,
@@ -94,6 +96,7 @@ def upload_step(
 
 
 def build_model_inputs(
-    sched: SchedulerOutput, block_size: int, device: torch.device | str, prev_token_ids: torch.Tensor | None = None
+    sched: SchedulerOutput, block_size: int, device: torch.device | str, prev_token_ids: torch.Tensor | None = None,
+    *, backend: AttentionBackend,
 ) -> ModelInputs:
-    return upload_step(host_step(sched, block_size), device, prev_token_ids)
+    return upload_step(host_step(sched, block_size), device, prev_token_ids, backend=backend)

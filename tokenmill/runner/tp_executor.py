@@ -64,7 +64,8 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         share_sampled_ids = config.runner.schedules_async(device.startswith("cuda"))
         backend = get_attention_backend(config.runner.attention_backend, device)
         loaded = load_shard(mc, backend, ctx, device)
-        runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set())
+        runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.kv_cache_spec(
+            loaded.model.num_kv_heads, loaded.model.head_dim, mc.torch_dtype), set())
         sampled_ids: torch.Tensor | None = None  # rank 0's sampled ids of the previous step (async scheduling)
         conn.send(("ready", None))
         while True:
@@ -83,7 +84,7 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
                 runner.capture_graphs(*payload)
             elif op == "step":  # the same forward and logits as rank 0 (the logits' all-gather needs every rank)
                 with torch.inference_mode():
-                    runner.run_model(upload_step(payload, runner.device, sampled_ids))
+                    runner.run_model(upload_step(payload, runner.device, sampled_ids, backend=runner.attn_backend))
                     sampled_ids = None
                     if share_sampled_ids and payload.sample_rows:
                         sampled_ids = torch.empty(len(payload.sample_rows), dtype=torch.int64, device=runner.device)
@@ -177,8 +178,8 @@ class TPExecutor(ModelRunner):
         except BaseException:
             self.shutdown()
             raise
-        super().__init__(self.loaded.model, mc.device, mc.torch_dtype, config.cache.block_size,
-                         set(self.loaded.eos_token_ids))
+        super().__init__(self.loaded.model, mc.device, mc.torch_dtype, config.cache.kv_cache_spec(
+            self.loaded.model.num_kv_heads, self.loaded.model.head_dim, mc.torch_dtype), set(self.loaded.eos_token_ids))
         # The engine schedules a step while the previous one runs: every rank needs rank 0's sampled ids.
         self.share_sampled_ids = config.runner.schedules_async(on_cuda)
         logger.info("tensor parallel: %d ranks (%s), worker pids %s", self.world_size,
@@ -267,7 +268,7 @@ class TPExecutor(ModelRunner):
     ) -> tuple[torch.Tensor, list[int]]:
         host = host_step(sched, self.block_size)
         self._send("step", host)
-        inputs = upload_step(host, self.device, prev_token_ids)
+        inputs = upload_step(host, self.device, prev_token_ids, backend=self.attn_backend)
         return self._collective(self.run_model, inputs), inputs.sample_rows
 
     def launch(self, sched: SchedulerOutput, prev_token_ids: torch.Tensor | None = None) -> LaunchedStep:
