@@ -40,6 +40,14 @@ def test_cache_config_rejects_what_it_cannot_run(kwargs, match):
         CacheConfig(**kwargs)
 
 
+def test_engine_kwargs_take_vllms_kv_cache_dtype_name():
+    from tokenmill.config import EngineConfig
+
+    assert EngineConfig.from_kwargs(kv_cache_dtype="auto").cache.cache_dtype == "auto"
+    with pytest.raises(ValueError, match="kv cache dtype"):
+        EngineConfig.from_kwargs(kv_cache_dtype="fp8")
+
+
 def test_spec_rejects_unknown_scale_granularity():
     with pytest.raises(ValueError, match="granularity"):
         KVCacheSpec(16, 8, 128, torch.float32, "channel")

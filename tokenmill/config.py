@@ -218,7 +218,8 @@ class EngineConfig:
             "scheduler": SchedulerConfig,
             "runner": RunnerConfig,
         }
-        aliases = {"kv_cache_memory": "kv_cache_memory_gib", "num_kv_blocks": "num_gpu_blocks_override"}
+        aliases = {"kv_cache_memory": "kv_cache_memory_gib", "num_kv_blocks": "num_gpu_blocks_override",
+                   "kv_cache_dtype": "cache_dtype"}
         for key, value in kwargs.items():
             key = aliases.get(key, key)
             for group, klass in owners.items():

@@ -119,7 +119,7 @@ class DecodeGraphs:
         q, batch = meta.decode_query_len, meta.num_seqs
         size = next(s for s in self.sizes if s >= batch)
         if q == 1 and self.inputs is not None:  # one fused kernel stages ids, positions and the metadata
-            stage = stage_decode_inputs if HAS_TRITON else stage_decode_inputs_reference
+            stage = stage_decode_inputs if HAS_TRITON and input_ids.is_cuda else stage_decode_inputs_reference
             stage(self.inputs, input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, size,
                   placeholder_ids)
         else:
