@@ -33,7 +33,12 @@ class DecodeGraphBuffers:
         self.query_start_loc = torch.arange(0, (n + 1) * query_len, query_len, dtype=torch.int32, device=device)
 
     def kernel_staged(self) -> dict[str, torch.Tensor]:
+        """The buffers the staging kernel writes, by name."""
         return {name: getattr(self, name) for name in self.KERNEL_STAGED}
+
+    def kernel_sources(self, meta: AttentionMetadata) -> dict[str, torch.Tensor]:
+        """The step's tensors the staging kernel copies into ``kernel_staged()``, by the same names."""
+        return {name: getattr(meta, name) for name in self.KERNEL_STAGED}
 
     def can_serve(self, meta: AttentionMetadata) -> bool:
         return (

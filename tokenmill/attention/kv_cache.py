@@ -109,10 +109,8 @@ class LayerKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [seq_len, num_kv_heads, head_dim] of one sequence in position order (storage
         dtype; fp32 when dequantized by a scale)."""
-        blocks = block_table[: self.spec.blocks_for_tokens(seq_len)].long()
-        keys = self.k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
-        values = self.v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
-        return _scaled(keys, k_scale, divide=False), _scaled(values, v_scale, divide=False)
+        keys, values = self.gather_kv_padded(block_table[None], seq_len, k_scale, v_scale)
+        return keys[0, :seq_len], values[0, :seq_len]
 
     def gather_kv_padded(
         self,

@@ -116,12 +116,12 @@ class DecodeGraphs:
 
         ``placeholder_ids``: the in-flight step's sampled ids, which negative input ids -(j + 1) stand for.
         """
-        q, batch = meta.decode_query_len, meta.num_seqs
+        q, batch = meta.decode_query_len, meta.num_seqs  # the shape: which graph, how much padding
         size = next(s for s in self.sizes if s >= batch)
         if q == 1 and self.inputs is not None:  # one fused kernel stages ids, positions and the metadata
             stage = stage_decode_inputs if HAS_TRITON and input_ids.is_cuda else stage_decode_inputs_reference
-            stage(self.inputs, input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, size,
-                  placeholder_ids)
+            stage(self.inputs, input_ids, positions, size=size, placeholder_ids=placeholder_ids,
+                  **self.buffers[1].kernel_sources(meta))
         else:
             tokens = batch * q
             self.input_ids[q][:tokens].copy_(resolve_placeholders(input_ids, placeholder_ids))
