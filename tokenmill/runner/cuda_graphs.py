@@ -70,7 +70,7 @@ class DecodeGraphs:
             self.input_ids[q] = torch.zeros(n * q, dtype=torch.int64, device=device)
             self.positions[q] = torch.zeros(n * q, dtype=torch.int64, device=device)
         self.inputs: GraphInputs | None = None  # what the one-token staging kernel writes
-        if 1 in self.buffers:
+        if 1 in self.buffers and self.buffers[1].KERNEL_STAGED:
             self.inputs = GraphInputs(input_ids=self.input_ids[1], positions=self.positions[1],
                                       **self.buffers[1].kernel_staged())
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (query_len, batch size) -> graph
