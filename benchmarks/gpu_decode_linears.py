@@ -27,9 +27,11 @@ from gpu_record import write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenmill.attention.backend import allocate_kv_cache  # noqa: E402
+from tokenmill.attention.kv_cache import KVCache  # noqa: E402
 from tokenmill.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from tokenmill.config import KVCacheSpec  # noqa: E402
 from tokenmill.cuda_timing import event_times_ms, median_event_ms  # noqa: E402
+from tokenmill.intmath import cdiv  # noqa: E402
 from tokenmill.kernels.tiled_gemm import candidates_for as tiled_candidates_for  # noqa: E402
 from tokenmill.model.linear import matmul_layers  # noqa: E402
 from tokenmill.model.loader import build_model, init_random_weights  # noqa: E402
@@ -50,7 +52,7 @@ def copy_rate_gbps() -> float:
 def fill_batch(graphs: DecodeGraphs, batch: int, context: int, vocab: int, seed: int) -> None:
     """``batch`` sequences of ``context`` cached tokens, each decoding its next token (distinct blocks)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    blocks_per_seq = -(-(context + 1) // BLOCK_SIZE)
+    blocks_per_seq = cdiv(context + 1, BLOCK_SIZE)
     table = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
     graphs.inputs.block_tables[:batch, :blocks_per_seq].copy_(table)
     graphs.inputs.input_ids[:batch].copy_(torch.randint(0, vocab, (batch,), device="cuda", generator=gen))
@@ -97,11 +99,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plans = tune_plans(model, max(batches))
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     kv_token_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
-    blocks_per_seq = -(-(args.context + 1) // BLOCK_SIZE)
-    kv_caches = allocate_kv_cache(spec.num_layers, max(batches) * blocks_per_seq, BLOCK_SIZE, spec.num_kv_heads,
-                                  spec.head_dim, torch.bfloat16, torch.device("cuda"))
+    blocks_per_seq = cdiv(args.context + 1, BLOCK_SIZE)
+    kv_spec = KVCacheSpec(BLOCK_SIZE, spec.num_kv_heads, spec.head_dim, torch.bfloat16)
+    kv_caches = KVCache(kv_spec, spec.num_layers, max(batches) * blocks_per_seq, torch.device("cuda"))
     for cache in kv_caches:
-        cache.normal_()
+        cache.kv.normal_()
     copy_gbps = copy_rate_gbps()
     print(f"{args.preset}: weights {weight_bytes / 1e9:.2f} GB, context {args.context}, copy rate {copy_gbps:.0f} GB/s",
           flush=True)
@@ -117,14 +119,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             g.sizes, g.max_batch = [batch], batch
             fill_batch(g, batch, args.context, spec.vocab_size, seed=batch)
             g.capture()
-            g.graphs[batch].replay()
+            g.graph(batch).replay()
             torch.cuda.synchronize()
-            graphs[name], logits[name] = g, g.outputs[batch].clone()
+            graphs[name], logits[name] = g, g.outputs[1, batch].clone()
         set_variant(model, plans["gemv"])
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(args.rounds):  # round-robin: clock and thermal drift hit every variant alike
             for name, g in graphs.items():
-                times[name] += event_times_ms(g.graphs[batch].replay, args.replays)
+                times[name] += event_times_ms(g.graph(batch).replay, args.replays)
         floor_ms = (weight_bytes + batch * (args.context + 1) * kv_token_bytes) / copy_gbps / 1e6
         base = logits["cublas"]
         for name, samples in times.items():

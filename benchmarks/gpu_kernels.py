@@ -348,6 +348,34 @@ def bench_decode_large(rep: Report, num_sms: int) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_decode_verify(rep: Report, num_sms: int) -> None:
+    """Decode with 1 + k query tokens per sequence (speculative verification rows) against one token: the K/V
+    bytes read are the same, so % of copy bandwidth shows what the extra query rows cost. query_len 1 is the
+    plain decode kernel (the constexpr one-token variant); compare it with the 'decode' section's default."""
+    gen = torch.Generator().manual_seed(3)
+    for batch, seq_len in [(1, 2048), (32, 1024), (256, 544)]:
+        kv_bytes, tables, cache, q1, lens = decode_case(batch, seq_len, gen)
+        width = tables[0].shape[1] * BS
+        plan = plan_decode(batch, HKV, width, num_sms)
+        for query_len in (1, 2, 4, 8):
+            q = torch.randn(batch * query_len, HQ, D, device=DEV).to(torch.bfloat16) if query_len > 1 else q1
+            shape = f"B={batch} L={seq_len} q={query_len}"
+            out = torch.full_like(q, float("nan"))
+            paged_decode(q, cache, tables[0], lens, D**-0.5, plan=plan, out=out, query_len=query_len)
+            ref = paged_decode_reference(q.float(), cache, tables[0], lens, D**-0.5, query_len)
+            err = rel_err(out, ref)
+            rep.check(f"paged_decode[q={query_len}]", torch.bfloat16, shape, err)
+
+            def run(q: torch.Tensor = q, out: torch.Tensor = out, query_len: int = query_len) -> None:
+                for t in tables:
+                    paged_decode(q, cache, t, lens, D**-0.5, plan=plan, out=out, query_len=query_len)
+
+            ms = median_ms(run, graph=True) / len(tables)
+            rep.time("paged_decode_verify", f"q{query_len}", shape, ms, kv_bytes, splits=plan.num_splits,
+                     rel_err=err)
+        torch.cuda.empty_cache()
+
+
 def bench_decode_layout(rep: Report, num_sms: int) -> None:
     """Token-major cache blocks ([block, token, head, dim]: one program reads 16 rows of 256 B, 2 KB apart) vs
     head-major ([block, head, token, dim]: one contiguous 4 KB span per block and KV head), the same kernel
@@ -522,6 +550,7 @@ def main() -> None:
         ("decode_wide", lambda: bench_decode_wide_table(rep, props.multi_processor_count)),
         ("decode_large", lambda: bench_decode_large(rep, props.multi_processor_count)),
         ("decode_layout", lambda: bench_decode_layout(rep, props.multi_processor_count)),
+        ("decode_verify", lambda: bench_decode_verify(rep, props.multi_processor_count)),
         ("prefill", lambda: bench_prefill(rep)),
     ):
         if name not in sections:

@@ -35,6 +35,7 @@ from tokenmill.bench.roofline import H100_COPY_GBPS, H100_MATMUL_TFLOPS, Ceiling
 from tokenmill.bench.throughput import warm_up_mixed_steps  # noqa: E402
 from tokenmill.cuda_timing import median_event_ms  # noqa: E402
 from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
+from tokenmill.intmath import cdiv  # noqa: E402
 from tokenmill.kernels.paged_attention import paged_decode, plan_decode  # noqa: E402
 from tokenmill.model.linear import matmul_layers  # noqa: E402
 
@@ -57,7 +58,7 @@ def linear_plans(engine: LLMEngine) -> dict[str, dict[int, str]]:
 
 def replay_anatomy(engine: LLMEngine, batch: int, out_dir: Path) -> dict[str, Any]:
     """Back-to-back replays of the batch's graph (inputs as the last step left them), and its kernels."""
-    graph = engine.runner.graphs.graphs[batch]
+    graph = engine.runner.graphs.graph(batch)
     replay_ms = median_event_ms(graph.replay, 30)
     replays = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -84,10 +85,10 @@ def recapture(engine: LLMEngine, pdl_max_rows: int) -> None:
 
 
 def attention_footprint(engine: LLMEngine, batch: int, seq_len: int) -> list[dict[str, Any]]:
-    caches = engine.runner.kv_caches
+    caches = [layer.kv for layer in engine.runner.kv_caches]
     num_blocks, block_size, num_kv_heads, head_dim = caches[0].shape[1:]
     num_heads = engine.model.spec.num_heads
-    per_seq = -(-seq_len // block_size)
+    per_seq = cdiv(seq_len, block_size)
     needed = batch * per_seq
     gen = torch.Generator().manual_seed(0)
     tables = {
@@ -157,7 +158,7 @@ def main() -> int:
     for rows in () if "pdl" not in parts else (1 << 20, default_rows, 1 << 20, default_rows):
         recapture(engine, rows)
         entry = {"pdl_max_rows": rows, **step_median_ms(engine, args.batch, args.repeats, ceilings),
-                 "replay_ms": median_event_ms(engine.runner.graphs.graphs[args.batch].replay, 30)}
+                 "replay_ms": median_event_ms(engine.runner.graphs.graph(args.batch).replay, 30)}
         record["pdl_ab"].append(entry)
         print(f"PDL up to {rows} rows: steps {[round(x, 3) for x in entry['median_step_ms']]} ms, "
               f"replay {entry['replay_ms']:.3f} ms", flush=True)

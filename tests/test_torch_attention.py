@@ -10,16 +10,17 @@ from tokenmill.attention.torch_backend import (
     decode_attention_batched,
     paged_attention_reference,
 )
+from tokenmill.intmath import cdiv
 
 
 def _random_case(seq_lens: list[int], query_lens: list[int], block_size: int = 4, heads: int = 6, kv_heads: int = 2,
                  dim: int = 16, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 3
+    num_blocks = sum(cdiv(s, block_size) for s in seq_lens) + 3
     perm = torch.randperm(num_blocks, generator=gen).tolist()  # non-contiguous block tables
     tables, used = [], 0
     for s in seq_lens:
-        n = -(-s // block_size)
+        n = cdiv(s, block_size)
         tables.append(perm[used : used + n])
         used += n
     kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=gen, dtype=torch.float64)

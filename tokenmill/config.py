@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tokenmill.intmath import cdiv
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -67,11 +69,53 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
 
 
+KV_SCALE_GRANULARITIES = (None, "tensor", "head")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one layer's paged KV cache holds; every producer and consumer of the cache reads it from here.
+
+    ``scale_granularity`` says whether stored K/V carry dequantization scales (FP8 KV): None (stored values
+    are exact), "tensor" (one k and one v scale per layer) or "head" (one per KV head).
+    """
+
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    scale_granularity: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.num_kv_heads < 1 or self.head_dim < 1:
+            raise ValueError(f"KV cache block_size, num_kv_heads and head_dim must be >= 1; got {self}")
+        if self.scale_granularity not in KV_SCALE_GRANULARITIES:
+            raise ValueError(f"KV scale granularity must be one of {KV_SCALE_GRANULARITIES}; "
+                             f"got {self.scale_granularity!r}")
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    @property
+    def scale_shape(self) -> tuple[int, ...] | None:
+        """Shape of each layer's k (and v) scale tensor; None when the cache stores exact values."""
+        if self.scale_granularity is None:
+            return None
+        return () if self.scale_granularity == "tensor" else (self.num_kv_heads,)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of K and V for one block of one layer."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * element
+
+
 @dataclass
 class CacheConfig:
     """Paged KV cache: block size and how many blocks (a CPU memory budget, a GPU fraction, or a count)."""
 
     block_size: int = 16
+    cache_dtype: str = "auto"  # vLLM's name (--kv-cache-dtype); auto: the model's dtype
     kv_cache_memory_gib: float | None = None  # CPU budget; default picks a modest size
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None  # explicit block count, wins over the budgets
@@ -86,6 +130,12 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             raise ValueError(f"num_gpu_blocks_override must be >= 2; got {self.num_gpu_blocks_override}")
+        if self.cache_dtype != "auto":  # FP8 (e4m3 + scales) is the next one, with its kernels
+            raise ValueError(f"kv cache dtype must be 'auto' (the model's dtype) for now; got {self.cache_dtype!r}")
+
+    def kv_cache_spec(self, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype) -> KVCacheSpec:
+        """The per-layer cache spec once the model's KV shape is known."""
+        return KVCacheSpec(self.block_size, num_kv_heads, head_dim, model_dtype)
 
 
 @dataclass
@@ -168,7 +218,8 @@ class EngineConfig:
             "scheduler": SchedulerConfig,
             "runner": RunnerConfig,
         }
-        aliases = {"kv_cache_memory": "kv_cache_memory_gib", "num_kv_blocks": "num_gpu_blocks_override"}
+        aliases = {"kv_cache_memory": "kv_cache_memory_gib", "num_kv_blocks": "num_gpu_blocks_override",
+                   "kv_cache_dtype": "cache_dtype"}
         for key, value in kwargs.items():
             key = aliases.get(key, key)
             for group, klass in owners.items():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.intmath import cdiv
 from tokenmill.kernels._triton import HAS_TRITON
 
 
@@ -67,7 +68,7 @@ def make_paged_batch(
     """
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    blocks_needed = [-(-(ctx + q) // block_size) for ctx, q in seqs]
+    blocks_needed = [cdiv(ctx + q, block_size) for ctx, q in seqs]
     num_blocks = sum(blocks_needed) + spare_blocks
     order = list(range(num_blocks))
     rng.shuffle(order)

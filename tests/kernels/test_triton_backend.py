@@ -11,6 +11,7 @@ from conftest import make_paged_batch, rel_err, requires_cuda, requires_triton_d
 from tokenmill.attention.backend import get_attention_backend
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.intmath import cdiv
 
 TOL = 1e-2
 
@@ -20,6 +21,8 @@ BATCHES = {
     "mixed": [(0, 20), (63, 1), (200, 1), (31, 40)],
     "decode": [(0, 1), (15, 1), (16, 1), (511, 1), (1200, 1)],
     "decodes_first": [(63, 1), (200, 1), (0, 1), (0, 20), (31, 40), (5, 1)],
+    # 1 + k new tokens each (speculative verification): the decode kernel, causal among the new tokens.
+    "verification": [(10, 4), (0, 4), (100, 4), (33, 4)],
 }
 
 
@@ -45,7 +48,10 @@ def test_backend_matches_torch_reference(device, dtype, batch):
     # of an unwritten slot by our kernels still shows.
     ref_cache = cache.float().nan_to_num(nan=0.0)
     ref = TorchAttentionBackend().forward(query.float(), key.float(), value.float(), ref_cache, meta, 0.125)
-    out = _backend().forward(query, key, value, cache, meta, 0.125)
+    backend = _backend()
+    if batch == "verification":  # 1 + k rows take the decode kernel once graphs for that length exist
+        backend.graph_buffers(4, 8, 16, meta.decode_query_len, device)
+    out = backend.forward(query, key, value, cache, meta, 0.125)
     assert out.shape == query.shape and out.dtype == dtype
     assert rel_err(out, ref) <= (1e-4 if dtype == torch.float32 else TOL)
     # The backend wrote this step's keys/values exactly where the reference did.
@@ -90,7 +96,7 @@ def test_decode_step_replays_in_cuda_graph():
     static_meta = AttentionMetadata.build(
         [1] * 4,
         meta.seq_lens_cpu,
-        [t[: -(-s // block_size)] for t, s in zip(tables, meta.seq_lens_cpu, strict=True)],
+        [t[: cdiv(s, block_size)] for t, s in zip(tables, meta.seq_lens_cpu, strict=True)],
         block_size,
         device,
         pad_blocks_to=width,
@@ -114,8 +120,8 @@ def test_decode_step_replays_in_cuda_graph():
     free = [b for b in num_free if b not in used]
     new_tables = []
     for t, n in zip(tables, new_lens, strict=True):
-        need = -(-n // block_size)
-        t = list(t[: -(-(n - 1) // block_size)])
+        need = cdiv(n, block_size)
+        t = list(t[: cdiv(n - 1, block_size)])
         while len(t) < need:
             t.append(free.pop())
         new_tables.append(t)

@@ -227,6 +227,49 @@ def test_paged_decode_padding_rows_give_zeros(device, dtype):
         assert rel_err(out[:1], ref) <= TOL
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("query_len", [2, 3, 5, 8])
+@pytest.mark.parametrize("splits", ["one", "many"])
+def test_paged_decode_verification_rows(device, dtype, query_len, splits):
+    """1 + k new tokens per sequence (speculative verification), causal among themselves, against the fp32
+    reference; sequence lengths put the new tokens across block and split boundaries, and one sequence is
+    no longer than its new tokens (no context at all)."""
+    skip_interpreter_bf16_dot(device, dtype)
+    seq_lens = [query_len, 17, 64 + query_len, 300]
+    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 64, 16
+    query, key, value, cache, meta = make_paged_batch(
+        [(n - query_len, query_len) for n in seq_lens], num_heads, num_kv_heads, head_dim, block_size, dtype,
+        device, seed=query_len,
+    )
+    assert meta.decode_query_len == query_len
+    reshape_and_cache(key, value, cache, meta.slot_mapping)
+    max_len = meta.block_tables.shape[1] * block_size
+    sms = {"one": 1, "many": 10_000}[splits]
+    plan = plan_decode(len(seq_lens), num_kv_heads, max_len, sms, min_partition=32, block_n=32)
+    assert (plan.num_splits == 1) == (splits == "one")
+    out = torch.full_like(query, float("nan"))
+    scale = head_dim**-0.5
+    paged_decode(query, cache, meta.block_tables, meta.seq_lens, scale, plan=plan, out=out, query_len=query_len)
+    ref = paged_decode_reference(query.float(), cache.float(), meta.block_tables, meta.seq_lens, scale, query_len)
+    assert rel_err(out, ref) <= TOL
+    # Each token's row equals a one-token decode of the same sequence cut at that token's position.
+    seq = 2
+    for j in range(query_len):
+        cut = meta.seq_lens[seq : seq + 1] - (query_len - 1 - j)
+        row = seq * query_len + j
+        single = paged_decode_reference(query[row : row + 1].float(), cache.float(), meta.block_tables[seq : seq + 1],
+                                        cut, scale)
+        assert rel_err(out[row : row + 1], single) <= TOL
+
+
+def test_paged_decode_rejects_a_ragged_query_count():
+    query = torch.zeros(5, 4, 16)
+    cache = torch.zeros(2, 4, 16, 2, 16)
+    with pytest.raises(ValueError, match="query tokens per sequence"):
+        paged_decode(query, cache, torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 1.0,
+                     query_len=2)
+
+
 PREFILL_CASES = [
     # (seqs as (context_len, query_len), num_heads, num_kv_heads, head_dim, block_size)
     ([(0, 1), (0, 70), (33, 50), (100, 1), (5, 130)], 8, 2, 64, 16),

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenmill.attention.backend import allocate_kv_cache
+from tokenmill.attention.kv_cache import KVCache
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
-from tokenmill.config import ModelConfig
+from tokenmill.config import KVCacheSpec, ModelConfig
+from tokenmill.intmath import cdiv
 from tokenmill.model import LoadedModel, load_model
 
 
@@ -46,7 +47,7 @@ def run_in_steps(
     for i, length in enumerate(lengths):
         if sum(step[i] for step in step_lens) != length:
             raise ValueError(f"step lengths of prompt {i} do not add up to {length}")
-    blocks_needed = [(n + block_size - 1) // block_size for n in lengths]
+    blocks_needed = [cdiv(n, block_size) for n in lengths]
     num_blocks = sum(blocks_needed) + 3
     order = list(range(num_blocks))
     random.Random(seed).shuffle(order)
@@ -54,9 +55,8 @@ def run_in_steps(
     for need in blocks_needed:
         tables.append(order[start : start + need])
         start += need
-    caches = allocate_kv_cache(
-        model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim, torch.float32, "cpu"
-    )
+    caches = KVCache(KVCacheSpec(block_size, model.num_kv_heads, model.head_dim, torch.float32), model.num_layers,
+                     num_blocks, "cpu")
     done = [0] * len(prompts)
     logits: list[list[torch.Tensor]] = [[] for _ in prompts]
     with torch.no_grad():

@@ -182,12 +182,14 @@ def test_smollm2_gguf_matches_transformers(smollm2):
 
 
 def _greedy(model, prompt: list[int], steps: int) -> list[int]:
-    from tokenmill.attention.backend import allocate_kv_cache
+    from tokenmill.attention.kv_cache import KVCache
     from tokenmill.attention.metadata import AttentionMetadata
+    from tokenmill.config import KVCacheSpec
 
     block_size = 16
     table = list(range(7, -1, -1))  # reversed blocks: non-contiguous on purpose
-    caches = allocate_kv_cache(model.num_layers, 8, block_size, model.num_kv_heads, model.head_dim, torch.float32, "cpu")
+    caches = KVCache(KVCacheSpec(block_size, model.num_kv_heads, model.head_dim, torch.float32), model.num_layers, 8,
+                     "cpu")
     seq = list(prompt)
     new: list[int] = []
     with torch.no_grad():

@@ -6,10 +6,11 @@ import pytest
 import torch
 from model_helpers import make_prompts, rel_err
 
-from tokenmill.attention.backend import allocate_kv_cache
+from tokenmill.attention.kv_cache import KVCache
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend
-from tokenmill.config import ModelConfig
+from tokenmill.config import KVCacheSpec, ModelConfig
+from tokenmill.intmath import cdiv
 from tokenmill.model import load_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -20,10 +21,11 @@ def _prefill(model, prompts: list[torch.Tensor], dtype: torch.dtype) -> list[tor
     block_size = 16
     tables, start = [], 0
     for n in lengths:
-        need = (n + block_size - 1) // block_size
+        need = cdiv(n, block_size)
         tables.append(list(range(start, start + need))[::-1])
         start += need
-    caches = allocate_kv_cache(model.num_layers, start, block_size, model.num_kv_heads, model.head_dim, dtype, "cuda")
+    caches = KVCache(KVCacheSpec(block_size, model.num_kv_heads, model.head_dim, dtype), model.num_layers, start,
+                     "cuda")
     meta = AttentionMetadata.build(lengths, lengths, tables, block_size, "cuda")
     ids = torch.cat(prompts).cuda()
     positions = torch.cat([torch.arange(n) for n in lengths]).cuda()

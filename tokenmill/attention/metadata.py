@@ -15,6 +15,20 @@ import torch
 
 from tokenmill.transfer import upload_arrays
 
+# Query tokens per sequence the decode path takes (1 + up to 7 draft tokens of a verification row); longer
+# uniform steps go to the prefill path.
+MAX_DECODE_QUERY_LEN = 8
+
+
+def uniform_query_len(query_lens: np.ndarray) -> int:
+    """The query length every sequence shares when it is 1..MAX_DECODE_QUERY_LEN (a decode-shaped step), else 0."""
+    if not len(query_lens):
+        return 0
+    first = int(query_lens[0])
+    if not 1 <= first <= MAX_DECODE_QUERY_LEN or not (query_lens == first).all():
+        return 0
+    return first
+
 
 @dataclass
 class HostLayout:
@@ -27,6 +41,7 @@ class HostLayout:
     block_tables: np.ndarray  # [N, width] int32, padded with 0
     max_query_len: int
     is_decode_only: bool
+    decode_query_len: int  # see AttentionMetadata
 
     @classmethod
     def build(
@@ -60,6 +75,7 @@ class HostLayout:
             block_tables=tables,
             max_query_len=int(qlens.max()) if num_seqs else 0,
             is_decode_only=bool((qlens == 1).all()),
+            decode_query_len=uniform_query_len(qlens),
         )
 
 
@@ -76,6 +92,9 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     # Decode-only steps (every query length 1) let fast backends take the paged-decode kernel.
     is_decode_only: bool = False
+    # Every sequence has this many query tokens (1 + k draft tokens), 1..MAX_DECODE_QUERY_LEN: the decode
+    # kernel (causal among the new tokens) and the (batch, 1 + k) CUDA graphs serve it. 0: a mixed step.
+    decode_query_len: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -102,6 +121,7 @@ class AttentionMetadata:
             query_start_loc_cpu=layout.query_start_loc.tolist(),
             seq_lens_cpu=seq_lens_cpu,
             is_decode_only=layout.is_decode_only,
+            decode_query_len=layout.decode_query_len,
         )
 
     @classmethod

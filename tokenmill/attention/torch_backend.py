@@ -1,32 +1,28 @@
 """Pure-torch paged attention: the reference every fast backend is tested against; runs on CPU.
 
-Per sequence it gathers keys/values through the block table and runs causal attention where query j of a
-sequence with ``context_len`` cached tokens sees keys ``0 .. context_len + j``.
+Per sequence it gathers keys/values through the block table (``LayerKVCache.gather_kv``) and runs causal
+attention where query j of a sequence with ``context_len`` cached tokens sees keys ``0 .. context_len + j``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.attention.kv_cache import LayerKVCache
 from tokenmill.attention.metadata import AttentionMetadata
 
 
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new keys/values into their slots of the paged cache."""
-    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
-    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: LayerKVCache | torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values into their slots of the paged cache (slots < 0 are padding, skipped)."""
+    LayerKVCache.of(kv_cache).store_kv(key, value, slot_mapping)
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(kv_cache: LayerKVCache | torch.Tensor, block_table: torch.Tensor,
+              seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [seq_len, num_kv_heads, head_dim] of one sequence, in position order."""
-    block_size = kv_cache.shape[2]
-    num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = block_table[:num_blocks].long()
-    keys = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len]
-    values = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len]
-    return keys, values
+    return LayerKVCache.of(kv_cache).gather_kv(block_table, seq_len)
 
 
 def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
@@ -41,11 +37,13 @@ def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 def paged_attention_reference(
-    query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    query: torch.Tensor, kv_cache: LayerKVCache | torch.Tensor, meta: AttentionMetadata, scale: float,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every query token over its sequence's cached keys (cache must already hold them)."""
+    cache = LayerKVCache.of(kv_cache)
     num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = kv_cache.shape[3]
+    num_kv_heads = cache.num_kv_heads
     group = num_heads // num_kv_heads
     out = torch.empty_like(query)
     starts = meta.query_start_loc_cpu
@@ -54,7 +52,7 @@ def paged_attention_reference(
         q_len = q.shape[0]
         if q_len == 0:
             continue
-        keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+        keys, values = cache.gather_kv(meta.block_tables[i], seq_len, k_scale, v_scale)
         context_len = seq_len - q_len
         # Causal with an offset: query j may see key t when t <= context_len + j.
         visible = torch.ones(q_len, seq_len, dtype=torch.bool, device=query.device).tril(diagonal=context_len)
@@ -73,31 +71,36 @@ def paged_attention_reference(
 
 
 def decode_attention_batched(
-    query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-    max_seq_len: int, scale: float,
+    query: torch.Tensor, kv_cache: LayerKVCache | torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    max_seq_len: int, scale: float, query_len: int = 1,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence, all sequences at once: gather K/V padded to max_seq_len, mask the tail.
+    """``query_len`` query tokens per sequence (1, or 1 + k draft tokens), all sequences at once: gather K/V
+    padded to max_seq_len, mask the tail and, among the new tokens, the future (token j of a sequence of
+    length L sees keys ``< L - query_len + j + 1``).
 
     The per-sequence loop above costs one attention call per sequence per layer; batching decodes turns that
     into one call per layer (the CPU's hot path when many sequences decode together).
     """
-    num_seqs, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    num_blocks = -(-max_seq_len // block_size)
-    tables = block_tables[:, :num_blocks].long()
-    keys = kv_cache[0][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
-    values = kv_cache[1][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
-    positions = torch.arange(num_blocks * block_size, device=query.device)
-    mask = (positions[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
+    cache = LayerKVCache.of(kv_cache)
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs, num_kv_heads = num_tokens // query_len, cache.num_kv_heads
     group = num_heads // num_kv_heads
-    q = query.view(num_seqs, num_kv_heads, group, head_dim)
+    keys, values = cache.gather_kv_padded(block_tables, max_seq_len, k_scale, v_scale)  # [B, L, Hkv, D]
+    positions = torch.arange(keys.shape[1], device=query.device)
+    # Visible length of new token j: seq_len - query_len + j + 1; rows are ordered (token, group head).
+    ends = seq_lens[:, None].long() - query_len + 1 + torch.arange(query_len, device=query.device)  # [B, Q]
+    mask = (positions[None, None, :] < ends[:, :, None]).repeat_interleave(group, dim=1)[:, None]  # [B,1,Q*G,L]
+    q = query.view(num_seqs, query_len, num_kv_heads, group, head_dim).transpose(1, 2)  # [B, Hkv, Q, G, D]
     out = masked_attention(
-        q, keys.transpose(1, 2).to(query.dtype), values.transpose(1, 2).to(query.dtype), mask, scale
+        q.reshape(num_seqs, num_kv_heads, query_len * group, head_dim),
+        keys.transpose(1, 2).to(query.dtype), values.transpose(1, 2).to(query.dtype), mask, scale,
     )
-    return out.reshape(num_seqs, num_heads, head_dim)
+    out = out.view(num_seqs, num_kv_heads, query_len, group, head_dim).transpose(1, 2)
+    return out.reshape(num_tokens, num_heads, head_dim)
 
 
-class TorchAttentionBackend:
+class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     fuses_rotary = False  # the model rotates query/key (model/layers.py) before calling forward
 
@@ -106,16 +109,20 @@ class TorchAttentionBackend:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: LayerKVCache | torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if rotary is not None:
             raise ValueError("the torch attention backend does not fuse rotary: rotate query/key first")
-        write_kv_cache(key, value, kv_cache, meta.slot_mapping)
-        if meta.is_decode_only and meta.num_seqs > 1:
-            return decode_attention_batched(
-                query, kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
-            )
-        return paged_attention_reference(query, kv_cache, meta, scale)
+        cache = LayerKVCache.of(kv_cache)
+        if k_scale is not None or v_scale is not None or cache.spec.scale_granularity is not None:
+            self.check_scales(cache, k_scale, v_scale)
+        cache.store_kv(key, value, meta.slot_mapping, k_scale, v_scale)
+        if meta.decode_query_len and meta.num_seqs > 1:
+            return decode_attention_batched(query, cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
+                                            meta.decode_query_len, k_scale, v_scale)
+        return paged_attention_reference(query, cache, meta, scale, k_scale, v_scale)

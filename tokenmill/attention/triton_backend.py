@@ -1,13 +1,17 @@
-"""Triton attention backend: KV-cache write, then paged decode (decode-only steps) or prefill attention.
+"""Triton attention backend: KV-cache write, then paged decode (decode-shaped steps) or prefill attention.
 
-Must agree with ``TorchAttentionBackend``. No host syncs inside ``forward``; decode-only steps launch a grid
-fixed by the batch size and the block-table width, so the runner can capture them in CUDA graphs.
+Must agree with ``TorchAttentionBackend``. No host syncs inside ``forward``; decode-shaped steps (every
+sequence with one new token, or the same 1 + k for which graph buffers were made) launch a grid fixed by the
+batch size and the block-table width, so the runner can capture them in CUDA graphs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.attention.graph_buffers import DecodeGraphBuffers
+from tokenmill.attention.kv_cache import LayerKVCache
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.kv_cache_write import reshape_and_cache
@@ -19,7 +23,7 @@ if not HAS_TRITON:  # get_attention_backend catches ImportError and falls back t
     raise ImportError("the Triton attention backend needs the 'triton' package (install tokenmill[gpu])")
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(AttentionBackend):
     """Padding rows of a CUDA-graph batch need slot_mapping -1 (skipped) and seq_len 0 (output zeros)."""
 
     name = "triton"
@@ -27,6 +31,14 @@ class TritonAttentionBackend:
 
     def __init__(self) -> None:
         self._num_sms: dict[int, int] = {}
+        # Query lengths sent to the decode kernel. Others (a uniform 5-token prefill, say) stay on the prefill
+        # kernel: each length is a kernel variant, compiled when its graphs are captured, never mid-run.
+        self.decode_query_lens = {1}
+
+    def graph_buffers(self, max_batch: int, max_blocks: int, block_size: int, query_len: int,
+                      device: torch.device | str) -> DecodeGraphBuffers:
+        self.decode_query_lens.add(query_len)
+        return super().graph_buffers(max_batch, max_blocks, block_size, query_len, device)
 
     def _sm_count(self, device: torch.device) -> int:
         if device.type != "cuda":  # Triton's CPU interpreter (debugging): any positive count plans correctly
@@ -41,17 +53,23 @@ class TritonAttentionBackend:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: LayerKVCache | torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        cache = LayerKVCache.of(kv_cache)
+        if k_scale is not None or v_scale is not None or cache.spec.scale_granularity is not None:
+            raise ValueError("the Triton kernels do not read KV scales yet (FP8 KV cache); use the torch backend")
         if rotary is not None:  # one kernel rotates q in place and writes rotated k and v into the cache
-            rotary_and_cache(query, key, value, rotary[0], rotary[1], kv_cache, meta.slot_mapping)
+            rotary_and_cache(query, key, value, rotary[0], rotary[1], cache, meta.slot_mapping)
         else:
-            reshape_and_cache(key, value, kv_cache, meta.slot_mapping)
-        if meta.is_decode_only:
-            return self._decode(query, kv_cache, meta.block_tables, meta.seq_lens, scale)
+            reshape_and_cache(key, value, cache, meta.slot_mapping)
+        if meta.is_decode_only or meta.decode_query_len in self.decode_query_lens:
+            return self._decode(query, cache, meta.block_tables, meta.seq_lens, scale,
+                                query_len=meta.decode_query_len or 1)
         # Leading decode sequences take the GQA decode kernel; the rest (prefills, chunks) the prefill one.
         # Both write into one output; the prefill kernel indexes query/out by absolute token position.
         num_decodes = count_leading_decodes(meta.query_start_loc_cpu)
@@ -59,7 +77,7 @@ class TritonAttentionBackend:
         if num_decodes:
             self._decode(
                 query[:num_decodes],
-                kv_cache,
+                cache,
                 meta.block_tables[:num_decodes],
                 meta.seq_lens[:num_decodes],
                 scale,
@@ -67,7 +85,7 @@ class TritonAttentionBackend:
             )
         return prefill_attention(
             query,
-            kv_cache,
+            cache,
             meta.query_start_loc[num_decodes:],
             meta.seq_lens[num_decodes:],
             meta.block_tables[num_decodes:],
@@ -79,15 +97,16 @@ class TritonAttentionBackend:
     def _decode(
         self,
         query: torch.Tensor,
-        kv_cache: torch.Tensor,
+        cache: LayerKVCache,
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
         scale: float,
         out: torch.Tensor | None = None,
+        query_len: int = 1,
     ) -> torch.Tensor:
         # The plan depends on shapes only (block-table width bounds every length): graph-capturable.
-        block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
         plan = plan_decode(
-            query.shape[0], num_kv_heads, block_tables.shape[1] * block_size, self._sm_count(query.device)
+            block_tables.shape[0], cache.num_kv_heads, block_tables.shape[1] * cache.block_size,
+            self._sm_count(query.device),
         )
-        return paged_decode(query, kv_cache, block_tables, seq_lens, scale, plan=plan, out=out)
+        return paged_decode(query, cache, block_tables, seq_lens, scale, plan=plan, out=out, query_len=query_len)

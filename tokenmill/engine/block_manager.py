@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from tokenmill.engine.sequence import Sequence
+from tokenmill.intmath import cdiv
 
 
 @dataclass
@@ -52,7 +53,7 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     # ---- allocation -------------------------------------------------------------------------------
     def _take_free_block(self) -> int:

@@ -88,8 +88,8 @@ class LLMEngine:
         self.model_name: str = loaded.name
         config.check_against_model(self.max_model_len)
 
-        self.runner = executor or ModelRunner(self.model, mc.device, mc.torch_dtype, config.cache.block_size,
-                                              self.eos_token_ids)
+        kv_spec = config.cache.kv_cache_spec(self.model.num_kv_heads, self.model.head_dim, mc.torch_dtype)
+        self.runner = executor or ModelRunner(self.model, mc.device, mc.torch_dtype, kv_spec, self.eos_token_ids)
         sched_cfg = config.scheduler
         on_cuda = mc.device.startswith("cuda")
         if on_cuda and executor is None and config.runner.tune_gemm:
@@ -99,10 +99,8 @@ class LLMEngine:
             tune_linears(self.model, max_rows=sched_cfg.max_num_seqs)
         if on_cuda:  # measure peak activation memory before giving the rest to the KV cache
             self.runner.profile_run(min(sched_cfg.max_num_batched_tokens, self.max_model_len), sched_cfg.max_num_seqs)
-        num_blocks = num_kv_blocks(
-            config.cache, mc.device, self.model.num_layers, self.model.num_kv_heads, self.model.head_dim,
-            mc.torch_dtype, self.max_model_len, config.scheduler.max_num_seqs,
-        )
+        num_blocks = num_kv_blocks(config.cache, kv_spec, mc.device, self.model.num_layers, self.max_model_len,
+                                   config.scheduler.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
         if on_cuda and not config.runner.enforce_eager:
             self.runner.capture_graphs(min(sched_cfg.max_num_seqs, config.runner.max_graph_batch_size),

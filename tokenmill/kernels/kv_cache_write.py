@@ -1,13 +1,15 @@
 """KV-cache write (reshape_and_cache): scatter this step's keys/values into their paged-cache slots.
 
-Cache layout per layer is [2, num_blocks, block_size, num_kv_heads, head_dim] (K at 0, V at 1). A negative
-slot marks a padding token (CUDA-graph batches padded up to a captured size) and is skipped.
+The layout is the cache object's (attention/kv_cache.py): the kernel takes its slot-major storage and the
+K-to-V offset from it. A negative slot marks a padding token (CUDA-graph batches padded up to a captured size)
+and is skipped.
 """
 
 from __future__ import annotations
 
 import torch
 
+from tokenmill.attention.kv_cache import LayerKVCache
 from tokenmill.kernels._triton import (
     HAS_TRITON,
     next_power_of_2,
@@ -20,15 +22,10 @@ from tokenmill.kernels._triton import (
 
 
 def reshape_and_cache_reference(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor, value: torch.Tensor, kv_cache: LayerKVCache | torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Pure-torch scatter of key/value [T, num_kv_heads, head_dim] into the cache; slots < 0 are skipped."""
-    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
-    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    flat[0].index_copy_(0, slots, key[keep].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, value[keep].to(kv_cache.dtype))
+    LayerKVCache.of(kv_cache).store_kv(key, value, slot_mapping)
 
 
 if HAS_TRITON:
@@ -65,27 +62,28 @@ if HAS_TRITON:
 
 
 def reshape_and_cache(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor, value: torch.Tensor, kv_cache: LayerKVCache | torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Triton scatter of key/value [T, num_kv_heads, head_dim] into the cache (one program per token)."""
     require_triton("reshape_and_cache")
+    cache = LayerKVCache.of(kv_cache)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous [2, num_blocks, block_size, num_kv_heads, head_dim]")
+    if not cache.is_slot_major():
+        raise ValueError("the KV cache storage must be contiguous (slot-major rows of num_kv_heads * head_dim)")
     if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("key and value must have a contiguous last (head_dim) axis")
     _reshape_and_cache_kernel[(num_tokens,)](
         key,
         value,
-        kv_cache,
+        cache.kv,
         slot_mapping,
         key.stride(0),
         key.stride(1),
         value.stride(0),
         value.stride(1),
-        kv_cache.stride(0),
+        cache.v_offset,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_H=next_power_of_2(num_kv_heads),

@@ -1,7 +1,9 @@
-"""Paged decode attention: one query token per sequence against its K/V read through the block table.
+"""Paged decode attention: a few query tokens per sequence against its K/V read through the block table.
 
-GQA-aware (one program serves every query head of a KV head, so K/V are read once) and split-K
-(flash-decoding): long contexts split into partitions whose partial softmax results a reduce kernel merges.
+One query token per sequence (plain decode), or 1 + k (a verification row of k draft tokens, causal among the
+new tokens). GQA-aware (one program serves every query head of a KV head, and every new token, so K/V are
+read once) and split-K (flash-decoding): long contexts split into partitions whose partial softmax results a
+reduce kernel merges. The one-token case is a constexpr specialisation with no causal mask.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.attention.kv_cache import LayerKVCache
 from tokenmill.kernels._triton import (
     HAS_TRITON,
     next_power_of_2,
@@ -23,26 +26,34 @@ from tokenmill.kernels._triton import (
 
 def paged_decode_reference(
     query: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: LayerKVCache | torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    query_len: int = 1,
 ) -> torch.Tensor:
-    """query [B, Hq, D] -> out [B, Hq, D]; computed in fp32 per sequence (slow, exact)."""
-    num_seqs, num_heads, _ = query.shape
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    """query [B * query_len, Hq, D] -> out of the same shape; computed in fp32 per sequence (slow, exact).
+
+    Token j of sequence i sits at position ``seq_lens[i] - query_len + j`` and sees the keys up to it.
+    """
+    cache = LayerKVCache.of(kv_cache)
+    num_tokens, num_heads, _ = query.shape
+    num_kv_heads = cache.num_kv_heads
     group = num_heads // num_kv_heads
     out = torch.zeros_like(query)
     for i, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             continue
-        blocks = block_tables[i, : (seq_len + block_size - 1) // block_size].long()
-        keys = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len].float()
-        values = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len].float()
-        q = query[i].float().view(num_kv_heads, group, -1)  # [Hkv, G, D]
-        scores = torch.einsum("hgd,thd->hgt", q, keys) * scale
+        keys, values = cache.gather_kv(block_tables[i], seq_len)
+        keys, values = keys.float(), values.float()
+        rows = slice(i * query_len, (i + 1) * query_len)
+        q = query[rows].float().view(query_len, num_kv_heads, group, -1)  # [Q, Hkv, G, D]
+        scores = torch.einsum("qhgd,thd->qhgt", q, keys) * scale
+        ends = seq_len - query_len + 1 + torch.arange(query_len, device=query.device)  # visible keys per token
+        visible = torch.arange(seq_len, device=query.device)[None, :] < ends[:, None]  # [Q, T]
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         probs = scores.softmax(dim=-1)
-        out[i] = torch.einsum("hgt,thd->hgd", probs, values).reshape(num_heads, -1).to(query.dtype)
+        out[rows] = torch.einsum("qhgt,thd->qhgd", probs, values).reshape(query_len, num_heads, -1).to(query.dtype)
     return out
 
 
@@ -139,13 +150,14 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        BLOCK_G: tl.constexpr,
+        BLOCK_G: tl.constexpr,  # rows: QUERY_LEN * GROUP (new token, query head of this KV head), padded
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
         STRIDE_BLOCK: tl.constexpr,  # cache strides in elements: fixed per engine, so constants here
         STRIDE_TOKEN: tl.constexpr,
         STRIDE_HEAD: tl.constexpr,
         PDL: tl.constexpr = False,
+        QUERY_LEN: tl.constexpr = 1,  # new tokens per sequence; 1 compiles without the causal mask
     ):
         pdl_wait(PDL)
         seq = tl.program_id(0).to(tl.int64)
@@ -156,13 +168,21 @@ if HAS_TRITON:
         start = split * partition
         end = tl.minimum(start + partition, seq_len)
 
-        g = tl.arange(0, BLOCK_G)
+        r = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
-        gmask = g < GROUP
         dmask = d < HEAD_DIM
-        heads = kv_head * GROUP + g
+        if QUERY_LEN == 1:
+            gmask = r < GROUP
+            heads = kv_head * GROUP + r
+            tokens = seq
+        else:
+            gmask = r < QUERY_LEN * GROUP
+            qi = r // GROUP  # which new token; it sits at position seq_len - QUERY_LEN + qi
+            heads = kv_head * GROUP + r % GROUP
+            tokens = seq * QUERY_LEN + qi
+            visible_end = seq_len - QUERY_LEN + 1 + qi  # keys [0, visible_end) are causal for this row
         q = tl.load(
-            q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
+            q_ptr + (tokens * q_stride_b + heads * q_stride_h)[:, None] + d[None, :],
             mask=gmask[:, None] & dmask[None, :],
             other=0.0,
         )
@@ -183,10 +203,18 @@ if HAS_TRITON:
             n_next = n + BLOCK_N
             block = tl.load(bt_row + n_next // BLOCK_SIZE, mask=n_next < end, other=0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            if QUERY_LEN == 1:
+                s = tl.where(nmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_use = m_new
+            else:
+                s = tl.where(nmask[None, :] & (n[None, :] < visible_end[:, None]), s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                # A row may see no key of this tile yet (the split ends past its position): keep it at zero
+                # weight instead of exp2(-inf - -inf) = NaN.
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
@@ -198,13 +226,13 @@ if HAS_TRITON:
         if num_splits == 1:
             res = acc / tl.maximum(l_i, 1e-30)[:, None]
             tl.store(
-                out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :],
+                out_ptr + (tokens * out_stride_b + heads * out_stride_h)[:, None] + d[None, :],
                 res.to(out_ptr.dtype.element_ty),
                 mask=out_mask,
             )
         else:
-            # Partials: normalized output and log2-sum-exp per (seq, head, split); fp32 scratch.
-            idx = (seq * NUM_KV_HEADS * GROUP + heads) * num_splits + split
+            # Partials: normalized output and log2-sum-exp per (token, head, split); fp32 scratch.
+            idx = (tokens * NUM_KV_HEADS * GROUP + heads) * num_splits + split
             res = acc / tl.maximum(l_i, 1e-30)[:, None]
             tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + d[None, :], res, mask=out_mask)
             tl.store(part_lse_ptr + idx, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=gmask)
@@ -250,7 +278,7 @@ if HAS_TRITON:
 
 def paged_decode(
     query: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: LayerKVCache | torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
@@ -259,24 +287,31 @@ def paged_decode(
     out: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    query_len: int = 1,
 ) -> torch.Tensor:
-    """query [B, Hq, D] (one token per sequence) -> [B, Hq, D]. seq_lens 0 gives zeros (padding rows).
+    """query [B * query_len, Hq, D] (``query_len`` new tokens per sequence, causal among themselves) ->
+    [B * query_len, Hq, D]. seq_lens 0 gives zeros (padding rows).
 
-    kv_cache is indexed [K/V, block, token, head, dim] through its strides, so a head-major cache passed as a
-    permuted view works too (measured on the H100: no faster, gpu_kernels_decode_layout_2026-11-24.json).
+    K/V are indexed [K/V, block, token, head, dim] through the cache object's strides, so a head-major storage
+    works too (measured on the H100: no faster, gpu_kernels_decode_layout_2026-11-24.json).
 
     No host sync: the plan depends only on shapes, so the same launch can be captured in a CUDA graph.
     """
     require_triton("paged_decode")
-    num_seqs, num_heads, head_dim = query.shape
-    _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
+    cache = LayerKVCache.of(kv_cache)
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads, cache_head_dim = cache.block_size, cache.num_kv_heads, cache.head_dim
     if cache_head_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(
             f"query heads/dim ({num_heads}, {head_dim}) must be a multiple of the cache's KV heads and match "
             f"its head_dim ({num_kv_heads}, {cache_head_dim})"
         )
-    if query.stride(-1) != 1 or kv_cache.stride(-1) != 1:
-        raise ValueError("query and kv_cache need a contiguous last axis")
+    num_seqs = num_tokens // max(query_len, 1)
+    if query_len < 1 or num_tokens % query_len or block_tables.shape[0] < num_seqs:
+        raise ValueError(f"paged_decode needs {query_len} query tokens per sequence and a block-table row for "
+                         f"each; got {num_tokens} tokens and {block_tables.shape[0]} rows")
+    if query.stride(-1) != 1 or cache.kv.stride(-1) != 1:
+        raise ValueError("query and the KV cache need a contiguous last axis")
     if out is None:
         out = torch.empty_like(query)
     if num_seqs == 0:
@@ -286,13 +321,13 @@ def paged_decode(
             num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count
         plan = plan_decode(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, num_sms)
     group = num_heads // num_kv_heads
-    split_shape = (num_seqs, num_heads, plan.num_splits) if plan.num_splits > 1 else (1, 1, 1)
+    split_shape = (num_tokens, num_heads, plan.num_splits) if plan.num_splits > 1 else (1, 1, 1)
     part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
     part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)
     block_d = max(16, next_power_of_2(head_dim))
     _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
         query,
-        kv_cache,
+        cache.kv,
         block_tables,
         seq_lens,
         out,
@@ -303,7 +338,7 @@ def paged_decode(
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
-        kv_cache.stride(0),
+        cache.v_offset,
         scale * 1.4426950408889634,
         plan.num_splits,
         plan.min_partition,
@@ -312,18 +347,19 @@ def paged_decode(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_N=plan.block_n,
-        BLOCK_G=max(16, next_power_of_2(group)),
+        BLOCK_G=max(16, next_power_of_2(query_len * group)),
         BLOCK_D=block_d,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        STRIDE_BLOCK=kv_cache.stride(1),
-        STRIDE_TOKEN=kv_cache.stride(2),
-        STRIDE_HEAD=kv_cache.stride(3),
+        STRIDE_BLOCK=cache.strides[0],
+        STRIDE_TOKEN=cache.strides[1],
+        STRIDE_HEAD=cache.strides[2],
         **pdl_launch(query.device, num_seqs),
+        QUERY_LEN=query_len,
         num_warps=num_warps,
         num_stages=num_stages,
     )
     if plan.num_splits > 1:
-        _paged_decode_reduce_kernel[(num_seqs, num_heads)](
+        _paged_decode_reduce_kernel[(num_tokens, num_heads)](
             part_out,
             part_lse,
             out,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.attention.kv_cache import LayerKVCache
 from tokenmill.kernels._triton import (
     HAS_TRITON,
     next_power_of_2,
@@ -21,14 +22,15 @@ from tokenmill.kernels._triton import (
 
 def prefill_attention_reference(
     query: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: LayerKVCache | torch.Tensor,
     query_start_loc: list[int],
     seq_lens: list[int],
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """query [T, Hq, D] packed by ``query_start_loc``; computed in fp32 with an explicit mask (slow, exact)."""
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    cache = LayerKVCache.of(kv_cache)
+    num_kv_heads = cache.num_kv_heads
     num_heads = query.shape[1]
     group = num_heads // num_kv_heads
     out = torch.zeros_like(query)
@@ -37,11 +39,9 @@ def prefill_attention_reference(
         q_len = hi - lo
         if q_len == 0:
             continue
-        blocks = block_tables[i, : (seq_len + block_size - 1) // block_size].long()
-        keys = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len].float()
-        values = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len].float()
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
+        keys, values = cache.gather_kv(block_tables[i], seq_len)
+        keys = keys.float().repeat_interleave(group, dim=1)
+        values = values.float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", query[lo:hi].float(), keys) * scale
         context_len = seq_len - q_len
         visible = torch.ones(q_len, seq_len, dtype=torch.bool, device=query.device).tril(diagonal=context_len)
@@ -216,7 +216,7 @@ if HAS_TRITON:
 
 def prefill_attention(
     query: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: LayerKVCache | torch.Tensor,
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
@@ -236,14 +236,15 @@ def prefill_attention(
     """
     require_triton("prefill_attention")
     num_tokens, num_heads, head_dim = query.shape
-    _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
+    cache = LayerKVCache.of(kv_cache)
+    block_size, num_kv_heads, cache_head_dim = cache.block_size, cache.num_kv_heads, cache.head_dim
     if cache_head_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(
             f"query heads/dim ({num_heads}, {head_dim}) must be a multiple of the cache's KV heads and match "
             f"its head_dim ({num_kv_heads}, {cache_head_dim})"
         )
-    if query.stride(-1) != 1 or not kv_cache.is_contiguous():
-        raise ValueError("query needs a contiguous last axis and kv_cache must be contiguous")
+    if query.stride(-1) != 1 or not cache.is_slot_major():
+        raise ValueError("query needs a contiguous last axis and the KV cache storage must be contiguous")
     if out is None:
         out = torch.empty_like(query)
     num_seqs = seq_lens.shape[0]
@@ -255,7 +256,7 @@ def prefill_attention(
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
     _prefill_kernel[grid](
         query,
-        kv_cache,
+        cache.kv,
         block_tables,
         query_start_loc,
         seq_lens,
@@ -265,7 +266,7 @@ def prefill_attention(
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
-        kv_cache.stride(0),
+        cache.v_offset,
         scale * 1.4426950408889634,
         NUM_KV_HEADS=num_kv_heads,
         GROUP=num_heads // num_kv_heads,

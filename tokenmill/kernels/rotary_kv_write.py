@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.attention.kv_cache import LayerKVCache
 from tokenmill.kernels._triton import (
     HAS_TRITON,
     next_power_of_2,
@@ -33,7 +34,7 @@ def rotary_and_cache_reference(
     value: torch.Tensor,
     positions: torch.Tensor,
     cos_sin_cache: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: LayerKVCache | torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
     """Rotate query and key in place (fp32 math), then scatter key/value into the cache."""
@@ -102,7 +103,7 @@ def rotary_and_cache(
     value: torch.Tensor,
     positions: torch.Tensor,
     cos_sin_cache: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: LayerKVCache | torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
     """query [T, Hq, D] rotated in place; rotated key [T, Hkv, D] and value written to their cache slots.
@@ -115,19 +116,22 @@ def rotary_and_cache(
     if cos_sin_cache.shape[-1] != head_dim or head_dim % 2:
         raise ValueError(f"rotary_and_cache needs an even head_dim rotated whole; got rotary dim "
                          f"{cos_sin_cache.shape[-1]} for head_dim {head_dim}")
-    if key.shape != value.shape or key.shape[2] != head_dim or kv_cache.shape[3:] != (num_kv_heads, head_dim):
+    cache = LayerKVCache.of(kv_cache)
+    if key.shape != value.shape or key.shape[2] != head_dim or (cache.num_kv_heads, cache.head_dim) != (
+        num_kv_heads, head_dim
+    ):
         raise ValueError(f"key/value {tuple(key.shape)}/{tuple(value.shape)} do not match the cache "
-                         f"{tuple(kv_cache.shape)} or head_dim {head_dim}")
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous [2, num_blocks, block_size, num_kv_heads, head_dim]")
+                         f"{cache.spec} or head_dim {head_dim}")
+    if not cache.is_slot_major():
+        raise ValueError("the KV cache storage must be contiguous (slot-major rows of num_kv_heads * head_dim)")
     if query.stride(2) != 1 or key.stride(2) != 1 or value.stride(2) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("query, key, value and cos_sin_cache need a contiguous last axis")
     if num_tokens == 0:
         return
     _rotary_kv_write_kernel[(num_tokens,)](
-        query, key, value, positions, slot_mapping, cos_sin_cache, kv_cache,
+        query, key, value, positions, slot_mapping, cos_sin_cache, cache.kv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        cos_sin_cache.stride(0), kv_cache.stride(0),
+        cos_sin_cache.stride(0), cache.v_offset,
         NUM_Q_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,

@@ -184,6 +184,7 @@ class LlamaForCausalLM(nn.Module):
         self.num_layers = spec.num_layers
         self.head_dim = spec.head_dim
         self.vocab_size = spec.vocab_size
+        self.attn_backend = attn_backend  # the runner builds this backend's metadata and graph buffers
         self.model = LlamaModel(spec, attn_backend, parallel, quant_config)
         self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads if spec.num_layers else spec.num_kv_heads
         self.lm_head = ParallelLMHead(

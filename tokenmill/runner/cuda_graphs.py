@@ -1,23 +1,30 @@
-"""CUDA graphs for decode: one captured forward per batch size on a ladder, replayed with padded inputs.
+"""CUDA graphs for decode: one captured forward per (query length, batch size), replayed with padded inputs.
 
 Decode steps are launch-bound at small batch sizes (hundreds of small kernels per step); a graph replays
-them with one launch. The graph ends with the logits (model dtype) of every row (lm_head included), since in a
-decode step (nearly) every row samples. Graphs read fixed buffers, so each step copies its inputs into them (one
-kernel, kernels/stage_inputs.py); padding rows get slot -1 (the KV write skips them) and sequence length 0 (attention
+them with one launch. The graph ends with the logits (model dtype) of every token (lm_head included), since in a
+decode step (nearly) every row samples. Query length 1 is plain decode; 1 + k serves verification rows of k
+draft tokens. Graphs read fixed buffers: the token ids and positions here, the attention metadata in buffers
+the attention backend owns (``AttentionBackend.graph_buffers``: capture/replay hooks), so this file never
+reads a metadata field. One-token steps copy everything in one kernel (kernels/stage_inputs.py) that fills the
+backend's named buffers; padding rows get slot -1 (the KV write skips them) and sequence length 0 (attention
 writes zeros).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
-from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.attention.graph_buffers import DecodeGraphBuffers
+from tokenmill.attention.kv_cache import KVCache
+from tokenmill.attention.metadata import MAX_DECODE_QUERY_LEN, AttentionMetadata
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.stage_inputs import (
     GraphInputs,
     InFlightIds,
+    resolve_in_flight,
     stage_decode_inputs,
     stage_decode_inputs_reference,
 )
@@ -33,69 +40,71 @@ def batch_size_ladder(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """``query_lens``: new tokens per sequence to capture graphs for (1 = plain decode; 1 + k for k drafts)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
-        kv_caches: list[torch.Tensor],
+        kv_caches: KVCache | list[torch.Tensor],
         block_size: int,
         max_batch: int,
         max_blocks_per_seq: int,
         device: torch.device,
+        query_lens: Sequence[int] = (1,),
     ) -> None:
+        if not query_lens or any(not 1 <= q <= MAX_DECODE_QUERY_LEN for q in query_lens):
+            raise ValueError(f"graph query lengths must be 1..{MAX_DECODE_QUERY_LEN}; got {list(query_lens)}")
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sizes = batch_size_ladder(max_batch)
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq
+        self.query_lens = sorted(set(query_lens))
+        backend = model.attn_backend
         n = self.max_batch
-        self.inputs = GraphInputs(  # what each step's staging writes and every graph reads
-            input_ids=torch.zeros(n, dtype=torch.int64, device=device),
-            positions=torch.zeros(n, dtype=torch.int64, device=device),
-            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=device),
-            seq_lens=torch.zeros(n, dtype=torch.int32, device=device),
-            block_tables=torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device),
-        )
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.buffers: dict[int, DecodeGraphBuffers] = {}
+        self.input_ids: dict[int, torch.Tensor] = {}
+        self.positions: dict[int, torch.Tensor] = {}
+        for q in self.query_lens:
+            self.buffers[q] = backend.graph_buffers(n, max_blocks_per_seq, block_size, q, device)
+            self.input_ids[q] = torch.zeros(n * q, dtype=torch.int64, device=device)
+            self.positions[q] = torch.zeros(n * q, dtype=torch.int64, device=device)
+        self.inputs: GraphInputs | None = None  # what the one-token staging kernel writes
+        if 1 in self.buffers and self.buffers[1].KERNEL_STAGED:
+            self.inputs = GraphInputs(input_ids=self.input_ids[1], positions=self.positions[1],
+                                      **self.buffers[1].kernel_staged())
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (query_len, batch size) -> graph
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _meta(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.inputs.slot_mapping[:size],
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.inputs.seq_lens[:size],
-            block_tables=self.inputs.block_tables[:size],
-            max_query_len=1,
-            max_seq_len=self.max_blocks * self.block_size,
-            query_start_loc_cpu=list(range(size + 1)),
-            seq_lens_cpu=[0] * size,  # unused on the decode path, which reads the device tensor
-            is_decode_only=True,
-        )
-
-    def _forward(self, size: int) -> torch.Tensor:
-        hidden = self.model(self.inputs.input_ids[:size], self.inputs.positions[:size], self.kv_caches, self._meta(size))
+    def _forward(self, q: int, size: int) -> torch.Tensor:
+        tokens = size * q
+        meta = self.buffers[q].prepare_for_capture(size)
+        hidden = self.model(self.input_ids[q][:tokens], self.positions[q][:tokens], self.kv_caches, meta)
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
-            self._forward(size)  # compile Triton kernels and warm the allocator outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size)
-            self.graphs[size] = graph
+        # Largest first (most tokens): later graphs reuse its pool memory.
+        for q in reversed(self.query_lens):
+            for size in reversed(self.sizes):
+                self._forward(q, size)  # compile Triton kernels and warm the allocator outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[q, size] = self._forward(q, size)
+                self.graphs[q, size] = graph
         torch.cuda.synchronize()
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+        logger.info("captured decode CUDA graphs for query lengths %s x batch sizes %s", self.query_lens, self.sizes)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return (
-            meta.is_decode_only
-            and meta.num_seqs <= self.max_batch
-            and meta.block_tables.shape[1] <= self.max_blocks
-        )
+        buffers = self.buffers.get(meta.decode_query_len)
+        return buffers is not None and buffers.can_serve(meta)
+
+    def graph(self, batch: int, query_len: int = 1) -> torch.cuda.CUDAGraph:
+        """The graph a batch of ``batch`` sequences replays (benchmarks time it directly)."""
+        return self.graphs[query_len, next(s for s in self.sizes if s >= batch)]
 
     def run(
         self,
@@ -104,14 +113,20 @@ class DecodeGraphs:
         meta: AttentionMetadata,
         in_flight: InFlightIds | None = None,
     ) -> torch.Tensor:
-        """Logits [batch, vocab] of every row (a view into the graph's output buffer).
+        """Logits [num_tokens, vocab] of every token (a view into the graph's output buffer).
 
         ``in_flight``: rows whose token the previous step sampled and the host has not read (staging reads it).
         """
-        batch = meta.num_seqs
+        q, batch = meta.decode_query_len, meta.num_seqs  # the shape: which graph, how much padding
         size = next(s for s in self.sizes if s >= batch)
-        stage = stage_decode_inputs if HAS_TRITON else stage_decode_inputs_reference
-        stage(self.inputs, input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, size,
-              in_flight)
-        self.graphs[size].replay()
-        return self.outputs[size][:batch]
+        if q == 1 and self.inputs is not None:  # one fused kernel stages ids, positions and the metadata
+            stage = stage_decode_inputs if HAS_TRITON and input_ids.is_cuda else stage_decode_inputs_reference
+            stage(self.inputs, input_ids, positions, size=size, in_flight=in_flight,
+                  **self.buffers[1].kernel_sources(meta))
+        else:
+            tokens = batch * q
+            self.input_ids[q][:tokens].copy_(resolve_in_flight(input_ids, in_flight))
+            self.positions[q][:tokens].copy_(positions)
+            self.buffers[q].prepare_for_replay(meta, size)
+        self.graphs[q, size].replay()
+        return self.outputs[q, size][: batch * q]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.metadata import AttentionMetadata, HostLayout
 from tokenmill.engine.step_record import StepRecord
 from tokenmill.kernels.stage_inputs import InFlightIds, resolve_in_flight
@@ -107,22 +108,25 @@ def step_arrays(record: StepRecord, batch: InputBatch, block_size: int) -> StepA
                       np.asarray(sample_indices, dtype=np.int64), sample_rows)
 
 
-def upload_step(host: StepArrays, device: torch.device | str, prev_sampled: torch.Tensor | None) -> ModelInputs:
-    """One host-to-device copy; ``prev_sampled``: the previous step's sampled ids (needed when tokens are in flight)."""
+def upload_step(
+    host: StepArrays, device: torch.device | str, prev_sampled: torch.Tensor | None, *, backend: AttentionBackend,
+) -> ModelInputs:
+    """One host-to-device copy; ``prev_sampled``: the previous step's sampled ids (needed when tokens are in
+    flight). The attention ``backend`` names the layout arrays it needs and builds its metadata from them."""
     layout = host.layout
-    arrays = [host.token_ids, layout.positions, layout.slot_mapping, host.sample_indices]
+    arrays = [host.token_ids, layout.positions, host.sample_indices]
     if host.in_flight_index is not None:
         if prev_sampled is None:
             raise RuntimeError("input tokens in flight need the previous step's sampled ids on this rank")
         arrays.append(host.in_flight_index)
-    ids, positions, slots, samples, *rest = upload_arrays(
-        arrays + [layout.query_start_loc, layout.seq_lens, layout.block_tables], device
+    ids, positions, samples, *rest = upload_arrays(
+        arrays + list(backend.metadata_arrays(layout)), device
     )
     in_flight = InFlightIds(prev_sampled, rest.pop(0)) if host.in_flight_index is not None else None
     return ModelInputs(
         input_ids=ids,
         positions=positions,
-        meta=AttentionMetadata.from_layout(layout, slots, rest),
+        meta=backend.prepare_metadata(layout, rest),
         sample_indices=samples,
         sample_rows=host.sample_rows,
         in_flight=in_flight,

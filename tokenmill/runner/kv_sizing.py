@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from tokenmill.attention.backend import kv_cache_bytes_per_block
-from tokenmill.config import CacheConfig
+from tokenmill.attention.kv_cache import KVCache
+from tokenmill.config import CacheConfig, KVCacheSpec
 
 logger = logging.getLogger(__name__)
 
@@ -16,15 +16,13 @@ DEFAULT_CPU_KV_GIB = 1.0
 
 def num_kv_blocks(
     cache: CacheConfig,
+    spec: KVCacheSpec,
     device: str,
     num_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
     max_model_len: int,
     max_num_seqs: int,
 ) -> int:
-    per_block = kv_cache_bytes_per_block(num_layers, cache.block_size, num_kv_heads, head_dim, dtype)
+    per_block = KVCache.bytes_per_block(spec, num_layers)
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
     if device.startswith("cuda"):
@@ -40,7 +38,7 @@ def num_kv_blocks(
         budget = (cache.kv_cache_memory_gib or DEFAULT_CPU_KV_GIB) * 1024**3
     blocks = int(budget // per_block)
     # No point in more blocks than every sequence at full length can use.
-    useful = max_num_seqs * (-(-max_model_len // cache.block_size)) + 1
+    useful = max_num_seqs * spec.blocks_for_tokens(max_model_len) + 1
     blocks = min(blocks, useful)
     if blocks < 2:
         raise ValueError(

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from tokenmill.attention.backend import allocate_kv_cache
-from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.attention.kv_cache import KVCache
+from tokenmill.config import KVCacheSpec
 from tokenmill.engine.step_record import StepRecord
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.stage_inputs import InFlightIds, stage_decode_inputs
@@ -87,10 +87,11 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, device: str, dtype: torch.dtype, block_size: int,
+    def __init__(self, model: torch.nn.Module, device: str, dtype: torch.dtype, kv_spec: KVCacheSpec,
                  eos_token_ids: set[int], samples: bool = True) -> None:
         """``samples``: False on tensor-parallel ranks 1..N-1, which run the model but leave sampling to rank 0."""
         self.model = model
+        self.attn_backend = model.attn_backend
         self.device = torch.device(device)
         if self.device.type == "cpu":
             # Softmax tails underflow into denormal floats, which x86 handles ~100x slower (a SmolLM2 decode
@@ -98,9 +99,10 @@ class ModelRunner:
             # fp32 can represent next to the normal values they are summed with.
             torch.set_flush_denormal(True)
         self.dtype = dtype
-        self.block_size = block_size
+        self.kv_spec = kv_spec
+        self.block_size = kv_spec.block_size
         self.sampler = Sampler(eos_token_ids)
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_caches: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
         self.batch = InputBatch(self.device, samples)
         self.prev_sampled: torch.Tensor | None = None  # the last launched step's sampled ids (device)
@@ -109,19 +111,15 @@ class ModelRunner:
         """In-process runner: nothing to stop (the tensor-parallel executor stops its workers here)."""
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = allocate_kv_cache(
-            self.model.num_layers, num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim,
-            self.dtype, self.device,
-        )
+        self.kv_caches = KVCache(self.kv_spec, self.model.num_layers, num_blocks, self.device)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_sampled: int) -> None:
         """One forward at the largest step size on a throwaway cache, so peak activation memory is measured."""
-        num_blocks = -(-num_tokens // self.block_size)
-        caches = allocate_kv_cache(self.model.num_layers, num_blocks, self.block_size, self.model.num_kv_heads,
-                                   self.model.head_dim, self.dtype, self.device)
-        meta = AttentionMetadata.build([num_tokens], [num_tokens], [list(range(num_blocks))], self.block_size,
-                                       self.device)
+        num_blocks = self.kv_spec.blocks_for_tokens(num_tokens)
+        caches = KVCache(self.kv_spec, self.model.num_layers, num_blocks, self.device)
+        meta = self.attn_backend.build_metadata([num_tokens], [num_tokens], [list(range(num_blocks))],
+                                                self.block_size, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(num_tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, positions, caches, meta)
@@ -144,14 +142,14 @@ class ModelRunner:
             self.sampler.sample(logits.clone(), rows, logits_writable=True)
 
     def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
-        max_blocks = -(-max_model_len // self.block_size)
+        max_blocks = self.kv_spec.blocks_for_tokens(max_model_len)
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_blocks, self.device)
         self.graphs.capture()
         self._warm_up_staging()
 
     def _warm_up_staging(self) -> None:
         """Compile both variants of the staging kernel (with and without tokens in flight) now, not mid-run."""
-        if not HAS_TRITON or self.graphs is None:
+        if not HAS_TRITON or self.graphs is None or self.graphs.inputs is None:
             return
         ids = torch.zeros(1, dtype=torch.int64, device=self.device)
         lens = torch.ones(1, dtype=torch.int32, device=self.device)
@@ -163,7 +161,8 @@ class ModelRunner:
     def prepare_inputs(self, record: StepRecord) -> ModelInputs:
         """Apply the record to the persistent batch and upload the step's inputs (one host-to-device copy)."""
         self.batch.update(record)
-        return upload_step(step_arrays(record, self.batch, self.block_size), self.device, self.prev_sampled)
+        return upload_step(step_arrays(record, self.batch, self.block_size), self.device, self.prev_sampled,
+                           backend=self.attn_backend)
 
     @torch.inference_mode()
     def forward_logits(self, record: StepRecord) -> tuple[torch.Tensor, list[int]]:
@@ -175,9 +174,9 @@ class ModelRunner:
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """Logits of the sampling rows: a captured graph for decode batches it covers, else eager."""
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
-            # One token per row, so row i's token is flat index i; the graph computed every row's logits.
+            # The graph computed every token's logits (row-major by sequence); keep the sampled ones.
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.in_flight)
-            if len(inputs.sample_rows) < inputs.meta.num_seqs:  # e.g. a 1-token chunk mid-prompt
+            if logits.shape[0] != inputs.sample_indices.shape[0]:  # e.g. a 1-token chunk mid-prompt
                 logits = logits.index_select(0, inputs.sample_indices)
             return logits
         hidden = self.model(inputs.resolved_ids(), inputs.positions, self.kv_caches, inputs.meta)

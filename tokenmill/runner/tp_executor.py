@@ -66,7 +66,8 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         backend = get_attention_backend(config.runner.attention_backend, device)
         loaded = load_model(mc, backend, parallel=ctx, device=device)
         tune_rank_linears(loaded.model, config, device)  # this rank's partition shapes, before capture
-        runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set(), samples=False)
+        runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.kv_cache_spec(
+            loaded.model.num_kv_heads, loaded.model.head_dim, mc.torch_dtype), set(), samples=False)
         conn.send(("ready", None))
         while True:
             while not conn.poll(1.0):
@@ -181,8 +182,8 @@ class TPExecutor(ModelRunner):
         except BaseException:
             self.shutdown()
             raise
-        super().__init__(self.loaded.model, mc.device, mc.torch_dtype, config.cache.block_size,
-                         set(self.loaded.eos_token_ids))
+        super().__init__(self.loaded.model, mc.device, mc.torch_dtype, config.cache.kv_cache_spec(
+            self.loaded.model.num_kv_heads, self.loaded.model.head_dim, mc.torch_dtype), set(self.loaded.eos_token_ids))
         # The engine schedules a step while the previous one runs: every rank needs rank 0's sampled ids.
         self.share_sampled_ids = config.runner.schedules_async(on_cuda)
         logger.info("tensor parallel: %d ranks (%s), worker pids %s", self.world_size,
