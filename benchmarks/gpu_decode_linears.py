@@ -31,7 +31,7 @@ from tokenmill.attention.backend import allocate_kv_cache  # noqa: E402
 from tokenmill.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from tokenmill.cuda_timing import event_times_ms, median_event_ms  # noqa: E402
 from tokenmill.kernels.tiled_gemm import candidates_for as tiled_candidates_for  # noqa: E402
-from tokenmill.model.layers import Linear  # noqa: E402
+from tokenmill.model.linear import matmul_layers  # noqa: E402
 from tokenmill.model.loader import build_model, init_random_weights  # noqa: E402
 from tokenmill.model.presets import preset_spec  # noqa: E402
 from tokenmill.runner import linear_tuning  # noqa: E402
@@ -63,7 +63,7 @@ def fill_batch(graphs: DecodeGraphs, batch: int, context: int, vocab: int, seed:
 def tune_plans(model: torch.nn.Module, max_rows: int) -> dict[str, dict[str, dict]]:
     """variant -> module name -> gemm_plan, from the engine's tuner (its candidates narrowed to the tiled
     GEMM for the "tiled" variant)."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
+    linears = dict(matmul_layers(model))
     full_candidates = linear_tuning.candidates_for
     plans: dict[str, dict[str, dict]] = {"cublas": {n: {} for n in linears}}
     try:
@@ -78,9 +78,8 @@ def tune_plans(model: torch.nn.Module, max_rows: int) -> dict[str, dict[str, dic
 
 
 def set_variant(model: torch.nn.Module, plans: dict[str, dict]) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, Linear):
-            module.gemm_plan = plans[name]
+    for name, module in matmul_layers(model):
+        module.gemm_plan = plans[name]
 
 
 def describe(plans: dict[str, dict]) -> dict[str, dict[str, str]]:

@@ -36,7 +36,7 @@ from tokenmill.bench.throughput import warm_up_mixed_steps  # noqa: E402
 from tokenmill.cuda_timing import median_event_ms  # noqa: E402
 from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
 from tokenmill.kernels.paged_attention import paged_decode, plan_decode  # noqa: E402
-from tokenmill.model.layers import Linear  # noqa: E402
+from tokenmill.model.linear import matmul_layers  # noqa: E402
 
 
 def step_median_ms(engine: LLMEngine, batch: int, repeats: int, ceilings: Ceilings) -> dict[str, Any]:
@@ -49,10 +49,9 @@ def step_median_ms(engine: LLMEngine, batch: int, repeats: int, ceilings: Ceilin
 def linear_plans(engine: LLMEngine) -> dict[str, dict[int, str]]:
     """The start-up tuner's choice per weight shape: row count -> Triton config (cuBLAS where absent)."""
     plans = {}
-    for module in engine.model.modules():
-        if isinstance(module, Linear):
-            n, k = module.weight.shape
-            plans[f"{n}x{k}"] = {rows: config.name for rows, config in sorted(module.gemm_plan.items())}
+    for _, module in matmul_layers(engine.model):
+        n, k = module.weight.shape
+        plans[f"{n}x{k}"] = {rows: config.name for rows, config in sorted(module.gemm_plan.items())}
     return plans
 
 

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import RunnerConfig
-from tokenmill.distributed.loading import LazySlice, iter_safetensors_slices
+from tokenmill.model.weights import LazySlice, iter_safetensors_slices
 from tokenmill.runner.tp_executor import TensorParallelError
 
 MAX_NEW = 10

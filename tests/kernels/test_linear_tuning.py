@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 from conftest import rel_err, requires_cuda
+from parallel_helpers import rank_context
+from torch import nn
 
 from tokenmill.kernels.gemv import GEMV_CANDIDATES, gemv
 from tokenmill.kernels.tiled_gemm import (
@@ -12,7 +14,9 @@ from tokenmill.kernels.tiled_gemm import (
     tiled_linear,
     tiled_linear_reference,
 )
-from tokenmill.model.layers import Linear
+from tokenmill.model.linear import ColumnParallelLinear as Linear
+from tokenmill.model.linear import QKVParallelLinear, RowParallelLinear
+from tokenmill.model.linear_method import DenseLinearMethod
 from tokenmill.runner import linear_tuning
 from tokenmill.runner.linear_tuning import ROW_COUNTS, tune_linears
 
@@ -77,3 +81,28 @@ def test_linear_follows_its_plan_per_row_count():
     for rows in (2, 8, 65):  # no plan entry for 2, 8 or 128 (65 rounds up to 128): cuBLAS
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(module(x), torch.nn.functional.linear(x, module.weight))
+
+
+class UntunableMethod(DenseLinearMethod):
+    """A format with no dense weight for the tuner (as the packed ones are)."""
+
+    def tunable_weight(self, layer: nn.Module) -> None:
+        return None
+
+
+def test_tuning_follows_each_rank_partition_and_skips_formats_without_a_dense_weight():
+    ctx = rank_context(1, 2)  # rank 1 of 2: this rank's shapes, and row-parallel biases outside the matmul
+    qkv = QKVParallelLinear(1024, 64, 16, 4, bias=True, parallel=ctx)
+    down = RowParallelLinear(2048, 1024, bias=True, parallel=ctx)
+    other = Linear(1024, 512, linear_method=UntunableMethod())
+    model = nn.ModuleList([qkv, down, other]).to("cuda", torch.bfloat16)
+    for module in model:
+        torch.nn.init.normal_(module.weight, std=0.02)
+    plans = tune_linears(model, max_rows=4)
+    assert set(plans) == {((8 + 2 + 2) * 64, 1024, True), (1024, 1024, False)}
+    assert other.gemm_plan == {}
+    for module, bias in ((qkv, qkv.bias), (down, None)):
+        for rows in (1, 3, 4):
+            x = torch.randn(rows, module.weight.shape[1], device="cuda", dtype=torch.bfloat16)
+            ref = tiled_linear_reference(x, module.weight, bias).float()
+            assert rel_err(module.linear_method.apply(module, x, bias), ref) < 1e-2

@@ -1,4 +1,4 @@
-"""Decoder building blocks: RMSNorm, rotary embedding (plain / linear / llama3), SwiGLU, fused linears.
+"""Decoder building blocks: RMSNorm, rotary embedding (plain / linear / llama3), SwiGLU. Linears: model/linear.py.
 
 The hot functions (``rms_norm``, ``apply_rotary``, ``silu_and_mul``) are plain functions so the GPU team can
 swap in fused Triton kernels; every parameter carries a ``weight_loader`` so layers own their weight loading.
@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.kernels import ops as fused
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2
-from tokenmill.kernels.decode_linear import KernelConfig, decode_linear
+from tokenmill.kernels._triton import HAS_TRITON
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -132,65 +131,3 @@ class RotaryEmbedding(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary(q, k, positions, self.cos_sin_cache)
-
-
-class Linear(nn.Module):
-    """y = x W^T + b with a plain weight loader (o_proj, down_proj, lm_head)."""
-
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size))
-        self.weight.weight_loader = default_weight_loader
-        self.bias: nn.Parameter | None = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size))
-            self.bias.weight_loader = default_weight_loader
-        # Row count (a power of two) -> GEMV / tiled-GEMM config that beat cuBLAS for this weight at start-up
-        # (runner/linear_tuning.py); a row count rounds up to the next power of two; absent: cuBLAS.
-        self.gemm_plan: dict[int, KernelConfig] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemm_plan and x.dim() == 2:
-            config = self.gemm_plan.get(next_power_of_2(x.shape[0]))
-            if config is not None:
-                return decode_linear(x, self.weight, self.bias, config)
-        return F.linear(x, self.weight, self.bias)
-
-
-class MergedLinear(Linear):
-    """Several projections of one input fused into one matmul (q|k|v, gate|up).
-
-    ``shards`` maps a shard id to its output width, in output order; checkpoint tensors are loaded into
-    their row slice by ``weight_loader(param, tensor, shard_id)``.
-    """
-
-    def __init__(self, input_size: int, shards: dict[str, int], bias: bool = False) -> None:
-        super().__init__(input_size, sum(shards.values()), bias)
-        self.shard_offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for shard_id, size in shards.items():
-            self.shard_offsets[shard_id] = (offset, size)
-            offset += size
-        for param in self.parameters():
-            param.weight_loader = self._load_shard
-
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        if shard_id not in self.shard_offsets:
-            raise ValueError(f"shard id {shard_id!r} is not one of {list(self.shard_offsets)}")
-        offset, size = self.shard_offsets[shard_id]
-        target = param.data.narrow(0, offset, size)
-        if tuple(target.shape) != tuple(loaded.shape):
-            raise ValueError(
-                f"checkpoint tensor for shard {shard_id!r} has shape {tuple(loaded.shape)}; expected {tuple(target.shape)}"
-            )
-        target.copy_(loaded)
-
-
-class VocabEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
-        self.weight.weight_loader = default_weight_loader
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)

@@ -13,32 +13,51 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.metadata import AttentionMetadata
-from tokenmill.model.layers import (
-    Linear,
-    MergedLinear,
-    RMSNorm,
-    RotaryEmbedding,
-    VocabEmbedding,
-    default_weight_loader,
-    silu_and_mul,
+from tokenmill.distributed.context import ParallelContext
+from tokenmill.model.layers import RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
+from tokenmill.model.linear import (
+    SINGLE_RANK,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    divide,
 )
+from tokenmill.model.linear_method import QuantizationConfig, linear_method_for
 from tokenmill.model.spec import ModelSpec
 
 
+def check_parallel_shape(spec: ModelSpec, world_size: int) -> None:
+    """Raise ValueError (before any process starts) when the heads or MLP width cannot be split over the ranks."""
+    divide(spec.num_heads, world_size, "num_attention_heads")
+    divide(spec.intermediate_size, world_size, "intermediate_size")
+    kv = spec.num_kv_heads
+    if (kv >= world_size and kv % world_size) or (kv < world_size and world_size % kv):
+        raise ValueError(f"num_key_value_heads ({kv}) and tensor_parallel_size ({world_size}) must divide one another")
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_idx: int, attn_backend: AttentionBackend, rotary: RotaryEmbedding):
+    """This rank's heads: ``num_heads`` / ``num_kv_heads`` are the partition's, not the model's."""
+
+    def __init__(self, spec: ModelSpec, prefix: str, layer_idx: int, attn_backend: AttentionBackend,
+                 rotary: RotaryEmbedding, parallel: ParallelContext, quant_config: QuantizationConfig | None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = spec.num_heads
-        self.num_kv_heads = spec.num_kv_heads
-        self.head_dim = spec.head_dim
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.scale = spec.head_dim**-0.5
-        self.qkv_proj = MergedLinear(
-            spec.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=spec.qkv_bias
+        self.qkv_proj = QKVParallelLinear(
+            spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.qkv_bias,
+            linear_method_for(quant_config, f"{prefix}.qkv_proj"), parallel,
         )
-        self.o_proj = Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
+        self.scale = spec.head_dim**-0.5
+        self.o_proj = RowParallelLinear(
+            spec.num_heads * spec.head_dim, spec.hidden_size, spec.o_bias,
+            linear_method_for(quant_config, f"{prefix}.o_proj"), parallel,
+        )
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if spec.qk_norm:
@@ -69,21 +88,30 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, prefix: str, parallel: ParallelContext,
+                 quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         size = spec.intermediate_size
-        self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate": size, "up": size}, bias=spec.mlp_bias)
-        self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            spec.hidden_size, {"gate": size, "up": size}, spec.mlp_bias,
+            linear_method_for(quant_config, f"{prefix}.gate_up_proj"), parallel,
+        )
+        self.down_proj = RowParallelLinear(
+            size, spec.hidden_size, spec.mlp_bias, linear_method_for(quant_config, f"{prefix}.down_proj"), parallel
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_idx: int, attn_backend: AttentionBackend, rotary: RotaryEmbedding):
+    def __init__(self, spec: ModelSpec, layer_idx: int, attn_backend: AttentionBackend, rotary: RotaryEmbedding,
+                 parallel: ParallelContext, quant_config: QuantizationConfig | None):
         super().__init__()
-        self.self_attn = LlamaAttention(spec, layer_idx, attn_backend, rotary)
-        self.mlp = LlamaMLP(spec)
+        prefix = f"model.layers.{layer_idx}"
+        self.self_attn = LlamaAttention(spec, f"{prefix}.self_attn", layer_idx, attn_backend, rotary, parallel,
+                                        quant_config)
+        self.mlp = LlamaMLP(spec, f"{prefix}.mlp", parallel, quant_config)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -103,14 +131,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, spec: ModelSpec, attn_backend: AttentionBackend) -> None:
+    def __init__(self, spec: ModelSpec, attn_backend: AttentionBackend, parallel: ParallelContext,
+                 quant_config: QuantizationConfig | None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(
+            spec.vocab_size, spec.hidden_size, linear_method_for(quant_config, "model.embed_tokens"), parallel
+        )
         self.rotary_emb = RotaryEmbedding(
             spec.head_dim, spec.rope_theta, spec.rope_scaling, spec.max_position_embeddings
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(spec, i, attn_backend, self.rotary_emb) for i in range(spec.num_layers)
+            LlamaDecoderLayer(spec, i, attn_backend, self.rotary_emb, parallel, quant_config)
+            for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -141,17 +173,23 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, spec: ModelSpec, attn_backend: AttentionBackend) -> None:
+    def __init__(self, spec: ModelSpec, attn_backend: AttentionBackend, parallel: ParallelContext | None = None,
+                 quant_config: QuantizationConfig | None = None) -> None:
+        """Built for one tensor-parallel rank from the start (``parallel``; default: the single rank): every
+        layer allocates only its partition, and ``num_kv_heads`` is this rank's (the runner sizes its KV cache
+        from it)."""
         super().__init__()
+        parallel = parallel or SINGLE_RANK
         self.spec = spec
         self.num_layers = spec.num_layers
-        self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
         self.vocab_size = spec.vocab_size
-        self.model = LlamaModel(spec, attn_backend)
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
-        if spec.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model = LlamaModel(spec, attn_backend, parallel, quant_config)
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads if spec.num_layers else spec.num_kv_heads
+        self.lm_head = ParallelLMHead(
+            spec.vocab_size, spec.hidden_size, linear_method_for(quant_config, "lm_head"), parallel,
+            tie_to=self.model.embed_tokens if spec.tie_word_embeddings else None,
+        )
 
     def forward(
         self,
@@ -202,12 +240,11 @@ class LlamaForCausalLM(nn.Module):
         return name, None
 
     def _expected_shards(self, params: dict[str, nn.Parameter]) -> set[tuple[str, str | None]]:
+        """(parameter, shard id) pairs a complete checkpoint fills: one per fused shard of a fused layer."""
         expected: set[tuple[str, str | None]] = set()
-        fused = {fused_name for fused_name, _ in self.packed_modules_mapping.values()}
-        for name in params:
-            owner = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
-            if owner in fused:
-                expected.update((name, shard) for f, shard in self.packed_modules_mapping.values() if f == owner)
-            else:
-                expected.add((name, None))
+        for module_name, module in self.named_modules():
+            shard_ids = getattr(module, "shard_ids", [None])
+            for param_name, _ in module.named_parameters(prefix=module_name, recurse=False):
+                if param_name in params:  # a tied weight is listed once, under its first owner
+                    expected.update((param_name, shard) for shard in shard_ids)
         return expected

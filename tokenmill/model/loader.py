@@ -1,7 +1,11 @@
 """load_model: ModelConfig -> a ready model (HF safetensors dir, GGUF file, embedded SmolLM2, or random preset).
 
-Builds the model straight on the target device and dtype, streams tensors one at a time into the fused
-parameters, and gathers the tokenizer, EOS ids, context length and served name the engine needs.
+The ONE loading pipeline, for one GPU and for every tensor-parallel rank alike:
+resolve the source -> its ModelSpec (and weight format) -> build the model for this rank, straight on the target
+device and dtype -> stream (HF name, tensor) pairs from safetensors / GGUF -> ``model.load_weights`` maps names
+(q/k/v -> qkv, gate/up -> gate_up) and calls each parameter's ``weight_loader``, which copies only this rank's
+slice -> ``process_weights_after_loading`` (each LinearMethod repacks for its kernel). Rank 0 also gathers the
+tokenizer, EOS ids, context length and served name the engine needs.
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.config import ModelConfig
+from tokenmill.distributed.context import ParallelContext
+from tokenmill.model.linear import SINGLE_RANK, process_weights_after_loading
+from tokenmill.model.linear_method import QuantizationConfig, quantization_config_from_hf
 from tokenmill.model.presets import preset_spec
 from tokenmill.model.registry import get_model_class
 from tokenmill.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 from tokenmill.model.tokenizer import Tokenizer
+from tokenmill.model.weights import iter_safetensors_slices
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -52,17 +60,6 @@ def embedded_model_path() -> Path:
     return path
 
 
-def load_model(model_config: ModelConfig, attn_backend: AttentionBackend, progress: bool = False) -> LoadedModel:
-    if model_config.random_weights is not None:
-        return _load_random(model_config, attn_backend)
-    source = Path(model_config.model).expanduser() if model_config.model else embedded_model_path()
-    if source.is_file() and source.suffix == ".gguf":
-        return _load_gguf(source, model_config, attn_backend, progress)
-    if source.is_dir() and (source / "config.json").is_file():
-        return _load_hf_dir(source, model_config, attn_backend, progress)
-    raise ValueError(f"model {str(source)!r} is neither a directory with config.json nor a .gguf file")
-
-
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -71,14 +68,6 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def build_model(spec: ModelSpec, attn_backend: AttentionBackend, dtype: torch.dtype, device: str) -> nn.Module:
-    """An uninitialised model allocated directly on ``device`` in ``dtype`` (no CPU copy, no init pass)."""
-    model_class = get_model_class(spec.architecture)
-    with default_dtype(dtype), torch.device(device):
-        model = model_class(spec, attn_backend)
-    return model.eval().requires_grad_(False)
 
 
 def resolve_max_model_len(spec: ModelSpec, model_config: ModelConfig) -> int:
@@ -104,66 +93,6 @@ def hf_dir_tokenizer(directory: Path, model_config: ModelConfig) -> Tokenizer | 
     return None
 
 
-def _load_hf_dir(
-    directory: Path, model_config: ModelConfig, attn_backend: AttentionBackend, progress: bool
-) -> LoadedModel:
-    raw = json.loads((directory / "config.json").read_text())
-    archs = raw.get("architectures") or []
-    if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"architecture {archs[0]} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    from transformers import AutoConfig
-
-    # AutoConfig fills the per-architecture defaults that save_pretrained leaves out of config.json.
-    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(str(directory)))
-    max_model_len = resolve_max_model_len(spec, model_config)
-    model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
-    with torch.no_grad():
-        model.load_weights(iter_safetensors(directory, progress))
-    tokenizer = hf_dir_tokenizer(directory, model_config)
-    eos = eos_token_ids(spec, tokenizer, generation_config_eos(directory))
-    return LoadedModel(
-        model=model,
-        spec=spec,
-        tokenizer=tokenizer,
-        eos_token_ids=eos,
-        max_model_len=max_model_len,
-        name=model_config.served_model_name or directory.resolve().name,
-        source=str(directory),
-    )
-
-
-def safetensors_shards(directory: Path) -> list[Path]:
-    """The shard files of a single or sharded (index.json) safetensors checkpoint, in a stable order."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        shards = sorted(directory.glob("*.safetensors"))
-    if not shards:
-        raise ValueError(f"{directory} has no *.safetensors weights (pytorch_model.bin is not supported)")
-    return shards
-
-
-def iter_safetensors(directory: Path, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of a single or sharded safetensors checkpoint, one at a time."""
-    from safetensors import safe_open
-
-    shards = safetensors_shards(directory)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(shards), desc="loading safetensors shards", unit="shard")
-    for shard in shards:
-        with safe_open(str(shard), framework="pt", device="cpu") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-
-
 def generation_config_eos(directory: Path) -> set[int]:
     path = directory / "generation_config.json"
     if not path.is_file():
@@ -172,31 +101,6 @@ def generation_config_eos(directory: Path) -> set[int]:
     if value is None:
         return set()
     return {int(value)} if isinstance(value, int) else {int(v) for v in value}
-
-
-def _load_gguf(path: Path, model_config: ModelConfig, attn_backend: AttentionBackend, progress: bool) -> LoadedModel:
-    from tokenmill.model.gguf_loader import gguf_spec, iter_gguf_weights, load_gguf_tokenizer, open_gguf
-
-    reader = open_gguf(path)
-    spec = gguf_spec(reader)
-    max_model_len = resolve_max_model_len(spec, model_config)
-    model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
-    with torch.no_grad():
-        model.load_weights(iter_gguf_weights(reader, spec, progress))
-    if model_config.tokenizer:
-        tokenizer = load_tokenizer(model_config.tokenizer, model_config.chat_template)
-    else:
-        tokenizer = load_gguf_tokenizer(path, model_config.chat_template, reader)
-    eos = eos_token_ids(spec, tokenizer)
-    return LoadedModel(
-        model=model,
-        spec=spec,
-        tokenizer=tokenizer,
-        eos_token_ids=eos,
-        max_model_len=max_model_len,
-        name=model_config.served_model_name or path.name.removesuffix(".gguf"),
-        source=str(path),
-    )
 
 
 def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Tokenizer:
@@ -227,25 +131,6 @@ def init_random_weights(model: nn.Module, seed: int) -> None:
                 param.normal_(0.0, 0.02, generator=generators[param.device])
 
 
-def _load_random(model_config: ModelConfig, attn_backend: AttentionBackend) -> LoadedModel:
-    preset = model_config.random_weights or ""
-    spec = preset_spec(preset)
-    max_model_len = resolve_max_model_len(spec, model_config)
-    model = build_model(spec, attn_backend, model_config.torch_dtype, model_config.device)
-    init_random_weights(model, model_config.seed)
-    tokenizer = random_weights_tokenizer(model_config)
-    eos = eos_token_ids(spec, tokenizer)
-    return LoadedModel(
-        model=model,
-        spec=spec,
-        tokenizer=tokenizer,
-        eos_token_ids=eos,
-        max_model_len=max_model_len,
-        name=model_config.served_model_name or preset,
-        source=f"random:{preset}",
-    )
-
-
 def random_weights_tokenizer(model_config: ModelConfig) -> Tokenizer | None:
     """model_config.tokenizer if given, else the embedded SmolLM2 tokenizer when installed, else None."""
     if model_config.tokenizer:
@@ -255,3 +140,184 @@ def random_weights_tokenizer(model_config: ModelConfig) -> Tokenizer | None:
     from tokenmill.model.gguf_loader import load_gguf_tokenizer
 
     return load_gguf_tokenizer(embedded_model_path(), model_config.chat_template)
+
+
+class ModelSource:
+    """Where a model comes from: its spec and weight format, its (name, tensor) stream, tokenizer and name."""
+
+    quant_config: QuantizationConfig | None = None
+
+    def spec(self) -> ModelSpec:
+        raise NotImplementedError
+
+    def init_weights(self, model: nn.Module, progress: bool) -> None:
+        """Fill the built model's parameters (through ``model.load_weights`` for checkpoints)."""
+        raise NotImplementedError
+
+    def tokenizer(self, model_config: ModelConfig) -> Tokenizer | None:
+        raise NotImplementedError
+
+    def eos_token_ids(self) -> set[int]:
+        """EOS ids the source declares besides the spec's (generation_config.json)."""
+        return set()
+
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def location(self) -> str:
+        raise NotImplementedError
+
+
+class RandomSource(ModelSource):
+    def __init__(self, preset: str, seed: int) -> None:
+        self.preset, self.seed = preset, seed
+
+    def spec(self) -> ModelSpec:
+        return preset_spec(self.preset)
+
+    def init_weights(self, model: nn.Module, progress: bool) -> None:
+        init_random_weights(model, self.seed)
+
+    def tokenizer(self, model_config: ModelConfig) -> Tokenizer | None:
+        return random_weights_tokenizer(model_config)
+
+    def name(self) -> str:
+        return self.preset
+
+    def location(self) -> str:
+        return f"random:{self.preset}"
+
+
+class HFDirSource(ModelSource):
+    """A Hugging Face directory: config.json (+ quantization_config) and safetensors, read slice by slice."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.raw_config = json.loads((directory / "config.json").read_text())
+        self.quant_config = quantization_config_from_hf(self.raw_config.get("quantization_config"))
+
+    def spec(self) -> ModelSpec:
+        archs = self.raw_config.get("architectures") or []
+        if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {archs[0]} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        from transformers import AutoConfig
+
+        # AutoConfig fills the per-architecture defaults that save_pretrained leaves out of config.json.
+        return ModelSpec.from_hf_config(AutoConfig.from_pretrained(str(self.directory)))
+
+    def init_weights(self, model: nn.Module, progress: bool) -> None:
+        model.load_weights(iter_safetensors_slices(self.directory, progress))
+
+    def tokenizer(self, model_config: ModelConfig) -> Tokenizer | None:
+        return hf_dir_tokenizer(self.directory, model_config)
+
+    def eos_token_ids(self) -> set[int]:
+        return generation_config_eos(self.directory)
+
+    def name(self) -> str:
+        return self.directory.resolve().name
+
+    def location(self) -> str:
+        return str(self.directory)
+
+
+class GGUFSource(ModelSource):
+    """A GGUF file: metadata -> spec, tensors dequantized to HF names (model/gguf_loader.py)."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenmill.model.gguf_loader import open_gguf
+
+        self.path = path
+        self.reader = open_gguf(path)
+        self._spec: ModelSpec | None = None
+
+    def spec(self) -> ModelSpec:
+        from tokenmill.model.gguf_loader import gguf_spec
+
+        if self._spec is None:
+            self._spec = gguf_spec(self.reader)
+        return self._spec
+
+    def init_weights(self, model: nn.Module, progress: bool) -> None:
+        from tokenmill.model.gguf_loader import iter_gguf_weights
+
+        model.load_weights(iter_gguf_weights(self.reader, self.spec(), progress))
+
+    def tokenizer(self, model_config: ModelConfig) -> Tokenizer | None:
+        from tokenmill.model.gguf_loader import load_gguf_tokenizer
+
+        if model_config.tokenizer:
+            return load_tokenizer(model_config.tokenizer, model_config.chat_template)
+        return load_gguf_tokenizer(self.path, model_config.chat_template, self.reader)
+
+    def name(self) -> str:
+        return self.path.name.removesuffix(".gguf")
+
+    def location(self) -> str:
+        return str(self.path)
+
+
+def resolve_source(model_config: ModelConfig, world_size: int = 1) -> ModelSource:
+    """The source ``model_config`` names; with several tensor-parallel ranks only HF directories and random
+    presets (GGUF tensors are dequantized whole, so every rank would read the whole file)."""
+    if model_config.random_weights is not None:
+        return RandomSource(model_config.random_weights, model_config.seed)
+    source = Path(model_config.model).expanduser() if model_config.model else None
+    if world_size > 1 and (source is None or not (source / "config.json").is_file()):
+        raise ValueError(
+            f"tensor_parallel_size > 1 needs a Hugging Face safetensors directory or --random-weights; "
+            f"got model {model_config.model!r} (GGUF and the embedded default model run on one rank only)"
+        )
+    source = source or embedded_model_path()
+    if source.is_file() and source.suffix == ".gguf":
+        return GGUFSource(source)
+    if source.is_dir() and (source / "config.json").is_file():
+        return HFDirSource(source)
+    raise ValueError(f"model {str(source)!r} is neither a directory with config.json nor a .gguf file")
+
+
+def check_tensor_parallel(model_config: ModelConfig, world_size: int) -> None:
+    """Raise ValueError (before any rank starts) when the model cannot be split over ``world_size`` ranks."""
+    from tokenmill.model.llama import check_parallel_shape
+
+    check_parallel_shape(resolve_source(model_config, world_size).spec(), world_size)
+
+
+def build_model(
+    spec: ModelSpec, attn_backend: AttentionBackend, dtype: torch.dtype, device: str | torch.device,
+    parallel: ParallelContext | None = None, quant_config: QuantizationConfig | None = None,
+) -> nn.Module:
+    """An uninitialised model for this rank (``parallel``; default one rank), allocated directly on ``device`` in
+    ``dtype``: each layer holds only its partition (no CPU copy, no init pass, no full-size model anywhere)."""
+    model_class = get_model_class(spec.architecture)
+    with default_dtype(dtype), torch.device(device):
+        model = model_class(spec, attn_backend, parallel or SINGLE_RANK, quant_config)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(
+    model_config: ModelConfig, attn_backend: AttentionBackend, progress: bool = False,
+    parallel: ParallelContext | None = None, device: str | None = None,
+) -> LoadedModel:
+    """This rank's model on ``device`` (default ``model_config.device``), loaded; the tokenizer on rank 0 only."""
+    parallel = parallel or SINGLE_RANK
+    source = resolve_source(model_config, parallel.world_size)
+    spec = source.spec()
+    max_model_len = resolve_max_model_len(spec, model_config)
+    model = build_model(spec, attn_backend, model_config.torch_dtype, device or model_config.device, parallel,
+                        source.quant_config)
+    with torch.no_grad():
+        source.init_weights(model, progress and parallel.rank == 0)
+        process_weights_after_loading(model)
+    tokenizer = source.tokenizer(model_config) if parallel.rank == 0 else None
+    return LoadedModel(
+        model=model,
+        spec=spec,
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids(spec, tokenizer, source.eos_token_ids()),
+        max_model_len=max_model_len,
+        name=model_config.served_model_name or source.name(),
+        source=source.location(),
+    )

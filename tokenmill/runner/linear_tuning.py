@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tokenmill.cuda_timing import median_event_ms
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2
 from tokenmill.kernels.decode_linear import KernelConfig, candidates_for, decode_linear
-from tokenmill.model.layers import Linear
+from tokenmill.model.linear import matmul_layers
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +64,22 @@ def graph_time_ms(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor
 
 
 def tune_linears(model: torch.nn.Module, max_rows: int = ROW_COUNTS[-1], margin: float = 0.97) -> dict[tuple[int, int, bool], Plan]:
-    """Set ``gemm_plan`` on every bf16/fp16 CUDA ``Linear`` of ``model`` for row counts up to ``max_rows``
+    """Set ``gemm_plan`` on every layer whose LinearMethod has a dense bf16/fp16 CUDA weight to tune (this
+    tensor-parallel rank's partition: the shapes its matmuls really have), for row counts up to ``max_rows``
     (rounded up to a power of two); returns the plan per (out, in, has_bias) weight shape."""
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    if not HAS_TRITON or not linears:
+    tunable = []
+    for _, module in matmul_layers(model):
+        weight = module.linear_method.tunable_weight(module)
+        if weight is not None and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
+            tunable.append((module, weight, module.matmul_bias()))
+    if not HAS_TRITON or not tunable:
         return {}
     row_counts = [r for r in ROW_COUNTS if r <= next_power_of_2(max(1, max_rows))]
     plans: dict[tuple[int, int, bool], Plan] = {}
-    for module in linears:
-        weight = module.weight
-        if not weight.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
-            continue
-        key = (weight.shape[0], weight.shape[1], module.bias is not None)
+    for module, weight, bias in tunable:
+        key = (weight.shape[0], weight.shape[1], bias is not None)
         if key not in plans:
-            plans[key] = _tune_shape(weight, module.bias, row_counts, margin)
+            plans[key] = _tune_shape(weight, bias, row_counts, margin)
         module.gemm_plan = plans[key]
     for (n, k, _), plan in plans.items():
         chosen = ", ".join(f"{rows}: {config.name}" for rows, config in sorted(plan.items())) or "none"

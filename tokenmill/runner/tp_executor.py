@@ -25,9 +25,8 @@ import torch.multiprocessing as mp
 from tokenmill.attention.backend import AttentionBackend, get_attention_backend
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.context import ParallelContext, create_parallel_context
-from tokenmill.distributed.loading import load_shard, model_spec
-from tokenmill.distributed.parallel_model import check_parallel_shape
 from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.model.loader import check_tensor_parallel, load_model
 from tokenmill.runner.inputs import host_step, upload_step
 from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 
@@ -63,7 +62,8 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         # With async scheduling the next step's placeholder ids point into rank 0's sampled ids.
         share_sampled_ids = config.runner.schedules_async(device.startswith("cuda"))
         backend = get_attention_backend(config.runner.attention_backend, device)
-        loaded = load_shard(mc, backend, ctx, device)
+        loaded = load_model(mc, backend, parallel=ctx, device=device)
+        _tune_gemm(loaded.model, config, device)
         runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set())
         sampled_ids: torch.Tensor | None = None  # rank 0's sampled ids of the previous step (async scheduling)
         conn.send(("ready", None))
@@ -100,6 +100,14 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         except (BrokenPipeError, OSError):
             logger.warning("rank %d could not report its failure: the engine's pipe is closed", rank)
         raise
+
+
+def _tune_gemm(model: torch.nn.Module, config: EngineConfig, device: str) -> None:
+    """Each rank tunes its own partition's GEMM shapes (before graph capture, which bakes the choice in)."""
+    if device.startswith("cuda") and config.runner.tune_gemm:
+        from tokenmill.runner.linear_tuning import tune_linears
+
+        tune_linears(model, max_rows=config.scheduler.max_num_seqs)
 
 
 def _close_rank(runner: ModelRunner, ctx: ParallelContext) -> None:
@@ -152,7 +160,7 @@ class TPExecutor(ModelRunner):
             torch.cuda.set_device(torch.device(_rank_device(mc.device, 0)))  # NCCL binds rank 0 to the current GPU
         if config.runner.custom_all_reduce and not on_cuda:
             raise ValueError("custom_all_reduce shares CUDA buffers between GPUs; it needs --device cuda")
-        check_parallel_shape(model_spec(mc), self.world_size)  # fail before starting any process
+        check_tensor_parallel(mc, self.world_size)  # fail before starting any process
         self._tmpdir = tempfile.mkdtemp(prefix="tokenmill-tp-")
         store_path = Path(self._tmpdir) / "rendezvous"
         spawn = mp.get_context("spawn")
@@ -172,7 +180,8 @@ class TPExecutor(ModelRunner):
             self.ctx: ParallelContext = create_parallel_context(0, self.world_size, store_path,
                                                                 _rank_device(mc.device, 0), timeout_s,
                                                                 config.runner.custom_all_reduce)
-            self.loaded = load_shard(mc, attn_backend, self.ctx, mc.device)
+            self.loaded = load_model(mc, attn_backend, parallel=self.ctx, device=mc.device)
+            _tune_gemm(self.loaded.model, config, mc.device)
             self._wait_for("ready", load_timeout_s)
         except BaseException:
             self.shutdown()

@@ -1,0 +1,167 @@
+"""Weight formats of the linear layers: a ``LinearMethod`` creates, repacks and multiplies one format's weights.
+
+The layers in ``model/linear.py`` own the partitioning (which rows/columns this tensor-parallel rank holds, which
+fused shard goes where); a method owns the format (dense ``[out, in]``, GPTQ/AWQ packed int4 + scales, FP8 ...).
+Each parameter a method registers carries its layout as attributes, so the layers' ONE weight loader can slice
+fused shards and TP shards of any format:
+
+- ``output_dim`` / ``input_dim``: which dim of the parameter runs along the layer's output / input (None: the
+  parameter does not follow that dim and is copied whole along it, e.g. a per-tensor scale);
+- ``packed_dim`` / ``packed_factor``: values packed ``packed_factor`` to one element along ``packed_dim`` (GPTQ's
+  ``qweight`` is ``[in / 8, out]``: input_dim=0, output_dim=1, packed_dim=0, packed_factor=8); offsets along that
+  dim are divided by the factor;
+- ``weight_loader``: set by the layer after ``create_weights`` unless the method set its own.
+
+A ``QuantizationConfig`` is built per checkpoint from config.json's ``quantization_config`` (keyed by its
+``quant_method``) and hands each layer its method; formats register with ``register_quantization_config``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.kernels._triton import next_power_of_2
+from tokenmill.kernels.decode_linear import decode_linear
+
+# Layout attributes every parameter of a linear layer carries (see the module docstring).
+LAYOUT_ATTRS = ("input_dim", "output_dim", "packed_dim", "packed_factor")
+
+
+def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
+    """Attach layout (and loader) attributes to a parameter; an attribute already set is an error."""
+    for key, value in attrs.items():
+        if hasattr(param, key):
+            raise ValueError(f"parameter already has attribute {key!r}; a layout is set once")
+        setattr(param, key, value)
+
+
+class LinearMethod:
+    """One weight format; stateless with respect to the layer (all state lives on the layer's parameters)."""
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype: torch.dtype
+    ) -> None:
+        """Register the format's parameters on ``layer``; sizes are this TP rank's partition and ``output_sizes``
+        lists the fused shards (e.g. [q, k, v]). Every parameter gets ``set_weight_attrs`` with input_dim,
+        output_dim, packed_dim and packed_factor."""
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Repack the loaded weights for the kernel, once, after the last checkpoint tensor is in."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ bias) for x [T, input_size] -> [T, sum(output_sizes)]."""
+        raise NotImplementedError
+
+    def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the weight for ``input_ids`` (vocabulary-parallel embedding); dense formats only today."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve as an embedding table")
+
+    def tunable_weight(self, layer: nn.Module) -> torch.Tensor | None:
+        """The dense ``[out, in]`` weight the start-up GEMM tuner may time against cuBLAS; None: nothing to tune."""
+        return None
+
+
+class DenseLinearMethod(LinearMethod):
+    """A plain ``[out, in]`` weight: F.linear, or the Triton GEMV / tiled GEMM where the start-up tuner found one
+    faster for this row count (``layer.gemm_plan``, set by runner/linear_tuning.py)."""
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype: torch.dtype
+    ) -> None:
+        weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype), requires_grad=False)
+        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, "packed_dim": None, "packed_factor": None})
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        plan = layer.gemm_plan
+        if plan and x.dim() == 2:
+            config = plan.get(next_power_of_2(x.shape[0]))
+            if config is not None:
+                return decode_linear(x, layer.weight, bias, config)
+        return F.linear(x, layer.weight, bias)
+
+    def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, layer.weight)
+
+    def tunable_weight(self, layer: nn.Module) -> torch.Tensor | None:
+        return layer.weight
+
+
+class QuantizationConfig:
+    """A checkpoint's weight format, from config.json's ``quantization_config``; subclasses register by name."""
+
+    quant_method: ClassVar[str] = ""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> QuantizationConfig:
+        """Parse and validate the ``quantization_config`` dict (ValueError with an actionable sentence)."""
+        raise NotImplementedError
+
+    def get_linear_method(self, layer_prefix: str) -> LinearMethod:
+        """The method for the layer named ``layer_prefix`` (e.g. ``model.layers.0.self_attn.qkv_proj``); formats
+        that leave some layers dense (lm_head, skipped modules) return ``DenseLinearMethod()`` for those."""
+        raise NotImplementedError
+
+
+class QuantizationRegistry:
+    """quant_method name -> QuantizationConfig class. Formats shipped in ``tokenmill.quantization`` register on
+    import, so a lookup imports that package (if present) before answering."""
+
+    def __init__(self, plugin_package: str = "tokenmill.quantization") -> None:
+        self._configs: dict[str, type[QuantizationConfig]] = {}
+        self._plugin_package = plugin_package
+        self._plugins_imported = False
+
+    def register(self, name: str) -> Callable[[type[QuantizationConfig]], type[QuantizationConfig]]:
+        def add(cls: type[QuantizationConfig]) -> type[QuantizationConfig]:
+            if name in self._configs and self._configs[name] is not cls:
+                raise ValueError(f"quantization method {name!r} is registered twice")
+            cls.quant_method = name
+            self._configs[name] = cls
+            return cls
+
+        return add
+
+    def names(self) -> list[str]:
+        self._import_plugins()
+        return sorted(self._configs)
+
+    def get(self, name: str) -> type[QuantizationConfig]:
+        self._import_plugins()
+        if name not in self._configs:
+            supported = ", ".join(sorted(self._configs)) or "none (only unquantized checkpoints)"
+            raise ValueError(f"quantization method {name!r} is not supported; supported: {supported}")
+        return self._configs[name]
+
+    def _import_plugins(self) -> None:
+        if not self._plugins_imported:
+            self._plugins_imported = True
+            if importlib.util.find_spec(self._plugin_package) is not None:
+                importlib.import_module(self._plugin_package)
+
+
+# The one registry of weight formats (a lazy plugin map, like model/registry.py's architecture map).
+QUANTIZATION_REGISTRY = QuantizationRegistry()
+register_quantization_config = QUANTIZATION_REGISTRY.register
+
+
+def quantization_config_from_hf(hf_quant_config: dict[str, Any] | None) -> QuantizationConfig | None:
+    """The checkpoint's format from config.json's ``quantization_config``; None for a dense checkpoint."""
+    if not hf_quant_config:
+        return None
+    name = hf_quant_config.get("quant_method")
+    if not isinstance(name, str):
+        raise ValueError("config.json's quantization_config has no quant_method; cannot tell the weight format")
+    return QUANTIZATION_REGISTRY.get(name.lower()).from_config(hf_quant_config)
+
+
+def linear_method_for(quant_config: QuantizationConfig | None, layer_prefix: str) -> LinearMethod:
+    return DenseLinearMethod() if quant_config is None else quant_config.get_linear_method(layer_prefix)
