@@ -20,6 +20,8 @@ from tokenmill.quantization.gptq import gptq_quantize
 from tokenmill.quantization.packing import QuantizedWeight, check_bits, rtn_quantize
 
 METHODS = ("rtn", "gptq", "awq")
+# Linears that read the same input tensor share one Hessian (computed once: the Hessian sums dominate the cost).
+SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
 
 @dataclass
@@ -145,6 +147,21 @@ def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
 
 
+def _first_reader(name: str) -> bool:
+    return not any(name in group[1:] for group in SHARED_INPUTS)
+
+
+def _input_stats(layer: nn.Module, device: torch.device) -> dict[str, _InputStats]:
+    """One statistics object per linear; linears of a SHARED_INPUTS group get the same object."""
+    linears = _linears(layer)
+    stats = {name: _InputStats(mod.in_features, device) for name, mod in linears.items()}
+    for group in SHARED_INPUTS:
+        if all(name in linears for name in group):
+            for name in group[1:]:
+                stats[name] = stats[group[0]]
+    return stats
+
+
 def _awq_groups(layer: nn.Module) -> list[tuple[str, list[str]]]:
     """(producer of the input, linears reading it), down first: its scale folds into up_proj before gate/up
     are searched. o_proj is scaled through v_proj only without grouped-query attention (shapes must match)."""
@@ -214,8 +231,9 @@ def quantize_model(model: nn.Module, tokenizer, config: QuantizeConfig, progress
         for index, layer in bar:
             original_dtype = next(layer.parameters()).dtype
             layer.to(device, torch.float32)
-            stats = {n: _InputStats(m.in_features, device) for n, m in _linears(layer).items()}
-            handles = [m.register_forward_hook(stats[n]) for n, m in _linears(layer).items()]
+            stats = _input_stats(layer, device)
+            handles = [layer.get_submodule(n).register_forward_hook(stat) for n, stat in stats.items()
+                       if _first_reader(n)]
             try:
                 _run_layer(layer, inputs, kwargs)
             finally:
