@@ -26,7 +26,6 @@ from tokenmill.model.linear_method import (
 from tokenmill.quantization.packing import AWQ_UNPACK_ORDER, pack_along, unpack_along
 
 
-
 def _int_param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=torch.int32), requires_grad=False)
 
