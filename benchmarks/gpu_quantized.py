@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_decode_linears import copy_rate_gbps
+from gpu_pdl_probe import time_graph
 from gpu_record import write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenmill.cuda_timing import event_times_ms, median_event_ms  # noqa: E402
 from tokenmill.kernels.wna16_gemm import (  # noqa: E402
     PackedWeight,
     WNA16Config,
@@ -51,12 +51,6 @@ def sweep(rows: int) -> list[WNA16Config]:
     return [WNA16Config(m, n, k, s, 8 if m == 128 else 4, 3) for m, n, k, s in grid]
 
 
-def copy_rate_gbps() -> float:
-    src = torch.randn(256 * 1024 * 1024, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / median_event_ms(lambda: dst.copy_(src), 30) / 1e6
-
-
 def random_packed(n: int, k: int, bits: int, zeros: bool, gen: torch.Generator) -> PackedWeight:
     per_word = 32 // bits
     qweight = torch.randint(-(2**31), 2**31 - 1, (k // per_word, n), device="cuda", dtype=torch.int32, generator=gen)
@@ -72,15 +66,8 @@ def packed_bytes(p: PackedWeight) -> int:
 
 
 def graph_ms(fn, repeats: int = 20) -> float:
-    """Median replay time of a CUDA graph of ``fn`` (captured after a warm-up call compiles everything)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return statistics.median(event_times_ms(graph.replay, repeats))
+    """Median ms of one replay of a CUDA graph captured around ``fn``."""
+    return time_graph(fn, repeats) / 1e3
 
 
 def check_correctness(gen: torch.Generator) -> list[dict[str, Any]]:
