@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import rel_err, requires_cuda
-from parallel_helpers import rank_context
+from linear_helpers import rank_context
 from torch import nn
 
 from tokenmill.kernels.gemv import GEMV_CANDIDATES, gemv

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tokenmill.distributed.context import ParallelContext
-from tokenmill.model.linear_method import DenseLinearMethod, LinearMethod
+from tokenmill.model.linear_method import DenseLinearMethod, LinearMethod, set_weight_attrs
 
 SINGLE_RANK = ParallelContext(0, 1, None)
 
@@ -111,7 +111,7 @@ class LinearBase(nn.Module):
         self.bias: nn.Parameter | None = None
         if bias:
             self.bias = nn.Parameter(torch.empty(self.output_size, dtype=dtype), requires_grad=False)
-            self.bias.output_dim, self.bias.input_dim = 0, None
+            set_weight_attrs(self.bias, {"input_dim": None, "output_dim": 0, "packed_dim": None, "packed_factor": None})
         for param in self.parameters(recurse=False):
             if not hasattr(param, "weight_loader"):
                 param.weight_loader = self.weight_loader

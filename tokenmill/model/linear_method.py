@@ -10,7 +10,10 @@ fused shards and TP shards of any format:
 - ``packed_dim`` / ``packed_factor``: values packed ``packed_factor`` to one element along ``packed_dim`` (GPTQ's
   ``qweight`` is ``[in / 8, out]``: input_dim=0, output_dim=1, packed_dim=0, packed_factor=8); offsets along that
   dim are divided by the factor;
-- ``weight_loader``: set by the layer after ``create_weights`` unless the method set its own.
+- ``weight_loader``: set by the layer after ``create_weights`` unless the method set its own (for layouts the
+  attributes cannot describe, e.g. GGUF blocks): ``(param, full_tensor_or_lazy_slice, shard_id)``; it finds this
+  rank's part in ``layer.output_shards[shard_id]`` = (offset, size, checkpoint start) in output rows and
+  ``layer.input_rank`` (None: the input is not split).
 
 A ``QuantizationConfig`` is built per checkpoint from config.json's ``quantization_config`` (keyed by its
 ``quant_method``) and hands each layer its method; formats register with ``register_quantization_config``.

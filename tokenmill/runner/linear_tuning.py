@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tokenmill.config import EngineConfig
 from tokenmill.cuda_timing import median_event_ms
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2
 from tokenmill.kernels.decode_linear import KernelConfig, candidates_for, decode_linear
@@ -85,6 +86,13 @@ def tune_linears(model: torch.nn.Module, max_rows: int = ROW_COUNTS[-1], margin:
         chosen = ", ".join(f"{rows}: {config.name}" for rows, config in sorted(plan.items())) or "none"
         logger.info("linear %dx%d: Triton kernel at rows {%s}, cuBLAS otherwise", n, k, chosen)
     return plans
+
+
+def tune_rank_linears(model: torch.nn.Module, config: EngineConfig, device: str) -> None:
+    """A tensor-parallel rank tunes its own partition's shapes (on CUDA with tune_gemm on), before graph capture,
+    which bakes the choice in; rows up to the largest decode batch."""
+    if device.startswith("cuda") and config.runner.tune_gemm:
+        tune_linears(model, max_rows=config.scheduler.max_num_seqs)
 
 
 @torch.inference_mode()

@@ -28,6 +28,7 @@ from tokenmill.distributed.context import ParallelContext, create_parallel_conte
 from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.model.loader import check_tensor_parallel, load_model
 from tokenmill.runner.inputs import host_step, upload_step
+from tokenmill.runner.linear_tuning import tune_rank_linears
 from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         share_sampled_ids = config.runner.schedules_async(device.startswith("cuda"))
         backend = get_attention_backend(config.runner.attention_backend, device)
         loaded = load_model(mc, backend, parallel=ctx, device=device)
-        _tune_gemm(loaded.model, config, device)
+        tune_rank_linears(loaded.model, config, device)  # this rank's partition shapes, before capture
         runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.block_size, set())
         sampled_ids: torch.Tensor | None = None  # rank 0's sampled ids of the previous step (async scheduling)
         conn.send(("ready", None))
@@ -100,14 +101,6 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         except (BrokenPipeError, OSError):
             logger.warning("rank %d could not report its failure: the engine's pipe is closed", rank)
         raise
-
-
-def _tune_gemm(model: torch.nn.Module, config: EngineConfig, device: str) -> None:
-    """Each rank tunes its own partition's GEMM shapes (before graph capture, which bakes the choice in)."""
-    if device.startswith("cuda") and config.runner.tune_gemm:
-        from tokenmill.runner.linear_tuning import tune_linears
-
-        tune_linears(model, max_rows=config.scheduler.max_num_seqs)
 
 
 def _close_rank(runner: ModelRunner, ctx: ParallelContext) -> None:
@@ -181,7 +174,7 @@ class TPExecutor(ModelRunner):
                                                                 _rank_device(mc.device, 0), timeout_s,
                                                                 config.runner.custom_all_reduce)
             self.loaded = load_model(mc, attn_backend, parallel=self.ctx, device=mc.device)
-            _tune_gemm(self.loaded.model, config, mc.device)
+            tune_rank_linears(self.loaded.model, config, mc.device)
             self._wait_for("ready", load_timeout_s)
         except BaseException:
             self.shutdown()
