@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from parallel_helpers import rank_context
+from linear_helpers import rank_context
 
 from tokenmill.model.linear import (
     MergedColumnParallelLinear,
