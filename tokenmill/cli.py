@@ -1,4 +1,4 @@
-"""One entry point: ``tokenmill serve | generate | bench | gateway | export | serve-models``.
+"""One entry point: ``tokenmill serve | generate | bench | gateway | export | serve-models | quantize | eval``.
 
 Each area registers its own subcommands through a ``register(subparsers)`` function in its ``cli`` module,
 so this file stays a thin table and importing it pulls in no heavy dependency.
@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "tokenmill.bench.cli",  # bench serve | compare | plan | throughput
     "tokenmill.gateway.cli",  # gateway
     "tokenmill.modelserver.cli",  # export | bench-model | serve-models
+    "tokenmill.quantization.cli",  # quantize | eval perplexity
 )
 
 

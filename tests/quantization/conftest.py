@@ -1,0 +1,17 @@
+"""Shared fixtures: one tiny random Llama directory per test session (tests/tiny_models.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tiny_models
+
+from tiny_models import make_tiny_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=3)
