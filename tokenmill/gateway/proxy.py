@@ -100,9 +100,13 @@ class Proxy:
         if last_busy is not None:
             request.on_done(last_busy.status_code)
             return Response(last_busy.content, last_busy.status_code, headers=_pass_headers(last_busy))
+        if not tried:  # no replica to try: say why, with the pool's last error (a crash loop, a failed start)
+            _, problem = pool.serving_state()
+            raise UpstreamUnavailableError(
+                f"Model {pool.name!r} cannot serve the request: {problem or 'no replica became ready in time'}.", 503
+            )
         raise UpstreamUnavailableError(
-            f"Model {pool.name!r} could not serve the request after {len(tried)} attempt(s): {last_problem}.",
-            503 if not tried else 502,
+            f"Model {pool.name!r} could not serve the request after {len(tried)} attempt(s): {last_problem}.", 502
         )
 
     async def _send_whole(
