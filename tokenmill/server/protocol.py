@@ -101,6 +101,8 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    # vLLM's name: render the last (assistant) message open-ended so generation continues it (gateway resume).
+    continue_final_message: bool = False
     chat_template: str | None = None
 
 

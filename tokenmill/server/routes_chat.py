@@ -71,10 +71,18 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return result
 
 
-def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+def chat_prompt(
+    ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool, continue_final: bool = False
+) -> list[int]:
     dicts = messages_to_dicts(messages)
+    if continue_final and (add_generation_prompt or dicts[-1]["role"] != "assistant"):
+        raise BadRequestError(
+            "continue_final_message needs add_generation_prompt=false and an assistant message last",
+            param="continue_final_message",
+        )
+    kwargs = {"continue_final_message": True} if continue_final else {}
     try:
-        return ctx.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt)
+        return ctx.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt, **kwargs)
     except (ValueError, jinja2.TemplateError) as exc:
         raise BadRequestError(f"the chat template could not render these messages: {exc}", param="messages") from exc
 
@@ -94,7 +102,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     try:
         check_model(ctx, body.model)
         params = chat_params(body)
-        prompt_ids = chat_prompt(ctx, body.messages, body.add_generation_prompt)
+        prompt_ids = chat_prompt(ctx, body.messages, body.add_generation_prompt, body.continue_final_message)
         record.prompt_text = repr(messages_to_dicts(body.messages))
         [stream] = await start_streams(ctx, request_id, [prompt_ids], params, [None])
     except APIError as exc:
