@@ -35,7 +35,7 @@ def gateway(tmp_path_factory):
         "aliases": {"cheap": "fast"},
         "virtual_models": [{"name": "auto", "fast": "fast", "strong": "broken", "threshold": 0.0}],
     }
-    with run_gateway(config, tmp, wait_healthy=False) as gw:
+    with run_gateway(config, tmp) as gw:
         wait_until(lambda: gw.pool("fast")["state"] == "ready", 60, "pool fast ready")
         wait_until(lambda: gw.pool("flaky")["state"] == "failed", 60, "pool flaky marked failed")
         yield gw
@@ -64,6 +64,7 @@ def test_per_model_health_detail(gateway):
     assert httpx.get(f"{gateway.url}/health/cheap", timeout=10).status_code == 200  # alias of fast
     auto = httpx.get(f"{gateway.url}/health/auto", timeout=10)
     assert auto.status_code == 503 and [p["model"] for p in auto.json()["pools"]] == ["fast", "broken"]
+    assert httpx.get(f"{gateway.url}/livez", timeout=10).status_code == 200  # the process answers regardless
     missing = httpx.get(f"{gateway.url}/health/nope", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
@@ -101,7 +102,7 @@ def test_crash_loop_is_backed_off_then_marked_failed(gateway):
 
 def test_health_is_200_when_every_model_can_serve(tmp_path):
     config = {"models": [_managed("fast", STUB_COMMAND), {**_managed("lazy", STUB_COMMAND), "replicas": 0}]}
-    with run_gateway(config, tmp_path) as gw:
+    with run_gateway(config, tmp_path, wait_healthy=True) as gw:
         body = httpx.get(f"{gw.url}/health", timeout=10).json()
         assert body["status"] == "ok" and body["unavailable"] == []
         assert body["models"]["lazy"]["state"] == "idle"  # scaled to zero: starts a replica on demand

@@ -44,6 +44,11 @@ def build_app(gateway: Gateway) -> FastAPI:
         message = "Not found." if exc.status_code == 404 else str(exc.detail)
         return error_response(exc.status_code, f"{message} ({request.method} {request.url.path})")
 
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        # The process answers: for liveness/readiness probes, which must not flap with one backend model.
+        return JSONResponse({"status": "alive"})
+
     @app.get("/health")
     async def health() -> JSONResponse:
         models = gateway.model_health()
