@@ -34,6 +34,8 @@ MAX_RESTART_BACKOFF_S = 10.0
 # `tokenmill serve` exits with 2 on a configuration error (bad flag, no such model, no CUDA GPU): a restart
 # cannot fix that, so the replica is marked failed at once.
 CONFIG_ERROR_EXIT = 2
+# `model: embedded` in a managed pool: the SmolLM2 GGUF that ships with tokenmill (runs on a laptop CPU).
+EMBEDDED_MODEL = "embedded"
 # Pool states in which it serves now (idle: scaled to zero, starts a replica on the first request).
 SERVING_STATES = ("ready", "idle")
 
@@ -303,9 +305,14 @@ class ManagedPool(Pool):
 
     # --- one replica's life -------------------------------------------------------------------------------
     def _command(self, port: int) -> list[str]:
+        model = self.config.model or ""
+        if model == EMBEDDED_MODEL:
+            from tokenmill.model.loader import embedded_model_path
+
+            model = str(embedded_model_path())
         values = {
             "python": sys.executable,
-            "model": self.config.model or "",
+            "model": model,
             "host": self.host,
             "port": str(port),
             "name": self.config.served_name,

@@ -19,7 +19,7 @@ from tokenmill.gateway.health import HealthTracker
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pools import Pool
 from tokenmill.gateway.replica import Replica
-from tokenmill.gateway.resume import StreamProgress
+from tokenmill.gateway.resume import StreamProgress, fit_to_context, tokenize_request
 
 log = logging.getLogger("tokenmill.gateway.proxy")
 
@@ -246,14 +246,17 @@ class Proxy:
         self, pool: Pool, request: ProxyRequest, progress: StreamProgress, tried: list[str]
     ) -> tuple[Replica, httpx.Response, AsyncIterator[bytes]] | None:
         """Ask another replica to continue the stream; its response (status 200, first bytes pending) or None."""
-        body = progress.continuation()
-        payload = json.dumps({**body, "model": pool.config.served_name}).encode()
+        continuation = progress.continuation()
         headers = self._backend_headers(pool, request)
         for _ in range(self.max_attempts):
             replica = await pool.acquire(request.affinity_key, tried, min(self.wait_for_replica_s, RESUME_WAIT_S))
             if replica is None or replica.slot in tried:  # only another replica: this one just cut the stream
                 return None
             tried.append(replica.slot)
+            body = dict(continuation)
+            if not await self._fit_context(replica, body, headers):
+                return None
+            payload = json.dumps({**body, "model": pool.config.served_name}).encode()
             pool.claim(replica)
             built = self.client.build_request("POST", f"{replica.url}{request.path}", content=payload, headers=headers)
             try:
@@ -267,6 +270,18 @@ class Proxy:
             await resp.aclose()
             pool.release(replica)
         return None
+
+    async def _fit_context(self, replica: Replica, body: dict[str, Any], headers: dict[str, str]) -> bool:
+        """Ask the replica how many tokens the continuation's prompt takes (tokenmill and vLLM answer
+        ``/tokenize`` with ``count`` and ``max_model_len``) and shrink its budget to fit; other backends: as is."""
+        try:
+            resp = await self.client.post(f"{replica.url}/tokenize", json=tokenize_request(body), headers=headers)
+            counted = resp.json() if resp.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return True
+        if not isinstance(counted.get("count"), int) or not isinstance(counted.get("max_model_len"), int):
+            return True
+        return fit_to_context(body, counted["count"], counted["max_model_len"])
 
 
 def complete_events_end(buffer: bytes) -> int:

@@ -12,6 +12,30 @@ from __future__ import annotations
 import json
 from typing import Any
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def fit_to_context(body: dict[str, Any], prompt_tokens: int, max_model_len: int) -> bool:
+    """Lower the continuation's token budget so prompt + budget fits the replica's context; False if nothing fits.
+
+    Re-tokenizing the text already sent can take more tokens than were generated (a replacement character
+    for a split UTF-8 sequence is three bytes), so the replica's own count decides.
+    """
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        return False
+    for key in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(key), int):
+            body[key] = min(body[key], room)
+    return True
+
+
+def tokenize_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``/tokenize`` body (tokenmill, vLLM) that counts a continuation's prompt."""
+    if "messages" in body:
+        return {"messages": body["messages"], "add_generation_prompt": False}
+    return {"prompt": body["prompt"]}
+
 
 class StreamProgress:
     def __init__(self, path: str, body: dict[str, Any]) -> None:
@@ -40,6 +64,8 @@ class StreamProgress:
         self._chunks_before_resume = self.chunks
         if not self.text:
             return body  # nothing sent yet but the role chunk: start over
+        if not self.chat and body.get("max_tokens") is None:
+            body["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
         for key in ("max_tokens", "max_completion_tokens"):
             if isinstance(body.get(key), int):
                 body[key] = max(1, body[key] - self.chunks)
