@@ -39,9 +39,22 @@ from tokenmill.model.loader import embedded_model_path  # noqa: E402
 SERVE_ARGS = ("--max-model-len", "512", "--served-model-name", "m")
 
 
-def fuzz(model: Path, count: int, work: Path) -> dict:
+def run_fuzz(client: httpx.Client, strategies, path: str, count: int, statuses: dict[str, int]) -> None:
     from hypothesis import HealthCheck, Phase, given, settings
-    from schema_fuzz import SchemaStrategies, encode
+    from schema_fuzz import encode
+
+    @settings(max_examples=count, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(body=strategies.request_body(path))
+    def send(body: object) -> None:
+        status = client.post(path, content=encode(body), headers={"content-type": "application/json"}).status_code
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+    send()
+
+
+def fuzz(model: Path, count: int, work: Path) -> dict:
+    from schema_fuzz import SchemaStrategies
 
     server = ServerProcess(model, work / "fuzz-server.log", *SERVE_ARGS)
     statuses: dict[str, int] = {}
@@ -49,15 +62,7 @@ def fuzz(model: Path, count: int, work: Path) -> dict:
         with server.client() as client:
             strategies = SchemaStrategies(client.get("/openapi.json").json(), hints={"model": "m"})
             for path in ("/v1/completions", "/v1/chat/completions"):
-                @settings(max_examples=count // 2, deadline=None, database=None, phases=[Phase.generate],
-                          suppress_health_check=list(HealthCheck))  # fmt: skip
-                @given(body=strategies.request_body(path))
-                def send(body: object, path: str = path) -> None:
-                    status = client.post(path, content=encode(body),
-                                         headers={"content-type": "application/json"}).status_code  # fmt: skip
-                    statuses[str(status)] = statuses.get(str(status), 0) + 1
-
-                send()
+                run_fuzz(client, strategies, path, count // 2, statuses)
             alive = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code
     finally:
         server.stop()
@@ -110,7 +115,7 @@ def kill_replica(model: Path, requests: int, concurrency: int, work: Path) -> di
         done = [0]
 
         def one(i: int) -> bool:
-            body = {"model": "m", "prompt": f"Story {i}: once upon a time", "max_tokens": 48, "ignore_eos": True}
+            body = {"model": "m", "prompt": f"Story {i}: once upon a time", "max_tokens": 160, "ignore_eos": True}
             try:
                 if i % 2:
                     resp = httpx.post(f"{gw.url}/v1/completions", json=body, timeout=300)
