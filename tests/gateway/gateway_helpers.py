@@ -98,15 +98,20 @@ class GatewayProcess:
 
 @contextlib.contextmanager
 def run_gateway(
-    config: dict[str, Any], tmp_path: Path, startup_timeout_s: float = 60.0
+    config: dict[str, Any],
+    tmp_path: Path,
+    startup_timeout_s: float = 60.0,
+    wait_healthy: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Iterator[GatewayProcess]:
-    """Write ``config`` as YAML, start ``python -m tokenmill gateway`` on a free port, wait for /health."""
+    """Write ``config`` as YAML, start ``python -m tokenmill gateway`` on a free port, wait for /health to answer
+    (503 while a pool is still starting or broken; with ``wait_healthy``, wait for 200: every model can serve)."""
     port = free_port()
     config = {"host": "127.0.0.1", "port": port, "log_dir": str(tmp_path / "replica-logs"), **config}
     config_path = tmp_path / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / "gateway.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tokenmill", "gateway", "--config", str(config_path)],
@@ -118,7 +123,8 @@ def run_gateway(
         def up() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gateway.log()}")
-            return httpx.get(f"{gateway.url}/health", timeout=1).status_code == 200
+            status = httpx.get(f"{gateway.url}/health", timeout=1).status_code
+            return status == 200 or (not wait_healthy and status == 503)
 
         wait_until(up, startup_timeout_s, "the gateway's /health")
         yield gateway

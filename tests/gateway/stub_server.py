@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 import uuid
 
@@ -25,6 +26,7 @@ class StubState:
         self.api_key = api_key
         self.running = 0
         self.served = 0
+        self.bodies: list[dict] = []  # every generation request received, for tests of what the gateway sends
 
 
 def _words(body: dict) -> int:
@@ -63,6 +65,10 @@ def build_app(state: StubState) -> FastAPI:
         )
         return PlainTextResponse(text)
 
+    @app.get("/stub/requests")
+    async def requests() -> list[dict]:
+        return state.bodies
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {
@@ -78,7 +84,17 @@ def build_app(state: StubState) -> FastAPI:
             error = {"message": f"unknown model {body.get('model')}", "type": "invalid_request_error",
                      "param": "model", "code": "model_not_found"}  # fmt: skip
             return JSONResponse({"error": error}, 404)
+        state.bodies.append(body)
         n_words = _words(body)
+        # stub_cut_after cuts the stream after that many words; with stub_cut_once_file, only the first request
+        # (of any stub process) that finds the file missing is cut, so a resumed continuation is served whole.
+        cut_after = body.get("stub_cut_after")
+        once_file = body.get("stub_cut_once_file")
+        if cut_after is not None and once_file is not None:
+            if os.path.exists(once_file):
+                cut_after = None
+            else:
+                open(once_file, "w").close()
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -111,7 +127,7 @@ def build_app(state: StubState) -> FastAPI:
             try:
                 for i in range(n_words):
                     await asyncio.sleep(state.token_delay)
-                    if body.get("stub_cut_after") is not None and i >= int(body["stub_cut_after"]):
+                    if cut_after is not None and i >= int(cut_after):
                         # Break the HTTP stream mid-body, as a crashing backend would.
                         raise RuntimeError("stub: cutting the stream on purpose")
                     piece = ident if i == 0 else f" {ident}"
@@ -126,6 +142,13 @@ def build_app(state: StubState) -> FastAPI:
                                  "choices": [choice]}  # fmt: skip
                     yield f"data: {json.dumps(chunk)}\n\n"
                 state.served += 1
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    prompt = body.get("prompt") or " ".join(str(m.get("content")) for m in body.get("messages", []))
+                    used = len(str(prompt).split())
+                    usage = {"prompt_tokens": used, "completion_tokens": n_words, "total_tokens": used + n_words}
+                    chunk = {"id": rid, "object": obj, "created": created, "model": state.name, "choices": [],
+                             "usage": usage}  # fmt: skip
+                    yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 state.running -= 1

@@ -196,7 +196,9 @@ def test_gateway_configmap_holds_a_valid_gateway_config():
     gateway = next(d for d in docs_of("Deployment") if d["metadata"]["name"] == "tokenmill-gateway")
     container = gateway["spec"]["template"]["spec"]["containers"][0]
     assert container["ports"][0]["containerPort"] == config.port
-    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    # /health is 503 while any one model cannot serve; the probes must not take the whole gateway out for that.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
 
 
 def test_prometheus_config_and_rules():

@@ -44,13 +44,31 @@ def build_app(gateway: Gateway) -> FastAPI:
         message = "Not found." if exc.status_code == 404 else str(exc.detail)
         return error_response(exc.status_code, f"{message} ({request.method} {request.url.path})")
 
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        # The process answers: for liveness/readiness probes, which must not flap with one backend model.
+        return JSONResponse({"status": "alive"})
+
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = gateway.serving()
-        return JSONResponse({"status": "ok" if ok else "unavailable", **gateway.status()}, 200 if ok else 503)
+        models = gateway.model_health()
+        down = [name for name, entry in models.items() if not entry["can_serve"]]
+        body = {"status": "unavailable" if down else "ok", "unavailable": down, "models": models}
+        return JSONResponse(body, 503 if down else 200)
+
+    @app.get("/health/{model:path}")
+    async def model_health(model: str) -> JSONResponse:
+        detail = gateway.route_health(model)
+        if detail is None:
+            return error_response(404, f"The model {model!r} does not exist on this gateway.", "model_not_found")
+        pools = {entry["model"]: gateway.pools[str(entry["model"])].snapshot() for entry in detail["pools"]}
+        for entry in detail["pools"]:
+            entry["replicas"] = pools[str(entry["model"])]["replicas"]
+        return JSONResponse(detail, 200 if detail["can_serve"] else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        gateway.model_health()  # refreshes the per-model serving gauge
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/gateway/status")
@@ -113,6 +131,7 @@ async def _proxy(gateway: Gateway, request: Request, path: str) -> Response:
     headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
     headers.setdefault("x-request-id", uuid.uuid4().hex)
     started = time.perf_counter()
+    first_failure: str | None = None
     while True:
         pool = gateway.pools[route.model]
         key = None
@@ -131,7 +150,9 @@ async def _proxy(gateway: Gateway, request: Request, path: str) -> Response:
             fallback = gateway.router.fallback_of(route.model)
             if fallback is None or route.reason == "fallback":
                 on_done(err.status)
-                return error_response(err.status, str(err), "upstream_unavailable")
+                message = str(err) if first_failure is None else f"{first_failure} Its fallback: {err}"
+                return error_response(err.status, message, "upstream_unavailable")
+            first_failure = str(err)
             gateway.metrics.fallbacks.labels(route.model, fallback).inc()
             route = Route(route.requested, fallback, "fallback", route.score)
     gateway.metrics.routed.labels(route.requested, route.model, route.reason).inc()

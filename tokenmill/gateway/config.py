@@ -63,6 +63,8 @@ class PoolConfig(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     startup_timeout_s: float = Field(default=120.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    # A replica that exits this many times in a row before becoming ready is marked failed, not restarted.
+    max_start_failures: int = Field(default=5, ge=1)
     autoscale: AutoscaleConfig | None = None
     # external
     urls: list[str] = Field(default_factory=list)

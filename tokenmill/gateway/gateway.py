@@ -87,9 +87,28 @@ class Gateway:
         if self._client is not None:
             await self._client.aclose()
 
+    def model_health(self) -> dict[str, dict[str, object]]:
+        """Per pool: its state, whether it serves now, and ``can_serve`` (it, or its fallback, serves)."""
+        health = {name: pool.health() for name, pool in self.pools.items()}
+        for name, entry in health.items():
+            fallback = entry["fallback"]
+            via_fallback = isinstance(fallback, str) and bool(health[fallback]["serving"])
+            entry["can_serve"] = bool(entry["serving"]) or via_fallback
+            self.metrics.model_serving.labels(name).set(1 if entry["serving"] else 0)
+        return health
+
+    def route_health(self, name: str) -> dict[str, object] | None:
+        """Health of one routed name (pool, alias or virtual model), or None if the gateway does not know it."""
+        pools = self.router.pools_of(name)
+        if pools is None:
+            return None
+        health = self.model_health()
+        entries = [health[p] for p in pools]
+        return {"model": name, "can_serve": all(e["can_serve"] for e in entries), "pools": entries}
+
     def serving(self) -> bool:
-        """True when some pool has a ready replica or can start one on demand."""
-        return any(p.num_ready > 0 or isinstance(p, ManagedPool) for p in self.pools.values())
+        """True when every routed model can serve: its pool (or its fallback's) has a ready replica or can start one."""
+        return all(entry["can_serve"] for entry in self.model_health().values())
 
     def status(self) -> dict[str, object]:
         return {"pools": [p.snapshot() for p in self.pools.values()]}

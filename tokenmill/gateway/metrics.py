@@ -76,6 +76,21 @@ class GatewayMetrics:
             "tokenmill:gateway_queued_requests", "Requests held at the gateway waiting for a replica (cold start).",
             ["model"], registry=r,
         )  # fmt: skip
+        self.stream_resumes = Counter(
+            "tokenmill:gateway_stream_resumes",
+            "Streams cut mid-way that another replica continued (outcome=resumed) or could not (outcome=failed).",
+            ["model", "outcome"], registry=r,
+        )  # fmt: skip
+        self.model_serving = Gauge(
+            "tokenmill:gateway_model_serving",
+            "1 when the model's pool can serve now (a ready replica, or scaled to zero and able to start one).",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.failed_replicas = Counter(
+            "tokenmill:gateway_replica_failures",
+            "Managed replicas given up on after exiting max_start_failures times in a row before becoming ready.",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.rate_limited = Counter(
             "tokenmill:gateway_rate_limited",
             "Requests refused with 429 by a key's rate limit.",

@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -28,7 +29,15 @@ from tokenmill.gateway.replica import Replica, ReplicaState
 log = logging.getLogger("tokenmill.gateway.pools")
 
 READY_POLL_S = 0.25
+FIRST_RESTART_BACKOFF_S = 0.5
 MAX_RESTART_BACKOFF_S = 10.0
+# `tokenmill serve` exits with 2 on a configuration error (bad flag, no such model, no CUDA GPU): a restart
+# cannot fix that, so the replica is marked failed at once.
+CONFIG_ERROR_EXIT = 2
+# `model: embedded` in a managed pool: the SmolLM2 GGUF that ships with tokenmill (runs on a laptop CPU).
+EMBEDDED_MODEL = "embedded"
+# Pool states in which it serves now (idle: scaled to zero, starts a replica on the first request).
+SERVING_STATES = ("ready", "idle")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,12 +101,39 @@ class Pool:
         """Whether waiting could help: a replica is starting or restarting (managed pools only)."""
         return False
 
+    def serving_state(self) -> tuple[str, str | None]:
+        """(state, problem): ``ready``, or why no replica can take a request now, in words for clients."""
+        if self.num_ready > 0:
+            return "ready", None
+        states = ", ".join(f"{r.slot} {r.state.value}" for r in self.replicas) or "no replicas"
+        return "unavailable", f"no replica is healthy ({states})"
+
+    @property
+    def last_error(self) -> str | None:
+        errors = [r.last_error for r in self.replicas if r.last_error]
+        return errors[-1] if errors else None
+
+    def health(self) -> dict[str, object]:
+        state, problem = self.serving_state()
+        return {
+            "model": self.name,
+            "state": state,
+            "serving": state in SERVING_STATES,
+            "problem": problem,
+            "last_error": self.last_error,
+            "ready_replicas": self.num_ready,
+            "replicas": len(self.replicas),
+            "fallback": self.config.fallback,
+        }
+
     def snapshot(self) -> dict[str, object]:
         return {
             "name": self.name,
             "kind": self.config.kind,
             "balancer": self.config.balancer,
             "queued": self.queued,
+            "state": self.serving_state()[0],
+            "last_error": self.last_error,
             "replicas": [r.snapshot() for r in self.replicas],
         }
 
@@ -176,6 +212,8 @@ class ManagedPool(Pool):
         super().__init__(config, metrics)
         self.client = client
         self.host = host
+        # A temporary log folder is ours to delete at stop(); a configured log_dir is the operator's.
+        self._owns_log_dir = log_dir is None
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"tokenmill-gateway-{config.name}-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.last_scale_at = 0.0
@@ -190,7 +228,27 @@ class ManagedPool(Pool):
         self.scale_to(self.config.replicas, reason="initial")
 
     def can_grow(self) -> bool:
-        return any(r.state is ReplicaState.STARTING and not r.stopping for r in self.replicas)
+        # A replica in a crash loop (it exited before ever becoming ready) is not worth waiting for.
+        return any(self._starting_cleanly(r) for r in self.replicas)
+
+    @staticmethod
+    def _starting_cleanly(replica: Replica) -> bool:
+        return replica.state is ReplicaState.STARTING and not replica.stopping and replica.start_failures == 0
+
+    def serving_state(self) -> tuple[str, str | None]:
+        if self.num_ready > 0:
+            return "ready", None
+        live = [r for r in self.replicas if not r.stopping]
+        if not live:
+            return "idle", None
+        error = f"; last error: {self.last_error}" if self.last_error else ""
+        if all(r.state is ReplicaState.FAILED for r in live):
+            return "failed", f"every replica failed to start and is not restarted{error}"
+        if any(self._starting_cleanly(r) for r in live):
+            return "starting", "its replicas are still starting"
+        if any(r.start_failures > 0 for r in live):
+            return "crash_looping", f"its replicas keep exiting before they become ready{error}"
+        return super().serving_state()
 
     def on_starved(self) -> None:
         if self.target == 0:
@@ -247,9 +305,14 @@ class ManagedPool(Pool):
 
     # --- one replica's life -------------------------------------------------------------------------------
     def _command(self, port: int) -> list[str]:
+        model = self.config.model or ""
+        if model == EMBEDDED_MODEL:
+            from tokenmill.model.loader import embedded_model_path
+
+            model = str(embedded_model_path())
         values = {
             "python": sys.executable,
-            "model": self.config.model or "",
+            "model": model,
             "host": self.host,
             "port": str(port),
             "name": self.config.served_name,
@@ -265,6 +328,7 @@ class ManagedPool(Pool):
         command = self._command(port)
         log_path = self.log_dir / f"{replica.slot}.log"
         with open(log_path, "ab") as log_file:
+            replica.log_offset = log_file.tell()
             replica.process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -304,23 +368,38 @@ class ManagedPool(Pool):
         return False
 
     async def _supervise(self, replica: Replica) -> None:
-        backoff = 0.5
+        backoff = FIRST_RESTART_BACKOFF_S
         while not replica.stopping:
             self.set_state(replica, ReplicaState.STARTING)
             await self._spawn(replica)
             assert replica.process is not None
-            if await self._wait_ready(replica) and not replica.stopping:
+            ready = await self._wait_ready(replica) and not replica.stopping
+            if ready:
                 log.info("model %s: replica %s ready after %.1f s",
                          self.name, replica.slot, time.monotonic() - replica.started_at)  # fmt: skip
-                backoff = 0.5
+                backoff = FIRST_RESTART_BACKOFF_S
+                replica.start_failures = 0
                 self.set_state(replica, ReplicaState.READY)
             code = await replica.process.wait()
             if replica.stopping:
                 return
-            log.warning("model %s: replica %s (pid %d) exited with %d; restarting. Last log lines:\n%s",
-                        self.name, replica.slot, replica.process.pid, code, self._log_tail(replica))  # fmt: skip
+            tail = self._log_tail(replica)
+            replica.last_error = f"exited with status {code}" + (f": {tail.strip()}" if tail.strip() else "")
             if replica.state in (ReplicaState.READY, ReplicaState.DRAINING):
                 self.metrics.ejections.labels(self.name, "process_exit").inc()
+            if not ready:
+                replica.start_failures += 1
+            if replica.start_failures >= self.config.max_start_failures or (not ready and code == CONFIG_ERROR_EXIT):
+                log.error(
+                    "model %s: replica %s (pid %d) exited with %d before becoming ready (%d time(s) in a row); "
+                    "marking it failed, no more restarts. Its output:\n%s",
+                    self.name, replica.slot, replica.process.pid, code, replica.start_failures, tail,
+                )  # fmt: skip
+                self.metrics.failed_replicas.labels(self.name).inc()
+                self.set_state(replica, ReplicaState.FAILED)
+                return
+            log.warning("model %s: replica %s (pid %d) exited with %d; restarting in %.1f s. Its output:\n%s",
+                        self.name, replica.slot, replica.process.pid, code, backoff, tail)  # fmt: skip
             replica.restarts += 1
             self.metrics.restarts.labels(self.name).inc()
             self.set_state(replica, ReplicaState.STARTING)
@@ -328,10 +407,11 @@ class ManagedPool(Pool):
             backoff = min(backoff * 2, MAX_RESTART_BACKOFF_S)
 
     def _log_tail(self, replica: Replica, lines: int = 5) -> str:
+        """The last lines the current process wrote (not those of earlier runs in the same file)."""
         path = self.log_dir / f"{replica.slot}.log"
         try:
             with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - 4096))
+                f.seek(max(replica.log_offset, path.stat().st_size - 4096))
                 tail = f.read().decode(errors="replace").splitlines()[-lines:]
         except OSError as err:
             return f"  (cannot read {path}: {err.strerror})"
@@ -356,3 +436,5 @@ class ManagedPool(Pool):
             replica.stopping = True
         await asyncio.gather(*(self._retire(r) for r in list(self.replicas)))
         await super().stop()
+        if self._owns_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)

@@ -1,5 +1,6 @@
 """Send one request to a pool's replicas: retry on another replica until the first byte reaches the client,
-then relay the body (SSE event by event, never the whole stream); a cut stream ends with an SSE error event.
+then relay the body (SSE event by event, never the whole stream). A stream cut mid-way is resumed on another
+replica (gateway/resume.py); only when none can continue it does the client get an SSE error event.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tokenmill.gateway.health import HealthTracker
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pools import Pool
 from tokenmill.gateway.replica import Replica
+from tokenmill.gateway.resume import StreamProgress, fit_to_context, tokenize_request
 
 log = logging.getLogger("tokenmill.gateway.proxy")
 
@@ -29,6 +31,8 @@ PASS_HEADERS = ("content-type", "x-request-id")
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 MAX_PENDING_BYTES = 1 << 20
 REPLICA_HEADER = "x-tokenmill-replica"
+# How long a cut stream waits for another replica of its pool to continue it (the client is mid-stream).
+RESUME_WAIT_S = 10.0
 
 
 class UpstreamUnavailableError(RuntimeError):
@@ -100,9 +104,13 @@ class Proxy:
         if last_busy is not None:
             request.on_done(last_busy.status_code)
             return Response(last_busy.content, last_busy.status_code, headers=_pass_headers(last_busy))
+        if not tried:  # no replica to try: say why, with the pool's last error (a crash loop, a failed start)
+            _, problem = pool.serving_state()
+            raise UpstreamUnavailableError(
+                f"Model {pool.name!r} cannot serve the request: {problem or 'no replica became ready in time'}.", 503
+            )
         raise UpstreamUnavailableError(
-            f"Model {pool.name!r} could not serve the request after {len(tried)} attempt(s): {last_problem}.",
-            503 if not tried else 502,
+            f"Model {pool.name!r} could not serve the request after {len(tried)} attempt(s): {last_problem}.", 502
         )
 
     async def _send_whole(
@@ -183,34 +191,97 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         status = 200
         pending = first
+        progress = StreamProgress(request.path, request.body)
+        tried = [replica.slot]
+        held: Replica | None = replica  # the replica this stream holds a claim on
         try:
-            # Forward whole SSE events as soon as each is complete, so a cut never leaves half an event.
             while True:
-                end = complete_events_end(pending)
-                if end > 0:
-                    yield pending[:end]
-                    pending = pending[end:]
-                chunk = await anext(chunks, None)
-                if chunk is None:
+                try:
+                    # Forward whole SSE events as soon as each is complete, so a cut never leaves half an event.
+                    while True:
+                        end = complete_events_end(pending)
+                        if end > 0:
+                            yield progress.relay(pending[:end])
+                            pending = pending[end:]
+                        chunk = await anext(chunks, None)
+                        if chunk is None:
+                            break
+                        pending += chunk
+                    if pending:
+                        yield progress.relay(pending)
                     break
-                pending += chunk
-            if pending:
-                yield pending
-        except httpx.TransportError as err:
-            status = 502
-            self.metrics.stream_errors.labels(pool.name).inc()
-            self.health.record_failure(pool, replica, type(err).__name__)
-            log.warning(
-                "model %s: stream from replica %s cut after the first byte: %r", pool.name, replica.slot, err
-            )
-            yield sse_error_event(
-                f"The backend serving model {pool.name!r} failed mid-stream ({type(err).__name__}); "
-                "the response is incomplete."
-            )
+                except httpx.TransportError as err:
+                    self.metrics.stream_errors.labels(pool.name).inc()
+                    self.health.record_failure(pool, replica, type(err).__name__)
+                    log.warning("model %s: stream from replica %s cut after the first byte: %r",
+                                pool.name, replica.slot, err)  # fmt: skip
+                    pool.release(replica)
+                    held = None
+                    await resp.aclose()
+                    if progress.finished:  # only [DONE] (or usage) was missing
+                        yield b"data: [DONE]\n\n"
+                        break
+                    resumed = await self._resume(pool, request, progress, tried) if progress.resumable() else None
+                    if resumed is None:
+                        status = 502
+                        self.metrics.stream_resumes.labels(pool.name, "failed").inc()
+                        yield sse_error_event(
+                            f"The backend serving model {pool.name!r} failed mid-stream ({type(err).__name__}) "
+                            "and no other replica could continue it; the response is incomplete."
+                        )
+                        break
+                    replica, resp, chunks = resumed
+                    held = replica
+                    pending = b""
+                    self.metrics.stream_resumes.labels(pool.name, "resumed").inc()
+                    log.info("model %s: stream resumed on replica %s after %d chunk(s)",
+                             pool.name, replica.slot, progress.chunks)  # fmt: skip
         finally:
-            pool.release(replica)
+            if held is not None:
+                pool.release(held)
             await resp.aclose()
             request.on_done(status)
+
+    async def _resume(
+        self, pool: Pool, request: ProxyRequest, progress: StreamProgress, tried: list[str]
+    ) -> tuple[Replica, httpx.Response, AsyncIterator[bytes]] | None:
+        """Ask another replica to continue the stream; its response (status 200, first bytes pending) or None."""
+        continuation = progress.continuation()
+        headers = self._backend_headers(pool, request)
+        for _ in range(self.max_attempts):
+            replica = await pool.acquire(request.affinity_key, tried, min(self.wait_for_replica_s, RESUME_WAIT_S))
+            if replica is None or replica.slot in tried:  # only another replica: this one just cut the stream
+                return None
+            tried.append(replica.slot)
+            body = dict(continuation)
+            if not await self._fit_context(replica, body, headers):
+                return None
+            payload = json.dumps({**body, "model": pool.config.served_name}).encode()
+            pool.claim(replica)
+            built = self.client.build_request("POST", f"{replica.url}{request.path}", content=payload, headers=headers)
+            try:
+                resp = await self.client.send(built, stream=True)
+            except httpx.TransportError as err:
+                self.health.record_failure(pool, replica, type(err).__name__)
+                pool.release(replica)
+                continue
+            if resp.status_code == 200:
+                return replica, resp, resp.aiter_raw()
+            await resp.aclose()
+            pool.release(replica)
+        return None
+
+    async def _fit_context(self, replica: Replica, body: dict[str, Any], headers: dict[str, str]) -> bool:
+        """Ask the replica how many tokens the continuation's prompt takes (tokenmill and vLLM answer
+        ``/tokenize`` with ``count`` and ``max_model_len``) and shrink its budget to fit; other backends: as is."""
+        try:
+            resp = await self.client.post(f"{replica.url}/tokenize", json=tokenize_request(body), headers=headers)
+            counted = resp.json() if resp.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return True
+        if not isinstance(counted.get("count"), int) or not isinstance(counted.get("max_model_len"), int):
+            return True
+        return fit_to_context(body, counted["count"], counted["max_model_len"])
 
 
 def complete_events_end(buffer: bytes) -> int:

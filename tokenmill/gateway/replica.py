@@ -16,6 +16,7 @@ class ReplicaState(enum.StrEnum):
     READY = "ready"  # takes traffic
     EJECTED = "ejected"  # failed N times in a row; active checks may re-admit it
     DRAINING = "draining"  # being scaled down: no new traffic, in-flight requests finish
+    FAILED = "failed"  # kept exiting before it became ready: not restarted again (see last_error)
     STOPPED = "stopped"
 
 
@@ -33,6 +34,9 @@ class Replica:
     process: asyncio.subprocess.Process | None = None
     port: int | None = None
     restarts: int = 0
+    start_failures: int = 0  # exits in a row before becoming ready (a crash loop); reset once ready
+    last_error: str | None = None  # why its last process exited: status and its last log lines
+    log_offset: int = 0  # where the current process's output starts in the replica's log file
     stopping: bool = False  # set when the pool retires it; its supervisor then does not restart it
     supervisor: asyncio.Task[None] | None = None
 
@@ -48,5 +52,7 @@ class Replica:
             "outstanding": self.outstanding,
             "consecutive_failures": self.consecutive_failures,
             "restarts": self.restarts,
+            "start_failures": self.start_failures,
+            "last_error": self.last_error,
             "pid": self.process.pid if self.process is not None else None,
         }

@@ -60,6 +60,17 @@ class Router:
             return Route(name, virtual.config.strong, f"{name}:strong", score)
         return Route(name, virtual.config.fast, f"{name}:fast", score)
 
+    def pools_of(self, name: str) -> list[str] | None:
+        """The pools a routed name can send requests to (None for an unknown name)."""
+        if name in self.models:
+            return [name]
+        if name in self.aliases:
+            return [self.aliases[name]]
+        if name in self.virtual:
+            config = self.virtual[name].config
+            return list(dict.fromkeys([config.fast, config.strong]))
+        return None
+
     def fallback_of(self, model: str) -> str | None:
         return self._fallbacks.get(model)
 

@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     )
     server = TokenmillServer(uv_config, app.state.ctx.lifecycle, message)
     server.run()
-    if app.state.ctx.lifecycle.exit_code:
-        logger.error("exiting with status %d because the engine loop died", app.state.ctx.lifecycle.exit_code)
-    return app.state.ctx.lifecycle.exit_code
+    lifecycle = app.state.ctx.lifecycle
+    if lifecycle.exit_code:
+        logger.error("exiting with status %d: %s", lifecycle.exit_code, lifecycle.exit_reason)
+    return lifecycle.exit_code

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_llm import EngineDeadError, EngineQueueFullError
+from tokenmill.server.input_checks import INVALID_UTF8_CODE, FieldValueError, describe_undecodable
 from tokenmill.server.request_log import log_rejected
 
 logger = logging.getLogger(__name__)
@@ -100,23 +101,43 @@ def from_engine_error(exc: BaseException) -> APIError:
     return InternalServerError(f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """(message, param, code) of the first error, counting the rest."""
     errors = exc.errors()
     if not errors:
-        return "the request body is invalid", None
+        return "the request body is invalid", None, "invalid_value"
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_tag(part)]
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "")
-        return f"the request body is not valid JSON: {reason}".rstrip(": "), None
+        return f"the request body is not valid JSON: {reason}".rstrip(": "), None, "invalid_json"
+    cause = first.get("ctx", {}).get("error")
+    code = "invalid_value"
+    if isinstance(cause, FieldValueError):
+        loc += [cause.sub_param] if cause.sub_param else []
+        code = cause.code
     param = ".".join(loc) or None
     where = f"{param}: " if param else "request body: "
-    message = f"{where}{first.get('msg', 'invalid value')}"
-    if "input" in first and param:
-        message += f" (got {_short_repr(first['input'])})"
+    if isinstance(cause, FieldValueError):
+        message = f"{where}{cause}"
+    else:
+        message = f"{where}{first.get('msg', 'invalid value')}"
+        if "input" in first and param:
+            message += f" (got {_short_repr(first['input'])})"
     if len(errors) > 1:
         message += f"; and {len(errors) - 1} more error(s)"
-    return message, param
+    return message, param, code
+
+
+def _wrong_content_type(request: Request, exc: RequestValidationError) -> str | None:
+    """The message for a body FastAPI did not parse because its Content-Type is not JSON, else None."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and "json" in content_type.split(";")[0].lower():
+        return None
+    if not any(tuple(error.get("loc", ())) == ("body",) for error in exc.errors()):
+        return None
+    got = f"got {content_type!r}" if content_type is not None else "the request has no Content-Type header"
+    return f"Content-Type must be application/json; {got} (curl -d sends application/x-www-form-urlencoded)"
 
 
 def _is_union_tag(part: object) -> bool:
@@ -134,20 +155,27 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.to_response()
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation_error(exc)
+        wrong_type = _wrong_content_type(request, exc)
+        if wrong_type is not None:
+            log_rejected(request.method, request.url.path, 415, wrong_type)
+            return error_response(415, wrong_type, "invalid_request_error", None, "unsupported_media_type")
+        message, param, code = _describe_validation_error(exc)
         log_rejected(request.method, request.url.path, 400, message)
-        return error_response(400, message, "invalid_request_error", param, "invalid_value")
+        return error_response(400, message, "invalid_request_error", param, code)
 
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = str(exc.status_code)
         if exc.status_code == 404:
             message = f"route {request.method} {request.url.path} not found"
+        elif isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body", from decoding
+            message, code = describe_undecodable(exc.__cause__), INVALID_UTF8_CODE
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
         error_type = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         log_rejected(request.method, request.url.path, exc.status_code, message)
-        response = error_response(exc.status_code, message, error_type, None, str(exc.status_code))
+        response = error_response(exc.status_code, message, error_type, None, code)
         for key, value in (exc.headers or {}).items():
             response.headers[key] = value
         return response

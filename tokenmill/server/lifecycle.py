@@ -17,12 +17,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import ServiceUnavailableError
-from tokenmill.server.request_log import log_rejected
+from tokenmill.server.request_cut import CuttableRequest
+from tokenmill.server.request_log import REQUEST_FATE, log_rejected
 
 logger = logging.getLogger("tokenmill.server")
 
 # Paths that keep answering while draining: probes must see the 503 from /health, scrapers the last metrics.
 _ALWAYS_OPEN = ("/health", "/metrics")
+# Exit status when the drain timeout cut requests, so a supervisor knows work was dropped (1: engine died).
+EXIT_DRAIN_TIMEOUT = 3
+# Seconds cut requests get to abort their engine requests and send their error before the server stops.
+_CUT_GRACE = 5.0
 
 
 class Lifecycle:
@@ -32,6 +37,8 @@ class Lifecycle:
         self.engine_dead = False
         self.in_flight = 0
         self.exit_code = 0
+        self.exit_reason = ""
+        self.requests: set[CuttableRequest] = set()
         self.server: uvicorn.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -68,15 +75,28 @@ class Lifecycle:
         while self.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.in_flight > 0:
-            logger.warning("drain timeout reached with %d request(s) still in flight; stopping", self.in_flight)
+            await self._cut_in_flight()
         else:
             logger.info("drain complete; stopping")
         self._stop_server()
 
+    async def _cut_in_flight(self) -> None:
+        reason = f"drain timeout: the server is shutting down and ended this request after {self.config.drain_timeout:g}s"
+        self.exit_code, self.exit_reason = EXIT_DRAIN_TIMEOUT, f"the drain timeout cut {self.in_flight} request(s)"
+        logger.warning(
+            "drain timeout (%gs) reached with %d request(s) still in flight: ending them with a 503 %r error, "
+            "then exiting with status %d", self.config.drain_timeout, self.in_flight, "drain_timeout", self.exit_code,
+        )
+        for request in list(self.requests):
+            request.cut(reason)
+        deadline = time.monotonic() + _CUT_GRACE
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     # ---- engine death ----------------------------------------------------------------------------------------
     def engine_died(self, exc: BaseException) -> None:
         """Called from the engine thread when its loop crashed."""
-        self.exit_code = 1
+        self.exit_code, self.exit_reason = 1, "the engine loop died"
         if self._loop is None or self._loop.is_closed():
             return
         self._loop.call_soon_threadsafe(self._on_engine_death, exc)
@@ -108,11 +128,17 @@ class LifecycleMiddleware:
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
+        request = CuttableRequest(receive, send)
+        fate_token = REQUEST_FATE.set(request.fate)
         self.lifecycle.in_flight += 1
+        self.lifecycle.requests.add(request)
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, request.receive, request.send)
+            await request.finish()
         finally:
+            self.lifecycle.requests.discard(request)
             self.lifecycle.in_flight -= 1
+            REQUEST_FATE.reset(fate_token)
 
 
 class TokenmillServer(uvicorn.Server):

@@ -6,6 +6,8 @@ The engine's dict holds the sampled token first, then the top-k by rank (1-based
 from __future__ import annotations
 
 import math
+import re
+from functools import cache
 from typing import Any
 
 from tokenmill.outputs import Logprob
@@ -22,6 +24,35 @@ def token_text(tokenizer: Any, token_id: int, logprob: Logprob | None = None) ->
     if logprob is not None and logprob.decoded_token is not None:
         return logprob.decoded_token
     return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
+
+
+@cache
+def _byte_level_decoder() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte <-> printable-char table
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
+    """The token's own UTF-8 bytes: ``text`` encoded, unless decoding lost a partial character to U+FFFD.
+
+    A token that holds only part of a multi-byte character decodes to U+FFFD; its real bytes come from the
+    vocabulary piece (a byte-level BPE piece, or a ``<0xNN>`` byte-fallback piece).
+    """
+    if "\ufffd" not in text:
+        return list(text.encode())
+    convert = getattr(getattr(tokenizer, "hf", tokenizer), "convert_ids_to_tokens", None)
+    piece = convert(token_id) if convert is not None else None
+    if isinstance(piece, str) and piece:
+        if match := _BYTE_FALLBACK.fullmatch(piece):
+            return [int(match.group(1), 16)]
+        decoder = _byte_level_decoder()
+        if all(char in decoder for char in piece):
+            return [decoder[char] for char in piece]
+    return list(text.encode())
 
 
 def _top(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
@@ -64,13 +95,14 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int,
         sampled = entry.get(token_id)
         text = token_text(tokenizer, token_id, sampled)
         top = [
-            {"token": (t := token_text(tokenizer, tid, lp)), "logprob": _finite(lp.logprob), "bytes": list(t.encode())}
+            {"token": (t := token_text(tokenizer, tid, lp)), "logprob": _finite(lp.logprob),
+             "bytes": token_bytes(tokenizer, tid, t)}
             for tid, lp in _top(entry, k)
         ]
         content.append({
             "token": text,
             "logprob": _finite(sampled.logprob) if sampled is not None else MIN_LOGPROB,
-            "bytes": list(text.encode()),
+            "bytes": token_bytes(tokenizer, token_id, text),
             "top_logprobs": top,
         })
     return {"content": content}

@@ -92,6 +92,9 @@ def chat_params(req: ChatCompletionRequest, tool_spec: StructuredOutputsParams |
         )
     if req.top_logprobs is not None and not req.logprobs:
         raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+    # Checked here, not by SamplingParams, whose error would name its own field (logprobs).
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+        raise BadRequestError(f"top_logprobs must be in [0, 20]; got {req.top_logprobs}", param="top_logprobs")
     kwargs = _common(req)
     kwargs["max_tokens"] = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     spec = structured_spec(req, req.response_format)
@@ -101,7 +104,4 @@ def chat_params(req: ChatCompletionRequest, tool_spec: StructuredOutputsParams |
     kwargs["structured_outputs"] = spec or tool_spec
     if req.logprobs:
         kwargs["logprobs"] = req.top_logprobs if req.top_logprobs is not None else 0
-    params = build_params(kwargs)
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-        raise BadRequestError(f"top_logprobs must be in [0, 20]; got {req.top_logprobs}", param="top_logprobs")
-    return params
+    return build_params(kwargs)

@@ -8,10 +8,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tokenmill.server.input_checks import check_tool_message, reject_lone_surrogates
 
 # allow_inf_nan=False: Python's JSON parser accepts NaN/Infinity, which would slip past every range check.
 _REQUEST_CONFIG = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+class TextCheckedRequest(BaseModel):
+    """Top-level request bodies: a lone surrogate anywhere in the JSON is a 400 naming its path."""
+
+    model_config = _REQUEST_CONFIG
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        return reject_lone_surrogates(data)
 
 
 class StreamOptions(BaseModel):
@@ -19,7 +32,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(TextCheckedRequest):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI ones first, then vLLM extras)."""
 
     model_config = _REQUEST_CONFIG
@@ -76,6 +89,11 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool result: which call it answers
 
+    @model_validator(mode="after")
+    def _tool_message_has_content(self) -> ChatMessage:
+        check_tool_message(self.role, self.content)
+        return self
+
 
 class ResponseFormat(BaseModel):
     model_config = _REQUEST_CONFIG
@@ -108,10 +126,12 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    # vLLM's name: render the last (assistant) message open-ended so generation continues it (gateway resume).
+    continue_final_message: bool = False
     chat_template: str | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(TextCheckedRequest):
     model_config = _REQUEST_CONFIG
     model: str | None = None
     prompt: str | None = None
@@ -120,7 +140,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(TextCheckedRequest):
     model_config = _REQUEST_CONFIG
     model: str | None = None
     tokens: list[int]

@@ -7,11 +7,24 @@ from __future__ import annotations
 
 import logging
 import time
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from tokenmill.outputs import RequestOutput
 from tokenmill.server.metrics import ServerMetrics
 
 logger = logging.getLogger("tokenmill.server.requests")
+
+
+@dataclass
+class RequestFate:
+    """Set by the server when it ends a request itself (drain timeout), so the record does not blame the client."""
+
+    cut_reason: str | None = None
+
+
+# The lifecycle middleware sets one RequestFate per HTTP request; routes' records read it in finish().
+REQUEST_FATE: ContextVar[RequestFate | None] = ContextVar("tokenmill_request_fate", default=None)
 
 
 class RequestRecord:
@@ -66,7 +79,11 @@ class RequestRecord:
             return
         self._finished = True
         latency = time.monotonic() - self.start
-        if status == 499:  # the client went away; vLLM counts these under finished_reason="abort"
+        fate = REQUEST_FATE.get()
+        aborted = status == 499
+        if aborted and fate is not None and fate.cut_reason is not None:
+            status, error = 503, fate.cut_reason  # the server cut it; the client did not leave
+        if aborted:  # the client went away or the server cut it; vLLM counts both as finished_reason="abort"
             self.finish_reasons.append("abort")
             self.metrics.observe_finished("abort")
         if status == 200 and self.first_token_at is not None:

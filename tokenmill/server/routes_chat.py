@@ -77,9 +77,16 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
-                tools: list[dict[str, Any]] | None = None) -> list[int]:
+                tools: list[dict[str, Any]] | None = None, continue_final: bool = False) -> list[int]:
     dicts = template_messages(messages_to_dicts(messages))
-    extra = {"tools": tools} if tools else {}
+    if continue_final and (add_generation_prompt or dicts[-1]["role"] != "assistant"):
+        raise BadRequestError(
+            "continue_final_message needs add_generation_prompt=false and an assistant message last",
+            param="continue_final_message",
+        )
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
+    if continue_final:
+        extra["continue_final_message"] = True
     try:
         return ctx.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt, **extra)
     except (ValueError, jinja2.TemplateError) as exc:
@@ -104,7 +111,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                           ctx.tokenizer.chat_template)
         params = chat_params(body, plan.spec if plan is not None else None)
         prompt_ids = chat_prompt(ctx, body.messages, body.add_generation_prompt,
-                                 plan.tools if plan is not None else None)
+                                 plan.tools if plan is not None else None, body.continue_final_message)
         record.prompt_text = repr(messages_to_dicts(body.messages))
         [stream] = await start_streams(ctx, request_id, [prompt_ids], params, [None])
     except APIError as exc:

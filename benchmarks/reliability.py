@@ -1,0 +1,174 @@
+"""Issue 25's reliability figures, reproduced on loopback (bounded; CPU is enough):
+
+1. fuzz: N schema-driven requests (tests/server/schema_fuzz.py: every field, Unicode's odd corners) against a
+   real `tokenmill serve` on one keep-alive connection -> count of 5xx (goal 0);
+2. drain: SIGTERM with `--drain-timeout 0` while streams run -> error events seen, exit status (goal non-zero);
+3. crash loop: a gateway pool whose replica exits with status 2 -> latency of the 503 that names it, /health;
+4. kill: a gateway over 2 real replicas, R requests (half streamed) at concurrency C, one replica SIGKILLed
+   mid-load -> lost requests (non-200 or a stream without [DONE]; goal 0) and resumed streams.
+
+    python benchmarks/reliability.py --model DIR [--fuzz 5000] [--requests 300] [--concurrency 20]
+Without --model it uses the embedded SmolLM2. Writes benchmarks/results/reliability-<UTC date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "server"), str(REPO / "tests" / "gateway")]
+
+from gateway_helpers import metric_value, run_gateway, wait_ready, wait_until  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
+
+from tokenmill.model.loader import embedded_model_path  # noqa: E402
+
+SERVE_ARGS = ("--max-model-len", "512", "--served-model-name", "m")
+
+
+def run_fuzz(client: httpx.Client, strategies, path: str, count: int, statuses: dict[str, int]) -> None:
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schema_fuzz import encode
+
+    @settings(max_examples=count, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(body=strategies.request_body(path))
+    def send(body: object) -> None:
+        status = client.post(path, content=encode(body), headers={"content-type": "application/json"}).status_code
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+    send()
+
+
+def fuzz(model: Path, count: int, work: Path) -> dict:
+    from schema_fuzz import SchemaStrategies
+
+    server = ServerProcess(model, work / "fuzz-server.log", *SERVE_ARGS)
+    statuses: dict[str, int] = {}
+    try:
+        with server.client() as client:
+            strategies = SchemaStrategies(client.get("/openapi.json").json(), hints={"model": "m"})
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                run_fuzz(client, strategies, path, count // 2, statuses)
+            alive = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code
+    finally:
+        server.stop()
+    errors = sum(n for s, n in statuses.items() if s.startswith("5"))
+    return {"requests": sum(statuses.values()), "statuses": statuses, "5xx": errors, "next_request_status": alive}
+
+
+def drain(model: Path, work: Path) -> dict:
+    server = ServerProcess(model, work / "drain-server.log", *SERVE_ARGS, "--max-num-seqs", "1",
+                           "--drain-timeout", "0")  # fmt: skip
+    body = {"model": "m", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            def stream(_: int) -> str:
+                with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as resp:
+                    return [line for line in resp.iter_lines() if line.startswith("data: ")][-1]
+
+            futures = [pool.submit(stream, i) for i in range(3)]
+            time.sleep(1.0)  # all three accepted: one running, two waiting (max-num-seqs 1)
+            server.terminate()
+            last = [f.result() for f in futures]
+        code = server.wait(60)
+    finally:
+        server.stop()
+    cut = sum('"drain_timeout"' in line for line in last)
+    return {"streams": 3, "ended_with_error_event": cut, "exit_status": code,
+            "log_says_drain_timeout": "drain timeout" in server.log()}  # fmt: skip
+
+
+def crash_loop(work: Path) -> dict:
+    broken = ["{python}", "-c", "import sys; print('error: no CUDA GPU'); sys.exit(2)"]
+    config = {"models": [{"name": "broken", "kind": "managed", "model": "x", "command": broken}]}
+    with run_gateway(config, work / "crash") as gw:
+        wait_until(lambda: gw.pool("broken")["state"] == "failed", 60, "pool marked failed")
+        start = time.perf_counter()
+        resp = httpx.post(f"{gw.url}/v1/completions", json={"model": "broken", "prompt": "x"}, timeout=300)
+        latency = time.perf_counter() - start
+        health = httpx.get(f"{gw.url}/health", timeout=10)
+    return {"status": resp.status_code, "latency_s": round(latency, 4), "message": resp.json()["error"]["message"],
+            "health_status": health.status_code, "unavailable": health.json()["unavailable"]}  # fmt: skip
+
+
+def kill_replica(model: Path, requests: int, concurrency: int, work: Path) -> dict:
+    args = ["--device", "cpu", "--max-model-len", "512", "--max-num-seqs", "16"]
+    config = {"health": {"interval_s": 1.0, "failure_threshold": 2},
+              "models": [{"name": "m", "kind": "managed", "model": str(model), "replicas": 2, "args": args,
+                          "startup_timeout_s": 300}]}  # fmt: skip
+    with run_gateway(config, work / "kill") as gw:
+        replicas = wait_ready(gw, "m", 2, 300)
+        done = [0]
+
+        def one(i: int) -> bool:
+            body = {"model": "m", "prompt": f"Story {i}: once upon a time", "max_tokens": 160, "ignore_eos": True}
+            try:
+                if i % 2:
+                    resp = httpx.post(f"{gw.url}/v1/completions", json=body, timeout=300)
+                    return resp.status_code == 200
+                with httpx.stream("POST", f"{gw.url}/v1/completions", json={**body, "stream": True},
+                                  timeout=300) as resp:  # fmt: skip
+                    lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+                    return resp.status_code == 200 and lines[-1] == "data: [DONE]"
+            finally:
+                done[0] += 1
+
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            futures = [pool.submit(one, i) for i in range(requests)]
+            wait_until(lambda: done[0] >= requests // 5, 600, "a fifth of the requests", poll_s=0.05)
+            os.kill(replicas[0]["pid"], signal.SIGKILL)
+            ok = [f.result() for f in futures]
+        metrics = gw.metrics()
+    return {"requests": requests, "concurrency": concurrency, "lost": ok.count(False),
+            "streams_resumed": metric_value(metrics, "tokenmill:gateway_stream_resumes_total", outcome="resumed"),
+            "retries": metric_value(metrics, "tokenmill:gateway_retries_total")}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="HF dir or .gguf (default: embedded SmolLM2)")
+    parser.add_argument("--fuzz", type=int, default=5000)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    model = args.model or embedded_model_path()
+    with tempfile.TemporaryDirectory(prefix="tokenmill-reliability-") as tmp:
+        work = Path(tmp)
+        for sub in ("crash", "kill"):
+            (work / sub).mkdir()
+        results = {"fuzz": fuzz(model, args.fuzz, work), "drain": drain(model, work),
+                   "crash_loop": crash_loop(work), "kill": kill_replica(model, args.requests, args.concurrency, work)}
+    print(f"{'figure':<12} result")
+    print(f"{'fuzz':<12} {results['fuzz']['requests']} requests, 5xx={results['fuzz']['5xx']}")
+    print(f"{'drain':<12} {results['drain']['ended_with_error_event']}/3 error events, exit {results['drain']['exit_status']}")
+    print(f"{'crash loop':<12} {results['crash_loop']['status']} in {results['crash_loop']['latency_s']} s, "
+          f"/health {results['crash_loop']['health_status']}")  # fmt: skip
+    print(f"{'kill':<12} lost {results['kill']['lost']}/{results['kill']['requests']}, "
+          f"resumed streams {results['kill']['streams_resumed']}")  # fmt: skip
+    date = dt.datetime.now(dt.UTC)
+    record = {"date": date.isoformat(timespec="seconds"), "device": f"{platform.machine()} {platform.processor()} "
+              f"({os.cpu_count()} CPUs), CPU only", "command": shlex.join([sys.executable, *sys.argv]),
+              "model": str(model), "results": results}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"reliability-{date:%Y%m%d}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
