@@ -318,6 +318,14 @@ def device_description(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
 def output_dir(args: argparse.Namespace) -> Path:
     return Path(args.out or os.environ.get("OUT") or REPO_ROOT / "benchmarks" / "results")
 
@@ -332,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {
         "benchmark": "gpu_online_vs_offline", "date": stamp.isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "config": vars(args),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=REPO_ROOT).stdout.strip() or None,
+        "git_commit": git_commit(),
     }
     path = out / f"online_vs_offline_{args.preset}_{stamp.strftime('%Y%m%dT%H%M%S')}.json"
     with tempfile.TemporaryDirectory(prefix="tokenmill-online-") as tmp:
@@ -341,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_dir = save_preset_tokenizer(args.preset, work / "tokenizer")
         record["online"] = {}
         for mode in [m.strip() for m in args.server_modes.split(",") if m.strip()]:
-            record["online"][mode] = run_online(args, mode, tokenizer_dir, work, out / f"{path.stem}_{mode}")
+            try:
+                record["online"][mode] = run_online(args, mode, tokenizer_dir, work, out / f"{path.stem}_{mode}")
+            except Exception as exc:  # noqa: BLE001 - keep the other mode and the offline side
+                record["online"][mode] = {"error": f"{type(exc).__name__}: {exc}"[-6000:]}
+            path.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive a later failure
         if not args.skip_offline:
             offline_sampler = ResourceSampler({"offline": os.getpid()})
             offline_sampler.mark("offline")
@@ -351,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             record["offline"]["resources_incl_load"] = offline_sampler.summary()["offline"]
             record["online_over_offline"] = {
                 mode: side["phases"]["rate_inf"]["output_tok_s"] / record["offline"]["output_tok_s"]
-                for mode, side in record["online"].items()
+                for mode, side in record["online"].items() if "phases" in side
             }
     record["device"] = device_description(args.device)
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -364,6 +375,9 @@ def print_table(record: dict[str, Any]) -> None:
     print(f"\n{record['device']}  preset {record['config']['preset']}")
     print(f"{'run':<30}{'out tok/s':>11}{'med TPOT ms':>13}{'ms/step':>9}{'server CPU%':>13}{'GPU busy%':>11}")
     for mode, side in record["online"].items():
+        if "error" in side:
+            print(f"{mode}: FAILED: {side['error'][:500]}")
+            continue
         for name, row in side["phases"].items():
             phase = side["resources"].get(name, {})
             cpu = ", ".join(f"{v['mean']:.0f}" for k, v in phase.get("cpu_percent", {}).items()

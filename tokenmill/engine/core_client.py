@@ -166,7 +166,10 @@ class EngineCoreClient:
         """Ask the core to stop, wait for it (then terminate it); pending requests get EngineDeadError."""
         self._stopping = True
         if self.process.is_alive():
-            self._send(("shutdown",))
+            try:
+                self._send(("shutdown",))
+            except EngineDeadError:
+                pass
             self.process.join(timeout)
             if self.process.is_alive():
                 self.process.terminate()
@@ -179,7 +182,7 @@ class EngineCoreClient:
                           prompt: str | None = None) -> RequestStream:
         """Queue a request and wait until the core accepted it (ValueError / EngineQueueFullError /
         EngineDeadError otherwise)."""
-        if self.error is not None or self._stopping:
+        if self.error is not None or self._stopping or not self.process.is_alive():
             raise EngineDeadError(self._dead_message())
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop, self)
@@ -191,8 +194,8 @@ class EngineCoreClient:
             for _ in range(params.n)
         ], RequestMetrics(arrival_time=time.monotonic()))
         accepted = loop.create_future()
-        self._pending[request_id] = (accepted, state)
         self._send(("add", request_id, ids, params, prompt, state.metrics.arrival_time))
+        self._pending[request_id] = (accepted, state)
         try:
             await asyncio.shield(accepted)
         except asyncio.CancelledError:
@@ -203,11 +206,20 @@ class EngineCoreClient:
     def abort(self, request_id: str) -> None:
         self._requests_by_id.pop(request_id, None)
         if self.error is None and not self._stopping:
-            self._send(("abort", [request_id]))
+            try:
+                self._send(("abort", [request_id]))
+            except EngineDeadError:
+                pass  # nothing left to abort: the reader fails every stream once it sees the process gone
 
     def _send(self, message: tuple) -> None:
+        """Never blocks the event loop: a PUSH socket whose peer is gone would block a plain send forever."""
+        import zmq
+
         with self._send_lock:
-            self._requests.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            try:
+                self._requests.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), zmq.NOBLOCK)
+            except zmq.Again:
+                raise EngineDeadError("the engine-core process does not take messages (it is gone)") from None
 
     async def _read_outputs(self) -> None:
         import zmq
@@ -216,9 +228,10 @@ class EngineCoreClient:
         ctx = zmq.asyncio.Context.shadow(self._zmq)
         sock = ctx.socket(zmq.PULL)
         sock.bind(self.addresses.outputs)
-        drain = zmq.Socket.shadow(sock.underlying)  # plain recv: an asyncio socket's recv is always a future
         try:
             while True:
+                # Every read goes through the asyncio socket: ZeroMQ's fd is edge-triggered, so a read behind
+                # its back (a plain shadow socket) can leave the loop waiting for the poll timeout.
                 if not await sock.poll(POLL_MS):
                     if not self.process.is_alive():
                         self._fail(EngineDeadError(f"the engine-core process exited with {self.process.exitcode}")
@@ -226,16 +239,11 @@ class EngineCoreClient:
                                    RuntimeError(f"the engine-core process died (exit code {self.process.exitcode})"))
                         return
                     continue
-                while True:
-                    try:
-                        data = drain.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    message = self._codec.decode(data)
-                    if message.dead is not None:
-                        self._fail(RuntimeError(f"engine core: {message.dead}"))
-                        return
-                    self._dispatch(message)
+                message = self._codec.decode(await sock.recv())
+                if message.dead is not None:
+                    self._fail(RuntimeError(f"engine core: {message.dead}"))
+                    return
+                self._dispatch(message)
         finally:
             sock.close(linger=0)
 
@@ -289,7 +297,7 @@ class EngineCoreClient:
 
     def _dead_message(self) -> str:
         if self.error is None:
-            return "the engine is shutting down"
+            return "the engine is shutting down" if self._stopping else "the engine-core process is gone"
         return f"the engine loop died: {self.error}"
 
 

@@ -95,6 +95,14 @@ def run_engine_core(config: Any, addresses: CoreAddresses, max_waiting_requests:
 def _load_engine(config: Any) -> Any:
     from tokenmill.engine.llm_engine import LLMEngine
 
+    if config.model.device == "cpu":
+        import torch
+
+        # Leave one core to the API process: with every core in torch's OpenMP team, each parallel region
+        # waits for a thread the API process (or a busy host) has descheduled; measured on a loaded 2-core VM,
+        # 2 threads made a tiny model's decode step ~20x slower than 1.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
     engine = LLMEngine(config, load_progress=True)
     engine.detokenize_outputs = False  # text is the API process's job; stop strings are still checked here
     return engine
