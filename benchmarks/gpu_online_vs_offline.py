@@ -208,7 +208,9 @@ def hottest_frames(raw_path: Path, top: int = 25) -> dict[str, Any]:
         n = int(count)
         frames = stack.split(";")
         total += n
-        threads[next((f for f in frames if f.startswith("thread")), frames[0])] += n
+        process = re.match(r"process (\d+)", frames[0])
+        thread = next((f for f in frames if f.startswith("thread")), "?")
+        threads[f"pid {process.group(1)} {thread}" if process else thread] += n
         self_counts[frames[-1]] += n
         for frame in set(frames):
             incl_counts[frame] += n
