@@ -1,7 +1,8 @@
 """Online serving vs the offline engine on exactly the same requests (issue 19's table, one command).
 
 1. writes the preset's synthetic tokenizer (so the client counts tokens exactly as the server does);
-2. starts ``tokenmill serve --random-weights PRESET`` as a subprocess on a free port;
+2. starts ``tokenmill serve --random-weights PRESET`` as a subprocess on a free port (per --server-modes: the
+   engine core in its own process, and/or in a thread as before);
 3. ``tokenmill bench serve``'s code from this process (the JSON records the equivalent command line): an untimed warm-up pass, then N requests (inputs U[in·(1−r), in·(1+r)], outputs
    likewise, ignore_eos, greedy, rate inf), optional concurrency points, and (when py-spy is on PATH) a
    separate profiled pass whose hottest frames land in the JSON;
@@ -10,7 +11,7 @@
 5. samples the server's process tree CPU% and nvidia-smi GPU busy % during every phase;
 6. writes one JSON (date, device, command, both sides, ratio) to --out, else $OUT, else benchmarks/results/.
 
-H100:  python benchmarks/gpu_online_vs_offline.py --concurrency 256,64,16,1
+H100:  python benchmarks/gpu_online_vs_offline.py --server-modes thread,process --concurrency 256,64,16
 CPU smoke test (a minute):  python benchmarks/gpu_online_vs_offline.py --preset tiny-llama3 --device cpu \
            --num-prompts 16 --input-len 24 --output-len 8 --max-model-len 128
 """
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--engine-args", default="", help="extra engine flags for both sides, e.g. '--max-num-seqs 512'")
     p.add_argument("--server-args", default="", help="extra flags for the server only")
+    p.add_argument("--server-modes", default="process",
+                   help="process (engine core in its own process), thread (--no-engine-process, the old layout), "
+                        "or both, e.g. thread,process: one server each, same phases")
     p.add_argument("--concurrency", default="", help="also run bench serve at these max concurrencies, e.g. 256,64,16,1")
     p.add_argument("--warmup-prompts", type=int, default=None, help="untimed warm-up requests (default min(N, 300))")
     p.add_argument("--profile-prompts", type=int, default=None,
@@ -66,11 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---- the server side ----------------------------------------------------------------------------
 class Server:
-    def __init__(self, args: argparse.Namespace, log_path: Path) -> None:
+    def __init__(self, args: argparse.Namespace, log_path: Path, extra: list[str]) -> None:
         self.log_path = log_path
         command = [sys.executable, "-m", "tokenmill", "serve", "--random-weights", args.preset,
                    "--served-model-name", args.preset, "--host", "127.0.0.1", "--port", "0",
-                   "--device", args.device, *engine_flags(args), *shlex.split(args.server_args)]
+                   "--device", args.device, *engine_flags(args), *shlex.split(args.server_args), *extra]
         self.command = shlex.join(command)
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -204,7 +208,9 @@ def hottest_frames(raw_path: Path, top: int = 25) -> dict[str, Any]:
         n = int(count)
         frames = stack.split(";")
         total += n
-        threads[next((f for f in frames if f.startswith("thread")), frames[0])] += n
+        process = re.match(r"process (\d+)", frames[0])
+        thread = next((f for f in frames if f.startswith("thread")), "?")
+        threads[f"pid {process.group(1)} {thread}" if process else thread] += n
         self_counts[frames[-1]] += n
         for frame in set(frames):
             incl_counts[frame] += n
@@ -247,6 +253,63 @@ def run_offline_side(args: argparse.Namespace, tokenizer_dir: Path) -> dict[str,
     }
 
 
+def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: Path, stem: Path) -> dict[str, Any]:
+    """Start a server (``mode`` "process": engine core in its own process; "thread": --no-engine-process),
+    run every client phase against it, stop it with SIGTERM."""
+    if mode not in ("process", "thread"):
+        raise ValueError(f"--server-modes entries must be process or thread; got {mode!r}")
+    extra = ["--no-engine-process"] if mode == "thread" else []
+    t_start = time.monotonic()
+    server = Server(args, work / f"server_{mode}.log", extra)
+    side: dict[str, Any] = {"server_command": server.command, "server_start_s": time.monotonic() - t_start}
+    sampler = ResourceSampler({"server": server.proc.pid, "client": os.getpid()})
+    online: dict[str, Any] = {}
+    try:
+        client = Client(args, server, tokenizer_dir)
+
+        def phase(name: str, num_prompts: int, seed: int, concurrency: int | None = None,
+                  on_start: Any = None) -> dict[str, Any]:
+            requests = client.requests(num_prompts, seed)  # built before the phase starts: not measured
+            if on_start is not None:
+                on_start()
+            sampler.mark(name)
+            result = client.run(requests, seed, concurrency)
+            sampler.end(name)
+            online[name] = compact(result)
+            return result
+
+        warm = args.warmup_prompts if args.warmup_prompts is not None else min(args.num_prompts, 300)
+        if warm:
+            phase("warmup", warm, args.seed + 1)
+        main_run = phase("rate_inf", args.num_prompts, args.seed)
+        side["bench_command"] = main_run["command"]
+        for c in [int(v) for v in args.concurrency.split(",") if v.strip()]:
+            phase(f"concurrency_{c}", min(args.num_prompts, max(32, 4 * c)), args.seed, c)
+        n_prof = args.profile_prompts if args.profile_prompts is not None else min(args.num_prompts, 400)
+        if n_prof and shutil.which("py-spy"):
+            raw = work / f"pyspy_{mode}.txt"
+            # Sample ~90% of the expected run time, so the profile holds the loaded server only.
+            seconds = max(3.0, 0.9 * main_run["summary"]["duration_s"] * n_prof / args.num_prompts)
+            spies: list[subprocess.Popen | None] = []
+            phase("profiled", n_prof, args.seed + 2,
+                  on_start=lambda: spies.append(py_spy_profile(server.proc.pid, seconds, raw)))
+            _, err = spies[0].communicate(timeout=120) if spies[0] is not None else ("", "")
+            if raw.is_file():
+                side["py_spy"] = hottest_frames(raw)
+                shutil.copy(raw, stem.with_name(stem.name + "_pyspy.txt"))
+            else:
+                side["py_spy"] = {"error": err[-2000:]}
+        elif n_prof:
+            side["py_spy"] = {"error": "py-spy is not on PATH"}
+    finally:
+        sampler.stop()
+        side["exit_code_after_sigterm"] = server.stop()
+        side["log_tail"] = server.log_tail(15)
+    side["phases"] = online
+    side["resources"] = sampler.summary()
+    return side
+
+
 def device_description(device: str) -> str:
     import torch
 
@@ -255,6 +318,14 @@ def device_description(device: str) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -271,73 +342,30 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {
         "benchmark": "gpu_online_vs_offline", "date": stamp.isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "config": vars(args),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=REPO_ROOT).stdout.strip() or None,
+        "git_commit": git_commit(),
     }
     path = out / f"online_vs_offline_{args.preset}_{stamp.strftime('%Y%m%dT%H%M%S')}.json"
     with tempfile.TemporaryDirectory(prefix="tokenmill-online-") as tmp:
         work = Path(tmp)
         tokenizer_dir = save_preset_tokenizer(args.preset, work / "tokenizer")
-        t_start = time.monotonic()
-        server = Server(args, work / "server.log")
-        record["server_command"] = server.command
-        record["server_start_s"] = time.monotonic() - t_start
-        sampler = ResourceSampler({"server": server.proc.pid, "client": os.getpid()})
-        online: dict[str, Any] = {}
-        try:
-            client = Client(args, server, tokenizer_dir)
-
-            def phase(name: str, num_prompts: int, seed: int, concurrency: int | None = None,
-                      on_start: Any = None) -> dict[str, Any]:
-                requests = client.requests(num_prompts, seed)  # built before the phase starts: not measured
-                if on_start is not None:
-                    on_start()
-                sampler.mark(name)
-                result = client.run(requests, seed, concurrency)
-                sampler.end(name)
-                online[name] = compact(result)
-                return result
-
-            warm = args.warmup_prompts if args.warmup_prompts is not None else min(args.num_prompts, 300)
-            if warm:
-                phase("warmup", warm, args.seed + 1)
-            main_run = phase("rate_inf", args.num_prompts, args.seed)
-            online["bench_command"] = main_run["command"]
-            for c in [int(v) for v in args.concurrency.split(",") if v.strip()]:
-                n = min(args.num_prompts, max(32, 4 * c))
-                phase(f"concurrency_{c}", n, args.seed, c)
-            n_prof = args.profile_prompts if args.profile_prompts is not None else min(args.num_prompts, 400)
-            if n_prof and shutil.which("py-spy"):
-                raw = work / "pyspy.txt"
-                # Sample ~90% of the expected run time, so the profile holds the loaded server only.
-                seconds = max(3.0, 0.9 * main_run["summary"]["duration_s"] * n_prof / args.num_prompts)
-                spies: list[subprocess.Popen | None] = []
-                phase("profiled", n_prof, args.seed + 2,
-                      on_start=lambda: spies.append(py_spy_profile(server.proc.pid, seconds, raw)))
-                spy = spies[0]
-                assert spy is not None
-                _, err = spy.communicate(timeout=120)
-                if raw.is_file():
-                    online["py_spy"] = hottest_frames(raw)
-                    shutil.copy(raw, out / f"{path.stem}_pyspy.txt")
-                else:
-                    online["py_spy"] = {"error": err[-2000:]}
-            elif n_prof:
-                online["py_spy"] = {"error": "py-spy is not on PATH"}
-        finally:
-            sampler.stop()
-            record["server_exit_code_after_sigterm"] = server.stop()
-            record["server_log_tail"] = server.log_tail(15)
-        record["online"] = online
-        record["resources"] = sampler.summary()
+        record["online"] = {}
+        for mode in [m.strip() for m in args.server_modes.split(",") if m.strip()]:
+            try:
+                record["online"][mode] = run_online(args, mode, tokenizer_dir, work, out / f"{path.stem}_{mode}")
+            except Exception as exc:  # noqa: BLE001 - keep the other mode and the offline side
+                record["online"][mode] = {"error": f"{type(exc).__name__}: {exc}"[-6000:]}
+            path.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive a later failure
         if not args.skip_offline:
             offline_sampler = ResourceSampler({"offline": os.getpid()})
             offline_sampler.mark("offline")
             record["offline"] = run_offline_side(args, tokenizer_dir)
             offline_sampler.end("offline")
             offline_sampler.stop()
-            record["resources"]["offline_whole_phase_incl_load"] = offline_sampler.summary()["offline"]
-            record["online_over_offline"] = online["rate_inf"]["output_tok_s"] / record["offline"]["output_tok_s"]
+            record["offline"]["resources_incl_load"] = offline_sampler.summary()["offline"]
+            record["online_over_offline"] = {
+                mode: side["phases"]["rate_inf"]["output_tok_s"] / record["offline"]["output_tok_s"]
+                for mode, side in record["online"].items() if "phases" in side
+            }
     record["device"] = device_description(args.device)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print_table(record)
@@ -347,22 +375,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(record: dict[str, Any]) -> None:
     print(f"\n{record['device']}  preset {record['config']['preset']}")
-    print(f"{'run':<22}{'out tok/s':>11}{'med TPOT ms':>13}{'ms/step':>9}{'server CPU%':>13}{'GPU busy%':>11}")
-    res = record["resources"]
-    for name, row in record["online"].items():
-        if not isinstance(row, dict) or "output_tok_s" not in row:
+    print(f"{'run':<30}{'out tok/s':>11}{'med TPOT ms':>13}{'ms/step':>9}{'server CPU%':>13}{'GPU busy%':>11}")
+    for mode, side in record["online"].items():
+        if "error" in side:
+            print(f"{mode}: FAILED: {side['error'][:500]}")
             continue
-        phase = res.get(name, {})
-        cpu = max((v["mean"] for k, v in phase.get("cpu_percent", {}).items() if k.startswith("server")),
-                  default=None)
-        print(f"{'online ' + name:<22}{row['output_tok_s']:>11.0f}{_fmt(row['median_tpot_ms']):>13}"
-              f"{_fmt(row['ms_per_engine_step']):>9}{_fmt(cpu):>13}{_fmt(phase.get('gpu_busy_percent_mean')):>11}")
+        for name, row in side["phases"].items():
+            phase = side["resources"].get(name, {})
+            cpu = ", ".join(f"{v['mean']:.0f}" for k, v in phase.get("cpu_percent", {}).items()
+                            if k.startswith("server")) or "-"
+            print(f"{mode + ' ' + name:<30}{row['output_tok_s']:>11.0f}{_fmt(row['median_tpot_ms']):>13}"
+                  f"{_fmt(row['ms_per_engine_step']):>9}{cpu:>13}{_fmt(phase.get('gpu_busy_percent_mean')):>11}")
     if "offline" in record:
         off = record["offline"]
-        gpu = res.get("offline_whole_phase_incl_load", {}).get("gpu_busy_percent_mean")
-        print(f"{'offline':<22}{off['output_tok_s']:>11.0f}{'-':>13}{_fmt(off['ms_per_engine_step']):>9}"
+        gpu = off["resources_incl_load"].get("gpu_busy_percent_mean")
+        print(f"{'offline':<30}{off['output_tok_s']:>11.0f}{'-':>13}{_fmt(off['ms_per_engine_step']):>9}"
               f"{'-':>13}{_fmt(gpu):>11}")
-        print(f"online / offline = {record['online_over_offline']:.3f}")
+        for mode, ratio in record["online_over_offline"].items():
+            print(f"online ({mode}) / offline = {ratio:.3f}")
 
 
 def _fmt(value: float | None) -> str:

@@ -69,6 +69,10 @@ class RequestStream:
         self._owner = owner
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Called on the stream's own event loop (the engine-core client's reader)."""
+        self._queue.put_nowait(item)
+
     def put_threadsafe(self, item: RequestOutput | BaseException) -> None:
         """Called from the engine thread."""
         if self.loop.is_closed():
@@ -139,6 +143,10 @@ class AsyncLLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def num_kv_cache_tokens(self) -> int:
+        return self.engine.num_kv_cache_tokens
 
     @property
     def is_healthy(self) -> bool:

@@ -71,6 +71,9 @@ class LLMEngine:
         verify for decoding sequences (speculative decoding; None: plain decoding)."""
         self.config = config
         self.stream_outputs = stream_outputs
+        # False: output text is decoded by the caller (the engine-core process's API side); only requests with
+        # stop strings are decoded here, since stopping on them is the engine's job.
+        self.detokenize_outputs = True
         mc = config.model
         self.attn_backend = get_attention_backend(config.runner.attention_backend, mc.device)
         executor = None
@@ -184,7 +187,7 @@ class LLMEngine:
                 params=params,
                 seed=seed,
                 detokenizer=IncrementalDetokenizer(self.tokenizer.hf, request.prompt_token_ids, params)
-                if self.tokenizer is not None else None,
+                if self.tokenizer is not None and (self.detokenize_outputs or params.stop) else None,
                 token_limit=min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
                 if params.max_tokens is not None else self.max_model_len,
                 leader=leader,

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help='tool_choice "auto": parse tool calls from the model\'s output (needs a parser)')
     parser.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen", "llama3_json", "mistral"],
                         help="tool-call format of the model family (default: implied by the chat template)")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine core in its own process (default); --no-engine-process: a thread of "
+                             "the API process (one GIL for HTTP and the step loop)")
     parser.add_argument("--engine-death-grace", type=float, default=2.0, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -81,8 +84,6 @@ def _fault_after_steps() -> int | None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tokenmill.engine.async_llm import AsyncLLM
-    from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.server.app import build_app
     from tokenmill.server.lifecycle import TokenmillServer
 
@@ -95,15 +96,10 @@ def run(args: argparse.Namespace) -> int:
         logger.error("invalid configuration: %s", exc)
         return 2
     try:
-        engine = LLMEngine(engine_config, load_progress=True)
+        async_llm = _start_engine(args, engine_config, fault_after)
     except (ValueError, FileNotFoundError) as exc:
         logger.error("could not load the model: %s", exc)
         return 2
-    async_llm = AsyncLLM(
-        engine,
-        max_waiting_requests=engine_config.scheduler.max_waiting_requests,
-        fault_after_steps=fault_after,
-    )
     if fault_after is not None:
         logger.warning("test hook %s=%d: the engine loop will crash on purpose", FAULT_ENV, fault_after)
     app = build_app(async_llm, server_config)
@@ -116,10 +112,11 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=1,  # the drain already waited for in-flight requests
         lifespan="on",
     )
+    where = f"its own process (pid {async_llm.process.pid})" if args.engine_process else "a thread"
     message = (
-        f"model {engine.model_name!r} loaded: max_model_len={engine.max_model_len}, "
-        f"KV cache {engine.num_kv_cache_tokens} tokens, device={engine_config.model.device}, "
-        f"api key {'required' if server_config.api_key else 'not required'}"
+        f"model {async_llm.model_name!r} loaded: max_model_len={async_llm.max_model_len}, "
+        f"KV cache {async_llm.num_kv_cache_tokens} tokens, device={engine_config.model.device}, "
+        f"engine core in {where}, api key {'required' if server_config.api_key else 'not required'}"
     )
     server = TokenmillServer(uv_config, app.state.ctx.lifecycle, message)
     server.run()
@@ -127,3 +124,21 @@ def run(args: argparse.Namespace) -> int:
     if lifecycle.exit_code:
         logger.error("exiting with status %d: %s", lifecycle.exit_code, lifecycle.exit_reason)
     return lifecycle.exit_code
+
+
+def _start_engine(args: argparse.Namespace, engine_config, fault_after: int | None):
+    """The engine front the app serves, loaded: an EngineCoreClient (engine in its own process) or an AsyncLLM
+    (engine thread in this process). Raises ValueError / FileNotFoundError when the model cannot load."""
+    max_waiting = engine_config.scheduler.max_waiting_requests
+    if args.engine_process:
+        from tokenmill.engine.core_client import EngineCoreClient
+
+        client = EngineCoreClient(engine_config, max_waiting_requests=max_waiting, fault_after_steps=fault_after,
+                                  log_level=args.log_level)
+        client.start_process()
+        return client
+    from tokenmill.engine.async_llm import AsyncLLM
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(engine_config, load_progress=True)
+    return AsyncLLM(engine, max_waiting_requests=max_waiting, fault_after_steps=fault_after)

@@ -1,0 +1,227 @@
+"""The engine-core process: owns one LLMEngine (with TP, rank 0's; the other ranks are its children) and runs
+its step loop with nothing else in the process, so the API process's HTTP, JSON and detokenizing never share a
+GIL with scheduling and the model.
+
+Loop turn: take every queued message from the API process (adds, aborts, shutdown) → apply → one engine step
+→ send ONE message with every request's new token ids (core_messages.CoreOutputs). Text is decoded in the API
+process; the core decodes only requests that have stop strings, because stopping must happen here: checking
+them in the core keeps token ids, usage and KV use identical to the in-process engine (no tokens generated
+past a stop while an abort travels back), and costs nothing for requests without stop strings.
+
+The process ignores SIGINT/SIGTERM (the API process drains and then sends "shutdown") and exits when its
+parent is gone. A crash is reported as CoreOutputs(dead=...) and the process exits with status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.engine.core_messages import STAT_FIELDS, CoreOutputs, OutputCodec, SeqDelta
+
+logger = logging.getLogger("tokenmill.engine.core")
+
+POLL_MS = 1000  # idle wake-up to notice a dead parent
+
+
+@dataclass
+class CoreAddresses:
+    """ZeroMQ ipc endpoints, bound by the API process (unique per server: a temp directory)."""
+
+    requests: str  # API → core
+    outputs: str  # core → API (CoreOutputs)
+    ready: str  # core → API, once: pickled ReadyInfo or the load error
+
+
+@dataclass
+class ReadyInfo:
+    model_name: str
+    max_model_len: int
+    num_kv_cache_tokens: int
+    device: str
+    tokenizer: Any  # tokenmill Tokenizer (HF fast tokenizers pickle)
+
+
+class InjectedEngineFault(RuntimeError):
+    """Raised by the test hook ``fault_after_steps`` to simulate an engine crash."""
+
+
+def run_engine_core(config: Any, addresses: CoreAddresses, max_waiting_requests: int | None,
+                    fault_after_steps: int | None, log_level: str) -> None:
+    """Process entry point (multiprocessing spawn target)."""
+    import zmq
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parent = os.getppid()
+    ctx = zmq.Context()
+    ready = ctx.socket(zmq.PUSH)
+    ready.connect(addresses.ready)
+    try:
+        engine = _load_engine(config)
+    except BaseException as exc:  # noqa: BLE001 - the API process reports it and exits 2
+        ready.send(pickle.dumps(exc if isinstance(exc, ValueError | FileNotFoundError) else RuntimeError(repr(exc))))
+        ready.close(linger=5000)
+        ctx.term()
+        raise SystemExit(2) from None
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(addresses.requests)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(addresses.outputs)
+    ready.send(pickle.dumps(ReadyInfo(engine.model_name, engine.max_model_len, engine.num_kv_cache_tokens,
+                                      engine.config.model.device, engine.tokenizer)))
+    ready.close(linger=5000)
+    core = EngineCore(engine, max_waiting_requests, fault_after_steps)
+    code = 0
+    try:
+        core.serve(inbox, outbox, parent)
+    except BaseException as exc:  # noqa: BLE001 - any crash must reach every waiting client
+        logger.exception("engine loop died")
+        outbox.send(OutputCodec().encode(CoreOutputs(dead=f"{type(exc).__name__}: {exc}")))
+        code = 1
+    finally:
+        engine.shutdown()
+        for sock in (inbox, outbox):
+            sock.close(linger=2000)
+        ctx.term()
+    raise SystemExit(code)
+
+
+def _load_engine(config: Any) -> Any:
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    if config.model.device == "cpu":
+        import torch
+
+        # Leave one core to the API process: with every core in torch's OpenMP team, each parallel region
+        # waits for a thread the API process (or a busy host) has descheduled; measured on a loaded 2-core VM,
+        # 2 threads made a tiny model's decode step ~20x slower than 1.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
+    engine = LLMEngine(config, load_progress=True)
+    engine.detokenize_outputs = False  # text is the API process's job; stop strings are still checked here
+    return engine
+
+
+class EngineCore:
+    """The step loop over an LLMEngine's public surface, speaking CoreOutputs."""
+
+    def __init__(self, engine: Any, max_waiting_requests: int | None, fault_after_steps: int | None) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.fault_after_steps = fault_after_steps
+        self.num_steps = 0
+        self._sent: dict[str, dict[int, int]] = {}  # request id -> sequence index -> token ids already sent
+        self._codec = OutputCodec()
+
+    def serve(self, inbox: Any, outbox: Any, parent: int) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(inbox, zmq.POLLIN)
+        while True:
+            if os.getppid() != parent:
+                logger.warning("the API process is gone; the engine core exits")
+                return
+            if not self.engine.has_unfinished_requests() and not poller.poll(POLL_MS):
+                continue
+            messages = []
+            while True:
+                try:
+                    messages.append(pickle.loads(inbox.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+            reply = CoreOutputs(accepted=[], rejected=[], outputs=[])
+            if not self.apply(messages, reply):
+                return
+            if self.engine.has_unfinished_requests():
+                self.step(reply)
+            reply.stats = self.stats()
+            if messages or reply.outputs:
+                outbox.send(self._codec.encode(reply), copy=False)
+
+    def apply(self, messages: list[tuple], reply: CoreOutputs) -> bool:
+        """In arrival order (an abort sent right after its add must find it); False on shutdown."""
+        for message in messages:
+            kind = message[0]
+            if kind == "shutdown":
+                return False
+            if kind == "add":
+                self.add(*message[1:], reply=reply)
+            elif kind == "abort":
+                live = [rid for rid in message[1] if self._sent.pop(rid, None) is not None]
+                if live:
+                    self.engine.abort_request(live)
+        return True
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None,
+            arrival_time: float, reply: CoreOutputs) -> None:
+        try:
+            self.engine.validate_prompt(prompt_token_ids, params)  # a bad request gets its 400 even under load
+            waiting = int(self.engine.get_stats().num_waiting)
+            if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+                reply.rejected.append([request_id, "queue_full",
+                                       f"the server is at capacity: {waiting} requests are waiting "
+                                       f"(max_waiting_requests={self.max_waiting_requests}); retry later"])
+                return
+            self.engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, arrival_time=arrival_time)
+        except ValueError as exc:
+            reply.rejected.append([request_id, "invalid", str(exc)])
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad request must not take the loop down
+            logger.exception("engine rejected request %s with an unexpected error", request_id)
+            reply.rejected.append([request_id, "internal", f"{type(exc).__name__}: {exc}"])
+            return
+        self._sent[request_id] = {}
+        reply.accepted.append(request_id)
+
+    def step(self, reply: CoreOutputs) -> None:
+        outputs = self.engine.step()
+        self.num_steps += 1
+        if self.fault_after_steps is not None and self.num_steps >= self.fault_after_steps:
+            raise InjectedEngineFault(f"test hook: injected engine fault after {self.num_steps} steps")
+        for output in outputs:
+            sent = self._sent.get(output.request_id)
+            if sent is None:  # aborted meanwhile
+                continue
+            for completion in output.outputs:
+                done = sent.get(completion.index, 0)
+                if done < 0:  # its finish was already sent (another sequence of the request is still running)
+                    continue
+                new_ids = completion.token_ids[done:]
+                if not new_ids and completion.finish_reason is None:
+                    continue
+                finished = completion.finish_reason is not None
+                sent[completion.index] = -1 if finished else done + len(new_ids)
+                reply.outputs.append(SeqDelta(
+                    request_id=output.request_id, index=completion.index, new_token_ids=new_ids,
+                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+                    new_logprobs=_plain_logprobs(completion.logprobs[done:]) if completion.logprobs else None,
+                    request_finished=output.finished, num_cached_tokens=output.num_cached_tokens,
+                    times=_times(output.metrics) if output.finished else None,
+                ))
+            if output.finished:
+                del self._sent[output.request_id]
+
+    def stats(self) -> list[float]:
+        stats = self.engine.get_stats()
+        values = {name: getattr(stats, name, 0) for name in STAT_FIELDS}
+        values["num_steps"] = self.num_steps
+        return [float(values[name]) for name in STAT_FIELDS]
+
+
+def _plain_logprobs(entries: list[dict]) -> list[list[list[float]]]:
+    return [[[tid, lp.logprob, lp.rank if lp.rank is not None else -1] for tid, lp in entry.items()]
+            for entry in entries]
+
+
+def _times(metrics: Any) -> list[float | None] | None:
+    if metrics is None:
+        return None
+    return [metrics.arrival_time, metrics.first_scheduled_time, metrics.first_token_time, metrics.last_token_time,
+            metrics.finished_time]
