@@ -96,8 +96,8 @@ def test_tuning_follows_each_rank_partition_and_skips_formats_without_a_dense_we
     down = RowParallelLinear(2048, 1024, bias=True, parallel=ctx)
     other = Linear(1024, 512, linear_method=UntunableMethod())
     model = nn.ModuleList([qkv, down, other]).to("cuda", torch.bfloat16)
-    for module in model:
-        torch.nn.init.normal_(module.weight, std=0.02)
+    for param in model.parameters():  # biases too: fresh random values, never uninitialised memory
+        torch.nn.init.normal_(param, std=0.02)
     plans = tune_linears(model, max_rows=4)
     assert set(plans) == {((8 + 2 + 2) * 64, 1024, True), (1024, 1024, False)}
     assert other.gemm_plan == {}

@@ -110,7 +110,7 @@ def pack_along(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if values.shape[-1] % per_word:
         raise ValueError(f"dimension of size {values.shape[-1]} is not a multiple of {per_word} ({bits}-bit packing)")
     values = values.reshape(*values.shape[:-1], -1, per_word)
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=values.device) * bits
     words = (values << shifts).sum(dim=-1)
     words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32's range
     return words.to(torch.int32).movedim(-1, dim).contiguous()
@@ -120,7 +120,7 @@ def unpack_along(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of ``pack_along``: int32 words -> unsigned ints (int32), ``32 // bits`` per word along ``dim``."""
     per_word = 32 // bits
     words = words.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=words.device) * bits
     values = (words[..., None] >> shifts) & (2**bits - 1)
     values = values.reshape(*values.shape[:-2], -1)
     return values.to(torch.int32).movedim(-1, dim).contiguous()

@@ -49,14 +49,14 @@ def window_spans(num_tokens: int, window: int, stride: int) -> list[tuple[int, i
 
 def window_logits(model: torch.nn.Module, ids: torch.Tensor, block_size: int) -> torch.Tensor:
     """Logits [len(ids), vocab] (fp32) of one prefill of ``ids`` through a fresh paged cache."""
-    from tokenmill.attention.backend import allocate_kv_cache
-    from tokenmill.attention.metadata import AttentionMetadata
+    from tokenmill.attention.kv_cache import KVCache
+    from tokenmill.config import KVCacheSpec
 
     n = ids.shape[0]
-    num_blocks = -(-n // block_size)
-    caches = allocate_kv_cache(model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
-                               next(model.parameters()).dtype, ids.device)
-    meta = AttentionMetadata.build([n], [n], [list(range(num_blocks))], block_size, ids.device)
+    spec = KVCacheSpec(block_size, model.num_kv_heads, model.head_dim, next(model.parameters()).dtype)
+    num_blocks = spec.blocks_for_tokens(n)
+    caches = KVCache(spec, model.num_layers, num_blocks, ids.device)
+    meta = model.attn_backend.build_metadata([n], [n], [list(range(num_blocks))], block_size, ids.device)
     positions = torch.arange(n, device=ids.device)
     return model.compute_logits(model(ids, positions, caches, meta)).float()
 
