@@ -14,6 +14,7 @@ parent is gone. A crash is reported as CoreOutputs(dead=...) and the process exi
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -105,6 +106,11 @@ def _load_engine(config: Any) -> Any:
 
     engine = LLMEngine(config, load_progress=True)
     engine.detokenize_outputs = False  # text is the API process's job; stop strings are still checked here
+    # This process holds one engine for its whole life: move everything built at start-up (modules, tokenizer,
+    # graphs) out of the collector's generations, so the full collections the step loop's allocations trigger
+    # do not rescan it. Measured on CPU, 128 x 512 -> 128 with a tiny model: GC pauses 0.51 s -> 0.04 s per run.
+    gc.collect()
+    gc.freeze()
     return engine
 
 
