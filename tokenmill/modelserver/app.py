@@ -24,6 +24,7 @@ from tokenmill.modelserver.errors import BadInputError, ModelNotFoundError, Mode
 from tokenmill.modelserver.metrics import ServerMetrics
 from tokenmill.modelserver.repository import ModelRepository, ServedModel
 from tokenmill.modelserver.tensors import HEADER_LENGTH, encode_response, parse_request
+from tokenmill.server.lifecycle import bound_url
 
 SERVER_NAME = "tokenmill"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "task_endpoints", "metrics"]
@@ -244,10 +245,6 @@ def create_app(config: ModelServerConfig) -> FastAPI:
     return app
 
 
-def url_of(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 class AnnouncingServer(uvicorn.Server):
     """uvicorn Server that prints one line once the socket is bound and the models are loaded: where it listens
     (the real port, also with --port 0) and what it serves. The default log level (warning) hides uvicorn's own."""
@@ -260,8 +257,6 @@ class AnnouncingServer(uvicorn.Server):
         await super().startup(sockets)
         if not self.started:
             return
-        ports = [sock.getsockname()[1] for server in getattr(self, "servers", []) for sock in server.sockets]
-        port = ports[0] if ports else self.config.port
         names = sorted(self.app.state.repository.loaded)
-        print(f"tokenmill model server: {len(names)} model(s) {names} listening on {url_of(self.config.host, port)} "
+        print(f"tokenmill model server: {len(names)} model(s) {names} listening on {bound_url(self)} "
               "(KServe v2 under /v2)", flush=True)

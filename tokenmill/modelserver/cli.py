@@ -100,7 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from tokenmill.modelserver.app import CONFIG_ENV, AnnouncingServer, ModelServerConfig, create_app, url_of
+    from tokenmill.modelserver.app import CONFIG_ENV, AnnouncingServer, ModelServerConfig, create_app
 
     config = ModelServerConfig(args.repository, device=args.device, max_request_bytes=args.max_request_bytes,
                                backend=args.backend, workers=args.workers,
@@ -111,7 +111,8 @@ def run_serve(args: argparse.Namespace) -> int:
         AnnouncingServer(uvicorn.Config(app, **options), app).run()
     else:  # uvicorn's supervisor spawns the workers; each rebuilds the app from the environment
         os.environ[CONFIG_ENV] = config.to_env()
-        print(f"tokenmill model server: {config.workers} workers listening on {url_of(args.host, args.port)} "
+        where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+        print(f"tokenmill model server: {config.workers} workers listening on http://{where} "
               "(KServe v2 under /v2)", flush=True)
         uvicorn.run("tokenmill.modelserver.app:app_from_env", factory=True, workers=config.workers, **options)
     return 0
