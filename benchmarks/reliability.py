@@ -2,12 +2,14 @@
 
 1. fuzz: N schema-driven requests (tests/server/schema_fuzz.py: every field, Unicode's odd corners) against a
    real `tokenmill serve` on one keep-alive connection -> count of 5xx (goal 0);
-2. drain: SIGTERM with `--drain-timeout 0` while streams run -> error events seen, exit status (goal non-zero);
-3. crash loop: a gateway pool whose replica exits with status 2 -> latency of the 503 that names it, /health;
-4. kill: a gateway over 2 real replicas, R requests (half streamed) at concurrency C, one replica SIGKILLed
+2. disconnect storm: S streamed requests at concurrency C against `tokenmill serve`, every tenth client hanging
+   up after its first chunk -> count of 5xx (goal 0) and KV cache usage once idle (goal back to 0);
+3. drain: SIGTERM with `--drain-timeout 0` while streams run -> error events seen, exit status (goal non-zero);
+4. crash loop: a gateway pool whose replica exits with status 2 -> latency of the 503 that names it, /health;
+5. kill: a gateway over 2 real replicas, R requests (half streamed) at concurrency C, one replica SIGKILLed
    mid-load -> lost requests (non-200 or a stream without [DONE]; goal 0) and resumed streams.
 
-    python benchmarks/reliability.py --model DIR [--fuzz 5000] [--requests 300] [--concurrency 20]
+    python benchmarks/reliability.py --model DIR [--fuzz 5000] [--storm 2000] [--requests 300] [--concurrency 20]
 Without --model it uses the embedded SmolLM2. Writes benchmarks/results/reliability-<UTC date>.json.
 """
 
@@ -68,6 +70,42 @@ def fuzz(model: Path, count: int, work: Path) -> dict:
         server.stop()
     errors = sum(n for s, n in statuses.items() if s.startswith("5"))
     return {"requests": sum(statuses.values()), "statuses": statuses, "5xx": errors, "next_request_status": alive}
+
+
+def disconnect_storm(model: Path, requests: int, concurrency: int, work: Path) -> dict:
+    server = ServerProcess(model, work / "storm-server.log", *SERVE_ARGS)
+    statuses: dict[str, int] = {}
+    hung_up = [0]
+
+    def one(i: int) -> None:
+        body = {"model": "m", "prompt": f"Story {i}: once upon a time", "max_tokens": 64, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as resp:
+            statuses[str(resp.status_code)] = statuses.get(str(resp.status_code), 0) + 1
+            for _ in resp.iter_lines():
+                if i % 10 == 0:  # hang up mid-stream: the context manager closes the connection
+                    hung_up[0] += 1
+                    return
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            for future in [pool.submit(one, i) for i in range(requests)]:
+                future.result()
+
+        def usage() -> float:
+            return metric_value(httpx.get(server.url + "/metrics", timeout=10).text, "tokenmill:kv_cache_usage_perc")
+
+        def idle() -> bool:
+            text = httpx.get(server.url + "/metrics", timeout=10).text
+            return metric_value(text, "tokenmill:num_requests_running") == 0 and usage() == 0
+
+        wait_until(idle, 60, "the server idle with its KV cache free", poll_s=0.2)
+        kv_after = usage()
+    finally:
+        server.stop()
+    errors = sum(n for s, n in statuses.items() if s.startswith("5"))
+    return {"requests": requests, "concurrency": concurrency, "hung_up": hung_up[0], "statuses": statuses,
+            "5xx": errors, "kv_cache_usage_after": kv_after}
 
 
 def drain(model: Path, work: Path) -> dict:
@@ -138,12 +176,36 @@ def kill_replica(model: Path, requests: int, concurrency: int, work: Path) -> di
             "retries": metric_value(metrics, "tokenmill:gateway_retries_total")}  # fmt: skip
 
 
+def print_table(results: dict) -> None:
+    print(f"{'figure':<12} result")
+    if "fuzz" in results:
+        print(f"{'fuzz':<12} {results['fuzz']['requests']} requests, 5xx={results['fuzz']['5xx']}")
+    if "disconnect_storm" in results:
+        storm = results["disconnect_storm"]
+        print(f"{'storm':<12} {storm['requests']} streams ({storm['hung_up']} hung up), 5xx={storm['5xx']}, "
+              f"KV usage after {storm['kv_cache_usage_after']}")
+    if "drain" in results:
+        print(f"{'drain':<12} {results['drain']['ended_with_error_event']}/3 error events, "
+              f"exit {results['drain']['exit_status']}")
+    if "crash_loop" in results:
+        print(f"{'crash loop':<12} {results['crash_loop']['status']} in {results['crash_loop']['latency_s']} s, "
+              f"/health {results['crash_loop']['health_status']}")
+    if "kill" in results:
+        print(f"{'kill':<12} lost {results['kill']['lost']}/{results['kill']['requests']}, "
+              f"resumed streams {results['kill']['streams_resumed']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="HF dir or .gguf (default: embedded SmolLM2)")
     parser.add_argument("--fuzz", type=int, default=5000)
+    parser.add_argument("--storm", type=int, default=2000, help="streamed requests in the disconnect storm")
+    parser.add_argument("--storm-concurrency", type=int, default=200)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--figures", type=lambda text: text.split(","),
+                        default=["fuzz", "disconnect_storm", "drain", "crash_loop", "kill"],
+                        help="comma list of the figures to run (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     model = args.model or embedded_model_path()
@@ -151,21 +213,22 @@ def main() -> None:
         work = Path(tmp)
         for sub in ("crash", "kill"):
             (work / sub).mkdir()
-        results = {"fuzz": fuzz(model, args.fuzz, work), "drain": drain(model, work),
-                   "crash_loop": crash_loop(work), "kill": kill_replica(model, args.requests, args.concurrency, work)}
-    print(f"{'figure':<12} result")
-    print(f"{'fuzz':<12} {results['fuzz']['requests']} requests, 5xx={results['fuzz']['5xx']}")
-    print(f"{'drain':<12} {results['drain']['ended_with_error_event']}/3 error events, exit {results['drain']['exit_status']}")
-    print(f"{'crash loop':<12} {results['crash_loop']['status']} in {results['crash_loop']['latency_s']} s, "
-          f"/health {results['crash_loop']['health_status']}")  # fmt: skip
-    print(f"{'kill':<12} lost {results['kill']['lost']}/{results['kill']['requests']}, "
-          f"resumed streams {results['kill']['streams_resumed']}")  # fmt: skip
+        runs = {"fuzz": lambda: fuzz(model, args.fuzz, work),
+                "disconnect_storm": lambda: disconnect_storm(model, args.storm, args.storm_concurrency, work),
+                "drain": lambda: drain(model, work), "crash_loop": lambda: crash_loop(work),
+                "kill": lambda: kill_replica(model, args.requests, args.concurrency, work)}
+        unknown = set(args.figures) - set(runs)
+        if unknown:
+            parser.error(f"--figures: unknown {sorted(unknown)}; choose from {list(runs)}")
+        results = {name: run() for name, run in runs.items() if name in args.figures}
+    print_table(results)
     date = dt.datetime.now(dt.UTC)
     record = {"date": date.isoformat(timespec="seconds"), "device": f"{platform.machine()} {platform.processor()} "
               f"({os.cpu_count()} CPUs), CPU only", "command": shlex.join([sys.executable, *sys.argv]),
               "model": str(model), "results": results}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"reliability-{date:%Y%m%d}.json"
+    partial = "" if set(results) == set(runs) else "-" + "-".join(results)  # a subset never overwrites a full run
+    path = args.out / f"reliability-{date:%Y%m%d}{partial}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -4,12 +4,16 @@ box with the embedded model, and the quick-start requests of docs/GATEWAY.md (wi
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import openai
 import pytest
 import yaml
 from gateway_helpers import REPO, run_gateway, wait_ready
 
+from tests.docs.doc_blocks import code_blocks, shell_commands
 from tokenmill.gateway.config import GatewayConfig
 
 LAPTOP_CONFIG = REPO / "docs" / "gateway-laptop.yaml"
@@ -37,3 +41,22 @@ def test_laptop_config_serves_the_quick_start_requests(tmp_path):
         pieces = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
             model="auto", stream=True, max_tokens=32, messages=[{"role": "user", "content": "hi"}])]  # fmt: skip
         assert "".join(pieces)
+        run_gateway_doc_examples(gw.url.removeprefix("http://"), tmp_path)
+
+
+def run_gateway_doc_examples(address: str, tmp_path) -> None:
+    """docs/GATEWAY.md's quick-start requests, as written, against this gateway instead of localhost:9000."""
+    blocks = [(lang, code.replace("localhost:9000", address)) for lang, code in
+              code_blocks(REPO / "docs" / "GATEWAY.md", "Quick start (one machine)")]  # fmt: skip
+    # `tokenmill gateway ...` lines start the gateway this test already runs from the shipped laptop config.
+    commands = [c for lang, code in blocks if lang == "bash" for c in shell_commands(code, ("tokenmill ",))]
+    scripts = [code for lang, code in blocks if lang == "python"]
+    assert commands and scripts
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "x-tokenmill" in done.stdout, f"{command}\n{done.stdout}{done.stderr}"
+    for script in scripts:
+        (tmp_path / "example.py").write_text(script)
+        done = subprocess.run([sys.executable, str(tmp_path / "example.py")], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0 and done.stdout, done.stderr

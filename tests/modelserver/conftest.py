@@ -17,7 +17,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MAX_BODY_BYTES = 4 * 1024 * 1024  # test_bad_input.py repeats this; one 224x224 fp32 image is 602,112 bytes, and about 3 MB as JSON text
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # test_bad_input.py repeats this; one 224x224 fp32 image is 602,112 bytes, and about 3 MB as JSON text
 
 
 def free_port() -> int:
@@ -32,12 +32,14 @@ def exported(tmp_path_factory) -> dict:
     from tokenmill.modelserver.pipeline import copy_version, export_to_repository
 
     repo = tmp_path_factory.mktemp("model_repository")
+    warnings: list[str] = []  # what the pipeline says loudly (a variant failing its agreement threshold)
+    common = dict(variants=("fp16", "int8"), warn=warnings.append)
     reports = {
-        "classifier": export_to_repository("classifier", repo, variants=("fp16", "int8"), calibration_size=4),
-        "sentiment": export_to_repository("sentiment", repo, variants=("fp16", "int8"), calibration_size=16),
+        "classifier": export_to_repository("classifier", repo, calibration_size=4, **common),
+        "sentiment": export_to_repository("sentiment", repo, calibration_size=16, **common),
     }
     copy_version(repo, "sentiment", 1, 2)  # a second version of the same graph, to exercise version routing
-    return {"repository": repo, "reports": reports}
+    return {"repository": repo, "reports": reports, "warnings": warnings}
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +60,7 @@ def server_ports(exported) -> dict[str, str]:
     log = open(exported["repository"] / "server.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenmill", "serve-models", "--repository", str(exported["repository"]),
-         "--port", str(port), "--device", "cpu", "--max-body-bytes", str(MAX_BODY_BYTES), "--grpc-port", str(grpc_port)],
+         "--port", str(port), "--device", "cpu", "--max-request-bytes", str(MAX_REQUEST_BYTES), "--grpc-port", str(grpc_port)],
         cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     url = f"127.0.0.1:{port}"

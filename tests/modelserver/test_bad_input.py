@@ -11,7 +11,7 @@ from skimage import data
 
 from tokenmill.modelserver import processing
 
-MAX_BODY_BYTES = 4 * 1024 * 1024  # must equal conftest.MAX_BODY_BYTES (the server's --max-body-bytes)
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # must equal conftest.MAX_REQUEST_BYTES (the server's --max-request-bytes)
 
 
 def infer_json(server: str, model: str, inputs: list[dict]) -> httpx.Response:
@@ -36,9 +36,9 @@ BAD_CASES = {
     "empty_text": lambda s: httpx.post(f"http://{s}/v1/sentiment/sentiment", json={"text": "   "}, timeout=30),
     "no_text": lambda s: httpx.post(f"http://{s}/v1/sentiment/sentiment", json={"txt": "hello"}, timeout=30),
     "oversized_body": lambda s: httpx.post(f"http://{s}/v2/models/classifier/infer",
-                                           content=b"x" * (MAX_BODY_BYTES + 1), timeout=30),
+                                           content=b"x" * (MAX_REQUEST_BYTES + 1), timeout=30),
     "oversized_image": lambda s: httpx.post(f"http://{s}/v1/classify/classifier",
-                                            content=b"\x89PNG" + b"0" * (MAX_BODY_BYTES + 1), timeout=30),
+                                            content=b"\x89PNG" + b"0" * (MAX_REQUEST_BYTES + 1), timeout=30),
     "wrong_task": lambda s: httpx.post(f"http://{s}/v1/sentiment/classifier", json={"text": "hi"}, timeout=30),
     "bad_binary_header": lambda s: httpx.post(
         f"http://{s}/v2/models/classifier/infer", content=json.dumps({"inputs": []}).encode(),

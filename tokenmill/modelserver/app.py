@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,6 +24,7 @@ from tokenmill.modelserver.errors import BadInputError, ModelNotFoundError, Mode
 from tokenmill.modelserver.metrics import ServerMetrics
 from tokenmill.modelserver.repository import ModelRepository, ServedModel
 from tokenmill.modelserver.tensors import HEADER_LENGTH, encode_response, parse_request
+from tokenmill.server.lifecycle import bound_url
 
 SERVER_NAME = "tokenmill"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "task_endpoints", "metrics"]
@@ -35,7 +37,7 @@ CONFIG_ENV = "TOKENMILL_MODELSERVER_CONFIG"  # how `--workers N` hands the confi
 class ModelServerConfig:
     repository: Path
     device: str = "auto"
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_request_bytes: int = 32 * 1024 * 1024
     load_on_start: bool = True
     backend: str = "config"  # "config" = each model's platform; "torch" / "onnxruntime" override it
     workers: int = 1  # HTTP worker processes, each with its own model runtimes (cores are split between them)
@@ -43,8 +45,8 @@ class ModelServerConfig:
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes ({self.max_body_bytes}) must be at least 1024")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must be at least 1024")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device {self.device!r} must be 'auto', 'cpu' or 'cuda'")
         if self.backend not in ("config", "torch", "onnxruntime"):
@@ -99,7 +101,7 @@ def create_app(config: ModelServerConfig) -> FastAPI:
             from tokenmill.modelserver.grpc_server import GrpcFrontend, InferenceService
 
             grpc = GrpcFrontend(InferenceService(repo, SERVER_NAME, __version__, EXTENSIONS), config.grpc_address,
-                                config.max_body_bytes)
+                                config.max_request_bytes)
             grpc.start()
         yield
         if grpc is not None:
@@ -165,7 +167,7 @@ def create_app(config: ModelServerConfig) -> FastAPI:
         header = request.headers.get(HEADER_LENGTH)
         if header is not None and not header.isdigit():
             raise BadInputError(f"{HEADER_LENGTH} must be a non-negative integer, got {header!r}")
-        body = await read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.max_request_bytes)
         try:
             parsed = parse_request(body, int(header) if header is not None else None)
         except BadInputError:
@@ -209,7 +211,7 @@ def create_app(config: ModelServerConfig) -> FastAPI:
         k = top_k or served.config.task.top_k
         if not 1 <= k <= len(served.labels):
             raise BadInputError(f"top_k ({k}) must be between 1 and {len(served.labels)}")
-        body = await read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.max_request_bytes)
         image = await asyncio.to_thread(processing.image_tensor, body)  # decode + resize never hold the loop
         outputs = await served.infer({served.config.inputs[0].name: image})
         logits = outputs[served.config.outputs[0].name][0]
@@ -219,7 +221,7 @@ def create_app(config: ModelServerConfig) -> FastAPI:
     @app.post("/v1/sentiment/{model}")
     async def sentiment(model: str, request: Request) -> Response:
         served = task_model(model, "text_classification")
-        body = await read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.max_request_bytes)
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -241,3 +243,20 @@ def create_app(config: ModelServerConfig) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class AnnouncingServer(uvicorn.Server):
+    """uvicorn Server that prints one line once the socket is bound and the models are loaded: where it listens
+    (the real port, also with --port 0) and what it serves. The default log level (warning) hides uvicorn's own."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        names = sorted(self.app.state.repository.loaded)
+        print(f"tokenmill model server: {len(names)} model(s) {names} listening on {bound_url(self)} "
+              "(KServe v2 under /v2)", flush=True)

@@ -24,14 +24,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--variants", default="fp16,int8,int8_a16", help="comma list of fp16,int8,int8_a16 or 'none'")
     export.add_argument("--calibration-size", type=int, default=8, help="samples used to calibrate INT8")
     export.add_argument("--atol", type=float, default=1e-4, help="max |torch - onnx| allowed on fp32 outputs")
+    export.add_argument("--min-top1-agreement", type=float, default=0.8,
+                        help="a variant whose top-1 agreement with fp32 is below this fails: reported and deleted "
+                             "(measured: sentiment INT8 0.87, classifier INT8 ~0.2, classifier INT8-A16 0.89)")
+    export.add_argument("--keep-failed-variants", action="store_true",
+                        help="keep the file of a variant that failed --min-top1-agreement (still reported as failed)")
     export.set_defaults(func=run_export)
 
     serve = subparsers.add_parser("serve-models", help="serve a model repository over KServe v2 HTTP")
     serve.add_argument("--repository", required=True, type=Path)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start-up)")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    # --max-body-bytes is the old name, kept so existing scripts run; `serve` calls the same limit --max-request-bytes
+    serve.add_argument("--max-request-bytes", "--max-body-bytes", dest="max_request_bytes", type=int,
+                       default=32 * 1024 * 1024, help="400 above this body size")
     serve.add_argument("--backend", default="config", choices=["config", "torch", "onnxruntime"],
                        help="config = each model's platform; torch serves models with a torch section "
                             "(CUDA graphs + fp16 on --device cuda)")
@@ -70,7 +77,8 @@ def run_export(args: argparse.Namespace) -> int:
     from tokenmill.modelserver.pipeline import export_to_repository
 
     variants = _variants(args.variants)
-    common = dict(version=args.version, variants=variants, calibration_size=args.calibration_size, atol=args.atol)
+    common = dict(version=args.version, variants=variants, calibration_size=args.calibration_size, atol=args.atol,
+                  min_top1_agreement=args.min_top1_agreement, keep_failed_variants=args.keep_failed_variants)
     if args.hf_dir:
         name = args.name or args.hf_dir.name
         export_to_repository(name, args.repository, spec=hf_export_spec(args.hf_dir, args.head), **common)
@@ -92,16 +100,20 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from tokenmill.modelserver.app import CONFIG_ENV, ModelServerConfig, create_app
+    from tokenmill.modelserver.app import CONFIG_ENV, AnnouncingServer, ModelServerConfig, create_app
 
-    config = ModelServerConfig(args.repository, device=args.device, max_body_bytes=args.max_body_bytes,
+    config = ModelServerConfig(args.repository, device=args.device, max_request_bytes=args.max_request_bytes,
                                backend=args.backend, workers=args.workers,
                                grpc_address=f"{args.host}:{args.grpc_port}" if args.grpc_port else None)
     options = dict(host=args.host, port=args.port, log_level=args.log_level, http=args.http, loop=args.loop)
     if config.workers == 1:
-        uvicorn.run(create_app(config), **options)
+        app = create_app(config)
+        AnnouncingServer(uvicorn.Config(app, **options), app).run()
     else:  # uvicorn's supervisor spawns the workers; each rebuilds the app from the environment
         os.environ[CONFIG_ENV] = config.to_env()
+        where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+        print(f"tokenmill model server: {config.workers} workers listening on http://{where} "
+              "(KServe v2 under /v2)", flush=True)
         uvicorn.run("tokenmill.modelserver.app:app_from_env", factory=True, workers=config.workers, **options)
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -28,6 +29,10 @@ from tokenmill.modelserver.simplify import simplify
 from tokenmill.modelserver.validate import validate
 
 VARIANTS = ("fp16", "int8", "int8_a16")
+
+
+def print_warning(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def _random_cases(spec: ExportSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -118,9 +123,18 @@ def export_to_repository(
     variants: tuple[str, ...] = VARIANTS,
     calibration_size: int = 8,
     atol: float = 1e-4,
+    min_top1_agreement: float = 0.8,
+    keep_failed_variants: bool = False,
     log: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print_warning,
 ) -> dict:
-    """Run the whole pipeline for one model; returns (and saves) the export report."""
+    """Run the whole pipeline for one model; returns (and saves) the export report.
+
+    A variant whose top-1 agreement with the fp32 graph is below ``min_top1_agreement`` is reported through ``warn``
+    and its file deleted (so nothing can serve it) unless ``keep_failed_variants``; the report lists it as failed.
+    """
+    if not 0.0 <= min_top1_agreement <= 1.0:
+        raise ValueError(f"min_top1_agreement ({min_top1_agreement}) must be between 0 and 1")
     spec = spec or bundled_export_spec(name)
     model_dir = Path(repository) / name
     version_dir = model_dir / str(version)
@@ -146,7 +160,7 @@ def export_to_repository(
         log(f"[{name}] {line}")
     log(f"[{name}] fp32 ONNX matches PyTorch: max_abs {checked.max_abs:.2e} <= {atol:.0e}")
 
-    report["variants"] = {}
+    report["variants"], report["failed_variants"] = {}, []
     feeds = eval_feeds or [cases["random"]]
     for variant in variants:
         out = version_dir / f"model.{variant}.onnx"
@@ -162,6 +176,16 @@ def export_to_repository(
         report["variants"][variant] = dict(asdict(result), build_s=round(time.perf_counter() - start, 2),
                                            eval_samples=int(sum(len(next(iter(f.values()))) for f in feeds)))
         log(f"[{name}] {result.line()} on {report['variants'][variant]['eval_samples']} eval samples")
+        passed = result.top1_agreement >= min_top1_agreement
+        report["variants"][variant].update(passed=passed, min_top1_agreement=min_top1_agreement)
+        if not passed:
+            report["failed_variants"].append(variant)
+            if not keep_failed_variants:
+                out.unlink()
+            fate = (f"kept as {out.name} because of --keep-failed-variants" if keep_failed_variants
+                    else f"{out.name} deleted (pass --keep-failed-variants to keep it)")
+            warn(f"[{name}] {variant} FAILED validation: top1 agreement {result.top1_agreement:.3f} is below "
+                 f"--min-top1-agreement {min_top1_agreement:.3f}; {fate}")
 
     config = default_config(name, spec, onnx_path, model_dir)
     config.save(model_dir / "config.yaml")

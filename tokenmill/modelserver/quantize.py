@@ -6,8 +6,9 @@ Agreement is measured against the fp32 graph on a fixed evaluation set: top-1 ag
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,19 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     onnx.save(model, str(dst))
     return Path(dst)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime's quantizer warns through the root logger about what it handles itself: per-channel requested on
+    1-D weights (it quantizes them per tensor: one line per LayerNorm, ~30 for MiniLM), the opset it raises for
+    16-bit QDQ. The agreement check after quantization is the real verdict, so those lines are muted here."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 class _FeedReader:
@@ -52,23 +66,24 @@ def to_int8(src: str | Path, dst: str | Path, calibration: list[dict[str, np.nda
     src = Path(src).resolve()
     # Symbolic shape inference writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data) into the working
     # directory: run it from a temporary one so nothing is left in the caller's.
-    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch), _quiet_quantizer():
         try:
             quant_pre_process(str(src), str(prepped), skip_symbolic_shape=False)
         except Exception:  # noqa: BLE001 - symbolic inference gives up on some dynamic-sequence graphs (BERT)
             quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
     try:
-        quantize_static(
-            str(prepped),
-            str(dst),
-            _FeedReader(calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8 if activation_bits == 8 else QuantType.QUInt16,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"UseQDQContribOps": activation_bits == 16},
-        )
+        with _quiet_quantizer():
+            quantize_static(
+                str(prepped),
+                str(dst),
+                _FeedReader(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8 if activation_bits == 8 else QuantType.QUInt16,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"UseQDQContribOps": activation_bits == 16},
+            )
     finally:
         prepped.unlink(missing_ok=True)
     return Path(dst)

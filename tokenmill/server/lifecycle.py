@@ -141,6 +141,14 @@ class LifecycleMiddleware:
             REQUEST_FATE.reset(fate_token)
 
 
+def bound_url(server: uvicorn.Server) -> str:
+    """http://HOST:PORT of a started uvicorn server, with the port the OS gave when the config asked for 0."""
+    ports = [sock.getsockname()[1] for listener in getattr(server, "servers", []) for sock in listener.sockets]
+    port = ports[0] if ports else server.config.port
+    host = server.config.host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class TokenmillServer(uvicorn.Server):
     """uvicorn Server whose first SIGTERM/SIGINT starts a drain; a second one stops at once."""
 
@@ -164,8 +172,4 @@ class TokenmillServer(uvicorn.Server):
         await super().startup(sockets)
         if not self.started:
             return
-        ports = [sock.getsockname()[1] for server in getattr(self, "servers", []) for sock in server.sockets]
-        port = ports[0] if ports else self.config.port
-        host = self.config.host
-        shown = f"[{host}]" if ":" in host else host
-        logger.info("%s; serving at http://%s:%d (OpenAI API under /v1)", self.startup_message, shown, port)
+        logger.info("%s; serving at %s (OpenAI API under /v1)", self.startup_message, bound_url(self))
