@@ -111,7 +111,9 @@ def run_gateway(
     config_path = tmp_path / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / "gateway.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    # keep a PYTHONPATH the caller set (a --target site on the GPU box), the repo first
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tokenmill", "gateway", "--config", str(config_path)],

@@ -228,6 +228,8 @@ def warm_up_mixed_steps(engine: Any, vocab_size: int, input_len: int = 256, outp
     """Twice the engine's token budget of prompts: later ones prefill while earlier ones decode, so the
     allocator reaches its mixed-step sizes (and anything start-up missed compiles) before the timed run."""
     budget = engine.config.scheduler.max_num_batched_tokens
+    # a short --max-model-len must still fit a warm-up prompt plus its outputs
+    input_len = max(1, min(input_len, engine.max_model_len - output_len))
     warm_up(engine, 8 + 2 * budget // input_len, vocab_size, input_len, output_len, temperature=temperature)
 
 

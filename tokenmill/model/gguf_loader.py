@@ -216,9 +216,15 @@ def load_gguf_tokenizer(
     if (cached / "tokenizer_config.json").is_file():
         return Tokenizer(AutoTokenizer.from_pretrained(str(cached)), chat_template)
     # Opening a reader parses every token string (seconds for big vocabularies), so only on a cache miss.
-    if _field(reader if reader is not None else open_gguf(path), "tokenizer.ggml.model") is None:
+    reader = reader if reader is not None else open_gguf(path)
+    if _field(reader, "tokenizer.ggml.model") is None:
         return None
     hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # Some transformers releases (5.17) map BOS/EOS differently from the file: the file's ids win.
+    for role in ("bos", "eos"):
+        token_id = _field(reader, f"tokenizer.ggml.{role}_token_id")
+        if token_id is not None and getattr(hf, f"{role}_token_id") != int(token_id):
+            setattr(hf, f"{role}_token", hf.convert_ids_to_tokens(int(token_id)))
     cached.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
     hf.save_pretrained(str(staging))

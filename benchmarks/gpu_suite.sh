@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole GPU test suite on the device box, as separate pytest runs (tests/kernels and tests/quantization
+# each import their own `conftest` module by name, so they cannot share one pytest process).
+#   bash benchmarks/gpu_suite.sh GROUP...      GROUP: kernels | quantization | model | engine | all
+# Wheels the box lacks travel in .whl/ (benchmarks/fetch_gpu_wheels.sh); the log of each group goes to $OUT.
+set -uo pipefail
+out="${OUT:-/tmp/gpu_suite}"; mkdir -p "$out"
+if [ -d .whl ] && ! python3 -c "import fastapi, xgrammar" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
+else
+  export PYTHONPATH="$PWD"
+fi
+declare -A groups=(
+  [kernels]="tests/kernels"
+  [quantization]="tests/quantization"
+  [model]="tests/model tests/test_kv_cache.py tests/test_torch_attention.py tests/sampling tests/structured tests/bench/test_jit_watch.py tests/bench/test_throughput.py tests/gateway/test_gateway_health.py"
+  [engine]="tests/engine tests/distributed tests/modelserver/test_torch_backend.py"
+)
+names=("$@"); [ "${names[0]:-all}" = all ] && names=(kernels quantization model engine)
+status=0
+for g in "${names[@]}"; do
+  echo "== $g: ${groups[$g]}  ($(git rev-parse --short HEAD 2>/dev/null || echo tree))"
+  python3 -m pytest ${groups[$g]} -q -p no:cacheprovider 2>&1 | tee "$out/gpu_suite_$g.txt" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/device.txt"
+exit $status
