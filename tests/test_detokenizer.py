@@ -68,6 +68,27 @@ def test_special_tokens_follow_skip_special_tokens(tokenizer, skip):
     assert ("<|im_end|>" in texts[-1]) is not skip
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("skip", [True, False])
+def test_runs_of_tokens_give_the_same_text_as_one_at_a_time(tokenizer, seed, skip):
+    """The engine hands a finished offline sequence's tokens over in one run (one decode instead of two per
+    token): any split into runs, ending inside a character or not, gives the per-token text."""
+    import random
+
+    ids = tokenizer.encode(MULTIBYTE + "<|im_end|>東京") * 3
+    rng = random.Random(seed)
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Hello 東"), SamplingParams(skip_special_tokens=skip))
+    start = 0
+    while start < len(ids):
+        end = min(len(ids), start + rng.choice([1, 2, 3, 7, 40, len(ids)]))
+        assert detok.update(ids[start:end]) is None
+        text = detok.output_text(finished=False)
+        assert FFFD not in text and tokenizer.decode(ids, skip_special_tokens=skip).startswith(text)
+        assert detok.num_window_tokens <= 8  # a run leaves a few ids of context, not the whole run
+        start = end
+    assert detok.output_text(finished=True) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
 def token_boundaries(tokenizer, ids: list[int]) -> list[int]:
     """Character offset of the decoded text after each token (only where the prefix decodes cleanly)."""
     return [len(tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
