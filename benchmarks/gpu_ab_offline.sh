@@ -2,7 +2,7 @@
 # A/B of the offline engine between this tree and a baseline tree (default .baseline = `git archive` of an older
 # commit), alternating runs on the same GPU: `bench throughput` timing runs plus one profiled run per tree
 # (GPU time by kernel category over decode steps, the rest of each step's wall time is host gaps).
-#   bash benchmarks/gpu_ab_offline.sh [BASELINE_DIR] [REPEATS]    # JSON and profiles under $OUT/ab_offline
+#   [PROFILE=0] bash benchmarks/gpu_ab_offline.sh [BASELINE_DIR] [REPEATS]    # JSON, profiles: $OUT/ab_offline
 # Workload (a) of gpu_vs_transformers.py: llama3-8b random weights, 128 x 512 -> 128, 8192-token budget.
 set -uo pipefail
 base="$(cd "${1:-.baseline}" && pwd)"; reps="${2:-2}"
@@ -19,8 +19,10 @@ run() {  # tree label extra...
 for r in $(seq 1 "$reps"); do
   run "$base" "base_r$r"; run "$PWD" "head_r$r"
 done
-run "$base" base_prof --profile "$out/base_prof" --profile-start 24 --profile-steps 48
-run "$PWD" head_prof --profile "$out/head_prof" --profile-start 24 --profile-steps 48
+if [ "${PROFILE:-1}" = 1 ]; then
+  run "$base" base_prof --profile "$out/base_prof" --profile-start 24 --profile-steps 48
+  run "$PWD" head_prof --profile "$out/head_prof" --profile-start 24 --profile-steps 48
+fi
 ${PYTHON:-python3} - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

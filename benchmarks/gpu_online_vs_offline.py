@@ -227,12 +227,14 @@ def run_offline_side(args: argparse.Namespace, tokenizer_dir: Path) -> dict[str,
     from tokenmill.bench.workloads import OfflineRequest
     from tokenmill.config import EngineConfig
     from tokenmill.engine.cli import add_engine_arguments, engine_kwargs
+    from tokenmill.engine.gc_heap import freeze_startup_heap
     from tokenmill.engine.llm_engine import LLMEngine
 
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     engine_args = parser.parse_args(["--random-weights", args.preset, "--device", args.device, *engine_flags(args)])
     engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(engine_args)), stream_outputs=False)
+    freeze_startup_heap()  # the server's engine process does the same
     # The very prompts bench serve sent (same generator, seed and tokenizer), encoded as the server does.
     hf = load_tokenizer(str(tokenizer_dir))
     dataset = random_dataset(args.num_prompts, args.input_len, args.output_len, args.range_ratio, hf, args.seed)

@@ -37,6 +37,7 @@ from tokenmill.bench.roofline import (
 )
 from tokenmill.bench.throughput import OfflineResult, device_name, run_offline, warm_up_mixed_steps
 from tokenmill.bench.workloads import OfflineRequest, fixed_workload, range_workload
+from tokenmill.engine.gc_heap import freeze_startup_heap, unfreeze_heap
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.model.presets import preset_spec
 from tokenmill.model.spec import ModelSpec
@@ -166,6 +167,7 @@ def build_engine(preset: str, args: argparse.Namespace, max_model_len: int, hf_m
     if hf_model is not None:
         with torch.no_grad():  # copies in place, so captured CUDA graphs keep their parameter addresses
             engine.model.load_weights(hf_model.state_dict().items())
+    freeze_startup_heap()  # as `tokenmill serve` and `bench throughput` do; _free unfreezes before the next engine
     return engine
 
 
@@ -249,6 +251,7 @@ def _sync(device: str) -> None:
 
 
 def _free(device: str) -> None:
+    unfreeze_heap()
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -30,6 +30,7 @@ from tokenmill.bench.workloads import (
     range_workload,
     sharegpt_workload,
 )
+from tokenmill.engine.gc_heap import freeze_startup_heap, unfreeze_heap
 
 logger = logging.getLogger(__name__)
 
@@ -380,12 +381,16 @@ def _run(args: argparse.Namespace) -> int:
     device = engine.config.model.device
     dtype_bytes = engine.config.model.torch_dtype.itemsize
     requests = build_requests(args, engine)
-    warm_up(engine, args.warmup_requests, spec.vocab_size, temperature=args.temperature)
-    if device.startswith("cuda") and args.warmup_requests > 0:
-        warm_up_mixed_steps(engine, spec.vocab_size, temperature=args.temperature)
-    result = run_offline(engine, requests, ignore_eos=args.ignore_eos, temperature=args.temperature,
-                         profile_dir=args.profile, profile_steps=args.profile_steps,
-                         profile_start=args.profile_start)
+    freeze_startup_heap()  # full collections during the run skip the start-up heap
+    try:
+        warm_up(engine, args.warmup_requests, spec.vocab_size, temperature=args.temperature)
+        if device.startswith("cuda") and args.warmup_requests > 0:
+            warm_up_mixed_steps(engine, spec.vocab_size, temperature=args.temperature)
+        result = run_offline(engine, requests, ignore_eos=args.ignore_eos, temperature=args.temperature,
+                             profile_dir=args.profile, profile_steps=args.profile_steps,
+                             profile_start=args.profile_start)
+    finally:
+        unfreeze_heap()  # a caller in the same process (a test) may build other engines after this one
     roof = summarize(spec, result.steps, result.step_times_s, ceilings, dtype_bytes)
     print_report(result, roof.to_dict(), engine.model_name, device)
     if args.output_json:

@@ -138,7 +138,9 @@ def _start_engine(args: argparse.Namespace, engine_config, fault_after: int | No
         client.start_process()
         return client
     from tokenmill.engine.async_llm import AsyncLLM
+    from tokenmill.engine.gc_heap import freeze_startup_heap
     from tokenmill.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(engine_config, load_progress=True)
+    freeze_startup_heap()  # this process serves one engine for its life
     return AsyncLLM(engine, max_waiting_requests=max_waiting, fault_after_steps=fault_after)
