@@ -65,6 +65,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--hf-dir", type=Path, help="sentiment: a copy of the MiniLM directory to use instead of the package")
     bench.add_argument("--half", action="store_true", help="torch backend: run the module in fp16")
     bench.add_argument("--output", type=Path, help="write results as JSON here")
+    search = bench.add_argument_group("configuration search (model-analyzer-like, against a live server)")
+    search.add_argument("--search", action="store_true",
+                        help="sweep max batch size x queue delay x instance count on a served model, keep the best "
+                             "configuration within --latency-budget-ms and write it into the model's config.yaml")
+    search.add_argument("--repository", type=Path, help="the served model repository (--model names a model in it)")
+    search.add_argument("--url", help="a live serve-models over --repository (one worker); default: start one")
+    search.add_argument("--latency-budget-ms", type=float, default=50.0, help="p99 budget per request")
+    search.add_argument("--search-max-batch-sizes", default="8,32", help="comma list")
+    search.add_argument("--search-queue-delays-ms", default="0,2", help="comma list")
+    search.add_argument("--search-instance-counts", default="1,2", help="comma list")
+    search.add_argument("--concurrency", default="1,8,32,64", help="closed-loop client counts, rising")
+    search.add_argument("--seconds", type=float, default=5.0, help="measurement window per concurrency level")
+    search.add_argument("--plot", type=Path, help="write throughput vs p99 per candidate as a PNG here")
     bench.set_defaults(func=run_bench)
 
 
@@ -118,7 +131,44 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(text: str, kind: type) -> list:
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def run_bench_search(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import shlex
+
+    from tokenmill.modelserver.search import SearchSettings, plot, run_search
+
+    if args.repository is None:
+        print("--search needs --repository (the served model repository)", file=sys.stderr)
+        return 2
+    try:
+        settings = SearchSettings(
+            model=args.model, repository=args.repository, latency_budget_ms=args.latency_budget_ms,
+            max_batch_sizes=_numbers(args.search_max_batch_sizes, int),
+            queue_delays_ms=_numbers(args.search_queue_delays_ms, float),
+            instance_counts=_numbers(args.search_instance_counts, int),
+            concurrency=_numbers(args.concurrency, int), seconds=args.seconds)
+    except ValueError as exc:
+        print(f"tokenmill bench-model --search: {exc}", file=sys.stderr)
+        return 2
+    summary = run_search(settings, args.url, args.device)
+    print(summary["message"])
+    summary = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+               "command": shlex.join(["tokenmill", *sys.argv[1:]]), **summary}
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(summary, indent=2))
+    if args.plot:
+        plot(summary, args.plot)
+    return 0 if summary["best"] is not None else 1
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.search:
+        return run_bench_search(args)
     from tokenmill.modelserver.bench_model import bench_model
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
