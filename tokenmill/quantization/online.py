@@ -26,6 +26,8 @@ from tokenmill.quantization.packing import rtn_quantize
 class RTNOnlineLinearMethod(WNA16LinearMethod):
     """A dense weight while loading, symmetric round-to-nearest codes after (zero 2^(bits-1), no zeros tensor)."""
 
+    checkpoint_params = ("weight",)
+
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype) -> None:
         # A row narrower than one group is one group (tiny test models); otherwise groups must tile the row.
         group = input_size if self.group_size == -1 else min(self.group_size, input_size)
@@ -38,7 +40,6 @@ class RTNOnlineLinearMethod(WNA16LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data
         quantized = rtn_quantize(weight, self.bits, self.group_size, sym=True)
-        del layer.weight
         codes = quantized.codes.t()  # [K, N], the kernel's orientation
         self._finish(layer, codes, quantized.scales.to(weight.dtype), None, None)
 
