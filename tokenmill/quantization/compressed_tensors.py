@@ -31,6 +31,7 @@ from tokenmill.model.linear_method import (
     set_weight_attrs,
 )
 from tokenmill.quantization.linear_methods import (
+    FUSED_MODULES,
     WNA16LinearMethod,
     _check_group_size,
     _check_sizes,
@@ -38,9 +39,6 @@ from tokenmill.quantization.linear_methods import (
     _int_param,
 )
 from tokenmill.quantization.packing import unpack_along
-
-# A fused layer of ours -> the checkpoint modules it is built from (targets and ignore name those).
-FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class CompressedTensorsScheme(Protocol):
