@@ -275,11 +275,11 @@ class GGUFSource(ModelSource):
 
 
 def keep_gguf_quantized(model_config: ModelConfig) -> bool:
-    """GGUF Q4_0/Q4_1/Q8_0 linears stay packed where a kernel makes that fast (CUDA; bf16/fp16 on CPU) or when
-    ``--quantization gguf`` asks; fp32 on CPU dequantizes them (no fast fp32 int4 CPU kernel)."""
+    """GGUF Q4_0/Q4_1/Q8_0 linears stay packed where a kernel makes that fast (CUDA; bf16 on CPU) or when
+    ``--quantization gguf`` asks; fp32/fp16 on CPU dequantize them (PyTorch's CPU int4 kernel is slow there)."""
     if model_config.quantization is not None:
         return model_config.quantization.lower() == "gguf"
-    return model_config.device.startswith("cuda") or model_config.torch_dtype != torch.float32
+    return model_config.device.startswith("cuda") or model_config.torch_dtype == torch.bfloat16
 
 
 def resolve_source(model_config: ModelConfig, world_size: int = 1) -> ModelSource:
