@@ -119,6 +119,20 @@ def default_config(rows: int, n: int, k: int, group_size: int, num_sms: int = 13
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+        """Bias (added once, by the first K split) and the store: plain, or atomic adds of fp32 partial sums."""
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + m[:, None] * stride_om + n[None, :]
+        omask = mmask[:, None] & nmask[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        else:
+            tl.atomic_add(out_ptrs, acc, mask=omask)
+
     @triton.jit(do_not_specialize=["M"])
     def _wna16_gemm_kernel(
         x_ptr,
@@ -171,15 +185,7 @@ if HAS_TRITON:
                 zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.float32)
             w = ((codes.to(tl.float32) - zero[None, :]) * scale[None, :]).to(x.dtype)
             acc = tl.dot(x, w, acc)
-        if HAS_BIAS:
-            if pid_k == 0:
-                acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + m[:, None] * stride_om + n[None, :]
-        omask = mmask[:, None] & nmask[None, :]
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-        else:
-            tl.atomic_add(out_ptrs, acc, mask=omask)
+        _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
     @triton.jit(do_not_specialize=["M"])
@@ -236,15 +242,7 @@ if HAS_TRITON:
             x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
-        if HAS_BIAS:
-            if pid_k == 0:
-                acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + m[:, None] * stride_om + n[None, :]
-        omask = mmask[:, None] & nmask[None, :]
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-        else:
-            tl.atomic_add(out_ptrs, acc, mask=omask)
+        _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def wna16_linear(
