@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokenmill.kernels.wna16_cpu import prepare_cpu
 from tokenmill.kernels.wna16_gemm import PackedWeight
 from tokenmill.model.linear_method import (
     DenseLinearMethod,
@@ -103,7 +102,6 @@ class GGUFLinearMethod(WNA16LinearMethod):
         zeros = layer.zeros.data if self.has_min else None
         layer.register_buffer("wna16_perm", None, persistent=False)
         layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data, zeros, self.bits, BLOCK)
-        layer.wna16_cpu = prepare_cpu(layer.wna16)
 
 
 @register_quantization_config("gguf")

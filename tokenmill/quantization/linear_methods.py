@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.wna16_cpu import cpu_linear, prepare_cpu
+from tokenmill.kernels.wna16_cpu import cpu_linear, cpu_weight
 from tokenmill.kernels.wna16_gemm import PackedWeight, wna16_linear, wna16_linear_cpu
 from tokenmill.model.linear_method import (
     DenseLinearMethod,
@@ -65,7 +65,7 @@ class WNA16LinearMethod(LinearMethod):
             x2 = x2.index_select(1, layer.wna16_perm)
         if x.is_cuda and HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16):
             out = wna16_linear(x2, packed, bias)
-        elif layer.wna16_cpu is not None and x2.dtype == torch.bfloat16:
+        elif x2.dtype == torch.bfloat16 and cpu_weight(layer) is not None:
             # PyTorch's CPU int4 / int8 kernels: fast for bf16 activations only (fp32 takes a slow reference path)
             out = cpu_linear(x2, layer.wna16_cpu, bias)
         else:
@@ -99,7 +99,6 @@ class WNA16LinearMethod(LinearMethod):
         layer.register_buffer("wna16_perm", perm, persistent=False)
         layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data,
                                    None if zeros is None else layer.wna16_zeros.data, self.bits, group)
-        layer.wna16_cpu = prepare_cpu(layer.wna16)
 
 
 class GPTQLinearMethod(WNA16LinearMethod):
