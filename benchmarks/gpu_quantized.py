@@ -10,7 +10,13 @@ The 'decode linears' rows add up the four projections x 32 layers: the issue's t
 at batch 1, >= 1.5x at 64 and no slower at 256 (reported, not asserted). Random codes: speed does not depend
 on the values.
 
-    python3 benchmarks/gpu_quantized.py --out $OUT/gpu_quantized.json      # H100, ~4-6 min
+    python3 benchmarks/gpu_quantized.py --e2e off --out $OUT/gpu_quantized_kernels.json   # H100, ~5-7 min
+    python3 benchmarks/gpu_quantized.py --e2e only --out $OUT/gpu_quantized_e2e.json      # H100, ~3-5 min
+
+For rows <= 8 the sweep also times the GEMV kernel (``WNA16Config(gemv=True)``); ``w4_best_by_kernel`` says
+which kernel won per shape and row count. ``--e2e`` adds offline decode of the llama3-8b random-weights preset
+in bf16 and quantized at load (``--quantization rtn4`` / ``int8``): decode step time per batch, weight GiB,
+KV cache tokens (the freed memory shows up there) and % of the batch-1 bandwidth floor.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from gpu_record import write_record
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill.kernels.wna16_gemm import (  # noqa: E402
+    GEMV_MAX_ROWS,
     PackedWeight,
     WNA16Config,
     default_config,
@@ -43,16 +50,21 @@ try:  # Triton's error for a config whose tiles do not fit the SM's shared memor
 except ImportError:
     OUT_OF_RESOURCES = RuntimeError
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-BATCHES = (1, 4, 16, 64, 128, 256)
+BATCHES = (1, 4, 8, 16, 64, 128, 256)
 GROUP = 128
 
 
 def sweep(rows: int) -> list[WNA16Config]:
+    """MMA tiles for every row count, plus the GEMV kernel's tiles where it applies (rows <= 8)."""
     if rows <= 16:
         grid = itertools.product([16], [32, 64, 128], [64, 128], [1, 2, 4, 8])
     else:
         grid = itertools.product([32, 64, 128], [64, 128], [32, 64], [1, 2])
-    return [WNA16Config(m, n, k, s, 8 if m == 128 else 4, 3) for m, n, k, s in grid]
+    configs = [WNA16Config(m, n, k, s, 8 if m == 128 else 4, 3) for m, n, k, s in grid]
+    if rows <= GEMV_MAX_ROWS:
+        configs += [WNA16Config(16, n, k, s, w, 3, gemv=True)
+                    for n, k, s, w in itertools.product([64, 128], [128, 256], [1, 2, 4, 8], [4])]
+    return configs
 
 
 def random_packed(n: int, k: int, bits: int, zeros: bool, gen: torch.Generator) -> PackedWeight:
@@ -115,11 +127,15 @@ def bench_shape(name: str, n: int, k: int, batches: tuple[int, ...], rate: float
         default = default_config(rows, n, k, GROUP)
         w4_default_ms = graph_ms(lambda x=x, c=default: [wna16_linear(x, p, None, c) for p in packed])
         best_ms, best_cfg = w4_default_ms, default
+        best_by_kernel: dict[str, tuple[float, str]] = {}
         for config in sweep(rows) if full_sweep else []:
             try:
                 ms = graph_ms(lambda x=x, c=config: [wna16_linear(x, p, None, c) for p in packed], repeats=10)
             except OUT_OF_RESOURCES:
                 continue
+            kernel = "gemv" if config.gemv else "mma"
+            if ms < best_by_kernel.get(kernel, (float("inf"), ""))[0]:
+                best_by_kernel[kernel] = (ms, config.name)
             if ms < best_ms:
                 best_ms, best_cfg = ms, config
         w8_ms = graph_ms(lambda x=x: [wna16_linear(x, p, None) for p in packed8])
@@ -135,12 +151,64 @@ def bench_shape(name: str, n: int, k: int, batches: tuple[int, ...], rate: float
             "w4_speedup_vs_bf16": bf16_ms / best_ms, "w8_speedup_vs_bf16": bf16_ms / w8_ms,
             "bf16_pct_of_floor": 100 * floor["bf16"] / bf16_ms, "w4_pct_of_floor": 100 * floor["w4"] / best_ms,
             "w8_pct_of_floor": 100 * floor["w8"] / w8_ms,
+            "w4_best_by_kernel": {k: {"ms": ms, "config": name} for k, (ms, name) in best_by_kernel.items()},
         }
         rows_out.append(row)
         print(f"{name:8s} rows={rows:4d}  bf16 {bf16_ms:7.3f} ms ({row['bf16_pct_of_floor']:5.1f}% floor)  "
               f"w4 {best_ms:7.3f} ms ({row['w4_pct_of_floor']:5.1f}%, {best_cfg.name}; default "
-              f"{w4_default_ms:7.3f})  w8 {w8_ms:7.3f} ms  w4 speedup {row['w4_speedup_vs_bf16']:.2f}x", flush=True)
+              f"{w4_default_ms:7.3f})  w8 {w8_ms:7.3f} ms  w4 speedup {row['w4_speedup_vs_bf16']:.2f}x"
+              + "".join(f"  best {k} {ms:.3f}" for k, (ms, _) in sorted(best_by_kernel.items())), flush=True)
     return rows_out  # the weights are freed with this frame
+
+
+def end_to_end(batches: tuple[int, ...], rate: float, input_len: int, output_len: int, preset: str = "llama3-8b",
+               device: str = "cuda") -> list[dict[str, Any]]:
+    """Offline decode of the llama3-8b random-weights preset: bf16, then quantized at load (rtn4, int8), one
+    engine at a time. Per batch: median decode-only step time and tokens/s; per engine: weight bytes, KV tokens,
+    and the batch-1 floor (bytes every decode step reads: all weights but the embedding table, at the copy
+    rate; KV ignored at these lengths)."""
+    import gc
+
+    from tokenmill.bench.throughput import run_offline
+    from tokenmill.bench.workloads import fixed_workload
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    rows = []
+    for method in ("bf16", "rtn4", "int8"):
+        engine = LLMEngine.from_kwargs(
+            random_weights=preset, dtype="bfloat16", device=device, max_model_len=input_len + output_len + 16,
+            max_num_seqs=max(batches), quantization=None if method == "bf16" else method, stream_outputs=False)
+        model = engine.model
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        embed = model.model.embed_tokens
+        embed_bytes = sum(p.numel() * p.element_size() for p in embed.parameters())
+        floor_ms = (weight_bytes - embed_bytes) / rate / 1e6
+        vocab = model.spec.vocab_size
+        for batch in batches:
+            run_offline(engine, fixed_workload(batch, input_len, 4, vocab, seed=7), temperature=0.0,
+                        id_prefix=f"warm-{method}-{batch}-")
+            result = run_offline(engine, fixed_workload(batch, input_len, output_len, vocab, seed=batch),
+                                 temperature=0.0, id_prefix=f"{method}-{batch}-")
+            decode = sorted(t for shape, t in zip(result.steps, result.step_times_s, strict=True) if shape.is_decode)
+            step_ms = 1e3 * decode[len(decode) // 2]
+            row = {"method": method, "batch": batch, "decode_step_ms": step_ms, "decode_tok_s": batch / step_ms * 1e3,
+                   "output_tok_s": result.output_tok_s, "weight_gib": weight_bytes / 2**30,
+                   "kv_cache_tokens": engine.num_kv_cache_tokens, "floor_ms": floor_ms,
+                   "pct_of_floor": 100 * floor_ms / step_ms}
+            rows.append(row)
+            print(f"e2e {method:5s} batch {batch:4d}: decode step {step_ms:7.3f} ms ({row['decode_tok_s']:8.1f} tok/s, "
+                  f"{row['pct_of_floor']:5.1f}% of the {floor_ms:.3f} ms floor)  weights {row['weight_gib']:.2f} GiB, "
+                  f"KV {engine.num_kv_cache_tokens} tokens", flush=True)
+        engine.shutdown()
+        del engine, model, embed
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    for batch in batches:
+        by = {r["method"]: r for r in rows if r["batch"] == batch}
+        for method in ("rtn4", "int8"):
+            by[method]["speedup_vs_bf16"] = by["bf16"]["decode_step_ms"] / by[method]["decode_step_ms"]
+    return rows
 
 
 def main() -> None:
@@ -148,11 +216,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_quantized.json"))
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--no-sweep", action="store_true", help="time only the default config")
+    parser.add_argument("--e2e", choices=("off", "also", "only"), default="also",
+                        help="offline decode of the llama3-8b preset bf16 vs rtn4 vs int8 (after the kernels, "
+                             "instead of them, or not)")
+    parser.add_argument("--e2e-batches", default="1,16,64,256")
+    parser.add_argument("--e2e-lens", default="128,64", help="input,output tokens per request")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     batches = tuple(int(b) for b in args.batches.split(","))
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.e2e == "only":
+        rate = copy_rate_gbps()
+        input_len, output_len = (int(v) for v in args.e2e_lens.split(","))
+        e2e = end_to_end(tuple(int(b) for b in args.e2e_batches.split(",")), rate, input_len, output_len)
+        path = write_record(args.out, "gpu_quantized", copy_rate_gbps=rate, end_to_end=e2e)
+        print(f"wrote {path}")
+        return
     checks = check_correctness(gen)
     print(f"correctness: {len(checks)} shape/rows/format cases, max rel err "
           f"{max(c['max_rel_err'] for c in checks):.2e}", flush=True)
@@ -176,8 +256,12 @@ def main() -> None:
     for t in totals:
         print(f"{t['rows']:5d} {t['bf16_ms']:9.3f} {t['w4_best_ms']:9.3f} {t['w4_speedup']:6.2f} "
               f"{t['w4_default_speedup']:9.2f} {t['w8_ms']:9.3f} {t['w8_speedup']:6.2f}")
+    e2e = []
+    if args.e2e == "also":
+        input_len, output_len = (int(v) for v in args.e2e_lens.split(","))
+        e2e = end_to_end(tuple(int(b) for b in args.e2e_batches.split(",")), rate, input_len, output_len)
     path = write_record(args.out, "gpu_quantized", copy_rate_gbps=rate, group_size=GROUP, layers=LAYERS,
-                        correctness=checks, projections=results, decode_linears=totals)
+                        correctness=checks, projections=results, decode_linears=totals, end_to_end=e2e)
     print(f"wrote {path}")
 
 

@@ -73,3 +73,25 @@ def test_triton_kernel_matches_fp32_reference(device, dtype, bits, group, zeros,
         out = wna16_linear(x, packed, bias, config)
         assert out.dtype == dtype and out.shape == (rows, n)
         assert rel_err(out, ref) < tol, config
+
+
+@requires_triton_device
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits,group,zeros", [(4, 128, False), (4, 32, True), (8, 64, False), (4, 512, True)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+def test_triton_gemv_matches_fp32_reference(device, dtype, bits, group, zeros, rows):
+    """The few-row GEMV kernel (one load per packed word, no MMA padding), split over K or not."""
+    k, n = 512, 192
+    packed = random_packed(k, n, bits, group, zeros, dtype, device, seed=rows + bits + group + 1)
+    gen = torch.Generator().manual_seed(rows + 100)
+    x = torch.randn(rows, k, generator=gen).to(dtype).to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
+    ref = wna16_linear_reference(x.float(), packed, bias).float()
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    for config in (WNA16Config(block_n=64, block_k=128, gemv=True), WNA16Config(block_n=32, block_k=64, split_k=4,
+                                                                                gemv=True, num_warps=8)):
+        out = wna16_linear(x, packed, bias, config)
+        assert out.dtype == dtype and out.shape == (rows, n)
+        assert rel_err(out, ref) < tol, config
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        wna16_linear(torch.zeros(9, k, dtype=dtype, device=device), packed, None, WNA16Config(gemv=True))

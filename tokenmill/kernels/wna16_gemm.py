@@ -10,7 +10,9 @@ permuted at load so groups are contiguous; the caller permutes x's columns the s
 - ``wna16_linear_cpu``: dequantize a slab of output columns at a time and multiply in x's dtype, so the dense
   copy never exceeds ``CPU_SLAB_ELEMENTS`` (the serving path on CPUs).
 - ``wna16_linear``: Triton kernel: codes unpacked and scaled in registers, fp32 accumulation through tl.dot
-  (16-row MMA tiles; decode batches pad to one tile), split over K when too few output tiles fill the GPU.
+  (16-row MMA tiles; decode batches pad to one tile), split over K when too few output tiles fill the GPU; or,
+  with ``WNA16Config(gemv=True)`` and at most 8 rows, a GEMV that loads each packed word once and reduces
+  row x tile products without MMA padding (benchmarks/gpu_quantized.py times both per shape).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, require_triton, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 
 CPU_SLAB_ELEMENTS = 1 << 22  # dequantized weight elements alive at once on the CPU path (16 MB in fp32)
 
@@ -82,18 +84,25 @@ def wna16_linear_cpu(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor |
     return out
 
 
+GEMV_MAX_ROWS = 8  # the GEMV kernel keeps every row of x in one program
+
+
 @dataclass(frozen=True)
 class WNA16Config:
+    """Tile sizes; ``gemv`` picks the row-broadcast kernel (rows <= GEMV_MAX_ROWS, block_m ignored)."""
+
     block_m: int = 16
     block_n: int = 64
     block_k: int = 64
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False
 
     @property
     def name(self) -> str:
-        return f"m{self.block_m}_n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.num_warps}_st{self.num_stages}"
+        kind = "gemv_" if self.gemv else f"m{self.block_m}_"
+        return f"{kind}n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.num_warps}_st{self.num_stages}"
 
 
 def default_config(rows: int, n: int, k: int, group_size: int, num_sms: int = 132) -> WNA16Config:
@@ -109,6 +118,20 @@ def default_config(rows: int, n: int, k: int, group_size: int, num_sms: int = 13
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+        """Bias (added once, by the first K split) and the store: plain, or atomic adds of fp32 partial sums."""
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + m[:, None] * stride_om + n[None, :]
+        omask = mmask[:, None] & nmask[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        else:
+            tl.atomic_add(out_ptrs, acc, mask=omask)
 
     @triton.jit(do_not_specialize=["M"])
     def _wna16_gemm_kernel(
@@ -162,15 +185,64 @@ if HAS_TRITON:
                 zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.float32)
             w = ((codes.to(tl.float32) - zero[None, :]) * scale[None, :]).to(x.dtype)
             acc = tl.dot(x, w, acc)
-        if HAS_BIAS:
-            if pid_k == 0:
-                acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + m[:, None] * stride_om + n[None, :]
-        omask = mmask[:, None] & nmask[None, :]
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-        else:
-            tl.atomic_add(out_ptrs, acc, mask=omask)
+        _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS, SPLIT_K)
+
+
+    @triton.jit(do_not_specialize=["M"])
+    def _wna16_gemv_kernel(
+        x_ptr,
+        qw_ptr,
+        s_ptr,
+        z_ptr,
+        b_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_om,
+        group_size,
+        BITS: tl.constexpr,
+        HAS_ZEROS: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Few rows: each packed word is loaded once and unpacked by a broadcast shift ([words, per_word, n]),
+        every row of x reuses the dequantized tile, products are summed over K in fp32 (no MMA padding to 16)."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        MASK: tl.constexpr = (1 << BITS) - 1
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        m = tl.arange(0, ROWS)
+        mmask = m < M
+        shifts = tl.arange(0, PER_WORD) * BITS
+        k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_begin = pid_k * k_span
+        k_end = tl.minimum(k_begin + k_span, K)
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            rows = k0 // PER_WORD + tl.arange(0, WORDS)
+            words = tl.load(qw_ptr + rows[:, None] * N + n[None, :],
+                            mask=(rows < K // PER_WORD)[:, None] & nmask[None, :], other=0)
+            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, BLOCK_N])
+            group = k0 // group_size  # BLOCK_K divides group_size: one group per step
+            scale = tl.load(s_ptr + group * N + n, mask=nmask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zero = tl.load(z_ptr + group * N + n, mask=nmask, other=0.0).to(tl.float32)
+            else:
+                zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.float32)
+            w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def wna16_linear(
@@ -188,19 +260,26 @@ def wna16_linear(
     if config is None:
         config = default_config(m, n, k, packed.group_size)
     block_k = min(config.block_k, packed.group_size)
+    while packed.group_size % block_k and block_k > 32 // packed.bits:  # one group (K) of an odd width
+        block_k //= 2
     if packed.group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {packed.group_size}")
     split = config.split_k > 1
     out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split else x.new_empty((m, n))
     if m == 0:
         return out.to(x.dtype)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
-    _wna16_gemm_kernel[grid](
-        x, packed.qweight, packed.scales, zeros, bias if bias is not None else packed.scales, out,
-        m, n, k, x.stride(0), out.stride(0), packed.group_size,
-        BITS=packed.bits, HAS_ZEROS=packed.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    args = (x, packed.qweight, packed.scales, zeros, bias if bias is not None else packed.scales, out,
+            m, n, k, x.stride(0), out.stride(0), packed.group_size)
+    common = dict(BITS=packed.bits, HAS_ZEROS=packed.zeros is not None, HAS_BIAS=bias is not None,
+                  SPLIT_K=config.split_k, BLOCK_N=config.block_n, BLOCK_K=block_k, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    if config.gemv:
+        if m > GEMV_MAX_ROWS:
+            raise ValueError(f"the W{packed.bits}A16 GEMV takes at most {GEMV_MAX_ROWS} rows; got {m}")
+        grid = (triton.cdiv(n, config.block_n), config.split_k)
+        _wna16_gemv_kernel[grid](*args, ROWS=max(2, next_power_of_2(m)), **common)
+    else:
+        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
+        _wna16_gemm_kernel[grid](*args, BLOCK_M=config.block_m, **common)
     return out.to(x.dtype) if split else out

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +171,22 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def iter_gguf_weights(reader: Any, spec: ModelSpec, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, fp32 tensor) for every GGUF tensor, dequantized one at a time."""
+def gguf_module_types(reader: Any) -> dict[str, str]:
+    """HF module name -> GGUF type name (e.g. "Q4_1") of every 2-D weight in the file."""
+    types = {}
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is not None and name.endswith(".weight") and len(tensor.shape) == 2:
+            types[name.removesuffix(".weight")] = tensor.tensor_type.name
+    return types
+
+
+def iter_gguf_weights(
+    reader: Any, spec: ModelSpec, progress: bool = False, packed_type: Callable[[str], str | None] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every GGUF tensor, one at a time: dequantized to fp32, or, for a module that
+    ``packed_type`` names a type for, its blocks repacked into the kernel layout (quantization/gguf.py) as
+    ``<module>.qweight`` / ``.scales`` / ``.zeros``."""
     from gguf.quants import dequantize
 
     permuted = _field(reader, "general.architecture") == "llama"
@@ -187,6 +201,11 @@ def iter_gguf_weights(reader: Any, spec: ModelSpec, progress: bool = False) -> I
             continue
         # A plain-ndarray view skips numpy's per-slice memmap bookkeeping, which dominates dequantize time.
         raw = tensor.data.view(np.ndarray) if isinstance(tensor.data, np.memmap) else tensor.data
+        module = name.removesuffix(".weight")
+        kept = packed_type(module) if packed_type is not None and name.endswith(".weight") else None
+        if kept is not None:
+            yield from _packed_tensors(raw, kept, module, spec if permuted else None)
+            continue
         array = np.ascontiguousarray(dequantize(raw, tensor.tensor_type), dtype=np.float32)
         if not array.flags.writeable:  # F32 tensors come back as views of the read-only memory map
             array = array.copy()
@@ -196,6 +215,24 @@ def iter_gguf_weights(reader: Any, spec: ModelSpec, progress: bool = False) -> I
         elif permuted and name.endswith("k_proj.weight"):
             weight = unpermute_qk(weight, spec.num_kv_heads)
         yield name, weight
+
+
+def _packed_tensors(raw: np.ndarray, type_name: str, module: str,
+                    permute_spec: ModelSpec | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """One GGUF linear's blocks as kernel-layout tensors; Q/K rows un-permuted like the dequantized path."""
+    from tokenmill.quantization.gguf import PACKED_TYPES, gguf_block_codes, kernel_layout
+
+    codes, scales, zeros = gguf_block_codes(raw, type_name)
+    heads = None
+    if permute_spec is not None and module.endswith("q_proj"):
+        heads = permute_spec.num_heads
+    elif permute_spec is not None and module.endswith("k_proj"):
+        heads = permute_spec.num_kv_heads
+    if heads is not None:
+        codes, scales = unpermute_qk(codes, heads), unpermute_qk(scales, heads)
+        zeros = None if zeros is None else unpermute_qk(zeros, heads)
+    for suffix, tensor in kernel_layout(codes, scales, zeros, PACKED_TYPES[type_name][0]).items():
+        yield f"{module}.{suffix}", tensor
 
 
 def tokenizer_cache_root() -> Path:

@@ -24,7 +24,11 @@ from tokenmill.attention.backend import AttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.distributed.context import ParallelContext
 from tokenmill.model.linear import SINGLE_RANK, process_weights_after_loading
-from tokenmill.model.linear_method import QuantizationConfig, quantization_config_from_hf
+from tokenmill.model.linear_method import (
+    QuantizationConfig,
+    quantization_config_from_hf,
+    resolve_quantization,
+)
 from tokenmill.model.presets import preset_spec
 from tokenmill.model.registry import get_model_class
 from tokenmill.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
@@ -229,14 +233,19 @@ class HFDirSource(ModelSource):
 
 
 class GGUFSource(ModelSource):
-    """A GGUF file: metadata -> spec, tensors dequantized to HF names (model/gguf_loader.py)."""
+    """A GGUF file: metadata -> spec, tensors renamed to HF names (model/gguf_loader.py); Q4_0/Q4_1/Q8_0 linears
+    stay packed (quantization/gguf.py) unless ``keep_quantized`` is off, the rest is dequantized."""
 
-    def __init__(self, path: Path) -> None:
-        from tokenmill.model.gguf_loader import open_gguf
+    def __init__(self, path: Path, keep_quantized: bool = True) -> None:
+        from tokenmill.model.gguf_loader import gguf_module_types, open_gguf
 
         self.path = path
         self.reader = open_gguf(path)
         self._spec: ModelSpec | None = None
+        if keep_quantized:
+            from tokenmill.quantization.gguf import GGUFConfig
+
+            self.quant_config = GGUFConfig(gguf_module_types(self.reader))
 
     def spec(self) -> ModelSpec:
         from tokenmill.model.gguf_loader import gguf_spec
@@ -248,7 +257,8 @@ class GGUFSource(ModelSource):
     def init_weights(self, model: nn.Module, progress: bool) -> None:
         from tokenmill.model.gguf_loader import iter_gguf_weights
 
-        model.load_weights(iter_gguf_weights(self.reader, self.spec(), progress))
+        packed = self.quant_config.packed_type if self.quant_config is not None else None
+        model.load_weights(iter_gguf_weights(self.reader, self.spec(), progress, packed))
 
     def tokenizer(self, model_config: ModelConfig) -> Tokenizer | None:
         from tokenmill.model.gguf_loader import load_gguf_tokenizer
@@ -264,6 +274,14 @@ class GGUFSource(ModelSource):
         return str(self.path)
 
 
+def keep_gguf_quantized(model_config: ModelConfig) -> bool:
+    """GGUF Q4_0/Q4_1/Q8_0 linears stay packed where a kernel makes that fast (CUDA; bf16 on CPU) or when
+    ``--quantization gguf`` asks; fp32/fp16 on CPU dequantize them (PyTorch's CPU int4 kernel is slow there)."""
+    if model_config.quantization is not None:
+        return model_config.quantization.lower() == "gguf"
+    return model_config.device.startswith("cuda") or model_config.torch_dtype == torch.bfloat16
+
+
 def resolve_source(model_config: ModelConfig, world_size: int = 1) -> ModelSource:
     """The source ``model_config`` names; with several tensor-parallel ranks only HF directories and random
     presets (GGUF tensors are dequantized whole, so every rank would read the whole file)."""
@@ -277,7 +295,7 @@ def resolve_source(model_config: ModelConfig, world_size: int = 1) -> ModelSourc
         )
     source = source or embedded_model_path()
     if source.is_file() and source.suffix == ".gguf":
-        return GGUFSource(source)
+        return GGUFSource(source, keep_gguf_quantized(model_config))
     if source.is_dir() and (source / "config.json").is_file():
         return HFDirSource(source)
     raise ValueError(f"model {str(source)!r} is neither a directory with config.json nor a .gguf file")
@@ -311,11 +329,17 @@ def load_model(
     source = resolve_source(model_config, parallel.world_size)
     spec = source.spec()
     max_model_len = resolve_max_model_len(spec, model_config)
+    quant_config = resolve_quantization(source.quant_config, model_config.quantization)
     model = build_model(spec, attn_backend, model_config.torch_dtype, device or model_config.device, parallel,
-                        source.quant_config)
+                        quant_config)
     with torch.no_grad():
         source.init_weights(model, progress and parallel.rank == 0)
         process_weights_after_loading(model)
+    target = torch.device(device or model_config.device)
+    if target.type == "cuda":
+        # Quantizing at load briefly held the dense weights too; KV sizing reads the peak from here on.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(target)
     tokenizer = source.tokenizer(model_config) if parallel.rank == 0 else None
     return LoadedModel(
         model=model,

@@ -5,4 +5,5 @@ Importing the package registers the GPTQ and AWQ formats with model/linear_metho
 this package on its first lookup).
 """
 
-from tokenmill.quantization import linear_methods  # noqa: F401  (registers gptq, awq)
+# Registers gptq, awq, compressed-tensors (+ its pack-quantized int schemes), rtn4, int8.
+from tokenmill.quantization import compressed_tensors, linear_methods, online  # noqa: F401

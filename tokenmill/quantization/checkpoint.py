@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenmill.quantization.packing import from_awq, from_gptq, to_awq, to_gptq
+from tokenmill.quantization.packing import QuantizedWeight, from_awq, from_gptq, to_awq, to_gptq
 from tokenmill.quantization.quantizer import QuantizeConfig, QuantizeResult
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -29,6 +29,40 @@ def quantization_config(config: QuantizeConfig) -> dict:
             "quantizer": [f"tokenmill:{config.method}"]}
 
 
+def compressed_tensors_config(config: QuantizeConfig) -> dict:
+    """quantization_config of a pack-quantized checkpoint, built by the compressed-tensors package's own models
+    (so the keys and defaults are the ones vLLM and llm-compressor read)."""
+    try:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    except ImportError as exc:
+        raise ValueError("--format compressed-tensors needs the compressed-tensors package: "
+                         "pip install compressed-tensors") from exc
+    grouped = config.group_size != -1
+    args = QuantizationArgs(num_bits=config.bits, type="int", symmetric=bool(config.sym),
+                            strategy="group" if grouped else "channel",
+                            group_size=config.group_size if grouped else None)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format="pack-quantized",
+                            quantization_status="compressed")
+    return {**qc.model_dump(mode="json"), "quant_method": "compressed-tensors"}
+
+
+def to_compressed_tensors(qw: QuantizedWeight, symmetric: bool) -> dict[str, torch.Tensor]:
+    """The pack-quantized tensors of one linear, packed by the compressed-tensors package (signed codes)."""
+    from compressed_tensors.compressors import pack_to_int32
+
+    offset = 2 ** (qw.bits - 1)
+    tensors = {
+        "weight_packed": pack_to_int32((qw.codes - offset).to(torch.int8), qw.bits),
+        "weight_scale": qw.scales.t().contiguous().to(torch.float16),
+        "weight_shape": torch.tensor(list(qw.codes.shape)),
+    }
+    if not symmetric:  # signed zero points packed along the output
+        signed = (qw.zeros.t().to(torch.int64) - offset).to(torch.int8)
+        tensors["weight_zero_point"] = pack_to_int32(signed, qw.bits, packed_dim=0)
+    return tensors
+
+
 def save_quantized(model: nn.Module, tokenizer, result: QuantizeResult, config: QuantizeConfig,
                    out_dir: str | Path) -> Path:
     """model.safetensors (packed linears; the rest in the model's dtype), config.json, tokenizer files."""
@@ -36,7 +70,15 @@ def save_quantized(model: nn.Module, tokenizer, result: QuantizeResult, config: 
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    pack = to_awq if config.checkpoint_format == "awq" else to_gptq
+    fmt = config.checkpoint_format
+    if fmt == "compressed-tensors":
+        qconfig = compressed_tensors_config(config)
+
+        def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+            return to_compressed_tensors(qw, bool(config.sym))
+    else:
+        qconfig = quantization_config(config)
+        pack = to_awq if fmt == "awq" else to_gptq
     tensors: dict[str, torch.Tensor] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, tensor in model.state_dict().items():
@@ -51,7 +93,7 @@ def save_quantized(model: nn.Module, tokenizer, result: QuantizeResult, config: 
             tensors[f"{module}.{suffix}"] = tensor
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     model_config = model.config.to_dict()
-    model_config["quantization_config"] = quantization_config(config)
+    model_config["quantization_config"] = qconfig
     model_config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True))
     tokenizer.save_pretrained(str(out))

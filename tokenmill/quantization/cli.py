@@ -11,6 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quantize.add_argument("--out", required=True, help="output directory (an HF checkpoint)")
     quantize.add_argument("--method", default="gptq", choices=("rtn", "gptq", "awq"))
     quantize.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    quantize.add_argument("--format", default=None, choices=("gptq", "awq", "compressed-tensors"),
+                          help="checkpoint convention (default: awq for --method awq, else gptq); "
+                               "compressed-tensors (pack-quantized) needs the compressed-tensors package")
     quantize.add_argument("--group-size", type=int, default=128, help="input channels per scale; -1: one group")
     quantize.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
                           help="symmetric codes (default: on for rtn/gptq, off (zero points) for awq)")
@@ -45,7 +48,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     config = QuantizeConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
         damp_percent=args.damp_percent, num_samples=args.num_samples, seq_len=args.seq_len,
-        calib_data=args.calib_data, device=args.device,
+        calib_data=args.calib_data, device=args.device, format=args.format,
     )
     model, tokenizer = load_source_model(args.model)
     result = quantize_model(model, tokenizer, config)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
+from tokenmill.kernels.wna16_cpu import cpu_linear, cpu_weight
 from tokenmill.kernels.wna16_gemm import PackedWeight, wna16_linear, wna16_linear_cpu
 from tokenmill.model.linear_method import (
     DenseLinearMethod,
@@ -24,6 +25,9 @@ from tokenmill.model.linear_method import (
     set_weight_attrs,
 )
 from tokenmill.quantization.packing import AWQ_UNPACK_ORDER, pack_along, unpack_along
+
+# A fused layer of ours -> the checkpoint modules it is built from (formats that name modules name those).
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def _int_param(*shape: int) -> nn.Parameter:
@@ -46,6 +50,9 @@ def _check_sizes(input_size: int, output_sizes: list[int], group_size: int, per_
 class WNA16LinearMethod(LinearMethod):
     """Shared half of the GPTQ / AWQ methods: the matmul on the repacked weight, and where it runs."""
 
+    # Checkpoint-layout parameters (besides GPTQ's names) that ``_finish`` drops once repacked.
+    checkpoint_params: tuple[str, ...] = ()
+
     def __init__(self, bits: int, group_size: int) -> None:
         self.bits = bits
         self.group_size = group_size
@@ -58,16 +65,32 @@ class WNA16LinearMethod(LinearMethod):
             x2 = x2.index_select(1, layer.wna16_perm)
         if x.is_cuda and HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16):
             out = wna16_linear(x2, packed, bias)
+        elif x2.dtype == torch.bfloat16 and cpu_weight(layer) is not None:
+            # PyTorch's CPU int4 / int8 kernels: fast for bf16 activations only (fp32 takes a slow reference path)
+            out = cpu_linear(x2, layer.wna16_cpu, bias)
         else:
             out = wna16_linear_cpu(x2, packed, bias)
         return out.reshape(*shape[:-1], packed.out_features)
+
+    def _sort_by_group(self, codes: torch.Tensor, g_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Act-order: codes [K, N] with rows sorted by group (groups become contiguous) and the permutation the
+        input columns take in ``apply``; (codes, None) when the groups are already in order."""
+        g_idx = g_idx.long()
+        if self.group_size == -1:
+            return codes, None
+        g_idx = g_idx - g_idx.min()  # a row-parallel rank's groups start at its own first group
+        trivial = torch.arange(codes.shape[0], device=codes.device) // self.group_size
+        if torch.equal(g_idx, trivial):
+            return codes, None
+        perm = torch.argsort(g_idx, stable=True)
+        return codes.index_select(0, perm), perm
 
     def _finish(self, layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 perm: torch.Tensor | None) -> None:
         """Replace the checkpoint-layout parameters by the kernel layout (codes [K, N] -> packed along K)."""
         group = codes.shape[0] if self.group_size == -1 else self.group_size
         qweight = pack_along(codes, self.bits, dim=0)
-        for name in ("qweight", "qzeros", "scales", "g_idx"):
+        for name in ("qweight", "qzeros", "scales", "g_idx", *self.checkpoint_params):
             if hasattr(layer, name):
                 delattr(layer, name)
         layer.qweight = nn.Parameter(qweight, requires_grad=False)
@@ -116,14 +139,7 @@ class GPTQLinearMethod(WNA16LinearMethod):
         zeros = None
         if not self.sym:
             zeros = ((unpack_along(layer.qzeros.data, self.bits, dim=1) + 1) & (2**self.bits - 1)).to(scales.dtype)
-        g_idx = layer.g_idx.data.long()
-        if self.group_size != -1:
-            g_idx = g_idx - g_idx.min()  # a row-parallel rank's groups start at its own first group
-        perm = None
-        trivial = torch.arange(codes.shape[0], device=codes.device) // max(self.group_size, 1)
-        if self.group_size != -1 and not torch.equal(g_idx, trivial):
-            perm = torch.argsort(g_idx, stable=True)  # rows sorted by group: groups become contiguous
-            codes = codes.index_select(0, perm)
+        codes, perm = self._sort_by_group(codes, layer.g_idx.data)
         self._finish(layer, codes, scales, zeros, perm)
 
 

@@ -8,6 +8,7 @@ layer and the activations are ever on the device, so an 8B model fits a single G
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,9 @@ METHODS = ("rtn", "gptq", "awq")
 SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
 
+CHECKPOINT_FORMATS = ("gptq", "awq", "compressed-tensors")
+
+
 @dataclass
 class QuantizeConfig:
     method: str = "gptq"
@@ -36,8 +40,21 @@ class QuantizeConfig:
     seq_len: int = 512
     calib_data: str | None = None
     device: str = "cpu"
+    format: str | None = None  # checkpoint convention: gptq | awq | compressed-tensors (None: by method)
 
     def __post_init__(self) -> None:
+        if self.format not in (None, *CHECKPOINT_FORMATS):
+            raise ValueError(f"--format {self.format!r} is not supported; choose one of {', '.join(CHECKPOINT_FORMATS)}")
+        if self.format is not None and self.format != "compressed-tensors" and self.format != self._by_method():
+            raise ValueError(f"--method {self.method} writes the {self._by_method()!r} or 'compressed-tensors' "
+                             f"format; got --format {self.format}")
+        if self.format == "compressed-tensors" and importlib.util.find_spec("compressed_tensors") is None:
+            raise ValueError("--format compressed-tensors needs the compressed-tensors package: "
+                             "pip install compressed-tensors")
+        if self.format == "compressed-tensors" and self.act_order:
+            raise ValueError("--act-order writes a per-channel group index (g_idx), which the compressed-tensors "
+                             "format no longer takes (actorder 'group' was removed); drop --act-order or use "
+                             "--format gptq")
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r} is not supported; choose one of {', '.join(METHODS)}")
         check_bits(self.bits)
@@ -52,9 +69,12 @@ class QuantizeConfig:
         if not 0.0 < self.damp_percent < 1.0:
             raise ValueError(f"--damp-percent must lie in (0, 1); got {self.damp_percent}")
 
+    def _by_method(self) -> str:
+        return "awq" if self.method == "awq" else "gptq"
+
     @property
     def checkpoint_format(self) -> str:
-        return "awq" if self.method == "awq" else "gptq"
+        return self.format or self._by_method()
 
 
 @dataclass

