@@ -61,6 +61,8 @@ class ModelConfig:
     chat_template: str | None = None  # a path or a literal Jinja template overriding the model's
     # Build random weights of a known shape instead of loading (benchmarks on real shapes without files).
     random_weights: str | None = None
+    # vLLM's --quantization: checked against the checkpoint's format, or quantizes a dense model at load.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)

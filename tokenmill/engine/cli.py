@@ -37,6 +37,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--random-weights", default=None, help="preset name: random weights of a real shape")
+    parser.add_argument("--quantization", "-q", default=None,
+                        help="weight format: read from the checkpoint when omitted (gptq, awq, compressed-tensors, "
+                             "gguf); rtn4 | int8 quantize a dense model at load")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="ranks sharing each layer, one process per rank (gloo on CPU, NCCL on GPUs)")
     parser.add_argument("--custom-all-reduce", action="store_true",
@@ -62,6 +65,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager,
         seed=args.seed,
         random_weights=args.random_weights,
+        quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size,
         custom_all_reduce=args.custom_all_reduce,
     )

@@ -108,6 +108,15 @@ class QuantizationConfig:
         """Parse and validate the ``quantization_config`` dict (ValueError with an actionable sentence)."""
         raise NotImplementedError
 
+    @classmethod
+    def for_dense_checkpoint(cls) -> QuantizationConfig:
+        """The config that quantizes a dense checkpoint at load (``--quantization NAME`` on a bf16 model);
+        formats that only read pre-quantized checkpoints keep this default and refuse."""
+        online = ", ".join(QUANTIZATION_REGISTRY.online_names()) or "none"
+        raise ValueError(f"--quantization {cls.quant_method} needs a checkpoint quantized in that format "
+                         f"(config.json quantization_config); to quantize a dense checkpoint at load use one of: "
+                         f"{online}")
+
     def get_linear_method(self, layer_prefix: str) -> LinearMethod:
         """The method for the layer named ``layer_prefix`` (e.g. ``model.layers.0.self_attn.qkv_proj``); formats
         that leave some layers dense (lm_head, skipped modules) return ``DenseLinearMethod()`` for those."""
@@ -137,6 +146,12 @@ class QuantizationRegistry:
         self._import_plugins()
         return sorted(self._configs)
 
+    def online_names(self) -> list[str]:
+        """Methods that quantize a dense checkpoint at load (they override ``for_dense_checkpoint``)."""
+        self._import_plugins()
+        base = QuantizationConfig.for_dense_checkpoint.__func__
+        return sorted(n for n, c in self._configs.items() if c.for_dense_checkpoint.__func__ is not base)
+
     def get(self, name: str) -> type[QuantizationConfig]:
         self._import_plugins()
         if name not in self._configs:
@@ -164,6 +179,23 @@ def quantization_config_from_hf(hf_quant_config: dict[str, Any] | None) -> Quant
     if not isinstance(name, str):
         raise ValueError("config.json's quantization_config has no quant_method; cannot tell the weight format")
     return QUANTIZATION_REGISTRY.get(name.lower()).from_config(hf_quant_config)
+
+
+def resolve_quantization(
+    checkpoint: QuantizationConfig | None, requested: str | None
+) -> QuantizationConfig | None:
+    """The format to serve: the checkpoint's own (config.json / GGUF), checked against ``--quantization`` when
+    given, or, for a dense checkpoint, the requested method quantizing at load (vLLM's ``--quantization``)."""
+    if requested is None:
+        return checkpoint
+    cls = QUANTIZATION_REGISTRY.get(requested.lower())
+    if checkpoint is None:
+        return cls.for_dense_checkpoint()
+    if checkpoint.quant_method != cls.quant_method:
+        raise ValueError(f"--quantization {requested} does not match the checkpoint, which is quantized as "
+                         f"{checkpoint.quant_method!r}; drop --quantization (the format is read from the "
+                         f"checkpoint) or pass --quantization {checkpoint.quant_method}")
+    return checkpoint
 
 
 def linear_method_for(quant_config: QuantizationConfig | None, layer_prefix: str) -> LinearMethod:

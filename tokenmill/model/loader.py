@@ -24,7 +24,11 @@ from tokenmill.attention.backend import AttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.distributed.context import ParallelContext
 from tokenmill.model.linear import SINGLE_RANK, process_weights_after_loading
-from tokenmill.model.linear_method import QuantizationConfig, quantization_config_from_hf
+from tokenmill.model.linear_method import (
+    QuantizationConfig,
+    quantization_config_from_hf,
+    resolve_quantization,
+)
 from tokenmill.model.presets import preset_spec
 from tokenmill.model.registry import get_model_class
 from tokenmill.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
@@ -311,11 +315,17 @@ def load_model(
     source = resolve_source(model_config, parallel.world_size)
     spec = source.spec()
     max_model_len = resolve_max_model_len(spec, model_config)
+    quant_config = resolve_quantization(source.quant_config, model_config.quantization)
     model = build_model(spec, attn_backend, model_config.torch_dtype, device or model_config.device, parallel,
-                        source.quant_config)
+                        quant_config)
     with torch.no_grad():
         source.init_weights(model, progress and parallel.rank == 0)
         process_weights_after_loading(model)
+    target = torch.device(device or model_config.device)
+    if target.type == "cuda":
+        # Quantizing at load briefly held the dense weights too; KV sizing reads the peak from here on.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(target)
     tokenizer = source.tokenizer(model_config) if parallel.rank == 0 else None
     return LoadedModel(
         model=model,

@@ -5,4 +5,4 @@ Importing the package registers the GPTQ and AWQ formats with model/linear_metho
 this package on its first lookup).
 """
 
-from tokenmill.quantization import linear_methods  # noqa: F401  (registers gptq, awq)
+from tokenmill.quantization import linear_methods, online  # noqa: F401  (register gptq, awq, rtn4, int8)

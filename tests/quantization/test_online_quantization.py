@@ -1,0 +1,96 @@
+"""``--quantization``: a dense checkpoint quantized at load (rtn4, int8) serves packed weights whose logits equal
+the RTN-dequantized model run by transformers; a pre-quantized checkpoint's format is read from config.json and
+a --quantization that contradicts it, or that cannot quantize a dense model, fails with a sentence saying why."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmill.cli import main
+from tokenmill.engine.llm import LLM
+from tokenmill.quantization.packing import rtn_quantize
+from tokenmill.sampling_params import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from model_helpers import hf_logits, load, make_prompts, run_in_steps  # noqa: E402
+
+ONLINE = {"rtn4": (4, 128), "int8": (8, -1)}
+
+
+def _rtn_reference_dir(tiny: Path, out: Path, bits: int, group: int) -> Path:
+    """The tiny model with every decoder linear replaced by its RTN-dequantized weight (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                w = module.weight
+                module.weight.copy_(rtn_quantize(w, bits, min(group, w.shape[1]) if group > 0 else -1, True)
+                                    .dequantize())
+    model.save_pretrained(str(out))
+    for file in tiny.glob("tokenizer*"):
+        shutil.copy2(file, out / file.name)
+    return out
+
+
+@pytest.mark.parametrize("method", list(ONLINE))
+def test_online_quantization_matches_rtn_dequantized_model(tiny_llama, tmp_path, method):
+    bits, group = ONLINE[method]
+    loaded = load(tiny_llama, quantization=method)
+    layer = loaded.model.model.layers[0]
+    for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        params = dict(linear.named_parameters())
+        assert "weight" not in params and params["qweight"].dtype == torch.int32 and linear.wna16.bits == bits
+    prompts = make_prompts([9, 5, 14], loaded.spec.vocab_size, seed=4)
+    ours = run_in_steps(loaded.model, prompts, [[4, 5, 6], [5, 0, 8]])
+    reference = hf_logits(_rtn_reference_dir(tiny_llama, tmp_path / "ref", bits, group), prompts)
+    dense = hf_logits(tiny_llama, prompts)
+    for got, want, unquantized in zip(ours, reference, dense, strict=True):
+        assert (got - want).abs().max().item() < 1e-3
+        assert (got - unquantized).abs().max().item() > 1e-3  # the weights really were rounded
+
+
+def test_online_quantization_serves_greedy_tokens_of_the_engine_modes(tiny_llama):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 9, 17, 3], [40, 41, 42, 43, 44, 45, 46]]
+    runs = []
+    for prefix_caching in (True, False):
+        llm = LLM(str(tiny_llama), device="cpu", dtype="float32", block_size=4, quantization="rtn4",
+                  enable_prefix_caching=prefix_caching)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert runs[0] == runs[1] and all(len(t) == 6 for t in runs[0])
+
+
+@pytest.fixture(scope="module")
+def gptq_dir(tiny_llama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("online_gptq") / "q"
+    argv = ["quantize", str(tiny_llama), "--out", str(out), "--method", "rtn", "--group-size", "32"]
+    assert main(argv) == 0
+    return out
+
+
+def test_checkpoint_format_is_read_from_config_and_a_matching_flag_is_accepted(gptq_dir):
+    for flag in (None, "gptq", "GPTQ"):
+        linear = load(gptq_dir, quantization=flag).model.model.layers[0].mlp.down_proj
+        assert type(linear.linear_method).__name__ == "GPTQLinearMethod"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("awq", "does not match the checkpoint, which is quantized as 'gptq'.*--quantization gptq"),
+    ("rtn4", "does not match the checkpoint"),
+    ("nf4", "'nf4' is not supported; supported: .*gptq.*int8.*rtn4"),
+])
+def test_flag_contradicting_the_checkpoint_is_a_clear_error(gptq_dir, flag, message):
+    with pytest.raises(ValueError, match=message):
+        load(gptq_dir, quantization=flag)
+
+
+def test_checkpoint_only_format_on_a_dense_model_names_the_online_methods(tiny_llama):
+    with pytest.raises(ValueError, match="--quantization awq needs a checkpoint quantized in that format.*int8, rtn4"):
+        load(tiny_llama, quantization="awq")
