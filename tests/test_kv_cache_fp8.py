@@ -202,3 +202,26 @@ def test_engine_fp8_kv_greedy_tokens_match_where_margins_allow(tiny_llama_dir):
             assert picked in ref_top and ref_top[token].logprob - ref_top[picked].logprob < 0.5, (i, ref_top)
             break
     assert matched >= 12  # measured 18 of 60 before the first near-tie difference (fp32 model, e4m3 cache)
+
+
+def test_checkpoint_kv_scales_load_into_the_layers(tiny_llama_dir, tmp_path):
+    """vLLM's ``self_attn.k_scale`` / ``v_scale`` and llm-compressor's ``k_proj.output_scale`` names fill the
+    layers' scale buffers, which an FP8 cache then uses."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "with_scales"
+    shutil.copytree(tiny_llama_dir, target)
+    state = load_file(str(target / "model.safetensors"))
+    state["model.layers.0.self_attn.k_scale"] = torch.tensor(0.05)
+    state["model.layers.0.self_attn.v_scale"] = torch.tensor([0.02])
+    state["model.layers.1.self_attn.k_proj.output_scale"] = torch.tensor([0.03])
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    model = load_model(ModelConfig(model=str(target), dtype="float32", device="cpu"), TorchAttentionBackend()).model
+    scales = [layer.self_attn.kv_scales for layer in model.model.layers]
+    assert (scales[0].k_scale.item(), scales[0].v_scale.item()) == pytest.approx((0.05, 0.02))
+    assert (scales[1].k_scale.item(), scales[1].v_scale.item()) == pytest.approx((0.03, 1.0))
+    layer = KVCache(KVCacheSpec(4, 2, 8, E4M3, "tensor"), 1, 2, "cpu")[0]
+    k, v = scales[0].for_cache(layer, torch.ones(1, 2, 8), torch.ones(1, 2, 8))
+    assert k is scales[0].k_scale and v is scales[0].v_scale

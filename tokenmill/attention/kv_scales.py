@@ -7,6 +7,8 @@ values. The scales stay at fixed addresses, so captured CUDA graphs read whateve
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -47,3 +49,25 @@ class KVScales(nn.Module):
         # A floor keeps an all-zero first step from giving a zero scale (division by it on store).
         self.k_scale.copy_((key.detach().abs().amax().float() / K_SCALE_TARGET).clamp_min(1e-6))
         self.v_scale.copy_((value.detach().abs().amax().float() / V_SCALE_TARGET).clamp_min(1e-6))
+
+
+# Checkpoint names of a layer's KV-cache scales: vLLM / HF FP8 ("self_attn.k_scale"), llm-compressor's older
+# output scales of the k/v projections ("self_attn.k_proj.output_scale").
+_CHECKPOINT_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:(k|v)_scale|(k|v)_proj\.output_scale)$")
+
+
+def checkpoint_kv_scale(name: str) -> tuple[int, str] | None:
+    """(layer index, "k" or "v") when ``name`` is a checkpoint's KV-cache scale, else None."""
+    match = _CHECKPOINT_KV_SCALE.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), match.group(2) or match.group(3)
+
+
+def load_kv_scale(scales: KVScales, which: str, loaded: torch.Tensor) -> None:
+    """A checkpoint's per-tensor k or v scale into the layer's buffer (used when the cache stores FP8)."""
+    value = loaded if isinstance(loaded, torch.Tensor) else loaded.narrow(0, 0, loaded.shape[0])
+    if value.numel() != 1:
+        raise ValueError(f"KV-cache scales must be one value per layer (per tensor); got shape {tuple(value.shape)}")
+    target = scales.k_scale if which == "k" else scales.v_scale
+    target.copy_(value.reshape(()).float())

@@ -211,8 +211,8 @@ if HAS_TRITON:
             k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             if SCALED:  # FP8 storage: widen in registers, scales are applied outside the dot products
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
+                k = k.to(tl.float32).to(q.dtype)  # via fp32: the conversion every sm89+ target has
+                v = v.to(tl.float32).to(q.dtype)
             # Next tile's block ids load while K/V are in flight: the table read leaves the critical path.
             n_next = n + BLOCK_N
             block = tl.load(bt_row + n_next // BLOCK_SIZE, mask=n_next < end, other=0)

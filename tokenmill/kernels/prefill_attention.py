@@ -94,8 +94,8 @@ if HAS_TRITON:
         k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if SCALED:  # FP8 storage, widened in registers (the caller folds the scales in)
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+            k = k.to(tl.float32).to(q.dtype)  # via fp32: the conversion every sm89+ target has
+            v = v.to(tl.float32).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend
-from tokenmill.attention.kv_scales import KVScales
+from tokenmill.attention.kv_scales import KVScales, checkpoint_kv_scale, load_kv_scale
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.distributed.context import ParallelContext
 from tokenmill.model.layers import RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
@@ -222,6 +222,10 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[tuple[str, str | None]] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.spec.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            kv_scale = checkpoint_kv_scale(name)
+            if kv_scale is not None:  # FP8 KV-cache scales: buffers of the layer's attention, not parameters
+                load_kv_scale(self.model.layers[kv_scale[0]].self_attn.kv_scales, kv_scale[1], tensor)
                 continue
             param_name, shard_id = self._map_name(name)
             param = params.get(param_name)
