@@ -33,6 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_decode_linears import copy_rate_gbps  # noqa: E402
+from gpu_pdl_probe import time_graph  # noqa: E402
 from gpu_record import write_record  # noqa: E402
 
 from tokenmill.bench.roofline import Ceilings, summarize  # noqa: E402
@@ -57,14 +59,7 @@ L2_DEFEAT_BYTES = 256 * 2**20  # data touched per graph replay: several times th
 
 def graph_ms(fn: Any, repeats: int = 20) -> float:
     """Median ms of one replay of a CUDA graph captured around ``fn`` (launch overhead out of the figure)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return median_event_ms(graph.replay, repeats)
+    return time_graph(fn, repeats) / 1e3
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -78,12 +73,6 @@ def free() -> None:
 
 
 # ---- ceilings ------------------------------------------------------------------------------------------
-def copy_rate_gbps() -> float:
-    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB fp32
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / median_event_ms(lambda: dst.copy_(src), 30) / 1e6
-
-
 def ceilings() -> dict[str, float]:
     copy = copy_rate_gbps()
     n = 8192

@@ -101,15 +101,20 @@ def _check_fp8_model(loaded, reference, dense_dir):
 
 def test_quantization_fp8_quantizes_a_dense_checkpoint_per_channel(tiny_llama):
     loaded = load(tiny_llama, quantization="fp8")
+    _check_fp8_model(loaded, _fake_quant_reference(tiny_llama, _per_channel_dequantized(tiny_llama), None), tiny_llama)
+
+
+def _per_channel_dequantized(directory: Path) -> dict[str, torch.Tensor]:
+    """Each decoder linear's weight rounded to e4m3 per output channel, as --quantization fp8 does, dequantized."""
     from transformers import AutoModelForCausalLM
 
-    dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     dequantized = {}
     for name, module in dense.named_modules():
         if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
             q, s = quantize_fp8(module.weight.detach(), dim=1)
             dequantized[f"{name}.weight"] = q.float() * s
-    _check_fp8_model(loaded, _fake_quant_reference(tiny_llama, dequantized, None), tiny_llama)
+    return dequantized
 
 
 def _calibration(vocab: int) -> list[list[int]]:
@@ -172,15 +177,7 @@ def test_unsupported_fp8_configs_say_what_is_supported(config, match):
 def test_engine_with_fp8_weights_gives_the_reference_greedy_tokens(tiny_llama):
     """The engine (chunked prefill, batched decode) with --quantization fp8 emits the tokens transformers picks on
     the dequantized, activation-rounded model."""
-    from transformers import AutoModelForCausalLM
-
-    dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    dequantized = {}
-    for name, module in dense.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
-            q, s = quantize_fp8(module.weight.detach(), dim=1)
-            dequantized[f"{name}.weight"] = q.float() * s
-    reference = _fake_quant_reference(tiny_llama, dequantized, None)
+    reference = _fake_quant_reference(tiny_llama, _per_channel_dequantized(tiny_llama), None)
     llm = LLM(str(tiny_llama), device="cpu", dtype="float32", quantization="fp8", block_size=4,
               max_num_batched_tokens=8)
     prompts = [p.tolist() for p in make_prompts([11, 4, 17], llm.engine.model.vocab_size, seed=2)]
