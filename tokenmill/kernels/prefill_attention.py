@@ -1,8 +1,8 @@
 """Prefill / mixed-batch attention over the paged KV cache (flash-attention style, varlen, causal).
 
 Query j of a sequence with ``context_len`` cached tokens sees keys 0 .. context_len + j, so prefix-cache hits
-and chunked prefill need nothing special; scores never leave registers (online softmax). An FP8 cache is widened to the query's
-dtype per tile; its k scale joins the softmax scale and its v scale the output.
+and chunked prefill need nothing special; scores never leave registers (online softmax). An FP8 cache is
+widened to the query's dtype per tile; its k scale joins the softmax scale and its v scale the output.
 """
 
 from __future__ import annotations
