@@ -32,7 +32,8 @@ def test_spec_derives_block_arithmetic_and_bytes():
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"cache_dtype": "fp8"}, "kv cache dtype"),
+    ({"cache_dtype": "int8"}, "kv cache dtype"),
+    ({"cache_dtype": "auto", "calculate_kv_scales": True}, "FP8 KV cache"),
     ({"block_size": 3}, "block_size"),
 ])
 def test_cache_config_rejects_what_it_cannot_run(kwargs, match):
@@ -44,8 +45,9 @@ def test_engine_kwargs_take_vllms_kv_cache_dtype_name():
     from tokenmill.config import EngineConfig
 
     assert EngineConfig.from_kwargs(kv_cache_dtype="auto").cache.cache_dtype == "auto"
+    assert EngineConfig.from_kwargs(kv_cache_dtype="fp8_e5m2").cache.cache_dtype == "fp8_e5m2"
     with pytest.raises(ValueError, match="kv cache dtype"):
-        EngineConfig.from_kwargs(kv_cache_dtype="fp8")
+        EngineConfig.from_kwargs(kv_cache_dtype="fp4")
 
 
 def test_spec_rejects_unknown_scale_granularity():

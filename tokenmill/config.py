@@ -73,6 +73,16 @@ class ModelConfig:
 
 KV_SCALE_GRANULARITIES = (None, "tensor", "head")
 
+# --kv-cache-dtype values (vLLM's): auto keeps the model's dtype; fp8 is e4m3 (more mantissa, range to 448),
+# fp8_e5m2 trades mantissa for range. FP8 caches store K/V divided by a per-layer scale (1.0 unless calculated).
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:
@@ -117,7 +127,10 @@ class CacheConfig:
     """Paged KV cache: block size and how many blocks (a CPU memory budget, a GPU fraction, or a count)."""
 
     block_size: int = 16
-    cache_dtype: str = "auto"  # vLLM's name (--kv-cache-dtype); auto: the model's dtype
+    cache_dtype: str = "auto"  # vLLM's name (--kv-cache-dtype): auto (the model's dtype) | fp8 | fp8_e4m3 | fp8_e5m2
+    # FP8 caches: set each layer's k/v scale from the first real step's keys/values (vLLM's
+    # --calculate-kv-scales) instead of 1.0.
+    calculate_kv_scales: bool = False
     kv_cache_memory_gib: float | None = None  # CPU budget; default picks a modest size
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None  # explicit block count, wins over the budgets
@@ -132,12 +145,18 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             raise ValueError(f"num_gpu_blocks_override must be >= 2; got {self.num_gpu_blocks_override}")
-        if self.cache_dtype != "auto":  # FP8 (e4m3 + scales) is the next one, with its kernels
-            raise ValueError(f"kv cache dtype must be 'auto' (the model's dtype) for now; got {self.cache_dtype!r}")
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.cache_dtype!r}")
+        if self.calculate_kv_scales and KV_CACHE_DTYPES[self.cache_dtype] is None:
+            raise ValueError("calculate_kv_scales needs an FP8 KV cache: add --kv-cache-dtype fp8")
 
     def kv_cache_spec(self, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype) -> KVCacheSpec:
-        """The per-layer cache spec once the model's KV shape is known."""
-        return KVCacheSpec(self.block_size, num_kv_heads, head_dim, model_dtype)
+        """The per-layer cache spec once the model's KV shape is known; FP8 caches carry one k and one v scale
+        per layer."""
+        fp8 = KV_CACHE_DTYPES[self.cache_dtype]
+        if fp8 is None:
+            return KVCacheSpec(self.block_size, num_kv_heads, head_dim, model_dtype)
+        return KVCacheSpec(self.block_size, num_kv_heads, head_dim, fp8, "tensor")
 
 
 @dataclass
@@ -200,6 +219,9 @@ class EngineConfig:
         if self.scheduler.max_num_batched_tokens is None:
             on_cuda = self.model.device.startswith("cuda")
             self.scheduler.max_num_batched_tokens = 8192 if on_cuda else 2048
+        if self.cache.calculate_kv_scales and self.runner.tensor_parallel_size > 1:
+            raise ValueError("calculate_kv_scales works on one rank only for now; drop it (scales stay 1.0) or "
+                             "use tensor_parallel_size 1")
 
     def check_against_model(self, max_model_len: int) -> None:
         """Cross-field checks that need the model's context length (called once it is known)."""

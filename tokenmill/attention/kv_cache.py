@@ -4,7 +4,8 @@ Each layer stores K and V in one tensor ``[2, num_blocks, block_size, num_kv_hea
 token ``slot = block_id * block_size + offset``. ``LayerKVCache.store_kv`` / ``gather_kv`` are the one torch
 statement of that layout: the references and the CPU backend call them, and the Triton kernels take the
 view's tensors and strides (``k_cache``, ``v_cache``, ``v_offset``, ``block_stride`` ...) instead of assuming
-them. Scales (FP8 KV, later) are the model's: ``store_kv`` divides by them and ``gather_kv`` multiplies back.
+them. Scales (FP8 KV) are the model's: ``store_kv`` divides by them, saturates to the FP8 range and rounds
+(CPU torch casts to float8 natively, so FP8 runs emulated there), ``gather_kv`` multiplies back.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tokenmill.config import KVCacheSpec
+from tokenmill.config import FP8_DTYPES, KVCacheSpec
 
 
 def _scaled(t: torch.Tensor, scale: torch.Tensor | None, divide: bool) -> torch.Tensor:
@@ -23,6 +24,31 @@ def _scaled(t: torch.Tensor, scale: torch.Tensor | None, divide: bool) -> torch.
         return t
     s = scale.float().reshape(-1, 1) if scale.dim() else scale.float()  # per head: [H, 1] broadcasts over D
     return t.float() / s if divide else t.float() * s
+
+
+def to_cache_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round ``t`` to the storage dtype; FP8 saturates at its largest finite value (as the kernels' casts do)
+    instead of turning an outlier into NaN."""
+    if dtype in FP8_DTYPES:
+        limit = torch.finfo(dtype).max
+        return t.float().clamp(-limit, limit).to(dtype)
+    return t.to(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """FP8 storage as bytes: CPU torch has no index_copy_ for float8, and a byte copy is the same copy."""
+    return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
+
+
+def check_fp8_device(dtype: torch.dtype, device: torch.device | str) -> None:
+    """FP8 storage on CUDA needs the float8 conversions of sm89+ (Ada, Hopper); ValueError elsewhere."""
+    device = torch.device(device)
+    if dtype not in FP8_DTYPES or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ValueError(f"an FP8 KV cache needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --kv-cache-dtype auto")
 
 
 class LayerKVCache:
@@ -38,6 +64,9 @@ class LayerKVCache:
             raise ValueError(f"KV tensor {tuple(kv.shape)} {kv.dtype} does not match {spec}")
         self.kv = kv
         self.spec = spec
+        # FP8: the next forward that stores into this layer sets its k/v scales from those keys/values first
+        # (--calculate-kv-scales; armed by KVCache.arm_scale_calculation, cleared once done).
+        self.calculate_scales = False
 
     @classmethod
     def of(cls, cache: torch.Tensor | LayerKVCache) -> LayerKVCache:
@@ -97,8 +126,9 @@ class LayerKVCache:
         flat = self.kv.view(2, slots_total, self.num_kv_heads, self.head_dim)
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
-        flat[0].index_copy_(0, slots, _scaled(key[keep], k_scale, divide=True).to(self.spec.dtype))
-        flat[1].index_copy_(0, slots, _scaled(value[keep], v_scale, divide=True).to(self.spec.dtype))
+        dtype = self.spec.dtype
+        _bits(flat[0]).index_copy_(0, slots, _bits(to_cache_dtype(_scaled(key[keep], k_scale, True), dtype)))
+        _bits(flat[1]).index_copy_(0, slots, _bits(to_cache_dtype(_scaled(value[keep], v_scale, True), dtype)))
 
     def gather_kv(
         self,
@@ -141,6 +171,7 @@ class KVCache:
     def __init__(self, spec: KVCacheSpec, num_layers: int, num_blocks: int, device: torch.device | str) -> None:
         if num_layers < 1 or num_blocks < 1:
             raise ValueError(f"a KV cache needs >= 1 layer and block; got {num_layers} layers, {num_blocks} blocks")
+        check_fp8_device(spec.dtype, device)
         self.spec = spec
         self.num_blocks = num_blocks
         shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
@@ -154,6 +185,14 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def arm_scale_calculation(self) -> None:
+        """FP8: every layer sets its k/v scales from the next keys/values it stores (the first real step: the
+        engine arms this after warm-up and graph capture, whose inputs are dummies)."""
+        if self.spec.scale_granularity is None:
+            raise ValueError("calculate_kv_scales needs an FP8 KV cache (--kv-cache-dtype fp8)")
+        for layer in self.layers:
+            layer.calculate_scales = True
 
     def __iter__(self) -> Iterator[LayerKVCache]:
         return iter(self.layers)

@@ -62,14 +62,15 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         cache = LayerKVCache.of(kv_cache)
         if k_scale is not None or v_scale is not None or cache.spec.scale_granularity is not None:
-            raise ValueError("the Triton kernels do not read KV scales yet (FP8 KV cache); use the torch backend")
+            self.check_scales(cache, k_scale, v_scale)  # FP8 cache: the kernels divide/multiply by them
+        scales = {"k_scale": k_scale, "v_scale": v_scale}
         if rotary is not None:  # one kernel rotates q in place and writes rotated k and v into the cache
-            rotary_and_cache(query, key, value, rotary[0], rotary[1], cache, meta.slot_mapping)
+            rotary_and_cache(query, key, value, rotary[0], rotary[1], cache, meta.slot_mapping, **scales)
         else:
-            reshape_and_cache(key, value, cache, meta.slot_mapping)
+            reshape_and_cache(key, value, cache, meta.slot_mapping, **scales)
         if meta.is_decode_only or meta.decode_query_len in self.decode_query_lens:
             return self._decode(query, cache, meta.block_tables, meta.seq_lens, scale,
-                                query_len=meta.decode_query_len or 1)
+                                query_len=meta.decode_query_len or 1, **scales)
         # Leading decode sequences take the GQA decode kernel; the rest (prefills, chunks) the prefill one.
         # Both write into one output; the prefill kernel indexes query/out by absolute token position.
         num_decodes = count_leading_decodes(meta.query_start_loc_cpu)
@@ -82,6 +83,7 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.seq_lens[:num_decodes],
                 scale,
                 out=out[:num_decodes],
+                **scales,
             )
         return prefill_attention(
             query,
@@ -92,6 +94,7 @@ class TritonAttentionBackend(AttentionBackend):
             meta.max_query_len,
             scale,
             out=out,
+            **scales,
         )
 
     def _decode(
@@ -103,10 +106,13 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         out: torch.Tensor | None = None,
         query_len: int = 1,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # The plan depends on shapes only (block-table width bounds every length): graph-capturable.
         plan = plan_decode(
             block_tables.shape[0], cache.num_kv_heads, block_tables.shape[1] * cache.block_size,
             self._sm_count(query.device),
         )
-        return paged_decode(query, cache, block_tables, seq_lens, scale, plan=plan, out=out, query_len=query_len)
+        return paged_decode(query, cache, block_tables, seq_lens, scale, plan=plan, out=out, query_len=query_len,
+                            k_scale=k_scale, v_scale=v_scale)

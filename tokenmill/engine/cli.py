@@ -27,6 +27,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache budget in GiB (CPU)")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                        help="KV cache storage: auto (the model's dtype) or FP8 (half the bytes of bf16: twice the "
+                             "tokens; sm89+ on GPUs, emulated on CPU)")
+    parser.add_argument("--calculate-kv-scales", action="store_true",
+                        help="FP8 KV cache: set each layer's k/v scale from the first step's keys/values (else 1.0)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -53,6 +58,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,

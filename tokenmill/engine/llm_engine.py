@@ -108,6 +108,8 @@ class LLMEngine:
         if on_cuda and not config.runner.enforce_eager:
             self.runner.capture_graphs(min(sched_cfg.max_num_seqs, config.runner.max_graph_batch_size),
                                        self.max_model_len)
+        if config.cache.calculate_kv_scales:  # after warm-up and capture, whose keys are dummies
+            self.runner.kv_caches.arm_scale_calculation()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.scheduler.draft_proposer = draft_proposer

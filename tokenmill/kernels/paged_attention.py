@@ -3,7 +3,9 @@
 One query token per sequence (plain decode), or 1 + k (a verification row of k draft tokens, causal among the
 new tokens). GQA-aware (one program serves every query head of a KV head, and every new token, so K/V are
 read once) and split-K (flash-decoding): long contexts split into partitions whose partial softmax results a
-reduce kernel merges. The one-token case is a constexpr specialisation with no causal mask.
+reduce kernel merges. The one-token case is a constexpr specialisation with no causal mask. An FP8 cache is read
+as FP8 (half the bytes of bf16), widened to the query's dtype in registers, and its scales are folded in once:
+the k scale into the softmax scale, the v scale into the normalized output.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tokenmill.kernels._triton import (
     tl,
     triton,
 )
+from tokenmill.kernels.kv_cache_write import scale_launch_args
 
 
 def paged_decode_reference(
@@ -31,6 +34,8 @@ def paged_decode_reference(
     seq_lens: torch.Tensor,
     scale: float,
     query_len: int = 1,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [B * query_len, Hq, D] -> out of the same shape; computed in fp32 per sequence (slow, exact).
 
@@ -44,7 +49,7 @@ def paged_decode_reference(
     for i, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             continue
-        keys, values = cache.gather_kv(block_tables[i], seq_len)
+        keys, values = cache.gather_kv(block_tables[i], seq_len, k_scale, v_scale)
         keys, values = keys.float(), values.float()
         rows = slice(i * query_len, (i + 1) * query_len)
         q = query[rows].float().view(query_len, num_kv_heads, group, -1)  # [Q, Hkv, G, D]
@@ -145,6 +150,8 @@ if HAS_TRITON:
         qk_scale,
         num_splits,  # runtime, like min_partition: both follow the batch, and as constexprs every new
         min_partition,  # length compiled a new kernel (~0.3 s) in eager mixed steps
+        k_scale_ptr,  # FP8 cache: dequantization scales (per tensor, or per KV head with SCALE_STRIDE 1)
+        v_scale_ptr,
         NUM_KV_HEADS: tl.constexpr,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -158,11 +165,15 @@ if HAS_TRITON:
         STRIDE_HEAD: tl.constexpr,
         PDL: tl.constexpr = False,
         QUERY_LEN: tl.constexpr = 1,  # new tokens per sequence; 1 compiles without the causal mask
+        SCALED: tl.constexpr = False,
+        SCALE_STRIDE: tl.constexpr = 0,
     ):
         pdl_wait(PDL)
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
+        if SCALED:  # s = q . (k_stored * k_scale): one multiply per score instead of one per key element
+            qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * SCALE_STRIDE)
         seq_len = tl.load(seq_lens_ptr + seq)
         partition = tl.maximum(min_partition, tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N)
         start = split * partition
@@ -199,6 +210,9 @@ if HAS_TRITON:
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if SCALED:  # FP8 storage: widen in registers, scales are applied outside the dot products
+                k = k.to(tl.float32).to(q.dtype)  # via fp32: the conversion every sm89+ target has
+                v = v.to(tl.float32).to(q.dtype)
             # Next tile's block ids load while K/V are in flight: the table read leaves the critical path.
             n_next = n + BLOCK_N
             block = tl.load(bt_row + n_next // BLOCK_SIZE, mask=n_next < end, other=0)
@@ -221,6 +235,8 @@ if HAS_TRITON:
             n = n_next
 
         out_mask = gmask[:, None] & dmask[None, :]
+        if SCALED:  # sum_t p_t (v_t * v_scale) = v_scale * sum_t p_t v_t
+            acc = acc * tl.load(v_scale_ptr + kv_head * SCALE_STRIDE)
         # A runtime branch, not a constexpr: CUDA graphs at small batches capture only split plans, and a
         # constexpr made the first unsplit eager decode (a short mixed step) compile a variant mid-run.
         if num_splits == 1:
@@ -288,9 +304,12 @@ def paged_decode(
     num_warps: int = 4,
     num_stages: int = 2,
     query_len: int = 1,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [B * query_len, Hq, D] (``query_len`` new tokens per sequence, causal among themselves) ->
-    [B * query_len, Hq, D]. seq_lens 0 gives zeros (padding rows).
+    [B * query_len, Hq, D]. seq_lens 0 gives zeros (padding rows). ``k_scale``/``v_scale``: an FP8 cache's
+    dequantization scales (float32, shape () or [num_kv_heads]).
 
     K/V are indexed [K/V, block, token, head, dim] through the cache object's strides, so a head-major storage
     works too (measured on the H100: no faster, gpu_kernels_decode_layout_2026-11-24.json).
@@ -325,6 +344,7 @@ def paged_decode(
     part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
     part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)
     block_d = max(16, next_power_of_2(head_dim))
+    k_scale_arg, v_scale_arg, scaling = scale_launch_args(cache, k_scale, v_scale)
     _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
         query,
         cache.kv,
@@ -342,6 +362,8 @@ def paged_decode(
         scale * 1.4426950408889634,
         plan.num_splits,
         plan.min_partition,
+        k_scale_arg,
+        v_scale_arg,
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_DIM=head_dim,
@@ -355,6 +377,8 @@ def paged_decode(
         STRIDE_HEAD=cache.strides[2],
         **pdl_launch(query.device, num_seqs),
         QUERY_LEN=query_len,
+        SCALED=scaling["SCALED"],
+        SCALE_STRIDE=scaling["SCALE_STRIDE"],
         num_warps=num_warps,
         num_stages=num_stages,
     )

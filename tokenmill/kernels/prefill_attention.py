@@ -1,7 +1,8 @@
 """Prefill / mixed-batch attention over the paged KV cache (flash-attention style, varlen, causal).
 
 Query j of a sequence with ``context_len`` cached tokens sees keys 0 .. context_len + j, so prefix-cache hits
-and chunked prefill need nothing special; scores never leave registers (online softmax).
+and chunked prefill need nothing special; scores never leave registers (online softmax). An FP8 cache is
+widened to the query's dtype per tile; its k scale joins the softmax scale and its v scale the output.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tokenmill.kernels._triton import (
     tl,
     triton,
 )
+from tokenmill.kernels.kv_cache_write import scale_launch_args
 
 
 def prefill_attention_reference(
@@ -27,6 +29,8 @@ def prefill_attention_reference(
     seq_lens: list[int],
     block_tables: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [T, Hq, D] packed by ``query_start_loc``; computed in fp32 with an explicit mask (slow, exact)."""
     cache = LayerKVCache.of(kv_cache)
@@ -39,7 +43,7 @@ def prefill_attention_reference(
         q_len = hi - lo
         if q_len == 0:
             continue
-        keys, values = cache.gather_kv(block_tables[i], seq_len)
+        keys, values = cache.gather_kv(block_tables[i], seq_len, k_scale, v_scale)
         keys = keys.float().repeat_interleave(group, dim=1)
         values = values.float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", query[lo:hi].float(), keys) * scale
@@ -73,6 +77,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr,
         MASKED: tl.constexpr,
+        SCALED: tl.constexpr,
     ):
         """One key tile of online softmax. MASKED tiles (the causal diagonal and the ragged end) pay for
         bounds and causal masks; the tiles every query sees in full skip them."""
@@ -88,6 +93,9 @@ if HAS_TRITON:
         row = (block * BLOCK_SIZE + n % BLOCK_SIZE) * TOKEN_STRIDE + kv_col
         k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if SCALED:  # FP8 storage, widened in registers (the caller folds the scales in)
+            k = k.to(tl.float32).to(q.dtype)  # via fp32: the conversion every sm89+ target has
+            v = v.to(tl.float32).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -120,6 +128,8 @@ if HAS_TRITON:
         bt_stride,
         v_offset,
         qk_scale,
+        k_scale_ptr,
+        v_scale_ptr,
         NUM_KV_HEADS: tl.constexpr,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -129,10 +139,14 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
         PDL: tl.constexpr = False,
+        SCALED: tl.constexpr = False,
+        SCALE_STRIDE: tl.constexpr = 0,
     ):
         pdl_wait(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
+        if SCALED:
+            qk_scale = qk_scale * tl.load(k_scale_ptr + (head // GROUP) * SCALE_STRIDE)
         # Last query tiles see the most keys: launch them first so the short ones fill the tail.
         tile = tl.num_programs(2) - 1 - tl.program_id(2)
         q_start = tl.load(qsl_ptr + seq)
@@ -182,6 +196,7 @@ if HAS_TRITON:
                 HEAD_DIM,
                 PRECISION,
                 False,
+                SCALED,
             )
         for n0 in range(full_end, kv_end, BLOCK_N):
             acc, l_i, m_i = _prefill_step(
@@ -204,9 +219,12 @@ if HAS_TRITON:
                 HEAD_DIM,
                 PRECISION,
                 True,
+                SCALED,
             )
 
         res = acc / tl.maximum(l_i, 1e-30)[:, None]
+        if SCALED:
+            res = res * tl.load(v_scale_ptr + (head // GROUP) * SCALE_STRIDE)
         tl.store(
             out_ptr + q_tokens[:, None] * out_stride_t + head * out_stride_h + d[None, :],
             res.to(out_ptr.dtype.element_ty),
@@ -229,6 +247,8 @@ def prefill_attention(
     block_n: int = 32,
     num_warps: int = 4,
     num_stages: int = 3,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [T, Hq, D] packed varlen -> [T, Hq, D]; keys (this step's included) come from the cache.
 
@@ -254,6 +274,7 @@ def prefill_attention(
         # fp32 tiles are twice the bytes: stay with the shapes measured to fit shared memory (round 1).
         block_m, num_stages = min(block_m, 64), min(num_stages, 2)
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
+    k_scale_arg, v_scale_arg, scaling = scale_launch_args(cache, k_scale, v_scale)
     _prefill_kernel[grid](
         query,
         cache.kv,
@@ -268,6 +289,8 @@ def prefill_attention(
         block_tables.stride(0),
         cache.v_offset,
         scale * 1.4426950408889634,
+        k_scale_arg,
+        v_scale_arg,
         NUM_KV_HEADS=num_kv_heads,
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
@@ -277,6 +300,8 @@ def prefill_attention(
         BLOCK_D=max(16, next_power_of_2(head_dim)),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         **pdl_launch(query.device, query.shape[0]),
+        SCALED=scaling["SCALED"],
+        SCALE_STRIDE=scaling["SCALE_STRIDE"],
         num_warps=num_warps,
         num_stages=num_stages,
     )

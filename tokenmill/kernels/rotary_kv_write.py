@@ -21,10 +21,11 @@ from tokenmill.kernels._triton import (
     tl,
     triton,
 )
-from tokenmill.kernels.kv_cache_write import reshape_and_cache_reference
+from tokenmill.kernels.kv_cache_write import reshape_and_cache_reference, scale_launch_args
 from tokenmill.kernels.rotary import apply_rotary_reference
 
 if HAS_TRITON:
+    from tokenmill.kernels.kv_cache_write import quantize_kv
     from tokenmill.kernels.rotary import load_cos_sin, rotate_heads
 
 
@@ -36,10 +37,13 @@ def rotary_and_cache_reference(
     cos_sin_cache: torch.Tensor,
     kv_cache: LayerKVCache | torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Rotate query and key in place (fp32 math), then scatter key/value into the cache."""
+    """Rotate query and key in place (fp32 math), then scatter key/value into the cache (divided by the
+    scales of an FP8 cache)."""
     apply_rotary_reference(query, key, positions, cos_sin_cache)
-    reshape_and_cache_reference(key, value, kv_cache, slot_mapping)
+    reshape_and_cache_reference(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
 
 if HAS_TRITON:
@@ -61,12 +65,17 @@ if HAS_TRITON:
         v_stride_h,
         cos_sin_stride,
         v_offset,  # elements between the K and V halves of the cache
+        k_scale_ptr,
+        v_scale_ptr,
         NUM_Q_HEADS: tl.constexpr,
         NUM_KV_HEADS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_QH: tl.constexpr,
         BLOCK_KH: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
+        SCALED: tl.constexpr,
+        SCALE_STRIDE: tl.constexpr,
+        FP8_MAX: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
         pdl_wait(PDL)
@@ -87,12 +96,17 @@ if HAS_TRITON:
             # Rounded to the activation dtype first, as the separate rotary kernel did, then to the cache's.
             r1 = (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty)
             r2 = (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty)
-            dst = cache_ptr + slot * (NUM_KV_HEADS * HEAD_DIM) + kh * HEAD_DIM + dims
-            tl.store(dst, r1.to(cache_ptr.dtype.element_ty), mask=kmask)
-            tl.store(dst + HALF, r2.to(cache_ptr.dtype.element_ty), mask=kmask)
             v_base = v_ptr + token * v_stride_t + kh * v_stride_h + dims
             v1 = tl.load(v_base, mask=kmask, other=0.0)
             v2 = tl.load(v_base + HALF, mask=kmask, other=0.0)
+            if SCALED:  # FP8 cache: divided by the layer's scales and saturated before the cast rounds
+                r1 = quantize_kv(r1, k_scale_ptr, kh, NUM_KV_HEADS, SCALE_STRIDE, FP8_MAX)
+                r2 = quantize_kv(r2, k_scale_ptr, kh, NUM_KV_HEADS, SCALE_STRIDE, FP8_MAX)
+                v1 = quantize_kv(v1, v_scale_ptr, kh, NUM_KV_HEADS, SCALE_STRIDE, FP8_MAX)
+                v2 = quantize_kv(v2, v_scale_ptr, kh, NUM_KV_HEADS, SCALE_STRIDE, FP8_MAX)
+            dst = cache_ptr + slot * (NUM_KV_HEADS * HEAD_DIM) + kh * HEAD_DIM + dims
+            tl.store(dst, r1.to(cache_ptr.dtype.element_ty), mask=kmask)
+            tl.store(dst + HALF, r2.to(cache_ptr.dtype.element_ty), mask=kmask)
             tl.store(dst + v_offset, v1.to(cache_ptr.dtype.element_ty), mask=kmask)
             tl.store(dst + v_offset + HALF, v2.to(cache_ptr.dtype.element_ty), mask=kmask)
 
@@ -105,6 +119,8 @@ def rotary_and_cache(
     cos_sin_cache: torch.Tensor,
     kv_cache: LayerKVCache | torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """query [T, Hq, D] rotated in place; rotated key [T, Hkv, D] and value written to their cache slots.
 
@@ -128,16 +144,18 @@ def rotary_and_cache(
         raise ValueError("query, key, value and cos_sin_cache need a contiguous last axis")
     if num_tokens == 0:
         return
+    k_scale_arg, v_scale_arg, scaling = scale_launch_args(cache, k_scale, v_scale)
     _rotary_kv_write_kernel[(num_tokens,)](
         query, key, value, positions, slot_mapping, cos_sin_cache, cache.kv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        cos_sin_cache.stride(0), cache.v_offset,
+        cos_sin_cache.stride(0), cache.v_offset, k_scale_arg, v_scale_arg,
         NUM_Q_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_QH=next_power_of_2(num_heads),
         BLOCK_KH=next_power_of_2(num_kv_heads),
         BLOCK_HALF=next_power_of_2(head_dim // 2),
+        **scaling,
         **pdl_launch(query.device, num_tokens),
         num_warps=4,
     )

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend
+from tokenmill.attention.kv_scales import KVScales, checkpoint_kv_scale, load_kv_scale
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.distributed.context import ParallelContext
 from tokenmill.model.layers import RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
@@ -66,6 +67,7 @@ class LlamaAttention(nn.Module):
         # Shared across layers; kept out of this module's children so it is not registered once per layer.
         self._rotary = (rotary,)
         self.attn_backend = attn_backend
+        self.kv_scales = KVScales()  # used only when the cache stores FP8
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -79,11 +81,13 @@ class LlamaAttention(nn.Module):
             q, _ = self.q_norm(q)
             k, _ = self.k_norm(k)
         rotary = self._rotary[0]
+        k_scale, v_scale = self.kv_scales.for_cache(kv_cache, k, v)
         if self.attn_backend.fuses_rotary:  # rotated inside the backend's KV-cache write
-            out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, (positions, rotary.cos_sin_cache))
+            out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, (positions, rotary.cos_sin_cache),
+                                            k_scale=k_scale, v_scale=v_scale)
         else:
             q, k = rotary(q, k, positions)
-            out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
+            out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, k_scale=k_scale, v_scale=v_scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -218,6 +222,10 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[tuple[str, str | None]] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.spec.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            kv_scale = checkpoint_kv_scale(name)
+            if kv_scale is not None:  # FP8 KV-cache scales: buffers of the layer's attention, not parameters
+                load_kv_scale(self.model.layers[kv_scale[0]].self_attn.kv_scales, kv_scale[1], tensor)
                 continue
             param_name, shard_id = self._map_name(name)
             param = params.get(param_name)

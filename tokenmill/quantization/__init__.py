@@ -5,5 +5,6 @@ Importing the package registers the GPTQ and AWQ formats with model/linear_metho
 this package on its first lookup).
 """
 
-# Registers gptq, awq, compressed-tensors (+ its pack-quantized int schemes), rtn4, int8.
-from tokenmill.quantization import compressed_tensors, linear_methods, online  # noqa: F401
+# Registers gptq, awq, compressed-tensors (+ its pack-quantized int schemes), rtn4, int8; fp8 (W8A8 e4m3 checkpoints,
+# --quantization fp8) and the compressed-tensors float-quantized FP8 scheme.
+from tokenmill.quantization import compressed_tensors, fp8, fp8_compressed_tensors, linear_methods, online  # noqa: F401
