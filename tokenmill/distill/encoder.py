@@ -167,7 +167,8 @@ class EncoderTask:
             sums["cos"] += float(out["cosine"].sum())
             sums["agree"] += float((out["s_logits"].argmax(-1) == out["t_logits"].argmax(-1)).sum())
         count = len(self.eval_sentences)
-        record = {"kd_loss": sums["kd"] / count, "kl_to_teacher": sums["kl"] / count,
+        record = {"loss": (sums["kd"] + config.embedding_weight * (count - sums["cos"])) / count,
+                  "kd_loss": sums["kd"] / count, "kl_to_teacher": sums["kl"] / count,
                   "embedding_cosine": sums["cos"] / count, "top1_agreement": sums["agree"] / count,
                   "eval_sentences": count}
         if self.labelled_eval:

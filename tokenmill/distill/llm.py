@@ -42,7 +42,7 @@ def load_teacher(source: str | None) -> tuple[nn.Module, object, str]:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     else:
         raise ValueError(f"teacher {str(path)!r} is neither a model directory with config.json nor a .gguf file")
-    return model.float().eval(), tokenizer, str(path)
+    return model.eval(), tokenizer, str(path)  # fp32 already (dtype above; GGUF tensors are dequantized)
 
 
 class DraftTask:
@@ -144,7 +144,7 @@ class DraftTask:
             sums["agree"] += float((s_logits.argmax(-1) == t_logits.argmax(-1)).sum())
             rows += n
         means = {k: v / rows for k, v in sums.items()}
-        return {"kd_loss": means["kd"], "kl_to_teacher": means["kl"],
+        return {"loss": means["kd"], "kd_loss": means["kd"], "kl_to_teacher": means["kl"],
                 "student_perplexity": float(torch.tensor(means["student_nll"]).exp()),
                 "teacher_perplexity": float(torch.tensor(means["teacher_nll"]).exp()),
                 "top1_agreement": means["agree"], "eval_tokens": rows}

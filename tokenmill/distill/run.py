@@ -82,8 +82,8 @@ def plot_loss_curve(summary: dict, path: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     history = summary["history"]
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="training loss", lw=1)
-    ax.plot([e["step"] for e in summary["evals"]], [e["kd_loss"] for e in summary["evals"]], "o-",
-            label="held-out KD loss")
+    ax.plot([e["step"] for e in summary["evals"]], [e["loss"] for e in summary["evals"]], "o-",
+            label="held-out loss (same terms, no hidden MSE)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"tokenmill distill --target {summary['config']['target']}")

@@ -27,6 +27,9 @@ def student_config(teacher_config, layers: int | None, hidden: int | None, inter
     """A copy of the teacher's HF config with fewer layers and/or a narrower width; attention heads keep the
     teacher's head size, so a narrower student has fewer heads."""
     config = teacher_config.__class__.from_dict(teacher_config.to_dict())
+    # A GGUF teacher carries transformers' GGUF quantization record; the student is a plain dense model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     config.num_hidden_layers = layers or max(1, teacher_config.num_hidden_layers // 2)
     if hidden is not None and hidden != teacher_config.hidden_size:
         head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // teacher_config.num_attention_heads
