@@ -4,6 +4,7 @@ transformers generates; the encoder student exports to ONNX and validates; bad a
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -98,6 +99,29 @@ def test_encoder_lowers_kd_loss_and_kl_and_exports_to_onnx(bert_teacher, text_fi
     assert (repository / "encoder" / "1" / "model.onnx").is_file()
     assert (repository / "encoder" / "config.yaml").is_file()
     assert summary["export"]["max_abs_vs_torch"] == report["validation"]["max_abs"]
+
+    # The model server loads the student's repository entry and its logits are the PyTorch student's.
+    from tokenmill.modelserver import bundled
+    from tokenmill.modelserver.metrics import ServerMetrics
+    from tokenmill.modelserver.repository import ModelRepository
+
+    texts = ["What a wonderful, kind gesture.", "This was a terrible waste of time."]
+
+    async def serve(root: Path) -> dict:
+        models = ModelRepository(root, ServerMetrics(), device="cpu")
+        await models.load("encoder")
+        try:
+            return await models.get("encoder").infer(texts)
+        finally:
+            await models.close()
+
+    served = asyncio.run(serve(repository))
+    head, _ = bundled.load_head(out / "head.json")
+    student = bundled.MeanPoolClassifier(bundled.load_encoder(out), head).eval()
+    encoded = bundled.load_tokenizer(out).encode_batch(texts)
+    with torch.no_grad():
+        expected = student(torch.tensor([e.ids for e in encoded]), torch.tensor([e.attention_mask for e in encoded]))
+    torch.testing.assert_close(torch.from_numpy(served["logits"]), expected, atol=1e-4, rtol=1e-4)
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
