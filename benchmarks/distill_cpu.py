@@ -260,13 +260,25 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="draft tokens per speculative round")
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-new", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (on a CPU shared with other jobs, 1 thread decodes batch 1 far faster)")
+    parser.add_argument("--measure-draft", type=Path, default=None,
+                        help="skip training: measure an existing draft student directory written by distill")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d_%H%M")
     for target in args.targets.split(","):
         work = args.work_dir / target
         started = time.perf_counter()
-        record = run_encoder(args, work) if target == "encoder" else run_draft(args, work)
+        if target == "draft" and args.measure_draft:
+            summary = json.loads((args.measure_draft / "distill_summary.json").read_text())
+            record = dict(header(args, "draft"), history=summary["history"], distill_summary={
+                k: summary[k] for k in ("config", "model", "evals", "seconds")}, measured_student=str(args.measure_draft))
+            record = measure_draft(args, args.measure_draft, summary, record)
+        else:
+            record = run_encoder(args, work) if target == "encoder" else run_draft(args, work)
         record["wall_seconds"] = round(time.perf_counter() - started, 1)
         record["load_average_end"] = os.getloadavg()
         path = args.results / f"distill_{target}_{stamp}.json"
