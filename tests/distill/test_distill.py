@@ -191,3 +191,15 @@ def test_bad_arguments_fail_before_training(llama_teacher, bert_teacher, text_fi
         capsys, [*encoder, "--teacher-head", str(bert_teacher[1]), "--student", str(llama_teacher)])
     assert "--warmup-steps (5) must be >= 0 and below --steps (2)" in _cli_error(capsys, [*base, "--warmup-steps", "5"])
     assert not (out / "checkpoints").exists()  # nothing trained
+
+
+def test_cli_happy_path_writes_the_student(llama_teacher, text_file, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["distill", "--teacher", str(llama_teacher), "--data", str(text_file), "--out", str(out),
+            "--student-layers", "1", "--steps", "2", "--warmup-steps", "0", "--seq-len", "16", "--batch-size", "2",
+            "--kd-loss", "jsd", "--checkpoint-every", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert f"wrote the student to {out}" in capsys.readouterr().out
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["config"]["kd_loss"] == "jsd" and summary["model"]["layer_map"] == [3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
