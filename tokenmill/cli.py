@@ -1,4 +1,4 @@
-"""One entry point: ``tokenmill serve | generate | bench | gateway | export | serve-models | quantize | eval``.
+"""One entry point: ``tokenmill serve | generate | bench | gateway | export | serve-models | quantize | eval | distill``.
 
 Each area registers its own subcommands through a ``register(subparsers)`` function in its ``cli`` module,
 so this file stays a thin table and importing it pulls in no heavy dependency.
@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "tokenmill.gateway.cli",  # gateway
     "tokenmill.modelserver.cli",  # export | bench-model | serve-models
     "tokenmill.quantization.cli",  # quantize | eval perplexity
+    "tokenmill.distill.cli",  # distill
 )
 
 

@@ -1,0 +1,294 @@
+"""A real, short `tokenmill distill` run for both targets, then the student measured against its teacher.
+
+encoder: MiniLM-L6 + sentiment head -> a shallower student; held-out sentiment accuracy (teacher, student),
+  agreement, embedding cosine, then exported through the ONNX pipeline and timed with `bench-model`'s code
+  (ONNX Runtime, CPU) beside the teacher's graph.
+draft: embedded SmolLM2-135M -> a 6-layer student; held-out perplexity, KL and top-1 agreement, batch-1 greedy
+  tokens/s of each, mean acceptance length of greedy speculative decoding with k draft tokens on chat prompts
+  (exact, by replaying the teacher's greedy continuation), and transformers' assisted generation (the student
+  as assistant_model) vs the teacher alone, end to end, batch 1.
+
+    python benchmarks/distill_cpu.py                        # both targets, ~10 min each on an idle 2-core CPU
+    python benchmarks/distill_cpu.py --targets encoder --encoder-steps 40
+
+Writes benchmarks/results/distill_<target>_<date>.json (+ .png: loss curve, quality, speed) with date, machine,
+load averages and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from tokenmill.distill.config import DistillConfig
+from tokenmill.distill.run import distill
+
+RESULTS = Path(__file__).parent / "results"
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a neural network is in two sentences.",
+    "Give me three tips for staying focused while studying.",
+    "How do I make a cup of tea?",
+    "What is the difference between weather and climate?",
+]
+
+
+def header(args: argparse.Namespace, target: str) -> dict:
+    return {"benchmark": f"distill_{target}", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_start": os.getloadavg(), "device": args.device,
+            "command": "python " + shlex.join(sys.argv)}
+
+
+# ---------------------------------------------------------------- encoder
+def run_encoder(args: argparse.Namespace, work: Path) -> dict:
+    from tokenmill.modelserver.bench_model import bench_model
+
+    record = header(args, "encoder")
+    repository = work / "models"
+    config = DistillConfig(target="encoder", student_layers=args.encoder_layers, steps=args.encoder_steps,
+                           batch_size=args.encoder_batch, seq_len=64, lr=args.encoder_lr, warmup_steps=min(4, args.encoder_steps - 1),
+                           temperature=2.0, embedding_weight=1.0, eval_batches=8, checkpoint_every=0,
+                           out=str(work / "encoder_student"), repository=str(repository), name="sentiment_student",
+                           device=args.device, seed=0)
+    summary = distill(config)
+    speed = {}
+    for name, model in (("teacher", "sentiment"),
+                        ("student", str(repository / "sentiment_student" / "1" / "model.onnx"))):
+        report = bench_model(model, ("onnxruntime",), "cpu", args.batch_sizes, seq_len=64,
+                             iterations=args.iterations, warmup=3, onnx_dir=work / "onnx")
+        speed[name] = {r["batch_size"]: {k: r[k] for k in ("p50_ms", "p99_ms", "throughput_per_s")}
+                       for r in report["results"]}
+    first, last = summary["evals"][0], summary["evals"][-1]
+    record.update(
+        distill_summary={k: summary[k] for k in ("config", "model", "evals", "seconds", "export")},
+        history=summary["history"], quality={
+            "teacher_accuracy": last["teacher_accuracy"], "student_accuracy": last["student_accuracy"],
+            "student_accuracy_at_init": first["student_accuracy"],
+            "accuracy_ratio": last["student_accuracy"] / last["teacher_accuracy"],
+            "labelled_agreement": last["labelled_agreement"], "embedding_cosine": last["embedding_cosine"],
+            "embedding_cosine_at_init": first["embedding_cosine"], "kl_to_teacher": last["kl_to_teacher"],
+            "kl_to_teacher_at_init": first["kl_to_teacher"]},
+        speed=speed,
+        speedup={b: speed["student"][b]["throughput_per_s"] / speed["teacher"][b]["throughput_per_s"]
+                 for b in speed["teacher"]},
+        targets={"accuracy_ratio >= 0.97": last["student_accuracy"] / last["teacher_accuracy"] >= 0.97,
+                 "embedding_cosine >= 0.95": last["embedding_cosine"] >= 0.95,
+                 "throughput >= 2.5x": all(speed["student"][b]["throughput_per_s"]
+                                            >= 2.5 * speed["teacher"][b]["throughput_per_s"] for b in speed["teacher"])})
+    return record
+
+
+# ---------------------------------------------------------------- draft
+def greedy_tokens_per_s(model, prompts: list[torch.Tensor], max_new: int) -> tuple[float, list[list[int]]]:
+    model.generate(prompts[0], max_new_tokens=2, do_sample=False)  # warm-up: first-call costs are not decode speed
+    outputs, tokens, seconds = [], 0, 0.0
+    for ids in prompts:
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+        seconds += time.perf_counter() - started
+        outputs.append(out[0, ids.shape[1]:].tolist())
+        tokens += out.shape[1] - ids.shape[1]
+    return tokens / seconds, outputs
+
+
+@torch.no_grad()
+def acceptance_lengths(draft, prompts: list[torch.Tensor], continuations: list[list[int]], k: int) -> list[int]:
+    """Greedy speculative decoding replayed exactly: at each round the draft proposes k greedy tokens after the
+    accepted prefix; the target (whose greedy output is ``continuation``) keeps the agreeing prefix and adds
+    one token of its own. Returns tokens emitted per round (1..k+1)."""
+    lengths = []
+    for ids, continuation in zip(prompts, continuations, strict=True):
+        done = 0
+        while done < len(continuation):
+            prefix = torch.cat([ids, torch.tensor([continuation[:done]], dtype=ids.dtype)], dim=1)
+            proposal = draft.generate(prefix, max_new_tokens=k, min_new_tokens=k, do_sample=False)[0, prefix.shape[1]:]
+            accepted = 0
+            while accepted < k and done + accepted < len(continuation) and int(proposal[accepted]) == continuation[done + accepted]:
+                accepted += 1
+            emitted = min(accepted + 1, len(continuation) - done)
+            lengths.append(emitted)
+            done += emitted
+    return lengths
+
+
+def assisted_seconds(teacher, draft, prompts: list[torch.Tensor], max_new: int, k: int,
+                     expected: list[list[int]]) -> float:
+    """Wall time of transformers' assisted generation (draft as assistant_model, k tokens a round, constant)."""
+    seconds = 0.0
+    for ids, reference in zip(prompts, expected, strict=True):
+        started = time.perf_counter()
+        out = teacher.generate(ids, assistant_model=draft, max_new_tokens=max_new, min_new_tokens=max_new,
+                               do_sample=False, num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
+        seconds += time.perf_counter() - started
+        if out[0, ids.shape[1]:].tolist() != reference:  # greedy speculative decoding must not change the output
+            raise RuntimeError("assisted generation changed the teacher's greedy output")
+    return seconds
+
+
+def run_draft(args: argparse.Namespace, work: Path) -> dict:
+    record = header(args, "draft")
+    out = work / "draft_student"
+    config = DistillConfig(target="draft", student_layers=args.draft_layers, steps=args.draft_steps,
+                           batch_size=args.draft_batch, seq_len=args.draft_seq_len, lr=args.draft_lr,
+                           warmup_steps=min(2, args.draft_steps - 1), temperature=1.0, eval_batches=2, checkpoint_every=0, out=str(out),
+                           device=args.device, seed=0)
+    summary = distill(config)
+    record.update(distill_summary={k: summary[k] for k in ("config", "model", "evals", "seconds")},
+                  history=summary["history"])
+    return measure_draft(args, out, summary, record)
+
+
+def chat_prompt_ids(tokenizer, count: int) -> list[torch.Tensor]:
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in CHAT_PROMPTS[:count]]
+    return [tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"] for text in texts]
+
+
+def measure_draft(args: argparse.Namespace, out: Path, summary: dict, record: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.distill.llm import load_teacher
+
+    teacher, tokenizer, _ = load_teacher(None)
+    student = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    for model in (teacher, student):
+        model.generation_config.pad_token_id = tokenizer.eos_token_id
+    prompts = chat_prompt_ids(tokenizer, args.prompts)
+    teacher_tps, continuations = greedy_tokens_per_s(teacher, prompts, args.max_new)
+    student_tps, _ = greedy_tokens_per_s(student, prompts, args.max_new)
+    lengths = acceptance_lengths(student, prompts, continuations, args.k)
+    plain_seconds = args.prompts * args.max_new / teacher_tps
+    spec_seconds = assisted_seconds(teacher, student, prompts, args.max_new, args.k, continuations)
+    first, last = summary["evals"][0], summary["evals"][-1]
+    record.update(
+        quality={"teacher_perplexity": last["teacher_perplexity"], "student_perplexity": last["student_perplexity"],
+                 "student_perplexity_at_init": first["student_perplexity"],
+                 "kl_to_teacher": last["kl_to_teacher"], "kl_to_teacher_at_init": first["kl_to_teacher"],
+                 "top1_agreement": last["top1_agreement"], "top1_agreement_at_init": first["top1_agreement"]},
+        speed={"teacher_tokens_per_s": teacher_tps, "student_tokens_per_s": student_tps,
+               "student_vs_teacher": student_tps / teacher_tps},
+        speculative={"k": args.k, "prompts": len(prompts), "max_new_tokens": args.max_new,
+                     "mean_acceptance_length": sum(lengths) / len(lengths), "rounds": len(lengths),
+                     "assisted_generation_seconds": spec_seconds, "teacher_alone_seconds": plain_seconds,
+                     "end_to_end_speedup": plain_seconds / spec_seconds,
+                     "how": "exact replay of greedy speculative decoding for the acceptance length; transformers "
+                            "assisted generation (assistant_model, constant k) for wall time, outputs checked "
+                            "equal to the teacher's greedy tokens"},
+        targets={"mean_acceptance_length >= 2.0": sum(lengths) / len(lengths) >= 2.0,
+                 "end_to_end_speedup > 1": plain_seconds / spec_seconds > 1.0})
+    return record
+
+
+# ---------------------------------------------------------------- output
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    history = record["history"]
+    evals = record["distill_summary"]["evals"]
+    axes[0].plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="training loss")
+    axes[0].plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="held-out loss")
+    axes[0].set(xlabel="step", ylabel="loss", title="loss")
+    axes[0].legend()
+    q = record["quality"]
+    if record["benchmark"] == "distill_encoder":
+        names = ["teacher acc", "student acc (init)", "student acc", "agreement", "cosine (init)", "cosine"]
+        values = [q["teacher_accuracy"], q["student_accuracy_at_init"], q["student_accuracy"],
+                  q["labelled_agreement"], q["embedding_cosine_at_init"], q["embedding_cosine"]]
+        axes[1].bar(names, values, color=["gray", "lightblue", "tab:blue", "tab:green", "moccasin", "tab:orange"])
+        axes[1].set(ylim=(0, 1.05), title="held-out quality")
+        batches = list(record["speed"]["teacher"])
+        width = 0.38
+        xs = range(len(batches))
+        axes[2].bar([x - width / 2 for x in xs], [record["speed"]["teacher"][b]["throughput_per_s"] for b in batches],
+                    width, label="teacher (6 layers)", color="gray")
+        axes[2].bar([x + width / 2 for x in xs], [record["speed"]["student"][b]["throughput_per_s"] for b in batches],
+                    width, label="student", color="tab:blue")
+        axes[2].set_xticks(list(xs), [f"batch {b}" for b in batches])
+        axes[2].set(ylabel="sentences/s (ONNX Runtime CPU)", title="throughput")
+        axes[2].legend()
+    else:
+        names = ["teacher ppl", "student ppl", "KL init", "KL", "top-1 agree x100"]
+        values = [q["teacher_perplexity"], q["student_perplexity"], q["kl_to_teacher_at_init"], q["kl_to_teacher"],
+                  100 * q["top1_agreement"]]
+        axes[1].bar(names, values, color=["gray", "tab:blue", "moccasin", "tab:orange", "tab:green"])
+        axes[1].set(yscale="log", title="held-out quality (log scale)")
+        s, sp = record["speed"], record["speculative"]
+        axes[2].bar(["teacher tok/s", "student tok/s", f"accept len (k={sp['k']})", "spec speedup x10"],
+                    [s["teacher_tokens_per_s"], s["student_tokens_per_s"], sp["mean_acceptance_length"],
+                     10 * sp["end_to_end_speedup"]], color=["gray", "tab:blue", "tab:green", "tab:purple"])
+        axes[2].set(title="batch-1 speed (CPU)")
+    for ax in axes[1:]:
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.suptitle(f"{record['benchmark']} ({record['date']}, {record['machine']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="encoder,draft")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tokenmill-distill-bench"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--encoder-steps", type=int, default=40)
+    parser.add_argument("--encoder-layers", type=int, default=2)
+    parser.add_argument("--encoder-batch", type=int, default=32)
+    parser.add_argument("--encoder-lr", type=float, default=3e-4)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--draft-steps", type=int, default=20)
+    parser.add_argument("--draft-layers", type=int, default=6)
+    parser.add_argument("--draft-batch", type=int, default=4)
+    parser.add_argument("--draft-seq-len", type=int, default=64)
+    parser.add_argument("--draft-lr", type=float, default=1e-3)
+    parser.add_argument("--k", type=int, default=4, help="draft tokens per speculative round")
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--max-new", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (on a CPU shared with other jobs, 1 thread decodes batch 1 far faster)")
+    parser.add_argument("--measure-draft", type=Path, default=None,
+                        help="skip training: measure an existing draft student directory written by distill")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d_%H%M")
+    for target in args.targets.split(","):
+        work = args.work_dir / target
+        started = time.perf_counter()
+        if target == "draft" and args.measure_draft:
+            summary = json.loads((args.measure_draft / "distill_summary.json").read_text())
+            record = dict(header(args, "draft"), history=summary["history"], distill_summary={
+                k: summary[k] for k in ("config", "model", "evals", "seconds")}, measured_student=str(args.measure_draft))
+            record = measure_draft(args, args.measure_draft, summary, record)
+        else:
+            record = run_encoder(args, work) if target == "encoder" else run_draft(args, work)
+        record["wall_seconds"] = round(time.perf_counter() - started, 1)
+        record["load_average_end"] = os.getloadavg()
+        path = args.results / f"distill_{target}_{stamp}.json"
+        path.write_text(json.dumps(record, indent=2))
+        plot(record, path.with_suffix(".png"))
+        print(json.dumps({k: record[k] for k in ("quality", "speed", "targets", "wall_seconds")
+                          if k in record} | ({"speculative": record["speculative"]} if "speculative" in record
+                                             else {"speedup": record.get("speedup")}), indent=2))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

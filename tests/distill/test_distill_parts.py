@@ -1,0 +1,119 @@
+"""Distillation parts: the KD losses against torch's own KL, the batch order, the corpus reader, config checks,
+student shapes and initialisation from teacher layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenmill.distill.config import DistillConfig
+from tokenmill.distill.data import BatchOrder, read_corpus, sentences, split_windows, token_windows
+from tokenmill.distill.losses import hidden_mse, kd_loss, kl_to_teacher
+from tokenmill.distill.students import init_from_teacher, student_config, teacher_layer_map
+
+
+def _logits(seed: int, shape=(3, 5, 11)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_forward_kl_matches_torch_kl_div_and_scales_by_t_squared():
+    s, t = _logits(0), _logits(1)
+    for temperature in (1.0, 2.0):
+        reference = F.kl_div(F.log_softmax(s / temperature, -1).flatten(0, 1), F.log_softmax(t / temperature, -1)
+                             .flatten(0, 1), log_target=True, reduction="batchmean") * temperature**2
+        torch.testing.assert_close(kd_loss(s, t, temperature), reference)
+    reverse = F.kl_div(F.log_softmax(t, -1).flatten(0, 1), F.log_softmax(s, -1).flatten(0, 1), log_target=True,
+                       reduction="batchmean")
+    torch.testing.assert_close(kd_loss(s, t, kind="reverse_kl"), reverse)
+
+
+def test_divergences_vanish_only_at_the_teacher():
+    s, t = _logits(2), _logits(3)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        assert kd_loss(t.clone(), t, 2.0, kind).abs() < 1e-5
+        assert kd_loss(s, t, 2.0, kind) > 0.01
+    # JSD is bounded by log 2 (times T² = 1 here) and sits below either KL for beta = 0.5
+    jsd = kd_loss(s, t, kind="jsd")
+    assert jsd < min(kd_loss(s, t), kd_loss(s, t, kind="reverse_kl"))
+    assert jsd <= torch.log(torch.tensor(2.0))
+
+
+def test_masked_rows_do_not_count():
+    s, t = _logits(4), _logits(5)
+    mask = torch.ones(3, 5)
+    mask[:, 3:] = 0
+    torch.testing.assert_close(kl_to_teacher(s, t, mask), kl_to_teacher(s[:, :3], t[:, :3]))
+    hidden = [torch.randn(3, 5, 8)]
+    torch.testing.assert_close(hidden_mse(hidden, [h + 1 for h in hidden], mask), torch.tensor(1.0))
+
+
+def test_batch_order_is_a_function_of_seed_and_index():
+    order = BatchOrder(10, 4, seed=7)
+    first_epoch = order.indices(0) + order.indices(1) + order.indices(2)[:2]
+    assert sorted(first_epoch) == list(range(10))  # each example once per epoch
+    again = BatchOrder(10, 4, seed=7)
+    assert [again.indices(i) for i in (5, 2, 0)] == [order.indices(i) for i in (5, 2, 0)]
+    assert BatchOrder(10, 4, seed=8).indices(0) != order.indices(0)
+    with pytest.raises(ValueError, match="yields no examples"):
+        BatchOrder(0, 4, seed=0)
+
+
+def test_corpus_reader_text_jsonl_and_errors(tmp_path):
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text(json.dumps({"text": "first line"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    assert read_corpus(jsonl) == "first line\nsecond"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match='line 1 must be an object with a "text" string'):
+        read_corpus(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_corpus(empty)
+    assert sentences("Short. A longer sentence here; and another clause!\nNext line is fine") == [
+        "A longer sentence here;", "and another clause!", "Next line is fine"]
+
+
+def test_windows_and_split():
+    windows = token_windows(list(range(105)), 10)
+    assert windows.shape == (10, 10) and windows[1, 0] == 10
+    train, held = split_windows(windows)
+    assert (len(train), len(held)) == (9, 1) and held[0, 0] == 90
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="--target 'gpt' is not supported"):
+        DistillConfig(target="gpt")
+    with pytest.raises(ValueError, match="exclude each other"):
+        DistillConfig(student="dir", student_layers=2)
+    with pytest.raises(ValueError, match="applies to --target encoder only"):
+        DistillConfig(repository="models")
+    with pytest.raises(ValueError, match="--temperature must be > 0"):
+        DistillConfig(temperature=0)
+
+
+def test_student_shapes_and_teacher_initialisation():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert teacher_layer_map(12, 6) == [0, 2, 4, 7, 9, 11]
+    assert teacher_layer_map(30, 2) == [0, 29]
+    with pytest.raises(ValueError, match="must not be larger than its teacher"):
+        teacher_layer_map(4, 5)
+    teacher_config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2)
+    narrow = student_config(teacher_config, 2, 32, None)
+    assert (narrow.num_attention_heads, narrow.num_key_value_heads, narrow.intermediate_size) == (2, 2, 64)
+    with pytest.raises(ValueError, match="multiple of the teacher's head size 16"):
+        student_config(teacher_config, 2, 40, None)
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(teacher_config)
+    student = LlamaForCausalLM(student_config(teacher_config, 2, None, None))
+    copied, total = init_from_teacher(student, teacher, [0, 3])
+    assert copied == total
+    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight)
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    narrow_student = LlamaForCausalLM(narrow)
+    assert init_from_teacher(narrow_student, teacher, [0, 3])[0] == 0  # no shape matches: random init stays

@@ -1,0 +1,62 @@
+"""``tokenmill distill --target draft|encoder --teacher T [--student S] --data TEXT --out DIR``."""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenmill.distill.config import KD_LOSSES, TARGETS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("distill", help="train a smaller student from a teacher (draft decoder or encoder)")
+    p.add_argument("--target", default="draft", choices=TARGETS,
+                   help="draft: a small decoder sharing the teacher's tokenizer (speculative draft); "
+                        "encoder: a small BERT-family sentiment/embedding model for serve-models")
+    p.add_argument("--teacher", default=None,
+                   help="draft: HF dir or .gguf (default: embedded SmolLM2); encoder: BERT-family dir "
+                        "(default: bundled MiniLM + sentiment head)")
+    p.add_argument("--teacher-head", default=None, help="encoder: the teacher's head JSON (with --teacher DIR)")
+    p.add_argument("--student", default=None, help="an HF directory to start the student from (same tokenizer)")
+    p.add_argument("--student-layers", type=int, default=None, help="student depth (default: half the teacher's)")
+    p.add_argument("--student-hidden-size", type=int, default=None, help="student width (default: the teacher's)")
+    p.add_argument("--student-intermediate-size", type=int, default=None)
+    p.add_argument("--data", default=None, help="text or JSONL ({\"text\": ...}) file (default: bundled KJV)")
+    p.add_argument("--eval-data", default=None, help="held-out text (default: bundled KJV held-out, or the "
+                                                      "data's last 10%% when --data is given)")
+    p.add_argument("--out", required=True, help="output directory: the student, checkpoints/, summary, plot")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (draft) or sentences (encoder) per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=128, help="draft: tokens per window; encoder: max tokens")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KD loss (T² scaled)")
+    p.add_argument("--kd-loss", default="forward_kl", choices=KD_LOSSES)
+    p.add_argument("--jsd-beta", type=float, default=0.5, help="mixture weight of --kd-loss jsd")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of hidden-state MSE to the teacher layer each student layer came from")
+    p.add_argument("--embedding-weight", type=float, default=1.0, help="encoder: weight of 1 - cosine to the "
+                                                                       "teacher's pooled embedding")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: start and end)")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=50, help="0: only the final checkpoint")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from OUT/checkpoints' newest (or the given) checkpoint, bit-exactly")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (bf16 autocast on CUDA)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="CUDA: train in fp32")
+    p.add_argument("--repository", default=None, help="encoder: also export the student (ONNX, validated) here")
+    p.add_argument("--name", default=None, help="encoder: model name in --repository (default: OUT's name)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from tokenmill.distill.config import DistillConfig
+    from tokenmill.distill.run import distill
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    summary = distill(DistillConfig(**fields))
+    print(f"wrote the student to {summary.get('student_dir')} and {args.out}/distill_summary.json")
+    return 0

@@ -1,0 +1,100 @@
+"""``DistillConfig``: one validated record of what ``tokenmill distill`` trains, on what, and how.
+
+Checked at construction (argument ranges); the teacher/student/data checks that need files happen in
+``tokenmill.distill.run.prepare`` before the first step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TARGETS = ("draft", "encoder")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+# Fields that change the trained result: a resumed run must match the checkpoint's values.
+RESUME_FIELDS = ("target", "teacher", "student", "student_layers", "student_hidden_size",
+                 "student_intermediate_size", "data", "seq_len", "batch_size", "grad_accum", "steps", "lr",
+                 "warmup_steps", "temperature", "kd_loss", "jsd_beta", "seed", "hidden_weight", "embedding_weight")
+
+
+@dataclass
+class DistillConfig:
+    target: str = "draft"  # draft: a decoder sharing the teacher's tokenizer; encoder: a BERT-family classifier
+    teacher: str | None = None  # None: embedded SmolLM2 (draft) / bundled MiniLM + sentiment head (encoder)
+    teacher_head: str | None = None  # encoder: head JSON of the teacher (default: the shipped sentiment head)
+    student: str | None = None  # an HF directory to start from; None: built from the teacher (see below)
+    student_layers: int | None = None  # None: half the teacher's layers (DistilBERT's choice)
+    student_hidden_size: int | None = None  # None: the teacher's width (then layers are copied from it)
+    student_intermediate_size: int | None = None  # None: the teacher's, scaled with the width
+    data: str | None = None  # text file or JSONL ({"text": ...}); None: bundled KJV text
+    eval_data: str | None = None  # None: bundled held-out KJV with the default data, else the data's last 10%
+    out: str = "distilled"
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 128  # draft: tokens per training window; encoder: max tokens per sentence
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    temperature: float = 2.0
+    kd_loss: str = "forward_kl"
+    jsd_beta: float = 0.5  # generalized JSD mixture weight (0 -> forward KL, 1 -> reverse KL in the limit)
+    hidden_weight: float = 0.0  # weight of hidden-state MSE (student layer j vs the teacher layer it came from)
+    embedding_weight: float = 1.0  # encoder: weight of 1 - cosine(student, teacher) pooled embeddings
+    eval_every: int = 0  # 0: evaluate only before and after training
+    eval_batches: int = 8
+    checkpoint_every: int = 50  # 0: only the final checkpoint
+    resume: str | None = None  # "latest" or a checkpoint directory
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = True  # autocast to bf16 on CUDA (CPU always runs fp32)
+    repository: str | None = None  # encoder: also export the student to this model repository
+    name: str | None = None  # encoder: model name in the repository (default: the out dir's name)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"--target {self.target!r} is not supported; choose one of {', '.join(TARGETS)}")
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"--kd-loss {self.kd_loss!r} is not supported; choose one of {', '.join(KD_LOSSES)}")
+        positive = {"steps": self.steps, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
+                    "eval-batches": self.eval_batches}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1; got {value}")
+        if self.seq_len < 4:
+            raise ValueError(f"--seq-len must be >= 4; got {self.seq_len}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0; got {self.lr}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0; got {self.temperature}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"--jsd-beta must lie in (0, 1); got {self.jsd_beta}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be >= 0 and below --steps ({self.steps})")
+        if self.checkpoint_every < 0 or self.eval_every < 0:
+            raise ValueError("--checkpoint-every and --eval-every must be >= 0 (0 turns them off)")
+        if self.hidden_weight < 0 or self.embedding_weight < 0:
+            raise ValueError("--hidden-weight and --embedding-weight must be >= 0")
+        for name, value in (("student-layers", self.student_layers), ("student-hidden-size", self.student_hidden_size),
+                            ("student-intermediate-size", self.student_intermediate_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1; got {value}")
+        if self.student is not None and any(v is not None for v in (
+                self.student_layers, self.student_hidden_size, self.student_intermediate_size)):
+            raise ValueError("--student (a directory) and --student-layers/--student-hidden-size/"
+                             "--student-intermediate-size exclude each other: the directory fixes the shape")
+        if self.repository is not None and self.target != "encoder":
+            raise ValueError("--repository (ONNX export) applies to --target encoder only")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out).expanduser()
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,169 @@
+"""``--target draft``: a smaller decoder of the teacher's family and tokenizer, trained on token-level KL to the
+teacher's next-token distributions; saved as an HF directory that tokenmill serves and that speculative
+decoding can use as its draft model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.distill.config import DistillConfig
+from tokenmill.distill.data import split_windows, token_windows, train_and_heldout_text
+from tokenmill.distill.losses import hidden_mse, kd_loss, kl_to_teacher
+from tokenmill.distill.students import (
+    check_not_larger,
+    check_same_vocabulary,
+    init_from_teacher,
+    student_config,
+    teacher_layer_map,
+)
+
+
+def load_teacher(source: str | None) -> tuple[nn.Module, object, str]:
+    """(transformers model in fp32, HF tokenizer, description) from an HF directory, a .gguf file, or the
+    embedded SmolLM2 GGUF (dequantized from Q4_1 by transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenmill.model.gguf_loader import load_gguf_tokenizer
+    from tokenmill.model.loader import embedded_model_path
+
+    path = Path(source).expanduser() if source else embedded_model_path()
+    if path.is_file() and path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        wrapped = load_gguf_tokenizer(path)  # BOS/EOS ids as the file says (some transformers releases differ)
+        if wrapped is None:
+            raise ValueError(f"teacher {str(path)!r} has no tokenizer; distillation needs the teacher's tokenizer")
+        tokenizer = wrapped.hf
+    elif path.is_dir() and (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    else:
+        raise ValueError(f"teacher {str(path)!r} is neither a model directory with config.json nor a .gguf file")
+    return model.eval(), tokenizer, str(path)  # fp32 already (dtype above; GGUF tensors are dequantized)
+
+
+class DraftTask:
+    """Teacher + student decoders over fixed-length token windows of the training text."""
+
+    def __init__(self, config: DistillConfig) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        self.device = torch.device(config.device)
+        teacher, self.tokenizer, self.teacher_source = load_teacher(config.teacher)
+        if config.student is not None:
+            student_dir = Path(config.student).expanduser()
+            if not (student_dir / "config.json").is_file():
+                raise ValueError(f"--student {config.student!r} is not a model directory (no config.json)")
+            student_tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+            check_same_vocabulary(self.tokenizer.get_vocab(), student_tokenizer.get_vocab(), config.student)
+            student = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32)
+            self.init_report = f"weights from {config.student}"
+        else:
+            shape = student_config(teacher.config, config.student_layers, config.student_hidden_size,
+                                   config.student_intermediate_size)
+            torch.manual_seed(config.seed)
+            student = AutoModelForCausalLM.from_config(shape, dtype=torch.float32)
+            layer_map = teacher_layer_map(teacher.config.num_hidden_layers, shape.num_hidden_layers)
+            copied, total = init_from_teacher(student, teacher, layer_map)
+            self.init_report = f"{copied}/{total} tensors copied from teacher layers {layer_map}"
+        if student.config.vocab_size != teacher.config.vocab_size:
+            raise ValueError(f"the student's vocab_size {student.config.vocab_size} differs from the teacher's "
+                             f"{teacher.config.vocab_size}; distillation needs one shared vocabulary")
+        self.student_params, self.teacher_params = check_not_larger(student, teacher)
+        self.layer_map = teacher_layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+        if config.hidden_weight > 0 and student.config.hidden_size != teacher.config.hidden_size:
+            raise ValueError("--hidden-weight needs the student's hidden size to equal the teacher's "
+                             f"({student.config.hidden_size} vs {teacher.config.hidden_size})")
+        for token in ("eos_token_id", "bos_token_id"):  # the tokenizer's ids, which tokenmill serves with
+            if getattr(self.tokenizer, token, None) is not None:
+                setattr(student.config, token, getattr(self.tokenizer, token))
+        self.teacher = teacher.to(self.device).requires_grad_(False)
+        self.student = student.to(self.device)
+        self._load_data()
+
+    def _load_data(self) -> None:
+        train_text, held_text, self.data_source = train_and_heldout_text(self.config.data, self.config.eval_data)
+        encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        windows = token_windows(encode(train_text), self.config.seq_len)
+        if held_text is None:
+            if len(windows) < 2:
+                raise ValueError(f"--data holds {len(windows)} window(s) of --seq-len {self.config.seq_len} tokens; "
+                                 "it needs at least 2 (one to train on, one held out)")
+            self.train_windows, self.eval_windows = split_windows(windows)
+        else:
+            self.train_windows, self.eval_windows = windows, token_windows(encode(held_text), self.config.seq_len)
+        if len(self.train_windows) == 0 or len(self.eval_windows) == 0:
+            raise ValueError(f"the text is shorter than one --seq-len window ({self.config.seq_len} tokens); "
+                             "give more text or a smaller --seq-len")
+        self.num_examples = len(self.train_windows)
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    def _forward(self, ids: torch.Tensor, hidden: bool):
+        with torch.no_grad():
+            teacher = self.teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+        student = self.student(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+        return teacher, student
+
+    def loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, float], int]:
+        ids = self.train_windows[indices].to(self.device)
+        hidden = self.config.hidden_weight > 0
+        teacher, student = self._forward(ids, hidden)
+        kd = kd_loss(student.logits, teacher.logits, self.config.temperature, self.config.kd_loss,
+                     self.config.jsd_beta)
+        total, parts = kd, {"kd": kd.item()}
+        if hidden:
+            pairs = [teacher.hidden_states[i + 1] for i in self.layer_map]
+            match = hidden_mse(list(student.hidden_states[1:]), pairs)
+            total = total + self.config.hidden_weight * match
+            parts["hidden_mse"] = match.item()
+        parts["loss"] = total.item()
+        return total, parts, ids.numel()
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out: KD loss, KL(teacher || student), both perplexities, next-token top-1 agreement."""
+        sums = {"kd": 0.0, "kl": 0.0, "student_nll": 0.0, "teacher_nll": 0.0, "agree": 0.0}
+        rows = 0
+        size = self.config.batch_size
+        for start in range(0, min(len(self.eval_windows), size * self.config.eval_batches), size):
+            ids = self.eval_windows[start : start + size].to(self.device)
+            teacher, student = self._forward(ids, False)
+            s_logits, t_logits = student.logits[:, :-1].float(), teacher.logits[:, :-1].float()
+            n = s_logits.shape[0] * s_logits.shape[1]
+            targets = ids[:, 1:]
+            sums["kd"] += float(kd_loss(s_logits, t_logits, self.config.temperature, self.config.kd_loss,
+                                        self.config.jsd_beta)) * n
+            sums["kl"] += float(kl_to_teacher(s_logits, t_logits)) * n
+            sums["student_nll"] += float(F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+            sums["teacher_nll"] += float(F.cross_entropy(t_logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+            sums["agree"] += float((s_logits.argmax(-1) == t_logits.argmax(-1)).sum())
+            rows += n
+        means = {k: v / rows for k, v in sums.items()}
+        return {"loss": means["kd"], "kd_loss": means["kd"], "kl_to_teacher": means["kl"],
+                "student_perplexity": float(torch.tensor(means["student_nll"]).exp()),
+                "teacher_perplexity": float(torch.tensor(means["teacher_nll"]).exp()),
+                "top1_agreement": means["agree"], "eval_tokens": rows}
+
+    def save_student(self, out_dir: Path) -> None:
+        """config.json + model.safetensors (fp32) + the teacher's tokenizer files + generation_config.json."""
+        from transformers import GenerationConfig
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.student.to("cpu").save_pretrained(str(out_dir), safe_serialization=True)
+        self.student.to(self.device)
+        self.tokenizer.save_pretrained(str(out_dir))
+        GenerationConfig(eos_token_id=self.student.config.eos_token_id,
+                         bos_token_id=self.student.config.bos_token_id).save_pretrained(str(out_dir))
+
+    def describe(self) -> dict:
+        return {"teacher": self.teacher_source, "teacher_params": self.teacher_params,
+                "student_params": self.student_params, "student_layers": self.student.config.num_hidden_layers,
+                "student_hidden_size": self.student.config.hidden_size,
+                "teacher_layers": self.teacher.config.num_hidden_layers, "layer_map": self.layer_map,
+                "init": self.init_report, "data": self.data_source, "train_windows": len(self.train_windows),
+                "eval_windows": len(self.eval_windows)}

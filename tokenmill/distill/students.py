@@ -1,0 +1,90 @@
+"""Student shapes shared by both targets: which teacher layers a student keeps, its config, copying teacher
+tensors into it where shapes allow (DistilBERT's initialisation), and the size / tokenizer checks."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+_LAYER_INDEX = re.compile(r"\b(layers?)\.(\d+)\.")  # model.layers.N. (Llama) / encoder.layer.N. (BERT)
+
+
+def teacher_layer_map(num_teacher_layers: int, num_student_layers: int) -> list[int]:
+    """Student layer j takes teacher layer map[j]: evenly spaced, first and last kept (DistilBERT kept every
+    other layer of BERT-base: 6 of 12)."""
+    if num_student_layers > num_teacher_layers:
+        raise ValueError(f"the student has {num_student_layers} layers but the teacher only {num_teacher_layers}; "
+                         "a student must not be larger than its teacher")
+    if num_student_layers == 1:
+        return [num_teacher_layers - 1]
+    step = (num_teacher_layers - 1) / (num_student_layers - 1)
+    return [round(j * step) for j in range(num_student_layers)]
+
+
+def student_config(teacher_config, layers: int | None, hidden: int | None, intermediate: int | None):
+    """A copy of the teacher's HF config with fewer layers and/or a narrower width; attention heads keep the
+    teacher's head size, so a narrower student has fewer heads."""
+    config = teacher_config.__class__.from_dict(teacher_config.to_dict())
+    # A GGUF teacher carries transformers' GGUF quantization record; the student is a plain dense model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.num_hidden_layers = layers or max(1, teacher_config.num_hidden_layers // 2)
+    if hidden is not None and hidden != teacher_config.hidden_size:
+        head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // teacher_config.num_attention_heads
+        if hidden % head_dim:
+            raise ValueError(f"--student-hidden-size {hidden} must be a multiple of the teacher's head size {head_dim}")
+        heads = hidden // head_dim
+        config.hidden_size, config.num_attention_heads = hidden, heads
+        if hasattr(config, "head_dim"):
+            config.head_dim = head_dim
+        kv = getattr(teacher_config, "num_key_value_heads", None)
+        if kv is not None:
+            config.num_key_value_heads = max(d for d in range(1, min(kv, heads) + 1) if heads % d == 0)
+        if intermediate is None:
+            intermediate = teacher_config.intermediate_size * hidden // teacher_config.hidden_size
+    if intermediate is not None:
+        config.intermediate_size = intermediate
+    return config
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings count once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def check_not_larger(student: nn.Module, teacher: nn.Module) -> tuple[int, int]:
+    student_params, teacher_params = count_parameters(student), count_parameters(teacher)
+    if student_params > teacher_params:
+        raise ValueError(f"the student has {student_params / 1e6:.2f}M parameters, more than the teacher's "
+                         f"{teacher_params / 1e6:.2f}M; pick fewer --student-layers or a smaller --student-hidden-size")
+    return student_params, teacher_params
+
+
+def check_same_vocabulary(teacher_vocab: dict[str, int], student_vocab: dict[str, int], student: str) -> None:
+    if teacher_vocab != student_vocab:
+        only_teacher = len(set(teacher_vocab.items()) - set(student_vocab.items()))
+        raise ValueError(f"the student {student!r} has a different tokenizer than the teacher ({len(student_vocab)} "
+                         f"vs {len(teacher_vocab)} tokens, {only_teacher} teacher entries differ); "
+                         "distillation needs one shared vocabulary")
+
+
+@torch.no_grad()
+def init_from_teacher(student: nn.Module, teacher: nn.Module, layer_map: list[int]) -> tuple[int, int]:
+    """Copy every teacher tensor whose shape matches into the student (student layer j <- teacher layer
+    layer_map[j]); the rest keep their random init. Returns (copied, total) student tensors."""
+    teacher_state = teacher.state_dict()
+    student_state = student.state_dict()
+    copied = 0
+    for name, tensor in student_state.items():
+        match = _LAYER_INDEX.search(name)
+        source = name
+        if match is not None:
+            teacher_index = layer_map[int(match.group(2))]
+            source = name[: match.start(2)] + str(teacher_index) + name[match.end(2):]
+        original = teacher_state.get(source)
+        if original is not None and original.shape == tensor.shape:
+            tensor.copy_(original.to(tensor.dtype))
+            copied += 1
+    return copied, len(student_state)
