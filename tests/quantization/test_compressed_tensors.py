@@ -195,3 +195,38 @@ def test_a_new_scheme_plugs_in_with_one_registration():
     assert isinstance(schemes.find({"type": "float"}, None, "float-quantized", "g"), FloatWeights)
     with pytest.raises(ValueError, match="supported: float-quantized"):
         schemes.find(W4, None, "pack-quantized", "g")
+
+
+def test_older_act_order_group_checkpoint_with_weight_g_idx_loads(tiny_llama, tmp_path):
+    """compressed-tensors < 0.20 wrote GPTQ act-order as actorder "group" + weight_g_idx: repack a GPTQ act-order
+    checkpoint into that layout (the package's packer) and match its dequantized model."""
+    from compressed_tensors.compressors import pack_to_int32
+
+    from tokenmill.quantization.checkpoint import dequantize_checkpoint
+    from tokenmill.quantization.packing import from_gptq
+
+    gptq = tmp_path / "gptq"
+    assert main(["quantize", str(tiny_llama), "--out", str(gptq), "--method", "gptq", "--group-size", "16",
+                 "--act-order", "--no-sym", "--num-samples", "4", "--seq-len", "32"]) == 0
+    tensors, converted = _read(gptq), {}
+    for name in [n for n in tensors if n.endswith(".qweight")]:
+        module = name.removesuffix(".qweight")
+        qw = from_gptq({s: tensors.pop(f"{module}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}, 4)
+        converted[f"{module}.weight_packed"] = pack_to_int32((qw.codes - 8).to(torch.int8), 4)
+        converted[f"{module}.weight_scale"] = qw.scales.t().contiguous().half()
+        converted[f"{module}.weight_zero_point"] = pack_to_int32((qw.zeros.t() - 8).to(torch.int8), 4, packed_dim=0)
+        converted[f"{module}.weight_shape"] = torch.tensor(list(qw.codes.shape))
+        converted[f"{module}.weight_g_idx"] = qw.g_idx
+    converted.update(tensors)
+    out = tmp_path / "ct"
+    out.mkdir()
+    save_file(converted, str(out / "model.safetensors"))
+    config = json.loads((gptq / "config.json").read_text())
+    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 16,
+               "actorder": "group"}
+    config["quantization_config"] = _ct({"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
+    (out / "config.json").write_text(json.dumps(config))
+    for file in gptq.glob("tokenizer*"):
+        shutil.copy2(file, out / file.name)
+    assert load(out).model.model.layers[0].mlp.down_proj.wna16_perm is not None  # act-order really permutes
+    _assert_logits_match(out, dequantize_checkpoint(gptq, tmp_path / "dense"))

@@ -136,3 +136,23 @@ def test_smollm2_q4_1_served_packed_decodes_the_dequantized_tokens():
     from test_gguf_loading import _greedy  # the paged-cache greedy loop of the dequantized SmolLM2 test
 
     assert _greedy(packed, prompt, steps=8) == _greedy(dense, prompt, steps=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + triton")
+@pytest.mark.parametrize("type_name", list(PACKED_TYPES))
+def test_tiny_gguf_packed_on_gpu_matches_its_dequantized_path(tiny_llama, tmp_path, type_name):
+    """On CUDA a GGUF is kept packed by default (group-32 blocks through the Triton kernels, fp16 scales, fp32
+    zeros) and stays within bf16 rounding of the fp32 dequantized model."""
+    from tokenmill.config import ModelConfig
+    from tokenmill.model import load_model
+    from tokenmill.quantization.perplexity import window_logits
+
+    path = write_tiny_gguf(tiny_llama, tmp_path / f"tiny-{type_name}.gguf", type_name)
+    config = ModelConfig(model=str(path), tokenizer=str(tiny_llama), dtype="bfloat16", device="cuda")
+    packed = load_model(config, TorchAttentionBackend()).model
+    assert isinstance(packed.model.layers[0].mlp.gate_up_proj.linear_method, GGUFLinearMethod)
+    ids = torch.tensor([5, 9, 17, 3, 40, 41, 42, 43, 44, 45, 46, 7])
+    got = window_logits(packed, ids.cuda(), block_size=4).float().cpu()
+    want = window_logits(_build(path, False), ids, block_size=4).float()
+    assert rel_err(got, want) < 3e-2

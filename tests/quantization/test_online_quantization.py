@@ -94,3 +94,23 @@ def test_flag_contradicting_the_checkpoint_is_a_clear_error(gptq_dir, flag, mess
 def test_checkpoint_only_format_on_a_dense_model_names_the_online_methods(tiny_llama):
     with pytest.raises(ValueError, match="--quantization awq needs a checkpoint quantized in that format.*int8, rtn4"):
         load(tiny_llama, quantization="awq")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + triton")
+@pytest.mark.parametrize("method", list(ONLINE))
+def test_online_quantization_on_gpu_matches_the_cpu_fp32_model(tiny_llama, method):
+    """bf16 on CUDA: quantized at load on the GPU, served by the Triton W4A16/W8A16 kernels."""
+    from tokenmill.attention.torch_backend import TorchAttentionBackend
+    from tokenmill.config import ModelConfig
+    from tokenmill.model import load_model
+    from tokenmill.quantization.perplexity import window_logits
+
+    ids = torch.tensor([5, 9, 17, 3, 40, 41, 42, 43, 44, 45, 46, 7])
+    logits = []
+    for device, dtype in (("cuda", "bfloat16"), ("cpu", "float32")):
+        config = ModelConfig(model=str(tiny_llama), dtype=dtype, device=device, quantization=method)
+        model = load_model(config, TorchAttentionBackend()).model
+        assert model.model.layers[0].mlp.down_proj.wna16.qweight.device.type == device
+        logits.append(window_logits(model, ids.to(device), block_size=4).float().cpu())
+    assert ((logits[0] - logits[1]).norm() / logits[1].norm()).item() < 3e-2

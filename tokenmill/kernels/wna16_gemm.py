@@ -120,6 +120,17 @@ def default_config(rows: int, n: int, k: int, group_size: int, num_sms: int = 13
 if HAS_TRITON:
 
     @triton.jit
+    def _group_scale_zero(s_ptr, z_ptr, group, n, nmask, N, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+        """One group's scales and zero points for the tile's columns, in fp32 (symmetric: zero 2^(bits-1))."""
+        scale = tl.load(s_ptr + group * N + n, mask=nmask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + group * N + n, mask=nmask, other=0.0).to(tl.float32)
+        else:
+            zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.float32)
+        return scale, zero
+
+    @triton.jit
     def _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS: tl.constexpr,
                     SPLIT_K: tl.constexpr):
         """Bias (added once, by the first K split) and the store: plain, or atomic adds of fp32 partial sums."""
@@ -178,11 +189,7 @@ if HAS_TRITON:
                             mask=kmask[:, None] & nmask[None, :], other=0)
             codes = (words >> ((k % PER_WORD) * BITS)[:, None]) & MASK
             group = k0 // group_size  # BLOCK_K divides group_size: one group per step
-            scale = tl.load(s_ptr + group * N + n, mask=nmask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + group * N + n, mask=nmask, other=0.0).to(tl.float32)
-            else:
-                zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.float32)
+            scale, zero = _group_scale_zero(s_ptr, z_ptr, group, n, nmask, N, BITS, HAS_ZEROS, BLOCK_N)
             w = ((codes.to(tl.float32) - zero[None, :]) * scale[None, :]).to(x.dtype)
             acc = tl.dot(x, w, acc)
         _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS, SPLIT_K)
@@ -232,11 +239,7 @@ if HAS_TRITON:
                             mask=(rows < K // PER_WORD)[:, None] & nmask[None, :], other=0)
             codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, BLOCK_N])
             group = k0 // group_size  # BLOCK_K divides group_size: one group per step
-            scale = tl.load(s_ptr + group * N + n, mask=nmask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + group * N + n, mask=nmask, other=0.0).to(tl.float32)
-            else:
-                zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.float32)
+            scale, zero = _group_scale_zero(s_ptr, z_ptr, group, n, nmask, N, BITS, HAS_ZEROS, BLOCK_N)
             w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
             k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :],
