@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-processes", type=int, default=4,
                    help="load-generator processes (one sustains ~15k streamed tokens/s: docs/BENCHMARKING.md)")
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--no-step-breakdown", action="store_true",
+                   help="skip the offline side's second, instrumented pass (step_breakdown.py: host phases and GPU "
+                        "busy/idle per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-start-timeout", type=float, default=600.0)
     p.add_argument("--out", default=None, help="folder for the JSON (default $OUT, else benchmarks/results)")
@@ -244,13 +247,26 @@ def run_offline_side(args: argparse.Namespace, tokenizer_dir: Path) -> dict[str,
     result = run_offline(engine, requests, ignore_eos=True, temperature=0.0)
     per_step = step_summary(result)
     del per_step["steps"]
-    return {
+    side = {
         "output_tok_s": result.output_tok_s, "total_tok_s": result.total_tok_s, "elapsed_s": result.elapsed_s,
         "num_requests": result.num_requests, "prompt_tokens": result.prompt_tokens,
         "output_tokens": result.output_tokens, "engine_steps": len(result.steps),
         "ms_per_engine_step": 1e3 * result.elapsed_s / max(1, len(result.steps)), "per_step": per_step,
         "kv_cache_tokens": engine.num_kv_cache_tokens,
+        "async_scheduling": engine.async_scheduling,
     }
+    if not args.no_step_breakdown:
+        # The same requests again with every step's host phases timed and CUDA events around each launch:
+        # why the GPU is idle (host-bound phases, gaps between steps) without touching the headline run.
+        from step_breakdown import StepBreakdown
+
+        breakdown = StepBreakdown(engine)
+        t0 = time.perf_counter()
+        again = run_offline(engine, requests, ignore_eos=True, temperature=0.0, id_prefix="b")
+        side["step_breakdown"] = breakdown.summary(time.perf_counter() - t0)
+        side["step_breakdown"]["output_tok_s"] = again.output_tok_s
+        breakdown.remove()
+    return side
 
 
 def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: Path, stem: Path) -> dict[str, Any]:
@@ -393,6 +409,11 @@ def print_table(record: dict[str, Any]) -> None:
               f"{'-':>13}{_fmt(gpu):>11}")
         for mode, ratio in record["online_over_offline"].items():
             print(f"online ({mode}) / offline = {ratio:.3f}")
+        if "step_breakdown" in off:
+            from step_breakdown import print_summary
+
+            print(f"offline step breakdown (instrumented pass, {off['step_breakdown']['output_tok_s']:.0f} out tok/s):")
+            print_summary(off["step_breakdown"])
 
 
 def _fmt(value: float | None) -> str:
