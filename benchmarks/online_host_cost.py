@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=1000)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        help="the API phase's event loop (uvicorn picks uvloop when it is installed)")
     parser.add_argument("--label", default="", help="a name for this run in the JSON file name (e.g. before/after)")
     parser.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
     args = parser.parse_args(argv)
@@ -213,7 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     gc.collect()
     gc.freeze()  # as the engine-core process does after start-up
     core_times, messages = core_phase(engine, args)
-    api_times = asyncio.run(api_phase(engine, messages, args))
+    if args.loop == "uvloop":
+        import uvloop
+
+        api_times = uvloop.run(api_phase(engine, messages, args))
+    else:
+        api_times = asyncio.run(api_phase(engine, messages, args))
     result = {"core": summary(core_times), "api": summary(api_times)}
     tokens = args.batch * args.output_len
     print(f"{args.batch} requests x {args.output_len} output tokens, model = instant stub (host overhead only)")

@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ from tokenmill.engine.core_messages import STAT_FIELDS, CoreOutputs, OutputCodec
 logger = logging.getLogger("tokenmill.engine.core")
 
 POLL_MS = 1000  # idle wake-up to notice a dead parent
+# Test hook: seconds the core sleeps after each step, so tests that need a request still running while they act
+# do not race an engine that has become fast (as the fault hook, read from the environment the core inherits).
+STEP_DELAY_ENV = "TOKENMILL_TEST_STEP_DELAY_S"
 
 
 @dataclass
@@ -122,6 +126,7 @@ class EngineCore:
         self.max_waiting_requests = max_waiting_requests
         self.fault_after_steps = fault_after_steps
         self.num_steps = 0
+        self.step_delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
         # request id -> per sequence index: output token ids already sent (-1: its finish was sent)
         self._sent: dict[str, list[int]] = {}
         self._codec = OutputCodec()
@@ -191,6 +196,8 @@ class EngineCore:
     def step(self, reply: CoreOutputs) -> None:
         deltas = self.engine.step()  # lists of SeqDelta: the engine calls self.deltas per request that progressed
         self.num_steps += 1
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         if self.fault_after_steps is not None and self.num_steps >= self.fault_after_steps:
             raise InjectedEngineFault(f"test hook: injected engine fault after {self.num_steps} steps")
         for request_deltas in deltas:
