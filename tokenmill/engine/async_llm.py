@@ -1,7 +1,7 @@
 """AsyncLLM: runs the synchronous LLMEngine step loop in its own thread and streams outputs to asyncio callers.
 
-The server (tokenmill/server/) submits requests here; each request gets an asyncio queue that the engine thread
-feeds through ``loop.call_soon_threadsafe``. Submissions and aborts are queued and applied at the top of each step.
+The server (tokenmill/server/) submits requests here; each request gets a RequestStream (its newest cumulative
+output) that the engine thread feeds through ``loop.call_soon_threadsafe``. Submissions and aborts are queued and applied at the top of each step.
 """
 
 from __future__ import annotations
