@@ -346,6 +346,10 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
         sampler.stop()
         side["exit_code_after_sigterm"] = server.stop()
         side["log_tail"] = server.log_tail(15)
+        # The engine core's own account of its loop (step vs channel vs idle), logged when it exits.
+        core_loop = [line for line in server.log_path.read_text(errors="replace").splitlines()
+                     if "engine core loop:" in line]
+        side["core_loop"] = core_loop[-1] if core_loop else None
     side["phases"] = online
     side["resources"] = sampler.summary()
     return side
@@ -435,6 +439,8 @@ def print_table(record: dict[str, Any]) -> None:
         if "error" in side:
             print(f"{mode}: FAILED: {side['error'][:500]}")
             continue
+        if side.get("core_loop"):
+            print(f"{mode}: {side['core_loop'].split('tokenmill.engine.core: ')[-1]}")
         for name, row in side["phases"].items():
             phase = side["resources"].get(name, {})
             cpu = ", ".join(f"{v['mean']:.0f}" for k, v in phase.get("cpu_percent", {}).items()

@@ -127,6 +127,9 @@ class EngineCore:
         self.fault_after_steps = fault_after_steps
         self.num_steps = 0
         self.step_delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
+        # Loop time by part: waiting for work, reading + applying messages, engine steps (output building
+        # included), stats + encode + send. Logged when the loop ends (gpu_online_vs_offline.py keeps the log tail).
+        self.loop_seconds = {"step": 0.0, "inbox": 0.0, "send": 0.0, "idle": 0.0}
         # request id -> per sequence index: output token ids already sent (-1: its finish was sent)
         self._sent: dict[str, list[int]] = {}
         self._codec = OutputCodec()
@@ -137,26 +140,48 @@ class EngineCore:
 
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
-        while True:
-            if os.getppid() != parent:
-                logger.warning("the API process is gone; the engine core exits")
-                return
-            if not self.engine.has_unfinished_requests() and not poller.poll(POLL_MS):
-                continue
-            messages = []
+        clock = time.perf_counter
+        spent = self.loop_seconds
+        try:
             while True:
-                try:
-                    messages.append(pickle.loads(inbox.recv(zmq.NOBLOCK)))
-                except zmq.Again:
-                    break
-            reply = CoreOutputs(accepted=[], rejected=[], outputs=[])
-            if not self.apply(messages, reply):
-                return
-            if self.engine.has_unfinished_requests():
-                self.step(reply)
-            reply.stats = self.stats()
-            if messages or reply.outputs:
-                outbox.send(self._codec.encode(reply), copy=False)
+                if os.getppid() != parent:
+                    logger.warning("the API process is gone; the engine core exits")
+                    return
+                t0 = clock()
+                if not self.engine.has_unfinished_requests() and not poller.poll(POLL_MS):
+                    spent["idle"] += clock() - t0
+                    continue
+                t1 = clock()
+                messages = []
+                while True:
+                    try:
+                        messages.append(pickle.loads(inbox.recv(zmq.NOBLOCK)))
+                    except zmq.Again:
+                        break
+                reply = CoreOutputs(accepted=[], rejected=[], outputs=[])
+                if not self.apply(messages, reply):
+                    return
+                t2 = clock()
+                if self.engine.has_unfinished_requests():
+                    self.step(reply)
+                t3 = clock()
+                reply.stats = self.stats()
+                if messages or reply.outputs:
+                    outbox.send(self._codec.encode(reply), copy=False)
+                t4 = clock()
+                spent["idle"] += t1 - t0
+                spent["inbox"] += t2 - t1
+                spent["step"] += t3 - t2
+                spent["send"] += t4 - t3
+        finally:
+            self.log_loop_seconds()
+
+    def log_loop_seconds(self) -> None:
+        """One line at exit: where the loop's time went (engine steps vs the channel vs waiting for work)."""
+        spent = self.loop_seconds
+        total = sum(spent.values()) or 1.0
+        logger.info("engine core loop: %d steps; %s", self.num_steps, ", ".join(
+            f"{name} {seconds:.2f} s ({100 * seconds / total:.0f}%)" for name, seconds in spent.items()))
 
     def apply(self, messages: list[tuple], reply: CoreOutputs) -> bool:
         """In arrival order (an abort sent right after its add must find it); False on shutdown."""
