@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download the Python 3.12 manylinux x86_64 wheels the GPU box lacks for the online benchmark
-# (benchmarks/gpu_online_vs_offline.py): the server stack, the engine-core channel (pyzmq, msgspec) and py-spy.
+# (benchmarks/gpu_online_vs_offline.py): the server stack, the engine-core channel (pyzmq, msgspec), uvicorn's
+# fast event loop and HTTP parser (uvloop, httptools: without them uvicorn falls back to asyncio + h11) and py-spy.
 # Versions are the ones the CPU tests ran with. The GPU box already has click, h11, anyio, httpx, psutil,
 # matplotlib, rich, typing-extensions, numpy, torch.
 #
@@ -16,6 +17,7 @@ packages=(
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   pyzmq==27.3.0 msgspec==0.23.0
+  uvloop==0.23.0 httptools==0.9.0
   py-spy
 )
 platforms=()

@@ -12,6 +12,8 @@
 6. writes one JSON (date, device, command, both sides, ratio) to --out, else $OUT, else benchmarks/results/.
 
 H100:  python benchmarks/gpu_online_vs_offline.py --server-modes thread,process --concurrency 256,64,16
+H100, issue 19 re-measure (~6 min):  python benchmarks/gpu_online_vs_offline.py --warmup-prompts 200 \
+           --profile-prompts 0 --concurrency 256 --chatbot-rates 10,20,40 --chatbot-prompts 300
 CPU smoke test (a minute):  python benchmarks/gpu_online_vs_offline.py --preset tiny-llama3 --device cpu \
            --num-prompts 16 --input-len 24 --output-len 8 --max-model-len 128
 """
@@ -56,12 +58,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="process (engine core in its own process), thread (--no-engine-process, the old layout), "
                         "or both, e.g. thread,process: one server each, same phases")
     p.add_argument("--concurrency", default="", help="also run bench serve at these max concurrencies, e.g. 256,64,16,1")
+    p.add_argument("--chatbot-rates", default="",
+                   help="also run the chatbot profile's lengths (bench serve --dataset chatbot) at these request "
+                        "rates, e.g. 8,16,32: p50/p99 ITL and TPOT, goodput at TTFT <= 500 ms / TPOT <= 50 ms")
+    p.add_argument("--chatbot-prompts", type=int, default=300, help="requests per --chatbot-rates point")
+    p.add_argument("--burstiness", type=float, default=1.0, help="arrivals of the chatbot points (1 Poisson, 0.5 bursty)")
     p.add_argument("--warmup-prompts", type=int, default=None, help="untimed warm-up requests (default min(N, 300))")
     p.add_argument("--profile-prompts", type=int, default=None,
                    help="requests of the py-spy pass (default min(N, 400); 0 skips it)")
     p.add_argument("--client-processes", type=int, default=4,
                    help="load-generator processes (one sustains ~15k streamed tokens/s: docs/BENCHMARKING.md)")
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--no-step-breakdown", action="store_true",
+                   help="skip the offline side's second, instrumented pass (step_breakdown.py: host phases and GPU "
+                        "busy/idle per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-start-timeout", type=float, default=600.0)
     p.add_argument("--out", default=None, help="folder for the JSON (default $OUT, else benchmarks/results)")
@@ -155,19 +165,26 @@ class Client:
         a = self.args
         return random_dataset(num_prompts, a.input_len, a.output_len, a.range_ratio, self.tokenizer, seed)
 
-    def run(self, requests: list[Any], seed: int, concurrency: int | None = None) -> dict[str, Any]:
+    def chatbot_requests(self, num_prompts: int, seed: int) -> list[Any]:
+        from tokenmill.bench.datasets import chatbot_dataset
+
+        return chatbot_dataset(num_prompts, self.tokenizer, seed)
+
+    def run(self, requests: list[Any], seed: int, concurrency: int | None = None, rate: float | None = None,
+            command: str | None = None) -> dict[str, Any]:
         import asyncio
 
         from tokenmill.bench.loadgen import LoadConfig, run_loads
-        from tokenmill.bench.metrics import summarize
+        from tokenmill.bench.metrics import SLO, summarize
 
-        load = LoadConfig(max_concurrency=concurrency, seed=seed, progress=False)
+        load = LoadConfig(max_concurrency=concurrency, seed=seed, progress=False,
+                          **({"request_rate": rate, "burstiness": self.args.burstiness} if rate else {}))
         steps_before = self.server.engine_steps()
         [result] = asyncio.run(run_loads(self.target, requests, [load], self.args.client_processes))
-        summary = summarize(result.records, None, result.num_not_sent)
+        summary = summarize(result.records, SLO(ttft_ms=500, tpot_ms=50) if rate else None, result.num_not_sent)
         steps = None if steps_before is None else self.server.engine_steps() - steps_before
         return {
-            "command": self.command(len(requests), seed, concurrency),
+            "command": command or self.command(len(requests), seed, concurrency),
             "summary": summary,
             "engine_steps": steps,
             "ms_per_engine_step": 1e3 * summary["duration_s"] / steps if steps else None,
@@ -183,6 +200,8 @@ def compact(run: dict[str, Any]) -> dict[str, Any]:
         "median_ttft_ms": (s.get("ttft_ms") or {}).get("median"), "p99_itl_ms": (s.get("itl_ms") or {}).get("p99"),
         "median_itl_ms": (s.get("itl_ms") or {}).get("median"),
         "engine_steps": run["engine_steps"], "ms_per_engine_step": run["ms_per_engine_step"],
+        "request_rate": s.get("request_throughput"), "goodput": s.get("goodput"),
+        "p99_ttft_ms": (s.get("ttft_ms") or {}).get("p99"),
     }
 
 
@@ -246,13 +265,26 @@ def run_offline_side(args: argparse.Namespace, tokenizer_dir: Path) -> dict[str,
     result = run_offline(engine, requests, ignore_eos=True, temperature=0.0)
     per_step = step_summary(result)
     del per_step["steps"]
-    return {
+    side = {
         "output_tok_s": result.output_tok_s, "total_tok_s": result.total_tok_s, "elapsed_s": result.elapsed_s,
         "num_requests": result.num_requests, "prompt_tokens": result.prompt_tokens,
         "output_tokens": result.output_tokens, "engine_steps": len(result.steps),
         "ms_per_engine_step": 1e3 * result.elapsed_s / max(1, len(result.steps)), "per_step": per_step,
         "kv_cache_tokens": engine.num_kv_cache_tokens,
+        "async_scheduling": engine.async_scheduling,
     }
+    if not args.no_step_breakdown:
+        # The same requests again with every step's host phases timed and CUDA events around each launch:
+        # why the GPU is idle (host-bound phases, gaps between steps) without touching the headline run.
+        from step_breakdown import StepBreakdown
+
+        breakdown = StepBreakdown(engine)
+        t0 = time.perf_counter()
+        again = run_offline(engine, requests, ignore_eos=True, temperature=0.0, id_prefix="b")
+        side["step_breakdown"] = breakdown.summary(time.perf_counter() - t0)
+        side["step_breakdown"]["output_tok_s"] = again.output_tok_s
+        breakdown.remove()
+    return side
 
 
 def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: Path, stem: Path) -> dict[str, Any]:
@@ -270,12 +302,19 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
         client = Client(args, server, tokenizer_dir)
 
         def phase(name: str, num_prompts: int, seed: int, concurrency: int | None = None,
-                  on_start: Any = None) -> dict[str, Any]:
-            requests = client.requests(num_prompts, seed)  # built before the phase starts: not measured
+                  on_start: Any = None, rate: float | None = None) -> dict[str, Any]:
+            # Built before the phase starts: not measured.
+            requests = client.chatbot_requests(num_prompts, seed) if rate else client.requests(num_prompts, seed)
             if on_start is not None:
                 on_start()
             sampler.mark(name)
-            result = client.run(requests, seed, concurrency)
+            command = None
+            if rate:
+                command = shlex.join(["tokenmill", "bench", "serve", "--base-url", server.url, "--model", args.preset,
+                                      "--tokenizer", str(tokenizer_dir), "--dataset", "chatbot", "--ignore-eos",
+                                      "--num-prompts", str(num_prompts), "--seed", str(seed), "--request-rate",
+                                      f"{rate:g}", "--burstiness", str(args.burstiness), "--slo", "ttft=500,tpot=50"])
+            result = client.run(requests, seed, concurrency, rate, command)
             sampler.end(name)
             online[name] = compact(result)
             return result
@@ -287,6 +326,8 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
         side["bench_command"] = main_run["command"]
         for c in [int(v) for v in args.concurrency.split(",") if v.strip()]:
             phase(f"concurrency_{c}", min(args.num_prompts, max(32, 4 * c)), args.seed, c)
+        for rate in [float(v) for v in args.chatbot_rates.split(",") if v.strip()]:
+            phase(f"chatbot_rate_{rate:g}", args.chatbot_prompts, args.seed + 3, rate=rate)
         n_prof = args.profile_prompts if args.profile_prompts is not None else min(args.num_prompts, 400)
         if n_prof and shutil.which("py-spy"):
             raw = work / f"pyspy_{mode}.txt"
@@ -307,6 +348,10 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
         sampler.stop()
         side["exit_code_after_sigterm"] = server.stop()
         side["log_tail"] = server.log_tail(15)
+        # The engine core's own account of its loop (step vs channel vs idle), logged when it exits.
+        core_loop = [line for line in server.log_path.read_text(errors="replace").splitlines()
+                     if "engine core loop:" in line]
+        side["core_loop"] = core_loop[-1] if core_loop else None
     side["phases"] = online
     side["resources"] = sampler.summary()
     return side
@@ -330,6 +375,19 @@ def git_commit() -> str | None:
     return done.stdout.strip() or None
 
 
+def server_stack() -> dict[str, str | None]:
+    """Versions of what the API process runs on (uvicorn uses uvloop and httptools only when they are installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("uvicorn", "uvloop", "httptools", "h11", "fastapi", "pydantic", "pyzmq", "msgspec"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def output_dir(args: argparse.Namespace) -> Path:
     return Path(args.out or os.environ.get("OUT") or REPO_ROOT / "benchmarks" / "results")
 
@@ -344,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {
         "benchmark": "gpu_online_vs_offline", "date": stamp.isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "config": vars(args),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(), "server_stack": server_stack(),
     }
     path = out / f"online_vs_offline_{args.preset}_{stamp.strftime('%Y%m%dT%H%M%S')}.json"
     with tempfile.TemporaryDirectory(prefix="tokenmill-online-") as tmp:
@@ -377,24 +435,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(record: dict[str, Any]) -> None:
     print(f"\n{record['device']}  preset {record['config']['preset']}")
-    print(f"{'run':<30}{'out tok/s':>11}{'med TPOT ms':>13}{'ms/step':>9}{'server CPU%':>13}{'GPU busy%':>11}")
+    print(f"{'run':<30}{'out tok/s':>11}{'med TPOT ms':>13}{'p99 ITL ms':>12}{'ms/step':>9}{'server CPU%':>13}"
+          f"{'GPU busy%':>11}{'goodput':>9}")
     for mode, side in record["online"].items():
         if "error" in side:
             print(f"{mode}: FAILED: {side['error'][:500]}")
             continue
+        if side.get("core_loop"):
+            print(f"{mode}: {side['core_loop'].split('tokenmill.engine.core: ')[-1]}")
         for name, row in side["phases"].items():
             phase = side["resources"].get(name, {})
             cpu = ", ".join(f"{v['mean']:.0f}" for k, v in phase.get("cpu_percent", {}).items()
                             if k.startswith("server")) or "-"
             print(f"{mode + ' ' + name:<30}{row['output_tok_s']:>11.0f}{_fmt(row['median_tpot_ms']):>13}"
-                  f"{_fmt(row['ms_per_engine_step']):>9}{cpu:>13}{_fmt(phase.get('gpu_busy_percent_mean')):>11}")
+                  f"{_fmt(row.get('p99_itl_ms')):>12}{_fmt(row['ms_per_engine_step']):>9}{cpu:>13}"
+                  f"{_fmt(phase.get('gpu_busy_percent_mean')):>11}{_fmt(row.get('goodput')):>9}")
     if "offline" in record:
         off = record["offline"]
         gpu = off["resources_incl_load"].get("gpu_busy_percent_mean")
-        print(f"{'offline':<30}{off['output_tok_s']:>11.0f}{'-':>13}{_fmt(off['ms_per_engine_step']):>9}"
-              f"{'-':>13}{_fmt(gpu):>11}")
+        print(f"{'offline':<30}{off['output_tok_s']:>11.0f}{'-':>13}{'-':>12}{_fmt(off['ms_per_engine_step']):>9}"
+              f"{'-':>13}{_fmt(gpu):>11}{'-':>9}")
         for mode, ratio in record["online_over_offline"].items():
             print(f"online ({mode}) / offline = {ratio:.3f}")
+        if "step_breakdown" in off:
+            from step_breakdown import print_summary
+
+            print(f"offline step breakdown (instrumented pass, {off['step_breakdown']['output_tok_s']:.0f} out tok/s):")
+            print_summary(off["step_breakdown"])
 
 
 def _fmt(value: float | None) -> str:

@@ -234,3 +234,23 @@ def test_smollm2_tokenizer_streams_and_stops(smollm2_tokenizer):
     texts, stop = stream(smollm2_tokenizer, ids, prompt, stop=["北京", "русский"])
     assert stop == "北京" and texts[-1] == MULTIBYTE[: MULTIBYTE.index("北京")]
     assert_never_retracted(texts)
+
+
+class _WrapperOnly:
+    """transformers' decode() without the fast backend behind it: the detokenizer's fallback path."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def decode(self, ids, **kwargs):
+        return self._tokenizer.decode(ids, **kwargs)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_backend_decode_matches_transformers_decode(tokenizer, skip_special_tokens):
+    ids = tokenizer.encode(MULTIBYTE, add_special_tokens=False)
+    ids = [tokenizer.eos_token_id, *ids, tokenizer.eos_token_id]
+    fast = stream(tokenizer, ids, skip_special_tokens=skip_special_tokens)
+    assert IncrementalDetokenizer(tokenizer, [], SamplingParams())._backend is not None
+    slow = stream(_WrapperOnly(tokenizer), ids, skip_special_tokens=skip_special_tokens)
+    assert fast == slow and FFFD not in fast[0][-1]

@@ -169,6 +169,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # backpressure for the server; None: unbounded
+    # Most prompt tokens one request may compute in a step (0: no cap, only the step budget). With it a long prompt
+    # is chunked over several steps and leaves budget to other prompts; together with max_num_batched_tokens it
+    # bounds how much prefill a step adds to the running decodes' inter-token latency (lower: steadier ITL, later
+    # first tokens for long prompts).
+    long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -177,6 +182,11 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0; got {self.max_waiting_requests}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0 (0: no cap); got "
+                             f"{self.long_prefill_token_threshold}")
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            raise ValueError("long_prefill_token_threshold chunks prompts: it needs enable_chunked_prefill")
 
 
 @dataclass

@@ -3,33 +3,41 @@ to the step, decode steps are recognised, and the wrappers come off without a tr
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 from tokenmill.bench.throughput import sampling_params
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from step_breakdown import PHASES, StepBreakdown  # noqa: E402
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step_breakdown.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("step_breakdown", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_breakdown_covers_every_step(tiny_llama_dir):
+    step_breakdown = _module()
     engine = LLMEngine(EngineConfig.from_kwargs(model=str(tiny_llama_dir), device="cpu", max_model_len=128),
                        stream_outputs=False)
     for i in range(3):
         engine.add_request(f"r{i}", [5, 6, 7 + i], sampling_params(6, True, 0.0))
-    breakdown = StepBreakdown(engine)
+    breakdown = step_breakdown.StepBreakdown(engine)
     steps = 0
     while engine.has_unfinished_requests() or engine.in_flight is not None:
         engine.step()
         steps += 1
     summary = breakdown.summary()
     breakdown.remove()
+    phases = step_breakdown.PHASES
     assert summary["steps"] == steps == len(breakdown.steps)
     for record in breakdown.steps:
-        assert all(record[p] >= 0 for p in PHASES if p != "other")
-        assert abs(sum(record[p] for p in PHASES) - record["step"]) < 1e-9
+        assert all(record[p] >= 0 for p in phases if p != "other")
+        assert abs(sum(record[p] for p in phases) - record["step"]) < 1e-9
     assert summary["decode_steps"]["count"] == steps - 1  # one prefill step, then one token per sequence per step
     assert summary["total_ms"]["forward"] > 0 and summary["total_ms"]["schedule"] > 0
     assert "gpu" not in summary  # CPU: no CUDA events

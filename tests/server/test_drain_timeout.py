@@ -34,7 +34,10 @@ def _wait_for_waiting(server: ServerProcess, count: int) -> None:
 
 
 def test_sigterm_past_drain_timeout_cuts_with_errors_and_exits_nonzero(tiny_llama_dir, tmp_path):
-    server = ServerProcess(tiny_llama_dir, tmp_path / "server.log", *ARGS)
+    # 20 ms per step: the long request provably still runs while the others queue behind it (the tiny model alone
+    # generates its 230 tokens in well under a second, faster than the test sends the next two requests).
+    server = ServerProcess(tiny_llama_dir, tmp_path / "server.log", *ARGS,
+                           env={"TOKENMILL_TEST_STEP_DELAY_S": "0.02"})
     sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(1) as pool:

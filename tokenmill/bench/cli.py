@@ -60,6 +60,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=["chatbot"], default=None,
+                   help="chatbot: --dataset chatbot --endpoint chat, and unless given --sweep "
+                        "rate=1,2,4,8,16,32,inf --slo ttft=500,tpot=50")
     t = p.add_argument_group("target")
     t.add_argument(
         "--base-url", default="http://127.0.0.1:8000", help="server root, e.g. http://127.0.0.1:8000"
@@ -74,7 +77,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--temperature", type=float, default=0.0)
     t.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     d = p.add_argument_group("dataset")
-    d.add_argument("--dataset", choices=["random", "sharegpt", "shared-prefix", "jsonl"], default="random")
+    d.add_argument("--dataset", choices=["random", "chatbot", "sharegpt", "shared-prefix", "jsonl"],
+                   default="random", help="chatbot: ShareGPT-like lengths synthesized offline (docs/BENCHMARKING.md)")
     d.add_argument("--dataset-path", default=None, help="ShareGPT JSON or JSONL file")
     d.add_argument(
         "--tokenizer", default=None, help="HF tokenizer dir or .gguf file to make and count prompts"

@@ -1,4 +1,5 @@
-"""Benchmark workloads: random lengths, ShareGPT JSON, shared-prefix (N prefixes × M questions), custom JSONL.
+"""Benchmark workloads: random lengths, ShareGPT-like chatbot lengths (synthetic), ShareGPT JSON, shared-prefix
+(N prefixes × M questions), custom JSONL.
 
 Each yields ``BenchRequest`` items; prompt lengths are exact with a tokenizer, else word counts that the
 server's reported usage later replaces.
@@ -84,6 +85,45 @@ def random_dataset(
     for n_in, n_out in zip(input_lens, output_lens, strict=True):
         text, length = random_text(int(n_in), rng, tokenizer, vocab)
         requests.append(BenchRequest(text, length, int(n_out)))
+    return requests
+
+
+# The chatbot profile's lengths: a ShareGPT-like shape synthesized offline (no file to fetch). Lognormal, as
+# chat prompt and reply lengths are heavy-tailed: most turns are short, a few are long. Medians and spreads are
+# our choice, made so the means land near the ~200-token prompts and replies commonly reported for ShareGPT's
+# first turns under vLLM's filters (prompt <= 1024, prompt + reply <= 2048, both >= 4). Before the caps:
+#   prompt: median 128, sigma 1.0 -> mean 128 * e^0.5 ~ 211;  reply: median 160, sigma 0.8 -> mean 160 * e^0.32 ~ 220.
+CHATBOT_LENGTHS = {"prompt_median": 128, "prompt_sigma": 1.0, "reply_median": 160, "reply_sigma": 0.8,
+                   "min_len": 4, "max_prompt_len": 1024, "max_total_len": 2048}
+
+
+def chatbot_lengths(num: int, seed: int = 0, max_total_len: int = 2048) -> list[tuple[int, int]]:
+    """``num`` (prompt length, reply length) pairs drawn from CHATBOT_LENGTHS, clipped to its caps."""
+    if num < 1:
+        raise ValueError(f"--num-prompts ({num}) must be >= 1")
+    c = CHATBOT_LENGTHS
+    max_total_len = min(max_total_len, c["max_total_len"])
+    if max_total_len < 2 * c["min_len"]:
+        raise ValueError(f"the chatbot profile needs a total length of >= {2 * c['min_len']} tokens")
+    rng = np.random.default_rng(seed)
+    prompts = rng.lognormal(math.log(c["prompt_median"]), c["prompt_sigma"], size=num)
+    replies = rng.lognormal(math.log(c["reply_median"]), c["reply_sigma"], size=num)
+    pairs = []
+    for p, r in zip(prompts, replies, strict=True):
+        n_in = int(min(max(round(p), c["min_len"]), c["max_prompt_len"], max_total_len - c["min_len"]))
+        n_out = int(min(max(round(r), c["min_len"]), max_total_len - n_in))
+        pairs.append((n_in, n_out))
+    return pairs
+
+
+def chatbot_dataset(num: int, tokenizer: Any | None = None, seed: int = 0) -> list[BenchRequest]:
+    """Random-text prompts with ShareGPT-like prompt and reply lengths (CHATBOT_LENGTHS)."""
+    rng = np.random.default_rng(seed + 1)
+    vocab = sampling_vocab(tokenizer)
+    requests = []
+    for n_in, n_out in chatbot_lengths(num, seed):
+        text, length = random_text(n_in, rng, tokenizer, vocab)
+        requests.append(BenchRequest(text, length, n_out))
     return requests
 
 

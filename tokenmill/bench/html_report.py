@@ -76,6 +76,21 @@ def _summary_table(labels: Sequence[str], summaries: Sequence[dict[str, Any]]) -
     return _table(["metric", *labels], rows)
 
 
+def _percentile_table(document: dict[str, Any], points: Sequence[tuple[float, dict[str, Any]]]) -> str:
+    """Per load point: offered load, what was achieved, goodput, and the latency percentiles."""
+    headers = ["load point", "output tok/s", "req/s", "goodput req/s"]
+    keys = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"))
+    stats = (("median", "p50"), ("p90", "p90"), ("p99", "p99"))
+    headers += [f"{name} {label} ms" for _, name in keys for _, label in stats]
+    rows = []
+    for run, (_, summary) in zip(document["runs"], points, strict=True):
+        row = [html.escape(run["label"]), format_value(summary["output_throughput"]),
+               format_value(summary["request_throughput"]), format_value(summary["goodput"])]
+        row += [format_value(summary[key][stat]) for key, _ in keys for stat, _ in stats]
+        rows.append(row)
+    return _table(headers, rows)
+
+
 def render_serve_report(document: dict[str, Any], records: Sequence[Sequence[RequestRecord]]) -> str:
     """One run or one sweep; ``records`` holds each run's per-request records (in memory or from JSON)."""
     meta = document["metadata"]
@@ -86,6 +101,8 @@ def render_serve_report(document: dict[str, Any], records: Sequence[Sequence[Req
     body.append("<h2>Plots</h2>")
     body.append(_img(plots.latency_cdfs(list(zip(labels, records, strict=True))), "Latency CDFs"))
     points = _load_points(document)
+    body.insert(3, "<h2>Latency percentiles against load</h2>" + _percentile_table(document, points))
+    body.append(_img(plots.percentiles_vs_load(points, xlabel), "Latency percentiles vs load"))
     body.append(_img(plots.latency_vs_load([("run", points)], xlabel), "TTFT and TPOT vs load"))
     body.append(_img(plots.throughput_vs_load([("run", points)], xlabel), "Throughput vs load"))
     busiest = max(range(len(runs)), key=lambda i: runs[i]["summary"]["peak_concurrency"])

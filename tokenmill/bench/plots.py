@@ -80,6 +80,23 @@ def latency_vs_load(series: Sequence[LoadSeries], xlabel: str) -> str:
     return _png(fig)
 
 
+def percentiles_vs_load(points: Sequence[tuple[float, dict[str, Any]]], xlabel: str) -> str:
+    """p50, p90 and p99 of TTFT, TPOT and ITL against the load axis (one run or one sweep)."""
+    fig = Figure(figsize=(14, 4.5))
+    points = sorted(points, key=lambda point: point[0])  # an unlimited run sits at its achieved rate
+    xs = [x for x, _ in points]
+    for slot, (key, title) in enumerate((("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL")), start=1):
+        ax = fig.add_subplot(1, 3, slot)
+        for stat, style in (("median", "o-"), ("p90", "^-."), ("p99", "s--")):
+            ys = [s[key][stat] if s[key][stat] is not None else np.nan for _, s in points]
+            ax.plot(xs, ys, style, label="p50" if stat == "median" else stat)
+        ax.set_title(f"{title} percentiles vs load")
+        ax.set_ylabel("ms")
+        _load_axis(ax, [("run", points)], xlabel if slot == 2 else "")  # one axis label under the middle panel
+    fig.tight_layout()
+    return _png(fig)
+
+
 def throughput_vs_load(series: Sequence[LoadSeries], xlabel: str) -> str:
     """Output token throughput, and request throughput with goodput, against the load axis."""
     fig = Figure(figsize=(11, 4))

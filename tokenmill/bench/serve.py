@@ -45,6 +45,9 @@ def build_dataset(
             "output_len": args.random_output_len,
             "range_ratio": args.random_range_ratio,
         }
+    elif name == "chatbot":
+        reqs = datasets.chatbot_dataset(args.num_prompts, tokenizer, args.seed)
+        params = {"lengths": "ShareGPT-like, synthetic (lognormal)", **datasets.CHATBOT_LENGTHS}
     elif name == "shared-prefix":
         reqs = datasets.shared_prefix_dataset(
             args.prefix_num,
@@ -89,8 +92,34 @@ def _label(load: LoadConfig, sweep_param: str | None) -> str:
     return f"rate={rate}, concurrency={load.max_concurrency or 'unlimited'}"
 
 
+# ``--profile NAME``: settings it implies, and those it fills in only when not given.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "chatbot": {
+        "set": {"endpoint": "chat"},
+        "unless_given": {"sweep": "rate=1,2,4,8,16,32,inf", "slo": "ttft=500,tpot=50"},
+    },
+}
+
+
+def apply_profile(args: argparse.Namespace) -> None:
+    """A profile sets its fields; the chatbot dataset replaces only the default (random) one, so a real ShareGPT
+    file still works with it."""
+    name = getattr(args, "profile", None)
+    if name is None:
+        return
+    profile = PROFILES[name]
+    for key, value in profile["set"].items():
+        setattr(args, key, value)
+    for key, value in profile["unless_given"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dataset == "random":
+        args.dataset = "chatbot"
+
+
 def run_serve(args: argparse.Namespace, console: Console | None = None) -> int:
     console = console or Console(stderr=False)
+    apply_profile(args)
     slo = parse_slo(args.slo) if args.slo else SLO()
     target = Target(
         base_url=args.base_url,

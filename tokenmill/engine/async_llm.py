@@ -1,7 +1,7 @@
 """AsyncLLM: runs the synchronous LLMEngine step loop in its own thread and streams outputs to asyncio callers.
 
-The server (tokenmill/server/) submits requests here; each request gets an asyncio queue that the engine thread
-feeds through ``loop.call_soon_threadsafe``. Submissions and aborts are queued and applied at the top of each step.
+The server (tokenmill/server/) submits requests here; each request gets a RequestStream (its newest cumulative
+output) that the engine thread feeds through ``loop.call_soon_threadsafe``. Submissions and aborts are queued and applied at the top of each step.
 """
 
 from __future__ import annotations
@@ -60,34 +60,48 @@ class _Submission:
 
 
 class RequestStream:
-    """The consumer side of one engine request: an async iterator of cumulative RequestOutputs."""
+    """The consumer side of one engine request: an async iterator of cumulative RequestOutputs.
+
+    Outputs are cumulative, so the stream holds only the newest one (plus a waiter), not a queue: a consumer
+    that falls behind gets the latest state. A finished output or an error is kept over anything put after it.
+    """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, owner: AsyncLLM) -> None:
         self.request_id = request_id
         self.loop = loop
         self.finished = False
         self._owner = owner
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._latest: RequestOutput | BaseException | None = None
+        self._waiter: asyncio.Future | None = None
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """Called on the stream's own event loop (the engine-core client's reader)."""
-        self._queue.put_nowait(item)
+        latest = self._latest
+        if latest is not None and (isinstance(latest, BaseException) or latest.finished):
+            return  # the stream's end is already known
+        self._latest = item
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def put_threadsafe(self, item: RequestOutput | BaseException) -> None:
         """Called from the engine thread."""
         if self.loop.is_closed():
             return
-        self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self.loop.call_soon_threadsafe(self.put, item)
 
     async def get(self) -> RequestOutput:
-        """Next output; outputs are cumulative, so when several are queued only the newest is returned."""
-        item = await self._queue.get()
-        while not self._queue.empty() and not isinstance(item, BaseException):
-            if isinstance(item, RequestOutput) and item.finished:
-                break
-            item = self._queue.get_nowait()
+        """The newest output (cumulative, so older ones queued meanwhile add nothing)."""
+        while self._latest is None:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item, self._latest = self._latest, None
         if isinstance(item, BaseException):
             self.finished = True
+            self._latest = item  # a later get() raises it again
             raise item
         if item.finished:
             self.finished = True

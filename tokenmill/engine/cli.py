@@ -24,6 +24,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="tokens per engine step (default: 8192 on CUDA, 2048 on CPU)")
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                        help="most prompt tokens one request computes per step (0: no cap); lower keeps running "
+                             "decodes' inter-token latency steadier when long prompts arrive, at some TTFT")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache budget in GiB (CPU)")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count")
@@ -55,6 +58,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         num_kv_blocks=args.num_kv_blocks,

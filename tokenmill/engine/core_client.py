@@ -54,19 +54,56 @@ class _Request:
     finished: bool = False
 
     def output(self) -> RequestOutput:
+        """The cumulative output, in O(1) per sequence: ``token_ids`` and ``logprobs`` are the sequence's own
+        append-only lists, not copies (a copy per step made the API process O(tokens so far) per step, in the
+        copying and in the collector's traversals of the copies). While the request runs they may grow after this
+        output was made, so a consumer reads them when it gets the output (the server does, before its next
+        await); a finished output's lists no longer change."""
         completions = [
             CompletionOutput(
                 index=i,
                 text=seq.detokenizer.output_text(seq.finish_reason is not None) if seq.detokenizer else "",
-                token_ids=list(seq.token_ids),
+                token_ids=seq.token_ids,
                 finish_reason=seq.finish_reason,
-                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                logprobs=seq.logprobs,
                 stop_reason=seq.stop_reason,
             )
             for i, seq in enumerate(self.sequences)
         ]
         return RequestOutput(self.stream.request_id, self.prompt, self.prompt_token_ids, completions,
                              finished=self.finished, metrics=self.metrics, num_cached_tokens=self.num_cached_tokens)
+
+
+class OutputProcessor:
+    """The API side's per-request state: the core's new token ids → detokenized text → one cumulative
+    RequestOutput per progressed request on its stream. Plain (no sockets), so it is measured on its own
+    (benchmarks/online_host_cost.py)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.requests: dict[str, _Request] = {}  # accepted by the core and not finished
+
+    def new_state(self, stream: RequestStream, prompt: str | None, prompt_token_ids: list[int],
+                  params: SamplingParams) -> _Request:
+        hf = self.tokenizer.hf if self.tokenizer is not None else None
+        return _Request(stream, prompt, prompt_token_ids, [
+            _Sequence(IncrementalDetokenizer(hf, prompt_token_ids, params) if hf is not None else None,
+                      logprobs=[] if params.logprobs is not None else None)
+            for _ in range(params.n)
+        ], RequestMetrics(arrival_time=time.monotonic()))
+
+    def process(self, deltas: list[SeqDelta]) -> None:
+        touched: dict[str, _Request] = {}
+        requests = self.requests
+        for delta in deltas:
+            state = requests.get(delta.request_id)
+            if state is not None:
+                _apply(state, delta)
+                touched[delta.request_id] = state
+        for request_id, state in touched.items():
+            if state.finished:
+                del requests[request_id]
+            state.stream.put(state.output())
 
 
 class EngineCoreClient:
@@ -89,7 +126,7 @@ class EngineCoreClient:
         self._send_lock = threading.Lock()  # shutdown() runs in a worker thread
         self._codec = OutputCodec()
         self._pending: dict[str, tuple[asyncio.Future, _Request]] = {}
-        self._requests_by_id: dict[str, _Request] = {}
+        self._outputs: OutputProcessor | None = None  # made once the tokenizer is known (start_process)
         self._stopping = False
         self._reader: asyncio.Task | None = None
         spawn = multiprocessing.get_context("spawn")
@@ -119,6 +156,7 @@ class EngineCoreClient:
             self.process.join(10)
             raise answer
         self.info = answer
+        self._outputs = OutputProcessor(answer.tokenizer)
         return answer
 
     @property
@@ -186,13 +224,8 @@ class EngineCoreClient:
             raise EngineDeadError(self._dead_message())
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop, self)
-        tokenizer = self._info.tokenizer
         ids = list(prompt_token_ids)
-        state = _Request(stream, prompt, ids, [
-            _Sequence(IncrementalDetokenizer(tokenizer.hf, ids, params) if tokenizer is not None else None,
-                      logprobs=[] if params.logprobs is not None else None)
-            for _ in range(params.n)
-        ], RequestMetrics(arrival_time=time.monotonic()))
+        state = self._processor.new_state(stream, prompt, ids, params)
         accepted = loop.create_future()
         self._send(("add", request_id, ids, params, prompt, state.metrics.arrival_time))
         self._pending[request_id] = (accepted, state)
@@ -203,8 +236,15 @@ class EngineCoreClient:
             raise
         return stream
 
+    @property
+    def _processor(self) -> OutputProcessor:
+        if self._outputs is None:
+            raise RuntimeError("EngineCoreClient.start_process() has not run")
+        return self._outputs
+
     def abort(self, request_id: str) -> None:
-        self._requests_by_id.pop(request_id, None)
+        if self._outputs is not None:
+            self._outputs.requests.pop(request_id, None)
         if self.error is None and not self._stopping:
             try:
                 self._send(("abort", [request_id]))
@@ -254,7 +294,7 @@ class EngineCoreClient:
                 continue
             if state.stream.finished:  # aborted while waiting for the ack (stream.abort sent the abort already)
                 continue
-            self._requests_by_id[request_id] = state
+            self._processor.requests[request_id] = state
             if not future.done():
                 future.set_result(None)
         for request_id, kind, text in message.rejected:
@@ -262,16 +302,8 @@ class EngineCoreClient:
             if future is not None and not future.done():
                 future.set_exception(EngineQueueFullError(text) if kind == "queue_full"
                                      else ValueError(text) if kind == "invalid" else RuntimeError(text))
-        touched: dict[str, _Request] = {}
-        for delta in message.outputs:
-            state = self._requests_by_id.get(delta.request_id)
-            if state is not None:
-                _apply(state, delta)
-                touched[delta.request_id] = state
-        for request_id, state in touched.items():
-            if state.finished:
-                del self._requests_by_id[request_id]
-            state.stream.put(state.output())
+        if message.outputs:
+            self._processor.process(message.outputs)
         if message.stats:
             self.snapshot = EngineSnapshot(**{name: _stat(name, v) for name, v in zip(STAT_FIELDS, message.stats,
                                                                                    strict=True)})
@@ -291,9 +323,10 @@ class EngineCoreClient:
             if not future.done():
                 future.set_exception(dead)
         self._pending.clear()
-        for state in self._requests_by_id.values():
-            state.stream.put(EngineDeadError(self._dead_message()))
-        self._requests_by_id.clear()
+        if self._outputs is not None:
+            for state in self._outputs.requests.values():
+                state.stream.put(EngineDeadError(self._dead_message()))
+            self._outputs.requests.clear()
 
     def _dead_message(self) -> str:
         if self.error is None:

@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ from tokenmill.engine.gc_heap import freeze_startup_heap
 logger = logging.getLogger("tokenmill.engine.core")
 
 POLL_MS = 1000  # idle wake-up to notice a dead parent
+# Test hook: seconds the core sleeps after each step, so tests that need a request still running while they act
+# do not race an engine that has become fast (as the fault hook, read from the environment the core inherits).
+STEP_DELAY_ENV = "TOKENMILL_TEST_STEP_DELAY_S"
 
 
 @dataclass
@@ -120,34 +124,62 @@ class EngineCore:
         self.max_waiting_requests = max_waiting_requests
         self.fault_after_steps = fault_after_steps
         self.num_steps = 0
-        self._sent: dict[str, dict[int, int]] = {}  # request id -> sequence index -> token ids already sent
+        self.step_delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
+        # Loop time by part: waiting for work, reading + applying messages, engine steps (output building
+        # included), stats + encode + send. Logged when the loop ends (gpu_online_vs_offline.py keeps the log tail).
+        self.loop_seconds = {"step": 0.0, "inbox": 0.0, "send": 0.0, "idle": 0.0}
+        # request id -> per sequence index: output token ids already sent (-1: its finish was sent)
+        self._sent: dict[str, list[int]] = {}
         self._codec = OutputCodec()
+        engine.output_builder = self.deltas
 
     def serve(self, inbox: Any, outbox: Any, parent: int) -> None:
         import zmq
 
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
-        while True:
-            if os.getppid() != parent:
-                logger.warning("the API process is gone; the engine core exits")
-                return
-            if not self.engine.has_unfinished_requests() and not poller.poll(POLL_MS):
-                continue
-            messages = []
+        clock = time.perf_counter
+        spent = self.loop_seconds
+        try:
             while True:
-                try:
-                    messages.append(pickle.loads(inbox.recv(zmq.NOBLOCK)))
-                except zmq.Again:
-                    break
-            reply = CoreOutputs(accepted=[], rejected=[], outputs=[])
-            if not self.apply(messages, reply):
-                return
-            if self.engine.has_unfinished_requests():
-                self.step(reply)
-            reply.stats = self.stats()
-            if messages or reply.outputs:
-                outbox.send(self._codec.encode(reply), copy=False)
+                if os.getppid() != parent:
+                    logger.warning("the API process is gone; the engine core exits")
+                    return
+                t0 = clock()
+                if not self.engine.has_unfinished_requests() and not poller.poll(POLL_MS):
+                    spent["idle"] += clock() - t0
+                    continue
+                t1 = clock()
+                messages = []
+                while True:
+                    try:
+                        messages.append(pickle.loads(inbox.recv(zmq.NOBLOCK)))
+                    except zmq.Again:
+                        break
+                reply = CoreOutputs(accepted=[], rejected=[], outputs=[])
+                if not self.apply(messages, reply):
+                    return
+                t2 = clock()
+                if self.engine.has_unfinished_requests():
+                    self.step(reply)
+                t3 = clock()
+                reply.stats = self.stats()
+                if messages or reply.outputs:
+                    outbox.send(self._codec.encode(reply), copy=False)
+                t4 = clock()
+                spent["idle"] += t1 - t0
+                spent["inbox"] += t2 - t1
+                spent["step"] += t3 - t2
+                spent["send"] += t4 - t3
+        finally:
+            self.log_loop_seconds()
+
+    def log_loop_seconds(self) -> None:
+        """One line at exit: where the loop's time went (engine steps vs the channel vs waiting for work)."""
+        spent = self.loop_seconds
+        total = sum(spent.values()) or 1.0
+        logger.info("engine core loop: %d steps; %s", self.num_steps, ", ".join(
+            f"{name} {seconds:.2f} s ({100 * seconds / total:.0f}%)" for name, seconds in spent.items()))
 
     def apply(self, messages: list[tuple], reply: CoreOutputs) -> bool:
         """In arrival order (an abort sent right after its add must find it); False on shutdown."""
@@ -181,36 +213,51 @@ class EngineCore:
             logger.exception("engine rejected request %s with an unexpected error", request_id)
             reply.rejected.append([request_id, "internal", f"{type(exc).__name__}: {exc}"])
             return
-        self._sent[request_id] = {}
+        self._sent[request_id] = [0] * params.n
         reply.accepted.append(request_id)
 
     def step(self, reply: CoreOutputs) -> None:
-        outputs = self.engine.step()
+        deltas = self.engine.step()  # lists of SeqDelta: the engine calls self.deltas per request that progressed
         self.num_steps += 1
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         if self.fault_after_steps is not None and self.num_steps >= self.fault_after_steps:
             raise InjectedEngineFault(f"test hook: injected engine fault after {self.num_steps} steps")
-        for output in outputs:
-            sent = self._sent.get(output.request_id)
-            if sent is None:  # aborted meanwhile
+        for request_deltas in deltas:
+            reply.outputs += request_deltas
+
+    def deltas(self, request: Any) -> list[SeqDelta]:
+        """The engine's output builder here: each sequence's tokens not sent yet, O(new tokens), read from the
+        engine's Request without building a cumulative RequestOutput (which copies every token so far)."""
+        request_id = request.request_id
+        sent = self._sent.get(request_id)
+        if sent is None:  # aborted meanwhile
+            return []
+        request_finished = request.finished
+        sequences = request.sequences
+        num_cached = sequences[0].num_cached_tokens if len(sequences) == 1 else max(
+            seq.num_cached_tokens for seq in sequences)
+        times = _times(request.metrics) if request_finished else None
+        out = []
+        for seq in sequences:
+            done = sent[seq.index]
+            if done < 0:  # its finish was already sent (another sequence of the request is still running)
                 continue
-            for completion in output.outputs:
-                done = sent.get(completion.index, 0)
-                if done < 0:  # its finish was already sent (another sequence of the request is still running)
-                    continue
-                new_ids = completion.token_ids[done:]
-                if not new_ids and completion.finish_reason is None:
-                    continue
-                finished = completion.finish_reason is not None
-                sent[completion.index] = -1 if finished else done + len(new_ids)
-                reply.outputs.append(SeqDelta(
-                    request_id=output.request_id, index=completion.index, new_token_ids=new_ids,
-                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
-                    new_logprobs=_plain_logprobs(completion.logprobs[done:]) if completion.logprobs else None,
-                    request_finished=output.finished, num_cached_tokens=output.num_cached_tokens,
-                    times=_times(output.metrics) if output.finished else None,
-                ))
-            if output.finished:
-                del self._sent[output.request_id]
+            finished = seq.status.finished
+            new_ids = seq.token_ids[seq.prompt_len + done:]
+            if not new_ids and not finished:
+                continue
+            sent[seq.index] = -1 if finished else done + len(new_ids)
+            logprobs = seq.logprobs
+            out.append(SeqDelta(
+                request_id=request_id, index=seq.index, new_token_ids=new_ids,
+                finish_reason=seq.status.value if finished else None, stop_reason=seq.stop_reason,
+                new_logprobs=_plain_logprobs(logprobs[done:]) if logprobs else None,
+                request_finished=request_finished, num_cached_tokens=num_cached, times=times,
+            ))
+        if request_finished:
+            del self._sent[request_id]
+        return out
 
     def stats(self) -> list[float]:
         stats = self.engine.get_stats()

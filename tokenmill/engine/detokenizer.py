@@ -21,6 +21,9 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self._tokenizer = tokenizer
+        # A fast tokenizer's Rust backend decodes ~10x faster than transformers' decode() wrapper, which only
+        # converts arguments around the same call (cleanup of spaces is off here anyway).
+        self._backend = _backend_decoder(tokenizer)
         self._skip_special_tokens = params.skip_special_tokens
         self._stop = list(params.stop)
         self._include_stop = params.include_stop_str_in_output
@@ -70,6 +73,8 @@ class IncrementalDetokenizer:
         return self._text[: len(self._text) - self._held_back()]
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
         )
@@ -137,3 +142,9 @@ class IncrementalDetokenizer:
                     longest = length
                     break
         return longest
+
+
+def _backend_decoder(tokenizer):
+    """The ``tokenizers.Tokenizer`` behind a transformers fast tokenizer, or None (then its decode() is used)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend if backend is not None and callable(getattr(backend, "decode", None)) else None

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from tokenmill.attention.backend import get_attention_backend
 from tokenmill.config import EngineConfig
@@ -74,6 +75,9 @@ class LLMEngine:
         # False: output text is decoded by the caller (the engine-core process's API side); only requests with
         # stop strings are decoded here, since stopping on them is the engine's job.
         self.detokenize_outputs = True
+        # What step() returns per request that progressed; the engine-core process swaps in a builder of only
+        # the new tokens (a full RequestOutput copies every token so far, per step).
+        self.output_builder: Callable[[Request], Any] = Request.make_output
         mc = config.model
         self.attn_backend = get_attention_backend(config.runner.attention_backend, mc.device)
         executor = None
@@ -319,7 +323,7 @@ class LLMEngine:
                 request.metrics.finished_time = now
                 self.requests.pop(request.request_id, None)
             if self.stream_outputs or finished:
-                outputs.append(request.make_output())
+                outputs.append(self.output_builder(request))
         return outputs
 
     def _record_token(self, seq: Sequence, token_id: int, logprobs, now: float, touched: dict[str, Request]) -> None:
@@ -337,7 +341,8 @@ class LLMEngine:
         num_tokens = len(seq.token_ids)
         num_out = num_tokens - seq.prompt_len
         past_min = num_out >= params.min_tokens
-        stop_string = seq.detokenize_pending() if self.stream_outputs or params.stop else None
+        stop_string = (seq.detokenize_pending() if seq.detokenizer is not None and (self.stream_outputs or params.stop)
+                       else None)
         grammar_ended = seq.grammar is not None and seq.grammar.advance(token_id)
         status: SequenceStatus | None = None
         if past_min and not params.ignore_eos and token_id in self.eos_token_ids:

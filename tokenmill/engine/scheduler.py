@@ -69,6 +69,11 @@ class Scheduler:
         self.draft_proposer: DraftProposer | None = None
         self.finished_seq_ids: list[str] = []  # runner state to drop, sent with the next record
 
+    @property
+    def _prefill_cap(self) -> int:
+        """Most tokens one sequence computes in a step (long_prefill_token_threshold; 0 means no cap)."""
+        return self.config.long_prefill_token_threshold or self.config.max_num_batched_tokens
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -114,7 +119,7 @@ class Scheduler:
             if seq.reached_limit:  # its last token is in flight; the engine finishes it when it lands
                 index += 1
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._prefill_cap)
             drafts = self._drafts(seq, budget) if num_new == 1 else []
             num_new += len(drafts)
             while not self.block_manager.can_allocate(seq, num_new):
@@ -151,7 +156,7 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and num_new > budget:
                 self._release_unscheduled(seq)
                 break
-            num_new = min(num_new, budget)
+            num_new = min(num_new, budget, self._prefill_cap)
             if not self.block_manager.can_allocate(seq, num_new):
                 self._release_unscheduled(seq)
                 break

@@ -7,11 +7,11 @@ engine request, which frees the request's KV blocks.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -25,9 +25,14 @@ T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
 
 
+# msgspec encodes a chunk ~15x faster than json.dumps (1 vs 15 us, the API process's largest per-token cost
+# once the engine runs elsewhere). Its output is UTF-8 like ensure_ascii=False; NaN/inf would become null, but
+# callers clamp floats first (logprobs.py), as they did for json's allow_nan=False.
+_JSON = msgspec.json.Encoder()
+
+
 def sse_event(payload: dict[str, Any]) -> str:
-    # allow_nan=False: a NaN/inf would make the line invalid JSON for strict clients; callers clamp first.
-    return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
+    return f"data: {_JSON.encode(payload).decode()}\n\n"
 
 
 class ClientDisconnected(Exception):
