@@ -180,11 +180,13 @@ def kill_replica(model: Path, requests: int, concurrency: int, work: Path, fallb
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             futures = [pool.submit(one, i) for i in range(requests)]
             wait_until(lambda: done[0] >= requests // 5, 600, "a fifth of the requests", poll_s=0.05)
+            victim = next(r for r in gw.pool("m")["replicas"] if r["slot"] == replicas[0]["slot"])
             os.kill(replicas[0]["pid"], signal.SIGKILL)
             ok = [f.result() for f in futures]
         metrics = gw.metrics()
     lost = [failure for failure in ok if failure is not True]
-    return {"requests": requests, "concurrency": concurrency, "fallback_pool": fallback, "lost": len(lost),
+    return {"requests": requests, "concurrency": concurrency, "fallback_pool": fallback,
+            "in_flight_on_killed_replica": victim["outstanding"], "lost": len(lost),
             "lost_detail": lost[:20],
             "streams_resumed": metric_value(metrics, "tokenmill:gateway_stream_resumes_total", outcome="resumed"),
             "streams_failed": metric_value(metrics, "tokenmill:gateway_stream_resumes_total", outcome="failed"),
