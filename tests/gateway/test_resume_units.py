@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from tokenmill.gateway.replica import Replica, ReplicaState
 from tokenmill.gateway.resume import StreamProgress, fit_to_context
 
 
@@ -101,3 +103,43 @@ def test_fit_to_context_shrinks_the_budget_to_the_replicas_context():
     body = {"max_tokens": 295}
     assert fit_to_context(body, prompt_tokens=296, max_model_len=512) and body["max_tokens"] == 216
     assert not fit_to_context({"max_tokens": 5}, prompt_tokens=512, max_model_len=512)
+
+
+def _proxy_and_pool(states: list[ReplicaState]):
+    from tokenmill.gateway.config import HealthConfig, PoolConfig
+    from tokenmill.gateway.health import HealthTracker
+    from tokenmill.gateway.metrics import GatewayMetrics
+    from tokenmill.gateway.pools import Pool
+    from tokenmill.gateway.proxy import Proxy, ProxyRequest
+
+    metrics = GatewayMetrics()
+    pool = Pool(PoolConfig(name="m", kind="external", urls=["http://127.0.0.1:1"]), metrics)
+    pool.replicas = [Replica(slot=f"m-{i}", url=f"http://127.0.0.1:{i + 1}", state=s) for i, s in enumerate(states)]
+    proxy = Proxy(None, HealthTracker(HealthConfig(), metrics), metrics, max_attempts=3,  # type: ignore[arg-type]
+                  wait_for_replica_s=5.0)  # fmt: skip
+    return proxy, pool, ProxyRequest("/v1/completions", {}, {}, None, True, lambda status: None)
+
+
+def test_a_resume_waits_for_the_other_replica_while_only_the_dead_one_looks_ready():
+    # Seen on a loaded box: the killed process still READY (its exit not noticed yet), the other replica ejected
+    # by a slow health check for a moment; the resume gave up at once and the client got upstream_stream_cut.
+    proxy, pool, request = _proxy_and_pool([ReplicaState.READY, ReplicaState.EJECTED])
+    dead, other = pool.replicas
+
+    async def scenario():
+        async def readmit():
+            await asyncio.sleep(0.3)
+            pool.set_state(other, ReplicaState.READY)
+
+        task = asyncio.create_task(readmit())
+        chosen = await proxy._other_replica(pool, request, [dead.url])
+        await task
+        return chosen
+
+    assert asyncio.run(scenario()) is other
+
+
+def test_a_resume_gives_up_at_once_when_no_other_replica_exists():
+    proxy, pool, request = _proxy_and_pool([ReplicaState.READY, ReplicaState.FAILED])
+    # never the process that cut the stream, though it still looks ready; the failed one does not come back
+    assert asyncio.run(proxy._other_replica(pool, request, [pool.replicas[0].url])) is None

@@ -5,8 +5,10 @@ replica (gateway/resume.py); only when none can continue it does the client get 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ from tokenmill.gateway.errors import error_response, sse_error_event
 from tokenmill.gateway.health import HealthTracker
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pools import Pool
-from tokenmill.gateway.replica import Replica
+from tokenmill.gateway.replica import Replica, ReplicaState
 from tokenmill.gateway.resume import (
     DONE_EVENT,
     StreamProgress,
@@ -39,6 +41,8 @@ MAX_PENDING_BYTES = 1 << 20
 REPLICA_HEADER = "x-tokenmill-replica"
 # How long a cut stream waits for another replica of its pool to continue it (the client is mid-stream).
 RESUME_WAIT_S = 10.0
+RESUME_POLL_S = 0.2
+GONE_STATES = (ReplicaState.FAILED, ReplicaState.STOPPED)
 
 
 class UpstreamUnavailableError(RuntimeError):
@@ -198,7 +202,7 @@ class Proxy:
         status = 200
         pending = first
         progress = StreamProgress(request.path, request.body)
-        cut: list[str] = []  # replicas that cut this stream: a continuation goes elsewhere
+        cut: list[str] = []  # URLs of the replica processes that cut this stream: a continuation goes elsewhere
         held: Replica | None = replica  # the replica this stream holds a claim on
         problem: str | None = None
         try:
@@ -235,7 +239,7 @@ class Proxy:
                     pool.release(replica)
                     held = None
                     await resp.aclose()
-                    cut.append(replica.slot)
+                    cut.append(replica.url)
                     problem = type(err).__name__
                     if progress.finished:  # only usage or [DONE] was missing
                         yield progress.closing() if progress.resumes else DONE_EVENT
@@ -284,8 +288,8 @@ class Proxy:
         index = progress.pending()[0]
         headers = self._backend_headers(pool, request)
         for _ in range(self.max_attempts):
-            replica = await pool.acquire(request.affinity_key, cut, min(self.wait_for_replica_s, RESUME_WAIT_S))
-            if replica is None or replica.slot in cut:  # only another replica: these cut the stream
+            replica = await self._other_replica(pool, request, cut)
+            if replica is None:
                 return None
             await self._count_prompts(replica, progress, headers)
             text_ids = None
@@ -306,14 +310,33 @@ class Proxy:
             except httpx.TransportError as err:
                 self.health.record_failure(pool, replica, type(err).__name__)
                 pool.release(replica)
-                cut.append(replica.slot)
+                cut.append(replica.url)
                 continue
             if resp.status_code == 200:
                 return replica, resp, resp.aiter_raw()
             await resp.aclose()
             pool.release(replica)
-            cut.append(replica.slot)
+            cut.append(replica.url)
         return None
+
+    async def _other_replica(self, pool: Pool, request: ProxyRequest, cut: list[str]) -> Replica | None:
+        """A ready replica process that did not cut this stream, waiting up to RESUME_WAIT_S for one while
+        another exists: the only ready one may be the process that just died (its exit not seen yet) while the
+        other is briefly ejected or starting (seen on a loaded 2-core box: the resume gave up at once)."""
+        deadline = time.monotonic() + min(self.wait_for_replica_s, RESUME_WAIT_S)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            cut_slots = [r.slot for r in pool.replicas if r.url in cut]
+            replica = await pool.acquire(request.affinity_key, cut_slots, remaining)
+            if replica is None:
+                return None
+            if replica.url not in cut:
+                return replica
+            if not any(r.url not in cut and r.state not in GONE_STATES for r in pool.replicas):
+                return None  # no other replica process that could come back (ejected) or up (starting)
+            await asyncio.sleep(RESUME_POLL_S)
 
     async def _tokenize(self, replica: Replica, body: dict[str, Any], headers: dict[str, str]) -> dict | None:
         """The replica's ``/tokenize`` answer (tokenmill and vLLM: ``tokens``, ``count``, ``max_model_len``), or
