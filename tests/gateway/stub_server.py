@@ -33,6 +33,25 @@ def _words(body: dict) -> int:
     return int(body.get("max_tokens") or body.get("max_completion_tokens") or 4)
 
 
+def _prompts(body: dict) -> list:
+    """The prompts of a request (one for chat): text, or a list of token ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return prompt
+    if prompt is None:
+        return [" ".join(str(m.get("content")) for m in body.get("messages", []))]
+    return [prompt]
+
+
+def _count(prompt: object) -> int:
+    """The stub's tokens: one per word of text, one per id of a token-id prompt."""
+    return len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
+
+
+def _token_ids(text: str) -> list[int]:
+    return [len(word) for word in text.split()]  # any deterministic ids: tests compare with /tokenize's
+
+
 def build_app(state: StubState) -> FastAPI:
     app = FastAPI()
     ident = f"{state.name}@{state.port}"
@@ -64,6 +83,13 @@ def build_app(state: StubState) -> FastAPI:
             f"tokenmill:request_success_total{{{label}}} {state.served}\n"
         )
         return PlainTextResponse(text)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await request.json()
+        prompt = _prompts(body)[0]
+        tokens = prompt if isinstance(prompt, list) else _token_ids(str(prompt))
+        return {"count": len(tokens), "max_model_len": 4096, "tokens": tokens}
 
     @app.get("/stub/requests")
     async def requests() -> list[dict]:
@@ -123,6 +149,10 @@ def build_app(state: StubState) -> FastAPI:
                 }
             )
 
+        prompts = _prompts(body)
+        n = int(body.get("n") or 1)
+        num_choices = n * (1 if chat else len(prompts))
+
         async def events():
             try:
                 for i in range(n_words):
@@ -130,22 +160,25 @@ def build_app(state: StubState) -> FastAPI:
                     if cut_after is not None and i >= int(cut_after):
                         # Break the HTTP stream mid-body, as a crashing backend would.
                         raise RuntimeError("stub: cutting the stream on purpose")
-                    piece = ident if i == 0 else f" {ident}"
-                    if chat:
-                        delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
-                        choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
-                        chunk = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                 "model": state.name, "choices": [choice]}  # fmt: skip
-                    else:
-                        choice = {"index": 0, "text": piece, "finish_reason": None, "logprobs": None}
-                        chunk = {"id": rid, "object": obj, "created": created, "model": state.name,
-                                 "choices": [choice]}  # fmt: skip
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    for index in range(num_choices):
+                        word = ident if num_choices == 1 else f"{ident}#{index}"
+                        piece = word if i == 0 else f" {word}"
+                        last = {"finish_reason": "length"} if i == n_words - 1 else {"finish_reason": None}
+                        if chat:
+                            delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                            choice = {"index": index, "delta": delta, **last, "logprobs": None}
+                            chunk = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                                     "model": state.name, "choices": [choice]}  # fmt: skip
+                        else:
+                            choice = {"index": index, "text": piece, **last, "logprobs": None}
+                            chunk = {"id": rid, "object": obj, "created": created, "model": state.name,
+                                     "choices": [choice]}  # fmt: skip
+                        yield f"data: {json.dumps(chunk)}\n\n"
                 state.served += 1
                 if (body.get("stream_options") or {}).get("include_usage"):
-                    prompt = body.get("prompt") or " ".join(str(m.get("content")) for m in body.get("messages", []))
-                    used = len(str(prompt).split())
-                    usage = {"prompt_tokens": used, "completion_tokens": n_words, "total_tokens": used + n_words}
+                    used = sum(_count(p) for p in prompts)
+                    done = n_words * num_choices
+                    usage = {"prompt_tokens": used, "completion_tokens": done, "total_tokens": used + done}
                     chunk = {"id": rid, "object": obj, "created": created, "model": state.name, "choices": [],
                              "usage": usage}  # fmt: skip
                     yield f"data: {json.dumps(chunk)}\n\n"

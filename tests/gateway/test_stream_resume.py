@@ -94,3 +94,41 @@ def test_cut_stream_with_no_other_replica_ends_with_an_error_event(gateway):
     assert "[DONE]" not in events
     error = json.loads(events[-1])["error"]
     assert error["code"] == "upstream_stream_cut" and "no other replica" in error["message"]
+
+
+def test_cut_stream_with_several_choices_resumes_each_choice(gateway, tmp_path):
+    # n=2 over two prompts (4 choices), cut after 2 words each: every choice is continued by its own n=1 request
+    marker = str(tmp_path / "cut-n")
+    body = {"model": "duo", "prompt": ["Say ", "Tell "], "n": 2, "max_tokens": 5, "stream": True,
+            "stub_cut_after": 2, "stub_cut_once_file": marker, "stream_options": {"include_usage": True}}  # fmt: skip
+    events = _events(gateway, "/v1/completions", body)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in c for c in chunks) and len({c["id"] for c in chunks}) == 1
+    texts: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts.setdefault(choice["index"], []).append(choice["text"])
+    assert sorted(texts) == [0, 1, 2, 3] and all(len(pieces) == 5 for pieces in texts.values())
+    bodies = [b for r in gateway.pool("duo")["replicas"] for b in _received(gateway, r["url"])
+              if b.get("stub_cut_once_file") == marker]  # fmt: skip
+    continuations = [b for b in bodies if b.get("n") == 1]
+    assert len(continuations) == 4 and all(c["max_tokens"] == 3 for c in continuations)
+    prompts = sorted(c["prompt"] for c in continuations)
+    assert prompts == sorted(["Say ", "Say ", "Tell ", "Tell "][i] + "".join(texts[i][:2]) for i in range(4))
+    usage = chunks[-1]["usage"]
+    assert usage == {"prompt_tokens": 2, "completion_tokens": 20, "total_tokens": 22}  # "Say" + "Tell"; 4 x 5
+
+
+def test_cut_token_id_prompt_is_continued_with_the_texts_token_ids(gateway, tmp_path):
+    marker = str(tmp_path / "cut-ids")
+    body = {"model": "duo", "prompt": [11, 12, 13], "max_tokens": 4, "stream": True, "stub_cut_after": 1,
+            "stub_cut_once_file": marker}  # fmt: skip
+    events = _events(gateway, "/v1/completions", body)
+    assert events[-1] == "[DONE]"
+    texts = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
+    assert len(texts) == 4
+    continuation = _continuation(gateway, marker)
+    replica = gateway.pool("duo")["replicas"][0]["url"]
+    sent = httpx.post(f"{replica}/tokenize", json={"prompt": texts[0], "add_special_tokens": False}).json()
+    assert continuation["prompt"] == [11, 12, 13, *sent["tokens"]] and continuation["max_tokens"] == 3

