@@ -211,6 +211,8 @@ def engine_runs(args: argparse.Namespace, ceils: dict[str, float], deadline: flo
             rows.append({"variant": variant, "skipped": "time budget spent"})
             continue
         free()
+        # Memory a previous variant left allocated would shrink this one's KV cache: recorded to check.
+        left_over = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -231,7 +233,7 @@ def engine_runs(args: argparse.Namespace, ceils: dict[str, float], deadline: flo
         matmul = ceils.get("fp8_matmul_tflops" if fp8_weights else "bf16_matmul_tflops", 800.0)
         cl = Ceilings(ceils.get("copy_gbps", 3000.0), matmul)
         row: dict[str, Any] = {"variant": variant, "build_s": build_s, "kv_cache_tokens": engine.num_kv_cache_tokens,
-                               "workloads": {}}
+                               "allocated_before_build_bytes": left_over, "workloads": {}}
         for key, (num, inp, out) in (("a_128x512to128", a), ("max_load_128to128", max_load),
                                      ("batch1_128to256", batch1)):
             requests = fixed_workload(num, inp, out, spec.vocab_size, seed=num + inp)
