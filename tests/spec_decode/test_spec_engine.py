@@ -79,13 +79,17 @@ def near_draft(tiny_llama_dir, tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("engine_args", [
-    {"enable_prefix_caching": True},
-    {"enable_prefix_caching": False},
-    {"max_num_batched_tokens": 16},  # chunked prefill: prompts in pieces, mixed with verification rows
-    {"num_kv_blocks": 24},  # preemption: three sequences of up to 12 blocks in 24 blocks
-], ids=["caching", "no-caching", "chunked", "preemption"])
-@pytest.mark.parametrize("method", ["ngram", "draft-other"])
+CACHING = {"enable_prefix_caching": True}
+NO_CACHING = {"enable_prefix_caching": False}
+CHUNKED = {"max_num_batched_tokens": 16}  # chunked prefill: prompts in pieces, mixed with verification rows
+PREEMPTION = {"num_kv_blocks": 24}  # three sequences of up to 12 blocks in 24 blocks
+
+
+@pytest.mark.parametrize("method, engine_args", [
+    ("ngram", CACHING), ("ngram", NO_CACHING), ("ngram", CHUNKED), ("ngram", PREEMPTION),
+    ("draft-other", CHUNKED), ("draft-other", PREEMPTION),
+], ids=["ngram-caching", "ngram-no-caching", "ngram-chunked", "ngram-preemption", "draft-chunked",
+        "draft-preemption"])
 def test_greedy_output_is_token_identical(dirs, method, engine_args):
     target, other = dirs
     # Not adaptive: drafts every step (the policy would rightly never let the target draft for itself).
@@ -131,13 +135,14 @@ def test_stops_limits_and_logprobs_see_only_accepted_tokens(dirs):
         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]),
         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop_token_ids=[eos]),
         SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True, logprobs=2),
-        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3, min_tokens=4,
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3, min_tokens=4,
                        frequency_penalty=0.2),
     ]
+    wanted = [_generate(reference, params) for params in cases]
     for spec in (ngram(adaptive=False), draft(target, adaptive=False)):
         llm = LLM(str(target), **BASE, speculative_config=spec)
-        for params in cases:
-            want, got = _generate(reference, params), _generate(llm, params)
+        for params, want in zip(cases, wanted, strict=True):
+            got = _generate(llm, params)
             for w, g in zip(want, got, strict=True):
                 assert g.outputs[0].token_ids == w.outputs[0].token_ids
                 assert (g.outputs[0].text, g.outputs[0].finish_reason, g.outputs[0].stop_reason) == (
@@ -154,7 +159,7 @@ def test_stops_limits_and_logprobs_see_only_accepted_tokens(dirs):
 
 def test_seeded_sampling_is_reproducible(dirs):
     target, other = dirs
-    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=20, max_tokens=16, seed=7, ignore_eos=True)
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=20, max_tokens=10, seed=7, ignore_eos=True)
     for spec in (ngram(adaptive=False), draft(other, adaptive=False)):
         llm = LLM(str(target), **BASE, speculative_config=spec)
         first, second = _ids(_generate(llm, params)), _ids(_generate(llm, params))
@@ -193,7 +198,7 @@ class GreedyOracle:
 
 @pytest.mark.parametrize("method", ["point-mass", "draft-near"])
 def test_sampled_outputs_follow_the_target_distribution(dirs, near_draft, method):
-    """300 sampled continuations (top-k 3, 4 tokens) with and without speculation: the same distribution."""
+    """160 sampled continuations (top-k 3, 4 tokens) with and without speculation: the same distribution."""
     target, _ = dirs
     params = SamplingParams(temperature=1.0, top_k=3, max_tokens=4, ignore_eos=True)
     prompt = LLM(str(target), **BASE).get_tokenizer().encode(TEXTS[2])
@@ -202,8 +207,8 @@ def test_sampled_outputs_follow_the_target_distribution(dirs, near_draft, method
 
     def sample(**extra) -> tuple[list[tuple], LLM]:
         torch.manual_seed(0)
-        llm = LLM(str(target), **{**BASE, "num_kv_blocks": 2000, "max_num_seqs": 300}, **extra)
-        return [tuple(ids) for ids in _ids(_generate(llm, params, [prompt] * 300))], llm
+        llm = LLM(str(target), **{**BASE, "num_kv_blocks": 1200, "max_num_seqs": 160}, **extra)
+        return [tuple(ids) for ids in _ids(_generate(llm, params, [prompt] * 160))], llm
 
     plain, _ = sample()
     speculative, llm = sample(**extra)

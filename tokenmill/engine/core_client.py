@@ -273,8 +273,9 @@ class EngineCoreClient:
                 del self._requests_by_id[request_id]
             state.stream.put(state.output())
         if message.stats:
-            self.snapshot = EngineSnapshot(**{name: _stat(name, v) for name, v in zip(STAT_FIELDS, message.stats,
-                                                                                   strict=True)})
+            fixed, per_pos = message.stats[: len(STAT_FIELDS)], message.stats[len(STAT_FIELDS) :]
+            self.snapshot = EngineSnapshot(**{name: _stat(name, v) for name, v in zip(STAT_FIELDS, fixed, strict=True)},
+                                           spec_decode_accepted_per_pos=[int(n) for n in per_pos])
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:

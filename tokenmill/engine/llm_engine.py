@@ -63,6 +63,23 @@ class EngineStats:
     generation_tokens: int
     spec_decode: SpecDecodeStats | None = None  # speculative decoding's acceptance counters (None: off)
 
+    # Flat views for the metrics snapshot (vLLM's spec_decode_* counters; 0 without speculation).
+    @property
+    def spec_decode_num_drafts(self) -> int:
+        return self.spec_decode.num_drafts if self.spec_decode is not None else 0
+
+    @property
+    def spec_decode_num_draft_tokens(self) -> int:
+        return self.spec_decode.num_draft_tokens if self.spec_decode is not None else 0
+
+    @property
+    def spec_decode_num_accepted_tokens(self) -> int:
+        return self.spec_decode.num_accepted_tokens if self.spec_decode is not None else 0
+
+    @property
+    def spec_decode_accepted_per_pos(self) -> list[int]:
+        return list(self.spec_decode.accepted_per_pos) if self.spec_decode is not None else []
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, load_progress: bool = False, stream_outputs: bool = True,

@@ -8,6 +8,8 @@ step with every decoding sequence that may speculate, ``observe`` when a verific
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,6 +17,8 @@ from tokenmill.config import SpeculativeConfig
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.policy import SATURATION_TOKENS, AdaptivePolicy
 from tokenmill.spec_decode.stats import SpecDecodeStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -44,6 +48,9 @@ class SpeculativeDecoder:
         self.policy = policy
         self.pad_to_uniform = pad_to_uniform
         self.stats = SpecDecodeStats()
+        self.log_interval_s = 10.0
+        self._logged = SpecDecodeStats()
+        self._next_log = time.monotonic() + self.log_interval_s
 
     @property
     def max_k(self) -> int:
@@ -78,6 +85,19 @@ class SpeculativeDecoder:
     def observe(self, seq_id: str, num_drafts: int, num_accepted: int) -> None:
         self.stats.observe(num_drafts, num_accepted)
         self.policy.observe(seq_id, num_drafts, num_accepted)
+        now = time.monotonic()
+        if now >= self._next_log:
+            self._log_window(now)
+
+    def _log_window(self, now: float) -> None:
+        """One log line per interval with the window's acceptance (vLLM logs the same figures)."""
+        window = self.stats.since(self._logged)
+        self._logged, self._next_log = self.stats.copy(), now + self.log_interval_s
+        if window.num_drafts:
+            logger.info("speculative decoding: acceptance rate %.3f, mean acceptance length %.2f, %d drafts, "
+                        "%d draft tokens, accepted per position %s", window.acceptance_rate,
+                        window.mean_acceptance_length, window.num_drafts, window.num_draft_tokens,
+                        window.accepted_per_pos)
 
     def release(self, seq_id: str) -> None:
         self.proposer.release(seq_id)
