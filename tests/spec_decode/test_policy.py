@@ -42,3 +42,10 @@ def test_draft_cost_and_the_off_switches():
     assert AdaptivePolicy(max_k=4, saturation_tokens=128, disable_by_batch_size=1).choose_k(ids) == 0
     fixed = AdaptivePolicy(max_k=3, saturation_tokens=1, adaptive=False)
     assert fixed.choose_k(ids) == 3 and fixed.choose_k([]) == 0
+
+
+def test_may_speculate_is_false_once_the_batch_saturates():
+    policy = AdaptivePolicy(max_k=4, saturation_tokens=128)
+    assert policy.may_speculate(1) and policy.may_speculate(100)
+    assert not policy.may_speculate(128) and not policy.may_speculate(256) and not policy.may_speculate(0)
+    assert AdaptivePolicy(max_k=4, saturation_tokens=128, adaptive=False).may_speculate(256)

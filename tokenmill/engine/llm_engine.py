@@ -316,8 +316,12 @@ class LLMEngine:
     def _needs_history_ids(self) -> bool:
         # Penalties read the history's ids on the device side of the next step, so they must be real; so do
         # proposers, and a verification row's next input depends on how many drafts were accepted.
-        return self.scheduler.draft_proposer is not None or any(
-            needs_penalties(seq.params) for seq in self.scheduler.running)
+        proposer = self.scheduler.draft_proposer
+        if proposer is not None:  # an adaptive proposer that will not speculate at this batch size keeps overlap
+            active = getattr(proposer, "active", None)
+            if active is None or active(len(self.scheduler.running)):
+                return True
+        return any(needs_penalties(seq.params) for seq in self.scheduler.running)
 
     def _land_in_flight(self) -> list[RequestOutput]:
         """Wait for the in-flight step's ids, append them, roll back rejected drafts, check stop conditions, free

@@ -56,6 +56,10 @@ class SpeculativeDecoder:
     def max_k(self) -> int:
         return self.policy.max_k
 
+    def active(self, num_running: int) -> bool:
+        """Whether a step of ``num_running`` sequences may get drafts (else the engine keeps async scheduling)."""
+        return self.policy.may_speculate(num_running)
+
     def propose(self, seq_id: str, token_ids: list[int], max_num_tokens: int) -> list[int]:
         """The single-sequence DraftProposer call (a batch of one)."""
         return self.propose_batch([DraftRequest(seq_id, token_ids, max_num_tokens)]).get(seq_id, [])

@@ -60,7 +60,7 @@ class AdaptivePolicy:
     def step_cost(self, num_tokens: int) -> float:
         return max(1.0, num_tokens / self.saturation_tokens)
 
-    def choose_k(self, seq_ids: list[str], num_other_tokens: int = 0) -> int:
+    def choose_k(self, seq_ids: list[str], num_other_tokens: int = 0, _all_accepted: bool = False) -> int:
         """Drafts per row for a step whose decoding rows are ``seq_ids`` (plus ``num_other_tokens`` of prompt
         chunks): the k in 0..max_k with the most expected tokens per unit of step time."""
         batch = len(seq_ids)
@@ -68,7 +68,7 @@ class AdaptivePolicy:
             return 0
         if not self.adaptive:
             return self.max_k
-        rates = [self.acceptance(s) for s in seq_ids]
+        rates = [1.0] * batch if _all_accepted else [self.acceptance(s) for s in seq_ids]
         plain = batch / self.step_cost(batch + num_other_tokens)
         best_k, best = 0, plain * self.min_gain
         for k in range(1, self.max_k + 1):
@@ -77,6 +77,13 @@ class AdaptivePolicy:
             if gain > best:
                 best_k, best = k, gain
         return best_k
+
+    def may_speculate(self, batch: int) -> bool:
+        """Whether any k could pay off at this batch size even if every draft were accepted (when not, the engine
+        keeps overlapping steps instead of waiting for ids a proposal would need)."""
+        if not self.adaptive:
+            return not (self.disable_by_batch_size is not None and batch > self.disable_by_batch_size)
+        return self.choose_k([""] * batch, _all_accepted=True) > 0 if batch else False
 
     def observe(self, seq_id: str, num_drafts: int, num_accepted: int) -> None:
         estimate = self.estimates.setdefault(seq_id, AcceptanceEstimate())
