@@ -113,6 +113,22 @@ def test_a_target_drafting_for_itself_has_every_draft_accepted(dirs):
     _assert_no_leak(llm)
 
 
+def test_async_scheduling_overlaps_while_speculation_is_off_and_lands_verification_rows(dirs):
+    """Async scheduling (forced on CPU): while more sequences run than ``disable_by_batch_size`` steps overlap; once
+    fewer run, verification rows start and each lands before the next step is scheduled."""
+    target, _ = dirs
+    texts = TEXTS + [TEXTS[0][:40]]
+    reference = _ids(_generate(LLM(str(target), **BASE), SamplingParams(temperature=0.0, max_tokens=24,
+                                                                          ignore_eos=True), texts))
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (24, 24, 24, 6)]
+    llm = LLM(str(target), **BASE, async_scheduling=True,
+              speculative_config=ngram(adaptive=False, disable_by_batch_size=3))
+    got = _ids(llm.generate(texts, params, use_tqdm=False))
+    assert got[:3] == reference[:3] and got[3] == reference[3][:6]
+    assert llm.engine.get_stats().spec_decode.num_drafts > 0
+    _assert_no_leak(llm)
+
+
 def test_greedy_with_two_tensor_parallel_ranks(dirs):
     target, _ = dirs
     llm = LLM(str(target), **BASE, tensor_parallel_size=2, speculative_config=ngram(adaptive=False))

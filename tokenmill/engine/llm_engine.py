@@ -48,6 +48,7 @@ class InFlightStep:
     sched: SchedulerOutput
     launched: LaunchedStep
     sampling: list[Sequence]  # sequences that sample this step (each has one token in flight)
+    has_drafts: bool = False  # verification rows: their computed counts wait for the rollback on landing
 
 
 @dataclass
@@ -273,7 +274,7 @@ class LLMEngine:
         """Run one step; returns outputs of the requests that progressed (with async scheduling: of the
         previous step, whose ids land while this one runs)."""
         outputs: list[RequestOutput] = []
-        if self.in_flight is not None and self._needs_history_ids():
+        if self.in_flight is not None and (self.in_flight.has_drafts or self._needs_history_ids()):
             outputs = self._land_in_flight()
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -306,7 +307,7 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_tokens
         if self.in_flight is not None:
             outputs += self._land_in_flight()
-        self.in_flight = InFlightStep(sched, launched, sampling)
+        self.in_flight = InFlightStep(sched, launched, sampling, any(item.draft_token_ids for item in sched.scheduled))
         # A step that sampled a grammar-constrained row lands now: that row's next mask needs this token.
         # Steps of unconstrained rows only stay overlapped.
         if not self.async_scheduling or grammars:
