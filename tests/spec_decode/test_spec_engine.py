@@ -129,9 +129,12 @@ def test_async_scheduling_overlaps_while_speculation_is_off_and_lands_verificati
     _assert_no_leak(llm)
 
 
-def test_greedy_with_two_tensor_parallel_ranks(dirs):
+@pytest.mark.parametrize("method", ["ngram", "draft-self"])
+def test_greedy_with_two_tensor_parallel_ranks(dirs, method):
+    """The target on two gloo ranks; a draft model runs beside rank 0 only (its proposals travel in the record)."""
     target, _ = dirs
-    llm = LLM(str(target), **BASE, tensor_parallel_size=2, speculative_config=ngram(adaptive=False))
+    spec = ngram(adaptive=False) if method == "ngram" else draft(target, adaptive=False)
+    llm = LLM(str(target), **BASE, tensor_parallel_size=2, speculative_config=spec)
     try:
         assert _ids(_generate(llm, GREEDY)) == _reference(target)
         assert llm.engine.get_stats().spec_decode.num_accepted_tokens > 0
