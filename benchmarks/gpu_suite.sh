@@ -14,13 +14,13 @@ fi
 declare -A groups=(
   [kernels]="tests/kernels"
   [quantization]="tests/quantization"
-  [model]="tests/model tests/test_kv_cache.py tests/test_torch_attention.py tests/sampling tests/structured tests/bench/test_jit_watch.py tests/bench/test_throughput.py tests/gateway/test_gateway_health.py"
-  [engine]="tests/engine tests/distributed tests/modelserver/test_torch_backend.py"
+  [model]="tests/model tests/test_kv_cache.py tests/test_kv_cache_fp8.py tests/test_torch_attention.py tests/sampling tests/structured tests/distill/test_distill_gpu.py tests/bench/test_jit_watch.py tests/bench/test_throughput.py tests/gateway/test_gateway_health.py"
+  [engine]="tests/engine tests/spec_decode tests/distributed tests/modelserver/test_torch_backend.py"
 )
 names=("$@"); [ "${names[0]:-all}" = all ] && names=(kernels quantization model engine)
 status=0
 for g in "${names[@]}"; do
-  echo "== $g: ${groups[$g]}  ($(git rev-parse --short HEAD 2>/dev/null || echo tree))"
+  echo "== $g: ${groups[$g]}"
   python3 -m pytest ${groups[$g]} -q -p no:cacheprovider 2>&1 | tee "$out/gpu_suite_$g.txt" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done

@@ -218,12 +218,86 @@ class RunnerConfig:
             raise ValueError(f"tensor_parallel_size must be between 1 and 64; got {self.tensor_parallel_size}")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's ``--speculative-config`` keys): who proposes draft tokens and how many.
+
+    ``ngram``: prompt lookup (the last ``prompt_lookup_min..max`` tokens matched earlier in the prompt + output).
+    ``draft_model``: a second, small model at ``model`` sharing the target's tokenizer. ``disable_by_batch_size``
+    turns speculation off while more sequences than that run (vLLM's key); the adaptive policy (spec_decode/)
+    also lowers k per step as the batch grows or acceptance drops, unless ``adaptive`` is False.
+    """
+
+    method: str | None = None
+    num_speculative_tokens: int = 0
+    model: str | None = None
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    disable_by_batch_size: int | None = None
+    adaptive: bool = True
+    draft_dtype: str | None = None  # None: the target's dtype
+
+    def __post_init__(self) -> None:
+        if self.method is None:  # vLLM infers it: "ngram" (or "[ngram]") as the model name, else a draft model
+            if self.model in ("ngram", "[ngram]"):
+                self.method, self.model = "ngram", None
+            elif self.model is not None:
+                self.method = "draft_model"
+            else:
+                raise ValueError('speculative_config needs "method" ("ngram" or "draft_model") or a draft "model"')
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}; "
+                             f"got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 7:  # 1 + k query tokens: the decode kernel's limit is 8
+            raise ValueError("num_speculative_tokens must be between 1 and 7 (a verification row has 1 + k <= 8 "
+                             f"query tokens); got {self.num_speculative_tokens}")
+        if self.method == "ngram":
+            if self.model is not None:
+                raise ValueError(f'method "ngram" takes no draft model; got model {self.model!r}')
+            if self.prompt_lookup_max is None:
+                self.prompt_lookup_max = self.prompt_lookup_min or 4
+            if self.prompt_lookup_min is None:
+                self.prompt_lookup_min = min(2, self.prompt_lookup_max)
+            if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+                raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max; got "
+                                 f"min {self.prompt_lookup_min}, max {self.prompt_lookup_max}")
+        elif self.model is None:
+            raise ValueError('method "draft_model" needs "model": a directory (or .gguf) of a small model '
+                             "with the target's tokenizer")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be >= 1; got {self.disable_by_batch_size}")
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
+        """From a JSON string (the CLI flag), a dict (``LLM(speculative_config={...})``) or the object itself."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--speculative-config must be a JSON object; {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object; got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative_config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.scheduler.max_num_batched_tokens is None:
@@ -245,6 +319,7 @@ class EngineConfig:
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from flat vLLM-style keyword arguments (``LLM(model=..., block_size=8, ...)``)."""
+        speculative = SpeculativeConfig.parse(kwargs.pop("speculative_config", None))
         groups: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}, "runner": {}}
         owners = {
             "model": ModelConfig,
@@ -267,4 +342,5 @@ class EngineConfig:
             cache=CacheConfig(**groups["cache"]),
             scheduler=SchedulerConfig(**groups["scheduler"]),
             runner=RunnerConfig(**groups["runner"]),
+            speculative=speculative,
         )

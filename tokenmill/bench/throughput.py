@@ -386,6 +386,7 @@ def _run(args: argparse.Namespace) -> int:
         warm_up(engine, args.warmup_requests, spec.vocab_size, temperature=args.temperature)
         if device.startswith("cuda") and args.warmup_requests > 0:
             warm_up_mixed_steps(engine, spec.vocab_size, temperature=args.temperature)
+        spec_before = engine.spec_decode_stats.copy() if engine.spec_decode_stats is not None else None
         result = run_offline(engine, requests, ignore_eos=args.ignore_eos, temperature=args.temperature,
                              profile_dir=args.profile, profile_steps=args.profile_steps,
                              profile_start=args.profile_start)
@@ -393,6 +394,11 @@ def _run(args: argparse.Namespace) -> int:
         unfreeze_heap()  # a caller in the same process (a test) may build other engines after this one
     roof = summarize(spec, result.steps, result.step_times_s, ceilings, dtype_bytes)
     print_report(result, roof.to_dict(), engine.model_name, device)
+    spec_stats = engine.spec_decode_stats.since(spec_before).summary() if spec_before is not None else None
+    if spec_stats is not None:  # the timed run's drafts only (warm-up excluded)
+        print(f"speculative decoding: acceptance rate {spec_stats['acceptance_rate']:.3f}, mean acceptance length "
+              f"{spec_stats['mean_acceptance_length']:.2f}, {spec_stats['num_drafts']} drafts, accepted per position "
+              f"{spec_stats['accepted_per_pos']}")
     if args.output_json:
         record = {
             "benchmark": "throughput",
@@ -414,6 +420,7 @@ def _run(args: argparse.Namespace) -> int:
             "per_step": step_summary(result),
             "profile": result.profile_summary,
             "jit_compiles_in_timed_run": result.jit_compiles,
+            "spec_decode": spec_stats,
         }
         path = Path(args.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,10 @@ class EngineSnapshot:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_steps: int = 0  # steps this loop ran (each step batches every scheduled request)
+    spec_decode_num_drafts: int = 0  # speculative decoding (vLLM's counters): verification rows
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_accepted_per_pos: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -333,6 +337,10 @@ class AsyncLLM:
             "num_preemptions",
             "prompt_tokens",
             "generation_tokens",
+            "spec_decode_num_drafts",
+            "spec_decode_num_draft_tokens",
+            "spec_decode_num_accepted_tokens",
+            "spec_decode_accepted_per_pos",
         ):
             setattr(snap, name, getattr(stats, name, 0))
         self.snapshot = snap  # one reference swap: readers never see a half-updated snapshot

@@ -48,6 +48,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--custom-all-reduce", action="store_true",
                         help="tensor parallelism on GPUs: small all-reduces by a one-shot kernel over CUDA IPC "
                              "buffers instead of NCCL (experimental)")
+    parser.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                             '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' or \'{"method": "draft_model", '
+                             '"model": PATH, "num_speculative_tokens": 4}\'')
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -72,6 +76,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size,
         custom_all_reduce=args.custom_all_reduce,
+        speculative_config=args.speculative_config,
     )
 
 

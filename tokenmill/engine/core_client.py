@@ -305,8 +305,9 @@ class EngineCoreClient:
         if message.outputs:
             self._processor.process(message.outputs)
         if message.stats:
-            self.snapshot = EngineSnapshot(**{name: _stat(name, v) for name, v in zip(STAT_FIELDS, message.stats,
-                                                                                   strict=True)})
+            fixed, per_pos = message.stats[: len(STAT_FIELDS)], message.stats[len(STAT_FIELDS) :]
+            self.snapshot = EngineSnapshot(**{name: _stat(name, v) for name, v in zip(STAT_FIELDS, fixed, strict=True)},
+                                           spec_decode_accepted_per_pos=[int(n) for n in per_pos])
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:

@@ -18,7 +18,9 @@ import msgspec
 
 # Order of the stats tuple (EngineSnapshot's fields).
 STAT_FIELDS = ("num_running", "num_waiting", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits",
-               "num_preemptions", "prompt_tokens", "generation_tokens", "num_steps")
+               "num_preemptions", "prompt_tokens", "generation_tokens", "num_steps", "spec_decode_num_drafts",
+               "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
+# After them, the stats list carries speculative decoding's accepted drafts per position (any length).
 
 
 class SeqDelta(msgspec.Struct, array_like=True):

@@ -263,7 +263,7 @@ class EngineCore:
         stats = self.engine.get_stats()
         values = {name: getattr(stats, name, 0) for name in STAT_FIELDS}
         values["num_steps"] = self.num_steps
-        return [float(values[name]) for name in STAT_FIELDS]
+        return [float(values[name]) for name in STAT_FIELDS] + [float(n) for n in stats.spec_decode_accepted_per_pos]
 
 
 def _plain_logprobs(entries: list[dict]) -> list[list[list[float]]]:

@@ -36,6 +36,7 @@ from tokenmill.runner.kv_sizing import num_kv_blocks
 from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
 from tokenmill.sampling.penalties import needs_penalties
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec_decode.stats import SpecDecodeStats
 from tokenmill.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class InFlightStep:
     sched: SchedulerOutput
     launched: LaunchedStep
     sampling: list[Sequence]  # sequences that sample this step (each has one token in flight)
+    has_drafts: bool = False  # verification rows: their computed counts wait for the rollback on landing
 
 
 @dataclass
@@ -61,6 +63,24 @@ class EngineStats:
     num_steps: int
     prompt_tokens: int
     generation_tokens: int
+    spec_decode: SpecDecodeStats | None = None  # speculative decoding's acceptance counters (None: off)
+
+    # Flat views for the metrics snapshot (vLLM's spec_decode_* counters; 0 without speculation).
+    @property
+    def spec_decode_num_drafts(self) -> int:
+        return self.spec_decode.num_drafts if self.spec_decode is not None else 0
+
+    @property
+    def spec_decode_num_draft_tokens(self) -> int:
+        return self.spec_decode.num_draft_tokens if self.spec_decode is not None else 0
+
+    @property
+    def spec_decode_num_accepted_tokens(self) -> int:
+        return self.spec_decode.num_accepted_tokens if self.spec_decode is not None else 0
+
+    @property
+    def spec_decode_accepted_per_pos(self) -> list[int]:
+        return list(self.spec_decode.accepted_per_pos) if self.spec_decode is not None else []
 
 
 class LLMEngine:
@@ -99,24 +119,35 @@ class LLMEngine:
         self.runner = executor or ModelRunner(self.model, mc.device, mc.torch_dtype, kv_spec, self.eos_token_ids)
         sched_cfg = config.scheduler
         on_cuda = mc.device.startswith("cuda")
+        spec = config.speculative
+        graphs = on_cuda and not config.runner.enforce_eager
+        if draft_proposer is None and spec is not None:  # before KV sizing: a draft model takes memory too
+            from tokenmill.spec_decode.decoder import build_speculative_decoder
+
+            draft_proposer = build_speculative_decoder(spec, self, mc.device, pad_to_uniform=graphs)
         if on_cuda and executor is None and config.runner.tune_gemm:
             from tokenmill.runner.linear_tuning import tune_linears
 
             # Before graph capture, which bakes the choice in; rows up to the largest decode batch.
             tune_linears(self.model, max_rows=sched_cfg.max_num_seqs)
         if on_cuda:  # measure peak activation memory before giving the rest to the KV cache
-            self.runner.profile_run(min(sched_cfg.max_num_batched_tokens, self.max_model_len), sched_cfg.max_num_seqs)
+            num_sampled = sched_cfg.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+            self.runner.profile_run(min(sched_cfg.max_num_batched_tokens, self.max_model_len),
+                                    min(num_sampled, sched_cfg.max_num_batched_tokens))
         num_blocks = num_kv_blocks(config.cache, kv_spec, mc.device, self.model.num_layers, self.max_model_len,
                                    config.scheduler.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
-        if on_cuda and not config.runner.enforce_eager:
+        if graphs:  # verification rows of 1 + k tokens replay graphs too
+            query_lens = tuple(range(1, spec.num_speculative_tokens + 2)) if spec is not None else (1,)
             self.runner.capture_graphs(min(sched_cfg.max_num_seqs, config.runner.max_graph_batch_size),
-                                       self.max_model_len)
+                                       self.max_model_len, query_lens)
         if config.cache.calculate_kv_scales:  # after warm-up and capture, whose keys are dummies
             self.runner.kv_caches.arm_scale_calculation()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.scheduler.draft_proposer = draft_proposer
+        # A sampling draft model's distributions go to the runner's rejection sampler (rank 0 samples).
+        self.runner.draft_probs = getattr(draft_proposer, "draft_probs", None)
         self.num_kv_cache_tokens = num_blocks * config.cache.block_size
         self.requests: dict[str, Request] = {}
         self.grammars = GrammarCompiler(self.tokenizer.hf if self.tokenizer is not None else None,
@@ -235,14 +266,21 @@ class LLMEngine:
             num_steps=self.num_steps,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            spec_decode=self.spec_decode_stats,
         )
+
+    @property
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Acceptance counters of the built-in speculative decoder (None without one)."""
+        stats = getattr(self.scheduler.draft_proposer, "stats", None)
+        return stats if isinstance(stats, SpecDecodeStats) else None
 
     # ---- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step; returns outputs of the requests that progressed (with async scheduling: of the
         previous step, whose ids land while this one runs)."""
         outputs: list[RequestOutput] = []
-        if self.in_flight is not None and self._needs_history_ids():
+        if self.in_flight is not None and (self.in_flight.has_drafts or self._needs_history_ids()):
             outputs = self._land_in_flight()
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -275,7 +313,7 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_tokens
         if self.in_flight is not None:
             outputs += self._land_in_flight()
-        self.in_flight = InFlightStep(sched, launched, sampling)
+        self.in_flight = InFlightStep(sched, launched, sampling, any(item.draft_token_ids for item in sched.scheduled))
         # A step that sampled a grammar-constrained row lands now: that row's next mask needs this token.
         # Steps of unconstrained rows only stay overlapped.
         if not self.async_scheduling or grammars:
@@ -285,8 +323,12 @@ class LLMEngine:
     def _needs_history_ids(self) -> bool:
         # Penalties read the history's ids on the device side of the next step, so they must be real; so do
         # proposers, and a verification row's next input depends on how many drafts were accepted.
-        return self.scheduler.draft_proposer is not None or any(
-            needs_penalties(seq.params) for seq in self.scheduler.running)
+        proposer = self.scheduler.draft_proposer
+        if proposer is not None:  # an adaptive proposer that will not speculate at this batch size keeps overlap
+            active = getattr(proposer, "active", None)
+            if active is None or active(len(self.scheduler.running)):
+                return True
+        return any(needs_penalties(seq.params) for seq in self.scheduler.running)
 
     def _land_in_flight(self) -> list[RequestOutput]:
         """Wait for the in-flight step's ids, append them, roll back rejected drafts, check stop conditions, free
@@ -298,13 +340,17 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         drafts = {item.seq.seq_id: len(item.draft_token_ids) for item in step.sched.scheduled
                   if item.draft_token_ids} if self.scheduler.draft_proposer is not None else {}
+        observe = getattr(self.scheduler.draft_proposer, "observe", None)
         for seq in step.sampling:
             if seq.status.finished:  # stopped at the step before (or aborted): this row was surplus
                 continue
             seq.num_in_flight -= 1
             token_ids = result.token_ids[seq.seq_id]
+            num_drafts = drafts.get(seq.seq_id, 0)
+            if num_drafts and observe is not None:  # acceptance statistics and the adaptive policy
+                observe(seq.seq_id, num_drafts, len(token_ids) - 1)
             # k drafts computed k + 1 tokens' KV; only the tokens before the last one gained are kept.
-            self.scheduler.rollback(seq, drafts.get(seq.seq_id, 0) + 1 - len(token_ids))
+            self.scheduler.rollback(seq, num_drafts + 1 - len(token_ids))
             for token_id, logprobs in zip(token_ids, result.logprobs[seq.seq_id], strict=True):
                 seq.token_ids.append(token_id)
                 self._record_token(seq, token_id, logprobs, now, touched)

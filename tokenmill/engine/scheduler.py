@@ -18,13 +18,16 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.sequence import Sequence, SequenceStatus
 from tokenmill.engine.step_record import NewRequest, ScheduledRequest, StepRecord
+from tokenmill.spec_decode.decoder import DraftRequest
 
 
 class DraftProposer(Protocol):
     """Proposes tokens to verify after a decoding sequence's last token (speculative decoding, issue 23).
 
     ``token_ids`` are the sequence's accepted ids (prompt + output; read-only); at most ``max_num_tokens`` ids
-    are used. Return [] to decode plainly this step.
+    are used. Return [] to decode plainly this step. A proposer may also offer ``propose_batch(requests)`` (one
+    call per step for every decoding sequence, ``spec_decode.decoder.DraftRequest``s → {seq id: drafts}) and
+    ``release(seq_id)`` (the sequence finished); ``spec_decode.SpeculativeDecoder`` does.
     """
 
     def propose(self, seq_id: str, token_ids: list[int], max_num_tokens: int) -> list[int]: ...
@@ -88,6 +91,9 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        release = getattr(self.draft_proposer, "release", None)
+        if release is not None:
+            release(seq.seq_id)
         if seq.known_to_runner:
             seq.known_to_runner = False
             self.finished_seq_ids.append(seq.seq_id)
@@ -113,6 +119,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
 
         # 1. Running sequences, oldest first; make room by preempting the newest.
+        proposals = self._propose_drafts(budget)
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
@@ -120,7 +127,7 @@ class Scheduler:
                 index += 1
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._prefill_cap)
-            drafts = self._drafts(seq, budget) if num_new == 1 else []
+            drafts = proposals.get(seq.seq_id, [])[: budget - 1] if num_new == 1 else []
             num_new += len(drafts)
             while not self.block_manager.can_allocate(seq, num_new):
                 if drafts:  # speculation is optional: drop it before preempting anyone
@@ -173,15 +180,29 @@ class Scheduler:
         out.record = self._record(out)
         return out
 
-    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
-        """Draft tokens for a decoding sequence; none while a token is in flight (a proposal needs the ids)."""
-        if self.draft_proposer is None or seq.num_in_flight:
-            return []
-        # k drafts can yield k + 1 tokens: stay within the sequence's token limit and the step's budget.
-        room = min(budget - 1, (seq.token_limit or seq.num_tokens + budget) - seq.num_tokens - 1)
-        if room <= 0:
-            return []
-        return list(self.draft_proposer.propose(seq.seq_id, seq.token_ids, room))[:room]
+    def _propose_drafts(self, budget: int) -> dict[str, list[int]]:
+        """Draft tokens for the decoding sequences, asked of the proposer once per step (a draft model batches
+        them); none while a token is in flight (a proposal needs the ids)."""
+        proposer = self.draft_proposer
+        if proposer is None:
+            return {}
+        requests = []
+        for seq in self.running:
+            # Grammar-constrained rows decode plainly (a draft would need the matcher's masks per position).
+            if seq.num_in_flight or seq.num_tokens - seq.num_computed_tokens != 1 or seq.grammar is not None:
+                continue
+            # k drafts can yield k + 1 tokens: stay within the sequence's token limit and the step's budget.
+            room = min(budget - 1, (seq.token_limit or seq.num_tokens + budget) - seq.num_tokens - 1)
+            if room > 0:
+                requests.append(DraftRequest(seq.seq_id, seq.token_ids, room, seq.params, seq.seed))
+        if not requests:
+            return {}
+        propose_batch = getattr(proposer, "propose_batch", None)
+        if propose_batch is not None:
+            proposals = propose_batch(requests)
+        else:
+            proposals = {r.seq_id: proposer.propose(r.seq_id, r.token_ids, r.max_num_tokens) for r in requests}
+        return {r.seq_id: list(proposals[r.seq_id])[: r.max_num_tokens] for r in requests if proposals.get(r.seq_id)}
 
     def _record(self, out: SchedulerOutput) -> StepRecord:
         """The step as plain data: per sequence only what the runner has not been told yet."""

@@ -51,7 +51,11 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         device: torch.device,
         query_lens: Sequence[int] = (1,),
+        eager_logits_from: int = MAX_DECODE_QUERY_LEN + 1,
     ) -> None:
+        """``eager_logits_from``: graphs of this query length and longer end at the hidden states and the LM head
+        runs after the replay: every token of a verification row needs logits, and a captured [tokens, vocab]
+        output per (query length, batch size) would hold gigabytes (128k vocabulary) that nothing else can use."""
         if not query_lens or any(not 1 <= q <= MAX_DECODE_QUERY_LEN for q in query_lens):
             raise ValueError(f"graph query lengths must be 1..{MAX_DECODE_QUERY_LEN}; got {list(query_lens)}")
         self.model = model
@@ -61,6 +65,7 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq
         self.query_lens = sorted(set(query_lens))
+        self.eager_logits_from = eager_logits_from
         backend = model.attn_backend
         n = self.max_batch
         self.buffers: dict[int, DecodeGraphBuffers] = {}
@@ -81,7 +86,7 @@ class DecodeGraphs:
         tokens = size * q
         meta = self.buffers[q].prepare_for_capture(size)
         hidden = self.model(self.input_ids[q][:tokens], self.positions[q][:tokens], self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        return hidden if q >= self.eager_logits_from else self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -129,4 +134,5 @@ class DecodeGraphs:
             self.positions[q][:tokens].copy_(positions)
             self.buffers[q].prepare_for_replay(meta, size)
         self.graphs[q, size].replay()
-        return self.outputs[q, size][: batch * q]
+        out = self.outputs[q, size][: batch * q]
+        return self.model.compute_logits(out) if q >= self.eager_logits_from else out

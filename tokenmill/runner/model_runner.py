@@ -26,6 +26,7 @@ from tokenmill.runner.inputs import ModelInputs, step_arrays, upload_step
 from tokenmill.sampling.acceptance import accept_drafts
 from tokenmill.sampling.sampler import Sampler, SamplingRow
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec_decode.rejection import DraftDistributionRow, draft_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.batch = InputBatch(self.device, samples)
         self.prev_sampled: torch.Tensor | None = None  # the last launched step's sampled ids (device)
+        # Speculative decoding with a sampling draft model: request id -> the [k, V] distribution its drafts were
+        # drawn from (filled by the proposer before the step; rank 0 only). Such rows are rejection-sampled.
+        self.draft_probs: dict[str, torch.Tensor] | None = None
 
     def shutdown(self) -> None:
         """In-process runner: nothing to stop (the tensor-parallel executor stops its workers here)."""
@@ -141,9 +145,11 @@ class ModelRunner:
             rows = [SamplingRow(p, [0], [0]) for p in params]
             self.sampler.sample(logits.clone(), rows, logits_writable=True)
 
-    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def capture_graphs(self, max_batch: int, max_model_len: int, query_lens: tuple[int, ...] = (1,)) -> None:
+        """``query_lens``: 1, plus 1 + k for each k verification rows may have (speculative decoding)."""
         max_blocks = self.kv_spec.blocks_for_tokens(max_model_len)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_blocks, self.device)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_blocks, self.device,
+                                   query_lens, eager_logits_from=2)
         self.graphs.capture()
         self._warm_up_staging()
 
@@ -194,6 +200,7 @@ class ModelRunner:
         sampling_rows: list[SamplingRow] = []
         req_ids: list[str] = []
         drafts_per_row: list[list[int]] = []
+        verified: list[DraftDistributionRow] = []
         for row in rows:
             entry = record.scheduled[row]
             state = self.batch.requests[entry.req_id]
@@ -210,12 +217,18 @@ class ModelRunner:
                 continue
             # A verification row: one sampling row per position; position i's history has drafts[:i] after it.
             base = state.row
+            probs = self.draft_probs.get(entry.req_id) if self.draft_probs else None
+            # (Without them the ordinary draws verify: exact for drafts from anywhere, accepting less often.)
+            if probs is not None and probs.shape[0] >= len(drafts) and not base.params.greedy:
+                verified.append(DraftDistributionRow(len(sampling_rows), drafts, probs[: len(drafts)],
+                                                     base.generator))
             for i in range(len(drafts) + 1):
                 history = list(state.outputs) + drafts[:i] if state.needs_history else ()
                 sampling_rows.append(SamplingRow(base.params, base.prompt_token_ids, history, base.generator,
                                                  num_outputs + i))
         # The logits are this step's scratch (the graph's output buffer or a fresh tensor).
-        token_ids, logprobs = self.sampler.sample(logits, sampling_rows, logits_writable=True)
+        token_ids, logprobs = self.sampler.sample(logits, sampling_rows, logits_writable=True,
+                                                  verify=draft_verifier(verified, sampling_rows) if verified else None)
         self.prev_sampled = token_ids
         if self.device.type != "cuda":
             return LaunchedStep(req_ids, drafts_per_row, token_ids, logprobs)

@@ -261,10 +261,10 @@ class TPExecutor(ModelRunner):
         self._send("profile", (num_tokens, num_sampled))
         self._collective(super().profile_run, num_tokens, num_sampled)
 
-    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def capture_graphs(self, max_batch: int, max_model_len: int, query_lens: tuple[int, ...] = (1,)) -> None:
         """Every rank captures the same ladder in the same order, so the collectives inside pair up."""
-        self._send("capture", (max_batch, max_model_len))
-        self._collective(super().capture_graphs, max_batch, max_model_len)
+        self._send("capture", (max_batch, max_model_len, query_lens))
+        self._collective(super().capture_graphs, max_batch, max_model_len, query_lens)
 
     def prepare_inputs(self, record: StepRecord) -> ModelInputs:
         self._send("step", record)

@@ -9,7 +9,7 @@ kernel (kernels/gumbel_sample.py) from the same distribution.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,11 +136,14 @@ class Sampler:
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
     def sample(
-        self, logits: torch.Tensor, rows: list[SamplingRow], logits_writable: bool = False
+        self, logits: torch.Tensor, rows: list[SamplingRow], logits_writable: bool = False,
+        verify: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[dict[int, Logprob] | None]]:
         """Token ids as a device tensor (no host sync unless logprobs are asked for), and per-row logprobs.
 
         ``logits_writable``: the caller never reads ``logits`` again, so processors may change it in place.
+        ``verify(processed_logits, token_ids) -> token_ids``: speculative decoding's rejection sampling against a
+        draft distribution (spec_decode/rejection.py) replaces some rows' draws before logprobs are taken.
         """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
@@ -173,5 +176,7 @@ class Sampler:
                 random_t = _index(random, device)
                 token_ids[random_t] = sample_from_logits(logits[random_t], [rows[i] for i in random])
 
+        if verify is not None:
+            token_ids = verify(logits, token_ids)
         num_logprobs = [row.params.logprobs for row in rows]
         return token_ids, sample_logprobs(raw_logits, token_ids, num_logprobs)

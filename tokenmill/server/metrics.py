@@ -55,6 +55,20 @@ class _EngineCollector(Collector):
         yield self._counter("generation_tokens", "Tokens generated.", snap.generation_tokens)
         yield self._counter("engine_steps", "Engine steps run; each step batches every scheduled request.",
                             snap.num_steps)
+        yield from self._spec_decode(snap)
+
+    def _spec_decode(self, snap: EngineSnapshot) -> Iterator[Metric]:
+        """Speculative decoding's acceptance counters (vLLM's names; zero without speculation)."""
+        yield self._counter("spec_decode_num_drafts", "Verification rows (drafts proposed and verified).",
+                            snap.spec_decode_num_drafts)
+        yield self._counter("spec_decode_num_draft_tokens", "Draft tokens proposed.", snap.spec_decode_num_draft_tokens)
+        yield self._counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                            snap.spec_decode_num_accepted_tokens)
+        family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted, by position in the draft.", labels=["model_name", "position"])
+        for position, count in enumerate(snap.spec_decode_accepted_per_pos):
+            family.add_metric([self._model_name, str(position)], count)
+        yield family
 
 
 class ServerMetrics:

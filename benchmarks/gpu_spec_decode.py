@@ -1,0 +1,247 @@
+"""Speculative decoding on one GPU, Llama-3-8B shape (random weights): what verification costs and what it buys.
+
+1. Verification cost: the runner's step (inputs, CUDA graph replay or eager, sampling, acceptance on the host) with
+   k = 1..8 draft tokens per row vs a plain decode step, at batch 1..256 and a fixed context; so the speedup for any
+   acceptance rate a follows as E(a, k) / (t_k / t_0), E = 1 + a + ... + a^k.
+2. End to end with an oracle proposer that proposes the target's own greedy continuation (every draft accepted:
+   the mechanism's ceiling) at k = 4, batches 1 / 16 / 64: output tokens per second vs plain decoding.
+3. The adaptive policy at batch 256 (oracle proposals, policy free to pick k or none) vs plain decoding: the
+   policy must stay within 3% (alternating runs, medians).
+
+    python3 benchmarks/gpu_spec_decode.py --out $OUT/gpu_spec_decode.json     # H100, ~5 min
+    python3 benchmarks/gpu_spec_decode.py --preset tiny-llama --device cpu --quick --out /tmp/spec.json  # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_record import write_record  # noqa: E402  (sibling benchmark module)
+
+from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
+from tokenmill.engine.step_record import NewRequest, ScheduledRequest, StepRecord  # noqa: E402
+from tokenmill.intmath import cdiv  # noqa: E402
+from tokenmill.sampling_params import SamplingParams  # noqa: E402
+from tokenmill.spec_decode.decoder import DraftRequest, SpeculativeDecoder  # noqa: E402
+from tokenmill.spec_decode.policy import SATURATION_TOKENS, AdaptivePolicy  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---- 1. verification step cost ---------------------------------------------------------------------
+def step_cost(engine: LLMEngine, batch: int, k: int, context: int, repeats: int, tag: str) -> float:
+    """Median ms of a runner step of ``batch`` rows, each 1 + k query tokens after ``context`` cached positions
+    (the cache holds whatever was there: timing only). The request's state is dropped afterwards."""
+    runner, block = engine.runner, engine.config.cache.block_size
+    blocks_per_seq = cdiv(context + k + 1, block)
+    ids = [f"{tag}{i}" for i in range(batch)]
+    generator = torch.Generator().manual_seed(batch * 16 + k)
+    known = torch.randint(0, engine.model.vocab_size, (context + 1,), generator=generator).tolist()
+    drafts = torch.randint(0, engine.model.vocab_size, (k,), generator=generator).tolist()
+
+    def record(first: bool) -> StepRecord:
+        scheduled = [ScheduledRequest(rid, 1 + k, context, known if first else [],
+                                      list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) if first else [],
+                                      blocks_per_seq, list(drafts), True) for i, rid in enumerate(ids)]
+        new = [NewRequest(rid, GREEDY, None, context + 1) for rid in ids] if first else []
+        return StepRecord(scheduled, new)
+
+    runner.launch(record(first=True)).result()
+    steady = record(first=False)
+    for _ in range(3):
+        runner.launch(steady).result()
+    times = []
+    for _ in range(repeats):
+        sync(engine.config.model.device)
+        start = time.perf_counter()
+        runner.launch(steady).result()  # the host reads the ids: a speculating engine waits for every step
+        times.append((time.perf_counter() - start) * 1e3)
+    runner.batch.update(StepRecord(finished_req_ids=ids))
+    return statistics.median(times)
+
+
+def verification_costs(engine: LLMEngine, batches: list[int], ks: list[int], context: int,
+                       repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for batch in batches:
+        base = step_cost(engine, batch, 0, context, repeats, f"b{batch}k0-")
+        row = {"batch": batch, "plain_ms": round(base, 3), "verify_ms": {}, "ratio": {}}
+        for k in ks:
+            ms = step_cost(engine, batch, k, context, repeats, f"b{batch}k{k}-")
+            row["verify_ms"][k], row["ratio"][k] = round(ms, 3), round(ms / base, 3)
+        rows.append(row)
+        print(f"batch {batch:4d}: plain {base:8.2f} ms | " + " ".join(
+            f"k={k}: {row['ratio'][k]:.2f}x" for k in ks), flush=True)
+    return rows
+
+
+# ---- 2./3. end to end with an oracle proposer ------------------------------------------------------------
+class OracleProposer:
+    """Proposes the target's own greedy continuation of each prompt (known from a plain run)."""
+
+    def __init__(self) -> None:
+        self.reference: dict[tuple[int, ...], list[int]] = {}  # prompt -> prompt + greedy output
+
+    def propose_many(self, requests: list[DraftRequest], k: int) -> dict[str, list[int]]:
+        out = {}
+        for r in requests:
+            full = self._full(r.token_ids)
+            if full is not None:
+                out[r.seq_id] = full[len(r.token_ids) : len(r.token_ids) + min(k, r.max_num_tokens)]
+        return out
+
+    def _full(self, token_ids: list[int]) -> list[int] | None:
+        for prompt_len in self.lengths:
+            full = self.reference.get(tuple(token_ids[:prompt_len]))
+            if full is not None:
+                return full
+        return None
+
+    @property
+    def lengths(self) -> set[int]:
+        return {len(p) for p in self.reference}
+
+    def release(self, seq_id: str) -> None:
+        pass
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: str) -> tuple[float, list[list[int]]]:
+    """Seconds to generate ``output_len`` tokens for every prompt (all added at once), and the outputs."""
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}{i}", prompt, params)
+    outputs: dict[str, list[int]] = {}
+    sync(engine.config.model.device)
+    start = time.perf_counter()
+    while engine.has_unfinished_requests() or engine.in_flight is not None:
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+    sync(engine.config.model.device)
+    return time.perf_counter() - start, [outputs[f"{tag}{i}"] for i in range(len(prompts))]
+
+
+def make_decoder(oracle: OracleProposer, k: int, adaptive: bool, device: str) -> SpeculativeDecoder:
+    policy = AdaptivePolicy(k, SATURATION_TOKENS["cuda" if device.startswith("cuda") else "cpu"], adaptive=adaptive)
+    return SpeculativeDecoder(oracle, policy, pad_to_uniform=True)
+
+
+def run_case(engine: LLMEngine, proposer: Any, prompts: list[list[int]], output_len: int, tag: str):
+    engine.scheduler.draft_proposer = proposer
+    engine.runner.draft_probs = None
+    return generate(engine, prompts, output_len, tag)
+
+
+def oracle_runs(engine: LLMEngine, batches: list[int], k: int, prompt_len: int, output_len: int) -> list[dict]:
+    device = engine.config.model.device
+    rows, vocab = [], engine.model.vocab_size
+    for batch in batches:
+        generator = torch.Generator().manual_seed(1000 + batch)
+        prompts = [torch.randint(0, vocab, (prompt_len,), generator=generator).tolist() for _ in range(batch)]
+        oracle = OracleProposer()
+        run_case(engine, None, prompts, 4, f"warm{batch}-")  # allocator and graphs warm at this batch
+        plain_s, outputs = run_case(engine, None, prompts, output_len, f"plain{batch}-")
+        oracle.reference = {tuple(p): p + o for p, o in zip(prompts, outputs, strict=True)}
+        decoder = make_decoder(oracle, k, adaptive=False, device=device)
+        spec_s, spec_outputs = run_case(engine, decoder, prompts, output_len, f"spec{batch}-")
+        tokens = batch * output_len
+        row = {"batch": batch, "k": k, "plain_tok_s": round(tokens / plain_s, 1), "spec_tok_s": round(tokens / spec_s, 1),
+               "speedup": round(plain_s / spec_s, 3), "identical": spec_outputs == outputs,
+               "acceptance": decoder.stats.summary()}
+        rows.append(row)
+        print(f"oracle batch {batch:4d} k={k}: plain {row['plain_tok_s']:9.1f} tok/s, speculative "
+              f"{row['spec_tok_s']:9.1f} tok/s, speedup {row['speedup']:.2f}x, identical {row['identical']}", flush=True)
+    engine.scheduler.draft_proposer = None
+    return rows
+
+
+def adaptive_run(engine: LLMEngine, batch: int, k: int, prompt_len: int, output_len: int, rounds: int) -> dict:
+    """Plain vs the adaptive policy (oracle proposals), alternating, at a batch that saturates the device."""
+    device, vocab = engine.config.model.device, engine.model.vocab_size
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=generator).tolist() for _ in range(batch)]
+    oracle = OracleProposer()
+    _, outputs = run_case(engine, None, prompts, output_len, "ref-")
+    oracle.reference = {tuple(p): p + o for p, o in zip(prompts, outputs, strict=True)}
+    plain, adaptive, chosen = [], [], []
+    for r in range(rounds):
+        plain.append(run_case(engine, None, prompts, output_len, f"p{r}-")[0])
+        decoder = make_decoder(oracle, k, adaptive=True, device=device)
+        adaptive.append(run_case(engine, decoder, prompts, output_len, f"a{r}-")[0])
+        chosen.append(decoder.stats.num_drafts)
+    engine.scheduler.draft_proposer = None
+    tokens = batch * output_len
+    row = {"batch": batch, "k_max": k, "plain_tok_s": round(tokens / statistics.median(plain), 1),
+           "adaptive_tok_s": round(tokens / statistics.median(adaptive), 1),
+           "adaptive_vs_plain": round(statistics.median(plain) / statistics.median(adaptive), 4),
+           "verification_rows": chosen, "plain_s": plain, "adaptive_s": adaptive}
+    print(f"adaptive batch {batch}: plain {row['plain_tok_s']} tok/s, adaptive {row['adaptive_tok_s']} tok/s "
+          f"({row['adaptive_vs_plain']:.3f}x; target >= 0.97), verification rows {chosen}", flush=True)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="llama3-8b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    parser.add_argument("--ks", default="1,2,3,4,5,6,7,8", help="k = 8 runs 9 query tokens: eager, prefill kernel")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--oracle-batches", default="1,16,64")
+    parser.add_argument("--oracle-k", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--adaptive-batch", type=int, default=256)
+    parser.add_argument("--adaptive-output-len", type=int, default=64)
+    parser.add_argument("--adaptive-rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU check of the script)")
+    parser.add_argument("--out", default="gpu_spec_decode.json")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    ks = [int(k) for k in args.ks.split(",")]
+    oracle_batches = [int(b) for b in args.oracle_batches.split(",")]
+    if args.quick:
+        batches, ks, oracle_batches = [1, 4], [1, 4, 8], [1, 4]
+        args.context, args.repeats, args.prompt_len, args.output_len = 32, 3, 16, 12
+        args.adaptive_batch, args.adaptive_output_len, args.adaptive_rounds = 8, 6, 1
+    max_batch = max(*batches, *oracle_batches, args.adaptive_batch)
+    block = 16
+    context_blocks = cdiv(args.context + max(ks) + 1, block) * max(batches)
+    run_blocks = cdiv(max(args.prompt_len + args.output_len, args.prompt_len + args.adaptive_output_len) + 9,
+                      block) * max_batch
+    # k = 7: graphs for every verification length the decode kernel serves (1 + k <= 8); proposers are swapped in.
+    engine = LLMEngine.from_kwargs(
+        random_weights=args.preset, device=args.device, max_model_len=max(args.context + 16, 1024) if not args.quick
+        else 128, max_num_seqs=max_batch, num_kv_blocks=max(context_blocks, run_blocks) + 8, block_size=block,
+        enable_prefix_caching=False, stream_outputs=False,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 7, "adaptive": False})
+    engine.scheduler.draft_proposer = None
+    started = time.perf_counter()
+    costs = verification_costs(engine, batches, ks, args.context, args.repeats)
+    oracle = oracle_runs(engine, oracle_batches, args.oracle_k, args.prompt_len, args.output_len)
+    adaptive = adaptive_run(engine, args.adaptive_batch, args.oracle_k, args.prompt_len, args.adaptive_output_len,
+                            args.adaptive_rounds)
+    path = write_record(Path(args.out), "gpu_spec_decode", preset=args.preset, context=args.context,
+                        verification_cost=costs, oracle=oracle, adaptive=adaptive,
+                        seconds=round(time.perf_counter() - started, 1),
+                        **({"device": "cpu"} if not args.device.startswith("cuda") else {}))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

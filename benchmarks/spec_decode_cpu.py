@@ -1,0 +1,125 @@
+"""Speculative decoding on CPU with the embedded SmolLM2-135M-Instruct: n-gram (prompt lookup) acceptance and
+batch-1 end-to-end speedup on three prompt kinds — quote a given passage, edit given code, free chat.
+
+Each prompt runs plain and speculative greedy decoding alternately (same engine settings, the box's load hits both
+alike) and the outputs must be token-identical. Reports the acceptance rate (accepted / proposed drafts), the mean
+acceptance length (tokens per verification step) and the speedup of output tokens per second; JSON with date,
+device and the exact command.
+
+    PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --out benchmarks/results/spec_decode_cpu.json
+    PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --draft-model DIR   # also a draft model (distilled)
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_record import write_record  # noqa: E402  (sibling benchmark module: the common JSON header)
+
+from tokenmill import SamplingParams  # noqa: E402
+from tokenmill.engine.llm import LLM  # noqa: E402
+
+PASSAGE_FILE = Path(__file__).resolve().parents[1] / "tokenmill" / "quantization" / "data" / "kjv_heldout.txt"
+CODE = '''def summarize(values):
+    total = 0
+    count = 0
+    for value in values:
+        if value is None:
+            continue
+        total += value
+        count += 1
+    if count == 0:
+        return 0.0
+    return total / count
+'''
+
+
+def prompts(passage_chars: int) -> dict[str, list[str]]:
+    text = " ".join(PASSAGE_FILE.read_text().split())
+    passages = [text[i : i + passage_chars] for i in (0, 5000, 10000)]
+    return {
+        "quote": [f"Here is a passage:\n\n{p}\n\nRepeat the passage above word for word." for p in passages],
+        "code": [f"Here is a Python function:\n\n{CODE}\nRename the variable `total` to `running_sum` and show the "
+                 "whole function.", f"{CODE}\nAdd a docstring to this function and show the whole function.",
+                 f"{CODE}\nRewrite this function with type hints and show the whole function."],
+        "chat": ["Write a short story about a lighthouse keeper.", "What are three tips for learning to cook?",
+                 "Explain why the sky is blue to a child."],
+    }
+
+
+def timed_chat(llm: LLM, message: str, params: SamplingParams) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    output = llm.chat([{"role": "user", "content": message}], params, use_tqdm=False)[0].outputs[0]
+    return time.perf_counter() - start, output.token_ids
+
+
+def run_kind(plain: LLM, spec: LLM, messages: list[str], params: SamplingParams) -> dict[str, Any]:
+    stats = spec.engine.spec_decode_stats
+    before = stats.copy()
+    plain_s = spec_s = 0.0
+    tokens = 0
+    identical = True
+    for message in messages:
+        t_plain, ids_plain = timed_chat(plain, message, params)
+        t_spec, ids_spec = timed_chat(spec, message, params)
+        plain_s, spec_s, tokens = plain_s + t_plain, spec_s + t_spec, tokens + len(ids_plain)
+        identical &= ids_plain == ids_spec
+    window = stats.since(before)
+    return {"prompts": len(messages), "output_tokens": tokens, "plain_tok_s": round(tokens / plain_s, 2),
+            "spec_tok_s": round(tokens / spec_s, 2), "speedup": round(plain_s / spec_s, 3),
+            "token_identical": identical, **window.summary()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--passage-chars", type=int, default=600)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--prompt-lookup-max", type=int, default=4)
+    parser.add_argument("--prompt-lookup-min", type=int, default=1)
+    parser.add_argument("--draft-model", default=None, help="also measure a draft model (same tokenizer)")
+    parser.add_argument("--kinds", default="quote,code,chat")
+    parser.add_argument("--prompts-per-kind", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    engine_args = dict(dtype="float32", max_model_len=2048, max_num_seqs=1)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    plain = LLM(None, **engine_args)
+    methods = {"ngram": {"method": "ngram", "num_speculative_tokens": args.k,
+                         "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min}}
+    if args.draft_model:
+        methods["draft_model"] = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.k}
+    all_prompts = prompts(args.passage_chars)
+    results: dict[str, dict[str, Any]] = {}
+    warm = SamplingParams(temperature=0.0, max_tokens=4)
+    timed_chat(plain, "Hello!", warm)  # first-call costs (allocator, caches) stay out of the timed runs
+    for method, config in methods.items():
+        spec = LLM(None, **engine_args, speculative_config=config)
+        timed_chat(spec, "Hello!", warm)
+        for kind in args.kinds.split(","):
+            row = run_kind(plain, spec, all_prompts[kind][: args.prompts_per_kind], params)
+            results.setdefault(method, {})[kind] = row
+            print(f"{method:11s} {kind:5s}: acceptance {row['acceptance_rate']:.3f}, mean acceptance length "
+                  f"{row['mean_acceptance_length']:.2f}, {row['plain_tok_s']:6.2f} -> {row['spec_tok_s']:6.2f} tok/s "
+                  f"({row['speedup']:.2f}x), identical {row['token_identical']}", flush=True)
+    if args.out:
+        path = write_record(
+            Path(args.out), "spec_decode_cpu", model=plain.engine.model_name, config=vars(args), results=results,
+            device=f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+            median_speedup={m: statistics.median(r["speedup"] for r in rows.values()) for m, rows in results.items()})
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
