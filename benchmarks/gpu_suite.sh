@@ -9,7 +9,7 @@ if [ -d .whl ] && ! python3 -c "import fastapi, xgrammar" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
   export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
 else
-  export PYTHONPATH="$PWD"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 declare -A groups=(
   [kernels]="tests/kernels"
