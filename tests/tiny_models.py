@@ -104,6 +104,22 @@ def make_tiny_model_dir(directory: Path, arch: str = "llama", seed: int = 0, **o
     return directory
 
 
+def round_weights_to_bf16(directory: Path) -> Path:
+    """Round every saved tensor to a bf16-representable value (kept fp32), in place.
+
+    Quantizing at load happens after the cast to the serving dtype, so a bf16 and an fp32 model of one fp32
+    checkpoint hold different codes (a rounding boundary moves with the cast). On bf16-exact weights both quantize
+    the same values, and a bf16-vs-fp32 comparison measures the kernels, not two different quantizations.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for shard in Path(directory).glob("*.safetensors"):
+        tensors = load_file(shard)
+        save_file({name: t.to(torch.bfloat16).to(t.dtype) for name, t in tensors.items()}, shard,
+                  metadata={"format": "pt"})
+    return Path(directory)
+
+
 def transformers_greedy(model_dir: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     """transformers ``generate`` greedy continuations (fp32), each cut after its first EOS: the reference."""
     from transformers import AutoModelForCausalLM

@@ -16,7 +16,7 @@ import torch
 from tokenmill import LLM, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from model_helpers import make_prompts, run_in_steps  # noqa: E402
+from model_helpers import make_prompts, rel_err, run_in_steps  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs a CUDA sm89+ GPU")]
@@ -48,25 +48,40 @@ def test_triton_fp8_kv_matches_torch_backend_greedy(tiny_llama_dir):
     assert agreed >= 16  # of 64: the two backends agree well past the first tokens
 
 
-def test_fp8_weights_on_gpu_match_cpu_emulation(tiny_llama_dir):
+def test_fp8_weights_on_gpu_match_cpu_emulation(tiny_llama_dir, tmp_path):
+    """As close to the dense model as the CPU emulation of the same FP8 weights is.
+
+    W8A8 re-rounds every linear's input to FP8 (3 mantissa bits), so a bf16-vs-fp32 difference anywhere moves
+    near-boundary activations to the next FP8 value: over the whole model that is of the order of FP8 rounding
+    itself (0.11 relative logit error between the CPU emulation in bf16 and in fp32 on the same weights, against
+    0.21 for FP8 vs dense). One GEMM against its fp32 reference is held tight in tests/kernels/test_fp8_gemm.py;
+    here the whole GPU model must be no further from the dense model than the emulation is.
+    """
+    import shutil
+
     from model_helpers import load
+    from tiny_models import round_weights_to_bf16
 
     from tokenmill.attention.torch_backend import TorchAttentionBackend
     from tokenmill.config import ModelConfig
     from tokenmill.model import load_model
 
-    cpu = load(tiny_llama_dir, quantization="fp8")
-    gpu = load_model(ModelConfig(model=str(tiny_llama_dir), dtype="bfloat16", device="cuda", quantization="fp8"),
+    model_dir = round_weights_to_bf16(shutil.copytree(tiny_llama_dir, tmp_path / "bf16_exact"))
+    dense, cpu = load(model_dir), load(model_dir, quantization="fp8")
+    gpu = load_model(ModelConfig(model=str(model_dir), dtype="bfloat16", device="cuda", quantization="fp8"),
                      TorchAttentionBackend())
     layer = gpu.model.model.layers[0].mlp.down_proj
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.is_cuda
     prompts = make_prompts([9, 14], cpu.spec.vocab_size, seed=1)
+    exact = run_in_steps(dense.model, prompts, [[4, 6], [5, 8]])
     want = run_in_steps(cpu.model, prompts, [[4, 6], [5, 8]])
     # run_in_steps builds a CPU cache; run the GPU model through the same steps on its device.
     got = _run_on_device(gpu.model, prompts, "cuda")
-    for g, w in zip(got, want, strict=True):
-        err = ((g.float().cpu() - w).norm() / w.norm()).item()
-        assert err < 0.05  # bf16 activations and FP8 GEMM accumulation order vs fp32 emulation
+    for g, w, e in zip(got, want, exact, strict=True):
+        g = g.float().cpu()
+        emulation_error, gpu_error = rel_err(w, e), rel_err(g, e)
+        assert gpu_error < 1.25 * emulation_error, (gpu_error, emulation_error)
+        assert rel_err(g, w) < 0.2, rel_err(g, w)
 
 
 def _run_on_device(model, prompts, device):

@@ -63,7 +63,11 @@ def dirs(tiny_model_dirs):
 
 @pytest.fixture(scope="module")
 def near_draft(tiny_llama_dir, tmp_path_factory):
-    """The target with noise on every weight: a draft whose distribution is close to the target's, not equal."""
+    """The target with noise on every weight: a draft whose distribution is close to the target's, not equal.
+
+    Noise 0.01 on weights of scale 0.2: about half the drafts are accepted. At 0.05 the draft's top 3 rarely meets
+    the target's (7 of 120 accepted on CPU, 0 of 30 on an H100), too few for the test to see both outcomes.
+    """
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -74,7 +78,7 @@ def near_draft(tiny_llama_dir, tmp_path_factory):
     generator = torch.Generator().manual_seed(5)
     for path in directory.glob("*.safetensors"):
         tensors = load_file(path)
-        save_file({name: t + 0.05 * torch.randn(t.shape, generator=generator) for name, t in tensors.items()},
+        save_file({name: t + 0.01 * torch.randn(t.shape, generator=generator) for name, t in tensors.items()},
                   path, metadata={"format": "pt"})
     return directory
 

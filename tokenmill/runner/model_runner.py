@@ -219,10 +219,7 @@ class ModelRunner:
             base = state.row
             probs = self.draft_probs.get(entry.req_id) if self.draft_probs else None
             # (Without them the ordinary draws verify: exact for drafts from anywhere, accepting less often.)
-            # Not on CUDA yet: the H100 run of tests/spec_decode found no accepted draft there with a near draft
-            # model (the plain draws below stay exact, whatever the drafts).
-            if (probs is not None and probs.shape[0] >= len(drafts) and not base.params.greedy
-                    and self.device.type != "cuda"):
+            if probs is not None and probs.shape[0] >= len(drafts) and not base.params.greedy:
                 verified.append(DraftDistributionRow(len(sampling_rows), drafts, probs[: len(drafts)],
                                                      base.generator))
             for i in range(len(drafts) + 1):
