@@ -97,3 +97,15 @@ def test_bad_bits_and_group_sizes_fail_with_a_sentence():
         rtn_quantize(torch.randn(4, 96), 4, 64, True)
     with pytest.raises(ValueError, match="AWQ format stores 4-bit"):
         to_awq(_random_qw(8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
+def test_rtn_codes_are_the_same_on_cuda_and_cpu(bits, sym):
+    """Each symmetric group's extreme weight sits on a rounding tie: one ulp of scale must not flip it by device."""
+    weight = (torch.randn(256, 512, generator=torch.Generator().manual_seed(7)) * 0.2).to(torch.bfloat16).float()
+    on_cpu = rtn_quantize(weight, bits, 128, sym=sym)
+    on_gpu = rtn_quantize(weight.cuda(), bits, 128, sym=sym)
+    assert torch.equal(on_cpu.codes, on_gpu.codes.cpu())
+    assert torch.equal(on_cpu.scales, on_gpu.scales.cpu())

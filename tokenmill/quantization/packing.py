@@ -69,7 +69,10 @@ def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
         wmin = -wmax
     span = wmax - wmin
     span = torch.where(span > 0, span, torch.ones_like(span))  # an all-zero row: any scale is exact
-    scale = span / maxq
+    # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its reciprocal, one ulp off
+    # CPU's quotient; the symmetric grid puts each group's extreme weight on a rounding tie (+-(maxq + 1) / 2),
+    # so that ulp would flip its code and a GPU and a CPU load would hold different weights.
+    scale = span / torch.full_like(span, maxq)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
