@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # One device call at a session's end: the whole GPU test suite (its four groups in parallel: correctness only, the
-# card has room for all of them), then issue 18's timing A/B alone on the idle card.
-#   bash benchmarks/gpu_final_check.sh [BASELINE_DIR]     # logs and JSON under $OUT
+# card has room for all of them), then issue 18's timing A/B alone on the idle card (skipped with AB=0).
+#   [AB=0] [WORKLOADS=a,b,d] [REPEATS=1] bash benchmarks/gpu_final_check.sh [BASELINE_DIR]
+# Everything lands in one tarball, $OUT/final_check.tgz (the device tool returns at most a few files).
 set -uo pipefail
-out="${OUT:-/tmp/final}"; mkdir -p "$out"
+out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
 for g in kernels quantization model engine; do
   OUT="$out" bash benchmarks/gpu_suite.sh "$g" > "$out/suite_$g.console" 2>&1 &
 done
 wait
-for g in kernels quantization model engine; do echo "== $g: $(tail -n 3 "$out/gpu_suite_$g.txt" | grep -E 'passed|failed|error' | tail -1)"; done
-OUT="$out" bash benchmarks/gpu_ab_vs_transformers.sh "${1:-.baseline}"
+for g in kernels quantization model engine; do
+  echo "== $g: $(grep -E '^(FAILED|ERROR) ' "$out/gpu_suite_$g.txt" | head -20)"
+  tail -n 3 "$out/gpu_suite_$g.txt" | grep -E 'passed|failed|error' | tail -1
+done
+[ "${AB:-1}" = 1 ] && OUT="$out" bash benchmarks/gpu_ab_vs_transformers.sh "${1:-.baseline}"
+tar czf "${OUT:-/tmp}/final_check.tgz" -C "$out" .
