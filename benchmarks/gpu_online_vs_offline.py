@@ -8,12 +8,16 @@
    separate profiled pass whose hottest frames land in the JSON;
 4. stops the server (SIGTERM: it must drain and exit 0) and runs the offline engine (the ``bench throughput``
    path: LLMEngine + run_offline) on the same prompts' token ids and output lengths;
-5. samples the server's process tree CPU% and nvidia-smi GPU busy % during every phase;
+5. samples the server's process tree CPU% (each process's threads too: main, named, the unnamed rest such as an
+   OpenMP team) and nvidia-smi GPU busy % during every phase; keeps the engine core's loop account (step() time
+   of decode-only vs prompt-carrying steps) and its Triton-compile warnings, and the offline run's compiles;
 6. writes one JSON (date, device, command, both sides, ratio) to --out, else $OUT, else benchmarks/results/.
 
 H100:  python benchmarks/gpu_online_vs_offline.py --server-modes thread,process --concurrency 256,64,16
 H100, issue 19 re-measure (~6 min):  python benchmarks/gpu_online_vs_offline.py --warmup-prompts 200 \
            --profile-prompts 0 --concurrency 256 --chatbot-rates 10,20,40 --chatbot-prompts 300
+H100, the core's torch threads A/B (~4.5 min): the same with --chatbot-rates 20 --chatbot-prompts 200 \
+           --ab-server-env OMP_NUM_THREADS=$(python3 -c 'import torch; print(torch.get_num_threads())')
 CPU smoke test (a minute):  python benchmarks/gpu_online_vs_offline.py --preset tiny-llama3 --device cpu \
            --num-prompts 16 --input-len 24 --output-len 8 --max-model-len 128
 """
