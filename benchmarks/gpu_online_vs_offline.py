@@ -380,6 +380,7 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
         core_loop = [line for line in log_lines if "engine core loop:" in line]
         side["core_loop"] = core_loop[-1] if core_loop else None
         side["core_jit_compiles"] = [line for line in log_lines if "Triton compiled" in line][:50]
+        side["core_threads"] = next((line for line in log_lines if "torch CPU threads" in line), None)
         side["phases"] = online
         side["resources"] = sampler.summary()
     return side
@@ -475,6 +476,8 @@ def print_table(record: dict[str, Any]) -> None:
             continue
         if side.get("core_loop"):
             print(f"{mode}: {side['core_loop'].split('tokenmill.engine.core: ')[-1]}")
+        if side.get("core_threads"):
+            print(f"{mode}: {side['core_threads'].split('tokenmill.engine.core: ')[-1]}")
         if side.get("core_jit_compiles"):
             print(f"{mode}: {len(side['core_jit_compiles'])} Triton compile(s) while serving, first: "
                   f"{side['core_jit_compiles'][0].split('tokenmill.engine.core: ')[-1][:200]}")
