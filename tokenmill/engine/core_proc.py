@@ -250,8 +250,10 @@ class EngineCore:
         sent = self._sent.get(request_id)
         if sent is None:  # aborted meanwhile
             return []
-        request_finished = request.finished
         sequences = request.sequences
+        if len(sequences) == 1:  # n == 1, nearly every request: the same delta with less bookkeeping
+            return self._single_delta(request, sequences[0], sent)
+        request_finished = request.finished
         num_cached = sequences[0].num_cached_tokens if len(sequences) == 1 else max(
             seq.num_cached_tokens for seq in sequences)
         times = _times(request.metrics) if request_finished else None
@@ -275,6 +277,23 @@ class EngineCore:
         if request_finished:
             del self._sent[request_id]
         return out
+
+    def _single_delta(self, request: Any, seq: Any, sent: list[int]) -> list[SeqDelta]:
+        """``deltas`` for a request of one sequence (it runs for every request on every step: kept lean)."""
+        done = sent[0]
+        finished = seq.status.finished
+        new_ids = seq.token_ids[len(seq.prompt_token_ids) + done:]
+        if not new_ids and not finished:
+            return []
+        if finished:
+            del self._sent[request.request_id]
+        else:
+            sent[0] = done + len(new_ids)
+        logprobs = seq.logprobs
+        # Positional, in SeqDelta's field order.
+        return [SeqDelta(request.request_id, 0, new_ids, seq.status.value if finished else None, seq.stop_reason,
+                         _plain_logprobs(logprobs[done:]) if logprobs else None, finished, seq.num_cached_tokens,
+                         _times(request.metrics) if finished else None)]
 
     def stats(self) -> list[float]:
         stats = self.engine.get_stats()
