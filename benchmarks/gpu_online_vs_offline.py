@@ -8,12 +8,16 @@
    separate profiled pass whose hottest frames land in the JSON;
 4. stops the server (SIGTERM: it must drain and exit 0) and runs the offline engine (the ``bench throughput``
    path: LLMEngine + run_offline) on the same prompts' token ids and output lengths;
-5. samples the server's process tree CPU% and nvidia-smi GPU busy % during every phase;
+5. samples the server's process tree CPU% (each process's threads too: main, named, the unnamed rest such as an
+   OpenMP team) and nvidia-smi GPU busy % during every phase; keeps the engine core's loop account (step() time
+   of decode-only vs prompt-carrying steps) and its Triton-compile warnings, and the offline run's compiles;
 6. writes one JSON (date, device, command, both sides, ratio) to --out, else $OUT, else benchmarks/results/.
 
 H100:  python benchmarks/gpu_online_vs_offline.py --server-modes thread,process --concurrency 256,64,16
 H100, issue 19 re-measure (~6 min):  python benchmarks/gpu_online_vs_offline.py --warmup-prompts 200 \
            --profile-prompts 0 --concurrency 256 --chatbot-rates 10,20,40 --chatbot-prompts 300
+H100, the core's torch threads A/B (~4.5 min): the same with --chatbot-rates 20 --chatbot-prompts 200 \
+           --ab-server-env OMP_NUM_THREADS=$(python3 -c 'import torch; print(torch.get_num_threads())')
 CPU smoke test (a minute):  python benchmarks/gpu_online_vs_offline.py --preset tiny-llama3 --device cpu \
            --num-prompts 16 --input-len 24 --output-len 8 --max-model-len 128
 """
@@ -68,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests of the py-spy pass (default min(N, 400); 0 skips it)")
     p.add_argument("--client-processes", type=int, default=4,
                    help="load-generator processes (one sustains ~15k streamed tokens/s: docs/BENCHMARKING.md)")
+    p.add_argument("--ab-server-env", default="",
+                   help="also start one more server (engine core in its own process) with these environment variables, "
+                        "VAR=VALUE[,VAR=VALUE], for the warm-up and rate-inf phases only: an A/B of a setting in the "
+                        "same run, e.g. OMP_NUM_THREADS=16 (the core's torch threads before they were set to 1)")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--no-step-breakdown", action="store_true",
                    help="skip the offline side's second, instrumented pass (step_breakdown.py: host phases and GPU "
@@ -80,14 +88,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---- the server side ----------------------------------------------------------------------------
 class Server:
-    def __init__(self, args: argparse.Namespace, log_path: Path, extra: list[str]) -> None:
+    def __init__(self, args: argparse.Namespace, log_path: Path, extra: list[str],
+                 env_overrides: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         command = [sys.executable, "-m", "tokenmill", "serve", "--random-weights", args.preset,
                    "--served-model-name", args.preset, "--host", "127.0.0.1", "--port", "0",
                    "--device", args.device, *engine_flags(args), *shlex.split(args.server_args), *extra]
         self.command = shlex.join(command)
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_overrides or {})}
+        if env_overrides:
+            self.command = shlex.join(f"{k}={v}" for k, v in env_overrides.items()) + " " + self.command
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.url = self._wait_for_url(args.server_start_timeout)
@@ -263,6 +274,7 @@ def run_offline_side(args: argparse.Namespace, tokenizer_dir: Path) -> dict[str,
     if engine.config.model.device.startswith("cuda"):
         warm_up_mixed_steps(engine, vocab, temperature=0.0)
     result = run_offline(engine, requests, ignore_eos=True, temperature=0.0)
+    print(f"offline run: {result.output_tok_s:.0f} output tok/s", flush=True)
     per_step = step_summary(result)
     del per_step["steps"]
     side = {
@@ -272,6 +284,8 @@ def run_offline_side(args: argparse.Namespace, tokenizer_dir: Path) -> dict[str,
         "ms_per_engine_step": 1e3 * result.elapsed_s / max(1, len(result.steps)), "per_step": per_step,
         "kv_cache_tokens": engine.num_kv_cache_tokens,
         "async_scheduling": engine.async_scheduling,
+        "jit_compiles_in_timed_run": result.jit_compiles,
+        "torch_threads": __import__("torch").get_num_threads(),
     }
     if not args.no_step_breakdown:
         # The same requests again with every step's host phases timed and CUDA events around each launch:
@@ -287,14 +301,24 @@ def run_offline_side(args: argparse.Namespace, tokenizer_dir: Path) -> dict[str,
     return side
 
 
-def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: Path, stem: Path) -> dict[str, Any]:
+def parse_env(value: str) -> dict[str, str]:
+    pairs = [item.strip() for item in value.split(",") if item.strip()]
+    if any("=" not in item for item in pairs):
+        raise ValueError(f"--ab-server-env needs VAR=VALUE[,VAR=VALUE]; got {value!r}")
+    return dict(item.split("=", 1) for item in pairs)
+
+
+def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: Path, stem: Path,
+               env_overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """Start a server (``mode`` "process": engine core in its own process; "thread": --no-engine-process),
-    run every client phase against it, stop it with SIGTERM."""
+    run every client phase against it, stop it with SIGTERM. With ``env_overrides`` (the A/B server) only the
+    warm-up and rate-inf phases run."""
     if mode not in ("process", "thread"):
         raise ValueError(f"--server-modes entries must be process or thread; got {mode!r}")
     extra = ["--no-engine-process"] if mode == "thread" else []
     t_start = time.monotonic()
-    server = Server(args, work / f"server_{mode}.log", extra)
+    label = mode + ("_" + "_".join(f"{k}={v}" for k, v in env_overrides.items()) if env_overrides else "")
+    server = Server(args, work / f"server_{label}.log", extra, env_overrides)
     side: dict[str, Any] = {"server_command": server.command, "server_start_s": time.monotonic() - t_start}
     sampler = ResourceSampler({"server": server.proc.pid, "client": os.getpid()})
     online: dict[str, Any] = {}
@@ -324,6 +348,8 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
             phase("warmup", warm, args.seed + 1)
         main_run = phase("rate_inf", args.num_prompts, args.seed)
         side["bench_command"] = main_run["command"]
+        if env_overrides:
+            return side
         for c in [int(v) for v in args.concurrency.split(",") if v.strip()]:
             phase(f"concurrency_{c}", min(args.num_prompts, max(32, 4 * c)), args.seed, c)
         for rate in [float(v) for v in args.chatbot_rates.split(",") if v.strip()]:
@@ -348,12 +374,15 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
         sampler.stop()
         side["exit_code_after_sigterm"] = server.stop()
         side["log_tail"] = server.log_tail(15)
-        # The engine core's own account of its loop (step vs channel vs idle), logged when it exits.
-        core_loop = [line for line in server.log_path.read_text(errors="replace").splitlines()
-                     if "engine core loop:" in line]
+        # The engine core's own account of its loop (step vs channel vs idle, step() time by kind of step),
+        # logged when it exits, and each Triton compile while serving (logged as it happens).
+        log_lines = server.log_path.read_text(errors="replace").splitlines()
+        core_loop = [line for line in log_lines if "engine core loop:" in line]
         side["core_loop"] = core_loop[-1] if core_loop else None
-    side["phases"] = online
-    side["resources"] = sampler.summary()
+        side["core_jit_compiles"] = [line for line in log_lines if "Triton compiled" in line][:50]
+        side["core_threads"] = next((line for line in log_lines if "torch CPU threads" in line), None)
+        side["phases"] = online
+        side["resources"] = sampler.summary()
     return side
 
 
@@ -409,11 +438,15 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tokenizer_dir = save_preset_tokenizer(args.preset, work / "tokenizer")
         record["online"] = {}
-        for mode in [m.strip() for m in args.server_modes.split(",") if m.strip()]:
+        runs = [(m.strip(), m.strip(), None) for m in args.server_modes.split(",") if m.strip()]
+        if args.ab_server_env:
+            env = parse_env(args.ab_server_env)
+            runs.append(("process " + " ".join(f"{k}={v}" for k, v in env.items()), "process", env))
+        for name, mode, env in runs:
             try:
-                record["online"][mode] = run_online(args, mode, tokenizer_dir, work, out / f"{path.stem}_{mode}")
+                record["online"][name] = run_online(args, mode, tokenizer_dir, work, out / f"{path.stem}_{mode}", env)
             except Exception as exc:  # noqa: BLE001 - keep the other mode and the offline side
-                record["online"][mode] = {"error": f"{type(exc).__name__}: {exc}"[-6000:]}
+                record["online"][name] = {"error": f"{type(exc).__name__}: {exc}"[-6000:]}
             path.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive a later failure
         if not args.skip_offline:
             offline_sampler = ResourceSampler({"offline": os.getpid()})
@@ -443,6 +476,16 @@ def print_table(record: dict[str, Any]) -> None:
             continue
         if side.get("core_loop"):
             print(f"{mode}: {side['core_loop'].split('tokenmill.engine.core: ')[-1]}")
+        if side.get("core_threads"):
+            print(f"{mode}: {side['core_threads'].split('tokenmill.engine.core: ')[-1]}")
+        if side.get("core_jit_compiles"):
+            print(f"{mode}: {len(side['core_jit_compiles'])} Triton compile(s) while serving, first: "
+                  f"{side['core_jit_compiles'][0].split('tokenmill.engine.core: ')[-1][:200]}")
+        threads = side["resources"].get("rate_inf", {}).get("thread_cpu_percent", {})
+        for proc, groups in threads.items():
+            if proc.startswith("server"):
+                print(f"{mode} rate_inf threads {proc}: " + ", ".join(
+                    f"{g} {r['cpu_percent']:.0f}% ({r['threads']})" for g, r in groups.items()))
         for name, row in side["phases"].items():
             phase = side["resources"].get(name, {})
             cpu = ", ".join(f"{v['mean']:.0f}" for k, v in phase.get("cpu_percent", {}).items()

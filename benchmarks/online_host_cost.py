@@ -6,8 +6,10 @@ LLMEngine step loop (scheduler, block manager, landing, stop checks), the engine
 and msgspec encoding, and the API process's side (decode, OutputProcessor: detokenize + stream hand-off) plus
 the server's SSE chunk building for every streamed request (one ``StreamingChoices`` per request, as the routes).
 
-Two phases, same run: ``core`` = EngineCore.step() + encode per step; ``api`` = the same encoded messages
-replayed into the API side. Each is reported per step as the median over the first and the last tenth of the
+Three phases, same run: ``offline`` = the same requests through a plain LLMEngine built as ``bench throughput``
+builds it (stream_outputs=False: no per-step outputs), so ``core`` minus ``offline`` is what serving adds to the
+engine-core's step loop; ``core`` = EngineCore.step() + stats + encode per step; ``api`` = the core's encoded
+messages replayed into the API side. Each is reported per step as the median over the first and the last tenth of the
 steps, so a cost that grows with the tokens generated so far shows as last > first.
 
     python benchmarks/online_host_cost.py --batch 256 --output-len 1000 --out benchmarks/results/
@@ -57,25 +59,40 @@ class InstantRunner:
         return getattr(self._real, name)
 
 
-def build_engine(args: argparse.Namespace) -> LLMEngine:
+def build_engine(args: argparse.Namespace, stream_outputs: bool = True) -> LLMEngine:
     config = EngineConfig.from_kwargs(random_weights=args.preset, device="cpu", max_num_seqs=args.batch,
                                       max_model_len=args.input_len + args.output_len + 16,
                                       max_num_batched_tokens=max(args.batch * args.input_len, 2048),
                                       num_gpu_blocks_override=args.batch * (args.input_len + args.output_len) // 16
                                       + 4 * args.batch)
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, stream_outputs=stream_outputs)
     engine.detokenize_outputs = False  # as the engine-core process sets it
     engine.runner = InstantRunner(engine.runner)
     return engine
+
+
+def prompt(i: int, args: argparse.Namespace) -> list[int]:
+    return [(i * 7 + j) % 30000 + 100 for j in range(args.input_len)]
+
+
+def offline_phase(engine: LLMEngine, args: argparse.Namespace) -> list[float]:
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    for i in range(args.num_requests):
+        engine.add_request(f"r{i}", prompt(i, args), params)
+    times = []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def core_phase(engine: LLMEngine, args: argparse.Namespace) -> tuple[list[float], list[bytes]]:
     core = EngineCore(engine, None, None)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     reply = CoreOutputs(accepted=[], rejected=[], outputs=[])
-    for i in range(args.batch):
-        core.add(f"r{i}", [(i * 7 + j) % 30000 + 100 for j in range(args.input_len)], params, None,
-                 time.monotonic(), reply)
+    for i in range(args.num_requests):
+        core.add(f"r{i}", prompt(i, args), params, None, time.monotonic(), reply)
     codec = OutputCodec()
     messages = [codec.encode(reply)]
     times = []
@@ -112,10 +129,9 @@ async def api_phase(engine: LLMEngine, messages: list[bytes], args: argparse.Nam
         sizes.append(size)
 
     consumers = []
-    for i in range(args.batch):
-        prompt = [(i * 7 + j) % 30000 + 100 for j in range(args.input_len)]
+    for i in range(args.num_requests):
         stream = RequestStream(f"r{i}", loop, _NoAbort())
-        register(stream, prompt, params)
+        register(stream, prompt(i, args), params)
         consumers.append(asyncio.ensure_future(consume(_chat_events(ctx, stream, params))))
     await asyncio.sleep(0)
     times = []
@@ -125,7 +141,7 @@ async def api_phase(engine: LLMEngine, messages: list[bytes], args: argparse.Nam
         await asyncio.sleep(0)  # every woken consumer runs once
         times.append(time.perf_counter() - t0)
     await asyncio.gather(*consumers)
-    assert len(sizes) == args.batch and min(sizes) > 0
+    assert len(sizes) == args.num_requests and min(sizes) > 0
     return times
 
 
@@ -202,7 +218,9 @@ def summary(times: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny-llama3")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=256, help="max_num_seqs")
+    parser.add_argument("--num-requests", type=int, default=None,
+                        help="requests added at the start (default --batch; more: a waiting queue as at rate inf)")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=1000)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
@@ -210,10 +228,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="", help="a name for this run in the JSON file name (e.g. before/after)")
     parser.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
     args = parser.parse_args(argv)
+    args.num_requests = args.num_requests or args.batch
     torch.set_num_threads(1)
+    offline_engine = build_engine(args, stream_outputs=False)
+    gc.collect()
+    gc.freeze()  # as bench throughput and the engine-core process do after start-up
+    offline_times = offline_phase(offline_engine, args)
+    del offline_engine
     engine = build_engine(args)
     gc.collect()
-    gc.freeze()  # as the engine-core process does after start-up
+    gc.freeze()
     core_times, messages = core_phase(engine, args)
     if args.loop == "uvloop":
         import uvloop
@@ -221,13 +245,14 @@ def main(argv: list[str] | None = None) -> None:
         api_times = uvloop.run(api_phase(engine, messages, args))
     else:
         api_times = asyncio.run(api_phase(engine, messages, args))
-    result = {"core": summary(core_times), "api": summary(api_times)}
-    tokens = args.batch * args.output_len
-    print(f"{args.batch} requests x {args.output_len} output tokens, model = instant stub (host overhead only)")
-    print(f"{'phase':>5} {'steps':>6} {'first 10% us/step':>18} {'last 10% us/step':>17} {'mean us/step':>13} "
+    result = {"offline": summary(offline_times), "core": summary(core_times), "api": summary(api_times)}
+    tokens = args.num_requests * args.output_len
+    print(f"{args.num_requests} requests (max {args.batch} running) x {args.output_len} output tokens, model = instant "
+          "stub (host overhead only)")
+    print(f"{'phase':>7} {'steps':>6} {'first 10% us/step':>18} {'last 10% us/step':>17} {'mean us/step':>13} "
           f"{'us/token':>9}")
     for phase, row in result.items():
-        print(f"{phase:>5} {row['steps']:6d} {row['first_tenth_median_us']:18.0f} {row['last_tenth_median_us']:17.0f} "
+        print(f"{phase:>7} {row['steps']:6d} {row['first_tenth_median_us']:18.0f} {row['last_tenth_median_us']:17.0f} "
               f"{row['mean_us']:13.0f} {row['total_s'] / tokens * 1e6:9.2f}")
     if args.out:
         record = {

@@ -1,7 +1,9 @@
 """Samples a process tree's CPU% (psutil) and the GPUs' utilisation (nvidia-smi) in the background.
 
 ``ResourceSampler({"server": pid, ...})`` starts both; ``mark(name)`` / ``end(name)`` bracket a phase; ``summary()`` gives, per
-phase, the mean and p90 CPU% of each process (by name and pid; 100 = one core) and the mean GPU busy %.
+phase, the mean and p90 CPU% of each process (by name and pid; 100 = one core), each process's CPU% by thread
+(the main thread, named threads such as ZMQbg/IO/0, and the unnamed rest, e.g. an OpenMP team, with their count)
+and the mean GPU busy %.
 nvidia-smi's utilisation is the share of time a kernel ran, so it is a rough "GPU busy", not SM occupancy.
 """
 
@@ -24,6 +26,8 @@ class ResourceSampler:
         self._cpu: list[tuple[float, dict[str, float]]] = []  # (time, {"name:pid": cpu%})
         self._gpu: list[tuple[float, float]] = []  # (time, utilisation %)
         self._phases: dict[str, list[float]] = {}
+        # phase -> [thread CPU seconds at mark, at end]: {"label/name:pid": {thread group: (seconds, threads)}}
+        self._thread_cpu: dict[str, list[dict[str, dict[str, tuple[float, int]]]]] = {}
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._sample_cpu, daemon=True)]
         self._smi: subprocess.Popen | None = None
@@ -38,10 +42,42 @@ class ResourceSampler:
             thread.start()
 
     def mark(self, name: str) -> None:
+        self._thread_cpu[name] = [self._threads_snapshot()]
         self._phases[name] = [time.monotonic()]
 
     def end(self, name: str) -> None:
         self._phases[name].append(time.monotonic())
+        self._thread_cpu[name].append(self._threads_snapshot())
+
+    def _threads_snapshot(self) -> dict[str, dict[str, tuple[float, int]]]:
+        """CPU seconds so far per process and thread group (Linux /proc thread names)."""
+        import psutil
+
+        snapshot: dict[str, dict[str, tuple[float, int]]] = {}
+        for label, proc in self._processes():
+            try:
+                threads = proc.threads()
+                key = f"{label}/{proc.name()}:{proc.pid}"
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            # The whole process too: threads that exited during the phase are in it only.
+            groups: dict[str, tuple[float, int]] = {"process": (times.user + times.system, len(threads))}
+            for thread in threads:
+                if thread.id == proc.pid:
+                    group = "main"
+                else:
+                    try:
+                        with open(f"/proc/{proc.pid}/task/{thread.id}/comm") as f:
+                            comm = f.read().strip()
+                    except OSError:
+                        comm = "?"
+                    # Unnamed threads carry the process's name: torch's OpenMP team, Python threads.
+                    group = "unnamed" if comm == proc.name()[:15] else comm
+                seconds, count = groups.get(group, (0.0, 0))
+                groups[group] = (seconds + thread.user_time + thread.system_time, count + 1)
+            snapshot[key] = groups
+        return snapshot
 
     def stop(self) -> None:
         self._stop.set()
@@ -108,7 +144,25 @@ class ResourceSampler:
                 },
                 "gpu_busy_percent_mean": statistics.fmean(gpu) if gpu else None,
                 "gpu_samples": len(gpu),
+                "thread_cpu_percent": self._thread_summary(name, end - start),
             }
+        return out
+
+    def _thread_summary(self, name: str, seconds: float) -> dict[str, dict[str, dict[str, float]]]:
+        """Per process: CPU% of each thread group over the phase and its thread count at the end ("process": all
+        of its threads, exited ones included)."""
+        snapshots = self._thread_cpu.get(name, [])
+        if len(snapshots) != 2 or seconds <= 0:
+            return {}
+        before, after = snapshots
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for proc, groups in after.items():
+            rows = {}
+            for group, (cpu_s, count) in groups.items():
+                start_s = before.get(proc, {}).get(group, (0.0, 0))[0]
+                rows[group] = {"cpu_percent": round(100 * (cpu_s - start_s) / seconds, 1), "threads": count}
+            if any(row["cpu_percent"] >= 1 for row in rows.values()):
+                out[proc] = rows
         return out
 
 

@@ -8,6 +8,7 @@ Host phases (wall time on the engine's thread, per ``engine.step()`` call):
   wait          LaunchedStep.result() (the host blocked until the step's sampled ids are on the host)
   land          LLMEngine._land_in_flight() minus its wait (append ids, stop checks, free, prefix-cache, outputs)
   other         step() minus all of the above (the rest of the loop turn)
+Steps with prompt tokens (eager) are also grouped by tokens computed: their host launch time against their GPU time.
 GPU (CUDA only, CUDA events around each launch, read after the run): ``gpu_ms`` from the step's first enqueued
 work to its sampled ids, and ``gap_ms`` the GPU's idle time between the previous step's end and this step's start
 (> 0: the GPU waited for the host). sum(gpu_ms) / wall = the engine's GPU-busy share.
@@ -154,6 +155,7 @@ class StepBreakdown:
             if group:
                 result[name] = {"count": len(group),
                                 "median_ms": {p: 1e3 * statistics.median(r[p] for r in group) for p in (*PHASES, "step")}}
+        result["prompt_steps_by_tokens"] = self._prompt_steps(gpu)
         if gpu:
             busy = sum(g for g, _ in gpu)
             result["gpu"] = {
@@ -166,6 +168,33 @@ class StepBreakdown:
         return result
 
 
+    def _prompt_steps(self, gpu: list[tuple[float, float]]) -> dict[str, dict[str, float]]:
+        """Steps that carry prompt tokens (they run eagerly, outside the decode CUDA graphs), by tokens computed:
+        median host ms of launching them (prepare + forward + sample) against their GPU ms (first kernel to last, so
+        a launch-bound step's GPU time follows its host time; compare both with the tokens' matmul floor). A
+        launch-bound step costs every running request that much inter-token latency."""
+        buckets: dict[str, list[tuple[float, float | None, int]]] = {}
+        launch_index = 0
+        for record in self.steps:
+            gpu_ms = None
+            if gpu and record["launches"]:
+                gpu_ms = sum(g for g, _ in gpu[launch_index : launch_index + record["launches"]])
+            launch_index += record["launches"]
+            if not record["num_seqs"] or record["num_tokens"] == record["num_seqs"]:
+                continue
+            tokens = record["num_tokens"]
+            name = "<=512" if tokens <= 512 else "513-2048" if tokens <= 2048 else ">2048"
+            host = 1e3 * (record["prepare"] + record["forward"] + record["sample"])
+            buckets.setdefault(name, []).append((host, gpu_ms, tokens))
+        out: dict[str, dict[str, float]] = {}
+        for name, rows in buckets.items():
+            gpu_values = [g for _, g, _ in rows if g is not None]
+            out[name] = {"steps": len(rows), "median_tokens": statistics.median(t for _, _, t in rows),
+                         "median_launch_host_ms": statistics.median(h for h, _, _ in rows),
+                         "median_gpu_ms": statistics.median(gpu_values) if gpu_values else None}
+        return out
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     total = summary["total_ms"]
     print(f"{summary['steps']} steps, {summary['wall_s']:.2f} s wall")
@@ -175,6 +204,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         share = summary["share_of_wall"][phase]
         print(f"{phase:<9}{total[phase]:11.1f}{100 * share if share is not None else float('nan'):7.1f}%"
               f"{decode.get(phase, float('nan')):12.3f}")
+    for name, row in summary.get("prompt_steps_by_tokens", {}).items():
+        gpu = row["median_gpu_ms"]
+        print(f"steps with prompt tokens, {name} tokens: {row['steps']} (median {row['median_tokens']:.0f} tokens), "
+              f"median launch (host) "
+              f"{row['median_launch_host_ms']:.2f} ms vs GPU {'-' if gpu is None else f'{gpu:.2f}'} ms")
     if "gpu" in summary:
         g = summary["gpu"]
         print(f"GPU busy {g['busy_ms']:.0f} ms = {100 * g['busy_share_of_wall']:.1f}% of wall; median step "

@@ -40,5 +40,9 @@ def test_breakdown_covers_every_step(tiny_llama_dir):
         assert abs(sum(record[p] for p in phases) - record["step"]) < 1e-9
     assert summary["decode_steps"]["count"] == steps - 1  # one prefill step, then one token per sequence per step
     assert summary["total_ms"]["forward"] > 0 and summary["total_ms"]["schedule"] > 0
+    # the prefill step (3 prompts of 3 tokens) is the one step with prompt tokens; no GPU time on CPU
+    [(bucket, row)] = summary["prompt_steps_by_tokens"].items()
+    assert bucket == "<=512" and row["steps"] == 1 and row["median_tokens"] == 9 and row["median_gpu_ms"] is None
+    assert row["median_launch_host_ms"] > 0
     assert "gpu" not in summary  # CPU: no CUDA events
     assert not {"step", "_land_in_flight"} & set(vars(engine)) and "launch" not in vars(engine.runner)

@@ -18,11 +18,12 @@ from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
-PROMPTS = {"a": [5, 6, 7], "b": [9, 10, 11, 12], "c": [20, 21]}
+PROMPTS = {"a": [5, 6, 7], "b": [9, 10, 11, 12], "c": [20, 21], "d": [30, 31, 32]}
 PARAMS = {
     "a": SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
     "b": SamplingParams(n=2, max_tokens=9, temperature=0.8, seed=3, logprobs=2, ignore_eos=True),
     "c": SamplingParams(max_tokens=30, temperature=0.0, stop=["e"], include_stop_str_in_output=True),
+    "d": SamplingParams(max_tokens=7, temperature=0.0, logprobs=1, ignore_eos=True),  # one sequence with logprobs
 }
 
 

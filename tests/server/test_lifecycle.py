@@ -73,7 +73,10 @@ def test_queue_full_is_429_then_recovers(keyed_server):
 
 
 def test_sigterm_drains_stream_and_exits_zero(tiny_llama_dir, tmp_path):
-    server = ServerProcess(tiny_llama_dir, tmp_path / "server.log", *COMMON, "--drain-timeout", "60")
+    # 20 ms per step: the stream provably outlives the refused request and the /health check after SIGTERM (the
+    # tiny model alone can finish its 230 tokens first, and the drained server is then gone).
+    server = ServerProcess(tiny_llama_dir, tmp_path / "server.log", *COMMON, "--drain-timeout", "60",
+                           env={"TOKENMILL_TEST_STEP_DELAY_S": "0.02"})
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             with client.stream("POST", "/v1/completions", json=LONG) as response:

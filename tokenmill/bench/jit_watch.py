@@ -8,6 +8,7 @@ time. The benchmark records each compile with the step it fell in, so a timing t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ class JitWatch:
 
     compiles: list[JitCompile] = field(default_factory=list)
     step: int = 0
+    # Called at once with (kernel, variant, seconds) for each compile (a server logs them as they happen).
+    on_compile: Callable[[str, str, float], None] | None = None
     _knobs: Any = None
     _previous: tuple[Any, Any] = (None, None)
     _started: float = 0.0
@@ -55,7 +58,10 @@ class JitWatch:
         fn = kwargs.get("fn")
         name = getattr(fn, "name", None) or str(kwargs.get("key", "?"))
         variant = _describe(fn, kwargs.get("compile") or {}) or str(kwargs.get("repr", ""))
-        self.compiles.append(JitCompile(name, variant, self.step, time.perf_counter() - self._started))
+        seconds = time.perf_counter() - self._started
+        self.compiles.append(JitCompile(name, variant, self.step, seconds))
+        if self.on_compile is not None:
+            self.on_compile(name, variant, seconds)
         previous = self._previous[1]
         return previous(**kwargs) if previous is not None else None
 

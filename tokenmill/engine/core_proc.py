@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.engine.core_loop_stats import CoreLoopStats
 from tokenmill.engine.core_messages import STAT_FIELDS, CoreOutputs, OutputCodec, SeqDelta
 from tokenmill.engine.gc_heap import freeze_startup_heap
 
@@ -100,20 +101,39 @@ def run_engine_core(config: Any, addresses: CoreAddresses, max_waiting_requests:
 def _load_engine(config: Any) -> Any:
     from tokenmill.engine.llm_engine import LLMEngine
 
-    if config.model.device == "cpu":
-        import torch
-
-        # Leave one core to the API process: with every core in torch's OpenMP team, each parallel region
-        # waits for a thread the API process (or a busy host) has descheduled; measured on a loaded 2-core VM,
-        # 2 threads made a tiny model's decode step ~20x slower than 1.
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-
+    on_cpu = config.model.device == "cpu"
+    if on_cpu:  # the forward pass's own team, sized before the first parallel region
+        set_core_threads(on_cpu)
     engine = LLMEngine(config, load_progress=True)
+    # On a GPU after loading: a checkpoint's CPU-side casts still get the whole team.
+    threads = set_core_threads(on_cpu)
+    logger.info("engine core: torch CPU threads %d%s", threads,
+                " (OMP_NUM_THREADS)" if os.environ.get("OMP_NUM_THREADS") else "")
     engine.detokenize_outputs = False  # text is the API process's job; stop strings are still checked here
     # This process holds one engine for its whole life. Measured on CPU, 128 x 512 -> 128 with a tiny model: GC
     # pauses 0.51 s -> 0.04 s per run.
     freeze_startup_heap()
     return engine
+
+
+def set_core_threads(on_cpu: bool) -> int:
+    """Size torch's OpenMP team for this process (returns the count). An OMP_NUM_THREADS the user set wins.
+
+    Every worker of the team must run before a parallel region ends, and after one each worker spins for a
+    while before sleeping. On CPU the forward pass needs the team, but one core is left to the API process: on a
+    loaded 2-core VM, 2 threads made a tiny model's decode step ~20x slower than 1. On a GPU the step's CPU tensor
+    work is small copies (the step's packed inputs into pinned memory: parallel above 32k bytes, i.e. every
+    step), so a team only spins: the H100 run at 96c87b8 had this process at ~5 cores (p90 7-10) beside the API
+    process and the load generator, and one team member descheduled stalls the step loop at the region's end
+    (benchmarks/core_threads.py measures it). vLLM runs its GPU workers with one thread for the same reason.
+    """
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    threads = max(1, (os.cpu_count() or 2) - 1) if on_cpu else 1
+    torch.set_num_threads(threads)
+    return threads
 
 
 class EngineCore:
@@ -125,9 +145,9 @@ class EngineCore:
         self.fault_after_steps = fault_after_steps
         self.num_steps = 0
         self.step_delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
-        # Loop time by part: waiting for work, reading + applying messages, engine steps (output building
-        # included), stats + encode + send. Logged when the loop ends (gpu_online_vs_offline.py keeps the log tail).
-        self.loop_seconds = {"step": 0.0, "inbox": 0.0, "send": 0.0, "idle": 0.0}
+        # Loop time by part, engine.step() time by kind of step, Triton compiles while serving: logged when the
+        # loop ends (gpu_online_vs_offline.py keeps that line and the compile warnings).
+        self.loop_stats = CoreLoopStats()
         # request id -> per sequence index: output token ids already sent (-1: its finish was sent)
         self._sent: dict[str, list[int]] = {}
         self._codec = OutputCodec()
@@ -139,7 +159,8 @@ class EngineCore:
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
         clock = time.perf_counter
-        spent = self.loop_seconds
+        spent = self.loop_stats.loop_seconds
+        self.loop_stats.watch_jit()
         try:
             while True:
                 if os.getppid() != parent:
@@ -172,14 +193,8 @@ class EngineCore:
                 spent["step"] += t3 - t2
                 spent["send"] += t4 - t3
         finally:
-            self.log_loop_seconds()
-
-    def log_loop_seconds(self) -> None:
-        """One line at exit: where the loop's time went (engine steps vs the channel vs waiting for work)."""
-        spent = self.loop_seconds
-        total = sum(spent.values()) or 1.0
-        logger.info("engine core loop: %d steps; %s", self.num_steps, ", ".join(
-            f"{name} {seconds:.2f} s ({100 * seconds / total:.0f}%)" for name, seconds in spent.items()))
+            self.loop_stats.stop_jit()
+            logger.info("%s", self.loop_stats.summary_line())
 
     def apply(self, messages: list[tuple], reply: CoreOutputs) -> bool:
         """In arrival order (an abort sent right after its add must find it); False on shutdown."""
@@ -217,7 +232,9 @@ class EngineCore:
         reply.accepted.append(request_id)
 
     def step(self, reply: CoreOutputs) -> None:
+        t0 = time.perf_counter()
         deltas = self.engine.step()  # lists of SeqDelta: the engine calls self.deltas per request that progressed
+        self.loop_stats.record_step(time.perf_counter() - t0, self.engine.in_flight)
         self.num_steps += 1
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
@@ -233,8 +250,10 @@ class EngineCore:
         sent = self._sent.get(request_id)
         if sent is None:  # aborted meanwhile
             return []
-        request_finished = request.finished
         sequences = request.sequences
+        if len(sequences) == 1:  # n == 1, nearly every request: the same delta with less bookkeeping
+            return self._single_delta(request, sequences[0], sent)
+        request_finished = request.finished
         num_cached = sequences[0].num_cached_tokens if len(sequences) == 1 else max(
             seq.num_cached_tokens for seq in sequences)
         times = _times(request.metrics) if request_finished else None
@@ -258,6 +277,23 @@ class EngineCore:
         if request_finished:
             del self._sent[request_id]
         return out
+
+    def _single_delta(self, request: Any, seq: Any, sent: list[int]) -> list[SeqDelta]:
+        """``deltas`` for a request of one sequence (it runs for every request on every step: kept lean)."""
+        done = sent[0]
+        finished = seq.status.finished
+        new_ids = seq.token_ids[len(seq.prompt_token_ids) + done:]
+        if not new_ids and not finished:
+            return []
+        if finished:
+            del self._sent[request.request_id]
+        else:
+            sent[0] = done + len(new_ids)
+        logprobs = seq.logprobs
+        # Positional, in SeqDelta's field order.
+        return [SeqDelta(request.request_id, 0, new_ids, seq.status.value if finished else None, seq.stop_reason,
+                         _plain_logprobs(logprobs[done:]) if logprobs else None, finished, seq.num_cached_tokens,
+                         _times(request.metrics) if finished else None)]
 
     def stats(self) -> list[float]:
         stats = self.engine.get_stats()
