@@ -12,8 +12,9 @@ import torch
 from tokenmill.bench.jit_watch import JitWatch
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core_messages import CoreOutputs
-from tokenmill.engine.core_proc import EngineCore, set_core_threads
+from tokenmill.engine.core_proc import EngineCore
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.threads import set_engine_threads
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -65,15 +66,15 @@ def test_compiles_while_serving_are_logged_and_counted(caplog):
 
 def test_core_threads_one_on_gpu_all_but_one_on_cpu(monkeypatch, restore_threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert set_core_threads(on_cpu=False) == 1
+    assert set_engine_threads(on_cpu=False) == 1
     assert torch.get_num_threads() == 1
     monkeypatch.setattr("os.cpu_count", lambda: 4)
-    assert set_core_threads(on_cpu=True) == 3
+    assert set_engine_threads(on_cpu=True) == 3
     assert torch.get_num_threads() == 3
 
 
 def test_core_threads_leave_a_user_setting(monkeypatch, restore_threads):
     torch.set_num_threads(2)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert set_core_threads(on_cpu=False) == 2
+    assert set_engine_threads(on_cpu=False) == 2
     assert torch.get_num_threads() == 2

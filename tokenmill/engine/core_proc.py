@@ -100,13 +100,14 @@ def run_engine_core(config: Any, addresses: CoreAddresses, max_waiting_requests:
 
 def _load_engine(config: Any) -> Any:
     from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.engine.threads import set_engine_threads
 
     on_cpu = config.model.device == "cpu"
     if on_cpu:  # the forward pass's own team, sized before the first parallel region
-        set_core_threads(on_cpu)
+        set_engine_threads(on_cpu)
     engine = LLMEngine(config, load_progress=True)
     # On a GPU after loading: a checkpoint's CPU-side casts still get the whole team.
-    threads = set_core_threads(on_cpu)
+    threads = set_engine_threads(on_cpu)
     logger.info("engine core: torch CPU threads %d%s", threads,
                 " (OMP_NUM_THREADS)" if os.environ.get("OMP_NUM_THREADS") else "")
     engine.detokenize_outputs = False  # text is the API process's job; stop strings are still checked here
@@ -114,26 +115,6 @@ def _load_engine(config: Any) -> Any:
     # pauses 0.51 s -> 0.04 s per run.
     freeze_startup_heap()
     return engine
-
-
-def set_core_threads(on_cpu: bool) -> int:
-    """Size torch's OpenMP team for this process (returns the count). An OMP_NUM_THREADS the user set wins.
-
-    Every worker of the team must run before a parallel region ends, and after one each worker spins for a
-    while before sleeping. On CPU the forward pass needs the team, but one core is left to the API process: on a
-    loaded 2-core VM, 2 threads made a tiny model's decode step ~20x slower than 1. On a GPU the step's CPU tensor
-    work is small copies (the step's packed inputs into pinned memory: parallel above 32k bytes, i.e. every
-    step), so a team only spins: the H100 run at 96c87b8 had this process at ~5 cores (p90 7-10) beside the API
-    process and the load generator, and one team member descheduled stalls the step loop at the region's end
-    (benchmarks/core_threads.py measures it). vLLM runs its GPU workers with one thread for the same reason.
-    """
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    threads = max(1, (os.cpu_count() or 2) - 1) if on_cpu else 1
-    torch.set_num_threads(threads)
-    return threads
 
 
 class EngineCore:

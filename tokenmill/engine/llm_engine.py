@@ -30,6 +30,7 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.scheduler import DraftProposer, Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
+from tokenmill.engine.threads import set_engine_threads
 from tokenmill.model.loader import load_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.runner.kv_sizing import num_kv_blocks
@@ -119,6 +120,8 @@ class LLMEngine:
         self.runner = executor or ModelRunner(self.model, mc.device, mc.torch_dtype, kv_spec, self.eos_token_ids)
         sched_cfg = config.scheduler
         on_cuda = mc.device.startswith("cuda")
+        if on_cuda:  # after loading (a checkpoint's CPU-side casts use the whole team): see engine/threads.py
+            set_engine_threads(on_cpu=False)
         spec = config.speculative
         graphs = on_cuda and not config.runner.enforce_eager
         if draft_proposer is None and spec is not None:  # before KV sizing: a draft model takes memory too
