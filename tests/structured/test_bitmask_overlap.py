@@ -127,7 +127,8 @@ def _greedy(model_dir, async_scheduling: bool, device: str, finish_early: bool) 
         return launch(record, grammars, before_sampling)
 
     llm.engine.runner.launch = counting_launch
-    specs = [{"json": ENDLESS}, {"regex": "[a-z]{40}"}, None]
+    strings = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1000}
+    specs = [{"json": ENDLESS}, {"json": strings}, None]  # none of them can end within max_tokens
     if finish_early:  # rows whose grammar ends mid-batch leave surplus rows in the overlapped next step
         specs += [{"json": schema, "disable_any_whitespace": True} for schema in SCHEMAS]
         specs.append({"choice": ["yes", "no", "maybe"]})
@@ -155,3 +156,4 @@ def test_cuda_greedy_constrained_tokens_identical_with_and_without_overlap(tiny_
     sync, _ = _greedy(tiny_llama_dir, False, "cuda", finish_early=False)
     overlapped, num_overlapped = _greedy(tiny_llama_dir, True, "cuda", finish_early=False)
     assert overlapped == sync and num_overlapped > 0
+    assert all(reason == "length" for _, reason in sync)
