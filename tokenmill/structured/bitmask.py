@@ -34,7 +34,8 @@ MAX_FILL_THREADS = 8  # 256 rows of ~50 µs fill in ~2 ms, well inside an 8B mod
 def default_fill_threads() -> int:
     """Half the CPUs this process may run on (xgrammar's "auto" counts the whole host, which in a container
     limited to a few cores would oversubscribe them), at most MAX_FILL_THREADS."""
-    return max(1, min(MAX_FILL_THREADS, len(os.sched_getaffinity(0)) // 2))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(MAX_FILL_THREADS, cpus // 2))
 
 
 class GrammarBitmask:
