@@ -40,3 +40,13 @@ def test_streamed_chat_matches_non_streamed(client):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert whole.choices[0].finish_reason == "length"
     assert streamed == whole.choices[0].message.content and streamed.strip()
+
+
+def test_json_output_the_synthetic_words_cannot_spell_is_a_400_naming_it(client):
+    """No t<id> word holds a brace: enforcing JSON is impossible, so the request is refused (not decoded into
+    ids the grammar rejects), and the next request works."""
+    with pytest.raises(openai.BadRequestError, match="no token of the model's vocabulary can start"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "t10"}],
+                                       max_completion_tokens=4, response_format={"type": "json_object"})
+    result = client.completions.create(model=MODEL, prompt="t5 t6", max_tokens=2, extra_body={"ignore_eos": True})
+    assert result.usage.completion_tokens == 2

@@ -307,19 +307,24 @@ class LLMEngine:
         # record itself stays plain data).
         grammars = {item.seq.seq_id: item.seq.grammar for item in sched.scheduled
                     if item.samples and item.seq.grammar is not None}
-        launched = self.runner.launch(sched.record, grammars)
         sampling = []
         for item in sched.scheduled:
             if item.samples:
                 item.seq.num_in_flight += 1
                 sampling.append(item.seq)
             item.seq.num_computed_tokens += item.num_tokens
+        # A constrained row's mask needs the token the previous step sampled for it: that step lands between
+        # this step's forward pass (queued first, so the device stays busy) and its sampling, and the masks are
+        # filled while the forward runs. Steps stay overlapped whether or not they constrain rows.
+        landed: list[RequestOutput] = []
+        overlapped = bool(grammars) and self.in_flight is not None
+        land_first = (lambda: landed.extend(self._land_in_flight())) if overlapped else None
+        launched = self.runner.launch(sched.record, grammars, land_first)
         if self.in_flight is not None:
-            outputs += self._land_in_flight()
+            landed += self._land_in_flight()
+        outputs += landed
         self.in_flight = InFlightStep(sched, launched, sampling, any(item.draft_token_ids for item in sched.scheduled))
-        # A step that sampled a grammar-constrained row lands now: that row's next mask needs this token.
-        # Steps of unconstrained rows only stay overlapped.
-        if not self.async_scheduling or grammars:
+        if not self.async_scheduling:
             outputs += self._land_in_flight()
         return outputs
 

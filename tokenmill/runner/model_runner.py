@@ -189,11 +189,16 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
 
     @torch.inference_mode()
-    def launch(self, record: StepRecord, grammars: dict[str, Any] | None = None) -> LaunchedStep:
+    def launch(self, record: StepRecord, grammars: dict[str, Any] | None = None,
+               before_sampling: Callable[[], None] | None = None) -> LaunchedStep:
         """Queue the step's forward pass and sampling; the host waits only in ``LaunchedStep.result()``.
         ``grammars``: request id -> structured.RequestGrammar for the constrained rows (their masks are filled
-        by the sampler; drafts and grammars are not combined yet)."""
+        by the sampler; drafts and grammars are not combined yet). ``before_sampling`` runs once the forward
+        pass is queued and before the masks are filled: the engine lands the previous step there, so the
+        matchers take its tokens while the device computes this step's logits."""
         logits, rows = self.forward_logits(record)
+        if before_sampling is not None:
+            before_sampling()
         if not rows:
             self.prev_sampled = None
             return LaunchedStep([], [], torch.zeros(0, dtype=torch.int64, device=self.device), [])

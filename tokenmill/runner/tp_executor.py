@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -273,10 +274,11 @@ class TPExecutor(ModelRunner):
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         return self._collective(super().run_model, inputs)
 
-    def launch(self, record: StepRecord, grammars: dict[str, Any] | None = None) -> LaunchedStep:
+    def launch(self, record: StepRecord, grammars: dict[str, Any] | None = None,
+               before_sampling: Callable[[], None] | None = None) -> LaunchedStep:
         """Rank 0 samples; with async scheduling its ids go to every rank (the next step may read tokens in flight
         from them). On GPUs a dead peer leaves rank 0's collective kernel waiting forever: the result watches."""
-        launched = self._collective(super().launch, record, grammars)
+        launched = self._collective(super().launch, record, grammars, before_sampling)
         if self.share_sampled_ids and launched.req_ids:
             self._collective(self.ctx.broadcast, launched.token_ids)
         deadline = time.monotonic() + self.timeout_s

@@ -22,7 +22,7 @@ from tokenmill.sampling.filters import apply_min_p, apply_top_k_top_p
 from tokenmill.sampling.logprobs import sample_logprobs
 from tokenmill.sampling.penalties import apply_min_tokens, apply_penalties, needs_history
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.structured.bitmask import apply_grammar_bitmask
+from tokenmill.structured.bitmask import GrammarBitmask
 from tokenmill.transfer import to_device
 
 
@@ -126,10 +126,12 @@ def sample_from_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tor
 
 
 class Sampler:
-    """Turns a batch of logits into next tokens; stateless apart from the model's EOS ids."""
+    """Turns a batch of logits into next tokens; stateless apart from the model's EOS ids and the grammar
+    bitmask's reusable buffers."""
 
     def __init__(self, eos_token_ids: set[int]):
         self.eos_token_ids = set(eos_token_ids)
+        self.grammar_bitmask = GrammarBitmask()
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         token_ids, logprobs = self.sample(logits, rows)
@@ -151,8 +153,8 @@ class Sampler:
             )
         raw_logits = logits
         wants_logprobs = any(row.params.logprobs is not None for row in rows)
-        logits = apply_grammar_bitmask(logits, [row.grammar for row in rows],
-                                       copy=not logits_writable or wants_logprobs)
+        logits = self.grammar_bitmask.apply(logits, [row.grammar for row in rows],
+                                            copy=not logits_writable or wants_logprobs)
         if needs_history(rows):
             # These processors work in place: on a float32 copy unless the caller's logits are scratch and
             # no row wants logprobs (which read the raw values). The copy of a 256 x 128k batch costs ~90 µs.

@@ -80,6 +80,7 @@ class GrammarCompiler:
                 self._cache.move_to_end(key)
                 return compiled
         compiled = self._compile(spec)
+        self._check_vocabulary_can_start(compiled, spec)
         with self._lock:
             self.num_compiles += 1
             self._cache[key] = compiled
@@ -90,6 +91,21 @@ class GrammarCompiler:
     def matcher(self, spec: StructuredOutputsParams) -> RequestGrammar:
         """A fresh per-sequence matcher over the (cached) compiled grammar."""
         return RequestGrammar(self.compile(spec))
+
+    def _check_vocabulary_can_start(self, compiled: Any, spec: StructuredOutputsParams) -> None:
+        """Refuse a grammar no token of this vocabulary can begin (e.g. a random-weight preset's synthetic
+        tokenizer, whose ``t<id>`` words hold no brace or quote): every logit would be masked and the sampler
+        would draw an arbitrary id the grammar then rejects. One mask fill per compile (cache miss)."""
+        import torch
+        import xgrammar as xgr
+
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask)
+        if not bool(torch.any(bitmask != 0)):
+            raise GrammarError(
+                f"no token of the model's vocabulary can start this {spec.kind} output (the tokenizer cannot "
+                "spell it: a random-weight model's synthetic tokenizer has only t<id> words); use a real tokenizer"
+            )
 
     def _compile(self, spec: StructuredOutputsParams) -> Any:
         compiler = self._xgr_compiler()

@@ -9,8 +9,9 @@ logger = logging.getLogger(__name__)
 
 
 class RequestGrammar:
-    """Wraps an xgrammar GrammarMatcher. The engine calls ``fill_bitmask`` before a step samples this sequence
-    and ``advance`` when the sampled token lands; never two steps in flight (the next mask needs this token)."""
+    """Wraps an xgrammar GrammarMatcher. Its mask is filled just before a step samples this sequence, after the
+    previous step's token landed and ``advance`` took it (the mask needs it); the step's forward pass may be
+    queued before that, so a constrained sequence can have one token in flight, never a mask ahead of it."""
 
     def __init__(self, compiled: Any) -> None:
         import xgrammar as xgr
@@ -18,8 +19,15 @@ class RequestGrammar:
         self._matcher = xgr.GrammarMatcher(compiled)
         self.failed = False
 
-    def fill_bitmask(self, bitmask: Any, row: int) -> None:
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+    @property
+    def matcher(self) -> Any:
+        """The xgrammar GrammarMatcher (structured/bitmask.py fills many rows in one call)."""
+        return self._matcher
+
+    @property
+    def needs_mask(self) -> bool:
+        """False once the grammar ended or failed: the sequence has finished and any row of it is surplus."""
+        return not self.failed and not self._matcher.is_terminated()
 
     def advance(self, token_id: int) -> bool:
         """Accept the sampled token; True when the grammar has ended (its stop token accepted) or rejected the
@@ -28,8 +36,10 @@ class RequestGrammar:
         if self._matcher.accept_token(token_id):
             return self._matcher.is_terminated()
         self.failed = True
-        logger.error("grammar rejected token %d (every allowed token was masked by another processor); stopping "
-                     "the sequence", token_id)
+        # Not expected: the mask allows only tokens the grammar accepts (the compiler refuses grammars whose first
+        # token the vocabulary cannot spell), unless another processor removed every one of them.
+        logger.error("grammar rejected token %d (its mask allowed no sampled token: another processor masked every "
+                     "allowed one, or the vocabulary cannot continue the grammar); stopping the sequence", token_id)
         return True
 
     @property
