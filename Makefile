@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint generate clean
+.PHONY: install serve test test-extended lint generate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,13 @@ serve: $(STAMP)
 generate: $(STAMP)
 	$(PY) -m tokenmill generate $(ARGS)
 
+# `extended` tests load the real SmolLM2 to repeat a check a tiny-model test already makes (pyproject's markers).
 test: $(STAMP)
 	$(PY) -m ruff check tokenmill tests benchmarks
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "not extended" $(PYTEST_ARGS)
+
+test-extended: $(STAMP)
+	$(PY) -m pytest -q -ra -m extended $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check tokenmill tests benchmarks
