@@ -27,9 +27,14 @@ generate: $(STAMP)
 	$(PY) -m tokenmill generate $(ARGS)
 
 # `extended` tests load the real SmolLM2 to repeat a check a tiny-model test already makes (pyproject's markers).
+# Two pytest-xdist workers, whole files each (module-scoped servers start once): most of the suite's time is
+# single-threaded (server and gateway processes importing torch, waits on timers), so a second worker uses the
+# second core. Session fixtures (exported ONNX models, the SmolLM2 reference) are built by each worker that needs
+# them. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check tokenmill tests benchmarks
-	$(PY) -m pytest -q -ra -m "not extended" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not extended" $(PYTEST_ARGS)
 
 test-extended: $(STAMP)
 	$(PY) -m pytest -q -ra -m extended $(PYTEST_ARGS)
