@@ -27,14 +27,15 @@ generate: $(STAMP)
 	$(PY) -m tokenmill generate $(ARGS)
 
 # `extended` tests load the real SmolLM2 to repeat a check a tiny-model test already makes (pyproject's markers).
-# Two pytest-xdist workers, whole files each (module-scoped servers start once): most of the suite's time is
-# single-threaded (server and gateway processes importing torch, waits on timers), so a second worker uses the
-# second core. Session fixtures (exported ONNX models, the SmolLM2 reference) are built by each worker that needs
-# them. TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers, tests handed out one by one: most of the suite's time is single-threaded (server and
+# gateway processes importing torch, waits on timers), so a second worker uses the second core. A worker builds the
+# session and module fixtures its tests need (some servers start on both). Measured on a shared 2-core box, whole
+# suite: one process 976 s; --dist loadfile (whole files per worker) 636 s; --dist load 375-584 s (box load 2-5).
+# TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check tokenmill tests benchmarks
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not extended" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist load -m "not extended" $(PYTEST_ARGS)
 
 test-extended: $(STAMP)
 	$(PY) -m pytest -q -ra -m extended $(PYTEST_ARGS)
