@@ -56,6 +56,23 @@ def smollm2_reference():
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
+# Small context so every request (fuzzed ones too) generates a bounded number of tokens on CPU.
+SHARED_SERVER_ARGS = ("--max-model-len", "256", "--served-model-name", "tiny-llama", "--enable-auto-tool-choice",
+                      "--tool-call-parser", "hermes")
+
+
+@pytest.fixture(scope="session")
+def shared_server(tiny_llama_dir, tmp_path_factory):
+    """One `tokenmill serve` subprocess on the tiny Llama for the whole session: the server tests and the bench
+    tests' real-server runs share it (each start imports torch twice: ~10 s on 2 busy cores)."""
+    from server_process import ServerProcess
+
+    server = ServerProcess(tiny_llama_dir, tmp_path_factory.mktemp("shared_server") / "server.log",
+                           *SHARED_SERVER_ARGS)
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def smollm2_server(tmp_path_factory):
     """`make serve`'s server (`tokenmill serve` with no arguments: the embedded SmolLM2) on a free port, started

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_process import ServerProcess
 
 from .helpers import run_bench
 
 
 @pytest.fixture(scope="module")
-def tokenmill_server(tiny_llama_dir: Path, tmp_path_factory) -> Iterator[str]:
-    """``python -m tokenmill serve`` on port 0 (it logs the URL it bound); yields the base URL."""
-    log_path = tmp_path_factory.mktemp("bench_server") / "server.log"
-    server = ServerProcess(tiny_llama_dir, log_path, "--max-model-len", "256", "--served-model-name", "tiny-llama")
-    try:
-        yield server.url
-    finally:
-        server.stop()
+def tokenmill_server(shared_server) -> str:
+    """The session's ``python -m tokenmill serve`` on the tiny Llama (tests/conftest.py): its base URL."""
+    return shared_server.url
 
 
 def test_bounded_run_against_tokenmill(tmp_path: Path, tokenmill_server: str, tiny_llama_dir: Path) -> None:

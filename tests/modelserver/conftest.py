@@ -6,24 +6,13 @@ The server runs ``python -m tokenmill serve-models`` on a free loopback port; te
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # test_bad_input.py repeats this; one 224x224 fp32 image is 602,112 bytes, and about 3 MB as JSON text
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -56,32 +45,11 @@ def server(server_ports) -> str:
 
 @pytest.fixture(scope="session")
 def server_ports(exported) -> dict[str, str]:
-    port, grpc_port = free_port(), free_port()
-    log = open(exported["repository"] / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenmill", "serve-models", "--repository", str(exported["repository"]),
-         "--port", str(port), "--device", "cpu", "--max-request-bytes", str(MAX_REQUEST_BYTES), "--grpc-port", str(grpc_port)],
-        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
-    url = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    from tokenmill.modelserver.loadgen import ServerProcess
+
+    server = ServerProcess(exported["repository"], extra_args=["--max-request-bytes", str(MAX_REQUEST_BYTES)],
+                           log_path=exported["repository"] / "server.log", grpc=True)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early: {(exported['repository'] / 'server.log').read_text()}")
-            try:
-                if httpx.get(f"http://{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready within 120 s")
-            time.sleep(0.3)
-        yield {"http": url, "grpc": f"127.0.0.1:{grpc_port}"}
+        yield {"http": server.url.removeprefix("http://"), "grpc": server.grpc_address}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.close()

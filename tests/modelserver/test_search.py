@@ -27,9 +27,10 @@ def live(exported, tmp_path_factory):
     server.close()
 
 
-def search_argv(repo, url, tmp_path, budget_ms: float) -> list[str]:
+def search_argv(repo, url, tmp_path, budget_ms: float, max_batch_sizes: str = "4,8") -> list[str]:
     return ["bench-model", "--search", "--model", "sentiment", "--repository", str(repo), "--url", url,
-            "--latency-budget-ms", str(budget_ms), "--search-max-batch-sizes", "4,8", "--search-queue-delays-ms", "0",
+            "--latency-budget-ms", str(budget_ms), "--search-max-batch-sizes", max_batch_sizes,
+            "--search-queue-delays-ms", "0",
             "--search-instance-counts", "1", "--concurrency", "1,4", "--seconds", "0.4",
             "--output", str(tmp_path / "search.json"), "--plot", str(tmp_path / "search.png")]
 
@@ -57,7 +58,10 @@ def test_search_writes_the_best_candidate_and_the_server_serves_it(live, tmp_pat
 def test_an_unmeetable_budget_restores_the_original_configuration(live, tmp_path, capsys):
     repo, url = live
     before = (repo / "sentiment" / "config.yaml").read_text()
-    assert main(search_argv(repo, url, tmp_path, budget_ms=0.001)) == 1
+    # One candidate that differs from the configuration in place (max batch 2: the export wrote 32, the test above
+    # 4 or 8) changes what the failed search must restore; each candidate costs a warm-up and a level of load (~6 s).
+    assert yaml.safe_load(before)["max_batch_size"] != 2
+    assert main(search_argv(repo, url, tmp_path, budget_ms=0.001, max_batch_sizes="2")) == 1
     assert yaml.safe_load((repo / "sentiment" / "config.yaml").read_text()) == yaml.safe_load(before)
     assert "lowest p99 seen" in capsys.readouterr().out
     assert json.loads((tmp_path / "search.json").read_text())["best"] is None

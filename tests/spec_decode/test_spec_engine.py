@@ -105,6 +105,8 @@ def test_greedy_output_is_token_identical(dirs, method, engine_args):
     assert stats.num_drafts > 0 and stats.num_draft_tokens >= stats.num_drafts
     if engine_args.get("num_kv_blocks") == 24:
         assert llm.engine.get_stats().num_preemptions > 0
+    if method == "ngram":  # the repeated fox sentence gets n-gram drafts accepted (3-4 tokens on this tiny model)
+        assert stats.num_accepted_tokens > 0
     _assert_no_leak(llm)
 
 

