@@ -125,9 +125,9 @@ class QuantizationConfig:
 
 class QuantizationRegistry:
     """quant_method name -> QuantizationConfig class. Formats shipped in ``tokenmill.quantization`` register on
-    import, so a lookup imports that package (if present) before answering."""
+    import (``quantization/formats.py`` imports them all), so a lookup imports that module (if present) first."""
 
-    def __init__(self, plugin_package: str = "tokenmill.quantization") -> None:
+    def __init__(self, plugin_package: str = "tokenmill.quantization.formats") -> None:
         self._configs: dict[str, type[QuantizationConfig]] = {}
         self._plugin_package = plugin_package
         self._plugins_imported = False

@@ -1,10 +1,7 @@
 """Weight-only quantization: ``tokenmill quantize`` (RTN, GPTQ, AWQ) writing GPTQ/AWQ checkpoints, the
 quantized linear methods that serve them kept in low bits, and ``tokenmill eval perplexity``.
 
-Importing the package registers the GPTQ and AWQ formats with model/linear_method.py's registry (which imports
-this package on its first lookup).
+The formats register with model/linear_method.py's registry when ``quantization/formats.py`` is imported, which
+the registry does on its first lookup; importing this package alone stays light (no torch), so the CLI can list
+``quantize`` without the gateway or model server paying for torch at start-up.
 """
-
-# Registers gptq, awq, compressed-tensors (+ its pack-quantized int schemes), rtn4, int8; fp8 (W8A8 e4m3 checkpoints,
-# --quantization fp8) and the compressed-tensors float-quantized FP8 scheme.
-from tokenmill.quantization import compressed_tensors, fp8, fp8_compressed_tensors, linear_methods, online  # noqa: F401
