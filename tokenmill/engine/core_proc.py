@@ -99,16 +99,15 @@ def run_engine_core(config: Any, addresses: CoreAddresses, max_waiting_requests:
 
 
 def _load_engine(config: Any) -> Any:
+    import torch
+
     from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.engine.threads import set_engine_threads
 
-    on_cpu = config.model.device == "cpu"
-    if on_cpu:  # the forward pass's own team, sized before the first parallel region
-        set_engine_threads(on_cpu)
-    engine = LLMEngine(config, load_progress=True)
-    # On a GPU after loading: a checkpoint's CPU-side casts still get the whole team.
-    threads = set_engine_threads(on_cpu)
-    logger.info("engine core: torch CPU threads %d%s", threads,
+    if config.model.device == "cpu":  # the forward pass's own team, sized before the first parallel region
+        set_engine_threads(on_cpu=True)
+    engine = LLMEngine(config, load_progress=True)  # on a GPU it sizes the team itself, after loading
+    logger.info("engine core: torch CPU threads %d%s", torch.get_num_threads(),
                 " (OMP_NUM_THREADS)" if os.environ.get("OMP_NUM_THREADS") else "")
     engine.detokenize_outputs = False  # text is the API process's job; stop strings are still checked here
     # This process holds one engine for its whole life. Measured on CPU, 128 x 512 -> 128 with a tiny model: GC
@@ -235,8 +234,7 @@ class EngineCore:
         if len(sequences) == 1:  # n == 1, nearly every request: the same delta with less bookkeeping
             return self._single_delta(request, sequences[0], sent)
         request_finished = request.finished
-        num_cached = sequences[0].num_cached_tokens if len(sequences) == 1 else max(
-            seq.num_cached_tokens for seq in sequences)
+        num_cached = max(seq.num_cached_tokens for seq in sequences)
         times = _times(request.metrics) if request_finished else None
         out = []
         for seq in sequences:
