@@ -188,3 +188,38 @@ def test_engine_with_fp8_weights_gives_the_reference_greedy_tokens(tiny_llama):
             want = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                                       pad_token_id=0)[0, len(prompt):].tolist()
         assert out.outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize(("fmt", "scheme"), [("compressed-tensors", "dynamic"), ("fp8", "static")])
+def test_quantize_cli_writes_an_fp8_checkpoint_that_serves(tiny_llama, tmp_path, capsys, fmt, scheme):
+    """``tokenmill quantize --method fp8``: the default (compressed-tensors, per-channel weights, dynamic
+    activations: llm-compressor's FP8_DYNAMIC) and vLLM's quant_method fp8 with static input scales load and
+    match transformers on the same rounded weights and activations."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tokenmill.cli import main
+
+    out = tmp_path / fmt
+    argv = ["quantize", str(tiny_llama), "--method", "fp8", "--activation-scheme", scheme, "--out", str(out),
+            "--num-samples", "2", "--seq-len", "16"]
+    assert main(argv + ([] if fmt == "compressed-tensors" else ["--format", "fp8"])) == 0
+    assert "wrote FP8" in capsys.readouterr().out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == fmt and (out / "tokenizer.json").is_file()
+    state = load_file(str(out / "model.safetensors"))
+    dequantized = {k: state[k].float() * state[k.replace(".weight", ".weight_scale")].float().reshape(
+        (-1, 1) if fmt == "compressed-tensors" else ()) for k in state if k.endswith("proj.weight")}
+    assert all(state[k].dtype == FP8_E4M3 for k in dequantized)
+    scales = _fused_max(_static_scales(out)) if scheme == "static" else None
+    _check_fp8_model(load(out), _fake_quant_reference(tiny_llama, dequantized, scales), tiny_llama)
+
+
+def test_quantize_cli_fp8_refuses_4bit_options(tiny_llama, tmp_path, capsys):
+    from tokenmill.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(tiny_llama), "--method", "fp8", "--group-size", "32", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "--group-size" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,7 +1,8 @@
 """Write an FP8 (e4m3) checkpoint from a dense Hugging Face directory, in vLLM's ``fp8`` format or as
 compressed-tensors ``float-quantized``: every decoder linear's weight rounded per tensor or per output channel,
 static input scales (optional) from calibration prompts run through the dense model. lm_head and the
-embeddings stay dense. Used by the tests to produce the checkpoints real tools write; no new tensor layout.
+embeddings stay dense. ``tokenmill quantize --method fp8`` and the tests (checkpoints as real tools write them)
+use it; no new tensor layout.
 """
 
 from __future__ import annotations
@@ -40,16 +41,31 @@ def write_fp8_checkpoint(
     source: Path, target: Path, fmt: str = "fp8", weight_strategy: str = "tensor",
     calibration_prompts: list[list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Quantize ``source`` into ``target``; returns the dequantized weights (name -> fp32 tensor) so callers can
-    build the reference model. ``calibration_prompts`` given: static per-tensor input scales, else dynamic."""
-    from safetensors.torch import save_file
+    """Quantize the HF directory ``source`` into ``target``; returns the dequantized weights (name -> fp32 tensor)
+    so callers can build the reference model. ``calibration_prompts`` given: static per-tensor input scales, else
+    dynamic."""
     from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    dequantized = save_fp8(model, target, fmt, weight_strategy, calibration_prompts)
+    for file in _TOKENIZER_FILES:
+        if (source / file).is_file():
+            shutil.copy(source / file, target / file)
+    return dequantized
+
+
+def save_fp8(
+    model: torch.nn.Module, target: Path, fmt: str = "fp8", weight_strategy: str = "tensor",
+    calibration_prompts: list[list[int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Write a loaded transformers model's FP8 checkpoint (model.safetensors + config.json, no tokenizer files)
+    into ``target``; returns the dequantized decoder weights (name -> fp32 tensor)."""
+    from safetensors.torch import save_file
 
     if fmt not in ("fp8", "compressed-tensors"):
         raise ValueError(f"FP8 checkpoint format {fmt!r} is not supported; supported: fp8, compressed-tensors")
     if weight_strategy not in ("tensor", "channel") or (fmt == "fp8" and weight_strategy != "tensor"):
         raise ValueError("weight scales: 'tensor' (both formats) or 'channel' (compressed-tensors only)")
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
     amax = _input_amax(model, linears, calibration_prompts) if calibration_prompts else None
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -68,12 +84,9 @@ def write_fp8_checkpoint(
         state.pop("lm_head.weight", None)
     target.mkdir(parents=True, exist_ok=True)
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((source / "config.json").read_text())
+    config = model.config.to_dict()
     config["quantization_config"] = _quant_config(fmt, weight_strategy, static=amax is not None)
     (target / "config.json").write_text(json.dumps(config, indent=2))
-    for file in _TOKENIZER_FILES:
-        if (source / file).is_file():
-            shutil.copy(source / file, target / file)
     return dequantized
 
 
