@@ -159,6 +159,9 @@ class CacheConfig:
         return KVCacheSpec(self.block_size, num_kv_heads, head_dim, fp8, "tensor")
 
 
+KV_RESERVATIONS = ("none", "request", "max-model-len")
+
+
 @dataclass
 class SchedulerConfig:
     """Continuous batching limits: sequences per step and tokens per step (chunked prefill splits prompts)."""
@@ -174,8 +177,14 @@ class SchedulerConfig:
     # bounds how much prefill a step adds to the running decodes' inter-token latency (lower: steadier ITL, later
     # first tokens for long prompts).
     long_prefill_token_threshold: int = 0
+    # Reserve each request's whole KV up front, as a contiguous allocator must: "none" (paged: blocks are taken as
+    # tokens arrive), "request" (prompt + max_tokens) or "max-model-len". For measuring what paging buys
+    # (`bench kv-memory`); it only ever lowers the batch.
+    kv_reservation: str = "none"
 
     def __post_init__(self) -> None:
+        if self.kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"kv_reservation must be one of {', '.join(KV_RESERVATIONS)}; got {self.kv_reservation!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

@@ -1,4 +1,4 @@
-"""Registers ``tokenmill bench serve | compare | plan | throughput`` on the top-level parser.
+"""Registers ``tokenmill bench serve | compare | plan | throughput | kv-memory`` on the top-level parser.
 
 Heavy imports (httpx, matplotlib, rich) happen only when a bench command runs; ``throughput`` is delegated
 to ``tokenmill.bench.throughput`` (offline engine bench) when that module exists.
@@ -149,3 +149,9 @@ def register(subparsers: Any) -> None:
         throughput = commands.add_parser("throughput", help="offline engine throughput (no server)")
         throughput_module.add_arguments(throughput)
         throughput.set_defaults(func=throughput_module.run)
+
+    from tokenmill.bench import kv_memory
+
+    memory = commands.add_parser("kv-memory", help="paged vs contiguous KV allocation: waste, batch, throughput")
+    kv_memory.add_arguments(memory)
+    memory.set_defaults(func=kv_memory.run)

@@ -27,6 +27,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--long-prefill-token-threshold", type=int, default=0,
                         help="most prompt tokens one request computes per step (0: no cap); lower keeps running "
                              "decodes' inter-token latency steadier when long prompts arrive, at some TTFT")
+    parser.add_argument("--kv-reservation", default="none", choices=["none", "request", "max-model-len"],
+                        help="reserve each request's whole KV at admission, as a contiguous allocator would "
+                             "(request: prompt + max_tokens); for measuring what paging buys, never faster")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache budget in GiB (CPU)")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count")
@@ -63,6 +66,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
+        kv_reservation=args.kv_reservation,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         num_kv_blocks=args.num_kv_blocks,

@@ -148,6 +148,7 @@ class LLMEngine:
             self.runner.kv_caches.arm_scale_calculation()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler.max_model_len = self.max_model_len
         self.scheduler.draft_proposer = draft_proposer
         # A sampling draft model's distributions go to the runner's rejection sampler (rank 0 samples).
         self.runner.draft_probs = getattr(draft_proposer, "draft_probs", None)

@@ -71,6 +71,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.draft_proposer: DraftProposer | None = None
         self.finished_seq_ids: list[str] = []  # runner state to drop, sent with the next record
+        self.kv_reservation = config.kv_reservation
+        self.max_model_len: int | None = None  # set by the engine; what "max-model-len" reservations reserve
 
     @property
     def _prefill_cap(self) -> int:
@@ -164,7 +166,7 @@ class Scheduler:
                 self._release_unscheduled(seq)
                 break
             num_new = min(num_new, budget, self._prefill_cap)
-            if not self.block_manager.can_allocate(seq, num_new):
+            if not self.block_manager.can_allocate(seq, num_new) or not self._reservation_fits(seq):
                 self._release_unscheduled(seq)
                 break
             self.waiting.popleft()
@@ -179,6 +181,24 @@ class Scheduler:
         out.scheduled.sort(key=lambda item: item.num_tokens != 1)
         out.record = self._record(out)
         return out
+
+    def _reserved_blocks(self, seq: Sequence) -> int:
+        """Blocks a sequence may still take under the reservation mode (0 for paged)."""
+        if self.kv_reservation == "none":
+            return 0
+        if self.kv_reservation == "max-model-len" and self.max_model_len is not None:
+            tokens = self.max_model_len
+        else:
+            tokens = seq.token_limit or seq.num_tokens
+        return max(0, self.block_manager.blocks_needed(tokens) - len(seq.block_table))
+
+    def _reservation_fits(self, seq: Sequence) -> bool:
+        """Whole-request reservation: admit only if the free blocks cover what every running sequence and this one
+        may still take, so nobody ever waits for memory mid-request (a contiguous allocator's guarantee)."""
+        if self.kv_reservation == "none" or not self.running:  # alone, it gets what paging would give it
+            return True
+        outstanding = sum(self._reserved_blocks(s) for s in self.running)
+        return self.block_manager.num_free_blocks >= outstanding + self._reserved_blocks(seq)
 
     def _propose_drafts(self, budget: int) -> dict[str, list[int]]:
         """Draft tokens for the decoding sequences, asked of the proposer once per step (a draft model batches
