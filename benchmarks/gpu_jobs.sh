@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Several GPU benchmark jobs in one device call, run one after another on the idle card (never two at once:
+# each times its own work), every job's console log and JSON into one tarball, $OUT/gpu_jobs.tgz (the device
+# tool returns a few files only). Installs the carried wheels (.whl) first.
+#   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec quantized e2e modelserver
+set -uo pipefail
+out="$(mktemp -d)"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+for job in "$@"; do
+  start=$(date +%s)
+  case "$job" in
+    ab18) REPEATS="${REPEATS:-2}" OUT="$out/ab18" bash benchmarks/gpu_ab_vs_transformers.sh "${BASELINE:-.baseline}" ;;
+    kv_memory) python3 -m tokenmill bench kv-memory --engine --random-weights llama3-8b --num-kv-blocks 10240 \
+                 --num-requests "${KV_REQUESTS:-400}" --input-len-range 4:1024 --output-len-range 4:1024 \
+                 --max-model-len 4096 --reserve max-model-len --output-json "$out/kv_memory_engine.json" \
+                 --plot "$out/kv_memory_engine.png" ;;
+    fp8) python3 benchmarks/gpu_fp8.py --out "$out/gpu_fp8.json" ;;
+    spec) python3 benchmarks/gpu_spec_decode.py --out "$out/gpu_spec_decode.json" ;;
+    quantized) python3 benchmarks/gpu_quantized.py --e2e off --out "$out/gpu_quantized_kernels.json" ;;
+    e2e) python3 benchmarks/gpu_quantized.py --e2e only --out "$out/gpu_quantized_e2e.json" ;;
+    modelserver) OUT="$out" python3 benchmarks/gpu_modelserver.py --carry .modelserver_carry ;;
+    *) echo "unknown job $job" ;;
+  esac > "$out/$job.log" 2>&1
+  echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"
+done
+tar czf "${OUT:-/tmp}/gpu_jobs.tgz" -C "$out" .
