@@ -1,14 +1,17 @@
 """Random GGUF block bytes for tests: every byte random (codes, packed 6-bit scales and mins, high bits), the fp16
-fields (d, dmin, m) drawn from a sane range so the weights are finite and model-sized, some scales set to 0."""
+fields (d, dmin, m) drawn from a sane range so the weights are finite and model-sized, some scales set to 0.
+Only numpy and tokenmill at import (the GPU machine has no gguf package)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from tokenmill.quantization.gguf_blocks import PACKED_TYPES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))  # model_helpers (write_tiny_gguf)
 
 # Byte offsets of each type's fp16 fields in a block: the scale d first, then the min (m / dmin) if any.
 FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
@@ -48,6 +51,7 @@ def kquant_llama_gguf(hf_dir: Path, path: Path, seed: int = 0) -> Path:
     """The tiny llama's metadata and norms with random K-quant blocks for every linear (types per
     ``K_QUANT_LAYERS``), a Q8_0 embedding quantized from its weights and a Q6_K LM head (both dequantized at
     load). Widths must be multiples of 256 (``tiny_llama_256``)."""
+    import gguf
     from model_helpers import write_tiny_gguf
 
     rng = np.random.default_rng(seed)
