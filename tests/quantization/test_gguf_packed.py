@@ -69,9 +69,9 @@ def test_block_codes_equal_the_gguf_dequantizer(type_name):
     assert torch.allclose(_repacked_weight(raw, type_name), expected, rtol=1e-6, atol=1e-7)
 
 
-def _build(path: Path, keep_quantized: bool) -> torch.nn.Module:
+def _build(path: Path, keep_quantized: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     source = GGUFSource(path, keep_quantized=keep_quantized)
-    model = build_model(source.spec(), TorchAttentionBackend(), torch.float32, "cpu", None, source.quant_config)
+    model = build_model(source.spec(), TorchAttentionBackend(), dtype, "cpu", None, source.quant_config)
     with torch.no_grad():
         source.init_weights(model, False)
         process_weights_after_loading(model)
@@ -126,6 +126,21 @@ def test_k_quant_gguf_served_packed_matches_its_dequantized_path(tiny_llama_256,
         assert rel_err(got, want) < 1e-5
     prompt = make_prompts([9], 300, seed=5)[0].tolist()
     assert _greedy(packed, prompt, steps=8) == _greedy(dense, prompt, steps=8)
+
+
+def test_k_quant_gguf_in_bf16_on_cpu_runs_q4_k_through_the_int4_kernel(tiny_llama_256, tmp_path):
+    """The CPU serving dtype: Q4_K layers take PyTorch's int4 kernel (group 32, float zeros as offsets); Q5_K and
+    Q6_K (8-bit codes with zeros / 16-weight groups) the slab-wise dequantize path."""
+    path = kquant_llama_gguf(tiny_llama_256, tmp_path / "tiny-kquant.gguf")
+    packed, dense = _build(path, True, torch.bfloat16), _build(path, False)
+    prompts = make_prompts([7, 13], 300, seed=3)
+    ours = run_in_steps(packed, prompts, [[7, 13]])
+    reference = run_in_steps(dense, prompts, [[7, 13]])
+    layer = packed.model.layers[0]
+    assert layer.self_attn.qkv_proj.wna16_cpu.kind == "int4"  # Q4_K
+    assert layer.mlp.gate_up_proj.wna16_cpu is None and layer.mlp.down_proj.wna16_cpu is None  # Q5_K, Q6_K
+    for got, want in zip(ours, reference, strict=True):
+        assert rel_err(got.float(), want) < 3e-2  # bf16 activations vs the fp32 dequantized model
 
 
 def test_gguf_stays_packed_where_a_kernel_makes_it_fast_or_when_asked(tiny_llama, tmp_path):
@@ -194,16 +209,21 @@ def test_smollm2_q4_1_served_packed_decodes_the_dequantized_tokens():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + triton")
-@pytest.mark.parametrize("type_name", list(PACKED_TYPES))
-def test_tiny_gguf_packed_on_gpu_matches_its_dequantized_path(tiny_llama, tmp_path, type_name):
-    """On CUDA a GGUF is kept packed by default (group-32 blocks through the Triton kernels, fp16 scales, fp32
-    zeros) and stays within bf16 rounding of the fp32 dequantized model."""
+@pytest.mark.parametrize("type_name", [*LEGACY_TYPES, "K-quants"])
+def test_tiny_gguf_packed_on_gpu_matches_its_dequantized_path(request, tmp_path, type_name):
+    """On CUDA a GGUF is kept packed by default (blocks through the Triton kernels: group 32, or 16 for Q6_K;
+    fp16 / fp32 scales, fp32 zeros) and stays within bf16 rounding of the fp32 dequantized model."""
     from tokenmill.config import ModelConfig
     from tokenmill.model import load_model
     from tokenmill.quantization.perplexity import window_logits
 
-    path = write_tiny_gguf(tiny_llama, tmp_path / f"tiny-{type_name}.gguf", type_name)
-    config = ModelConfig(model=str(path), tokenizer=str(tiny_llama), dtype="bfloat16", device="cuda")
+    if type_name == "K-quants":  # Q4_K / Q5_K / Q6_K mixed per layer
+        hf_dir = request.getfixturevalue("tiny_llama_256")
+        path = kquant_llama_gguf(hf_dir, tmp_path / "tiny-kquant.gguf")
+    else:
+        hf_dir = request.getfixturevalue("tiny_llama")
+        path = write_tiny_gguf(hf_dir, tmp_path / f"tiny-{type_name}.gguf", type_name)
+    config = ModelConfig(model=str(path), tokenizer=str(hf_dir), dtype="bfloat16", device="cuda")
     packed = load_model(config, TorchAttentionBackend()).model
     assert isinstance(packed.model.layers[0].mlp.gate_up_proj.linear_method, GGUFLinearMethod)
     ids = torch.tensor([5, 9, 17, 3, 40, 41, 42, 43, 44, 45, 46, 7])
