@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from tokenmill.quantization.gguf_blocks import PACKED_TYPES
+from tokenmill.kernels.wna16_gemm import PackedWeight, dequantize
+from tokenmill.quantization.gguf import PACKED_TYPES, gguf_block_codes, kernel_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))  # model_helpers (write_tiny_gguf)
 
@@ -36,6 +38,21 @@ def random_blocks(rng: np.random.Generator, rows: int, cols: int, type_name: str
     for index in rng.choice(len(flat), size=min(zero_scale_blocks, len(flat)), replace=False):
         flat[index, FP16_FIELDS[type_name][0]:FP16_FIELDS[type_name][0] + 2] = 0
     return blocks.reshape(rows, -1)
+
+
+def repacked(raw: np.ndarray, type_name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(the kernel-layout tensors our GGUF loader yields for these block bytes, their dense weight [out, in])."""
+    kind = PACKED_TYPES[type_name]
+    tensors = kernel_layout(*gguf_block_codes(raw, type_name), kind.bits)
+    dense = dequantize(PackedWeight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), kind.bits,
+                                    kind.group_size)).t()
+    return tensors, dense
+
+
+def random_gguf_linear(rng: np.random.Generator, type_name: str, out_f: int,
+                       in_f: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``repacked`` of a random GGUF linear [out_f, in_f]."""
+    return repacked(random_blocks(rng, out_f, in_f, type_name), type_name)
 
 
 # Per-layer GGUF types of the K-quant tiny llama: layer 1's q/k/v mix two types (its fused qkv is dequantized).

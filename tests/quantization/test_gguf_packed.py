@@ -16,19 +16,16 @@ import pytest
 import torch
 
 from tokenmill.attention.torch_backend import TorchAttentionBackend
-from tokenmill.kernels.wna16_gemm import dequantize
 from tokenmill.model.linear import process_weights_after_loading
 from tokenmill.model.loader import GGUFSource, build_model
 from tokenmill.quantization.gguf import (
     PACKED_TYPES,
     GGUFConfig,
     GGUFLinearMethod,
-    gguf_block_codes,
-    kernel_layout,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from gguf_blocks_helpers import K_QUANT_LAYERS, kquant_llama_gguf, random_blocks  # noqa: E402
+from gguf_blocks_helpers import K_QUANT_LAYERS, kquant_llama_gguf, random_blocks, repacked  # noqa: E402
 from model_helpers import make_prompts, rel_err, run_in_steps, write_tiny_gguf  # noqa: E402
 
 LEGACY_TYPES = ["Q4_0", "Q4_1", "Q8_0"]  # types the gguf package can quantize (it has no K-quant quantizer)
@@ -36,13 +33,10 @@ LEGACY_TYPES = ["Q4_0", "Q4_1", "Q8_0"]  # types the gguf package can quantize (
 
 def _repacked_weight(raw: np.ndarray, type_name: str) -> torch.Tensor:
     """W [rows, cols] (fp32) from the kernel layout our loader builds out of a GGUF tensor's bytes."""
-    from tokenmill.kernels.wna16_gemm import PackedWeight
-
     kind = PACKED_TYPES[type_name]
-    packed = kernel_layout(*gguf_block_codes(raw, type_name), kind.bits)
-    assert packed["scales"].dtype == kind.scale_dtype and ("zeros" in packed) == kind.has_zeros
-    return dequantize(PackedWeight(packed["qweight"], packed["scales"], packed.get("zeros"), kind.bits,
-                                   kind.group_size)).t()
+    tensors, dense = repacked(raw, type_name)
+    assert tensors["scales"].dtype == kind.scale_dtype and ("zeros" in tensors) == kind.has_zeros
+    return dense
 
 
 @pytest.mark.parametrize("type_name", list(PACKED_TYPES))

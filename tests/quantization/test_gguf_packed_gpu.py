@@ -8,36 +8,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf_blocks_helpers import random_blocks
+from gguf_blocks_helpers import random_gguf_linear
 
 from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.wna16_gemm import PackedWeight, dequantize
 from tokenmill.model.linear import (
     MergedColumnParallelLinear,
     RowParallelLinear,
     process_weights_after_loading,
 )
-from tokenmill.quantization.gguf import PACKED_TYPES, GGUFLinearMethod, gguf_block_codes, kernel_layout
+from tokenmill.quantization.gguf import PACKED_TYPES, GGUFLinearMethod
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()),
                                                   reason="needs CUDA + triton")]
 HIDDEN, INTER = 512, 768
 
 
-def _checkpoint(type_name: str, out_f: int, in_f: int, rng: np.random.Generator):
-    kind = PACKED_TYPES[type_name]
-    tensors = kernel_layout(*gguf_block_codes(random_blocks(rng, out_f, in_f, type_name), type_name), kind.bits)
-    dense = dequantize(PackedWeight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), kind.bits,
-                                    kind.group_size)).t()
-    return {name: t.cuda() for name, t in tensors.items()}, dense
-
-
 @pytest.mark.parametrize("rows", [1, 6, 48])
 @pytest.mark.parametrize("type_name", list(PACKED_TYPES))
 def test_gguf_layers_on_gpu_match_the_fp32_dequantized_weights(type_name, rows):
     rng = np.random.default_rng(rows)
-    (gate, gate_w), (up, up_w) = _checkpoint(type_name, INTER, HIDDEN, rng), _checkpoint(type_name, INTER, HIDDEN, rng)
-    down, down_w = _checkpoint(type_name, HIDDEN, INTER, rng)
+    (gate, gate_w), (up, up_w), (down, down_w) = (random_gguf_linear(rng, type_name, INTER, HIDDEN),
+                                                  random_gguf_linear(rng, type_name, INTER, HIDDEN),
+                                                  random_gguf_linear(rng, type_name, HIDDEN, INTER))
     with torch.device("cuda"):
         gate_up = MergedColumnParallelLinear(HIDDEN, {"gate": INTER, "up": INTER},
                                              linear_method=GGUFLinearMethod(type_name))
@@ -45,7 +37,7 @@ def test_gguf_layers_on_gpu_match_the_fp32_dequantized_weights(type_name, rows):
     for layer, parts in ((gate_up, {"gate": gate, "up": up}), (down_proj, {None: down})):
         for shard_id, tensors in parts.items():
             for name, tensor in tensors.items():
-                getattr(layer, name).weight_loader(getattr(layer, name), tensor, shard_id)
+                getattr(layer, name).weight_loader(getattr(layer, name), tensor.cuda(), shard_id)
         process_weights_after_loading(layer)
     x = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(rows))
     want = F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)

@@ -1,66 +1,18 @@
-"""Packed GGUF linears (all six types) under the layers' one partition loader: fused gate|up column shards and
-row-parallel input slices on group boundaries, combined by hand across ranks (no collectives run here), a split
-off a group boundary refused with the sizes named; and two gloo ranks serving a K-quant GGUF give tp=1's tokens."""
+"""Packed GGUF under tensor parallelism (the per-layer shards of all six types are in test_tensor_parallel_shards.py):
+a row-parallel split off a group boundary is refused with the sizes named, and two gloo ranks serving a K-quant
+GGUF give tp=1's logits and greedy tokens."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from gguf_blocks_helpers import kquant_llama_gguf, random_blocks
+from gguf_blocks_helpers import kquant_llama_gguf
 from linear_helpers import rank_context
 
-from tokenmill.kernels.wna16_gemm import PackedWeight, dequantize
-from tokenmill.model.linear import (
-    MergedColumnParallelLinear,
-    RowParallelLinear,
-    process_weights_after_loading,
-)
-from tokenmill.quantization.gguf import PACKED_TYPES, GGUFLinearMethod, gguf_block_codes, kernel_layout
+from tokenmill.model.linear import RowParallelLinear
+from tokenmill.quantization.gguf import GGUFLinearMethod
 
 HIDDEN, INTER = 256, 512  # K-quant blocks hold 256 input columns
-
-
-def _checkpoint(type_name: str, out_f: int, in_f: int, rng: np.random.Generator):
-    """(kernel-layout tensors as the GGUF loader yields them, dense weight [out, in]) of a random GGUF linear."""
-    kind = PACKED_TYPES[type_name]
-    tensors = kernel_layout(*gguf_block_codes(random_blocks(rng, out_f, in_f, type_name), type_name), kind.bits)
-    dense = dequantize(PackedWeight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), kind.bits,
-                                    kind.group_size)).t()
-    return tensors, dense
-
-
-def _load(layer, tensors, shard_id=None):
-    for name, tensor in tensors.items():
-        param = getattr(layer, name)
-        param.weight_loader(param, tensor, shard_id)
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("type_name", list(PACKED_TYPES))
-def test_fused_gate_up_and_row_parallel_down_match_dense(type_name, world_size):
-    rng = np.random.default_rng(world_size)
-    (gate, gate_w), (up, up_w) = _checkpoint(type_name, INTER, HIDDEN, rng), _checkpoint(type_name, INTER, HIDDEN, rng)
-    down, down_w = _checkpoint(type_name, HIDDEN, INTER, rng)
-    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(world_size))
-    want = F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
-    total = torch.zeros_like(want)
-    for rank in range(world_size):
-        ctx = rank_context(rank, world_size)
-        gate_up = MergedColumnParallelLinear(HIDDEN, {"gate": INTER, "up": INTER},
-                                             linear_method=GGUFLinearMethod(type_name), parallel=ctx)
-        down_proj = RowParallelLinear(INTER, HIDDEN, linear_method=GGUFLinearMethod(type_name), parallel=ctx)
-        _load(gate_up, gate, "gate")
-        _load(gate_up, up, "up")
-        _load(down_proj, down)
-        process_weights_after_loading(gate_up)
-        process_weights_after_loading(down_proj)
-        assert gate_up.qweight.dtype == torch.int32 and gate_up.scales.shape[0] == HIDDEN // gate_up.wna16.group_size
-        assert down_proj.scales.shape[0] == INTER // world_size // down_proj.wna16.group_size
-        g, u = gate_up(x).chunk(2, dim=-1)
-        total += down_proj.linear_method.apply(down_proj, F.silu(g) * u, None)
-    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_row_parallel_split_off_a_group_boundary_is_refused_with_the_sizes():
