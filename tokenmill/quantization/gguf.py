@@ -63,8 +63,8 @@ class GGUFLinearMethod(WNA16LinearMethod):
             layer.register_parameter(name, param)
 
     def _groups(self, layer: nn.Module, input_size: int) -> int:
-        """Groups along this rank's input; a row-parallel split must fall on group boundaries (the group size
-        divides every width llama.cpp quantizes a tensor with this type, and packs 8 / 4 codes per word)."""
+        """Groups along this rank's input: a row-parallel split must fall on a group boundary of the repacked
+        layout (32 weights, 16 for Q6_K; a K-quant's 256-weight block need not stay whole)."""
         if input_size % self.group_size == 0:
             return input_size // self.group_size
         ranks = layer.parallel.world_size if getattr(layer, "input_rank", None) is not None else 1
