@@ -209,11 +209,6 @@ def test_custom_all_reduce_is_refused_on_cpu(tmp_path):
         LLM(str(model_dir), tensor_parallel_size=2, custom_all_reduce=True, **ENGINE_ARGS)
 
 
-def test_gguf_models_are_refused_for_tensor_parallel(tmp_path):
-    with pytest.raises(ValueError, match="needs a Hugging Face safetensors directory or --random-weights"):
-        LLM(str(tmp_path / "model.gguf"), tensor_parallel_size=2, **ENGINE_ARGS)
-
-
 def test_safetensors_matrices_are_read_slice_by_slice(tmp_path):
     from safetensors.torch import load_file
 

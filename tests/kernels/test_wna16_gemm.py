@@ -58,7 +58,8 @@ def test_default_config_splits_k_for_few_output_tiles_only():
 
 @requires_triton_device
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("bits,group,zeros", [(4, 128, False), (4, 32, True), (8, 64, False), (4, 256, True)])
+@pytest.mark.parametrize("bits,group,zeros", [(4, 128, False), (4, 32, True), (8, 64, False), (4, 256, True),
+                                              (8, 16, False), (8, 32, True)])  # GGUF Q6_K, Q5_K
 @pytest.mark.parametrize("rows", [1, 7, 40])
 def test_triton_kernel_matches_fp32_reference(device, dtype, bits, group, zeros, rows):
     k, n = 512, 192
@@ -77,7 +78,8 @@ def test_triton_kernel_matches_fp32_reference(device, dtype, bits, group, zeros,
 
 @requires_triton_device
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("bits,group,zeros", [(4, 128, False), (4, 32, True), (8, 64, False), (4, 512, True)])
+@pytest.mark.parametrize("bits,group,zeros", [(4, 128, False), (4, 32, True), (8, 64, False), (4, 512, True),
+                                              (8, 16, False), (8, 32, True)])  # GGUF Q6_K, Q5_K
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
 def test_triton_gemv_matches_fp32_reference(device, dtype, bits, group, zeros, rows):
     """The few-row GEMV kernel (one load per packed word, no MMA padding), split over K or not."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +112,11 @@ def _gguf_name(hf_name: str) -> str:
     return f"{_GGUF_TOP[base]}.{kind}"
 
 
-def write_tiny_gguf(hf_dir: Path, path: Path, qtype_name: str, with_tokenizer: bool = False) -> Path:
-    """Convert a tiny HF dir to GGUF the way llama.cpp does (Q/K permuted for llama; 1-D tensors F32)."""
+def write_tiny_gguf(hf_dir: Path, path: Path, qtype_name: str, with_tokenizer: bool = False,
+                    encode: Callable[[str, np.ndarray], tuple[np.ndarray, str]] | None = None) -> Path:
+    """Convert a tiny HF dir to GGUF the way llama.cpp does (Q/K permuted for llama; 1-D tensors F32).
+    ``encode(hf_name, array)`` -> (block bytes, type name) writes the 2-D tensors instead (per-tensor types; the
+    gguf package has no K-quant quantizer)."""
     import gguf
     from safetensors.torch import load_file
 
@@ -153,7 +157,10 @@ def write_tiny_gguf(hf_dir: Path, path: Path, qtype_name: str, with_tokenizer: b
             array = _permute_qk(array, heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             array = _permute_qk(array, kv_heads)
-        if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        if array.ndim == 2 and encode is not None:
+            raw, type_name = encode(name, array)
+            writer.add_tensor(_gguf_name(name), raw, raw_dtype=gguf.GGMLQuantizationType[type_name])
+        elif array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(_gguf_name(name), array.astype(np.float32))
         elif qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(_gguf_name(name), array.astype(np.float16))

@@ -1,7 +1,8 @@
-"""GGUF Q4_0 / Q4_1 / Q8_0 linears served from their blocks repacked into the W4A16 / W8A16 layout: block decode
-equals the gguf package's dequantize (constant and all-zero blocks included), a tiny llama GGUF gives the logits
-of the dequantized path with ~4x fewer weight bytes, and (slow) the embedded SmolLM2 Q4_1 decodes greedily to the
-same tokens as its dequantized weights."""
+"""GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K linears served from their blocks repacked into the W4A16 / W8A16
+layout: block decode equals the gguf package's dequantize (random block bytes; constant and all-zero blocks
+included), tiny llama GGUFs (one type, and K-quants mixed per layer) give the logits and greedy tokens of the
+dequantized path with 3-5x fewer weight bytes, and (slow) the embedded SmolLM2 Q4_1 decodes greedily to the same
+tokens as its dequantized weights."""
 
 from __future__ import annotations
 
@@ -15,22 +16,42 @@ import pytest
 import torch
 
 from tokenmill.attention.torch_backend import TorchAttentionBackend
-from tokenmill.kernels.wna16_gemm import dequantize
 from tokenmill.model.linear import process_weights_after_loading
 from tokenmill.model.loader import GGUFSource, build_model
 from tokenmill.quantization.gguf import (
     PACKED_TYPES,
     GGUFConfig,
     GGUFLinearMethod,
-    gguf_block_codes,
-    kernel_layout,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from gguf_blocks_helpers import K_QUANT_LAYERS, kquant_llama_gguf, random_blocks, repacked  # noqa: E402
 from model_helpers import make_prompts, rel_err, run_in_steps, write_tiny_gguf  # noqa: E402
+
+LEGACY_TYPES = ["Q4_0", "Q4_1", "Q8_0"]  # types the gguf package can quantize (it has no K-quant quantizer)
+
+
+def _repacked_weight(raw: np.ndarray, type_name: str) -> torch.Tensor:
+    """W [rows, cols] (fp32) from the kernel layout our loader builds out of a GGUF tensor's bytes."""
+    kind = PACKED_TYPES[type_name]
+    tensors, dense = repacked(raw, type_name)
+    assert tensors["scales"].dtype == kind.scale_dtype and ("zeros" in tensors) == kind.has_zeros
+    return dense
 
 
 @pytest.mark.parametrize("type_name", list(PACKED_TYPES))
+def test_random_block_bytes_of_every_type_equal_the_gguf_dequantizer(type_name):
+    """Every byte random (codes, 6-bit scales and mins, high bits; sane fp16 d / dmin; two blocks with d = 0):
+    the repacked (codes, scales, zeros) reproduce gguf's floats up to fp32 rounding of the zero points."""
+    rng = np.random.default_rng(11)
+    raw = random_blocks(rng, 24, 512, type_name)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).astype(np.float32))
+    assert torch.isfinite(expected).all() and (expected != 0).float().mean() > 0.8
+    got = _repacked_weight(raw, type_name)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("type_name", LEGACY_TYPES)
 def test_block_codes_equal_the_gguf_dequantizer(type_name):
     rng = np.random.default_rng(5)
     weight = rng.normal(0.0, 0.05, (24, 96)).astype(np.float32)
@@ -39,18 +60,12 @@ def test_block_codes_equal_the_gguf_dequantizer(type_name):
     qtype = gguf.GGMLQuantizationType[type_name]
     raw = gguf.quants.quantize(weight, qtype)
     expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
-    codes, scales, zeros = gguf_block_codes(raw, type_name)
-    packed = kernel_layout(codes, scales, zeros, PACKED_TYPES[type_name][0])
-    from tokenmill.kernels.wna16_gemm import PackedWeight
-
-    weight_t = dequantize(PackedWeight(packed["qweight"], packed["scales"], packed.get("zeros"),
-                                       PACKED_TYPES[type_name][0], 32))
-    assert torch.allclose(weight_t.t(), expected, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(_repacked_weight(raw, type_name), expected, rtol=1e-6, atol=1e-7)
 
 
-def _build(path: Path, keep_quantized: bool) -> torch.nn.Module:
+def _build(path: Path, keep_quantized: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     source = GGUFSource(path, keep_quantized=keep_quantized)
-    model = build_model(source.spec(), TorchAttentionBackend(), torch.float32, "cpu", None, source.quant_config)
+    model = build_model(source.spec(), TorchAttentionBackend(), dtype, "cpu", None, source.quant_config)
     with torch.no_grad():
         source.init_weights(model, False)
         process_weights_after_loading(model)
@@ -61,7 +76,7 @@ def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-@pytest.mark.parametrize("type_name", list(PACKED_TYPES))
+@pytest.mark.parametrize("type_name", LEGACY_TYPES)
 def test_tiny_gguf_served_packed_matches_its_dequantized_path(tiny_llama, tmp_path, type_name):
     path = write_tiny_gguf(tiny_llama, tmp_path / f"tiny-{type_name}.gguf", type_name)
     packed, dense = _build(path, True), _build(path, False)
@@ -77,6 +92,49 @@ def test_tiny_gguf_served_packed_matches_its_dequantized_path(tiny_llama, tmp_pa
     reference = run_in_steps(dense, prompts, [[3, 5, 2], [4, 8, 2]])
     for got, want in zip(ours, reference, strict=True):
         assert rel_err(got, want) < 1e-5
+
+
+def test_k_quant_gguf_served_packed_matches_its_dequantized_path(tiny_llama_256, tmp_path):
+    """Q4_K / Q5_K / Q6_K mixed per layer; layer 1's q/k/v mix Q4_K and Q6_K, so its fused qkv is dequantized."""
+    from test_gguf_loading import _greedy  # the paged-cache greedy loop of the dequantized GGUF tests
+
+    path = kquant_llama_gguf(tiny_llama_256, tmp_path / "tiny-kquant.gguf")
+    packed, dense = _build(path, True), _build(path, False)
+    linears = {name: m for name, m in packed.named_modules() if hasattr(m, "linear_method") and ".layers." in name}
+    types = {name: getattr(m.linear_method, "type_name", None) for name, m in linears.items()}
+    for layer, parts in enumerate(K_QUANT_LAYERS):
+        prefix = f"model.layers.{layer}"
+        assert types[f"{prefix}.self_attn.qkv_proj"] == (parts["q_proj"] if layer == 0 else None)
+        assert types[f"{prefix}.self_attn.o_proj"] == parts["o_proj"]
+        assert types[f"{prefix}.mlp.gate_up_proj"] == parts["gate_proj"] == parts["up_proj"]
+        assert types[f"{prefix}.mlp.down_proj"] == parts["down_proj"]
+    kept = [m for m in linears.values() if isinstance(m.linear_method, GGUFLinearMethod)]
+    assert all("weight" not in dict(m.named_parameters()) for m in kept)
+    dense_bytes = sum(m.input_size * m.output_size * 4 for m in kept)
+    packed_bytes = sum(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in kept)
+    assert packed_bytes * 3 < dense_bytes  # 6 bits a weight for Q4_K, 10 for Q5_K / Q6_K, vs 32
+    prompts = make_prompts([7, 13, 4], 300, seed=2)
+    ours = run_in_steps(packed, prompts, [[3, 5, 2], [4, 8, 2]])
+    reference = run_in_steps(dense, prompts, [[3, 5, 2], [4, 8, 2]])
+    for got, want in zip(ours, reference, strict=True):
+        assert rel_err(got, want) < 1e-5
+    prompt = make_prompts([9], 300, seed=5)[0].tolist()
+    assert _greedy(packed, prompt, steps=8) == _greedy(dense, prompt, steps=8)
+
+
+def test_k_quant_gguf_in_bf16_on_cpu_runs_q4_k_through_the_int4_kernel(tiny_llama_256, tmp_path):
+    """The CPU serving dtype: Q4_K layers take PyTorch's int4 kernel (group 32, float zeros as offsets); Q5_K and
+    Q6_K (8-bit codes with zeros / 16-weight groups) the slab-wise dequantize path."""
+    path = kquant_llama_gguf(tiny_llama_256, tmp_path / "tiny-kquant.gguf")
+    packed, dense = _build(path, True, torch.bfloat16), _build(path, False)
+    prompts = make_prompts([7, 13], 300, seed=3)
+    ours = run_in_steps(packed, prompts, [[7, 13]])
+    reference = run_in_steps(dense, prompts, [[7, 13]])
+    layer = packed.model.layers[0]
+    assert layer.self_attn.qkv_proj.wna16_cpu.kind == "int4"  # Q4_K
+    assert layer.mlp.gate_up_proj.wna16_cpu is None and layer.mlp.down_proj.wna16_cpu is None  # Q5_K, Q6_K
+    for got, want in zip(ours, reference, strict=True):
+        assert rel_err(got.float(), want) < 3e-2  # bf16 activations vs the fp32 dequantized model
 
 
 def test_gguf_stays_packed_where_a_kernel_makes_it_fast_or_when_asked(tiny_llama, tmp_path):
@@ -110,12 +168,14 @@ def test_fused_layer_stays_packed_only_when_its_parts_share_a_supported_type():
     config = GGUFConfig({f"{prefix}.self_attn.q_proj": "Q4_1", f"{prefix}.self_attn.k_proj": "Q4_1",
                          f"{prefix}.self_attn.v_proj": "Q8_0", f"{prefix}.self_attn.o_proj": "Q4_0",
                          f"{prefix}.mlp.gate_proj": "Q6_K", f"{prefix}.mlp.up_proj": "Q6_K",
-                         f"{prefix}.mlp.down_proj": "Q8_0", "lm_head": "Q8_0"})
+                         f"{prefix}.mlp.down_proj": "Q3_K", "lm_head": "Q8_0"})
     assert config.packed_type(f"{prefix}.self_attn.k_proj") is None  # v is Q8_0: the fused qkv is dequantized
     assert type(config.get_linear_method(f"{prefix}.self_attn.qkv_proj")).__name__ == "DenseLinearMethod"
     assert config.get_linear_method(f"{prefix}.self_attn.o_proj").type_name == "Q4_0"
-    assert config.packed_type(f"{prefix}.mlp.gate_proj") is None  # K-quants are dequantized
-    assert config.get_linear_method(f"{prefix}.mlp.down_proj").bits == 8
+    method = config.get_linear_method(f"{prefix}.mlp.gate_up_proj")
+    assert (method.type_name, method.bits, method.group_size) == ("Q6_K", 8, 16)
+    assert config.packed_type(f"{prefix}.mlp.up_proj") == "Q6_K"
+    assert config.packed_type(f"{prefix}.mlp.down_proj") is None  # Q3_K has no packed layout: dequantized
     assert config.packed_type("lm_head") is None
 
 
@@ -143,16 +203,21 @@ def test_smollm2_q4_1_served_packed_decodes_the_dequantized_tokens():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + triton")
-@pytest.mark.parametrize("type_name", list(PACKED_TYPES))
-def test_tiny_gguf_packed_on_gpu_matches_its_dequantized_path(tiny_llama, tmp_path, type_name):
-    """On CUDA a GGUF is kept packed by default (group-32 blocks through the Triton kernels, fp16 scales, fp32
-    zeros) and stays within bf16 rounding of the fp32 dequantized model."""
+@pytest.mark.parametrize("type_name", [*LEGACY_TYPES, "K-quants"])
+def test_tiny_gguf_packed_on_gpu_matches_its_dequantized_path(request, tmp_path, type_name):
+    """On CUDA a GGUF is kept packed by default (blocks through the Triton kernels: group 32, or 16 for Q6_K;
+    fp16 / fp32 scales, fp32 zeros) and stays within bf16 rounding of the fp32 dequantized model."""
     from tokenmill.config import ModelConfig
     from tokenmill.model import load_model
     from tokenmill.quantization.perplexity import window_logits
 
-    path = write_tiny_gguf(tiny_llama, tmp_path / f"tiny-{type_name}.gguf", type_name)
-    config = ModelConfig(model=str(path), tokenizer=str(tiny_llama), dtype="bfloat16", device="cuda")
+    if type_name == "K-quants":  # Q4_K / Q5_K / Q6_K mixed per layer
+        hf_dir = request.getfixturevalue("tiny_llama_256")
+        path = kquant_llama_gguf(hf_dir, tmp_path / "tiny-kquant.gguf")
+    else:
+        hf_dir = request.getfixturevalue("tiny_llama")
+        path = write_tiny_gguf(hf_dir, tmp_path / f"tiny-{type_name}.gguf", type_name)
+    config = ModelConfig(model=str(path), tokenizer=str(hf_dir), dtype="bfloat16", device="cuda")
     packed = load_model(config, TorchAttentionBackend()).model
     assert isinstance(packed.model.layers[0].mlp.gate_up_proj.linear_method, GGUFLinearMethod)
     ids = torch.tensor([5, 9, 17, 3, 40, 41, 42, 43, 44, 45, 46, 7])

@@ -1,11 +1,14 @@
-"""GPTQ / AWQ linear methods under the layers' one partition loader: fused gate|up shards and tensor-parallel
-slices (column and row) of the real formats, combined by hand across ranks (no collectives run here)."""
+"""GPTQ / AWQ / GGUF (all six packed types) linear methods under the layers' one partition loader: fused gate|up
+shards and tensor-parallel slices (column and row; GGUF rows on group boundaries) of the real formats, combined by
+hand across ranks (no collectives run here)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf_blocks_helpers import random_gguf_linear
 from linear_helpers import rank_context
 
 from tokenmill.model.linear import (
@@ -13,15 +16,20 @@ from tokenmill.model.linear import (
     RowParallelLinear,
     process_weights_after_loading,
 )
+from tokenmill.quantization.gguf import PACKED_TYPES, GGUFLinearMethod
 from tokenmill.quantization.gptq import gptq_quantize
 from tokenmill.quantization.linear_methods import AWQLinearMethod, GPTQLinearMethod
 from tokenmill.quantization.packing import from_awq, rtn_quantize, to_awq, to_gptq
 
-HIDDEN, INTER, GROUP = 64, 128, 16
+HIDDEN, INTER, GROUP = 256, 512, 16  # GGUF K-quant blocks hold 256 input columns
+GGUF_FORMATS = [f"gguf-{type_name}" for type_name in PACKED_TYPES]
 
 
 def _checkpoint(fmt: str, out_f: int, in_f: int, gen: torch.Generator, act_order: bool = False):
     """(format tensors, dense reference weight [out, in]) of a random linear."""
+    if fmt.startswith("gguf-"):
+        seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+        return random_gguf_linear(np.random.default_rng(seed), fmt.removeprefix("gguf-"), out_f, in_f)
     weight = torch.randn(out_f, in_f, generator=gen)
     if fmt == "awq":
         tensors = to_awq(rtn_quantize(weight, 4, GROUP, sym=False))
@@ -38,6 +46,8 @@ def _checkpoint(fmt: str, out_f: int, in_f: int, gen: torch.Generator, act_order
 
 
 def _method(fmt: str, act_order: bool = False):
+    if fmt.startswith("gguf-"):
+        return GGUFLinearMethod(fmt.removeprefix("gguf-"))
     if fmt == "awq":
         return AWQLinearMethod(4, GROUP)
     return GPTQLinearMethod(8 if fmt == "gptq8" else 4, GROUP, sym=True, desc_act=act_order)
@@ -49,8 +59,8 @@ def _load(layer, tensors, shard_id=None):
         param.weight_loader(param, tensor, shard_id)
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("fmt", ["gptq4", "gptq8", "awq"])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("fmt", ["gptq4", "gptq8", "awq", *GGUF_FORMATS])
 def test_fused_gate_up_and_row_parallel_down_match_dense(fmt, world_size):
     gen = torch.Generator().manual_seed(world_size)
     (gate, gate_w), (up, up_w), (down, down_w) = (_checkpoint(fmt, INTER, HIDDEN, gen),

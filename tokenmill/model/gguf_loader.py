@@ -231,7 +231,7 @@ def _packed_tensors(raw: np.ndarray, type_name: str, module: str,
     if heads is not None:
         codes, scales = unpermute_qk(codes, heads), unpermute_qk(scales, heads)
         zeros = None if zeros is None else unpermute_qk(zeros, heads)
-    for suffix, tensor in kernel_layout(codes, scales, zeros, PACKED_TYPES[type_name][0]).items():
+    for suffix, tensor in kernel_layout(codes, scales, zeros, PACKED_TYPES[type_name].bits).items():
         yield f"{module}.{suffix}", tensor
 
 

@@ -233,8 +233,8 @@ class HFDirSource(ModelSource):
 
 
 class GGUFSource(ModelSource):
-    """A GGUF file: metadata -> spec, tensors renamed to HF names (model/gguf_loader.py); Q4_0/Q4_1/Q8_0 linears
-    stay packed (quantization/gguf.py) unless ``keep_quantized`` is off, the rest is dequantized."""
+    """A GGUF file: metadata -> spec, tensors renamed to HF names (model/gguf_loader.py); Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/
+    Q6_K linears stay packed (quantization/gguf.py) unless ``keep_quantized`` is off, the rest is dequantized."""
 
     def __init__(self, path: Path, keep_quantized: bool = True) -> None:
         from tokenmill.model.gguf_loader import gguf_module_types, open_gguf
@@ -275,25 +275,20 @@ class GGUFSource(ModelSource):
 
 
 def keep_gguf_quantized(model_config: ModelConfig) -> bool:
-    """GGUF Q4_0/Q4_1/Q8_0 linears stay packed where a kernel makes that fast (CUDA; bf16 on CPU) or when
-    ``--quantization gguf`` asks; fp32/fp16 on CPU dequantize them (PyTorch's CPU int4 kernel is slow there)."""
+    """GGUF linears of a packed type (quantization/gguf.py) stay packed where a kernel makes that fast (CUDA;
+    bf16 on CPU) or when ``--quantization gguf`` asks; fp32/fp16 on CPU dequantize them (PyTorch's CPU int4
+    kernel is slow there)."""
     if model_config.quantization is not None:
         return model_config.quantization.lower() == "gguf"
     return model_config.device.startswith("cuda") or model_config.torch_dtype == torch.bfloat16
 
 
-def resolve_source(model_config: ModelConfig, world_size: int = 1) -> ModelSource:
-    """The source ``model_config`` names; with several tensor-parallel ranks only HF directories and random
-    presets (GGUF tensors are dequantized whole, so every rank would read the whole file)."""
+def resolve_source(model_config: ModelConfig) -> ModelSource:
+    """The source ``model_config`` names. With several tensor-parallel ranks each rank reads every GGUF tensor
+    whole (repacked or dequantized) and keeps its slice; safetensors ranks read only their slices."""
     if model_config.random_weights is not None:
         return RandomSource(model_config.random_weights, model_config.seed)
-    source = Path(model_config.model).expanduser() if model_config.model else None
-    if world_size > 1 and (source is None or not (source / "config.json").is_file()):
-        raise ValueError(
-            f"tensor_parallel_size > 1 needs a Hugging Face safetensors directory or --random-weights; "
-            f"got model {model_config.model!r} (GGUF and the embedded default model run on one rank only)"
-        )
-    source = source or embedded_model_path()
+    source = Path(model_config.model).expanduser() if model_config.model else embedded_model_path()
     if source.is_file() and source.suffix == ".gguf":
         return GGUFSource(source, keep_gguf_quantized(model_config))
     if source.is_dir() and (source / "config.json").is_file():
@@ -305,7 +300,7 @@ def check_tensor_parallel(model_config: ModelConfig, world_size: int) -> None:
     """Raise ValueError (before any rank starts) when the model cannot be split over ``world_size`` ranks."""
     from tokenmill.model.llama import check_parallel_shape
 
-    check_parallel_shape(resolve_source(model_config, world_size).spec(), world_size)
+    check_parallel_shape(resolve_source(model_config).spec(), world_size)
 
 
 def build_model(
@@ -326,7 +321,7 @@ def load_model(
 ) -> LoadedModel:
     """This rank's model on ``device`` (default ``model_config.device``), loaded; the tokenizer on rank 0 only."""
     parallel = parallel or SINGLE_RANK
-    source = resolve_source(model_config, parallel.world_size)
+    source = resolve_source(model_config)
     spec = source.spec()
     max_model_len = resolve_max_model_len(spec, model_config)
     quant_config = resolve_quantization(source.quant_config, model_config.quantization)

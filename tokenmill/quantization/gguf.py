@@ -1,20 +1,15 @@
-"""GGUF Q4_0 / Q4_1 / Q8_0 linears kept in low bits: each llama.cpp block of 32 weights is repacked at load into
-the W4A16 / W8A16 kernel layout (kernels/wna16_gemm.py) with group size 32, instead of dequantized to floats.
-
-- Q4_0 (18 bytes: fp16 d, 16 bytes of nibbles): w = (q - 8) d -> codes q, scale d, symmetric (zero 8).
-- Q4_1 (20 bytes: fp16 d, fp16 m, nibbles): w = q d + m -> codes q, scale d, float zero -m / d (fp32; a block
-  with d == 0 holds the constant m: scale m, zero -1, codes 0).
-- Q8_0 (34 bytes: fp16 d, 32 int8): w = q d -> codes q + 128, scale d, symmetric (zero 128).
-Nibble j of a Q4 block's byte i is element i + 16 j. Scales stay fp16 (the file's values), zeros fp32 (so the
-zero is not rounded to bf16). Other GGUF types (K-quants, F16, ...) are dequantized as before; a fused layer
-(q/k/v, gate/up) stays packed only when its parts share one supported type.
+"""GGUF linears kept in low bits: each Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K tensor is repacked at load into the
+W4A16 / W8A16 kernel layout (kernels/wna16_gemm.py; the per-type mapping is in gguf_blocks.py) instead of
+dequantized to floats, and loaded through the layers' one partition loader, so fused q/k/v and gate/up shards and
+tensor-parallel slices (column: output rows; row: input columns on group boundaries) work as for GPTQ.
+Other GGUF types (F16, Q2_K, Q3_K, IQ*, ...) are dequantized as before; a fused layer stays packed only when its
+parts share one supported type.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,42 +21,11 @@ from tokenmill.model.linear_method import (
     register_quantization_config,
     set_weight_attrs,
 )
-from tokenmill.quantization.linear_methods import FUSED_MODULES, WNA16LinearMethod, _check_sizes, _int_param
+from tokenmill.quantization.gguf_blocks import PACKED_TYPES, gguf_block_codes
+from tokenmill.quantization.linear_methods import FUSED_MODULES, WNA16LinearMethod, _int_param
 from tokenmill.quantization.packing import pack_along
 
-BLOCK = 32  # weights per llama.cpp block (the group size of the repacked layout)
-# type name -> (bits, bytes per block, has a min)
-PACKED_TYPES = {"Q4_0": (4, 18, False), "Q4_1": (4, 20, True), "Q8_0": (8, 34, False)}
-
-
-def _fp16(columns: np.ndarray) -> np.ndarray:
-    """[..., 2] bytes -> [...] float32 (the block's fp16 field)."""
-    return np.ascontiguousarray(columns).view(np.float16)[..., 0].astype(np.float32)
-
-
-def gguf_block_codes(raw: np.ndarray, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A GGUF tensor's bytes [rows, blocks * block bytes] -> codes uint8 [rows, cols], scales fp16
-    [rows, blocks], zeros fp32 [rows, blocks] (None: symmetric) with w = (code - zero) * scale."""
-    bits, size, has_min = PACKED_TYPES[type_name]
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, size)
-    scale = _fp16(blocks[..., :2])
-    zero = None
-    if bits == 8:
-        codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    else:
-        nibbles = blocks[..., 4:] if has_min else blocks[..., 2:]
-        codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
-    if has_min:
-        minimum = _fp16(blocks[..., 2:4])
-        constant = scale == 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zero = np.where(constant, -1.0, -minimum / scale).astype(np.float32)
-        scale = np.where(constant, minimum, scale)
-        codes = np.where(constant[..., None], 0, codes).astype(np.uint8)
-    codes_t = torch.from_numpy(np.ascontiguousarray(codes.reshape(rows, -1)))
-    scale_t = torch.from_numpy(np.ascontiguousarray(scale)).to(torch.float16)
-    return codes_t, scale_t, None if zero is None else torch.from_numpy(np.ascontiguousarray(zero))
+__all__ = ["PACKED_TYPES", "GGUFConfig", "GGUFLinearMethod", "gguf_block_codes", "kernel_layout"]
 
 
 def kernel_layout(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -77,18 +41,18 @@ class GGUFLinearMethod(WNA16LinearMethod):
     """Loads the repacked block data (``kernel_layout``) straight into the kernel layout: no repack after load."""
 
     def __init__(self, type_name: str) -> None:
-        bits, _, has_min = PACKED_TYPES[type_name]
-        super().__init__(bits, BLOCK)
-        self.type_name, self.has_min = type_name, has_min
+        self.block_type = PACKED_TYPES[type_name]
+        super().__init__(self.block_type.bits, self.block_type.group_size)
+        self.type_name, self.has_min = type_name, self.block_type.has_zeros
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         per_word = 32 // self.bits
-        groups = _check_sizes(input_size, output_sizes, BLOCK, 1, f"GGUF {self.type_name}")
+        groups = self._groups(layer, input_size)
         out = sum(output_sizes)
         params = {
             "qweight": _int_param(input_size // per_word, out),
-            "scales": nn.Parameter(torch.empty(groups, out, dtype=torch.float16), requires_grad=False),
+            "scales": nn.Parameter(torch.empty(groups, out, dtype=self.block_type.scale_dtype), requires_grad=False),
         }
         if self.has_min:
             params["zeros"] = nn.Parameter(torch.empty(groups, out, dtype=torch.float32), requires_grad=False)
@@ -98,10 +62,21 @@ class GGUFLinearMethod(WNA16LinearMethod):
                                      "packed_factor": per_word if packed else None})
             layer.register_parameter(name, param)
 
+    def _groups(self, layer: nn.Module, input_size: int) -> int:
+        """Groups along this rank's input: a row-parallel split must fall on a group boundary of the repacked
+        layout (32 weights, 16 for Q6_K; a K-quant's 256-weight block need not stay whole)."""
+        if input_size % self.group_size == 0:
+            return input_size // self.group_size
+        ranks = layer.parallel.world_size if getattr(layer, "input_rank", None) is not None else 1
+        split = f" (its {input_size * ranks} input columns split over {ranks} ranks)" if ranks > 1 else ""
+        raise ValueError(f"GGUF {self.type_name}: input width {input_size}{split} is not a multiple of the "
+                         f"{self.type_name} group of {self.group_size} weights; use a tensor_parallel_size that "
+                         f"splits it on group boundaries")
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         zeros = layer.zeros.data if self.has_min else None
         layer.register_buffer("wna16_perm", None, persistent=False)
-        layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data, zeros, self.bits, BLOCK)
+        layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data, zeros, self.bits, self.group_size)
 
 
 @register_quantization_config("gguf")
