@@ -203,10 +203,13 @@ def test_replica_killed_mid_stream_is_resumed_on_the_other_replica(gateway):
         "ignore_eos": True,
         "stream": True,
     }
+    pids = {r["slot"]: r["pid"] for r in gateway.ready_replicas("fast")}
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=120) as resp:
         assert resp.status_code == 200
-        slot = resp.headers["x-tokenmill-replica"]
-        pid = next(r["pid"] for r in gateway.ready_replicas("fast") if r["slot"] == slot)
+        # Freeze the serving replica at once: on busy cores it could otherwise finish all 400 tokens before the
+        # kill, leaving nothing to resume. Stopped, it holds its connection open until SIGKILL breaks it.
+        pid = pids[resp.headers["x-tokenmill-replica"]]
+        os.kill(pid, signal.SIGSTOP)
         lines = resp.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["index"] == 0
