@@ -154,4 +154,4 @@ def register(subparsers: Any) -> None:
 
     memory = commands.add_parser("kv-memory", help="paged vs contiguous KV allocation: waste, batch, throughput")
     kv_memory.add_arguments(memory)
-    memory.set_defaults(func=kv_memory.run)
+    memory.set_defaults(func=_friendly(kv_memory.run))

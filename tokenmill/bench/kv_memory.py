@@ -306,15 +306,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``bench kv-memory``: a user error becomes one line on stderr and exit status 2."""
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"tokenmill bench kv-memory: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Entry point of ``bench kv-memory`` (bench/cli.py turns a ValueError into one line and exit status 2)."""
     engine = None
     if args.engine:
         from tokenmill.bench.throughput import engine_kwargs_from
