@@ -33,7 +33,7 @@ from tokenmill.intmath import cdiv  # noqa: E402
 from tokenmill.sampling_params import SamplingParams  # noqa: E402
 from tokenmill.spec_decode.decoder import DraftRequest, SpeculativeDecoder  # noqa: E402
 from tokenmill.spec_decode.policy import AdaptivePolicy  # noqa: E402
-from tokenmill.spec_decode.step_cost import SATURATION_TOKENS, MeasuredStepCost, RidgeStepCost  # noqa: E402
+from tokenmill.spec_decode.step_cost import measured_step_cost  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
 
@@ -137,8 +137,7 @@ def generate(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: 
 
 
 def make_decoder(oracle: OracleProposer, k: int, adaptive: bool, device: str) -> SpeculativeDecoder:
-    prior = RidgeStepCost(SATURATION_TOKENS["cuda" if device.startswith("cuda") else "cpu"])
-    policy = AdaptivePolicy(k, MeasuredStepCost(prior), adaptive=adaptive)  # as the engine builds it
+    policy = AdaptivePolicy(k, measured_step_cost(device), adaptive=adaptive)  # as the engine builds it
     return SpeculativeDecoder(oracle, policy, pad_to_uniform=True)
 
 

@@ -148,8 +148,8 @@ def test_rows_whose_drafts_fail_stop_speculating_while_the_others_go_on(dirs):
     target, _ = dirs
     policy = RecordingPolicy(3, LinearCost(fixed=0.8, per_token=0.05))
     decoder = SpeculativeDecoder(NgramBatchProposer(1, 3), policy)
-    llm = LLM(str(target), **BASE, draft_proposer=decoder)
-    assert _ids(_generate(llm, GREEDY)) == _reference(target)
+    llm = LLM(str(target), **BASE, device="cpu", draft_proposer=decoder)  # CPU: the same acceptances everywhere
+    assert _ids(_generate(llm, GREEDY)) == _reference(target, device="cpu")
     assert any(chosen == offered for offered, chosen, k in policy.plans if k and offered == 3)
     assert any(0 < chosen < offered for offered, chosen, k in policy.plans if k)
     assert decoder.stats.num_accepted_tokens > 0

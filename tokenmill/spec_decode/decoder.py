@@ -18,7 +18,7 @@ from tokenmill.config import SpeculativeConfig
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.policy import AdaptivePolicy
 from tokenmill.spec_decode.stats import SpecDecodeStats
-from tokenmill.spec_decode.step_cost import SATURATION_TOKENS, MeasuredStepCost, RidgeStepCost
+from tokenmill.spec_decode.step_cost import measured_step_cost
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ def build_speculative_decoder(config: SpeculativeConfig, target: Any, device: st
         proposer = draft
         draft_cost = _num_params(draft.model) / max(1, _num_params(target.model))
     # The ridge is the prior until the engine's own steps are measured (step_cost.py).
-    prior = RidgeStepCost(SATURATION_TOKENS["cuda" if device.startswith("cuda") else "cpu"])
-    policy = AdaptivePolicy(config.num_speculative_tokens, MeasuredStepCost(prior), adaptive=config.adaptive,
+    policy = AdaptivePolicy(config.num_speculative_tokens, measured_step_cost(device), adaptive=config.adaptive,
                             disable_by_batch_size=config.disable_by_batch_size, draft_cost=draft_cost)
     return SpeculativeDecoder(proposer, policy, pad_to_uniform=pad_to_uniform)
 

@@ -64,7 +64,7 @@ def bucket_of(num_tokens: int) -> int:
 
 
 class MeasuredStepCost:
-    def __init__(self, prior: RidgeStepCost, window: int = 15, min_samples: int = 3, max_age: int = 512) -> None:
+    def __init__(self, prior: RidgeStepCost, window: int = 15, min_samples: int = 3, max_age: int = 256) -> None:
         if min_samples < 1 or window < min_samples:
             raise ValueError(f"need 1 <= min_samples <= window; got min_samples {min_samples}, window {window}")
         self.prior = prior
@@ -118,3 +118,8 @@ class MeasuredStepCost:
             return seconds * self.prior(num_tokens) / self.prior(n)
         (n0, t0), (n1, t1) = points[i - 1], points[i]
         return t0 + (t1 - t0) * (num_tokens - n0) / (n1 - n0)
+
+
+def measured_step_cost(device: str) -> MeasuredStepCost:
+    """The engine's step cost on ``device``: measured, with the device kind's ridge as the prior."""
+    return MeasuredStepCost(RidgeStepCost(SATURATION_TOKENS["cuda" if device.startswith("cuda") else "cpu"]))
