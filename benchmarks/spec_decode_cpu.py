@@ -9,6 +9,7 @@ less), the box's load average, and the step costs the adaptive policy measured (
 speculative engine lives across kinds, as a server's would); JSON with date, device and the exact command.
 
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --rounds 3 --out benchmarks/results/spec_decode_cpu.json
+    PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --kinds chat --rounds 3 --batch   # also all prompts at once
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --draft-model DIR   # also a draft model (distilled)
 """
 
@@ -59,13 +60,16 @@ def prompts(passage_chars: int) -> dict[str, list[str]]:
     }
 
 
-def timed_chat(llm: LLM, message: str, params: SamplingParams) -> tuple[float, list[int]]:
+def timed_chat(llm: LLM, message: str | list[str], params: SamplingParams) -> tuple[float, list[int]]:
+    """Seconds to answer ``message`` (a list: all at once, one batch) and the output ids (concatenated)."""
+    messages = [message] if isinstance(message, str) else message
     start = time.perf_counter()
-    output = llm.chat([{"role": "user", "content": message}], params, use_tqdm=False)[0].outputs[0]
-    return time.perf_counter() - start, output.token_ids
+    outputs = llm.chat([[{"role": "user", "content": m}] for m in messages], params, use_tqdm=False)
+    return time.perf_counter() - start, [t for output in outputs for t in output.outputs[0].token_ids]
 
 
-def run_kind(plain: LLM, spec: LLM, messages: list[str], params: SamplingParams, rounds: int) -> dict[str, Any]:
+def run_kind(plain: LLM, spec: LLM, messages: list[str] | list[list[str]], params: SamplingParams,
+             rounds: int) -> dict[str, Any]:
     stats = spec.engine.spec_decode_stats
     before = stats.copy()
     plain_s = spec_s = 0.0
@@ -108,6 +112,8 @@ def main() -> int:
     parser.add_argument("--prompts-per-kind", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="each prompt's plain/speculative pair, order alternating")
     parser.add_argument("--no-adaptive", action="store_true", help="draft k tokens every step (the policy off)")
+    parser.add_argument("--batch", action="store_true",
+                        help="also run every kind's prompts at once (one batch: the mixed load of a busy server)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -137,6 +143,19 @@ def main() -> int:
                   f"identical {row['token_identical']}", flush=True)
         costs[method] = measured_costs(spec)
         print(f"{method:11s} measured step costs (query tokens, ms): {costs[method]}", flush=True)
+        if args.batch:  # fresh engines that admit the whole mix at once (the policy learns its costs anew)
+            mix = [m for kind in args.kinds.split(",") for m in all_prompts[kind][: args.prompts_per_kind]]
+            batch_args = {**engine_args, "max_num_seqs": len(mix)}
+            plain_batch, spec_batch = LLM(None, **batch_args), LLM(None, **batch_args, speculative_config=config)
+            timed_chat(plain_batch, ["Hello!"] * len(mix), warm)
+            timed_chat(spec_batch, ["Hello!"] * len(mix), warm)
+            row = run_kind(plain_batch, spec_batch, [mix], params, args.rounds)
+            results[method][f"batch{len(mix)}"] = row
+            print(f"{method:11s} batch of {len(mix)} (every kind at once): acceptance {row['acceptance_rate']:.3f}, "
+                  f"{row['plain_tok_s']:6.2f} -> {row['spec_tok_s']:6.2f} tok/s ({row['speedup']:.2f}x, median pair "
+                  f"{row['median_pair_speedup']:.2f}x), identical {row['token_identical']}", flush=True)
+            costs[f"{method}_batch"] = measured_costs(spec_batch)
+            print(f"{method:11s} batch measured step costs (query tokens, ms): {costs[f'{method}_batch']}", flush=True)
     load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
     if args.out:

@@ -19,6 +19,7 @@ towards the prior, so a row whose text turns repetitive is tried again; a failed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from tokenmill.spec_decode.step_cost import StepCost
 
@@ -111,15 +112,19 @@ class AdaptivePolicy:
         counts = [batch] if uniform else _row_counts(batch)
         best_k, best_m = 0, 0
         best = batch / cost(batch + num_other_tokens) * self.min_gain
+        # E(a, k) - 1 = a + ... + a^k: each k adds a^k per row to the expected accepted drafts of the m best rows.
+        extras = [0.0] * len(counts)
+        powers = rates
         for k in range(1, self.max_k + 1):
-            if rates is None:
-                extras = [k * m for m in counts]
-            else:  # expected accepted drafts of the m best rows, for each m in counts
-                extras, total, done = [], 0.0, 0
-                for m in counts:
-                    total += sum(expected_tokens(a, k) for a in rates[done:m]) - (m - done)
-                    extras.append(total)
-                    done = m
+            if powers is None:
+                extras = [float(k * m) for m in counts]
+            else:
+                if uniform:
+                    extras[0] += sum(powers)
+                else:
+                    cumulative = list(accumulate(powers))
+                    extras = [e + cumulative[m - 1] for e, m in zip(extras, counts, strict=True)]
+                powers = [p * a for p, a in zip(powers, rates, strict=True)]
             for m, extra in zip(counts, extras, strict=True):
                 time = cost(batch + m * k + num_other_tokens)
                 if self.draft_cost:

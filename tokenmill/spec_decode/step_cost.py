@@ -71,6 +71,7 @@ class MeasuredStepCost:
         self.window, self.min_samples, self.max_age = window, min_samples, max_age
         self.num_steps = 0
         self._times: dict[int, deque[float]] = {}
+        self._medians: dict[int, float] = {}  # bucket -> median of its times, once it has min_samples
         self._last_seen: dict[int, int] = {}  # bucket -> num_steps when it last got a sample
         self._points: list[tuple[int, float]] | None = []  # known (bucket, median), increasing; None: stale
         self._sizes: list[int] = []  # the points' buckets (for bisect)
@@ -84,6 +85,8 @@ class MeasuredStepCost:
         if times is None:
             times = self._times[bucket] = deque(maxlen=self.window)
         times.append(seconds)
+        if len(times) >= self.min_samples:
+            self._medians[bucket] = statistics.median(times)
         self._last_seen[bucket] = self.num_steps
         self._points = None
 
@@ -98,7 +101,8 @@ class MeasuredStepCost:
         if self._points is None:
             for bucket in [b for b, seen in self._last_seen.items() if self.num_steps - seen > self.max_age]:
                 del self._times[bucket], self._last_seen[bucket]
-            known = sorted((b, statistics.median(t)) for b, t in self._times.items() if len(t) >= self.min_samples)
+                self._medians.pop(bucket, None)
+            known = sorted(self._medians.items())
             for i in range(len(known) - 2, -1, -1):
                 if known[i][1] > known[i + 1][1]:
                     known[i] = (known[i][0], known[i + 1][1])
