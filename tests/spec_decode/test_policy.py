@@ -3,6 +3,8 @@ the batch saturates, when acceptance is low and steps cost more with tokens; ret
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from tokenmill.spec_decode.policy import AdaptivePolicy, expected_tokens
@@ -57,27 +59,25 @@ def test_low_acceptance_turns_speculation_down():
     assert policy.acceptance(ids[0]) == policy.prior
 
 
+def _run(policy: AdaptivePolicy, seq_id: str, steps: int, accept: Callable[[int], int]) -> list[int]:
+    """Plan ``steps`` steps of one row; a verification of k drafts accepts ``accept(k)`` of them. The ks planned."""
+    ks = []
+    for _ in range(steps):
+        k = policy.plan([seq_id]).k
+        ks.append(k)
+        if k:
+            policy.observe(seq_id, k, accept(k))
+    return ks
+
+
 def test_costly_verification_stops_a_row_with_low_acceptance_within_a_few_steps():
     # A 5-token step costs 1.8 one-token steps (SmolLM2 on two CPU cores is of this kind): worth it at the prior's
     # acceptance, not at chat's (~7% of drafts accepted).
     policy = AdaptivePolicy(max_k=4, step_cost=LinearCost(fixed=0.8, per_token=0.2))
-    assert policy.plan(["chat"]).k > 0
-    speculated = 0
-    for _ in range(40):
-        plan = policy.plan(["chat"])
-        if plan.k:
-            speculated += 1
-            policy.observe("chat", plan.k, 0)
-        if speculated >= 2:
-            break
-    assert speculated == 2 and policy.plan(["chat"]).k == 0
+    ks = _run(policy, "chat", 240, accept=lambda k: 0)
+    assert ks[0] > 0 and ks[1] > 0 and not any(ks[2:30])  # two failed verifications and it stops
     # Sitting out, the row retries now and then; a retry that fails is cheap (it stops again at once).
-    retries = 0
-    for _ in range(200):
-        plan = policy.plan(["chat"])
-        if plan.k:
-            retries += 1
-            policy.observe("chat", plan.k, 0)
+    retries = sum(1 for k in ks[2:] if k)
     assert 1 <= retries <= 10  # a 2-token step that yields one token, about one step in forty
 
 
@@ -86,12 +86,7 @@ def test_a_row_that_turns_repetitive_picks_speculation_back_up():
     for _ in range(6):
         policy.observe("row", 4, 0)
     assert policy.plan(["row"]).k == 0
-    ks = []
-    for _ in range(300):  # the text now repeats: every draft that is verified lands
-        plan = policy.plan(["row"])
-        ks.append(plan.k)
-        if plan.k:
-            policy.observe("row", plan.k, plan.k)
+    ks = _run(policy, "row", 300, accept=lambda k: k)  # the text now repeats: every draft that is verified lands
     first = next(i for i, k in enumerate(ks) if k)
     assert first < 150 and all(k == 4 for k in ks[first + 5 :])
 
