@@ -1,18 +1,22 @@
 """Speculative decoding on CPU with the embedded SmolLM2-135M-Instruct: n-gram (prompt lookup) acceptance and
 batch-1 end-to-end speedup on three prompt kinds — quote a given passage, edit given code, free chat.
 
-Each prompt runs plain and speculative greedy decoding alternately (same engine settings, the box's load hits both
-alike) and the outputs must be token-identical. Reports the acceptance rate (accepted / proposed drafts), the mean
-acceptance length (tokens per verification step) and the speedup of output tokens per second; JSON with date,
-device and the exact command.
+Each prompt runs plain and speculative greedy decoding back to back, ``--rounds`` times with the order alternating
+(same engine settings; the box's load hits both alike), and the outputs must be token-identical. Reports the
+acceptance rate (accepted / proposed drafts), the mean acceptance length (tokens per verification step), the speedup
+of output tokens per second (total time, and the median of the per-pair time ratios, which a load burst moves
+less), the box's load average, and the step costs the adaptive policy measured (query tokens -> median ms; the
+speculative engine lives across kinds, as a server's would); JSON with date, device and the exact command.
 
-    PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --out benchmarks/results/spec_decode_cpu.json
+    PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --rounds 3 --out benchmarks/results/spec_decode_cpu.json
+    PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --kinds chat --rounds 3 --batch   # also all prompts at once
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --draft-model DIR   # also a draft model (distilled)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -56,27 +60,44 @@ def prompts(passage_chars: int) -> dict[str, list[str]]:
     }
 
 
-def timed_chat(llm: LLM, message: str, params: SamplingParams) -> tuple[float, list[int]]:
+def timed_chat(llm: LLM, message: str | list[str], params: SamplingParams) -> tuple[float, list[int]]:
+    """Seconds to answer ``message`` (a list: all at once, one batch) and the output ids (concatenated)."""
+    messages = [message] if isinstance(message, str) else message
     start = time.perf_counter()
-    output = llm.chat([{"role": "user", "content": message}], params, use_tqdm=False)[0].outputs[0]
-    return time.perf_counter() - start, output.token_ids
+    outputs = llm.chat([[{"role": "user", "content": m}] for m in messages], params, use_tqdm=False)
+    return time.perf_counter() - start, [t for output in outputs for t in output.outputs[0].token_ids]
 
 
-def run_kind(plain: LLM, spec: LLM, messages: list[str], params: SamplingParams) -> dict[str, Any]:
+def run_kind(plain: LLM, spec: LLM, messages: list[str] | list[list[str]], params: SamplingParams,
+             rounds: int) -> dict[str, Any]:
     stats = spec.engine.spec_decode_stats
     before = stats.copy()
     plain_s = spec_s = 0.0
     tokens = 0
     identical = True
-    for message in messages:
-        t_plain, ids_plain = timed_chat(plain, message, params)
-        t_spec, ids_spec = timed_chat(spec, message, params)
-        plain_s, spec_s, tokens = plain_s + t_plain, spec_s + t_spec, tokens + len(ids_plain)
-        identical &= ids_plain == ids_spec
+    ratios = []  # plain / speculative seconds of each back-to-back pair
+    for r in range(rounds):
+        for i, message in enumerate(messages):
+            if (r + i) % 2 == 0:
+                t_plain, ids_plain = timed_chat(plain, message, params)
+                t_spec, ids_spec = timed_chat(spec, message, params)
+            else:
+                t_spec, ids_spec = timed_chat(spec, message, params)
+                t_plain, ids_plain = timed_chat(plain, message, params)
+            plain_s, spec_s, tokens = plain_s + t_plain, spec_s + t_spec, tokens + len(ids_plain)
+            identical &= ids_plain == ids_spec
+            ratios.append(t_plain / t_spec)
     window = stats.since(before)
-    return {"prompts": len(messages), "output_tokens": tokens, "plain_tok_s": round(tokens / plain_s, 2),
-            "spec_tok_s": round(tokens / spec_s, 2), "speedup": round(plain_s / spec_s, 3),
-            "token_identical": identical, **window.summary()}
+    return {"prompts": len(messages), "rounds": rounds, "output_tokens": tokens,
+            "plain_tok_s": round(tokens / plain_s, 2), "spec_tok_s": round(tokens / spec_s, 2),
+            "speedup": round(plain_s / spec_s, 3), "median_pair_speedup": round(statistics.median(ratios), 3),
+            "pair_speedups": [round(x, 3) for x in ratios], "token_identical": identical, **window.summary()}
+
+
+def measured_costs(llm: LLM) -> list[tuple[int, float]]:
+    """The adaptive policy's measured step costs: (query tokens, median ms) per known size."""
+    policy = llm.engine.scheduler.draft_proposer.policy
+    return [(n, round(seconds * 1e3, 2)) for n, seconds in policy.step_cost.points()]
 
 
 def main() -> int:
@@ -89,16 +110,23 @@ def main() -> int:
     parser.add_argument("--draft-model", default=None, help="also measure a draft model (same tokenizer)")
     parser.add_argument("--kinds", default="quote,code,chat")
     parser.add_argument("--prompts-per-kind", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="each prompt's plain/speculative pair, order alternating")
+    parser.add_argument("--no-adaptive", action="store_true", help="draft k tokens every step (the policy off)")
+    parser.add_argument("--batch", action="store_true",
+                        help="also run every kind's prompts at once (one batch: the mixed load of a busy server)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     engine_args = dict(dtype="float32", max_model_len=2048, max_num_seqs=1)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     plain = LLM(None, **engine_args)
-    methods = {"ngram": {"method": "ngram", "num_speculative_tokens": args.k,
+    methods = {"ngram": {"method": "ngram", "num_speculative_tokens": args.k, "adaptive": not args.no_adaptive,
                          "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min}}
     if args.draft_model:
-        methods["draft_model"] = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.k}
+        methods["draft_model"] = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.k,
+                                  "adaptive": not args.no_adaptive}
+    load_before = os.getloadavg()
+    costs: dict[str, list[tuple[int, float]]] = {}
     all_prompts = prompts(args.passage_chars)
     results: dict[str, dict[str, Any]] = {}
     warm = SamplingParams(temperature=0.0, max_tokens=4)
@@ -107,15 +135,34 @@ def main() -> int:
         spec = LLM(None, **engine_args, speculative_config=config)
         timed_chat(spec, "Hello!", warm)
         for kind in args.kinds.split(","):
-            row = run_kind(plain, spec, all_prompts[kind][: args.prompts_per_kind], params)
+            row = run_kind(plain, spec, all_prompts[kind][: args.prompts_per_kind], params, args.rounds)
             results.setdefault(method, {})[kind] = row
             print(f"{method:11s} {kind:5s}: acceptance {row['acceptance_rate']:.3f}, mean acceptance length "
                   f"{row['mean_acceptance_length']:.2f}, {row['plain_tok_s']:6.2f} -> {row['spec_tok_s']:6.2f} tok/s "
-                  f"({row['speedup']:.2f}x), identical {row['token_identical']}", flush=True)
+                  f"({row['speedup']:.2f}x, median pair {row['median_pair_speedup']:.2f}x), "
+                  f"identical {row['token_identical']}", flush=True)
+        costs[method] = measured_costs(spec)
+        print(f"{method:11s} measured step costs (query tokens, ms): {costs[method]}", flush=True)
+        if args.batch:  # fresh engines that admit the whole mix at once (the policy learns its costs anew)
+            mix = [m for kind in args.kinds.split(",") for m in all_prompts[kind][: args.prompts_per_kind]]
+            batch_args = {**engine_args, "max_num_seqs": len(mix)}
+            plain_batch, spec_batch = LLM(None, **batch_args), LLM(None, **batch_args, speculative_config=config)
+            timed_chat(plain_batch, ["Hello!"] * len(mix), warm)
+            timed_chat(spec_batch, ["Hello!"] * len(mix), warm)
+            row = run_kind(plain_batch, spec_batch, [mix], params, args.rounds)
+            results[method][f"batch{len(mix)}"] = row
+            print(f"{method:11s} batch of {len(mix)} (every kind at once): acceptance {row['acceptance_rate']:.3f}, "
+                  f"{row['plain_tok_s']:6.2f} -> {row['spec_tok_s']:6.2f} tok/s ({row['speedup']:.2f}x, median pair "
+                  f"{row['median_pair_speedup']:.2f}x), identical {row['token_identical']}", flush=True)
+            costs[f"{method}_batch"] = measured_costs(spec_batch)
+            print(f"{method:11s} batch measured step costs (query tokens, ms): {costs[f'{method}_batch']}", flush=True)
+    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
+    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
     if args.out:
         path = write_record(
             Path(args.out), "spec_decode_cpu", model=plain.engine.model_name, config=vars(args), results=results,
             device=f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+            load_average=load, measured_step_ms=costs,
             median_speedup={m: statistics.median(r["speedup"] for r in rows.values()) for m, rows in results.items()})
         print(f"wrote {path}")
     return 0

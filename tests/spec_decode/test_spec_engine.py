@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_policy import LinearCost
 from test_rejection_sampling import chi_square_p_value
 
 from tokenmill import SamplingParams
 from tokenmill.engine.llm import LLM
+from tokenmill.spec_decode.decoder import NgramBatchProposer, SpeculativeDecoder
+from tokenmill.spec_decode.policy import AdaptivePolicy
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
@@ -118,6 +121,39 @@ def test_a_target_drafting_for_itself_has_every_draft_accepted(dirs):
     assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
     _assert_no_leak(llm)
 
+
+def test_the_adaptive_policy_learns_step_costs_from_the_engine_and_output_stays_identical(dirs):
+    target, _ = dirs
+    llm = LLM(str(target), **BASE, speculative_config=ngram())  # adaptive: the engine builds a measured cost
+    assert _ids(_generate(llm, GREEDY)) == _reference(target)
+    cost = llm.engine.scheduler.draft_proposer.policy.step_cost
+    assert cost.num_steps == llm.engine.num_steps and cost.points()  # every step landed was measured
+    _assert_no_leak(llm)
+
+
+class RecordingPolicy(AdaptivePolicy):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.plans: list[tuple[int, int, int]] = []  # (rows offered, rows chosen, k)
+
+    def plan(self, seq_ids, num_other_tokens=0, uniform=False):
+        plan = super().plan(seq_ids, num_other_tokens, uniform)
+        self.plans.append((len(seq_ids), len(plan.seq_ids), plan.k))
+        return plan
+
+
+def test_rows_whose_drafts_fail_stop_speculating_while_the_others_go_on(dirs):
+    """A cost model where verification costs (injected: deterministic): the repeated fox sentence keeps its drafts,
+    rows whose drafts fail drop out of the plan; greedy output equals plain decoding's."""
+    target, _ = dirs
+    policy = RecordingPolicy(3, LinearCost(fixed=0.8, per_token=0.05))
+    decoder = SpeculativeDecoder(NgramBatchProposer(1, 3), policy)
+    llm = LLM(str(target), **BASE, device="cpu", draft_proposer=decoder)  # CPU: the same acceptances everywhere
+    assert _ids(_generate(llm, GREEDY)) == _reference(target, device="cpu")
+    assert any(chosen == offered for offered, chosen, k in policy.plans if k and offered == 3)
+    assert any(0 < chosen < offered for offered, chosen, k in policy.plans if k)
+    assert decoder.stats.num_accepted_tokens > 0
+    _assert_no_leak(llm)
 
 def test_async_scheduling_overlaps_while_speculation_is_off_and_lands_verification_rows(dirs):
     """Async scheduling (forced on CPU): while more sequences run than ``disable_by_batch_size`` steps overlap; once

@@ -51,6 +51,7 @@ class InFlightStep:
     launched: LaunchedStep
     sampling: list[Sequence]  # sequences that sample this step (each has one token in flight)
     has_drafts: bool = False  # verification rows: their computed counts wait for the rollback on landing
+    launched_at: float = 0.0  # time.monotonic() at launch: the speculation policy's measured step costs
 
 
 @dataclass
@@ -324,7 +325,8 @@ class LLMEngine:
         if self.in_flight is not None:
             landed += self._land_in_flight()
         outputs += landed
-        self.in_flight = InFlightStep(sched, launched, sampling, any(item.draft_token_ids for item in sched.scheduled))
+        self.in_flight = InFlightStep(sched, launched, sampling, any(item.draft_token_ids for item in sched.scheduled),
+                                      now)
         if not self.async_scheduling:
             outputs += self._land_in_flight()
         return outputs
@@ -350,6 +352,9 @@ class LLMEngine:
         drafts = {item.seq.seq_id: len(item.draft_token_ids) for item in step.sched.scheduled
                   if item.draft_token_ids} if self.scheduler.draft_proposer is not None else {}
         observe = getattr(self.scheduler.draft_proposer, "observe", None)
+        observe_step = getattr(self.scheduler.draft_proposer, "observe_step", None)
+        if observe_step is not None:  # launch to landing: what a step of this many tokens costs (no extra sync)
+            observe_step(step.sched.num_tokens, now - step.launched_at)
         for seq in step.sampling:
             if seq.status.finished:  # stopped at the step before (or aborted): this row was surplus
                 continue

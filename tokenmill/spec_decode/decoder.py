@@ -2,7 +2,8 @@
 pick how many per step, and keeps the acceptance statistics the engine reports.
 
 Built from ``SpeculativeConfig`` by ``build_speculative_decoder``. The scheduler calls ``propose_batch`` once per
-step with every decoding sequence that may speculate, ``observe`` when a verification row lands (the engine) and
+step with every decoding sequence that may speculate, ``observe`` when a verification row lands (the engine),
+``observe_step`` when any step lands (the engine's launch-to-landing time: the policy's step-cost measurements) and
 ``release`` when a sequence finishes.
 """
 
@@ -15,8 +16,9 @@ from typing import Any, Protocol
 
 from tokenmill.config import SpeculativeConfig
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.spec_decode.policy import SATURATION_TOKENS, AdaptivePolicy
+from tokenmill.spec_decode.policy import AdaptivePolicy
 from tokenmill.spec_decode.stats import SpecDecodeStats
+from tokenmill.spec_decode.step_cost import measured_step_cost
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +72,16 @@ class SpeculativeDecoder:
         return getattr(self.proposer, "draft_probs", None)
 
     def propose_batch(self, requests: list[DraftRequest], num_other_tokens: int = 0) -> dict[str, list[int]]:
-        k = self.policy.choose_k([r.seq_id for r in requests], num_other_tokens)
+        plan = self.policy.plan([r.seq_id for r in requests], num_other_tokens, uniform=self.pad_to_uniform)
+        k = plan.k
         if k == 0:
             probs = self.draft_probs
             if probs:  # last step's distributions must not meet this step's rows
                 probs.clear()
             return {}
+        if len(plan.seq_ids) < len(requests):
+            chosen = set(plan.seq_ids)
+            requests = [r for r in requests if r.seq_id in chosen]
         drafts = self.proposer.propose_many(requests, k)
         if self.pad_to_uniform:
             for request in requests:
@@ -85,6 +91,10 @@ class SpeculativeDecoder:
                     last = row[-1] if row else request.token_ids[-1]
                     drafts[request.seq_id] = row + [last] * (want - len(row))
         return drafts
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """A target step of ``num_tokens`` query tokens landed ``seconds`` after its launch (the policy's costs)."""
+        self.policy.observe_step(num_tokens, seconds)
 
     def observe(self, seq_id: str, num_drafts: int, num_accepted: int) -> None:
         self.stats.observe(num_drafts, num_accepted)
@@ -141,8 +151,8 @@ def build_speculative_decoder(config: SpeculativeConfig, target: Any, device: st
         draft = DraftModelProposer.for_target(config, target, device)
         proposer = draft
         draft_cost = _num_params(draft.model) / max(1, _num_params(target.model))
-    saturation = SATURATION_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
-    policy = AdaptivePolicy(config.num_speculative_tokens, saturation, adaptive=config.adaptive,
+    # The ridge is the prior until the engine's own steps are measured (step_cost.py).
+    policy = AdaptivePolicy(config.num_speculative_tokens, measured_step_cost(device), adaptive=config.adaptive,
                             disable_by_batch_size=config.disable_by_batch_size, draft_cost=draft_cost)
     return SpeculativeDecoder(proposer, policy, pad_to_uniform=pad_to_uniform)
 
