@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -51,22 +52,48 @@ def header(args: argparse.Namespace, target: str) -> dict:
 
 
 # ---------------------------------------------------------------- encoder
+def encoder_config(args: argparse.Namespace, work: Path) -> DistillConfig:
+    # lr, batch size, hidden-state matching and frozen word embeddings: the encoder defaults unless given.
+    layer_map = [int(x) for x in args.encoder_layer_map.split(",")] if args.encoder_layer_map else None
+    return DistillConfig(target="encoder", student_layers=None if layer_map else args.encoder_layers,
+                         layer_map=layer_map, steps=args.encoder_steps, batch_size=args.encoder_batch, seq_len=64,
+                         lr=args.encoder_lr, warmup_steps=min(args.encoder_warmup, args.encoder_steps - 1),
+                         temperature=2.0, embedding_weight=1.0, hidden_weight=args.encoder_hidden_weight,
+                         hidden_layers=args.encoder_hidden_layers, eval_batches=8,
+                         eval_every=args.encoder_eval_every, checkpoint_every=args.encoder_checkpoint_every,
+                         out=str(work / "encoder_student"), repository=str(work / "models"),
+                         name="sentiment_student", device=args.device, seed=0)
+
+
+def finish_from_checkpoint(config: DistillConfig) -> dict:
+    """A run stopped before its last step (a shared box's wall clock): the student of its newest checkpoint saved
+    and exported as `distill` would, with the evaluations and history that checkpoint holds. The learning rate had
+    not decayed there, so the quality is that of an unfinished schedule."""
+    from tokenmill.distill.checkpoint import find_checkpoint, load_checkpoint
+    from tokenmill.distill.encoder import EncoderTask
+
+    path = find_checkpoint(config.checkpoint_root, "latest")
+    state = load_checkpoint(path)
+    task = EncoderTask(config)
+    task.trainable().load_state_dict(state["trainable"])
+    task.save_student(config.out_dir)
+    report = task.export(config.out_dir, Path(config.repository), config.name)
+    return {"config": config.to_dict(), "model": task.describe(), "evals": state["evals"],
+            "history": state["history"], "seconds": round(sum(h["seconds"] for h in state["history"]), 1),
+            "export": {"repository": config.repository, "model": report["model"],
+                       "max_abs_vs_torch": report["validation"]["max_abs"], "atol": report["validation"]["atol"]},
+            "stopped_at_step": state["step"], "checkpoint": str(path)}
+
+
 def run_encoder(args: argparse.Namespace, work: Path) -> dict:
     record = header(args, "encoder")
     repository = work / "models"
-    # lr, batch size, hidden-state matching and frozen word embeddings: the encoder defaults unless given.
-    layer_map = [int(x) for x in args.encoder_layer_map.split(",")] if args.encoder_layer_map else None
-    config = DistillConfig(target="encoder", student_layers=None if layer_map else args.encoder_layers,
-                           layer_map=layer_map, steps=args.encoder_steps,
-                           batch_size=args.encoder_batch, seq_len=64, lr=args.encoder_lr,
-                           warmup_steps=min(args.encoder_warmup, args.encoder_steps - 1), temperature=2.0,
-                           embedding_weight=1.0, hidden_weight=args.encoder_hidden_weight,
-                           hidden_layers=args.encoder_hidden_layers, eval_batches=8,
-                           eval_every=args.encoder_eval_every, checkpoint_every=args.encoder_checkpoint_every,
-                           out=str(work / "encoder_student"), repository=str(repository), name="sentiment_student",
-                           device=args.device, seed=0)
-    summary = distill(config)
+    config = encoder_config(args, work)
+    summary = finish_from_checkpoint(config) if args.encoder_from_checkpoint else distill(config)
     first, last = summary["evals"][0], summary["evals"][-1]
+    if args.encoder_from_checkpoint:
+        record.update(stopped_at_step=summary["stopped_at_step"], planned_steps=config.steps,
+                      checkpoint=summary["checkpoint"])
     speed = {} if args.skip_speed else encoder_speed(args, repository / "sentiment_student" / "1" / "model.onnx",
                                                      work)
     record.update(
@@ -90,13 +117,17 @@ def encoder_speed(args: argparse.Namespace, student_onnx: Path, work: Path) -> d
     """ONNX Runtime CPU p50/p99/throughput of the teacher's graph and the student's, `bench-model`'s code."""
     from tokenmill.modelserver.bench_model import bench_model
 
-    speed = {}
-    for name, model in (("teacher", "sentiment"), ("student", str(student_onnx))):
-        report = bench_model(model, ("onnxruntime",), "cpu", args.batch_sizes, seq_len=64,
-                             iterations=args.iterations, warmup=3, onnx_dir=work / "onnx")
-        speed[name] = {r["batch_size"]: {k: r[k] for k in ("p50_ms", "p99_ms", "throughput_per_s")}
-                       for r in report["results"]}
-    return speed
+    # Teacher and student alternate for --speed-rounds rounds, and each figure is the median over rounds: on a
+    # shared box the load moves between back-to-back measurements.
+    rounds: dict[str, list[dict]] = {"teacher": [], "student": []}
+    for _ in range(args.speed_rounds):
+        for name, model in (("teacher", "sentiment"), ("student", str(student_onnx))):
+            report = bench_model(model, ("onnxruntime",), "cpu", args.batch_sizes, seq_len=64,
+                                 iterations=args.iterations, warmup=3, onnx_dir=work / "onnx")
+            rounds[name].append({r["batch_size"]: r for r in report["results"]})
+    return {name: {b: {k: statistics.median(r[b][k] for r in runs) for k in ("p50_ms", "p99_ms", "throughput_per_s")}
+                   | {"throughput_per_s_rounds": [r[b]["throughput_per_s"] for r in runs]}
+                   for b in args.batch_sizes} for name, runs in rounds.items()}
 
 
 def speed_record(speed: dict) -> dict:
@@ -281,6 +312,8 @@ def main() -> None:
     parser.add_argument("--encoder-hidden-layers", default=None, help="default: the encoder target's")
     parser.add_argument("--encoder-eval-every", type=int, default=0)
     parser.add_argument("--encoder-checkpoint-every", type=int, default=0)
+    parser.add_argument("--encoder-from-checkpoint", action="store_true",
+                        help="the same arguments as a run that was stopped: export and report its newest checkpoint")
     parser.add_argument("--skip-speed", action="store_true",
                         help="encoder: train and measure quality only (time a loaded box's student later with "
                              "--measure-encoder)")
@@ -288,6 +321,7 @@ def main() -> None:
                         help="skip training: time an exported student (its model.onnx) against the teacher")
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--speed-rounds", type=int, default=1, help="encoder: alternate teacher/student timings")
     parser.add_argument("--draft-steps", type=int, default=20)
     parser.add_argument("--draft-layers", type=int, default=6)
     parser.add_argument("--draft-batch", type=int, default=4)

@@ -95,7 +95,7 @@ def test_encoder_lowers_kd_loss_and_kl_and_exports_to_onnx(bert_teacher, text_fi
     assert last["embedding_cosine"] > first["embedding_cosine"]
     # The encoder's default per-token term (last layer, through the training projection for a narrower student)
     history = summary["history"]
-    assert summary["config"]["hidden_layers"] == "last" and summary["config"]["hidden_weight"] == 10.0
+    assert summary["config"]["hidden_layers"] == "last" and summary["config"]["hidden_weight"] == 30.0
     assert sum(h["hidden_mse"] for h in history[-3:]) < sum(h["hidden_mse"] for h in history[:3])
     assert summary["model"]["student_hidden_size"] == 16
     report = json.loads((repository / "encoder" / "export_report.json").read_text())

@@ -102,7 +102,7 @@ def test_config_checks():
     # Fields left None take the target's values; given ones stay.
     draft, encoder = DistillConfig(), DistillConfig(target="encoder", lr=2e-4, layer_map=[0, 4, 5])
     assert (draft.lr, draft.batch_size, draft.hidden_weight, draft.hidden_layers) == (5e-4, 8, 0.0, "all")
-    assert (encoder.lr, encoder.batch_size, encoder.hidden_weight, encoder.hidden_layers) == (2e-4, 32, 10.0, "last")
+    assert (encoder.lr, encoder.batch_size, encoder.hidden_weight, encoder.hidden_layers) == (2e-4, 32, 30.0, "last")
     assert encoder.student_layers == 3
 
 

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kd-loss", default="forward_kl", choices=KD_LOSSES)
     p.add_argument("--jsd-beta", type=float, default=0.5, help="mixture weight of --kd-loss jsd")
     p.add_argument("--hidden-weight", type=float, default=None,
-                   help="weight of per-token hidden-state MSE to the teacher (default: 0 draft, 10 encoder)")
+                   help="weight of per-token hidden-state MSE to the teacher (default: 0 draft, 30 encoder)")
     p.add_argument("--hidden-layers", default=None, choices=HIDDEN_LAYERS,
                    help="all: each student layer vs the teacher layer it came from; last: the last layers only "
                         "(default: all draft, last encoder)")

@@ -16,7 +16,7 @@ HIDDEN_LAYERS = ("all", "last")
 # matching of the last layer beside the pooled cosine, the teacher's word embeddings kept fixed, larger steps.
 TARGET_DEFAULTS = {
     "draft": {"lr": 5e-4, "batch_size": 8, "hidden_weight": 0.0, "hidden_layers": "all"},
-    "encoder": {"lr": 1e-3, "batch_size": 32, "hidden_weight": 10.0, "hidden_layers": "last"},
+    "encoder": {"lr": 1e-3, "batch_size": 32, "hidden_weight": 30.0, "hidden_layers": "last"},
 }
 # Fields that change the trained result: a resumed run must match the checkpoint's values.
 RESUME_FIELDS = ("target", "teacher", "student", "student_layers", "layer_map", "student_hidden_size",
@@ -49,7 +49,7 @@ class DistillConfig:
     temperature: float = 2.0
     kd_loss: str = "forward_kl"
     jsd_beta: float = 0.5  # generalized JSD mixture weight (0 -> forward KL, 1 -> reverse KL in the limit)
-    hidden_weight: float | None = None  # weight of hidden-state MSE; None: 0 (draft) / 10 (encoder)
+    hidden_weight: float | None = None  # weight of hidden-state MSE; None: 0 (draft) / 30 (encoder)
     hidden_layers: str | None = None  # all: student layer j vs the teacher layer it came from; last: last vs last
     # (per token); None: all (draft) / last (encoder)
     embedding_weight: float = 1.0  # encoder: weight of 1 - cosine(student, teacher) pooled embeddings
