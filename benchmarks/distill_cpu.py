@@ -59,7 +59,8 @@ def encoder_config(args: argparse.Namespace, work: Path) -> DistillConfig:
                          layer_map=layer_map, steps=args.encoder_steps, batch_size=args.encoder_batch, seq_len=64,
                          lr=args.encoder_lr, warmup_steps=min(args.encoder_warmup, args.encoder_steps - 1),
                          temperature=2.0, embedding_weight=1.0, hidden_weight=args.encoder_hidden_weight,
-                         hidden_layers=args.encoder_hidden_layers, eval_batches=8,
+                         hidden_layers=args.encoder_hidden_layers, student_dropout=args.encoder_dropout,
+                         eval_batches=8,
                          eval_every=args.encoder_eval_every, checkpoint_every=args.encoder_checkpoint_every,
                          out=str(work / "encoder_student"), repository=str(work / "models"),
                          name="sentiment_student", device=args.device, seed=0)
@@ -310,6 +311,7 @@ def main() -> None:
     parser.add_argument("--encoder-warmup", type=int, default=4)
     parser.add_argument("--encoder-hidden-weight", type=float, default=None, help="default: the encoder target's")
     parser.add_argument("--encoder-hidden-layers", default=None, help="default: the encoder target's")
+    parser.add_argument("--encoder-dropout", type=float, default=0.0, help="the student's dropout while training")
     parser.add_argument("--encoder-eval-every", type=int, default=0)
     parser.add_argument("--encoder-checkpoint-every", type=int, default=0)
     parser.add_argument("--encoder-from-checkpoint", action="store_true",

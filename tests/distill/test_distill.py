@@ -136,9 +136,9 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("target", ["draft", "encoder"])
 def test_resume_is_bit_exact(target, llama_teacher, bert_teacher, text_file, tmp_path):
-    # The encoder student trains with dropout, so its resume also depends on the saved RNG state.
+    # The encoder student trains with dropout here, so its resume also depends on the saved RNG state.
     make = (lambda out, **kw: draft_config(llama_teacher, text_file, out, **kw)) if target == "draft" else (
-        lambda out, **kw: encoder_config(bert_teacher, text_file, out, **kw))
+        lambda out, **kw: encoder_config(bert_teacher, text_file, out, student_dropout=0.1, **kw))
     straight = distill(make(tmp_path / "straight", steps=6, grad_accum=2, checkpoint_every=3), log=_quiet)
     interrupted = tmp_path / "interrupted"
     partial = distill(make(interrupted, steps=6, grad_accum=2, checkpoint_every=3), stop_after=3, log=_quiet)
@@ -240,6 +240,8 @@ def test_encoder_hidden_match_of_the_last_layer_is_what_the_pooled_cosine_measur
     teacher, student = _weights(bert_teacher[0]), _weights(tmp_path / "two")
     name = next(k for k in student if k.endswith("word_embeddings.weight"))
     assert torch.equal(student[name], teacher[name])  # frozen: still the teacher's table
+    saved = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert saved["hidden_dropout_prob"] == saved["attention_probs_dropout_prob"] == 0.0  # trained without dropout
     layer = next(k for k in student if k.endswith("layer.1.output.dense.weight"))
     assert not torch.equal(student[layer], teacher[layer.replace("layer.1.", "layer.3.")])  # trained
 

@@ -97,6 +97,8 @@ def test_config_checks():
         DistillConfig(layer_map=[0, 4, 5], student_layers=2)
     with pytest.raises(ValueError, match="--freeze-word-embeddings applies to --target encoder only"):
         DistillConfig(freeze_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"--student-dropout must lie in \[0, 1\)"):
+        DistillConfig(target="encoder", student_dropout=1.0)
     with pytest.raises(ValueError, match="--hidden-layers 'middle' is not supported"):
         DistillConfig(hidden_layers="middle")
     # Fields left None take the target's values; given ones stay.

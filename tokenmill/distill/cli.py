@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                        "teacher's pooled embedding")
     p.add_argument("--freeze-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="encoder: keep the word embeddings fixed (default: yes when copied from the teacher)")
+    p.add_argument("--student-dropout", type=float, default=0.0,
+                   help="encoder: dropout of the student while it trains (default 0: it imitates a fixed teacher)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: start and end)")
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--checkpoint-every", type=int, default=50, help="0: only the final checkpoint")

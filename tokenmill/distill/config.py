@@ -22,7 +22,7 @@ TARGET_DEFAULTS = {
 RESUME_FIELDS = ("target", "teacher", "student", "student_layers", "layer_map", "student_hidden_size",
                  "student_intermediate_size", "data", "seq_len", "batch_size", "grad_accum", "steps", "lr",
                  "warmup_steps", "temperature", "kd_loss", "jsd_beta", "seed", "hidden_weight", "hidden_layers",
-                 "embedding_weight", "freeze_word_embeddings")
+                 "embedding_weight", "freeze_word_embeddings", "student_dropout")
 
 
 @dataclass
@@ -55,6 +55,9 @@ class DistillConfig:
     embedding_weight: float = 1.0  # encoder: weight of 1 - cosine(student, teacher) pooled embeddings
     # encoder: keep the word embeddings fixed (None: when they are the teacher's, i.e. at the teacher's width)
     freeze_word_embeddings: bool | None = None
+    # encoder: the student's dropout while training (0: it imitates a deterministic teacher; MiniLM's own 0.1
+    # held a 2-layer student's held-out cosine at 0.83 after 100 steps against 0.88 without)
+    student_dropout: float = 0.0
     eval_every: int = 0  # 0: evaluate only before and after training
     eval_batches: int = 8
     checkpoint_every: int = 50  # 0: only the final checkpoint
@@ -96,6 +99,8 @@ class DistillConfig:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be >= 0 and below --steps ({self.steps})")
         if self.checkpoint_every < 0 or self.eval_every < 0:
             raise ValueError("--checkpoint-every and --eval-every must be >= 0 (0 turns them off)")
+        if not 0.0 <= self.student_dropout < 1.0:
+            raise ValueError(f"--student-dropout must lie in [0, 1); got {self.student_dropout}")
         if self.hidden_weight < 0 or self.embedding_weight < 0:
             raise ValueError("--hidden-weight and --embedding-weight must be >= 0")
         for name, value in (("student-layers", self.student_layers), ("student-hidden-size", self.student_hidden_size),

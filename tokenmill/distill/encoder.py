@@ -50,6 +50,14 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
+def set_dropout(encoder: nn.Module, p: float) -> None:
+    """Every dropout of ``encoder`` (and its saved config) to ``p``."""
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    encoder.config.hidden_dropout_prob = encoder.config.attention_probs_dropout_prob = p
+
+
 class EncoderTask:
     """Teacher and student MeanPoolClassifiers over sentences; a projection (training only) maps a narrower
     student's states into the teacher's space for the cosine and hidden-state losses."""
@@ -95,6 +103,7 @@ class EncoderTask:
         # Fixed word embeddings: a third of the step time was AdamW on the 30522 x width table, and the small
         # corpus touches only part of the vocabulary (the rest would only drift by weight decay).
         encoder.get_input_embeddings().weight.requires_grad_(not self.freeze_word_embeddings)
+        set_dropout(encoder, config.student_dropout)
         width, teacher_width = encoder.config.hidden_size, teacher.encoder.config.hidden_size
         head = nn.Linear(width, teacher_head.out_features)
         if width == teacher_width:
