@@ -55,8 +55,8 @@ class DistillConfig:
     embedding_weight: float = 1.0  # encoder: weight of 1 - cosine(student, teacher) pooled embeddings
     # encoder: keep the word embeddings fixed (None: when they are the teacher's, i.e. at the teacher's width)
     freeze_word_embeddings: bool | None = None
-    # encoder: the student's dropout while training (0: it imitates a deterministic teacher; MiniLM's own 0.1
-    # held a 2-layer student's held-out cosine at 0.83 after 100 steps against 0.88 without)
+    # encoder: the student's dropout while training (0: it imitates a deterministic teacher; with MiniLM's own 0.1
+    # a 2-layer student's held-out cosine after 100 steps was 0.865, without 0.877)
     student_dropout: float = 0.0
     eval_every: int = 0  # 0: evaluate only before and after training
     eval_batches: int = 8
