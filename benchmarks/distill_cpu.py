@@ -320,7 +320,8 @@ def main() -> None:
                         help="encoder: train and measure quality only (time a loaded box's student later with "
                              "--measure-encoder)")
     parser.add_argument("--measure-encoder", type=Path, default=None,
-                        help="skip training: time an exported student (its model.onnx) against the teacher")
+                        help="skip training: time an exported student (its model.onnx) against the teacher; "
+                             "--encoder-layers/--encoder-layer-map name the result file")
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--speed-rounds", type=int, default=1, help="encoder: alternate teacher/student timings")
@@ -356,7 +357,10 @@ def main() -> None:
             record = run_encoder(args, work) if target == "encoder" else run_draft(args, work)
         record["wall_seconds"] = round(time.perf_counter() - started, 1)
         record["load_average_end"] = os.getloadavg()
-        kind = "_speed" if "measured_student" in record and target == "encoder" else ""
+        kind = ""
+        if target == "encoder":  # two students (2 and 3 layers) started in one minute must not overwrite each other
+            depth = len(args.encoder_layer_map.split(",")) if args.encoder_layer_map else args.encoder_layers
+            kind = f"_l{depth}_speed" if "measured_student" in record else f"_l{depth}"
         path = args.results / f"distill_{target}{kind}_{stamp}.json"
         path.write_text(json.dumps(record, indent=2))
         if "history" in record:
