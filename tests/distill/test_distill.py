@@ -93,6 +93,10 @@ def test_encoder_lowers_kd_loss_and_kl_and_exports_to_onnx(bert_teacher, text_fi
     assert last["kd_loss"] < first["kd_loss"]
     assert last["kl_to_teacher"] < first["kl_to_teacher"]
     assert last["embedding_cosine"] > first["embedding_cosine"]
+    # The encoder's default per-token term (last layer, through the training projection for a narrower student)
+    history = summary["history"]
+    assert summary["config"]["hidden_layers"] == "last" and summary["config"]["hidden_weight"] == 30.0
+    assert sum(h["hidden_mse"] for h in history[-3:]) < sum(h["hidden_mse"] for h in history[:3])
     assert summary["model"]["student_hidden_size"] == 16
     report = json.loads((repository / "encoder" / "export_report.json").read_text())
     assert report["validation"]["max_abs"] <= report["validation"]["atol"]
@@ -132,9 +136,9 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("target", ["draft", "encoder"])
 def test_resume_is_bit_exact(target, llama_teacher, bert_teacher, text_file, tmp_path):
-    # The encoder student trains with dropout, so its resume also depends on the saved RNG state.
+    # The encoder student trains with dropout here, so its resume also depends on the saved RNG state.
     make = (lambda out, **kw: draft_config(llama_teacher, text_file, out, **kw)) if target == "draft" else (
-        lambda out, **kw: encoder_config(bert_teacher, text_file, out, **kw))
+        lambda out, **kw: encoder_config(bert_teacher, text_file, out, student_dropout=0.1, **kw))
     straight = distill(make(tmp_path / "straight", steps=6, grad_accum=2, checkpoint_every=3), log=_quiet)
     interrupted = tmp_path / "interrupted"
     partial = distill(make(interrupted, steps=6, grad_accum=2, checkpoint_every=3), stop_after=3, log=_quiet)
@@ -190,6 +194,10 @@ def test_bad_arguments_fail_before_training(llama_teacher, bert_teacher, text_fi
     assert "different tokenizer than the teacher" in _cli_error(
         capsys, [*encoder, "--teacher-head", str(bert_teacher[1]), "--student", str(llama_teacher)])
     assert "--warmup-steps (5) must be >= 0 and below --steps (2)" in _cli_error(capsys, [*base, "--warmup-steps", "5"])
+    assert "must name 2 increasing teacher layers in 0..3" in _cli_error(capsys, [*base, "--layer-map", "3,1"])
+    assert "needs trained word embeddings" in _cli_error(
+        capsys, [*encoder, "--teacher-head", str(bert_teacher[1]), "--student-hidden-size", "16",
+                 "--freeze-word-embeddings"])
     assert not (out / "checkpoints").exists()  # nothing trained
 
 
@@ -203,3 +211,52 @@ def test_cli_happy_path_writes_the_student(llama_teacher, text_file, tmp_path, c
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["config"]["kd_loss"] == "jsd" and summary["model"]["layer_map"] == [3]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+
+
+def test_encoder_hidden_match_of_the_last_layer_is_what_the_pooled_cosine_measures(bert_teacher, text_file,
+                                                                                  tmp_path):
+    from tokenmill.distill.encoder import EncoderTask
+
+    # A student holding all four teacher layers reproduces the teacher: the per-token loss on the last layer is
+    # zero exactly where the evaluated (pooled, normalised) embedding cosine is one.
+    full = EncoderTask(encoder_config(bert_teacher, text_file, tmp_path / "full", student_layers=4,
+                                      student_hidden_size=None, hidden_weight=1.0))
+    full.trainable().eval()
+    with torch.no_grad():
+        _, parts, _ = full.loss(list(range(8)))
+        record = full.evaluate()
+    assert parts["hidden_mse"] < 1e-10
+    assert record["embedding_cosine"] == pytest.approx(1.0, abs=1e-5)
+
+    # A 2-layer student starts away from it and training lowers the term (the narrow student of
+    # test_encoder_lowers_kd_loss_and_kl_and_exports_to_onnx shows the cosine rising with it).
+    summary = distill(encoder_config(bert_teacher, text_file, tmp_path / "two", student_hidden_size=None,
+                                     layer_map=[0, 3], hidden_weight=10.0, hidden_layers="last", steps=16),
+                      log=_quiet)
+    history = summary["history"]
+    assert history[0]["hidden_mse"] > 0
+    assert sum(h["hidden_mse"] for h in history[-4:]) < sum(h["hidden_mse"] for h in history[:4])
+    assert summary["model"]["layer_map"] == [0, 3] and summary["model"]["word_embeddings"] == "frozen"
+    teacher, student = _weights(bert_teacher[0]), _weights(tmp_path / "two")
+    name = next(k for k in student if k.endswith("word_embeddings.weight"))
+    assert torch.equal(student[name], teacher[name])  # frozen: still the teacher's table
+    saved = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert saved["hidden_dropout_prob"] == saved["attention_probs_dropout_prob"] == 0.0  # trained without dropout
+    layer = next(k for k in student if k.endswith("layer.1.output.dense.weight"))
+    assert not torch.equal(student[layer], teacher[layer.replace("layer.1.", "layer.3.")])  # trained
+
+
+def test_encoder_teacher_targets_computed_once_equal_the_teachers_outputs(bert_teacher, text_file, tmp_path):
+    import torch.nn.functional as F
+
+    from tokenmill.distill.encoder import EncoderTask, mean_pool
+
+    task = EncoderTask(encoder_config(bert_teacher, text_file, tmp_path / "cached", hidden_weight=0.0))
+    assert task.train_targets is not None  # no per-token term: the teacher's pooled outputs are precomputed
+    rows = [5, 0, 3]
+    ids, mask = task._encode([task.sentences[i] for i in rows])
+    with torch.no_grad():
+        embedding = F.normalize(mean_pool(task.teacher.encoder(input_ids=ids, attention_mask=mask)
+                                          .last_hidden_state, mask), dim=-1)
+    torch.testing.assert_close(task.train_targets[0][rows], embedding, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(task.train_targets[1][rows], task.teacher.head(embedding), atol=1e-5, rtol=1e-5)

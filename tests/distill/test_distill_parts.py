@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tokenmill.distill.config import DistillConfig
 from tokenmill.distill.data import BatchOrder, read_corpus, sentences, split_windows, token_windows
 from tokenmill.distill.losses import hidden_mse, kd_loss, kl_to_teacher
-from tokenmill.distill.students import init_from_teacher, student_config, teacher_layer_map
+from tokenmill.distill.students import hidden_pairs, init_from_teacher, student_config, teacher_layer_map
 
 
 def _logits(seed: int, shape=(3, 5, 11)) -> torch.Tensor:
@@ -93,6 +93,32 @@ def test_config_checks():
         DistillConfig(repository="models")
     with pytest.raises(ValueError, match="--temperature must be > 0"):
         DistillConfig(temperature=0)
+    with pytest.raises(ValueError, match="--layer-map names 3 layers but --student-layers is 2"):
+        DistillConfig(layer_map=[0, 4, 5], student_layers=2)
+    with pytest.raises(ValueError, match="--freeze-word-embeddings applies to --target encoder only"):
+        DistillConfig(freeze_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"--student-dropout must lie in \[0, 1\)"):
+        DistillConfig(target="encoder", student_dropout=1.0)
+    with pytest.raises(ValueError, match="--hidden-layers 'middle' is not supported"):
+        DistillConfig(hidden_layers="middle")
+    # Fields left None take the target's values; given ones stay.
+    draft, encoder = DistillConfig(), DistillConfig(target="encoder", lr=2e-4, layer_map=[0, 4, 5])
+    assert (draft.lr, draft.batch_size, draft.hidden_weight, draft.hidden_layers) == (5e-4, 8, 0.0, "all")
+    assert (encoder.lr, encoder.batch_size, encoder.hidden_weight, encoder.hidden_layers) == (2e-4, 32, 30.0, "last")
+    assert encoder.student_layers == 3
+
+
+def test_hidden_pairs_and_chosen_layer_maps():
+    student_states = tuple(torch.full((1, 2, 4), float(i)) for i in range(3))  # embeddings + 2 layers
+    teacher_states = tuple(torch.full((1, 2, 4), 10.0 + i) for i in range(7))  # embeddings + 6 layers
+    students, teachers = hidden_pairs(student_states, teacher_states, [0, 5], "all")
+    assert [float(s[0, 0, 0]) for s in students] == [1.0, 2.0] and [float(t[0, 0, 0]) for t in teachers] == [11.0, 16.0]
+    students, teachers = hidden_pairs(student_states, teacher_states, [0, 5], "last")
+    assert [float(s[0, 0, 0]) for s in students] == [2.0] and [float(t[0, 0, 0]) for t in teachers] == [16.0]
+    assert teacher_layer_map(6, 3, [0, 4, 5]) == [0, 4, 5]
+    for bad in ([0, 4], [4, 0, 5], [0, 4, 6], [0, 0, 5]):
+        with pytest.raises(ValueError, match="must name 3 increasing teacher layers in 0..5"):
+            teacher_layer_map(6, 3, bad)
 
 
 def test_student_shapes_and_teacher_initialisation():

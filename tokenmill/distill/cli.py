@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokenmill.distill.config import KD_LOSSES, TARGETS
+from tokenmill.distill.config import HIDDEN_LAYERS, KD_LOSSES, TARGETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-head", default=None, help="encoder: the teacher's head JSON (with --teacher DIR)")
     p.add_argument("--student", default=None, help="an HF directory to start the student from (same tokenizer)")
     p.add_argument("--student-layers", type=int, default=None, help="student depth (default: half the teacher's)")
+    p.add_argument("--layer-map", type=_layers, default=None,
+                   help="teacher layers the student's layers start from, e.g. 0,4,5 (default: evenly spaced, "
+                        "first and last kept)")
     p.add_argument("--student-hidden-size", type=int, default=None, help="student width (default: the teacher's)")
     p.add_argument("--student-intermediate-size", type=int, default=None)
     p.add_argument("--data", default=None, help="text or JSONL ({\"text\": ...}) file (default: bundled KJV)")
@@ -25,19 +28,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                       "data's last 10%% when --data is given)")
     p.add_argument("--out", required=True, help="output directory: the student, checkpoints/, summary, plot")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="windows (draft) or sentences (encoder) per micro-batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows (draft, default 8) or sentences (encoder, default 32) per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=128, help="draft: tokens per window; encoder: max tokens")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-4 draft, 1e-3 encoder)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KD loss (T² scaled)")
     p.add_argument("--kd-loss", default="forward_kl", choices=KD_LOSSES)
     p.add_argument("--jsd-beta", type=float, default=0.5, help="mixture weight of --kd-loss jsd")
-    p.add_argument("--hidden-weight", type=float, default=0.0,
-                   help="weight of hidden-state MSE to the teacher layer each student layer came from")
+    p.add_argument("--hidden-weight", type=float, default=None,
+                   help="weight of per-token hidden-state MSE to the teacher (default: 0 draft, 30 encoder)")
+    p.add_argument("--hidden-layers", default=None, choices=HIDDEN_LAYERS,
+                   help="all: each student layer vs the teacher layer it came from; last: the last layers only "
+                        "(default: all draft, last encoder)")
     p.add_argument("--embedding-weight", type=float, default=1.0, help="encoder: weight of 1 - cosine to the "
                                                                        "teacher's pooled embedding")
+    p.add_argument("--freeze-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="encoder: keep the word embeddings fixed (default: yes when copied from the teacher)")
+    p.add_argument("--student-dropout", type=float, default=0.0,
+                   help="encoder: dropout of the student while it trains (default 0: it imitates a fixed teacher)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: start and end)")
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--checkpoint-every", type=int, default=50, help="0: only the final checkpoint")
@@ -50,6 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="encoder: model name in --repository (default: OUT's name)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_distill)
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices") from None
 
 
 def run_distill(args: argparse.Namespace) -> int:

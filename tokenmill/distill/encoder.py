@@ -14,11 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distill.config import DistillConfig
-from tokenmill.distill.data import HELDOUT_FRACTION, sentences, train_and_heldout_text
+from tokenmill.distill.data import (
+    HELDOUT_FRACTION,
+    NARRATIVE_TEXT,
+    read_corpus,
+    sentences,
+    train_and_heldout_text,
+)
 from tokenmill.distill.losses import hidden_mse, kd_loss, kl_to_teacher
 from tokenmill.distill.students import (
     check_not_larger,
     check_same_vocabulary,
+    hidden_pairs,
     init_from_teacher,
     student_config,
     teacher_layer_map,
@@ -43,9 +50,17 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
+def set_dropout(encoder: nn.Module, p: float) -> None:
+    """Every dropout of ``encoder`` (and its saved config) to ``p``."""
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    encoder.config.hidden_dropout_prob = encoder.config.attention_probs_dropout_prob = p
+
+
 class EncoderTask:
     """Teacher and student MeanPoolClassifiers over sentences; a projection (training only) maps a narrower
-    student's embeddings into the teacher's space for the cosine loss."""
+    student's states into the teacher's space for the cosine and hidden-state losses."""
 
     def __init__(self, config: DistillConfig) -> None:
         from transformers import AutoModel
@@ -70,33 +85,50 @@ class EncoderTask:
             check_same_vocabulary(teacher_vocab, _vocab(student_dir), config.student)
             encoder = bundled.load_encoder(student_dir)
             self.init_report = f"weights from {config.student}"
+            trained_embeddings = True
         else:
             shape = student_config(teacher.encoder.config, config.student_layers, config.student_hidden_size,
                                    config.student_intermediate_size)
             torch.manual_seed(config.seed)
             encoder = AutoModel.from_config(shape, attn_implementation="eager")
-            layer_map = teacher_layer_map(teacher.encoder.config.num_hidden_layers, shape.num_hidden_layers)
+            layer_map = teacher_layer_map(teacher.encoder.config.num_hidden_layers, shape.num_hidden_layers, config.layer_map)
             copied, total = init_from_teacher(encoder, teacher.encoder, layer_map)
             self.init_report = f"{copied}/{total} tensors copied from teacher layers {layer_map}"
+            trained_embeddings = shape.hidden_size == teacher.encoder.config.hidden_size
+        self.freeze_word_embeddings = (trained_embeddings if config.freeze_word_embeddings is None
+                                       else config.freeze_word_embeddings)
+        if self.freeze_word_embeddings and not trained_embeddings:
+            raise ValueError("--freeze-word-embeddings needs trained word embeddings: a student narrower than the "
+                             "teacher starts from random ones (drop the flag or give --student DIR)")
+        # Fixed word embeddings: a third of the step time was AdamW on the 30522 x width table, and the small
+        # corpus touches only part of the vocabulary (the rest would only drift by weight decay).
+        encoder.get_input_embeddings().weight.requires_grad_(not self.freeze_word_embeddings)
+        set_dropout(encoder, config.student_dropout)
         width, teacher_width = encoder.config.hidden_size, teacher.encoder.config.hidden_size
         head = nn.Linear(width, teacher_head.out_features)
         if width == teacher_width:
             head.load_state_dict(teacher_head.state_dict())
         self.student = bundled.MeanPoolClassifier(encoder, head)
         self.student_params, self.teacher_params = check_not_larger(self.student, teacher)
-        self.layer_map = teacher_layer_map(teacher.encoder.config.num_hidden_layers, encoder.config.num_hidden_layers)
-        if config.hidden_weight > 0 and width != teacher_width:
-            raise ValueError(f"--hidden-weight needs the student's hidden size to equal the teacher's ({width} vs "
-                             f"{teacher_width})")
+        self.layer_map = teacher_layer_map(teacher.encoder.config.num_hidden_layers, encoder.config.num_hidden_layers,
+                                           config.layer_map)
         self.projection = nn.Linear(width, teacher_width, bias=False) if width != teacher_width else nn.Identity()
         self.modules = nn.ModuleDict({"student": self.student, "projection": self.projection}).to(self.device)
         self.teacher = teacher.to(self.device).requires_grad_(False)
         self._load_data()
+        # The teacher is frozen, so its pooled embedding and logits per sentence are computed once, in fixed
+        # batches (the same numbers on a resumed run), instead of a teacher forward in every step. Hidden-state
+        # matching needs the teacher's per-token states of each batch, so it keeps the forward per step.
+        self.train_targets = None if config.hidden_weight > 0 else self._teacher_targets(self.sentences)
+        self.eval_targets = self._teacher_targets(self.eval_sentences)
 
     def _load_data(self) -> None:
         from tokenmill.modelserver.train_head import is_held_out, load_rows
 
         train_text, held_text, self.data_source = train_and_heldout_text(self.config.data, self.config.eval_data)
+        if self.config.data is None:
+            train_text += "\n" + read_corpus(NARRATIVE_TEXT)
+            self.data_source += f" + {NARRATIVE_TEXT.name}"
         train = sentences(train_text)
         held = sentences(held_text) if held_text is not None else []
         if held_text is None:
@@ -125,12 +157,30 @@ class EncoderTask:
         mask = torch.tensor([e.attention_mask for e in encoded], device=self.device)
         return ids, mask
 
-    def _outputs(self, texts: list[str], hidden: bool) -> dict:
+    @torch.no_grad()
+    def _teacher_targets(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised pooled embeddings, head logits) of the teacher for ``texts``, batch by batch."""
+        embeddings, logits = [], []
+        for start in range(0, len(texts), self.config.batch_size):
+            ids, mask = self._encode(texts[start : start + self.config.batch_size])
+            out = self.teacher.encoder(input_ids=ids, attention_mask=mask)
+            embeddings.append(F.normalize(mean_pool(out.last_hidden_state, mask), dim=-1))
+            logits.append(self.teacher.head(embeddings[-1]))
+        return torch.cat(embeddings), torch.cat(logits)
+
+    def _outputs(self, texts: list[str], hidden: bool,
+                 targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """Student outputs and the teacher's for ``texts``; ``targets`` are the teacher's precomputed (embedding,
+        logits) rows for them, else the teacher runs here."""
         ids, mask = self._encode(texts)
-        with torch.no_grad():
-            t_out = self.teacher.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
-            t_emb = F.normalize(mean_pool(t_out.last_hidden_state, mask), dim=-1)
-            t_logits = self.teacher.head(t_emb)
+        t_out = None
+        if targets is None:
+            with torch.no_grad():
+                t_out = self.teacher.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+                t_emb = F.normalize(mean_pool(t_out.last_hidden_state, mask), dim=-1)
+                t_logits = self.teacher.head(t_emb)
+        else:
+            t_emb, t_logits = targets
         s_out = self.student.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
         pooled = mean_pool(s_out.last_hidden_state, mask)
         s_logits = self.student.head(F.normalize(pooled, dim=-1))
@@ -140,14 +190,19 @@ class EncoderTask:
     def loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, float], int]:
         config = self.config
         hidden = config.hidden_weight > 0
-        out = self._outputs([self.sentences[i] for i in indices], hidden)
+        targets = None
+        if self.train_targets is not None:
+            rows = torch.tensor(indices, device=self.device)
+            targets = (self.train_targets[0][rows], self.train_targets[1][rows])
+        out = self._outputs([self.sentences[i] for i in indices], hidden, targets)
         kd = kd_loss(out["s_logits"], out["t_logits"], config.temperature, config.kd_loss, config.jsd_beta)
         embedding = (1 - out["cosine"]).mean()
         total = kd + config.embedding_weight * embedding
         parts = {"kd": kd.item(), "embedding_loss": embedding.item()}
         if hidden:
-            pairs = [out["t"].hidden_states[i + 1] for i in self.layer_map]
-            match = hidden_mse(list(out["s"].hidden_states[1:]), pairs, out["mask"])
+            students, teachers = hidden_pairs(out["s"].hidden_states, out["t"].hidden_states, self.layer_map,
+                                              config.hidden_layers)
+            match = hidden_mse([self.projection(h) for h in students], teachers, out["mask"])
             total = total + config.hidden_weight * match
             parts["hidden_mse"] = match.item()
         parts["loss"] = total.item()
@@ -159,7 +214,9 @@ class EncoderTask:
         size, config = self.config.batch_size, self.config
         sums = {"kd": 0.0, "kl": 0.0, "cos": 0.0, "agree": 0.0}
         for start in range(0, len(self.eval_sentences), size):
-            out = self._outputs(self.eval_sentences[start : start + size], False)
+            rows = slice(start, start + size)
+            out = self._outputs(self.eval_sentences[rows], False,
+                                (self.eval_targets[0][rows], self.eval_targets[1][rows]))
             n = len(out["cosine"])
             sums["kd"] += float(kd_loss(out["s_logits"], out["t_logits"], config.temperature, config.kd_loss,
                                         config.jsd_beta)) * n
@@ -213,5 +270,6 @@ class EncoderTask:
                 "student_params": self.student_params, "student_layers": enc.num_hidden_layers,
                 "student_hidden_size": enc.hidden_size,
                 "teacher_layers": self.teacher.encoder.config.num_hidden_layers, "layer_map": self.layer_map,
-                "init": self.init_report, "data": self.data_source, "train_sentences": len(self.sentences),
+                "init": self.init_report, "word_embeddings": "frozen" if self.freeze_word_embeddings else "trained",
+                "data": self.data_source, "train_sentences": len(self.sentences),
                 "eval_sentences": len(self.eval_sentences), "labelled_eval": len(self.labelled_eval)}

@@ -16,6 +16,7 @@ from tokenmill.distill.losses import hidden_mse, kd_loss, kl_to_teacher
 from tokenmill.distill.students import (
     check_not_larger,
     check_same_vocabulary,
+    hidden_pairs,
     init_from_teacher,
     student_config,
     teacher_layer_map,
@@ -67,14 +68,15 @@ class DraftTask:
                                    config.student_intermediate_size)
             torch.manual_seed(config.seed)
             student = AutoModelForCausalLM.from_config(shape, dtype=torch.float32)
-            layer_map = teacher_layer_map(teacher.config.num_hidden_layers, shape.num_hidden_layers)
+            layer_map = teacher_layer_map(teacher.config.num_hidden_layers, shape.num_hidden_layers, config.layer_map)
             copied, total = init_from_teacher(student, teacher, layer_map)
             self.init_report = f"{copied}/{total} tensors copied from teacher layers {layer_map}"
         if student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"the student's vocab_size {student.config.vocab_size} differs from the teacher's "
                              f"{teacher.config.vocab_size}; distillation needs one shared vocabulary")
         self.student_params, self.teacher_params = check_not_larger(student, teacher)
-        self.layer_map = teacher_layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+        self.layer_map = teacher_layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers,
+                                           config.layer_map)
         if config.hidden_weight > 0 and student.config.hidden_size != teacher.config.hidden_size:
             raise ValueError("--hidden-weight needs the student's hidden size to equal the teacher's "
                              f"({student.config.hidden_size} vs {teacher.config.hidden_size})")
@@ -118,8 +120,8 @@ class DraftTask:
                      self.config.jsd_beta)
         total, parts = kd, {"kd": kd.item()}
         if hidden:
-            pairs = [teacher.hidden_states[i + 1] for i in self.layer_map]
-            match = hidden_mse(list(student.hidden_states[1:]), pairs)
+            match = hidden_mse(*hidden_pairs(student.hidden_states, teacher.hidden_states, self.layer_map,
+                                             self.config.hidden_layers))
             total = total + self.config.hidden_weight * match
             parts["hidden_mse"] = match.item()
         parts["loss"] = total.item()

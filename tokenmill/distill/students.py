@@ -11,12 +11,18 @@ from torch import nn
 _LAYER_INDEX = re.compile(r"\b(layers?)\.(\d+)\.")  # model.layers.N. (Llama) / encoder.layer.N. (BERT)
 
 
-def teacher_layer_map(num_teacher_layers: int, num_student_layers: int) -> list[int]:
-    """Student layer j takes teacher layer map[j]: evenly spaced, first and last kept (DistilBERT kept every
-    other layer of BERT-base: 6 of 12)."""
+def teacher_layer_map(num_teacher_layers: int, num_student_layers: int, chosen: list[int] | None = None) -> list[int]:
+    """Student layer j takes teacher layer map[j]: ``chosen`` (checked), else evenly spaced, first and last kept
+    (DistilBERT kept every other layer of BERT-base: 6 of 12)."""
     if num_student_layers > num_teacher_layers:
         raise ValueError(f"the student has {num_student_layers} layers but the teacher only {num_teacher_layers}; "
                          "a student must not be larger than its teacher")
+    if chosen is not None:
+        if len(chosen) != num_student_layers or sorted(set(chosen)) != list(chosen) or not (
+                0 <= chosen[0] and chosen[-1] < num_teacher_layers):
+            raise ValueError(f"--layer-map {','.join(map(str, chosen))} must name {num_student_layers} increasing "
+                             f"teacher layers in 0..{num_teacher_layers - 1}")
+        return list(chosen)
     if num_student_layers == 1:
         return [num_teacher_layers - 1]
     step = (num_teacher_layers - 1) / (num_student_layers - 1)
@@ -68,6 +74,16 @@ def check_same_vocabulary(teacher_vocab: dict[str, int], student_vocab: dict[str
         raise ValueError(f"the student {student!r} has a different tokenizer than the teacher ({len(student_vocab)} "
                          f"vs {len(teacher_vocab)} tokens, {only_teacher} teacher entries differ); "
                          "distillation needs one shared vocabulary")
+
+
+def hidden_pairs(student_states: tuple[torch.Tensor, ...], teacher_states: tuple[torch.Tensor, ...],
+                 layer_map: list[int], which: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(student layer outputs, the teacher layer outputs they imitate) from HF ``hidden_states`` (index 0 is the
+    embeddings): every student layer vs the teacher layer it came from ("all"), or the last vs the last ("last":
+    a per-token target for the states that are pooled, without pinning the first layers to their copies)."""
+    students = list(student_states[1:])
+    teachers = [teacher_states[i + 1] for i in layer_map]
+    return (students[-1:], teachers[-1:]) if which == "last" else (students, teachers)
 
 
 @torch.no_grad()
