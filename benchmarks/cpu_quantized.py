@@ -1,6 +1,8 @@
 """CPU decode of the embedded SmolLM2 (Q4_1 GGUF): today's fp32 path (linears dequantized at load) against the
 linears kept 4-bit (bf16 activations through PyTorch's int4 weight-only CPU kernel), batch 1 and batch 16,
 greedy, same prompts, one process. Also the weight memory of each (the tied Q8_0 embedding stays dense in both).
+Where ``llama_cpp`` (llama-cpp-python) imports, llama.cpp decodes the same file at batch 1 in the same run, with
+as many threads as torch uses (the issue's second target: >= 50% of llama.cpp).
 
 Usage: .venv/bin/python benchmarks/cpu_quantized.py [--max-tokens 64] [--repeats 3]
 Prints a table and writes benchmarks/results/cpu_quantized_<date>.json (date, machine, command, medians).
@@ -49,6 +51,24 @@ def decode_tok_s(llm: LLM, prompt_ids: list[list[int]], max_tokens: int) -> floa
     return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
 
 
+def llama_cpp_tok_s(prompt_ids: list[int], max_tokens: int, threads: int) -> float | None:
+    """Greedy batch-1 tokens/s of llama.cpp on the embedded GGUF (prompt evaluation included, as in
+    ``decode_tok_s``); None when llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from tokenmill.model.loader import embedded_model_path
+
+    model = Llama(model_path=str(embedded_model_path()), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    start, count = time.perf_counter(), 0
+    for _ in model.generate(prompt_ids, temp=0.0, top_k=1, reset=True):  # runs until we stop it (no EOS stop)
+        count += 1
+        if count == max_tokens:
+            break
+    return count / (time.perf_counter() - start)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -72,18 +92,27 @@ def main() -> int:
             print(f"{name:26s} batch {batch:3d}: {statistics.median(runs):8.1f} tok/s  (runs {runs})", flush=True)
         results[name] = row
         del llm
+    llama_cpp_runs = [llama_cpp_tok_s(ids[0], args.max_tokens, torch.get_num_threads()) for _ in range(args.repeats)]
+    llama_cpp = None if llama_cpp_runs[0] is None else {"median": statistics.median(llama_cpp_runs), "runs": llama_cpp_runs}
+    if llama_cpp is not None:
+        print(f"{'llama.cpp (same file)':26s} batch   1: {llama_cpp['median']:8.1f} tok/s  (runs {llama_cpp_runs})")
     base, packed = results["fp32 dequantized (today)"], results["bf16 int4 packed"]
     ratios = {b: packed["tok_s"][b]["median"] / base["tok_s"][b]["median"] for b in batches}
     print(f"\n{'variant':26s} {'weights MiB':>11s} " + " ".join(f"{'b' + str(b) + ' tok/s':>11s}" for b in batches))
     for name, row in results.items():
         print(f"{name:26s} {row['weight_mib']:11.1f} " + " ".join(f"{row['tok_s'][b]['median']:11.1f}" for b in batches))
     print("int4 / fp32: " + ", ".join(f"batch {b} {r:.2f}x" for b, r in ratios.items()))
+    vs_llama_cpp = (None if llama_cpp is None or 1 not in batches
+                    else packed["tok_s"][1]["median"] / llama_cpp["median"])
+    if vs_llama_cpp is not None:
+        print(f"int4 packed / llama.cpp at batch 1: {vs_llama_cpp:.2f}")
     out = Path(args.out or Path(__file__).parent / "results" / f"cpu_quantized_{dt.date.today().isoformat()}.json")
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "load_average_1m_at_end": os.getloadavg()[0]}
     write_record(out, "cpu_quantized", machine=machine, model="SmolLM2-135M-Instruct.Q4_1.gguf (embedded)",
-                 max_tokens=args.max_tokens, variants=results, speedup_int4_over_fp32=ratios)
+                 max_tokens=args.max_tokens, variants=results, speedup_int4_over_fp32=ratios,
+                 llama_cpp_batch1=llama_cpp, int4_packed_over_llama_cpp_batch1=vs_llama_cpp)
     print(f"wrote {out}")
     return 0
 
