@@ -28,6 +28,7 @@ from tokenmill.attention.backend import AttentionBackend, get_attention_backend
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.context import ParallelContext, create_parallel_context
 from tokenmill.engine.step_record import StepRecord
+from tokenmill.engine.threads import set_engine_threads
 from tokenmill.model.loader import check_tensor_parallel, load_model
 from tokenmill.runner.inputs import ModelInputs
 from tokenmill.runner.linear_tuning import tune_rank_linears
@@ -66,6 +67,8 @@ def _worker_main(rank: int, config: EngineConfig, store_path: str, conn: Connect
         share_sampled_ids = config.runner.schedules_async(device.startswith("cuda"))
         backend = get_attention_backend(config.runner.attention_backend, device)
         loaded = load_model(mc, backend, parallel=ctx, device=device)
+        if device.startswith("cuda"):  # as rank 0 does after loading: one thread (engine/threads.py says why)
+            set_engine_threads(on_cpu=False)
         tune_rank_linears(loaded.model, config, device)  # this rank's partition shapes, before capture
         runner = ModelRunner(loaded.model, device, mc.torch_dtype, config.cache.kv_cache_spec(
             loaded.model.num_kv_heads, loaded.model.head_dim, mc.torch_dtype), set(), samples=False)
