@@ -41,20 +41,20 @@ def test_expected_tokens():
 def test_small_batches_speculate_and_saturated_batches_do_not():
     policy = AdaptivePolicy(max_k=4, step_cost=ridge())
     ids = [f"s{i}" for i in range(256)]
-    assert policy.choose_k(ids[:1]) == 4  # verification is free at batch 1
-    assert policy.choose_k(ids[:32]) == 3  # 32 x 4 tokens still fit one weight read; 32 x 5 do not
-    assert policy.choose_k(ids[:256]) == 0  # compute-bound already: every extra query token costs time
+    assert policy.plan(ids[:1], uniform=True).k == 4  # verification is free at batch 1
+    assert policy.plan(ids[:32], uniform=True).k == 3  # 32 x 4 tokens still fit one weight read; 32 x 5 do not
+    assert policy.plan(ids[:256], uniform=True).k == 0  # compute-bound already: every extra query token costs time
 
 
 def test_low_acceptance_turns_speculation_down():
     policy = AdaptivePolicy(max_k=4, step_cost=ridge())
     ids = [f"s{i}" for i in range(80)]  # 80 x 2 tokens cost 1.25 plain steps: worth it only if drafts land
-    assert policy.choose_k(ids) == 1
+    assert policy.plan(ids, uniform=True).k == 1
     for seq_id in ids:
         policy.observe(seq_id, 1, 0)
         policy.observe(seq_id, 1, 0)
     assert policy.acceptance(ids[0]) < 0.25
-    assert policy.choose_k(ids) == 0
+    assert policy.plan(ids, uniform=True).k == 0
     policy.release(ids[0])
     assert policy.acceptance(ids[0]) == policy.prior
 
@@ -112,11 +112,12 @@ def test_rows_are_chosen_by_acceptance_unless_every_row_must_match():
 
 def test_draft_cost_and_the_off_switches():
     ids = ["a", "b"]
-    assert AdaptivePolicy(max_k=4, step_cost=ridge(), draft_cost=1.0).choose_k(ids) == 0  # as slow as the target
-    assert AdaptivePolicy(max_k=4, step_cost=ridge(), draft_cost=0.05).choose_k(ids) > 0
-    assert AdaptivePolicy(max_k=4, step_cost=ridge(), disable_by_batch_size=1).choose_k(ids) == 0
+    # A draft model as slow as the target never pays.
+    assert AdaptivePolicy(max_k=4, step_cost=ridge(), draft_cost=1.0).plan(ids, uniform=True).k == 0
+    assert AdaptivePolicy(max_k=4, step_cost=ridge(), draft_cost=0.05).plan(ids, uniform=True).k > 0
+    assert AdaptivePolicy(max_k=4, step_cost=ridge(), disable_by_batch_size=1).plan(ids, uniform=True).k == 0
     fixed = AdaptivePolicy(max_k=3, step_cost=ridge(1), adaptive=False)
-    assert fixed.choose_k(ids) == 3 and fixed.choose_k([]) == 0
+    assert fixed.plan(ids, uniform=True).k == 3 and fixed.plan([], uniform=True).k == 0
 
 
 def test_may_speculate_is_false_once_the_batch_saturates():

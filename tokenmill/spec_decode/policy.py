@@ -137,10 +137,6 @@ class AdaptivePolicy:
                     best_k, best_m, best = k, m, gain
         return best_k, best_m
 
-    def choose_k(self, seq_ids: list[str], num_other_tokens: int = 0) -> int:
-        """The k of an all-rows plan (every row gets the same drafts, as under CUDA graphs)."""
-        return self.plan(seq_ids, num_other_tokens, uniform=True).k
-
     def may_speculate(self, batch: int) -> bool:
         """Whether any k could pay off at this batch size even if every draft were accepted (when not, the engine
         keeps overlapping steps instead of waiting for ids a proposal would need)."""
