@@ -10,6 +10,8 @@
 3. The adaptive policy (oracle proposals, policy free to pick k or none; its step costs measured from the engine's
    own steps, the 128-token ridge as their prior) vs plain decoding at batch 1 (it should keep the oracle's speedup)
    and 256 (within 3% of plain: alternating runs, medians); the costs it measured are recorded.
+4. A draft model's proposal cost (``--draft-preset``, random weights: cost only, its drafts mean nothing): ms per
+   ``propose_many`` call of k drafts for batches 1..64, its one-token steps on CUDA graphs vs eager, same call.
 
     python3 benchmarks/gpu_spec_decode.py --out $OUT/gpu_spec_decode.json     # H100, ~5 min
     python3 benchmarks/gpu_spec_decode.py --preset tiny-llama --device cpu --quick --out /tmp/spec.json  # CPU check
@@ -223,6 +225,52 @@ def adaptive_run(engine: LLMEngine, batch: int, k: int, prompt_len: int, output_
     return row
 
 
+# ---- 4. draft-model proposal cost ---------------------------------------------------------------------------
+def draft_costs(preset: str, device: str, batches: list[int], k: int, prompt_len: int, repeats: int) -> list[dict]:
+    from tokenmill.attention.backend import get_attention_backend
+    from tokenmill.config import ModelConfig
+    from tokenmill.model.loader import load_model
+    from tokenmill.spec_decode.draft_model import DraftModelProposer
+
+    model_config = ModelConfig(random_weights=preset, device=device)
+    loaded = load_model(model_config, get_attention_backend("auto", device))
+    block = 16
+    blocks = cdiv(prompt_len + (repeats + 4) * (k + 1) + k, block) * max(batches) + 8
+    proposer = DraftModelProposer(loaded, device, block, blocks, loaded.model.vocab_size, 4096)
+    if device.startswith("cuda"):
+        proposer.capture_graphs(max(batches))
+    graphs, rows = proposer.graphs, []
+    for batch in batches:
+        row = {"batch": batch, "k": k}
+        for mode in ("graphs", "eager") if graphs is not None else ("eager",):
+            proposer.graphs = graphs if mode == "graphs" else None
+            generator = torch.Generator().manual_seed(batch)
+            ids = {f"{mode}{batch}-{i}": torch.randint(0, loaded.model.vocab_size, (prompt_len,),
+                                                       generator=generator).tolist() for i in range(batch)}
+            times = []
+            for r in range(repeats + 3):  # each call: the previous drafts and one bonus token accepted
+                requests = [DraftRequest(seq_id, tokens, k) for seq_id, tokens in ids.items()]
+                sync(device)
+                start = time.perf_counter()
+                drafts = proposer.propose_many(requests, k)
+                sync(device)
+                if r >= 3:
+                    times.append((time.perf_counter() - start) * 1e3)
+                for seq_id, tokens in ids.items():
+                    tokens.extend(drafts[seq_id] + [drafts[seq_id][0]])
+            for seq_id in ids:
+                proposer.release(seq_id)
+            row[f"{mode}_ms"] = round(statistics.median(times), 3)
+        if "graphs_ms" in row:
+            row["eager_over_graphs"] = round(row["eager_ms"] / row["graphs_ms"], 3)
+        rows.append(row)
+        print(f"draft {preset} batch {batch:3d} k={k}: " + ", ".join(f"{key} {value}" for key, value in row.items()
+                                                              if key.endswith("ms") or key.startswith("eager_over")),
+              flush=True)
+    proposer.graphs = graphs
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama3-8b")
@@ -238,6 +286,8 @@ def main() -> int:
     parser.add_argument("--adaptive-batches", default="1,256")
     parser.add_argument("--adaptive-output-len", type=int, default=64)
     parser.add_argument("--adaptive-rounds", type=int, default=3)
+    parser.add_argument("--draft-preset", default="qwen3-0.6b", help="draft model shape for part 4 ('' skips it)")
+    parser.add_argument("--draft-batches", default="1,4,16,64")
     parser.add_argument("--dtype", default="auto", help="float32: tells bf16 numerics from a verification bug")
     parser.add_argument("--skip-costs", action="store_true", help="skip part 1 (verification step costs)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU check of the script)")
@@ -251,6 +301,7 @@ def main() -> int:
         args.context, args.repeats, args.prompt_len, args.output_len = 32, 3, 16, 12
         args.adaptive_batches, args.adaptive_output_len, args.adaptive_rounds = "1,8", 6, 1
     adaptive_batches = [int(b) for b in args.adaptive_batches.split(",")]
+    draft_batches = [1, 4] if args.quick else [int(b) for b in args.draft_batches.split(",")]
     max_batch = max(*batches, *oracle_batches, *adaptive_batches)
     block = 16
     context_blocks = cdiv(args.context + max(ks) + 1, block) * max(batches)
@@ -268,8 +319,11 @@ def main() -> int:
     oracle = oracle_runs(engine, oracle_batches, args.oracle_k, args.prompt_len, args.output_len)
     adaptive = [adaptive_run(engine, batch, args.oracle_k, args.prompt_len, args.adaptive_output_len,
                              args.adaptive_rounds) for batch in adaptive_batches]
+    del engine  # part 4 loads its own model
+    drafts = draft_costs(args.draft_preset if not args.quick else "tiny-llama", args.device, draft_batches,
+                         args.oracle_k, args.prompt_len, args.repeats) if args.draft_preset else []
     path = write_record(Path(args.out), "gpu_spec_decode", preset=args.preset, dtype=args.dtype, context=args.context,
-                        verification_cost=costs, oracle=oracle, adaptive=adaptive,
+                        verification_cost=costs, oracle=oracle, adaptive=adaptive, draft_proposal=drafts,
                         seconds=round(time.perf_counter() - started, 1),
                         **({"device": "cpu"} if not args.device.startswith("cuda") else {}))
     print(f"wrote {path}")

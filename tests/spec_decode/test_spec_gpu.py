@@ -1,5 +1,6 @@
 """Speculative decoding on CUDA: verification rows replay the per-query-length decode graphs (LM head after the
-replay), rows are padded to one draft count, the draft model runs beside the target; greedy output equals plain
+replay), rows are padded to one draft count, the draft model runs beside the target (its one-token steps on its
+own graphs); greedy output equals plain
 decoding's and both KV caches end empty. Skipped without a GPU."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def test_greedy_on_cuda_graphs_is_token_identical(tiny_llama_dir, method):
     assert _ids(llm.generate(TEXTS, GREEDY, use_tqdm=False)) == reference
     stats = llm.engine.get_stats().spec_decode
     assert stats.num_drafts > 0
-    if method == "draft-self":
+    if method == "draft-self":  # the draft's one-token steps replayed its own graphs and proposed the target's ids
+        assert llm.engine.scheduler.draft_proposer.proposer.graphs is not None
         assert stats.num_accepted_tokens == stats.num_draft_tokens
     _assert_no_leak(llm)

@@ -4,7 +4,9 @@ seen: the prompt at first, then the tokens the target accepted), then k - 1 one-
 
 The draft keeps its own paged KV cache and block tables (``block_size`` of the target, its own free list; no prefix
 sharing): per sequence, the ids whose KV it holds. Drafts the target rejected are forgotten by comparing those ids
-with the accepted ones on the next call. Greedy requests get the draft's argmax; sampled requests get draws from the
+with the accepted ones on the next call. On CUDA the k - 1 one-token steps replay CUDA graphs (runner/cuda_graphs.py,
+captured at load over the draft's own KV cache) and the drafts stay on the device until all k are chosen: one host
+read per call, not one per draft token. Greedy requests get the draft's argmax; sampled requests get draws from the
 draft's own processed distribution q (temperature / top-k / top-p / min-p of the request), which goes to the
 target's rejection sampler through ``draft_probs``. A sequence that finds no free draft block decodes plainly.
 """
@@ -22,6 +24,7 @@ from tokenmill.attention.kv_cache import KVCache
 from tokenmill.config import ModelConfig, SpeculativeConfig
 from tokenmill.intmath import cdiv
 from tokenmill.model.loader import LoadedModel, load_model
+from tokenmill.runner.cuda_graphs import DecodeGraphs
 from tokenmill.sampling.sampler import SamplingRow, exponential_noise, filtered_logits, make_generator
 from tokenmill.spec_decode.decoder import DraftRequest
 
@@ -69,6 +72,7 @@ class DraftModelProposer:
         self.free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() takes the lowest id
         self.num_blocks = num_blocks
         self.sequences: dict[str, _DraftSequence] = {}
+        self.graphs: DecodeGraphs | None = None
         # request id -> [k, target vocab] distribution its drafts were drawn from (sampled requests, this step).
         # The same dict object lives on as the runner's ``draft_probs``: cleared and refilled, never replaced.
         self.draft_probs: dict[str, torch.Tensor] = {}
@@ -90,7 +94,17 @@ class DraftModelProposer:
         cap = DRAFT_KV_MAX_BYTES["cuda" if device.startswith("cuda") else "cpu"] // bytes_per_block
         num_blocks = max(cdiv(max_len, block_size), min(want, cap))
         logger.info("draft model %s: %d KV blocks of %d tokens for proposals", loaded.name, num_blocks, block_size)
-        return cls(loaded, device, block_size, num_blocks, target.model.vocab_size, max_len)
+        proposer = cls(loaded, device, block_size, num_blocks, target.model.vocab_size, max_len)
+        if device.startswith("cuda") and not engine_config.runner.enforce_eager:  # as the target's decode steps
+            proposer.capture_graphs(min(engine_config.scheduler.max_num_seqs, engine_config.runner.max_graph_batch_size))
+        return proposer
+
+    def capture_graphs(self, max_batch: int) -> None:
+        """Graphs for the one-token draft steps of up to ``max_batch`` sequences (larger batches run eagerly). The
+        capture writes no KV (the graph buffers' slots start at -1)."""
+        self.graphs = DecodeGraphs(self.model, self.kv, self.block_size, max_batch,
+                                   cdiv(self.max_model_len, self.block_size), self.device, (1,))
+        self.graphs.capture()
 
     # ---- per-sequence state ----------------------------------------------------------------------------
     def release(self, seq_id: str) -> None:
@@ -143,43 +157,47 @@ class DraftModelProposer:
             ids.extend(new)
             positions.extend(range(start, start + len(new)))
         query_lens = [len(new) for _, _, new in rows]
+        tables = [state.block_table for _, state, _ in rows]
+        ends = [len(state.token_ids) + n for (_, state, _), n in zip(rows, query_lens, strict=True)]
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
-        logits = self._forward(ids, positions, query_lens, rows, last)
+        logits = self._forward(torch.tensor(ids, dtype=torch.long, device=self.device), positions, query_lens, ends,
+                               tables, last)
         for _, state, new in rows:
             state.token_ids.extend(new)
-        drafts: list[list[int]] = [[] for _ in rows]
+        chosen: list[torch.Tensor] = []  # per step, [len(rows)] on the device: read once, after the last step
         probs: list[list[torch.Tensor]] = [[] for _ in rows]
         for step in range(k):
             tokens = self._choose(logits, rows, probs)
-            for draft, token in zip(drafts, tokens, strict=True):
-                draft.append(token)
+            chosen.append(tokens)
             if step == k - 1:
                 break
-            positions = [len(state.token_ids) for _, state, _ in rows]
-            logits = self._forward(tokens, positions, [1] * len(rows), rows, None)
-            for (_, state, _), token in zip(rows, tokens, strict=True):
-                state.token_ids.append(token)
+            # Step ``step`` writes the KV of draft ``step`` at position end + step and reads end + step + 1.
+            logits = self._forward(tokens, [end + step for end in ends], [1] * len(rows),
+                                   [end + step + 1 for end in ends], tables, None)
+        drafts = torch.stack(chosen, dim=1).tolist()
         out: dict[str, list[int]] = {}
-        for (request, _, _), draft, row_probs in zip(rows, drafts, probs, strict=True):
+        for (request, state, _), draft, row_probs in zip(rows, drafts, probs, strict=True):
+            state.token_ids.extend(draft[: k - 1])  # the drafts whose KV the steps wrote
             limit = min(k, request.max_num_tokens)
             out[request.seq_id] = draft[:limit]
             if row_probs:
                 self.draft_probs[request.seq_id] = torch.stack(row_probs[:limit])
         return out
 
-    def _forward(self, ids: list[int], positions: list[int], query_lens: list[int], rows: list,
-                 last: torch.Tensor | None) -> torch.Tensor:
-        """Logits [len(rows), target vocab] of each row's last query token (ids past the target's vocabulary,
-        padding of the draft's embedding, can never be proposed)."""
-        seq_lens = [len(state.token_ids) + n for (_, state, _), n in zip(rows, query_lens, strict=True)]
-        tables = [state.block_table for _, state, _ in rows]
+    def _forward(self, input_ids: torch.Tensor, positions: list[int], query_lens: list[int], seq_lens: list[int],
+                 tables: list[list[int]], last: torch.Tensor | None) -> torch.Tensor:
+        """Logits [len(rows), target vocab] (fp32) of each row's last query token (ids past the target's
+        vocabulary, padding of the draft's embedding, can never be proposed). ``seq_lens``: KV positions each
+        row's attention reads after this step's writes."""
         meta = self.backend.build_metadata(query_lens, seq_lens, tables, self.block_size, self.device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         input_positions = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, input_positions, self.kv, meta)
-        if last is not None:
-            hidden = hidden.index_select(0, last)
-        logits = self.model.compute_logits(hidden).float()
+        if last is None and self.graphs is not None and self.graphs.can_run(meta):
+            logits = self.graphs.run(input_ids, input_positions, meta).float()  # a copy: the buffer is reused
+        else:
+            hidden = self.model(input_ids, input_positions, self.kv, meta)
+            if last is not None:
+                hidden = hidden.index_select(0, last)
+            logits = self.model.compute_logits(hidden).float()
         vocab = logits.shape[1]
         if vocab > self.target_vocab:
             logits = logits[:, : self.target_vocab]
@@ -187,9 +205,9 @@ class DraftModelProposer:
             logits = torch.nn.functional.pad(logits, (0, self.target_vocab - vocab), value=float("-inf"))
         return logits
 
-    def _choose(self, logits: torch.Tensor, rows: list, probs: list[list[torch.Tensor]]) -> list[int]:
-        """The next draft of every row: argmax for greedy requests, else a draw from the request's processed
-        distribution q (kept for the target's rejection sampler)."""
+    def _choose(self, logits: torch.Tensor, rows: list, probs: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The next draft of every row (on the device): argmax for greedy requests, else a draw from the request's
+        processed distribution q (kept for the target's rejection sampler)."""
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, (request, _, _) in enumerate(rows)
                    if request.params is not None and not request.params.greedy]
@@ -203,7 +221,7 @@ class DraftModelProposer:
             tokens[index] = (q / noise).argmax(dim=-1)
             for j, i in enumerate(sampled):
                 probs[i].append(q[j])
-        return tokens.tolist()
+        return tokens
 
 
 def _kv_spec(model: torch.nn.Module, block_size: int, dtype: torch.dtype):
