@@ -8,20 +8,21 @@ out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+run() { timeout "${JOB_TIMEOUT:-900}" "$@"; }  # a job past it is killed; the tarball still holds the others
 for job in "$@"; do
   start=$(date +%s)
   case "$job" in
     ab18) REPEATS="${REPEATS:-2}" OUT="$out/ab18" bash benchmarks/gpu_ab_vs_transformers.sh "${BASELINE:-.baseline}" ;;
-    kv_memory) python3 -m tokenmill bench kv-memory --engine --random-weights llama3-8b --num-kv-blocks 10240 \
+    kv_memory) run python3 -m tokenmill bench kv-memory --engine --random-weights llama3-8b --num-kv-blocks 10240 \
                  --num-requests "${KV_REQUESTS:-400}" --input-len-range 4:1024 --output-len-range 4:1024 \
                  --max-model-len 4096 --reserve max-model-len --output-json "$out/kv_memory_engine.json" \
                  --plot "$out/kv_memory_engine.png" ;;
-    fp8) python3 benchmarks/gpu_fp8.py --out "$out/gpu_fp8.json" ;;
-    spec) python3 benchmarks/gpu_spec_decode.py --out "$out/gpu_spec_decode.json" ;;
-    spec_fp32) python3 benchmarks/gpu_spec_decode.py --dtype float32 --skip-costs --adaptive-batches 1 \
-                 --adaptive-rounds 1 --out "$out/gpu_spec_decode_fp32.json" ;;
-    quantized) python3 benchmarks/gpu_quantized.py --e2e off --out "$out/gpu_quantized_kernels.json" ;;
-    e2e) python3 benchmarks/gpu_quantized.py --e2e only --out "$out/gpu_quantized_e2e.json" ;;
+    fp8) run python3 benchmarks/gpu_fp8.py --out "$out/gpu_fp8.json" ;;
+    spec) run python3 benchmarks/gpu_spec_decode.py --out "$out/gpu_spec_decode.json" ;;
+    spec_fp32) run python3 benchmarks/gpu_spec_decode.py --dtype float32 --skip-costs --adaptive-batches 1 \
+                 --adaptive-rounds 1 --draft-preset '' --out "$out/gpu_spec_decode_fp32.json" ;;
+    quantized) run python3 benchmarks/gpu_quantized.py --e2e off --out "$out/gpu_quantized_kernels.json" ;;
+    e2e) run python3 benchmarks/gpu_quantized.py --e2e only --out "$out/gpu_quantized_e2e.json" ;;
     modelserver) OUT="$out" python3 benchmarks/gpu_modelserver.py --carry .modelserver_carry ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
