@@ -196,6 +196,7 @@ class Client:
         steps = None if steps_before is None else self.server.engine_steps() - steps_before
         return {
             "command": command or self.command(len(requests), seed, concurrency),
+            "load": load.describe(), "records": result.records,  # for the HTML report (not in the JSON)
             "summary": summary,
             "engine_steps": steps,
             "ms_per_engine_step": 1e3 * summary["duration_s"] / steps if steps else None,
@@ -322,6 +323,7 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
     side: dict[str, Any] = {"server_command": server.command, "server_start_s": time.monotonic() - t_start}
     sampler = ResourceSampler({"server": server.proc.pid, "client": os.getpid()})
     online: dict[str, Any] = {}
+    reports: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # sweep axis -> its phases
     try:
         client = Client(args, server, tokenizer_dir)
 
@@ -341,6 +343,8 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
             result = client.run(requests, seed, concurrency, rate, command)
             sampler.end(name)
             online[name] = compact(result)
+            if concurrency or rate:
+                reports.setdefault("concurrency" if concurrency else "request_rate", []).append((name, result))
             return result
 
         warm = args.warmup_prompts if args.warmup_prompts is not None else min(args.num_prompts, 300)
@@ -383,7 +387,24 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
         side["core_threads"] = next((line for line in log_lines if "torch CPU threads" in line), None)
         side["phases"] = online
         side["resources"] = sampler.summary()
+        side["html_reports"] = [str(write_report(stem, axis, phases, server.url, args.preset))
+                                for axis, phases in reports.items()]
     return side
+
+
+def write_report(stem: Path, axis: str, phases: list[tuple[str, dict[str, Any]]], url: str, model: str) -> Path:
+    """``bench serve``'s HTML report (latency percentiles against load, CDFs, timeline) of one sweep's phases."""
+    from tokenmill.bench.html_report import render_serve_report
+    from tokenmill.bench.results import make_document, make_metadata, make_run
+
+    runs = [make_run(name, result["load"], result["summary"], None) for name, result in phases]
+    values = [run["load"]["max_concurrency" if axis == "concurrency" else "request_rate"] for run in runs]
+    meta = make_metadata({"base_url": url, "model": model}, {"commands": [r["command"] for _, r in phases]},
+                         f"{stem.name} {axis} sweep")
+    document = make_document(meta, {"param": axis, "values": values}, runs)
+    path = stem.with_name(f"{stem.name}_{axis}.html")
+    path.write_text(render_serve_report(document, [r["records"] for _, r in phases]), encoding="utf-8")
+    return path
 
 
 def device_description(device: str) -> str:
