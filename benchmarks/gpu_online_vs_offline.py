@@ -76,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also start one more server (engine core in its own process) with these environment variables, "
                         "VAR=VALUE[,VAR=VALUE], for the warm-up and rate-inf phases only: an A/B of a setting in the "
                         "same run, e.g. OMP_NUM_THREADS=16 (the core's torch threads before they were set to 1)")
+    p.add_argument("--ab-server-args", action="append", default=[],
+                   help="also start one more server (engine core in its own process) with these extra flags, for "
+                        "every phase (repeatable: one server each): an A/B of a serving option in the same run, e.g. "
+                        "'--compilation-config {\"cudagraph_mode\":\"FULL_AND_PIECEWISE\"}'")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--no-step-breakdown", action="store_true",
                    help="skip the offline side's second, instrumented pass (step_breakdown.py: host phases and GPU "
@@ -310,15 +314,16 @@ def parse_env(value: str) -> dict[str, str]:
 
 
 def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: Path, stem: Path,
-               env_overrides: dict[str, str] | None = None) -> dict[str, Any]:
+               env_overrides: dict[str, str] | None = None, extra_args: list[str] | None = None) -> dict[str, Any]:
     """Start a server (``mode`` "process": engine core in its own process; "thread": --no-engine-process),
     run every client phase against it, stop it with SIGTERM. With ``env_overrides`` (the A/B server) only the
-    warm-up and rate-inf phases run."""
+    warm-up and rate-inf phases run; ``extra_args`` (server flags) keep every phase."""
     if mode not in ("process", "thread"):
         raise ValueError(f"--server-modes entries must be process or thread; got {mode!r}")
-    extra = ["--no-engine-process"] if mode == "thread" else []
+    extra = (["--no-engine-process"] if mode == "thread" else []) + list(extra_args or [])
     t_start = time.monotonic()
-    label = mode + ("_" + "_".join(f"{k}={v}" for k, v in env_overrides.items()) if env_overrides else "")
+    label = mode + ("_ab_args" if extra_args else "")
+    label += ("_" + "_".join(f"{k}={v}" for k, v in env_overrides.items())) if env_overrides else ""
     server = Server(args, work / f"server_{label}.log", extra, env_overrides)
     side: dict[str, Any] = {"server_command": server.command, "server_start_s": time.monotonic() - t_start}
     sampler = ResourceSampler({"server": server.proc.pid, "client": os.getpid()})
@@ -459,13 +464,15 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tokenizer_dir = save_preset_tokenizer(args.preset, work / "tokenizer")
         record["online"] = {}
-        runs = [(m.strip(), m.strip(), None) for m in args.server_modes.split(",") if m.strip()]
+        runs = [(m.strip(), m.strip(), None, []) for m in args.server_modes.split(",") if m.strip()]
         if args.ab_server_env:
             env = parse_env(args.ab_server_env)
-            runs.append(("process " + " ".join(f"{k}={v}" for k, v in env.items()), "process", env))
-        for name, mode, env in runs:
+            runs.append(("process " + " ".join(f"{k}={v}" for k, v in env.items()), "process", env, []))
+        runs += [(f"process {flags}", "process", None, shlex.split(flags)) for flags in args.ab_server_args]
+        for index, (name, mode, env, extra) in enumerate(runs):
+            stem = out / f"{path.stem}_{mode}{f'_ab{index}' if env or extra else ''}"
             try:
-                record["online"][name] = run_online(args, mode, tokenizer_dir, work, out / f"{path.stem}_{mode}", env)
+                record["online"][name] = run_online(args, mode, tokenizer_dir, work, stem, env, extra)
             except Exception as exc:  # noqa: BLE001 - keep the other mode and the offline side
                 record["online"][name] = {"error": f"{type(exc).__name__}: {exc}"[-6000:]}
             path.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive a later failure

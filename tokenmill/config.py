@@ -7,6 +7,7 @@ Each dataclass checks itself in ``__post_init__`` and raises ``ValueError`` with
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +199,27 @@ class SchedulerConfig:
             raise ValueError("long_prefill_token_threshold chunks prompts: it needs enable_chunked_prefill")
 
 
+CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+COMPILATION_CONFIG_KEYS = ("cudagraph_mode",)  # the keys of vLLM's --compilation-config this engine reads
+
+
+def parse_compilation_config(value: str | dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's ``--compilation-config`` (JSON or a dict) as runner keyword arguments; unknown keys are errors."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"compilation_config must be a JSON object; {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"compilation_config must be a JSON object; got {value!r}")
+    unknown = sorted(set(value) - set(COMPILATION_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"compilation_config keys {unknown} are not supported; known: {list(COMPILATION_CONFIG_KEYS)}")
+    return dict(value)
+
+
 @dataclass
 class RunnerConfig:
     """How the model runs: eager or CUDA graphs, attention backend choice."""
@@ -215,6 +237,10 @@ class RunnerConfig:
     # Time cuBLAS against the tiled Triton GEMM per weight shape at decode row counts at start-up (bf16/fp16
     # on CUDA); each (shape, rows) keeps whichever is faster.
     tune_gemm: bool = True
+    # vLLM's compilation-config key. FULL_DECODE_ONLY: graphs for decode and verification steps, other steps
+    # eager; FULL_AND_PIECEWISE: steps with prompts (up to runner/piecewise_graphs.py's token cap) also replay
+    # graphs of everything between attention calls; NONE: eager, as enforce_eager.
+    cudagraph_mode: str = "FULL_DECODE_ONLY"
 
     def schedules_async(self, on_cuda: bool) -> bool:
         """Whether the engine overlaps steps (and tensor-parallel ranks share rank 0's sampled ids)."""
@@ -225,6 +251,16 @@ class RunnerConfig:
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
         if not 1 <= self.tensor_parallel_size <= 64:
             raise ValueError(f"tensor_parallel_size must be between 1 and 64; got {self.tensor_parallel_size}")
+        mode = str(self.cudagraph_mode).upper()
+        if mode not in CUDAGRAPH_MODES:
+            raise ValueError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}; got {self.cudagraph_mode!r}")
+        self.cudagraph_mode = mode
+        if mode == "NONE":
+            self.enforce_eager = True
+
+    @property
+    def piecewise_graphs(self) -> bool:
+        return self.cudagraph_mode == "FULL_AND_PIECEWISE" and not self.enforce_eager
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")
@@ -285,8 +321,6 @@ class SpeculativeConfig:
         if value is None or isinstance(value, SpeculativeConfig):
             return value
         if isinstance(value, str):
-            import json
-
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
@@ -329,6 +363,7 @@ class EngineConfig:
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from flat vLLM-style keyword arguments (``LLM(model=..., block_size=8, ...)``)."""
         speculative = SpeculativeConfig.parse(kwargs.pop("speculative_config", None))
+        kwargs.update(parse_compilation_config(kwargs.pop("compilation_config", None)))
         groups: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}, "runner": {}}
         owners = {
             "model": ModelConfig,

@@ -1,7 +1,8 @@
 """The engine on CUDA (Triton backend, CUDA graphs): skipped without a GPU.
 
 fp32: greedy tokens identical to transformers in every engine mode, synchronous and async scheduling;
-bf16: logits within tolerance of an fp32 reference; CUDA graphs and eager mode agree.
+bf16: logits within tolerance of an fp32 reference; CUDA graphs (decode only, or piecewise for steps with
+prompts too) and eager mode agree.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ def case(tiny_model_dirs):
     return model_dir, prompts, _reference(model_dir, prompts)
 
 
-def test_start_up_compiles_every_kernel_variant_a_run_needs(case):
+@pytest.mark.parametrize("cudagraph_mode", ["FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"])
+def test_start_up_compiles_every_kernel_variant_a_run_needs(case, cudagraph_mode):
     """Start-up (profile run with sampler warm-up, GEMM tuning, graph capture) leaves nothing for Triton to
     compile while serving: prefills, chunked prefills, mixed and decode steps, greedy, one temperature for the
     batch, a temperature per row and top-p rows."""
     model_dir, prompts, _ = case
-    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_num_batched_tokens=32, max_num_seqs=8)
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_num_batched_tokens=32, max_num_seqs=8,
+              compilation_config={"cudagraph_mode": cudagraph_mode})
     params = [SamplingParams(temperature=0.0, max_tokens=10), SamplingParams(temperature=0.8, max_tokens=10),
               SamplingParams(temperature=1.2, max_tokens=10), SamplingParams(temperature=0.9, top_p=0.8,
                                                                            max_tokens=10)]
@@ -51,6 +54,20 @@ def test_fp32_greedy_matches_transformers_on_cuda(case, mode, eager):
     assert llm.engine.attn_backend.name == "triton"
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("mode", ["prefix_cache_on", "chunked_prefill", "async_preemption"])
+def test_fp32_greedy_with_piecewise_graphs_matches_transformers(case, mode):
+    """cudagraph_mode FULL_AND_PIECEWISE: steps with prompts (whole, chunked, beside decodes) replay the graphs
+    between attention calls, attention eager; tokens stay identical to transformers and no KV block leaks."""
+    model_dir, prompts, expected = case
+    kwargs = {"async_scheduling": False, **MODES[mode]}
+    llm = LLM(str(model_dir), device="cuda", dtype="float32", compilation_config={"cudagraph_mode":
+                                                                                   "FULL_AND_PIECEWISE"}, **kwargs)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert llm.engine.runner.piecewise is not None and llm.engine.runner.piecewise.replays > 0
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 

@@ -51,6 +51,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--custom-all-reduce", action="store_true",
                         help="tensor parallelism on GPUs: small all-reduces by a one-shot kernel over CUDA IPC "
                              "buffers instead of NCCL (experimental)")
+    parser.add_argument("--compilation-config", "-O", default=None, metavar="JSON",
+                        help='vLLM\'s key cudagraph_mode: \'{"cudagraph_mode": "FULL_AND_PIECEWISE"}\' also replays '
+                             'graphs for steps with prompts (attention eager between them); FULL_DECODE_ONLY '
+                             '(default) graphs decode steps only; NONE is --enforce-eager')
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
                              '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' or \'{"method": "draft_model", '
@@ -81,6 +85,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         tensor_parallel_size=args.tensor_parallel_size,
         custom_all_reduce=args.custom_all_reduce,
         speculative_config=args.speculative_config,
+        compilation_config=args.compilation_config,
     )
 
 

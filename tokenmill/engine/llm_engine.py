@@ -35,6 +35,7 @@ from tokenmill.model.loader import load_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.runner.kv_sizing import num_kv_blocks
 from tokenmill.runner.model_runner import LaunchedStep, ModelRunner
+from tokenmill.runner.piecewise_graphs import PIECEWISE_MAX_TOKENS
 from tokenmill.sampling.penalties import needs_penalties
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.stats import SpecDecodeStats
@@ -145,6 +146,11 @@ class LLMEngine:
             query_lens = tuple(range(1, spec.num_speculative_tokens + 2)) if spec is not None else (1,)
             self.runner.capture_graphs(min(sched_cfg.max_num_seqs, config.runner.max_graph_batch_size),
                                        self.max_model_len, query_lens)
+            if config.runner.piecewise_graphs and executor is not None:
+                logger.warning("cudagraph_mode FULL_AND_PIECEWISE: not with tensor parallelism yet; steps with "
+                               "prompts run eagerly")
+            elif config.runner.piecewise_graphs:
+                self.runner.capture_piecewise_graphs(min(sched_cfg.max_num_batched_tokens, PIECEWISE_MAX_TOKENS))
         if config.cache.calculate_kv_scales:  # after warm-up and capture, whose keys are dummies
             self.runner.kv_caches.arm_scale_calculation()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)

@@ -69,9 +69,9 @@ class LlamaAttention(nn.Module):
         self.attn_backend = attn_backend
         self.kv_scales = KVScales()  # used only when the cache stores FP8
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q [T, heads, dim], k and v [T, kv heads, dim] of this layer's tokens, not yet rotated.
+        Graph-capturable: no metadata, no host reads."""
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -80,15 +80,21 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, _ = self.q_norm(q)
             k, _ = self.k_norm(k)
+        return q, k, v
+
+    def attend(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Rotary, KV-cache write and attention: [T, heads * dim], before ``o_proj``. FP8 scales come from the
+        unrotated keys on both paths (a fused backend rotates inside its cache write)."""
         rotary = self._rotary[0]
         k_scale, v_scale = self.kv_scales.for_cache(kv_cache, k, v)
-        if self.attn_backend.fuses_rotary:  # rotated inside the backend's KV-cache write
+        if self.attn_backend.fuses_rotary:
             out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, (positions, rotary.cos_sin_cache),
                                             k_scale=k_scale, v_scale=v_scale)
         else:
             q, k = rotary(q, k, positions)
             out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, k_scale=k_scale, v_scale=v_scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return out.reshape(q.shape[0], self.q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -119,20 +125,6 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual add is fused into the next norm: rms_norm(x, w, eps, residual) returns (norm(x+r), x+r).
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
-
 
 class LlamaModel(nn.Module):
     def __init__(self, spec: ModelSpec, attn_backend: AttentionBackend, parallel: ParallelContext,
@@ -157,12 +149,33 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        out = residual = None
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            q, k, v, residual = self.forward_piece(index, input_ids, positions, out, residual)
+            out = layer.self_attn.attend(positions, q, k, v, kv_cache, meta)
+        return self.forward_piece(len(self.layers), input_ids, positions, out, residual)[0]
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.layers) + 1
+
+    def forward_piece(self, index: int, input_ids: torch.Tensor, positions: torch.Tensor,
+                      attn_out: torch.Tensor | None, residual: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The forward pass between two attention calls (what piecewise CUDA graphs capture, runner/
+        piecewise_graphs.py; the eager pass runs the same pieces). Piece 0 embeds the tokens and projects layer
+        0's q, k, v; piece i finishes layer i - 1 from its attention output ``attn_out`` and projects layer i's;
+        the last piece finishes the last layer and returns (final hidden states,). Else (q, k, v, residual)."""
+        if index == 0:
+            hidden = self.embed_tokens(input_ids)
+        else:  # the residual add is fused into the next norm: rms_norm(x, w, eps, r) returns (norm(x+r), x+r)
+            layer = self.layers[index - 1]
+            hidden, residual = layer.post_attention_layernorm(layer.self_attn.o_proj(attn_out), residual)
+            hidden = layer.mlp(hidden)
+        if index == len(self.layers):
+            return (self.norm(hidden, residual)[0],)
+        layer = self.layers[index]
+        hidden, residual = layer.input_layernorm(hidden, residual)
+        return (*layer.self_attn.project(positions, hidden), residual)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -23,6 +23,7 @@ from tokenmill.outputs import Logprob
 from tokenmill.runner.cuda_graphs import DecodeGraphs
 from tokenmill.runner.input_batch import InputBatch
 from tokenmill.runner.inputs import ModelInputs, step_arrays, upload_step
+from tokenmill.runner.piecewise_graphs import PiecewiseGraphs
 from tokenmill.sampling.acceptance import accept_drafts
 from tokenmill.sampling.sampler import Sampler, SamplingRow
 from tokenmill.sampling_params import SamplingParams
@@ -105,6 +106,7 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_ids)
         self.kv_caches: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None  # steps with prompts (cudagraph_mode FULL_AND_PIECEWISE)
         self.batch = InputBatch(self.device, samples)
         self.prev_sampled: torch.Tensor | None = None  # the last launched step's sampled ids (device)
         # Speculative decoding with a sampling draft model: request id -> the [k, V] distribution its drafts were
@@ -153,6 +155,11 @@ class ModelRunner:
         self.graphs.capture()
         self._warm_up_staging()
 
+    def capture_piecewise_graphs(self, max_tokens: int) -> None:
+        """Graphs of the pieces between attention calls for steps of up to ``max_tokens`` tokens."""
+        self.piecewise = PiecewiseGraphs(self.model, max_tokens, self.device)
+        self.piecewise.capture()
+
     def _warm_up_staging(self) -> None:
         """Compile both variants of the staging kernel (with and without tokens in flight) now, not mid-run."""
         if not HAS_TRITON or self.graphs is None or self.graphs.inputs is None:
@@ -178,14 +185,18 @@ class ModelRunner:
         return self.run_model(inputs), inputs.sample_rows
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
-        """Logits of the sampling rows: a captured graph for decode batches it covers, else eager."""
+        """Logits of the sampling rows: a captured graph for decode batches it covers, else piecewise graphs
+        (with eager attention) when captured and the step fits, else eager."""
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
             # The graph computed every token's logits (row-major by sequence); keep the sampled ones.
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.in_flight)
             if logits.shape[0] != inputs.sample_indices.shape[0]:  # e.g. a 1-token chunk mid-prompt
                 logits = logits.index_select(0, inputs.sample_indices)
             return logits
-        hidden = self.model(inputs.resolved_ids(), inputs.positions, self.kv_caches, inputs.meta)
+        if self.piecewise is not None and self.piecewise.can_run(inputs.positions.shape[0]):
+            hidden = self.piecewise.run(inputs.resolved_ids(), inputs.positions, self.kv_caches, inputs.meta)
+        else:
+            hidden = self.model(inputs.resolved_ids(), inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
 
     @torch.inference_mode()
