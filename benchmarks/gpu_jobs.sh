@@ -2,7 +2,7 @@
 # Several GPU benchmark jobs in one device call, run one after another on the idle card (never two at once:
 # each times its own work), every job's console log and JSON into one tarball, $OUT/gpu_jobs.tgz (the device
 # tool returns a few files only). Installs the carried wheels (.whl) first.
-#   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_fp32 quantized e2e modelserver
+#   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_fp32 quantized e2e modelserver online_piecewise
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -24,6 +24,13 @@ for job in "$@"; do
     quantized) run python3 benchmarks/gpu_quantized.py --e2e off --out "$out/gpu_quantized_kernels.json" ;;
     e2e) run python3 benchmarks/gpu_quantized.py --e2e only --out "$out/gpu_quantized_e2e.json" ;;
     modelserver) OUT="$out" python3 benchmarks/gpu_modelserver.py --carry .modelserver_carry ;;
+    # Issue 19's p99 ITL: prompt steps eager vs piecewise graphs, same prefill budget, chatbot arrivals at rate 20.
+    online_piecewise) run python3 benchmarks/gpu_online_vs_offline.py --skip-offline --no-step-breakdown \
+                 --num-prompts 200 --warmup-prompts 50 --profile-prompts 0 --chatbot-rates 20 --chatbot-prompts 200 \
+                 --server-args "--max-num-batched-tokens 512" \
+                 --ab-server-args "--compilation-config '{\"cudagraph_mode\":\"FULL_AND_PIECEWISE\"}'" \
+                 --ab-server-args "--max-num-batched-tokens 256 --compilation-config '{\"cudagraph_mode\":\"FULL_AND_PIECEWISE\"}'" \
+                 --out "$out" ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"
