@@ -2,7 +2,7 @@
 # Several GPU benchmark jobs in one device call, run one after another on the idle card (never two at once:
 # each times its own work), every job's console log and JSON into one tarball, $OUT/gpu_jobs.tgz (the device
 # tool returns a few files only). Installs the carried wheels (.whl) first.
-#   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_fp32 quantized e2e modelserver online_piecewise
+#   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -19,6 +19,8 @@ for job in "$@"; do
                  --plot "$out/kv_memory_engine.png" ;;
     fp8) run python3 benchmarks/gpu_fp8.py --out "$out/gpu_fp8.json" ;;
     spec) run python3 benchmarks/gpu_spec_decode.py --out "$out/gpu_spec_decode.json" ;;
+    spec_adaptive) run python3 benchmarks/gpu_spec_decode.py --skip-costs --draft-preset '' \
+                 --out "$out/gpu_spec_decode_adaptive.json" ;;
     spec_fp32) run python3 benchmarks/gpu_spec_decode.py --dtype float32 --skip-costs --adaptive-batches 1 \
                  --adaptive-rounds 1 --draft-preset '' --out "$out/gpu_spec_decode_fp32.json" ;;
     quantized) run python3 benchmarks/gpu_quantized.py --e2e off --out "$out/gpu_quantized_kernels.json" ;;

@@ -8,8 +8,10 @@
    continuation depends on the step's shape, so the oracle iterates to a fixed point (see ``oracle_runs``) and the
    rows record where speculative output first left the plain one.
 3. The adaptive policy (oracle proposals, policy free to pick k or none; its step costs measured from the engine's
-   own steps, the 128-token ridge as their prior) vs plain decoding at batch 1 (it should keep the oracle's speedup)
-   and 256 (within 3% of plain: alternating runs, medians); the costs it measured are recorded.
+   own steps, the 128-token ridge as their prior; its gate choosing overlapped plain or synchronous speculative
+   steps by measured throughput) vs plain decoding at batch 1 (it should keep the oracle's speedup) and 256 (within
+   3% of plain: alternating runs, medians; one decoder for all rounds, as an engine keeps one); the oracle is the
+   fixed point of part 2 (at 256 in bf16 it does not converge: rows diverge, the adversarial case for the policy).
 4. A draft model's proposal cost (``--draft-preset``, random weights: cost only, its drafts mean nothing): ms per
    ``propose_many`` call of k drafts for batches 1..64, its one-token steps on CUDA graphs vs eager, same call.
 
@@ -153,7 +155,6 @@ def run_case(engine: LLMEngine, proposer: Any, prompts: list[list[int]], output_
 
 def oracle_runs(engine: LLMEngine, batches: list[int], k: int, prompt_len: int, output_len: int,
                 max_passes: int = 4) -> list[dict]:
-    device = engine.config.model.device
     rows, vocab = [], engine.model.vocab_size
     for batch in batches:
         generator = torch.Generator().manual_seed(1000 + batch)
@@ -161,20 +162,8 @@ def oracle_runs(engine: LLMEngine, batches: list[int], k: int, prompt_len: int, 
         oracle = OracleProposer()
         run_case(engine, None, prompts, 4, f"warm{batch}-")  # allocator and graphs warm at this batch
         plain_s, outputs = run_case(engine, None, prompts, output_len, f"plain{batch}-")
-        # The target's greedy continuation can depend on the step's shape (bf16: a verification step of 1 + k
-        # tokens per row picks other GEMM kernels than a one-token step, and random weights leave near-tied
-        # argmaxes), so the oracle iterates: each pass proposes what the previous speculative pass produced,
-        # until a pass reproduces its reference (every draft accepted). That last pass is the timed ceiling.
-        reference, passes = outputs, []
-        for attempt in range(max_passes):
-            oracle.reference = {tuple(p): p + o for p, o in zip(prompts, reference, strict=True)}
-            decoder = make_decoder(oracle, k, adaptive=False, device=device)
-            spec_s, spec_outputs = run_case(engine, decoder, prompts, output_len, f"spec{batch}-{attempt}-")
-            passes.append({"seconds": round(spec_s, 4), "reproduced_reference": spec_outputs == reference,
-                           "acceptance_rate": decoder.stats.summary()["acceptance_rate"]})
-            if spec_outputs == reference:
-                break
-            reference = spec_outputs
+        spec_s, spec_outputs, decoder, passes = fixed_point(engine, oracle, prompts, outputs, k, output_len,
+                                                            f"spec{batch}", max_passes)
         tokens = batch * output_len
         row = {"batch": batch, "k": k, "plain_tok_s": round(tokens / plain_s, 1), "spec_tok_s": round(tokens / spec_s, 1),
                "speedup": round(plain_s / spec_s, 3), "identical_to_plain": spec_outputs == outputs,
@@ -186,6 +175,27 @@ def oracle_runs(engine: LLMEngine, batches: list[int], k: int, prompt_len: int, 
               f"{row['identical_to_plain']} {row['first_divergence_from_plain']}", flush=True)
     engine.scheduler.draft_proposer = None
     return rows
+
+
+def fixed_point(engine: LLMEngine, oracle: OracleProposer, prompts: list[list[int]], outputs: list[list[int]], k: int,
+                output_len: int, tag: str, max_passes: int) -> tuple[float, list[list[int]], Any, list[dict]]:
+    """The target's greedy continuation can depend on the step's shape (bf16: a verification step of 1 + k tokens
+    per row picks other GEMM kernels than a one-token step, and random weights leave near-tied argmaxes), so the
+    oracle iterates: each speculative pass (k drafts for every row) proposes what the previous pass produced, until
+    a pass reproduces its reference (every draft accepted). Returns the last pass's seconds, outputs, decoder and
+    the passes' record; ``oracle.reference`` is left at that pass's outputs."""
+    reference, passes = outputs, []
+    for attempt in range(max_passes):
+        oracle.reference = {tuple(p): p + o for p, o in zip(prompts, reference, strict=True)}
+        decoder = make_decoder(oracle, k, adaptive=False, device=engine.config.model.device)
+        spec_s, spec_outputs = run_case(engine, decoder, prompts, output_len, f"{tag}-{attempt}-")
+        passes.append({"seconds": round(spec_s, 4), "reproduced_reference": spec_outputs == reference,
+                       "acceptance_rate": decoder.stats.summary()["acceptance_rate"]})
+        if spec_outputs == reference:
+            break
+        reference = spec_outputs
+    oracle.reference = {tuple(p): p + o for p, o in zip(prompts, spec_outputs, strict=True)}
+    return spec_s, spec_outputs, decoder, passes
 
 
 def first_divergences(reference: list[list[int]], other: list[list[int]]) -> dict[str, Any]:
@@ -205,20 +215,24 @@ def adaptive_run(engine: LLMEngine, batch: int, k: int, prompt_len: int, output_
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=generator).tolist() for _ in range(batch)]
     oracle = OracleProposer()
     _, outputs = run_case(engine, None, prompts, output_len, "ref-")
-    oracle.reference = {tuple(p): p + o for p, o in zip(prompts, outputs, strict=True)}
+    passes = fixed_point(engine, oracle, prompts, outputs, k, output_len, f"ref{batch}", 3)[3]
     plain, adaptive, chosen, costs = [], [], [], []
+    decoder = make_decoder(oracle, k, adaptive=True, device=device)  # one per engine, as the engine builds it
     for r in range(rounds):
         plain.append(run_case(engine, None, prompts, output_len, f"p{r}-")[0])
-        decoder = make_decoder(oracle, k, adaptive=True, device=device)
+        before = decoder.stats.num_drafts
         adaptive.append(run_case(engine, decoder, prompts, output_len, f"a{r}-")[0])
-        chosen.append(decoder.stats.num_drafts)
+        chosen.append(decoder.stats.num_drafts - before)
         costs = [(n, round(seconds * 1e3, 3)) for n, seconds in decoder.policy.step_cost.points()]
+    gate = {f"{bucket}": {("speculative" if mode else "plain"): round(decoder.gate.rate(bucket, mode) or 0.0, 1)
+                          for mode in (True, False)} for bucket in decoder.gate.buckets}
     engine.scheduler.draft_proposer = None
     tokens = batch * output_len
     row = {"batch": batch, "k_max": k, "plain_tok_s": round(tokens / statistics.median(plain), 1),
            "adaptive_tok_s": round(tokens / statistics.median(adaptive), 1),
            "adaptive_vs_plain": round(statistics.median(plain) / statistics.median(adaptive), 4),
-           "verification_rows": chosen, "plain_s": plain, "adaptive_s": adaptive,
+           "verification_rows": chosen, "plain_s": plain, "adaptive_s": adaptive, "oracle_passes": passes,
+           "gate_tok_s": gate,  # per batch bucket, the last measured decode tokens/s of each mode
            "measured_step_ms": costs}  # the last round's (query tokens, median ms) per measured size
     print(f"adaptive batch {batch}: plain {row['plain_tok_s']} tok/s, adaptive {row['adaptive_tok_s']} tok/s "
           f"({row['adaptive_vs_plain']:.3f}x), verification rows {chosen}, measured ms {costs}", flush=True)

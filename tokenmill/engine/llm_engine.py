@@ -53,6 +53,9 @@ class InFlightStep:
     sampling: list[Sequence]  # sequences that sample this step (each has one token in flight)
     has_drafts: bool = False  # verification rows: their computed counts wait for the rollback on landing
     launched_at: float = 0.0  # time.monotonic() at launch: the speculation policy's measured step costs
+    # Launched after the previous step landed (True: proposals were possible), or while it ran (False); None: no
+    # step was in flight. The speculation gate compares the two modes' throughput (spec_decode/mode_gate.py).
+    synchronous: bool | None = None
 
 
 @dataclass
@@ -165,6 +168,7 @@ class LLMEngine:
                                         self.model.vocab_size, self.eos_token_ids)
         self.async_scheduling = config.runner.schedules_async(on_cuda)
         self.in_flight: InFlightStep | None = None
+        self._last_landing: float | None = None  # time.monotonic() of the last landed step (speculation gate)
         self.num_steps = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -291,8 +295,12 @@ class LLMEngine:
         """Run one step; returns outputs of the requests that progressed (with async scheduling: of the
         previous step, whose ids land while this one runs)."""
         outputs: list[RequestOutput] = []
-        if self.in_flight is not None and (self.in_flight.has_drafts or self._needs_history_ids()):
-            outputs = self._land_in_flight()
+        synchronous = None
+        if self.in_flight is not None:
+            wants_ids = self._needs_history_ids()  # asked every step: a speculation gate counts them
+            synchronous = self.in_flight.has_drafts or wants_ids
+            if synchronous:
+                outputs = self._land_in_flight()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.in_flight is not None:
@@ -332,7 +340,7 @@ class LLMEngine:
             landed += self._land_in_flight()
         outputs += landed
         self.in_flight = InFlightStep(sched, launched, sampling, any(item.draft_token_ids for item in sched.scheduled),
-                                      now)
+                                      now, synchronous)
         if not self.async_scheduling:
             outputs += self._land_in_flight()
         return outputs
@@ -346,6 +354,17 @@ class LLMEngine:
             if active is None or active(len(self.scheduler.running)):
                 return True
         return any(needs_penalties(seq.params) for seq in self.scheduler.running)
+
+    def _observe_cycle(self, step: InFlightStep, result: Any, now: float) -> None:
+        """Tell a speculation gate what a decode-only step gained and how long since the previous landing."""
+        previous, self._last_landing = self._last_landing, now
+        observe_cycle = getattr(self.scheduler.draft_proposer, "observe_cycle", None)
+        if observe_cycle is None or step.synchronous is None or previous is None:
+            return
+        if not all(item.samples and item.num_tokens == 1 + len(item.draft_token_ids) for item in step.sched.scheduled):
+            return  # prompt tokens in the step: not a comparison of decoding modes
+        tokens = sum(len(result.token_ids[seq.seq_id]) for seq in step.sampling if not seq.status.finished)
+        observe_cycle(len(step.sched.scheduled), step.synchronous, tokens, now - previous)
 
     def _land_in_flight(self) -> list[RequestOutput]:
         """Wait for the in-flight step's ids, append them, roll back rejected drafts, check stop conditions, free
@@ -361,6 +380,7 @@ class LLMEngine:
         observe_step = getattr(self.scheduler.draft_proposer, "observe_step", None)
         if observe_step is not None:  # launch to landing: what a step of this many tokens costs (no extra sync)
             observe_step(step.sched.num_tokens, now - step.launched_at)
+        self._observe_cycle(step, result, now)
         for seq in step.sampling:
             if seq.status.finished:  # stopped at the step before (or aborted): this row was surplus
                 continue

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from tokenmill.config import SpeculativeConfig
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.spec_decode.policy import AdaptivePolicy
+from tokenmill.spec_decode.mode_gate import ModeGate
+from tokenmill.spec_decode.policy import NO_DRAFTS, AdaptivePolicy
 from tokenmill.spec_decode.stats import SpecDecodeStats
 from tokenmill.spec_decode.step_cost import measured_step_cost
 
@@ -50,6 +51,10 @@ class SpeculativeDecoder:
         self.policy = policy
         self.pad_to_uniform = pad_to_uniform
         self.stats = SpecDecodeStats()
+        # An overlapping engine asks ``active`` once per step: the gate picks overlapped plain steps or synchronous
+        # speculative ones by measured throughput (mode_gate.py); proposals follow its choice.
+        self.gate = ModeGate()
+        self.speculating = True
         self.log_interval_s = 10.0
         self._logged = SpecDecodeStats()
         self._next_log = time.monotonic() + self.log_interval_s
@@ -59,8 +64,15 @@ class SpeculativeDecoder:
         return self.policy.max_k
 
     def active(self, num_running: int) -> bool:
-        """Whether a step of ``num_running`` sequences may get drafts (else the engine keeps async scheduling)."""
-        return self.policy.may_speculate(num_running)
+        """Whether the next step of ``num_running`` sequences may get drafts (else the engine keeps overlapping
+        steps). Asked once per step by an engine that overlaps them; an adaptive policy's answer is the gate's."""
+        self.speculating = self.policy.may_speculate(num_running) and (
+            not self.policy.adaptive or self.gate.choose(num_running))
+        return self.speculating
+
+    def observe_cycle(self, batch: int, speculative: bool, tokens: int, seconds: float) -> None:
+        """A decode-only step of ``batch`` rows in that mode gained ``tokens`` in ``seconds`` (landing to landing)."""
+        self.gate.record(batch, speculative, tokens, seconds)
 
     def propose(self, seq_id: str, token_ids: list[int], max_num_tokens: int) -> list[int]:
         """The single-sequence DraftProposer call (a batch of one)."""
@@ -72,7 +84,8 @@ class SpeculativeDecoder:
         return getattr(self.proposer, "draft_probs", None)
 
     def propose_batch(self, requests: list[DraftRequest], num_other_tokens: int = 0) -> dict[str, list[int]]:
-        plan = self.policy.plan([r.seq_id for r in requests], num_other_tokens, uniform=self.pad_to_uniform)
+        plan = (self.policy.plan([r.seq_id for r in requests], num_other_tokens, uniform=self.pad_to_uniform)
+                if self.speculating else NO_DRAFTS)
         k = plan.k
         if k == 0:
             probs = self.draft_probs
