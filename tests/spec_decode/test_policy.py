@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from tokenmill.spec_decode.policy import AdaptivePolicy, expected_tokens
-from tokenmill.spec_decode.step_cost import RidgeStepCost
+from tokenmill.spec_decode.step_cost import RidgeStepCost, measured_step_cost
 
 
 class LinearCost:
@@ -127,3 +127,15 @@ def test_may_speculate_is_false_once_the_batch_saturates():
     assert AdaptivePolicy(max_k=4, step_cost=ridge(), adaptive=False).may_speculate(256)
     # Steps that cost in proportion to their tokens from the first one: no batch pays for drafts.
     assert not AdaptivePolicy(max_k=4, step_cost=LinearCost(fixed=0.0, per_token=1.0)).may_speculate(1)
+
+
+def test_giving_up_overlap_is_judged_by_the_prior_not_the_measured_costs():
+    """Measured costs that make a 5-token verification at batch 256 look cheap (launch to landing cannot see what
+    overlapping steps saves) still leave an overlapping engine plain there; plan() uses the measurements."""
+    cost = measured_step_cost("cuda")
+    for _ in range(3):
+        cost.record(256, 0.015)
+        cost.record(1280, 0.020)
+    policy = AdaptivePolicy(max_k=4, step_cost=cost)
+    assert not policy.may_speculate(256) and policy.may_speculate(8)
+    assert policy.plan([f"s{i}" for i in range(256)], uniform=True).k > 0

@@ -106,12 +106,12 @@ class AdaptivePolicy:
                 estimate.rest(self.rest_decay)
         return DraftPlan(k, chosen) if k else NO_DRAFTS
 
-    def _best(self, batch: int, rates: list[float] | None, num_other_tokens: int,
-              uniform: bool) -> tuple[int, int]:
+    def _best(self, batch: int, rates: list[float] | None, num_other_tokens: int, uniform: bool,
+              cost: StepCost | None = None) -> tuple[int, int]:
         """(k, m): drafts per row and how many of the best rows (``rates``: descending; None: all accept) get them;
         (0, 0) when plain decoding pays best. Row counts m beyond 16 are tried on a grid of batch / 16 steps, so a
-        large batch costs a few hundred cost look-ups, not k x batch."""
-        cost = self.step_cost
+        large batch costs a few hundred cost look-ups, not k x batch. ``cost``: default the measured step cost."""
+        cost = cost or self.step_cost
         counts = [batch] if uniform else _row_counts(batch)
         best_k, best_m = 0, 0
         best = batch / cost(batch + num_other_tokens) * self.min_gain
@@ -138,13 +138,19 @@ class AdaptivePolicy:
         return best_k, best_m
 
     def may_speculate(self, batch: int) -> bool:
-        """Whether any k could pay off at this batch size even if every draft were accepted (when not, the engine
-        keeps overlapping steps instead of waiting for ids a proposal would need)."""
+        """Whether any k could pay off at this batch size even if every draft were accepted; asked by an engine
+        that overlaps its steps, which must give that up to speculate (proposals need each step's ids).
+
+        Answered with the step-cost prior (the roofline ridge), not the measured costs: those come from launch to
+        landing and cannot see what overlap saves. On an H100 (Llama-3-8B shape, batch 256) the measured costs made
+        verification look worth trying, the engine gave up overlap, and ran at 0.77x plain decoding on rejected
+        drafts; with the prior here (the previous policy) the same run measured 0.992x. Below the ridge the gate
+        (mode_gate.py) then compares both modes' measured throughput."""
         if not batch or (self.disable_by_batch_size is not None and batch > self.disable_by_batch_size):
             return False
         if not self.adaptive:
             return True
-        return self._best(batch, None, 0, uniform=True)[0] > 0
+        return self._best(batch, None, 0, uniform=True, cost=getattr(self.step_cost, "prior", self.step_cost))[0] > 0
 
     def observe(self, seq_id: str, num_drafts: int, num_accepted: int) -> None:
         estimate = self.estimates.setdefault(seq_id, AcceptanceEstimate())
