@@ -203,17 +203,23 @@ CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
 COMPILATION_CONFIG_KEYS = ("cudagraph_mode",)  # the keys of vLLM's --compilation-config this engine reads
 
 
-def parse_compilation_config(value: str | dict[str, Any] | None) -> dict[str, Any]:
-    """vLLM's ``--compilation-config`` (JSON or a dict) as runner keyword arguments; unknown keys are errors."""
-    if value is None:
-        return {}
+def json_object(value: str | dict[str, Any], name: str) -> dict[str, Any]:
+    """A JSON-object flag (``--speculative-config``, ``--compilation-config``) given as text or as a dict."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"compilation_config must be a JSON object; {exc}") from None
+            raise ValueError(f"--{name.replace('_', '-')} must be a JSON object; {exc}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"compilation_config must be a JSON object; got {value!r}")
+        raise ValueError(f"{name} must be a JSON object; got {type(value).__name__}")
+    return value
+
+
+def parse_compilation_config(value: str | dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's ``--compilation-config`` (JSON or a dict) as runner keyword arguments; unknown keys are errors."""
+    if value is None:
+        return {}
+    value = json_object(value, "compilation_config")
     unknown = sorted(set(value) - set(COMPILATION_CONFIG_KEYS))
     if unknown:
         raise ValueError(f"compilation_config keys {unknown} are not supported; known: {list(COMPILATION_CONFIG_KEYS)}")
@@ -320,13 +326,7 @@ class SpeculativeConfig:
         """From a JSON string (the CLI flag), a dict (``LLM(speculative_config={...})``) or the object itself."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"--speculative-config must be a JSON object; {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a JSON object; got {type(value).__name__}")
+        value = json_object(value, "speculative_config")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
