@@ -56,7 +56,9 @@ def encoder_config(args: argparse.Namespace, work: Path) -> DistillConfig:
     # lr, batch size, hidden-state matching and frozen word embeddings: the encoder defaults unless given.
     layer_map = [int(x) for x in args.encoder_layer_map.split(",")] if args.encoder_layer_map else None
     return DistillConfig(target="encoder", student_layers=None if layer_map else args.encoder_layers,
-                         layer_map=layer_map, steps=args.encoder_steps, batch_size=args.encoder_batch, seq_len=64,
+                         layer_map=layer_map, student_intermediate_size=args.encoder_intermediate_size,
+                         intermediate_init=args.encoder_intermediate_init, steps=args.encoder_steps,
+                         batch_size=args.encoder_batch, seq_len=64,
                          lr=args.encoder_lr, warmup_steps=min(args.encoder_warmup, args.encoder_steps - 1),
                          temperature=2.0, embedding_weight=1.0, hidden_weight=args.encoder_hidden_weight,
                          hidden_layers=args.encoder_hidden_layers, student_dropout=args.encoder_dropout,
@@ -306,6 +308,9 @@ def main() -> None:
     parser.add_argument("--encoder-steps", type=int, default=40)
     parser.add_argument("--encoder-layers", type=int, default=2)
     parser.add_argument("--encoder-layer-map", default=None, help="e.g. 0,4,5 (sets the student's depth)")
+    parser.add_argument("--encoder-intermediate-size", type=int, default=None,
+                        help="the student's FFN width (default: the teacher's 1536)")
+    parser.add_argument("--encoder-intermediate-init", default="norm", choices=("norm", "first"))
     parser.add_argument("--encoder-batch", type=int, default=None, help="default: the encoder target's")
     parser.add_argument("--encoder-lr", type=float, default=None, help="default: the encoder target's")
     parser.add_argument("--encoder-warmup", type=int, default=4)
@@ -360,7 +365,8 @@ def main() -> None:
         kind = ""
         if target == "encoder":  # two students (2 and 3 layers) started in one minute must not overwrite each other
             depth = len(args.encoder_layer_map.split(",")) if args.encoder_layer_map else args.encoder_layers
-            kind = f"_l{depth}_speed" if "measured_student" in record else f"_l{depth}"
+            kind = f"_l{depth}" + (f"_i{args.encoder_intermediate_size}" if args.encoder_intermediate_size else "")
+            kind += "_speed" if "measured_student" in record else ""
         path = args.results / f"distill_{target}{kind}_{stamp}.json"
         path.write_text(json.dumps(record, indent=2))
         if "history" in record:

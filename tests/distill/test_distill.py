@@ -260,3 +260,20 @@ def test_encoder_teacher_targets_computed_once_equal_the_teachers_outputs(bert_t
                                           .last_hidden_state, mask), dim=-1)
     torch.testing.assert_close(task.train_targets[0][rows], embedding, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(task.train_targets[1][rows], task.teacher.head(embedding), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_encoder_with_a_narrower_ffn_starts_from_teacher_neurons_and_exports(bert_teacher, text_file, tmp_path):
+    out, repository = tmp_path / "narrow_ffn", tmp_path / "models"
+    argv = ["distill", "--target", "encoder", "--teacher", str(bert_teacher[0]), "--teacher-head",
+            str(bert_teacher[1]), "--data", str(text_file), "--out", str(out), "--layer-map", "0,3",
+            "--student-intermediate-size", "24", "--steps", "2", "--warmup-steps", "0", "--seq-len", "32",
+            "--batch-size", "4", "--checkpoint-every", "0", "--repository", str(repository), "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["config"]["intermediate_init"] == "norm"
+    assert summary["model"]["student_intermediate_size"] == 24
+    copied, total = (int(n) for n in summary["model"]["init"].split()[0].split("/"))
+    assert copied == total  # the FFN tensors were sliced from the teacher's, not left random
+    assert summary["export"]["max_abs_vs_torch"] <= summary["export"]["atol"]
+    assert (repository / "narrow_ffn" / "1" / "model.onnx").is_file()
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 24
