@@ -141,11 +141,17 @@ def encoder_speed(args: argparse.Namespace, student_onnx: Path, work: Path) -> d
 def speed_record(speed: dict) -> dict:
     speedup = {b: speed["student"][b]["throughput_per_s"] / speed["teacher"][b]["throughput_per_s"]
                for b in speed["teacher"]}
+    # Each round times the teacher then the student back to back, so a round's ratio sees one load; the median
+    # of those ratios resists a load that moves between rounds better than the ratio of the two medians.
+    paired = {b: statistics.median(s / t for s, t in zip(speed["student"][b]["throughput_per_s_rounds"],
+                                                          speed["teacher"][b]["throughput_per_s_rounds"], strict=True))
+              for b in speed["teacher"]}
     # bench-model's synthetic feeds: the same seeded ids for both graphs (same input names), every token real
     inputs = {"seq_len": 64, "input_ids": "seeded random ids in [1000, 20000), identical for teacher and student",
               "attention_mask": "all ones", "onnxruntime": "CPU, bench-model's OrtBackend (spinning, one caller)"}
-    return {"speed": speed, "speed_inputs": inputs, "speedup": speedup,
-            "speed_target_met": all(v >= 2.5 for v in speedup.values())}
+    return {"speed": speed, "speed_inputs": inputs, "speedup": speedup, "speedup_paired_rounds_median": paired,
+            "speed_target_met": all(v >= 2.5 for v in speedup.values()),
+            "speed_target_met_paired": all(v >= 2.5 for v in paired.values())}
 
 
 def with_training_record(path: Path, speed: dict) -> dict:

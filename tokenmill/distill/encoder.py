@@ -269,7 +269,8 @@ class EncoderTask:
         return {"teacher": str(self.teacher_dir), "teacher_params": self.teacher_params,
                 "student_params": self.student_params, "student_layers": enc.num_hidden_layers,
                 "student_hidden_size": enc.hidden_size, "student_intermediate_size": enc.intermediate_size,
-                "teacher_layers": self.teacher.encoder.config.num_hidden_layers, "layer_map": self.layer_map,
+                "teacher_layers": self.teacher.encoder.config.num_hidden_layers,
+                "layer_map": None if self.config.student else self.layer_map,  # --student: its own weights
                 "init": self.init_report, "word_embeddings": "frozen" if self.freeze_word_embeddings else "trained",
                 "data": self.data_source, "train_sentences": len(self.sentences),
                 "eval_sentences": len(self.eval_sentences), "labelled_eval": len(self.labelled_eval)}
