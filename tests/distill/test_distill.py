@@ -104,7 +104,11 @@ def test_encoder_lowers_kd_loss_and_kl_and_exports_to_onnx(bert_teacher, text_fi
     assert (repository / "encoder" / "config.yaml").is_file()
     assert summary["export"]["max_abs_vs_torch"] == report["validation"]["max_abs"]
 
-    # The model server loads the student's repository entry and its logits are the PyTorch student's.
+    assert_served_like_pytorch(repository, "encoder", out)
+
+
+def assert_served_like_pytorch(repository: Path, name: str, student_dir: Path) -> None:
+    """The model server loads the student's repository entry and its logits are the PyTorch student's."""
     from tokenmill.modelserver import bundled
     from tokenmill.modelserver.metrics import ServerMetrics
     from tokenmill.modelserver.repository import ModelRepository
@@ -113,16 +117,16 @@ def test_encoder_lowers_kd_loss_and_kl_and_exports_to_onnx(bert_teacher, text_fi
 
     async def serve(root: Path) -> dict:
         models = ModelRepository(root, ServerMetrics(), device="cpu")
-        await models.load("encoder")
+        await models.load(name)
         try:
-            return await models.get("encoder").infer(texts)
+            return await models.get(name).infer(texts)
         finally:
             await models.close()
 
     served = asyncio.run(serve(repository))
-    head, _ = bundled.load_head(out / "head.json")
-    student = bundled.MeanPoolClassifier(bundled.load_encoder(out), head).eval()
-    encoded = bundled.load_tokenizer(out).encode_batch(texts)
+    head, _ = bundled.load_head(student_dir / "head.json")
+    student = bundled.MeanPoolClassifier(bundled.load_encoder(student_dir), head).eval()
+    encoded = bundled.load_tokenizer(student_dir).encode_batch(texts)
     with torch.no_grad():
         expected = student(torch.tensor([e.ids for e in encoded]), torch.tensor([e.attention_mask for e in encoded]))
     torch.testing.assert_close(torch.from_numpy(served["logits"]), expected, atol=1e-4, rtol=1e-4)
@@ -275,5 +279,5 @@ def test_cli_encoder_with_a_narrower_ffn_starts_from_teacher_neurons_and_exports
     copied, total = (int(n) for n in summary["model"]["init"].split()[0].split("/"))
     assert copied == total  # the FFN tensors were sliced from the teacher's, not left random
     assert summary["export"]["max_abs_vs_torch"] <= summary["export"]["atol"]
-    assert (repository / "narrow_ffn" / "1" / "model.onnx").is_file()
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 24
+    assert_served_like_pytorch(repository, "narrow_ffn", out)
