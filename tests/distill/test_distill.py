@@ -104,7 +104,11 @@ def test_encoder_lowers_kd_loss_and_kl_and_exports_to_onnx(bert_teacher, text_fi
     assert (repository / "encoder" / "config.yaml").is_file()
     assert summary["export"]["max_abs_vs_torch"] == report["validation"]["max_abs"]
 
-    # The model server loads the student's repository entry and its logits are the PyTorch student's.
+    assert_served_like_pytorch(repository, "encoder", out)
+
+
+def assert_served_like_pytorch(repository: Path, name: str, student_dir: Path) -> None:
+    """The model server loads the student's repository entry and its logits are the PyTorch student's."""
     from tokenmill.modelserver import bundled
     from tokenmill.modelserver.metrics import ServerMetrics
     from tokenmill.modelserver.repository import ModelRepository
@@ -113,16 +117,16 @@ def test_encoder_lowers_kd_loss_and_kl_and_exports_to_onnx(bert_teacher, text_fi
 
     async def serve(root: Path) -> dict:
         models = ModelRepository(root, ServerMetrics(), device="cpu")
-        await models.load("encoder")
+        await models.load(name)
         try:
-            return await models.get("encoder").infer(texts)
+            return await models.get(name).infer(texts)
         finally:
             await models.close()
 
     served = asyncio.run(serve(repository))
-    head, _ = bundled.load_head(out / "head.json")
-    student = bundled.MeanPoolClassifier(bundled.load_encoder(out), head).eval()
-    encoded = bundled.load_tokenizer(out).encode_batch(texts)
+    head, _ = bundled.load_head(student_dir / "head.json")
+    student = bundled.MeanPoolClassifier(bundled.load_encoder(student_dir), head).eval()
+    encoded = bundled.load_tokenizer(student_dir).encode_batch(texts)
     with torch.no_grad():
         expected = student(torch.tensor([e.ids for e in encoded]), torch.tensor([e.attention_mask for e in encoded]))
     torch.testing.assert_close(torch.from_numpy(served["logits"]), expected, atol=1e-4, rtol=1e-4)
@@ -260,3 +264,20 @@ def test_encoder_teacher_targets_computed_once_equal_the_teachers_outputs(bert_t
                                           .last_hidden_state, mask), dim=-1)
     torch.testing.assert_close(task.train_targets[0][rows], embedding, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(task.train_targets[1][rows], task.teacher.head(embedding), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_encoder_with_a_narrower_ffn_starts_from_teacher_neurons_and_exports(bert_teacher, text_file, tmp_path):
+    out, repository = tmp_path / "narrow_ffn", tmp_path / "models"
+    argv = ["distill", "--target", "encoder", "--teacher", str(bert_teacher[0]), "--teacher-head",
+            str(bert_teacher[1]), "--data", str(text_file), "--out", str(out), "--layer-map", "0,3",
+            "--student-intermediate-size", "24", "--steps", "2", "--warmup-steps", "0", "--seq-len", "32",
+            "--batch-size", "4", "--checkpoint-every", "0", "--repository", str(repository), "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["config"]["intermediate_init"] == "norm"
+    assert summary["model"]["student_intermediate_size"] == 24
+    copied, total = (int(n) for n in summary["model"]["init"].split()[0].split("/"))
+    assert copied == total  # the FFN tensors were sliced from the teacher's, not left random
+    assert summary["export"]["max_abs_vs_torch"] <= summary["export"]["atol"]
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 24
+    assert_served_like_pytorch(repository, "narrow_ffn", out)

@@ -101,6 +101,8 @@ def test_config_checks():
         DistillConfig(target="encoder", student_dropout=1.0)
     with pytest.raises(ValueError, match="--hidden-layers 'middle' is not supported"):
         DistillConfig(hidden_layers="middle")
+    with pytest.raises(ValueError, match="--intermediate-init 'random' is not supported; choose norm or first"):
+        DistillConfig(target="encoder", intermediate_init="random")
     # Fields left None take the target's values; given ones stay.
     draft, encoder = DistillConfig(), DistillConfig(target="encoder", lr=2e-4, layer_map=[0, 4, 5])
     assert (draft.lr, draft.batch_size, draft.hidden_weight, draft.hidden_layers) == (5e-4, 8, 0.0, "all")
@@ -143,3 +145,44 @@ def test_student_shapes_and_teacher_initialisation():
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     narrow_student = LlamaForCausalLM(narrow)
     assert init_from_teacher(narrow_student, teacher, [0, 3])[0] == 0  # no shape matches: random init stays
+
+
+def _half_dead_ffn_teacher(model_class, config) -> torch.nn.Module:
+    """A random teacher in which a random half of every layer's FFN neurons is never read (its output weight
+    columns are zero), so dropping exactly those neurons leaves every layer's output unchanged."""
+    torch.manual_seed(0)
+    teacher = model_class(config).eval()
+    size = config.intermediate_size
+    with torch.no_grad():
+        for name, weight in teacher.named_parameters():
+            if name.endswith(("output.dense.weight", "down_proj.weight")) and weight.shape[-1] == size:
+                weight[:, torch.randperm(size)[: size // 2]] = 0.0
+    return teacher
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_narrower_ffn_keeps_the_teachers_largest_norm_neurons(family):
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    if family == "bert":
+        model_class, config = BertModel, BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                                                    num_attention_heads=4, intermediate_size=96)
+    else:
+        model_class, config = LlamaForCausalLM, LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96,
+                                                            num_hidden_layers=3, num_attention_heads=4,
+                                                            num_key_value_heads=2)
+    teacher = _half_dead_ffn_teacher(model_class, config)
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        expected = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    results = {}
+    for how in ("norm", "first"):
+        student = model_class(student_config(config, 3, None, 48)).eval()
+        copied, total = init_from_teacher(student, teacher, [0, 1, 2], how)
+        assert copied == total  # the FFN tensors too, sliced to the kept neurons
+        with torch.no_grad():
+            states = student(input_ids=ids, output_hidden_states=True).hidden_states
+        results[how] = max(float((s - t).abs().max()) for s, t in zip(states, expected, strict=True))
+    # The norm score finds the live half exactly: the narrower student computes the teacher's function.
+    assert results["norm"] < 1e-5
+    assert results["first"] > 1e-2  # the first half of the neurons includes dead ones and drops live ones

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokenmill.distill.config import HIDDEN_LAYERS, KD_LOSSES, TARGETS
+from tokenmill.distill.config import HIDDEN_LAYERS, INTERMEDIATE_INITS, KD_LOSSES, TARGETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="teacher layers the student's layers start from, e.g. 0,4,5 (default: evenly spaced, "
                         "first and last kept)")
     p.add_argument("--student-hidden-size", type=int, default=None, help="student width (default: the teacher's)")
-    p.add_argument("--student-intermediate-size", type=int, default=None)
+    p.add_argument("--student-intermediate-size", type=int, default=None,
+                   help="student FFN width (default: the teacher's, scaled with --student-hidden-size)")
+    p.add_argument("--intermediate-init", default="norm", choices=INTERMEDIATE_INITS,
+                   help="a narrower FFN at the teacher's width starts from the teacher's FFN neurons with the largest "
+                        "in x out weight norms (norm) or its first ones (first)")
     p.add_argument("--data", default=None, help="text or JSONL ({\"text\": ...}) file (default: bundled KJV)")
     p.add_argument("--eval-data", default=None, help="held-out text (default: bundled KJV held-out, or the "
                                                       "data's last 10%% when --data is given)")

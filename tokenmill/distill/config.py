@@ -12,6 +12,7 @@ from pathlib import Path
 TARGETS = ("draft", "encoder")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 HIDDEN_LAYERS = ("all", "last")
+INTERMEDIATE_INITS = ("norm", "first")  # which teacher FFN neurons a narrower-FFN student starts from
 # Per-target values of the fields left None. The encoder's are the measured recipe (docs/DISTILL.md): per-token
 # matching of the last layer beside the pooled cosine, the teacher's word embeddings kept fixed, larger steps.
 TARGET_DEFAULTS = {
@@ -20,7 +21,7 @@ TARGET_DEFAULTS = {
 }
 # Fields that change the trained result: a resumed run must match the checkpoint's values.
 RESUME_FIELDS = ("target", "teacher", "student", "student_layers", "layer_map", "student_hidden_size",
-                 "student_intermediate_size", "data", "seq_len", "batch_size", "grad_accum", "steps", "lr",
+                 "student_intermediate_size", "intermediate_init", "data", "seq_len", "batch_size", "grad_accum", "steps", "lr",
                  "warmup_steps", "temperature", "kd_loss", "jsd_beta", "seed", "hidden_weight", "hidden_layers",
                  "embedding_weight", "freeze_word_embeddings", "student_dropout")
 
@@ -35,6 +36,8 @@ class DistillConfig:
     layer_map: list[int] | None = None  # teacher layer each student layer starts from; None: evenly spaced
     student_hidden_size: int | None = None  # None: the teacher's width (then layers are copied from it)
     student_intermediate_size: int | None = None  # None: the teacher's, scaled with the width
+    # a narrower FFN at the teacher's width keeps the teacher's largest-norm FFN neurons ("norm") or its first
+    intermediate_init: str = "norm"
     data: str | None = None  # text file or JSONL ({"text": ...}); None: bundled KJV text
     eval_data: str | None = None  # None: bundled held-out KJV with the default data, else the data's last 10%
     out: str = "distilled"
@@ -80,6 +83,8 @@ class DistillConfig:
         if self.freeze_word_embeddings and self.target != "encoder":
             raise ValueError("--freeze-word-embeddings applies to --target encoder only (a draft's embeddings are "
                              "usually tied to its output head)")
+        if self.intermediate_init not in INTERMEDIATE_INITS:
+            raise ValueError(f"--intermediate-init {self.intermediate_init!r} is not supported; choose norm or first")
         if self.kd_loss not in KD_LOSSES:
             raise ValueError(f"--kd-loss {self.kd_loss!r} is not supported; choose one of {', '.join(KD_LOSSES)}")
         positive = {"steps": self.steps, "batch-size": self.batch_size, "grad-accum": self.grad_accum,

@@ -92,7 +92,7 @@ class EncoderTask:
             torch.manual_seed(config.seed)
             encoder = AutoModel.from_config(shape, attn_implementation="eager")
             layer_map = teacher_layer_map(teacher.encoder.config.num_hidden_layers, shape.num_hidden_layers, config.layer_map)
-            copied, total = init_from_teacher(encoder, teacher.encoder, layer_map)
+            copied, total = init_from_teacher(encoder, teacher.encoder, layer_map, config.intermediate_init)
             self.init_report = f"{copied}/{total} tensors copied from teacher layers {layer_map}"
             trained_embeddings = shape.hidden_size == teacher.encoder.config.hidden_size
         self.freeze_word_embeddings = (trained_embeddings if config.freeze_word_embeddings is None
@@ -268,8 +268,9 @@ class EncoderTask:
         enc = self.student.encoder.config
         return {"teacher": str(self.teacher_dir), "teacher_params": self.teacher_params,
                 "student_params": self.student_params, "student_layers": enc.num_hidden_layers,
-                "student_hidden_size": enc.hidden_size,
-                "teacher_layers": self.teacher.encoder.config.num_hidden_layers, "layer_map": self.layer_map,
+                "student_hidden_size": enc.hidden_size, "student_intermediate_size": enc.intermediate_size,
+                "teacher_layers": self.teacher.encoder.config.num_hidden_layers,
+                "layer_map": None if self.config.student else self.layer_map,  # --student: its own weights
                 "init": self.init_report, "word_embeddings": "frozen" if self.freeze_word_embeddings else "trained",
                 "data": self.data_source, "train_sentences": len(self.sentences),
                 "eval_sentences": len(self.eval_sentences), "labelled_eval": len(self.labelled_eval)}

@@ -8,6 +8,8 @@ import re
 import torch
 from torch import nn
 
+from tokenmill.distill.config import INTERMEDIATE_INITS
+
 _LAYER_INDEX = re.compile(r"\b(layers?)\.(\d+)\.")  # model.layers.N. (Llama) / encoder.layer.N. (BERT)
 
 
@@ -86,12 +88,42 @@ def hidden_pairs(student_states: tuple[torch.Tensor, ...], teacher_states: tuple
     return (students[-1:], teachers[-1:]) if which == "last" else (students, teachers)
 
 
+def ffn_neuron_scores(teacher_state: dict[str, torch.Tensor], layer_prefix: str, intermediate: int) -> torch.Tensor:
+    """Importance of each of a teacher layer's ``intermediate`` FFN neurons: the product of the L2 norms of the
+    weight rows/columns that feed and read it (BERT intermediate.dense + output.dense, Llama gate/up + down),
+    so a neuron that is written or read weakly ranks low whichever side is small."""
+    scores = torch.ones(intermediate)
+    for name, tensor in teacher_state.items():
+        if not name.startswith(layer_prefix) or tensor.dim() != 2 or list(tensor.shape).count(intermediate) != 1:
+            continue
+        axis = tensor.shape.index(intermediate)
+        scores = scores * tensor.float().norm(dim=1 - axis)
+    return scores
+
+
+def _ffn_neurons(teacher_state: dict[str, torch.Tensor], layer_prefix: str, teacher_size: int, student_size: int,
+                 how: str) -> torch.Tensor:
+    """Which of the teacher's FFN neurons (in their original order) a narrower student layer keeps."""
+    if how == "first":
+        return torch.arange(student_size)
+    top = ffn_neuron_scores(teacher_state, layer_prefix, teacher_size).topk(student_size).indices
+    return top.sort().values
+
+
 @torch.no_grad()
-def init_from_teacher(student: nn.Module, teacher: nn.Module, layer_map: list[int]) -> tuple[int, int]:
+def init_from_teacher(student: nn.Module, teacher: nn.Module, layer_map: list[int],
+                      intermediate_init: str = "norm") -> tuple[int, int]:
     """Copy every teacher tensor whose shape matches into the student (student layer j <- teacher layer
-    layer_map[j]); the rest keep their random init. Returns (copied, total) student tensors."""
+    layer_map[j]); with a narrower FFN (fewer intermediate neurons, same width) a layer's FFN tensors take the
+    teacher's rows/columns of the kept neurons (``intermediate_init``: the largest-norm ones, or the first);
+    the rest keep their random init. Returns (copied, total) student tensors."""
+    if intermediate_init not in INTERMEDIATE_INITS:
+        raise ValueError(f"--intermediate-init {intermediate_init!r} is not supported; choose norm or first")
     teacher_state = teacher.state_dict()
     student_state = student.state_dict()
+    teacher_ffn = getattr(teacher.config, "intermediate_size", None)
+    student_ffn = getattr(student.config, "intermediate_size", None)
+    kept: dict[str, torch.Tensor] = {}  # teacher layer prefix -> kept FFN neurons
     copied = 0
     for name, tensor in student_state.items():
         match = _LAYER_INDEX.search(name)
@@ -100,7 +132,16 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, layer_map: list[in
             teacher_index = layer_map[int(match.group(2))]
             source = name[: match.start(2)] + str(teacher_index) + name[match.end(2):]
         original = teacher_state.get(source)
-        if original is not None and original.shape == tensor.shape:
+        if original is None or original.dim() != tensor.dim():
+            continue
+        if original.shape != tensor.shape and match is not None and teacher_ffn and student_ffn and student_ffn < teacher_ffn:
+            narrowed = [d for d in range(tensor.dim()) if original.shape[d] != tensor.shape[d]]
+            if len(narrowed) == 1 and (original.shape[narrowed[0]], tensor.shape[narrowed[0]]) == (teacher_ffn, student_ffn):
+                prefix = source[: match.end()]
+                if prefix not in kept:
+                    kept[prefix] = _ffn_neurons(teacher_state, prefix, teacher_ffn, student_ffn, intermediate_init)
+                original = original.index_select(narrowed[0], kept[prefix])
+        if original.shape == tensor.shape:
             tensor.copy_(original.to(tensor.dtype))
             copied += 1
     return copied, len(student_state)
