@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
+import test_distill
 import torch
-from tiny_models import make_tiny_model_dir, transformers_greedy
+from tiny_models import transformers_greedy
 
 from tokenmill.distill import teacher_data
 from tokenmill.distill.config import DistillConfig
@@ -18,19 +19,8 @@ from tokenmill.distill.run import distill
 from tokenmill.distill.teacher_data import CACHE_FILE, answer_batch, bundled_prompts
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("teacher") / "llama", "llama", num_hidden_layers=4)
+# test_distill's fixtures: the tiny 4-layer Llama teacher and one torch thread
+llama_teacher, one_thread = test_distill.llama_teacher, test_distill.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +30,8 @@ def prompts_file(tmp_path_factory) -> Path:
     return path
 
 
-def config(teacher: Path, prompts: Path, out: Path, **overrides) -> DistillConfig:
-    fields = dict(target="draft", teacher=str(teacher), prompts=str(prompts), teacher_generated=10,
+def config(teacher_dir: Path, prompts: Path, out: Path, **overrides) -> DistillConfig:
+    fields = dict(target="draft", teacher=str(teacher_dir), prompts=str(prompts), teacher_generated=10,
                   teacher_max_tokens=12, out=str(out), student_layers=2, steps=15, batch_size=3, seq_len=64,
                   warmup_steps=2, lr=3e-3, checkpoint_every=0, progress=False)
     return DistillConfig(**{**fields, **overrides})
@@ -79,13 +69,13 @@ def test_answer_batch_masks_the_answer_predictions_only():
     assert ids.tolist() == [[5, 6, 7, 8], [5, 4, 3, 2]] and mask[0].tolist() == [False, False, True, False]
 
 
-def test_teacher_answers_train_the_draft_and_are_cached(teacher, prompts_file, tmp_path, monkeypatch):
+def test_teacher_answers_train_the_draft_and_are_cached(llama_teacher, prompts_file, tmp_path, monkeypatch):
     out = tmp_path / "draft"
-    summary = distill(config(teacher, prompts_file, out, freeze_word_embeddings=True), log=lambda _: None)
+    summary = distill(config(llama_teacher, prompts_file, out, freeze_word_embeddings=True), log=lambda _: None)
     records = [json.loads(line) for line in (out / CACHE_FILE).read_text().splitlines()]
     assert len(records) == 10 and all(r["output_ids"] for r in records)
     # The cached answers are the teacher's greedy continuations, as transformers computes them.
-    expected = transformers_greedy(teacher, [r["prompt_ids"] for r in records[:3]], 12)
+    expected = transformers_greedy(llama_teacher, [r["prompt_ids"] for r in records[:3]], 12)
     assert [r["output_ids"] for r in records[:3]] == [e[: len(r["output_ids"])] for e, r in zip(expected, records[:3], strict=True)]
     first, last = summary["evals"][0], summary["evals"][-1]
     assert last["kl_to_teacher"] < first["kl_to_teacher"]  # on the held-out answers (prompt 10)
@@ -93,7 +83,7 @@ def test_teacher_answers_train_the_draft_and_are_cached(teacher, prompts_file, t
     # Frozen embeddings (tied to the head): the student's are still the teacher's.
     from safetensors.torch import load_file
     student = load_file(out / "model.safetensors")
-    teacher_weights = load_file(teacher / "model.safetensors")
+    teacher_weights = load_file(llama_teacher / "model.safetensors")
     assert torch.equal(student["model.embed_tokens.weight"], teacher_weights["model.embed_tokens.weight"])
 
     # A second run reuses the cache: nothing is generated.
@@ -101,17 +91,17 @@ def test_teacher_answers_train_the_draft_and_are_cached(teacher, prompts_file, t
         raise AssertionError("the cache should have been reused")
 
     monkeypatch.setattr(teacher_data, "generate_answers", refuse)
-    again = distill(config(teacher, prompts_file, tmp_path / "again", steps=3,
+    again = distill(config(llama_teacher, prompts_file, tmp_path / "again", steps=3,
                            teacher_generated_cache=str(out / CACHE_FILE)), log=lambda _: None)
     assert again["steps_done"] == 3
 
 
-def test_a_cache_from_other_settings_is_refused(teacher, prompts_file, tmp_path):
+def test_a_cache_from_other_settings_is_refused(llama_teacher, prompts_file, tmp_path):
     cache = tmp_path / "cache.jsonl"
     cache.write_text(json.dumps({"prompt": "something else", "prompt_ids": [1], "output_ids": [2], "max_tokens": 12,
                                  "temperature": 0.0, "seed": 0}) + "\n")
     with pytest.raises(ValueError, match="another prompt or with other settings"):
-        distill(config(teacher, prompts_file, tmp_path / "out", teacher_generated_cache=str(cache)),
+        distill(config(llama_teacher, prompts_file, tmp_path / "out", teacher_generated_cache=str(cache)),
                 log=lambda _: None)
 
 
@@ -127,15 +117,15 @@ def test_bad_teacher_generated_arguments(overrides, message, tmp_path):
         DistillConfig(**fields)
 
 
-def test_more_prompts_than_available_fail_before_generation(teacher, prompts_file, tmp_path):
+def test_more_prompts_than_available_fail_before_generation(llama_teacher, prompts_file, tmp_path):
     with pytest.raises(ValueError, match="more prompts than the 12 available"):
-        distill(config(teacher, prompts_file, tmp_path / "out", teacher_generated=20), log=lambda _: None)
+        distill(config(llama_teacher, prompts_file, tmp_path / "out", teacher_generated=20), log=lambda _: None)
 
 
-def test_cli_flags_reach_the_config_and_bad_ones_exit_2(teacher, prompts_file, tmp_path, capsys):
+def test_cli_flags_reach_the_config_and_bad_ones_exit_2(llama_teacher, prompts_file, tmp_path, capsys):
     from tokenmill.cli import main
 
-    base = ["distill", "--teacher", str(teacher), "--prompts", str(prompts_file), "--out", str(tmp_path / "out"),
+    base = ["distill", "--teacher", str(llama_teacher), "--prompts", str(prompts_file), "--out", str(tmp_path / "out"),
             "--student-layers", "2", "--steps", "2", "--warmup-steps", "1", "--batch-size", "3", "--seq-len", "64",
             "--teacher-max-tokens", "6", "--checkpoint-every", "0", "--no-progress"]
     with pytest.raises(SystemExit) as exited:

@@ -130,7 +130,7 @@ class DraftTask:
         )
 
         config = self.config
-        prompts = read_prompts(config.prompts, config.seed)
+        prompts = read_prompts(config.prompts)
         if len(prompts) < config.teacher_generated:
             raise ValueError(f"--teacher-generated {config.teacher_generated} asks for more prompts than the "
                              f"{len(prompts)} available; lower it or give a longer --prompts file")

@@ -26,7 +26,8 @@ CACHE_FILE = "teacher_generated.jsonl"
 
 
 def bundled_prompts(seed: int = 0) -> list[str]:
-    """Every template x topic prompt, in a seeded order (the first N are a varied sample)."""
+    """Every template x topic prompt, in a seeded order (the first N are a varied sample). The order does not follow
+    ``--seed``: a cache of answers stays valid for runs with other training seeds."""
     templates = [t for t in TEMPLATES.read_text().splitlines() if t.strip()]
     topics = [t for t in TOPICS.read_text().splitlines() if t.strip()]
     prompts = [template.format(topic=topic) for template in templates for topic in topics]
@@ -34,10 +35,10 @@ def bundled_prompts(seed: int = 0) -> list[str]:
     return prompts
 
 
-def read_prompts(path: str | None, seed: int = 0) -> list[str]:
+def read_prompts(path: str | None) -> list[str]:
     """One prompt per line of ``path``, or the bundled ones."""
     if path is None:
-        return bundled_prompts(seed)
+        return bundled_prompts()
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"--prompts file {path!r} does not exist")
@@ -53,11 +54,11 @@ class GenerationSpec:
 
     max_tokens: int
     temperature: float  # 0: greedy
-    seed: int
+    seed: int  # of sampled answers (greedy ones do not depend on it)
 
     def matches(self, record: dict) -> bool:
-        return (record.get("max_tokens"), record.get("temperature"), record.get("seed")) == (
-            self.max_tokens, self.temperature, self.seed)
+        same_seed = self.temperature == 0 or record.get("seed") == self.seed
+        return (record.get("max_tokens"), record.get("temperature")) == (self.max_tokens, self.temperature) and same_seed
 
 
 def generate_answers(teacher: str | None, prompts: list[str], spec: GenerationSpec,
