@@ -250,7 +250,11 @@ def measure_draft(args: argparse.Namespace, out: Path, summary: dict, record: di
         quality={"teacher_perplexity": last["teacher_perplexity"], "student_perplexity": last["student_perplexity"],
                  "student_perplexity_at_init": first["student_perplexity"],
                  "kl_to_teacher": last["kl_to_teacher"], "kl_to_teacher_at_init": first["kl_to_teacher"],
-                 "top1_agreement": last["top1_agreement"], "top1_agreement_at_init": first["top1_agreement"]},
+                 "top1_agreement": last["top1_agreement"], "top1_agreement_at_init": first["top1_agreement"],
+                 "held_out": "teacher answers to held-out prompts" if "text_kl_to_teacher" in last
+                 else "held-out text",
+                 # with --teacher-generated the unprefixed metrics are on held-out answers; these on held-out text
+                 **{k: v for k, v in last.items() if k.startswith("text_")}},
         speed={"teacher_tokens_per_s": teacher_tps, "student_tokens_per_s": student_tps,
                "student_vs_teacher": student_tps / teacher_tps},
         speculative={"k": args.k, "prompts": len(prompts), "max_new_tokens": args.max_new,

@@ -108,6 +108,7 @@ def main() -> int:
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--prompt-lookup-min", type=int, default=1)
     parser.add_argument("--draft-model", default=None, help="also measure a draft model (same tokenizer)")
+    parser.add_argument("--draft-dtype", default=None, help="the draft model's dtype (default: the target's, float32)")
     parser.add_argument("--kinds", default="quote,code,chat")
     parser.add_argument("--prompts-per-kind", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="each prompt's plain/speculative pair, order alternating")
@@ -124,7 +125,7 @@ def main() -> int:
                          "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min}}
     if args.draft_model:
         methods["draft_model"] = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.k,
-                                  "adaptive": not args.no_adaptive}
+                                  "adaptive": not args.no_adaptive, "draft_dtype": args.draft_dtype}
     load_before = os.getloadavg()
     costs: dict[str, list[tuple[int, float]]] = {}
     all_prompts = prompts(args.passage_chars)

@@ -95,8 +95,7 @@ def test_config_checks():
         DistillConfig(temperature=0)
     with pytest.raises(ValueError, match="--layer-map names 3 layers but --student-layers is 2"):
         DistillConfig(layer_map=[0, 4, 5], student_layers=2)
-    with pytest.raises(ValueError, match="--freeze-word-embeddings applies to --target encoder only"):
-        DistillConfig(freeze_word_embeddings=True)
+    assert DistillConfig(freeze_word_embeddings=True).freeze_word_embeddings  # drafts too (tied head kept)
     with pytest.raises(ValueError, match=r"--student-dropout must lie in \[0, 1\)"):
         DistillConfig(target="encoder", student_dropout=1.0)
     with pytest.raises(ValueError, match="--hidden-layers 'middle' is not supported"):

@@ -30,6 +30,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="text or JSONL ({\"text\": ...}) file (default: bundled KJV)")
     p.add_argument("--eval-data", default=None, help="held-out text (default: bundled KJV held-out, or the "
                                                       "data's last 10%% when --data is given)")
+    p.add_argument("--teacher-generated", type=int, default=0, metavar="N",
+                   help="draft: train on the teacher's own answers to the first N chat prompts (sequence-level KD; "
+                        "generated once with tokenmill's engine, cached as JSONL, last tenth held out)")
+    p.add_argument("--prompts", default=None,
+                   help="draft: chat prompts for --teacher-generated, one per line (default: bundled templates x "
+                        "topics, disjoint from the benchmarks' prompts)")
+    p.add_argument("--teacher-generated-cache", default=None,
+                   help="JSONL of the teacher's answers, reused and extended (default: OUT/teacher_generated.jsonl)")
+    p.add_argument("--teacher-max-tokens", type=int, default=128, help="longest teacher answer generated")
+    p.add_argument("--teacher-temperature", type=float, default=0.0, help="0: greedy teacher answers")
     p.add_argument("--out", required=True, help="output directory: the student, checkpoints/, summary, plot")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=None,
@@ -50,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-weight", type=float, default=1.0, help="encoder: weight of 1 - cosine to the "
                                                                        "teacher's pooled embedding")
     p.add_argument("--freeze-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="encoder: keep the word embeddings fixed (default: yes when copied from the teacher)")
+                   help="keep the word embeddings fixed (encoder default: yes when copied from the teacher; draft: "
+                        "with tied embeddings this also fixes the output head)")
     p.add_argument("--student-dropout", type=float, default=0.0,
                    help="encoder: dropout of the student while it trains (default 0: it imitates a fixed teacher)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: start and end)")
@@ -61,6 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (bf16 autocast on CUDA)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="CUDA: train in fp32")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="CPU: autocast to bf16 too (CPUs with AMX / AVX512-BF16 run its matmuls ~3x faster; "
+                        "fp32 master weights)")
     p.add_argument("--repository", default=None, help="encoder: also export the student (ONNX, validated) here")
     p.add_argument("--name", default=None, help="encoder: model name in --repository (default: OUT's name)")
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distill.config import DistillConfig
-from tokenmill.distill.data import split_windows, token_windows, train_and_heldout_text
+from tokenmill.distill.data import HELDOUT_FRACTION, split_windows, token_windows, train_and_heldout_text
 from tokenmill.distill.losses import hidden_mse, kd_loss, kl_to_teacher
 from tokenmill.distill.students import (
     check_not_larger,
@@ -83,13 +83,29 @@ class DraftTask:
         for token in ("eos_token_id", "bos_token_id"):  # the tokenizer's ids, which tokenmill serves with
             if getattr(self.tokenizer, token, None) is not None:
                 setattr(student.config, token, getattr(self.tokenizer, token))
+        if config.freeze_word_embeddings:
+            if student.config.hidden_size != teacher.config.hidden_size and config.student is None:
+                raise ValueError("--freeze-word-embeddings keeps the teacher's embeddings; a narrower student has "
+                                 "freshly initialised ones, which must train")
+            student.get_input_embeddings().weight.requires_grad_(False)
+            student.get_output_embeddings().weight.requires_grad_(False)
         self.teacher = teacher.to(self.device).requires_grad_(False)
         self.student = student.to(self.device)
         self._load_data()
 
     def _load_data(self) -> None:
+        # (ids, loss mask or None) per held-out set; "text": windows of held-out text; "answers": held-out teacher
+        # answers (with --teacher-generated). The first set's metrics are the headline ones.
+        self.eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.train_mask: torch.Tensor | None = None
+        if self.config.teacher_generated:
+            self._load_teacher_answers()
         train_text, held_text, self.data_source = train_and_heldout_text(self.config.data, self.config.eval_data)
         encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        if self.config.teacher_generated:
+            self.eval_sets["text"] = (token_windows(encode(held_text), self.config.seq_len), None)
+            self.num_examples = len(self.train_windows)
+            return
         windows = token_windows(encode(train_text), self.config.seq_len)
         if held_text is None:
             if len(windows) < 2:
@@ -101,7 +117,33 @@ class DraftTask:
         if len(self.train_windows) == 0 or len(self.eval_windows) == 0:
             raise ValueError(f"the text is shorter than one --seq-len window ({self.config.seq_len} tokens); "
                              "give more text or a smaller --seq-len")
+        self.eval_sets["text"] = (self.eval_windows, None)
         self.num_examples = len(self.train_windows)
+
+    def _load_teacher_answers(self) -> None:
+        from tokenmill.distill.teacher_data import (
+            CACHE_FILE,
+            GenerationSpec,
+            answer_batch,
+            load_or_generate,
+            read_prompts,
+        )
+
+        config = self.config
+        prompts = read_prompts(config.prompts)
+        if len(prompts) < config.teacher_generated:
+            raise ValueError(f"--teacher-generated {config.teacher_generated} asks for more prompts than the "
+                             f"{len(prompts)} available; lower it or give a longer --prompts file")
+        cache = Path(config.teacher_generated_cache or config.out_dir / CACHE_FILE).expanduser()
+        spec = GenerationSpec(config.teacher_max_tokens, config.teacher_temperature, config.seed)
+        records = load_or_generate(cache, config.teacher, prompts[: config.teacher_generated], spec,
+                                   log=lambda line: print(line, flush=True) if config.progress else None)
+        held = max(1, round(len(records) * HELDOUT_FRACTION))
+        pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.train_windows, self.train_mask = answer_batch(records[:-held], config.seq_len, pad)
+        self.eval_sets["answers"] = answer_batch(records[-held:], config.seq_len, pad)
+        self.answer_source = (f"teacher answers to {config.teacher_generated} prompts "
+                              f"({config.prompts or 'bundled templates x topics'}; last {held} held out), {cache}")
 
     def trainable(self) -> nn.Module:
         return self.student
@@ -112,40 +154,59 @@ class DraftTask:
         student = self.student(input_ids=ids, output_hidden_states=hidden, use_cache=False)
         return teacher, student
 
+    def _batch(self, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Padded answers cut to the batch's longest masked position (+ 1 for its target), on the device."""
+        if mask is not None:
+            used = int(mask.any(0).nonzero().max()) + 2 if mask.any() else 2
+            ids, mask = ids[:, :used], mask[:, :used].to(self.device)
+        return ids.to(self.device), mask
+
     def loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, float], int]:
-        ids = self.train_windows[indices].to(self.device)
+        ids, mask = self._batch(self.train_windows[indices],
+                                None if self.train_mask is None else self.train_mask[indices])
         hidden = self.config.hidden_weight > 0
         teacher, student = self._forward(ids, hidden)
         kd = kd_loss(student.logits, teacher.logits, self.config.temperature, self.config.kd_loss,
-                     self.config.jsd_beta)
+                     self.config.jsd_beta, mask=mask)
         total, parts = kd, {"kd": kd.item()}
         if hidden:
             match = hidden_mse(*hidden_pairs(student.hidden_states, teacher.hidden_states, self.layer_map,
-                                             self.config.hidden_layers))
+                                             self.config.hidden_layers), mask=mask)
             total = total + self.config.hidden_weight * match
             parts["hidden_mse"] = match.item()
         parts["loss"] = total.item()
-        return total, parts, ids.numel()
+        return total, parts, ids.numel() if mask is None else int(mask.sum())
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out: KD loss, KL(teacher || student), both perplexities, next-token top-1 agreement."""
+        """Held-out: KD loss, KL(teacher || student), both perplexities, next-token top-1 agreement; per held-out
+        set, the first set's unprefixed (with --teacher-generated: the answers, then the text as ``text_*``)."""
+        record: dict[str, float] = {}
+        for number, (name, (ids, mask)) in enumerate(self.eval_sets.items()):
+            prefix = "" if number == 0 else f"{name}_"
+            record.update({prefix + k: v for k, v in self._evaluate_set(ids, mask).items()})
+        return record
+
+    def _evaluate_set(self, windows: torch.Tensor, masks: torch.Tensor | None) -> dict[str, float]:
         sums = {"kd": 0.0, "kl": 0.0, "student_nll": 0.0, "teacher_nll": 0.0, "agree": 0.0}
         rows = 0
         size = self.config.batch_size
-        for start in range(0, min(len(self.eval_windows), size * self.config.eval_batches), size):
-            ids = self.eval_windows[start : start + size].to(self.device)
+        for start in range(0, min(len(windows), size * self.config.eval_batches), size):
+            ids, mask = self._batch(windows[start : start + size],
+                                    None if masks is None else masks[start : start + size])
             teacher, student = self._forward(ids, False)
             s_logits, t_logits = student.logits[:, :-1].float(), teacher.logits[:, :-1].float()
-            n = s_logits.shape[0] * s_logits.shape[1]
             targets = ids[:, 1:]
+            keep = (torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, :-1])
+            s_logits, t_logits, targets = s_logits[keep], t_logits[keep], targets[keep]
+            n = targets.numel()
             sums["kd"] += float(kd_loss(s_logits, t_logits, self.config.temperature, self.config.kd_loss,
                                         self.config.jsd_beta)) * n
             sums["kl"] += float(kl_to_teacher(s_logits, t_logits)) * n
-            sums["student_nll"] += float(F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), reduction="sum"))
-            sums["teacher_nll"] += float(F.cross_entropy(t_logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+            sums["student_nll"] += float(F.cross_entropy(s_logits, targets, reduction="sum"))
+            sums["teacher_nll"] += float(F.cross_entropy(t_logits, targets, reduction="sum"))
             sums["agree"] += float((s_logits.argmax(-1) == t_logits.argmax(-1)).sum())
             rows += n
-        means = {k: v / rows for k, v in sums.items()}
+        means = {k: v / max(rows, 1) for k, v in sums.items()}
         return {"loss": means["kd"], "kd_loss": means["kd"], "kl_to_teacher": means["kl"],
                 "student_perplexity": float(torch.tensor(means["student_nll"]).exp()),
                 "teacher_perplexity": float(torch.tensor(means["teacher_nll"]).exp()),
@@ -167,5 +228,8 @@ class DraftTask:
                 "student_params": self.student_params, "student_layers": self.student.config.num_hidden_layers,
                 "student_hidden_size": self.student.config.hidden_size,
                 "teacher_layers": self.teacher.config.num_hidden_layers, "layer_map": self.layer_map,
-                "init": self.init_report, "data": self.data_source, "train_windows": len(self.train_windows),
-                "eval_windows": len(self.eval_windows)}
+                "init": self.init_report,
+                "data": getattr(self, "answer_source", self.data_source), "train_windows": len(self.train_windows),
+                "eval_windows": {name: len(ids) for name, (ids, _) in self.eval_sets.items()},
+                "word_embeddings": "trained" if self.student.get_input_embeddings().weight.requires_grad
+                else "frozen (the teacher's)"}

@@ -1,0 +1,128 @@
+"""Sequence-level KD data for ``--target draft``: the teacher's own answers to chat prompts, generated with tokenmill's
+engine (batched, greedy or sampled) and cached as JSONL, so the student learns the text it will be asked to draft.
+
+A speculative draft only ever predicts after a prefix the target produced, so its training text should be the
+target's continuations of the prompts it serves (DistillSpec, Zhou et al. 2023), not a corpus of other text.
+``llm.DraftTask`` trains on these sequences with the loss masked to the answer's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenmill.distill.data import DATA_DIR
+
+# Written for tokenmill (project licence): 25 chat templates x 118 topics, none of them the evaluation prompts of
+# benchmarks/distill_cpu.py or benchmarks/spec_decode_cpu.py (tests check that).
+TEMPLATES = DATA_DIR / "chat_templates.txt"
+TOPICS = DATA_DIR / "chat_topics.txt"
+CACHE_FILE = "teacher_generated.jsonl"
+
+
+def bundled_prompts(seed: int = 0) -> list[str]:
+    """Every template x topic prompt, in a seeded order (the first N are a varied sample). The order does not follow
+    ``--seed``: a cache of answers stays valid for runs with other training seeds."""
+    templates = [t for t in TEMPLATES.read_text().splitlines() if t.strip()]
+    topics = [t for t in TOPICS.read_text().splitlines() if t.strip()]
+    prompts = [template.format(topic=topic) for template in templates for topic in topics]
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """One prompt per line of ``path``, or the bundled ones."""
+    if path is None:
+        return bundled_prompts()
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"--prompts file {path!r} does not exist")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts file {path!r} holds no prompts (one per line)")
+    return prompts
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How the teacher answered: part of every cached record, so a cache made otherwise is not reused silently."""
+
+    max_tokens: int
+    temperature: float  # 0: greedy
+    seed: int  # of sampled answers (greedy ones do not depend on it)
+
+    def matches(self, record: dict) -> bool:
+        same_seed = self.temperature == 0 or record.get("seed") == self.seed
+        return (record.get("max_tokens"), record.get("temperature")) == (self.max_tokens, self.temperature) and same_seed
+
+
+def generate_answers(teacher: str | None, prompts: list[str], spec: GenerationSpec,
+                     batch_size: int = 32) -> Iterator[list[dict]]:
+    """The teacher's answer to each prompt (chat template applied when the tokenizer has one), in prompt order, one
+    batch of ``{"prompt", "prompt_ids", "output_ids", ...spec}`` records at a time. Runs tokenmill's own engine
+    (fp32)."""
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(teacher, dtype="float32", max_num_seqs=batch_size)
+    tokenizer = llm.get_tokenizer()
+    if tokenizer is None:
+        raise ValueError("the teacher has no tokenizer; teacher-generated data needs one to read the prompts")
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [_prompt_ids(tokenizer, p) for p in chunk]
+        params = [SamplingParams(temperature=spec.temperature, max_tokens=spec.max_tokens,
+                                 seed=None if spec.temperature == 0 else spec.seed + start + i)
+                  for i in range(len(chunk))]
+        outputs = llm.generate(ids, params, use_tqdm=False)
+        yield [{"prompt": prompt, "prompt_ids": prompt_ids, "output_ids": list(output.outputs[0].token_ids),
+                "max_tokens": spec.max_tokens, "temperature": spec.temperature, "seed": spec.seed}
+               for prompt, prompt_ids, output in zip(chunk, ids, outputs, strict=True)]
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tokenizer.encode(prompt)
+
+
+def load_or_generate(cache: Path, teacher: str | None, prompts: list[str], spec: GenerationSpec,
+                     log=print) -> list[dict]:
+    """The first ``len(prompts)`` records of ``cache``, generating the missing ones and appending each batch as it
+    finishes (an interrupted run keeps what it made). A cache written with other generation settings or for other
+    prompts is refused, not mixed in."""
+    records = []
+    if cache.is_file():
+        records = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+        for index, record in enumerate(records[: len(prompts)]):
+            if not spec.matches(record) or record.get("prompt") != prompts[index]:
+                raise ValueError(f"{cache} record {index} was generated for another prompt or with other settings "
+                                 f"(max_tokens/temperature/seed); delete it or pass another --teacher-generated-cache")
+    missing = prompts[len(records):]
+    if missing:
+        log(f"generating {len(missing)} teacher answers (max {spec.max_tokens} tokens) into {cache}")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        for batch in generate_answers(teacher, missing, spec):
+            with cache.open("a") as file:
+                file.writelines(json.dumps(record) + "\n" for record in batch)
+            records += batch
+            log(f"teacher answered {len(records)}/{len(prompts)} prompts")
+    return records[: len(prompts)]
+
+
+def answer_batch(records: list[dict], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [n, L], loss mask [n, L]) with L <= seq_len: prompt + answer, right-padded. mask[i, j] marks logits
+    at j that predict an answer token (j + 1 inside the answer), the only predictions a draft is asked for."""
+    length = min(seq_len, max(len(r["prompt_ids"]) + len(r["output_ids"]) for r in records))
+    ids = torch.full((len(records), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(records), length), dtype=torch.bool)
+    for row, record in enumerate(records):
+        sequence = (record["prompt_ids"] + record["output_ids"])[:length]
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        first_answer = len(record["prompt_ids"])
+        mask[row, max(0, first_answer - 1) : len(sequence) - 1] = True
+    return ids, mask
