@@ -69,7 +69,7 @@ class LlamaAttention(nn.Module):
         self.attn_backend = attn_backend
         self.kv_scales = KVScales()  # used only when the cache stores FP8
 
-    def project(self, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q [T, heads, dim], k and v [T, kv heads, dim] of this layer's tokens, not yet rotated.
         Graph-capturable: no metadata, no host reads."""
         num_tokens = hidden.shape[0]
@@ -151,16 +151,16 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         out = residual = None
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            q, k, v, residual = self.forward_piece(index, input_ids, positions, out, residual)
+            q, k, v, residual = self.forward_piece(index, input_ids, out, residual)
             out = layer.self_attn.attend(positions, q, k, v, kv_cache, meta)
-        return self.forward_piece(len(self.layers), input_ids, positions, out, residual)[0]
+        return self.forward_piece(len(self.layers), input_ids, out, residual)[0]
 
     @property
     def num_pieces(self) -> int:
         return len(self.layers) + 1
 
-    def forward_piece(self, index: int, input_ids: torch.Tensor, positions: torch.Tensor,
-                      attn_out: torch.Tensor | None, residual: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def forward_piece(self, index: int, input_ids: torch.Tensor, attn_out: torch.Tensor | None,
+                      residual: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """The forward pass between two attention calls (what piecewise CUDA graphs capture, runner/
         piecewise_graphs.py; the eager pass runs the same pieces). Piece 0 embeds the tokens and projects layer
         0's q, k, v; piece i finishes layer i - 1 from its attention output ``attn_out`` and projects layer i's;
@@ -175,7 +175,7 @@ class LlamaModel(nn.Module):
             return (self.norm(hidden, residual)[0],)
         layer = self.layers[index]
         hidden, residual = layer.input_layernorm(hidden, residual)
-        return (*layer.self_attn.project(positions, hidden), residual)
+        return (*layer.self_attn.project(hidden), residual)
 
 
 class LlamaForCausalLM(nn.Module):

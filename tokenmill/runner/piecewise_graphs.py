@@ -44,7 +44,6 @@ class PiecewiseGraphs:
         dtype = next(model.parameters()).dtype
         hidden_size = self.inner.norm.weight.shape[0]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)  # read by no piece; forward_piece's API
         self.q = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)
         self.k = torch.zeros(n, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -58,7 +57,7 @@ class PiecewiseGraphs:
         """Piece ``index`` over the buffers' first ``size`` rows, results copied into the buffers."""
         attn_out = self.attn_out[:size] if index else None
         residual = self.residual[:size] if index else None
-        out = self.inner.forward_piece(index, self.input_ids[:size], self.positions[:size], attn_out, residual)
+        out = self.inner.forward_piece(index, self.input_ids[:size], attn_out, residual)
         if len(out) == 1:
             self.hidden[:size].copy_(out[0])
             return
