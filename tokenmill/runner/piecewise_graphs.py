@@ -51,7 +51,7 @@ class PiecewiseGraphs:
         self.residual = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.replays = 0  # steps served (tests and logs read it)
+        self.replays = 0  # steps served through the pieces (the GPU tests check they were used)
 
     def _piece(self, index: int, size: int) -> None:
         """Piece ``index`` over the buffers' first ``size`` rows, results copied into the buffers."""
