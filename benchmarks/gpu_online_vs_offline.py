@@ -32,6 +32,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -218,7 +219,60 @@ def compact(run: dict[str, Any]) -> dict[str, Any]:
         "engine_steps": run["engine_steps"], "ms_per_engine_step": run["ms_per_engine_step"],
         "request_rate": s.get("request_throughput"), "goodput": s.get("goodput"),
         "p99_ttft_ms": (s.get("ttft_ms") or {}).get("p99"),
+        **chunk_shape(run["records"]),
     }
+
+
+def chunk_shape(records: list[Any]) -> dict[str, float | None]:
+    """Whether slow inter-token gaps are late chunks or merged ones: text chunks per output token (1.0: every
+    token streamed alone) and the share of gaps over twice the median gap."""
+    done = [r for r in records if r.ok]
+    tokens = sum(r.output_tokens for r in done)
+    gaps = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
+    median = statistics.median(gaps) if gaps else None
+    return {
+        "chunks_per_token": sum(len(r.token_times) for r in done) / tokens if tokens else None,
+        "itl_share_over_2x_median": sum(g > 2 * median for g in gaps) / len(gaps) if median else None,
+    }
+
+
+def _turn_ms(turn: dict[str, Any]) -> dict[str, Any]:
+    """A traced turn for the JSON: its parts in milliseconds, without the absolute start."""
+    parts = ("idle", "inbox", "step", "send")
+    return {k: round(1e3 * v, 2) if k in parts else v for k, v in turn.items() if k != "start"}
+
+
+def trace_summary(trace_path: Path, windows: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """The engine core's step turns (TOKENMILL_STEP_TRACE) inside each client phase: step time by kind, the gap
+    between successive turn starts (the cadence every running request sees), and the slowest turns' parts."""
+    if not trace_path.is_file():
+        return {"error": f"no step trace at {trace_path}"}
+    turns = [json.loads(line) for line in trace_path.read_text().splitlines() if line.strip()]
+    out: dict[str, Any] = {}
+    for name, (start, end) in windows.items():
+        inside = [t for t in turns if start <= t["start"] <= end]
+        if len(inside) < 2:
+            continue
+        gaps = [(b["start"] - a["start"], a) for a, b in zip(inside, inside[1:], strict=False)]
+
+        def pct(values: list[float], q: float) -> float:
+            ordered = sorted(values)
+            return 1e3 * ordered[int(q * (len(ordered) - 1))]
+
+        by_kind = {}
+        for kind in ("decode", "prompt"):
+            steps = [t["step"] for t in inside if t["kind"] == kind]
+            if steps:
+                by_kind[kind] = {"count": len(steps), "step_p50_ms": pct(steps, 0.5), "step_p99_ms": pct(steps, 0.99),
+                                 "tokens_p50": sorted(t["tokens"] for t in inside if t["kind"] == kind)[
+                                     len(steps) // 2]}
+        slowest = sorted(gaps, key=lambda g: g[0], reverse=True)[:12]
+        out[name] = {
+            "turns": len(inside), "by_kind": by_kind,
+            "turn_gap_p50_ms": pct([g for g, _ in gaps], 0.5), "turn_gap_p99_ms": pct([g for g, _ in gaps], 0.99),
+            "slowest_turns": [{"gap_ms": round(1e3 * g, 2), **_turn_ms(turn)} for g, turn in slowest],
+        }
+    return out
 
 
 def py_spy_profile(pid: int, seconds: float, path: Path) -> subprocess.Popen | None:
@@ -324,10 +378,13 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
     t_start = time.monotonic()
     label = mode + ("_ab_args" if extra_args else "")
     label += ("_" + "_".join(f"{k}={v}" for k, v in env_overrides.items())) if env_overrides else ""
-    server = Server(args, work / f"server_{label}.log", extra, env_overrides)
+    trace_path = work / f"steps_{label}.jsonl"
+    server = Server(args, work / f"server_{label}.log", extra, {**(env_overrides or {}),
+                                                                  "TOKENMILL_STEP_TRACE": str(trace_path)})
     side: dict[str, Any] = {"server_command": server.command, "server_start_s": time.monotonic() - t_start}
     sampler = ResourceSampler({"server": server.proc.pid, "client": os.getpid()})
     online: dict[str, Any] = {}
+    windows: dict[str, tuple[float, float]] = {}  # phase -> perf_counter span (the core's trace clock)
     reports: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # sweep axis -> its phases
     try:
         client = Client(args, server, tokenizer_dir)
@@ -345,7 +402,9 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
                                       "--tokenizer", str(tokenizer_dir), "--dataset", "chatbot", "--ignore-eos",
                                       "--num-prompts", str(num_prompts), "--seed", str(seed), "--request-rate",
                                       f"{rate:g}", "--burstiness", str(args.burstiness), "--slo", "ttft=500,tpot=50"])
+            started = time.perf_counter()
             result = client.run(requests, seed, concurrency, rate, command)
+            windows[name] = (started, time.perf_counter())
             sampler.end(name)
             online[name] = compact(result)
             if concurrency or rate:
@@ -391,6 +450,7 @@ def run_online(args: argparse.Namespace, mode: str, tokenizer_dir: Path, work: P
         side["core_jit_compiles"] = [line for line in log_lines if "Triton compiled" in line][:50]
         side["core_threads"] = next((line for line in log_lines if "torch CPU threads" in line), None)
         side["phases"] = online
+        side["step_trace"] = trace_summary(trace_path, windows)
         side["resources"] = sampler.summary()
         side["html_reports"] = [str(write_report(stem, axis, phases, server.url, args.preset))
                                 for axis, phases in reports.items()]

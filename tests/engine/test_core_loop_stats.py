@@ -51,6 +51,36 @@ def test_engine_core_counts_decode_and_prompt_steps(tiny_llama_dir):
     assert "prompt steps 2: step() p50" in line and "decode steps" in line
 
 
+def test_step_trace_keeps_each_turn_with_its_step_kind(tiny_llama_dir, tmp_path):
+    import json
+
+    from tokenmill.engine.core_loop_stats import CoreLoopStats
+
+    engine = LLMEngine(EngineConfig.from_kwargs(model=str(tiny_llama_dir), device="cpu", max_model_len=128,
+                                                async_scheduling=True))
+    engine.detokenize_outputs = False
+    core = EngineCore(engine, None, None)
+    core.loop_stats = stats = CoreLoopStats(str(tmp_path / "steps.jsonl"))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    reply = CoreOutputs(accepted=[], rejected=[], outputs=[])
+    core.add("a", [5, 6, 7, 8, 9], params, None, time.monotonic(), reply)
+    turn = 0
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        core.step(reply)
+        stats.record_turn(start, 0.0, 0.001, time.perf_counter() - start, 0.0, int(turn == 0))
+        turn += 1
+    stats.write_trace()
+    rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert len(rows) == turn
+    assert rows[0]["kind"] == "prompt" and rows[0]["tokens"] == 5 and rows[0]["rows"] == 1
+    assert rows[0]["messages"] == 1 and rows[1]["messages"] == 0
+    assert {row["kind"] for row in rows[1:-1]} == {"decode"}
+    assert all(row["tokens"] == 1 for row in rows[1:-1])
+    assert rows[-1]["kind"] == "landed"  # the last call only lands the final step
+    assert all(row["step"] > 0 for row in rows) and rows == sorted(rows, key=lambda row: row["start"])
+
+
 def test_compiles_while_serving_are_logged_and_counted(caplog):
     from tokenmill.engine.core_loop_stats import CoreLoopStats
 

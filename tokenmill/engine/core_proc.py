@@ -32,6 +32,7 @@ POLL_MS = 1000  # idle wake-up to notice a dead parent
 # Test hook: seconds the core sleeps after each step, so tests that need a request still running while they act
 # do not race an engine that has become fast (as the fault hook, read from the environment the core inherits).
 STEP_DELAY_ENV = "TOKENMILL_TEST_STEP_DELAY_S"
+STEP_TRACE_ENV = "TOKENMILL_STEP_TRACE"  # a file path: each step turn of the loop as JSON lines (core_loop_stats.py)
 
 
 @dataclass
@@ -127,7 +128,7 @@ class EngineCore:
         self.step_delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
         # Loop time by part, engine.step() time by kind of step, Triton compiles while serving: logged when the
         # loop ends (gpu_online_vs_offline.py keeps that line and the compile warnings).
-        self.loop_stats = CoreLoopStats()
+        self.loop_stats = CoreLoopStats(os.environ.get(STEP_TRACE_ENV) or None)
         # request id -> per sequence index: output token ids already sent (-1: its finish was sent)
         self._sent: dict[str, list[int]] = {}
         self._codec = OutputCodec()
@@ -161,7 +162,8 @@ class EngineCore:
                 if not self.apply(messages, reply):
                     return
                 t2 = clock()
-                if self.engine.has_unfinished_requests():
+                stepped = self.engine.has_unfinished_requests()
+                if stepped:
                     self.step(reply)
                 t3 = clock()
                 reply.stats = self.stats()
@@ -172,9 +174,12 @@ class EngineCore:
                 spent["inbox"] += t2 - t1
                 spent["step"] += t3 - t2
                 spent["send"] += t4 - t3
+                if stepped:
+                    self.loop_stats.record_turn(t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3, len(messages))
         finally:
             self.loop_stats.stop_jit()
             logger.info("%s", self.loop_stats.summary_line())
+            self.loop_stats.write_trace()
 
     def apply(self, messages: list[tuple], reply: CoreOutputs) -> bool:
         """In arrival order (an abort sent right after its add must find it); False on shutdown."""
