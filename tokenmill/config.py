@@ -243,10 +243,11 @@ class RunnerConfig:
     # Time cuBLAS against the tiled Triton GEMM per weight shape at decode row counts at start-up (bf16/fp16
     # on CUDA); each (shape, rows) keeps whichever is faster.
     tune_gemm: bool = True
-    # vLLM's compilation-config key. FULL_DECODE_ONLY: graphs for decode and verification steps, other steps
-    # eager; FULL_AND_PIECEWISE: steps with prompts (up to runner/piecewise_graphs.py's token cap) also replay
-    # graphs of everything between attention calls; NONE: eager, as enforce_eager.
-    cudagraph_mode: str = "FULL_DECODE_ONLY"
+    # vLLM's compilation-config key. FULL_AND_PIECEWISE (the default, as in vLLM): steps with prompts (up to
+    # runner/piecewise_graphs.py's token cap) also replay graphs of everything between attention calls (H100,
+    # chatbot load: p99 ITL 41 -> 20 ms, rate-inf throughput 1.13x); FULL_DECODE_ONLY: graphs for decode and
+    # verification steps only, other steps eager; NONE: eager, as enforce_eager.
+    cudagraph_mode: str = "FULL_AND_PIECEWISE"
 
     def schedules_async(self, on_cuda: bool) -> bool:
         """Whether the engine overlaps steps (and tensor-parallel ranks share rank 0's sampled ids)."""

@@ -52,9 +52,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                         help="tensor parallelism on GPUs: small all-reduces by a one-shot kernel over CUDA IPC "
                              "buffers instead of NCCL (experimental)")
     parser.add_argument("--compilation-config", "-O", default=None, metavar="JSON",
-                        help='vLLM\'s key cudagraph_mode: \'{"cudagraph_mode": "FULL_AND_PIECEWISE"}\' also replays '
-                             'graphs for steps with prompts (attention eager between them); FULL_DECODE_ONLY '
-                             '(default) graphs decode steps only; NONE is --enforce-eager')
+                        help='vLLM\'s key cudagraph_mode: FULL_AND_PIECEWISE (default) also replays graphs for '
+                             'steps with prompts (attention eager between them); \'{"cudagraph_mode": '
+                             '"FULL_DECODE_ONLY"}\' graphs decode steps only; NONE is --enforce-eager')
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
                              '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' or \'{"method": "draft_model", '

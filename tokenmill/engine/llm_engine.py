@@ -150,8 +150,8 @@ class LLMEngine:
             self.runner.capture_graphs(min(sched_cfg.max_num_seqs, config.runner.max_graph_batch_size),
                                        self.max_model_len, query_lens)
             if config.runner.piecewise_graphs and executor is not None:
-                logger.warning("cudagraph_mode FULL_AND_PIECEWISE: not with tensor parallelism yet; steps with "
-                               "prompts run eagerly")
+                logger.info("cudagraph_mode FULL_AND_PIECEWISE: not with tensor parallelism yet; steps with "
+                            "prompts run eagerly")
             elif config.runner.piecewise_graphs:
                 self.runner.capture_piecewise_graphs(min(sched_cfg.max_num_batched_tokens, PIECEWISE_MAX_TOKENS))
         if config.cache.calculate_kv_scales:  # after warm-up and capture, whose keys are dummies
