@@ -60,3 +60,25 @@ def test_async_cpu_engine_with_the_gate_keeps_greedy_output(tiny_llama_dir):
     measured = {mode for bucket in gate.buckets.values() for mode, samples in bucket.samples.items() if samples}
     assert measured == {True, False}
     _assert_no_leak(llm)
+
+
+def test_steps_with_prompt_work_keep_overlap_and_propose_nothing(tiny_llama_dir):
+    """While prompts wait or are mid-prefill the adaptive decoder does not ask the gate and proposes no drafts, so
+    an overlapping engine keeps overlapping through large prompt steps; greedy output is unchanged."""
+    from tokenmill.sampling_params import SamplingParams
+
+    llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", async_scheduling=True, speculative_config=ngram(k=3))
+    engine = llm.engine
+    decoder = engine.scheduler.draft_proposer
+    assert decoder.active(3, prompt_work=False)  # below the CPU prior's ridge: speculation may pay (a probe starts)
+    probe_left = [b.probe_left for b in decoder.gate.buckets.values()]
+    assert not decoder.active(3, prompt_work=True) and not decoder.speculating
+    assert [b.probe_left for b in decoder.gate.buckets.values()] == probe_left  # the gate was not asked
+    assert not engine.scheduler.has_prompt_work()
+    engine.add_request("r", [5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert engine.scheduler.has_prompt_work()  # waiting
+    engine.step()
+    assert not engine.scheduler.has_prompt_work()  # its whole prompt was scheduled
+    while engine.has_unfinished_requests() or engine.in_flight is not None:
+        engine.step()
+    _assert_no_leak(llm)

@@ -351,7 +351,7 @@ class LLMEngine:
         proposer = self.scheduler.draft_proposer
         if proposer is not None:  # an adaptive proposer that will not speculate at this batch size keeps overlap
             active = getattr(proposer, "active", None)
-            if active is None or active(len(self.scheduler.running)):
+            if active is None or active(len(self.scheduler.running), self.scheduler.has_prompt_work()):
                 return True
         return any(needs_penalties(seq.params) for seq in self.scheduler.running)
 

@@ -86,6 +86,10 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def has_prompt_work(self) -> bool:
+        """Whether the next step may carry prompt tokens: a request waits, or a running one is mid-prefill."""
+        return bool(self.waiting) or any(not seq.is_prefilled for seq in self.running)
+
     def remove_finished(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence from the queues and release its blocks."""
         if seq in self.running:
