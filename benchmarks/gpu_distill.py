@@ -455,19 +455,25 @@ def draft_config(teacher: str, out: Path, device: str, layers: int, records: int
     return DistillConfig(**values)
 
 
-def acceptance(teacher, student, tokenizer, prompts: list[str], max_new: int, k: int, device: str) -> dict:
+def teacher_continuations(teacher, tokenizer, prompts: list[str], max_new: int, device: str) -> list[list[int]]:
+    """The teacher's greedy ``max_new`` tokens after each chat benchmark prompt (what a greedy target emits)."""
+    continuations = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([hf_prompt_ids(tokenizer, prompt)], device=device)
+            out = teacher.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+            continuations.append(out[0, ids.shape[1]:].tolist())
+    return continuations
+
+
+def acceptance(student, tokenizer, prompts: list[str], continuations: list[list[int]], k: int, device: str) -> dict:
     """distill_cpu.py's measure: exact replay of greedy speculative decoding (k draft tokens a round) against the
     teacher's greedy continuation of the chat benchmark prompts; mean tokens emitted per round."""
     from distill_cpu import acceptance_lengths
 
     ids = [torch.tensor([hf_prompt_ids(tokenizer, p)]) for p in prompts]
-    continuations = []
-    with torch.no_grad():
-        for prompt in ids:
-            out = teacher.generate(prompt.to(device), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
-            continuations.append(out[0, prompt.shape[1]:].tolist())
     lengths = acceptance_lengths(_OnDevice(student, device), ids, continuations, k)
-    return {"k": k, "prompts": len(prompts), "max_new_tokens": max_new, "rounds": len(lengths),
+    return {"k": k, "prompts": len(prompts), "max_new_tokens": len(continuations[0]), "rounds": len(lengths),
             "mean_acceptance_length": sum(lengths) / len(lengths)}
 
 
@@ -500,34 +506,67 @@ def draft_speed(teacher, student, tokenizer, prompts: list[str], max_new: int, k
     return record
 
 
-def draft_job(teacher: str, out: Path, work: Path, device: str, layers: int, prompts: list[str], held: int,
+def draft_quality(summary: dict) -> dict:
+    last, first = summary["evals"][-1], summary["evals"][0]
+    quality = {k: last[k] for k in ("top1_agreement", "kl_to_teacher", "student_perplexity", "teacher_perplexity")}
+    quality.update({"top1_agreement_at_init": first["top1_agreement"],
+                    "held_out": "greedy teacher answers to held-out prompts",
+                    **{key: value for key, value in last.items() if key.startswith("text_")}})
+    return quality
+
+
+def pick_draft(results: dict[int, dict], target: float = 2.0) -> int:
+    """The shallowest student that reaches ``target`` tokens a round (the cheapest draft that does), else the one
+    with the longest acceptance."""
+    reaching = [depth for depth, r in results.items() if r["speculative"]["mean_acceptance_length"] >= target]
+    if reaching:
+        return min(reaching)
+    return max(results, key=lambda depth: results[depth]["speculative"]["mean_acceptance_length"])
+
+
+def draft_job(teacher: str, out: Path, work: Path, device: str, layers: list[int], prompts: list[str], held: int,
               samples: int, generation_seconds: float, training_seconds: float, bench_prompts: list[str],
               max_new: int, k: int, engine_args: dict | None = None, overrides: dict | None = None) -> dict:
+    """Teacher answers once; then each depth in ``layers`` trained for ``training_seconds`` on them and measured
+    (held-out agreement, acceptance); the shallowest that reaches 2.0 tokens a round (else the best) is timed and
+    its trained tensors written (only one fits the files that come back)."""
     record = Record(out / "gpu_distill_draft.json", "draft", device_name(device))
     engine_args = engine_args if engine_args is not None else {"max_num_seqs": 256, "max_model_len": 512,
                                                                 "gpu_memory_utilization": 0.3}
     train, held_records, stats = generate_records(teacher, prompts, held, samples, 128, SAMPLE_TEMPERATURE,
                                                   generation_seconds, engine_args)
     record.update("generation", generation=stats)
-    config = draft_config(teacher, work / "draft", device, layers, len(prompts), **(overrides or {}))
-    task = make_draft_task(config, train, held_records)
-    summary = train_for(task, config, training_seconds)
-    files = save_trained(task.student, out, "draft_student", torch.float16)
-    last, first = summary["evals"][-1], summary["evals"][0]
-    quality = {k: last[k] for k in ("top1_agreement", "kl_to_teacher", "student_perplexity", "teacher_perplexity")}
-    quality.update({"top1_agreement_at_init": first["top1_agreement"],
-                    "held_out": "greedy teacher answers to held-out prompts",
-                    **{key: value for key, value in last.items() if key.startswith("text_")}})
-    record.update("training", training=summary, curve=curve(summary, out / "gpu_distill_draft.png"),
-                  trained_files=files, quality=quality,
-                  student_shape={"layers": layers, "layer_map": list(range(layers))})
-    student = task.student.eval()
-    teacher_model, tokenizer = task.teacher.eval(), task.tokenizer  # the fp32 teacher the student trained on
-    for model in (teacher_model, student):
-        model.generation_config.pad_token_id = tokenizer.eos_token_id
-    spec = acceptance(teacher_model, student, tokenizer, bench_prompts, max_new, k, device)
-    record.update("acceptance", speculative=spec)
-    record.update("speed", speed=draft_speed(teacher_model, student, tokenizer, bench_prompts, max_new, k, device))
+    results: dict[int, dict] = {}
+    students: dict[int, torch.nn.Module] = {}
+    continuations = None
+    for depth in layers:
+        config = draft_config(teacher, work / f"draft{depth}", device, depth, len(prompts), **(overrides or {}))
+        task = make_draft_task(config, train, held_records)
+        summary = train_for(task, config, training_seconds)
+        student, teacher_model, tokenizer = task.student.eval(), task.teacher.eval(), task.tokenizer
+        for model in (teacher_model, student):
+            model.generation_config.pad_token_id = tokenizer.eos_token_id
+        if continuations is None:
+            continuations = teacher_continuations(teacher_model, tokenizer, bench_prompts, max_new, device)
+        results[depth] = {"training": summary, "quality": draft_quality(summary),
+                          "speculative": acceptance(student, tokenizer, bench_prompts, continuations, k, device),
+                          "curve": curve(summary, out / f"gpu_distill_draft_l{depth}.png")}
+        students[depth] = student
+        print(f"{depth} layers: {json.dumps(results[depth]['quality'])} {results[depth]['speculative']}", flush=True)
+        chosen = pick_draft(results)
+        if chosen == depth:  # written as soon as it leads, so a run stopped later still returns a student
+            for stale in record.data.get("trained_files", []):
+                (out / stale).unlink(missing_ok=True)
+            files = save_trained(student, out, "draft_student", torch.float16)
+            record.data.update(chosen_layers=chosen, training=results[chosen]["training"],
+                               quality=results[chosen]["quality"], speculative=results[chosen]["speculative"],
+                               trained_files=files, student_shape={"layers": chosen, "layer_map": list(range(chosen))})
+        record.update(f"draft_{depth}_layers", students={d: {key: r[key] for key in ("quality", "speculative")}
+                                                         for d, r in results.items()},
+                      per_depth_training={d: r["training"] for d, r in results.items() if d != chosen})
+        gc.collect()
+    record.update("speed", speed=draft_speed(teacher_model, students[chosen], tokenizer, bench_prompts, max_new, k,
+                                             device))
     return record.data
 
 
@@ -589,11 +628,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_distill_out")))
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_distill_work"))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--encoder-seconds", default="180,70", help="stage 1, stage 2 training seconds")
-    parser.add_argument("--draft-layers", type=int, default=6)
+    parser.add_argument("--encoder-seconds", default="120,50", help="stage 1, stage 2 training seconds")
+    parser.add_argument("--draft-layers", default="4,6", help="student depths trained (each --training-seconds)")
     parser.add_argument("--samples", type=int, default=6, help="sampled answers per training prompt (time allowing)")
-    parser.add_argument("--generation-seconds", type=float, default=130)
-    parser.add_argument("--training-seconds", type=float, default=150)
+    parser.add_argument("--generation-seconds", type=float, default=75)
+    parser.add_argument("--training-seconds", type=float, default=80)
     parser.add_argument("--max-prompts", type=int, default=None, help="draft: only the first N bundled prompts")
     parser.add_argument("--encoder-overrides", type=json.loads, default={},
                         help='DistillConfig fields for both encoder stages as JSON, e.g. \'{"batch_size": 64}\'')
@@ -629,7 +668,8 @@ def main() -> None:
         manifest = json.loads((dirs["llm2"] / MANIFEST).read_text())
         gguf = join_parts(dirs["llm2"].parent, manifest, args.work / GGUF_NAME)
         prompts = bundled_prompts()[: args.max_prompts]
-        data = draft_job(str(gguf), args.out, args.work, args.device, args.draft_layers, prompts,
+        layers = [int(x) for x in args.draft_layers.split(",")]
+        data = draft_job(str(gguf), args.out, args.work, args.device, layers, prompts,
                          max(1, round(len(prompts) * HELDOUT_FRACTION)), args.samples, args.generation_seconds,
                          args.training_seconds, CHAT_PROMPTS, 96, 4, overrides=args.draft_overrides)
     print(json.dumps({k: data.get(k) for k in ("quality", "speculative", "speed", "generation")}, indent=2,

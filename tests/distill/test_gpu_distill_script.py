@@ -95,9 +95,12 @@ def test_draft_job_runs_and_restore_rebuilds_the_same_student(tmp_path):
     out.mkdir()
     prompts = [f"Tell me about topic number {i}." for i in range(8)]
     overrides = dict(seq_len=64, batch_size=4, eval_batches=1, steps=6, warmup_steps=1)
-    record = script.draft_job(str(teacher), out, tmp_path / "work", "cpu", 2, prompts, 2, 1, 600.0, 600.0,
+    record = script.draft_job(str(teacher), out, tmp_path / "work", "cpu", [1, 2], prompts, 2, 1, 600.0, 600.0,
                               prompts[:2], 8, 4, engine_args={"max_num_seqs": 8}, overrides=overrides)
-    assert record["phases_done"] == ["generation", "training", "acceptance", "speed"]
+    assert record["phases_done"] == ["generation", "draft_1_layers", "draft_2_layers", "speed"]
+    assert set(record["students"]) == {1, 2} and record["chosen_layers"] in (1, 2)
+    assert record["student_shape"]["layers"] == record["chosen_layers"]
+    assert sorted(p.name for p in out.glob("draft_student_*")) == sorted(record["trained_files"])
     assert record["generation"]["training_answers"] == 12  # 6 greedy + 6 sampled
     assert 1.0 <= record["speculative"]["mean_acceptance_length"] <= 5.0
     evals = record["training"]["evals"]
@@ -113,3 +116,11 @@ def test_draft_job_runs_and_restore_rebuilds_the_same_student(tmp_path):
     # the frozen embeddings were rebuilt from the teacher, not sent back
     teacher_state = load_file(str(teacher / "model.safetensors"))
     assert torch.equal(restored["model.embed_tokens.weight"], teacher_state["model.embed_tokens.weight"])
+
+
+def test_pick_draft_prefers_the_shallowest_that_reaches_the_target():
+    script = _script()
+    result = lambda length: {"speculative": {"mean_acceptance_length": length}}  # noqa: E731
+    assert script.pick_draft({4: result(2.1), 6: result(2.4)}) == 4
+    assert script.pick_draft({4: result(1.8), 6: result(2.2)}) == 6
+    assert script.pick_draft({4: result(1.9), 6: result(1.7)}) == 4
