@@ -304,7 +304,7 @@ def make_encoder_task(config, extra_sentences: list[str]):
 
 def encoder_job(teacher_dir: Path, head: Path, out: Path, work: Path, device: str, seconds: tuple[float, float],
                 batch_sizes: list[int], iterations: int, overrides: dict | None = None,
-                extra_sentences: list[str] | None = None) -> dict:
+                extra_sentences: list[str] | None = None, compile: bool = False) -> dict:
     """Stage 1: the measured recipe (hidden-state + cosine + soft labels) for ``seconds[0]``; stage 2: the same
     student with the pooled cosine weighted 10x at a lower LR for ``seconds[1]``; then the torch backend timed."""
 
@@ -334,7 +334,7 @@ def encoder_job(teacher_dir: Path, head: Path, out: Path, work: Path, device: st
                   student_shape={k: getattr(config, k) for k in
                                  ("layer_map", "student_intermediate_size", "student_hidden_size")})
     try:
-        speed = encoder_speed(teacher_dir, config2.out_dir, head, device, batch_sizes, iterations)
+        speed = encoder_speed(teacher_dir, config2.out_dir, head, device, batch_sizes, iterations, compile)
     except Exception as exc:  # the trained tensors are already written; say why the timing is missing
         speed = {"error": f"{type(exc).__name__}: {exc}"}
     record.update("speed", speed=speed)
@@ -342,9 +342,10 @@ def encoder_job(teacher_dir: Path, head: Path, out: Path, work: Path, device: st
 
 
 def encoder_speed(teacher_dir: Path, student_dir: Path, head: Path, device: str, batch_sizes: list[int],
-                  iterations: int) -> dict:
-    """bench-model's torch backend (torch.compile + CUDA graphs on CUDA, fp32) on the teacher and the student, the
-    same seeded ids (seq 64) for both."""
+                  iterations: int, compile: bool = False) -> dict:
+    """bench-model's torch backend (fp32; eager unless ``compile``: torch.compile + CUDA graphs, bench-model's
+    default on CUDA, costs a minute of compiling per model on a device lent for minutes) on the teacher and the
+    student, the same seeded ids (seq 64) for both."""
     from tokenmill.distill.encoder import HEAD_FILE
     from tokenmill.modelserver.backends import TorchBackend
     from tokenmill.modelserver.benchmark import measure, synthetic_feeds
@@ -355,7 +356,8 @@ def encoder_speed(teacher_dir: Path, student_dir: Path, head: Path, device: str,
         spec = hf_export_spec(directory, head_path=head_path)
         inputs = {k: ([-1] * (t.dim() - 1) if t.dtype == torch.int64 else list(t.shape[1:]), t.numpy().dtype)
                   for k, t in spec.example_inputs.items()}
-        backend = TorchBackend(spec.module, spec.output_names, device="cuda" if device.startswith("cuda") else "cpu")
+        backend = TorchBackend(spec.module, spec.output_names, device="cuda" if device.startswith("cuda") else "cpu",
+                               compile=compile)
         results[name] = {}
         for batch in batch_sizes:
             feeds = synthetic_feeds(inputs, batch, 64)
@@ -364,7 +366,8 @@ def encoder_speed(teacher_dir: Path, student_dir: Path, head: Path, device: str,
             print(f"{name}: {result.line()}", flush=True)
     speedup = {b: results["student"][b]["throughput_per_s"] / results["teacher"][b]["throughput_per_s"]
                for b in batch_sizes}
-    return {"backend": "torch (bench-model's TorchBackend, fp32)", "seq_len": 64, "results": results,
+    return {"backend": f"torch (bench-model's TorchBackend, fp32, {'compiled' if compile else 'eager'})",
+            "seq_len": 64, "results": results,
             "speedup": speedup}
 
 
@@ -455,15 +458,22 @@ def draft_config(teacher: str, out: Path, device: str, layers: int, records: int
     return DistillConfig(**values)
 
 
-def teacher_continuations(teacher, tokenizer, prompts: list[str], max_new: int, device: str) -> list[list[int]]:
-    """The teacher's greedy ``max_new`` tokens after each chat benchmark prompt (what a greedy target emits)."""
-    continuations = []
+def greedy_pass(model, tokenizer, prompts: list[str], max_new: int, device: str) -> tuple[list[list[int]], float]:
+    """``model``'s greedy ``max_new`` tokens after each chat benchmark prompt (transformers generate, batch 1) and its
+    tokens/s over them (after one warm-up call)."""
+    continuations, seconds = [], 0.0
     with torch.no_grad():
+        warm = torch.tensor([hf_prompt_ids(tokenizer, prompts[0])], device=device)
+        model.generate(warm, max_new_tokens=2, do_sample=False)
         for prompt in prompts:
             ids = torch.tensor([hf_prompt_ids(tokenizer, prompt)], device=device)
-            out = teacher.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+            seconds += time.perf_counter() - started
             continuations.append(out[0, ids.shape[1]:].tolist())
-    return continuations
+    return continuations, len(prompts) * max_new / seconds
 
 
 def acceptance(student, tokenizer, prompts: list[str], continuations: list[list[int]], k: int, device: str) -> dict:
@@ -487,16 +497,19 @@ class _OnDevice:
         return self.model.generate(ids.to(self.device), **kwargs).cpu()
 
 
-def draft_speed(teacher, student, tokenizer, prompts: list[str], max_new: int, k: int, device: str) -> dict:
-    """Batch-1 greedy tokens/s of teacher and student (transformers generate) and transformers' assisted generation
-    with the student as assistant (constant k), outputs checked against the teacher's greedy ones."""
-    from distill_cpu import assisted_seconds, greedy_tokens_per_s
+def draft_speed(teacher, student, tokenizer, prompts: list[str], max_new: int, k: int, device: str,
+                teacher_tps: float, continuations: list[list[int]], assisted: bool) -> dict:
+    """Batch-1 greedy tokens/s of the student beside the teacher's (transformers generate, fp32) and, with
+    ``assisted``, transformers' assisted generation with the student as assistant (constant k), outputs checked
+    against the teacher's greedy ones."""
+    from distill_cpu import assisted_seconds
 
-    ids = [torch.tensor([hf_prompt_ids(tokenizer, p)], device=device) for p in prompts]
-    teacher_tps, continuations = greedy_tokens_per_s(teacher, ids, max_new)
-    student_tps, _ = greedy_tokens_per_s(student, ids, max_new)
+    _, student_tps = greedy_pass(student, tokenizer, prompts, max_new, device)
     record = {"teacher_tokens_per_s": teacher_tps, "student_tokens_per_s": student_tps,
               "student_vs_teacher": student_tps / teacher_tps, "how": "transformers generate, batch 1, fp32"}
+    if not assisted:
+        return record
+    ids = [torch.tensor([hf_prompt_ids(tokenizer, p)], device=device) for p in prompts]
     try:
         spec_seconds = assisted_seconds(teacher, student, ids, max_new, k, continuations)
         plain = len(ids) * max_new / teacher_tps
@@ -526,13 +539,15 @@ def pick_draft(results: dict[int, dict], target: float = 2.0) -> int:
 
 def draft_job(teacher: str, out: Path, work: Path, device: str, layers: list[int], prompts: list[str], held: int,
               samples: int, generation_seconds: float, training_seconds: float, bench_prompts: list[str],
-              max_new: int, k: int, engine_args: dict | None = None, overrides: dict | None = None) -> dict:
+              max_new: int, k: int, engine_args: dict | None = None, overrides: dict | None = None,
+              assisted: bool = False) -> dict:
     """Teacher answers once; then each depth in ``layers`` trained for ``training_seconds`` on them and measured
     (held-out agreement, acceptance); the shallowest that reaches 2.0 tokens a round (else the best) is timed and
     its trained tensors written (only one fits the files that come back)."""
     record = Record(out / "gpu_distill_draft.json", "draft", device_name(device))
+    # eager: CUDA-graph capture would cost seconds of a device lent for minutes, for a one-off generation
     engine_args = engine_args if engine_args is not None else {"max_num_seqs": 256, "max_model_len": 512,
-                                                                "gpu_memory_utilization": 0.3}
+                                                                "gpu_memory_utilization": 0.3, "enforce_eager": True}
     train, held_records, stats = generate_records(teacher, prompts, held, samples, 128, SAMPLE_TEMPERATURE,
                                                   generation_seconds, engine_args)
     record.update("generation", generation=stats)
@@ -547,7 +562,7 @@ def draft_job(teacher: str, out: Path, work: Path, device: str, layers: list[int
         for model in (teacher_model, student):
             model.generation_config.pad_token_id = tokenizer.eos_token_id
         if continuations is None:
-            continuations = teacher_continuations(teacher_model, tokenizer, bench_prompts, max_new, device)
+            continuations, teacher_tps = greedy_pass(teacher_model, tokenizer, bench_prompts, max_new, device)
         results[depth] = {"training": summary, "quality": draft_quality(summary),
                           "speculative": acceptance(student, tokenizer, bench_prompts, continuations, k, device),
                           "curve": curve(summary, out / f"gpu_distill_draft_l{depth}.png")}
@@ -566,7 +581,7 @@ def draft_job(teacher: str, out: Path, work: Path, device: str, layers: list[int
                       per_depth_training={d: r["training"] for d, r in results.items() if d != chosen})
         gc.collect()
     record.update("speed", speed=draft_speed(teacher_model, students[chosen], tokenizer, bench_prompts, max_new, k,
-                                             device))
+                                             device, teacher_tps, continuations, assisted))
     return record.data
 
 
@@ -628,12 +643,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_distill_out")))
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_distill_work"))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--encoder-seconds", default="120,50", help="stage 1, stage 2 training seconds")
-    parser.add_argument("--draft-layers", default="4,6", help="student depths trained (each --training-seconds)")
+    parser.add_argument("--encoder-seconds", default="45,20", help="stage 1, stage 2 training seconds")
+    parser.add_argument("--draft-layers", default="6", help="student depths trained, e.g. 4,6 (each --training-seconds)")
+    parser.add_argument("--assisted", action="store_true", help="draft: also time transformers' assisted generation")
+    parser.add_argument("--compile", action="store_true", help="encoder: time the torch backend compiled")
     parser.add_argument("--samples", type=int, default=6, help="sampled answers per training prompt (time allowing)")
-    parser.add_argument("--generation-seconds", type=float, default=90,
+    parser.add_argument("--generation-seconds", type=float, default=40,
                         help="draft: generation time after the engine started (greedy pass, then sampled ones)")
-    parser.add_argument("--training-seconds", type=float, default=80)
+    parser.add_argument("--training-seconds", type=float, default=55)
     parser.add_argument("--max-prompts", type=int, default=None, help="draft: only the first N bundled prompts")
     parser.add_argument("--encoder-overrides", type=json.loads, default={},
                         help='DistillConfig fields for both encoder stages as JSON, e.g. \'{"batch_size": 64}\'')
@@ -659,7 +676,8 @@ def main() -> None:
         seconds = tuple(float(x) for x in args.encoder_seconds.split(","))
         extra = dirs["encoder"] / EXTRA_TEXT
         data = encoder_job(teacher, data_path("sentiment_head.json"), args.out, args.work, args.device, seconds,
-                           [1, 32], 50, args.encoder_overrides, extra_sentences=sentences(read_corpus(extra)) if extra.is_file() else [])
+                           [1, 32], 30, args.encoder_overrides,
+                           extra_sentences=sentences(read_corpus(extra)) if extra.is_file() else [], compile=args.compile)
     else:
         from distill_cpu import CHAT_PROMPTS
 
@@ -672,7 +690,8 @@ def main() -> None:
         layers = [int(x) for x in args.draft_layers.split(",")]
         data = draft_job(str(gguf), args.out, args.work, args.device, layers, prompts,
                          max(1, round(len(prompts) * HELDOUT_FRACTION)), args.samples, args.generation_seconds,
-                         args.training_seconds, CHAT_PROMPTS, 96, 4, overrides=args.draft_overrides)
+                         args.training_seconds, CHAT_PROMPTS, 96, 4, overrides=args.draft_overrides,
+                         assisted=args.assisted)
     print(json.dumps({k: data.get(k) for k in ("quality", "speculative", "speed", "generation")}, indent=2,
                      default=str))
 

@@ -96,13 +96,15 @@ def test_draft_job_runs_and_restore_rebuilds_the_same_student(tmp_path):
     prompts = [f"Tell me about topic number {i}." for i in range(8)]
     overrides = dict(seq_len=64, batch_size=4, eval_batches=1, steps=6, warmup_steps=1)
     record = script.draft_job(str(teacher), out, tmp_path / "work", "cpu", [1, 2], prompts, 2, 1, 600.0, 600.0,
-                              prompts[:2], 8, 4, engine_args={"max_num_seqs": 8}, overrides=overrides)
+                              prompts[:2], 8, 4, engine_args={"max_num_seqs": 8}, overrides=overrides, assisted=True)
     assert record["phases_done"] == ["generation", "draft_1_layers", "draft_2_layers", "speed"]
     assert set(record["students"]) == {1, 2} and record["chosen_layers"] in (1, 2)
     assert record["student_shape"]["layers"] == record["chosen_layers"]
     assert sorted(p.name for p in out.glob("draft_student_*")) == sorted(record["trained_files"])
     assert record["generation"]["training_answers"] == 12  # 6 greedy + 6 sampled
     assert 1.0 <= record["speculative"]["mean_acceptance_length"] <= 5.0
+    assert record["speed"]["teacher_tokens_per_s"] > 0 and record["speed"]["student_tokens_per_s"] > 0
+    assert "assisted_speedup" in record["speed"] or "assisted_error" in record["speed"]
     evals = record["training"]["evals"]
     assert evals[-1]["kl_to_teacher"] < evals[0]["kl_to_teacher"]
     report = script.restore(out, tmp_path / "restored", draft_teacher=str(teacher))
