@@ -222,6 +222,7 @@ class Record:
 
     def __init__(self, path: Path, job: str, device: str) -> None:
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.data = {"benchmark": f"gpu_distill_{job}", "date": datetime.now(UTC).isoformat(timespec="seconds"),
                      "device": device, "machine": platform.platform(), "torch": torch.__version__,
                      "command": "python3 " + shlex.join(sys.argv), "phases_done": []}
@@ -304,35 +305,40 @@ def make_encoder_task(config, extra_sentences: list[str]):
 
 def encoder_job(teacher_dir: Path, head: Path, out: Path, work: Path, device: str, seconds: tuple[float, float],
                 batch_sizes: list[int], iterations: int, overrides: dict | None = None,
-                extra_sentences: list[str] | None = None, compile: bool = False) -> dict:
+                extra_sentences: list[str] | None = None, compile: bool = False,
+                start_from: Path | None = None) -> dict:
     """Stage 1: the measured recipe (hidden-state + cosine + soft labels) for ``seconds[0]``; stage 2: the same
-    student with the pooled cosine weighted 10x at a lower LR for ``seconds[1]``; then the torch backend timed."""
-
+    student with the pooled cosine weighted 10x at a lower LR for ``seconds[1]``; then the torch backend timed.
+    ``start_from``: a trained student directory; stage 1 is skipped and stage 2 continues it."""
     record = Record(out / "gpu_distill_encoder.json", "encoder", device_name(device))
     overrides = overrides or {}
-    config = encoder_config(str(teacher_dir), str(head), work / "stage1", device, **overrides)
-    task = make_encoder_task(config, extra_sentences or [])
-    stage1 = train_for(task, config, seconds[0])
-    task.save_student(config.out_dir)
-    record.update("stage1", stage1=stage1, stage1_curve=curve(stage1, out / "gpu_distill_encoder_stage1.png"))
+    stage1 = None
+    if start_from is None:
+        config = encoder_config(str(teacher_dir), str(head), work / "stage1", device, **overrides)
+        task = make_encoder_task(config, extra_sentences or [])
+        stage1 = train_for(task, config, seconds[0])
+        task.save_student(config.out_dir)
+        start_from = config.out_dir
+        record.update("stage1", stage1=stage1, stage1_curve=curve(stage1, out / "gpu_distill_encoder_stage1.png"))
     stage2_overrides = {"lr": 3e-4, "warmup_steps": 20, "embedding_weight": 10.0, **overrides, "layer_map": None,
-                        "student_intermediate_size": None, "student_hidden_size": None, "student": str(config.out_dir)}
+                        "student_intermediate_size": None, "student_hidden_size": None, "student": str(start_from)}
     config2 = encoder_config(str(teacher_dir), str(head), work / "stage2", device, **stage2_overrides)
     task2 = make_encoder_task(config2, extra_sentences or [])
     stage2 = train_for(task2, config2, seconds[1])
     task2.save_student(config2.out_dir)
     files = save_trained(task2.student, out, "encoder_student", torch.float32)
-    last, first = stage2["evals"][-1], stage1["evals"][0]
+    last, first = stage2["evals"][-1], (stage1 or stage2)["evals"][0]
     quality = {"teacher_accuracy": last["teacher_accuracy"], "student_accuracy": last["student_accuracy"],
                "accuracy_ratio": last["student_accuracy"] / last["teacher_accuracy"],
                "embedding_cosine": last["embedding_cosine"], "embedding_cosine_at_init": first["embedding_cosine"],
-               "kl_to_teacher": last["kl_to_teacher"],
-               "teacher_on_device": "MiniLM rounded to fp16, unused word-embedding rows zero (re-measured on the "
-                                    "CPU box against the real teacher by --restore)"}
+               "kl_to_teacher": last["kl_to_teacher"], "teacher": str(teacher_dir)}
+    shape = task2.student.encoder.config  # restore rebuilds this shape (its layer start is overwritten anyway)
     record.update("stage2", stage2=stage2, stage2_curve=curve(stage2, out / "gpu_distill_encoder_stage2.png"),
-                  trained_files=files, quality=quality,
-                  student_shape={k: getattr(config, k) for k in
-                                 ("layer_map", "student_intermediate_size", "student_hidden_size")})
+                  trained_files=files, quality=quality, started_from=str(start_from),
+                  student_shape={"layer_map": None, "student_layers": shape.num_hidden_layers,
+                                 "student_intermediate_size": shape.intermediate_size, "student_hidden_size":
+                                 shape.hidden_size if shape.hidden_size != task2.teacher.encoder.config.hidden_size
+                                 else None})
     try:
         speed = encoder_speed(teacher_dir, config2.out_dir, head, device, batch_sizes, iterations, compile)
     except Exception as exc:  # the trained tensors are already written; say why the timing is missing
@@ -637,7 +643,8 @@ def main() -> None:
     parser.add_argument("--prepare", type=Path, help="CPU box: write PREFIX_encoder/_llm1/_llm2 carry folders, exit")
     parser.add_argument("--wheel-dir", type=Path, default=ROOT / ".whl", help="where the gguf wheel lies (prepare)")
     parser.add_argument("--extra-text", type=Path, default=None,
-                        help="prepare: more KJV text (not Ruth / Ecclesiastes, the held-out books) for the encoder")
+                        help="prepare: more KJV text (not Ruth / Ecclesiastes, the held-out books) for the "
+                             "encoder; encoder job: read it from here instead of the carry")
     parser.add_argument("--job", choices=("encoder", "draft"), help="device: which student to train")
     parser.add_argument("--carry", type=Path, default=ROOT / ".distill_carry", help="the prefix given to --prepare")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_distill_out")))
@@ -646,6 +653,11 @@ def main() -> None:
     parser.add_argument("--encoder-seconds", default="45,20", help="stage 1, stage 2 training seconds")
     parser.add_argument("--draft-layers", default="6", help="student depths trained, e.g. 4,6 (each --training-seconds)")
     parser.add_argument("--assisted", action="store_true", help="draft: also time transformers' assisted generation")
+    parser.add_argument("--encoder-teacher", type=Path, default=None,
+                        help="encoder job: this MiniLM directory (e.g. the bundled one, on the CPU box) instead of "
+                             "the carried fp16 copy")
+    parser.add_argument("--encoder-continue", type=Path, default=None,
+                        help="encoder job: skip stage 1 and continue this trained student directory")
     parser.add_argument("--compile", action="store_true", help="encoder: time the torch backend compiled")
     parser.add_argument("--samples", type=int, default=6, help="sampled answers per training prompt (time allowing)")
     parser.add_argument("--generation-seconds", type=float, default=40,
@@ -672,12 +684,13 @@ def main() -> None:
         from tokenmill.distill.data import read_corpus, sentences
         from tokenmill.modelserver.bundled import data_path
 
-        teacher = rebuild_encoder_teacher(dirs["encoder"], args.work / "minilm")
+        teacher = args.encoder_teacher or rebuild_encoder_teacher(dirs["encoder"], args.work / "minilm")
         seconds = tuple(float(x) for x in args.encoder_seconds.split(","))
-        extra = dirs["encoder"] / EXTRA_TEXT
+        extra = args.extra_text or dirs["encoder"] / EXTRA_TEXT
         data = encoder_job(teacher, data_path("sentiment_head.json"), args.out, args.work, args.device, seconds,
                            [1, 32], 30, args.encoder_overrides,
-                           extra_sentences=sentences(read_corpus(extra)) if extra.is_file() else [], compile=args.compile)
+                           extra_sentences=sentences(read_corpus(extra)) if extra.is_file() else [], compile=args.compile,
+                           start_from=args.encoder_continue)
     else:
         from distill_cpu import CHAT_PROMPTS
 

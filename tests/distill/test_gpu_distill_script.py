@@ -84,6 +84,11 @@ def test_encoder_job_runs_and_restore_rebuilds_the_same_student(tmp_path):
     assert evaluation["embedding_cosine"] == pytest.approx(record["stage2"]["evals"][-1]["embedding_cosine"],
                                                            abs=1e-5)
     assert Path(report["encoder"]["onnx"]).is_file()
+    # --encoder-continue: stage 2 only, from the restored student, starting where the first run ended
+    again = script.encoder_job(teacher, head, tmp_path / "out2", tmp_path / "work2", "cpu", (0.0, 60.0), [1], 2,
+                               overrides, start_from=Path(report["encoder"]["student_dir"]))
+    assert again["phases_done"] == ["stage2", "speed"]
+    assert again["stage2"]["evals"][0]["embedding_cosine"] == pytest.approx(evaluation["embedding_cosine"], abs=1e-5)
 
 
 def test_draft_job_runs_and_restore_rebuilds_the_same_student(tmp_path):
