@@ -5,15 +5,21 @@ The teachers do not fit one device call (the working tree, carried folders inclu
 travels as fp16 tensors with only the word-embedding rows the distillation text uses; SmolLM2's 98 MB GGUF travels
 byte-exact in two parts, in two calls made back to back on the same warm machine.
 
-    # CPU box, repo root: write .distill_carry_encoder/, .distill_carry_llm1/, .distill_carry_llm2/ (git-ignored)
-    python benchmarks/gpu_distill.py --prepare .distill_carry
-    # device, call E (carry .distill_carry_encoder): the encoder student
-    python3 benchmarks/gpu_distill.py --job encoder --carry .distill_carry --out $OUT
-    # device, call D1 (carry .distill_carry_llm1): only leaves part 1 of the GGUF on the machine
-    # device, call D2 at once after D1 (carry .distill_carry_llm2): teacher answers, draft training, acceptance
-    python3 benchmarks/gpu_distill.py --job draft --carry .distill_carry --out $OUT
+    # CPU box, repo root (5 s): .distill_carry_encoder/ (27 MiB), _llm1/ (48 MiB), _llm2/ (46 MiB), git-ignored;
+    # --extra-text: more KJV books for the encoder (bible-kjv-text, not the held-out Ruth / Ecclesiastes)
+    python benchmarks/gpu_distill.py --prepare .distill_carry --wheel-dir .whl --extra-text kjv_more.txt
+    # device, call E (carry .distill_carry_encoder; ~105 s): the encoder student
+    timeout 170 python3 benchmarks/gpu_distill.py --job encoder --out $OUT
+    # device, call D1 (carry .distill_carry_llm1; seconds): only leaves part 1 of the GGUF on the machine
+    ls -la .distill_carry_llm1
+    # device, call D2 at once after D1 (carry .distill_carry_llm2; ~175 s): teacher answers, draft, acceptance
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .distill_carry_llm2/gguf-*.whl
+    PYTHONPATH=/tmp/site timeout 250 python3 benchmarks/gpu_distill.py --job draft --out $OUT
     # CPU box: rebuild the full student directories from what came back (and export / evaluate them)
     python benchmarks/gpu_distill.py --restore RESULTS_DIR --restore-out /tmp/distill_restored
+    # CPU box: continue a trained encoder student with the real teacher (stage 2 only)
+    python benchmarks/gpu_distill.py --job encoder --device cpu --encoder-teacher MINILM_DIR --extra-text kjv_more.txt \
+        --encoder-continue STUDENT_DIR --encoder-seconds 0,1500 --out OUT
 
 Each job writes its JSON (date, device, command) as it goes, so a run stopped by its timeout still returns a record.
 """
