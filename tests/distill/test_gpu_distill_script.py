@@ -131,3 +131,16 @@ def test_pick_draft_prefers_the_shallowest_that_reaches_the_target():
     assert script.pick_draft({4: result(2.1), 6: result(2.4)}) == 4
     assert script.pick_draft({4: result(1.8), 6: result(2.2)}) == 6
     assert script.pick_draft({4: result(1.9), 6: result(1.7)}) == 4
+
+
+def test_kjv_reader_output_becomes_one_line_per_chapter():
+    spec = importlib.util.spec_from_file_location("distill_kjv_more", ROOT / "benchmarks" / "distill_kjv_more.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = ("\nExodus 1\n\n  1 Now these are the names of the children of Israel, which came into Egypt;\n"
+              "every man and his household came with Jacob.\n  2 Reuben, Simeon, Levi, and Judah,\n\n"
+              "Exodus 2\n\n  1 And there went a man of the house of Levi,\n")
+    assert module.chapters(output) == [
+        "Now these are the names of the children of Israel, which came into Egypt; every man and his household came "
+        "with Jacob. Reuben, Simeon, Levi, and Judah,",
+        "And there went a man of the house of Levi,"]
