@@ -1,0 +1,109 @@
+"""FP8-weight GEMV for decode batches: bf16/fp16 activations times e4m3 weights [N, K] with one fp32 scale per
+output channel (quantization/fp8.py's layout), weights upcast in registers, fp32 accumulation.
+
+At a few rows ``torch._scaled_mm`` is no faster than bf16 (benchmarks/results/gpu_fp8_h100_2026-12-06.json: it
+must also quantize the activations, and cuBLASLt's FP8 kernels are tiled for large products), though the weight
+bytes are halved. Here each program streams [BLOCK_N, BLOCK_K] weight tiles (contiguous along K) for its share
+of K, split-K reduced in the same launch (kernels/splitk.py); activations are not quantized, so the result is the
+exact product of x with the dequantized weight up to fp32 rounding.
+
+- ``dot=False`` (1-8 rows): fp32 FMAs, partial sums per (row, column, k lane), reduced once at the end.
+- ``dot=True``: the tensor cores with the operands swapped (out^T = W x^T), so the upcast weight tile is the
+  product's left operand straight from registers and x's rows pad to 16 columns only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels.splitk import SplitKConfig, dot_in_fp32, fit_split_k, splitk_workspace
+
+if HAS_TRITON:
+    from tokenmill.kernels.splitk import splitk_finish
+
+    @triton.jit(do_not_specialize=["M"])
+    def _fp8_gemv_kernel(
+        x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+        M, N, K, stride_xm, stride_wn, stride_om,
+        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = m < M
+        nmask = n < N
+        kk = tl.arange(0, BLOCK_K)
+        per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+        first = pid_k * per_split
+        last = tl.minimum(first + per_split, tl.cdiv(K, BLOCK_K))
+        if DOT:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        for step in range(first, last):
+            k = step * BLOCK_K + kk
+            kmask = k < K
+            w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            if DOT:
+                if DOT_F32:
+                    acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+                else:  # e4m3 values are exact in bf16 and fp16
+                    acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
+            else:
+                acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if DOT:
+            result = tl.trans(acc)
+        else:
+            result = tl.sum(acc, axis=2)
+        result = result * tl.load(ws_ptr + n, mask=nmask, other=0.0)[None, :]
+        splitk_finish(result, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, pid, pid_k, HAS_BIAS,
+                      SPLIT_K)
+
+
+def default_fp8_gemv_config(rows: int) -> SplitKConfig:
+    if rows <= 8:
+        return SplitKConfig(block_m=next_power_of_2(rows), block_n=16, block_k=256 if rows <= 2 else 128, split_k=4)
+    return SplitKConfig(block_m=16, block_n=64, block_k=128, split_k=4, dot=True)
+
+
+def fp8_gemv(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    config: SplitKConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bf16/fp16) times (weight [N, K] e4m3 * weight_scale [N])^T (+ bias) -> [M, N] in x's dtype."""
+    require_triton("fp8_gemv")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"fp8_gemv needs x [M, K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fp8_gemv takes bf16/fp16 activations; got {x.dtype}")
+    if weight_scale.numel() != weight.shape[0]:
+        raise ValueError(f"fp8_gemv needs one weight scale per output channel ({weight.shape[0]}); got "
+                         f"{weight_scale.numel()}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    config = config or default_fp8_gemv_config(m)
+    block_m = max(16, config.block_m) if config.dot else config.block_m
+    out = x.new_empty((m, n))
+    if m == 0:
+        return out
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, config.block_n)
+    split_k = fit_split_k(config.split_k, m, n, tiles, triton.cdiv(k, config.block_k))
+    work = splitk_workspace(x.device)
+    scale = weight_scale.reshape(-1).float()
+    _fp8_gemv_kernel[(tiles, split_k)](
+        x, weight, scale, bias if bias is not None else scale, out, work.partials, work.counters,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, DOT=config.dot, DOT_F32=dot_in_fp32(x.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
