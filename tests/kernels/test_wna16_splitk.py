@@ -1,0 +1,85 @@
+"""The split-K streaming W4A16 / W8A16 kernel (kernels/wna16_splitk.py) against the fp32 product with the
+dequantized weight, on fresh random codes, scales, zero points and activations: both variants (FMA rows, tensor-core
+products), K split or not, groups 32/64/128, odd output widths. Runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err, requires_triton_device
+from test_wna16_gemm import random_packed
+
+from tokenmill.kernels.quant_dispatch import default_wna16_config, wna16_cuda_linear
+from tokenmill.kernels.splitk import SplitKConfig, fit_split_k
+from tokenmill.kernels.wna16_gemm import WNA16Config, wna16_linear_reference
+from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
+
+pytestmark = pytest.mark.gpu
+
+BF16_TOL = 2e-2  # the output is rounded to bf16 (~3e-3 relative); a wrong code, scale or split is far above
+
+
+def _check(device, rows, k, n, bits, group, zeros, configs, seed, dtype=torch.bfloat16):
+    packed = random_packed(k, n, bits, group, zeros, dtype, device, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(rows, k, generator=gen).to(dtype).to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
+    ref = wna16_linear_reference(x.float(), packed, bias.float()).float()
+    for config in configs:
+        first = wna16_splitk_linear(x, packed, bias, config)
+        again = wna16_splitk_linear(x, packed, bias, config)  # the split-K counters were left at zero
+        assert first.dtype == dtype and first.shape == (rows, n)
+        assert rel_err(first, ref) < BF16_TOL, config
+        assert torch.equal(first, again), config  # partials summed in split order: deterministic
+
+
+@requires_triton_device
+@pytest.mark.parametrize("bits,group,zeros", [(4, 128, False), (4, 64, True), (4, 32, False), (8, 128, True),
+                                              (8, 32, False)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
+def test_fma_streaming_matches_fp32_reference(device, rows, bits, group, zeros):
+    block_m = 1 << (rows - 1).bit_length()
+    configs = [SplitKConfig(block_m=block_m, block_n=32, block_k=128, split_k=3),
+               SplitKConfig(block_m=min(block_m, 4), block_n=64, block_k=64, split_k=1)]  # row tiles < rows
+    _check(device, rows, 384, 200, bits, group, zeros, configs, seed=rows + bits + group)
+
+
+@requires_triton_device
+@pytest.mark.parametrize("bits,group,zeros", [(4, 128, True), (4, 64, False), (4, 32, True), (8, 64, False),
+                                              (8, 128, True)])
+@pytest.mark.parametrize("rows", [1, 3, 16, 64])
+def test_tensor_core_streaming_matches_fp32_reference(device, rows, bits, group, zeros):
+    """Groups narrower than the K step (4-bit 32/64) scale each word row before the product."""
+    configs = [SplitKConfig(block_m=16, block_n=32, block_k=128, split_k=2, dot=True),
+               SplitKConfig(block_m=32, block_n=64, block_k=256, split_k=1, dot=True, num_warps=8)]
+    _check(device, rows, 512, 96, bits, group, zeros, configs, seed=rows * 7 + bits + group)
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows", [1, 4, 9, 100])
+def test_default_plan_and_tuned_plan_match_reference(device, rows):
+    """The dispatch a layer uses on CUDA: the default config by rows, a tuner's plan entry (either kernel)."""
+    k, n = 256, 72
+    packed = random_packed(k, n, 4, 64, True, torch.float16, device, seed=rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).half().to(device)
+    ref = wna16_linear_reference(x.float(), packed).float()
+    key = 1 << (rows - 1).bit_length()
+    for plan in ({}, {key: WNA16Config(16, 32, 32, 2)}, {key: SplitKConfig(block_m=16, block_n=16, dot=True)}):
+        assert rel_err(wna16_cuda_linear(x, packed, None, plan), ref) < 3e-3, plan
+
+
+def test_default_configs_fill_the_gpu_and_respect_groups():
+    one_row = default_wna16_config(1, 6144, 4096, 4, 128)
+    assert not one_row.dot and one_row.block_m == 1 and one_row.block_k == 128
+    assert -(-6144 // one_row.block_n) * one_row.split_k >= 2 * 132
+    assert default_wna16_config(3, 4096, 4096, 4, 32).block_k == 32  # one group per FMA step
+    wide = default_wna16_config(256, 28672, 4096, 4, 128)
+    assert wide.dot and wide.split_k == 1  # enough output tiles already
+    assert default_wna16_config(16, 4096, 4096, 8, 128).block_k == 64  # 16 words per nibble position
+
+
+def test_split_k_fits_the_workspace():
+    assert fit_split_k(8, 1, 4096, 64, 32) == 8
+    assert fit_split_k(8, 1, 4096, 64, 3) == 3  # no more splits than K steps
+    assert fit_split_k(64, 16, 28672, 64, 1024) * 16 * 28672 <= 1 << 21
+    assert fit_split_k(4, 256, 28672, 64, 1024) == 1  # unsplit tiles need no partials
