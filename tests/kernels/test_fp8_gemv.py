@@ -41,8 +41,9 @@ def test_fp8_gemv_matches_dequantized_product(device, rows, k, n, dtype):
     bias = torch.randn(n, generator=gen).to(dtype).to(device)
     ref = x.float() @ (w.float() * scale[:, None]).t() + bias.float()
     block_m = 1 << (rows - 1).bit_length()
-    configs = [SplitKConfig(block_m=block_m, block_n=16, block_k=64, split_k=3),
-               SplitKConfig(block_m=16, block_n=32, block_k=64, split_k=2, dot=True), None]
+    configs = [SplitKConfig(block_m=min(block_m, 4), block_n=16, block_k=64, split_k=3),
+               SplitKConfig(block_m=block_m, block_n=16, block_k=64, split_k=2, kind="fma"),
+               SplitKConfig(block_m=16, block_n=32, block_k=64, split_k=2, kind="dot"), None]
     for config in configs:
         out = fp8_gemv(x, w, scale, bias, config)
         assert out.dtype == dtype and out.shape == (rows, n)

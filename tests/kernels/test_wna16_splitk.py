@@ -38,9 +38,11 @@ def _check(device, rows, k, n, bits, group, zeros, configs, seed, dtype=torch.bf
                                               (8, 32, False)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
 def test_fma_streaming_matches_fp32_reference(device, rows, bits, group, zeros):
+    """Per-row accumulators (1, 2 or 4 rows a program, several row tiles above) and the 3-D FMA product."""
     block_m = 1 << (rows - 1).bit_length()
-    configs = [SplitKConfig(block_m=block_m, block_n=32, block_k=128, split_k=3),
-               SplitKConfig(block_m=min(block_m, 4), block_n=64, block_k=64, split_k=1)]  # row tiles < rows
+    configs = [SplitKConfig(block_m=min(block_m, 4), block_n=32, block_k=128, split_k=3),
+               SplitKConfig(block_m=min(block_m, 2), block_n=64, block_k=64, split_k=1),
+               SplitKConfig(block_m=block_m, block_n=32, block_k=128, split_k=2, kind="fma")]
     _check(device, rows, 384, 200, bits, group, zeros, configs, seed=rows + bits + group)
 
 
@@ -50,8 +52,10 @@ def test_fma_streaming_matches_fp32_reference(device, rows, bits, group, zeros):
 @pytest.mark.parametrize("rows", [1, 3, 16, 64])
 def test_tensor_core_streaming_matches_fp32_reference(device, rows, bits, group, zeros):
     """Groups narrower than the K step (4-bit 32/64) scale each word row before the product."""
-    configs = [SplitKConfig(block_m=16, block_n=32, block_k=128, split_k=2, dot=True),
-               SplitKConfig(block_m=32, block_n=64, block_k=256, split_k=1, dot=True, num_warps=8)]
+    configs = [SplitKConfig(block_m=16, block_n=32, block_k=128, split_k=2, kind="dot"),
+               SplitKConfig(block_m=32, block_n=64, block_k=256, split_k=1, kind="dot", num_warps=8),
+               SplitKConfig(block_m=16, block_n=32, block_k=64, split_k=3, kind="dot_k"),
+               SplitKConfig(block_m=32, block_n=64, block_k=256, split_k=1, kind="dot_k")]
     _check(device, rows, 512, 96, bits, group, zeros, configs, seed=rows * 7 + bits + group)
 
 
@@ -64,18 +68,24 @@ def test_default_plan_and_tuned_plan_match_reference(device, rows):
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).half().to(device)
     ref = wna16_linear_reference(x.float(), packed).float()
     key = 1 << (rows - 1).bit_length()
-    for plan in ({}, {key: WNA16Config(16, 32, 32, 2)}, {key: SplitKConfig(block_m=16, block_n=16, dot=True)}):
+    for plan in ({}, {key: WNA16Config(16, 32, 32, 2)}, {key: SplitKConfig(block_m=16, block_n=16, kind="dot")}):
         assert rel_err(wna16_cuda_linear(x, packed, None, plan), ref) < 3e-3, plan
 
 
-def test_default_configs_fill_the_gpu_and_respect_groups():
+def test_default_configs_fill_the_gpu():
     one_row = default_wna16_config(1, 6144, 4096, 4, 128)
-    assert not one_row.dot and one_row.block_m == 1 and one_row.block_k == 128
+    assert one_row.kind == "rows" and one_row.block_m == 1 and one_row.block_k == 128
     assert -(-6144 // one_row.block_n) * one_row.split_k >= 2 * 132
-    assert default_wna16_config(3, 4096, 4096, 4, 32).block_k == 32  # one group per FMA step
-    wide = default_wna16_config(256, 28672, 4096, 4, 128)
-    assert wide.dot and wide.split_k == 1  # enough output tiles already
+    assert default_wna16_config(3, 4096, 4096, 4, 32).block_m == 4  # per-row accumulators span groups
+    assert isinstance(default_wna16_config(256, 28672, 4096, 4, 128), WNA16Config)  # the tiled kernel above 16
     assert default_wna16_config(16, 4096, 4096, 8, 128).block_k == 64  # 16 words per nibble position
+
+
+def test_config_rejects_unknown_kinds_and_row_tiles_the_rows_kernel_lacks():
+    with pytest.raises(ValueError, match="not one of"):
+        SplitKConfig(kind="gemv")
+    with pytest.raises(ValueError, match="1, 2 or 4 rows"):
+        SplitKConfig(block_m=8, kind="rows")
 
 
 def test_split_k_fits_the_workspace():

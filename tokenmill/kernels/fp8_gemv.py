@@ -7,8 +7,8 @@ bytes are halved. Here each program streams [BLOCK_N, BLOCK_K] weight tiles (con
 of K, split-K reduced in the same launch (kernels/splitk.py); activations are not quantized, so the result is the
 exact product of x with the dequantized weight up to fp32 rounding.
 
-- ``dot=False`` (1-8 rows): fp32 FMAs, partial sums per (row, column, k lane), reduced once at the end.
-- ``dot=True``: the tensor cores with the operands swapped (out^T = W x^T), so the upcast weight tile is the
+- ``rows`` / ``fma`` kinds (1-8 rows): fp32 FMAs, partial sums per (row, column, k lane), reduced once at the end.
+- ``dot`` kinds: the tensor cores with the operands swapped (out^T = W x^T), so the upcast weight tile is the
   product's left operand straight from registers and x's rows pad to 16 columns only.
 """
 
@@ -16,19 +16,26 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
-from tokenmill.kernels.splitk import SplitKConfig, dot_in_fp32, fit_split_k, splitk_workspace
+from tokenmill.kernels._triton import HAS_TRITON, require_triton, tl, triton
+from tokenmill.kernels.splitk import KINDS, SplitKConfig, dot_in_fp32, fit_split_k, splitk_workspace
 
 if HAS_TRITON:
     from tokenmill.kernels.splitk import splitk_finish
+
+    @triton.jit
+    def _row_times(x_ptr, row, M, stride_xm, k, kmask, wf):
+        """Row ``row`` of x (zeros past M) times the upcast tile wf [N, K], elementwise."""
+        x = tl.load(x_ptr + row * stride_xm + k, mask=kmask & ((row + 0 * k) < M), other=0.0)
+        return x.to(tl.float32)[None, :] * wf
 
     @triton.jit(do_not_specialize=["M"])
     def _fp8_gemv_kernel(
         x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_wn, stride_om,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_K: tl.constexpr, KIND: tl.constexpr, DOT_F32: tl.constexpr,
     ):
+        """KIND 0 rows, 1 fma, 2 dot (see SplitKConfig)."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -42,35 +49,59 @@ if HAS_TRITON:
         per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
         first = pid_k * per_split
         last = tl.minimum(first + per_split, tl.cdiv(K, BLOCK_K))
-        if DOT:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        else:
+        row0 = pid_m * BLOCK_M
+        if KIND == 0:  # one [N, K] accumulator per row, in the weight tile's layout
+            acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            acc3 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        elif KIND == 1:
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        # Next step's tile is loaded before this step's is used: two tiles in flight per program.
+        k = first * BLOCK_K + kk
+        w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :],
+                    mask=nmask[:, None] & ((k < K) & ((first + 0 * kk) < last))[None, :], other=0.0)
         for step in range(first, last):
             k = step * BLOCK_K + kk
             kmask = k < K
-            w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            if DOT:
-                if DOT_F32:
+            k_ahead = k + BLOCK_K
+            ahead = tl.load(w_ptr + n[:, None] * stride_wn + k_ahead[None, :],
+                            mask=nmask[:, None] & ((k_ahead < K) & ((step + 1 + 0 * kk) < last))[None, :], other=0.0)
+            if KIND == 0:
+                wf = w.to(tl.float32)
+                acc0 += _row_times(x_ptr, row0, M, stride_xm, k, kmask, wf)
+                if BLOCK_M > 1:
+                    acc1 += _row_times(x_ptr, row0 + 1, M, stride_xm, k, kmask, wf)
+                if BLOCK_M > 2:
+                    acc2 += _row_times(x_ptr, row0 + 2, M, stride_xm, k, kmask, wf)
+                    acc3 += _row_times(x_ptr, row0 + 3, M, stride_xm, k, kmask, wf)
+            else:
+                x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :],
+                            other=0.0)
+                if KIND == 1:
+                    acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+                elif DOT_F32:
                     acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
                 else:  # e4m3 values are exact in bf16 and fp16
                     acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
-            else:
-                acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        if DOT:
-            result = tl.trans(acc)
-        else:
+            w = ahead
+        if KIND == 0:
+            r = tl.arange(0, BLOCK_M)[:, None]
+            result = tl.where(r == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
+            if BLOCK_M > 1:
+                result += tl.where(r == 1, tl.sum(acc1, axis=1)[None, :], 0.0)
+            if BLOCK_M > 2:
+                result += tl.where(r == 2, tl.sum(acc2, axis=1)[None, :], 0.0)
+                result += tl.where(r == 3, tl.sum(acc3, axis=1)[None, :], 0.0)
+        elif KIND == 1:
             result = tl.sum(acc, axis=2)
+        else:
+            result = tl.trans(acc)
         result = result * tl.load(ws_ptr + n, mask=nmask, other=0.0)[None, :]
         splitk_finish(result, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, pid, pid_k, HAS_BIAS,
                       SPLIT_K)
-
-
-def default_fp8_gemv_config(rows: int) -> SplitKConfig:
-    if rows <= 8:
-        return SplitKConfig(block_m=next_power_of_2(rows), block_n=16, block_k=256 if rows <= 2 else 128, split_k=4)
-    return SplitKConfig(block_m=16, block_n=64, block_k=128, split_k=4, dot=True)
 
 
 def fp8_gemv(
@@ -90,7 +121,10 @@ def fp8_gemv(
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     m, k = x.shape
     n = weight.shape[0]
-    config = config or default_fp8_gemv_config(m)
+    if config is None:
+        from tokenmill.kernels.quant_dispatch import FP8_GEMV_MAX_ROWS, default_fp8_config
+
+        config = default_fp8_config(min(m, FP8_GEMV_MAX_ROWS), n, k)
     block_m = max(16, config.block_m) if config.dot else config.block_m
     out = x.new_empty((m, n))
     if m == 0:
@@ -103,7 +137,7 @@ def fp8_gemv(
         x, weight, scale, bias if bias is not None else scale, out, work.partials, work.counters,
         m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, DOT=config.dot, DOT_F32=dot_in_fp32(x.dtype),
+        BLOCK_K=config.block_k, KIND=min(KINDS.index(config.kind), 2), DOT_F32=dot_in_fp32(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -25,10 +25,19 @@ PARTIAL_ELEMENTS = 1 << 21  # fp32 partial sums (8 MB): split_k * rows * N must 
 COUNTERS = 1 << 15  # output tiles a launch may split
 
 
+KINDS = ("rows", "fma", "dot", "dot_k")
+
+
 @dataclass(frozen=True)
 class SplitKConfig:
-    """A split-K kernel's tiles: ``dot`` picks tensor-core products (``block_m`` >= 16) over fp32 FMAs (rows
-    broadcast against the weight tile, ``block_m`` rows per program, for 1-16 rows)."""
+    """A split-K kernel's tiles and variant (``kind``):
+
+    - ``rows``: fp32 FMAs, one accumulator tile per row of x (``block_m`` 1, 2 or 4), all in the weight tile's
+      register layout (no layout conversion);
+    - ``fma``: fp32 FMAs on a [block_m, k, n] product (any ``block_m``);
+    - ``dot``: tensor-core products (``block_m`` >= 16) straight from the tile as loaded;
+    - ``dot_k``: tensor-core products after reordering the tile into K order (one product per K step; W4A16/W8A16).
+    """
 
     block_m: int = 1
     block_n: int = 64
@@ -36,12 +45,21 @@ class SplitKConfig:
     split_k: int = 4
     num_warps: int = 4
     num_stages: int = 2
-    dot: bool = False
+    kind: str = "rows"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"split-K kernel kind {self.kind!r} is not one of {KINDS}")
+        if self.kind == "rows" and self.block_m not in (1, 2, 4):
+            raise ValueError(f"the 'rows' kernel keeps 1, 2 or 4 rows per program; got block_m {self.block_m}")
+
+    @property
+    def dot(self) -> bool:
+        return self.kind.startswith("dot")
 
     @property
     def name(self) -> str:
-        kind = "dot" if self.dot else "fma"
-        return (f"{kind}_m{self.block_m}_n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.num_warps}"
+        return (f"{self.kind}_m{self.block_m}_n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.num_warps}"
                 f"_st{self.num_stages}")
 
 
