@@ -21,6 +21,7 @@ from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.fp8_gemv import fp8_gemv
 from tokenmill.kernels.fp8_quant import FP8_E4M3, quantize_fp8, quantize_fp8_per_token, quantize_fp8_static
 from tokenmill.kernels.quant_dispatch import fp8_gemv_config
+from tokenmill.kernels.splitk import splitk_workspace
 from tokenmill.model.linear_method import (
     DenseLinearMethod,
     LinearMethod,
@@ -129,6 +130,8 @@ class Fp8LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_fp8_gpu(layer.weight.device)
+        if layer.weight.is_cuda and HAS_TRITON:  # the GEMV's split-K workspace, made before any graph capture
+            splitk_workspace(layer.weight.device)
         if not self.serialized:  # quantize the dense weight once: one scale per output channel
             quantized, scales = quantize_fp8(layer.weight.data, dim=1)
             del layer.weight

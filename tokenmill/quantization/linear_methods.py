@@ -16,6 +16,7 @@ from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.quant_dispatch import wna16_cuda_linear
+from tokenmill.kernels.splitk import splitk_workspace
 from tokenmill.kernels.wna16_cpu import cpu_linear, cpu_weight
 from tokenmill.kernels.wna16_gemm import PackedWeight, wna16_linear_cpu
 from tokenmill.model.linear_method import (
@@ -100,6 +101,8 @@ class WNA16LinearMethod(LinearMethod):
         layer.register_buffer("wna16_perm", perm, persistent=False)
         layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data,
                                    None if zeros is None else layer.wna16_zeros.data, self.bits, group)
+        if qweight.is_cuda and HAS_TRITON:  # made now, not first inside a CUDA graph capture
+            splitk_workspace(qweight.device)
 
 
 class GPTQLinearMethod(WNA16LinearMethod):
