@@ -12,8 +12,11 @@ scales + zero points) over 3.0 TB/s (the copy rate measured in the same run is r
     python3 benchmarks/gpu_quant_gemv_sweep.py --out $OUT/sweep.json    # H100, < 4 min
 
 ``--configs-out FILE`` writes the fastest kernel per (format, shape, rows) as the table kernels/quant_dispatch.py
-reads (kernels/configs/quant_gemv.json ships the H100's; ``TOKENMILL_QUANT_GEMV_CONFIGS=FILE`` points the engine
-at another).
+reads (``TOKENMILL_QUANT_GEMV_CONFIGS=FILE`` points the engine at one). The shipped table was made from run 1
+without a GPU:
+
+    python3 benchmarks/gpu_quant_gemv_sweep.py --out /dev/null --configs-out tokenmill/kernels/configs/quant_gemv.json \
+        --table-from benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json
 
 ``--budget-s`` stops starting new candidates once spent (those skipped are listed), so the run always writes its
 JSON. Needs torch + triton only.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import traceback
@@ -233,6 +237,26 @@ def sweep_rows(sw: Sweep, shape: str, w: Weights, rows: int, gen: torch.Generato
     print(f"{shape} rows={rows} done at {time.monotonic() - sw.start:.0f} s", flush=True)
 
 
+SPLITK_NAME = re.compile(r"^(rows|fma|dot|dot_k)_m(\d+)_n(\d+)_k(\d+)_s(\d+)_w(\d+)_st(\d+)(_pf)?$")
+TILED_NAME = re.compile(r"^(gemv_|m(\d+)_)n(\d+)_k(\d+)_s(\d+)_w(\d+)_st(\d+)$")
+
+
+def params_from_name(r: dict[str, Any]) -> dict[str, Any]:
+    """The table entry of a result written before results carried ``params`` (run 1): parsed from its name."""
+    if r["kernel"] == "scaled_mm":
+        return {"kernel": "scaled_mm"}
+    if r["kernel"] in ("splitk", "fp8_gemv"):
+        kind, m, n, k, s, w, st, pf = SPLITK_NAME.match(r["config"]).groups()
+        return {"kernel": "splitk", **asdict(SplitKConfig(int(m), int(n), int(k), int(s), int(w), int(st), kind,
+                                                          pf is not None))}
+    if r["config"] == "default":
+        n, k = SHAPES[r["shape"]]
+        return {"kernel": "wna16_gemm", **asdict(default_config(r["rows"], n, k, GROUP))}
+    gemv, m, n, k, s, w, st = TILED_NAME.match(r["config"]).groups()
+    return {"kernel": "wna16_gemm", **asdict(WNA16Config(16 if gemv == "gemv_" else int(m), int(n), int(k), int(s),
+                                                         int(w), int(st), gemv == "gemv_"))}
+
+
 def configs_table(results: list[dict[str, Any]], device: str) -> dict[str, Any]:
     """The fastest kernel per (format, shape, rows), in the form kernels/quant_dispatch.py reads (W4A16/W8A16 at
     group 128: what was measured); FP8 rows where ``_scaled_mm`` won map to it."""
@@ -247,7 +271,7 @@ def configs_table(results: list[dict[str, Any]], device: str) -> dict[str, Any]:
     for (fmt, shape, rows), r in sorted(best.items()):
         n, k = SHAPES[shape]
         name = "fp8" if fmt == "fp8" else f"{fmt}_g{GROUP}"
-        table.setdefault(name, {}).setdefault(f"{n}x{k}", {})[str(rows)] = r["params"]
+        table.setdefault(name, {}).setdefault(f"{n}x{k}", {})[str(rows)] = r.get("params") or params_from_name(r)
     return {device: table}
 
 
@@ -284,14 +308,27 @@ def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return totals
 
 
+def write_table(path: Path, table: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--budget-s", type=float, default=200.0, help="no new candidate starts after this")
     parser.add_argument("--configs-out", help="also write the winners as kernels/quant_dispatch.py's config table")
+    parser.add_argument("--table-from", help="no timing: write --configs-out from this earlier run's JSON")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     args = parser.parse_args()
+    if args.table_from:
+        if not args.configs_out:
+            raise SystemExit("--table-from needs --configs-out")
+        record = json.loads(Path(args.table_from).read_text())
+        write_table(Path(args.configs_out), configs_table(record["results"], record["device"]))
+        return 0
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     sw = Sweep(args.budget_s)
@@ -317,9 +354,7 @@ def main() -> int:
                  decode_totals=totals, failures=sw.failures, skipped=sw.skipped,
                  wall_s=time.monotonic() - sw.start)
     if args.configs_out:
-        Path(args.configs_out).write_text(json.dumps(configs_table(sw.results, torch.cuda.get_device_name()),
-                                                     indent=1) + "\n")
-        print(f"wrote {args.configs_out}")
+        write_table(Path(args.configs_out), configs_table(sw.results, torch.cuda.get_device_name()))
     return 1 if sw.failures else 0
 
 

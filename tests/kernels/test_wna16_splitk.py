@@ -9,7 +9,7 @@ import torch
 from conftest import rel_err, requires_triton_device
 from test_wna16_gemm import random_packed
 
-from tokenmill.kernels.quant_dispatch import default_wna16_config, wna16_cuda_linear
+from tokenmill.kernels.quant_dispatch import default_wna16_config, tuned_choice, wna16_cuda_linear
 from tokenmill.kernels.splitk import SplitKConfig, fit_split_k
 from tokenmill.kernels.wna16_gemm import WNA16Config, wna16_linear_reference
 from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
@@ -72,13 +72,19 @@ def test_default_plan_and_tuned_plan_match_reference(device, rows):
         assert rel_err(wna16_cuda_linear(x, packed, None, plan), ref) < 3e-3, plan
 
 
-def test_default_configs_fill_the_gpu():
-    one_row = default_wna16_config(1, 6144, 4096, 4, 128)
-    assert one_row.kind == "rows" and one_row.block_m == 1 and one_row.block_k == 128
-    assert -(-6144 // one_row.block_n) * one_row.split_k >= 2 * 132
-    assert default_wna16_config(3, 4096, 4096, 4, 32).block_m == 4  # per-row accumulators span groups
-    assert isinstance(default_wna16_config(256, 28672, 4096, 4, 128), WNA16Config)  # the tiled kernel above 16
-    assert default_wna16_config(16, 4096, 4096, 8, 128).block_k == 64  # 16 words per nibble position
+def test_defaults_follow_the_run_1_winners():
+    """benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json: per row count, the kernel kind that won."""
+    assert default_wna16_config(1, 6144, 4096, 4, 128).gemv  # the tiled kernel's GEMV at one row (W4)
+    w8_one_row = default_wna16_config(1, 4096, 4096, 8, 128)
+    assert w8_one_row.kind == "fma" and w8_one_row.block_n == 128 and w8_one_row.split_k == 8
+    assert default_wna16_config(1, 6144, 4096, 8, 128).split_k == 4  # more output tiles: fewer K splits
+    four_rows = default_wna16_config(4, 6144, 4096, 4, 128)
+    assert four_rows.kind == "dot" and four_rows.block_k == 128 and four_rows.split_k == 4
+    assert default_wna16_config(16, 28672, 4096, 4, 128).split_k == 4
+    assert default_wna16_config(16, 4096, 14336, 4, 128).split_k == 8
+    assert isinstance(default_wna16_config(64, 4096, 4096, 4, 128), WNA16Config)  # tiled kernel above 16 rows
+    assert isinstance(default_wna16_config(8, 4096, 4096, 8, 128), WNA16Config)  # W8: tiled above 4 rows
+    assert not any(default_wna16_config(r, 4096, 4096, 4, 32).__dict__.get("prefetch") for r in (1, 4, 16))
 
 
 def test_config_rejects_unknown_kinds_and_row_tiles_the_rows_kernel_lacks():
@@ -93,3 +99,29 @@ def test_split_k_fits_the_workspace():
     assert fit_split_k(8, 1, 4096, 64, 3) == 3  # no more splits than K steps
     assert fit_split_k(64, 16, 28672, 64, 1024) * 16 * 28672 <= 1 << 21
     assert fit_split_k(4, 256, 28672, 64, 1024) == 1  # unsplit tiles need no partials
+
+
+def test_measured_table_entries_build_and_bucket_by_rows(tmp_path, monkeypatch):
+    """The shipped H100 table parses into valid configs; a table's entry serves every row count up to its own."""
+    import json
+
+    from tokenmill.kernels.quant_dispatch import CONFIGS_ENV, SHIPPED_CONFIGS, config_from_json
+
+    shipped = json.loads(SHIPPED_CONFIGS.read_text())
+    entries = [e for fmts in shipped.values() for shapes in fmts.values() for rows in shapes.values()
+               for e in rows.values()]
+    assert entries and all(config_from_json(e) is not None for e in entries)  # no _scaled_mm rows were measured
+    table = {"cpu": {"w4a16_g128": {"96x256": {"1": {"kernel": "wna16_gemm", "block_m": 16, "gemv": True},
+                                               "16": {"kernel": "splitk", "block_m": 16, "kind": "dot"}}},
+                     "fp8": {"96x256": {"4": {"kernel": "scaled_mm"}}}}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(CONFIGS_ENV, str(path))
+    cpu = torch.device("cpu")
+    assert tuned_choice(cpu, "w4a16_g128", 96, 256, 1)[1].gemv
+    assert tuned_choice(cpu, "w4a16_g128", 96, 256, 9)[1].kind == "dot"  # 2..16 rows: the 16-row entry
+    assert tuned_choice(cpu, "w4a16_g128", 96, 256, 17) == (False, None)  # beyond the table: defaults
+    assert tuned_choice(cpu, "w4a16_g128", 64, 256, 1) == (False, None)  # another shape
+    assert tuned_choice(cpu, "fp8", 96, 256, 3) == (True, None)  # measured: _scaled_mm
+    with pytest.raises(ValueError, match="unknown kernel"):
+        config_from_json({"kernel": "marlin"})

@@ -33,7 +33,7 @@ if HAS_TRITON:
         x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_wn, stride_om,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, KIND: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_K: tl.constexpr, KIND: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """KIND 0 rows, 1 fma, 2 dot (see SplitKConfig)."""
         pid = tl.program_id(0)
@@ -59,16 +59,22 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        # Next step's tile is loaded before this step's is used: two tiles in flight per program.
-        k = first * BLOCK_K + kk
-        w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :],
-                    mask=nmask[:, None] & ((k < K) & ((first + 0 * kk) < last))[None, :], other=0.0)
+        if PREFETCH:  # next step's tile is loaded before this step's is used: two tiles in flight
+            k = first * BLOCK_K + kk
+            ahead = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :],
+                            mask=nmask[:, None] & ((k < K) & ((first + 0 * kk) < last))[None, :], other=0.0)
         for step in range(first, last):
             k = step * BLOCK_K + kk
             kmask = k < K
-            k_ahead = k + BLOCK_K
-            ahead = tl.load(w_ptr + n[:, None] * stride_wn + k_ahead[None, :],
-                            mask=nmask[:, None] & ((k_ahead < K) & ((step + 1 + 0 * kk) < last))[None, :], other=0.0)
+            if PREFETCH:
+                w = ahead
+                k_ahead = k + BLOCK_K
+                ahead = tl.load(w_ptr + n[:, None] * stride_wn + k_ahead[None, :],
+                                mask=nmask[:, None] & ((k_ahead < K) & ((step + 1 + 0 * kk) < last))[None, :],
+                                other=0.0)
+            else:
+                w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :],
+                            other=0.0)
             if KIND == 0:
                 wf = w.to(tl.float32)
                 acc0 += _row_times(x_ptr, row0, M, stride_xm, k, kmask, wf)
@@ -86,7 +92,6 @@ if HAS_TRITON:
                     acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
                 else:  # e4m3 values are exact in bf16 and fp16
                     acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
-            w = ahead
         if KIND == 0:
             r = tl.arange(0, BLOCK_M)[:, None]
             result = tl.where(r == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
@@ -138,6 +143,7 @@ def fp8_gemv(
         m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, KIND=min(KINDS.index(config.kind), 2), DOT_F32=dot_in_fp32(x.dtype),
+        PREFETCH=config.prefetch,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -4,8 +4,8 @@
 In order: a layer's ``gemm_plan`` (rows rounded up to a power of two -> config; a tuner's), then the measured
 winners for this device and weight shape (a JSON table written by benchmarks/gpu_quant_gemv_sweep.py: the one
 shipped in kernels/configs/, or the file ``TOKENMILL_QUANT_GEMV_CONFIGS`` names, like vLLM's tuned MoE configs),
-then the defaults below: per-row FMA streaming for 1-4 rows, tensor-core streaming to 16, the tiled kernel above,
-split over K until the output tiles times the splits fill the GPU twice.
+then the defaults below, the kinds that won on the H100 (benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json).
+The ``rows`` kind and ``prefetch`` are candidates there, not defaults: no GPU has timed them yet.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from tokenmill.kernels._triton import next_power_of_2
 from tokenmill.kernels.splitk import SplitKConfig
 from tokenmill.kernels.wna16_gemm import PackedWeight, WNA16Config, wna16_linear
+from tokenmill.kernels.wna16_gemm import default_config as wna16_default_config
 from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
 
-FP8_GEMV_MAX_ROWS = 16  # above: torch._scaled_mm (tensor-core FP8) is faster
-WNA16_FMA_MAX_ROWS = 4  # above: tensor-core products (rows pad to 16)
+FP8_GEMV_MAX_ROWS = 16  # above: torch._scaled_mm (tensor-core FP8)
 
 Plan = dict[int, SplitKConfig | WNA16Config | None]  # None: the format's library path (FP8: _scaled_mm)
 Choice = SplitKConfig | WNA16Config | None
@@ -77,52 +77,46 @@ def tuned_choice(device: torch.device, fmt: str, n: int, k: int, rows: int) -> t
     return True, config_from_json(shapes[str(bucket)])
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":  # Triton's interpreter on CPU: size splits as for an H100
-        return 132
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _split_to_fill(tiles: int, steps: int, num_sms: int, min_steps: int = 2) -> int:
-    """Powers of two until tiles x splits covers the SMs twice, keeping ``min_steps`` K steps per split."""
-    split = 1
-    while tiles * split < 2 * num_sms and steps // (split * 2) >= min_steps:
-        split *= 2
+def _split_for(tiles: int, steps: int) -> int:
+    """Run 1's winners: 8 K splits for up to 64 output tiles, 4 above (never fewer than 2 K steps a split)."""
+    split = 8 if tiles <= 64 else 4
+    while split > 1 and steps // split < 2:
+        split //= 2
     return split
 
 
-def default_wna16_config(rows: int, n: int, k: int, bits: int, group_size: int,
-                         sms: int = 132) -> SplitKConfig | WNA16Config:
-    """Streaming up to 16 rows; above, the tiled kernel's best tiles on the H100 (gpu_quant_gemv_sweep run 1:
-    128-row MMA tiles, 8 warps, 2-way split to 128 rows) -- still slower than bf16 cuBLAS there."""
+def default_wna16_config(rows: int, n: int, k: int, bits: int, group_size: int) -> SplitKConfig | WNA16Config:
+    """The kinds that won on the H100 in benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json (run 1), for
+    shapes its table lacks: 1 row, the tiled kernel's GEMV (W4) or FMA streaming (W8); 2-16 rows, tensor-core
+    streaming (W8 above 4 rows: the tiled kernel's default); above 16 rows, the tiled kernel (128-row tiles for W4)."""
     per_word = 32 // bits
-    if rows > 16:
-        return WNA16Config(128, 64, 64, 2 if rows <= 128 else 1, 8, 3)
-    if rows <= WNA16_FMA_MAX_ROWS:
-        block_m, block_n, block_k, kind = next_power_of_2(rows), 128, 128, "rows"
-    else:
-        block_m, block_n, block_k, kind = 16, 64, 16 * per_word, "dot"
-    tiles = -(-rows // max(block_m, 16 if kind != "rows" else 1)) * -(-n // block_n)
-    split = _split_to_fill(tiles, k // block_k, sms)
-    return SplitKConfig(block_m, block_n, block_k, split, 4, 2 if kind == "rows" else 3, kind)
+    if rows > 16 or (bits == 8 and rows > 4):
+        if bits == 4:
+            return WNA16Config(128, 64, 64, 2 if rows <= 128 else 1, 8, 3)
+        return wna16_default_config(rows, n, k, group_size)
+    if rows == 1:
+        if bits == 4:
+            return WNA16Config(16, 128, 128, 8, 4, 3, gemv=True)
+        block_n = 128 if -(-n // 128) <= 32 else 64
+        return SplitKConfig(1, block_n, 128, _split_for(-(-n // block_n), k // min(128, group_size)), 4, 2, "fma")
+    block_n = 64 if rows <= 4 else 128
+    block_k = 16 * per_word
+    tiles = -(-n // block_n)
+    split = _split_for(tiles, k // block_k)
+    if rows > 4 and tiles > 64:  # gate_up-like widths: 4 splits won at 16 rows
+        split = min(split, 4)
+    return SplitKConfig(16, block_n, block_k, split, 4, 3, "dot")
 
 
-def default_fp8_config(rows: int, n: int, k: int, sms: int = 132) -> SplitKConfig | None:
-    """None above FP8_GEMV_MAX_ROWS: ``torch._scaled_mm``."""
+def default_fp8_config(rows: int, n: int, k: int) -> SplitKConfig | None:
+    """None above FP8_GEMV_MAX_ROWS: ``torch._scaled_mm``. Run 1's winners: 1 row, FMA streaming over [16, 512]
+    or [32, 256] tiles, 2 splits; 2-16 rows, tensor-core streaming over 64-wide tiles."""
     if rows > FP8_GEMV_MAX_ROWS:
         return None
-    if rows <= 4:
-        block_m, block_n, block_k, kind = next_power_of_2(rows), 16, 256 if rows <= 2 else 128, "rows"
-    else:
-        block_m, block_n, block_k, kind = 16, 64, 128, "dot"
-    tiles = -(-rows // max(block_m, 16 if kind != "rows" else 1)) * -(-n // block_n)
-    split = _split_to_fill(tiles, -(-k // block_k), sms)
-    return SplitKConfig(block_m, block_n, block_k, split, 4, 2 if kind == "rows" else 3, kind)
+    if rows == 1:
+        block_n, block_k = (16, 512) if n <= 4096 else (32, 256)
+        return SplitKConfig(1, block_n, block_k, 2, 4, 2, "fma")
+    return SplitKConfig(16, 64, 128, _split_for(-(-n // 64), -(-k // 128)), 4, 3, "dot")
 
 
 def wna16_format(packed: PackedWeight) -> str:
@@ -137,7 +131,7 @@ def wna16_cuda_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor 
     if config is None:
         found, config = tuned_choice(x.device, wna16_format(packed), n, k, rows)
         if not found or config is None:
-            config = default_wna16_config(rows, n, k, packed.bits, packed.group_size, num_sms(x.device))
+            config = default_wna16_config(rows, n, k, packed.bits, packed.group_size)
     if isinstance(config, WNA16Config):
         return wna16_linear(x, packed, bias, config)
     return wna16_splitk_linear(x, packed, bias, config)
@@ -152,5 +146,5 @@ def fp8_gemv_config(x: torch.Tensor, n: int, plan: Plan) -> SplitKConfig | None:
     found, config = tuned_choice(x.device, "fp8", n, x.shape[1], rows)
     if found:
         return config if isinstance(config, SplitKConfig) else None
-    return default_fp8_config(rows, n, x.shape[1], num_sms(x.device))
+    return default_fp8_config(rows, n, x.shape[1])
 

@@ -37,6 +37,9 @@ class SplitKConfig:
     - ``fma``: fp32 FMAs on a [block_m, k, n] product (any ``block_m``);
     - ``dot``: tensor-core products (``block_m`` >= 16) straight from the tile as loaded;
     - ``dot_k``: tensor-core products after reordering the tile into K order (one product per K step; W4A16/W8A16).
+
+    ``prefetch`` loads the next K step's tile before using this one (two tiles in flight per program; not yet
+    timed on a GPU).
     """
 
     block_m: int = 1
@@ -46,6 +49,7 @@ class SplitKConfig:
     num_warps: int = 4
     num_stages: int = 2
     kind: str = "rows"
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -60,7 +64,7 @@ class SplitKConfig:
     @property
     def name(self) -> str:
         return (f"{self.kind}_m{self.block_m}_n{self.block_n}_k{self.block_k}_s{self.split_k}_w{self.num_warps}"
-                f"_st{self.num_stages}")
+                f"_st{self.num_stages}{'_pf' if self.prefetch else ''}")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ if HAS_TRITON:
         M, N, K, stride_xm, stride_om, group_size,
         BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KIND: tl.constexpr,
-        SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr,
+        SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """KIND 0 rows, 1 fma, 2 dot, 3 dot_k (see SplitKConfig)."""
         PER_WORD: tl.constexpr = 32 // BITS
@@ -76,13 +76,17 @@ if HAS_TRITON:
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         offset = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # sum over groups of s * z * (sum of x in the group)
-        # Next step's words are loaded before this step's are used: two tiles in flight per program.
-        words = tl.load(qw_ptr + (first * KW + kw)[:, None] * N + n[None, :],
-                        mask=((first + 0 * kw) < last)[:, None] & nmask[None, :], other=0)
+        if PREFETCH:  # next step's words are loaded before this step's are used: two tiles in flight
+            ahead = tl.load(qw_ptr + (first * KW + kw)[:, None] * N + n[None, :],
+                            mask=((first + 0 * kw) < last)[:, None] & nmask[None, :], other=0)
         for step in range(first, last):
             k0 = step * BLOCK_K
-            ahead = tl.load(qw_ptr + ((step + 1) * KW + kw)[:, None] * N + n[None, :],
-                            mask=((step + 1 + 0 * kw) < last)[:, None] & nmask[None, :], other=0)
+            if PREFETCH:
+                words = ahead
+                ahead = tl.load(qw_ptr + ((step + 1) * KW + kw)[:, None] * N + n[None, :],
+                                mask=((step + 1 + 0 * kw) < last)[:, None] & nmask[None, :], other=0)
+            else:
+                words = tl.load(qw_ptr + (step * KW + kw)[:, None] * N + n[None, :], mask=nmask[None, :], other=0)
             if KIND == 0:
                 if SCALE_ROWS:  # several groups per step: each word row's group
                     g = (k0 + kw * PER_WORD) // group_size
@@ -202,7 +206,6 @@ if HAS_TRITON:
                     else:
                         acc += part * scale[None, None, :]
                     offset += tl.sum(xsum, axis=1)[:, None] * (scale * zero)[None, :]
-            words = ahead
         if KIND == 0:
             r = tl.arange(0, BLOCK_M)[:, None]
             result = tl.where(r == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
@@ -259,7 +262,7 @@ def wna16_splitk_linear(
         work.partials, work.counters, m, n, k, x.stride(0), out.stride(0), packed.group_size,
         BITS=packed.bits, HAS_ZEROS=packed.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, KIND=KINDS.index(config.kind), SCALE_ROWS=scale_rows,
-        DOT_F32=dot_in_fp32(x.dtype),
+        DOT_F32=dot_in_fp32(x.dtype), PREFETCH=config.prefetch,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
