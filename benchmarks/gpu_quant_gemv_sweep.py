@@ -40,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_pdl_probe import time_graph  # noqa: E402
 from gpu_record import write_record  # noqa: E402
 
 from tokenmill.cuda_timing import median_event_ms  # noqa: E402
@@ -122,14 +123,7 @@ def packed_bytes(p: PackedWeight) -> int:
 
 def graph_us(fn, repeats: int = 15) -> float:
     """Median µs of one call: a CUDA graph of ``fn`` (one call per weight copy) replayed, divided by the copies."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return 1e3 * median_event_ms(graph.replay, repeats) / COPIES
+    return time_graph(fn, repeats) / COPIES
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -43,7 +43,8 @@ def test_fp8_gemv_matches_dequantized_product(device, rows, k, n, dtype):
     block_m = 1 << (rows - 1).bit_length()
     configs = [SplitKConfig(block_m=min(block_m, 4), block_n=16, block_k=64, split_k=3),
                SplitKConfig(block_m=block_m, block_n=16, block_k=64, split_k=2, kind="fma"),
-               SplitKConfig(block_m=16, block_n=32, block_k=64, split_k=2, kind="dot"), None]
+               SplitKConfig(block_m=16, block_n=32, block_k=64, split_k=2, kind="dot"),
+               SplitKConfig(block_m=min(block_m, 4), block_n=16, block_k=64, split_k=2, prefetch=True), None]
     for config in configs:
         out = fp8_gemv(x, w, scale, bias, config)
         assert out.dtype == dtype and out.shape == (rows, n)

@@ -42,7 +42,8 @@ def test_fma_streaming_matches_fp32_reference(device, rows, bits, group, zeros):
     block_m = 1 << (rows - 1).bit_length()
     configs = [SplitKConfig(block_m=min(block_m, 4), block_n=32, block_k=128, split_k=3),
                SplitKConfig(block_m=min(block_m, 2), block_n=64, block_k=64, split_k=1),
-               SplitKConfig(block_m=block_m, block_n=32, block_k=128, split_k=2, kind="fma")]
+               SplitKConfig(block_m=block_m, block_n=32, block_k=128, split_k=2, kind="fma"),
+               SplitKConfig(block_m=min(block_m, 4), block_n=32, block_k=64, split_k=2, prefetch=True)]
     _check(device, rows, 384, 200, bits, group, zeros, configs, seed=rows + bits + group)
 
 
@@ -55,7 +56,8 @@ def test_tensor_core_streaming_matches_fp32_reference(device, rows, bits, group,
     configs = [SplitKConfig(block_m=16, block_n=32, block_k=128, split_k=2, kind="dot"),
                SplitKConfig(block_m=32, block_n=64, block_k=256, split_k=1, kind="dot", num_warps=8),
                SplitKConfig(block_m=16, block_n=32, block_k=64, split_k=3, kind="dot_k"),
-               SplitKConfig(block_m=32, block_n=64, block_k=256, split_k=1, kind="dot_k")]
+               SplitKConfig(block_m=32, block_n=64, block_k=256, split_k=1, kind="dot_k"),
+               SplitKConfig(block_m=16, block_n=32, block_k=128, split_k=3, kind="dot", prefetch=True)]
     _check(device, rows, 512, 96, bits, group, zeros, configs, seed=rows * 7 + bits + group)
 
 

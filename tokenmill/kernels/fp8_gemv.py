@@ -20,7 +20,7 @@ from tokenmill.kernels._triton import HAS_TRITON, require_triton, tl, triton
 from tokenmill.kernels.splitk import KINDS, SplitKConfig, dot_in_fp32, fit_split_k, splitk_workspace
 
 if HAS_TRITON:
-    from tokenmill.kernels.splitk import splitk_finish
+    from tokenmill.kernels.splitk import splitk_finish, stack_rows
 
     @triton.jit
     def _row_times(x_ptr, row, M, stride_xm, k, kmask, wf):
@@ -93,13 +93,7 @@ if HAS_TRITON:
                 else:  # e4m3 values are exact in bf16 and fp16
                     acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
         if KIND == 0:
-            r = tl.arange(0, BLOCK_M)[:, None]
-            result = tl.where(r == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
-            if BLOCK_M > 1:
-                result += tl.where(r == 1, tl.sum(acc1, axis=1)[None, :], 0.0)
-            if BLOCK_M > 2:
-                result += tl.where(r == 2, tl.sum(acc2, axis=1)[None, :], 0.0)
-                result += tl.where(r == 3, tl.sum(acc3, axis=1)[None, :], 0.0)
+            result = stack_rows(acc0, acc1, acc2, acc3, 1, BLOCK_M)
         elif KIND == 1:
             result = tl.sum(acc, axis=2)
         else:

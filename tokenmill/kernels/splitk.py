@@ -104,6 +104,19 @@ def fit_split_k(split_k: int, rows: int, n: int, tiles: int, steps: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
+    def stack_rows(acc0, acc1, acc2, acc3, AXIS: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The ``rows`` kind's per-row accumulator tiles, each summed over its K ``AXIS``, as one [BLOCK_M, N]
+        tile (rows past BLOCK_M are unused)."""
+        r = tl.arange(0, BLOCK_M)[:, None]
+        result = tl.where(r == 0, tl.sum(acc0, axis=AXIS)[None, :], 0.0)
+        if BLOCK_M > 1:
+            result += tl.where(r == 1, tl.sum(acc1, axis=AXIS)[None, :], 0.0)
+        if BLOCK_M > 2:
+            result += tl.where(r == 2, tl.sum(acc2, axis=AXIS)[None, :], 0.0)
+            result += tl.where(r == 3, tl.sum(acc3, axis=AXIS)[None, :], 0.0)
+        return result
+
+    @triton.jit
     def splitk_finish(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tile, pid_k,
                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
         """Store ``acc`` [BLOCK_M, BLOCK_N] (fp32) as the output tile: directly without a split; otherwise as this

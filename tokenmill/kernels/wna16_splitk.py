@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
 from tokenmill.kernels.splitk import KINDS, SplitKConfig, dot_in_fp32, fit_split_k, splitk_workspace
-from tokenmill.kernels.wna16_gemm import PackedWeight
+from tokenmill.kernels.wna16_gemm import PackedWeight, checked_input
 
 if HAS_TRITON:
-    from tokenmill.kernels.splitk import splitk_finish
+    from tokenmill.kernels.splitk import splitk_finish, stack_rows
 
     @triton.jit
     def _codes(words, j, BITS: tl.constexpr):
@@ -207,13 +207,7 @@ if HAS_TRITON:
                         acc += part * scale[None, None, :]
                     offset += tl.sum(xsum, axis=1)[:, None] * (scale * zero)[None, :]
         if KIND == 0:
-            r = tl.arange(0, BLOCK_M)[:, None]
-            result = tl.where(r == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
-            if BLOCK_M > 1:
-                result += tl.where(r == 1, tl.sum(acc1, axis=0)[None, :], 0.0)
-            if BLOCK_M > 2:
-                result += tl.where(r == 2, tl.sum(acc2, axis=0)[None, :], 0.0)
-                result += tl.where(r == 3, tl.sum(acc3, axis=0)[None, :], 0.0)
+            result = stack_rows(acc0, acc1, acc2, acc3, 0, BLOCK_M)
         elif KIND == 1:
             result = tl.sum(acc, axis=1) - offset
         else:
@@ -226,12 +220,7 @@ def wna16_splitk_linear(
     x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, config: SplitKConfig | None = None
 ) -> torch.Tensor:
     """x [M, K] (bf16/fp16) times the dequantized weight (+ bias) -> [M, N] in x's dtype, fp32 accumulation."""
-    require_triton("wna16_splitk_linear")
-    if x.dim() != 2 or x.shape[1] != packed.in_features:
-        raise ValueError(f"wna16_splitk_linear needs x [M, {packed.in_features}]; got {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"wna16_splitk_linear takes bf16/fp16 activations; got {x.dtype}")
-    x = x if x.stride(1) == 1 else x.contiguous()
+    x = checked_input(x, packed, "wna16_splitk_linear")
     m, k = x.shape
     n = packed.out_features
     if config is None:
