@@ -47,6 +47,9 @@ def config_from_json(entry: dict[str, Any]) -> Choice:
 
 @functools.cache
 def _load_table(path: str) -> dict[str, Any]:
+    """The table at ``path`` ({} when there is none), read once: the lookup runs on every eager linear call."""
+    if not os.path.exists(path):
+        return {}
     with open(path) as f:
         return json.load(f)
 
@@ -64,10 +67,7 @@ def _device_name(device: torch.device) -> str:
 
 def tuned_choice(device: torch.device, fmt: str, n: int, k: int, rows: int) -> tuple[bool, Choice]:
     """(found, choice) from the measured table: the entry for the smallest measured row count >= rows."""
-    path = os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS)
-    if not os.path.exists(path):
-        return False, None
-    shapes = _load_table(path).get(_device_name(device), {}).get(fmt, {}).get(f"{n}x{k}")
+    shapes = _load_table(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS)).get(_device_name(device), {}).get(fmt, {}).get(f"{n}x{k}")
     if not shapes:
         return False, None
     measured = sorted(int(r) for r in shapes)
