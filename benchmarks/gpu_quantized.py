@@ -162,7 +162,7 @@ def bench_shape(name: str, n: int, k: int, batches: tuple[int, ...], rate: float
 
 
 def end_to_end(batches: tuple[int, ...], rate: float, input_len: int, output_len: int, preset: str = "llama3-8b",
-               device: str = "cuda") -> list[dict[str, Any]]:
+               device: str = "cuda", methods: tuple[str, ...] = ("bf16", "rtn4", "int8")) -> list[dict[str, Any]]:
     """Offline decode of the llama3-8b random-weights preset: bf16, then quantized at load (rtn4, int8), one
     engine at a time. Per batch: median decode-only step time and tokens/s; per engine: weight bytes, KV tokens,
     and the batch-1 floor (bytes every decode step reads: all weights but the embedding table, at the copy
@@ -174,7 +174,7 @@ def end_to_end(batches: tuple[int, ...], rate: float, input_len: int, output_len
     from tokenmill.engine.llm_engine import LLMEngine
 
     rows = []
-    for method in ("bf16", "rtn4", "int8"):
+    for method in methods:
         engine = LLMEngine.from_kwargs(
             random_weights=preset, dtype="bfloat16", device=device, max_model_len=input_len + output_len + 16,
             max_num_seqs=max(batches), quantization=None if method == "bf16" else method, stream_outputs=False)
@@ -206,7 +206,7 @@ def end_to_end(batches: tuple[int, ...], rate: float, input_len: int, output_len
             torch.cuda.empty_cache()
     for batch in batches:
         by = {r["method"]: r for r in rows if r["batch"] == batch}
-        for method in ("rtn4", "int8"):
+        for method in (m for m in methods if m != "bf16" and m in by and "bf16" in by):
             by[method]["speedup_vs_bf16"] = by["bf16"]["decode_step_ms"] / by[method]["decode_step_ms"]
     return rows
 
@@ -220,6 +220,7 @@ def main() -> None:
                         help="offline decode of the llama3-8b preset bf16 vs rtn4 vs int8 (after the kernels, "
                              "instead of them, or not)")
     parser.add_argument("--e2e-batches", default="1,16,64,256")
+    parser.add_argument("--e2e-methods", default="bf16,rtn4,int8", help="bf16 and --quantization methods (e.g. fp8)")
     parser.add_argument("--e2e-lens", default="128,64", help="input,output tokens per request")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -229,7 +230,8 @@ def main() -> None:
     if args.e2e == "only":
         rate = copy_rate_gbps()
         input_len, output_len = (int(v) for v in args.e2e_lens.split(","))
-        e2e = end_to_end(tuple(int(b) for b in args.e2e_batches.split(",")), rate, input_len, output_len)
+        e2e = end_to_end(tuple(int(b) for b in args.e2e_batches.split(",")), rate, input_len, output_len,
+                         methods=tuple(args.e2e_methods.split(",")))
         path = write_record(args.out, "gpu_quantized", copy_rate_gbps=rate, end_to_end=e2e)
         print(f"wrote {path}")
         return
@@ -259,7 +261,8 @@ def main() -> None:
     e2e = []
     if args.e2e == "also":
         input_len, output_len = (int(v) for v in args.e2e_lens.split(","))
-        e2e = end_to_end(tuple(int(b) for b in args.e2e_batches.split(",")), rate, input_len, output_len)
+        e2e = end_to_end(tuple(int(b) for b in args.e2e_batches.split(",")), rate, input_len, output_len,
+                         methods=tuple(args.e2e_methods.split(",")))
     path = write_record(args.out, "gpu_quantized", copy_rate_gbps=rate, group_size=GROUP, layers=LAYERS,
                         correctness=checks, projections=results, decode_linears=totals, end_to_end=e2e)
     print(f"wrote {path}")

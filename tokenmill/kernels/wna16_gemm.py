@@ -248,16 +248,21 @@ if HAS_TRITON:
         _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
+def checked_input(x: torch.Tensor, packed: PackedWeight, what: str) -> torch.Tensor:
+    """x [M, K] in bf16/fp16 with unit stride along K (ValueError otherwise); needs triton."""
+    require_triton(what)
+    if x.dim() != 2 or x.shape[1] != packed.in_features:
+        raise ValueError(f"{what} needs x [M, {packed.in_features}]; got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{what} takes bf16/fp16 activations; got {x.dtype}")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
 def wna16_linear(
     x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, config: WNA16Config | None = None
 ) -> torch.Tensor:
     """x [M, K] (bf16/fp16) times the dequantized weight (+ bias) -> [M, N] in x's dtype, fp32 accumulation."""
-    require_triton("wna16_linear")
-    if x.dim() != 2 or x.shape[1] != packed.in_features:
-        raise ValueError(f"wna16_linear needs x [M, {packed.in_features}]; got {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"wna16_linear takes bf16/fp16 activations; got {x.dtype}")
-    x = x if x.stride(1) == 1 else x.contiguous()
+    x = checked_input(x, packed, "wna16_linear")
     m, k = x.shape
     n = packed.out_features
     if config is None:

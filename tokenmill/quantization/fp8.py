@@ -4,7 +4,9 @@ dynamic or static activation scales) and ``--quantization fp8``, which quantizes
 Weights are e4m3 ``[out, in]`` with one fp32 scale per output channel (a checkpoint's per-tensor scale is
 copied to every row of its fused shard, which is exact). Activations are quantized per token on the fly
 (kernels/fp8_quant.py) or divided by the checkpoint's static scale; the GEMM is ``torch._scaled_mm`` with
-row-wise scales on sm89+ GPUs, and dequantize + matmul in fp32 on CPU (emulated, so tests run anywhere).
+row-wise scales on sm89+ GPUs, and dequantize + matmul in fp32 on CPU (emulated, so tests run anywhere). Decode
+batches of up to 16 rows on CUDA take the FP8-weight GEMV instead (kernels/fp8_gemv.py: weights upcast in
+registers, activations left in bf16), which streams the halved weight bytes at a higher rate.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.kernels._triton import HAS_TRITON
+from tokenmill.kernels.fp8_gemv import fp8_gemv
 from tokenmill.kernels.fp8_quant import FP8_E4M3, quantize_fp8, quantize_fp8_per_token, quantize_fp8_static
+from tokenmill.kernels.quant_dispatch import fp8_gemv_config
+from tokenmill.kernels.splitk import splitk_workspace
 from tokenmill.model.linear_method import (
     DenseLinearMethod,
     LinearMethod,
@@ -124,6 +130,8 @@ class Fp8LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_fp8_gpu(layer.weight.device)
+        if layer.weight.is_cuda and HAS_TRITON:  # the GEMV's split-K workspace, made before any graph capture
+            splitk_workspace(layer.weight.device)
         if not self.serialized:  # quantize the dense weight once: one scale per output channel
             quantized, scales = quantize_fp8(layer.weight.data, dim=1)
             del layer.weight
@@ -134,6 +142,14 @@ class Fp8LinearMethod(LinearMethod):
                              "did not load")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda and HAS_TRITON and x.dtype in (torch.bfloat16, torch.float16):
+            # Few rows: the FP8-weight GEMV (bf16 activations, no activation quantization) streams the weight
+            # faster than torch._scaled_mm; None above its row range.
+            x2 = x.reshape(-1, x.shape[-1])
+            config = fp8_gemv_config(x2, layer.weight.shape[0], getattr(layer, "gemm_plan", None))
+            if config is not None:
+                out = fp8_gemv(x2, layer.weight, layer.weight_scale, bias, config)
+                return out.reshape(*x.shape[:-1], layer.weight.shape[0])
         return fp8_linear(x, layer.weight, layer.weight_scale, bias, layer.input_scale if self.static_input else None)
 
 

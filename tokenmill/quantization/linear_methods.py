@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
+from tokenmill.kernels.quant_dispatch import wna16_cuda_linear
+from tokenmill.kernels.splitk import splitk_workspace
 from tokenmill.kernels.wna16_cpu import cpu_linear, cpu_weight
-from tokenmill.kernels.wna16_gemm import PackedWeight, wna16_linear, wna16_linear_cpu
+from tokenmill.kernels.wna16_gemm import PackedWeight, wna16_linear_cpu
 from tokenmill.model.linear_method import (
     DenseLinearMethod,
     LinearMethod,
@@ -64,7 +66,7 @@ class WNA16LinearMethod(LinearMethod):
         if layer.wna16_perm is not None:  # act-order: input channels in the order the rows were sorted
             x2 = x2.index_select(1, layer.wna16_perm)
         if x.is_cuda and HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16):
-            out = wna16_linear(x2, packed, bias)
+            out = wna16_cuda_linear(x2, packed, bias, getattr(layer, "gemm_plan", None))
         elif x2.dtype == torch.bfloat16 and cpu_weight(layer) is not None:
             # PyTorch's CPU int4 / int8 kernels: fast for bf16 activations only (fp32 takes a slow reference path)
             out = cpu_linear(x2, layer.wna16_cpu, bias)
@@ -99,6 +101,8 @@ class WNA16LinearMethod(LinearMethod):
         layer.register_buffer("wna16_perm", perm, persistent=False)
         layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data,
                                    None if zeros is None else layer.wna16_zeros.data, self.bits, group)
+        if qweight.is_cuda and HAS_TRITON:  # made now, not first inside a CUDA graph capture
+            splitk_workspace(qweight.device)
 
 
 class GPTQLinearMethod(WNA16LinearMethod):

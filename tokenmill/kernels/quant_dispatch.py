@@ -1,0 +1,150 @@
+"""Which kernel a quantized linear runs on CUDA, per row count: the split-K streaming kernels
+(kernels/wna16_splitk.py, fp8_gemv.py), the tiled wna16 kernel, or (FP8) ``torch._scaled_mm``.
+
+In order: a layer's ``gemm_plan`` (rows rounded up to a power of two -> config; a tuner's), then the measured
+winners for this device and weight shape (a JSON table written by benchmarks/gpu_quant_gemv_sweep.py: the one
+shipped in kernels/configs/, or the file ``TOKENMILL_QUANT_GEMV_CONFIGS`` names, like vLLM's tuned MoE configs),
+then the defaults below, the kinds that won on the H100 (benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json).
+The ``rows`` kind and ``prefetch`` are candidates there, not defaults: no GPU has timed them yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.kernels._triton import next_power_of_2
+from tokenmill.kernels.splitk import SplitKConfig
+from tokenmill.kernels.wna16_gemm import PackedWeight, WNA16Config, wna16_linear
+from tokenmill.kernels.wna16_gemm import default_config as wna16_default_config
+from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
+
+FP8_GEMV_MAX_ROWS = 16  # above: torch._scaled_mm (tensor-core FP8)
+
+Plan = dict[int, SplitKConfig | WNA16Config | None]  # None: the format's library path (FP8: _scaled_mm)
+Choice = SplitKConfig | WNA16Config | None
+
+SHIPPED_CONFIGS = Path(__file__).parent / "configs" / "quant_gemv.json"
+CONFIGS_ENV = "TOKENMILL_QUANT_GEMV_CONFIGS"
+
+
+def config_from_json(entry: dict[str, Any]) -> Choice:
+    """One table entry: {"kernel": "splitk" | "wna16_gemm" | "scaled_mm", plus the config's fields}."""
+    fields = {k: v for k, v in entry.items() if k != "kernel"}
+    if entry["kernel"] == "splitk":
+        return SplitKConfig(**fields)
+    if entry["kernel"] == "wna16_gemm":
+        return WNA16Config(**fields)
+    if entry["kernel"] == "scaled_mm":
+        return None
+    raise ValueError(f"quantized GEMV config table: unknown kernel {entry['kernel']!r}")
+
+
+@functools.cache
+def _load_table(path: str) -> dict[str, Any]:
+    """The table at ``path`` ({} when there is none), read once: the lookup runs on every eager linear call."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+@functools.cache
+def _cuda_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tuned_choice(device: torch.device, fmt: str, n: int, k: int, rows: int) -> tuple[bool, Choice]:
+    """(found, choice) from the measured table: the entry for the smallest measured row count >= rows."""
+    shapes = _load_table(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS)).get(_device_name(device), {}).get(fmt, {}).get(f"{n}x{k}")
+    if not shapes:
+        return False, None
+    measured = sorted(int(r) for r in shapes)
+    bucket = next((r for r in measured if r >= rows), None)
+    if bucket is None:
+        return False, None
+    return True, config_from_json(shapes[str(bucket)])
+
+
+def _split_for(tiles: int, steps: int) -> int:
+    """Run 1's winners: 8 K splits for up to 64 output tiles, 4 above (never fewer than 2 K steps a split)."""
+    split = 8 if tiles <= 64 else 4
+    while split > 1 and steps // split < 2:
+        split //= 2
+    return split
+
+
+def default_wna16_config(rows: int, n: int, k: int, bits: int, group_size: int) -> SplitKConfig | WNA16Config:
+    """The kinds that won on the H100 in benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json (run 1), for
+    shapes its table lacks: 1 row, the tiled kernel's GEMV (W4) or FMA streaming (W8); 2-16 rows, tensor-core
+    streaming (W8 above 4 rows: the tiled kernel's default); above 16 rows, the tiled kernel (128-row tiles for W4)."""
+    per_word = 32 // bits
+    if rows > 16 or (bits == 8 and rows > 4):
+        if bits == 4:
+            return WNA16Config(128, 64, 64, 2 if rows <= 128 else 1, 8, 3)
+        return wna16_default_config(rows, n, k, group_size)
+    if rows == 1:
+        if bits == 4:
+            return WNA16Config(16, 128, 128, 8, 4, 3, gemv=True)
+        block_n = 128 if -(-n // 128) <= 32 else 64
+        return SplitKConfig(1, block_n, 128, _split_for(-(-n // block_n), k // min(128, group_size)), 4, 2, "fma")
+    block_n = 64 if rows <= 4 else 128
+    block_k = 16 * per_word
+    tiles = -(-n // block_n)
+    split = _split_for(tiles, k // block_k)
+    if rows > 4 and tiles > 64:  # gate_up-like widths: 4 splits won at 16 rows
+        split = min(split, 4)
+    return SplitKConfig(16, block_n, block_k, split, 4, 3, "dot")
+
+
+def default_fp8_config(rows: int, n: int, k: int) -> SplitKConfig | None:
+    """None above FP8_GEMV_MAX_ROWS: ``torch._scaled_mm``. Run 1's winners: 1 row, FMA streaming over [16, 512]
+    or [32, 256] tiles, 2 splits; 2-16 rows, tensor-core streaming over 64-wide tiles."""
+    if rows > FP8_GEMV_MAX_ROWS:
+        return None
+    if rows == 1:
+        block_n, block_k = (16, 512) if n <= 4096 else (32, 256)
+        return SplitKConfig(1, block_n, block_k, 2, 4, 2, "fma")
+    return SplitKConfig(16, 64, 128, _split_for(-(-n // 64), -(-k // 128)), 4, 3, "dot")
+
+
+def wna16_format(packed: PackedWeight) -> str:
+    return f"w{packed.bits}a16_g{packed.group_size}"
+
+
+def wna16_cuda_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
+    """x [M, K] on CUDA through the planned, measured or default kernel for M rows."""
+    rows = x.shape[0]
+    n, k = packed.out_features, packed.in_features
+    config = plan.get(next_power_of_2(max(rows, 1))) if plan else None
+    if config is None:
+        found, config = tuned_choice(x.device, wna16_format(packed), n, k, rows)
+        if not found or config is None:
+            config = default_wna16_config(rows, n, k, packed.bits, packed.group_size)
+    if isinstance(config, WNA16Config):
+        return wna16_linear(x, packed, bias, config)
+    return wna16_splitk_linear(x, packed, bias, config)
+
+
+def fp8_gemv_config(x: torch.Tensor, n: int, plan: Plan) -> SplitKConfig | None:
+    """The FP8 GEMV config for x's rows, or None where ``torch._scaled_mm`` serves them."""
+    rows = x.shape[0]
+    key = next_power_of_2(max(rows, 1))
+    if plan and key in plan:
+        return plan[key]
+    found, config = tuned_choice(x.device, "fp8", n, x.shape[1], rows)
+    if found:
+        return config if isinstance(config, SplitKConfig) else None
+    return default_fp8_config(rows, n, x.shape[1])
+
