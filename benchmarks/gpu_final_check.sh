@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call at a session's end: the whole GPU test suite (its four groups in parallel: correctness only, the
+# One device call at a session's end: the whole GPU test suite (its five groups in parallel: correctness only, the
 # card has room for all of them), then issue 18's timing A/B alone on the idle card (skipped with AB=0).
 #   [AB=0] [WORKLOADS=a,b,d] [REPEATS=1] bash benchmarks/gpu_final_check.sh [BASELINE_DIR]
 # Everything lands in one tarball, $OUT/final_check.tgz (the device tool returns at most a few files).
@@ -7,11 +7,11 @@ set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
-for g in kernels quantization model engine; do
-  OUT="$out" bash benchmarks/gpu_suite.sh "$g" > "$out/suite_$g.console" 2>&1 &
+for g in kernels quantization model engine spec; do
+  OUT="$out" timeout "${SUITE_TIMEOUT:-900}" bash benchmarks/gpu_suite.sh "$g" > "$out/suite_$g.console" 2>&1 &
 done
 wait
-for g in kernels quantization model engine; do
+for g in kernels quantization model engine spec; do
   echo "== $g: $(grep -E '^(FAILED|ERROR) ' "$out/gpu_suite_$g.txt" | head -20)"
   tail -n 3 "$out/gpu_suite_$g.txt" | grep -E 'passed|failed|error' | tail -1
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU test suite on the device box, as separate pytest runs (tests/kernels and tests/quantization
 # each import their own `conftest` module by name, so they cannot share one pytest process).
-#   bash benchmarks/gpu_suite.sh GROUP...      GROUP: kernels | quantization | model | engine | all
+#   bash benchmarks/gpu_suite.sh GROUP...      GROUP: kernels | quantization | model | engine | spec | all
 # Wheels the box lacks travel in .whl/ (benchmarks/fetch_gpu_wheels.sh); the log of each group goes to $OUT.
 set -uo pipefail
 out="${OUT:-/tmp/gpu_suite}"; mkdir -p "$out"
@@ -15,9 +15,10 @@ declare -A groups=(
   [kernels]="tests/kernels"
   [quantization]="tests/quantization"
   [model]="tests/model tests/test_kv_cache.py tests/test_kv_cache_fp8.py tests/test_torch_attention.py tests/sampling tests/structured tests/distill/test_distill_gpu.py tests/bench/test_jit_watch.py tests/bench/test_throughput.py tests/gateway/test_gateway_health.py"
-  [engine]="tests/engine tests/spec_decode tests/distributed tests/modelserver/test_torch_backend.py"
+  [engine]="tests/engine"
+  [spec]="tests/spec_decode tests/distributed tests/modelserver/test_torch_backend.py"
 )
-names=("$@"); [ "${names[0]:-all}" = all ] && names=(kernels quantization model engine)
+names=("$@"); [ "${names[0]:-all}" = all ] && names=(kernels quantization model engine spec)
 status=0
 for g in "${names[@]}"; do
   echo "== $g: ${groups[$g]}"
