@@ -64,6 +64,19 @@ def variant_repository(src: Path, dst: Path, model: str, **overrides) -> Path:
     return dst
 
 
+def web_photo(fmt: str = "jpeg") -> bytes:
+    """A realistic web image for the classifier benchmarks: scikit-image's 'rocket' photograph at its own 640 x 427
+    (no resampling), as JPEG quality 90 (52 KB) or PNG (313 KB): larger than the 224 x 224 input, as uploads are."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.rocket()).save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
+    return buf.getvalue()
+
+
 def binary_body(feeds: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """A KServe v2 binary-tensor request body and its headers."""
     from tokenmill.modelserver.tensors import datatype_of
@@ -130,13 +143,15 @@ async def open_loop(url: str, body: bytes, headers: dict, rate: float, seconds: 
     return summarize("open", rate, latencies, failed, duration)
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """``payload`` plus date, machine, command and load averages as ``<out_dir or results/>/<name>_<time>.json``."""
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     full = {"date": now.isoformat(timespec="seconds"), "machine": machine(),
             "load_average_at_start": payload.pop("load_average_at_start", None),
             "load_average_at_end": list(os.getloadavg()), "command": " ".join([Path(sys.executable).name, *sys.argv]),
             **payload}
-    path = RESULTS / f"{name}_{now.strftime('%Y-%m-%d_%H%M')}.json"
+    path = out_dir / f"{name}_{now.strftime('%Y-%m-%d_%H%M')}.json"
     path.write_text(json.dumps(full, indent=2))
     return path

@@ -5,7 +5,8 @@ Usage: .venv/bin/python benchmarks/modelserver_scaling.py [--model sentiment|cla
        [--baseline-root /work/main]
 Each ``--server`` is ``LABEL:EXTRA ARGS`` for ``tokenmill serve-models`` (run from this checkout);
 ``--baseline-root`` adds a server started from another checkout (e.g. main) so A/B share one run and one load.
-Requests: sentiment = one sentence per ``POST /v1/sentiment/{m}``; classifier = one PNG per ``/v1/classify/{m}``.
+Requests: sentiment = one sentence per ``POST /v1/sentiment/{m}``; classifier = one photo (``--image jpeg|png``,
+640 x 427, see ``web_photo``) per ``/v1/classify/{m}`` with top-5 back.
 The load generator runs in ``--client-procs`` processes (raw keep-alive HTTP/1.1 on asyncio) so the client is not
 the limit; ``--client httpx --client-procs 1`` reproduces the older single-process httpx client. Loopback only, bounded by --seconds.
 Writes results/modelserver_scaling_*.json with date, machine, command and load averages.
@@ -20,21 +21,25 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from modelserver_common import ROOT, Server, drive, ensure_repository, variant_repository, write_result
+from modelserver_common import (
+    ROOT,
+    Server,
+    drive,
+    ensure_repository,
+    variant_repository,
+    web_photo,
+    write_result,
+)
 
 SENTENCE = "The film was a delight from start to finish, and I would gladly watch it again."
 
 
-def task_request(model: str) -> tuple[str, bytes, dict]:
+def task_request(model: str, image: str = "jpeg") -> tuple[str, bytes, dict]:
     if model == "sentiment":
         import json
 
         return "/v1/sentiment/sentiment", json.dumps({"text": SENTENCE}).encode(), {"Content-Type": "application/json"}
-    from skimage import data
-
-    from tokenmill.modelserver import processing
-
-    return "/v1/classify/classifier?top_k=5", processing.encode_png(data.chelsea()), {"Content-Type": "image/png"}
+    return "/v1/classify/classifier?top_k=5", web_photo(image), {"Content-Type": f"image/{image}"}
 
 
 def main() -> None:
@@ -50,6 +55,7 @@ def main() -> None:
     parser.add_argument("--base-repository", type=Path,
                         help="take the model from this repository instead of exporting the bundled one (e.g. a "
                              "tiny BERT exported with `tokenmill export --hf-dir`, to time the front end alone)")
+    parser.add_argument("--image", default="jpeg", choices=["jpeg", "png"], help="classifier request body format")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
@@ -64,7 +70,7 @@ def main() -> None:
         batching["pad_inputs"] = {"input_ids": 0, "attention_mask": 0}
     config = {"max_batch_size": args.max_batch_size, "instance_count": 1, "dynamic_batching": batching}
     repo = variant_repository(base, args.work_dir / f"scaling_{args.model}", args.model, **config)
-    path, body, headers = task_request(args.model)
+    path, body, headers = task_request(args.model, args.image)
 
     servers = [(label, shlex.split(extra), ROOT) for label, _, extra in (s.partition(":") for s in args.server)]
     servers = servers or [("this", [], ROOT)]
@@ -99,6 +105,7 @@ def main() -> None:
     print("throughput at", levels[-1], "/ at", levels[0], "clients:", ratios)
     out = write_result(f"modelserver_scaling_{args.model}", {
         "load_average_at_start": load_at_start, "model": args.model, "config": config, "client": args.client,
+        "image": f"{args.image}, {len(body)} bytes" if args.model == "classifier" else None,
         "base_repository": str(args.base_repository) if args.base_repository else None,
         "client_procs": args.client_procs, "seconds": args.seconds, "results": rows,
         "scaling_ratio_last_over_first": ratios,

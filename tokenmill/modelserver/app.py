@@ -212,8 +212,12 @@ def create_app(config: ModelServerConfig) -> FastAPI:
         if not 1 <= k <= len(served.labels):
             raise BadInputError(f"top_k ({k}) must be between 1 and {len(served.labels)}")
         body = await read_body(request, config.max_request_bytes)
-        image = await asyncio.to_thread(processing.image_tensor, body)  # decode + resize never hold the loop
-        outputs = await served.infer({served.config.inputs[0].name: image})
+        if served.pixel_size is None:  # an image model of another input layout: the float tensor, normalised here
+            image = await asyncio.to_thread(lambda: processing.preprocess_image(processing.decode_image(body)))
+            outputs = await served.infer({served.config.inputs[0].name: image[None]})
+        else:  # decode + resize off the loop (PIL releases the GIL); uint8 pixels batch, normalised per batch
+            pixels = await asyncio.to_thread(processing.decode_resized, body, *served.pixel_size)
+            outputs = await served.infer_pixels(pixels[None])
         logits = outputs[served.config.outputs[0].name][0]
         return fast_json({"model": model, "version": served.version,
                           "predictions": processing.top_k(logits, served.labels, k)})
