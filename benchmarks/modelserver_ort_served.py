@@ -1,7 +1,8 @@
 """Sentiment on ONNX Runtime's CPU EP: the backend called directly vs served, and served under 16 -> 256 clients.
 
-Part 1 (direct): one InferenceSession with ORT's defaults for a lone caller (every core, spinning threads) runs the
-MiniLM sentiment graph on ``--batch-sizes`` copies of the benchmark sentence: sentences/s per batch size, best kept.
+Part 1 (direct): one InferenceSession on every core, with spinning threads (ORT's default for a lone caller) and
+without, runs the MiniLM sentiment graph on ``--batch-sizes`` copies of the benchmark sentence: sentences/s per
+batch size; the best of all is the reference.
 Part 2 (served): ``tokenmill serve-models`` over the same graph (max_batch_size = the best direct batch, dynamic
 batching, ``--workers`` HTTP processes with the cores split between their sessions) gets one sentence per
 ``POST /v1/sentiment/sentiment`` from closed-loop clients at each ``--concurrency``. Reported: served/direct and the
@@ -69,12 +70,13 @@ def fill_weights(src: Path, dst: Path, seed: int = 0) -> Path:
     return dst
 
 
-def direct(path: Path, tokenizer, batch_sizes: list[int], min_seconds: float) -> list[dict]:
-    """Sentences/s of one session with ORT's lone-caller defaults (all cores, spinning), per batch size."""
+def direct(path: Path, tokenizer, batch_sizes: list[int], min_seconds: float, spinning: bool) -> list[dict]:
+    """Sentences/s of one session on every core, per batch size (``spinning``: ORT's lone-caller default, best on
+    idle cores; without it a host shared with other jobs does better)."""
     from tokenmill.modelserver.backends import OrtBackend
     from tokenmill.modelserver.processing import tokenize
 
-    backend = OrtBackend(path, instances=1, device="cpu", spinning=True)
+    backend = OrtBackend(path, instances=1, device="cpu", spinning=spinning)
     rows = []
     for batch in batch_sizes:
         feeds = tokenize(tokenizer, [SENTENCE] * batch)
@@ -86,9 +88,10 @@ def direct(path: Path, tokenizer, batch_sizes: list[int], min_seconds: float) ->
             backend.run(feeds)
             times.append(time.perf_counter() - t0)
         p50 = statistics.median(times)
-        rows.append({"batch_size": batch, "seq_len": int(feeds["input_ids"].shape[1]), "iterations": len(times),
-                     "p50_ms": round(p50 * 1e3, 3), "sentences_per_s": round(batch / p50, 1)})
-        print(f"direct ORT batch {batch:>4}: {rows[-1]['sentences_per_s']:>9.1f} sentences/s  p50 {p50 * 1e3:.2f} ms")
+        rows.append({"spinning": spinning, "batch_size": batch, "seq_len": int(feeds["input_ids"].shape[1]),
+                     "iterations": len(times), "p50_ms": round(p50 * 1e3, 3), "sentences_per_s": round(batch / p50, 1)})
+        print(f"direct ORT spinning {'on ' if spinning else 'off'} batch {batch:>4}: "
+              f"{rows[-1]['sentences_per_s']:>9.1f} sentences/s  p50 {p50 * 1e3:.2f} ms", flush=True)
     return rows
 
 
@@ -119,8 +122,9 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, help="an fp32 sentiment graph (default: export the bundled one)")
     parser.add_argument("--graph", type=Path, help="a graph written by --strip-weights (refilled with random values)")
     parser.add_argument("--tokenizer-dir", type=Path, help="MiniLM tokenizer directory (default: the bundled one)")
-    parser.add_argument("--batch-sizes", default="1,8,16,32,64,128")
+    parser.add_argument("--batch-sizes", default="1,16,32,64,128")
     parser.add_argument("--direct-seconds", type=float, default=2.0, help="minimum timing window per batch size")
+    parser.add_argument("--direct-spinning", default="on,off", help="ORT thread spinning modes timed directly")
     parser.add_argument("--workers", default="1", help="HTTP worker counts, one server each (e.g. 1,4)")
     parser.add_argument("--max-batch-size", type=int, default=0, help="served max_batch_size; 0 = best direct")
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
@@ -146,7 +150,9 @@ def main() -> None:
     else:
         graph = args.onnx or ensure_repository(args.work_dir / "base", ("sentiment",)) / "sentiment/1/model.onnx"
         weights = "as in the file"
-    direct_rows = direct(graph, tokenizer, [int(b) for b in args.batch_sizes.split(",")], args.direct_seconds)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    direct_rows = [row for mode in args.direct_spinning.split(",")
+                   for row in direct(graph, tokenizer, sizes, args.direct_seconds, mode == "on")]
     best = max(direct_rows, key=lambda r: r["sentences_per_s"])
     max_batch = args.max_batch_size or max(2, best["batch_size"])
     repo = write_repository(work / "repository", graph, tokenizer_dir, max_batch, args.max_queue_delay_ms)
@@ -168,7 +174,7 @@ def main() -> None:
                 ratio = round(result.throughput_rps / best["sentences_per_s"], 3)
                 served.append({"workers": workers, **asdict(result), "of_direct_best": ratio})
                 print(f"{workers:>7} {level:>7} {result.throughput_rps:>9.1f} {ratio:>9.3f} {result.p50_ms:>8.2f} "
-                      f"{result.p99_ms:>8.2f} {result.failed:>5} {result.mean_batch_size:>6}")
+                      f"{result.p99_ms:>8.2f} {result.failed:>5} {result.mean_batch_size:>6}", flush=True)
         finally:
             server.close()
         mine = [r for r in served if r["workers"] == workers]
@@ -179,7 +185,7 @@ def main() -> None:
             "errors": sum(r["failed"] for r in mine),
         })
         print(f"workers {workers}: best served {summary[-1]['best_of_direct']:.3f} of direct batch "
-              f"{best['batch_size']}; {levels[-1]} / {levels[0]} clients = {summary[-1]['last_over_first']}; "
+              f"{best['batch_size']} (spinning {'on' if best['spinning'] else 'off'}); {levels[-1]} / {levels[0]} clients = {summary[-1]['last_over_first']}; "
               f"errors {summary[-1]['errors']}")
     out = write_result("modelserver_ort_served", {
         "load_average_at_start": load_at_start, "cpu_count": os.cpu_count(), "weights": weights,
@@ -187,7 +193,7 @@ def main() -> None:
         "max_queue_delay_ms": args.max_queue_delay_ms, "client_procs": args.client_procs,
         "seconds_per_level": args.seconds, "served": served, "summary": summary,
         "wall_s": round(time.perf_counter() - started, 1),
-        "note": "direct = one ORT CPU session, all cores, spinning threads (ORT's lone-caller defaults); served = "
+        "note": "direct = one ORT CPU session, all cores, threads spinning or not (the best is the reference); served = "
                 "serve-models, ORT threads split between worker processes, no spinning; one sentence per request, "
                 "closed loop, load generator on the same host",
     }, out_dir=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
