@@ -13,12 +13,12 @@ export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH" OUT="$out"
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; uptime; git rev-parse HEAD 2>/dev/null; } \
   > "$out/host.txt" 2>&1
 start=$(date +%s)
-timeout "${CLASSIFIER_TIMEOUT:-290}" python3 -u benchmarks/gpu_modelserver.py --carry .modelserver_carry \
+timeout "${CLASSIFIER_TIMEOUT:-280}" python3 -u benchmarks/gpu_modelserver.py --carry .modelserver_carry \
   --parts ceiling,classifier --workers 1,4 --classifier-concurrency 16,32,64,256 --seconds 4 --client-procs 4 \
   --ceiling-batch-sizes 1,8,32,64 > "$out/classifier.log" 2>&1
 echo "== classifier: exit $? in $(( $(date +%s) - start )) s"; tail -n 30 "$out/classifier.log"
 start=$(date +%s)
-timeout "${ORT_TIMEOUT:-150}" python3 -u benchmarks/modelserver_ort_served.py --graph .modelserver_carry/sentiment_graph.onnx \
+timeout "${ORT_TIMEOUT:-170}" python3 -u benchmarks/modelserver_ort_served.py --graph .modelserver_carry/sentiment_graph.onnx \
   --tokenizer-dir .modelserver_carry/minilm --workers 1,4 --concurrency 16,64,256 --seconds 5 --client-procs 4 \
   --direct-seconds 1.5 > "$out/ort_sentiment.log" 2>&1
 echo "== ort sentiment: exit $? in $(( $(date +%s) - start )) s"; tail -n 20 "$out/ort_sentiment.log"
