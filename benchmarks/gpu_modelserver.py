@@ -100,7 +100,7 @@ def write_repository(root: Path, carry: Path, weights: str, delay_ms: float,
 
 
 def backend_ceiling(repo: Path, device: str, tokenizer, iterations: int, sizes: list[int],
-                    names: tuple[str, ...]) -> list[dict]:
+                    names: tuple[str, ...], image_inputs: tuple[str, ...] = ("uint8", "float32")) -> list[dict]:
     """Each model's backend alone, as the server calls it (numpy in, numpy out), per batch size; the classifier
     with uint8 pixels (what /v1/classify sends: normalised on the device) and with float32 tensors (/v2 infer)."""
     import torch
@@ -111,7 +111,7 @@ def backend_ceiling(repo: Path, device: str, tokenizer, iterations: int, sizes: 
 
     rows = []
     rng = np.random.default_rng(0)
-    cases = [(name, kind) for name in names for kind in (("uint8", "float32") if name == "classifier" else ("ids",))]
+    cases = [(name, kind) for name in names for kind in (image_inputs if name == "classifier" else ("ids",))]
     for name, kind in cases:
         config = ModelConfig.load(repo / name / "config.yaml")
         start = time.perf_counter()
@@ -146,7 +146,8 @@ def backend_ceiling(repo: Path, device: str, tokenizer, iterations: int, sizes: 
     return rows
 
 
-def workloads(parts: set[str], carry: Path) -> list[tuple[str, str, bytes, dict, int]]:
+def workloads(parts: set[str], carry: Path, images: tuple[str, ...] = ("jpeg", "png")
+              ) -> list[tuple[str, str, bytes, dict, int]]:
     """(label, path, body, headers, items per request) for each served workload of ``parts``."""
     out = []
     if "sentiment" in parts:
@@ -156,7 +157,7 @@ def workloads(parts: set[str], carry: Path) -> list[tuple[str, str, bytes, dict,
                  {"Content-Type": "application/json"}, 64)]
     if "classifier" in parts:
         # A real 640 x 427 photograph (--prepare writes it), as JPEG (52 KB) and PNG (313 KB): top-5 back.
-        for fmt in ("jpeg", "png"):
+        for fmt in images:
             image = carry / "images" / f"rocket.{fmt}"
             if not image.exists():
                 raise SystemExit(f"{image} is missing: rerun --prepare on the CPU box and carry it")
@@ -182,6 +183,9 @@ def main() -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, default=1.0)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--ceiling-batch-sizes", default="1,8,64,128", help="backend-alone batch sizes")
+    parser.add_argument("--ceiling-image-inputs", default="uint8,float32",
+                        help="classifier inputs timed alone: uint8 pixels (/v1/classify) and/or float32 (/v2 infer)")
+    parser.add_argument("--images", default="jpeg,png", help="classifier request bodies to serve")
     args = parser.parse_args()
     if args.prepare:
         prepare(args.prepare)
@@ -209,7 +213,8 @@ def main() -> None:
     ceiling = []
     if "ceiling" in parts:
         ceiling = backend_ceiling(repo, args.device, tokenizer, args.iterations,
-                                  [int(b) for b in args.ceiling_batch_sizes.split(",")], names)
+                                  [int(b) for b in args.ceiling_batch_sizes.split(",")], names,
+                                  tuple(args.ceiling_image_inputs.split(",")))
     served: list[dict] = []
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,12 +232,12 @@ def main() -> None:
             "backend_ceiling": ceiling, "served": served,
             "note": "torch backend fp16 + CUDA graphs per bucket; ceiling = backend.run() on numpy inputs (host "
                     "copies included); served = closed loop over the task endpoints, server and clients on one host; "
-                    "server_cpu_ms_per_request = all server processes' CPU / requests; mean_batch_size = one worker's",
+                    "server_cpu_ms_per_request = all server processes' CPU / requests; mean_batch_size with 1 worker only",
         }
         path.write_text(json.dumps(payload, indent=2))
 
     save()
-    work = workloads(parts, args.carry)
+    work = workloads(parts, args.carry, tuple(args.images.split(",")))
     print(f"{'workers':>7} {'workload':>18} {'clients':>7} {'req/s':>9} {'items/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'fail':>5} {'batch':>6} {'cpu ms/req':>10}")
     for workers in [int(w) for w in args.workers.split(",")] if work else []:
@@ -249,14 +254,15 @@ def main() -> None:
                     result = drive(server.url + path_, body, headers, level, args.seconds, args.client_procs)
                     cpu_ms = (server.cpu_seconds() - cpu0) * 1000 / max(1, result.requests)
                     s1, r1 = server.mean_batch_size(model)
-                    result.mean_batch_size = round((s1 - s0) / max(1.0, r1 - r0), 2)
+                    # /metrics answers from one worker at a time: a batch size only with one worker
+                    result.mean_batch_size = round((s1 - s0) / max(1.0, r1 - r0), 2) if workers == 1 else None
                     row = {"workers": workers, "workload": label, "items_per_request": items, **asdict(result),
                            "items_per_s": round(result.throughput_rps * items, 1),
                            "server_cpu_ms_per_request": round(cpu_ms, 3)}
                     served.append(row)
                     print(f"{workers:>7} {label:>18} {level:>7} {result.throughput_rps:>9.1f} {row['items_per_s']:>9.1f}"
                           f" {result.p50_ms:>8.2f} {result.p99_ms:>8.2f} {result.failed:>5}"
-                          f" {result.mean_batch_size:>6} {cpu_ms:>10.3f}", flush=True)
+                          f" {str(result.mean_batch_size):>6} {cpu_ms:>10.3f}", flush=True)
         finally:
             server.close()
         save()

@@ -49,6 +49,28 @@ def ensure_repository(path: Path, models: tuple[str, ...], hf_dir: Path | None =
     return path
 
 
+def tiny_classifier_repository(path: Path) -> Path:
+    """A classifier with the bundled one's tensors (3 x 224 x 224 -> 1000 logits) and almost no compute (average
+    pool + linear), so a served run times the front end alone: body read, image decode/resize, batching, top-k."""
+    import torch
+
+    from tokenmill.modelserver import bundled
+    from tokenmill.modelserver.export import export_module
+    from tokenmill.modelserver.model_config import TaskConfig, config_from_onnx
+
+    onnx_path = path / "classifier" / "1" / "model.onnx"
+    if not onnx_path.exists():
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1000))
+        export_module(module, {"images": torch.randn(1, 3, bundled.IMAGE_SIZE, bundled.IMAGE_SIZE)}, onnx_path,
+                      output_names=["logits"])
+        config = config_from_onnx("classifier", onnx_path, max_batch_size=32,
+                                  task=TaskConfig(kind="image_classification", labels_file="labels.txt", top_k=5))
+        config.save(path / "classifier" / "config.yaml")
+        (path / "classifier" / "labels.txt").write_text("\n".join(bundled.imagenet_labels()) + "\n")
+    return path
+
+
 def variant_repository(src: Path, dst: Path, model: str, **overrides) -> Path:
     """A one-model repository sharing ``src``'s graph (symlink) with config.yaml fields overridden."""
     (dst / model / "1").mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from modelserver_common import (
     Server,
     drive,
     ensure_repository,
+    tiny_classifier_repository,
     variant_repository,
     web_photo,
     write_result,
@@ -56,6 +57,8 @@ def main() -> None:
                         help="take the model from this repository instead of exporting the bundled one (e.g. a "
                              "tiny BERT exported with `tokenmill export --hf-dir`, to time the front end alone)")
     parser.add_argument("--image", default="jpeg", choices=["jpeg", "png"], help="classifier request body format")
+    parser.add_argument("--tiny-classifier", action="store_true",
+                        help="classifier: serve a near-zero-compute model of the same tensors (times the front end)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
@@ -64,7 +67,12 @@ def main() -> None:
     load_at_start = list(os.getloadavg())
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    base = args.base_repository or ensure_repository(args.work_dir / "base", (args.model,))
+    if args.tiny_classifier and args.model != "classifier":
+        raise SystemExit("--tiny-classifier needs --model classifier")
+    if args.tiny_classifier:
+        base = tiny_classifier_repository(args.work_dir / "tiny_classifier")
+    else:
+        base = args.base_repository or ensure_repository(args.work_dir / "base", (args.model,))
     batching = {"preferred_batch_sizes": [args.max_batch_size], "max_queue_delay_ms": args.max_queue_delay_ms}
     if args.model == "sentiment":
         batching["pad_inputs"] = {"input_ids": 0, "attention_mask": 0}
@@ -107,6 +115,7 @@ def main() -> None:
         "load_average_at_start": load_at_start, "model": args.model, "config": config, "client": args.client,
         "image": f"{args.image}, {len(body)} bytes" if args.model == "classifier" else None,
         "base_repository": str(args.base_repository) if args.base_repository else None,
+        "tiny_classifier": args.tiny_classifier,
         "client_procs": args.client_procs, "seconds": args.seconds, "results": rows,
         "scaling_ratio_last_over_first": ratios,
         "note": "closed loop, one item per request over the task endpoint; client and server share this host's "

@@ -11,6 +11,7 @@ float32 bytes) and normalised on the device straight into the bucket's static in
 from __future__ import annotations
 
 import threading
+import warnings
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -161,7 +162,10 @@ class TorchServingBackend:
     def _pixels(self, pixels: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 N x H x W x 3 on the host -> normalised N x 3 x H x W in the model dtype on the device (into ``out``):
         one uint8 copy, then one fused multiply-add computed in float32."""
-        staged = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2)
+        with warnings.catch_warnings():  # a single request's pixels are PIL's read-only buffer; only read here
+            warnings.simplefilter("ignore", UserWarning)
+            host = torch.from_numpy(np.ascontiguousarray(pixels))
+        staged = host.to(self.device).permute(0, 3, 1, 2)
         if out is None:
             out = torch.empty(staged.shape, dtype=self.dtype, device=self.device)
         return torch.addcmul(self.pixel_shift, staged, self.pixel_scale, out=out)
