@@ -18,7 +18,7 @@ else
 fi
 start=$(date +%s)
 timeout "${CLASSIFIER_TIMEOUT:-130}" python3 -u benchmarks/gpu_modelserver.py --carry .modelserver_carry \
-  --parts ceiling,classifier --workers 1,4 --client-procs 2 --ceiling-batch-sizes 1,8,64 --iterations 30 \
+  --parts ceiling,classifier --workers 4,1 --client-procs 2 --ceiling-batch-sizes 1,8,64 --iterations 30 \
   "${extra[@]}" > "$out/classifier.log" 2>&1
 echo "== classifier: exit $? in $(( $(date +%s) - start )) s"; tail -n 20 "$out/classifier.log"
 start=$(date +%s)
