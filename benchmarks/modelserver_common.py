@@ -74,12 +74,12 @@ def tiny_classifier_repository(path: Path) -> Path:
 def variant_repository(src: Path, dst: Path, model: str, **overrides) -> Path:
     """A one-model repository sharing ``src``'s graph (symlink) with config.yaml fields overridden."""
     (dst / model / "1").mkdir(parents=True, exist_ok=True)
-    link = dst / model / "1" / "model.onnx"
-    if not link.exists():
-        link.symlink_to((src / model / "1" / "model.onnx").resolve())
-    for extra in ("labels.txt",):
-        if (src / model / extra).exists() and not (dst / model / extra).exists():
-            (dst / model / extra).symlink_to((src / model / extra).resolve())
+    for name in ("1/model.onnx", "labels.txt"):  # links left by an earlier run may point at another source
+        target, link = (src / model / name).resolve(), dst / model / name
+        if link.is_symlink() and link.resolve() != target:
+            link.unlink()
+        if target.exists() and not link.exists():
+            link.symlink_to(target)
     config = yaml.safe_load((src / model / "config.yaml").read_text())
     config.update(overrides)
     (dst / model / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
