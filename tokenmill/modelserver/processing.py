@@ -87,10 +87,11 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 def top_k(logits: np.ndarray, labels: list[str], k: int = 5) -> list[dict]:
     """One row of logits -> the k best classes with softmax probabilities."""
-    z = logits.astype(np.float64) - logits.max()
-    probs = np.exp(z) / np.exp(z).sum()
-    best = np.argpartition(-probs, k - 1)[:k] if k < len(probs) else np.arange(len(probs))
-    best = best[np.argsort(-probs[best], kind="stable")]
+    z = logits.astype(np.float64)
+    exp = np.exp(z - z.max())
+    probs = exp / exp.sum()
+    best = np.argpartition(-z, k - 1)[:k] if k < len(z) else np.arange(len(z))
+    best = best[np.argsort(-z[best], kind="stable")]
     return [{"index": int(i), "label": labels[i], "probability": float(probs[i])} for i in best]
 
 
