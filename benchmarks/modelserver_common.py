@@ -49,19 +49,54 @@ def ensure_repository(path: Path, models: tuple[str, ...], hf_dir: Path | None =
     return path
 
 
+def tiny_classifier_repository(path: Path) -> Path:
+    """A classifier with the bundled one's tensors (3 x 224 x 224 -> 1000 logits) and almost no compute (average
+    pool + linear), so a served run times the front end alone: body read, image decode/resize, batching, top-k."""
+    import torch
+
+    from tokenmill.modelserver import bundled
+    from tokenmill.modelserver.export import export_module
+    from tokenmill.modelserver.model_config import TaskConfig, config_from_onnx
+
+    onnx_path = path / "classifier" / "1" / "model.onnx"
+    if not onnx_path.exists():
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1000))
+        export_module(module, {"images": torch.randn(1, 3, bundled.IMAGE_SIZE, bundled.IMAGE_SIZE)}, onnx_path,
+                      output_names=["logits"])
+        config = config_from_onnx("classifier", onnx_path, max_batch_size=32,
+                                  task=TaskConfig(kind="image_classification", labels_file="labels.txt", top_k=5))
+        config.save(path / "classifier" / "config.yaml")
+        (path / "classifier" / "labels.txt").write_text("\n".join(bundled.imagenet_labels()) + "\n")
+    return path
+
+
 def variant_repository(src: Path, dst: Path, model: str, **overrides) -> Path:
     """A one-model repository sharing ``src``'s graph (symlink) with config.yaml fields overridden."""
     (dst / model / "1").mkdir(parents=True, exist_ok=True)
-    link = dst / model / "1" / "model.onnx"
-    if not link.exists():
-        link.symlink_to((src / model / "1" / "model.onnx").resolve())
-    for extra in ("labels.txt",):
-        if (src / model / extra).exists() and not (dst / model / extra).exists():
-            (dst / model / extra).symlink_to((src / model / extra).resolve())
+    for name in ("1/model.onnx", "labels.txt"):  # links left by an earlier run may point at another source
+        target, link = (src / model / name).resolve(), dst / model / name
+        if link.is_symlink() and link.resolve() != target:
+            link.unlink()
+        if target.exists() and not link.exists():
+            link.symlink_to(target)
     config = yaml.safe_load((src / model / "config.yaml").read_text())
     config.update(overrides)
     (dst / model / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return dst
+
+
+def web_photo(fmt: str = "jpeg") -> bytes:
+    """A realistic web image for the classifier benchmarks: scikit-image's 'rocket' photograph at its own 640 x 427
+    (no resampling), as JPEG quality 90 (52 KB) or PNG (313 KB): larger than the 224 x 224 input, as uploads are."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.rocket()).save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
+    return buf.getvalue()
 
 
 def binary_body(feeds: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
@@ -130,13 +165,15 @@ async def open_loop(url: str, body: bytes, headers: dict, rate: float, seconds: 
     return summarize("open", rate, latencies, failed, duration)
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """``payload`` plus date, machine, command and load averages as ``<out_dir or results/>/<name>_<time>.json``."""
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     full = {"date": now.isoformat(timespec="seconds"), "machine": machine(),
             "load_average_at_start": payload.pop("load_average_at_start", None),
             "load_average_at_end": list(os.getloadavg()), "command": " ".join([Path(sys.executable).name, *sys.argv]),
             **payload}
-    path = RESULTS / f"{name}_{now.strftime('%Y-%m-%d_%H%M')}.json"
+    path = out_dir / f"{name}_{now.strftime('%Y-%m-%d_%H%M')}.json"
     path.write_text(json.dumps(full, indent=2))
     return path

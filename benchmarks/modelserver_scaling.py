@@ -5,7 +5,8 @@ Usage: .venv/bin/python benchmarks/modelserver_scaling.py [--model sentiment|cla
        [--baseline-root /work/main]
 Each ``--server`` is ``LABEL:EXTRA ARGS`` for ``tokenmill serve-models`` (run from this checkout);
 ``--baseline-root`` adds a server started from another checkout (e.g. main) so A/B share one run and one load.
-Requests: sentiment = one sentence per ``POST /v1/sentiment/{m}``; classifier = one PNG per ``/v1/classify/{m}``.
+Requests: sentiment = one sentence per ``POST /v1/sentiment/{m}``; classifier = one photo (``--image jpeg|png``,
+640 x 427, see ``web_photo``) per ``/v1/classify/{m}`` with top-5 back.
 The load generator runs in ``--client-procs`` processes (raw keep-alive HTTP/1.1 on asyncio) so the client is not
 the limit; ``--client httpx --client-procs 1`` reproduces the older single-process httpx client. Loopback only, bounded by --seconds.
 Writes results/modelserver_scaling_*.json with date, machine, command and load averages.
@@ -20,21 +21,26 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from modelserver_common import ROOT, Server, drive, ensure_repository, variant_repository, write_result
+from modelserver_common import (
+    ROOT,
+    Server,
+    drive,
+    ensure_repository,
+    tiny_classifier_repository,
+    variant_repository,
+    web_photo,
+    write_result,
+)
 
 SENTENCE = "The film was a delight from start to finish, and I would gladly watch it again."
 
 
-def task_request(model: str) -> tuple[str, bytes, dict]:
+def task_request(model: str, image: str = "jpeg") -> tuple[str, bytes, dict]:
     if model == "sentiment":
         import json
 
         return "/v1/sentiment/sentiment", json.dumps({"text": SENTENCE}).encode(), {"Content-Type": "application/json"}
-    from skimage import data
-
-    from tokenmill.modelserver import processing
-
-    return "/v1/classify/classifier?top_k=5", processing.encode_png(data.chelsea()), {"Content-Type": "image/png"}
+    return "/v1/classify/classifier?top_k=5", web_photo(image), {"Content-Type": f"image/{image}"}
 
 
 def main() -> None:
@@ -50,6 +56,9 @@ def main() -> None:
     parser.add_argument("--base-repository", type=Path,
                         help="take the model from this repository instead of exporting the bundled one (e.g. a "
                              "tiny BERT exported with `tokenmill export --hf-dir`, to time the front end alone)")
+    parser.add_argument("--image", default="jpeg", choices=["jpeg", "png"], help="classifier request body format")
+    parser.add_argument("--tiny-classifier", action="store_true",
+                        help="classifier: serve a near-zero-compute model of the same tensors (times the front end)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
@@ -58,13 +67,18 @@ def main() -> None:
     load_at_start = list(os.getloadavg())
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    base = args.base_repository or ensure_repository(args.work_dir / "base", (args.model,))
+    if args.tiny_classifier and args.model != "classifier":
+        raise SystemExit("--tiny-classifier needs --model classifier")
+    if args.tiny_classifier:
+        base = tiny_classifier_repository(args.work_dir / "tiny_classifier")
+    else:
+        base = args.base_repository or ensure_repository(args.work_dir / "base", (args.model,))
     batching = {"preferred_batch_sizes": [args.max_batch_size], "max_queue_delay_ms": args.max_queue_delay_ms}
     if args.model == "sentiment":
         batching["pad_inputs"] = {"input_ids": 0, "attention_mask": 0}
     config = {"max_batch_size": args.max_batch_size, "instance_count": 1, "dynamic_batching": batching}
     repo = variant_repository(base, args.work_dir / f"scaling_{args.model}", args.model, **config)
-    path, body, headers = task_request(args.model)
+    path, body, headers = task_request(args.model, args.image)
 
     servers = [(label, shlex.split(extra), ROOT) for label, _, extra in (s.partition(":") for s in args.server)]
     servers = servers or [("this", [], ROOT)]
@@ -99,7 +113,9 @@ def main() -> None:
     print("throughput at", levels[-1], "/ at", levels[0], "clients:", ratios)
     out = write_result(f"modelserver_scaling_{args.model}", {
         "load_average_at_start": load_at_start, "model": args.model, "config": config, "client": args.client,
+        "image": f"{args.image}, {len(body)} bytes" if args.model == "classifier" else None,
         "base_repository": str(args.base_repository) if args.base_repository else None,
+        "tiny_classifier": args.tiny_classifier,
         "client_procs": args.client_procs, "seconds": args.seconds, "results": rows,
         "scaling_ratio_last_over_first": ratios,
         "note": "closed loop, one item per request over the task endpoint; client and server share this host's "

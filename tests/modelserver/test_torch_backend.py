@@ -125,3 +125,33 @@ def test_cuda_graph_classifier_matches_fp32_reference():
     assert np.isfinite(got).all()
     # fp16 vs fp32 through 16 blocks: compare at the logits' scale (random logits can tie, so no argmax check).
     np.testing.assert_allclose(got, want, atol=2e-2 * max(1.0, float(np.abs(want).max())), rtol=5e-2)
+
+
+def pixels_and_floats(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from tokenmill.modelserver.processing import normalize_images
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (rows, 224, 224, 3), dtype=np.uint8)
+    return pixels, normalize_images(pixels)
+
+
+def test_cpu_backend_normalises_uint8_pixels_like_the_float_path():
+    config = classifier_config()
+    backend = TorchServingBackend(build_module(config.torch), config, "cpu")
+    pixels, floats = pixels_and_floats(2, 4)
+    np.testing.assert_allclose(backend.run({"images": pixels})["logits"], backend.run({"images": floats})["logits"],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_graph_classifier_takes_uint8_pixels():
+    config = classifier_config()
+    backend = TorchServingBackend(build_module(config.torch), config, "cuda")
+    pixels, floats = pixels_and_floats(3, 6)  # 3 rows pad up to the 4-bucket
+    from_floats = backend.run({"images": floats})["logits"]
+    from_pixels = backend.run({"images": pixels})["logits"]
+    scale = max(1.0, float(np.abs(from_floats).max()))
+    # Both fill the fp16 static input; they may differ by one fp16 rounding step of an input value.
+    np.testing.assert_allclose(from_pixels, from_floats, atol=1e-2 * scale, rtol=1e-2)
+    want = reference(build_module(config.torch), {"images": floats})
+    np.testing.assert_allclose(from_pixels, want, atol=2e-2 * scale, rtol=5e-2)

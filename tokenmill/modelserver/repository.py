@@ -17,7 +17,7 @@ from tokenmill.modelserver.batcher import DynamicBatcher
 from tokenmill.modelserver.errors import BadInputError, ModelNotFoundError, ModelNotReadyError
 from tokenmill.modelserver.metrics import ServerMetrics
 from tokenmill.modelserver.model_config import ModelConfig
-from tokenmill.modelserver.processing import encode_texts
+from tokenmill.modelserver.processing import encode_texts, normalize_images
 
 
 class ServedModel:
@@ -58,8 +58,17 @@ class ServedModel:
 
             self.tokenizer = load_tokenizer(Path(config.task.tokenizer_dir))
         tokenize = partial(encode_texts, self.tokenizer) if self.tokenizer is not None else None
-        self.batcher = DynamicBatcher(config, self.backend.run, on_batch=self._on_batch,
+        self.pixel_size = pixel_size(config)
+        self.batcher = DynamicBatcher(config, self._run, on_batch=self._on_batch,
                                       on_queue=self.metrics["queue_seconds"].observe, tokenize=tokenize)
+
+    def _run(self, feeds: dict[str, np.ndarray], instance: int) -> dict[str, np.ndarray]:
+        """Run one merged batch. A batch of uint8 pixels (from ``infer_pixels``) is normalised here, on the batch's
+        worker thread, unless the backend does it itself (the torch backend: on the device, after a 4x smaller copy)."""
+        name = self.config.inputs[0].name
+        if self.pixel_size and feeds[name].dtype == np.uint8 and not getattr(self.backend, "takes_pixels", False):
+            feeds = {name: normalize_images(feeds[name])}
+        return self.backend.run(feeds, instance)
 
     def _on_batch(self, rows: int, seconds: float) -> None:
         self.metrics["executions"].inc()
@@ -106,12 +115,36 @@ class ServedModel:
         self.metrics["requests"].inc()
         return outputs
 
+    async def infer_pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """N x H x W x 3 uint8 images already at the input size (``processing.decode_resized``) for an image model
+        whose input is float N x 3 x H x W: they batch as uint8 and are normalised once per batch."""
+        if not self.pixel_size:
+            raise BadInputError(f"model {self.config.name!r} does not take 3 x H x W float images")
+        try:
+            outputs = await self.batcher.infer({self.config.inputs[0].name: pixels})
+        except Exception:
+            self.metrics["failures"].inc()
+            raise
+        self.metrics["requests"].inc()
+        return outputs
+
     def metadata(self) -> dict:
         def tensors(specs):
             return [{"name": s.name, "datatype": s.datatype, "shape": self.config.full_shape(s)} for s in specs]
 
         return {"name": self.config.name, "versions": [self.version], "platform": self.platform,
                 "inputs": tensors(self.config.inputs), "outputs": tensors(self.config.outputs)}
+
+
+def pixel_size(config: ModelConfig) -> tuple[int, int] | None:
+    """(height, width) when the model takes one batched float 3 x H x W image input (the task endpoint can then send
+    uint8 pixels), else None."""
+    if config.task.kind != "image_classification" or len(config.inputs) != 1 or config.max_batch_size < 1:
+        return None
+    spec = config.inputs[0]
+    if not np.issubdtype(spec.dtype, np.floating) or len(spec.dims) != 3 or spec.dims[0] != 3 or -1 in spec.dims:
+        return None
+    return spec.dims[1], spec.dims[2]
 
 
 def torch_cuda_available() -> bool:

@@ -4,11 +4,14 @@ A bucket is a batch size of ``torch.batch_sizes`` (and, for text, a padded lengt
 pads up to the smallest bucket holding it, so serving one batch costs a host-to-device copy into the bucket's
 static inputs, one graph replay and one device-to-host copy: no per-kernel launch overhead, no allocator calls.
 Graphs are captured largest first into one shared memory pool (buckets run one at a time, so they can share it).
+An image input also takes N x H x W x 3 uint8 pixels (``takes_pixels``): they are copied as uint8 (a quarter of the
+float32 bytes) and normalised on the device straight into the bucket's static input.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -64,6 +67,7 @@ class TorchServingBackend:
     """Runs ``module`` for the model server: ``run(feeds, instance)`` -> numpy outputs, any batch up to the ladder."""
 
     name = "torch"
+    takes_pixels = True  # uint8 N x H x W x 3 for a float N x 3 x H x W input: normalised here (see _pixels)
 
     def __init__(self, module: nn.Module, config: ModelConfig, device: str = "cpu") -> None:
         spec = config.torch or TorchConfig()
@@ -78,6 +82,10 @@ class TorchServingBackend:
         self.variable = any(-1 in dims for dims in self.fixed.values())
         self.batch_sizes = list(spec.batch_sizes)
         self.seq_lengths = list(spec.seq_lengths) if self.variable else [0]
+        from tokenmill.modelserver.processing import PIXEL_SCALE, PIXEL_SHIFT
+
+        self.pixel_scale = torch.from_numpy(PIXEL_SCALE).view(1, 3, 1, 1).to(self.device)
+        self.pixel_shift = torch.from_numpy(PIXEL_SHIFT).view(1, 3, 1, 1).to(self.device)
         self.lock = threading.Lock()  # instances share one set of graphs; replays must not interleave
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.graph_error: str | None = None
@@ -138,6 +146,9 @@ class TorchServingBackend:
         with self.lock:
             for name, value in feeds.items():
                 static = entry.inputs[name]
+                if value.dtype == np.uint8 and static.is_floating_point():
+                    self._pixels(value, out=static[:rows])
+                    continue
                 host = torch.from_numpy(np.ascontiguousarray(value))
                 if name in self.int_inputs:
                     static.zero_()  # padding id 0 and mask 0 for the rows/positions this batch does not fill
@@ -148,9 +159,24 @@ class TorchServingBackend:
                                                                                 strict=True)}
 
     @torch.inference_mode()
+    def _pixels(self, pixels: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 N x H x W x 3 on the host -> normalised N x 3 x H x W in the model dtype on the device (into ``out``):
+        one uint8 copy, then one fused multiply-add computed in float32."""
+        with warnings.catch_warnings():  # a single request's pixels are PIL's read-only buffer; only read here
+            warnings.simplefilter("ignore", UserWarning)
+            host = torch.from_numpy(np.ascontiguousarray(pixels))
+        staged = host.to(self.device).permute(0, 3, 1, 2)
+        if out is None:
+            out = torch.empty(staged.shape, dtype=self.dtype, device=self.device)
+        return torch.addcmul(self.pixel_shift, staged, self.pixel_scale, out=out)
+
+    @torch.inference_mode()
     def _run_eager(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {}
         for name, value in feeds.items():
+            if value.dtype == np.uint8 and name not in self.int_inputs:
+                inputs[name] = self._pixels(value)
+                continue
             t = torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
             inputs[name] = t if name in self.int_inputs else t.to(self.dtype)
         outs = self._forward(inputs)
