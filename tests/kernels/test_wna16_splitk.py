@@ -9,7 +9,7 @@ import torch
 from conftest import rel_err, requires_triton_device
 from test_wna16_gemm import random_packed
 
-from tokenmill.kernels.quant_dispatch import default_wna16_config, tuned_choice, wna16_cuda_linear
+from tokenmill.kernels.quant_dispatch import tuned_choice, wna16_cuda_linear
 from tokenmill.kernels.splitk import SplitKConfig, fit_split_k
 from tokenmill.kernels.wna16_gemm import WNA16Config, wna16_linear_reference
 from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
@@ -64,7 +64,8 @@ def test_tensor_core_streaming_matches_fp32_reference(device, rows, bits, group,
 @requires_triton_device
 @pytest.mark.parametrize("rows", [1, 4, 9, 100])
 def test_default_plan_and_tuned_plan_match_reference(device, rows):
-    """The dispatch a layer uses on CUDA: the default config by rows, a tuner's plan entry (either kernel)."""
+    """The dispatch a layer uses on CUDA: an unmeasured shape's default (the tiled kernel), a tuner's plan entry
+    (either kernel)."""
     k, n = 256, 72
     packed = random_packed(k, n, 4, 64, True, torch.float16, device, seed=rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).half().to(device)
@@ -72,21 +73,6 @@ def test_default_plan_and_tuned_plan_match_reference(device, rows):
     key = 1 << (rows - 1).bit_length()
     for plan in ({}, {key: WNA16Config(16, 32, 32, 2)}, {key: SplitKConfig(block_m=16, block_n=16, kind="dot")}):
         assert rel_err(wna16_cuda_linear(x, packed, None, plan), ref) < 3e-3, plan
-
-
-def test_defaults_follow_the_run_1_winners():
-    """benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json: per row count, the kernel kind that won."""
-    assert default_wna16_config(1, 6144, 4096, 4, 128).gemv  # the tiled kernel's GEMV at one row (W4)
-    w8_one_row = default_wna16_config(1, 4096, 4096, 8, 128)
-    assert w8_one_row.kind == "fma" and w8_one_row.block_n == 128 and w8_one_row.split_k == 8
-    assert default_wna16_config(1, 6144, 4096, 8, 128).split_k == 4  # more output tiles: fewer K splits
-    four_rows = default_wna16_config(4, 6144, 4096, 4, 128)
-    assert four_rows.kind == "dot" and four_rows.block_k == 128 and four_rows.split_k == 4
-    assert default_wna16_config(16, 28672, 4096, 4, 128).split_k == 4
-    assert default_wna16_config(16, 4096, 14336, 4, 128).split_k == 8
-    assert isinstance(default_wna16_config(64, 4096, 4096, 4, 128), WNA16Config)  # tiled kernel above 16 rows
-    assert isinstance(default_wna16_config(8, 4096, 4096, 8, 128), WNA16Config)  # W8: tiled above 4 rows
-    assert not any(default_wna16_config(r, 4096, 4096, 4, 32).__dict__.get("prefetch") for r in (1, 4, 16))
 
 
 def test_config_rejects_unknown_kinds_and_row_tiles_the_rows_kernel_lacks():

@@ -4,8 +4,10 @@
 In order: a layer's ``gemm_plan`` (rows rounded up to a power of two -> config; a tuner's), then the measured
 winners for this device and weight shape (a JSON table written by benchmarks/gpu_quant_gemv_sweep.py: the one
 shipped in kernels/configs/, or the file ``TOKENMILL_QUANT_GEMV_CONFIGS`` names, like vLLM's tuned MoE configs),
-then the defaults below, the kinds that won on the H100 (benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json).
-The ``rows`` kind and ``prefetch`` are candidates there, not defaults: no GPU has timed them yet.
+then defaults: for packed int4/int8 weights the tiled kernel's own choice (as before the split-K kernels; split-K
+defaults for unmeasured shapes failed the H100 suite on tiny models), for FP8 the kinds that won on the H100
+(benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json). The ``rows`` kind and ``prefetch`` are sweep
+candidates, not defaults: no GPU has timed them yet.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import torch
 from tokenmill.kernels._triton import next_power_of_2
 from tokenmill.kernels.splitk import SplitKConfig
 from tokenmill.kernels.wna16_gemm import PackedWeight, WNA16Config, wna16_linear
-from tokenmill.kernels.wna16_gemm import default_config as wna16_default_config
 from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
 
 FP8_GEMV_MAX_ROWS = 16  # above: torch._scaled_mm (tensor-core FP8)
@@ -85,29 +86,6 @@ def _split_for(tiles: int, steps: int) -> int:
     return split
 
 
-def default_wna16_config(rows: int, n: int, k: int, bits: int, group_size: int) -> SplitKConfig | WNA16Config:
-    """The kinds that won on the H100 in benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json (run 1), for
-    shapes its table lacks: 1 row, the tiled kernel's GEMV (W4) or FMA streaming (W8); 2-16 rows, tensor-core
-    streaming (W8 above 4 rows: the tiled kernel's default); above 16 rows, the tiled kernel (128-row tiles for W4)."""
-    per_word = 32 // bits
-    if rows > 16 or (bits == 8 and rows > 4):
-        if bits == 4:
-            return WNA16Config(128, 64, 64, 2 if rows <= 128 else 1, 8, 3)
-        return wna16_default_config(rows, n, k, group_size)
-    if rows == 1:
-        if bits == 4:
-            return WNA16Config(16, 128, 128, 8, 4, 3, gemv=True)
-        block_n = 128 if -(-n // 128) <= 32 else 64
-        return SplitKConfig(1, block_n, 128, _split_for(-(-n // block_n), k // min(128, group_size)), 4, 2, "fma")
-    block_n = 64 if rows <= 4 else 128
-    block_k = 16 * per_word
-    tiles = -(-n // block_n)
-    split = _split_for(tiles, k // block_k)
-    if rows > 4 and tiles > 64:  # gate_up-like widths: 4 splits won at 16 rows
-        split = min(split, 4)
-    return SplitKConfig(16, block_n, block_k, split, 4, 3, "dot")
-
-
 def default_fp8_config(rows: int, n: int, k: int) -> SplitKConfig | None:
     """None above FP8_GEMV_MAX_ROWS: ``torch._scaled_mm``. Run 1's winners: 1 row, FMA streaming over [16, 512]
     or [32, 256] tiles, 2 splits; 2-16 rows, tensor-core streaming over 64-wide tiles."""
@@ -131,7 +109,9 @@ def wna16_cuda_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor 
     if config is None:
         found, config = tuned_choice(x.device, wna16_format(packed), n, k, rows)
         if not found or config is None:
-            config = default_wna16_config(rows, n, k, packed.bits, packed.group_size)
+            # Shapes nobody measured keep the tiled kernel's own choice. Split-K defaults for them were tried
+            # and failed the H100 suite on tiny models (a tensor-core tile's K below 16 does not compile).
+            return wna16_linear(x, packed, bias)
     if isinstance(config, WNA16Config):
         return wna16_linear(x, packed, bias, config)
     return wna16_splitk_linear(x, packed, bias, config)
