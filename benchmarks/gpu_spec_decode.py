@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_record import write_record  # noqa: E402  (sibling benchmark module)
 
+from tokenmill.engine.core_loop_stats import CoreLoopStats  # noqa: E402
 from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
 from tokenmill.engine.step_record import NewRequest, ScheduledRequest, StepRecord  # noqa: E402
 from tokenmill.intmath import cdiv  # noqa: E402
@@ -126,8 +127,10 @@ class OracleProposer:
         pass
 
 
-def generate(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: str) -> tuple[float, list[list[int]]]:
-    """Seconds to generate ``output_len`` tokens for every prompt (all added at once), and the outputs."""
+def generate(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: str,
+             steps: CoreLoopStats | None = None) -> tuple[float, list[list[int]]]:
+    """Seconds to generate ``output_len`` tokens for every prompt (all added at once), and the outputs; with
+    ``steps``, each step() call's wall time by the kind of step it launched (as the served engine core logs it)."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}{i}", prompt, params)
@@ -135,11 +138,26 @@ def generate(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: 
     sync(engine.config.model.device)
     start = time.perf_counter()
     while engine.has_unfinished_requests() or engine.in_flight is not None:
-        for out in engine.step():
+        t0 = time.perf_counter()
+        landed = engine.step()
+        if steps is not None:
+            seconds = time.perf_counter() - t0
+            steps.loop_seconds["step"] += seconds
+            steps.record_step(seconds, engine.in_flight)
+        for out in landed:
             if out.finished:
                 outputs[out.request_id] = out.outputs[0].token_ids
     sync(engine.config.model.device)
     return time.perf_counter() - start, [outputs[f"{tag}{i}"] for i in range(len(prompts))]
+
+
+def step_split(steps: CoreLoopStats) -> dict[str, float]:
+    """Where a run's wall time went: step() seconds and counts by the kind of step launched (prompt / decode; only
+    with async scheduling, where a step stays in flight), and all step() calls (a synchronous engine: only these)."""
+    out = {f"{kind}_steps": len(times) for kind, times in steps.step_seconds.items()}
+    out.update({f"{kind}_s": round(sum(times), 4) for kind, times in steps.step_seconds.items()})
+    out["calls"], out["calls_s"] = steps.num_steps, round(steps.loop_seconds["step"], 4)
+    return out
 
 
 def make_decoder(oracle: OracleProposer, k: int, adaptive: bool, device: str) -> SpeculativeDecoder:
@@ -147,10 +165,11 @@ def make_decoder(oracle: OracleProposer, k: int, adaptive: bool, device: str) ->
     return SpeculativeDecoder(oracle, policy, pad_to_uniform=True)
 
 
-def run_case(engine: LLMEngine, proposer: Any, prompts: list[list[int]], output_len: int, tag: str):
+def run_case(engine: LLMEngine, proposer: Any, prompts: list[list[int]], output_len: int, tag: str,
+             steps: CoreLoopStats | None = None):
     engine.scheduler.draft_proposer = proposer
     engine.runner.draft_probs = None
-    return generate(engine, prompts, output_len, tag)
+    return generate(engine, prompts, output_len, tag, steps)
 
 
 def oracle_runs(engine: LLMEngine, batches: list[int], k: int, prompt_len: int, output_len: int,
@@ -218,10 +237,13 @@ def adaptive_run(engine: LLMEngine, batch: int, k: int, prompt_len: int, output_
     passes = fixed_point(engine, oracle, prompts, outputs, k, output_len, f"ref{batch}", 3)[3]
     plain, adaptive, chosen, costs = [], [], [], []
     decoder = make_decoder(oracle, k, adaptive=True, device=device)  # one per engine, as the engine builds it
+    splits: dict[str, dict[str, float]] = {}  # the last round's step() time by kind, per mode
     for r in range(rounds):
-        plain.append(run_case(engine, None, prompts, output_len, f"p{r}-")[0])
+        plain_steps, adaptive_steps = CoreLoopStats(), CoreLoopStats()
+        plain.append(run_case(engine, None, prompts, output_len, f"p{r}-", plain_steps)[0])
         before = decoder.stats.num_drafts
-        adaptive.append(run_case(engine, decoder, prompts, output_len, f"a{r}-")[0])
+        adaptive.append(run_case(engine, decoder, prompts, output_len, f"a{r}-", adaptive_steps)[0])
+        splits = {"plain": step_split(plain_steps), "adaptive": step_split(adaptive_steps)}
         chosen.append(decoder.stats.num_drafts - before)
         costs = [(n, round(seconds * 1e3, 3)) for n, seconds in decoder.policy.step_cost.points()]
     gate = {f"{bucket}": {("speculative" if mode else "plain"): round(decoder.gate.rate(bucket, mode) or 0.0, 1)
@@ -233,9 +255,11 @@ def adaptive_run(engine: LLMEngine, batch: int, k: int, prompt_len: int, output_
            "adaptive_vs_plain": round(statistics.median(plain) / statistics.median(adaptive), 4),
            "verification_rows": chosen, "plain_s": plain, "adaptive_s": adaptive, "oracle_passes": passes,
            "gate_tok_s": gate,  # per batch bucket, the last measured decode tokens/s of each mode
-           "measured_step_ms": costs}  # the last round's (query tokens, median ms) per measured size
+           "measured_step_ms": costs,  # the last round's (query tokens, median ms) per measured size
+           "step_split": splits}
     print(f"adaptive batch {batch}: plain {row['plain_tok_s']} tok/s, adaptive {row['adaptive_tok_s']} tok/s "
-          f"({row['adaptive_vs_plain']:.3f}x), verification rows {chosen}, measured ms {costs}", flush=True)
+          f"({row['adaptive_vs_plain']:.3f}x), verification rows {chosen}, measured ms {costs}, "
+          f"step() split {splits}", flush=True)
     return row
 
 
