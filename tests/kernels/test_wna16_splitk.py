@@ -75,6 +75,18 @@ def test_default_plan_and_tuned_plan_match_reference(device, rows):
         assert rel_err(wna16_cuda_linear(x, packed, None, plan), ref) < 3e-3, plan
 
 
+@requires_triton_device
+def test_tensor_core_kind_on_a_k_too_small_for_its_product_is_a_clear_error(device):
+    """K 64 at 4 bits is 8 words: a 'dot' product would have K 8 < 16, which Triton refuses to compile on a GPU (the
+    H100 suite's tiny models hit it); the launcher says so instead. The tiled kernel still serves that shape."""
+    packed = random_packed(64, 32, 4, 32, True, torch.float16, device, seed=3)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3)).half().to(device)
+    with pytest.raises(ValueError, match="'dot' kind needs K >= 128"):
+        wna16_splitk_linear(x, packed, None, SplitKConfig(block_m=16, block_n=16, kind="dot"))
+    ref = wna16_linear_reference(x.float(), packed).float()
+    assert rel_err(wna16_cuda_linear(x, packed, None, {}), ref) < 3e-3
+
+
 def test_config_rejects_unknown_kinds_and_row_tiles_the_rows_kernel_lacks():
     with pytest.raises(ValueError, match="not one of"):
         SplitKConfig(kind="gemv")

@@ -68,11 +68,16 @@ def _device_name(device: torch.device) -> str:
 
 def tuned_choice(device: torch.device, fmt: str, n: int, k: int, rows: int) -> tuple[bool, Choice]:
     """(found, choice) from the measured table: the entry for the smallest measured row count >= rows."""
-    shapes = _load_table(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS)).get(_device_name(device), {}).get(fmt, {}).get(f"{n}x{k}")
+    return _tuned(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS), _device_name(device), fmt, n, k, rows)
+
+
+@functools.cache
+def _tuned(path: str, device_name: str, fmt: str, n: int, k: int, rows: int) -> tuple[bool, Choice]:
+    """tuned_choice's answer, worked out once per layer shape and row count (eager linears ask on every call)."""
+    shapes = _load_table(path).get(device_name, {}).get(fmt, {}).get(f"{n}x{k}")
     if not shapes:
         return False, None
-    measured = sorted(int(r) for r in shapes)
-    bucket = next((r for r in measured if r >= rows), None)
+    bucket = min((int(r) for r in shapes if int(r) >= rows), default=None)
     if bucket is None:
         return False, None
     return True, config_from_json(shapes[str(bucket)])

@@ -1,4 +1,4 @@
-"""Split-K reduction inside one kernel launch, for the weight-streaming GEMVs (kernels/wna16_gemv.py, fp8_gemv.py).
+"""Split-K reduction inside one kernel launch, for the weight-streaming GEMVs (kernels/wna16_splitk.py, fp8_gemv.py).
 
 A decode GEMV has too few output tiles to fill 132 SMs, so each output tile's K range is split over ``SPLIT_K``
 programs. Instead of fp32 atomics into a zeroed buffer plus a cast kernel (three launches), every program stores

@@ -238,6 +238,9 @@ def wna16_splitk_linear(
     scale_rows = block_k > packed.group_size
     if k % block_k or (not scale_rows and packed.group_size % block_k) or (scale_rows and config.kind == "fma"):
         raise ValueError(f"no K step fits K {k} and group size {packed.group_size} with block_k {config.block_k}")
+    if config.kind == "dot" and block_k // per_word < 16:  # the halving above went under tl.dot's K of 16
+        raise ValueError(f"the 'dot' kind needs K >= {16 * per_word} at {packed.bits} bits (16 words a product); "
+                         f"K is {k}")
     block_m = max(16, config.block_m) if config.dot else config.block_m
     out = x.new_empty((m, n))
     if m == 0:
