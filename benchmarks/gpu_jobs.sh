@@ -3,6 +3,7 @@
 # each times its own work), every job's console log and JSON into one tarball, $OUT/gpu_jobs.tgz (the device
 # tool returns a few files only). Installs the carried wheels (.whl) first.
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
+#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -34,6 +35,13 @@ for job in "$@"; do
                  --ab-server-args "--max-num-batched-tokens 256" \
                  --ab-server-args "--compilation-config '{\"cudagraph_mode\":\"FULL_DECODE_ONLY\"}'" \
                  --out "$out" ;;
+    # Issue 19's repeat: chatbot arrivals at four rates (GPU ~50-95% busy) with the documented prefill cap of 256.
+    online_chatbot) run python3 benchmarks/gpu_online_vs_offline.py --skip-offline --no-step-breakdown \
+                 --num-prompts 200 --warmup-prompts 50 --profile-prompts 0 --chatbot-rates "${RATES:-10,15,20,25}" \
+                 --chatbot-prompts 200 --server-args "--max-num-batched-tokens 256" --out "$out" ;;
+    issue26) OUT="$out/issue26" bash benchmarks/gpu_modelserver_issue26.sh ;;  # needs .modelserver_carry too
+    quant_sweep) run python3 benchmarks/gpu_quant_gemv_sweep.py --out "$out/quant_gemv_sweep.json" \
+                 --configs-out "$out/quant_gemv.json" ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"
