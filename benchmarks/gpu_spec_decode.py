@@ -144,6 +144,12 @@ def generate(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: 
             seconds = time.perf_counter() - t0
             steps.loop_seconds["step"] += seconds
             steps.record_step(seconds, engine.in_flight)
+            timeline = getattr(steps, "timeline", None)
+            if timeline is not None:  # per step: ms, rows, query tokens, whether it waited for the previous ids
+                launched = engine.in_flight
+                timeline.append((round(seconds * 1e3, 3), len(launched.sched.scheduled) if launched else 0,
+                                 launched.sched.num_tokens if launched else 0,
+                                 launched.synchronous if launched else None))
         for out in landed:
             if out.finished:
                 outputs[out.request_id] = out.outputs[0].token_ids
@@ -158,6 +164,19 @@ def step_split(steps: CoreLoopStats) -> dict[str, float]:
     out.update({f"{kind}_s": round(sum(times), 4) for kind, times in steps.step_seconds.items()})
     out["calls"], out["calls_s"] = steps.num_steps, round(steps.loop_seconds["step"], 4)
     return out
+
+
+def timeline_diff(timelines: dict[str, list[tuple]]) -> dict[str, Any]:
+    """Where the adaptive round's extra time sits: step counts, synchronous steps, and the steps (by index) whose
+    step() time differs most between the two modes' last rounds."""
+    plain, adaptive = timelines["plain"], timelines["adaptive"]
+    pairs = [(i, a[0] - p[0], p, a) for i, (p, a) in enumerate(zip(plain, adaptive, strict=False))]
+    pairs.sort(key=lambda x: -abs(x[1]))
+    return {"steps": [len(plain), len(adaptive)],
+            "synchronous_steps": [sum(1 for s in t if s[3]) for t in (plain, adaptive)],
+            "total_ms": [round(sum(s[0] for s in t), 2) for t in (plain, adaptive)],
+            "largest_differences": [{"index": i, "delta_ms": round(d, 3), "plain": p, "adaptive": a}
+                                    for i, d, p, a in pairs[:12]]}
 
 
 def make_decoder(oracle: OracleProposer, k: int, adaptive: bool, device: str) -> SpeculativeDecoder:
@@ -240,10 +259,12 @@ def adaptive_run(engine: LLMEngine, batch: int, k: int, prompt_len: int, output_
     splits: dict[str, dict[str, float]] = {}  # the last round's step() time by kind, per mode
     for r in range(rounds):
         plain_steps, adaptive_steps = CoreLoopStats(), CoreLoopStats()
+        plain_steps.timeline, adaptive_steps.timeline = [], []  # the last round's steps, one by one
         plain.append(run_case(engine, None, prompts, output_len, f"p{r}-", plain_steps)[0])
         before = decoder.stats.num_drafts
         adaptive.append(run_case(engine, decoder, prompts, output_len, f"a{r}-", adaptive_steps)[0])
         splits = {"plain": step_split(plain_steps), "adaptive": step_split(adaptive_steps)}
+        timelines = {"plain": plain_steps.timeline, "adaptive": adaptive_steps.timeline}
         chosen.append(decoder.stats.num_drafts - before)
         costs = [(n, round(seconds * 1e3, 3)) for n, seconds in decoder.policy.step_cost.points()]
     gate = {f"{bucket}": {("speculative" if mode else "plain"): round(decoder.gate.rate(bucket, mode) or 0.0, 1)
@@ -256,7 +277,7 @@ def adaptive_run(engine: LLMEngine, batch: int, k: int, prompt_len: int, output_
            "verification_rows": chosen, "plain_s": plain, "adaptive_s": adaptive, "oracle_passes": passes,
            "gate_tok_s": gate,  # per batch bucket, the last measured decode tokens/s of each mode
            "measured_step_ms": costs,  # the last round's (query tokens, median ms) per measured size
-           "step_split": splits}
+           "step_split": splits, "timeline": timelines, "timeline_diff": timeline_diff(timelines)}
     print(f"adaptive batch {batch}: plain {row['plain_tok_s']} tok/s, adaptive {row['adaptive_tok_s']} tok/s "
           f"({row['adaptive_vs_plain']:.3f}x), verification rows {chosen}, measured ms {costs}, "
           f"step() split {splits}", flush=True)
