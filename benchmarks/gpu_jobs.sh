@@ -49,5 +49,5 @@ for job in "$@"; do
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"
+  tar czf "${OUT:-/tmp}/gpu_jobs.tgz" -C "$out" .  # after every job: a call cut at its limit keeps what finished
 done
-tar czf "${OUT:-/tmp}/gpu_jobs.tgz" -C "$out" .
