@@ -103,6 +103,10 @@ class GGUFConfig(QuantizationConfig):
         return self._layer_type(parent, fused) if ".layers." in module else None
 
     def get_linear_method(self, layer_prefix: str) -> LinearMethod:
+        if layer_prefix in ("model.embed_tokens", "lm_head") and self.module_types.get(layer_prefix) == "Q8_0":
+            from tokenmill.quantization.gguf_embedding import GGUFQ8TableMethod
+
+            return GGUFQ8TableMethod()  # dense, plus the file's 8-bit codes for a one-row LM head on CPU
         parent, _, leaf = layer_prefix.rpartition(".")
         found = self._layer_type(parent, leaf) if ".layers." in layer_prefix else None
         return DenseLinearMethod() if found is None else GGUFLinearMethod(found)
