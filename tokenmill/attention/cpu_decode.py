@@ -23,6 +23,7 @@ from tokenmill.attention.metadata import AttentionMetadata
 class DecodePlan:
     """What the decode attention of every layer of one step shares (``TorchAttentionMetadata`` holds it)."""
 
+    block_size: int
     block_index: torch.Tensor  # [num_seqs * blocks_per_seq] int64: the blocks each sequence reads, row by row
     blocks_per_seq: int
     keys_used: int  # keys SDPA reads per sequence: the sequence's length at batch 1, else whole blocks
@@ -39,12 +40,12 @@ class DecodePlan:
         block_index = meta.block_tables[:, :blocks_per_seq].reshape(-1).long()
         has_padding = bool((meta.slot_mapping < 0).any())
         if len(seq_lens) == 1 and query_len == 1 and seq_lens[0] > 0:  # the new token sees every key
-            return cls(block_index, blocks_per_seq, seq_lens[0], None, has_padding)
+            return cls(block_size, block_index, blocks_per_seq, seq_lens[0], None, has_padding)
         keys_used = blocks_per_seq * block_size
         # New token j of a sequence of length L sees keys < L - query_len + j + 1 (causal among the new tokens).
         ends = torch.tensor(seq_lens, dtype=torch.int64)[:, None] - query_len + 1 + torch.arange(query_len)
         mask = torch.arange(keys_used)[None, None, :] < ends.clamp(min=1)[:, :, None]  # [B, Q, keys]
-        return cls(block_index, blocks_per_seq, keys_used, mask[:, None], has_padding)
+        return cls(block_size, block_index, blocks_per_seq, keys_used, mask[:, None], has_padding)
 
 
 def supports(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scaled: bool) -> bool:

@@ -142,8 +142,9 @@ class TorchAttentionBackend(AttentionBackend):
         if scaled:
             self.check_scales(cache, k_scale, v_scale)
         if cpu_decode.supports(query, cache, meta, scaled):
+            # Built by the step's first layer (every call for metadata built elsewhere: tests, graph buffers).
             plan = getattr(meta, "decode_plan", None)
-            if plan is None:  # the step's first layer (or metadata built elsewhere: tests, graph buffers)
+            if plan is None or plan.block_size != cache.block_size:
                 plan = cpu_decode.DecodePlan.build(meta, cache.block_size)
                 if isinstance(meta, TorchAttentionMetadata):
                     meta.decode_plan = plan
