@@ -50,3 +50,18 @@ def test_rms_norm_with_residual_equals_the_plain_formula(dtype):
     weight = torch.randn(576, generator=gen).to(dtype)
     got, want = rms_norm(x, weight, 1e-5, residual), _plain_rms_norm(x, weight, 1e-5, residual)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_of_q_and_k_sliced_from_one_qkv_output_rotates_them_together_bit_for_bit(dtype):
+    rotary = RotaryEmbedding(64, 10000.0, None, 2048)
+    gen = torch.Generator().manual_seed(9)
+    positions = torch.randint(0, 2048, (4,), generator=gen)
+    qkv = torch.randn(4, (9 + 3 + 3) * 64, generator=gen).to(dtype)
+    q, k, _ = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+    q, k = q.view(4, 9, 64), k.view(4, 3, 64)
+    got, want = rotary(q, k, positions), _plain_rotary(q, k, positions, rotary.cos_sin_cache)
+    assert got[0].shape == q.shape and got[1].shape == k.shape
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0].untyped_storage().data_ptr() == got[1].untyped_storage().data_ptr()  # one rotation made both
+    assert torch.equal(qkv[:, : 9 * 64].view(4, 9, 64), q)  # the projection output is left as it was

@@ -147,4 +147,21 @@ class RotaryEmbedding(nn.Module):
         held = self._tables
         if held is None or held[1] != q.dtype or held[0].shape != positions.shape or not torch.equal(held[0], positions):
             held = self._tables = (positions.clone(), q.dtype, *rotary_tables(self.cos_sin_cache, positions, q.dtype))
-        return rotate_half(q, held[2], held[3]), rotate_half(k, held[2], held[3])
+        cos, sin = held[2], held[3]
+        joint = _adjacent_heads(q, k)
+        if joint is not None:  # q and k side by side in the fused qkv output: one rotation for both
+            out = rotate_half(joint, cos, sin)
+            return out[:, : q.shape[1]], out[:, q.shape[1] :]
+        return rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q [T, Hq, D] and k [T, Hkv, D] as one [T, Hq + Hkv, D] view when k's heads follow q's in memory (the q and k
+    slices of one qkv projection), else None."""
+    same_layout = (q.dtype == k.dtype and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]
+                   and q.stride() == k.stride() and q.stride(2) == 1 and q.stride(1) == q.shape[2])
+    if not same_layout or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return None
+    if k.storage_offset() != q.storage_offset() + q.shape[1] * q.shape[2]:
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
