@@ -237,6 +237,8 @@ def test_q8_0_token_table_in_bf16_on_cpu_gives_a_one_row_lm_head_the_fp32_argmax
     head = packed.lm_head
     assert isinstance(head.linear_method, GGUFQ8TableMethod) and head.weight.dtype == torch.bfloat16
     assert packed.model.embed_tokens.weight.dtype == torch.bfloat16
+    # an untied embedding never computes logits: it stays the plain dense method, with no 8-bit copy
+    assert isinstance(packed.model.embed_tokens.linear_method, GGUFQ8TableMethod) == packed.spec.tie_word_embeddings
     table = head.weight.q8_cpu
     assert table is not None  # codes recovered exactly from the fp32 load
     gen = torch.Generator().manual_seed(8)
