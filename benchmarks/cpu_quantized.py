@@ -8,7 +8,9 @@ Where ``llama_cpp`` (llama-cpp-python) imports, llama.cpp decodes the same file 
 as many threads as torch uses (the issue's second target: >= 50% of llama.cpp).
 
 Usage: .venv/bin/python benchmarks/cpu_quantized.py [--max-tokens 64] [--repeats 3] [--threads N]
-Prints a table and writes benchmarks/results/cpu_quantized_<date>.json (date, machine, command, medians).
+Prints a table and writes benchmarks/results/cpu_quantized_<date>.json (date, machine, command, medians). Each
+run also gives the decode steps' rate alone (a one-token run's time, prompt + first token, taken off): PyTorch's int4
+CPU kernel costs a GEMV per row, so a prompt's prefill is the 4-bit path's slow part.
 The issue's target (batch-1 decode >= 2x the fp32 path) is reported, not asserted; on a shared machine the
 load average is recorded beside the numbers (at the start and the end). Run it on an idle machine: with as many
 torch threads as cores, a core taken by another process stalls every parallel region of a step (steps measured
@@ -53,11 +55,20 @@ def weight_bytes(llm: LLM) -> int:
     return total
 
 
-def decode_tok_s(llm: LLM, prompt_ids: list[list[int]], max_tokens: int) -> float:
+def generate_s(llm: LLM, prompt_ids: list[list[int]], max_tokens: int) -> float:
+    """Seconds to generate ``max_tokens`` greedy tokens for every prompt (prompt evaluation included)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
     start = time.perf_counter()
-    outputs = llm.generate(prompt_ids, params, use_tqdm=False)
-    return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+    llm.generate(prompt_ids, params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def decode_tok_s(llm: LLM, prompt_ids: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """(tokens/s with the prompt included, tokens/s of the decode steps alone): the second takes the time of a
+    one-token run (prompt + first token) off a ``max_tokens`` run."""
+    first = generate_s(llm, prompt_ids, 1)
+    total = generate_s(llm, prompt_ids, max_tokens)
+    return len(prompt_ids) * max_tokens / total, len(prompt_ids) * (max_tokens - 1) / max(total - first, 1e-9)
 
 
 def llama_cpp_model(threads: int):
@@ -99,24 +110,30 @@ def main() -> int:
            for p in PROMPTS]
     llama = llama_cpp_model(torch.get_num_threads())
     runs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in llms}
+    decode_runs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in llms}
     llama_cpp_runs: list[float] = []
     for llm in llms.values():
-        decode_tok_s(llm, ids[:1], 4)  # warm-up
+        generate_s(llm, ids[:1], 4)  # warm-up
     # Repeats interleave the variants (and llama.cpp), so a change in the machine's load hits them alike.
     for _ in range(args.repeats):
         for batch in batches:
             prompt_ids = [ids[i % len(ids)] for i in range(batch)]
             for name, llm in llms.items():
-                runs[name][batch].append(decode_tok_s(llm, prompt_ids, args.max_tokens))
+                with_prompt, decode_only = decode_tok_s(llm, prompt_ids, args.max_tokens)
+                runs[name][batch].append(with_prompt)
+                decode_runs[name][batch].append(decode_only)
         if llama is not None and 1 in batches:
             llama_cpp_runs.append(llama_cpp_tok_s(llama, ids[0], args.max_tokens))
     results: dict[str, dict] = {}
     for name, llm in llms.items():
         row = results[name] = {"weight_mib": weight_bytes(llm) / 2**20, "tok_s": {}}
         for batch in batches:
-            row["tok_s"][batch] = {"median": statistics.median(runs[name][batch]), "runs": runs[name][batch]}
+            row["tok_s"][batch] = {"median": statistics.median(runs[name][batch]), "runs": runs[name][batch],
+                                   "decode_only_median": statistics.median(decode_runs[name][batch]),
+                                   "decode_only_runs": decode_runs[name][batch]}
             print(f"{name:26s} batch {batch:3d}: {row['tok_s'][batch]['median']:8.1f} tok/s  "
-                  f"(runs {[round(r, 1) for r in runs[name][batch]]})")
+                  f"(runs {[round(r, 1) for r in runs[name][batch]]}); decode steps alone "
+                  f"{row['tok_s'][batch]['decode_only_median']:.1f}")
     llama_cpp = {"median": statistics.median(llama_cpp_runs), "runs": llama_cpp_runs} if llama_cpp_runs else None
     if llama_cpp is not None:
         print(f"{'llama.cpp (same file)':26s} batch   1: {llama_cpp['median']:8.1f} tok/s  "
