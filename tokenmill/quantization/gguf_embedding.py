@@ -44,7 +44,7 @@ class GGUFQ8TableMethod(DenseLinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         on_cpu = torch.empty(0).device.type == "cpu"  # the device the model is built on
-        load_dtype = torch.float32 if on_cpu and params_dtype in (torch.bfloat16, torch.float16) else params_dtype
+        load_dtype = torch.float32 if on_cpu and params_dtype == torch.bfloat16 else params_dtype  # the kernel's dtype
         super().create_weights(layer, input_size, output_sizes, load_dtype)
         layer.q8_table_dtype = params_dtype
 
