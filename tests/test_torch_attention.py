@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from tokenmill.attention.kv_cache import LayerKVCache
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.attention.torch_backend import (
     TorchAttentionBackend,
+    TorchAttentionMetadata,
     decode_attention_batched,
     paged_attention_reference,
 )
@@ -71,3 +74,51 @@ def test_backend_writes_new_keys_then_attends():
     flat = kv_cache.view(2, -1, 2, 16)
     assert torch.equal(flat[0, meta.slot_mapping], key) and torch.equal(flat[1, meta.slot_mapping], value)
     assert torch.allclose(out, _naive(query, kv_cache, meta, 0.25), rtol=1e-10, atol=1e-10)
+
+
+# ---- the CPU decode path (attention/cpu_decode.py): one block gather + SDPA, its plan shared by the layers ----
+def _cpu_decode_case(seq_lens, query_len, seed):
+    """fp32 query and cache (random, non-contiguous block tables) and the backend's own metadata for them."""
+    query, kv_cache, meta = _random_case(seq_lens=seq_lens, query_lens=[query_len] * len(seq_lens), seed=seed)
+    backend = TorchAttentionBackend()
+    meta = backend.build_metadata([query_len] * len(seq_lens), seq_lens, meta.block_tables.tolist(), 4, "cpu")
+    return backend, query.float(), kv_cache.float(), meta
+
+
+@pytest.mark.parametrize("seq_lens, query_len", [([13], 1), ([9, 1, 17, 4], 1), ([6, 11], 3), ([5], 2)])
+def test_cpu_decode_path_matches_the_reference_in_fp32(seq_lens, query_len):
+    backend, query, kv_cache, meta = _cpu_decode_case(seq_lens, query_len, seed=len(seq_lens) + query_len)
+    key = torch.randn(query.shape[0], 2, 16, generator=torch.Generator().manual_seed(9))
+    value = torch.randn(query.shape[0], 2, 16, generator=torch.Generator().manual_seed(10))
+    expected_cache = kv_cache.clone()
+    LayerKVCache(expected_cache).store_kv(key, value, meta.slot_mapping)
+    expected = paged_attention_reference(query.double(), expected_cache.double(), meta, 0.3)
+    got = backend.forward(query, key, value, kv_cache, meta, 0.3)
+    assert torch.equal(kv_cache, expected_cache)  # the new keys/values landed in their slots
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_decode_path_in_bf16_is_close_to_the_fp32_reference():
+    backend, query, kv_cache, meta = _cpu_decode_case([9, 30, 17, 4], 1, seed=4)
+    new = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(11))
+    bf16_cache = kv_cache.bfloat16()
+    LayerKVCache(kv_cache).store_kv(new, new, meta.slot_mapping)
+    expected = paged_attention_reference(query, kv_cache, meta, 0.25)
+    got = backend.forward(query.bfloat16(), new.bfloat16(), new.bfloat16(), bf16_cache, meta, 0.25)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_cpu_decode_plan_is_built_once_per_step_and_reused_by_every_layer():
+    backend, query, kv_cache, meta = _cpu_decode_case([9, 17], 1, seed=5)
+    assert isinstance(meta, TorchAttentionMetadata) and meta.decode_plan is None
+    new = torch.randn(2, 2, 16)
+    first = backend.forward(query, new, new, kv_cache, meta, 0.3)
+    plan = meta.decode_plan
+    assert plan is not None and plan.mask is not None and plan.mask.shape == (2, 1, 1, plan.keys_used)
+    second_layer_cache = torch.randn_like(kv_cache)
+    second = backend.forward(query, new, new, second_layer_cache, meta, 0.3)
+    assert meta.decode_plan is plan
+    torch.testing.assert_close(second.double(), paged_attention_reference(query.double(), second_layer_cache.double(),
+                                                                          meta, 0.3), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(first, second)

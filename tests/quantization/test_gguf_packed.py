@@ -224,3 +224,31 @@ def test_tiny_gguf_packed_on_gpu_matches_its_dequantized_path(request, tmp_path,
     got = window_logits(packed, ids.cuda(), block_size=4).float().cpu()
     want = window_logits(_build(path, False), ids, block_size=4).float()
     assert rel_err(got, want) < 3e-2
+
+
+def test_q8_0_token_table_in_bf16_on_cpu_gives_a_one_row_lm_head_the_fp32_argmax(tiny_llama, tmp_path):
+    """A Q8_0 GGUF in bf16 on CPU: the embedding lookup is the dense table in bf16, a one-row LM head runs the
+    file's 8-bit codes through the int4 kernel, and its largest logits are the fp32 table's, so its argmax is the
+    fp32 argmax for the same hidden state. More rows take the dense bf16 table."""
+    from tokenmill.quantization.gguf_embedding import REFINED, GGUFQ8TableMethod
+
+    path = write_tiny_gguf(tiny_llama, tmp_path / "tiny-Q8_0.gguf", "Q8_0")
+    packed, dense = _build(path, True, torch.bfloat16), _build(path, False)
+    head = packed.lm_head
+    assert isinstance(head.linear_method, GGUFQ8TableMethod) and head.weight.dtype == torch.bfloat16
+    assert packed.model.embed_tokens.weight.dtype == torch.bfloat16
+    # an untied embedding never computes logits: it stays the plain dense method, with no 8-bit copy
+    assert isinstance(packed.model.embed_tokens.linear_method, GGUFQ8TableMethod) == packed.spec.tie_word_embeddings
+    table = head.weight.q8_cpu
+    assert table is not None  # codes recovered exactly from the fp32 load
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(5):
+        hidden = torch.randn(1, head.weight.shape[1], generator=gen).bfloat16()
+        logits = packed.compute_logits(hidden)
+        reference = hidden.float() @ dense.lm_head.weight.t()
+        assert logits.dtype == torch.float32 and int(logits.argmax()) == int(reference.argmax())
+        top = reference[0].topk(REFINED // 4).indices
+        torch.testing.assert_close(logits[0, top], reference[0, top], rtol=1e-5, atol=1e-5)
+        assert rel_err(logits, reference) < 2e-2
+    two_rows = packed.compute_logits(torch.randn(2, head.weight.shape[1], generator=gen).bfloat16())
+    assert two_rows.dtype == torch.bfloat16

@@ -120,15 +120,18 @@ class LayerKVCache:
         slot_mapping: torch.Tensor,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        has_padding: bool = True,
     ) -> None:
-        """Scatter key/value [T, num_kv_heads, head_dim] into their slots; slots < 0 (padding) are skipped."""
+        """Scatter key/value [T, num_kv_heads, head_dim] into their slots; slots < 0 (padding) are skipped.
+        ``has_padding=False``: the caller knows every slot is >= 0 (saves the filtering, a CPU decode's hot path)."""
         slots_total = self.num_blocks * self.block_size
         flat = self.kv.view(2, slots_total, self.num_kv_heads, self.head_dim)
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep]
+        if has_padding:
+            keep = slot_mapping >= 0
+            slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
         dtype = self.spec.dtype
-        _bits(flat[0]).index_copy_(0, slots, _bits(to_cache_dtype(_scaled(key[keep], k_scale, True), dtype)))
-        _bits(flat[1]).index_copy_(0, slots, _bits(to_cache_dtype(_scaled(value[keep], v_scale, True), dtype)))
+        _bits(flat[0]).index_copy_(0, slot_mapping, _bits(to_cache_dtype(_scaled(key, k_scale, True), dtype)))
+        _bits(flat[1]).index_copy_(0, slot_mapping, _bits(to_cache_dtype(_scaled(value, v_scale, True), dtype)))
 
     def gather_kv(
         self,

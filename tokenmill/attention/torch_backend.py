@@ -6,11 +6,15 @@ attention where query j of a sequence with ``context_len`` cached tokens sees ke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
+from tokenmill.attention import cpu_decode
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.kv_cache import LayerKVCache
-from tokenmill.attention.metadata import AttentionMetadata
+from tokenmill.attention.metadata import AttentionMetadata, HostLayout
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: LayerKVCache | torch.Tensor,
@@ -100,9 +104,24 @@ def decode_attention_batched(
     return out.reshape(num_tokens, num_heads, head_dim)
 
 
+@dataclass
+class TorchAttentionMetadata(AttentionMetadata):
+    """The runner's per-step metadata for this backend: the CPU decode plan is built by the step's first layer
+    and read by the others (graph-buffer metadata is refilled in place, so it is the plain class: no plan kept)."""
+
+    decode_plan: cpu_decode.DecodePlan | None = None
+
+
 class TorchAttentionBackend(AttentionBackend):
+    """The reference functions above, except decode-shaped steps on CPU, which take ``cpu_decode`` (one SDPA
+    call a layer, its plan built once per step and shared by every layer)."""
+
     name = "torch"
     fuses_rotary = False  # the model rotates query/key (model/layers.py) before calling forward
+
+    def prepare_metadata(self, layout: HostLayout, arrays: Sequence[torch.Tensor]) -> TorchAttentionMetadata:
+        slot_mapping, *int32 = arrays
+        return TorchAttentionMetadata.from_layout(layout, slot_mapping, int32)
 
     def forward(
         self,
@@ -119,8 +138,17 @@ class TorchAttentionBackend(AttentionBackend):
         if rotary is not None:
             raise ValueError("the torch attention backend does not fuse rotary: rotate query/key first")
         cache = LayerKVCache.of(kv_cache)
-        if k_scale is not None or v_scale is not None or cache.spec.scale_granularity is not None:
+        scaled = k_scale is not None or v_scale is not None or cache.spec.scale_granularity is not None
+        if scaled:
             self.check_scales(cache, k_scale, v_scale)
+        if cpu_decode.supports(query, cache, meta, scaled):
+            # Built by the step's first layer (every call for metadata built elsewhere: tests, graph buffers).
+            plan = getattr(meta, "decode_plan", None)
+            if plan is None or plan.block_size != cache.block_size:
+                plan = cpu_decode.DecodePlan.build(meta, cache.block_size)
+                if isinstance(meta, TorchAttentionMetadata):
+                    meta.decode_plan = plan
+            return cpu_decode.store_and_attend(query, key, value, cache, meta, plan, scale)
         cache.store_kv(key, value, meta.slot_mapping, k_scale, v_scale)
         if meta.decode_query_len and meta.num_seqs > 1:
             return decode_attention_batched(query, cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,

@@ -103,6 +103,12 @@ class GGUFConfig(QuantizationConfig):
         return self._layer_type(parent, fused) if ".layers." in module else None
 
     def get_linear_method(self, layer_prefix: str) -> LinearMethod:
+        # The table that computes the logits (the embedding when the head is tied: the file has no lm_head), if Q8_0.
+        head = "lm_head" if "lm_head" in self.module_types else "model.embed_tokens"
+        if layer_prefix == head and self.module_types.get(layer_prefix) == "Q8_0":
+            from tokenmill.quantization.gguf_embedding import GGUFQ8TableMethod
+
+            return GGUFQ8TableMethod()  # dense, plus the file's 8-bit codes for a one-row LM head on CPU
         parent, _, leaf = layer_prefix.rpartition(".")
         found = self._layer_type(parent, leaf) if ".layers." in layer_prefix else None
         return DenseLinearMethod() if found is None else GGUFLinearMethod(found)
