@@ -70,9 +70,9 @@ def test_steps_with_prompt_work_keep_overlap_and_propose_nothing(tiny_llama_dir)
     llm = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", async_scheduling=True, speculative_config=ngram(k=3))
     engine = llm.engine
     decoder = engine.scheduler.draft_proposer
-    assert decoder.active(3, prompt_work=False)  # below the CPU prior's ridge: speculation may pay (a probe starts)
+    assert decoder.active(3, prompt_work=lambda: False)  # below the CPU ridge: speculation may pay (a probe starts)
     probe_left = [b.probe_left for b in decoder.gate.buckets.values()]
-    assert not decoder.active(3, prompt_work=True) and not decoder.speculating
+    assert not decoder.active(3, prompt_work=lambda: True) and not decoder.speculating
     assert [b.probe_left for b in decoder.gate.buckets.values()] == probe_left  # the gate was not asked
     assert not engine.scheduler.has_prompt_work()
     engine.add_request("r", [5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))

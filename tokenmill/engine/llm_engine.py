@@ -351,20 +351,24 @@ class LLMEngine:
         proposer = self.scheduler.draft_proposer
         if proposer is not None:  # an adaptive proposer that will not speculate at this batch size keeps overlap
             active = getattr(proposer, "active", None)
-            if active is None or active(len(self.scheduler.running), self.scheduler.has_prompt_work()):
+            if active is None or active(len(self.scheduler.running), self.scheduler.has_prompt_work):
                 return True
         return any(needs_penalties(seq.params) for seq in self.scheduler.running)
 
-    def _observe_cycle(self, step: InFlightStep, result: Any, now: float) -> None:
-        """Tell a speculation gate what a decode-only step gained and how long since the previous landing."""
+    def _observe_cycle(self, step: InFlightStep, num_step_tokens: int, num_drafts: int, gained: int,
+                       now: float) -> None:
+        """Tell a speculation gate what a decode-only step gained (``gained`` ids) and how long since the previous
+        landing. Counts only, no walk over the rows: at batch 256 this runs on the host's critical path."""
         previous, self._last_landing = self._last_landing, now
         observe_cycle = getattr(self.scheduler.draft_proposer, "observe_cycle", None)
         if observe_cycle is None or step.synchronous is None or previous is None:
             return
-        if not all(item.samples and item.num_tokens == 1 + len(item.draft_token_ids) for item in step.sched.scheduled):
+        # Decode-only: every row samples and computes 1 + its drafts (a sampling row computes at least that many,
+        # so the totals agree only when each row does).
+        rows = len(step.sched.scheduled)
+        if len(step.sampling) != rows or num_step_tokens != rows + num_drafts:
             return  # prompt tokens in the step: not a comparison of decoding modes
-        tokens = sum(len(result.token_ids[seq.seq_id]) for seq in step.sampling if not seq.status.finished)
-        observe_cycle(len(step.sched.scheduled), step.synchronous, tokens, now - previous)
+        observe_cycle(rows, step.synchronous, gained, now - previous)
 
     def _land_in_flight(self) -> list[RequestOutput]:
         """Wait for the in-flight step's ids, append them, roll back rejected drafts, check stop conditions, free
@@ -378,14 +382,16 @@ class LLMEngine:
                   if item.draft_token_ids} if self.scheduler.draft_proposer is not None else {}
         observe = getattr(self.scheduler.draft_proposer, "observe", None)
         observe_step = getattr(self.scheduler.draft_proposer, "observe_step", None)
+        num_step_tokens = step.sched.num_tokens if self.scheduler.draft_proposer is not None else 0
         if observe_step is not None:  # launch to landing: what a step of this many tokens costs (no extra sync)
-            observe_step(step.sched.num_tokens, now - step.launched_at)
-        self._observe_cycle(step, result, now)
+            observe_step(num_step_tokens, now - step.launched_at)
+        gained = 0
         for seq in step.sampling:
             if seq.status.finished:  # stopped at the step before (or aborted): this row was surplus
                 continue
             seq.num_in_flight -= 1
             token_ids = result.token_ids[seq.seq_id]
+            gained += len(token_ids)
             num_drafts = drafts.get(seq.seq_id, 0)
             if num_drafts and observe is not None:  # acceptance statistics and the adaptive policy
                 observe(seq.seq_id, num_drafts, len(token_ids) - 1)
@@ -396,6 +402,7 @@ class LLMEngine:
                 self._record_token(seq, token_id, logprobs, now, touched)
                 if seq.status.finished:
                     break
+        self._observe_cycle(step, num_step_tokens, sum(drafts.values()), gained, now)
         for item in step.sched.scheduled:
             if not item.seq.status.finished:
                 self.block_manager.cache_full_blocks(item.seq)

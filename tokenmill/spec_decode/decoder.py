@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,16 +64,15 @@ class SpeculativeDecoder:
     def max_k(self) -> int:
         return self.policy.max_k
 
-    def active(self, num_running: int, prompt_work: bool = False) -> bool:
+    def active(self, num_running: int, prompt_work: Callable[[], bool] = lambda: False) -> bool:
         """Whether the next step of ``num_running`` sequences may get drafts (else the engine keeps overlapping
         steps). Asked once per step by an engine that overlaps them; an adaptive policy's answer is the gate's.
-        ``prompt_work``: prompts wait or are mid-prefill, so the next step carries prompt tokens; an adaptive
-        policy then keeps overlap (no drafts): such a step is large and the gate cannot compare modes on it."""
-        if prompt_work and self.policy.adaptive:
-            self.speculating = False
-            return False
+        ``prompt_work``: asked only where speculation could pay (it walks every running sequence: at a batch past
+        the ridge it is never asked), whether prompts wait or are mid-prefill, so the next step carries prompt
+        tokens; an adaptive policy then keeps overlap (no drafts): such a step is large and the gate cannot compare
+        modes on it."""
         self.speculating = self.policy.may_speculate(num_running) and (
-            not self.policy.adaptive or self.gate.choose(num_running))
+            not self.policy.adaptive or (not prompt_work() and self.gate.choose(num_running)))
         return self.speculating
 
     def observe_cycle(self, batch: int, speculative: bool, tokens: int, seconds: float) -> None:
