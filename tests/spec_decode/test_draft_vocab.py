@@ -122,8 +122,12 @@ def test_the_speculative_config_overrides_the_drafts_size_and_full_size_turns_it
     target = tiny_model_dirs["llama"]
     vocab = vocab_size(target)
     model = _draft_with_ranking(target, tmp_path / "d", torch.arange(vocab), 32)
-    for size, rows in ((None, 32), (8, 8), (vocab, None)):
+    costs = []
+    for size, rows in ((8, 8), (None, 32), (vocab, None)):
         llm = LLM(str(target), **BASE, speculative_config=draft(model, adaptive=False, draft_vocab_size=size))
         proposer = llm.engine.scheduler.draft_proposer.proposer
         assert (None if proposer.vocab_ids is None else proposer.vocab_ids.numel()) == rows
         assert _ids(_generate(llm, GREEDY, TEXTS[:1])) == _reference(target)[:1]
+        costs.append(llm.engine.scheduler.draft_proposer.policy.draft_cost)
+    # The policy's draft cost counts the head rows a draft token reads: the target drafting for itself costs 1.
+    assert costs[0] < costs[1] < costs[2] == pytest.approx(1.0)
