@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_record import write_record  # noqa: E402
+from spec_decode_cpu import cpu_device, load_averages  # noqa: E402
 
 from tokenmill import SamplingParams  # noqa: E402
 from tokenmill.config import SpeculativeConfig  # noqa: E402
@@ -112,13 +112,11 @@ def main() -> int:
               f"{row['layers_ms']:.2f}, head {row['head_ms']:.2f}, rest {row['rest_ms']:.2f}) = "
               f"{row['ms_per_draft_token']:.2f} ms a draft token, {row['draft_token_vs_target_token']:.3f} of a "
               "target token", flush=True)
-    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
-    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
+    load = load_averages(load_before)
     if args.out:
         path = write_record(
             Path(args.out), "draft_propose_cpu", model=llm.engine.model_name, config=vars(args), results=results,
-            device=f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-            load_average=load, target_plain_ms_per_token=round(target_ms, 2), prompt=PROMPT)
+            device=cpu_device(), load_average=load, target_plain_ms_per_token=round(target_ms, 2), prompt=PROMPT)
         print(f"wrote {path}")
     return 0
 

@@ -125,6 +125,17 @@ def run_kind(plain: LLM, spec: LLM, messages: list[str] | list[list[str]], param
             **timer.summary()}
 
 
+def cpu_device() -> str:
+    return f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+def load_averages(before: tuple[float, float, float]) -> dict[str, list[float]]:
+    """The box's 1/5/15-minute load averages at the start (``before``) and now, printed and returned."""
+    load = {"before": [round(x, 2) for x in before], "after": [round(x, 2) for x in os.getloadavg()]}
+    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
+    return load
+
+
 def measured_costs(llm: LLM) -> list[tuple[int, float]]:
     """The adaptive policy's measured step costs: (query tokens, median ms) per known size."""
     policy = llm.engine.scheduler.draft_proposer.policy
@@ -203,13 +214,11 @@ def main() -> int:
             print(f"{method:11s} batch measured step costs (query tokens, ms): {costs[f'{method}_batch']}", flush=True)
         del spec
         gc.collect()  # one speculative engine (target + draft) in memory at a time
-    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
-    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
+    load = load_averages(load_before)
     if args.out:
         path = write_record(
             Path(args.out), "spec_decode_cpu", model=plain.engine.model_name, config=vars(args), results=results,
-            device=f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-            load_average=load, measured_step_ms=costs,
+            device=cpu_device(), load_average=load, measured_step_ms=costs,
             median_speedup={m: statistics.median(r["speedup"] for r in rows.values()) for m, rows in results.items()})
         print(f"wrote {path}")
     return 0
