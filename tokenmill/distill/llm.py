@@ -128,11 +128,8 @@ class DraftTask:
         self.vocab_counts: torch.Tensor | None = None  # training-token counts, for --draft-vocab-size
         self.vocab_ids: torch.Tensor | None = None  # the N ids the saved draft proposes from
         if config.draft_vocab_size is not None:
-            self.vocab_counts = self._training_token_counts(teacher.config.vocab_size)
+            self.vocab_counts = training_token_counts(self.train_windows, self.train_mask, teacher.config.vocab_size)
             self.vocab_ids = rank_token_ids(self.vocab_counts)[: config.draft_vocab_size].to(self.device)
-
-    def _training_token_counts(self, vocab_size: int) -> torch.Tensor:
-        return training_token_counts(self.train_windows, self.train_mask, vocab_size)
 
     def _load_data(self) -> None:
         # (ids, loss mask or None) per held-out set; "text": windows of held-out text; "answers": held-out teacher

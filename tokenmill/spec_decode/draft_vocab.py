@@ -5,8 +5,8 @@ vocabulary (SmolLM2: 49,152 x 576, ~113 MB of fp32 a token, as much as several o
 On disk, beside the draft's weights: ``draft_vocab.json`` holds ``token_ids`` (every id of the vocabulary, most
 frequent in the training text first; ties by id) and ``counts`` (their counts), and config.json's
 ``draft_vocab_size`` says how many of them the draft proposes from by default. JSON, not safetensors: loaders
-(tokenmill's included) read every ``*.safetensors`` of a model directory as a weight shard. The whole ranking is kept so a
-server can pick another N (``speculative_config``'s ``draft_vocab_size``) without retraining.
+(tokenmill's included) read every ``*.safetensors`` of a model directory as a weight shard. The whole ranking is
+kept so a server can pick another N (``speculative_config``'s ``draft_vocab_size``) without retraining.
 
 Verification stays exact: a greedy draft's argmax over the subset is only a proposal the target checks; a sampled
 draft's distribution q is zero outside the subset, which rejection sampling allows (the target's distribution is
@@ -34,7 +34,7 @@ def check_draft_vocab_size(size: int, vocab_size: int, what: str = "--draft-voca
 
 
 def count_token_ids(sequences: Iterable[torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """Occurrences [vocab_size] (int64) of each id in ``sequences`` (1-D id tensors; padding already removed)."""
+    """Occurrences [vocab_size] (int64) of each id in ``sequences`` (id tensors of any shape, padding removed)."""
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     for ids in sequences:
         counts += torch.bincount(ids.reshape(-1).to(torch.int64), minlength=vocab_size)[:vocab_size]
