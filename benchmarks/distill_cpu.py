@@ -177,17 +177,35 @@ def greedy_tokens_per_s(model, prompts: list[torch.Tensor], max_new: int) -> tup
     return tokens / seconds, outputs
 
 
+class OnlyIds:
+    """A transformers logits processor: every id outside ``allowed`` gets -inf (a reduced draft vocabulary)."""
+
+    def __init__(self, allowed: torch.Tensor) -> None:
+        self.allowed = allowed
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        masked = torch.full_like(scores, float("-inf"))
+        masked[:, self.allowed] = scores[:, self.allowed]
+        return masked
+
+
 @torch.no_grad()
-def acceptance_lengths(draft, prompts: list[torch.Tensor], continuations: list[list[int]], k: int) -> list[int]:
+def acceptance_lengths(draft, prompts: list[torch.Tensor], continuations: list[list[int]], k: int,
+                       allowed: torch.Tensor | None = None) -> list[int]:
     """Greedy speculative decoding replayed exactly: at each round the draft proposes k greedy tokens after the
     accepted prefix; the target (whose greedy output is ``continuation``) keeps the agreeing prefix and adds
-    one token of its own. Returns tokens emitted per round (1..k+1)."""
+    one token of its own. Returns tokens emitted per round (1..k+1). ``allowed``: the draft's reduced vocabulary
+    (its argmax among those ids, as tokenmill's draft proposer takes it)."""
+    from transformers import LogitsProcessorList
+
+    processors = LogitsProcessorList([OnlyIds(allowed)] if allowed is not None else [])
     lengths = []
     for ids, continuation in zip(prompts, continuations, strict=True):
         done = 0
         while done < len(continuation):
             prefix = torch.cat([ids, torch.tensor([continuation[:done]], dtype=ids.dtype)], dim=1)
-            proposal = draft.generate(prefix, max_new_tokens=k, min_new_tokens=k, do_sample=False)[0, prefix.shape[1]:]
+            proposal = draft.generate(prefix, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                      logits_processor=processors)[0, prefix.shape[1]:]
             accepted = 0
             while accepted < k and done + accepted < len(continuation) and int(proposal[accepted]) == continuation[done + accepted]:
                 accepted += 1
@@ -234,6 +252,7 @@ def measure_draft(args: argparse.Namespace, out: Path, summary: dict, record: di
     from transformers import AutoModelForCausalLM
 
     from tokenmill.distill.llm import load_teacher
+    from tokenmill.spec_decode.draft_vocab import load_draft_vocab
 
     teacher, tokenizer, _ = load_teacher(None)
     student = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
@@ -243,6 +262,12 @@ def measure_draft(args: argparse.Namespace, out: Path, summary: dict, record: di
     teacher_tps, continuations = greedy_tokens_per_s(teacher, prompts, args.max_new)
     student_tps, _ = greedy_tokens_per_s(student, prompts, args.max_new)
     lengths = acceptance_lengths(student, prompts, continuations, args.k)
+    vocab_ids = load_draft_vocab(out, student.config.vocab_size)
+    subset = {}
+    if vocab_ids is not None:  # the draft's reduced vocabulary (draft_vocab.json): what tokenmill's proposer does
+        subset_lengths = acceptance_lengths(student, prompts, continuations, args.k, vocab_ids)
+        subset = {"draft_vocab_size": vocab_ids.numel(),
+                  "mean_acceptance_length_draft_vocab": sum(subset_lengths) / len(subset_lengths)}
     plain_seconds = args.prompts * args.max_new / teacher_tps
     spec_seconds = assisted_seconds(teacher, student, prompts, args.max_new, args.k, continuations)
     first, last = summary["evals"][0], summary["evals"][-1]
@@ -260,7 +285,7 @@ def measure_draft(args: argparse.Namespace, out: Path, summary: dict, record: di
         speculative={"k": args.k, "prompts": len(prompts), "max_new_tokens": args.max_new,
                      "mean_acceptance_length": sum(lengths) / len(lengths), "rounds": len(lengths),
                      "assisted_generation_seconds": spec_seconds, "teacher_alone_seconds": plain_seconds,
-                     "end_to_end_speedup": plain_seconds / spec_seconds,
+                     "end_to_end_speedup": plain_seconds / spec_seconds, **subset,
                      "how": "exact replay of greedy speculative decoding for the acceptance length; transformers "
                             "assisted generation (assistant_model, constant k) for wall time, outputs checked "
                             "equal to the teacher's greedy tokens"},
@@ -379,7 +404,21 @@ def main() -> None:
                         help="torch threads (on a CPU shared with other jobs, 1 thread decodes batch 1 far faster)")
     parser.add_argument("--measure-draft", type=Path, default=None,
                         help="skip training: measure an existing draft student directory written by distill")
+    parser.add_argument("--write-draft-vocab", type=int, default=None, metavar="N",
+                        help="with --measure-draft: first write DIR's reduced draft vocabulary (draft_vocab.json, N "
+                             "ids) from the teacher answers it trained on (--answers, --answers-prompts)")
+    parser.add_argument("--answers", type=Path, default=None, help="the teacher_generated.jsonl the draft trained on")
+    parser.add_argument("--answers-prompts", type=int, default=None, help="its --teacher-generated N")
+    parser.add_argument("--answers-seq-len", type=int, default=192, help="its --seq-len")
     args = parser.parse_args()
+    if args.write_draft_vocab is not None:
+        if args.measure_draft is None or args.answers is None or args.answers_prompts is None:
+            parser.error("--write-draft-vocab needs --measure-draft DIR, --answers FILE and --answers-prompts N")
+        from tokenmill.distill.llm import draft_vocab_from_answers
+
+        path = draft_vocab_from_answers(args.measure_draft, args.answers, args.answers_prompts, args.answers_seq_len,
+                                        args.write_draft_vocab)
+        print(f"wrote {path} (draft_vocab_size {args.write_draft_vocab})")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,14 @@ speculative engine lives across kinds, as a server's would); JSON with date, dev
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --rounds 3 --out benchmarks/results/spec_decode_cpu.json
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --kinds chat --rounds 3 --batch   # also all prompts at once
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --draft-model DIR   # also a draft model (distilled)
+    # the draft proposing from its 4k / 8k most frequent ids and from the whole vocabulary (draft_vocab.json)
+    PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --kinds chat --draft-model DIR --draft-vocab-sizes 4096,8192,full
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import statistics
@@ -68,9 +71,36 @@ def timed_chat(llm: LLM, message: str | list[str], params: SamplingParams) -> tu
     return time.perf_counter() - start, [t for output in outputs for t in output.outputs[0].token_ids]
 
 
+class ProposeTimer:
+    """Wall time inside a draft model's ``propose_many`` and the drafts it returned (its cost per draft token)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.seconds, self.calls, self.drafts = 0.0, 0, 0
+        proposer = getattr(llm.engine.scheduler.draft_proposer, "proposer", None)
+        if proposer is not None and hasattr(proposer, "propose_many"):
+            inner = proposer.propose_many
+
+            def timed(requests, k):
+                started = time.perf_counter()
+                out = inner(requests, k)
+                self.seconds += time.perf_counter() - started
+                self.calls += 1
+                self.drafts += sum(len(d) for d in out.values())
+                return out
+
+            proposer.propose_many = timed
+
+    def summary(self) -> dict[str, float]:
+        if not self.calls:
+            return {}
+        return {"draft_calls": self.calls, "draft_ms_per_call": round(self.seconds / self.calls * 1e3, 2),
+                "draft_ms_per_draft_token": round(self.seconds / max(1, self.drafts) * 1e3, 2)}
+
+
 def run_kind(plain: LLM, spec: LLM, messages: list[str] | list[list[str]], params: SamplingParams,
              rounds: int) -> dict[str, Any]:
     stats = spec.engine.spec_decode_stats
+    timer = ProposeTimer(spec)
     before = stats.copy()
     plain_s = spec_s = 0.0
     tokens = 0
@@ -91,7 +121,19 @@ def run_kind(plain: LLM, spec: LLM, messages: list[str] | list[list[str]], param
     return {"prompts": len(messages), "rounds": rounds, "output_tokens": tokens,
             "plain_tok_s": round(tokens / plain_s, 2), "spec_tok_s": round(tokens / spec_s, 2),
             "speedup": round(plain_s / spec_s, 3), "median_pair_speedup": round(statistics.median(ratios), 3),
-            "pair_speedups": [round(x, 3) for x in ratios], "token_identical": identical, **window.summary()}
+            "pair_speedups": [round(x, 3) for x in ratios], "token_identical": identical, **window.summary(),
+            **timer.summary()}
+
+
+def cpu_device() -> str:
+    return f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+def load_averages(before: tuple[float, float, float]) -> dict[str, list[float]]:
+    """The box's 1/5/15-minute load averages at the start (``before``) and now, printed and returned."""
+    load = {"before": [round(x, 2) for x in before], "after": [round(x, 2) for x in os.getloadavg()]}
+    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
+    return load
 
 
 def measured_costs(llm: LLM) -> list[tuple[int, float]]:
@@ -109,6 +151,10 @@ def main() -> int:
     parser.add_argument("--prompt-lookup-min", type=int, default=1)
     parser.add_argument("--draft-model", default=None, help="also measure a draft model (same tokenizer)")
     parser.add_argument("--draft-dtype", default=None, help="the draft model's dtype (default: the target's, float32)")
+    parser.add_argument("--draft-vocab-sizes", default=None,
+                        help="comma list of N (or 'full'): the draft proposes from its N most frequent ids, one run "
+                             "each (default: the draft directory's own draft_vocab_size, if any)")
+    parser.add_argument("--no-ngram", action="store_true", help="measure only the draft model")
     parser.add_argument("--kinds", default="quote,code,chat")
     parser.add_argument("--prompts-per-kind", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="each prompt's plain/speculative pair, order alternating")
@@ -121,11 +167,18 @@ def main() -> int:
     engine_args = dict(dtype="float32", max_model_len=2048, max_num_seqs=1)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     plain = LLM(None, **engine_args)
-    methods = {"ngram": {"method": "ngram", "num_speculative_tokens": args.k, "adaptive": not args.no_adaptive,
-                         "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min}}
+    methods = {} if args.no_ngram else {
+        "ngram": {"method": "ngram", "num_speculative_tokens": args.k, "adaptive": not args.no_adaptive,
+                  "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min}}
     if args.draft_model:
-        methods["draft_model"] = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.k,
-                                  "adaptive": not args.no_adaptive, "draft_dtype": args.draft_dtype}
+        draft = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.k,
+                 "adaptive": not args.no_adaptive, "draft_dtype": args.draft_dtype}
+        if args.draft_vocab_sizes is None:
+            methods["draft_model"] = draft
+        for size in (args.draft_vocab_sizes or "").split(",") if args.draft_vocab_sizes else []:
+            full = size == "full"
+            methods[f"draft_model_vocab_{size}"] = {
+                **draft, "draft_vocab_size": plain.engine.model.vocab_size if full else int(size)}
     load_before = os.getloadavg()
     costs: dict[str, list[tuple[int, float]]] = {}
     all_prompts = prompts(args.passage_chars)
@@ -141,7 +194,9 @@ def main() -> int:
             print(f"{method:11s} {kind:5s}: acceptance {row['acceptance_rate']:.3f}, mean acceptance length "
                   f"{row['mean_acceptance_length']:.2f}, {row['plain_tok_s']:6.2f} -> {row['spec_tok_s']:6.2f} tok/s "
                   f"({row['speedup']:.2f}x, median pair {row['median_pair_speedup']:.2f}x), "
-                  f"identical {row['token_identical']}", flush=True)
+                  f"identical {row['token_identical']}"
+                  + (f", draft {row['draft_ms_per_draft_token']:.1f} ms/token" if "draft_calls" in row else ""),
+                  flush=True)
         costs[method] = measured_costs(spec)
         print(f"{method:11s} measured step costs (query tokens, ms): {costs[method]}", flush=True)
         if args.batch:  # fresh engines that admit the whole mix at once (the policy learns its costs anew)
@@ -157,13 +212,13 @@ def main() -> int:
                   f"{row['median_pair_speedup']:.2f}x), identical {row['token_identical']}", flush=True)
             costs[f"{method}_batch"] = measured_costs(spec_batch)
             print(f"{method:11s} batch measured step costs (query tokens, ms): {costs[f'{method}_batch']}", flush=True)
-    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
-    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
+        del spec
+        gc.collect()  # one speculative engine (target + draft) in memory at a time
+    load = load_averages(load_before)
     if args.out:
         path = write_record(
             Path(args.out), "spec_decode_cpu", model=plain.engine.model_name, config=vars(args), results=results,
-            device=f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-            load_average=load, measured_step_ms=costs,
+            device=cpu_device(), load_average=load, measured_step_ms=costs,
             median_speedup={m: statistics.median(r["speedup"] for r in rows.values()) for m, rows in results.items()})
         print(f"wrote {path}")
     return 0

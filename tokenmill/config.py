@@ -281,6 +281,8 @@ class SpeculativeConfig:
     ``draft_model``: a second, small model at ``model`` sharing the target's tokenizer. ``disable_by_batch_size``
     turns speculation off while more sequences than that run (vLLM's key); the adaptive policy (spec_decode/)
     also lowers k per step as the batch grows or acceptance drops, unless ``adaptive`` is False.
+    ``draft_vocab_size``: the draft proposes from its N most frequent token ids (EAGLE-3's key; the draft directory's
+    ``draft_vocab.json``, spec_decode/draft_vocab.py); None: the draft directory's own setting.
     """
 
     method: str | None = None
@@ -291,6 +293,7 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = None
     adaptive: bool = True
     draft_dtype: str | None = None  # None: the target's dtype
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method is None:  # vLLM infers it: "ngram" (or "[ngram]") as the model name, else a draft model
@@ -321,6 +324,9 @@ class SpeculativeConfig:
                              "with the target's tokenizer")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"disable_by_batch_size must be >= 1; got {self.disable_by_batch_size}")
+        if self.draft_vocab_size is not None and (self.method != "draft_model" or self.draft_vocab_size < 1):
+            raise ValueError('draft_vocab_size applies to method "draft_model" and must be >= 1; got '
+                             f"{self.draft_vocab_size} with method {self.method!r}")
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:

@@ -86,6 +86,33 @@ def test_draft_lowers_kd_loss_and_kl_and_loads_in_tokenmill(llama_teacher, text_
     assert [list(o.outputs[0].token_ids) for o in outputs] == expected
 
 
+def test_draft_vocab_size_writes_the_training_texts_ranking_and_drafts_from_it(llama_teacher, text_file, tmp_path):
+    """--draft-vocab-size N: the ranking of the training tokens beside the student, N in config.json, the held-out
+    agreement of the N-id argmax reported; as a draft the student's head holds N rows and greedy output is the
+    teacher's own."""
+    from tokenmill.spec_decode.draft_vocab import DRAFT_VOCAB_FILE, load_draft_vocab
+
+    out = tmp_path / "draft_vocab"
+    summary = distill(draft_config(llama_teacher, text_file, out, steps=4, draft_vocab_size=16), log=_quiet)
+    ranking = json.loads((out / DRAFT_VOCAB_FILE).read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["draft_vocab_size"] == 16 and len(ranking["token_ids"]) == config["vocab_size"]
+    assert ranking["counts"] == sorted(ranking["counts"], reverse=True) and ranking["counts"][15] > 0
+    last = summary["evals"][-1]
+    assert 0 <= last["top1_agreement_draft_vocab"] <= 1 and 0 < last["teacher_top1_in_draft_vocab"] <= 1
+    assert load_draft_vocab(out, config["vocab_size"]).tolist() == ranking["token_ids"][:16]
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    plain = LLM(str(llama_teacher), device="cpu", dtype="float32")
+    spec = LLM(str(llama_teacher), device="cpu", dtype="float32", speculative_config={
+        "model": str(out), "num_speculative_tokens": 3, "adaptive": False})
+    assert spec.engine.scheduler.draft_proposer.proposer.vocab_ids.numel() == 16
+    prompts = ["The quick brown fox", "Paris is the capital of"]
+    expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == expected
+    assert spec.engine.get_stats().spec_decode.num_drafts > 0
+
+
 def test_encoder_lowers_kd_loss_and_kl_and_exports_to_onnx(bert_teacher, text_file, tmp_path):
     out, repository = tmp_path / "encoder", tmp_path / "models"
     summary = distill(encoder_config(bert_teacher, text_file, out, repository=str(repository)), log=_quiet)
@@ -202,6 +229,10 @@ def test_bad_arguments_fail_before_training(llama_teacher, bert_teacher, text_fi
     assert "needs trained word embeddings" in _cli_error(
         capsys, [*encoder, "--teacher-head", str(bert_teacher[1]), "--student-hidden-size", "16",
                  "--freeze-word-embeddings"])
+    assert "--draft-vocab-size applies to --target draft and must be >= 1" in _cli_error(
+        capsys, [*base, "--draft-vocab-size", "0"])
+    assert "--draft-vocab-size must lie between 1 and the vocabulary size" in _cli_error(
+        capsys, [*base, "--draft-vocab-size", "100000"])
     assert not (out / "checkpoints").exists()  # nothing trained
 
 

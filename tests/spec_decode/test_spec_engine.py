@@ -257,14 +257,32 @@ class GreedyOracle:
         return self.sequence[len(token_ids) : len(token_ids) + min(3, max_num_tokens)]
 
 
-@pytest.mark.parametrize("method", ["point-mass", "draft-near"])
-def test_sampled_outputs_follow_the_target_distribution(dirs, near_draft, method):
+@pytest.fixture(scope="module")
+def near_subset_draft(near_draft, tmp_path_factory):
+    """The near draft proposing from half the vocabulary (ids ranked at random): its q is zero on the rest, where
+    the target's likely tokens often are, so both accepted drafts and residual draws occur."""
+    import json
+    import shutil
+
+    from tokenmill.spec_decode.draft_vocab import write_draft_vocab
+
+    directory = tmp_path_factory.mktemp("near_subset_draft")
+    for path in near_draft.iterdir():
+        shutil.copy(path, directory / path.name)
+    vocab = json.loads((directory / "config.json").read_text())["vocab_size"]
+    write_draft_vocab(directory, torch.randperm(vocab, generator=torch.Generator().manual_seed(3)), vocab // 2)
+    return directory
+
+
+@pytest.mark.parametrize("method", ["point-mass", "draft-near", "draft-near-subset"])
+def test_sampled_outputs_follow_the_target_distribution(dirs, near_draft, near_subset_draft, method):
     """160 sampled continuations (top-k 3, 4 tokens) with and without speculation: the same distribution."""
     target, _ = dirs
     params = SamplingParams(temperature=1.0, top_k=3, max_tokens=4, ignore_eos=True)
     prompt = LLM(str(target), **BASE).get_tokenizer().encode(TEXTS[2])
+    drafts = {"draft-near": near_draft, "draft-near-subset": near_subset_draft}
     extra = {"draft_proposer": GreedyOracle(prompt, _reference(target)[2])} if method == "point-mass" else {
-        "speculative_config": draft(near_draft, adaptive=False)}
+        "speculative_config": draft(drafts[method], adaptive=False)}
 
     def sample(**extra) -> tuple[list[tuple], LLM]:
         torch.manual_seed(0)
@@ -273,9 +291,11 @@ def test_sampled_outputs_follow_the_target_distribution(dirs, near_draft, method
 
     plain, _ = sample()
     speculative, llm = sample(**extra)
-    if method == "draft-near":  # both acceptances and residual draws happened
+    if method != "point-mass":  # both acceptances and residual draws happened
         stats = llm.engine.get_stats().spec_decode
         assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+        proposer = llm.engine.scheduler.draft_proposer.proposer
+        assert (proposer.vocab_ids is not None) == (method == "draft-near-subset")
     assert _two_sample_p_value(plain, speculative) > 1e-3
 
 

@@ -29,3 +29,25 @@ def test_greedy_on_cuda_graphs_is_token_identical(tiny_llama_dir, method):
         assert llm.engine.scheduler.draft_proposer.proposer.graphs is not None
         assert stats.num_accepted_tokens == stats.num_draft_tokens
     _assert_no_leak(llm)
+
+
+def test_a_reduced_draft_vocabulary_on_cuda_graphs(tiny_llama_dir, tmp_path):
+    """The target drafting for itself from the ids of its own greedy outputs (spec_decode/draft_vocab.py): the
+    draft's graphs end in the N-row head, every draft is accepted, output equals plain decoding's."""
+    import shutil
+
+    from tokenmill.spec_decode.draft_vocab import count_token_ids, write_draft_vocab
+
+    reference = _ids(LLM(str(tiny_llama_dir), **CUDA).generate(TEXTS, GREEDY, use_tqdm=False))
+    model = tmp_path / "draft"
+    shutil.copytree(tiny_llama_dir, model)
+    vocab = LLM(str(tiny_llama_dir), **CUDA).engine.model.vocab_size
+    counts = count_token_ids([torch.tensor(ids) for ids in reference], vocab)
+    write_draft_vocab(model, counts, int((counts > 0).sum()))
+    llm = LLM(str(tiny_llama_dir), **CUDA, speculative_config=draft(model, k=4, adaptive=False))
+    proposer = llm.engine.scheduler.draft_proposer.proposer
+    assert proposer.graphs is not None and proposer.vocab_ids.numel() == int((counts > 0).sum()) < vocab
+    assert _ids(llm.generate(TEXTS, GREEDY, use_tqdm=False)) == reference
+    stats = llm.engine.get_stats().spec_decode
+    assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+    _assert_no_leak(llm)

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="JSONL of the teacher's answers, reused and extended (default: OUT/teacher_generated.jsonl)")
     p.add_argument("--teacher-max-tokens", type=int, default=128, help="longest teacher answer generated")
     p.add_argument("--teacher-temperature", type=float, default=0.0, help="0: greedy teacher answers")
+    p.add_argument("--draft-vocab-size", type=int, default=None, metavar="N",
+                   help="draft: also write the token ranking of the training text (draft_vocab.json) and "
+                        "let the draft propose from its N most frequent ids (a cheaper output head on CPU)")
     p.add_argument("--out", required=True, help="output directory: the student, checkpoints/, summary, plot")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=None,

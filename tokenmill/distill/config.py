@@ -70,6 +70,9 @@ class DistillConfig:
     teacher_generated_cache: str | None = None  # None: OUT/teacher_generated.jsonl
     teacher_max_tokens: int = 128  # answer length the teacher generates
     teacher_temperature: float = 0.0  # 0: greedy answers (what a greedy target verifies)
+    # draft: write the training text's token ranking beside the student (spec_decode/draft_vocab.py) and let it
+    # propose from its N most frequent ids; None: the whole vocabulary, no ranking written
+    draft_vocab_size: int | None = None
     eval_every: int = 0  # 0: evaluate only before and after training
     eval_batches: int = 8
     checkpoint_every: int = 50  # 0: only the final checkpoint
@@ -143,6 +146,9 @@ class DistillConfig:
             elif self.student_layers != len(self.layer_map):
                 raise ValueError(f"--layer-map names {len(self.layer_map)} layers but --student-layers is "
                                  f"{self.student_layers}")
+        if self.draft_vocab_size is not None and (self.target != "draft" or self.draft_vocab_size < 1):
+            raise ValueError("--draft-vocab-size applies to --target draft and must be >= 1 (ids the draft proposes "
+                             f"from); got {self.draft_vocab_size} with --target {self.target}")
         if self.repository is not None and self.target != "encoder":
             raise ValueError("--repository (ONNX export) applies to --target encoder only")
 

@@ -21,6 +21,12 @@ from tokenmill.distill.students import (
     student_config,
     teacher_layer_map,
 )
+from tokenmill.spec_decode.draft_vocab import (
+    check_draft_vocab_size,
+    count_token_ids,
+    rank_token_ids,
+    write_draft_vocab,
+)
 
 
 def load_teacher(source: str | None) -> tuple[nn.Module, object, str]:
@@ -44,6 +50,31 @@ def load_teacher(source: str | None) -> tuple[nn.Module, object, str]:
     else:
         raise ValueError(f"teacher {str(path)!r} is neither a model directory with config.json nor a .gguf file")
     return model.eval(), tokenizer, str(path)  # fp32 already (dtype above; GGUF tensors are dequantized)
+
+
+def training_token_counts(windows: torch.Tensor, mask: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """How often each id is a training target: the answer tokens (``mask``: logits that predict one, as
+    ``answer_batch`` marks them), else every token of the windows."""
+    if mask is None:
+        return count_token_ids([windows], vocab_size)
+    return count_token_ids([windows[:, 1:][mask[:, :-1]]], vocab_size)
+
+
+def draft_vocab_from_answers(model_dir: Path, cache: Path, num_prompts: int, seq_len: int, size: int) -> Path:
+    """Write ``model_dir``'s draft vocabulary (spec_decode/draft_vocab.py) from the answers a ``--teacher-generated
+    num_prompts --seq-len seq_len`` run trained on (the cache's first ``num_prompts`` records less the held-out
+    tenth): for a draft trained before ``--draft-vocab-size`` existed, or trained elsewhere on the same answers."""
+    import json
+
+    from tokenmill.distill.teacher_data import answer_batch
+
+    records = [json.loads(line) for line in Path(cache).read_text().splitlines() if line.strip()][:num_prompts]
+    if len(records) < num_prompts:
+        raise ValueError(f"{cache} holds {len(records)} answers; the draft was trained on {num_prompts}")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    held = max(1, round(len(records) * HELDOUT_FRACTION))
+    windows, mask = answer_batch(records[:-held], seq_len, 0)  # padding is outside the mask: any id
+    return write_draft_vocab(Path(model_dir), training_token_counts(windows, mask, config["vocab_size"]), size)
 
 
 class DraftTask:
@@ -74,6 +105,8 @@ class DraftTask:
         if student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"the student's vocab_size {student.config.vocab_size} differs from the teacher's "
                              f"{teacher.config.vocab_size}; distillation needs one shared vocabulary")
+        if config.draft_vocab_size is not None:
+            check_draft_vocab_size(config.draft_vocab_size, teacher.config.vocab_size)
         self.student_params, self.teacher_params = check_not_larger(student, teacher)
         self.layer_map = teacher_layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers,
                                            config.layer_map)
@@ -92,6 +125,11 @@ class DraftTask:
         self.teacher = teacher.to(self.device).requires_grad_(False)
         self.student = student.to(self.device)
         self._load_data()
+        self.vocab_counts: torch.Tensor | None = None  # training-token counts, for --draft-vocab-size
+        self.vocab_ids: torch.Tensor | None = None  # the N ids the saved draft proposes from
+        if config.draft_vocab_size is not None:
+            self.vocab_counts = training_token_counts(self.train_windows, self.train_mask, teacher.config.vocab_size)
+            self.vocab_ids = rank_token_ids(self.vocab_counts)[: config.draft_vocab_size].to(self.device)
 
     def _load_data(self) -> None:
         # (ids, loss mask or None) per held-out set; "text": windows of held-out text; "answers": held-out teacher
@@ -187,7 +225,8 @@ class DraftTask:
         return record
 
     def _evaluate_set(self, windows: torch.Tensor, masks: torch.Tensor | None) -> dict[str, float]:
-        sums = {"kd": 0.0, "kl": 0.0, "student_nll": 0.0, "teacher_nll": 0.0, "agree": 0.0}
+        sums = {"kd": 0.0, "kl": 0.0, "student_nll": 0.0, "teacher_nll": 0.0, "agree": 0.0, "agree_subset": 0.0,
+                "covered": 0.0}
         rows = 0
         size = self.config.batch_size
         for start in range(0, min(len(windows), size * self.config.eval_batches), size):
@@ -204,10 +243,17 @@ class DraftTask:
             sums["kl"] += float(kl_to_teacher(s_logits, t_logits)) * n
             sums["student_nll"] += float(F.cross_entropy(s_logits, targets, reduction="sum"))
             sums["teacher_nll"] += float(F.cross_entropy(t_logits, targets, reduction="sum"))
-            sums["agree"] += float((s_logits.argmax(-1) == t_logits.argmax(-1)).sum())
+            teacher_top = t_logits.argmax(-1)
+            sums["agree"] += float((s_logits.argmax(-1) == teacher_top).sum())
+            if self.vocab_ids is not None:  # what the draft proposes: its argmax among the N ids
+                subset_top = self.vocab_ids[s_logits.index_select(1, self.vocab_ids).argmax(-1)]
+                sums["agree_subset"] += float((subset_top == teacher_top).sum())
+                sums["covered"] += float(torch.isin(teacher_top, self.vocab_ids).sum())
             rows += n
         means = {k: v / max(rows, 1) for k, v in sums.items()}
-        return {"loss": means["kd"], "kd_loss": means["kd"], "kl_to_teacher": means["kl"],
+        subset = {} if self.vocab_ids is None else {
+            "top1_agreement_draft_vocab": means["agree_subset"], "teacher_top1_in_draft_vocab": means["covered"]}
+        return {**subset, "loss": means["kd"], "kd_loss": means["kd"], "kl_to_teacher": means["kl"],
                 "student_perplexity": float(torch.tensor(means["student_nll"]).exp()),
                 "teacher_perplexity": float(torch.tensor(means["teacher_nll"]).exp()),
                 "top1_agreement": means["agree"], "eval_tokens": rows}
@@ -222,6 +268,8 @@ class DraftTask:
         self.tokenizer.save_pretrained(str(out_dir))
         GenerationConfig(eos_token_id=self.student.config.eos_token_id,
                          bos_token_id=self.student.config.bos_token_id).save_pretrained(str(out_dir))
+        if self.vocab_counts is not None:
+            write_draft_vocab(out_dir, self.vocab_counts, self.config.draft_vocab_size)
 
     def describe(self) -> dict:
         return {"teacher": self.teacher_source, "teacher_params": self.teacher_params,

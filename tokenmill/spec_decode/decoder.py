@@ -168,12 +168,17 @@ def build_speculative_decoder(config: SpeculativeConfig, target: Any, device: st
 
         draft = DraftModelProposer.for_target(config, target, device)
         proposer = draft
-        draft_cost = _num_params(draft.model) / max(1, _num_params(target.model))
+        draft_cost = _weights_per_token(draft.model) / max(1, _weights_per_token(target.model))
     # The ridge is the prior until the engine's own steps are measured (step_cost.py).
     policy = AdaptivePolicy(config.num_speculative_tokens, measured_step_cost(device), adaptive=config.adaptive,
                             disable_by_batch_size=config.disable_by_batch_size, draft_cost=draft_cost)
     return SpeculativeDecoder(proposer, policy, pad_to_uniform=pad_to_uniform)
 
 
-def _num_params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _weights_per_token(model: Any) -> int:
+    """Weights one token's forward reads: every parameter but the input embedding table (a lookup reads one row),
+    plus the output head's rows (the tied table again, or a reduced draft vocabulary's N rows)."""
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    skip = {id(t) for t in (getattr(embed, "weight", None), head) if t is not None}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip) + (head.numel() if head is not None else 0)

@@ -9,6 +9,10 @@ captured at load over the draft's own KV cache) and the drafts stay on the devic
 read per call, not one per draft token. Greedy requests get the draft's argmax; sampled requests get draws from the
 draft's own processed distribution q (temperature / top-k / top-p / min-p of the request), which goes to the
 target's rejection sampler through ``draft_probs``. A sequence that finds no free draft block decodes plainly.
+
+With a reduced draft vocabulary (spec_decode/draft_vocab.py: the draft directory's ``draft_vocab_size``, or the
+speculative config's) the draft's output head holds only those N rows: the argmax / draw over N logits maps back to
+a full token id, and a sampled row's q is zero outside the subset (rejection sampling stays exact).
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ from tokenmill.attention.backend import get_attention_backend
 from tokenmill.attention.kv_cache import KVCache
 from tokenmill.config import ModelConfig, SpeculativeConfig
 from tokenmill.intmath import cdiv
+from tokenmill.model.linear_method import DenseLinearMethod
 from tokenmill.model.loader import LoadedModel, load_model
 from tokenmill.runner.cuda_graphs import DecodeGraphs
 from tokenmill.sampling.sampler import SamplingRow, exponential_noise, filtered_logits, make_generator
 from tokenmill.spec_decode.decoder import DraftRequest
+from tokenmill.spec_decode.draft_vocab import SubsetLMHead, load_draft_vocab
 
 logger = logging.getLogger(__name__)
 
 # The draft's KV cache: room for this many sequences at full length, within a memory cap (sequences past it decode
 # without drafts). Small drafts hold little KV per token (SmolLM2-135M: 46 KB in fp32, 23 KB in bf16).
 DRAFT_KV_MAX_SEQS = 64
+MAX_QUERY_TOKENS = 8  # 1 + k, k <= 7 (SpeculativeConfig): at most this many held ids can be rejected drafts
 DRAFT_KV_MAX_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 
 
@@ -59,7 +66,8 @@ class _DraftSequence:
 
 class DraftModelProposer:
     def __init__(self, loaded: LoadedModel, device: str, block_size: int, num_blocks: int, target_vocab: int,
-                 max_model_len: int, attention_backend: str = "auto") -> None:
+                 max_model_len: int, attention_backend: str = "auto", vocab_ids: torch.Tensor | None = None) -> None:
+        """``vocab_ids``: the token ids the draft proposes from (a reduced vocabulary), None for all of them."""
         self.model = loaded.model
         self.device = torch.device(device)
         self.block_size = block_size
@@ -76,6 +84,21 @@ class DraftModelProposer:
         # request id -> [k, target vocab] distribution its drafts were drawn from (sampled requests, this step).
         # The same dict object lives on as the runner's ``draft_probs``: cleared and refilled, never replaced.
         self.draft_probs: dict[str, torch.Tensor] = {}
+        self.vocab_ids: torch.Tensor | None = None
+        if vocab_ids is not None:
+            self._use_subset_head(vocab_ids)
+
+    def _use_subset_head(self, vocab_ids: torch.Tensor) -> None:
+        """Swap the draft's output head for one over ``vocab_ids`` (this model instance only: the draft's own)."""
+        head = self.model.lm_head
+        if not isinstance(head.linear_method, DenseLinearMethod) or getattr(head, "gather", False):
+            raise ValueError("a reduced draft vocabulary needs a dense, unsharded output head; this draft's head is "
+                             f"{type(head.linear_method).__name__}")
+        vocab_ids = vocab_ids[vocab_ids < min(self.target_vocab, head.weight.shape[0])]
+        if vocab_ids.numel() == 0:
+            raise ValueError("the reduced draft vocabulary holds no id of the target's vocabulary")
+        self.model.lm_head = SubsetLMHead(head.weight, vocab_ids)
+        self.vocab_ids = vocab_ids.to(self.device)
 
     @classmethod
     def for_target(cls, config: SpeculativeConfig, target: Any, device: str) -> DraftModelProposer:
@@ -94,7 +117,10 @@ class DraftModelProposer:
         cap = DRAFT_KV_MAX_BYTES["cuda" if device.startswith("cuda") else "cpu"] // bytes_per_block
         num_blocks = max(cdiv(max_len, block_size), min(want, cap))
         logger.info("draft model %s: %d KV blocks of %d tokens for proposals", loaded.name, num_blocks, block_size)
-        proposer = cls(loaded, device, block_size, num_blocks, target.model.vocab_size, max_len)
+        vocab_ids = load_draft_vocab(config.model, loaded.model.vocab_size, config.draft_vocab_size)
+        if vocab_ids is not None:
+            logger.info("draft model %s proposes from its %d most frequent token ids", loaded.name, vocab_ids.numel())
+        proposer = cls(loaded, device, block_size, num_blocks, target.model.vocab_size, max_len, vocab_ids=vocab_ids)
         if device.startswith("cuda") and not engine_config.runner.enforce_eager:  # as the target's decode steps
             proposer.capture_graphs(min(engine_config.scheduler.max_num_seqs, engine_config.runner.max_graph_batch_size))
         return proposer
@@ -119,7 +145,11 @@ class DraftModelProposer:
             seed = request.seed if request.seed is None else request.seed + 0x5EED  # not the target's stream
             state = self.sequences[request.seq_id] = _DraftSequence(generator=make_generator(seed, self.device))
         held, ids = state.token_ids, request.token_ids
-        common = 0
+        # Usually all but the last k - 1 held ids (the rejected drafts) are accepted: one list comparison (C speed)
+        # finds that prefix, the id-by-id walk only runs past it (at most k - 1 ids).
+        common = max(0, len(held) - MAX_QUERY_TOKENS)
+        if held[:common] != ids[:common]:
+            common = 0
         limit = min(len(held), len(ids))
         while common < limit and held[common] == ids[common]:
             common += 1
@@ -187,8 +217,9 @@ class DraftModelProposer:
     def _forward(self, input_ids: torch.Tensor, positions: list[int], query_lens: list[int], seq_lens: list[int],
                  tables: list[list[int]], last: torch.Tensor | None) -> torch.Tensor:
         """Logits [len(rows), target vocab] (fp32) of each row's last query token (ids past the target's
-        vocabulary, padding of the draft's embedding, can never be proposed). ``seq_lens``: KV positions each
-        row's attention reads after this step's writes."""
+        vocabulary, padding of the draft's embedding, can never be proposed); with a reduced vocabulary
+        [len(rows), N], column i scoring ``vocab_ids[i]``. ``seq_lens``: KV positions each row's attention reads
+        after this step's writes."""
         meta = self.backend.build_metadata(query_lens, seq_lens, tables, self.block_size, self.device)
         input_positions = torch.tensor(positions, dtype=torch.long, device=self.device)
         if last is None and self.graphs is not None and self.graphs.can_run(meta):
@@ -198,6 +229,8 @@ class DraftModelProposer:
             if last is not None:
                 hidden = hidden.index_select(0, last)
             logits = self.model.compute_logits(hidden).float()
+        if self.vocab_ids is not None:
+            return logits
         vocab = logits.shape[1]
         if vocab > self.target_vocab:
             logits = logits[:, : self.target_vocab]
@@ -209,12 +242,18 @@ class DraftModelProposer:
         """The next draft of every row (on the device): argmax for greedy requests, else a draw from the request's
         processed distribution q (kept for the target's rejection sampler)."""
         tokens = logits.argmax(dim=-1)
+        if self.vocab_ids is not None:
+            tokens = self.vocab_ids[tokens]
         sampled = [i for i, (request, _, _) in enumerate(rows)
                    if request.params is not None and not request.params.greedy]
         if sampled:
             rows_params = [SamplingRow(rows[i][0].params, [], ()) for i in sampled]
             index = torch.tensor(sampled, device=logits.device)
-            q = filtered_logits(logits.index_select(0, index), rows_params).softmax(dim=-1)
+            picked = logits.index_select(0, index)
+            if self.vocab_ids is not None:  # q over the full vocabulary: zero outside the subset
+                full = picked.new_full((len(sampled), self.target_vocab), float("-inf"))
+                picked = full.index_copy_(1, self.vocab_ids, picked)
+            q = filtered_logits(picked, rows_params).softmax(dim=-1)
             generators = [rows[i][1].generator for i in sampled]
             # Unseeded rows share one draw from the default generator; seeded rows use their own.
             noise = exponential_noise(tuple(q.shape), generators, q.device)
