@@ -27,6 +27,15 @@ def triton_device() -> str | None:
     return None
 
 
+def fp8_device() -> str | None:
+    """Where FP8 conversions run: CUDA sm89+ (Ada, Hopper), or CPU through Triton's interpreter."""
+    if not HAS_TRITON:
+        return None
+    if torch.cuda.is_available():
+        return "cuda" if torch.cuda.get_device_capability() >= (8, 9) else None
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
 requires_triton_device = pytest.mark.skipif(
     triton_device() is None, reason="needs CUDA + triton (or TRITON_INTERPRET=1)"
 )
@@ -36,8 +45,9 @@ requires_cuda = pytest.mark.skipif(
 
 
 @pytest.fixture
-def device() -> str:
-    dev = triton_device()
+def device(request) -> str:
+    """The test module's ``KERNEL_DEVICE`` function (e.g. ``fp8_device``), else ``triton_device``."""
+    dev = getattr(request.module, "KERNEL_DEVICE", triton_device)()
     assert dev is not None
     return dev
 

@@ -6,20 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
-from test_fp8_kv_kernels import fp8_device
+from conftest import fp8_device, rel_err
 
 from tokenmill.kernels.fp8_quant import FP8_E4M3, quantize_fp8, quantize_fp8_per_token_triton
 from tokenmill.quantization.fp8 import fp8_linear
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(fp8_device() is None, reason="needs CUDA sm89+ and triton")]
-
-
-@pytest.fixture
-def device() -> str:
-    dev = fp8_device()
-    assert dev is not None
-    return dev
+KERNEL_DEVICE = fp8_device  # conftest's ``device`` fixture
 
 
 @pytest.mark.parametrize("shape", [(1, 4096), (37, 14336), (5, 100)])

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
-from test_fp8_kv_kernels import fp8_device
+from conftest import fp8_device, rel_err
 
 from tokenmill.kernels.fp8_gemv import fp8_gemv
 from tokenmill.kernels.fp8_quant import quantize_fp8
@@ -15,13 +14,7 @@ from tokenmill.kernels.quant_dispatch import FP8_GEMV_MAX_ROWS, default_fp8_conf
 from tokenmill.kernels.splitk import SplitKConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(fp8_device() is None, reason="needs CUDA sm89+ and triton")]
-
-
-@pytest.fixture
-def device() -> str:
-    dev = fp8_device()
-    assert dev is not None
-    return dev
+KERNEL_DEVICE = fp8_device  # conftest's ``device`` fixture
 
 
 def _weights(n: int, k: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

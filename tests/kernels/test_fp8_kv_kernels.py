@@ -8,42 +8,24 @@ them on CPU through Triton's interpreter, for debugging).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import make_paged_batch, rel_err
+from conftest import fp8_device, make_paged_batch, rel_err
 
 from tokenmill.attention.kv_cache import KVCache, LayerKVCache
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.config import KVCacheSpec
-from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.kv_cache_write import reshape_and_cache, reshape_and_cache_reference
 from tokenmill.kernels.paged_attention import paged_decode, paged_decode_reference, plan_decode
 from tokenmill.kernels.prefill_attention import prefill_attention, prefill_attention_reference
 from tokenmill.kernels.rotary import build_cos_sin_cache, rope_inv_freq
 from tokenmill.kernels.rotary_kv_write import rotary_and_cache, rotary_and_cache_reference
 
-
-def fp8_device() -> str | None:
-    if not HAS_TRITON:
-        return None
-    if torch.cuda.is_available():
-        return "cuda" if torch.cuda.get_device_capability() >= (8, 9) else None
-    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
-
-
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(fp8_device() is None, reason="needs CUDA sm89+ and triton")]
+KERNEL_DEVICE = fp8_device  # conftest's ``device`` fixture
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 FP8_IDS = ["e4m3", "e5m2"]
 TOL = 1e-2  # attention over the same FP8 values: only the kernel's bf16/fp16 arithmetic differs
-
-
-@pytest.fixture
-def device() -> str:
-    dev = fp8_device()
-    assert dev is not None
-    return dev
 
 
 def _scales(granularity: str, num_kv_heads: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
