@@ -1,0 +1,270 @@
+"""Probe of the W4A16 GEMV variants (kernels/w4_gemv.py) on Llama-3-8B's decode projections (qkv 6144x4096,
+o 4096x4096, gate_up 28672x4096, down 4096x14336; 4-bit, group 128, integer zero points as RTN writes them) at
+1, 2, 4, 8 and 16 rows, against cuBLAS bf16 and today's dispatched kernel (kernels/quant_dispatch.py's choice),
+all in one run: issue 20's batch-1 target is W4A16 >= 2.5x bf16.
+
+Every variant is first checked against the fp32 product of x and the dequantized weight on fresh random inputs
+(norm-relative and max error recorded; one that fails to compile or to match is recorded and not timed, and the
+probe goes on). Timing as benchmarks/gpu_quant_gemv_sweep.py (its helpers): one CUDA graph runs the projection
+once per weight copy over 32 copies (never served from L2), replays timed with CUDA events, median; µs per call;
+% of the byte floor (codes + scales + zero points over 3.0 TB/s).
+
+    OUT=$OUT python3 benchmarks/gpu_w4_gemv_probe.py --time-limit 190    # H100, < 4 min in all
+
+``--time-limit`` counts from the start of the process: after it no new measurement starts, and the JSON (written
+after every shape and row count too) lists what was skipped. Rows run in the order 1, 16, 4, 8, 2 so that a cut
+loses the least needed. Needs torch + triton only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+START = time.monotonic()
+
+import traceback  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_quant_gemv_sweep import (  # noqa: E402
+    COPIES,
+    FLOOR_BYTES_PER_S,
+    GROUP,
+    SHAPES,
+    TOLERANCE,
+    OutOfResources,
+    copy_rate_gbps,
+    graph_us,
+    packed_bytes,
+    random_packed,
+    rel_err,
+)
+from gpu_record import write_record  # noqa: E402
+
+from tokenmill.kernels.quant_dispatch import tuned_choice, wna16_cuda_linear, wna16_format  # noqa: E402
+from tokenmill.kernels.w4_gemv import W4GemvConfig, repack_k_major, split_plan, w4_gemv  # noqa: E402
+from tokenmill.kernels.wna16_gemm import dequantize  # noqa: E402
+
+ROWS = (1, 16, 4, 8, 2)
+
+
+def kmajor(n: int, g: int, w: int = 4, st: int = 2) -> W4GemvConfig:
+    return W4GemvConfig("kmajor", block_n=n, groups=g, num_warps=w, num_stages=st)
+
+
+def nmajor(n: int, g: int, reduce: str = "finish", w: int = 4) -> W4GemvConfig:
+    return W4GemvConfig("nmajor", block_n=n, groups=g, reduce=reduce, num_warps=w, num_stages=1)
+
+
+def mma(n: int, g: int, reduce: str = "finish", asm: bool = False, w: int = 4, st: int = 2) -> W4GemvConfig:
+    return W4GemvConfig("mma", block_n=n, groups=g, reduce=reduce, asm=asm, num_warps=w, num_stages=st)
+
+
+def candidates(rows: int) -> list[W4GemvConfig]:
+    """A few configs a kind (each distinct one costs a Triton compile of ~1-3 s): FMA kinds up to 8 rows (with
+    tiles shrinking as rows grow: their accumulators are per row), tensor cores at every row count."""
+    tensor = [mma(64, 4), mma(64, 4, asm=True), mma(128, 8), mma(32, 4), mma(64, 4, "atomic"), mma(64, 4, st=3)]
+    if rows == 1:
+        return [kmajor(4, 32), kmajor(8, 16), kmajor(16, 8), kmajor(4, 32, w=2), nmajor(64, 2),
+                nmajor(64, 2, "atomic"), nmajor(128, 1)] + tensor
+    if rows <= 4:
+        return [kmajor(4, 8), kmajor(8, 4), kmajor(4, 16, w=8), nmajor(32, 2)] + tensor
+    if rows <= 8:
+        return [kmajor(4, 4), kmajor(2, 8)] + tensor
+    return tensor
+
+
+class Probe:
+    def __init__(self, time_limit_s: float, out: Path) -> None:
+        self.time_limit_s = time_limit_s
+        self.out = out
+        self.results: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
+        self.fatal: str | None = None
+        self.copy_rate = float("nan")
+
+    def over_time(self) -> bool:
+        return time.monotonic() - START > self.time_limit_s or self.fatal is not None
+
+    def measure(self, case: dict[str, Any], label: str, params: dict[str, Any], call, batch_call,
+                ref: torch.Tensor | None) -> None:
+        """Check ``call()`` twice against ``ref`` (None: the bf16 baseline, not checked), then time ``batch_call``
+        (one call per weight copy). Any exception is recorded, never raised."""
+        name = f"{case['shape']} rows={case['rows']} {label}"
+        if self.over_time():
+            self.skipped.append(name)
+            return
+        row: dict[str, Any] = {**case, "variant": label, "params": params}
+        try:
+            t0 = time.monotonic()
+            outs = [call().float() for _ in range(2)]
+            torch.cuda.synchronize()
+            row["first_calls_s"] = time.monotonic() - t0  # mostly the Triton compile on a variant's first shape
+            if ref is not None:
+                scale = ref.abs().max().item()
+                row["rel_err"] = max(rel_err(o, ref) for o in outs)
+                row["max_err"] = max((o - ref).abs().max().item() for o in outs) / scale
+                if not (row["rel_err"] < TOLERANCE and row["max_err"] < TOLERANCE):
+                    self.failures.append({**row, "error": "mismatch against the fp32 reference"})
+                    print(f"MISMATCH {name}: rel {row['rel_err']:.3g} max {row['max_err']:.3g}", flush=True)
+                    return
+            row["us"] = graph_us(batch_call)
+        except Exception as exc:  # a compile error or a bad config must not lose the rest of the probe
+            kind = "skipped" if isinstance(exc, OutOfResources) else "error"
+            self.failures.append({**row, kind: f"{type(exc).__name__}: {str(exc)[:2000]}"})
+            print(f"FAILED {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            if kind == "error":
+                traceback.print_exc(limit=3)
+            if "CUDA error" in str(exc) or "illegal" in str(exc).lower():
+                self.fatal = f"{name}: {exc}"  # the context is lost: nothing after this can run
+            return
+        row["pct_of_floor"] = 100 * case["floor_bytes"] / FLOOR_BYTES_PER_S / (row["us"] * 1e-6)
+        self.results.append(row)
+
+    def write(self, wall_s: float) -> None:
+        finish_rows(self.results)
+        write_record(self.out, "gpu_w4_gemv_probe", copy_rate_gbps=self.copy_rate,
+                     floor_bytes_per_s=FLOOR_BYTES_PER_S, copies=COPIES, group_size=GROUP, results=self.results,
+                     best=best_per_case(self.results), decode_totals=decode_totals(self.results),
+                     failures=self.failures, skipped=self.skipped, fatal=self.fatal, wall_s=wall_s)
+
+
+class Weights:
+    """One shape's operands: COPIES bf16 weights, 4-bit packed ones (zero points) and their K-major repacks."""
+
+    def __init__(self, n: int, k: int, gen: torch.Generator) -> None:
+        self.n, self.k = n, k
+        self.dense = [(torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+                      for _ in range(COPIES)]
+        self.packed = [random_packed(n, k, 4, True, gen) for _ in range(COPIES)]
+        self.kmajor = [repack_k_major(p) for p in self.packed]
+        self.dequant = dequantize(self.packed[0])  # fp32 [K, N], the reference's weight
+
+
+def today_label(x: torch.Tensor, w: Weights) -> tuple[str, dict[str, Any]]:
+    found, config = tuned_choice(x.device, wna16_format(w.packed[0]), w.n, w.k, x.shape[0])
+    if not found or config is None:
+        return "today:wna16_gemm default", {"kernel": "wna16_gemm", "default": True}
+    return f"today:{config.name}", {"kernel": type(config).__name__, **asdict(config)}
+
+
+def probe_case(pr: Probe, shape: str, w: Weights, rows: int, gen: torch.Generator) -> None:
+    x = torch.randn(rows, w.k, device="cuda", generator=gen).to(torch.bfloat16)
+    ref = x.float() @ w.dequant
+    case = {"shape": shape, "rows": rows, "n": w.n, "k": w.k, "floor_bytes": packed_bytes(w.packed[0])}
+    bf16 = {**case, "floor_bytes": w.dense[0].nbytes}
+    pr.measure(bf16, "bf16:cublas", {"kernel": "cublas"}, lambda: F.linear(x, w.dense[0]),
+               lambda: [F.linear(x, d) for d in w.dense], None)
+    label, params = today_label(x, w)
+    pr.measure(case, label, params, lambda: wna16_cuda_linear(x, w.packed[0], None, {}),
+               lambda: [wna16_cuda_linear(x, p, None, {}) for p in w.packed], ref)
+    for config in candidates(rows):
+        weights = w.kmajor if config.kind == "kmajor" else w.packed
+        params = asdict(config)
+        if config.kind != "kmajor":  # what ran: the finish workspace may have raised the groups per program
+            params["groups_run"], params["splits"] = split_plan(config, rows, w.n, w.k // GROUP)
+        pr.measure(case, config.name, params, lambda c=config, ws=weights: w4_gemv(x, ws[0], c),
+                   lambda c=config, ws=weights: [w4_gemv(x, p, c) for p in ws], ref)
+    print(f"{shape} rows={rows} done at {time.monotonic() - START:.0f} s", flush=True)
+
+
+def finish_rows(results: list[dict[str, Any]]) -> None:
+    """Speedups against the bf16 and today's rows of the same (shape, rows)."""
+    base = {(r["shape"], r["rows"], r["variant"].split(":")[0]): r["us"] for r in results
+            if r["variant"].startswith(("bf16:", "today:"))}
+    for r in results:
+        for ref in ("bf16", "today"):
+            us = base.get((r["shape"], r["rows"], ref))
+            r[f"speedup_vs_{ref}"] = us / r["us"] if us else None
+
+
+def best_per_case(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fastest new variant per (shape, rows)."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        if r["variant"].startswith(("bf16:", "today:")):
+            continue
+        key = (r["shape"], r["rows"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (r["rows"], list(SHAPES).index(r["shape"])))
+
+
+def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The four projections added up per row count: bf16, today's kernel, the best new variant per shape."""
+    by = {}
+    for r in results:
+        tag = r["variant"].split(":")[0] if ":" in r["variant"] else "new"
+        key = (r["rows"], tag, r["shape"])
+        by[key] = min(by.get(key, float("inf")), r["us"])
+    totals = []
+    for rows in sorted({r["rows"] for r in results}):
+        sums = {tag: sum(by.get((rows, tag, s), float("nan")) for s in SHAPES) for tag in ("bf16", "today", "new")}
+        totals.append({"rows": rows, "bf16_us": sums["bf16"], "today_us": sums["today"], "new_us": sums["new"],
+                       "today_x_bf16": sums["bf16"] / sums["today"], "new_x_bf16": sums["bf16"] / sums["new"]})
+    return totals
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print(f"\n{'shape':8} {'rows':>4} {'variant':38} {'us':>8} {'%floor':>7} {'x bf16':>7} {'x today':>8} "
+          f"{'rel err':>8}")
+    order = {r: i for i, r in enumerate(sorted(ROWS))}
+    for r in sorted(results, key=lambda r: (order.get(r["rows"], 99), list(SHAPES).index(r["shape"]), r["us"])):
+        xb, xt = r.get("speedup_vs_bf16"), r.get("speedup_vs_today")
+        print(f"{r['shape']:8} {r['rows']:>4} {r['variant'][:38]:38} {r['us']:8.2f} {r['pct_of_floor']:6.1f}% "
+              f"{xb or float('nan'):6.2f}x {xt or float('nan'):7.2f}x {r.get('rel_err', 0.0):8.1e}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_w4_gemv_probe.json"))
+    parser.add_argument("--time-limit", type=float, default=190.0,
+                        help="seconds from the process start after which no new measurement starts")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    pr = Probe(args.time_limit, Path(args.out))
+    try:
+        pr.copy_rate = copy_rate_gbps()
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        weights = {shape: Weights(*SHAPES[shape], gen) for shape in args.shapes.split(",")}
+        print(f"weights ready at {time.monotonic() - START:.0f} s; copy rate {pr.copy_rate:.0f} GB/s", flush=True)
+        for rows in (int(r) for r in args.rows.split(",")):  # rows outer: a cut loses the least needed counts
+            for shape, w in weights.items():
+                if pr.over_time():
+                    pr.skipped.append(f"{shape} rows={rows}: time limit")
+                    continue
+                probe_case(pr, shape, w, rows, gen)
+                pr.write(time.monotonic() - START)
+    except Exception as exc:  # keep what was measured
+        pr.fatal = pr.fatal or f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        pr.write(time.monotonic() - START)
+    print_table(pr.results)
+    print("\nfour projections added up (best new variant per shape):")
+    for t in decode_totals(pr.results):
+        print(f"rows {t['rows']:>2}: bf16 {t['bf16_us']:7.1f} us, today {t['today_us']:7.1f} us "
+              f"({t['today_x_bf16']:.2f}x), best new {t['new_us']:7.1f} us ({t['new_x_bf16']:.2f}x)")
+    print(f"{len(pr.failures)} failures, {len(pr.skipped)} skipped, fatal: {pr.fatal}; "
+          f"{time.monotonic() - START:.0f} s; wrote {pr.out}")
+    for f in pr.failures:
+        print("FAILED", f["shape"], f["rows"], f["variant"], f.get("error") or f.get("skipped"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The W4A16 GEMV variants (kernels/w4_gemv.py) against the fp32 product with the dequantized weight, on fresh
+random codes, scales, zero points, activations and bias: K-major and N-major FMA kinds, the tensor-core kind
+(plain Triton; its inline-PTX form on CUDA only), K splits reduced by the workspace or by atomics, odd widths,
+groups 32/64/128, 1-16 rows, with and without zero points. Runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err, requires_cuda, requires_triton_device
+from test_wna16_gemm import random_packed
+
+from tokenmill.kernels.w4_gemv import W4GemvConfig, repack_k_major, w4_gemv
+from tokenmill.kernels.wna16_gemm import wna16_linear_reference
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}  # output rounding: bf16 ~3e-3, fp16 ~3e-4 relative
+
+
+def _check(device, rows, k, n, group, zeros, dtype, configs, seed):
+    packed = random_packed(k, n, 4, group, zeros, dtype, device, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(rows, k, generator=gen).to(dtype).to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
+    ref = wna16_linear_reference(x.float(), packed, bias.float()).float()
+    kmajor = repack_k_major(packed)
+    for config in configs:
+        weight = kmajor if config.kind == "kmajor" else packed
+        first = w4_gemv(x, weight, config, bias)
+        again = w4_gemv(x, weight, config, bias)  # the split-K counters were left at zero
+        assert first.dtype == dtype and first.shape == (rows, n), config
+        assert rel_err(first, ref) < TOL[dtype], config
+        if config.reduce == "finish":
+            assert torch.equal(first, again), config  # partials summed in split order: deterministic
+        else:
+            assert rel_err(again, ref) < TOL[dtype], config
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows,group,zeros,dtype", [(1, 128, True, torch.bfloat16), (3, 64, False, torch.float16),
+                                                    (8, 32, True, torch.bfloat16), (2, 128, False, torch.bfloat16)])
+def test_fma_kinds_match_fp32_reference(device, rows, group, zeros, dtype):
+    """Five groups of K (chunks and splits with a ragged tail) and 200 output channels (partial tiles)."""
+    configs = [W4GemvConfig("kmajor", block_n=4), W4GemvConfig("kmajor", block_n=8, groups=2),
+               W4GemvConfig("nmajor", block_n=16, groups=2), W4GemvConfig("nmajor", 32, 1, reduce="atomic"),
+               W4GemvConfig("nmajor", block_n=64, groups=8)]
+    _check(device, rows, 5 * group, 200, group, zeros, dtype, configs, seed=rows * 11 + group)
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows,zeros,dtype", [(1, True, torch.bfloat16), (5, False, torch.float16),
+                                              (16, True, torch.bfloat16), (12, False, torch.bfloat16)])
+def test_tensor_core_kind_matches_fp32_reference(device, rows, zeros, dtype):
+    configs = [W4GemvConfig("mma", block_n=16, groups=2), W4GemvConfig("mma", 32, 1, reduce="atomic"),
+               W4GemvConfig("mma", block_n=64, groups=4)]
+    _check(device, rows, 3 * 128, 72, 128, zeros, dtype, configs, seed=rows * 5 + zeros)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inline_ptx_dequantize_matches_fp32_reference(dtype):
+    """The lop3 pair dequantization: GPU only (the interpreter cannot run PTX); the probe checks it too."""
+    configs = [W4GemvConfig("mma", block_n=32, groups=2, asm=True), W4GemvConfig("mma", 64, 1, "atomic", True)]
+    for rows in (1, 7, 16):
+        _check("cuda", rows, 4 * 128, 136, 128, rows % 2 == 1, dtype, configs, seed=rows)
+
+
+@requires_triton_device
+def test_launcher_rejects_what_the_kernels_cannot_serve(device):
+    packed = random_packed(256, 32, 4, 64, True, torch.bfloat16, device, seed=0)
+    x = torch.randn(9, 256).to(torch.bfloat16).to(device)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        w4_gemv(x, repack_k_major(packed), W4GemvConfig("kmajor"))
+    with pytest.raises(ValueError, match="takes a KMajorWeight"):
+        w4_gemv(x[:1], packed, W4GemvConfig("kmajor"))
+    with pytest.raises(ValueError, match="takes a PackedWeight"):
+        w4_gemv(x[:1], repack_k_major(packed), W4GemvConfig("nmajor", groups=1))
+    with pytest.raises(ValueError, match="group size >= 128"):
+        w4_gemv(x[:1], packed, W4GemvConfig("mma", groups=1))
+    assert w4_gemv(x[:0], packed, W4GemvConfig("nmajor", groups=1)).shape == (0, 32)
+
+
+def test_config_and_repack_validation():
+    with pytest.raises(ValueError, match="not one of"):
+        W4GemvConfig(kind="marlin")
+    with pytest.raises(ValueError, match="needs groups >= 1"):
+        W4GemvConfig(kind="mma")
+    with pytest.raises(ValueError, match="power of two"):
+        W4GemvConfig(block_n=6)
+    with pytest.raises(ValueError, match="'mma' kind only"):
+        W4GemvConfig(asm=True)
+    packed = random_packed(128, 24, 8, 64, True, torch.float16, "cpu", seed=1)
+    with pytest.raises(ValueError, match="4-bit"):
+        repack_k_major(packed)
+    packed4 = random_packed(128, 24, 4, 64, True, torch.float16, "cpu", seed=1)
+    kmajor = repack_k_major(packed4)
+    assert torch.equal(kmajor.qweight.t(), packed4.qweight) and torch.equal(kmajor.zeros.t(), packed4.zeros)
+    assert (kmajor.in_features, kmajor.out_features) == (packed4.in_features, packed4.out_features)
