@@ -66,22 +66,24 @@ def nmajor(n: int, g: int, reduce: str = "finish", w: int = 4) -> W4GemvConfig:
     return W4GemvConfig("nmajor", block_n=n, groups=g, reduce=reduce, num_warps=w, num_stages=1)
 
 
-def mma(n: int, g: int, reduce: str = "finish", asm: bool = False, w: int = 4, st: int = 2) -> W4GemvConfig:
-    return W4GemvConfig("mma", block_n=n, groups=g, reduce=reduce, asm=asm, num_warps=w, num_stages=st)
+def mma(n: int, g: int, reduce: str = "finish", asm: bool = False, w: int = 4, st: int = 2,
+        kind: str = "mma_k") -> W4GemvConfig:
+    return W4GemvConfig(kind, block_n=n, groups=g, reduce=reduce, asm=asm, num_warps=w, num_stages=st)
 
 
+# Chosen from the SASS of sm_90 compiles without a GPU (instructions a weight in the K loop, registers, shared
+# memory round trips): K-major FMA ~4.7 instructions a weight at 1 row, ~3.3 a row-weight at 2-8 rows; the
+# one-product tensor-core kernel ~4-5.5 a weight at any row count up to 16, ~3.5 with the PTX dequantization.
 def candidates(rows: int) -> list[W4GemvConfig]:
     """A few configs a kind (each distinct one costs a Triton compile of ~1-3 s): FMA kinds up to 8 rows (with
     tiles shrinking as rows grow: their accumulators are per row), tensor cores at every row count."""
-    tensor = [mma(64, 4), mma(64, 4, asm=True), mma(128, 8), mma(32, 4), mma(64, 4, "atomic"), mma(64, 4, st=3)]
-    if rows == 1:
-        return [kmajor(4, 32), kmajor(8, 16), kmajor(16, 8), kmajor(4, 32, w=2), nmajor(64, 2),
-                nmajor(64, 2, "atomic"), nmajor(128, 1)] + tensor
-    if rows <= 4:
-        return [kmajor(4, 8), kmajor(8, 4), kmajor(4, 16, w=8), nmajor(32, 2)] + tensor
-    if rows <= 8:
-        return [kmajor(4, 4), kmajor(2, 8)] + tensor
-    return tensor
+    tensor = [mma(128, 8, asm=True), mma(128, 8), mma(64, 4, asm=True), mma(128, 8, asm=True, w=8),
+              mma(64, 4, kind="mma"), mma(64, 4, "atomic", asm=True)]
+    fma = {1: [kmajor(4, 32), kmajor(4, 16, w=2), kmajor(2, 32, w=2), nmajor(64, 2), nmajor(64, 2, "atomic")],
+           2: [kmajor(2, 16, w=2), kmajor(4, 16, w=2), kmajor(4, 8)],
+           4: [kmajor(4, 8), kmajor(4, 8, w=2)],
+           8: [kmajor(4, 4, w=2), kmajor(4, 4)]}
+    return fma.get(rows, []) + tensor
 
 
 class Probe:

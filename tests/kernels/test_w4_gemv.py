@@ -1,6 +1,6 @@
 """The W4A16 GEMV variants (kernels/w4_gemv.py) against the fp32 product with the dequantized weight, on fresh
-random codes, scales, zero points, activations and bias: K-major and N-major FMA kinds, the tensor-core kind
-(plain Triton; its inline-PTX form on CUDA only), K splits reduced by the workspace or by atomics, odd widths,
+random codes, scales, zero points, activations and bias: K-major and N-major FMA kinds, the tensor-core kinds
+(plain Triton; their inline-PTX form on CUDA only), K splits reduced by the workspace or by atomics, odd widths,
 groups 32/64/128, 1-16 rows, with and without zero points. Runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from conftest import rel_err, requires_cuda, requires_triton_device
 from test_wna16_gemm import random_packed
 
-from tokenmill.kernels.w4_gemv import W4GemvConfig, repack_k_major, w4_gemv
-from tokenmill.kernels.wna16_gemm import wna16_linear_reference
+from tokenmill.kernels.w4_gemv import W4GemvConfig, dequantize_k_major, repack_k_major, w4_gemv
+from tokenmill.kernels.wna16_gemm import dequantize, wna16_linear_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -53,7 +53,7 @@ def test_fma_kinds_match_fp32_reference(device, rows, group, zeros, dtype):
                                               (16, True, torch.bfloat16), (12, False, torch.bfloat16)])
 def test_tensor_core_kind_matches_fp32_reference(device, rows, zeros, dtype):
     configs = [W4GemvConfig("mma", block_n=16, groups=2), W4GemvConfig("mma", 32, 1, reduce="atomic"),
-               W4GemvConfig("mma", block_n=64, groups=4)]
+               W4GemvConfig("mma_k", block_n=16, groups=2), W4GemvConfig("mma_k", 32, 4, reduce="atomic")]
     _check(device, rows, 3 * 128, 72, 128, zeros, dtype, configs, seed=rows * 5 + zeros)
 
 
@@ -61,7 +61,8 @@ def test_tensor_core_kind_matches_fp32_reference(device, rows, zeros, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_inline_ptx_dequantize_matches_fp32_reference(dtype):
     """The lop3 pair dequantization: GPU only (the interpreter cannot run PTX); the probe checks it too."""
-    configs = [W4GemvConfig("mma", block_n=32, groups=2, asm=True), W4GemvConfig("mma", 64, 1, "atomic", True)]
+    configs = [W4GemvConfig("mma", block_n=32, groups=2, asm=True), W4GemvConfig("mma_k", 64, 1, "atomic", True),
+               W4GemvConfig("mma_k", block_n=128, groups=8, asm=True, num_warps=8)]
     for rows in (1, 7, 16):
         _check("cuda", rows, 4 * 128, 136, 128, rows % 2 == 1, dtype, configs, seed=rows)
 
@@ -88,12 +89,13 @@ def test_config_and_repack_validation():
         W4GemvConfig(kind="mma")
     with pytest.raises(ValueError, match="power of two"):
         W4GemvConfig(block_n=6)
-    with pytest.raises(ValueError, match="'mma' kind only"):
+    with pytest.raises(ValueError, match="tensor-core kinds"):
         W4GemvConfig(asm=True)
     packed = random_packed(128, 24, 8, 64, True, torch.float16, "cpu", seed=1)
     with pytest.raises(ValueError, match="4-bit"):
         repack_k_major(packed)
-    packed4 = random_packed(128, 24, 4, 64, True, torch.float16, "cpu", seed=1)
+    packed4 = random_packed(192, 24, 4, 64, True, torch.float16, "cpu", seed=1)
     kmajor = repack_k_major(packed4)
-    assert torch.equal(kmajor.qweight.t(), packed4.qweight) and torch.equal(kmajor.zeros.t(), packed4.zeros)
+    assert torch.equal(dequantize_k_major(kmajor), dequantize(packed4))  # the nibble interleave is a permutation
+    assert torch.equal(kmajor.zeros.t(), packed4.zeros)
     assert (kmajor.in_features, kmajor.out_features) == (packed4.in_features, packed4.out_features)

@@ -1,27 +1,29 @@
 """W4A16 GEMV variants for 1-16 rows (issue 20's batch-1 decode target), beside the split-K kernel that serves
 today (kernels/wna16_splitk.py); benchmarks/gpu_w4_gemv_probe.py times them against it and cuBLAS bf16.
 
-That kernel spends ~6 instructions a weight (shift, and-or, bitcast, subtract, FMA) and streams small tiles one
-K step at a time, so at one row it is bound by issue and by round trips, not by bandwidth. Each variant here
-cuts one of those:
+That kernel spends ~6 instructions a weight (shift, and-or, bitcast, subtract, FMA), shuffles tiles through
+shared memory and streams small tiles one K step at a time, so at one row it is bound by issue and round trips,
+not by bandwidth. The variants (instruction counts from sm_90 SASS of the K loop, compiled without a GPU):
 
-- ``kmajor`` (fp32 FMAs, 1-8 rows): a one-time repack (``repack_k_major``) puts each output channel's words
-  contiguous along K, so a program loads a few channels' whole K range (or large chunks of it) in one wide load and
-  reduces along K inside the program: no split-K, no workspace, one launch. Each code becomes ``1 + code / 16`` in
-  fp32 with one shift and one and-or (the nibble moved into the top of the mantissa of 1.0), the FMA multiplies it
-  by x, and the group's scale and zero point are applied once a word: sum_k x (c - z) s = s (16 p - (16 + z) xs)
-  with p = sum_k x (1 + c / 16) and xs = sum_k x.
-- ``nmajor``: the same arithmetic on the GPTQ layout as loaded (words contiguous along N), split over K, the
-  splits reduced in the same launch (kernels/splitk.py's workspace and counter) or by fp32 atomics into a zeroed
-  buffer (plus the memset and the cast: three launches).
-- ``mma`` (tensor cores, 1-16 rows padded to 16): codes become bf16 (or fp16) ``magic + code`` with a shift, an
-  and-or and a truncation (``0x4300 | code`` is bf16 128 + code, ``0x6400 | code`` fp16 1024 + code), one
-  ``tl.dot`` per nibble position against x's matching columns (K order inside a word does not matter to a sum);
-  scale and zero point once a group: s (part - (magic + z) xs). ``asm=True`` builds two codes a word at once
-  with PTX ``lop3`` on a pair of 16-bit lanes (GPU only: Triton's interpreter cannot run inline PTX).
+- ``kmajor`` (fp32 FMAs, 1-8 rows; ~4.7 instructions a weight at 1 row, ~3.3 a row-weight at 2-8): a one-time
+  repack (``repack_k_major``) puts each output channel's words contiguous along K, interleaved so that each
+  word's x values are int32 pairs of x loaded in the words' own tile shape (no layout shuffle). A program loads a
+  few channels' whole K range (or large chunks) at once and reduces along K itself: no split-K, one launch. A
+  nibble becomes fp32 ``base + code / 16`` by one and-or into the mantissa of 128 or 8 (half a shift a weight),
+  the FMA multiplies it by x, and per group sum x (c - z) s = s (16 (p - xb) - z xs), xb = sum x base.
+- ``nmajor``: FMAs on the GPTQ layout as loaded (words contiguous along N), split over K, the splits reduced in
+  the same launch (kernels/splitk.py's workspace and counter) or by fp32 atomics into a zeroed buffer (plus the
+  memset and the cast: three launches). A reference point: its tiles spill.
+- ``mma`` / ``mma_k`` (tensor cores, 1-16 rows padded to 16): codes become bf16 (fp16) ``magic + code`` with a
+  shift, an and-or and a truncation (``0x4300 | code`` is bf16 128 + code, ``0x6400 | code`` fp16 1024 + code);
+  ``mma`` does one ``tl.dot`` per nibble position against x's matching columns (K order inside a word does not
+  matter to a sum), ``mma_k`` stacks the eight code tiles into one product a group with x gathered in that order
+  (one operand shuffle through shared memory instead of eight). Scale and zero point once a group:
+  s (part - (magic + z) xs). ``asm=True`` builds the codes of two neighbouring words with PTX (one ``lop3`` a
+  word on both 16-bit halves, two ``prmt``): GPU only, Triton's interpreter cannot run inline PTX.
 
-Every variant keeps fp32 accumulation; the tests compare each with the fp32 product of x and the dequantized
-weight (tests/kernels/test_w4_gemv.py). None is wired into kernels/quant_dispatch.py yet.
+Every variant keeps fp32 accumulation; tests/kernels/test_w4_gemv.py compares each with the fp32 product of x and
+the dequantized weight. None is wired into kernels/quant_dispatch.py yet.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import torch
 
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
 from tokenmill.kernels.splitk import COUNTERS, PARTIAL_ELEMENTS, dot_in_fp32, splitk_workspace
-from tokenmill.kernels.wna16_gemm import PackedWeight, checked_input
+from tokenmill.kernels.wna16_gemm import PackedWeight, checked_input, unpack_codes
+from tokenmill.quantization.packing import pack_along, unpack_along
 
-GEMV_KINDS = ("kmajor", "nmajor", "mma")
+GEMV_KINDS = ("kmajor", "nmajor", "mma", "mma_k")
 REDUCE_MODES = ("finish", "atomic")
 MAX_ROWS = 16
 FMA_MAX_ROWS = 8  # the FMA kinds multiply every row on the CUDA cores: past 8 rows the tensor cores win
@@ -42,9 +45,12 @@ FMA_MAX_ROWS = 8  # the FMA kinds multiply every row on the CUDA cores: past 8 r
 
 @dataclass(frozen=True)
 class KMajorWeight:
-    """A 4-bit PackedWeight transposed once at load: words contiguous along K for each output channel."""
+    """A 4-bit PackedWeight repacked once at load for the ``kmajor`` kind: each output channel's words contiguous
+    along K, and inside a group of S = 8 GW input channels, word w holds channels S g + 2 GW t + 2 w + e as nibble
+    2 t + e (t < 4, e < 2). So for every t the words' x values are the bf16 pairs at int32 index 4 GW g + GW t + w
+    of x: one contiguous load the same shape as the words' (no layout shuffle between them in the kernel)."""
 
-    qweight: torch.Tensor  # int32 [N, K / 8], nibble j of word w is input channel 8 w + j
+    qweight: torch.Tensor  # int32 [N, K / 8]
     scales: torch.Tensor  # [N, groups]
     zeros: torch.Tensor | None  # [N, groups] float zero points, or None (symmetric: 8)
     group_size: int
@@ -60,12 +66,32 @@ class KMajorWeight:
     bits = 4  # checked_input's and the probe's view of it
 
 
+def _pair_order(n: int, k: int, group_size: int) -> tuple[int, ...]:
+    """The [n, groups, t, w, e] -> [n, groups, w, t, e] view that turns K order into the repacked nibble order."""
+    return (n, k // group_size, 4, group_size // 8, 2)
+
+
 def repack_k_major(packed: PackedWeight) -> KMajorWeight:
-    """The K-major copy of a 4-bit ``packed`` (a one-time load step; the nibble order inside a word is kept)."""
+    """The ``kmajor`` kind's copy of a 4-bit ``packed`` (a one-time load step; see KMajorWeight)."""
     if packed.bits != 4:
         raise ValueError(f"the K-major W4 GEMV takes 4-bit weights; got {packed.bits}-bit")
+    _group_words(packed.group_size, "kmajor")
+    k, n = packed.in_features, packed.out_features
+    codes = unpack_codes(packed.qweight, 4).t().reshape(_pair_order(n, k, packed.group_size))
+    words = pack_along(codes.permute(0, 1, 3, 2, 4).reshape(n, k), 4, dim=1)
     zeros = None if packed.zeros is None else packed.zeros.t().contiguous()
-    return KMajorWeight(packed.qweight.t().contiguous(), packed.scales.t().contiguous(), zeros, packed.group_size)
+    return KMajorWeight(words, packed.scales.t().contiguous(), zeros, packed.group_size)
+
+
+def dequantize_k_major(weight: KMajorWeight) -> torch.Tensor:
+    """W^T [K, N] in fp32 from the repacked layout (the tests' check of the repack)."""
+    n, k = weight.out_features, weight.in_features
+    shape = _pair_order(n, k, weight.group_size)
+    codes = unpack_along(weight.qweight, 4, dim=1).reshape(n, shape[1], shape[3], 4, 2).permute(0, 1, 3, 2, 4)
+    codes = codes.reshape(n, k).float()
+    scales = weight.scales.float().repeat_interleave(weight.group_size, dim=1)
+    zeros = 8.0 if weight.zeros is None else weight.zeros.float().repeat_interleave(weight.group_size, dim=1)
+    return ((codes - zeros) * scales).t()
 
 
 @dataclass(frozen=True)
@@ -96,8 +122,8 @@ class W4GemvConfig:
             raise ValueError(f"groups must be 0 or a power of two; got {self.groups}")
         if self.kind != "kmajor" and self.groups == 0:
             raise ValueError(f"the {self.kind!r} kind needs groups >= 1 (groups of K per program)")
-        if self.asm and self.kind != "mma":
-            raise ValueError("asm=True is a variant of the 'mma' kind only")
+        if self.asm and not self.kind.startswith("mma"):
+            raise ValueError("asm=True is a variant of the tensor-core kinds ('mma', 'mma_k') only")
 
     @property
     def name(self) -> str:
@@ -129,45 +155,112 @@ if HAS_TRITON:
             z = tl.full(s.shape, 8.0, tl.float32)
         return 16.0 * s, -(16.0 + z) * s
 
+    @triton.jit
+    def _pair_halves(pairs, X_BF16: tl.constexpr):
+        """int32 words of two 16-bit activations -> (low, high) in fp32; bf16 by a shift or a mask alone."""
+        if X_BF16:
+            return (pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True)
+        low = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        high = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return low, high
+
+    @triton.jit
+    def _sixteenth_code(words, J: tl.constexpr):
+        """Nibble J of every word as fp32 base + code / 16 (base 128 for nibbles 0, 2, 3, 5; 8 for 1, 4, 6, 7):
+        the nibble is or-ed, where it sits after a shift shared by two nibbles (or none), into the mantissa of
+        the float whose exponent makes its lowest bit 1/16 (bits 12-15 under 2^7, bits 16-19 under 2^3). About
+        half a shift and one and-or a weight, no conversion instruction."""
+        if J == 0:
+            bits = (words << 12) & 0x0000F000 | 0x43000000
+        elif J == 1:
+            bits = (words << 12) & 0x000F0000 | 0x41000000
+        elif J == 2:
+            bits = (words << 4) & 0x0000F000 | 0x43000000
+        elif J == 3:
+            bits = words & 0x0000F000 | 0x43000000
+        elif J == 4:
+            bits = words & 0x000F0000 | 0x41000000
+        elif J == 5:
+            bits = (words >> 8) & 0x0000F000 | 0x43000000
+        elif J == 6:
+            bits = (words >> 8) & 0x000F0000 | 0x41000000
+        else:  # the arithmetic shift's sign bits land above the mask
+            bits = (words >> 12) & 0x000F0000 | 0x41000000
+        return bits.to(tl.float32, bitcast=True)
+
     @triton.jit(do_not_specialize=["M"])
     def _kmajor_kernel(
-        x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+        xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         M, N, G, stride_xm, stride_om,
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-        CHUNK_G: tl.constexpr, GW: tl.constexpr,
+        CHUNK_G: tl.constexpr, GW: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
     ):
-        """Program: BLOCK_N output channels over all of K, CHUNK_G groups of GW words a load ([rows, n, g, w])."""
+        """Program: BLOCK_N output channels over all of K, CHUNK_G groups of GW words a load. Words and x pairs
+        are loaded as [rows or 1, n or 1, g, w] tiles of the same shape along (g, w): one register layout, no
+        shuffle. ``xp_ptr`` is x as int32 pairs (``stride_xm`` in pairs).
+
+        Per word, p = sum x (base + c / 16) - xb with xb = sum x base (p starts at -xb; then one FMA a weight),
+        so sum x c = 16 p and the group adds s (16 sum_w p - z xs); p is summed over the group's words at once, so
+        no per-word accumulator stays live across chunks (registers: more programs per SM, more loads in flight)."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < N
-        m = tl.arange(0, ROWS)
-        mmask = m < M
-        gi = tl.arange(0, CHUNK_G)
-        wi = tl.arange(0, GW)
+        n3 = n[None, :, None]
+        n4 = n3[:, :, :, None]
+        m4 = tl.arange(0, ROWS)[:, None, None, None]
+        w4 = tl.arange(0, GW)[None, None, None, :]
         kw = G * GW  # words per output channel
-        acc = tl.zeros([ROWS, BLOCK_N, CHUNK_G, GW], tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_N, CHUNK_G], tl.float32)
         for g0 in range(0, G, CHUNK_G):
-            g = g0 + gi
-            gmask = g < G
-            word = g[:, None] * GW + wi[None, :]  # [g, w]
-            words = tl.load(qw_ptr + n[:, None, None] * kw + word[None, :, :],
-                            mask=nmask[:, None, None] & gmask[None, :, None], other=0)
-            a, b = _group_terms(s_ptr, z_ptr, n[:, None] * G + g[None, :], nmask[:, None] & gmask[None, :],
-                                HAS_ZEROS)
-            x_at = x_ptr + m[:, None, None, None] * stride_xm + (word * 8)[None, None, :, :]
-            xmask = mmask[:, None, None, None] & gmask[None, None, :, None]
-            p = tl.zeros([ROWS, BLOCK_N, CHUNK_G, GW], tl.float32)
-            xs = tl.zeros([ROWS, 1, CHUNK_G, GW], tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_at + j, mask=xmask, other=0.0).to(tl.float32)
-                p += _unit_code(words, j)[None, :, :, :] * xj
-                xs += xj
-            acc += a[None, :, :, None] * p + b[None, :, :, None] * xs
-        out = tl.sum(tl.sum(acc, axis=3), axis=2)
+            g3 = g0 + tl.arange(0, CHUNK_G)[None, None, :]
+            g4 = g3[:, :, :, None]
+            sz_at = n3 * G + g3
+            pair_at = xp_ptr + tl.minimum(m4, M - 1) * stride_xm + g4 * (4 * GW) + w4  # rows past M: copies
+            if EVEN:  # whole tiles: no masks (a predicated load costs a zeroing move a register)
+                words = tl.load(qw_ptr + n4 * kw + g4 * GW + w4)
+                scale = tl.load(s_ptr + sz_at).to(tl.float32)
+                if HAS_ZEROS:
+                    zero = tl.load(z_ptr + sz_at).to(tl.float32)
+                else:
+                    zero = tl.full([1, BLOCK_N, CHUNK_G], 8.0, tl.float32)
+                pair0 = tl.load(pair_at)
+                pair1 = tl.load(pair_at + GW)
+                pair2 = tl.load(pair_at + 2 * GW)
+                pair3 = tl.load(pair_at + 3 * GW)
+            else:
+                words = tl.load(qw_ptr + n4 * kw + g4 * GW + w4, mask=(n4 < N) & (g4 < G), other=0)
+                sz_mask = (n3 < N) & (g3 < G)
+                scale = tl.load(s_ptr + sz_at, mask=sz_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    zero = tl.load(z_ptr + sz_at, mask=sz_mask, other=0.0).to(tl.float32)
+                else:
+                    zero = tl.full([1, BLOCK_N, CHUNK_G], 8.0, tl.float32)
+                xmask = g4 < G
+                pair0 = tl.load(pair_at, mask=xmask, other=0)
+                pair1 = tl.load(pair_at + GW, mask=xmask, other=0)
+                pair2 = tl.load(pair_at + 2 * GW, mask=xmask, other=0)
+                pair3 = tl.load(pair_at + 3 * GW, mask=xmask, other=0)
+            x0, x1 = _pair_halves(pair0, X_BF16)
+            x2, x3 = _pair_halves(pair1, X_BF16)
+            x4, x5 = _pair_halves(pair2, X_BF16)
+            x6, x7 = _pair_halves(pair3, X_BF16)
+            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+            # the bases of _sixteenth_code: 128 for nibbles 0, 2, 3, 5; 8 for 1, 4, 6, 7
+            xb = 128.0 * ((x0 + x2) + (x3 + x5)) + 8.0 * ((x1 + x4) + (x6 + x7))
+            p = _sixteenth_code(words, 0) * x0 - xb  # one FMA a statement
+            p += _sixteenth_code(words, 1) * x1
+            p += _sixteenth_code(words, 2) * x2
+            p += _sixteenth_code(words, 3) * x3
+            p += _sixteenth_code(words, 4) * x4
+            p += _sixteenth_code(words, 5) * x5
+            p += _sixteenth_code(words, 6) * x6
+            p += _sixteenth_code(words, 7) * x7
+            acc += scale * (16.0 * tl.sum(p, axis=3) - zero * tl.sum(xs, axis=3))
+        out = tl.sum(acc, axis=2)
+        n2 = n[None, :]
         if HAS_BIAS:
-            out += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + m[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
+            out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
+        m2 = tl.arange(0, ROWS)[:, None]
+        tl.store(out_ptr + m2 * stride_om + n2, out.to(out_ptr.dtype.element_ty), mask=(m2 < M) & (n2 < N))
 
     @triton.jit
     def _reduce_store(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tile, pid_k,
@@ -224,18 +317,24 @@ if HAS_TRITON:
         return bits.to(tl.int16).to(dtype, bitcast=True)
 
     @triton.jit
-    def _magic_pair_asm(words, J: tl.constexpr, MAGIC_BITS: tl.constexpr, dtype: tl.constexpr):
-        """Nibbles J and J + 4 of every word at once: one shift, then one lop3 ((w & 0x000F000F) | magic on both
-        16-bit halves) whose halves are read as two 16-bit floats."""
+    def _magic_pair_asm(words, J: tl.constexpr, MAGIC_BITS: tl.constexpr):
+        """Nibbles J and J + 4 of every word as 16-bit floats magic + code, two neighbouring words (two output
+        channels) an instruction group: one lop3 a word ((w & 0x000F000F) | magic on both 16-bit halves: nibble J
+        low, J + 4 high) and two prmt that regroup the halves into (J of both words) and (J + 4 of both words),
+        the 32-bit pairs the tensor-core operand is built from (element 0 in the low half)."""
         shifted = words >> (J * 4)  # the mask drops the sign bits an arithmetic shift brings in
         if MAGIC_BITS == 0x4300:
             pair = tl.inline_asm_elementwise(
-                "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xea; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r", [shifted], dtype=(dtype, dtype), is_pure=True, pack=1)
+                "{ .reg .b32 a, b; lop3.b32 a, $2, 0x000F000F, 0x43004300, 0xea; "
+                "lop3.b32 b, $3, 0x000F000F, 0x43004300, 0xea; prmt.b32 $0, a, b, 0x5410; "
+                "prmt.b32 $1, a, b, 0x7632; }",
+                "=r,=r,r,r", [shifted], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
         else:
             pair = tl.inline_asm_elementwise(
-                "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xea; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r", [shifted], dtype=(dtype, dtype), is_pure=True, pack=1)
+                "{ .reg .b32 a, b; lop3.b32 a, $2, 0x000F000F, 0x64006400, 0xea; "
+                "lop3.b32 b, $3, 0x000F000F, 0x64006400, 0xea; prmt.b32 $0, a, b, 0x5410; "
+                "prmt.b32 $1, a, b, 0x7632; }",
+                "=r,=r,r,r", [shifted], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
         return pair
 
     @triton.jit
@@ -248,15 +347,42 @@ if HAS_TRITON:
             part = tl.dot(xj, c, part)
         return part, xj.to(tl.float32)
 
+    @triton.jit
+    def _stack_k(a, b):
+        """[R, N] on top of [R, N] -> [2R, N]."""
+        joined = tl.permute(tl.join(a, b), (2, 0, 1))
+        return tl.reshape(joined, [2 * a.shape[0], a.shape[1]])
+
+    @triton.jit
+    def _all_codes(words, MAGIC_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
+        """The eight nibbles' magic + code tiles of ``words``."""
+        if ASM:
+            c0, c4 = _magic_pair_asm(words, 0, MAGIC_BITS)
+            c1, c5 = _magic_pair_asm(words, 1, MAGIC_BITS)
+            c2, c6 = _magic_pair_asm(words, 2, MAGIC_BITS)
+            c3, c7 = _magic_pair_asm(words, 3, MAGIC_BITS)
+        else:
+            c0 = _magic_code(words, 0, MAGIC_BITS, dtype)
+            c1 = _magic_code(words, 1, MAGIC_BITS, dtype)
+            c2 = _magic_code(words, 2, MAGIC_BITS, dtype)
+            c3 = _magic_code(words, 3, MAGIC_BITS, dtype)
+            c4 = _magic_code(words, 4, MAGIC_BITS, dtype)
+            c5 = _magic_code(words, 5, MAGIC_BITS, dtype)
+            c6 = _magic_code(words, 6, MAGIC_BITS, dtype)
+            c7 = _magic_code(words, 7, MAGIC_BITS, dtype)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+
     @triton.jit(do_not_specialize=["M"])
     def _mma_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
         M, N, G, stride_xm, stride_om,
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_G: tl.constexpr,
         GW: tl.constexpr, SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
-        MAGIC: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr,
+        MAGIC: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, ONE_DOT: tl.constexpr,
     ):
-        """Program (n tile, K split): SPLIT_G groups one at a time, eight 16 x GW x BLOCK_N products a group."""
+        """Program (n tile, K split): SPLIT_G groups one at a time; a group is eight 16 x GW x BLOCK_N products
+        (one a nibble position) or, ONE_DOT, the eight code tiles stacked into one 16 x 8 GW x BLOCK_N product
+        (one operand shuffle through shared memory a group instead of eight)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -270,25 +396,42 @@ if HAS_TRITON:
         for g in range(first, tl.minimum(first + SPLIT_G, G)):
             word = g * GW + wi
             words = tl.load(qw_ptr + word[:, None] * N + n[None, :], mask=nmask[None, :], other=0)
-            x_at = x_ptr + m[:, None] * stride_xm + (word * 8)[None, :]
             xmask = mmask[:, None]
-            part = tl.zeros([16, BLOCK_N], tl.float32)
-            xs = tl.zeros([16, GW], tl.float32)
-            for j in tl.static_range(4):
-                if ASM:
-                    lo, hi = _magic_pair_asm(words, j, MAGIC_BITS, dtype)
+            if ONE_DOT:  # the eight code tiles stacked along K (nibble-major), x gathered in that order
+                c0, c1, c2, c3, c4, c5, c6, c7 = _all_codes(words, MAGIC_BITS, dtype, ASM)
+                codes = _stack_k(_stack_k(_stack_k(c0, c1), _stack_k(c2, c3)),
+                                 _stack_k(_stack_k(c4, c5), _stack_k(c6, c7)))
+                v = tl.arange(0, 8 * GW)
+                xv = tl.load(x_ptr + m[:, None] * stride_xm + (g * 8 * GW + 8 * (v % GW) + v // GW)[None, :],
+                             mask=xmask, other=0.0)
+                if DOT_F32:
+                    part = tl.dot(xv.to(tl.float32), codes.to(tl.float32), input_precision="ieee")
                 else:
-                    lo = _magic_code(words, j, MAGIC_BITS, dtype)
-                    hi = _magic_code(words, j + 4, MAGIC_BITS, dtype)
-                part, x_lo = _mma_step(part, x_at, xmask, lo, j, DOT_F32)
-                part, x_hi = _mma_step(part, x_at, xmask, hi, j + 4, DOT_F32)
-                xs += x_lo + x_hi
+                    part = tl.dot(xv, codes)
+                # the group's x sum from a contiguous load of the same values: a cheap layout to reduce in
+                kc = g * 8 * GW + tl.arange(0, 8 * GW)
+                xsum = tl.sum(tl.load(x_ptr + m[:, None] * stride_xm + kc[None, :], mask=xmask, other=0.0)
+                              .to(tl.float32), axis=1)
+            else:
+                x_at = x_ptr + m[:, None] * stride_xm + (word * 8)[None, :]
+                part = tl.zeros([16, BLOCK_N], tl.float32)
+                xs = tl.zeros([16, GW], tl.float32)
+                for j in tl.static_range(4):
+                    if ASM:
+                        lo, hi = _magic_pair_asm(words, j, MAGIC_BITS)
+                    else:
+                        lo = _magic_code(words, j, MAGIC_BITS, dtype)
+                        hi = _magic_code(words, j + 4, MAGIC_BITS, dtype)
+                    part, x_lo = _mma_step(part, x_at, xmask, lo, j, DOT_F32)
+                    part, x_hi = _mma_step(part, x_at, xmask, hi, j + 4, DOT_F32)
+                    xs += x_lo + x_hi
+                xsum = tl.sum(xs, axis=1)
             s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
             if HAS_ZEROS:
                 z = tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N], 8.0, tl.float32)
-            acc += part * s[None, :] - tl.sum(xs, axis=1)[:, None] * ((MAGIC + z) * s)[None, :]
+            acc += part * s[None, :] - xsum[:, None] * ((MAGIC + z) * s)[None, :]
         _reduce_store(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, pid_n, pid_k, HAS_BIAS,
                       SPLIT_K, ATOMIC)
 
@@ -298,7 +441,7 @@ def _group_words(group_size: int, kind: str) -> int:
     gw = group_size // 8
     if group_size % 8 or gw & (gw - 1):
         raise ValueError(f"the W4 GEMV needs a group size of 8 x a power of two; got {group_size}")
-    if kind == "mma" and gw < 16:
+    if kind.startswith("mma") and gw < 16:
         raise ValueError(f"the 'mma' W4 GEMV needs group size >= 128 (tl.dot's K of 16 words); got {group_size}")
     return gw
 
@@ -327,7 +470,7 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
     x = checked_input(x, weight, "w4_gemv")
     m, k = x.shape
     n = weight.out_features
-    max_rows = FMA_MAX_ROWS if config.kind != "mma" else MAX_ROWS
+    max_rows = MAX_ROWS if config.kind.startswith("mma") else FMA_MAX_ROWS
     if m > max_rows:
         raise ValueError(f"the {config.kind!r} W4 GEMV takes at most {max_rows} rows; got {m}")
     gw = _group_words(weight.group_size, config.kind)
@@ -340,9 +483,12 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
         out = x.new_empty((m, n))
         if m:
             chunk = next_power_of_2(groups) if config.groups == 0 else min(config.groups, next_power_of_2(groups))
+            if x.stride(0) % 2:
+                x = x.contiguous()
             _kmajor_kernel[(triton.cdiv(n, config.block_n),)](
-                x, weight.qweight, weight.scales, zeros, bias_arg, out, m, n, groups, x.stride(0), out.stride(0),
-                ROWS=max(1, next_power_of_2(m)), CHUNK_G=chunk, **common)
+                x.view(torch.int32), weight.qweight, weight.scales, zeros, bias_arg, out, m, n, groups,
+                x.stride(0) // 2, out.stride(0), ROWS=max(1, next_power_of_2(m)), CHUNK_G=chunk,
+                X_BF16=x.dtype == torch.bfloat16, EVEN=n % config.block_n == 0 and groups % chunk == 0, **common)
         return out
     per_split, split = split_plan(config, m, n, groups)
     tiles = triton.cdiv(n, config.block_n)
@@ -361,5 +507,6 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
     else:
         magic_bits, magic = (0x4300, 128.0) if x.dtype == torch.bfloat16 else (0x6400, 1024.0)
         _mma_kernel[(tiles, split)](*args, SPLIT_G=per_split, SPLIT_K=split, ATOMIC=atomic, MAGIC_BITS=magic_bits,
-                                    MAGIC=magic, ASM=config.asm, DOT_F32=dot_in_fp32(x.dtype), **common)
+                                    MAGIC=magic, ASM=config.asm, DOT_F32=dot_in_fp32(x.dtype),
+                                    ONE_DOT=config.kind == "mma_k", **common)
     return out.to(x.dtype) if atomic else out
