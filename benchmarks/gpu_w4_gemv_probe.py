@@ -19,6 +19,7 @@ loses the least needed. Needs torch + triton only.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -125,9 +126,9 @@ class Probe:
         except Exception as exc:  # a compile error or a bad config must not lose the rest of the probe
             kind = "skipped" if isinstance(exc, OutOfResources) else "error"
             self.failures.append({**row, kind: f"{type(exc).__name__}: {str(exc)[:2000]}"})
-            print(f"FAILED {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            if kind == "error":
-                traceback.print_exc(limit=3)
+            print(f"FAILED {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            if kind == "error" and not any(f["variant"] == label for f in self.failures[:-1]):
+                traceback.print_exc(limit=3)  # once a variant
             if "CUDA error" in str(exc) or "illegal" in str(exc).lower():
                 self.fatal = f"{name}: {exc}"  # the context is lost: nothing after this can run
             return
@@ -139,6 +140,7 @@ class Probe:
         write_record(self.out, "gpu_w4_gemv_probe", copy_rate_gbps=self.copy_rate,
                      floor_bytes_per_s=FLOOR_BYTES_PER_S, copies=COPIES, group_size=GROUP, results=self.results,
                      best=best_per_case(self.results), decode_totals=decode_totals(self.results),
+                     suggested_table={"w4a16_g128": suggested_entries(self.results)},
                      failures=self.failures, skipped=self.skipped, fatal=self.fatal, wall_s=wall_s)
 
 
@@ -203,29 +205,77 @@ def best_per_case(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(best.values(), key=lambda r: (r["rows"], list(SHAPES).index(r["shape"])))
 
 
+def _tag(r: dict[str, Any]) -> str:
+    """bf16 / today / new (any new variant) for the totals; K-major ones need the load-time repack."""
+    return r["variant"].split(":")[0] if ":" in r["variant"] else "new"
+
+
 def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The four projections added up per row count: bf16, today's kernel, the best new variant per shape."""
-    by = {}
+    """The four projections added up per row count: bf16, today's kernel, the best new variant per shape, and the
+    best new variant that serves the GPTQ layout as loaded (no repack)."""
+    by: dict[tuple, float] = {}
     for r in results:
-        tag = r["variant"].split(":")[0] if ":" in r["variant"] else "new"
-        key = (r["rows"], tag, r["shape"])
-        by[key] = min(by.get(key, float("inf")), r["us"])
+        keys = [_tag(r)] + (["no_repack"] if _tag(r) == "new" and r["params"].get("kind") != "kmajor" else [])
+        for tag in keys:
+            by[(r["rows"], tag, r["shape"])] = min(by.get((r["rows"], tag, r["shape"]), float("inf")), r["us"])
     totals = []
     for rows in sorted({r["rows"] for r in results}):
-        sums = {tag: sum(by.get((rows, tag, s), float("nan")) for s in SHAPES) for tag in ("bf16", "today", "new")}
+        sums = {tag: sum(by.get((rows, tag, s), float("nan")) for s in SHAPES)
+                for tag in ("bf16", "today", "new", "no_repack")}
         totals.append({"rows": rows, "bf16_us": sums["bf16"], "today_us": sums["today"], "new_us": sums["new"],
-                       "today_x_bf16": sums["bf16"] / sums["today"], "new_x_bf16": sums["bf16"] / sums["new"]})
+                       "no_repack_us": sums["no_repack"], "today_x_bf16": sums["bf16"] / sums["today"],
+                       "new_x_bf16": sums["bf16"] / sums["new"], "no_repack_x_bf16": sums["bf16"] / sums["no_repack"]})
     return totals
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"\n{'shape':8} {'rows':>4} {'variant':38} {'us':>8} {'%floor':>7} {'x bf16':>7} {'x today':>8} "
-          f"{'rel err':>8}")
-    order = {r: i for i, r in enumerate(sorted(ROWS))}
-    for r in sorted(results, key=lambda r: (order.get(r["rows"], 99), list(SHAPES).index(r["shape"]), r["us"])):
-        xb, xt = r.get("speedup_vs_bf16"), r.get("speedup_vs_today")
-        print(f"{r['shape']:8} {r['rows']:>4} {r['variant'][:38]:38} {r['us']:8.2f} {r['pct_of_floor']:6.1f}% "
-              f"{xb or float('nan'):6.2f}x {xt or float('nan'):7.2f}x {r.get('rel_err', 0.0):8.1e}")
+def suggested_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """kernels/quant_dispatch.py table entries ({"NxK": {rows: entry}}) where a new variant that serves the
+    GPTQ layout as loaded beats today's kernel; the K-major kinds are left out (they need the load-time repack)."""
+    today = {(r["shape"], r["rows"]): r["us"] for r in results if _tag(r) == "today"}
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        key = (r["shape"], r["rows"])
+        if _tag(r) == "new" and r["params"].get("kind") != "kmajor" and r["us"] < today.get(key, float("inf")):
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    table: dict[str, dict[str, Any]] = {}
+    for (shape, rows), r in sorted(best.items()):
+        n, k = SHAPES[shape]
+        fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits")}
+        table.setdefault(f"{n}x{k}", {})[str(rows)] = {"kernel": "w4_gemv", **fields}
+    return table
+
+
+def table_lines(results: list[dict[str, Any]], top: int | None = None) -> list[str]:
+    """Per (rows, shape): bf16, today's kernel and the new variants, fastest first (``top`` of them)."""
+    lines = [f"{'shape':8} {'rows':>4} {'variant':38} {'us':>8} {'%floor':>7} {'x bf16':>7} {'x today':>8} {'rel err':>8}"]
+    cases = sorted({(r["rows"], list(SHAPES).index(r["shape"]), r["shape"]) for r in results})
+    for rows, _, shape in cases:
+        rs = sorted((r for r in results if r["rows"] == rows and r["shape"] == shape), key=lambda r: r["us"])
+        base = [r for r in rs if r["variant"].startswith(("bf16:", "today:"))]
+        new = [r for r in rs if r not in base][:top]
+        for r in base + new:
+            xb, xt = r.get("speedup_vs_bf16"), r.get("speedup_vs_today")
+            lines.append(f"{shape:8} {rows:>4} {r['variant'][:38]:38} {r['us']:8.2f} {r['pct_of_floor']:6.1f}% "
+                         f"{xb or float('nan'):6.2f}x {xt or float('nan'):7.2f}x {r.get('rel_err', 0.0):8.1e}")
+    return lines
+
+
+def summary_lines(pr: Probe) -> list[str]:
+    lines = ["", "four projections added up (best new variant per shape):"]
+    for t in decode_totals(pr.results):
+        lines.append(f"rows {t['rows']:>2}: bf16 {t['bf16_us']:7.1f} us, today {t['today_us']:7.1f} us "
+                     f"({t['today_x_bf16']:.2f}x), best new {t['new_us']:7.1f} us ({t['new_x_bf16']:.2f}x), "
+                     f"best without repack {t['no_repack_us']:7.1f} us ({t['no_repack_x_bf16']:.2f}x)")
+    failed: dict[str, list[dict[str, Any]]] = {}
+    for f in pr.failures:
+        failed.setdefault(f["variant"], []).append(f)
+    for variant, fs in failed.items():
+        first = fs[0].get("error") or fs[0].get("skipped")
+        lines.append(f"FAILED {variant} in {len(fs)} cases, first: {str(first)[:200]}")
+    lines.append(f"{len(pr.failures)} failures, {len(pr.skipped)} skipped, fatal: {pr.fatal}; "
+                 f"{time.monotonic() - START:.0f} s; wrote {pr.out}")
+    return lines
 
 
 def main() -> int:
@@ -256,15 +306,10 @@ def main() -> int:
         traceback.print_exc()
     finally:
         pr.write(time.monotonic() - START)
-    print_table(pr.results)
-    print("\nfour projections added up (best new variant per shape):")
-    for t in decode_totals(pr.results):
-        print(f"rows {t['rows']:>2}: bf16 {t['bf16_us']:7.1f} us, today {t['today_us']:7.1f} us "
-              f"({t['today_x_bf16']:.2f}x), best new {t['new_us']:7.1f} us ({t['new_x_bf16']:.2f}x)")
-    print(f"{len(pr.failures)} failures, {len(pr.skipped)} skipped, fatal: {pr.fatal}; "
-          f"{time.monotonic() - START:.0f} s; wrote {pr.out}")
-    for f in pr.failures:
-        print("FAILED", f["shape"], f["rows"], f["variant"], f.get("error") or f.get("skipped"))
+    full = table_lines(pr.results) + summary_lines(pr)
+    pr.out.with_suffix(".txt").write_text("\n".join(full) + "\n")
+    print("\n".join(table_lines(pr.results, top=3) + summary_lines(pr)))  # the console keeps the fastest three
+    print("suggested w4a16_g128 entries (no repack):", json.dumps(suggested_entries(pr.results), sort_keys=True))
     return 0
 
 

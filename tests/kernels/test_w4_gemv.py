@@ -99,3 +99,25 @@ def test_config_and_repack_validation():
     assert torch.equal(dequantize_k_major(kmajor), dequantize(packed4))  # the nibble interleave is a permutation
     assert torch.equal(kmajor.zeros.t(), packed4.zeros)
     assert (kmajor.in_features, kmajor.out_features) == (packed4.in_features, packed4.out_features)
+
+
+@requires_triton_device
+def test_a_measured_table_entry_routes_a_layer_to_the_w4_gemv(device, tmp_path, monkeypatch):
+    """kernels/quant_dispatch.py reads {"kernel": "w4_gemv", ...} entries (none shipped yet) and serves them from
+    the PackedWeight as loaded; the K-major kind is refused (the linear methods do not repack)."""
+    import json
+
+    from tokenmill.kernels.quant_dispatch import CONFIGS_ENV, config_from_json, wna16_cuda_linear
+
+    k, n = 256, 40
+    entry = {"kernel": "w4_gemv", "kind": "mma_k", "block_n": 16, "groups": 1, "reduce": "finish"}
+    table = {"cpu" if device == "cpu" else torch.cuda.get_device_name(): {"w4a16_g128": {f"{n}x{k}": {"4": entry}}}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(CONFIGS_ENV, str(path))
+    packed = random_packed(k, n, 4, 128, True, torch.bfloat16, device, seed=9)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16).to(device)
+    ref = wna16_linear_reference(x.float(), packed).float()
+    assert rel_err(wna16_cuda_linear(x, packed, None, {}), ref) < TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="repacked at load"):
+        config_from_json({"kernel": "w4_gemv", "kind": "kmajor"})

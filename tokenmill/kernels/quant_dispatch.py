@@ -22,21 +22,28 @@ import torch
 
 from tokenmill.kernels._triton import next_power_of_2
 from tokenmill.kernels.splitk import SplitKConfig
+from tokenmill.kernels.w4_gemv import W4GemvConfig, w4_gemv
 from tokenmill.kernels.wna16_gemm import PackedWeight, WNA16Config, wna16_linear
 from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
 
 FP8_GEMV_MAX_ROWS = 16  # above: torch._scaled_mm (tensor-core FP8)
 
-Plan = dict[int, SplitKConfig | WNA16Config | None]  # None: the format's library path (FP8: _scaled_mm)
-Choice = SplitKConfig | WNA16Config | None
+Choice = SplitKConfig | WNA16Config | W4GemvConfig | None  # None: the format's library path (FP8: _scaled_mm)
+Plan = dict[int, Choice]
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs" / "quant_gemv.json"
 CONFIGS_ENV = "TOKENMILL_QUANT_GEMV_CONFIGS"
 
 
 def config_from_json(entry: dict[str, Any]) -> Choice:
-    """One table entry: {"kernel": "splitk" | "wna16_gemm" | "scaled_mm", plus the config's fields}."""
+    """One table entry: {"kernel": "splitk" | "wna16_gemm" | "w4_gemv" | "scaled_mm", plus the config's fields}."""
     fields = {k: v for k, v in entry.items() if k != "kernel"}
+    if entry["kernel"] == "w4_gemv":  # 4-bit, group >= 128, <= 16 rows (tensor-core kinds); no entry uses it yet
+        config = W4GemvConfig(**fields)
+        if config.kind == "kmajor":
+            raise ValueError("quantized GEMV config table: the 'kmajor' W4 GEMV needs weights repacked at load "
+                             "(kernels/w4_gemv.py: repack_k_major), which the linear methods do not do yet")
+        return config
     if entry["kernel"] == "splitk":
         return SplitKConfig(**fields)
     if entry["kernel"] == "wna16_gemm":
@@ -119,6 +126,8 @@ def wna16_cuda_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor 
             return wna16_linear(x, packed, bias)
     if isinstance(config, WNA16Config):
         return wna16_linear(x, packed, bias, config)
+    if isinstance(config, W4GemvConfig):
+        return w4_gemv(x, packed, config, bias)
     return wna16_splitk_linear(x, packed, bias, config)
 
 
