@@ -59,8 +59,8 @@ from tokenmill.kernels.wna16_gemm import dequantize  # noqa: E402
 ROWS = (1, 16, 4, 8, 2)
 
 
-def kmajor(n: int, g: int, w: int = 4, st: int = 2) -> W4GemvConfig:
-    return W4GemvConfig("kmajor", block_n=n, groups=g, num_warps=w, num_stages=st)
+def kmajor(n: int, g: int, w: int = 4, st: int = 2, pf: bool = False) -> W4GemvConfig:
+    return W4GemvConfig("kmajor", block_n=n, groups=g, num_warps=w, num_stages=st, prefetch=pf)
 
 
 def nmajor(n: int, g: int, reduce: str = "finish", w: int = 4) -> W4GemvConfig:
@@ -79,8 +79,9 @@ def candidates(rows: int) -> list[W4GemvConfig]:
     """A few configs a kind (each distinct one costs a Triton compile of ~1-3 s): FMA kinds up to 8 rows (with
     tiles shrinking as rows grow: their accumulators are per row), tensor cores at every row count."""
     tensor = [mma(128, 8, asm=True), mma(128, 8), mma(64, 4, asm=True), mma(128, 8, asm=True, w=8),
-              mma(64, 4, kind="mma"), mma(64, 4, "atomic", asm=True)]
-    fma = {1: [kmajor(4, 32), kmajor(4, 16, w=2), kmajor(2, 32, w=2), nmajor(64, 2), nmajor(64, 2, "atomic")],
+              mma(64, 4, asm=True, st=4), mma(64, 2, asm=True), mma(64, 4, kind="mma"), mma(64, 4, "atomic", asm=True)]
+    fma = {1: [kmajor(4, 32), kmajor(4, 16, w=2), kmajor(2, 32, w=2), kmajor(4, 16, w=2, pf=True), nmajor(64, 2),
+               nmajor(64, 2, "atomic")],
            2: [kmajor(2, 16, w=2), kmajor(4, 16, w=2), kmajor(4, 8)],
            4: [kmajor(4, 8), kmajor(4, 8, w=2)],
            8: [kmajor(4, 4, w=2), kmajor(4, 4)]}

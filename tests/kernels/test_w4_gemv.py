@@ -43,6 +43,7 @@ def _check(device, rows, k, n, group, zeros, dtype, configs, seed):
 def test_fma_kinds_match_fp32_reference(device, rows, group, zeros, dtype):
     """Five groups of K (chunks and splits with a ragged tail) and 200 output channels (partial tiles)."""
     configs = [W4GemvConfig("kmajor", block_n=4), W4GemvConfig("kmajor", block_n=8, groups=2),
+               W4GemvConfig("kmajor", block_n=4, groups=2, prefetch=True),
                W4GemvConfig("nmajor", block_n=16, groups=2), W4GemvConfig("nmajor", 32, 1, reduce="atomic"),
                W4GemvConfig("nmajor", block_n=64, groups=8)]
     _check(device, rows, 5 * group, 200, group, zeros, dtype, configs, seed=rows * 11 + group)
@@ -91,6 +92,8 @@ def test_config_and_repack_validation():
         W4GemvConfig(block_n=6)
     with pytest.raises(ValueError, match="tensor-core kinds"):
         W4GemvConfig(asm=True)
+    with pytest.raises(ValueError, match="'kmajor' kind only"):
+        W4GemvConfig(kind="mma", groups=1, prefetch=True)
     packed = random_packed(128, 24, 8, 64, True, torch.float16, "cpu", seed=1)
     with pytest.raises(ValueError, match="4-bit"):
         repack_k_major(packed)

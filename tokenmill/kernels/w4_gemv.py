@@ -99,8 +99,9 @@ class W4GemvConfig:
     """One variant's tiles (see the module docstring for ``kind``).
 
     ``groups``: quantization groups of K a program covers per step: ``kmajor`` loops over K in chunks of that
-    many groups (0: all of K in one chunk); ``nmajor`` and ``mma`` split K into programs of that many groups
-    (``mma`` loops over them one group at a time). ``reduce`` is how K splits meet; ``asm`` only for ``mma``.
+    many groups (0: all of K in one chunk; ``prefetch`` keeps the next chunk's load in flight); ``nmajor`` and
+    the ``mma`` kinds split K into programs of that many groups (``mma`` kinds loop over them one group at a
+    time). ``reduce`` is how K splits meet; ``asm`` only for the ``mma`` kinds.
     """
 
     kind: str = "kmajor"
@@ -110,6 +111,7 @@ class W4GemvConfig:
     asm: bool = False
     num_warps: int = 4
     num_stages: int = 2
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in GEMV_KINDS:
@@ -122,6 +124,8 @@ class W4GemvConfig:
             raise ValueError(f"groups must be 0 or a power of two; got {self.groups}")
         if self.kind != "kmajor" and self.groups == 0:
             raise ValueError(f"the {self.kind!r} kind needs groups >= 1 (groups of K per program)")
+        if self.prefetch and self.kind != "kmajor":
+            raise ValueError("prefetch=True is a variant of the 'kmajor' kind only")
         if self.asm and not self.kind.startswith("mma"):
             raise ValueError("asm=True is a variant of the tensor-core kinds ('mma', 'mma_k') only")
 
@@ -129,7 +133,7 @@ class W4GemvConfig:
     def name(self) -> str:
         tail = f"_{self.reduce}" if self.kind != "kmajor" else ""
         return (f"{self.kind}{'_asm' if self.asm else ''}_n{self.block_n}_g{self.groups}{tail}"
-                f"_w{self.num_warps}_st{self.num_stages}")
+                f"_w{self.num_warps}_st{self.num_stages}{'_pf' if self.prefetch else ''}")
 
 
 if HAS_TRITON:
@@ -194,10 +198,12 @@ if HAS_TRITON:
         M, N, G, stride_xm, stride_om,
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         CHUNK_G: tl.constexpr, GW: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         """Program: BLOCK_N output channels over all of K, CHUNK_G groups of GW words a load. Words and x pairs
         are loaded as [rows or 1, n or 1, g, w] tiles of the same shape along (g, w): one register layout, no
-        shuffle. ``xp_ptr`` is x as int32 pairs (``stride_xm`` in pairs).
+        shuffle. ``xp_ptr`` is x as int32 pairs (``stride_xm`` in pairs). PREFETCH loads the next chunk's words
+        before this chunk's arithmetic (two chunks in flight where K takes several).
 
         Per word, p = sum x (base + c / 16) - xb with xb = sum x base (p starts at -xb; then one FMA a weight),
         so sum x c = 16 p and the group adds s (16 sum_w p - z xs); p is summed over the group's words at once, so
@@ -210,13 +216,23 @@ if HAS_TRITON:
         w4 = tl.arange(0, GW)[None, None, None, :]
         kw = G * GW  # words per output channel
         acc = tl.zeros([ROWS, BLOCK_N, CHUNK_G], tl.float32)
+        gi4 = tl.arange(0, CHUNK_G)[None, None, :, None]
+        if PREFETCH:
+            ahead = tl.load(qw_ptr + n4 * kw + gi4 * GW + w4, mask=(n4 < N) & (gi4 < G), other=0)
         for g0 in range(0, G, CHUNK_G):
             g3 = g0 + tl.arange(0, CHUNK_G)[None, None, :]
             g4 = g3[:, :, :, None]
             sz_at = n3 * G + g3
             pair_at = xp_ptr + tl.minimum(m4, M - 1) * stride_xm + g4 * (4 * GW) + w4  # rows past M: copies
-            if EVEN:  # whole tiles: no masks (a predicated load costs a zeroing move a register)
+            if PREFETCH:
+                words = ahead
+                nxt = g4 + CHUNK_G
+                ahead = tl.load(qw_ptr + n4 * kw + nxt * GW + w4, mask=(n4 < N) & (nxt < G), other=0)
+            elif EVEN:
                 words = tl.load(qw_ptr + n4 * kw + g4 * GW + w4)
+            else:
+                words = tl.load(qw_ptr + n4 * kw + g4 * GW + w4, mask=(n4 < N) & (g4 < G), other=0)
+            if EVEN:  # whole tiles: no masks (a predicated load costs a zeroing move a register)
                 scale = tl.load(s_ptr + sz_at).to(tl.float32)
                 if HAS_ZEROS:
                     zero = tl.load(z_ptr + sz_at).to(tl.float32)
@@ -227,7 +243,6 @@ if HAS_TRITON:
                 pair2 = tl.load(pair_at + 2 * GW)
                 pair3 = tl.load(pair_at + 3 * GW)
             else:
-                words = tl.load(qw_ptr + n4 * kw + g4 * GW + w4, mask=(n4 < N) & (g4 < G), other=0)
                 sz_mask = (n3 < N) & (g3 < G)
                 scale = tl.load(s_ptr + sz_at, mask=sz_mask, other=0.0).to(tl.float32)
                 if HAS_ZEROS:
@@ -488,7 +503,8 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
             _kmajor_kernel[(triton.cdiv(n, config.block_n),)](
                 x.view(torch.int32), weight.qweight, weight.scales, zeros, bias_arg, out, m, n, groups,
                 x.stride(0) // 2, out.stride(0), ROWS=max(1, next_power_of_2(m)), CHUNK_G=chunk,
-                X_BF16=x.dtype == torch.bfloat16, EVEN=n % config.block_n == 0 and groups % chunk == 0, **common)
+                X_BF16=x.dtype == torch.bfloat16, EVEN=n % config.block_n == 0 and groups % chunk == 0,
+                PREFETCH=config.prefetch, **common)
         return out
     per_split, split = split_plan(config, m, n, groups)
     tiles = triton.cdiv(n, config.block_n)
