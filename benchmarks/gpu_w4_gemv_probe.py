@@ -72,19 +72,20 @@ def mma(n: int, g: int, reduce: str = "finish", asm: bool = False, w: int = 4, s
     return W4GemvConfig(kind, block_n=n, groups=g, reduce=reduce, asm=asm, num_warps=w, num_stages=st)
 
 
-# Chosen from the SASS of sm_90 compiles without a GPU (instructions a weight in the K loop, registers, shared
-# memory round trips): K-major FMA ~4.7 instructions a weight at 1 row, ~3.3 a row-weight at 2-8 rows; the
-# one-product tensor-core kernel ~4-5.5 a weight at any row count up to 16, ~3.5 with the PTX dequantization.
+# Chosen from the SASS of sm_90 compiles without a GPU (triton 3.6, as on the device, and 3.9: instructions a
+# weight in the K loop, registers, shared-memory round trips): K-major FMA 4.5-4.9 instructions a weight at 1 row,
+# 2.8-4.3 a row-weight at 2-8 rows (tiles whose flat K dim holds every thread: no layout shuffle); the
+# one-product tensor-core kernel ~5-6 a weight at any row count up to 16.
 def candidates(rows: int) -> list[W4GemvConfig]:
     """A few configs a kind (each distinct one costs a Triton compile of ~1-3 s): FMA kinds up to 8 rows (with
     tiles shrinking as rows grow: their accumulators are per row), tensor cores at every row count."""
     tensor = [mma(128, 8, asm=True), mma(128, 8), mma(64, 4, asm=True), mma(128, 8, asm=True, w=8),
               mma(64, 4, asm=True, st=4), mma(64, 2, asm=True), mma(64, 4, kind="mma"), mma(64, 4, "atomic", asm=True)]
-    fma = {1: [kmajor(4, 32), kmajor(4, 16, w=2), kmajor(2, 32, w=2), kmajor(4, 16, w=2, pf=True), nmajor(64, 2),
+    fma = {1: [kmajor(4, 32), kmajor(8, 32), kmajor(4, 16, w=2), kmajor(4, 16, w=2, pf=True), nmajor(64, 2),
                nmajor(64, 2, "atomic")],
-           2: [kmajor(2, 16, w=2), kmajor(4, 16, w=2), kmajor(4, 8)],
-           4: [kmajor(4, 8), kmajor(4, 8, w=2)],
-           8: [kmajor(4, 4, w=2), kmajor(4, 4)]}
+           2: [kmajor(4, 32), kmajor(2, 32)],
+           4: [kmajor(2, 32), kmajor(4, 16, w=2)],
+           8: [kmajor(2, 32)]}
     return fma.get(rows, []) + tensor
 
 

@@ -3,9 +3,10 @@ today (kernels/wna16_splitk.py); benchmarks/gpu_w4_gemv_probe.py times them agai
 
 That kernel spends ~6 instructions a weight (shift, and-or, bitcast, subtract, FMA), shuffles tiles through
 shared memory and streams small tiles one K step at a time, so at one row it is bound by issue and round trips,
-not by bandwidth. The variants (instruction counts from sm_90 SASS of the K loop, compiled without a GPU):
+not by bandwidth. The variants (instruction counts from sm_90 SASS of the K loop, compiled without a GPU by
+triton 3.6 and 3.9):
 
-- ``kmajor`` (fp32 FMAs, 1-8 rows; ~4.7 instructions a weight at 1 row, ~3.3 a row-weight at 2-8): a one-time
+- ``kmajor`` (fp32 FMAs, 1-8 rows; 4.5-4.9 instructions a weight at 1 row, 2.8-4.3 a row-weight at 2-8): a one-time
   repack (``repack_k_major``) puts each output channel's words contiguous along K, interleaved so that each
   word's x values are int32 pairs of x loaded in the words' own tile shape (no layout shuffle). A program loads a
   few channels' whole K range (or large chunks) at once and reduces along K itself: no split-K, one launch. A
@@ -209,29 +210,29 @@ if HAS_TRITON:
         so sum x c = 16 p and the group adds s (16 sum_w p - z xs); p is summed over the group's words at once, so
         no per-word accumulator stays live across chunks (registers: more programs per SM, more loads in flight)."""
         pid = tl.program_id(0)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n3 = n[None, :, None]
-        n4 = n3[:, :, :, None]
-        m4 = tl.arange(0, ROWS)[:, None, None, None]
-        w4 = tl.arange(0, GW)[None, None, None, :]
+        KC: tl.constexpr = CHUNK_G * GW  # words a chunk: one flat last dim, so every Triton version lays the
+        # words and the x pairs out alike (threads and warps along it; channels and rows in registers)
+        n3 = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[None, :, None]
+        m3 = tl.arange(0, ROWS)[:, None, None]
+        kc3 = tl.arange(0, KC)[None, None, :]
+        # word kc of the chunk sits in group kc // GW at word kc % GW; its x pairs at 4 GW group + GW t + word
+        pair_of = (kc3 // GW) * (4 * GW) + kc3 % GW
         kw = G * GW  # words per output channel
         acc = tl.zeros([ROWS, BLOCK_N, CHUNK_G], tl.float32)
-        gi4 = tl.arange(0, CHUNK_G)[None, None, :, None]
         if PREFETCH:
-            ahead = tl.load(qw_ptr + n4 * kw + gi4 * GW + w4, mask=(n4 < N) & (gi4 < G), other=0)
+            ahead = tl.load(qw_ptr + n3 * kw + kc3, mask=(n3 < N) & (kc3 < kw), other=0)
         for g0 in range(0, G, CHUNK_G):
             g3 = g0 + tl.arange(0, CHUNK_G)[None, None, :]
-            g4 = g3[:, :, :, None]
             sz_at = n3 * G + g3
-            pair_at = xp_ptr + tl.minimum(m4, M - 1) * stride_xm + g4 * (4 * GW) + w4  # rows past M: copies
+            pair_at = xp_ptr + tl.minimum(m3, M - 1) * stride_xm + g0 * (4 * GW) + pair_of  # rows past M: copies
             if PREFETCH:
                 words = ahead
-                nxt = g4 + CHUNK_G
-                ahead = tl.load(qw_ptr + n4 * kw + nxt * GW + w4, mask=(n4 < N) & (nxt < G), other=0)
+                nxt = (g0 + CHUNK_G) * GW + kc3
+                ahead = tl.load(qw_ptr + n3 * kw + nxt, mask=(n3 < N) & (nxt < kw), other=0)
             elif EVEN:
-                words = tl.load(qw_ptr + n4 * kw + g4 * GW + w4)
+                words = tl.load(qw_ptr + n3 * kw + g0 * GW + kc3)
             else:
-                words = tl.load(qw_ptr + n4 * kw + g4 * GW + w4, mask=(n4 < N) & (g4 < G), other=0)
+                words = tl.load(qw_ptr + n3 * kw + g0 * GW + kc3, mask=(n3 < N) & (g0 * GW + kc3 < kw), other=0)
             if EVEN:  # whole tiles: no masks (a predicated load costs a zeroing move a register)
                 scale = tl.load(s_ptr + sz_at).to(tl.float32)
                 if HAS_ZEROS:
@@ -249,7 +250,7 @@ if HAS_TRITON:
                     zero = tl.load(z_ptr + sz_at, mask=sz_mask, other=0.0).to(tl.float32)
                 else:
                     zero = tl.full([1, BLOCK_N, CHUNK_G], 8.0, tl.float32)
-                xmask = g4 < G
+                xmask = g0 * GW + kc3 < kw
                 pair0 = tl.load(pair_at, mask=xmask, other=0)
                 pair1 = tl.load(pair_at + GW, mask=xmask, other=0)
                 pair2 = tl.load(pair_at + 2 * GW, mask=xmask, other=0)
@@ -269,9 +270,11 @@ if HAS_TRITON:
             p += _sixteenth_code(words, 5) * x5
             p += _sixteenth_code(words, 6) * x6
             p += _sixteenth_code(words, 7) * x7
-            acc += scale * (16.0 * tl.sum(p, axis=3) - zero * tl.sum(xs, axis=3))
+            p_group = tl.sum(tl.reshape(p, [ROWS, BLOCK_N, CHUNK_G, GW]), axis=3)
+            xs_group = tl.sum(tl.reshape(xs, [ROWS, 1, CHUNK_G, GW]), axis=3)
+            acc += scale * (16.0 * p_group - zero * xs_group)
         out = tl.sum(acc, axis=2)
-        n2 = n[None, :]
+        n2 = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
         m2 = tl.arange(0, ROWS)[:, None]
