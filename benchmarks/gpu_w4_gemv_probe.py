@@ -1,7 +1,8 @@
 """Probe of the W4A16 GEMV variants (kernels/w4_gemv.py) on Llama-3-8B's decode projections (qkv 6144x4096,
 o 4096x4096, gate_up 28672x4096, down 4096x14336; 4-bit, group 128, integer zero points as RTN writes them) at
-1, 2, 4, 8 and 16 rows, against cuBLAS bf16 and today's dispatched kernel (kernels/quant_dispatch.py's choice),
-all in one run: issue 20's batch-1 target is W4A16 >= 2.5x bf16.
+1, 2, 4, 8 and 16 rows, against cuBLAS bf16 and today's dispatched kernel (kernels/quant_dispatch.py's choice; on
+a GPU its shipped table does not list, e.g. an H200, the H100's entry), all in one run: issue 20's batch-1 target
+is W4A16 >= 2.5x bf16.
 
 Every variant is first checked against the fp32 product of x and the dequantized weight on fresh random inputs
 (norm-relative and max error recorded; one that fails to compile or to match is recorded and not timed, and the
@@ -10,6 +11,9 @@ once per weight copy over 32 copies (never served from L2), replays timed with C
 % of the byte floor (codes + scales + zero points over 3.0 TB/s).
 
     OUT=$OUT python3 benchmarks/gpu_w4_gemv_probe.py --time-limit 190    # H100, < 4 min in all
+
+It writes $OUT/gpu_w4_gemv_probe.json (every measurement, failures, the totals, suggested table entries) and
+$OUT/gpu_w4_gemv_probe.txt (the full table); the console keeps the fastest three variants a case.
 
 ``--time-limit`` counts from the start of the process: after it no new measurement starts, and the JSON (written
 after every shape and row count too) lists what was skipped. Rows run in the order 1, 16, 4, 8, 2 so that a cut
@@ -52,7 +56,14 @@ from gpu_quant_gemv_sweep import (  # noqa: E402
 )
 from gpu_record import write_record  # noqa: E402
 
-from tokenmill.kernels.quant_dispatch import tuned_choice, wna16_cuda_linear, wna16_format  # noqa: E402
+from tokenmill.kernels._triton import next_power_of_2  # noqa: E402
+from tokenmill.kernels.quant_dispatch import (  # noqa: E402
+    SHIPPED_CONFIGS,
+    config_from_json,
+    tuned_choice,
+    wna16_cuda_linear,
+    wna16_format,
+)
 from tokenmill.kernels.w4_gemv import W4GemvConfig, repack_k_major, split_plan, w4_gemv  # noqa: E402
 from tokenmill.kernels.wna16_gemm import dequantize  # noqa: E402
 
@@ -158,11 +169,25 @@ class Weights:
         self.dequant = dequantize(self.packed[0])  # fp32 [K, N], the reference's weight
 
 
-def today_label(x: torch.Tensor, w: Weights) -> tuple[str, dict[str, Any]]:
-    found, config = tuned_choice(x.device, wna16_format(w.packed[0]), w.n, w.k, x.shape[0])
-    if not found or config is None:
-        return "today:wna16_gemm default", {"kernel": "wna16_gemm", "default": True}
-    return f"today:{config.name}", {"kernel": type(config).__name__, **asdict(config)}
+H100 = "NVIDIA H100 80GB HBM3"  # the device the shipped table was measured on
+
+
+def today_choice(x: torch.Tensor, w: Weights) -> tuple[str, dict[str, Any], dict[int, Any]]:
+    """(label, params, plan) of today's kernel for x's rows: the shipped table's entry for this device, else
+    (another GPU, e.g. an H200) the H100's entry passed as a plan, else the tiled kernel's default."""
+    rows = x.shape[0]
+    found, config = tuned_choice(x.device, wna16_format(w.packed[0]), w.n, w.k, rows)
+    plan: dict[int, Any] = {}
+    if not found:
+        shapes = json.loads(SHIPPED_CONFIGS.read_text()).get(H100, {}).get(wna16_format(w.packed[0]), {})
+        buckets = shapes.get(f"{w.n}x{w.k}", {})
+        bucket = min((int(r) for r in buckets if int(r) >= rows), default=None)
+        if bucket is not None:
+            config = config_from_json(buckets[str(bucket)])
+            plan = {next_power_of_2(rows): config}
+    if config is None:
+        return "today:wna16_gemm default", {"kernel": "wna16_gemm", "default": True}, plan
+    return f"today:{config.name}", {"kernel": type(config).__name__, **asdict(config)}, plan
 
 
 def probe_case(pr: Probe, shape: str, w: Weights, rows: int, gen: torch.Generator) -> None:
@@ -172,9 +197,9 @@ def probe_case(pr: Probe, shape: str, w: Weights, rows: int, gen: torch.Generato
     bf16 = {**case, "floor_bytes": w.dense[0].nbytes}
     pr.measure(bf16, "bf16:cublas", {"kernel": "cublas"}, lambda: F.linear(x, w.dense[0]),
                lambda: [F.linear(x, d) for d in w.dense], None)
-    label, params = today_label(x, w)
-    pr.measure(case, label, params, lambda: wna16_cuda_linear(x, w.packed[0], None, {}),
-               lambda: [wna16_cuda_linear(x, p, None, {}) for p in w.packed], ref)
+    label, params, plan = today_choice(x, w)
+    pr.measure(case, label, params, lambda: wna16_cuda_linear(x, w.packed[0], None, plan),
+               lambda: [wna16_cuda_linear(x, p, None, plan) for p in w.packed], ref)
     for config in candidates(rows):
         weights = w.kmajor if config.kind == "kmajor" else w.packed
         params = asdict(config)
