@@ -3,7 +3,7 @@
 # each times its own work), every job's console log and JSON into one tarball, $OUT/gpu_jobs.tgz (the device
 # tool returns a few files only). Installs the carried wheels (.whl) first.
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
-#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e
+#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e w4_probe
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -46,6 +46,9 @@ for job in "$@"; do
     quant_e2e) cfg="$out/quant_gemv.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/quant_gemv.json
                TOKENMILL_QUANT_GEMV_CONFIGS="$cfg" run python3 benchmarks/gpu_quantized.py --e2e only \
                  --e2e-methods bf16,rtn4,int8,fp8 --e2e-batches 1,16,64,256 --out "$out/gpu_quantized_e2e.json" ;;
+    # Issue 20: the W4A16 GEMV variants of kernels/w4_gemv.py vs bf16 and today's dispatched kernel.
+    w4_probe) run python3 benchmarks/gpu_w4_gemv_probe.py --time-limit "${W4_TIME_LIMIT:-150}" \
+                 --out "$out/gpu_w4_gemv_probe.json" ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"
