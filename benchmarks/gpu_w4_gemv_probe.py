@@ -84,9 +84,10 @@ def mma(n: int, g: int, reduce: str = "finish", asm: bool = False, w: int = 4, s
 
 
 # Chosen from the SASS of sm_90 compiles without a GPU (triton 3.6, as on the device, and 3.9: instructions a
-# weight in the K loop, registers, shared-memory round trips): K-major FMA 4.5-4.9 instructions a weight at 1 row,
+# weight in the K loop, registers, shared-memory round trips): K-major FMA 3.5-3.9 instructions a weight at 1 row,
 # 2.8-4.3 a row-weight at 2-8 rows (tiles whose flat K dim holds every thread: no layout shuffle); the
-# one-product tensor-core kernel ~5-6 a weight at any row count up to 16.
+# one-product tensor-core kernel ~5-6 a weight at any row count up to 16. Today's kernels, same count: the 1-row
+# GEMV 10.9 a weight (two rows computed), the 2-16 row tensor-core split-K 9.1.
 def candidates(rows: int) -> list[W4GemvConfig]:
     """A few configs a kind (each distinct one costs a Triton compile of ~1-3 s): FMA kinds up to 8 rows (with
     tiles shrinking as rows grow: their accumulators are per row), tensor cores at every row count."""

@@ -6,7 +6,7 @@ shared memory and streams small tiles one K step at a time, so at one row it is 
 not by bandwidth. The variants (instruction counts from sm_90 SASS of the K loop, compiled without a GPU by
 triton 3.6 and 3.9):
 
-- ``kmajor`` (fp32 FMAs, 1-8 rows; 4.5-4.9 instructions a weight at 1 row, 2.8-4.3 a row-weight at 2-8): a one-time
+- ``kmajor`` (fp32 FMAs, 1-8 rows; 3.5-3.9 instructions a weight at 1 row, 2.8-4.3 a row-weight at 2-8): a one-time
   repack (``repack_k_major``) puts each output channel's words contiguous along K, interleaved so that each
   word's x values are int32 pairs of x loaded in the words' own tile shape (no layout shuffle). A program loads a
   few channels' whole K range (or large chunks) at once and reduces along K itself: no split-K, one launch. A
@@ -170,33 +170,35 @@ if HAS_TRITON:
         return low, high
 
     @triton.jit
-    def _sixteenth_code(words, J: tl.constexpr):
+    def _sixteenth_code(words, J: tl.constexpr, M128, M8):
         """Nibble J of every word as fp32 base + code / 16 (base 128 for nibbles 0, 2, 3, 5; 8 for 1, 4, 6, 7):
         the nibble is or-ed, where it sits after a shift shared by two nibbles (or none), into the mantissa of
         the float whose exponent makes its lowest bit 1/16 (bits 12-15 under 2^7, bits 16-19 under 2^3). About
-        half a shift and one and-or a weight, no conversion instruction."""
+        half a shift and one and-or a weight, no conversion instruction. M128 / M8 are those floats' bits
+        (0x43000000, 0x41000000) passed as kernel arguments: as literals the compiler emits the and and the or
+        as two instructions (an and-or instruction takes one immediate), as registers it fuses them."""
         if J == 0:
-            bits = (words << 12) & 0x0000F000 | 0x43000000
+            bits = (words << 12) & 0x0000F000 | M128
         elif J == 1:
-            bits = (words << 12) & 0x000F0000 | 0x41000000
+            bits = (words << 12) & 0x000F0000 | M8
         elif J == 2:
-            bits = (words << 4) & 0x0000F000 | 0x43000000
+            bits = (words << 4) & 0x0000F000 | M128
         elif J == 3:
-            bits = words & 0x0000F000 | 0x43000000
+            bits = words & 0x0000F000 | M128
         elif J == 4:
-            bits = words & 0x000F0000 | 0x41000000
+            bits = words & 0x000F0000 | M8
         elif J == 5:
-            bits = (words >> 8) & 0x0000F000 | 0x43000000
+            bits = (words >> 8) & 0x0000F000 | M128
         elif J == 6:
-            bits = (words >> 8) & 0x000F0000 | 0x41000000
+            bits = (words >> 8) & 0x000F0000 | M8
         else:  # the arithmetic shift's sign bits land above the mask
-            bits = (words >> 12) & 0x000F0000 | 0x41000000
+            bits = (words >> 12) & 0x000F0000 | M8
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit(do_not_specialize=["M"])
     def _kmajor_kernel(
         xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-        M, N, G, stride_xm, stride_om,
+        M, N, G, stride_xm, stride_om, m128, m8,
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         CHUNK_G: tl.constexpr, GW: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
         PREFETCH: tl.constexpr,
@@ -262,14 +264,14 @@ if HAS_TRITON:
             xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
             # the bases of _sixteenth_code: 128 for nibbles 0, 2, 3, 5; 8 for 1, 4, 6, 7
             xb = 128.0 * ((x0 + x2) + (x3 + x5)) + 8.0 * ((x1 + x4) + (x6 + x7))
-            p = _sixteenth_code(words, 0) * x0 - xb  # one FMA a statement
-            p += _sixteenth_code(words, 1) * x1
-            p += _sixteenth_code(words, 2) * x2
-            p += _sixteenth_code(words, 3) * x3
-            p += _sixteenth_code(words, 4) * x4
-            p += _sixteenth_code(words, 5) * x5
-            p += _sixteenth_code(words, 6) * x6
-            p += _sixteenth_code(words, 7) * x7
+            p = _sixteenth_code(words, 0, m128, m8) * x0 - xb  # one FMA a statement
+            p += _sixteenth_code(words, 1, m128, m8) * x1
+            p += _sixteenth_code(words, 2, m128, m8) * x2
+            p += _sixteenth_code(words, 3, m128, m8) * x3
+            p += _sixteenth_code(words, 4, m128, m8) * x4
+            p += _sixteenth_code(words, 5, m128, m8) * x5
+            p += _sixteenth_code(words, 6, m128, m8) * x6
+            p += _sixteenth_code(words, 7, m128, m8) * x7
             p_group = tl.sum(tl.reshape(p, [ROWS, BLOCK_N, CHUNK_G, GW]), axis=3)
             xs_group = tl.sum(tl.reshape(xs, [ROWS, 1, CHUNK_G, GW]), axis=3)
             acc += scale * (16.0 * p_group - zero * xs_group)
@@ -505,7 +507,7 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
                 x = x.contiguous()
             _kmajor_kernel[(triton.cdiv(n, config.block_n),)](
                 x.view(torch.int32), weight.qweight, weight.scales, zeros, bias_arg, out, m, n, groups,
-                x.stride(0) // 2, out.stride(0), ROWS=max(1, next_power_of_2(m)), CHUNK_G=chunk,
+                x.stride(0) // 2, out.stride(0), 0x43000000, 0x41000000, ROWS=max(1, next_power_of_2(m)), CHUNK_G=chunk,
                 X_BF16=x.dtype == torch.bfloat16, EVEN=n % config.block_n == 0 and groups % chunk == 0,
                 PREFETCH=config.prefetch, **common)
         return out
