@@ -7,11 +7,11 @@ set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
-for g in kernels quantization model engine spec; do
+for g in kernels quantized_kernels quantization model engine spec distributed; do
   OUT="$out" timeout "${SUITE_TIMEOUT:-900}" bash benchmarks/gpu_suite.sh "$g" > "$out/suite_$g.console" 2>&1 &
 done
 wait
-for g in kernels quantization model engine spec; do
+for g in kernels quantized_kernels quantization model engine spec distributed; do
   echo "== $g: $(grep -E '^(FAILED|ERROR) ' "$out/gpu_suite_$g.txt" | head -20)"
   tail -n 3 "$out/gpu_suite_$g.txt" | grep -E 'passed|failed|error' | tail -1
 done
