@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_record import write_record  # noqa: E402  (sibling benchmark module)
 
 from tokenmill.engine.core_loop_stats import CoreLoopStats  # noqa: E402
+from tokenmill.engine.gc_heap import CollectionTimer, freeze_startup_heap  # noqa: E402
 from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
 from tokenmill.engine.step_record import NewRequest, ScheduledRequest, StepRecord  # noqa: E402
 from tokenmill.intmath import cdiv  # noqa: E402
@@ -128,15 +130,29 @@ class OracleProposer:
 
 
 def generate(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: str,
-             steps: CoreLoopStats | None = None) -> tuple[float, list[list[int]]]:
+             steps: CoreLoopStats | None = None, collections: list[float] | None = None
+             ) -> tuple[float, list[list[int]]]:
     """Seconds to generate ``output_len`` tokens for every prompt (all added at once), and the outputs; with
-    ``steps``, each step() call's wall time by the kind of step it launched (as the served engine core logs it)."""
+    ``steps``, each step() call's wall time by the kind of step it launched (as the served engine core logs it);
+    with ``collections``, the ms of each full garbage collection that ran inside the timed loop."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}{i}", prompt, params)
-    outputs: dict[str, list[int]] = {}
+    gc.collect()  # every timed run starts from the same collector state (not a previous run's garbage)
     sync(engine.config.model.device)
-    start = time.perf_counter()
+    with CollectionTimer() as timer:
+        start = time.perf_counter()
+        outputs = step_until_done(engine, steps)
+        sync(engine.config.model.device)
+        seconds = time.perf_counter() - start
+    if collections is not None:
+        collections += timer.pauses_ms
+    return seconds, [outputs[f"{tag}{i}"] for i in range(len(prompts))]
+
+
+def step_until_done(engine: LLMEngine, steps: CoreLoopStats | None) -> dict[str, list[int]]:
+    """Step the engine until every request finished; request id -> output ids."""
+    outputs: dict[str, list[int]] = {}
     while engine.has_unfinished_requests() or engine.in_flight is not None:
         t0 = time.perf_counter()
         landed = engine.step()
@@ -153,8 +169,7 @@ def generate(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: 
         for out in landed:
             if out.finished:
                 outputs[out.request_id] = out.outputs[0].token_ids
-    sync(engine.config.model.device)
-    return time.perf_counter() - start, [outputs[f"{tag}{i}"] for i in range(len(prompts))]
+    return outputs
 
 
 def step_split(steps: CoreLoopStats) -> dict[str, float]:
@@ -185,10 +200,10 @@ def make_decoder(oracle: OracleProposer, k: int, adaptive: bool, device: str) ->
 
 
 def run_case(engine: LLMEngine, proposer: Any, prompts: list[list[int]], output_len: int, tag: str,
-             steps: CoreLoopStats | None = None):
+             steps: CoreLoopStats | None = None, collections: list[float] | None = None):
     engine.scheduler.draft_proposer = proposer
     engine.runner.draft_probs = None
-    return generate(engine, prompts, output_len, tag, steps)
+    return generate(engine, prompts, output_len, tag, steps, collections)
 
 
 def oracle_runs(engine: LLMEngine, batches: list[int], k: int, prompt_len: int, output_len: int,
@@ -257,12 +272,14 @@ def adaptive_run(engine: LLMEngine, batch: int, k: int, prompt_len: int, output_
     plain, adaptive, chosen, costs = [], [], [], []
     decoder = make_decoder(oracle, k, adaptive=True, device=device)  # one per engine, as the engine builds it
     splits: dict[str, dict[str, float]] = {}  # the last round's step() time by kind, per mode
+    collections: dict[str, list[float]] = {"plain": [], "adaptive": []}  # full collections' ms inside the runs
     for r in range(rounds):
         plain_steps, adaptive_steps = CoreLoopStats(), CoreLoopStats()
         plain_steps.timeline, adaptive_steps.timeline = [], []  # the last round's steps, one by one
-        plain.append(run_case(engine, None, prompts, output_len, f"p{r}-", plain_steps)[0])
+        plain.append(run_case(engine, None, prompts, output_len, f"p{r}-", plain_steps, collections["plain"])[0])
         before = decoder.stats.num_drafts
-        adaptive.append(run_case(engine, decoder, prompts, output_len, f"a{r}-", adaptive_steps)[0])
+        adaptive.append(run_case(engine, decoder, prompts, output_len, f"a{r}-", adaptive_steps,
+                                 collections["adaptive"])[0])
         splits = {"plain": step_split(plain_steps), "adaptive": step_split(adaptive_steps)}
         timelines = {"plain": plain_steps.timeline, "adaptive": adaptive_steps.timeline}
         chosen.append(decoder.stats.num_drafts - before)
@@ -277,10 +294,11 @@ def adaptive_run(engine: LLMEngine, batch: int, k: int, prompt_len: int, output_
            "verification_rows": chosen, "plain_s": plain, "adaptive_s": adaptive, "oracle_passes": passes,
            "gate_tok_s": gate,  # per batch bucket, the last measured decode tokens/s of each mode
            "measured_step_ms": costs,  # the last round's (query tokens, median ms) per measured size
-           "step_split": splits, "timeline": timelines, "timeline_diff": timeline_diff(timelines)}
+           "step_split": splits, "timeline": timelines, "timeline_diff": timeline_diff(timelines),
+           "full_collections_ms": collections}
     print(f"adaptive batch {batch}: plain {row['plain_tok_s']} tok/s, adaptive {row['adaptive_tok_s']} tok/s "
           f"({row['adaptive_vs_plain']:.3f}x), verification rows {chosen}, measured ms {costs}, "
-          f"step() split {splits}", flush=True)
+          f"step() split {splits}, full collections ms {collections}", flush=True)
     return row
 
 
@@ -373,6 +391,9 @@ def main() -> int:
         enable_prefix_caching=False, stream_outputs=False,
         speculative_config={"method": "ngram", "num_speculative_tokens": 7, "adaptive": False})
     engine.scheduler.draft_proposer = None
+    # As `tokenmill serve` and `bench throughput` do: a full collection rescanning the start-up heap stalls one
+    # step by ~130 ms (H100, 2026-12-07: the whole 0.92x of an adaptive round with no drafts at batch 256).
+    freeze_startup_heap()
     started = time.perf_counter()
     costs = [] if args.skip_costs else verification_costs(engine, batches, ks, args.context, args.repeats)
     oracle = oracle_runs(engine, oracle_batches, args.oracle_k, args.prompt_len, args.output_len)
