@@ -27,6 +27,8 @@ from tokenmill.model.linear import (
 )
 from tokenmill.model.linear_method import QuantizationConfig, linear_method_for
 from tokenmill.model.spec import ModelSpec
+from tokenmill.quantization import cpu_decode_stack
+from tokenmill.quantization.cpu_decode_stack import CPUDecodeStack
 
 
 def check_parallel_shape(spec: ModelSpec, world_size: int) -> None:
@@ -141,6 +143,9 @@ class LlamaModel(nn.Module):
             for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.flat_cpu_decode = True  # CPU decode steps of int4/int8 CPU-kernel weights: quantization/cpu_decode_stack.py
+        self._cpu_stack: CPUDecodeStack | None = None
+        self._cpu_stack_built = False
 
     def forward(
         self,
@@ -149,6 +154,11 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        if self.flat_cpu_decode and input_ids.device.type == "cpu":
+            if not self._cpu_stack_built:  # on the first CPU step: the kernels' weights are made on first use
+                self._cpu_stack, self._cpu_stack_built = cpu_decode_stack.for_model(self), True
+            if self._cpu_stack is not None and self._cpu_stack.accepts(input_ids, kv_caches, meta):
+                return self._cpu_stack.forward(input_ids, positions, kv_caches, meta)
         out = residual = None
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             q, k, v, residual = self.forward_piece(index, input_ids, out, residual)
