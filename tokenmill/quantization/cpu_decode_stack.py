@@ -103,7 +103,7 @@ class CPUDecodeStack:
             attn = cpu_decode.store_and_attend(rotated[:, :heads], rotated[:, heads:], qkv[:, heads + kv_heads:],
                                                cache, meta, plan, self.scale)
             # the residual add is fused into the next norm, as rms_norm(x, w, eps, residual) does
-            residual = layer.o(attn.reshape(tokens, heads * dim).contiguous()) + residual
+            residual = layer.o(attn.reshape(tokens, heads * dim)) + residual
             hidden = _rms_norm(residual, layer.post_norm, self.eps)
             gate_up = layer.gate_up(hidden)
             half = gate_up.shape[-1] // 2
