@@ -2,6 +2,8 @@
 
 Tokens of all sequences arrive packed flat ([T], no batch dim); attention goes through the paged-KV backend.
 Checkpoint names (HF layout) load through ``load_weights``, which packs q/k/v and gate/up into fused weights.
+On CPU, decode-shaped steps of a stack whose linears all have a PyTorch CPU kernel weight (int4/int8, bf16) run
+through quantization/cpu_decode_stack.py instead of the modules (same ops, bit-identical, less Python per token).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from tokenmill.model.linear import (
 from tokenmill.model.linear_method import QuantizationConfig, linear_method_for
 from tokenmill.model.spec import ModelSpec
 from tokenmill.quantization import cpu_decode_stack
-from tokenmill.quantization.cpu_decode_stack import CPUDecodeStack
 
 
 def check_parallel_shape(spec: ModelSpec, world_size: int) -> None:
@@ -144,7 +145,7 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.flat_cpu_decode = True  # CPU decode steps of int4/int8 CPU-kernel weights: quantization/cpu_decode_stack.py
-        self._cpu_stack: CPUDecodeStack | None = None
+        self._cpu_stack: cpu_decode_stack.CPUDecodeStack | None = None
         self._cpu_stack_built = False
 
     def forward(
