@@ -13,8 +13,10 @@ import torch
 
 from tokenmill.attention.kv_cache import KVCache
 from tokenmill.attention.metadata import AttentionMetadata
-from tokenmill.config import KVCacheSpec
+from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.config import KVCacheSpec, ModelConfig
 from tokenmill.kernels.wna16_cpu import cpu_kernels_available
+from tokenmill.model import load_model
 from tokenmill.quantization import cpu_decode_stack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
@@ -51,6 +53,18 @@ def test_flat_decode_steps_equal_the_module_path_bit_for_bit(tiny_llama, tmp_pat
     # batch 1 (the sequence sees all its keys: no mask), its prompt a uniform step too
     one, prompt = [[5], [1], [1], [1]], [prompts[0][:8]]
     assert torch.equal(_logits(model, prompt, one, flat=True)[0], _logits(model, prompt, one, flat=False)[0])
+
+
+@pytest.mark.parametrize("method, kind", [("rtn4", "int4"), ("int8", "int8")])
+def test_online_quantized_weights_take_the_flat_stack_bit_for_bit(tiny_llama, method, kind):
+    """--quantization rtn4 (int4 groups of 128) and int8 (per row: PyTorch's int8 kernel) in bf16 on CPU."""
+    config = ModelConfig(model=str(tiny_llama), dtype="bfloat16", device="cpu", quantization=method)
+    model = load_model(config, TorchAttentionBackend()).model
+    prompts = make_prompts(LENGTHS, 300, seed=10)
+    flat = _logits(model, prompts, STEPS, flat=True)
+    assert model.model._cpu_stack is not None and model.model._cpu_stack.layers[0].down.kind == kind
+    for got, want in zip(flat, _logits(model, prompts, STEPS, flat=False), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_flat_decode_logits_stay_close_to_the_fp32_dequantized_model(tiny_llama, tmp_path):
