@@ -14,7 +14,10 @@ CPU kernel costs a GEMV per row, so a prompt's prefill is the 4-bit path's slow 
 The issue's target (batch-1 decode >= 2x the fp32 path) is reported, not asserted; on a shared machine the
 load average is recorded beside the numbers (at the start and the end). Run it on an idle machine: with as many
 torch threads as cores, a core taken by another process stalls every parallel region of a step (steps measured
-20-50x slower on this 2-core box while another job ran); ``--threads 1`` is the robust setting on a shared box.
+20-50x slower on this 2-core box while another job ran): libgomp's waiting threads spin, so start the run with
+``OMP_WAIT_POLICY=PASSIVE`` on a shared box (2 threads under load 3-5 here: 1.1 tok/s spinning, 20-35 passive), or
+use ``--threads 1``. ``--with-module-path`` adds the 4-bit weights run through the modules (the flat CPU decode
+stack of quantization/cpu_decode_stack.py off), to see what that stack gives in the same run.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from gpu_record import write_record  # noqa: E402
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
 VARIANTS = {"fp32 dequantized (today)": {"dtype": "float32"}, "bf16 int4 packed": {"dtype": "bfloat16"}}
+MODULE_PATH = "bf16 int4, module path"  # --with-module-path: quantization/cpu_decode_stack.py turned off
 PROMPTS = ["Write a short story about the ocean.", "Explain prime numbers to a child.", "Describe a train journey.",
            "What is bread made of?"]
 
@@ -99,12 +103,17 @@ def main() -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads; default: torch's")
+    parser.add_argument("--with-module-path", action="store_true",
+                        help="also the 4-bit weights through the modules (the flat CPU decode stack turned off)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
     batches = [int(b) for b in args.batches.split(",")]
     llms = {name: LLM(None, device="cpu", max_model_len=512, **kwargs) for name, kwargs in VARIANTS.items()}
+    if args.with_module_path:
+        llms[MODULE_PATH] = LLM(None, device="cpu", max_model_len=512, dtype="bfloat16")
+        llms[MODULE_PATH].engine.model.model.flat_cpu_decode = False
     tokenizer = next(iter(llms.values())).get_tokenizer()
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
            for p in PROMPTS]
@@ -151,6 +160,7 @@ def main() -> int:
     out = Path(args.out or Path(__file__).parent / "results" / f"cpu_quantized_{dt.date.today().isoformat()}.json")
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp's default spinning)"),
                "load_average_1m_at_start": load_at_start, "load_average_1m_at_end": os.getloadavg()[0]}
     write_record(out, "cpu_quantized", machine=machine, model="SmolLM2-135M-Instruct.Q4_1.gguf (embedded)",
                  max_tokens=args.max_tokens, variants=results, speedup_int4_over_fp32=ratios,

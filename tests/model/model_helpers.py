@@ -40,6 +40,7 @@ def run_in_steps(
     step_lens: list[list[int]],
     block_size: int = 4,
     seed: int = 0,
+    cache_dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
     """Feed prompt i in steps of ``step_lens[s][i]`` tokens (all sequences packed per step) and return each
     prompt's logits [len, vocab]. Blocks are handed out in a shuffled order so tables are non-contiguous.
@@ -56,7 +57,7 @@ def run_in_steps(
     for need in blocks_needed:
         tables.append(order[start : start + need])
         start += need
-    caches = KVCache(KVCacheSpec(block_size, model.num_kv_heads, model.head_dim, torch.float32), model.num_layers,
+    caches = KVCache(KVCacheSpec(block_size, model.num_kv_heads, model.head_dim, cache_dtype), model.num_layers,
                      num_blocks, "cpu")
     done = [0] * len(prompts)
     logits: list[list[torch.Tensor]] = [[] for _ in prompts]

@@ -2,6 +2,8 @@
 
 Tokens of all sequences arrive packed flat ([T], no batch dim); attention goes through the paged-KV backend.
 Checkpoint names (HF layout) load through ``load_weights``, which packs q/k/v and gate/up into fused weights.
+On CPU, decode-shaped steps of a stack whose linears all have a PyTorch CPU kernel weight (int4/int8, bf16) run
+through quantization/cpu_decode_stack.py instead of the modules (same ops, bit-identical, less Python per token).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tokenmill.model.linear import (
 )
 from tokenmill.model.linear_method import QuantizationConfig, linear_method_for
 from tokenmill.model.spec import ModelSpec
+from tokenmill.quantization import cpu_decode_stack
 
 
 def check_parallel_shape(spec: ModelSpec, world_size: int) -> None:
@@ -141,6 +144,9 @@ class LlamaModel(nn.Module):
             for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.flat_cpu_decode = True  # CPU decode steps of int4/int8 CPU-kernel weights: quantization/cpu_decode_stack.py
+        self._cpu_stack: cpu_decode_stack.CPUDecodeStack | None = None
+        self._cpu_stack_built = False
 
     def forward(
         self,
@@ -149,6 +155,11 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        if self.flat_cpu_decode and input_ids.device.type == "cpu":
+            if not self._cpu_stack_built:  # on the first CPU step: the kernels' weights are made on first use
+                self._cpu_stack, self._cpu_stack_built = cpu_decode_stack.for_model(self), True
+            if self._cpu_stack is not None and self._cpu_stack.accepts(input_ids, kv_caches, meta):
+                return self._cpu_stack.forward(input_ids, positions, kv_caches, meta)
         out = residual = None
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             q, k, v, residual = self.forward_piece(index, input_ids, out, residual)
