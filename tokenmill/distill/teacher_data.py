@@ -99,17 +99,18 @@ def keep_self_prompt(text: str, finish_reason: str | None, seen: set[str]) -> bo
 
 
 def self_prompts(teacher: str | None, count: int, seed: int = 0, temperature: float = 0.9,
-                 max_tokens: int = 48, batch_size: int = 32, log=print) -> list[str]:
+                 max_tokens: int = 48, batch_size: int = 32, log=print, engine_args: dict | None = None) -> list[str]:
     """``count`` chat prompts the teacher writes itself: it samples a user turn after its chat template's opening
     of one (system turn, then the user header), as Magpie (Xu et al. 2024) does. An instruct model's own idea of
     what users ask covers more forms than a fixed set of templates, so a draft trained on its answers to them
     meets fewer unseen openings. Kept: turns the model closed itself (not cut at ``max_tokens``), of 4-60 words,
-    mostly ASCII, not seen before; the seeds go on until ``count`` are kept (at most 4x as many tries)."""
+    mostly ASCII, not seen before; the seeds go on until ``count`` are kept (at most 4x as many tries).
+    ``engine_args``: more ``LLM`` arguments (e.g. a GPU memory share)."""
     from tokenmill import LLM, SamplingParams
 
     if count < 1:
         raise ValueError(f"self_prompts needs count >= 1; got {count}")
-    llm = LLM(teacher, dtype="float32", max_num_seqs=batch_size)
+    llm = LLM(teacher, dtype="float32", **{"max_num_seqs": batch_size, **(engine_args or {})})
     tokenizer = llm.get_tokenizer()
     if tokenizer is None or not tokenizer.chat_template:
         raise ValueError("the teacher has no chat template; it cannot write its own user turns")
