@@ -189,6 +189,15 @@ class OnlyIds:
         return masked
 
 
+def round_tokens(matches: list[bool], k: int, remaining: int) -> int:
+    """Tokens one greedy speculative round emits: the draft's leading matches with the target (at most k) plus the
+    target's own next token, within the ``remaining`` tokens of the answer."""
+    accepted = 0
+    while accepted < min(k, remaining) and matches[accepted]:
+        accepted += 1
+    return min(accepted + 1, remaining)
+
+
 @torch.no_grad()
 def acceptance_lengths(draft, prompts: list[torch.Tensor], continuations: list[list[int]], k: int,
                        allowed: torch.Tensor | None = None) -> list[int]:
@@ -206,10 +215,9 @@ def acceptance_lengths(draft, prompts: list[torch.Tensor], continuations: list[l
             prefix = torch.cat([ids, torch.tensor([continuation[:done]], dtype=ids.dtype)], dim=1)
             proposal = draft.generate(prefix, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                       logits_processor=processors)[0, prefix.shape[1]:]
-            accepted = 0
-            while accepted < k and done + accepted < len(continuation) and int(proposal[accepted]) == continuation[done + accepted]:
-                accepted += 1
-            emitted = min(accepted + 1, len(continuation) - done)
+            remaining = len(continuation) - done
+            emitted = round_tokens([int(proposal[i]) == continuation[done + i] for i in range(min(k, remaining))], k,
+                                   remaining)
             lengths.append(emitted)
             done += emitted
     return lengths

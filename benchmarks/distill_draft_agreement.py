@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cpu import CHAT_PROMPTS  # noqa: E402
+from distill_cpu import CHAT_PROMPTS, round_tokens  # noqa: E402
 from gpu_record import write_record  # noqa: E402
 from spec_decode_cpu import cpu_device, prompts  # noqa: E402
 
@@ -36,12 +36,8 @@ def implied_acceptance_length(hits: list[bool], k: int) -> list[int]:
     target's token at each position of the target's answer (a round: the leading hits, up to k, plus one)."""
     done, rounds = 0, []
     while done < len(hits):
-        accepted = 0
-        while accepted < k and done + accepted < len(hits) and hits[done + accepted]:
-            accepted += 1
-        emitted = min(accepted + 1, len(hits) - done)
-        rounds.append(emitted)
-        done += emitted
+        rounds.append(round_tokens(hits[done : done + k], k, len(hits) - done))
+        done += rounds[-1]
     return rounds
 
 

@@ -15,6 +15,8 @@ byte-exact in two parts, in two calls made back to back on the same warm machine
     # device, call D2 at once after D1 (carry .distill_carry_llm2; ~175 s): teacher answers, draft, acceptance
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .distill_carry_llm2/gguf-*.whl
     PYTHONPATH=/tmp/site timeout 250 python3 benchmarks/gpu_distill.py --job draft --out $OUT
+    # ... or (~230 s) with 3,000 more prompts the teacher writes itself: the chat draft meets unseen prompt forms
+    PYTHONPATH=/tmp/site timeout 320 python3 benchmarks/gpu_distill.py --job draft --self-prompts 3000 --out $OUT
     # CPU box: rebuild the full student directories from what came back (and export / evaluate them)
     python benchmarks/gpu_distill.py --restore RESULTS_DIR --restore-out /tmp/distill_restored
     # CPU box: continue a trained encoder student with the real teacher (stage 2 only)
