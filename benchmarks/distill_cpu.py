@@ -189,6 +189,15 @@ class OnlyIds:
         return masked
 
 
+def round_tokens(matches: list[bool], k: int, remaining: int) -> int:
+    """Tokens one greedy speculative round emits: the draft's leading matches with the target (at most k) plus the
+    target's own next token, within the ``remaining`` tokens of the answer."""
+    accepted = 0
+    while accepted < min(k, remaining) and matches[accepted]:
+        accepted += 1
+    return min(accepted + 1, remaining)
+
+
 @torch.no_grad()
 def acceptance_lengths(draft, prompts: list[torch.Tensor], continuations: list[list[int]], k: int,
                        allowed: torch.Tensor | None = None) -> list[int]:
@@ -206,13 +215,25 @@ def acceptance_lengths(draft, prompts: list[torch.Tensor], continuations: list[l
             prefix = torch.cat([ids, torch.tensor([continuation[:done]], dtype=ids.dtype)], dim=1)
             proposal = draft.generate(prefix, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                       logits_processor=processors)[0, prefix.shape[1]:]
-            accepted = 0
-            while accepted < k and done + accepted < len(continuation) and int(proposal[accepted]) == continuation[done + accepted]:
-                accepted += 1
-            emitted = min(accepted + 1, len(continuation) - done)
+            remaining = len(continuation) - done
+            emitted = round_tokens([int(proposal[i]) == continuation[done + i] for i in range(min(k, remaining))], k,
+                                   remaining)
             lengths.append(emitted)
             done += emitted
     return lengths
+
+
+@torch.no_grad()
+def continuation_agreement(draft, prompts: list[torch.Tensor], continuations: list[list[int]]) -> list[float]:
+    """Per prompt: the share of the target's own greedy continuation the draft predicts (teacher-forced argmax
+    agreement). Greedy acceptance is a function of exactly these hits (a round stops at the first miss), so this is
+    the held-out agreement that matters for the prompts the acceptance is measured on."""
+    shares = []
+    for ids, continuation in zip(prompts, continuations, strict=True):
+        full = torch.cat([ids, torch.tensor([continuation], dtype=ids.dtype)], dim=1)
+        guesses = draft(full).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
+        shares.append((guesses == torch.tensor(continuation)).float().mean().item())
+    return shares
 
 
 def assisted_seconds(teacher, draft, prompts: list[torch.Tensor], max_new: int, k: int,
@@ -262,6 +283,7 @@ def measure_draft(args: argparse.Namespace, out: Path, summary: dict, record: di
     teacher_tps, continuations = greedy_tokens_per_s(teacher, prompts, args.max_new)
     student_tps, _ = greedy_tokens_per_s(student, prompts, args.max_new)
     lengths = acceptance_lengths(student, prompts, continuations, args.k)
+    agreement = continuation_agreement(student, prompts, continuations)
     vocab_ids = load_draft_vocab(out, student.config.vocab_size)
     subset = {}
     if vocab_ids is not None:  # the draft's reduced vocabulary (draft_vocab.json): what tokenmill's proposer does
@@ -284,6 +306,8 @@ def measure_draft(args: argparse.Namespace, out: Path, summary: dict, record: di
                "student_vs_teacher": student_tps / teacher_tps},
         speculative={"k": args.k, "prompts": len(prompts), "max_new_tokens": args.max_new,
                      "mean_acceptance_length": sum(lengths) / len(lengths), "rounds": len(lengths),
+                     "top1_agreement_on_target_continuations": sum(agreement) / len(agreement),
+                     "top1_agreement_per_prompt": [round(a, 3) for a in agreement],
                      "assisted_generation_seconds": spec_seconds, "teacher_alone_seconds": plain_seconds,
                      "end_to_end_speedup": plain_seconds / spec_seconds, **subset,
                      "how": "exact replay of greedy speculative decoding for the acceptance length; transformers "

@@ -142,6 +142,31 @@ def measured_costs(llm: LLM) -> list[tuple[int, float]]:
     return [(n, round(seconds * 1e3, 2)) for n, seconds in policy.step_cost.points()]
 
 
+@torch.no_grad()
+def linear_row_costs(llm: LLM, rows: list[int], repeats: int = 25) -> dict[int, dict[str, float]]:
+    """Median ms of the target's linear layers (all decoder layers, one pass) and of its output head on ``rows``
+    query tokens, the sizes interleaved so load hits them alike: what a (1 + k)-token verification step pays in
+    matmuls against a plain step's one row."""
+    from tokenmill.model.linear import LinearBase
+
+    model = llm.engine.model
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    inputs = {n: {m.input_size: torch.randn(n, m.input_size) for m in linears} for n in rows}
+    hidden = {n: torch.randn(n, linears[0].input_size) for n in rows}
+    times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in rows}
+    for _ in range(repeats):
+        for n in rows:
+            started = time.perf_counter()
+            for m in linears:
+                m(inputs[n][m.input_size])
+            mid = time.perf_counter()
+            model.compute_logits(hidden[n])
+            times[n][0].append(mid - started)
+            times[n][1].append(time.perf_counter() - mid)
+    return {n: {"linears_ms": round(statistics.median(a) * 1e3, 2), "head_ms": round(statistics.median(b) * 1e3, 2)}
+            for n, (a, b) in times.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=96)
@@ -161,6 +186,9 @@ def main() -> int:
     parser.add_argument("--no-adaptive", action="store_true", help="draft k tokens every step (the policy off)")
     parser.add_argument("--batch", action="store_true",
                         help="also run every kind's prompts at once (one batch: the mixed load of a busy server)")
+    parser.add_argument("--linear-rows", default=None,
+                        help="comma list of query-token counts: also time the target's linear layers and head at "
+                             "each (what a 1 + k token verification step pays in matmuls)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -180,6 +208,11 @@ def main() -> int:
             methods[f"draft_model_vocab_{size}"] = {
                 **draft, "draft_vocab_size": plain.engine.model.vocab_size if full else int(size)}
     load_before = os.getloadavg()
+    row_costs = {}
+    if args.linear_rows:
+        row_costs = linear_row_costs(plain, [int(n) for n in args.linear_rows.split(",")])
+        for n, row in row_costs.items():
+            print(f"target matmuls, {n} query tokens: linears {row['linears_ms']:.1f} ms, head {row['head_ms']:.1f} ms")
     costs: dict[str, list[tuple[int, float]]] = {}
     all_prompts = prompts(args.passage_chars)
     results: dict[str, dict[str, Any]] = {}
@@ -218,7 +251,7 @@ def main() -> int:
     if args.out:
         path = write_record(
             Path(args.out), "spec_decode_cpu", model=plain.engine.model_name, config=vars(args), results=results,
-            device=cpu_device(), load_average=load, measured_step_ms=costs,
+            device=cpu_device(), load_average=load, measured_step_ms=costs, linear_row_costs=row_costs,
             median_speedup={m: statistics.median(r["speedup"] for r in rows.values()) for m, rows in results.items()})
         print(f"wrote {path}")
     return 0

@@ -144,3 +144,14 @@ def test_kjv_reader_output_becomes_one_line_per_chapter():
         "Now these are the names of the children of Israel, which came into Egypt; every man and his household came "
         "with Jacob. Reuben, Simeon, Levi, and Judah,",
         "And there went a man of the house of Levi,"]
+
+
+def test_teacher_prompts_are_self_written_turns_on_the_cpu(tmp_path, monkeypatch):
+    from tokenmill.distill import teacher_data
+
+    script = _script()
+    teacher = make_tiny_model_dir(tmp_path / "teacher", "llama", num_hidden_layers=2)
+    # a random tiny teacher rarely closes a turn itself: keep any non-empty new one
+    monkeypatch.setattr(teacher_data, "keep_self_prompt", lambda text, reason, seen: bool(text) and text.lower() not in seen)
+    prompts = script.teacher_prompts(str(teacher), 3, "cpu")
+    assert len(prompts) == 3 and all(p and "\n" not in p for p in prompts)

@@ -137,3 +137,27 @@ def test_cli_flags_reach_the_config_and_bad_ones_exit_2(llama_teacher, prompts_f
     assert main([*base, "--teacher-generated", "4", "--cpu-bf16"]) == 0
     summary = json.loads((tmp_path / "out" / "distill_summary.json").read_text())
     assert summary["config"]["cpu_bf16"] and summary["model"]["eval_windows"]["answers"] == 1
+
+
+def test_keep_self_prompt_filters_cut_short_foreign_and_repeated_turns():
+    seen = {"what is a good name for a cat?"}
+    assert teacher_data.keep_self_prompt("How do I plant tomatoes in spring?", "stop", seen)
+    assert not teacher_data.keep_self_prompt("How do I plant tomatoes in spring?", "length", seen)  # cut
+    assert not teacher_data.keep_self_prompt("Hello there", "stop", seen)  # under 4 words
+    assert not teacher_data.keep_self_prompt(" ".join(["word"] * 61), "stop", seen)
+    assert not teacher_data.keep_self_prompt("Что такое фотосинтез и зачем он нужен?", "stop", seen)
+    assert not teacher_data.keep_self_prompt("What is a good name for a CAT?", "stop", seen)  # a repeat
+
+
+def test_self_prompts_are_the_teachers_own_user_turns(llama_teacher, monkeypatch):
+    """The tiny teacher writes user turns after its template's user header; the kept ones pass the filter, one
+    per line, and a seed repeats them."""
+    monkeypatch.setattr(teacher_data, "keep_self_prompt",
+                        lambda text, reason, seen: bool(text.strip()) and text.lower() not in seen)
+    first = teacher_data.self_prompts(str(llama_teacher), 5, seed=3, max_tokens=8, batch_size=4, log=lambda _: None)
+    again = teacher_data.self_prompts(str(llama_teacher), 5, seed=3, max_tokens=8, batch_size=4, log=lambda _: None)
+    assert len(first) == 5 and first == again
+    assert all("\n" not in p and p == " ".join(p.split()) for p in first)
+    assert len({p.lower() for p in first}) == 5
+    with pytest.raises(ValueError, match="count"):
+        teacher_data.self_prompts(str(llama_teacher), 0)

@@ -90,6 +90,50 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt)
 
 
+def keep_self_prompt(text: str, finish_reason: str | None, seen: set[str]) -> bool:
+    """A sampled user turn worth answering: closed by the model, 4-60 words, mostly ASCII (the chat prompts a
+    draft for this model serves), not a repeat (case-insensitive) of one in ``seen``."""
+    ascii_share = sum(c.isascii() for c in text) / max(1, len(text))
+    return (finish_reason == "stop" and 4 <= len(text.split()) <= 60 and ascii_share > 0.98
+            and text.lower() not in seen)
+
+
+def self_prompts(teacher: str | None, count: int, seed: int = 0, temperature: float = 0.9,
+                 max_tokens: int = 48, batch_size: int = 32, log=print, engine_args: dict | None = None) -> list[str]:
+    """``count`` chat prompts the teacher writes itself: it samples a user turn after its chat template's opening
+    of one (system turn, then the user header), as Magpie (Xu et al. 2024) does. An instruct model's own idea of
+    what users ask covers more forms than a fixed set of templates, so a draft trained on its answers to them
+    meets fewer unseen openings. Kept: turns the model closed itself (not cut at ``max_tokens``), of 4-60 words,
+    mostly ASCII, not seen before; the seeds go on until ``count`` are kept (at most 4x as many tries).
+    ``engine_args``: more ``LLM`` arguments (e.g. a GPU memory share)."""
+    from tokenmill import LLM, SamplingParams
+
+    if count < 1:
+        raise ValueError(f"self_prompts needs count >= 1; got {count}")
+    llm = LLM(teacher, dtype="float32", **{"max_num_seqs": batch_size, **(engine_args or {})})
+    tokenizer = llm.get_tokenizer()
+    if tokenizer is None or not tokenizer.chat_template:
+        raise ValueError("the teacher has no chat template; it cannot write its own user turns")
+    marker = "\u2063prompt\u2063"  # a placeholder no template contains; the text before it opens a user turn
+    rendered = tokenizer.render_chat([{"role": "user", "content": marker}], add_generation_prompt=False)
+    opening = tokenizer.encode(rendered[: rendered.index(marker)], add_special_tokens=False)
+    kept: list[str] = []
+    seen: set[str] = set()
+    tried = 0
+    while len(kept) < count and tried < 4 * count:
+        params = [SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens, seed=seed + tried + i)
+                  for i in range(batch_size)]
+        tried += batch_size
+        for output in llm.generate([opening] * batch_size, params, use_tqdm=False):
+            completion = output.outputs[0]
+            text = " ".join(tokenizer.decode(completion.token_ids, skip_special_tokens=True).split())
+            if keep_self_prompt(text, completion.finish_reason, seen):
+                seen.add(text.lower())
+                kept.append(text)
+        log(f"self prompts: kept {len(kept)} of {tried} tries")
+    return kept[:count]
+
+
 def load_or_generate(cache: Path, teacher: str | None, prompts: list[str], spec: GenerationSpec,
                      log=print) -> list[dict]:
     """The first ``len(prompts)`` records of ``cache``, generating the missing ones and appending each batch as it
