@@ -1,6 +1,7 @@
 """The tensor-core W4A16 GEMM on the K-major layout (kernels/w4_kmajor_gemm.py) against the fp32 product with the
 dequantized weight, on fresh random codes, scales, zero points (integer and fractional), activations and bias:
-one product a K step and one a nibble position, odd row counts and widths (partial tiles), groups 32/64/128,
+one product a K step (x loaded in runs and reordered, or gathered; codes scaled before the product or
+the product after) and one a nibble position, odd row counts and widths (partial tiles), groups 32/64/128,
 K split over programs, bf16 and fp16. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (there bf16 products go
 in as fp32: kernels/splitk.py's dot_in_fp32, the interpreter's bf16 tl.dot multiplies raw storage)."""
 
@@ -48,9 +49,10 @@ def _check(device, rows, k, n, group, zeros, dtype, configs, seed, fractional_ze
                                               (16, True, torch.bfloat16), (70, False, torch.bfloat16)])
 def test_group128_matches_fp32_reference(device, rows, zeros, dtype):
     """Three groups of K (a split with one step fewer than the others) and 72 channels (partial tiles)."""
-    configs = [KMajorGemmConfig(16, 32, 128, split_k=1), KMajorGemmConfig(32, 16, 64, split_k=4),
-               KMajorGemmConfig(16, 64, 128, split_k=2, one_dot=False),
-               KMajorGemmConfig(64, 32, 128, split_k=1, one_dot=False)]
+    configs = [KMajorGemmConfig(16, 32, 128, split_k=2), KMajorGemmConfig(32, 16, 64, split_k=4, x_runs=False),
+               KMajorGemmConfig(16, 64, 128, split_k=2, one_dot=False, x_runs=False),
+               KMajorGemmConfig(64, 32, 64, scale_codes=True), KMajorGemmConfig(16, 16, 128, 3, scale_codes=True,
+                                                                                 x_runs=False)]
     _check(device, rows, 3 * 128, 72, 128, zeros, dtype, configs, seed=rows * 7 + zeros)
 
 
@@ -58,7 +60,8 @@ def test_group128_matches_fp32_reference(device, rows, zeros, dtype):
 @pytest.mark.parametrize("group,dtype", [(32, torch.float16), (64, torch.bfloat16)])
 def test_small_groups_and_fractional_zeros(device, group, dtype):
     """block_k capped at a group of 32 / 64 (one scale a step); float zero points off the integer grid."""
-    configs = [KMajorGemmConfig(16, 32, 128, split_k=3), KMajorGemmConfig(32, 64, 32)]
+    configs = [KMajorGemmConfig(16, 32, 128, split_k=3), KMajorGemmConfig(32, 64, 32, x_runs=False),
+               KMajorGemmConfig(16, 32, 128, scale_codes=True)]
     _check(device, 21, 5 * group, 40, group, True, dtype, configs, seed=group, fractional_zeros=True)
 
 
@@ -69,7 +72,7 @@ def test_launcher_rejects_what_the_kernel_cannot_serve(device):
     with pytest.raises(ValueError, match="takes a KMajorWeight"):
         w4_kmajor_gemm(x, packed)
     with pytest.raises(ValueError, match="group size >= 128"):
-        w4_kmajor_gemm(x, repack_k_major(packed), KMajorGemmConfig(one_dot=False))
+        w4_kmajor_gemm(x, repack_k_major(packed), KMajorGemmConfig(one_dot=False, x_runs=False))
     with pytest.raises(ValueError, match=r"x \[M, 192\]"):
         w4_kmajor_gemm(x[:, :64], repack_k_major(packed))
     assert w4_kmajor_gemm(x[:0], repack_k_major(packed)).shape == (0, 32)
@@ -82,6 +85,12 @@ def test_config_validation():
         KMajorGemmConfig(block_n=48)
     with pytest.raises(ValueError, match="one_dot=False needs block_k >= 128"):
         KMajorGemmConfig(block_k=64, one_dot=False)
+    with pytest.raises(ValueError, match="x_runs=True is a variant of one_dot=True"):
+        KMajorGemmConfig(one_dot=False)
+    with pytest.raises(ValueError, match="scale_codes=True is a variant of one_dot=True"):
+        KMajorGemmConfig(one_dot=False, x_runs=False, scale_codes=True)
     with pytest.raises(ValueError, match="split_k"):
         KMajorGemmConfig(split_k=0)
-    assert KMajorGemmConfig(64, 128, 128, 2, False, 8, 4).name == "kmgemm_j_m64_n128_k128_s2_w8_st4"
+    assert KMajorGemmConfig(64, 128, 128, 2, False, 8, 4, False).name == "kmgemm_j_m64_n128_k128_s2_w8_st4"
+    assert KMajorGemmConfig(16, 64, 64).name == "kmgemm_r_m16_n64_k64_s1_w4_st3"
+    assert KMajorGemmConfig(128, scale_codes=True).name == "kmgemm_r_sc_m128_n64_k128_s1_w4_st3"

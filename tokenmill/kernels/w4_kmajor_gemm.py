@@ -13,13 +13,19 @@ kernels/splitk.py where there are too few output tiles for the SMs) and gathers 
 so the codes never move between nibble positions:
 
 - ``one_dot=True``: the eight nibbles of every word become rows 8 w + j of one [BLOCK_K, BLOCK_N] code tile (one
-  shift-and-mask with a broadcast shift), one tensor-core product a K step against x gathered in that order;
+  shift-and-mask with a broadcast shift), one tensor-core product a K step against x in that order: gathered
+  column pair by column pair (``x_runs=False``), or (``x_runs=True``) loaded as the step's four contiguous runs
+  of 2 KW columns (wide loads; a step's columns are 2 GW t + 2 w + e) and reordered in registers ([t, w, e] ->
+  [w, t, e], a layout conversion the operand's trip through shared memory may absorb);
 - ``one_dot=False``: one product a nibble position ([BLOCK_M, KW] x [KW, BLOCK_N]; KW >= 16, so group >= 128),
   x's columns for nibble j at stride 2 (no reshape of the code tile).
 
 A code becomes a 16-bit float ``magic + code`` by one and-or (bf16 0x4300 | c = 128 + c, fp16 0x6400 | c = 1024 + c:
 exact), so the product is sum x (magic + c); a K step never crosses a group (BLOCK_K is capped at the group size)
 and adds s (part - (magic + z) sum x) in fp32: scale and zero point once a group and channel, not once a weight.
+That keeps a second [BLOCK_M, BLOCK_N] fp32 tile live beside the accumulator (registers spill at 128 x 128 tiles:
+sm_90 compiles without a GPU), so for many rows ``scale_codes=True`` instead makes every code (c - z) s in fp32
+(2^23-magic conversion, one FMA) rounded to x's dtype, and chains one accumulator through the products.
 Accumulation is fp32. tests/kernels/test_w4_kmajor_gemm.py compares it with the fp32 product of x and the
 dequantized weight; benchmarks/gpu_w4_gemv_probe.py times it at 8-256 rows. Not wired into
 kernels/quant_dispatch.py yet.
@@ -41,7 +47,7 @@ from tokenmill.kernels.wna16_gemm import checked_input
 class KMajorGemmConfig:
     """One launch's tiles: ``block_m`` rows (>= 16, tl.dot's M), ``block_n`` channels, ``block_k`` inputs a K step
     (capped at the group size), K split over ``split_k`` programs (lowered to what the workspace holds and what
-    K offers), ``one_dot`` as in the module docstring."""
+    K offers), ``one_dot``, ``x_runs`` and ``scale_codes`` as in the module docstring."""
 
     block_m: int = 16
     block_n: int = 64
@@ -50,6 +56,8 @@ class KMajorGemmConfig:
     one_dot: bool = True
     num_warps: int = 4
     num_stages: int = 3
+    x_runs: bool = True
+    scale_codes: bool = False
 
     def __post_init__(self) -> None:
         for field, value, low in (("block_m", self.block_m, 16), ("block_n", self.block_n, 16),
@@ -58,12 +66,16 @@ class KMajorGemmConfig:
                 raise ValueError(f"{field} must be a power of two >= {low} (tl.dot's smallest tile); got {value}")
         if not self.one_dot and self.block_k < 128:
             raise ValueError(f"one_dot=False needs block_k >= 128 (16 words a nibble product); got {self.block_k}")
+        if self.x_runs and not self.one_dot:
+            raise ValueError("x_runs=True is a variant of one_dot=True only (one_dot=False loads x at stride 2)")
+        if self.scale_codes and not self.one_dot:
+            raise ValueError("scale_codes=True is a variant of one_dot=True only")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1; got {self.split_k}")
 
     @property
     def name(self) -> str:
-        return (f"kmgemm{'' if self.one_dot else '_j'}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
+        return (f"kmgemm{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
                 f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}")
 
 
@@ -88,7 +100,7 @@ if HAS_TRITON:
         M, N, K, stride_xm, stride_om,
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GW: tl.constexpr, MAGIC_BITS: tl.constexpr,
-        MAGIC: tl.constexpr, ONE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+        MAGIC: tl.constexpr, ONE_DOT: tl.constexpr, X_RUNS: tl.constexpr, SCALE_CODES: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         """Program (output tile, K split). Words [KW, BLOCK_N] at qw[n, step KW + kw]; scales / zeros [N, G]."""
         KW: tl.constexpr = BLOCK_K // 8
@@ -111,36 +123,56 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         x_rows = x_ptr + m[:, None] * stride_xm
         kw = tl.arange(0, KW)
+        j = tl.arange(0, 8)
+        # x columns of the codes, relative to the step's first: code row 8 w + j holds column 2 GW (j // 2) + 2 w + j % 2
+        gather = tl.reshape((2 * kw)[:, None] + (2 * GW * (j // 2) + j % 2)[None, :], [BLOCK_K])
+        runs = (2 * GW * tl.arange(0, 4))[:, None] + tl.arange(0, 2 * KW)[None, :]  # [t, 2 w + e]: 4 runs of 2 KW
+        w_at = qw_ptr + n[None, :] * kwords + kw[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for step in range(first, last):
-            word = step * KW + kw  # global word index along K; its group and place in the group:
-            col0 = (word // GW) * S + 2 * (word % GW)  # x column of the word's nibble 0 (nibble j: + colj)
-            words = tl.load(qw_ptr + n[None, :] * kwords + word[:, None], mask=nmask[None, :], other=0)
-            group = (step * BLOCK_K) // S  # BLOCK_K divides the group size: one group a step
+            step_word = step * KW  # the step's words sit in one group (BLOCK_K divides it)
+            col0 = (step_word // GW) * S + 2 * (step_word % GW)  # x column of the step's first word's nibble 0
+            words = tl.load(w_at + step_word, mask=nmask[None, :], other=0)  # [KW, BLOCK_N]
+            group = step_word // GW
             scale = tl.load(s_ptr + n * groups + group, mask=nmask, other=0.0).to(tl.float32)
             if HAS_ZEROS:
                 zero = tl.load(z_ptr + n * groups + group, mask=nmask, other=0.0).to(tl.float32)
             else:
                 zero = tl.full([BLOCK_N], 8.0, tl.float32)
             if ONE_DOT:
-                j = tl.arange(0, 8)
                 codes = (words[:, None, :] >> (4 * j)[None, :, None]) & 0xF  # [KW, 8, BLOCK_N]: row 8 w + j
-                b = tl.reshape(_magic16(codes, MAGIC_BITS, dtype), [BLOCK_K, BLOCK_N])
-                col = tl.reshape(col0[:, None] + (2 * GW * (j // 2) + j % 2)[None, :], [BLOCK_K])
-                xk = tl.load(x_rows + col[None, :], mask=mmask[:, None], other=0.0)
-                part = _product(xk, b, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_F32)
-                xsum = tl.sum(xk.to(tl.float32), axis=1)
+                if SCALE_CODES:  # (c - z) s a weight, one accumulator chained through the products
+                    c = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + c, minus 2^23
+                    b = tl.reshape((c * scale[None, None, :] - (zero * scale)[None, None, :]).to(dtype),
+                                   [BLOCK_K, BLOCK_N])
+                else:
+                    b = tl.reshape(_magic16(codes, MAGIC_BITS, dtype), [BLOCK_K, BLOCK_N])
+                if X_RUNS:  # contiguous runs of x (wide loads), put into the codes' order in registers
+                    x3 = tl.load(x_rows[:, :, None] + col0 + runs[None, :, :], mask=mmask[:, None, None], other=0.0)
+                    xk = tl.reshape(tl.permute(tl.reshape(x3, [BLOCK_M, 4, KW, 2]), (0, 2, 1, 3)),
+                                    [BLOCK_M, BLOCK_K])
+                    if not SCALE_CODES:
+                        xsum = tl.sum(tl.sum(x3.to(tl.float32), axis=2), axis=1)
+                else:  # x gathered in the codes' order (pairs of neighbouring columns)
+                    xk = tl.load(x_rows + col0 + gather[None, :], mask=mmask[:, None], other=0.0)
+                    if not SCALE_CODES:
+                        xsum = tl.sum(xk.to(tl.float32), axis=1)
+                if SCALE_CODES:
+                    acc = _product(xk, b, acc, DOT_F32)
+                else:
+                    part = _product(xk, b, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_F32)
+                    acc += (part - xsum[:, None] * (MAGIC + zero)[None, :]) * scale[None, :]
             else:
                 part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 xs = tl.zeros([BLOCK_M, KW], tl.float32)
                 for jj in tl.static_range(8):
                     c = _magic16((words >> (4 * jj)) & 0xF, MAGIC_BITS, dtype)
-                    xj = tl.load(x_rows + (col0 + (2 * GW * (jj // 2) + jj % 2))[None, :], mask=mmask[:, None],
-                                 other=0.0)
+                    xj = tl.load(x_rows + col0 + (2 * kw + (2 * GW * (jj // 2) + jj % 2))[None, :],
+                                 mask=mmask[:, None], other=0.0)
                     part = _product(xj, c, part, DOT_F32)
                     xs += xj.to(tl.float32)
                 xsum = tl.sum(xs, axis=1)
-            acc += (part - xsum[:, None] * (MAGIC + zero)[None, :]) * scale[None, :]
+                acc += (part - xsum[:, None] * (MAGIC + zero)[None, :]) * scale[None, :]
         splitk_finish(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, pid, pid_k, HAS_BIAS, SPLIT_K)
 
 
@@ -177,7 +209,7 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
         work.partials, work.counters, m, n, k, x.stride(0), out.stride(0),
         HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=block_k, GW=weight.group_size // 8, MAGIC_BITS=magic_bits, MAGIC=magic,
-        ONE_DOT=config.one_dot, DOT_F32=dot_in_fp32(x.dtype), num_warps=config.num_warps,
+        ONE_DOT=config.one_dot, X_RUNS=config.x_runs, SCALE_CODES=config.scale_codes, DOT_F32=dot_in_fp32(x.dtype), num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return out
