@@ -110,17 +110,18 @@ def kmgemm(m: int, n: int, k: int, split: int, w: int = 4, st: int = 3, sc: bool
     return KMajorGemmConfig(m, n, k, split, one, w, st, runs, sc)
 
 
-# Chosen from sm_90 compiles without a GPU (triton 3.9): no spills; post-product scaling (two fp32 tiles) only
-# where the tile is small, codes scaled before the product (one accumulator) from 64 rows up.
+# Chosen from sm_90 compiles without a GPU (triton 3.6, as on the device, and 3.9): none spills on 3.6 (the
+# post-product scaling at 64 x 64 with 4 warps did: two fp32 tiles); K-loop SASS at 16 rows, thread instructions a
+# weight: one product a nibble 5.0 (n128) / 6.4 (n64), one product a step 9.2 (today's 2-16 row kernel: 9.1).
 def kmajor_gemm_candidates(rows: int) -> list[KMajorGemmConfig]:
     """The K-major tensor-core GEMM's configs for ``rows`` (none under 8 rows: the K-major GEMV serves those)."""
     if rows < KMAJOR_GEMM_MIN_ROWS:
         return []
     if rows <= 16:
-        return [kmgemm(16, 64, 128, 8), kmgemm(16, 64, 128, 8, sc=True), kmgemm(16, 128, 128, 8, runs=False, one=False),
-                kmgemm(16, 64, 128, 4, st=4)]
+        return [kmgemm(16, 128, 128, 8, runs=False, one=False), kmgemm(16, 64, 128, 8, runs=False, one=False),
+                kmgemm(16, 64, 128, 8), kmgemm(16, 64, 128, 8, sc=True)]
     if rows <= 64:
-        return [kmgemm(64, 64, 128, 4), kmgemm(64, 64, 128, 4, sc=True), kmgemm(64, 128, 64, 2, sc=True),
+        return [kmgemm(64, 64, 128, 4, w=8), kmgemm(64, 64, 128, 4, sc=True), kmgemm(64, 128, 64, 2, sc=True),
                 kmgemm(32, 64, 128, 4)]
     return [kmgemm(128, 128, 64, 1, w=8, sc=True), kmgemm(128, 128, 64, 2, w=8, st=4, sc=True),
             kmgemm(64, 128, 128, 2, sc=True), kmgemm(64, 256, 64, 1, w=8, sc=True)]
