@@ -80,7 +80,7 @@ class KMajorGemmConfig:
 
 
 if HAS_TRITON:
-    from tokenmill.kernels.splitk import splitk_finish
+    from tokenmill.kernels.splitk import splitk_finish, splitk_tile
 
     @triton.jit
     def _magic16(codes, MAGIC_BITS: tl.constexpr, dtype: tl.constexpr):
@@ -105,15 +105,8 @@ if HAS_TRITON:
         """Program (output tile, K split). Words [KW, BLOCK_N] at qw[n, step KW + kw]; scales / zeros [N, G]."""
         KW: tl.constexpr = BLOCK_K // 8
         S: tl.constexpr = GW * 8  # the group size
-        pid = tl.program_id(0)
+        m, n, mmask, nmask = splitk_tile(M, N, BLOCK_M, BLOCK_N)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BLOCK_M)
-        pid_m = pid % num_m  # row tiles vary fastest: programs sharing a weight tile run together (L2 reuse)
-        pid_n = pid // num_m
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mmask = m < M
-        nmask = n < N
         kwords = K // 8
         groups = K // S
         steps = K // BLOCK_K
@@ -173,7 +166,7 @@ if HAS_TRITON:
                     xs += xj.to(tl.float32)
                 xsum = tl.sum(xs, axis=1)
                 acc += (part - xsum[:, None] * (MAGIC + zero)[None, :]) * scale[None, :]
-        splitk_finish(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, pid, pid_k, HAS_BIAS, SPLIT_K)
+        splitk_finish(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tl.program_id(0), pid_k, HAS_BIAS, SPLIT_K)
 
 
 def kmajor_gemm_block_k(config: KMajorGemmConfig, group_size: int) -> int:
