@@ -1,8 +1,10 @@
-"""Probe of the W4A16 GEMV variants (kernels/w4_gemv.py) on Llama-3-8B's decode projections (qkv 6144x4096,
-o 4096x4096, gate_up 28672x4096, down 4096x14336; 4-bit, group 128, integer zero points as RTN writes them) at
-1, 2, 4, 8 and 16 rows, against cuBLAS bf16 and today's dispatched kernel (kernels/quant_dispatch.py's choice; on
-a GPU its shipped table does not list, e.g. an H200, the H100's entry), all in one run: issue 20's batch-1 target
-is W4A16 >= 2.5x bf16.
+"""Probe of the W4A16 GEMV variants (kernels/w4_gemv.py) and the tensor-core GEMM on the same K-major layout
+(kernels/w4_kmajor_gemm.py) on Llama-3-8B's projections (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down
+4096x14336; 4-bit, group 128, integer zero points as RTN writes them) at 1, 2, 4, 8, 16, 64 and 256 rows, against
+cuBLAS bf16 and today's dispatched kernel (kernels/quant_dispatch.py's choice; on a GPU its shipped table does not
+list, e.g. an H200, the H100's entry), all in one run: issue 20's batch-1 target is W4A16 >= 2.5x bf16. The
+totals' ``k_major`` column is what serving one K-major copy would give at each row count (the best of the K-major
+GEMV and GEMM a shape).
 
 Every variant is first checked against the fp32 product of x and the dequantized weight on fresh random inputs
 (norm-relative and max error recorded; one that fails to compile or to match is recorded and not timed, and the
@@ -10,14 +12,14 @@ probe goes on). Timing as benchmarks/gpu_quant_gemv_sweep.py (its helpers): one 
 once per weight copy over 32 copies (never served from L2), replays timed with CUDA events, median; µs per call;
 % of the byte floor (codes + scales + zero points over 3.0 TB/s).
 
-    OUT=$OUT python3 benchmarks/gpu_w4_gemv_probe.py --time-limit 190    # H100, < 4 min in all
+    OUT=$OUT python3 benchmarks/gpu_w4_gemv_probe.py --time-limit 170    # H100, < 3.5 min in all
 
 It writes $OUT/gpu_w4_gemv_probe.json (every measurement, failures, the totals, suggested table entries) and
 $OUT/gpu_w4_gemv_probe.txt (the full table); the console keeps the fastest three variants a case.
 
 ``--time-limit`` counts from the start of the process: after it no new measurement starts, and the JSON (written
-after every shape and row count too) lists what was skipped. Rows run in the order 1, 16, 4, 8, 2 so that a cut
-loses the least needed. Needs torch + triton only.
+after every shape and row count too) lists what was skipped. Rows run in the order 1, 16, 8, 64, 256, 4, 2 so that
+a cut loses the least needed (past 16 rows only bf16, today's kernel and the K-major GEMM run). Needs torch + triton only.
 """
 
 from __future__ import annotations
@@ -64,10 +66,12 @@ from tokenmill.kernels.quant_dispatch import (  # noqa: E402
     wna16_cuda_linear,
     wna16_format,
 )
-from tokenmill.kernels.w4_gemv import W4GemvConfig, repack_k_major, split_plan, w4_gemv  # noqa: E402
+from tokenmill.kernels.w4_gemv import MAX_ROWS, W4GemvConfig, repack_k_major, split_plan, w4_gemv  # noqa: E402
+from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, kmajor_gemm_block_k, w4_kmajor_gemm  # noqa: E402
 from tokenmill.kernels.wna16_gemm import dequantize  # noqa: E402
 
-ROWS = (1, 16, 4, 8, 2)
+ROWS = (1, 16, 8, 64, 256, 4, 2)
+KMAJOR_GEMM_MIN_ROWS = 8
 
 
 def kmajor(n: int, g: int, w: int = 4, st: int = 2, pf: bool = False) -> W4GemvConfig:
@@ -98,7 +102,34 @@ def candidates(rows: int) -> list[W4GemvConfig]:
            2: [kmajor(4, 32), kmajor(2, 32)],
            4: [kmajor(2, 32), kmajor(4, 16, w=2)],
            8: [kmajor(2, 32)]}
-    return fma.get(rows, []) + tensor
+    return fma.get(rows, []) + (tensor if rows <= MAX_ROWS else [])
+
+
+def kmgemm(m: int, n: int, k: int, split: int, w: int = 4, st: int = 3, sc: bool = False, runs: bool = True,
+           one: bool = True) -> KMajorGemmConfig:
+    return KMajorGemmConfig(m, n, k, split, one, w, st, runs, sc)
+
+
+# Chosen from sm_90 compiles without a GPU (triton 3.6, as on the device, and 3.9): none spills on 3.6 (the
+# post-product scaling at 64 x 64 with 4 warps did: two fp32 tiles); K-loop SASS at 16 rows, thread instructions a
+# weight: one product a nibble 5.0 (n128) / 6.4 (n64), one product a step 9.2 (today's 2-16 row kernel: 9.1).
+def kmajor_gemm_candidates(rows: int) -> list[KMajorGemmConfig]:
+    """The K-major tensor-core GEMM's configs for ``rows`` (none under 8 rows: the K-major GEMV serves those)."""
+    if rows < KMAJOR_GEMM_MIN_ROWS:
+        return []
+    if rows <= 16:
+        return [kmgemm(16, 128, 128, 8, runs=False, one=False), kmgemm(16, 64, 128, 8, runs=False, one=False),
+                kmgemm(16, 64, 128, 8), kmgemm(16, 64, 128, 8, sc=True)]
+    if rows <= 64:
+        return [kmgemm(64, 64, 128, 4, w=8), kmgemm(64, 64, 128, 4, sc=True), kmgemm(64, 128, 64, 2, sc=True),
+                kmgemm(32, 64, 128, 4)]
+    return [kmgemm(128, 128, 64, 1, w=8, sc=True), kmgemm(128, 128, 64, 2, w=8, st=4, sc=True),
+            kmgemm(64, 128, 128, 2, sc=True), kmgemm(64, 256, 64, 1, w=8, sc=True)]
+
+
+def k_major(r: dict[str, Any]) -> bool:
+    """Whether a result row's kernel reads the K-major repack (the GEMV's kmajor kind or the K-major GEMM)."""
+    return r["params"].get("kind") == "kmajor" or r["params"].get("kernel") == "w4_kmajor_gemm"
 
 
 class Probe:
@@ -208,6 +239,10 @@ def probe_case(pr: Probe, shape: str, w: Weights, rows: int, gen: torch.Generato
             params["groups_run"], params["splits"] = split_plan(config, rows, w.n, w.k // GROUP)
         pr.measure(case, config.name, params, lambda c=config, ws=weights: w4_gemv(x, ws[0], c),
                    lambda c=config, ws=weights: [w4_gemv(x, p, c) for p in ws], ref)
+    for config in kmajor_gemm_candidates(rows):
+        params = {"kernel": "w4_kmajor_gemm", **asdict(config), "block_k_run": kmajor_gemm_block_k(config, GROUP)}
+        pr.measure(case, config.name, params, lambda c=config: w4_kmajor_gemm(x, w.kmajor[0], c),
+                   lambda c=config: [w4_kmajor_gemm(x, p, c) for p in w.kmajor], ref)
     print(f"{shape} rows={rows} done at {time.monotonic() - START:.0f} s", flush=True)
 
 
@@ -239,20 +274,20 @@ def _tag(r: dict[str, Any]) -> str:
 
 
 def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The four projections added up per row count: bf16, today's kernel, the best new variant per shape, and the
-    best new variant that serves the GPTQ layout as loaded (no repack)."""
+    """The four projections added up per row count: bf16, today's kernel, the best new variant per shape, the
+    best new variant that serves the GPTQ layout as loaded (no repack), and the best K-major one (what serving
+    only the repacked copy gives)."""
     by: dict[tuple, float] = {}
     for r in results:
-        keys = [_tag(r)] + (["no_repack"] if _tag(r) == "new" and r["params"].get("kind") != "kmajor" else [])
+        keys = [_tag(r)] if _tag(r) != "new" else ["new", "k_major" if k_major(r) else "no_repack"]
         for tag in keys:
             by[(r["rows"], tag, r["shape"])] = min(by.get((r["rows"], tag, r["shape"]), float("inf")), r["us"])
     totals = []
     for rows in sorted({r["rows"] for r in results}):
         sums = {tag: sum(by.get((rows, tag, s), float("nan")) for s in SHAPES)
-                for tag in ("bf16", "today", "new", "no_repack")}
-        totals.append({"rows": rows, "bf16_us": sums["bf16"], "today_us": sums["today"], "new_us": sums["new"],
-                       "no_repack_us": sums["no_repack"], "today_x_bf16": sums["bf16"] / sums["today"],
-                       "new_x_bf16": sums["bf16"] / sums["new"], "no_repack_x_bf16": sums["bf16"] / sums["no_repack"]})
+                for tag in ("bf16", "today", "new", "no_repack", "k_major")}
+        totals.append({"rows": rows, **{f"{tag}_us": us for tag, us in sums.items()},
+                       **{f"{tag}_x_bf16": sums["bf16"] / us for tag, us in sums.items() if tag != "bf16"}})
     return totals
 
 
@@ -263,13 +298,13 @@ def suggested_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]
     best: dict[tuple, dict[str, Any]] = {}
     for r in results:
         key = (r["shape"], r["rows"])
-        if _tag(r) == "new" and r["params"].get("kind") != "kmajor" and r["us"] < today.get(key, float("inf")):
+        if _tag(r) == "new" and not k_major(r) and r["us"] < today.get(key, float("inf")):
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
     table: dict[str, dict[str, Any]] = {}
     for (shape, rows), r in sorted(best.items()):
         n, k = SHAPES[shape]
-        fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits")}
+        fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits", "kernel")}
         table.setdefault(f"{n}x{k}", {})[str(rows)] = {"kernel": "w4_gemv", **fields}
     return table
 
@@ -292,9 +327,10 @@ def table_lines(results: list[dict[str, Any]], top: int | None = None) -> list[s
 def summary_lines(pr: Probe) -> list[str]:
     lines = ["", "four projections added up (best new variant per shape):"]
     for t in decode_totals(pr.results):
-        lines.append(f"rows {t['rows']:>2}: bf16 {t['bf16_us']:7.1f} us, today {t['today_us']:7.1f} us "
+        lines.append(f"rows {t['rows']:>3}: bf16 {t['bf16_us']:7.1f} us, today {t['today_us']:7.1f} us "
                      f"({t['today_x_bf16']:.2f}x), best new {t['new_us']:7.1f} us ({t['new_x_bf16']:.2f}x), "
-                     f"best without repack {t['no_repack_us']:7.1f} us ({t['no_repack_x_bf16']:.2f}x)")
+                     f"best without repack {t['no_repack_us']:7.1f} us ({t['no_repack_x_bf16']:.2f}x), "
+                     f"best K-major {t['k_major_us']:7.1f} us ({t['k_major_x_bf16']:.2f}x)")
     failed: dict[str, list[dict[str, Any]]] = {}
     for f in pr.failures:
         failed.setdefault(f["variant"], []).append(f)
@@ -309,7 +345,7 @@ def summary_lines(pr: Probe) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_w4_gemv_probe.json"))
-    parser.add_argument("--time-limit", type=float, default=190.0,
+    parser.add_argument("--time-limit", type=float, default=170.0,
                         help="seconds from the process start after which no new measurement starts")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))

@@ -117,6 +117,16 @@ if HAS_TRITON:
         return result
 
     @triton.jit
+    def splitk_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Rows, channels and their masks of program (tile, K split)'s output tile; row tiles vary fastest, so
+        programs sharing a weight tile run together (L2 reuse)."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = (pid // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return m, n, m < M, n < N
+
+    @triton.jit
     def splitk_finish(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tile, pid_k,
                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
         """Store ``acc`` [BLOCK_M, BLOCK_N] (fp32) as the output tile: directly without a split; otherwise as this

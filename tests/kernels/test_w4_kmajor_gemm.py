@@ -1,0 +1,96 @@
+"""The tensor-core W4A16 GEMM on the K-major layout (kernels/w4_kmajor_gemm.py) against the fp32 product with the
+dequantized weight, on fresh random codes, scales, zero points (integer and fractional), activations and bias:
+one product a K step (x loaded in runs and reordered, or gathered; codes scaled before the product or
+the product after) and one a nibble position, odd row counts and widths (partial tiles), groups 32/64/128,
+K split over programs, bf16 and fp16. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (there bf16 products go
+in as fp32: kernels/splitk.py's dot_in_fp32, the interpreter's bf16 tl.dot multiplies raw storage)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import rel_err, requires_triton_device
+from test_wna16_gemm import random_packed
+
+from tokenmill.kernels.w4_gemv import repack_k_major
+from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, w4_kmajor_gemm
+from tokenmill.kernels.wna16_gemm import wna16_linear_reference
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}  # output rounding: bf16 ~3e-3, fp16 ~3e-4 relative
+
+
+def _check(device, rows, k, n, group, zeros, dtype, configs, seed, fractional_zeros=False):
+    packed = random_packed(k, n, 4, group, zeros, dtype, device, seed=seed)
+    if fractional_zeros:  # float zero points (the kernel applies them in fp32, never rounded to the magic's grid)
+        gen = torch.Generator().manual_seed(seed + 2)
+        packed = dataclasses.replace(packed, zeros=(torch.rand(packed.scales.shape, generator=gen) * 15).to(dtype)
+                                     .to(device))
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(rows, k, generator=gen).to(dtype).to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
+    ref = wna16_linear_reference(x.float(), packed, bias.float()).float()
+    weight = repack_k_major(packed)
+    for config in configs:
+        first = w4_kmajor_gemm(x, weight, config, bias)
+        again = w4_kmajor_gemm(x, weight, config, bias)  # the split-K counters were left at zero
+        assert first.dtype == dtype and first.shape == (rows, n), config
+        assert rel_err(first, ref) < TOL[dtype], (config, rel_err(first, ref))
+        assert torch.equal(first, again), config  # partials summed in split order: deterministic
+    no_bias = w4_kmajor_gemm(x, weight, configs[0])
+    assert rel_err(no_bias, wna16_linear_reference(x.float(), packed).float()) < TOL[dtype]
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows,zeros,dtype", [(8, True, torch.float16), (37, False, torch.float16),
+                                              (16, True, torch.bfloat16), (70, False, torch.bfloat16)])
+def test_group128_matches_fp32_reference(device, rows, zeros, dtype):
+    """Three groups of K (a split with one step fewer than the others) and 72 channels (partial tiles)."""
+    configs = [KMajorGemmConfig(16, 32, 128, split_k=2), KMajorGemmConfig(32, 16, 64, split_k=4, x_runs=False),
+               KMajorGemmConfig(16, 64, 128, split_k=2, one_dot=False, x_runs=False),
+               KMajorGemmConfig(64, 32, 64, scale_codes=True), KMajorGemmConfig(16, 16, 128, 3, scale_codes=True,
+                                                                                 x_runs=False)]
+    _check(device, rows, 3 * 128, 72, 128, zeros, dtype, configs, seed=rows * 7 + zeros)
+
+
+@requires_triton_device
+@pytest.mark.parametrize("group,dtype", [(32, torch.float16), (64, torch.bfloat16)])
+def test_small_groups_and_fractional_zeros(device, group, dtype):
+    """block_k capped at a group of 32 / 64 (one scale a step); float zero points off the integer grid."""
+    configs = [KMajorGemmConfig(16, 32, 128, split_k=3), KMajorGemmConfig(32, 64, 32, x_runs=False),
+               KMajorGemmConfig(16, 32, 128, scale_codes=True)]
+    _check(device, 21, 5 * group, 40, group, True, dtype, configs, seed=group, fractional_zeros=True)
+
+
+@requires_triton_device
+def test_launcher_rejects_what_the_kernel_cannot_serve(device):
+    packed = random_packed(192, 32, 4, 64, True, torch.float16, device, seed=3)
+    x = torch.randn(9, 192).to(torch.float16).to(device)
+    with pytest.raises(ValueError, match="takes a KMajorWeight"):
+        w4_kmajor_gemm(x, packed)
+    with pytest.raises(ValueError, match="group size >= 128"):
+        w4_kmajor_gemm(x, repack_k_major(packed), KMajorGemmConfig(one_dot=False, x_runs=False))
+    with pytest.raises(ValueError, match=r"x \[M, 192\]"):
+        w4_kmajor_gemm(x[:, :64], repack_k_major(packed))
+    assert w4_kmajor_gemm(x[:0], repack_k_major(packed)).shape == (0, 32)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
+        KMajorGemmConfig(block_m=8)
+    with pytest.raises(ValueError, match="block_n must be"):
+        KMajorGemmConfig(block_n=48)
+    with pytest.raises(ValueError, match="one_dot=False needs block_k >= 128"):
+        KMajorGemmConfig(block_k=64, one_dot=False)
+    with pytest.raises(ValueError, match="x_runs=True is a variant of one_dot=True"):
+        KMajorGemmConfig(one_dot=False)
+    with pytest.raises(ValueError, match="scale_codes=True is a variant of one_dot=True"):
+        KMajorGemmConfig(one_dot=False, x_runs=False, scale_codes=True)
+    with pytest.raises(ValueError, match="split_k"):
+        KMajorGemmConfig(split_k=0)
+    assert KMajorGemmConfig(64, 128, 128, 2, False, 8, 4, False).name == "kmgemm_j_m64_n128_k128_s2_w8_st4"
+    assert KMajorGemmConfig(16, 64, 64).name == "kmgemm_r_m16_n64_k64_s1_w4_st3"
+    assert KMajorGemmConfig(128, scale_codes=True).name == "kmgemm_r_sc_m128_n64_k128_s1_w4_st3"
