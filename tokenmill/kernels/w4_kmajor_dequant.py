@@ -4,8 +4,9 @@ writing + reading the dense copy once costs less than dequantizing in every outp
 
 A program covers BLOCK_N output channels x WORDS words of one group (WORDS = min(group words, 16)); nibble
 j = 2 t + e of word w of group g is input channel S g + 2 GW t + 2 w + e (KMajorWeight's interleave), so the codes
-are built as a [BLOCK_N, 4, WORDS, 2] tile whose (w, e) run is contiguous in the output row: no reorder, 2 WORDS
-contiguous elements a store run. W[n, k] = (code - zero) * scale in fp32, rounded once to x's dtype.
+are built as a [BLOCK_N, 4, WORDS, 2] tile whose (w, e) run is contiguous in the output row, flattened to
+[BLOCK_N, 8 WORDS] for the store: for groups up to 128 (one chunk a group) a row's whole group is one contiguous
+run (vector stores), above it four runs of 2 WORDS. W[n, k] = (code - zero) * scale in fp32, rounded once to x's dtype.
 tests/kernels/test_w4_kmajor_dequant.py compares it with kernels/w4_gemv.py's ``dequantize_k_major``.
 """
 
@@ -62,9 +63,15 @@ if HAS_TRITON:
             zero = tl.load(z_ptr + n4 * G + group, mask=nmask, other=0.0).to(tl.float32)
         else:
             zero = tl.full([BLOCK_N, 1, 1, 1], 8.0, tl.float32)
-        value = (codes.to(tl.float32) - zero) * scale
-        k = group * (8 * GW) + 2 * GW * t4 + 2 * w4 + e4
-        tl.store(out_ptr + n4 * K + k, value.to(out_ptr.dtype.element_ty), mask=nmask)
+        value = tl.reshape(((codes.to(tl.float32) - zero) * scale).to(out_ptr.dtype.element_ty),
+                           [BLOCK_N, 8 * WORDS])  # column c = 2 WORDS t + 2 w + e
+        c = tl.arange(0, 8 * WORDS)
+        if WORDS == GW:  # the chunk is the whole group: its columns are the group's, in order
+            k = group * (8 * GW) + c
+        else:  # four runs of 2 WORDS columns, 2 GW apart
+            k = group * (8 * GW) + 2 * GW * (c // (2 * WORDS)) + 2 * (first % GW) + c % (2 * WORDS)
+        n2 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+        tl.store(out_ptr + n2 * K + k[None, :], value, mask=n2 < N)
 
 
 def dequantize_k_major_dense(weight: KMajorWeight, dtype: torch.dtype,
