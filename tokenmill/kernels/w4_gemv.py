@@ -24,8 +24,10 @@ triton 3.6 and 3.9):
   word on both 16-bit halves, two ``prmt``): GPU only, Triton's interpreter cannot run inline PTX.
 
 Every variant keeps fp32 accumulation; tests/kernels/test_w4_gemv.py compares each with the fp32 product of x and
-the dequantized weight. None is wired into kernels/quant_dispatch.py yet. Past the FMA kinds' rows,
-kernels/w4_kmajor_gemm.py multiplies on the tensor cores from the same K-major repack.
+the dequantized weight. ``kmajor`` serves 1-4 rows of weights kept in the K-major layout
+(``--quant-weight-layout kmajor``: kernels/quant_dispatch.py's ``kmajor_cuda_linear``); past its rows,
+kernels/w4_kmajor_gemm.py multiplies on the tensor cores from the same K-major repack. The other kinds are table
+entries for the GPTQ layout (none shipped).
 """
 
 from __future__ import annotations
