@@ -19,13 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from linear_helpers import rank_context
+from test_tensor_parallel_shards import HIDDEN, INTER, _checkpoint, _load, _method
 
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.cli import main
 from tokenmill.config import ModelConfig
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.w4_gemv import KMajorWeight
-from tokenmill.model.loader import load_model
+from tokenmill.model.linear import (
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    process_weights_after_loading,
+)
+from tokenmill.model.loader import default_dtype, load_model
 from tokenmill.quantization import weight_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
@@ -129,3 +137,56 @@ def test_engine_greedy_tokens_match_the_gptq_layout(tiny_llama):
         llm.engine.shutdown()
     assert weight_bytes["gptq"] == weight_bytes["kmajor"]
     assert runs["gptq"] == runs["kmajor"]
+
+
+@pytest.fixture
+def kmajor_device(monkeypatch) -> str:
+    """Where K-major layers are built: CUDA, else the CPU through Triton's interpreter (gate opened as above)."""
+    if HAS_TRITON and torch.cuda.is_available():
+        return "cuda"
+    if not INTERPRETED:
+        pytest.skip("needs CUDA + triton, or TRITON_INTERPRET=1")
+    unsupported = weight_layout.kmajor_unsupported
+    monkeypatch.setattr(weight_layout, "kmajor_unsupported",
+                        lambda bits, group, dtype, device: unsupported(bits, group, dtype, torch.device("cuda")))
+    return "cpu"
+
+
+@pytest.mark.parametrize("world_size", [2])  # (one rank: the whole-model test above)
+@pytest.mark.parametrize("fmt", ["gptq4", "awq"])
+def test_fused_and_tensor_parallel_shards_repack_per_rank(kmajor_device, fmt, world_size):
+    """Fused gate|up (column-parallel) and row-parallel down of GPTQ / AWQ checkpoints (group 16) loaded per rank,
+    each rank's part repacked K-major after loading; the ranks' sum at 1, 5 and 300 rows (GEMV, GEMM, dequantize)
+    equals the dense product within bf16 rounding."""
+    gen = torch.Generator().manual_seed(world_size + 5)
+    (gate, gate_w), (up, up_w), (down, down_w) = (_checkpoint(fmt, INTER, HIDDEN, gen),
+                                                  _checkpoint(fmt, INTER, HIDDEN, gen),
+                                                  _checkpoint(fmt, HIDDEN, INTER, gen))
+    layers = []
+    for rank in range(world_size):
+        ctx = rank_context(rank, world_size)
+        methods = [_method(fmt), _method(fmt)]
+        for method in methods:
+            method.set_weight_layout("kmajor")
+        with default_dtype(torch.bfloat16), torch.device(kmajor_device):
+            gate_up = MergedColumnParallelLinear(HIDDEN, {"gate": INTER, "up": INTER}, linear_method=methods[0],
+                                                 parallel=ctx)
+            down_proj = RowParallelLinear(INTER, HIDDEN, linear_method=methods[1], parallel=ctx)
+        _load(gate_up, {k: v.to(kmajor_device) for k, v in gate.items()}, "gate")
+        _load(gate_up, {k: v.to(kmajor_device) for k, v in up.items()}, "up")
+        _load(down_proj, {k: v.to(kmajor_device) for k, v in down.items()})
+        process_weights_after_loading(gate_up)
+        process_weights_after_loading(down_proj)
+        assert isinstance(gate_up.wna16, KMajorWeight) and isinstance(down_proj.wna16, KMajorWeight)
+        assert gate_up.qweight.shape == (2 * INTER // world_size, HIDDEN // 8)
+        assert down_proj.qweight.shape == (HIDDEN, INTER // world_size // 8)
+        layers.append((gate_up, down_proj))
+    for rows in (1, 5, 300):
+        x = torch.randn(rows, HIDDEN, generator=gen)
+        want = F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+        total = torch.zeros_like(want)
+        for gate_up, down_proj in layers:
+            g, u = gate_up(x.to(torch.bfloat16).to(kmajor_device)).float().chunk(2, dim=-1)
+            h = (F.silu(g) * u).to(torch.bfloat16)
+            total += down_proj.linear_method.apply(down_proj, h, None).float().cpu()
+        assert rel_err(total, want) < 3e-2, rows
