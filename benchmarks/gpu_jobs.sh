@@ -45,7 +45,12 @@ for job in "$@"; do
     # Issue 20's A/B: decode and prefill end to end, bf16 vs W4A16 (rtn4) in the GPTQ layout vs the K-major layout
     # (--quant-weight-layout), batch 1/64/256, weight GiB and KV blocks (max_model_len 4096: memory sizes the KV);
     # the linears' kernels from the table quant_sweep just wrote (else the committed one). Target < 200 s.
+    # After w4_probe in the same call, its measured K-major winners are added to the table (quant_table_merge.py).
     quant_e2e) cfg="$out/quant_gemv.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/quant_gemv.json
+               if [ -s "$out/gpu_w4_gemv_probe.json" ]; then
+                 python3 benchmarks/quant_table_merge.py "$cfg" "$out/gpu_w4_gemv_probe.json" \
+                   "$out/quant_gemv_kmajor.json" && cfg="$out/quant_gemv_kmajor.json"
+               fi
                TOKENMILL_QUANT_GEMV_CONFIGS="$cfg" run python3 benchmarks/gpu_quantized.py --e2e only \
                  --e2e-methods "${E2E_METHODS:-bf16,rtn4:gptq,rtn4:kmajor}" --e2e-batches "${E2E_BATCHES:-1,64,256}" \
                  --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e.json" ;;
