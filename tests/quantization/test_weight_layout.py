@@ -99,3 +99,21 @@ def test_gguf_refuses_an_explicit_kmajor_layout():
     method.set_weight_layout("auto")  # auto and gptq: the GGUF blocks' own layout
     with pytest.raises(ValueError, match="GGUF Q4_0"):
         method.set_weight_layout("kmajor")
+
+
+def test_kmajor_with_no_four_bit_linear_is_refused_after_loading(caplog):
+    """FP8 (or any format without a weight-only 4/8-bit linear) has no layout to choose: an explicit kmajor fails
+    once the model is built; auto and gptq say nothing. A model whose linears chose logs one line."""
+    from torch import nn
+
+    from tokenmill.quantization.weight_layout import report_weight_layouts
+
+    plain = nn.Sequential(nn.Linear(4, 4))
+    report_weight_layouts(plain, "auto")
+    with pytest.raises(ValueError, match="this model has none"):
+        report_weight_layouts(plain, "kmajor")
+    layer = nn.Linear(4, 4)
+    layer.wna16_layout = LayoutChoice("gptq", "8-bit weights (the K-major kernels take 4-bit)")
+    with caplog.at_level("INFO", logger="tokenmill.quantization.weight_layout"):
+        report_weight_layouts(nn.Sequential(layer), "auto")
+    assert "1 gptq linears (gptq layout kept for: 8-bit weights" in caplog.text

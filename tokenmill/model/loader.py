@@ -34,7 +34,7 @@ from tokenmill.model.registry import get_model_class
 from tokenmill.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.model.weights import iter_safetensors_slices
-from tokenmill.quantization.weight_layout import log_weight_layouts
+from tokenmill.quantization.weight_layout import report_weight_layouts
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -332,8 +332,7 @@ def load_model(
     with torch.no_grad():
         source.init_weights(model, progress and parallel.rank == 0)
         process_weights_after_loading(model)
-    if parallel.rank == 0:
-        log_weight_layouts(model)
+    report_weight_layouts(model, model_config.quant_weight_layout, log=parallel.rank == 0)
     target = torch.device(device or model_config.device)
     if target.type == "cuda":
         # Quantizing at load briefly held the dense weights too; KV sizing reads the peak from here on.

@@ -71,10 +71,15 @@ def choose_weight_layout(requested: str, bits: int, group_size: int, dtype: torc
     return LayoutChoice("gptq", reason)
 
 
-def log_weight_layouts(model: nn.Module) -> None:
-    """One line per loaded model: how many quantized linears keep each layout, and the fallback reasons."""
+def report_weight_layouts(model: nn.Module, requested: str, log: bool = True) -> None:
+    """One log line per loaded model (``log``: rank 0): how many quantized linears keep each layout, and the
+    fallback reasons; ValueError (every rank) when ``kmajor`` was asked for and no linear has a layout to choose
+    (e.g. FP8 weights)."""
     choices = [m.wna16_layout for m in model.modules() if isinstance(getattr(m, "wna16_layout", None), LayoutChoice)]
-    if not choices:
+    if requested == "kmajor" and not any(c.layout == "kmajor" for c in choices):
+        raise ValueError("--quant-weight-layout kmajor applies to 4-bit weight-only linears (gptq, awq, "
+                         "compressed-tensors pack-quantized, rtn4); this model has none: use auto or gptq")
+    if not choices or not log:
         return
     counts = Counter(c.layout for c in choices)
     reasons = sorted({c.reason for c in choices if c.reason})
