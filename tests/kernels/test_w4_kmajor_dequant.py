@@ -80,16 +80,20 @@ def test_every_row_count_matches_the_fp32_reference(device, group, zeros, fracti
         out = kmajor_cuda_linear(x, weight, bias, {})
         assert out.dtype == dtype and out.shape == (rows, n)
         assert rel_err(out, ref) < TOL[dtype], rows
-        kinds.add(type(default_kmajor_config(rows)).__name__)
+        kinds.add(type(default_kmajor_config(rows, n, k)).__name__)
     assert kinds == {"W4GemvConfig", "KMajorGemmConfig", "KMajorDequantConfig"}  # all three paths ran
 
 
 def test_default_routing_by_row_count():
-    assert isinstance(default_kmajor_config(1), W4GemvConfig)
-    assert isinstance(default_kmajor_config(KMAJOR_GEMV_MAX_ROWS), W4GemvConfig)
-    assert isinstance(default_kmajor_config(KMAJOR_GEMV_MAX_ROWS + 1), KMajorGemmConfig)
-    assert isinstance(default_kmajor_config(KMAJOR_GEMM_MAX_ROWS), KMajorGemmConfig)
-    assert isinstance(default_kmajor_config(KMAJOR_GEMM_MAX_ROWS + 1), KMajorDequantConfig)
+    def route(rows: int, n: int = 4096, k: int = 4096):
+        return default_kmajor_config(rows, n, k)
+
+    assert isinstance(route(1), W4GemvConfig) and isinstance(route(KMAJOR_GEMV_MAX_ROWS), W4GemvConfig)
+    assert isinstance(route(KMAJOR_GEMV_MAX_ROWS + 1), KMajorGemmConfig)
+    assert isinstance(route(KMAJOR_GEMM_MAX_ROWS), KMajorGemmConfig)
+    assert isinstance(route(KMAJOR_GEMM_MAX_ROWS + 1), KMajorDequantConfig)
+    # past 64 rows, K split until the SMs are filled: o_proj at 256 rows has 64 output tiles of 128 x 128
+    assert route(256).split_k == 4 and route(256, n=28672).split_k == 1 and route(256, k=128).split_k == 1
 
 
 @requires_triton_device

@@ -16,6 +16,7 @@ format (``w4a16_g128_kmajor``) and kinds: the ``w4_gemv`` kind ``kmajor`` (FMA G
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -164,23 +165,30 @@ def wna16_cuda_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor 
     return wna16_splitk_linear(x, packed, bias, config)
 
 
-def default_kmajor_config(rows: int) -> KMajorChoice:
-    """The K-major layout's kernel for ``rows`` where nothing was measured: GEMV tiles that won the H100 probe at
-    1, 2 and 4 rows; the GEMM's probe candidates that compile for sm_90 without spills (not yet timed on a GPU:
-    benchmarks/gpu_w4_gemv_probe.py kmajor_gemm_candidates); dequantize + cuBLAS past KMAJOR_GEMM_MAX_ROWS."""
+def default_kmajor_config(rows: int, n: int, k: int, num_sms: int = 132) -> KMajorChoice:
+    """The K-major layout's kernel for ``rows`` x ``n`` x ``k`` where nothing was measured: GEMV tiles that won the
+    H100 probe at 1, 2 and 4 rows; the GEMM's probe candidates that compile for sm_90 without spills (not yet timed
+    on a GPU: benchmarks/gpu_w4_gemv_probe.py kmajor_gemm_candidates), past 64 rows with K split until the output
+    tiles times the splits fill the SMs (at least 4 K steps a split; kernels/splitk.py lowers any split to what its
+    workspace holds and K offers); dequantize + cuBLAS past KMAJOR_GEMM_MAX_ROWS."""
     if rows <= 1:
         return W4GemvConfig("kmajor", block_n=4, groups=16, num_warps=2, num_stages=2)
     if rows <= 2:
         return W4GemvConfig("kmajor", block_n=4, groups=32, num_warps=4, num_stages=2)
     if rows <= KMAJOR_GEMV_MAX_ROWS:
         return W4GemvConfig("kmajor", block_n=4, groups=16, num_warps=2, num_stages=2)
-    if rows <= 16:
+    if rows > KMAJOR_GEMM_MAX_ROWS:
+        return KMajorDequantConfig()
+    if rows <= 16:  # streaming: many K splits keep loads in flight (the probe's candidates)
         return KMajorGemmConfig(16, 64, 128, split_k=8)
     if rows <= 64:
         return KMajorGemmConfig(64, 64, 128, split_k=4, scale_codes=True)
-    if rows <= KMAJOR_GEMM_MAX_ROWS:
-        return KMajorGemmConfig(128, 128, 64, split_k=1, num_warps=8, scale_codes=True)
-    return KMajorDequantConfig()
+    config = KMajorGemmConfig(128, 128, 64, num_warps=8, scale_codes=True)
+    tiles = -(-rows // config.block_m) * -(-n // config.block_n)
+    split = 1
+    while tiles * split < num_sms and k // config.block_k // (2 * split) >= 4:
+        split *= 2
+    return dataclasses.replace(config, split_k=split)
 
 
 def kmajor_cuda_linear(x: torch.Tensor, weight: KMajorWeight, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
@@ -190,7 +198,7 @@ def kmajor_cuda_linear(x: torch.Tensor, weight: KMajorWeight, bias: torch.Tensor
     if config is None:
         found, config = tuned_choice(x.device, wna16_format(weight), weight.out_features, weight.in_features, rows)
         if not found or config is None:
-            config = default_kmajor_config(rows)
+            config = default_kmajor_config(rows, weight.out_features, weight.in_features)
     if isinstance(config, W4GemvConfig):
         return w4_gemv(x, weight, config, bias)
     if isinstance(config, KMajorGemmConfig):
