@@ -3,7 +3,7 @@
 # each times its own work), every job's console log and JSON into one tarball, $OUT/gpu_jobs.tgz (the device
 # tool returns a few files only). Installs the carried wheels (.whl) first.
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
-#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e w4_probe
+#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -44,10 +44,22 @@ for job in "$@"; do
     issue26) OUT="$out/issue26" bash benchmarks/gpu_modelserver_issue26.sh ;;  # needs .modelserver_carry too
     quant_sweep) run python3 benchmarks/gpu_quant_gemv_sweep.py --out "$out/quant_gemv_sweep.json" \
                  --configs-out "$out/quant_gemv.json" ;;
-    # Decode end to end with the quantized linears' kernels from the table quant_sweep just wrote (else the committed one).
+    # Issue 20's A/B: decode and prefill end to end, bf16 vs W4A16 (rtn4) in the GPTQ layout vs the K-major layout
+    # (--quant-weight-layout), batch 1/64/256, weight GiB and KV blocks (max_model_len 4096: memory sizes the KV);
+    # the linears' kernels from the table quant_sweep just wrote (else the committed one). Target < 200 s.
+    # After w4_probe in the same call, its measured K-major winners are added to the table (quant_table_merge.py).
     quant_e2e) cfg="$out/quant_gemv.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/quant_gemv.json
+               if [ -s "$out/gpu_w4_gemv_probe.json" ]; then
+                 python3 benchmarks/quant_table_merge.py "$cfg" "$out/gpu_w4_gemv_probe.json" \
+                   "$out/quant_gemv_kmajor.json" && cfg="$out/quant_gemv_kmajor.json"
+               fi
                TOKENMILL_QUANT_GEMV_CONFIGS="$cfg" run python3 benchmarks/gpu_quantized.py --e2e only \
-                 --e2e-methods bf16,rtn4,int8,fp8 --e2e-batches 1,16,64,256 --out "$out/gpu_quantized_e2e.json" ;;
+                 --e2e-methods "${E2E_METHODS:-bf16,rtn4:gptq,rtn4:kmajor}" --e2e-batches "${E2E_BATCHES:-1,64,256}" \
+                 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e.json" ;;
+    # The earlier e2e job: every weight format (bf16, rtn4, int8, fp8) at batch 1/16/64/256.
+    quant_e2e_all) cfg="$out/quant_gemv.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/quant_gemv.json
+               TOKENMILL_QUANT_GEMV_CONFIGS="$cfg" run python3 benchmarks/gpu_quantized.py --e2e only \
+                 --e2e-methods bf16,rtn4,int8,fp8 --e2e-batches 1,16,64,256 --out "$out/gpu_quantized_e2e_all.json" ;;
     # Issue 20: the W4A16 GEMV variants of kernels/w4_gemv.py vs bf16 and today's dispatched kernel.
     w4_probe) run python3 benchmarks/gpu_w4_gemv_probe.py --time-limit "${W4_TIME_LIMIT:-150}" \
                  --out "$out/gpu_w4_gemv_probe.json" ;;

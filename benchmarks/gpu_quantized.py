@@ -16,7 +16,9 @@ on the values.
 For rows <= 8 the sweep also times the GEMV kernel (``WNA16Config(gemv=True)``); ``w4_best_by_kernel`` says
 which kernel won per shape and row count. ``--e2e`` adds offline decode of the llama3-8b random-weights preset
 in bf16 and quantized at load (``--quantization rtn4`` / ``int8``): decode step time per batch, weight GiB,
-KV cache tokens (the freed memory shows up there) and % of the batch-1 bandwidth floor.
+KV cache tokens (the freed memory shows up there) and % of the batch-1 bandwidth floor. A method may name the
+4-bit weights' layout (``--e2e-methods bf16,rtn4:gptq,rtn4:kmajor``: --quant-weight-layout), so one call A/Bs
+the GPTQ layout's kernels against the K-major ones; ``--dry-run`` runs that part on CPU with a tiny preset.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -161,12 +164,32 @@ def bench_shape(name: str, n: int, k: int, batches: tuple[int, ...], rate: float
     return rows_out  # the weights are freed with this frame
 
 
-def end_to_end(batches: tuple[int, ...], rate: float, input_len: int, output_len: int, preset: str = "llama3-8b",
-               device: str = "cuda", methods: tuple[str, ...] = ("bf16", "rtn4", "int8")) -> list[dict[str, Any]]:
-    """Offline decode of the llama3-8b random-weights preset: bf16, then quantized at load (rtn4, int8), one
-    engine at a time. Per batch: median decode-only step time and tokens/s; per engine: weight bytes, KV tokens,
-    and the batch-1 floor (bytes every decode step reads: all weights but the embedding table, at the copy
-    rate; KV ignored at these lengths)."""
+DECODER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _param_bytes(modules: list[torch.nn.Module]) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def parse_methods(spec: str) -> list[tuple[str, str | None, str]]:
+    """``bf16,rtn4:gptq,rtn4:kmajor`` -> [(label, --quantization or None, --quant-weight-layout)]."""
+    out = []
+    for item in spec.split(","):
+        method, _, layout = item.partition(":")
+        out.append((item, None if method == "bf16" else method, layout or "auto"))
+    return out
+
+
+def end_to_end(batches: tuple[int, ...], rate: float | None, input_len: int, output_len: int,
+               preset: str = "llama3-8b", device: str = "cuda",
+               methods: tuple[str, ...] = ("bf16", "rtn4", "int8"), max_model_len: int | None = None,
+               dry_run: bool = False) -> list[dict[str, Any]]:
+    """Offline decode of a random-weights preset: bf16, then quantized at load (``rtn4``, ``int8``, ``fp8``; a
+    ``:gptq`` / ``:kmajor`` suffix picks --quant-weight-layout), one engine at a time. Per batch: median
+    decode-only step time and tokens/s, prompt-step tokens/s (prefill); per engine: start-up seconds, weight bytes (all, and the decoder linears'), linears per served layout,
+    KV blocks and tokens (``max_model_len`` large enough that memory, not the per-sequence cap, sets them), and the
+    batch-1 floor (bytes every decode step reads: all weights but the embedding table, at the copy rate; KV ignored
+    at these lengths). ``dry_run`` (CPU): the layout is left to ``auto`` where CPU cannot serve the one asked for."""
     import gc
 
     from tokenmill.bench.throughput import run_offline
@@ -174,40 +197,68 @@ def end_to_end(batches: tuple[int, ...], rate: float, input_len: int, output_len
     from tokenmill.engine.llm_engine import LLMEngine
 
     rows = []
-    for method in methods:
+    for label, quantization, layout in parse_methods(",".join(methods)):
+        served_layout = "auto" if dry_run and layout == "kmajor" else layout
+        start = time.perf_counter()
         engine = LLMEngine.from_kwargs(
-            random_weights=preset, dtype="bfloat16", device=device, max_model_len=input_len + output_len + 16,
-            max_num_seqs=max(batches), quantization=None if method == "bf16" else method, stream_outputs=False)
+            random_weights=preset, dtype="bfloat16", device=device,
+            max_model_len=max_model_len or input_len + output_len + 16, max_num_seqs=max(batches),
+            quantization=quantization, quant_weight_layout=served_layout, stream_outputs=False)
+        start_s = time.perf_counter() - start
         model = engine.model
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        embed = model.model.embed_tokens
-        embed_bytes = sum(p.numel() * p.element_size() for p in embed.parameters())
-        floor_ms = (weight_bytes - embed_bytes) / rate / 1e6
+        weight_bytes = _param_bytes([model])
+        linears = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in DECODER_LINEARS]
+        layouts: dict[str, int] = {}
+        for m in linears:
+            choice = getattr(m, "wna16_layout", None)
+            key = choice.layout if choice is not None else type(m.linear_method).__name__
+            layouts[key] = layouts.get(key, 0) + 1
+        embed_bytes = _param_bytes([model.model.embed_tokens])
+        floor_ms = None if rate is None else (weight_bytes - embed_bytes) / rate / 1e6
         vocab = model.spec.vocab_size
         for batch in batches:
             run_offline(engine, fixed_workload(batch, input_len, 4, vocab, seed=7), temperature=0.0,
-                        id_prefix=f"warm-{method}-{batch}-")
+                        id_prefix=f"warm-{label}-{batch}-")
             result = run_offline(engine, fixed_workload(batch, input_len, output_len, vocab, seed=batch),
-                                 temperature=0.0, id_prefix=f"{method}-{batch}-")
-            decode = sorted(t for shape, t in zip(result.steps, result.step_times_s, strict=True) if shape.is_decode)
+                                 temperature=0.0, id_prefix=f"{label}-{batch}-")
+            timed = list(zip(result.steps, result.step_times_s, strict=True))
+            decode = sorted(t for shape, t in timed if shape.is_decode)
             step_ms = 1e3 * decode[len(decode) // 2]
-            row = {"method": method, "batch": batch, "decode_step_ms": step_ms, "decode_tok_s": batch / step_ms * 1e3,
+            prefill_s = sum(t for shape, t in timed if not shape.is_decode)
+            prefill_tokens = sum(shape.num_tokens for shape, _ in timed if not shape.is_decode)
+            row = {"method": label, "quantization": quantization, "layout": layout, "served_layouts": layouts,
+                   "batch": batch, "decode_step_ms": step_ms, "decode_tok_s": batch / step_ms * 1e3,
+                   "prefill_tok_s": prefill_tokens / prefill_s if prefill_s else None,
                    "output_tok_s": result.output_tok_s, "weight_gib": weight_bytes / 2**30,
+                   "linear_weight_gib": _param_bytes(linears) / 2**30, "engine_start_s": start_s,
+                   "kv_cache_blocks": engine.num_kv_cache_tokens // engine.config.cache.block_size,
                    "kv_cache_tokens": engine.num_kv_cache_tokens, "floor_ms": floor_ms,
-                   "pct_of_floor": 100 * floor_ms / step_ms}
+                   "pct_of_floor": None if floor_ms is None else 100 * floor_ms / step_ms,
+                   "jit_compiles_in_timed_run": len(result.jit_compiles)}
             rows.append(row)
-            print(f"e2e {method:5s} batch {batch:4d}: decode step {step_ms:7.3f} ms ({row['decode_tok_s']:8.1f} tok/s, "
-                  f"{row['pct_of_floor']:5.1f}% of the {floor_ms:.3f} ms floor)  weights {row['weight_gib']:.2f} GiB, "
-                  f"KV {engine.num_kv_cache_tokens} tokens", flush=True)
+            floor = "" if floor_ms is None else f", {row['pct_of_floor']:5.1f}% of the {floor_ms:.3f} ms floor"
+            print(f"e2e {label:12s} batch {batch:4d}: decode step {step_ms:7.3f} ms ({row['decode_tok_s']:8.1f} "
+                  f"tok/s{floor}), prefill {row['prefill_tok_s'] or 0:9.0f} tok/s  weights {row['weight_gib']:.2f} "
+                  f"GiB (linears {row['linear_weight_gib']:.2f}), KV {engine.num_kv_cache_tokens} tokens, "
+                  f"layouts {layouts}, start {start_s:.0f} s", flush=True)
         engine.shutdown()
-        del engine, model, embed
+        del engine, model, linears
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     for batch in batches:
         by = {r["method"]: r for r in rows if r["batch"] == batch}
-        for method in (m for m in methods if m != "bf16" and m in by and "bf16" in by):
-            by[method]["speedup_vs_bf16"] = by["bf16"]["decode_step_ms"] / by[method]["decode_step_ms"]
+        if "bf16" not in by:
+            continue
+        base = by["bf16"]
+        for label, row in by.items():
+            if label != "bf16":
+                row["speedup_vs_bf16"] = base["decode_step_ms"] / row["decode_step_ms"]
+                if row["prefill_tok_s"] and base["prefill_tok_s"]:
+                    row["prefill_vs_bf16"] = row["prefill_tok_s"] / base["prefill_tok_s"]
+                row["weight_memory_x_smaller"] = base["weight_gib"] / row["weight_gib"]
+                row["linear_weight_memory_x_smaller"] = base["linear_weight_gib"] / row["linear_weight_gib"]
+                row["kv_tokens_vs_bf16"] = row["kv_cache_tokens"] / base["kv_cache_tokens"]
     return rows
 
 
@@ -220,19 +271,38 @@ def main() -> None:
                         help="offline decode of the llama3-8b preset bf16 vs rtn4 vs int8 (after the kernels, "
                              "instead of them, or not)")
     parser.add_argument("--e2e-batches", default="1,16,64,256")
-    parser.add_argument("--e2e-methods", default="bf16,rtn4,int8", help="bf16 and --quantization methods (e.g. fp8)")
+    parser.add_argument("--e2e-methods", default="bf16,rtn4,int8",
+                        help="bf16 and --quantization methods (e.g. fp8), each optionally :gptq or :kmajor "
+                             "(--quant-weight-layout), e.g. bf16,rtn4:gptq,rtn4:kmajor")
     parser.add_argument("--e2e-lens", default="128,64", help="input,output tokens per request")
+    parser.add_argument("--e2e-max-model-len", type=int, default=None,
+                        help="engine max_model_len (default input + output + 16; larger lets GPU memory, not the "
+                             "per-sequence cap, size the KV cache, so freed weight memory shows up as KV blocks)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="--e2e only on CPU with the tiny-llama preset (checks the script end to end; a "
+                             "kmajor layout is served as auto there: its kernels are CUDA-only)")
     args = parser.parse_args()
+    if args.dry_run:
+        if args.e2e != "only":
+            raise SystemExit("--dry-run runs the --e2e only part")
+        input_len, output_len = (int(v) for v in args.e2e_lens.split(","))
+        e2e = end_to_end(tuple(int(b) for b in args.e2e_batches.split(",")), None, input_len, output_len,
+                         preset="tiny-llama", device="cpu", methods=tuple(args.e2e_methods.split(",")),
+                         max_model_len=args.e2e_max_model_len, dry_run=True)
+        print(f"wrote {write_record(args.out, 'gpu_quantized', dry_run=True, end_to_end=e2e)}")
+        return
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     batches = tuple(int(b) for b in args.batches.split(","))
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.e2e == "only":
+        start = time.perf_counter()
         rate = copy_rate_gbps()
         input_len, output_len = (int(v) for v in args.e2e_lens.split(","))
         e2e = end_to_end(tuple(int(b) for b in args.e2e_batches.split(",")), rate, input_len, output_len,
-                         methods=tuple(args.e2e_methods.split(",")))
-        path = write_record(args.out, "gpu_quantized", copy_rate_gbps=rate, end_to_end=e2e)
+                         methods=tuple(args.e2e_methods.split(",")), max_model_len=args.e2e_max_model_len)
+        path = write_record(args.out, "gpu_quantized", copy_rate_gbps=rate, end_to_end=e2e,
+                            wall_s=time.perf_counter() - start)
         print(f"wrote {path}")
         return
     checks = check_correctness(gen)
@@ -262,7 +332,7 @@ def main() -> None:
     if args.e2e == "also":
         input_len, output_len = (int(v) for v in args.e2e_lens.split(","))
         e2e = end_to_end(tuple(int(b) for b in args.e2e_batches.split(",")), rate, input_len, output_len,
-                         methods=tuple(args.e2e_methods.split(",")))
+                         methods=tuple(args.e2e_methods.split(",")), max_model_len=args.e2e_max_model_len)
     path = write_record(args.out, "gpu_quantized", copy_rate_gbps=rate, group_size=GROUP, layers=LAYERS,
                         correctness=checks, projections=results, decode_linears=totals, end_to_end=e2e)
     print(f"wrote {path}")

@@ -185,7 +185,8 @@ class Probe:
         write_record(self.out, "gpu_w4_gemv_probe", copy_rate_gbps=self.copy_rate,
                      floor_bytes_per_s=FLOOR_BYTES_PER_S, copies=COPIES, group_size=GROUP, results=self.results,
                      best=best_per_case(self.results), decode_totals=decode_totals(self.results),
-                     suggested_table={"w4a16_g128": suggested_entries(self.results)},
+                     suggested_table={"w4a16_g128": suggested_entries(self.results),
+                                      "w4a16_g128_kmajor": suggested_k_major_entries(self.results)},
                      failures=self.failures, skipped=self.skipped, fatal=self.fatal, wall_s=wall_s)
 
 
@@ -309,6 +310,24 @@ def suggested_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]
     return table
 
 
+def suggested_k_major_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Table entries for weights served in the K-major layout (--quant-weight-layout kmajor; format
+    w4a16_g128_kmajor): the fastest K-major variant per shape and row count, whether or not it beats today's
+    kernel (that layout has no other). Row counts past the probe's keep kernels/quant_dispatch.py's defaults."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        key = (r["shape"], r["rows"])
+        if _tag(r) == "new" and k_major(r) and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    table: dict[str, dict[str, Any]] = {}
+    for (shape, rows), r in sorted(best.items()):
+        n, k = SHAPES[shape]
+        fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits", "kernel", "block_k_run")}
+        kernel = "w4_kmajor_gemm" if r["params"].get("kernel") == "w4_kmajor_gemm" else "w4_gemv"
+        table.setdefault(f"{n}x{k}", {})[str(rows)] = {"kernel": kernel, **fields}
+    return table
+
+
 def table_lines(results: list[dict[str, Any]], top: int | None = None) -> list[str]:
     """Per (rows, shape): bf16, today's kernel and the new variants, fastest first (``top`` of them)."""
     lines = [f"{'shape':8} {'rows':>4} {'variant':38} {'us':>8} {'%floor':>7} {'x bf16':>7} {'x today':>8} {'rel err':>8}"]
@@ -374,6 +393,7 @@ def main() -> int:
     pr.out.with_suffix(".txt").write_text("\n".join(full) + "\n")
     print("\n".join(table_lines(pr.results, top=3) + summary_lines(pr)))  # the console keeps the fastest three
     print("suggested w4a16_g128 entries (no repack):", json.dumps(suggested_entries(pr.results), sort_keys=True))
+    print("suggested w4a16_g128_kmajor entries:", json.dumps(suggested_k_major_entries(pr.results), sort_keys=True))
     return 0
 
 

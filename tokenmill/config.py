@@ -48,6 +48,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
+# --quant-weight-layout values: auto (quantization/weight_layout.py's AUTO_WEIGHT_LAYOUT), gptq (packed along K
+# as loaded), kmajor (only the K-major repack of 4-bit weights, kernels/w4_gemv.py).
+QUANT_WEIGHT_LAYOUTS = ("auto", "gptq", "kmajor")
+
+
 @dataclass
 class ModelConfig:
     """Which weights to load and how. ``model`` is a HF directory or a .gguf file (None: embedded SmolLM2)."""
@@ -64,12 +69,20 @@ class ModelConfig:
     random_weights: str | None = None
     # vLLM's --quantization: checked against the checkpoint's format, or quantizes a dense model at load.
     quantization: str | None = None
+    # Device layout of 4-bit weight-only linears (quantization/weight_layout.py): auto | gptq | kmajor.
+    quant_weight_layout: str = "auto"
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, self.device)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
+        if self.quant_weight_layout not in QUANT_WEIGHT_LAYOUTS:
+            raise ValueError(f"quant_weight_layout must be one of {', '.join(QUANT_WEIGHT_LAYOUTS)}; "
+                             f"got {self.quant_weight_layout!r}")
+        if self.quant_weight_layout == "kmajor" and not self.device.startswith("cuda"):
+            raise ValueError(f"quant_weight_layout 'kmajor' serves 4-bit weights on CUDA GPUs only; device is "
+                             f"{self.device!r} (use auto or gptq)")
 
 
 KV_SCALE_GRANULARITIES = (None, "tensor", "head")

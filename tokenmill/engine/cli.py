@@ -46,6 +46,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--quantization", "-q", default=None,
                         help="weight format: read from the checkpoint when omitted (gptq, awq, compressed-tensors, "
                              "gguf); rtn4 | int8 quantize a dense model at load")
+    parser.add_argument("--quant-weight-layout", default="auto", choices=["auto", "gptq", "kmajor"],
+                        help="device layout of 4-bit weight-only linears (GPTQ, AWQ, compressed-tensors, rtn4) on "
+                             "CUDA: gptq (packed along K as loaded), kmajor (one K-major copy: the fast batch-1 "
+                             "GEMV, a tensor-core GEMM and dequantize + cuBLAS for prefill), auto (gptq for now; "
+                             "layers kmajor cannot serve keep gptq)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="ranks sharing each layer, one process per rank (gloo on CPU, NCCL on GPUs)")
     parser.add_argument("--custom-all-reduce", action="store_true",
@@ -82,6 +87,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         random_weights=args.random_weights,
         quantization=args.quantization,
+        quant_weight_layout=args.quant_weight_layout,
         tensor_parallel_size=args.tensor_parallel_size,
         custom_all_reduce=args.custom_all_reduce,
         speculative_config=args.speculative_config,

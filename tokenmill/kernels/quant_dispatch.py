@@ -8,10 +8,15 @@ then defaults: for packed int4/int8 weights the tiled kernel's own choice (as be
 defaults for unmeasured shapes failed the H100 suite on tiny models), for FP8 the kinds that won on the H100
 (benchmarks/results/gpu_quant_gemv_sweep_h100_2026-12-06.json). The ``rows`` kind and ``prefetch`` are sweep
 candidates, not defaults: no GPU has timed them yet.
+
+K-major 4-bit weights (``--quant-weight-layout kmajor``, kernels/w4_gemv.py's KMajorWeight) have their own table
+format (``w4a16_g128_kmajor``) and kinds: the ``w4_gemv`` kind ``kmajor`` (FMA GEMV), ``w4_kmajor_gemm``
+(tensor cores) and ``dequant_mm`` (dense copy + cuBLAS); their defaults are ``default_kmajor_config``'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -22,28 +27,44 @@ import torch
 
 from tokenmill.kernels._triton import next_power_of_2
 from tokenmill.kernels.splitk import SplitKConfig
-from tokenmill.kernels.w4_gemv import W4GemvConfig, w4_gemv
+from tokenmill.kernels.w4_gemv import KMajorWeight, W4GemvConfig, w4_gemv
+from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig, w4_kmajor_dequant_mm
+from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, w4_kmajor_gemm
 from tokenmill.kernels.wna16_gemm import PackedWeight, WNA16Config, wna16_linear
 from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
 
 FP8_GEMV_MAX_ROWS = 16  # above: torch._scaled_mm (tensor-core FP8)
 
-Choice = SplitKConfig | WNA16Config | W4GemvConfig | None  # None: the format's library path (FP8: _scaled_mm)
+# K-major 4-bit weights by row count (defaults; a measured table overrides them per shape): the K-major GEMV
+# for 1-4 rows (H100 probe, benchmarks/results/gpu_w4_gemv_probe_h100_2026-12-07.json: 2.51x / 1.74x / 1.34x
+# bf16 at 1 / 2 / 4 rows, behind the tensor cores from 8), the K-major tensor-core GEMM up to
+# KMAJOR_GEMM_MAX_ROWS (decode batches), dequantize + cuBLAS above (prefill chunks: compute-bound).
+KMAJOR_GEMV_MAX_ROWS = 4
+KMAJOR_GEMM_MAX_ROWS = 256
+
+KMajorChoice = W4GemvConfig | KMajorGemmConfig | KMajorDequantConfig
+# None: the format's library path (FP8: _scaled_mm)
+Choice = SplitKConfig | WNA16Config | W4GemvConfig | KMajorGemmConfig | KMajorDequantConfig | None
 Plan = dict[int, Choice]
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs" / "quant_gemv.json"
 CONFIGS_ENV = "TOKENMILL_QUANT_GEMV_CONFIGS"
 
 
+KMAJOR_KERNELS = ("w4_kmajor_gemm", "dequant_mm")  # table kernels of K-major formats (with w4_gemv kind kmajor)
+KMAJOR_SUFFIX = "_kmajor"  # a K-major weight's table format: w4a16_g128_kmajor
+
+
 def config_from_json(entry: dict[str, Any]) -> Choice:
-    """One table entry: {"kernel": "splitk" | "wna16_gemm" | "w4_gemv" | "scaled_mm", plus the config's fields}."""
+    """One table entry: {"kernel": "splitk" | "wna16_gemm" | "w4_gemv" | "scaled_mm" | "w4_kmajor_gemm" |
+    "dequant_mm", plus the config's fields}."""
     fields = {k: v for k, v in entry.items() if k != "kernel"}
-    if entry["kernel"] == "w4_gemv":  # 4-bit, group >= 128, <= 16 rows (tensor-core kinds); no entry uses it yet
-        config = W4GemvConfig(**fields)
-        if config.kind == "kmajor":
-            raise ValueError("quantized GEMV config table: the 'kmajor' W4 GEMV needs weights repacked at load "
-                             "(kernels/w4_gemv.py: repack_k_major), which the linear methods do not do yet")
-        return config
+    if entry["kernel"] == "w4_gemv":  # 4-bit; kind kmajor for K-major formats, the others for the GPTQ layout
+        return W4GemvConfig(**fields)
+    if entry["kernel"] == "w4_kmajor_gemm":
+        return KMajorGemmConfig(**fields)
+    if entry["kernel"] == "dequant_mm":
+        return KMajorDequantConfig(**fields)
     if entry["kernel"] == "splitk":
         return SplitKConfig(**fields)
     if entry["kernel"] == "wna16_gemm":
@@ -87,7 +108,18 @@ def _tuned(path: str, device_name: str, fmt: str, n: int, k: int, rows: int) -> 
     bucket = min((int(r) for r in shapes if int(r) >= rows), default=None)
     if bucket is None:
         return False, None
-    return True, config_from_json(shapes[str(bucket)])
+    config = config_from_json(shapes[str(bucket)])
+    if fmt.endswith(KMAJOR_SUFFIX) != _reads_k_major(config):
+        raise ValueError(f"quantized GEMV config table {path}: format {fmt!r}, {n}x{k}, {bucket} rows names "
+                         f"{shapes[str(bucket)]['kernel']!r}, a kernel for the other weight layout (K-major "
+                         f"formats end in {KMAJOR_SUFFIX!r} and take only w4_gemv kind kmajor, "
+                         f"{' and '.join(KMAJOR_KERNELS)})")
+    return True, config
+
+
+def _reads_k_major(config: Choice) -> bool:
+    return isinstance(config, KMajorGemmConfig | KMajorDequantConfig) or (
+        isinstance(config, W4GemvConfig) and config.kind == "kmajor")
 
 
 def _split_for(tiles: int, steps: int) -> int:
@@ -109,8 +141,10 @@ def default_fp8_config(rows: int, n: int, k: int) -> SplitKConfig | None:
     return SplitKConfig(16, 64, 128, _split_for(-(-n // 64), -(-k // 128)), 4, 3, "dot")
 
 
-def wna16_format(packed: PackedWeight) -> str:
-    return f"w{packed.bits}a16_g{packed.group_size}"
+def wna16_format(packed: PackedWeight | KMajorWeight) -> str:
+    """The table's format key: ``w4a16_g128`` (GPTQ layout), ``w4a16_g128_kmajor`` (K-major)."""
+    suffix = KMAJOR_SUFFIX if isinstance(packed, KMajorWeight) else ""
+    return f"w{packed.bits}a16_g{packed.group_size}{suffix}"
 
 
 def wna16_cuda_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
@@ -129,6 +163,49 @@ def wna16_cuda_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor 
     if isinstance(config, W4GemvConfig):
         return w4_gemv(x, packed, config, bias)
     return wna16_splitk_linear(x, packed, bias, config)
+
+
+def default_kmajor_config(rows: int, n: int, k: int, num_sms: int = 132) -> KMajorChoice:
+    """The K-major layout's kernel for ``rows`` x ``n`` x ``k`` where nothing was measured: GEMV tiles that won the
+    H100 probe at 1, 2 and 4 rows; the GEMM's probe candidates that compile for sm_90 without spills (not yet timed
+    on a GPU: benchmarks/gpu_w4_gemv_probe.py kmajor_gemm_candidates), past 64 rows with K split until the output
+    tiles times the splits fill the SMs (at least 4 K steps a split; kernels/splitk.py lowers any split to what its
+    workspace holds and K offers); dequantize + cuBLAS past KMAJOR_GEMM_MAX_ROWS."""
+    if rows <= 1:
+        return W4GemvConfig("kmajor", block_n=4, groups=16, num_warps=2, num_stages=2)
+    if rows <= 2:
+        return W4GemvConfig("kmajor", block_n=4, groups=32, num_warps=4, num_stages=2)
+    if rows <= KMAJOR_GEMV_MAX_ROWS:
+        return W4GemvConfig("kmajor", block_n=4, groups=16, num_warps=2, num_stages=2)
+    if rows > KMAJOR_GEMM_MAX_ROWS:
+        return KMajorDequantConfig()
+    if rows <= 16:  # streaming: many K splits keep loads in flight (the probe's candidates)
+        return KMajorGemmConfig(16, 64, 128, split_k=8)
+    if rows <= 64:
+        return KMajorGemmConfig(64, 64, 128, split_k=4, scale_codes=True)
+    config = KMajorGemmConfig(128, 128, 64, num_warps=8, scale_codes=True)
+    tiles = -(-rows // config.block_m) * -(-n // config.block_n)
+    split = 1
+    while tiles * split < num_sms and k // config.block_k // (2 * split) >= 4:
+        split *= 2
+    return dataclasses.replace(config, split_k=split)
+
+
+def kmajor_cuda_linear(x: torch.Tensor, weight: KMajorWeight, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
+    """x [M, K] on CUDA times a K-major 4-bit weight through the planned, measured or default kernel for M rows."""
+    rows = x.shape[0]
+    config = plan.get(next_power_of_2(max(rows, 1))) if plan else None
+    if config is None:
+        found, config = tuned_choice(x.device, wna16_format(weight), weight.out_features, weight.in_features, rows)
+        if not found or config is None:
+            config = default_kmajor_config(rows, weight.out_features, weight.in_features)
+    if isinstance(config, W4GemvConfig):
+        return w4_gemv(x, weight, config, bias)
+    if isinstance(config, KMajorGemmConfig):
+        return w4_kmajor_gemm(x, weight, config, bias)
+    if isinstance(config, KMajorDequantConfig):
+        return w4_kmajor_dequant_mm(x, weight, config, bias)
+    raise ValueError(f"{type(config).__name__} is a kernel config for GPTQ-layout weights, not K-major ones")
 
 
 def fp8_gemv_config(x: torch.Tensor, n: int, plan: Plan) -> SplitKConfig | None:

@@ -24,8 +24,10 @@ triton 3.6 and 3.9):
   word on both 16-bit halves, two ``prmt``): GPU only, Triton's interpreter cannot run inline PTX.
 
 Every variant keeps fp32 accumulation; tests/kernels/test_w4_gemv.py compares each with the fp32 product of x and
-the dequantized weight. None is wired into kernels/quant_dispatch.py yet. Past the FMA kinds' rows,
-kernels/w4_kmajor_gemm.py multiplies on the tensor cores from the same K-major repack.
+the dequantized weight. ``kmajor`` serves 1-4 rows of weights kept in the K-major layout
+(``--quant-weight-layout kmajor``: kernels/quant_dispatch.py's ``kmajor_cuda_linear``); past its rows,
+kernels/w4_kmajor_gemm.py multiplies on the tensor cores from the same K-major repack. The other kinds are table
+entries for the GPTQ layout (none shipped).
 """
 
 from __future__ import annotations
@@ -77,12 +79,19 @@ def repack_k_major(packed: PackedWeight) -> KMajorWeight:
     """The ``kmajor`` kind's copy of a 4-bit ``packed`` (a one-time load step; see KMajorWeight)."""
     if packed.bits != 4:
         raise ValueError(f"the K-major W4 GEMV takes 4-bit weights; got {packed.bits}-bit")
-    _group_words(packed.group_size, "kmajor")
-    k, n = packed.in_features, packed.out_features
-    codes = unpack_codes(packed.qweight, 4).t().reshape(_pair_order(n, k, packed.group_size))
+    return k_major_from_codes(unpack_codes(packed.qweight, 4), packed.scales, packed.zeros, packed.group_size)
+
+
+def k_major_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       group_size: int) -> KMajorWeight:
+    """The K-major weight of 4-bit ``codes`` [K, N] (int, 0-15) with ``scales`` / ``zeros`` [groups, N] (the
+    linear methods' repack at load, without packing along K first)."""
+    _group_words(group_size, "kmajor")
+    k, n = codes.shape
+    codes = codes.t().reshape(_pair_order(n, k, group_size))
     words = pack_along(codes.permute(0, 1, 3, 2, 4).reshape(n, k), 4, dim=1)
-    zeros = None if packed.zeros is None else packed.zeros.t().contiguous()
-    return KMajorWeight(words, packed.scales.t().contiguous(), zeros, packed.group_size)
+    zeros = None if zeros is None else zeros.t().contiguous()
+    return KMajorWeight(words, scales.t().contiguous(), zeros, group_size)
 
 
 def dequantize_k_major(weight: KMajorWeight) -> torch.Tensor:

@@ -27,8 +27,8 @@ That keeps a second [BLOCK_M, BLOCK_N] fp32 tile live beside the accumulator (re
 sm_90 compiles without a GPU), so for many rows ``scale_codes=True`` instead makes every code (c - z) s in fp32
 (2^23-magic conversion, one FMA) rounded to x's dtype, and chains one accumulator through the products.
 Accumulation is fp32. tests/kernels/test_w4_kmajor_gemm.py compares it with the fp32 product of x and the
-dequantized weight; benchmarks/gpu_w4_gemv_probe.py times it at 8-256 rows. Not wired into
-kernels/quant_dispatch.py yet.
+dequantized weight; benchmarks/gpu_w4_gemv_probe.py times it at 8-256 rows. kernels/quant_dispatch.py's
+``kmajor_cuda_linear`` serves 5-256 rows of K-major weights with it by default (configs not yet timed on a GPU).
 """
 
 from __future__ import annotations

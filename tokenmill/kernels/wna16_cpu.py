@@ -54,8 +54,8 @@ def cpu_kernels_available() -> bool:
 
 def prepare_cpu(packed: PackedWeight) -> CPUWeight | None:
     """Repack for a PyTorch CPU kernel, or None when no kernel takes this format (see the module docstring)."""
-    if packed.qweight.device.type != "cpu" or not cpu_kernels_available():
-        return None
+    if not isinstance(packed, PackedWeight) or packed.qweight.device.type != "cpu" or not cpu_kernels_available():
+        return None  # (a K-major repack is a CUDA layout: quantization/weight_layout.py)
     k, n = packed.in_features, packed.out_features
     codes = unpack_codes(packed.qweight, packed.bits)  # [K, N]
     scales = packed.scales.float()

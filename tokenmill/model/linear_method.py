@@ -71,6 +71,10 @@ class LinearMethod:
         """The dense ``[out, in]`` weight the start-up GEMM tuner may time against cuBLAS; None: nothing to tune."""
         return None
 
+    def set_weight_layout(self, layout: str) -> None:
+        """The device layout asked for (``--quant-weight-layout``), before ``create_weights``; formats with one
+        layout ignore it (quantization/weight_layout.py)."""
+
 
 class DenseLinearMethod(LinearMethod):
     """A plain ``[out, in]`` weight: F.linear, or the Triton GEMV / tiled GEMM where the start-up tuner found one
@@ -102,6 +106,7 @@ class QuantizationConfig:
     """A checkpoint's weight format, from config.json's ``quantization_config``; subclasses register by name."""
 
     quant_method: ClassVar[str] = ""
+    weight_layout: str = "auto"  # --quant-weight-layout, handed to each layer's method (linear_method_for)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> QuantizationConfig:
@@ -182,10 +187,23 @@ def quantization_config_from_hf(hf_quant_config: dict[str, Any] | None) -> Quant
 
 
 def resolve_quantization(
-    checkpoint: QuantizationConfig | None, requested: str | None
+    checkpoint: QuantizationConfig | None, requested: str | None, weight_layout: str = "auto"
 ) -> QuantizationConfig | None:
     """The format to serve: the checkpoint's own (config.json / GGUF), checked against ``--quantization`` when
-    given, or, for a dense checkpoint, the requested method quantizing at load (vLLM's ``--quantization``)."""
+    given, or, for a dense checkpoint, the requested method quantizing at load (vLLM's ``--quantization``);
+    ``weight_layout`` (``--quant-weight-layout``) goes with it to the layers."""
+    config = _resolve_format(checkpoint, requested)
+    if config is None:
+        if weight_layout == "kmajor":
+            raise ValueError("--quant-weight-layout kmajor applies to 4-bit weight-only formats (gptq, awq, "
+                             "compressed-tensors, rtn4); this model is served dense: add --quantization rtn4 or "
+                             "drop the flag")
+        return None
+    config.weight_layout = weight_layout
+    return config
+
+
+def _resolve_format(checkpoint: QuantizationConfig | None, requested: str | None) -> QuantizationConfig | None:
     if requested is None:
         return checkpoint
     cls = QUANTIZATION_REGISTRY.get(requested.lower())
@@ -199,4 +217,8 @@ def resolve_quantization(
 
 
 def linear_method_for(quant_config: QuantizationConfig | None, layer_prefix: str) -> LinearMethod:
-    return DenseLinearMethod() if quant_config is None else quant_config.get_linear_method(layer_prefix)
+    if quant_config is None:
+        return DenseLinearMethod()
+    method = quant_config.get_linear_method(layer_prefix)
+    method.set_weight_layout(quant_config.weight_layout)
+    return method

@@ -34,6 +34,7 @@ from tokenmill.model.registry import get_model_class
 from tokenmill.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.model.weights import iter_safetensors_slices
+from tokenmill.quantization.weight_layout import report_weight_layouts
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -324,12 +325,14 @@ def load_model(
     source = resolve_source(model_config)
     spec = source.spec()
     max_model_len = resolve_max_model_len(spec, model_config)
-    quant_config = resolve_quantization(source.quant_config, model_config.quantization)
+    quant_config = resolve_quantization(source.quant_config, model_config.quantization,
+                                        model_config.quant_weight_layout)
     model = build_model(spec, attn_backend, model_config.torch_dtype, device or model_config.device, parallel,
                         quant_config)
     with torch.no_grad():
         source.init_weights(model, progress and parallel.rank == 0)
         process_weights_after_loading(model)
+    report_weight_layouts(model, model_config.quant_weight_layout, log=parallel.rank == 0)
     target = torch.device(device or model_config.device)
     if target.type == "cuda":
         # Quantizing at load briefly held the dense weights too; KV sizing reads the peak from here on.

@@ -45,6 +45,12 @@ class GGUFLinearMethod(WNA16LinearMethod):
         super().__init__(self.block_type.bits, self.block_type.group_size)
         self.type_name, self.has_min = type_name, self.block_type.has_zeros
 
+    def set_weight_layout(self, layout: str) -> None:
+        # GGUF blocks load straight into the GPTQ layout (scales in their own dtype); no K-major repack yet
+        if layout == "kmajor":
+            raise ValueError(f"--quant-weight-layout kmajor does not serve GGUF {self.type_name} weights yet; "
+                             f"use auto or gptq")
+
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         per_word = 32 // self.bits

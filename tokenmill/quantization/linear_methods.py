@@ -5,6 +5,8 @@ Both formats load into their checkpoint layout (so the layers' one loader slices
 shards by the parameters' packed dims), then ``process_weights_after_loading`` repacks once into the kernel
 layout of kernels/wna16_gemm.py: codes packed along the input dim, float zero points (None when symmetric),
 act-order rows sorted by group with the matching input permutation kept for ``apply``. Weights stay 4/8-bit.
+With ``--quant-weight-layout kmajor`` (quantization/weight_layout.py) a 4-bit CUDA weight is instead repacked
+into kernels/w4_gemv.py's K-major layout only (same bytes), after fusing and sharding, like the GPTQ repack.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.quant_dispatch import wna16_cuda_linear
+from tokenmill.kernels.quant_dispatch import kmajor_cuda_linear, wna16_cuda_linear
 from tokenmill.kernels.splitk import splitk_workspace
+from tokenmill.kernels.w4_gemv import KMajorWeight, k_major_from_codes
 from tokenmill.kernels.wna16_cpu import cpu_linear, cpu_weight
 from tokenmill.kernels.wna16_gemm import PackedWeight, wna16_linear_cpu
 from tokenmill.model.linear_method import (
@@ -27,6 +30,7 @@ from tokenmill.model.linear_method import (
     set_weight_attrs,
 )
 from tokenmill.quantization.packing import AWQ_UNPACK_ORDER, pack_along, unpack_along
+from tokenmill.quantization.weight_layout import choose_weight_layout
 
 # A fused layer of ours -> the checkpoint modules it is built from (formats that name modules name those).
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -58,14 +62,20 @@ class WNA16LinearMethod(LinearMethod):
     def __init__(self, bits: int, group_size: int) -> None:
         self.bits = bits
         self.group_size = group_size
+        self.weight_layout = "auto"
+
+    def set_weight_layout(self, layout: str) -> None:
+        self.weight_layout = layout
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        packed: PackedWeight = layer.wna16
+        packed: PackedWeight | KMajorWeight = layer.wna16
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if layer.wna16_perm is not None:  # act-order: input channels in the order the rows were sorted
             x2 = x2.index_select(1, layer.wna16_perm)
-        if x.is_cuda and HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16):
+        if isinstance(packed, KMajorWeight):  # chosen only for CUDA + triton + bf16/fp16 (weight_layout.py)
+            out = kmajor_cuda_linear(x2, packed, bias, getattr(layer, "gemm_plan", None))
+        elif x.is_cuda and HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16):
             out = wna16_cuda_linear(x2, packed, bias, getattr(layer, "gemm_plan", None))
         elif x2.dtype == torch.bfloat16 and cpu_weight(layer) is not None:
             # PyTorch's CPU int4 / int8 kernels: fast for bf16 activations only (fp32 takes a slow reference path)
@@ -89,9 +99,15 @@ class WNA16LinearMethod(LinearMethod):
 
     def _finish(self, layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 perm: torch.Tensor | None) -> None:
-        """Replace the checkpoint-layout parameters by the kernel layout (codes [K, N] -> packed along K)."""
+        """Replace the checkpoint-layout parameters by the kernel layout: codes [K, N] packed along K (GPTQ
+        layout), or only the K-major repack ([N, K / 8] words, scales / zeros [N, groups]) where chosen."""
         group = codes.shape[0] if self.group_size == -1 else self.group_size
-        qweight = pack_along(codes, self.bits, dim=0)
+        layer.wna16_layout = choose_weight_layout(self.weight_layout, self.bits, group, scales.dtype, codes.device)
+        if layer.wna16_layout.layout == "kmajor":
+            kmajor = k_major_from_codes(codes, scales, zeros, group)
+            qweight, scales, zeros = kmajor.qweight, kmajor.scales, kmajor.zeros
+        else:
+            qweight = pack_along(codes, self.bits, dim=0)
         for name in ("qweight", "qzeros", "scales", "g_idx", *self.checkpoint_params):
             if hasattr(layer, name):
                 delattr(layer, name)
@@ -99,8 +115,11 @@ class WNA16LinearMethod(LinearMethod):
         layer.scales = nn.Parameter(scales.contiguous(), requires_grad=False)
         layer.wna16_zeros = None if zeros is None else nn.Parameter(zeros.contiguous(), requires_grad=False)
         layer.register_buffer("wna16_perm", perm, persistent=False)
-        layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data,
-                                   None if zeros is None else layer.wna16_zeros.data, self.bits, group)
+        zeros_data = None if zeros is None else layer.wna16_zeros.data
+        if layer.wna16_layout.layout == "kmajor":
+            layer.wna16 = KMajorWeight(layer.qweight.data, layer.scales.data, zeros_data, group)
+        else:
+            layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data, zeros_data, self.bits, group)
         if qweight.is_cuda and HAS_TRITON:  # made now, not first inside a CUDA graph capture
             splitk_workspace(qweight.device)
 

@@ -1,0 +1,46 @@
+"""Add the K-major entries a W4 GEMV probe run measured (benchmarks/gpu_w4_gemv_probe.py's JSON,
+``suggested_table["w4a16_g128_kmajor"]``) to a quantized-kernel table (kernels/configs/quant_gemv.json format),
+under the probe's device, so an end-to-end run in the same device call serves K-major weights with them:
+
+    python3 benchmarks/quant_table_merge.py BASE_TABLE PROBE_JSON OUT_TABLE
+
+GPTQ-layout entries stay the base table's (the A/B's baseline is not changed). Entries are checked by
+kernels/quant_dispatch.py's ``config_from_json`` before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenmill.kernels.quant_dispatch import KMAJOR_SUFFIX, config_from_json  # noqa: E402
+
+
+def merge(base: dict, probe: dict) -> tuple[dict, int]:
+    """(base plus the probe's K-major formats under its device, entries added)."""
+    merged = json.loads(json.dumps(base))
+    added = 0
+    for fmt, shapes in probe.get("suggested_table", {}).items():
+        if not fmt.endswith(KMAJOR_SUFFIX):
+            continue
+        for shape, entries in shapes.items():
+            for rows, entry in entries.items():
+                config_from_json(entry)
+                merged.setdefault(probe["device"], {}).setdefault(fmt, {}).setdefault(shape, {})[rows] = entry
+                added += 1
+    return merged, added
+
+
+def main() -> None:
+    base_path, probe_path, out_path = (Path(p) for p in sys.argv[1:4])
+    base = json.loads(base_path.read_text()) if base_path.exists() else {}
+    merged, added = merge(base, json.loads(probe_path.read_text()))
+    out_path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    print(f"{added} K-major entries from {probe_path} added to {base_path} -> {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Dequantize a K-major 4-bit weight (kernels/w4_gemv.py's KMajorWeight) to a dense [N, K] tile in x's dtype, then
+cuBLAS: the K-major layout's path for many rows (prefill chunks), where the product is compute-bound and
+writing + reading the dense copy once costs less than dequantizing in every output tile's K loop.
+
+A program covers BLOCK_N output channels x WORDS words of one group (WORDS = min(group words, 16)); nibble
+j = 2 t + e of word w of group g is input channel S g + 2 GW t + 2 w + e (KMajorWeight's interleave), so the codes
+are built as a [BLOCK_N, 4, WORDS, 2] tile whose (w, e) run is contiguous in the output row, flattened to
+[BLOCK_N, 8 WORDS] for the store: for groups up to 128 (one chunk a group) a row's whole group is one contiguous
+run (vector stores), above it four runs of 2 WORDS. W[n, k] = (code - zero) * scale in fp32, rounded once to x's dtype.
+tests/kernels/test_w4_kmajor_dequant.py compares it with kernels/w4_gemv.py's ``dequantize_k_major``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.kernels._triton import HAS_TRITON, tl, triton
+from tokenmill.kernels.w4_gemv import KMajorWeight
+from tokenmill.kernels.wna16_gemm import checked_input
+
+MAX_WORDS = 16  # words of a group one program dequantizes (a whole group up to group size 128)
+
+
+@dataclass(frozen=True)
+class KMajorDequantConfig:
+    """The dequantize kernel's tile: ``block_n`` output channels a program (a power of two)."""
+
+    block_n: int = 32
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.block_n < 1 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two; got {self.block_n}")
+
+    @property
+    def name(self) -> str:
+        return f"dequant_n{self.block_n}_w{self.num_warps}"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _kmajor_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, G,
+                               HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, GW: tl.constexpr,
+                               WORDS: tl.constexpr):
+        pid_n = tl.program_id(0)
+        chunk = tl.program_id(1)
+        kw = K // 8
+        first = chunk * WORDS  # the chunk's first word along K; WORDS divides GW, so one group
+        group = first // GW
+        n4 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None, None]
+        t4 = tl.arange(0, 4)[None, :, None, None]
+        w4 = (first % GW + tl.arange(0, WORDS))[None, None, :, None]
+        e4 = tl.arange(0, 2)[None, None, None, :]
+        nmask = n4 < N
+        words = tl.load(qw_ptr + n4 * kw + group * GW + w4, mask=nmask, other=0)  # [BLOCK_N, 1, WORDS, 1]
+        codes = (words >> (4 * (2 * t4 + e4))) & 0xF  # the mask drops an arithmetic shift's sign bits
+        scale = tl.load(s_ptr + n4 * G + group, mask=nmask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + n4 * G + group, mask=nmask, other=0.0).to(tl.float32)
+        else:
+            zero = tl.full([BLOCK_N, 1, 1, 1], 8.0, tl.float32)
+        value = tl.reshape(((codes.to(tl.float32) - zero) * scale).to(out_ptr.dtype.element_ty),
+                           [BLOCK_N, 8 * WORDS])  # column c = 2 WORDS t + 2 w + e
+        c = tl.arange(0, 8 * WORDS)
+        if WORDS == GW:  # the chunk is the whole group: its columns are the group's, in order
+            k = group * (8 * GW) + c
+        else:  # four runs of 2 WORDS columns, 2 GW apart
+            k = group * (8 * GW) + 2 * GW * (c // (2 * WORDS)) + 2 * (first % GW) + c % (2 * WORDS)
+        n2 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+        tl.store(out_ptr + n2 * K + k[None, :], value, mask=n2 < N)
+
+
+def dequantize_k_major_dense(weight: KMajorWeight, dtype: torch.dtype,
+                             config: KMajorDequantConfig | None = None) -> torch.Tensor:
+    """W [N, K] in ``dtype`` (the layout F.linear takes) from the K-major codes, by one Triton launch."""
+    config = config or KMajorDequantConfig()
+    n, k = weight.out_features, weight.in_features
+    gw = weight.group_size // 8
+    words = min(gw, MAX_WORDS)
+    out = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
+    if n == 0 or k == 0:
+        return out
+    zeros = weight.zeros if weight.zeros is not None else weight.scales
+    _kmajor_dequant_kernel[(triton.cdiv(n, config.block_n), k // 8 // words)](
+        weight.qweight, weight.scales, zeros, out, n, k, k // weight.group_size,
+        HAS_ZEROS=weight.zeros is not None, BLOCK_N=config.block_n, GW=gw, WORDS=words,
+        num_warps=config.num_warps)
+    return out
+
+
+def w4_kmajor_dequant_mm(x: torch.Tensor, weight: KMajorWeight, config: KMajorDequantConfig | None = None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16) times the dequantized weight (+ bias) by cuBLAS -> [M, N] in x's dtype."""
+    x = checked_input(x, weight, "w4_kmajor_dequant_mm")
+    return F.linear(x, dequantize_k_major_dense(weight, x.dtype, config), bias)
