@@ -1,7 +1,13 @@
-"""Host cost of one decode step's bookkeeping at batch B, without a model: schedule (the step record included),
-the runner's persistent-batch update and the host arrays of the step's inputs. Runs on any machine (no GPU).
+"""Host cost of one decode step's bookkeeping at batch B. Runs on any machine (no GPU).
+
+Parts (default): schedule (the step record included), the runner's persistent-batch update and the host arrays of
+the step's inputs, without a model. ``--engine``: a whole ``LLMEngine.step()`` (schedule, inputs, sampler, landing,
+stop checks, outputs) over a tiny model whose forward pass is replaced by a fixed logits tensor, so what is timed
+is the Python a GPU engine runs per step while its graph replays (issue 22: at max_num_seqs 1024 it must stay
+under the GPU's step time, or async scheduling cannot hide it). Per phase (benchmarks/step_breakdown.py's).
 
     python benchmarks/step_host_cost.py --batches 1,32,256 --out $OUT/step_host_cost.json
+    OMP_NUM_THREADS=1 python benchmarks/step_host_cost.py --engine --batches 256,1024 --out /tmp/host_engine.json
 """
 
 from __future__ import annotations
@@ -59,13 +65,45 @@ def measure(batch: int, steps: int, prompt_len: int) -> dict[str, float]:
     return {name: sorted(v)[len(v) // 2] for name, v in parts.items()}
 
 
+def measure_engine(batch: int, steps: int, prompt_len: int) -> dict[str, float]:
+    """Median milliseconds per decode step of each phase of ``LLMEngine.step()`` with overlapped steps (as on a
+    GPU), greedy, ``min_tokens`` = ``max_tokens`` (``bench throughput --ignore-eos``'s requests)."""
+    from step_breakdown import PHASES, StepBreakdown
+
+    from tokenmill.bench.throughput import sampling_params
+    from tokenmill.bench.workloads import fixed_workload
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_kwargs(
+        random_weights="tiny-llama", device="cpu", dtype="float32", max_model_len=prompt_len + steps + 8,
+        max_num_seqs=batch, max_num_batched_tokens=max(8192, batch), async_scheduling=True, stream_outputs=False,
+        num_kv_blocks=batch * ((prompt_len + steps) // BLOCK_SIZE + 2) + 8)
+    vocab = 64  # the stub's logits: wide enough for the EOS ids min_tokens masks, cheap to argmax
+    logits = torch.zeros(batch, vocab)
+    engine.runner.run_model = lambda inputs: logits[: len(inputs.sample_rows)]
+    for i, request in enumerate(fixed_workload(batch, prompt_len, steps, vocab, seed=batch)):
+        engine.add_request(f"r{i}", request.prompt_token_ids, sampling_params(steps, True, 0.0))
+    breakdown = StepBreakdown(engine)
+    gc.collect()
+    while engine.has_unfinished_requests() or engine.in_flight is not None:
+        engine.step()
+    breakdown.remove()
+    summary = breakdown.summary()
+    # The first and last decode steps (the run's edges: admitted, finished) aside, as the parts' median does.
+    return {phase: ms for phase, ms in summary["decode_steps"]["median_ms"].items() if phase in (*PHASES, "step")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="1,32,256")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--engine", action="store_true",
+                        help="time whole engine steps (forward pass stubbed) instead of the three parts")
     parser.add_argument("--out", default=None, help="write the timings as JSON here")
     args = parser.parse_args()
+    if args.engine:
+        return main_engine(args)
     rows = []
     print(f"{'batch':>5} {'schedule us':>12} {'update us':>10} {'arrays us':>10} {'total us':>9}")
     for batch in (int(b) for b in args.batches.split(",")):
@@ -77,6 +115,19 @@ def main() -> None:
     if args.out:
         write_record(Path(args.out), "step_host_cost", device=f"cpu ({platform.processor() or platform.machine()})",
                      timings_us=rows)
+
+
+def main_engine(args: argparse.Namespace) -> None:
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        timing = measure_engine(batch, args.steps, args.prompt_len)
+        rows.append({"batch": batch, **timing, "us_per_row": 1e3 * timing["step"] / batch})
+        parts = "  ".join(f"{name} {ms:.2f}" for name, ms in timing.items() if name != "step")
+        print(f"batch {batch:5d}: {timing['step']:7.2f} ms per decode step ({rows[-1]['us_per_row']:.1f} us/row); "
+              f"{parts}", flush=True)
+    if args.out:
+        write_record(Path(args.out), "step_host_cost_engine", device=f"cpu ({platform.processor() or platform.machine()})",
+                     timings_ms=rows)
 
 
 if __name__ == "__main__":
