@@ -5,6 +5,7 @@ Pure arithmetic on a ModelSpec and a step's composition; ``bench throughput`` an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -174,3 +175,52 @@ def summarize(
         prefill_measured_s=float(sum(t for _, t in prefill)),
         prefill_compute_s=sum(compute_time(spec, s, ceilings) for s, _ in prefill),
     )
+
+
+def wave_schedule(num_requests: int, input_len: int, output_len: int, max_num_seqs: int,
+                  max_num_batched_tokens: int) -> list[StepShape]:
+    """The steps of an ideal run of ``num_requests`` equal requests all present at once, ``max_num_seqs`` at a time:
+    each wave prefills its prompts (whole prompts per step, up to the token budget; the first output token comes
+    from there), then decodes ``output_len - 1`` steps at the wave's batch. No mixing, no chunking: the FLOPs and
+    bytes any schedule must spend at that batch, so the floor of a real run at that ``max_num_seqs``."""
+    if min(num_requests, input_len, output_len, max_num_seqs, max_num_batched_tokens) < 1:
+        raise ValueError("wave_schedule needs positive sizes")
+    steps: list[StepShape] = []
+    prompts_per_step = max(1, max_num_batched_tokens // input_len)
+    for first in range(0, num_requests, max_num_seqs):
+        wave = min(max_num_seqs, num_requests - first)
+        for start in range(0, wave, prompts_per_step):
+            n = min(prompts_per_step, wave - start)
+            steps.append(StepShape(cached=(0,) * n, new=(input_len,) * n, num_sampled=n))
+        for i in range(output_len - 1):
+            steps.append(StepShape(cached=(input_len + i,) * wave, new=(1,) * wave, num_sampled=wave))
+    return steps
+
+
+@dataclass(frozen=True)
+class WaveFloor:
+    """``wave_floor``'s answer: seconds of the prefill and decode steps at their floors, output tokens per second."""
+
+    prefill_s: float
+    decode_s: float
+    num_decode_steps: int
+    decode_step_s: float  # mean floor of a decode step
+    decode_compute_bound_share: float  # of decode steps whose FLOPs / matmul rate >= bytes / bandwidth
+    output_tok_s: float
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def wave_floor(spec: ModelSpec, num_requests: int, input_len: int, output_len: int, max_num_seqs: int,
+               max_num_batched_tokens: int, ceilings: Ceilings, dtype_bytes: int = 2) -> WaveFloor:
+    """The physical floor of ``wave_schedule``: each step at the slower of its FLOPs and its bytes."""
+    steps = wave_schedule(num_requests, input_len, output_len, max_num_seqs, max_num_batched_tokens)
+    prefill = sum(floor_time(spec, s, ceilings, dtype_bytes) for s in steps if not s.is_decode)
+    decode_steps = [s for s in steps if s.is_decode]
+    decode = sum(floor_time(spec, s, ceilings, dtype_bytes) for s in decode_steps)
+    compute_bound = sum(compute_time(spec, s, ceilings) >= bandwidth_time(spec, s, ceilings, dtype_bytes)
+                        for s in decode_steps)
+    n = len(decode_steps)
+    return WaveFloor(prefill, decode, n, decode / n if n else 0.0, compute_bound / n if n else 0.0,
+                     num_requests * output_len / (prefill + decode))
