@@ -102,13 +102,14 @@ def test_graphs_stage_pad_and_slice_on_cpu(query_len, max_logit_rows):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("query_len", [1, 4])
-def test_graph_replay_matches_eager_and_sequential_decode(query_len):
+@pytest.mark.parametrize("max_logit_rows", [256, 2])  # 2: graphs of more tokens end at the hidden states
+def test_graph_replay_matches_eager_and_sequential_decode(query_len, max_logit_rows):
     from tokenmill.runner.cuda_graphs import DecodeGraphs
 
     model, caches, tables, vocab = _setup("cuda")
     eager_caches, step_caches = _clone(caches), _clone(caches)
     graphs = DecodeGraphs(model, caches, BLOCK, max_batch=4, max_blocks_per_seq=4, device=torch.device("cuda"),
-                          query_lens=(1, 4))
+                          query_lens=(1, 4), max_logit_rows=max_logit_rows)
     graphs.capture()
     ids, positions, meta = _step(tables, query_len, vocab, seed=query_len, device="cuda")
     assert graphs.can_run(meta) and meta.decode_query_len == query_len
