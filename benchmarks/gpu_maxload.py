@@ -2,28 +2,35 @@
 perf-overview shape; TRT-LLM FP8: 28,312 output tok/s), Llama-3-8B shape, random weights, bf16 and FP8 weights + FP8
 KV cache, at several (max_num_seqs, max_cudagraph_capture_size, max_num_batched_tokens) settings.
 
-The floor on paper (``tokenmill.bench.roofline.wave_floor``: the requests in waves of max_num_seqs, each step at the
-slower of its FLOPs at the matmul rate and its bytes at the copy rate; weights 16.06 GB in bf16, 8.03 GB in FP8, KV
-131 KB per token in bf16, 65.5 KB in FP8; ~15.0 GFLOP per token with the LM head):
+The floor on paper (``tokenmill.bench.roofline.wave_floor``: the requests in waves of max_num_seqs; weights 16.06 GB
+in bf16, 8.03 GB in FP8; KV 131 KB per token in bf16, 65.5 KB in FP8; ~15.0 GFLOP per token with the LM head):
 
   prefill: 1024 x 128 tokens x 14.0 GFLOP = 1.83 PFLOP -> 2.29 s at 800 TFLOP/s (bf16), 1.31 s at 1400 (FP8), at any
            batch (compute-bound; attention FLOPs < 0.3%).
   decode:  1024 x 127 steps of one token. Per step at batch B: FLOPs B x 15.0 G; bytes all weights + the batch's KV
-           (context 128..254). KV read over the whole run is the same at any B (3.3 TB bf16: 1.09 s at 3.0 TB/s), but
-           weights are read once per step, 1024 / B x 127 times (bf16: 2.72 s at B 256, 0.68 s at B 1024).
+           (context 128..254). The KV read over the whole run is the same at any B (3.3 TB in bf16: 1.09 s at
+           3.0 TB/s), but the weights are read once per step, 1024 / B x 127 times (bf16: 2.72 s at B 256, 0.68 s at
+           B 1024).
 
-  | batch B | decode step floor, bf16 | decode, bf16 | tok/s floor, bf16 | step floor, FP8 | decode, FP8 | tok/s, FP8 |
-  |---|---|---|---|---|---|---|
-  | 256  |  7.50 ms (bytes-bound)   | 3.81 s | 21,472 | 3.75 ms (bytes)   | 1.91 s | 40,755 |
-  | 512  | 10.01 ms (half compute)  | 2.54 s | 27,101 | 5.53 ms (compute) | 1.40 s | 48,286 |
-  | 1024 | 19.34 ms (compute-bound) | 2.46 s | 27,592 | 11.05 ms (compute)| 1.40 s | 48,286 |
+  floor: each step at max(FLOPs / matmul rate, bytes / copy rate). serial: the matmuls at max(FLOPs, weight bytes),
+  then attention at its KV bytes (kernels run one after another, so the KV read does not hide under the matmuls).
 
-(3.0 TB/s copy; 800 TFLOP/s bf16 and 1400 FP8 at 8192^3; FP8 counts the LM head at the FP8 rate, so its floor is
-optimistic.) The targets: bf16 18,000 tok/s is 84% of the B = 256 floor but 65% of B = 1024's; FP8 30,000 is 74% of
-B = 256's and 62% of B >= 512's. At B = 256 decode is bound by re-reading the weights every step (4 waves x 127
-steps); from B = 512 it is compute-bound and the floor barely moves, but real GEMMs run nearer their peak at 512-1024
-rows than at 256 and the per-step costs (launch, sampling, host) are paid 4x less often. The last run at B = 256
-(benchmarks/results/gpu_fp8_h100_2026-12-06.json): bf16 15,287 (71% of its floor), FP8 W+KV 20,100 (49%).
+  | batch | bf16 decode step: floor / serial | bf16 tok/s: floor / serial | FP8 step: floor / serial | FP8 tok/s: floor / serial |
+  |---|---|---|---|---|
+  | 256  |  7.50 /  7.50 ms | 21,472 / 21,451 |  3.75 /  3.84 ms | 40,755 / 40,172 |
+  | 512  | 10.01 / 13.97 ms | 27,101 / 22,417 |  5.53 /  7.67 ms | 48,286 / 40,172 |
+  | 1024 | 19.34 / 27.93 ms | 27,592 / 22,417 | 11.05 / 15.35 ms | 48,286 / 40,172 |
+
+(3.0 TB/s copy; 800 TFLOP/s bf16 and 1400 FP8 at 8192^3; FP8 counts the LM head at the FP8 rate: optimistic.) At 256
+rows the matmuls sit at the ridge (bf16: 4.8 ms of FLOPs vs 5.35 ms of weights), so on paper a larger batch buys
+little once kernels serialize (bf16 +4.5%). What it buys in practice is matmul efficiency: the last run's GEMMs
+(benchmarks/results/gpu_fp8_h100_2026-12-06.json, Llama-3-8B's four projections per layer) cost 25.5 us per token at
+256 rows and 17.6 at 1024 in bf16 (440-583 vs 760-819 TFLOP/s), 18.7 and 12.6 us in FP8 W8A8; and the per-step
+costs (LM head launch, sampling, host) are paid 4x less often. From those GEMMs, FP8 KV attention at 76% of the copy
+rate and ~1 ms of norms/RoPE/activations, a 1024-row decode step should take ~21 ms in FP8 (~2.7 s of decode) and
+~30 ms in bf16 (~3.9 s); with the last run's prefill (FP8 2.06 s at 64% of the FP8 matmul rate, bf16 2.85 s at 83%),
+~27,700 and ~19,500 tok/s. The targets: bf16 18,000 (65% of the 1024 floor, 80% of serial); FP8 30,000 (62% / 75%),
+which also needs the FP8 prefill nearer its matmul rate. The last run at 256 rows: bf16 15,287, FP8 W+KV 20,100.
 
 Each run builds the engine (one per setting: graph capture and KV sizing depend on it), warms it (mixed steps, then
 max_num_seqs short requests: decode at the full batch), freezes the start-up heap (as ``bench throughput``), and

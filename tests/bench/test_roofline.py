@@ -135,3 +135,9 @@ def test_wave_floor_max_load_bf16_by_batch() -> None:
     assert b256.output_tok_s == pytest.approx(21_472, rel=1e-3)
     assert by_batch[1024].output_tok_s == pytest.approx(27_592, rel=1e-3)
     assert b256.output_tok_s < by_batch[512].output_tok_s < by_batch[1024].output_tok_s
+    # Kernels in sequence: at 1024 rows the matmuls' FLOPs (19.3 ms) plus attention's KV bytes (8.6 ms).
+    b1024 = by_batch[1024]
+    kv = 131_072 * 1024 * (191 + 1) / 3.0e12
+    assert b1024.serial_decode_step_s == pytest.approx(b1024.decode_step_s + kv, rel=1e-3)
+    assert b256.serial_output_tok_s == pytest.approx(21_451, rel=1e-3)  # at the ridge: KV hides under nothing
+    assert b1024.serial_output_tok_s == pytest.approx(22_417, rel=1e-3)

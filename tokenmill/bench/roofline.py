@@ -107,6 +107,16 @@ def compute_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings) -> float:
     return step_flops(spec, step) / (ceilings.matmul_tflops * 1e12)
 
 
+def serial_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings, dtype_bytes: int = 2) -> float:
+    """A step whose kernels run one after another: the matmuls at the slower of their FLOPs and the weights' bytes,
+    then attention at its KV bytes (read and written), which no matmul overlaps. Above ``floor_time``, whose max()
+    lets a step's KV traffic hide under its matmuls; the two agree for weight-bound steps with little KV."""
+    per_token = kv_bytes_per_token(spec, dtype_bytes)
+    kv = per_token * (sum(step.cached) + step.num_tokens) / (ceilings.bandwidth_gbps * 1e9)
+    weights = weight_bytes(spec, dtype_bytes) / (ceilings.bandwidth_gbps * 1e9)
+    return max(compute_time(spec, step, ceilings), weights) + kv
+
+
 def floor_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings, dtype_bytes: int = 2) -> float:
     """Physical floor of one step: the slower of compute and memory traffic."""
     return max(compute_time(spec, step, ceilings), bandwidth_time(spec, step, ceilings, dtype_bytes))
@@ -207,6 +217,8 @@ class WaveFloor:
     decode_step_s: float  # mean floor of a decode step
     decode_compute_bound_share: float  # of decode steps whose FLOPs / matmul rate >= bytes / bandwidth
     output_tok_s: float
+    serial_decode_step_s: float  # mean ``serial_time`` of a decode step
+    serial_output_tok_s: float  # every step at its ``serial_time``
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -221,6 +233,9 @@ def wave_floor(spec: ModelSpec, num_requests: int, input_len: int, output_len: i
     decode = sum(floor_time(spec, s, ceilings, dtype_bytes) for s in decode_steps)
     compute_bound = sum(compute_time(spec, s, ceilings) >= bandwidth_time(spec, s, ceilings, dtype_bytes)
                         for s in decode_steps)
+    serial_decode = sum(serial_time(spec, s, ceilings, dtype_bytes) for s in decode_steps)
+    serial = serial_decode + sum(serial_time(spec, s, ceilings, dtype_bytes) for s in steps if not s.is_decode)
     n = len(decode_steps)
+    tokens = num_requests * output_len
     return WaveFloor(prefill, decode, n, decode / n if n else 0.0, compute_bound / n if n else 0.0,
-                     num_requests * output_len / (prefill + decode))
+                     tokens / (prefill + decode), serial_decode / n if n else 0.0, tokens / serial)
