@@ -69,9 +69,19 @@ def needs_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def needs_history(rows: Sequence[SamplingRow]) -> bool:
-    """Whether any row needs min_tokens masking or a penalty this step (else both processors are no-ops)."""
-    return any(row.output_len < row.params.min_tokens or needs_penalties(row.params) for row in rows)
+def history_processors(rows: Sequence[SamplingRow]) -> tuple[bool, bool]:
+    """(some row is still short of its min_tokens, some row has a penalty), in one pass over the rows: the sampler
+    asks every step, for every row."""
+    min_tokens = penalized = False
+    for row in rows:
+        params = row.params
+        if not penalized and needs_penalties(params):
+            penalized = True
+        if not min_tokens and row.output_len < params.min_tokens:
+            min_tokens = True
+        if min_tokens and penalized:
+            break
+    return min_tokens, penalized
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
