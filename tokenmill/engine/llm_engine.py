@@ -140,8 +140,8 @@ class LLMEngine:
             tune_linears(self.model, max_rows=sched_cfg.max_num_seqs)
         if on_cuda:  # measure peak activation memory before giving the rest to the KV cache
             num_sampled = sched_cfg.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
-            self.runner.profile_run(min(sched_cfg.max_num_batched_tokens, self.max_model_len),
-                                    min(num_sampled, sched_cfg.max_num_batched_tokens))
+            self.runner.profile_run(sched_cfg.max_num_batched_tokens, min(num_sampled, sched_cfg.max_num_batched_tokens),
+                                    self.max_model_len)
         num_blocks = num_kv_blocks(config.cache, kv_spec, mc.device, self.model.num_layers, self.max_model_len,
                                    config.scheduler.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
