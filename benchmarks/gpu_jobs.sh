@@ -4,6 +4,7 @@
 # tool returns a few files only). Installs the carried wheels (.whl) first.
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
 #   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe
+#   bash benchmarks/gpu_jobs.sh maxload
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -19,6 +20,8 @@ for job in "$@"; do
                  --max-model-len 4096 --reserve max-model-len --output-json "$out/kv_memory_engine.json" \
                  --plot "$out/kv_memory_engine.png" ;;
     fp8) run python3 benchmarks/gpu_fp8.py --out "$out/gpu_fp8.json" ;;
+    # Issue 22's max load: 1024 x 128 -> 128 at once, bf16 and FP8 W+KV, per (max_num_seqs, graph cap, prefill budget).
+    maxload) run python3 benchmarks/gpu_maxload.py --out "$out/gpu_maxload.json" ${MAXLOAD_ARGS:-} ;;
     spec) run python3 benchmarks/gpu_spec_decode.py --out "$out/gpu_spec_decode.json" ;;
     spec_adaptive) run python3 benchmarks/gpu_spec_decode.py --skip-costs --draft-preset '' \
                  --out "$out/gpu_spec_decode_adaptive.json" ;;

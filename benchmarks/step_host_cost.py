@@ -1,7 +1,13 @@
-"""Host cost of one decode step's bookkeeping at batch B, without a model: schedule (the step record included),
-the runner's persistent-batch update and the host arrays of the step's inputs. Runs on any machine (no GPU).
+"""Host cost of one decode step's bookkeeping at batch B. Runs on any machine (no GPU).
+
+Parts (default): schedule (the step record included), the runner's persistent-batch update and the host arrays of
+the step's inputs, without a model. ``--engine``: a whole ``LLMEngine.step()`` (schedule, inputs, sampler, landing,
+stop checks, outputs) over a tiny model whose forward pass is replaced by a fixed logits tensor, so what is timed
+is the Python a GPU engine runs per step while its graph replays (issue 22: at max_num_seqs 1024 it must stay
+under the GPU's step time, or async scheduling cannot hide it). Per phase (benchmarks/step_breakdown.py's).
 
     python benchmarks/step_host_cost.py --batches 1,32,256 --out $OUT/step_host_cost.json
+    OMP_NUM_THREADS=1 python benchmarks/step_host_cost.py --engine --opcodes --batches 256,1024 --out /tmp/host.json
 """
 
 from __future__ import annotations
@@ -9,8 +15,10 @@ from __future__ import annotations
 import argparse
 import gc
 import platform
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from gpu_record import write_record
@@ -59,13 +67,86 @@ def measure(batch: int, steps: int, prompt_len: int) -> dict[str, float]:
     return {name: sorted(v)[len(v) // 2] for name, v in parts.items()}
 
 
+def stub_engine(batch: int, steps: int, prompt_len: int) -> Any:
+    """An engine over tiny-llama with ``batch`` greedy requests (``min_tokens`` = ``max_tokens``, as ``bench
+    throughput --ignore-eos`` asks) whose forward pass returns a fixed logits tensor; all prompts fit one step, so
+    every decode step runs the full batch. Overlapped steps, as on a GPU."""
+    from tokenmill.bench.throughput import sampling_params
+    from tokenmill.bench.workloads import fixed_workload
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_kwargs(
+        random_weights="tiny-llama", device="cpu", dtype="float32", max_model_len=prompt_len + steps + 8,
+        max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len, async_scheduling=True, stream_outputs=False,
+        num_kv_blocks=batch * ((prompt_len + steps) // BLOCK_SIZE + 2) + 8)
+    vocab = 64  # the stub's logits: wide enough for the EOS ids min_tokens masks, cheap to argmax
+    logits = torch.zeros(batch, vocab)
+    engine.runner.run_model = lambda inputs: logits[: len(inputs.sample_rows)]
+    for i, request in enumerate(fixed_workload(batch, prompt_len, steps, vocab, seed=batch)):
+        engine.add_request(f"r{i}", request.prompt_token_ids, sampling_params(steps, True, 0.0))
+    return engine
+
+
+def measure_engine(batch: int, steps: int, prompt_len: int) -> dict[str, float]:
+    """Median milliseconds per decode step of each phase of ``LLMEngine.step()`` (``stub_engine``), the start-up
+    heap frozen as ``bench throughput`` does."""
+    from step_breakdown import PHASES, StepBreakdown
+
+    from tokenmill.engine.gc_heap import freeze_startup_heap, unfreeze_heap
+
+    engine = stub_engine(batch, steps, prompt_len)
+    breakdown = StepBreakdown(engine)
+    freeze_startup_heap()
+    try:
+        while engine.has_unfinished_requests() or engine.in_flight is not None:
+            engine.step()
+    finally:
+        unfreeze_heap()
+    breakdown.remove()
+    summary = breakdown.summary()
+    return {phase: ms for phase, ms in summary["decode_steps"]["median_ms"].items() if phase in (*PHASES, "step")}
+
+
+def count_engine_ops(batch: int, steps: int, prompt_len: int, counted_steps: int = 8) -> dict[str, float]:
+    """Python opcodes and calls per row of a full-batch decode step (``stub_engine``): a count, not a time, so it
+    compares two versions on a box whose load swings the timings by 2x. C work (numpy, torch) is not in it."""
+    engine = stub_engine(batch, steps, prompt_len)
+    for _ in range(4):  # the prefill and the first decode steps
+        engine.step()
+    counts = {"opcodes": 0, "calls": 0}
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            counts["opcodes"] += 1
+        return local
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        counts["calls"] += 1
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(on_call)
+    try:
+        for _ in range(counted_steps):
+            engine.step()
+    finally:
+        sys.settrace(None)
+    return {name: value / counted_steps / batch for name, value in counts.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="1,32,256")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--engine", action="store_true",
+                        help="time whole engine steps (forward pass stubbed) instead of the three parts")
+    parser.add_argument("--opcodes", action="store_true",
+                        help="with --engine: also count Python opcodes and calls per row per step (deterministic)")
     parser.add_argument("--out", default=None, help="write the timings as JSON here")
     args = parser.parse_args()
+    if args.engine:
+        return main_engine(args)
     rows = []
     print(f"{'batch':>5} {'schedule us':>12} {'update us':>10} {'arrays us':>10} {'total us':>9}")
     for batch in (int(b) for b in args.batches.split(",")):
@@ -77,6 +158,24 @@ def main() -> None:
     if args.out:
         write_record(Path(args.out), "step_host_cost", device=f"cpu ({platform.processor() or platform.machine()})",
                      timings_us=rows)
+
+
+def main_engine(args: argparse.Namespace) -> None:
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        timing = measure_engine(batch, args.steps, args.prompt_len)
+        rows.append({"batch": batch, **timing, "us_per_row": 1e3 * timing["step"] / batch})
+        parts = "  ".join(f"{name} {ms:.2f}" for name, ms in timing.items() if name != "step")
+        print(f"batch {batch:5d}: {timing['step']:7.2f} ms per decode step ({rows[-1]['us_per_row']:.1f} us/row); "
+              f"{parts}", flush=True)
+        if args.opcodes:
+            ops = count_engine_ops(batch, args.steps, args.prompt_len)
+            rows[-1].update({f"{name}_per_row": value for name, value in ops.items()})
+            print(f"             {ops['opcodes']:.0f} Python opcodes and {ops['calls']:.1f} calls per row per step",
+                  flush=True)
+    if args.out:
+        write_record(Path(args.out), "step_host_cost_engine", device=f"cpu ({platform.processor() or platform.machine()})",
+                     timings_ms=rows)
 
 
 if __name__ == "__main__":

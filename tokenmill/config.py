@@ -213,7 +213,11 @@ class SchedulerConfig:
 
 
 CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
-COMPILATION_CONFIG_KEYS = ("cudagraph_mode",)  # the keys of vLLM's --compilation-config this engine reads
+# The keys of vLLM's --compilation-config this engine reads.
+COMPILATION_CONFIG_KEYS = ("cudagraph_mode", "max_cudagraph_capture_size")
+# Largest decode batch captured as a CUDA graph when max_cudagraph_capture_size is not given: vLLM's cap (more
+# graphs lengthen start-up; a larger decode batch runs eagerly or through piecewise graphs).
+DEFAULT_MAX_GRAPH_BATCH = 512
 
 
 def json_object(value: str | dict[str, Any], name: str) -> dict[str, Any]:
@@ -245,7 +249,9 @@ class RunnerConfig:
 
     enforce_eager: bool = False
     attention_backend: str = "auto"  # auto | torch | triton
-    max_graph_batch_size: int = 256
+    # Largest decode batch captured as a CUDA graph (vLLM's max_cudagraph_capture_size); None: min(max_num_seqs,
+    # DEFAULT_MAX_GRAPH_BATCH), set by EngineConfig.
+    max_graph_batch_size: int | None = None
     tensor_parallel_size: int = 1  # ranks sharing each layer (one process per rank; gloo on CPU, NCCL on GPU)
     # Tensor parallelism on GPUs: all-reduces of up to 8 MiB through a one-shot Triton kernel over CUDA IPC
     # buffers instead of NCCL (larger ones stay on NCCL). Off by default until measured on several GPUs.
@@ -269,6 +275,8 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
+        if self.max_graph_batch_size is not None and self.max_graph_batch_size < 1:
+            raise ValueError(f"max_cudagraph_capture_size must be >= 1; got {self.max_graph_batch_size}")
         if not 1 <= self.tensor_parallel_size <= 64:
             raise ValueError(f"tensor_parallel_size must be between 1 and 64; got {self.tensor_parallel_size}")
         mode = str(self.cudagraph_mode).upper()
@@ -366,6 +374,8 @@ class EngineConfig:
         if self.scheduler.max_num_batched_tokens is None:
             on_cuda = self.model.device.startswith("cuda")
             self.scheduler.max_num_batched_tokens = 8192 if on_cuda else 2048
+        if self.runner.max_graph_batch_size is None:
+            self.runner.max_graph_batch_size = min(self.scheduler.max_num_seqs, DEFAULT_MAX_GRAPH_BATCH)
         if self.cache.calculate_kv_scales and self.runner.tensor_parallel_size > 1:
             raise ValueError("calculate_kv_scales works on one rank only for now; drop it (scales stay 1.0) or "
                              "use tensor_parallel_size 1")
@@ -392,7 +402,7 @@ class EngineConfig:
             "runner": RunnerConfig,
         }
         aliases = {"kv_cache_memory": "kv_cache_memory_gib", "num_kv_blocks": "num_gpu_blocks_override",
-                   "kv_cache_dtype": "cache_dtype"}
+                   "kv_cache_dtype": "cache_dtype", "max_cudagraph_capture_size": "max_graph_batch_size"}
         for key, value in kwargs.items():
             key = aliases.get(key, key)
             for group, klass in owners.items():

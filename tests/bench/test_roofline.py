@@ -100,3 +100,44 @@ def test_summary_rejects_mismatched_lengths() -> None:
 def test_ceilings_validated() -> None:
     with pytest.raises(ValueError, match="bandwidth_gbps"):
         Ceilings(bandwidth_gbps=0.0)
+
+
+def test_wave_schedule_prefills_each_wave_then_decodes_it() -> None:
+    from tokenmill.bench.roofline import wave_schedule
+
+    steps = wave_schedule(num_requests=5, input_len=4, output_len=3, max_num_seqs=2, max_num_batched_tokens=8)
+    # waves of 2, 2, 1: one prefill step each (2 prompts of 4 fit 8 tokens), then 2 decode steps at the wave's batch
+    assert [(s.new, s.cached) for s in steps] == [
+        ((4, 4), (0, 0)), ((1, 1), (4, 4)), ((1, 1), (5, 5)),
+        ((4, 4), (0, 0)), ((1, 1), (4, 4)), ((1, 1), (5, 5)),
+        ((4,), (0,)), ((1,), (4,)), ((1,), (5,)),
+    ]
+    assert all(s.num_sampled == len(s.new) for s in steps)
+
+
+def test_wave_floor_max_load_bf16_by_batch() -> None:
+    """Issue 22's paper floor (benchmarks/gpu_maxload.py's table): 1024 x 128 -> 128 of Llama-3-8B at 3.0 TB/s and
+    800 TFLOP/s. Weights re-read every step bound decode at batch 256; from 512 on it is compute-bound."""
+    from tokenmill.bench.roofline import wave_floor
+
+    spec = preset_spec("llama3-8b")
+    ceilings = Ceilings(bandwidth_gbps=3000.0, matmul_tflops=800.0)
+    by_batch = {b: wave_floor(spec, 1024, 128, 128, b, 8192, ceilings) for b in (256, 512, 1024)}
+    prefill = 2.0 * 1024 * 128 * 6_979_588_096 / 800e12  # layer FLOPs; LM head and attention add < 0.5%
+    for floor in by_batch.values():
+        assert floor.prefill_s == pytest.approx(prefill, rel=5e-3)
+    b256 = by_batch[256]
+    assert b256.num_decode_steps == 4 * 127 and b256.decode_compute_bound_share == 0.0
+    # a decode step at 256: all weights + 256 rows of KV at mean context 191 (128..254), over the copy rate
+    step = (16_060_522_496 + 131_072 * 256 * (191 + 1)) / 3.0e12
+    assert b256.decode_step_s == pytest.approx(step, rel=1e-3)
+    assert by_batch[1024].decode_compute_bound_share == 1.0
+    assert b256.output_tok_s == pytest.approx(21_472, rel=1e-3)
+    assert by_batch[1024].output_tok_s == pytest.approx(27_592, rel=1e-3)
+    assert b256.output_tok_s < by_batch[512].output_tok_s < by_batch[1024].output_tok_s
+    # Kernels in sequence: at 1024 rows the matmuls' FLOPs (19.3 ms) plus attention's KV bytes (8.6 ms).
+    b1024 = by_batch[1024]
+    kv = 131_072 * 1024 * (191 + 1) / 3.0e12
+    assert b1024.serial_decode_step_s == pytest.approx(b1024.decode_step_s + kv, rel=1e-3)
+    assert b256.serial_output_tok_s == pytest.approx(21_451, rel=1e-3)  # at the ridge: KV hides under nothing
+    assert b1024.serial_output_tok_s == pytest.approx(22_417, rel=1e-3)

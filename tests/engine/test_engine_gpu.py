@@ -71,6 +71,19 @@ def test_fp32_greedy_with_piecewise_graphs_matches_transformers(case, mode):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
+def test_fp32_greedy_at_a_decode_batch_past_the_in_graph_logits_matches_transformers(case):
+    """max_num_seqs 320 with graphs up to 320 rows: decode steps of 300 rows replay a graph that ends at the hidden
+    states (past runner/cuda_graphs.py's MAX_GRAPH_LOGIT_ROWS) and run the LM head after it."""
+    model_dir, prompts, expected = case
+    copies = -(-300 // len(prompts))
+    llm = LLM(str(model_dir), device="cuda", dtype="float32", max_num_seqs=320, max_cudagraph_capture_size=320)
+    graphs = llm.engine.runner.graphs
+    assert graphs.sizes[-1] == 320 and not graphs.logits_in_graph(1, 304) and graphs.logits_in_graph(1, 256)
+    outputs = llm.generate(prompts * copies, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected * copies
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
 def test_bf16_prefill_logits_within_tolerance(case):
     model_dir, prompts, _ = case
     llm = LLM(str(model_dir), device="cuda", dtype="bfloat16")

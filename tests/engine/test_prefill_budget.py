@@ -68,3 +68,20 @@ def test_greedy_output_is_unchanged_by_the_cap(tiny_llama_dir):
         return [finals[f"r{i}"] for i in range(3)]
 
     assert run(threshold=6) == run(threshold=0)
+
+
+def test_profile_run_fills_the_token_budget_with_prompts_no_longer_than_max_model_len():
+    """The KV cache is sized after a forward at the largest step: max_num_batched_tokens tokens, which a short
+    max_model_len splits into several prompts (one prompt of max_model_len tokens under-counts activations)."""
+    engine = LLMEngine.from_kwargs(random_weights="tiny-llama", device="cpu", dtype="float32", max_model_len=48,
+                                   max_num_batched_tokens=100, kv_cache_memory=0.01)
+    runner, seen = engine.runner, []
+    build = runner.attn_backend.build_metadata
+
+    def record(query_lens, seq_lens, tables, block_size, device):
+        seen.append((list(query_lens), [len(t) for t in tables]))
+        return build(query_lens, seq_lens, tables, block_size, device)
+
+    runner.attn_backend.build_metadata = record
+    runner.profile_run(100, 4, max_seq_len=48)
+    assert seen == [([48, 48, 4], [3, 3, 1])]  # block size 16

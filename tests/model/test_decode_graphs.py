@@ -71,16 +71,20 @@ class _EagerReplay:
 
 
 @pytest.mark.parametrize("query_len", [1, 3])
-def test_graphs_stage_pad_and_slice_on_cpu(query_len):
+@pytest.mark.parametrize("max_logit_rows", [256, 2])  # 2: the size-4 graph ends at the hidden states
+def test_graphs_stage_pad_and_slice_on_cpu(query_len, max_logit_rows):
     from tokenmill.runner.cuda_graphs import DecodeGraphs
 
     model, caches, tables, vocab = _setup("cpu")
     eager_caches = _clone(caches)
     graphs = DecodeGraphs(model, caches, BLOCK, max_batch=4, max_blocks_per_seq=4, device=torch.device("cpu"),
-                          query_lens=(1, 3))
+                          query_lens=(1, 3), max_logit_rows=max_logit_rows)
+    hidden_size = model.model.norm.weight.shape[0]
     for q in graphs.query_lens:
         for size in graphs.sizes:
-            graphs.outputs[q, size] = torch.empty(size * q, vocab)
+            in_graph = graphs.logits_in_graph(q, size)
+            assert in_graph == (size * q <= max_logit_rows)
+            graphs.outputs[q, size] = torch.empty(size * q, vocab if in_graph else hidden_size)
             graphs.graphs[q, size] = _EagerReplay(graphs, q, size)
     ids, positions, meta = _step(tables, query_len, vocab, seed=query_len, device="cpu")
     assert graphs.can_run(meta)
@@ -98,13 +102,14 @@ def test_graphs_stage_pad_and_slice_on_cpu(query_len):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("query_len", [1, 4])
-def test_graph_replay_matches_eager_and_sequential_decode(query_len):
+@pytest.mark.parametrize("max_logit_rows", [256, 2])  # 2: graphs of more tokens end at the hidden states
+def test_graph_replay_matches_eager_and_sequential_decode(query_len, max_logit_rows):
     from tokenmill.runner.cuda_graphs import DecodeGraphs
 
     model, caches, tables, vocab = _setup("cuda")
     eager_caches, step_caches = _clone(caches), _clone(caches)
     graphs = DecodeGraphs(model, caches, BLOCK, max_batch=4, max_blocks_per_seq=4, device=torch.device("cuda"),
-                          query_lens=(1, 4))
+                          query_lens=(1, 4), max_logit_rows=max_logit_rows)
     graphs.capture()
     ids, positions, meta = _step(tables, query_len, vocab, seed=query_len, device="cuda")
     assert graphs.can_run(meta) and meta.decode_query_len == query_len

@@ -91,3 +91,15 @@ def test_cudagraph_mode_is_validated_and_read_from_compilation_config():
         parse_compilation_config({"level": 3})
     with pytest.raises(ValueError, match="JSON object"):
         parse_compilation_config("{cudagraph_mode")
+
+
+def test_max_cudagraph_capture_size_defaults_to_vllms_cap_and_takes_vllms_names():
+    def cap(**kwargs) -> int:
+        return EngineConfig.from_kwargs(device="cpu", **kwargs).runner.max_graph_batch_size
+
+    assert cap() == 256  # max_num_seqs' default
+    assert cap(max_num_seqs=1024) == 512  # vLLM's default cap
+    assert cap(max_num_seqs=1024, max_cudagraph_capture_size=1024) == 1024
+    assert cap(max_num_seqs=64, compilation_config={"max_cudagraph_capture_size": 32}) == 32
+    with pytest.raises(ValueError, match="max_cudagraph_capture_size must be >= 1"):
+        cap(max_cudagraph_capture_size=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -59,10 +60,12 @@ class HostLayout:
         num_seqs = len(qlens)
         starts = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(qlens, out=starts[1:])
-        width = max([len(t) for t in block_tables] + [pad_blocks_to or 1])
+        lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_seqs)
+        width = max(int(lengths.max()) if num_seqs else 0, pad_blocks_to or 1)
         tables = np.zeros((num_seqs, width), dtype=np.int32)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = table
+        # One scatter of all tables' ids (row-major, as the mask's True entries are) instead of a row copy each.
+        flat = np.fromiter(chain.from_iterable(block_tables), dtype=np.int32, count=int(lengths.sum()))
+        tables[np.arange(width) < lengths[:, None]] = flat
         # Token t of sequence i sits at position (seq_len - query_len) + (t - start_i).
         owner = np.repeat(np.arange(num_seqs), qlens)
         positions = np.arange(int(starts[-1]), dtype=np.int64) - starts[owner] + (slens - qlens)[owner]

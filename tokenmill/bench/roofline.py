@@ -5,6 +5,7 @@ Pure arithmetic on a ModelSpec and a step's composition; ``bench throughput`` an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,16 @@ def compute_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings) -> float:
     return step_flops(spec, step) / (ceilings.matmul_tflops * 1e12)
 
 
+def serial_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings, dtype_bytes: int = 2) -> float:
+    """A step whose kernels run one after another: the matmuls at the slower of their FLOPs and the weights' bytes,
+    then attention at its KV bytes (read and written), which no matmul overlaps. Above ``floor_time``, whose max()
+    lets a step's KV traffic hide under its matmuls; the two agree for weight-bound steps with little KV."""
+    per_token = kv_bytes_per_token(spec, dtype_bytes)
+    kv = per_token * (sum(step.cached) + step.num_tokens) / (ceilings.bandwidth_gbps * 1e9)
+    weights = weight_bytes(spec, dtype_bytes) / (ceilings.bandwidth_gbps * 1e9)
+    return max(compute_time(spec, step, ceilings), weights) + kv
+
+
 def floor_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings, dtype_bytes: int = 2) -> float:
     """Physical floor of one step: the slower of compute and memory traffic."""
     return max(compute_time(spec, step, ceilings), bandwidth_time(spec, step, ceilings, dtype_bytes))
@@ -174,3 +185,57 @@ def summarize(
         prefill_measured_s=float(sum(t for _, t in prefill)),
         prefill_compute_s=sum(compute_time(spec, s, ceilings) for s, _ in prefill),
     )
+
+
+def wave_schedule(num_requests: int, input_len: int, output_len: int, max_num_seqs: int,
+                  max_num_batched_tokens: int) -> list[StepShape]:
+    """The steps of an ideal run of ``num_requests`` equal requests all present at once, ``max_num_seqs`` at a time:
+    each wave prefills its prompts (whole prompts per step, up to the token budget; the first output token comes
+    from there), then decodes ``output_len - 1`` steps at the wave's batch. No mixing, no chunking: the FLOPs and
+    bytes any schedule must spend at that batch, so the floor of a real run at that ``max_num_seqs``."""
+    if min(num_requests, input_len, output_len, max_num_seqs, max_num_batched_tokens) < 1:
+        raise ValueError("wave_schedule needs positive sizes")
+    steps: list[StepShape] = []
+    prompts_per_step = max(1, max_num_batched_tokens // input_len)
+    for first in range(0, num_requests, max_num_seqs):
+        wave = min(max_num_seqs, num_requests - first)
+        for start in range(0, wave, prompts_per_step):
+            n = min(prompts_per_step, wave - start)
+            steps.append(StepShape(cached=(0,) * n, new=(input_len,) * n, num_sampled=n))
+        for i in range(output_len - 1):
+            steps.append(StepShape(cached=(input_len + i,) * wave, new=(1,) * wave, num_sampled=wave))
+    return steps
+
+
+@dataclass(frozen=True)
+class WaveFloor:
+    """``wave_floor``'s answer: seconds of the prefill and decode steps at their floors, output tokens per second."""
+
+    prefill_s: float
+    decode_s: float
+    num_decode_steps: int
+    decode_step_s: float  # mean floor of a decode step
+    decode_compute_bound_share: float  # of decode steps whose FLOPs / matmul rate >= bytes / bandwidth
+    output_tok_s: float
+    serial_decode_step_s: float  # mean ``serial_time`` of a decode step
+    serial_output_tok_s: float  # every step at its ``serial_time``
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def wave_floor(spec: ModelSpec, num_requests: int, input_len: int, output_len: int, max_num_seqs: int,
+               max_num_batched_tokens: int, ceilings: Ceilings, dtype_bytes: int = 2) -> WaveFloor:
+    """The physical floor of ``wave_schedule``: each step at the slower of its FLOPs and its bytes."""
+    steps = wave_schedule(num_requests, input_len, output_len, max_num_seqs, max_num_batched_tokens)
+    prefill = sum(floor_time(spec, s, ceilings, dtype_bytes) for s in steps if not s.is_decode)
+    decode_steps = [s for s in steps if s.is_decode]
+    decode = sum(floor_time(spec, s, ceilings, dtype_bytes) for s in decode_steps)
+    compute_bound = sum(compute_time(spec, s, ceilings) >= bandwidth_time(spec, s, ceilings, dtype_bytes)
+                        for s in decode_steps)
+    serial_decode = sum(serial_time(spec, s, ceilings, dtype_bytes) for s in decode_steps)
+    serial = serial_decode + sum(serial_time(spec, s, ceilings, dtype_bytes) for s in steps if not s.is_decode)
+    n = len(decode_steps)
+    tokens = num_requests * output_len
+    return WaveFloor(prefill, decode, n, decode / n if n else 0.0, compute_bound / n if n else 0.0,
+                     tokens / (prefill + decode), serial_decode / n if n else 0.0, tokens / serial)

@@ -92,7 +92,7 @@ class StepRecorder:
             self.pending = StepShape(
                 cached=tuple(i.seq.num_computed_tokens for i in items),
                 new=tuple(i.num_tokens for i in items),
-                num_sampled=sum(1 for i in items if i.samples),
+                num_sampled=sum(1 for entry in out.record.scheduled if entry.samples),  # a flag, not a property
             )
         return out
 

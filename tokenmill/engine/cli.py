@@ -41,6 +41,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--max-cudagraph-capture-size", type=int, default=None,
+                        help="largest decode batch captured as a CUDA graph (default: min(max-num-seqs, 512)); "
+                             "larger decode steps run eagerly or through piecewise graphs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--random-weights", default=None, help="preset name: random weights of a real shape")
     parser.add_argument("--quantization", "-q", default=None,
@@ -84,6 +87,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
+        max_cudagraph_capture_size=args.max_cudagraph_capture_size,
         seed=args.seed,
         random_weights=args.random_weights,
         quantization=args.quantization,

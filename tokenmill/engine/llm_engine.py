@@ -140,8 +140,8 @@ class LLMEngine:
             tune_linears(self.model, max_rows=sched_cfg.max_num_seqs)
         if on_cuda:  # measure peak activation memory before giving the rest to the KV cache
             num_sampled = sched_cfg.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
-            self.runner.profile_run(min(sched_cfg.max_num_batched_tokens, self.max_model_len),
-                                    min(num_sampled, sched_cfg.max_num_batched_tokens))
+            self.runner.profile_run(sched_cfg.max_num_batched_tokens, min(num_sampled, sched_cfg.max_num_batched_tokens),
+                                    self.max_model_len)
         num_blocks = num_kv_blocks(config.cache, kv_spec, mc.device, self.model.num_layers, self.max_model_len,
                                    config.scheduler.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
@@ -312,23 +312,30 @@ class LLMEngine:
                 )
             return outputs
         now = time.monotonic()
-        for item in sched.scheduled:
-            metrics = item.seq.request.metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = now
+        if sched.record.new_requests:  # a sequence's first schedule is the one that introduces it to the runner
+            for item in sched.scheduled:
+                metrics = item.seq.request.metrics
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = now
         self.num_steps += 1
         # Synchronous scheduling is the same path with the step landing at once (in_flight is always None
         # here then, since every step lands in the call that launched it).
         # Matchers of the constrained rows this step samples: the sampler fills their masks (rank 0 only; the
         # record itself stays plain data).
-        grammars = {item.seq.seq_id: item.seq.grammar for item in sched.scheduled
-                    if item.samples and item.seq.grammar is not None}
+        grammars = {}
         sampling = []
-        for item in sched.scheduled:
-            if item.samples:
-                item.seq.num_in_flight += 1
-                sampling.append(item.seq)
-            item.seq.num_computed_tokens += item.num_tokens
+        has_drafts = False
+        # One pass per row (this runs for every row of every step); the record's entry says whether it samples.
+        for item, entry in zip(sched.scheduled, sched.record.scheduled, strict=True):
+            seq = item.seq
+            if entry.samples:
+                seq.num_in_flight += 1
+                sampling.append(seq)
+                if seq.grammar is not None:
+                    grammars[seq.seq_id] = seq.grammar
+            if entry.draft_token_ids:
+                has_drafts = True
+            seq.num_computed_tokens += item.num_tokens
         # A constrained row's mask needs the token the previous step sampled for it: that step lands between
         # this step's forward pass (queued first, so the device stays busy) and its sampling, and the masks are
         # filled while the forward runs. Steps stay overlapped whether or not they constrain rows.
@@ -339,8 +346,7 @@ class LLMEngine:
         if self.in_flight is not None:
             landed += self._land_in_flight()
         outputs += landed
-        self.in_flight = InFlightStep(sched, launched, sampling, any(item.draft_token_ids for item in sched.scheduled),
-                                      now, synchronous)
+        self.in_flight = InFlightStep(sched, launched, sampling, has_drafts, now, synchronous)
         if not self.async_scheduling:
             outputs += self._land_in_flight()
         return outputs
@@ -395,17 +401,16 @@ class LLMEngine:
             num_drafts = drafts.get(seq.seq_id, 0)
             if num_drafts and observe is not None:  # acceptance statistics and the adaptive policy
                 observe(seq.seq_id, num_drafts, len(token_ids) - 1)
-            # k drafts computed k + 1 tokens' KV; only the tokens before the last one gained are kept.
-            self.scheduler.rollback(seq, num_drafts + 1 - len(token_ids))
+            if num_drafts:  # k drafts computed k + 1 tokens' KV; only the tokens before the last one gained are kept
+                self.scheduler.rollback(seq, num_drafts + 1 - len(token_ids))
             for token_id, logprobs in zip(token_ids, result.logprobs[seq.seq_id], strict=True):
                 seq.token_ids.append(token_id)
                 self._record_token(seq, token_id, logprobs, now, touched)
                 if seq.status.finished:
                     break
         self._observe_cycle(step, num_step_tokens, sum(drafts.values()), gained, now)
-        for item in step.sched.scheduled:
-            if not item.seq.status.finished:
-                self.block_manager.cache_full_blocks(item.seq)
+        self.block_manager.cache_full_blocks_of(item.seq for item in step.sched.scheduled
+                                                if not item.seq.status.finished)
         return self._collect_outputs(touched, now)
 
     def _collect_outputs(self, touched: dict[str, Request], now: float) -> list[RequestOutput]:
@@ -426,7 +431,6 @@ class LLMEngine:
         if metrics.first_token_time is None:
             metrics.first_token_time = now
         metrics.last_token_time = now
-        touched[request.request_id] = request
         self.generation_tokens += 1
         if seq.logprobs is not None and logprobs is not None:
             seq.logprobs.append(logprobs)
@@ -452,3 +456,5 @@ class LLMEngine:
             seq.num_in_flight = 0  # a token of a step launched after this one: surplus
             seq.status = status
             self.scheduler.remove_finished(seq)
+        if status is not None or self.stream_outputs:  # without streaming only a finished request has an output
+            touched[request.request_id] = request

@@ -126,13 +126,26 @@ class Scheduler:
 
         # 1. Running sequences, oldest first; make room by preempting the newest.
         proposals = self._propose_drafts(budget)
+        scheduled = out.scheduled
+        block_size = self.block_manager.block_size
+        multi_token = False  # an entry of several tokens: the one-token entries must be moved before it
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            if seq.reached_limit:  # its last token is in flight; the engine finishes it when it lands
+            # Inlined Sequence.num_tokens / reached_limit: this loop runs for every running sequence every step.
+            num_tokens = len(seq.token_ids) + seq.num_in_flight
+            if seq.token_limit is not None and num_tokens >= seq.token_limit:
+                index += 1  # its last token is in flight; the engine finishes it when it lands
+                continue
+            computed = seq.num_computed_tokens
+            if (num_tokens - computed == 1 and computed < len(seq.block_table) * block_size
+                    and (not proposals or seq.seq_id not in proposals)):
+                # A plain decode whose token fits the blocks it holds (the common row): nothing to allocate.
+                scheduled.append(ScheduledSequence(seq, 1))
+                budget -= 1
                 index += 1
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._prefill_cap)
+            num_new = min(num_tokens - computed, budget, self._prefill_cap)
             drafts = proposals.get(seq.seq_id, [])[: budget - 1] if num_new == 1 else []
             num_new += len(drafts)
             while not self.block_manager.can_allocate(seq, num_new):
@@ -145,7 +158,8 @@ class Scheduler:
                     break
             else:
                 self.block_manager.allocate(seq, num_new)
-                out.scheduled.append(ScheduledSequence(seq, num_new, drafts))
+                scheduled.append(ScheduledSequence(seq, num_new, drafts))
+                multi_token |= num_new != 1
                 budget -= num_new
                 index += 1
                 continue
@@ -177,12 +191,14 @@ class Scheduler:
             self.block_manager.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSequence(seq, num_new))
+            scheduled.append(ScheduledSequence(seq, num_new))
+            multi_token |= num_new != 1
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         # One-token entries first: the attention backend sends a leading run of them to the decode kernel,
         # and one stuck behind a prompt chunk would go through the prefill kernel's 128-row query tiles.
-        out.scheduled.sort(key=lambda item: item.num_tokens != 1)
+        if multi_token:
+            scheduled.sort(key=lambda item: item.num_tokens != 1)
         out.record = self._record(out)
         return out
 

@@ -31,6 +31,12 @@ from tokenmill.kernels.stage_inputs import (
 
 logger = logging.getLogger(__name__)
 
+# Graphs of more tokens than this end at the hidden states and the LM head runs after the replay. Each captured
+# size keeps its own output buffer alive in the pool: [tokens, vocab] logits per size up to 256 rows are 0.56 GB at
+# Llama-3's 128k vocabulary, up to 1024 rows (max_num_seqs 1024) 8.5 GB, taken from the headroom the KV sizing
+# left (graphs are captured after it). One extra launch per step is nothing at that batch.
+MAX_GRAPH_LOGIT_ROWS = 256
+
 
 def batch_size_ladder(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then steps of 16 up to ``max_batch`` (which is always included)."""
@@ -52,10 +58,12 @@ class DecodeGraphs:
         device: torch.device,
         query_lens: Sequence[int] = (1,),
         eager_logits_from: int = MAX_DECODE_QUERY_LEN + 1,
+        max_logit_rows: int = MAX_GRAPH_LOGIT_ROWS,
     ) -> None:
         """``eager_logits_from``: graphs of this query length and longer end at the hidden states and the LM head
         runs after the replay: every token of a verification row needs logits, and a captured [tokens, vocab]
-        output per (query length, batch size) would hold gigabytes (128k vocabulary) that nothing else can use."""
+        output per (query length, batch size) would hold gigabytes (128k vocabulary) that nothing else can use.
+        So do graphs of more than ``max_logit_rows`` tokens."""
         if not query_lens or any(not 1 <= q <= MAX_DECODE_QUERY_LEN for q in query_lens):
             raise ValueError(f"graph query lengths must be 1..{MAX_DECODE_QUERY_LEN}; got {list(query_lens)}")
         self.model = model
@@ -66,6 +74,7 @@ class DecodeGraphs:
         self.max_blocks = max_blocks_per_seq
         self.query_lens = sorted(set(query_lens))
         self.eager_logits_from = eager_logits_from
+        self.max_logit_rows = max_logit_rows
         backend = model.attn_backend
         n = self.max_batch
         self.buffers: dict[int, DecodeGraphBuffers] = {}
@@ -82,11 +91,15 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (query_len, batch size) -> graph
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
+    def logits_in_graph(self, q: int, size: int) -> bool:
+        """Whether the (query length, batch size) graph ends at the logits (else at the hidden states)."""
+        return q < self.eager_logits_from and size * q <= self.max_logit_rows
+
     def _forward(self, q: int, size: int) -> torch.Tensor:
         tokens = size * q
         meta = self.buffers[q].prepare_for_capture(size)
         hidden = self.model(self.input_ids[q][:tokens], self.positions[q][:tokens], self.kv_caches, meta)
-        return hidden if q >= self.eager_logits_from else self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden) if self.logits_in_graph(q, size) else hidden
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -118,7 +131,8 @@ class DecodeGraphs:
         meta: AttentionMetadata,
         in_flight: InFlightIds | None = None,
     ) -> torch.Tensor:
-        """Logits [num_tokens, vocab] of every token (a view into the graph's output buffer).
+        """Logits [num_tokens, vocab] of every token (a view into the graph's output buffer, or the LM head's output
+        after the replay for graphs past ``max_logit_rows``).
 
         ``in_flight``: rows whose token the previous step sampled and the host has not read (staging reads it).
         """
@@ -135,4 +149,4 @@ class DecodeGraphs:
             self.buffers[q].prepare_for_replay(meta, size)
         self.graphs[q, size].replay()
         out = self.outputs[q, size][: batch * q]
-        return self.model.compute_logits(out) if q >= self.eager_logits_from else out
+        return out if self.logits_in_graph(q, size) else self.model.compute_logits(out)

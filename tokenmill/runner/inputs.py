@@ -61,27 +61,31 @@ def step_arrays(record: StepRecord, batch: InputBatch, block_size: int) -> StepA
     tables: list[list[int]] = []
     sample_indices: list[int] = []
     sample_rows: list[int] = []
-    in_flight: dict[int, int] = {}  # flat token index -> entry of the previous step's sampled ids
+    in_flight_at: list[int] = []  # flat token index of each token the step in flight sampled ...
+    in_flight_from: list[int] = []  # ... and its entry in that step's sampled ids
     prev_index = batch.prev_sample_index
     next_index: dict[str, int] = {}
     requests = batch.requests
     num_sampled = 0
     for row, entry in enumerate(record.scheduled):  # runs for every row of every step: kept lean
-        state = requests[entry.req_id]
+        req_id = entry.req_id
+        state = requests[req_id]
         start, num, drafts = entry.num_computed_tokens, entry.num_tokens, entry.draft_token_ids
         known = state.token_ids
-        known_end = start + num - len(drafts)  # drafts follow the sequence's own tokens
-        host_end = known_end if known_end <= len(known) else len(known)
+        known_end = start + num - len(drafts) if drafts else start + num  # drafts follow the sequence's own tokens
+        num_known = len(known)
+        host_end = known_end if known_end <= num_known else num_known
         if host_end - start == 1:
             token_ids.append(known[start])
-        else:
+        elif host_end > start:
             token_ids.extend(known[start:host_end])
         if known_end > host_end:  # the last token was sampled by the step still in flight
-            source = prev_index.get(entry.req_id)
+            source = prev_index.get(req_id)
             if known_end - host_end != 1 or source is None:
-                raise RuntimeError(f"request {entry.req_id!r}: {known_end - host_end} input token(s) unknown to the "
+                raise RuntimeError(f"request {req_id!r}: {known_end - host_end} input token(s) unknown to the "
                                    "host and not sampled by the previous step")
-            in_flight[len(token_ids)] = source
+            in_flight_at.append(len(token_ids))
+            in_flight_from.append(source)
             token_ids.append(0)
         if drafts:
             token_ids.extend(drafts)
@@ -95,14 +99,14 @@ def step_arrays(record: StepRecord, batch: InputBatch, block_size: int) -> StepA
                 num_sampled += 1 + len(drafts)
             else:
                 sample_indices.append(len(token_ids) - 1)
-                next_index[entry.req_id] = num_sampled
+                next_index[req_id] = num_sampled
                 num_sampled += 1
             sample_rows.append(row)
     batch.prev_sample_index = next_index
     index = None
-    if in_flight:
+    if in_flight_at:
         index = np.full(len(token_ids), -1, dtype=np.int64)
-        index[list(in_flight)] = list(in_flight.values())
+        index[in_flight_at] = in_flight_from
     return StepArrays(np.asarray(token_ids, dtype=np.int64), index,
                       attention_layout(query_lens, seq_lens, tables, block_size),
                       np.asarray(sample_indices, dtype=np.int64), sample_rows)

@@ -120,14 +120,21 @@ class ModelRunner:
         self.kv_caches = KVCache(self.kv_spec, self.model.num_layers, num_blocks, self.device)
 
     @torch.inference_mode()
-    def profile_run(self, num_tokens: int, num_sampled: int) -> None:
-        """One forward at the largest step size on a throwaway cache, so peak activation memory is measured."""
-        num_blocks = self.kv_spec.blocks_for_tokens(num_tokens)
+    def profile_run(self, num_tokens: int, num_sampled: int, max_seq_len: int | None = None) -> None:
+        """One forward at the largest step size on a throwaway cache, so peak activation memory is measured:
+        ``num_tokens`` prompt tokens as sequences of at most ``max_seq_len`` (a step of max_num_batched_tokens
+        holds many prompts when max_model_len is shorter; profiling only max_model_len tokens under-counts it)."""
+        seq_len = min(num_tokens, max_seq_len or num_tokens)
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        tables, num_blocks = [], 0
+        for n in lens:
+            blocks = self.kv_spec.blocks_for_tokens(n)
+            tables.append(list(range(num_blocks, num_blocks + blocks)))
+            num_blocks += blocks
         caches = KVCache(self.kv_spec, self.model.num_layers, num_blocks, self.device)
-        meta = self.attn_backend.build_metadata([num_tokens], [num_tokens], [list(range(num_blocks))],
-                                                self.block_size, self.device)
+        meta = self.attn_backend.build_metadata(lens, lens, tables, self.block_size, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        positions = torch.arange(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(self.device)
         hidden = self.model(ids, positions, caches, meta)
         logits = self.model.compute_logits(hidden[-1:].expand(num_sampled, -1))
         self._warm_up_sampler(logits)

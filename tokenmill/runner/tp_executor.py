@@ -261,9 +261,9 @@ class TPExecutor(ModelRunner):
         self._send("alloc", num_blocks)
         super().allocate_kv_cache(num_blocks)
 
-    def profile_run(self, num_tokens: int, num_sampled: int) -> None:
-        self._send("profile", (num_tokens, num_sampled))
-        self._collective(super().profile_run, num_tokens, num_sampled)
+    def profile_run(self, num_tokens: int, num_sampled: int, max_seq_len: int | None = None) -> None:
+        self._send("profile", (num_tokens, num_sampled, max_seq_len))
+        self._collective(super().profile_run, num_tokens, num_sampled, max_seq_len)
 
     def capture_graphs(self, max_batch: int, max_model_len: int, query_lens: tuple[int, ...] = (1,)) -> None:
         """Every rank captures the same ladder in the same order, so the collectives inside pair up."""

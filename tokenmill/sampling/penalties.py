@@ -45,18 +45,20 @@ def flat_positions(
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: set[int]) -> None:
     """In place: forbid EOS and stop_token_ids for rows that have not yet produced min_tokens tokens."""
     vocab_size = logits.shape[1]
-    row_index: list[int] = []
-    token_index: list[int] = []
-    for i, row in enumerate(rows):
-        if row.output_len >= row.params.min_tokens:
+    eos = [t for t in eos_token_ids if t < vocab_size]
+    flat: list[int] = []
+    for i, row in enumerate(rows):  # every row, every step while min_tokens lasts: kept lean
+        params = row.params
+        if row.output_len >= params.min_tokens:
             continue
         # EOS is blocked even with ignore_eos: min_tokens is a floor on length whatever stops the sequence.
-        for token_id in eos_token_ids.union(row.params.stop_token_ids):
-            if token_id < vocab_size:
-                row_index.append(i)
-                token_index.append(token_id)
-    if row_index:
-        flat = [r * vocab_size + t for r, t in zip(row_index, token_index, strict=True)]
+        banned = eos
+        if params.stop_token_ids:
+            banned = [t for t in eos_token_ids.union(params.stop_token_ids) if t < vocab_size]
+        base = i * vocab_size
+        for token_id in banned:
+            flat.append(base + token_id)
+    if flat:
         # index_fill_ with a Python scalar: ``logits[rows, tokens] = -inf`` copies the scalar from pageable
         # host memory, which waits for the whole forward pass (measured 5.6 ms of host stall per H100 step).
         logits.view(-1).index_fill_(0, to_device(flat, torch.long, logits.device), float("-inf"))
@@ -67,9 +69,19 @@ def needs_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def needs_history(rows: Sequence[SamplingRow]) -> bool:
-    """Whether any row needs min_tokens masking or a penalty this step (else both processors are no-ops)."""
-    return any(row.output_len < row.params.min_tokens or needs_penalties(row.params) for row in rows)
+def history_processors(rows: Sequence[SamplingRow]) -> tuple[bool, bool]:
+    """(some row is still short of its min_tokens, some row has a penalty), in one pass over the rows: the sampler
+    asks every step, for every row."""
+    min_tokens = penalized = False
+    for row in rows:
+        params = row.params
+        if not penalized and needs_penalties(params):
+            penalized = True
+        if not min_tokens and row.output_len < params.min_tokens:
+            min_tokens = True
+        if min_tokens and penalized:
+            break
+    return min_tokens, penalized
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
