@@ -26,7 +26,7 @@ _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 @dataclass
 class SassInfo:
     registers: int
-    spill_bytes: int  # local-memory stores + loads ptxas reports (0: no spills)
+    spill_bytes: int  # stack frame + local memory ptxas reports (0: nothing spilled)
     loops: list[dict[str, Any]] = field(default_factory=list)  # {"instructions", "opcodes"} per backward branch
     ptx: str = ""
     sass: str = ""
@@ -94,6 +94,6 @@ def compile_sm90(fn: Any, args: dict[str, Any], num_warps: int = 4, num_stages: 
         sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    local = re.search(r"LOCAL:(\d+)", usage)
-    return SassInfo(regs, int(local.group(1)) if local else 0, _loops(sass), kernel.asm["ptx"] if keep_text else "",
+    spill = sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", usage))
+    return SassInfo(regs, spill, _loops(sass), kernel.asm["ptx"] if keep_text else "",
                     sass if keep_text else "")
