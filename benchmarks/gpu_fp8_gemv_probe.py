@@ -82,7 +82,7 @@ def candidates(rows: int) -> list[Fp8StreamConfig]:
     tensor = [mma(64, 128, 4), mma(64, 128, 8), mma(128, 128, 4, w=8), mma(64, 256, 4), mma(64, 128, 4, st=4)]
     by_rows = {
         1: [fma(8, 128), fma(16, 128), fma(8, 256, w=8), fma(16, 64, w=2), fma(8, 128, pf=True), fma(4, 128, pf=True),
-            fma(8, 128, pdl=False), fma(8, 128, asm=False)],
+            fma(8, 128, pdl=False), fma(8, 128, asm=False), mma(64, 128, 8)],
         2: [fma(8, 128), fma(8, 128, pf=True), fma(4, 128), mma(64, 128, 4), mma(64, 128, 8)],
         4: [fma(4, 128), fma(8, 128), fma(4, 128, pf=True), mma(64, 128, 4), mma(64, 128, 8), mma(128, 128, 4, w=8)],
     }
