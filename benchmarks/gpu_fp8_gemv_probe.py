@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gemv_probe import GemvProbe, best_per_case, finish_rows, table_lines, tag  # noqa: E402
 from gpu_record import write_record  # noqa: E402
 
 from tokenmill.kernels._triton import next_power_of_2  # noqa: E402
@@ -61,7 +62,6 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 TINY_SHAPES = {"qkv": (96, 256), "o": (64, 256), "gate_up": (160, 256), "down": (64, 512)}  # --cpu-dry-run
 ROWS = (1, 16, 4, 8, 2)
 COPIES = 32
-TOLERANCE = 2e-2  # bf16 output rounding is ~3e-3
 H100 = "NVIDIA H100 80GB HBM3"  # the device the shipped table was measured on
 
 
@@ -127,13 +127,6 @@ def copy_rate_gbps(device: torch.device) -> float:
     return 2 * src.numel() * 4 / median_event_ms(lambda: dst.copy_(src), 20) / 1e6
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 class Weights:
     """One shape's operands: COPIES bf16 weights and their e4m3 quantizations (one scale per channel)."""
 
@@ -147,60 +140,19 @@ class Weights:
         self.fp8_bytes = q0.nbytes + s0.nbytes
 
 
-class Probe:
-    def __init__(self, time_limit_s: float, out: Path, timer: Callable[..., float]) -> None:
-        self.time_limit_s = time_limit_s
-        self.out = out
-        self.timer = timer
-        self.results: list[dict[str, Any]] = []
-        self.failures: list[dict[str, Any]] = []
-        self.skipped: list[str] = []
-        self.fatal: str | None = None
-        self.copy_rate = float("nan")
-
-    def over_time(self) -> bool:
-        return time.monotonic() - START > self.time_limit_s or self.fatal is not None
-
-    def measure(self, case: dict[str, Any], label: str, params: dict[str, Any], call, batch_call,
-                ref: torch.Tensor | None) -> None:
-        """Check ``call()`` twice against ``ref`` (None: the bf16 baseline, not checked), then time ``batch_call``
-        (one call per weight copy). Any exception is recorded, never raised."""
-        name = f"{case['shape']} rows={case['rows']} {label}"
-        if self.over_time():
-            self.skipped.append(name)
-            return
-        row: dict[str, Any] = {**case, "variant": label, "params": params}
-        try:
-            t0 = time.monotonic()
-            outs = [call().float() for _ in range(2)]
-            row["first_calls_s"] = time.monotonic() - t0  # mostly the Triton compile on a variant's first shape
-            if ref is not None:
-                row["rel_err"] = max(rel_err(o, ref) for o in outs)
-                if not row["rel_err"] < TOLERANCE:
-                    self.failures.append({**row, "error": "mismatch against the fp32 reference"})
-                    print(f"MISMATCH {name}: rel {row['rel_err']:.3g}", flush=True)
-                    return
-            row["us"] = self.timer(batch_call)
-        except Exception as exc:  # a compile error or a bad config must not lose the rest of the probe
-            self.failures.append({**row, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"})
-            print(f"FAILED {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-            if not any(f["variant"] == label for f in self.failures[:-1]):
-                traceback.print_exc(limit=3)  # once a variant
-            if "CUDA error" in str(exc) or "illegal" in str(exc).lower():
-                self.fatal = f"{name}: {exc}"  # the context is lost: nothing after this can run
-            return
-        row["pct_of_copy"] = 100 * case["bytes"] / (self.copy_rate * 1e9) / (row["us"] * 1e-6)
-        self.results.append(row)
-
-    def write(self) -> None:
-        finish_rows(self.results)
-        write_record(self.out, "gpu_fp8_gemv_probe", copy_rate_gbps=self.copy_rate, copies=COPIES,
-                     results=self.results, best=best_per_case(self.results), decode_totals=decode_totals(self.results),
-                     suggested_table={"fp8": suggested_entries(self.results)}, failures=self.failures,
-                     skipped=self.skipped, fatal=self.fatal, wall_s=time.monotonic() - START)
+def write(pr: GemvProbe) -> None:
+    finish_rows(pr.results)
+    write_record(pr.out, "gpu_fp8_gemv_probe", copy_rate_gbps=pr.copy_rate, copies=COPIES, results=pr.results,
+                 best=best_per_case(pr.results, list(SHAPES)), decode_totals=decode_totals(pr.results),
+                 suggested_table={"fp8": suggested_entries(pr.results)}, failures=pr.failures, skipped=pr.skipped,
+                 fatal=pr.fatal, wall_s=time.monotonic() - START)
 
 
-def probe_case(pr: Probe, shape: str, w: Weights, rows: int, gen: torch.Generator) -> None:
+def lines(pr: GemvProbe, top: int | None = None) -> list[str]:
+    return table_lines(pr.results, list(SHAPES), "pct_of_copy", "%copy", top) + summary_lines(pr)
+
+
+def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Generator) -> None:
     device = w.dense[0].device
     x = torch.randn(rows, w.k, device=device, generator=gen).to(torch.bfloat16)
     ref = x.float() @ w.dequant_t
@@ -219,51 +171,27 @@ def probe_case(pr: Probe, shape: str, w: Weights, rows: int, gen: torch.Generato
     print(f"{shape} rows={rows} done at {time.monotonic() - START:.0f} s", flush=True)
 
 
-def _tag(r: dict[str, Any]) -> str:
-    """bf16 / today / new."""
-    return r["variant"].split(":")[0] if ":" in r["variant"] else "new"
-
-
-def finish_rows(results: list[dict[str, Any]]) -> None:
-    """Speedups against the bf16 and today's rows of the same (shape, rows)."""
-    base = {(r["shape"], r["rows"], _tag(r)): r["us"] for r in results if _tag(r) != "new"}
-    for r in results:
-        for ref in ("bf16", "today"):
-            us = base.get((r["shape"], r["rows"], ref))
-            r[f"speedup_vs_{ref}"] = us / r["us"] if us else None
-
-
-def best_per_case(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The fastest new variant per (shape, rows)."""
-    best: dict[tuple, dict[str, Any]] = {}
-    for r in results:
-        key = (r["shape"], r["rows"])
-        if _tag(r) == "new" and (key not in best or r["us"] < best[key]["us"]):
-            best[key] = r
-    return sorted(best.values(), key=lambda r: (r["rows"], r["shape"]))
-
-
 def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The four projections added up per row count: bf16, today's kernel, the best new variant per shape, and the
     best of today's and the new (what the dispatch table would serve), with the summed % of the copy rate."""
     by: dict[tuple, dict[str, Any]] = {}
     for r in results:
-        for tag in {_tag(r), "served"} - ({"served"} if _tag(r) == "bf16" else set()):
-            key = (r["rows"], tag, r["shape"])
+        for label in {tag(r), "served"} - ({"served"} if tag(r) == "bf16" else set()):
+            key = (r["rows"], label, r["shape"])
             if key not in by or r["us"] < by[key]["us"]:
                 by[key] = r
     totals = []
     shapes = sorted({r["shape"] for r in results})
     for rows in sorted({r["rows"] for r in results}):
         row: dict[str, Any] = {"rows": rows}
-        for tag in ("bf16", "today", "new", "served"):
-            picked = [by.get((rows, tag, s)) for s in shapes]
+        for label in ("bf16", "today", "new", "served"):
+            picked = [by.get((rows, label, s)) for s in shapes]
             us = sum(p["us"] for p in picked) if all(picked) else float("nan")
-            row[f"{tag}_us"] = us
+            row[f"{label}_us"] = us
             if all(picked):
-                row[f"{tag}_pct_of_copy"] = sum(p["us"] * p["pct_of_copy"] for p in picked) / us
-        for tag in ("today", "new", "served"):
-            row[f"{tag}_x_bf16"] = row["bf16_us"] / row[f"{tag}_us"]
+                row[f"{label}_pct_of_copy"] = sum(p["us"] * p["pct_of_copy"] for p in picked) / us
+        for label in ("today", "new", "served"):
+            row[f"{label}_x_bf16"] = row["bf16_us"] / row[f"{label}_us"]
         totals.append(row)
     return totals
 
@@ -274,7 +202,7 @@ def suggested_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]
     best: dict[tuple, dict[str, Any]] = {}
     for r in results:
         key = (r["n"], r["k"], r["rows"])
-        if _tag(r) != "bf16" and (key not in best or r["us"] < best[key]["us"]):
+        if tag(r) != "bf16" and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
     table: dict[str, dict[str, Any]] = {}
     for (n, k, rows), r in sorted(best.items()):
@@ -282,34 +210,14 @@ def suggested_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]
     return table
 
 
-def table_lines(results: list[dict[str, Any]], top: int | None = None) -> list[str]:
-    lines = [f"{'shape':8} {'rows':>4} {'variant':36} {'us':>8} {'%copy':>6} {'x bf16':>7} {'x today':>8} "
-             f"{'rel err':>8}"]
-    for rows, shape in sorted({(r["rows"], r["shape"]) for r in results}):
-        rs = sorted((r for r in results if r["rows"] == rows and r["shape"] == shape), key=lambda r: r["us"])
-        base = [r for r in rs if _tag(r) != "new"]
-        for r in base + [r for r in rs if _tag(r) == "new"][:top]:
-            xb, xt = r.get("speedup_vs_bf16"), r.get("speedup_vs_today")
-            lines.append(f"{shape:8} {rows:>4} {r['variant'][:36]:36} {r['us']:8.2f} {r['pct_of_copy']:5.1f}% "
-                         f"{xb or float('nan'):6.2f}x {xt or float('nan'):7.2f}x {r.get('rel_err', 0.0):8.1e}")
-    return lines
-
-
-def summary_lines(pr: Probe) -> list[str]:
+def summary_lines(pr: GemvProbe) -> list[str]:
     lines = ["", f"copy rate {pr.copy_rate:.0f} GB/s; four projections added up (best per shape):"]
     for t in decode_totals(pr.results):
         lines.append(f"rows {t['rows']:>2}: bf16 {t['bf16_us']:7.1f} us, today {t['today_us']:7.1f} us "
                      f"({t['today_x_bf16']:.2f}x, {t.get('today_pct_of_copy', float('nan')):.0f}% copy), best new "
                      f"{t['new_us']:7.1f} us ({t['new_x_bf16']:.2f}x, {t.get('new_pct_of_copy', float('nan')):.0f}%), "
                      f"served {t['served_us']:7.1f} us ({t['served_x_bf16']:.2f}x)")
-    failed: dict[str, list[dict[str, Any]]] = {}
-    for f in pr.failures:
-        failed.setdefault(f["variant"], []).append(f)
-    for variant, fs in failed.items():
-        lines.append(f"FAILED {variant} in {len(fs)} cases, first: {str(fs[0].get('error'))[:200]}")
-    lines.append(f"{len(pr.failures)} failures, {len(pr.skipped)} skipped, fatal: {pr.fatal}; "
-                 f"{time.monotonic() - START:.0f} s; wrote {pr.out}")
-    return lines
+    return lines + pr.failure_lines()
 
 
 def write_configs(path: Path, device_name: str, entries: dict[str, dict[str, Any]]) -> None:
@@ -380,9 +288,11 @@ def main() -> int:
         raise SystemExit("needs a CUDA GPU (or --cpu-dry-run / --sass)")
     else:
         device, shapes, timer = torch.device("cuda"), SHAPES, cuda_graph_us
-    pr = Probe(args.time_limit, Path(args.out), timer)
+    copy_rate = copy_rate_gbps(device) if device.type == "cuda" else 3000.0
+    pr = GemvProbe(START, args.time_limit, Path(args.out), timer,
+                   lambda case, us: 100 * case["bytes"] / (copy_rate * 1e9) / (us * 1e-6), "pct_of_copy")
+    pr.copy_rate = copy_rate
     try:
-        pr.copy_rate = copy_rate_gbps(device) if device.type == "cuda" else 3000.0
         gen = torch.Generator(device=device).manual_seed(0)
         weights = {s: Weights(*shapes[s], COPIES, device, gen) for s in args.shapes.split(",")}
         print(f"weights ready at {time.monotonic() - START:.0f} s; copy rate {pr.copy_rate:.0f} GB/s", flush=True)
@@ -392,15 +302,14 @@ def main() -> int:
                     pr.skipped.append(f"{shape} rows={rows}: time limit")
                     continue
                 probe_case(pr, shape, w, rows, gen)
-                pr.write()
+                write(pr)
     except Exception as exc:  # keep what was measured
         pr.fatal = pr.fatal or f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     finally:
-        pr.write()
-    full = table_lines(pr.results) + summary_lines(pr)
-    pr.out.with_suffix(".txt").write_text("\n".join(full) + "\n")
-    print("\n".join(table_lines(pr.results, top=3) + summary_lines(pr)))
+        write(pr)
+    pr.out.with_suffix(".txt").write_text("\n".join(lines(pr)) + "\n")
+    print("\n".join(lines(pr, top=3)))  # the console keeps the fastest three a case
     if args.configs_out and pr.results:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         write_configs(Path(args.configs_out), name, suggested_entries(pr.results))
