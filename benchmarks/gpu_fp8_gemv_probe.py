@@ -73,10 +73,11 @@ def mma(n: int, k: int, s: int, w: int = 4, st: int = 3) -> Fp8StreamConfig:
     return Fp8StreamConfig("mma", block_n=n, block_k=k, split_k=s, num_warps=w, num_stages=st)
 
 
-# Chosen from sm_90 compiles without a GPU (triton 3.9; ``--sass`` prints them): the fma kind's K loop costs
-# 2.9-3.3 SASS instructions a weight at 1 row (today's 1-row kernel 6.0, with a shared-memory round trip a step),
-# 4.1 at 2 rows, 6.4-7.1 at 4 (one FFMA a row-weight), 12-15 at 8 (past the issue budget: the mma kind there);
-# the mma kind 2.9-3.4 at any row count (today's 2-16 row kind 4.7, one F2F a weight on the slow conversion pipe).
+# Chosen from sm_90 compiles without a GPU (``--sass``; triton 3.6, the device's, and 3.9 give the same counts): the
+# fma kind's K loop costs 2.9-3.3 SASS instructions a weight at 1 row (today's 1-row kernel 6.0, with a
+# shared-memory round trip a step), 4.1-4.5 at 2 rows, 6.4-7.4 at 4 (one FFMA a row-weight), 12-15 at 8 (past the
+# issue budget: the mma kind there); the mma kind 2.7-3.4 at any row count (today's 2-16 row kind 4.7, one F2F a
+# weight on the slow conversion pipe).
 def candidates(rows: int) -> list[Fp8StreamConfig]:
     """A few configs a row count; each distinct one costs a Triton compile (~1-3 s on the device)."""
     tensor = [mma(64, 128, 4), mma(64, 128, 8), mma(128, 128, 4, w=8), mma(64, 256, 4), mma(64, 128, 4, st=4)]

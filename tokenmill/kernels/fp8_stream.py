@@ -128,7 +128,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _fma_step(acc, words, quads, ASM: tl.constexpr, X_BF16: tl.constexpr):
-        """acc [R, N, P, 2] += the four weights of each word [1, N, P, 2] times their x [R, 1, P, 2]."""
+        """acc [R, N, C] += the four weights of each word [1, N, C] times their x [R, 1, C]."""
         w0, w1, w2, w3 = _e4m3_words(words, ASM)
         x0, x1, x2, x3 = _x_quad(quads, X_BF16)
         return acc + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
@@ -143,40 +143,42 @@ if HAS_TRITON:
     ):
         """Program: BLOCK_N channels over all of K. ``w_ptr``: the weight as int32 words [N, KW] (KW = K / 4,
         ``stride_ww`` in words); ``x_ptr``: x as int64 quads (``stride_xq`` in quads), quad j = word j's x. A step
-        covers PAIRS word pairs a channel: the tile [1, BLOCK_N, PAIRS, 2] has contiguity 2 along its last dim,
-        so words load 8 bytes at a time and x 16 (two quads), in the same layout (threads along the pairs)."""
+        covers 2 PAIRS words a channel in one flat last dim whose contiguity is declared 2: words load 8 bytes at a
+        time and x 16 (two quads), and every thread and warp sits along that dim in both tiles, so both get one
+        register layout on every Triton version (3.6 breaks ties between the other dims differently from 3.9 and
+        had shuffled each product through shared memory)."""
         pdl_wait(PDL)
         pid = tl.program_id(0)
-        n4 = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[None, :, None, None]
-        m4 = tl.arange(0, ROWS)[:, None, None, None]
-        c4 = (2 * tl.arange(0, PAIRS))[None, None, :, None] + tl.arange(0, 2)[None, None, None, :]
-        w_at = w_ptr + n4.to(tl.int64) * stride_ww + c4
-        x_at = x_ptr + tl.minimum(m4, M - 1) * stride_xq + c4  # rows past M: copies of the last, not stored
+        n3 = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[None, :, None]
+        m3 = tl.arange(0, ROWS)[:, None, None]
+        c3 = tl.max_contiguous(tl.arange(0, 2 * PAIRS), 2)[None, None, :]
+        w_at = w_ptr + n3.to(tl.int64) * stride_ww + c3
+        x_at = x_ptr + tl.minimum(m3, M - 1) * stride_xq + c3  # rows past M: copies of the last, not stored
         STEP: tl.constexpr = 2 * PAIRS
-        acc = tl.zeros([ROWS, BLOCK_N, PAIRS, 2], tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_N, STEP], tl.float32)
         if PREFETCH:
             if EVEN:
                 ahead = tl.load(w_at)
             else:
-                ahead = tl.load(w_at, mask=(n4 < N) & (c4 < KW), other=0)
+                ahead = tl.load(w_at, mask=(n3 < N) & (c3 < KW), other=0)
         for k0 in range(0, KW, STEP):
             if EVEN:
                 if PREFETCH:
                     words = ahead
-                    ahead = tl.load(w_at + (k0 + STEP), mask=(k0 + STEP + c4) < KW, other=0)
+                    ahead = tl.load(w_at + (k0 + STEP), mask=(k0 + STEP + c3) < KW, other=0)
                 else:
                     words = tl.load(w_at + k0)
                 quads = tl.load(x_at + k0)
             else:
-                kmask = (k0 + c4) < KW
+                kmask = (k0 + c3) < KW
                 if PREFETCH:
                     words = ahead
-                    ahead = tl.load(w_at + (k0 + STEP), mask=(n4 < N) & ((k0 + STEP + c4) < KW), other=0)
+                    ahead = tl.load(w_at + (k0 + STEP), mask=(n3 < N) & ((k0 + STEP + c3) < KW), other=0)
                 else:
-                    words = tl.load(w_at + k0, mask=(n4 < N) & kmask, other=0)
+                    words = tl.load(w_at + k0, mask=(n3 < N) & kmask, other=0)
                 quads = tl.load(x_at + k0, mask=kmask, other=0)
             acc = _fma_step(acc, words, quads, ASM, X_BF16)
-        out = tl.sum(tl.sum(acc, axis=3), axis=2)  # [ROWS, BLOCK_N]
+        out = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
         n2 = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         m2 = tl.arange(0, ROWS)[:, None]
         out = out * tl.load(ws_ptr + n2, mask=n2 < N, other=0.0)
