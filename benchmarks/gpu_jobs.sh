@@ -3,7 +3,7 @@
 # each times its own work), every job's console log and JSON into one tarball, $OUT/gpu_jobs.tgz (the device
 # tool returns a few files only). Installs the carried wheels (.whl) first.
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
-#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e w4_probe fp8_probe
+#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e w4_probe fp8_probe fp8_e2e
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -53,6 +53,11 @@ for job in "$@"; do
     # checked against fp32 before it is timed; their tests are in gpu_suite.sh's quantized_kernels group).
     fp8_probe) run python3 benchmarks/gpu_fp8_gemv_probe.py --time-limit "${FP8_TIME_LIMIT:-140}" \
                  --out "$out/gpu_fp8_gemv_probe.json" --configs-out "$out/quant_gemv_fp8.json" ;;
+    # Batch-1 and -16 decode, bf16 vs --quantization fp8, with the FP8 kernels fp8_probe just measured fastest (its
+    # table; else the committed one): issue 22's batch-1 target is >= 1.8x bf16.
+    fp8_e2e) cfg="$out/quant_gemv_fp8.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/quant_gemv.json
+             TOKENMILL_QUANT_GEMV_CONFIGS="$cfg" run python3 benchmarks/gpu_quantized.py --e2e only \
+               --e2e-methods bf16,fp8 --e2e-batches 1,16 --out "$out/gpu_fp8_e2e.json" ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"
