@@ -2,17 +2,19 @@
 layout (e4m3 weight [N, K], one fp32 scale per output channel; quantization/fp8.py), beside kernels/fp8_gemv.py's
 split-K kernel; benchmarks/gpu_fp8_gemv_probe.py times them against it and cuBLAS bf16.
 
-That kernel (sm_90 SASS of its K loop, compiled without a GPU, triton 3.9) spends ~6 instructions a weight at one
-row and shuffles x through shared memory every step; its 2-16 row tensor-core kind converts each weight
-e4m3 -> f16 -> bf16, the second step an F2F on the slow conversion pipe (one a weight). The variants:
+That kernel (sm_90 SASS of its K loop, compiled without a GPU by triton 3.6, the device's, and 3.9) spends ~6
+instructions a weight at one row and shuffles x through shared memory every step; its 2-16 row tensor-core kind
+converts each weight e4m3 -> f16 -> bf16, the second step an F2F on the slow conversion pipe (one a weight). The
+variants (same compiles; ``python3 benchmarks/gpu_fp8_gemv_probe.py --sass``):
 
-- ``fma`` (1-8 rows): a program reduces ``block_n`` channels over all of K (no split-K, one launch, no
-  workspace). Weights load as int32 words in pairs (8 bytes a thread a channel) and x as int64 quads (4 bf16)
-  in the same [pairs, 2] tile shape, so both share one register layout (no shuffle): word j of a pair meets
-  quad j. A word becomes four fp32 by two ``cvt.rn.f16x2.e4m3x2`` and four f16 -> f32 (``asm``; else Triton's
-  own casts, which the interpreter runs), then one FMA a weight a row; the per-channel scale is applied once at
-  the end. ``prefetch`` keeps the next chunk's words in flight during this chunk's arithmetic.
-- ``mma`` (tensor cores, 1-16 rows padded to 16): the weight tile becomes f16 (one cvt per two weights, exact)
+- ``fma`` (1-8 rows; 2.9-3.7 instructions a weight at 1 row, 4.1-4.5 at 2, 6.4-7.4 at 4): a program reduces
+  ``block_n`` channels over all of K (no split-K, one launch, no workspace). Weights load as int32 words two at a
+  time (8 bytes a thread a channel) and x as int64 quads (4 bf16, 16 bytes) along the same flat K dim, so both
+  share one register layout (no shuffle): word j meets quad j. A word becomes four fp32 by two
+  ``cvt.rn.f16x2.e4m3x2`` and four f16 -> f32 (``asm``; else Triton's own casts, which the interpreter runs),
+  then one FMA a weight a row; the per-channel scale is applied once at the end. ``prefetch`` keeps the next
+  step's words in flight during this step's arithmetic.
+- ``mma`` (tensor cores, 1-16 rows padded to 16; 2.7-3.4 a weight at any row count): the weight tile becomes f16 (one cvt per two weights, exact)
   and x f16 after a power-of-two prescale (2^-XSHIFT: bf16 activations up to 2^(16+XSHIFT) stay finite, and the
   scale comes back exactly in the channel scale); out^T = W x^T so x's rows pad to 16 only. Split-K reduced in
   the same launch (kernels/splitk.py).
