@@ -91,6 +91,28 @@ class GemvProbe:
         row[self.pct_key] = self.pct(case, row["us"])
         self.results.append(row)
 
+    def run(self, make_weights: Callable[[], dict[str, Any]], rows_list: list[int],
+            probe_case: Callable[[GemvProbe, str, Any, int], None], write: Callable[[GemvProbe], None]) -> None:
+        """Build the weights, then probe every (rows, shape) case, rows outer (a cut at the time limit loses the
+        least needed row counts), ``write(self)`` after each case and at the end; an exception is recorded as
+        fatal and what was measured is kept."""
+        try:
+            weights = make_weights()
+            print(f"weights ready at {time.monotonic() - self.start:.0f} s; copy rate {self.copy_rate:.0f} GB/s",
+                  flush=True)
+            for rows in rows_list:
+                for shape, w in weights.items():
+                    if self.over_time():
+                        self.skipped.append(f"{shape} rows={rows}: time limit")
+                        continue
+                    probe_case(self, shape, w, rows)
+                    write(self)
+        except Exception as exc:  # keep what was measured
+            self.fatal = self.fatal or f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        finally:
+            write(self)
+
     def failure_lines(self) -> list[str]:
         failed: dict[str, list[dict[str, Any]]] = {}
         for f in self.failures:

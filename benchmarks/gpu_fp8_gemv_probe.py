@@ -31,7 +31,6 @@ import time
 
 START = time.monotonic()
 
-import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -293,22 +292,10 @@ def main() -> int:
     pr = GemvProbe(START, args.time_limit, Path(args.out), timer,
                    lambda case, us: 100 * case["bytes"] / (copy_rate * 1e9) / (us * 1e-6), "pct_of_copy")
     pr.copy_rate = copy_rate
-    try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        weights = {s: Weights(*shapes[s], COPIES, device, gen) for s in args.shapes.split(",")}
-        print(f"weights ready at {time.monotonic() - START:.0f} s; copy rate {pr.copy_rate:.0f} GB/s", flush=True)
-        for rows in (int(r) for r in args.rows.split(",")):  # rows outer: a cut loses the least needed counts
-            for shape, w in weights.items():
-                if pr.over_time():
-                    pr.skipped.append(f"{shape} rows={rows}: time limit")
-                    continue
-                probe_case(pr, shape, w, rows, gen)
-                write(pr)
-    except Exception as exc:  # keep what was measured
-        pr.fatal = pr.fatal or f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-    finally:
-        write(pr)
+    gen = torch.Generator(device=device).manual_seed(0)
+    pr.run(lambda: {s: Weights(*shapes[s], COPIES, device, gen) for s in args.shapes.split(",")},
+           [int(r) for r in args.rows.split(",")], lambda p, shape, w, rows: probe_case(p, shape, w, rows, gen),
+           write)
     pr.out.with_suffix(".txt").write_text("\n".join(lines(pr)) + "\n")
     print("\n".join(lines(pr, top=3)))  # the console keeps the fastest three a case
     if args.configs_out and pr.results:

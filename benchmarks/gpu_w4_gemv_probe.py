@@ -32,7 +32,6 @@ import time
 
 START = time.monotonic()
 
-import traceback  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -261,23 +260,11 @@ def main() -> int:
     pr = GemvProbe(START, args.time_limit, Path(args.out), graph_us,
                    lambda case, us: 100 * case["floor_bytes"] / FLOOR_BYTES_PER_S / (us * 1e-6), "pct_of_floor",
                    (OutOfResources,))
-    try:
-        pr.copy_rate = copy_rate_gbps()
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        weights = {shape: Weights(*SHAPES[shape], gen) for shape in args.shapes.split(",")}
-        print(f"weights ready at {time.monotonic() - START:.0f} s; copy rate {pr.copy_rate:.0f} GB/s", flush=True)
-        for rows in (int(r) for r in args.rows.split(",")):  # rows outer: a cut loses the least needed counts
-            for shape, w in weights.items():
-                if pr.over_time():
-                    pr.skipped.append(f"{shape} rows={rows}: time limit")
-                    continue
-                probe_case(pr, shape, w, rows, gen)
-                write(pr)
-    except Exception as exc:  # keep what was measured
-        pr.fatal = pr.fatal or f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-    finally:
-        write(pr)
+    pr.copy_rate = copy_rate_gbps()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pr.run(lambda: {shape: Weights(*SHAPES[shape], gen) for shape in args.shapes.split(",")},
+           [int(r) for r in args.rows.split(",")], lambda p, shape, w, rows: probe_case(p, shape, w, rows, gen),
+           write)
     full = table(pr) + summary_lines(pr)
     pr.out.with_suffix(".txt").write_text("\n".join(full) + "\n")
     print("\n".join(table(pr, top=3) + summary_lines(pr)))  # the console keeps the fastest three
