@@ -3,7 +3,7 @@
 # each times its own work), every job's console log and JSON into one tarball, $OUT/gpu_jobs.tgz (the device
 # tool returns a few files only). Installs the carried wheels (.whl) first.
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
-#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe
+#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe fp8_probe fp8_e2e
 #   bash benchmarks/gpu_jobs.sh maxload
 set -uo pipefail
 out="$(mktemp -d)"
@@ -66,6 +66,15 @@ for job in "$@"; do
     # Issue 20: the W4A16 GEMV variants of kernels/w4_gemv.py vs bf16 and today's dispatched kernel.
     w4_probe) run python3 benchmarks/gpu_w4_gemv_probe.py --time-limit "${W4_TIME_LIMIT:-150}" \
                  --out "$out/gpu_w4_gemv_probe.json" ;;
+    # Issue 22: the FP8-weight GEMV variants of kernels/fp8_stream.py vs bf16 and today's FP8 GEMV at 1-16 rows (each
+    # checked against fp32 before it is timed; their tests are in gpu_suite.sh's quantized_kernels group).
+    fp8_probe) run python3 benchmarks/gpu_fp8_gemv_probe.py --time-limit "${FP8_TIME_LIMIT:-140}" \
+                 --out "$out/gpu_fp8_gemv_probe.json" --configs-out "$out/quant_gemv_fp8.json" ;;
+    # Batch-1 and -16 decode, bf16 vs --quantization fp8, with the FP8 kernels fp8_probe just measured fastest (its
+    # table; else the committed one): issue 22's batch-1 target is >= 1.8x bf16.
+    fp8_e2e) cfg="$out/quant_gemv_fp8.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/quant_gemv.json
+             TOKENMILL_QUANT_GEMV_CONFIGS="$cfg" run python3 benchmarks/gpu_quantized.py --e2e only \
+               --e2e-methods bf16,fp8 --e2e-batches 1,16 --out "$out/gpu_fp8_e2e.json" ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"

@@ -32,7 +32,6 @@ import time
 
 START = time.monotonic()
 
-import traceback  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -43,18 +42,18 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gemv_probe import GemvProbe, best_per_case, finish_rows, table_lines  # noqa: E402
+from gemv_probe import tag as result_tag  # noqa: E402
 from gpu_quant_gemv_sweep import (  # noqa: E402
     COPIES,
     FLOOR_BYTES_PER_S,
     GROUP,
     SHAPES,
-    TOLERANCE,
     OutOfResources,
     copy_rate_gbps,
     graph_us,
     packed_bytes,
     random_packed,
-    rel_err,
 )
 from gpu_record import write_record  # noqa: E402
 
@@ -132,64 +131,6 @@ def k_major(r: dict[str, Any]) -> bool:
     return r["params"].get("kind") == "kmajor" or r["params"].get("kernel") == "w4_kmajor_gemm"
 
 
-class Probe:
-    def __init__(self, time_limit_s: float, out: Path) -> None:
-        self.time_limit_s = time_limit_s
-        self.out = out
-        self.results: list[dict[str, Any]] = []
-        self.failures: list[dict[str, Any]] = []
-        self.skipped: list[str] = []
-        self.fatal: str | None = None
-        self.copy_rate = float("nan")
-
-    def over_time(self) -> bool:
-        return time.monotonic() - START > self.time_limit_s or self.fatal is not None
-
-    def measure(self, case: dict[str, Any], label: str, params: dict[str, Any], call, batch_call,
-                ref: torch.Tensor | None) -> None:
-        """Check ``call()`` twice against ``ref`` (None: the bf16 baseline, not checked), then time ``batch_call``
-        (one call per weight copy). Any exception is recorded, never raised."""
-        name = f"{case['shape']} rows={case['rows']} {label}"
-        if self.over_time():
-            self.skipped.append(name)
-            return
-        row: dict[str, Any] = {**case, "variant": label, "params": params}
-        try:
-            t0 = time.monotonic()
-            outs = [call().float() for _ in range(2)]
-            torch.cuda.synchronize()
-            row["first_calls_s"] = time.monotonic() - t0  # mostly the Triton compile on a variant's first shape
-            if ref is not None:
-                scale = ref.abs().max().item()
-                row["rel_err"] = max(rel_err(o, ref) for o in outs)
-                row["max_err"] = max((o - ref).abs().max().item() for o in outs) / scale
-                if not (row["rel_err"] < TOLERANCE and row["max_err"] < TOLERANCE):
-                    self.failures.append({**row, "error": "mismatch against the fp32 reference"})
-                    print(f"MISMATCH {name}: rel {row['rel_err']:.3g} max {row['max_err']:.3g}", flush=True)
-                    return
-            row["us"] = graph_us(batch_call)
-        except Exception as exc:  # a compile error or a bad config must not lose the rest of the probe
-            kind = "skipped" if isinstance(exc, OutOfResources) else "error"
-            self.failures.append({**row, kind: f"{type(exc).__name__}: {str(exc)[:2000]}"})
-            print(f"FAILED {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-            if kind == "error" and not any(f["variant"] == label for f in self.failures[:-1]):
-                traceback.print_exc(limit=3)  # once a variant
-            if "CUDA error" in str(exc) or "illegal" in str(exc).lower():
-                self.fatal = f"{name}: {exc}"  # the context is lost: nothing after this can run
-            return
-        row["pct_of_floor"] = 100 * case["floor_bytes"] / FLOOR_BYTES_PER_S / (row["us"] * 1e-6)
-        self.results.append(row)
-
-    def write(self, wall_s: float) -> None:
-        finish_rows(self.results)
-        write_record(self.out, "gpu_w4_gemv_probe", copy_rate_gbps=self.copy_rate,
-                     floor_bytes_per_s=FLOOR_BYTES_PER_S, copies=COPIES, group_size=GROUP, results=self.results,
-                     best=best_per_case(self.results), decode_totals=decode_totals(self.results),
-                     suggested_table={"w4a16_g128": suggested_entries(self.results),
-                                      "w4a16_g128_kmajor": suggested_k_major_entries(self.results)},
-                     failures=self.failures, skipped=self.skipped, fatal=self.fatal, wall_s=wall_s)
-
-
 class Weights:
     """One shape's operands: COPIES bf16 weights, 4-bit packed ones (zero points) and their K-major repacks."""
 
@@ -223,7 +164,22 @@ def today_choice(x: torch.Tensor, w: Weights) -> tuple[str, dict[str, Any], dict
     return f"today:{config.name}", {"kernel": type(config).__name__, **asdict(config)}, plan
 
 
-def probe_case(pr: Probe, shape: str, w: Weights, rows: int, gen: torch.Generator) -> None:
+def write(pr: GemvProbe) -> None:
+    finish_rows(pr.results)
+    write_record(pr.out, "gpu_w4_gemv_probe", copy_rate_gbps=pr.copy_rate, floor_bytes_per_s=FLOOR_BYTES_PER_S,
+                 copies=COPIES, group_size=GROUP, results=pr.results, best=best_per_case(pr.results, list(SHAPES)),
+                 decode_totals=decode_totals(pr.results),
+                 suggested_table={"w4a16_g128": suggested_entries(pr.results),
+                                  "w4a16_g128_kmajor": suggested_k_major_entries(pr.results)},
+                 failures=pr.failures,
+                 skipped=pr.skipped, fatal=pr.fatal, wall_s=time.monotonic() - START)
+
+
+def table(pr: GemvProbe, top: int | None = None) -> list[str]:
+    return table_lines(pr.results, list(SHAPES), "pct_of_floor", "%floor", top)
+
+
+def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Generator) -> None:
     x = torch.randn(rows, w.k, device="cuda", generator=gen).to(torch.bfloat16)
     ref = x.float() @ w.dequant
     case = {"shape": shape, "rows": rows, "n": w.n, "k": w.k, "floor_bytes": packed_bytes(w.packed[0])}
@@ -247,40 +203,13 @@ def probe_case(pr: Probe, shape: str, w: Weights, rows: int, gen: torch.Generato
     print(f"{shape} rows={rows} done at {time.monotonic() - START:.0f} s", flush=True)
 
 
-def finish_rows(results: list[dict[str, Any]]) -> None:
-    """Speedups against the bf16 and today's rows of the same (shape, rows)."""
-    base = {(r["shape"], r["rows"], r["variant"].split(":")[0]): r["us"] for r in results
-            if r["variant"].startswith(("bf16:", "today:"))}
-    for r in results:
-        for ref in ("bf16", "today"):
-            us = base.get((r["shape"], r["rows"], ref))
-            r[f"speedup_vs_{ref}"] = us / r["us"] if us else None
-
-
-def best_per_case(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The fastest new variant per (shape, rows)."""
-    best: dict[tuple, dict[str, Any]] = {}
-    for r in results:
-        if r["variant"].startswith(("bf16:", "today:")):
-            continue
-        key = (r["shape"], r["rows"])
-        if key not in best or r["us"] < best[key]["us"]:
-            best[key] = r
-    return sorted(best.values(), key=lambda r: (r["rows"], list(SHAPES).index(r["shape"])))
-
-
-def _tag(r: dict[str, Any]) -> str:
-    """bf16 / today / new (any new variant) for the totals; K-major ones need the load-time repack."""
-    return r["variant"].split(":")[0] if ":" in r["variant"] else "new"
-
-
 def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The four projections added up per row count: bf16, today's kernel, the best new variant per shape, the
     best new variant that serves the GPTQ layout as loaded (no repack), and the best K-major one (what serving
     only the repacked copy gives)."""
     by: dict[tuple, float] = {}
     for r in results:
-        keys = [_tag(r)] if _tag(r) != "new" else ["new", "k_major" if k_major(r) else "no_repack"]
+        keys = [result_tag(r)] if result_tag(r) != "new" else ["new", "k_major" if k_major(r) else "no_repack"]
         for tag in keys:
             by[(r["rows"], tag, r["shape"])] = min(by.get((r["rows"], tag, r["shape"]), float("inf")), r["us"])
     totals = []
@@ -295,11 +224,11 @@ def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def suggested_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """kernels/quant_dispatch.py table entries ({"NxK": {rows: entry}}) where a new variant that serves the
     GPTQ layout as loaded beats today's kernel; the K-major kinds are left out (they need the load-time repack)."""
-    today = {(r["shape"], r["rows"]): r["us"] for r in results if _tag(r) == "today"}
+    today = {(r["shape"], r["rows"]): r["us"] for r in results if result_tag(r) == "today"}
     best: dict[tuple, dict[str, Any]] = {}
     for r in results:
         key = (r["shape"], r["rows"])
-        if _tag(r) == "new" and not k_major(r) and r["us"] < today.get(key, float("inf")):
+        if result_tag(r) == "new" and not k_major(r) and r["us"] < today.get(key, float("inf")):
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
     table: dict[str, dict[str, Any]] = {}
@@ -317,7 +246,7 @@ def suggested_k_major_entries(results: list[dict[str, Any]]) -> dict[str, dict[s
     best: dict[tuple, dict[str, Any]] = {}
     for r in results:
         key = (r["shape"], r["rows"])
-        if _tag(r) == "new" and k_major(r) and (key not in best or r["us"] < best[key]["us"]):
+        if result_tag(r) == "new" and k_major(r) and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
     table: dict[str, dict[str, Any]] = {}
     for (shape, rows), r in sorted(best.items()):
@@ -328,37 +257,14 @@ def suggested_k_major_entries(results: list[dict[str, Any]]) -> dict[str, dict[s
     return table
 
 
-def table_lines(results: list[dict[str, Any]], top: int | None = None) -> list[str]:
-    """Per (rows, shape): bf16, today's kernel and the new variants, fastest first (``top`` of them)."""
-    lines = [f"{'shape':8} {'rows':>4} {'variant':38} {'us':>8} {'%floor':>7} {'x bf16':>7} {'x today':>8} {'rel err':>8}"]
-    cases = sorted({(r["rows"], list(SHAPES).index(r["shape"]), r["shape"]) for r in results})
-    for rows, _, shape in cases:
-        rs = sorted((r for r in results if r["rows"] == rows and r["shape"] == shape), key=lambda r: r["us"])
-        base = [r for r in rs if r["variant"].startswith(("bf16:", "today:"))]
-        new = [r for r in rs if r not in base][:top]
-        for r in base + new:
-            xb, xt = r.get("speedup_vs_bf16"), r.get("speedup_vs_today")
-            lines.append(f"{shape:8} {rows:>4} {r['variant'][:38]:38} {r['us']:8.2f} {r['pct_of_floor']:6.1f}% "
-                         f"{xb or float('nan'):6.2f}x {xt or float('nan'):7.2f}x {r.get('rel_err', 0.0):8.1e}")
-    return lines
-
-
-def summary_lines(pr: Probe) -> list[str]:
+def summary_lines(pr: GemvProbe) -> list[str]:
     lines = ["", "four projections added up (best new variant per shape):"]
     for t in decode_totals(pr.results):
         lines.append(f"rows {t['rows']:>3}: bf16 {t['bf16_us']:7.1f} us, today {t['today_us']:7.1f} us "
                      f"({t['today_x_bf16']:.2f}x), best new {t['new_us']:7.1f} us ({t['new_x_bf16']:.2f}x), "
                      f"best without repack {t['no_repack_us']:7.1f} us ({t['no_repack_x_bf16']:.2f}x), "
                      f"best K-major {t['k_major_us']:7.1f} us ({t['k_major_x_bf16']:.2f}x)")
-    failed: dict[str, list[dict[str, Any]]] = {}
-    for f in pr.failures:
-        failed.setdefault(f["variant"], []).append(f)
-    for variant, fs in failed.items():
-        first = fs[0].get("error") or fs[0].get("skipped")
-        lines.append(f"FAILED {variant} in {len(fs)} cases, first: {str(first)[:200]}")
-    lines.append(f"{len(pr.failures)} failures, {len(pr.skipped)} skipped, fatal: {pr.fatal}; "
-                 f"{time.monotonic() - START:.0f} s; wrote {pr.out}")
-    return lines
+    return lines + pr.failure_lines()
 
 
 def main() -> int:
@@ -371,27 +277,17 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    pr = Probe(args.time_limit, Path(args.out))
-    try:
-        pr.copy_rate = copy_rate_gbps()
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        weights = {shape: Weights(*SHAPES[shape], gen) for shape in args.shapes.split(",")}
-        print(f"weights ready at {time.monotonic() - START:.0f} s; copy rate {pr.copy_rate:.0f} GB/s", flush=True)
-        for rows in (int(r) for r in args.rows.split(",")):  # rows outer: a cut loses the least needed counts
-            for shape, w in weights.items():
-                if pr.over_time():
-                    pr.skipped.append(f"{shape} rows={rows}: time limit")
-                    continue
-                probe_case(pr, shape, w, rows, gen)
-                pr.write(time.monotonic() - START)
-    except Exception as exc:  # keep what was measured
-        pr.fatal = pr.fatal or f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-    finally:
-        pr.write(time.monotonic() - START)
-    full = table_lines(pr.results) + summary_lines(pr)
+    pr = GemvProbe(START, args.time_limit, Path(args.out), graph_us,
+                   lambda case, us: 100 * case["floor_bytes"] / FLOOR_BYTES_PER_S / (us * 1e-6), "pct_of_floor",
+                   (OutOfResources,))
+    pr.copy_rate = copy_rate_gbps()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pr.run(lambda: {shape: Weights(*SHAPES[shape], gen) for shape in args.shapes.split(",")},
+           [int(r) for r in args.rows.split(",")], lambda p, shape, w, rows: probe_case(p, shape, w, rows, gen),
+           write)
+    full = table(pr) + summary_lines(pr)
     pr.out.with_suffix(".txt").write_text("\n".join(full) + "\n")
-    print("\n".join(table_lines(pr.results, top=3) + summary_lines(pr)))  # the console keeps the fastest three
+    print("\n".join(table(pr, top=3) + summary_lines(pr)))  # the console keeps the fastest three
     print("suggested w4a16_g128 entries (no repack):", json.dumps(suggested_entries(pr.results), sort_keys=True))
     print("suggested w4a16_g128_kmajor entries:", json.dumps(suggested_k_major_entries(pr.results), sort_keys=True))
     return 0

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from tokenmill.kernels._triton import next_power_of_2
+from tokenmill.kernels.fp8_stream import Fp8StreamConfig, fma_supported
 from tokenmill.kernels.splitk import SplitKConfig
 from tokenmill.kernels.w4_gemv import KMajorWeight, W4GemvConfig, w4_gemv
 from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig, w4_kmajor_dequant_mm
@@ -34,6 +35,9 @@ from tokenmill.kernels.wna16_gemm import PackedWeight, WNA16Config, wna16_linear
 from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
 
 FP8_GEMV_MAX_ROWS = 16  # above: torch._scaled_mm (tensor-core FP8)
+# FP8 shapes the table does not list: False keeps kernels/fp8_gemv.py's split-K kinds (run 1's winners); True takes
+# kernels/fp8_stream.py's (issue 22; flip once benchmarks/gpu_fp8_gemv_probe.py on the H100 confirms them).
+FP8_STREAM_DEFAULT = False
 
 # K-major 4-bit weights by row count (defaults; a measured table overrides them per shape): the K-major GEMV
 # for 1-4 rows (H100 probe, benchmarks/results/gpu_w4_gemv_probe_h100_2026-12-07.json: 2.51x / 1.74x / 1.34x
@@ -43,8 +47,10 @@ KMAJOR_GEMV_MAX_ROWS = 4
 KMAJOR_GEMM_MAX_ROWS = 256
 
 KMajorChoice = W4GemvConfig | KMajorGemmConfig | KMajorDequantConfig
+Fp8Choice = SplitKConfig | Fp8StreamConfig | None  # None: torch._scaled_mm
 # None: the format's library path (FP8: _scaled_mm)
-Choice = SplitKConfig | WNA16Config | W4GemvConfig | KMajorGemmConfig | KMajorDequantConfig | None
+Choice = (SplitKConfig | WNA16Config | W4GemvConfig | KMajorGemmConfig | KMajorDequantConfig | Fp8StreamConfig
+          | None)
 Plan = dict[int, Choice]
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs" / "quant_gemv.json"
@@ -56,8 +62,8 @@ KMAJOR_SUFFIX = "_kmajor"  # a K-major weight's table format: w4a16_g128_kmajor
 
 
 def config_from_json(entry: dict[str, Any]) -> Choice:
-    """One table entry: {"kernel": "splitk" | "wna16_gemm" | "w4_gemv" | "scaled_mm" | "w4_kmajor_gemm" |
-    "dequant_mm", plus the config's fields}."""
+    """One table entry: {"kernel": "splitk" | "wna16_gemm" | "w4_gemv" | "fp8_stream" | "scaled_mm" |
+    "w4_kmajor_gemm" | "dequant_mm", plus the config's fields}."""
     fields = {k: v for k, v in entry.items() if k != "kernel"}
     if entry["kernel"] == "w4_gemv":  # 4-bit; kind kmajor for K-major formats, the others for the GPTQ layout
         return W4GemvConfig(**fields)
@@ -67,6 +73,8 @@ def config_from_json(entry: dict[str, Any]) -> Choice:
         return KMajorDequantConfig(**fields)
     if entry["kernel"] == "splitk":
         return SplitKConfig(**fields)
+    if entry["kernel"] == "fp8_stream":  # FP8 weights only (kernels/fp8_stream.py)
+        return Fp8StreamConfig(**fields)
     if entry["kernel"] == "wna16_gemm":
         return WNA16Config(**fields)
     if entry["kernel"] == "scaled_mm":
@@ -130,11 +138,24 @@ def _split_for(tiles: int, steps: int) -> int:
     return split
 
 
-def default_fp8_config(rows: int, n: int, k: int) -> SplitKConfig | None:
-    """None above FP8_GEMV_MAX_ROWS: ``torch._scaled_mm``. Run 1's winners: 1 row, FMA streaming over [16, 512]
-    or [32, 256] tiles, 2 splits; 2-16 rows, tensor-core streaming over 64-wide tiles."""
+def default_fp8_stream_config(rows: int, n: int, k: int) -> Fp8StreamConfig:
+    """kernels/fp8_stream.py's defaults, from sm_90 SASS without a GPU (not yet timed): the fma kind up to 4
+    rows (8 channels a program over all of K at 1-2 rows, 4 at 3-4), the mma kind above (and where K % 4 != 0),
+    8 K splits for up to 64 output tiles, 4 above."""
+    if rows <= 4 and fma_supported(k):
+        return Fp8StreamConfig("fma", block_n=8 if rows <= 2 else 4, pairs=128)
+    return Fp8StreamConfig("mma", block_n=64, block_k=128, split_k=_split_for(-(-n // 64), -(-k // 128)),
+                           num_stages=3, asm=False)
+
+
+def default_fp8_config(rows: int, n: int, k: int) -> Fp8Choice:
+    """None above FP8_GEMV_MAX_ROWS: ``torch._scaled_mm``. With FP8_STREAM_DEFAULT, default_fp8_stream_config;
+    else run 1's winners: 1 row, FMA streaming over [16, 512] or [32, 256] tiles, 2 splits; 2-16 rows, tensor-core
+    streaming over 64-wide tiles."""
     if rows > FP8_GEMV_MAX_ROWS:
         return None
+    if FP8_STREAM_DEFAULT:
+        return default_fp8_stream_config(rows, n, k)
     if rows == 1:
         block_n, block_k = (16, 512) if n <= 4096 else (32, 256)
         return SplitKConfig(1, block_n, block_k, 2, 4, 2, "fma")
@@ -208,14 +229,19 @@ def kmajor_cuda_linear(x: torch.Tensor, weight: KMajorWeight, bias: torch.Tensor
     raise ValueError(f"{type(config).__name__} is a kernel config for GPTQ-layout weights, not K-major ones")
 
 
-def fp8_gemv_config(x: torch.Tensor, n: int, plan: Plan) -> SplitKConfig | None:
-    """The FP8 GEMV config for x's rows, or None where ``torch._scaled_mm`` serves them."""
+def fp8_gemv_config(x: torch.Tensor, n: int, plan: Plan) -> Fp8Choice:
+    """The FP8 GEMV config for x's rows (kernels/fp8_gemv.py's SplitKConfig or kernels/fp8_stream.py's
+    Fp8StreamConfig), or None where ``torch._scaled_mm`` serves them."""
     rows = x.shape[0]
     key = next_power_of_2(max(rows, 1))
     if plan and key in plan:
         return plan[key]
     found, config = tuned_choice(x.device, "fp8", n, x.shape[1], rows)
     if found:
-        return config if isinstance(config, SplitKConfig) else None
+        stream_ok = isinstance(config, Fp8StreamConfig) and rows <= config.max_rows and (
+            config.kind != "fma" or fma_supported(x.shape[1]))
+        if isinstance(config, SplitKConfig) or stream_ok:
+            return config
+        return default_fp8_config(rows, n, x.shape[1]) if isinstance(config, Fp8StreamConfig) else None
     return default_fp8_config(rows, n, x.shape[1])
 

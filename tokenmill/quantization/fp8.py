@@ -5,8 +5,9 @@ Weights are e4m3 ``[out, in]`` with one fp32 scale per output channel (a checkpo
 copied to every row of its fused shard, which is exact). Activations are quantized per token on the fly
 (kernels/fp8_quant.py) or divided by the checkpoint's static scale; the GEMM is ``torch._scaled_mm`` with
 row-wise scales on sm89+ GPUs, and dequantize + matmul in fp32 on CPU (emulated, so tests run anywhere). Decode
-batches of up to 16 rows on CUDA take the FP8-weight GEMV instead (kernels/fp8_gemv.py: weights upcast in
-registers, activations left in bf16), which streams the halved weight bytes at a higher rate.
+batches of up to 16 rows on CUDA take an FP8-weight GEMV instead (kernels/fp8_gemv.py, or kernels/fp8_stream.py
+where kernels/quant_dispatch.py picks it: weights upcast in registers, activations left in bf16), which streams
+the halved weight bytes at a higher rate.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.fp8_gemv import fp8_gemv
 from tokenmill.kernels.fp8_quant import FP8_E4M3, quantize_fp8, quantize_fp8_per_token, quantize_fp8_static
+from tokenmill.kernels.fp8_stream import Fp8StreamConfig, fp8_stream_gemv
 from tokenmill.kernels.quant_dispatch import fp8_gemv_config
 from tokenmill.kernels.splitk import splitk_workspace
 from tokenmill.model.linear_method import (
@@ -147,6 +149,9 @@ class Fp8LinearMethod(LinearMethod):
             # faster than torch._scaled_mm; None above its row range.
             x2 = x.reshape(-1, x.shape[-1])
             config = fp8_gemv_config(x2, layer.weight.shape[0], getattr(layer, "gemm_plan", None))
+            if isinstance(config, Fp8StreamConfig):
+                out = fp8_stream_gemv(x2, layer.weight, layer.weight_scale, config, bias)
+                return out.reshape(*x.shape[:-1], layer.weight.shape[0])
             if config is not None:
                 out = fp8_gemv(x2, layer.weight, layer.weight_scale, bias, config)
                 return out.reshape(*x.shape[:-1], layer.weight.shape[0])

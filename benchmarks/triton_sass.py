@@ -1,0 +1,99 @@
+"""Compile a Triton kernel for sm_90 without a GPU and count what its K loop costs: registers, spills, and the SASS
+instructions of each loop (a backward branch's body), so GEMV variants can be ranked before a device run.
+
+Triton's own ptxas / cuobjdump / nvdisasm (shipped in its wheel) do the work; nothing here needs CUDA. Used by
+benchmarks/gpu_fp8_gemv_probe.py's ``--sass`` mode (no GPU: compile every probe candidate and print the counts).
+
+    from triton_sass import compile_sm90
+    info = compile_sm90(kernel, {"x_ptr": "*bf16", "M": "i32", "N": "i32:16", "BLOCK": 64}, num_warps=4)
+    info.registers, info.spill_bytes, info.loops   # loops: SASS instruction counts, innermost first
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_LABEL = re.compile(r"^\.(L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*?`\(\.(L_x_\d+)\)")
+_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+@dataclass
+class SassInfo:
+    registers: int
+    spill_bytes: int  # stack frame + local memory ptxas reports (0: nothing spilled)
+    loops: list[dict[str, Any]] = field(default_factory=list)  # {"instructions", "opcodes"} per backward branch
+    ptx: str = ""
+    sass: str = ""
+
+    def loop_cost(self) -> int:
+        """Instructions of the largest loop body (the K loop of a GEMV; inner loops are counted inside it)."""
+        return max((loop["instructions"] for loop in self.loops), default=0)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _loops(sass: str) -> list[dict[str, Any]]:
+    """Each backward branch's body (label .. branch) as an instruction count and opcode histogram."""
+    lines = sass.splitlines()
+    labels: dict[str, int] = {}
+    loops = []
+    for i, line in enumerate(lines):
+        if (m := _LABEL.match(line.strip())) is not None:
+            labels[m.group(1)] = i
+        b = _BRANCH.search(line)
+        if b is not None and b.group(1) in labels:  # the label came first: a backward branch
+            body = [_INSTR.search(x) for x in lines[labels[b.group(1)]:i + 1]]
+            ops: dict[str, int] = {}
+            for op in (x.group(2).split(".")[0] for x in body if x is not None):
+                ops[op] = ops.get(op, 0) + 1
+            ops = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+            loops.append({"instructions": sum(ops.values()), "opcodes": ops})
+    return sorted(loops, key=lambda loop: loop["instructions"])
+
+
+def compile_sm90(fn: Any, args: dict[str, Any], num_warps: int = 4, num_stages: int = 2, capability: int = 90,
+                 keep_text: bool = False) -> SassInfo:
+    """``args``: every kernel argument by name: a type string ("*fp8e4nv", "*bf16", "i32"; ":16" appended marks a
+    pointer or int divisible by 16, as the launcher would find it; pointers are marked by default) or a constexpr
+    value."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, name in enumerate(fn.arg_names):
+        value = args[name]
+        if isinstance(value, str) and re.fullmatch(r"\*?(i|u|fp|bf)\d+(e\dnv)?(:\d+)?|\*?fp8e4nv(:\d+)?", value):
+            kind, _, div = value.partition(":")
+            signature[name] = kind
+            if div == "16" or (kind.startswith("*") and div != "1"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+    src = ASTSource(fn, signature, constexprs, attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    spill = sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", usage))
+    return SassInfo(regs, spill, _loops(sass), kernel.asm["ptx"] if keep_text else "",
+                    sass if keep_text else "")

@@ -1,0 +1,115 @@
+"""The FP8-weight GEMV variants of kernels/fp8_stream.py (fma: full-K programs on int32 words; mma: tensor cores
+with f16 operands) against the fp32 product with the dequantized weight on fresh random inputs, and the dispatch
+that picks them. sm89+ GPUs, or CPU under TRITON_INTERPRET=1 (there the inline-PTX conversion falls back to
+Triton's casts and the tensor-core product to fp32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import fp8_device, rel_err
+
+from tokenmill.kernels.fp8_quant import quantize_fp8
+from tokenmill.kernels.fp8_stream import Fp8StreamConfig, fp8_stream_gemv
+from tokenmill.kernels.quant_dispatch import (
+    CONFIGS_ENV,
+    config_from_json,
+    default_fp8_config,
+    default_fp8_stream_config,
+    fp8_gemv_config,
+)
+
+KERNEL_DEVICE = fp8_device  # conftest's ``device`` fixture
+needs_fp8 = pytest.mark.skipif(fp8_device() is None, reason="needs CUDA sm89+ and triton (or TRITON_INTERPRET=1)")
+
+
+def _weights(n: int, k: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(n, k, generator=gen) * torch.logspace(-2, 0, n)[:, None]  # per-channel ranges differ
+    q, scale = quantize_fp8(dense, dim=1)
+    return q.to(device), scale.view(-1).to(device)
+
+
+def _configs(rows: int) -> list[Fp8StreamConfig]:
+    mma = [Fp8StreamConfig("mma", block_n=16, block_k=64, split_k=2, asm=False),
+           Fp8StreamConfig("mma", block_n=32, block_k=32, split_k=1, num_stages=3, asm=False)]
+    if rows > 8:
+        return mma
+    return mma + [Fp8StreamConfig("fma", block_n=4, pairs=16, num_warps=1),
+                  Fp8StreamConfig("fma", block_n=8, pairs=32, num_warps=1, prefetch=True),
+                  Fp8StreamConfig("fma", block_n=2, pairs=32, num_warps=1, asm=False, pdl=False)]
+
+
+@needs_fp8
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("n,k", [(96, 512), (40, 200)])  # 40 x 200: channel and K tails, K not a multiple of 8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp8_stream_gemv_matches_dequantized_product(device, rows, n, k, dtype):
+    w, scale = _weights(n, k, device, seed=rows + k)
+    gen = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, k, generator=gen).to(dtype).to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
+    ref = x.float() @ (w.float() * scale[:, None]).t() + bias.float()
+    for config in _configs(rows):
+        out = fp8_stream_gemv(x, w, scale, config, bias)
+        assert out.dtype == dtype and out.shape == (rows, n)
+        assert rel_err(out, ref) < 2e-2, config.name
+        assert torch.equal(out, fp8_stream_gemv(x, w, scale, config, bias)), config.name  # split-K counters reset
+
+
+@needs_fp8
+@pytest.mark.gpu
+def test_fp8_stream_gemv_reads_strided_rows_and_large_activations(device):
+    """x a column slice of a wider tensor (row stride != K), and bf16 activations past f16's range (the mma
+    kind's 2^-4 prescale keeps them finite)."""
+    w, scale = _weights(64, 256, device, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    wide = torch.randn(3, 320, generator=gen)
+    wide[:, 5] = 2.0e5  # > 65504: inf in f16 without the prescale
+    x = wide.bfloat16().to(device)[:, 32:288]
+    ref = x.float() @ (w.float() * scale[:, None]).t()
+    for config in _configs(3):
+        assert rel_err(fp8_stream_gemv(x, w, scale, config), ref) < 2e-2, config.name
+
+
+@needs_fp8
+def test_fp8_stream_gemv_rejects_bad_inputs(device):
+    w, scale = _weights(32, 64, device, seed=0)
+    x = torch.randn(1, 64).bfloat16().to(device)
+    with pytest.raises(ValueError, match="one weight scale per output channel"):
+        fp8_stream_gemv(x, w, torch.ones(3, device=device), Fp8StreamConfig())
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        fp8_stream_gemv(torch.randn(9, 64).bfloat16().to(device), w, scale, Fp8StreamConfig())
+    with pytest.raises(ValueError, match="e4m3 weights"):
+        fp8_stream_gemv(x, w.float(), scale, Fp8StreamConfig())
+
+
+def test_fp8_stream_config_validation_and_table_entries():
+    with pytest.raises(ValueError, match="power of two"):
+        Fp8StreamConfig(block_n=6)
+    with pytest.raises(ValueError, match="tensor-core tiles"):
+        Fp8StreamConfig("mma", block_n=8)
+    with pytest.raises(ValueError, match="prefetch"):
+        Fp8StreamConfig("mma", block_n=64, prefetch=True)
+    entry = {"kernel": "fp8_stream", "kind": "fma", "block_n": 8, "pairs": 128, "num_warps": 4}
+    assert config_from_json(entry) == Fp8StreamConfig("fma", block_n=8, pairs=128)
+    assert default_fp8_stream_config(1, 4096, 4096).kind == "fma"
+    assert default_fp8_stream_config(1, 4096, 4098).kind == "mma"  # K % 4 != 0: no int32 word view
+    assert default_fp8_stream_config(16, 4096, 4096).kind == "mma"
+
+
+def test_fp8_dispatch_serves_a_table_entry_only_within_its_kind_rows(tmp_path, monkeypatch):
+    """A measured table's row buckets cover the counts below them: an fma entry in the 16-row bucket must not take
+    9-16 rows (past the fma kind's 8), which get the default instead; within its rows it is served as written."""
+    fma = {"kernel": "fp8_stream", "kind": "fma", "block_n": 8, "pairs": 128}
+    table = {"cpu": {"fp8": {"64x64": {"2": fma, "16": fma}}}}
+    path = tmp_path / "quant_gemv.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(CONFIGS_ENV, str(path))
+    assert fp8_gemv_config(torch.zeros(2, 64), 64, {}) == config_from_json(fma)
+    assert fp8_gemv_config(torch.zeros(12, 64), 64, {}) == default_fp8_config(12, 64, 64)
+    plan = Fp8StreamConfig("mma", block_n=64, asm=False)
+    assert fp8_gemv_config(torch.zeros(12, 64), 64, {16: plan}) is plan  # a layer's plan is taken as given
