@@ -1,6 +1,10 @@
 """Write chat prompts the teacher writes itself (``teacher_data.self_prompts``, Magpie-style), one per line, for
 ``tokenmill distill --target draft --teacher-generated N --prompts FILE``. Deterministic for a seed on one machine
 (the engine's seeded sampling); several processes with seeds far apart split the work on a multi-core box.
+``--openings kinds`` starts each user turn with one of ``teacher_data.SELF_PROMPT_OPENINGS`` (stories, tips, lists,
+explanations, how-tos, ...) for the teacher to complete; ``none`` is plain Magpie (mostly "Can you help me ...").
+Prompts too close to the evaluation prompts (distill_cpu.py's and spec_decode_cpu.py's chat prompts) are dropped
+and counted: ``near_benchmark``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python3 benchmarks/distill_self_prompts.py --count 1000 --seed 0 --out a.txt
     OMP_NUM_THREADS=1 PYTHONPATH=. python3 benchmarks/distill_self_prompts.py --count 1000 --seed 100000 --out b.txt
@@ -10,11 +14,36 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
-from tokenmill.distill.teacher_data import self_prompts
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_cpu import CHAT_PROMPTS  # noqa: E402
+
+from tokenmill.distill.teacher_data import SELF_PROMPT_OPENINGS, self_prompts  # noqa: E402
+
+# spec_decode_cpu.prompts()["chat"], spelled out: that function reads the quote passage too.
+ENGINE_CHAT_PROMPTS = ["Write a short story about a lighthouse keeper.", "What are three tips for learning to cook?",
+                       "Explain why the sky is blue to a child."]
+STOPWORDS = frozenset("a an the of to for in on at is are what why how do i me my you your and or about with "
+                      "two three short give write explain make".split())
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in STOPWORDS}
+
+
+def near_benchmark(prompt: str, benchmarks: list[str]) -> str | None:
+    """The evaluation prompt ``prompt`` is too close to, if any: the same text (case and spacing aside), or all of
+    an evaluation prompt's content words (e.g. "lighthouse keeper", "sky blue child") in it."""
+    flat = " ".join(prompt.lower().split())
+    for bench in benchmarks:
+        words = content_words(bench)
+        if flat == " ".join(bench.lower().split()) or (words and words <= content_words(prompt)):
+            return bench
+    return None
 
 
 def main() -> int:
@@ -24,12 +53,20 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--openings", choices=["none", "kinds"], default="none")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     started = time.perf_counter()
-    prompts = self_prompts(args.teacher, args.count, args.seed, args.temperature, args.max_tokens)
-    Path(args.out).write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
-    print(f"wrote {len(prompts)} prompts to {args.out} in {time.perf_counter() - started:.0f} s")
+    openings = SELF_PROMPT_OPENINGS if args.openings == "kinds" else ("",)
+    written = self_prompts(args.teacher, args.count, args.seed, args.temperature, args.max_tokens, openings=openings)
+    benchmarks = CHAT_PROMPTS + ENGINE_CHAT_PROMPTS
+    dropped = [(p, b) for p in written if (b := near_benchmark(p, benchmarks))]
+    for prompt, bench in dropped:
+        print(f"dropped (near {bench!r}): {prompt}")
+    kept = [p for p in written if not near_benchmark(p, benchmarks)]
+    Path(args.out).write_text("".join(p + "\n" for p in kept), encoding="utf-8")
+    print(f"wrote {len(kept)} prompts to {args.out} ({len(dropped)} dropped as near an evaluation prompt) in "
+          f"{time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,21 @@ def test_cli_encoder_with_a_narrower_ffn_starts_from_teacher_neurons_and_exports
     assert summary["export"]["max_abs_vs_torch"] <= summary["export"]["atol"]
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 24
     assert_served_like_pytorch(repository, "narrow_ffn", out)
+
+
+def test_export_checkpoint_writes_the_finished_student(llama_teacher, text_file, tmp_path):
+    """benchmarks/distill_export_checkpoint.py: the last checkpoint exports the same weights the finished run saved,
+    and an earlier one exports a student too (a usable draft before a long run ends)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from distill_export_checkpoint import export_checkpoint
+
+    out = tmp_path / "run"
+    distill(draft_config(llama_teacher, text_file, out, steps=4, checkpoint_every=2), log=_quiet)
+    assert export_checkpoint(out / "checkpoints" / "step_000004", tmp_path / "last") == 4
+    finished, exported = _weights(out), _weights(tmp_path / "last")
+    assert finished.keys() == exported.keys()
+    assert all(torch.equal(finished[k], exported[k]) for k in finished)
+    assert export_checkpoint(out / "checkpoints" / "step_000002", tmp_path / "early") == 2
+    early = _weights(tmp_path / "early")
+    assert early.keys() == finished.keys()
+    assert not all(torch.equal(early[k], finished[k]) for k in finished)

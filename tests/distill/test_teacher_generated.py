@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,32 @@ def test_self_prompts_are_the_teachers_own_user_turns(llama_teacher, monkeypatch
     assert len({p.lower() for p in first}) == 5
     with pytest.raises(ValueError, match="count"):
         teacher_data.self_prompts(str(llama_teacher), 0)
+
+
+def test_self_prompts_openings_steer_the_user_turn(llama_teacher, monkeypatch):
+    """Each try starts the user turn with its opening (seed + try index, cycling), which stays in the kept prompt."""
+    monkeypatch.setattr(teacher_data, "keep_self_prompt",
+                        lambda text, reason, seen: bool(text.strip()) and text.lower() not in seen)
+    openings = ("Tell me a story about", "List five")
+    prompts = teacher_data.self_prompts(str(llama_teacher), 6, seed=2, max_tokens=6, batch_size=4,
+                                        log=lambda _: None, openings=openings)
+    assert len(prompts) == 6
+    assert all(p.startswith(openings) for p in prompts)
+    assert {p.startswith(openings[0]) for p in prompts} == {True, False}  # both kinds were asked
+    with pytest.raises(ValueError, match="opening"):
+        teacher_data.self_prompts(str(llama_teacher), 2, openings=())
+
+
+def test_near_benchmark_drops_the_evaluation_prompts_and_their_paraphrases():
+    sys.path.insert(0, str(BENCHMARKS))
+    from distill_self_prompts import CHAT_PROMPTS, ENGINE_CHAT_PROMPTS, near_benchmark
+
+    evaluation = _evaluation_prompts()
+    assert sorted(CHAT_PROMPTS + ENGINE_CHAT_PROMPTS) == sorted(evaluation)  # the copy matches spec_decode_cpu.py
+    for prompt in evaluation:
+        assert near_benchmark(prompt.upper(), evaluation) == prompt
+    assert near_benchmark("Tell me a story about an old lighthouse keeper and his dog.", evaluation)
+    assert near_benchmark("How do I make a cup of green tea?", evaluation)
+    assert near_benchmark("Write a short story about a dragon who learns to fly.", evaluation) is None
+    assert near_benchmark("Explain how vaccines work.", evaluation) is None
+    assert not [o for o in teacher_data.SELF_PROMPT_OPENINGS if near_benchmark(o, evaluation)]

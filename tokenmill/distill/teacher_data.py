@@ -98,14 +98,31 @@ def keep_self_prompt(text: str, finish_reason: str | None, seen: set[str]) -> bo
             and text.lower() not in seen)
 
 
+# Openings of user turns for ``self_prompts(openings=...)``: the kinds of chat request a draft serves (stories, poems,
+# tips, lists, explanations, how-tos, comparisons, plans, emails), each completed by the teacher; "" leaves the turn to
+# the teacher alone (its own requests are mostly "Can you help me ..."). Written for tokenmill (project licence).
+SELF_PROMPT_OPENINGS = (
+    "", "", "", "Write a short story about", "Write a story for children about", "Tell me a story about",
+    "Write a poem about", "Write a haiku about", "Give me tips for", "What are some tips for",
+    "What are three ways to", "List five", "Make a list of", "Explain", "Explain to a beginner how",
+    "Explain in simple terms why", "Why do", "Why is", "How do I", "How can I", "How does", "What is",
+    "What is the difference between", "Describe", "Summarize", "Can you suggest", "What should I know about",
+    "Compare", "Give me a recipe for", "Write a short email", "Write a paragraph about", "Help me plan",
+    "What are the benefits of", "Give me an example of", "Teach me",
+)
+
+
 def self_prompts(teacher: str | None, count: int, seed: int = 0, temperature: float = 0.9,
-                 max_tokens: int = 48, batch_size: int = 32, log=print, engine_args: dict | None = None) -> list[str]:
+                 max_tokens: int = 48, batch_size: int = 32, log=print, engine_args: dict | None = None,
+                 openings: tuple[str, ...] | list[str] = ("",)) -> list[str]:
     """``count`` chat prompts the teacher writes itself: it samples a user turn after its chat template's opening
     of one (system turn, then the user header), as Magpie (Xu et al. 2024) does. An instruct model's own idea of
     what users ask covers more forms than a fixed set of templates, so a draft trained on its answers to them
     meets fewer unseen openings. Kept: turns the model closed itself (not cut at ``max_tokens``), of 4-60 words,
     mostly ASCII, not seen before; the seeds go on until ``count`` are kept (at most 4x as many tries).
-    ``engine_args``: more ``LLM`` arguments (e.g. a GPU memory share)."""
+    ``engine_args``: more ``LLM`` arguments (e.g. a GPU memory share). ``openings``: try ``i`` starts the user turn
+    with ``openings[(seed + i) % len(openings)]`` (kept in the prompt) and the teacher completes it, which steers the
+    kinds of request (``SELF_PROMPT_OPENINGS``); the default ``("",)`` is plain Magpie."""
     from tokenmill import LLM, SamplingParams
 
     if count < 1:
@@ -116,17 +133,22 @@ def self_prompts(teacher: str | None, count: int, seed: int = 0, temperature: fl
         raise ValueError("the teacher has no chat template; it cannot write its own user turns")
     marker = "\u2063prompt\u2063"  # a placeholder no template contains; the text before it opens a user turn
     rendered = tokenizer.render_chat([{"role": "user", "content": marker}], add_generation_prompt=False)
-    opening = tokenizer.encode(rendered[: rendered.index(marker)], add_special_tokens=False)
+    header = rendered[: rendered.index(marker)]
+    if not openings:
+        raise ValueError("self_prompts needs at least one opening ('' for none)")
+    starts = [tokenizer.encode(header + opening, add_special_tokens=False) for opening in openings]
     kept: list[str] = []
     seen: set[str] = set()
     tried = 0
     while len(kept) < count and tried < 4 * count:
         params = [SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens, seed=seed + tried + i)
                   for i in range(batch_size)]
+        which = [(seed + tried + i) % len(openings) for i in range(batch_size)]
         tried += batch_size
-        for output in llm.generate([opening] * batch_size, params, use_tqdm=False):
+        outputs = llm.generate([starts[w] for w in which], params, use_tqdm=False)
+        for w, output in zip(which, outputs, strict=True):
             completion = output.outputs[0]
-            text = " ".join(tokenizer.decode(completion.token_ids, skip_special_tokens=True).split())
+            text = " ".join((openings[w] + tokenizer.decode(completion.token_ids, skip_special_tokens=True)).split())
             if keep_self_prompt(text, completion.finish_reason, seen):
                 seen.add(text.lower())
                 kept.append(text)
