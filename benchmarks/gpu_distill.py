@@ -15,7 +15,8 @@ byte-exact in two parts, in two calls made back to back on the same warm machine
     # device, call D2 at once after D1 (carry .distill_carry_llm2; ~175 s): teacher answers, draft, acceptance
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .distill_carry_llm2/gguf-*.whl
     PYTHONPATH=/tmp/site timeout 250 python3 benchmarks/gpu_distill.py --job draft --out $OUT
-    # ... or (~230 s) with 3,000 more prompts the teacher writes itself: the chat draft meets unseen prompt forms
+    # ... or (~230 s) with 3,000 more prompts the teacher writes itself, steered to kinds of chat request (stories, tips,
+    # explanations, ...; --self-prompt-openings none: plain Magpie) and kept away from the evaluation prompts
     PYTHONPATH=/tmp/site timeout 320 python3 benchmarks/gpu_distill.py --job draft --self-prompts 3000 --out $OUT
     # CPU box: rebuild the full student directories from what came back (and export / evaluate them)
     python benchmarks/gpu_distill.py --restore RESULTS_DIR --restore-out /tmp/distill_restored
@@ -461,20 +462,28 @@ def generate_records(teacher: str, prompts: list[str], held: int, samples: int, 
     return train, held_records, stats
 
 
-def teacher_prompts(teacher: str, count: int, device: str) -> list[str]:
+def teacher_prompts(teacher: str, count: int, device: str, openings: str = "kinds") -> list[str]:
     """``count`` user turns the teacher writes itself (Magpie-style), in batches of 256 on a GPU; the engine is gone
-    before the answers' engine starts."""
-    from tokenmill.distill.teacher_data import self_prompts
+    before the answers' engine starts. ``openings``: ``kinds`` steers them to the kinds of chat request
+    (``SELF_PROMPT_OPENINGS``: stories, tips, explanations, ...), ``none`` is plain Magpie. Turns too close to an
+    evaluation chat prompt are dropped (distill_self_prompts.near_benchmark)."""
+    from distill_cpu import CHAT_PROMPTS
+    from distill_self_prompts import ENGINE_CHAT_PROMPTS, near_benchmark
+
+    from tokenmill.distill.teacher_data import SELF_PROMPT_OPENINGS, self_prompts
 
     started = time.perf_counter()
     engine_args = ({"gpu_memory_utilization": 0.3, "max_model_len": 512, "enforce_eager": True}
                    if device.startswith("cuda") else {})
-    prompts = self_prompts(teacher, count, batch_size=256 if device.startswith("cuda") else 32,
-                           log=lambda _: None, engine_args=engine_args)
+    written = self_prompts(teacher, count, batch_size=256 if device.startswith("cuda") else 32,
+                           log=lambda _: None, engine_args=engine_args,
+                           openings=SELF_PROMPT_OPENINGS if openings == "kinds" else ("",))
+    prompts = [p for p in written if not near_benchmark(p, CHAT_PROMPTS + ENGINE_CHAT_PROMPTS)]
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    print(f"{len(prompts)} self-written prompts in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"{len(prompts)} self-written prompts ({len(written) - len(prompts)} dropped as near an evaluation "
+          f"prompt) in {time.perf_counter() - started:.1f} s", flush=True)
     return prompts
 
 
@@ -692,6 +701,8 @@ def main() -> None:
     parser.add_argument("--self-prompts", type=int, default=0,
                         help="draft: also N prompts the teacher writes itself (teacher_data.self_prompts), before "
                              "the bundled ones (the held-out tenth stays bundled prompts)")
+    parser.add_argument("--self-prompt-openings", choices=["kinds", "none"], default="kinds",
+                        help="draft: steer the self-written turns to kinds of chat request (kinds) or not (none)")
     parser.add_argument("--encoder-overrides", type=json.loads, default={},
                         help='DistillConfig fields for both encoder stages as JSON, e.g. \'{"batch_size": 64}\'')
     parser.add_argument("--draft-overrides", type=json.loads, default={}, help="DistillConfig fields of the draft")
@@ -729,7 +740,7 @@ def main() -> None:
         gguf = join_parts(dirs["llm2"].parent, manifest, args.work / GGUF_NAME)
         prompts = bundled_prompts()[: args.max_prompts]
         if args.self_prompts:
-            prompts = teacher_prompts(str(gguf), args.self_prompts, args.device) + prompts
+            prompts = teacher_prompts(str(gguf), args.self_prompts, args.device, args.self_prompt_openings) + prompts
         layers = [int(x) for x in args.draft_layers.split(",")]
         data = draft_job(str(gguf), args.out, args.work, args.device, layers, prompts,
                          max(1, round(len(prompts) * HELDOUT_FRACTION)), args.samples, args.generation_seconds,
