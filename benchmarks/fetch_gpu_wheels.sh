@@ -14,7 +14,7 @@ dest="${1:-.whl}"
 mkdir -p "$dest"
 PIP="${PIP:-python3 -m pip}"
 packages=(
-  fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0
+  fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 opentelemetry-api==1.45.3 annotated-doc==0.0.7  # fastapi 0.165 imports opentelemetry
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   pyzmq==27.3.0 msgspec==0.23.0
   uvloop==0.23.0 httptools==0.9.0

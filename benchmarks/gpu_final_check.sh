@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One device call at a session's end: the whole GPU test suite (its five groups in parallel: correctness only, the
 # card has room for all of them), then issue 18's timing A/B alone on the idle card (skipped with AB=0).
-#   [AB=0] [WORKLOADS=a,b,d] [REPEATS=1] bash benchmarks/gpu_final_check.sh [BASELINE_DIR]
+#   [AB=0] [WORKLOADS=a,b,d] [REPEATS=1] [SUITE_GROUPS="model spec"] bash benchmarks/gpu_final_check.sh [BASELINE_DIR]
+# SUITE_GROUPS reruns some groups only (e.g. the ones a missing wheel stopped); the default is all of them.
 # Everything lands in one tarball, $OUT/final_check.tgz (the device tool returns at most a few files).
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
-for g in kernels quantized_kernels quantization model engine spec distributed; do
+groups="${SUITE_GROUPS:-kernels quantized_kernels quantization model engine spec distributed}"
+for g in $groups; do
   OUT="$out" timeout "${SUITE_TIMEOUT:-900}" bash benchmarks/gpu_suite.sh "$g" > "$out/suite_$g.console" 2>&1 &
 done
 wait
-for g in kernels quantized_kernels quantization model engine spec distributed; do
+for g in $groups; do
   echo "== $g: $(grep -E '^(FAILED|ERROR) ' "$out/gpu_suite_$g.txt" | head -20)"
   tail -n 3 "$out/gpu_suite_$g.txt" | grep -E 'passed|failed|error' | tail -1
 done
