@@ -51,11 +51,13 @@ def test_kmajor_needs_triton(monkeypatch):
         choose_weight_layout("kmajor", 4, 128, BF16, CUDA)
 
 
-def test_auto_is_gptq_today_and_falls_back_per_layer_once_switched(with_triton, monkeypatch):
-    assert weight_layout.AUTO_WEIGHT_LAYOUT == "gptq"  # until the GPU A/B says otherwise
+def test_auto_is_kmajor_and_falls_back_per_layer(with_triton, monkeypatch):
+    # the H100 A/B of 2026-12-07 (gpu_quantized_e2e_kmajor_h100_2026-12-07.json) put kmajor ahead at batch 1 and 64
+    assert weight_layout.AUTO_WEIGHT_LAYOUT == "kmajor"
+    assert choose_weight_layout("auto", 4, 128, BF16, CUDA) == LayoutChoice("kmajor")
+    monkeypatch.setattr(weight_layout, "AUTO_WEIGHT_LAYOUT", "gptq")
     assert choose_weight_layout("auto", 4, 128, BF16, CUDA) == LayoutChoice("gptq")
     monkeypatch.setattr(weight_layout, "AUTO_WEIGHT_LAYOUT", "kmajor")
-    assert choose_weight_layout("auto", 4, 128, BF16, CUDA) == LayoutChoice("kmajor")
     fallback = choose_weight_layout("auto", 8, 128, BF16, CUDA)
     assert fallback.layout == "gptq" and "8-bit" in fallback.reason
     assert "on cpu" in choose_weight_layout("auto", 4, 128, BF16, CPU).reason

@@ -23,8 +23,9 @@ from tokenmill.kernels._triton import HAS_TRITON
 
 logger = logging.getLogger(__name__)
 
-# What ``auto`` means. One line to switch once a GPU A/B (benchmarks/gpu_jobs.sh quant_e2e) shows kmajor ahead.
-AUTO_WEIGHT_LAYOUT = "gptq"
+# What ``auto`` means. kmajor since the H100 A/B of benchmarks/gpu_jobs.sh quant_e2e (2026-12-07, Llama-3-8B shape,
+# rtn4): decode 1.82x / 1.18x / 0.74x the GPTQ layout's speed at batch 1 / 64 / 256, prefill 43k vs 7.7k tok/s.
+AUTO_WEIGHT_LAYOUT = "kmajor"
 
 
 @dataclass(frozen=True)
