@@ -1,10 +1,13 @@
 """Probe of the W4A16 GEMV variants (kernels/w4_gemv.py) and the tensor-core GEMM on the same K-major layout
-(kernels/w4_kmajor_gemm.py) on Llama-3-8B's projections (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down
-4096x14336; 4-bit, group 128, integer zero points as RTN writes them) at 1, 2, 4, 8, 16, 64 and 256 rows, against
+(kernels/w4_kmajor_gemm.py) and dequantize + cuBLAS (kernels/w4_kmajor_dequant.py, from 8 rows) on Llama-3-8B's
+projections (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336; 4-bit, group 128, integer zero points
+as RTN writes them) at 1, 2, 4, 8, 16, 64, 128 and 256 rows, against
 cuBLAS bf16 and today's dispatched kernel (kernels/quant_dispatch.py's choice; on a GPU its shipped table does not
 list, e.g. an H200, the H100's entry), all in one run: issue 20's batch-1 target is W4A16 >= 2.5x bf16. The
 totals' ``k_major`` column is what serving one K-major copy would give at each row count (the best of the K-major
-GEMV and GEMM a shape).
+GEMV, GEMM and dequantize + cuBLAS a shape; ``kmajor_gemm`` and ``dequant`` the best of each of those two alone).
+Dequantize + cuBLAS runs through kernels/quant_dispatch.py's ``kmajor_cuda_linear`` with its config as the plan:
+the engine's call, its dense copy allocated every call as there (from the graph's pool when captured).
 
 Every variant is first checked against the fp32 product of x and the dequantized weight on fresh random inputs
 (norm-relative and max error recorded; one that fails to compile or to match is recorded and not timed, and the
@@ -19,7 +22,7 @@ $OUT/gpu_w4_gemv_probe.txt (the full table); the console keeps the fastest three
 
 ``--time-limit`` counts from the start of the process: after it no new measurement starts, and the JSON (written
 after every shape and row count too) lists what was skipped. Rows run in the order 1, 16, 8, 64, 256, 4, 2 so that
-a cut loses the least needed (past 16 rows only bf16, today's kernel and the K-major GEMM run). Needs torch + triton only.
+a cut loses the least needed (past 16 rows only bf16, today's kernel, the K-major GEMM and dequantize + cuBLAS run). Needs torch + triton only.
 """
 
 from __future__ import annotations
@@ -61,16 +64,20 @@ from tokenmill.kernels._triton import next_power_of_2  # noqa: E402
 from tokenmill.kernels.quant_dispatch import (  # noqa: E402
     SHIPPED_CONFIGS,
     config_from_json,
+    kmajor_cuda_linear,
     tuned_choice,
     wna16_cuda_linear,
     wna16_format,
 )
 from tokenmill.kernels.w4_gemv import MAX_ROWS, W4GemvConfig, repack_k_major, split_plan, w4_gemv  # noqa: E402
+from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig  # noqa: E402
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, kmajor_gemm_block_k, w4_kmajor_gemm  # noqa: E402
 from tokenmill.kernels.wna16_gemm import dequantize  # noqa: E402
 
-ROWS = (1, 16, 8, 64, 256, 4, 2)
+ROWS = (1, 16, 8, 64, 256, 128, 4, 2)
 KMAJOR_GEMM_MIN_ROWS = 8
+DEQUANT_MIN_ROWS = 8
+K_MAJOR_KERNELS = ("w4_kmajor_gemm", "dequant_mm")  # result params' "kernel" of the K-major kinds besides the GEMV
 
 
 def kmajor(n: int, g: int, w: int = 4, st: int = 2, pf: bool = False) -> W4GemvConfig:
@@ -126,9 +133,21 @@ def kmajor_gemm_candidates(rows: int) -> list[KMajorGemmConfig]:
             kmgemm(64, 128, 128, 2, sc=True), kmgemm(64, 256, 64, 1, w=8, sc=True)]
 
 
+# Today's default (32 channels x one group a program, 4 warps), taller tiles with more warps (fewer, longer store
+# runs a program), and the L2-sized chunks (kernels/w4_kmajor_dequant.py's chunk_n: 2048 or 4096 channels x K=4096
+# bf16 is 16 or 32 MB of the H100's 50 MB L2; one reused buffer, cuBLAS reads each chunk straight after).
+def dequant_candidates(rows: int) -> list[KMajorDequantConfig]:
+    """Dequantize + cuBLAS configs for ``rows`` (none under 8 rows: the dense copy alone costs 4x the codes)."""
+    if rows < DEQUANT_MIN_ROWS:
+        return []
+    return [KMajorDequantConfig(), KMajorDequantConfig(64, 8), KMajorDequantConfig(128, 8),
+            KMajorDequantConfig(chunk_n=2048), KMajorDequantConfig(chunk_n=4096)]
+
+
 def k_major(r: dict[str, Any]) -> bool:
-    """Whether a result row's kernel reads the K-major repack (the GEMV's kmajor kind or the K-major GEMM)."""
-    return r["params"].get("kind") == "kmajor" or r["params"].get("kernel") == "w4_kmajor_gemm"
+    """Whether a result row's kernel reads the K-major repack (the GEMV's kmajor kind, the K-major GEMM or
+    dequantize + cuBLAS)."""
+    return r["params"].get("kind") == "kmajor" or r["params"].get("kernel") in K_MAJOR_KERNELS
 
 
 class Weights:
@@ -200,22 +219,40 @@ def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Gene
         params = {"kernel": "w4_kmajor_gemm", **asdict(config), "block_k_run": kmajor_gemm_block_k(config, GROUP)}
         pr.measure(case, config.name, params, lambda c=config: w4_kmajor_gemm(x, w.kmajor[0], c),
                    lambda c=config: [w4_kmajor_gemm(x, p, c) for p in w.kmajor], ref)
+    for config in dequant_candidates(rows):
+        plan = {next_power_of_2(rows): config}  # the engine's dispatch with this config chosen for these rows
+        pr.measure(case, config.name, {"kernel": "dequant_mm", **asdict(config)},
+                   lambda pl=plan: kmajor_cuda_linear(x, w.kmajor[0], None, pl),
+                   lambda pl=plan: [kmajor_cuda_linear(x, p, None, pl) for p in w.kmajor], ref)
     print(f"{shape} rows={rows} done at {time.monotonic() - START:.0f} s", flush=True)
+
+
+TOTAL_TAGS = ("bf16", "today", "new", "no_repack", "k_major", "kmajor_gemm", "dequant")
+
+
+def total_tags(r: dict[str, Any]) -> list[str]:
+    """The decode_totals columns a result row counts in."""
+    if result_tag(r) != "new":
+        return [result_tag(r)]
+    if not k_major(r):
+        return ["new", "no_repack"]
+    kernel = r["params"].get("kernel")
+    alone = {"w4_kmajor_gemm": ["kmajor_gemm"], "dequant_mm": ["dequant"]}.get(kernel, [])
+    return ["new", "k_major", *alone]
 
 
 def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The four projections added up per row count: bf16, today's kernel, the best new variant per shape, the
-    best new variant that serves the GPTQ layout as loaded (no repack), and the best K-major one (what serving
-    only the repacked copy gives)."""
+    best new variant that serves the GPTQ layout as loaded (no repack), the best K-major one (what serving
+    only the repacked copy gives), and the best K-major GEMM and dequantize + cuBLAS each alone."""
     by: dict[tuple, float] = {}
     for r in results:
-        keys = [result_tag(r)] if result_tag(r) != "new" else ["new", "k_major" if k_major(r) else "no_repack"]
-        for tag in keys:
+        for tag in total_tags(r):
             by[(r["rows"], tag, r["shape"])] = min(by.get((r["rows"], tag, r["shape"]), float("inf")), r["us"])
     totals = []
     for rows in sorted({r["rows"] for r in results}):
         sums = {tag: sum(by.get((rows, tag, s), float("nan")) for s in SHAPES)
-                for tag in ("bf16", "today", "new", "no_repack", "k_major")}
+                for tag in TOTAL_TAGS}
         totals.append({"rows": rows, **{f"{tag}_us": us for tag, us in sums.items()},
                        **{f"{tag}_x_bf16": sums["bf16"] / us for tag, us in sums.items() if tag != "bf16"}})
     return totals
@@ -252,7 +289,7 @@ def suggested_k_major_entries(results: list[dict[str, Any]]) -> dict[str, dict[s
     for (shape, rows), r in sorted(best.items()):
         n, k = SHAPES[shape]
         fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits", "kernel", "block_k_run")}
-        kernel = "w4_kmajor_gemm" if r["params"].get("kernel") == "w4_kmajor_gemm" else "w4_gemv"
+        kernel = r["params"]["kernel"] if r["params"].get("kernel") in K_MAJOR_KERNELS else "w4_gemv"
         table.setdefault(f"{n}x{k}", {})[str(rows)] = {"kernel": kernel, **fields}
     return table
 
@@ -264,6 +301,8 @@ def summary_lines(pr: GemvProbe) -> list[str]:
                      f"({t['today_x_bf16']:.2f}x), best new {t['new_us']:7.1f} us ({t['new_x_bf16']:.2f}x), "
                      f"best without repack {t['no_repack_us']:7.1f} us ({t['no_repack_x_bf16']:.2f}x), "
                      f"best K-major {t['k_major_us']:7.1f} us ({t['k_major_x_bf16']:.2f}x)")
+        lines.append(f"{'':9} K-major GEMM alone {t['kmajor_gemm_us']:7.1f} us ({t['kmajor_gemm_x_bf16']:.2f}x), "
+                     f"dequantize + cuBLAS alone {t['dequant_us']:7.1f} us ({t['dequant_x_bf16']:.2f}x)")
     return lines + pr.failure_lines()
 
 
