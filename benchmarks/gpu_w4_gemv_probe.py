@@ -21,7 +21,10 @@ It writes $OUT/gpu_w4_gemv_probe.json (every measurement, failures, the totals, 
 $OUT/gpu_w4_gemv_probe.txt (the full table); the console keeps the fastest three variants a case.
 
 ``--time-limit`` counts from the start of the process: after it no new measurement starts, and the JSON (written
-after every shape and row count too) lists what was skipped. Rows run in the order 1, 16, 8, 64, 256, 4, 2 so that
+after every shape and row count too) lists what was skipped. ``--dry-run`` runs the whole probe on the CPU under
+TRITON_INTERPRET=1 (tiny shapes with the same names, 2 weight copies, wall-clock times that mean nothing): every
+variant checked against fp32, the JSON, totals and suggested entries written as on the GPU (variants the
+interpreter cannot run, e.g. inline PTX, are recorded as failures). Rows run in the order 1, 16, 8, 64, 256, 4, 2 so that
 a cut loses the least needed (past 16 rows only bf16, today's kernel, the K-major GEMM and dequantize + cuBLAS run). Needs torch + triton only.
 """
 
@@ -150,14 +153,19 @@ def k_major(r: dict[str, Any]) -> bool:
     return r["params"].get("kind") == "kmajor" or r["params"].get("kernel") in K_MAJOR_KERNELS
 
 
-class Weights:
-    """One shape's operands: COPIES bf16 weights, 4-bit packed ones (zero points) and their K-major repacks."""
+# --dry-run: the same shape names (the totals add them up), sizes the interpreter runs in seconds
+DRY_SHAPES = {"qkv": (96, 256), "o": (64, 256), "gate_up": (192, 256), "down": (64, 512)}
+DRY_COPIES = 2
 
-    def __init__(self, n: int, k: int, gen: torch.Generator) -> None:
+
+class Weights:
+    """One shape's operands: ``copies`` bf16 weights, 4-bit packed ones (zero points) and their K-major repacks."""
+
+    def __init__(self, n: int, k: int, gen: torch.Generator, copies: int = COPIES, device: str = "cuda") -> None:
         self.n, self.k = n, k
-        self.dense = [(torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-                      for _ in range(COPIES)]
-        self.packed = [random_packed(n, k, 4, True, gen) for _ in range(COPIES)]
+        self.dense = [(torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+                      for _ in range(copies)]
+        self.packed = [random_packed(n, k, 4, True, gen, device) for _ in range(copies)]
         self.kmajor = [repack_k_major(p) for p in self.packed]
         self.dequant = dequantize(self.packed[0])  # fp32 [K, N], the reference's weight
 
@@ -183,10 +191,17 @@ def today_choice(x: torch.Tensor, w: Weights) -> tuple[str, dict[str, Any], dict
     return f"today:{config.name}", {"kernel": type(config).__name__, **asdict(config)}, plan
 
 
-def write(pr: GemvProbe) -> None:
+def dry_timer(batch_call) -> float:
+    """--dry-run's stand-in for graph_us: µs of one call by the wall clock (the interpreter's; means nothing)."""
+    start = time.perf_counter()
+    outs = batch_call()
+    return (time.perf_counter() - start) * 1e6 / len(outs)
+
+
+def write(pr: GemvProbe, copies: int, dry_run: bool) -> None:
     finish_rows(pr.results)
     write_record(pr.out, "gpu_w4_gemv_probe", copy_rate_gbps=pr.copy_rate, floor_bytes_per_s=FLOOR_BYTES_PER_S,
-                 copies=COPIES, group_size=GROUP, results=pr.results, best=best_per_case(pr.results, list(SHAPES)),
+                 copies=copies, dry_run=dry_run, group_size=GROUP, results=pr.results, best=best_per_case(pr.results, list(SHAPES)),
                  decode_totals=decode_totals(pr.results),
                  suggested_table={"w4a16_g128": suggested_entries(pr.results),
                                   "w4a16_g128_kmajor": suggested_k_major_entries(pr.results)},
@@ -199,7 +214,7 @@ def table(pr: GemvProbe, top: int | None = None) -> list[str]:
 
 
 def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Generator) -> None:
-    x = torch.randn(rows, w.k, device="cuda", generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, w.k, device=w.dense[0].device, generator=gen).to(torch.bfloat16)
     ref = x.float() @ w.dequant
     case = {"shape": shape, "rows": rows, "n": w.n, "k": w.k, "floor_bytes": packed_bytes(w.packed[0])}
     bf16 = {**case, "floor_bytes": w.dense[0].nbytes}
@@ -269,10 +284,9 @@ def suggested_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
     table: dict[str, dict[str, Any]] = {}
-    for (shape, rows), r in sorted(best.items()):
-        n, k = SHAPES[shape]
+    for (_, rows), r in sorted(best.items()):
         fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits", "kernel")}
-        table.setdefault(f"{n}x{k}", {})[str(rows)] = {"kernel": "w4_gemv", **fields}
+        table.setdefault(f"{r['n']}x{r['k']}", {})[str(rows)] = {"kernel": "w4_gemv", **fields}
     return table
 
 
@@ -286,11 +300,10 @@ def suggested_k_major_entries(results: list[dict[str, Any]]) -> dict[str, dict[s
         if result_tag(r) == "new" and k_major(r) and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
     table: dict[str, dict[str, Any]] = {}
-    for (shape, rows), r in sorted(best.items()):
-        n, k = SHAPES[shape]
+    for (_, rows), r in sorted(best.items()):
         fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits", "kernel", "block_k_run")}
         kernel = r["params"]["kernel"] if r["params"].get("kernel") in K_MAJOR_KERNELS else "w4_gemv"
-        table.setdefault(f"{n}x{k}", {})[str(rows)] = {"kernel": kernel, **fields}
+        table.setdefault(f"{r['n']}x{r['k']}", {})[str(rows)] = {"kernel": kernel, **fields}
     return table
 
 
@@ -313,17 +326,24 @@ def main() -> int:
                         help="seconds from the process start after which no new measurement starts")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU check under TRITON_INTERPRET=1: tiny shapes, wall-clock times that mean nothing")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
-    pr = GemvProbe(START, args.time_limit, Path(args.out), graph_us,
+    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--dry-run needs TRITON_INTERPRET=1 (the Triton kernels run in its interpreter)")
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --dry-run under TRITON_INTERPRET=1)")
+    device, copies, shapes = ("cpu", DRY_COPIES, DRY_SHAPES) if args.dry_run else ("cuda", COPIES, SHAPES)
+    timer = dry_timer if args.dry_run else graph_us
+    pr = GemvProbe(START, args.time_limit, Path(args.out), timer,
                    lambda case, us: 100 * case["floor_bytes"] / FLOOR_BYTES_PER_S / (us * 1e-6), "pct_of_floor",
                    (OutOfResources,))
-    pr.copy_rate = copy_rate_gbps()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    pr.run(lambda: {shape: Weights(*SHAPES[shape], gen) for shape in args.shapes.split(",")},
+    if not args.dry_run:
+        pr.copy_rate = copy_rate_gbps()
+    gen = torch.Generator(device=device).manual_seed(0)
+    pr.run(lambda: {shape: Weights(*shapes[shape], gen, copies, device) for shape in args.shapes.split(",")},
            [int(r) for r in args.rows.split(",")], lambda p, shape, w, rows: probe_case(p, shape, w, rows, gen),
-           write)
+           lambda p: write(p, copies, args.dry_run))
     full = table(pr) + summary_lines(pr)
     pr.out.with_suffix(".txt").write_text("\n".join(full) + "\n")
     print("\n".join(table(pr, top=3) + summary_lines(pr)))  # the console keeps the fastest three
