@@ -73,13 +73,14 @@ from tokenmill.kernels.quant_dispatch import (  # noqa: E402
     wna16_format,
 )
 from tokenmill.kernels.w4_gemv import MAX_ROWS, W4GemvConfig, repack_k_major, split_plan, w4_gemv  # noqa: E402
-from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig  # noqa: E402
+from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig, dequantize_k_major_dense  # noqa: E402
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, kmajor_gemm_block_k, w4_kmajor_gemm  # noqa: E402
 from tokenmill.kernels.wna16_gemm import dequantize  # noqa: E402
 
 ROWS = (1, 16, 8, 64, 256, 128, 4, 2)
 KMAJOR_GEMM_MIN_ROWS = 8
 DEQUANT_MIN_ROWS = 8
+DEQUANT_ALONE_ROWS = 16  # the row count at which the dequantize kernel is also timed alone (it reads no x)
 K_MAJOR_KERNELS = ("w4_kmajor_gemm", "dequant_mm")  # result params' "kernel" of the K-major kinds besides the GEMV
 
 
@@ -239,6 +240,8 @@ def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Gene
         pr.measure(case, config.name, {"kernel": "dequant_mm", **asdict(config)},
                    lambda pl=plan: kmajor_cuda_linear(x, w.kmajor[0], None, pl),
                    lambda pl=plan: [kmajor_cuda_linear(x, p, None, pl) for p in w.kmajor], ref)
+        if rows == DEQUANT_ALONE_ROWS and not config.chunk_n:
+            dequant_alone(pr, case, w, config)
     print(f"{shape} rows={rows} done at {time.monotonic() - START:.0f} s", flush=True)
 
 
@@ -254,6 +257,16 @@ def total_tags(r: dict[str, Any]) -> list[str]:
     kernel = r["params"].get("kernel")
     alone = {"w4_kmajor_gemm": ["kmajor_gemm"], "dequant_mm": ["dequant"]}.get(kernel, [])
     return ["new", "k_major", *alone]
+
+
+def dequant_alone(pr: GemvProbe, case: dict[str, Any], w: Weights, config: KMajorDequantConfig) -> None:
+    """The dense copy alone (label ``part:``: a baseline-like row, never a candidate or in the totals), checked
+    against the fp32 dequantized weight; its %floor is of codes + scales + zero points read and bf16 written, so it
+    says how close the kernel streams to HBM speed, and the dequant rows minus it is cuBLAS's share."""
+    part = {**case, "floor_bytes": case["floor_bytes"] + w.n * w.k * 2}
+    pr.measure(part, f"part:{config.name}", {"kernel": "dequant_only", **asdict(config)},
+               lambda: dequantize_k_major_dense(w.kmajor[0], torch.bfloat16, config),
+               lambda: [dequantize_k_major_dense(p, torch.bfloat16, config) for p in w.kmajor], w.dequant.t())
 
 
 def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -107,11 +107,12 @@ def test_merge_refuses_a_gptq_layout_kernel_under_the_k_major_format():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter)")
 def test_probe_dry_run_checks_dequant_against_fp32_and_suggests_it(tmp_path):
-    """One shape, one row count in the interpreter: dequantize + cuBLAS and the K-major GEMM are checked against
-    fp32 and timed (wall clock), and the record carries a K-major entry for the shape and the new totals."""
+    """One shape at 16 rows in the interpreter: dequantize + cuBLAS (and the dense copy alone, a ``part:`` row that
+    is never a candidate) and the K-major GEMM are checked against fp32 and timed (wall clock), and the record
+    carries a K-major entry for the shape and the new totals."""
     out = tmp_path / "probe.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_w4_gemv_probe.py"), "--dry-run", "--shapes", "o",
-                    "--rows", "64", "--out", str(out)], capture_output=True, text=True, check=True, timeout=600,
+                    "--rows", "16", "--out", str(out)], capture_output=True, text=True, check=True, timeout=600,
                    env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
     record = json.loads(out.read_text())
     assert record["dry_run"] and record["device"] == "cpu"
@@ -121,5 +122,9 @@ def test_probe_dry_run_checks_dequant_against_fp32_and_suggests_it(tmp_path):
                             "dequant_n32_w4_c4096"}
     assert all(ran[v]["rel_err"] < 2e-2 and ran[v]["params"]["kernel"] == "dequant_mm" for v in dequant)
     assert any(v.startswith("kmgemm") for v in ran)
-    assert record["suggested_table"]["w4a16_g128_kmajor"]["64x256"]["64"]["kernel"] in ("dequant_mm", "w4_kmajor_gemm")
+    alone = {v for v in ran if v.startswith("part:")}
+    assert alone == {"part:dequant_n32_w4", "part:dequant_n64_w8", "part:dequant_n128_w8"}
+    assert all(ran[v]["rel_err"] < 2e-2 for v in alone)
+    entry = record["suggested_table"]["w4a16_g128_kmajor"]["64x256"]["16"]
+    assert entry["kernel"] in ("dequant_mm", "w4_kmajor_gemm", "w4_gemv")
     assert {"kmajor_gemm_us", "dequant_us"} <= set(record["decode_totals"][0])
