@@ -137,15 +137,21 @@ def kmajor_gemm_candidates(rows: int) -> list[KMajorGemmConfig]:
             kmgemm(64, 128, 128, 2, sc=True), kmgemm(64, 256, 64, 1, w=8, sc=True)]
 
 
-# Today's default (32 channels x one group a program, 4 warps), taller tiles with more warps (fewer, longer store
-# runs a program), and the L2-sized chunks (kernels/w4_kmajor_dequant.py's chunk_n: 2048 or 4096 channels x K=4096
-# bf16 is 16 or 32 MB of the H100's 50 MB L2; one reused buffer, cuBLAS reads each chunk straight after).
-def dequant_candidates(rows: int) -> list[KMajorDequantConfig]:
-    """Dequantize + cuBLAS configs for ``rows`` (none under 8 rows: the dense copy alone costs 4x the codes)."""
+# Today's default (32 channels x one group a program, 4 warps), taller tiles with more warps (more work a program:
+# sm_90 compiles without a GPU, 36-64 registers, no spills), and L2-sized chunks (kernels/w4_kmajor_dequant.py's
+# chunk_n: a buffer of 16 or 32 MB of the H100's 50 MB L2, e.g. 2048 / 4096 channels at K=4096, 512 / 1024 at
+# K=14336; at least two chunks; one reused buffer that cuBLAS reads straight after each dequantize).
+L2_CHUNK_BYTES = (16 << 20, 32 << 20)
+
+
+def dequant_candidates(rows: int, n: int, k: int) -> list[KMajorDequantConfig]:
+    """Dequantize + cuBLAS configs for ``rows`` x ``n`` x ``k`` (none under 8 rows: the dense copy alone costs 4x
+    the codes)."""
     if rows < DEQUANT_MIN_ROWS:
         return []
+    chunks = sorted({min(1 << (size // (2 * k)).bit_length() - 1, n // 2) for size in L2_CHUNK_BYTES})
     return [KMajorDequantConfig(), KMajorDequantConfig(64, 8), KMajorDequantConfig(128, 8),
-            KMajorDequantConfig(chunk_n=2048), KMajorDequantConfig(chunk_n=4096)]
+            *(KMajorDequantConfig(chunk_n=c) for c in chunks if c > 0)]
 
 
 def k_major(r: dict[str, Any]) -> bool:
@@ -235,7 +241,7 @@ def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Gene
         params = {"kernel": "w4_kmajor_gemm", **asdict(config), "block_k_run": kmajor_gemm_block_k(config, GROUP)}
         pr.measure(case, config.name, params, lambda c=config: w4_kmajor_gemm(x, w.kmajor[0], c),
                    lambda c=config: [w4_kmajor_gemm(x, p, c) for p in w.kmajor], ref)
-    for config in dequant_candidates(rows):
+    for config in dequant_candidates(rows, w.n, w.k):
         plan = {next_power_of_2(rows): config}  # the engine's dispatch with this config chosen for these rows
         pr.measure(case, config.name, {"kernel": "dequant_mm", **asdict(config)},
                    lambda pl=plan: kmajor_cuda_linear(x, w.kmajor[0], None, pl),

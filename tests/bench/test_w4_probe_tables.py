@@ -72,6 +72,17 @@ def test_the_fastest_k_major_path_per_shape_and_rows_becomes_the_table_entry():
     assert probe.k_major(results[-1]) and not probe.k_major(results[2])
 
 
+def test_dequant_chunks_fit_l2_and_split_the_weight():
+    probe = _script("gpu_w4_gemv_probe")
+
+    def chunks(n: int, k: int) -> list[int]:
+        return [c.chunk_n for c in probe.dequant_candidates(64, n, k) if c.chunk_n]
+
+    assert chunks(28672, 4096) == [2048, 4096] and chunks(4096, 14336) == [512, 1024]
+    assert chunks(4096, 4096) == [2048]  # 4096 channels would be the whole weight: the unchunked candidate
+    assert probe.dequant_candidates(4, 28672, 4096) == []
+
+
 def test_merge_adds_dequant_winners_and_the_dispatch_routes_to_them(tmp_path):
     probe = _script("gpu_w4_gemv_probe")
     gptq = {"4096x4096": {"16": {"kernel": "splitk", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 4}}}
@@ -118,8 +129,8 @@ def test_probe_dry_run_checks_dequant_against_fp32_and_suggests_it(tmp_path):
     assert record["dry_run"] and record["device"] == "cpu"
     ran = {r["variant"]: r for r in record["results"]}
     dequant = [v for v in ran if v.startswith("dequant_")]
-    assert set(dequant) == {"dequant_n32_w4", "dequant_n64_w8", "dequant_n128_w8", "dequant_n32_w4_c2048",
-                            "dequant_n32_w4_c4096"}
+    # the L2-sized chunk is capped at half the 64 channels: the chunked path runs too
+    assert set(dequant) == {"dequant_n32_w4", "dequant_n64_w8", "dequant_n128_w8", "dequant_n32_w4_c32"}
     assert all(ran[v]["rel_err"] < 2e-2 and ran[v]["params"]["kernel"] == "dequant_mm" for v in dequant)
     assert any(v.startswith("kmgemm") for v in ran)
     alone = {v for v in ran if v.startswith("part:")}
