@@ -24,8 +24,9 @@ $OUT/gpu_w4_gemv_probe.txt (the full table); the console keeps the fastest three
 after every shape and row count too) lists what was skipped. ``--dry-run`` runs the whole probe on the CPU under
 TRITON_INTERPRET=1 (tiny shapes with the same names, 2 weight copies, wall-clock times that mean nothing): every
 variant checked against fp32, the JSON, totals and suggested entries written as on the GPU (variants the
-interpreter cannot run, e.g. inline PTX, are recorded as failures). Rows run in the order 1, 16, 8, 64, 256, 4, 2 so that
-a cut loses the least needed (past 16 rows only bf16, today's kernel, the K-major GEMM and dequantize + cuBLAS run). Needs torch + triton only.
+interpreter cannot run, e.g. inline PTX, are recorded as failures). Rows run in the order 1, 16, 8, 64, 256, 128,
+4, 2 so that a cut loses the least needed (past 16 rows only bf16, today's kernel, the K-major GEMM and dequantize +
+cuBLAS run). Needs torch + triton only.
 """
 
 from __future__ import annotations

@@ -24,7 +24,11 @@ from tokenmill.kernels.quant_dispatch import (
     wna16_cuda_linear,
 )
 from tokenmill.kernels.w4_gemv import W4GemvConfig, dequantize_k_major, repack_k_major
-from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig, dequantize_k_major_dense, w4_kmajor_dequant_mm
+from tokenmill.kernels.w4_kmajor_dequant import (
+    KMajorDequantConfig,
+    dequantize_k_major_dense,
+    w4_kmajor_dequant_mm,
+)
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig
 from tokenmill.kernels.wna16_gemm import wna16_linear_reference
 
