@@ -209,8 +209,8 @@ def dry_timer(batch_call) -> float:
 def write(pr: GemvProbe, copies: int, dry_run: bool) -> None:
     finish_rows(pr.results)
     write_record(pr.out, "gpu_w4_gemv_probe", copy_rate_gbps=pr.copy_rate, floor_bytes_per_s=FLOOR_BYTES_PER_S,
-                 copies=copies, dry_run=dry_run, group_size=GROUP, results=pr.results, best=best_per_case(pr.results, list(SHAPES)),
-                 decode_totals=decode_totals(pr.results),
+                 copies=copies, dry_run=dry_run, group_size=GROUP, results=pr.results,
+                 best=best_per_case(pr.results, list(SHAPES)), decode_totals=decode_totals(pr.results),
                  suggested_table={"w4a16_g128": suggested_entries(pr.results),
                                   "w4a16_g128_kmajor": suggested_k_major_entries(pr.results)},
                  failures=pr.failures,

@@ -33,7 +33,9 @@ def merge(base: dict, probe: dict) -> tuple[dict, Counter]:
         for shape, entries in shapes.items():
             for rows, entry in entries.items():
                 config_from_json(entry)
-                kernel = entry["kernel"] if entry["kernel"] in KMAJOR_KERNELS else f"{entry['kernel']} {entry.get('kind')}"
+                kernel = entry["kernel"]
+                if kernel not in KMAJOR_KERNELS:  # the GEMV: only its kmajor kind reads the K-major layout
+                    kernel = f"{kernel} {entry.get('kind')}"
                 if kernel not in (*KMAJOR_KERNELS, "w4_gemv kmajor"):
                     raise ValueError(f"probe entry {fmt} {shape} {rows} rows names {kernel!r}, not a K-major kernel")
                 merged.setdefault(probe["device"], {}).setdefault(fmt, {}).setdefault(shape, {})[rows] = entry

@@ -17,8 +17,7 @@ in L2 (H100: 50 MB; 2048 x 4096 bf16 is 16 MB), writing its slice of the output 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -131,4 +130,4 @@ def w4_kmajor_dequant_mm(x: torch.Tensor, weight: KMajorWeight, config: KMajorDe
 def _channels(weight: KMajorWeight, start: int, end: int) -> KMajorWeight:
     """Output channels [start, end) of ``weight``: row views of its tensors (the kernel's row strides hold)."""
     zeros = weight.zeros[start:end] if weight.zeros is not None else None
-    return dataclasses.replace(weight, qweight=weight.qweight[start:end], scales=weight.scales[start:end], zeros=zeros)
+    return replace(weight, qweight=weight.qweight[start:end], scales=weight.scales[start:end], zeros=zeros)
