@@ -139,7 +139,8 @@ def kmajor_gemm_candidates(rows: int) -> list[KMajorGemmConfig]:
 
 
 # Today's default (32 channels x one group a program, 4 warps), taller tiles with more warps (more work a program:
-# sm_90 compiles without a GPU, 36-64 registers, no spills), and L2-sized chunks (kernels/w4_kmajor_dequant.py's
+# sm_90 compiles without a GPU, 36-64 registers, no spills), the default walking along K (k_first: neighbouring
+# programs write neighbouring 256-byte runs of the same rows, not runs 32 rows apart), and L2-sized chunks (kernels/w4_kmajor_dequant.py's
 # chunk_n: a buffer of 16 or 32 MB of the H100's 50 MB L2, e.g. 2048 / 4096 channels at K=4096, 512 / 1024 at
 # K=14336; at least two chunks; one reused buffer that cuBLAS reads straight after each dequantize).
 L2_CHUNK_BYTES = (16 << 20, 32 << 20)
@@ -152,7 +153,7 @@ def dequant_candidates(rows: int, n: int, k: int) -> list[KMajorDequantConfig]:
         return []
     chunks = sorted({min(1 << (size // (2 * k)).bit_length() - 1, n // 2) for size in L2_CHUNK_BYTES})
     return [KMajorDequantConfig(), KMajorDequantConfig(64, 8), KMajorDequantConfig(128, 8),
-            *(KMajorDequantConfig(chunk_n=c) for c in chunks if c > 0)]
+            KMajorDequantConfig(k_first=True), *(KMajorDequantConfig(chunk_n=c) for c in chunks if c > 0)]
 
 
 def k_major(r: dict[str, Any]) -> bool:

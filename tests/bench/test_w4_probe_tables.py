@@ -130,11 +130,12 @@ def test_probe_dry_run_checks_dequant_against_fp32_and_suggests_it(tmp_path):
     ran = {r["variant"]: r for r in record["results"]}
     dequant = [v for v in ran if v.startswith("dequant_")]
     # the L2-sized chunk is capped at half the 64 channels: the chunked path runs too
-    assert set(dequant) == {"dequant_n32_w4", "dequant_n64_w8", "dequant_n128_w8", "dequant_n32_w4_c32"}
+    assert set(dequant) == {"dequant_n32_w4", "dequant_n64_w8", "dequant_n128_w8", "dequant_n32_w4_kf",
+                            "dequant_n32_w4_c32"}
     assert all(ran[v]["rel_err"] < 2e-2 and ran[v]["params"]["kernel"] == "dequant_mm" for v in dequant)
     assert any(v.startswith("kmgemm") for v in ran)
     alone = {v for v in ran if v.startswith("part:")}
-    assert alone == {"part:dequant_n32_w4", "part:dequant_n64_w8", "part:dequant_n128_w8"}
+    assert alone == {"part:dequant_n32_w4", "part:dequant_n64_w8", "part:dequant_n128_w8", "part:dequant_n32_w4_kf"}
     assert all(ran[v]["rel_err"] < 2e-2 for v in alone)
     entry = record["suggested_table"]["w4a16_g128_kmajor"]["64x256"]["16"]
     assert entry["kernel"] in ("dequant_mm", "w4_kmajor_gemm", "w4_gemv")

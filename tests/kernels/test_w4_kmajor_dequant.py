@@ -47,16 +47,19 @@ def _weights(device, k, n, group, zeros, dtype, seed, fractional_zeros=False):
 
 
 @requires_triton_device
-@pytest.mark.parametrize("group,zeros,fractional,dtype,block_n", [
-    (128, True, False, torch.bfloat16, 32), (32, False, False, torch.float16, 8), (256, True, True, torch.bfloat16, 16),
-    (16, True, False, torch.float16, 64), (1024, False, False, torch.bfloat16, 4)])
-def test_dequantize_kernel_equals_the_repack_dequantization(device, group, zeros, fractional, dtype, block_n):
+@pytest.mark.parametrize("group,zeros,fractional,dtype,block_n,k_first", [
+    (128, True, False, torch.bfloat16, 32, False), (32, False, False, torch.float16, 8, False),
+    (256, True, True, torch.bfloat16, 16, False), (16, True, False, torch.float16, 64, False),
+    (1024, False, False, torch.bfloat16, 4, False), (128, True, False, torch.bfloat16, 8, True),
+    (1024, True, True, torch.float16, 8, True)])
+def test_dequantize_kernel_equals_the_repack_dequantization(device, group, zeros, fractional, dtype, block_n,
+                                                             k_first):
     """Every weight: fp32 out equals the torch dequantization bit for bit, x's dtype out is within one unit in the
     last place of it (the GPU rounds to nearest; Triton's interpreter truncates). 40 output channels (a partial
     channel tile at every block_n but 4 and 8), 3 groups; group 1024 spans several programs."""
     _, weight = _weights(device, 3 * group, 40, group, zeros, dtype, seed=group, fractional_zeros=fractional)
     want = dequantize_k_major(weight).t().cpu()  # [N, K] fp32
-    config = KMajorDequantConfig(block_n=block_n)
+    config = KMajorDequantConfig(block_n=block_n, k_first=k_first)
     assert torch.equal(dequantize_k_major_dense(weight, torch.float32, config).cpu(), want)
     low = dequantize_k_major_dense(weight, dtype, config).cpu()
     assert low.dtype == dtype
@@ -172,3 +175,4 @@ def test_dequant_config_checks_chunk_n():
     with pytest.raises(ValueError, match="chunk_n must be >= 0"):
         KMajorDequantConfig(chunk_n=-1)
     assert KMajorDequantConfig().name == "dequant_n32_w4"  # the unchunked default keeps its table name
+    assert KMajorDequantConfig(64, 8, chunk_n=512, k_first=True).name == "dequant_n64_w8_c512_kf"

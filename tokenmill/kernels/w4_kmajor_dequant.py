@@ -32,11 +32,14 @@ MAX_WORDS = 16  # words of a group one program dequantizes (a whole group up to 
 @dataclass(frozen=True)
 class KMajorDequantConfig:
     """The dequantize kernel's tile: ``block_n`` output channels a program (a power of two); ``chunk_n``: output
-    channels dequantized and multiplied at a time through one reused buffer (0: the whole weight at once)."""
+    channels dequantized and multiplied at a time through one reused buffer (0: the whole weight at once);
+    ``k_first``: consecutive programs walk along K (one block of rows written left to right, whole rows in a
+    short window) instead of down N."""
 
     block_n: int = 32
     num_warps: int = 4
     chunk_n: int = 0
+    k_first: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n < 1 or self.block_n & (self.block_n - 1):
@@ -47,7 +50,7 @@ class KMajorDequantConfig:
     @property
     def name(self) -> str:
         chunk = f"_c{self.chunk_n}" if self.chunk_n else ""
-        return f"dequant_n{self.block_n}_w{self.num_warps}{chunk}"
+        return f"dequant_n{self.block_n}_w{self.num_warps}{chunk}{'_kf' if self.k_first else ''}"
 
 
 if HAS_TRITON:
@@ -55,9 +58,13 @@ if HAS_TRITON:
     @triton.jit
     def _kmajor_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, G,
                                HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, GW: tl.constexpr,
-                               WORDS: tl.constexpr):
-        pid_n = tl.program_id(0)
-        chunk = tl.program_id(1)
+                               WORDS: tl.constexpr, K_FIRST: tl.constexpr):
+        if K_FIRST:
+            chunk = tl.program_id(0)
+            pid_n = tl.program_id(1)
+        else:
+            pid_n = tl.program_id(0)
+            chunk = tl.program_id(1)
         kw = K // 8
         first = chunk * WORDS  # the chunk's first word along K; WORDS divides GW, so one group
         group = first // GW
@@ -99,9 +106,10 @@ def dequantize_k_major_dense(weight: KMajorWeight, dtype: torch.dtype, config: K
     if n == 0 or k == 0:
         return out
     zeros = weight.zeros if weight.zeros is not None else weight.scales
-    _kmajor_dequant_kernel[(triton.cdiv(n, config.block_n), k // 8 // words)](
+    grid = (triton.cdiv(n, config.block_n), k // 8 // words)
+    _kmajor_dequant_kernel[grid[::-1] if config.k_first else grid](
         weight.qweight, weight.scales, zeros, out, n, k, k // weight.group_size,
-        HAS_ZEROS=weight.zeros is not None, BLOCK_N=config.block_n, GW=gw, WORDS=words,
+        HAS_ZEROS=weight.zeros is not None, BLOCK_N=config.block_n, GW=gw, WORDS=words, K_FIRST=config.k_first,
         num_warps=config.num_warps)
     return out
 
