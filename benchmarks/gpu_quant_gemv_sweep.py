@@ -109,11 +109,13 @@ def fp8_candidates(rows: int) -> list[SplitKConfig]:
             16: [dot(16, 64, 4), dot(16, 128, 8), dot(16, 64, 8)], 64: [], 256: []}[rows]
 
 
-def random_packed(n: int, k: int, bits: int, zeros: bool, gen: torch.Generator) -> PackedWeight:
-    qweight = torch.randint(-(2**31), 2**31 - 1, (k // (32 // bits), n), device="cuda", dtype=torch.int32,
+def random_packed(n: int, k: int, bits: int, zeros: bool, gen: torch.Generator,
+                  device: str = "cuda") -> PackedWeight:
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // (32 // bits), n), device=device, dtype=torch.int32,
                             generator=gen)
-    scales = (torch.rand(k // GROUP, n, device="cuda", generator=gen) * 0.01 + 0.002).to(torch.bfloat16)
-    zero = torch.randint(0, 2**bits, (k // GROUP, n), device="cuda", generator=gen).to(torch.bfloat16) if zeros else None
+    scales = (torch.rand(k // GROUP, n, device=device, generator=gen) * 0.01 + 0.002).to(torch.bfloat16)
+    zero = (torch.randint(0, 2**bits, (k // GROUP, n), device=device, generator=gen).to(torch.bfloat16)
+            if zeros else None)
     return PackedWeight(qweight, scales, zero, bits, GROUP)
 
 

@@ -1,10 +1,13 @@
 """Probe of the W4A16 GEMV variants (kernels/w4_gemv.py) and the tensor-core GEMM on the same K-major layout
-(kernels/w4_kmajor_gemm.py) on Llama-3-8B's projections (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down
-4096x14336; 4-bit, group 128, integer zero points as RTN writes them) at 1, 2, 4, 8, 16, 64 and 256 rows, against
+(kernels/w4_kmajor_gemm.py) and dequantize + cuBLAS (kernels/w4_kmajor_dequant.py, from 8 rows) on Llama-3-8B's
+projections (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336; 4-bit, group 128, integer zero points
+as RTN writes them) at 1, 2, 4, 8, 16, 64, 128 and 256 rows, against
 cuBLAS bf16 and today's dispatched kernel (kernels/quant_dispatch.py's choice; on a GPU its shipped table does not
 list, e.g. an H200, the H100's entry), all in one run: issue 20's batch-1 target is W4A16 >= 2.5x bf16. The
 totals' ``k_major`` column is what serving one K-major copy would give at each row count (the best of the K-major
-GEMV and GEMM a shape).
+GEMV, GEMM and dequantize + cuBLAS a shape; ``kmajor_gemm`` and ``dequant`` the best of each of those two alone).
+Dequantize + cuBLAS runs through kernels/quant_dispatch.py's ``kmajor_cuda_linear`` with its config as the plan:
+the engine's call, its dense copy allocated every call as there (from the graph's pool when captured).
 
 Every variant is first checked against the fp32 product of x and the dequantized weight on fresh random inputs
 (norm-relative and max error recorded; one that fails to compile or to match is recorded and not timed, and the
@@ -18,8 +21,12 @@ It writes $OUT/gpu_w4_gemv_probe.json (every measurement, failures, the totals, 
 $OUT/gpu_w4_gemv_probe.txt (the full table); the console keeps the fastest three variants a case.
 
 ``--time-limit`` counts from the start of the process: after it no new measurement starts, and the JSON (written
-after every shape and row count too) lists what was skipped. Rows run in the order 1, 16, 8, 64, 256, 4, 2 so that
-a cut loses the least needed (past 16 rows only bf16, today's kernel and the K-major GEMM run). Needs torch + triton only.
+after every shape and row count too) lists what was skipped. ``--dry-run`` runs the whole probe on the CPU under
+TRITON_INTERPRET=1 (tiny shapes with the same names, 2 weight copies, wall-clock times that mean nothing): every
+variant checked against fp32, the JSON, totals and suggested entries written as on the GPU (variants the
+interpreter cannot run, e.g. inline PTX, are recorded as failures). Rows run in the order 1, 16, 8, 64, 256, 128,
+4, 2 so that a cut loses the least needed (past 16 rows only bf16, today's kernel, the K-major GEMM and dequantize +
+cuBLAS run). Needs torch + triton only.
 """
 
 from __future__ import annotations
@@ -61,16 +68,21 @@ from tokenmill.kernels._triton import next_power_of_2  # noqa: E402
 from tokenmill.kernels.quant_dispatch import (  # noqa: E402
     SHIPPED_CONFIGS,
     config_from_json,
+    kmajor_cuda_linear,
     tuned_choice,
     wna16_cuda_linear,
     wna16_format,
 )
 from tokenmill.kernels.w4_gemv import MAX_ROWS, W4GemvConfig, repack_k_major, split_plan, w4_gemv  # noqa: E402
+from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig, dequantize_k_major_dense  # noqa: E402
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, kmajor_gemm_block_k, w4_kmajor_gemm  # noqa: E402
 from tokenmill.kernels.wna16_gemm import dequantize  # noqa: E402
 
-ROWS = (1, 16, 8, 64, 256, 4, 2)
+ROWS = (1, 16, 8, 64, 256, 128, 4, 2)
 KMAJOR_GEMM_MIN_ROWS = 8
+DEQUANT_MIN_ROWS = 8
+DEQUANT_ALONE_ROWS = 16  # the row count at which the dequantize kernel is also timed alone (it reads no x)
+K_MAJOR_KERNELS = ("w4_kmajor_gemm", "dequant_mm")  # result params' "kernel" of the K-major kinds besides the GEMV
 
 
 def kmajor(n: int, g: int, w: int = 4, st: int = 2, pf: bool = False) -> W4GemvConfig:
@@ -126,19 +138,43 @@ def kmajor_gemm_candidates(rows: int) -> list[KMajorGemmConfig]:
             kmgemm(64, 128, 128, 2, sc=True), kmgemm(64, 256, 64, 1, w=8, sc=True)]
 
 
+# Today's default (32 channels x one group a program, 4 warps), taller tiles with more warps (more work a program:
+# sm_90 compiles without a GPU, 36-64 registers, no spills), the default walking along K (k_first: neighbouring
+# programs write neighbouring 256-byte runs of the same rows, not runs 32 rows apart), and L2-sized chunks (kernels/w4_kmajor_dequant.py's
+# chunk_n: a buffer of 16 or 32 MB of the H100's 50 MB L2, e.g. 2048 / 4096 channels at K=4096, 512 / 1024 at
+# K=14336; at least two chunks; one reused buffer that cuBLAS reads straight after each dequantize).
+L2_CHUNK_BYTES = (16 << 20, 32 << 20)
+
+
+def dequant_candidates(rows: int, n: int, k: int) -> list[KMajorDequantConfig]:
+    """Dequantize + cuBLAS configs for ``rows`` x ``n`` x ``k`` (none under 8 rows: the dense copy alone costs 4x
+    the codes)."""
+    if rows < DEQUANT_MIN_ROWS:
+        return []
+    chunks = sorted({min(1 << (size // (2 * k)).bit_length() - 1, n // 2) for size in L2_CHUNK_BYTES})
+    return [KMajorDequantConfig(), KMajorDequantConfig(64, 8), KMajorDequantConfig(128, 8),
+            KMajorDequantConfig(k_first=True), *(KMajorDequantConfig(chunk_n=c) for c in chunks if c > 0)]
+
+
 def k_major(r: dict[str, Any]) -> bool:
-    """Whether a result row's kernel reads the K-major repack (the GEMV's kmajor kind or the K-major GEMM)."""
-    return r["params"].get("kind") == "kmajor" or r["params"].get("kernel") == "w4_kmajor_gemm"
+    """Whether a result row's kernel reads the K-major repack (the GEMV's kmajor kind, the K-major GEMM or
+    dequantize + cuBLAS)."""
+    return r["params"].get("kind") == "kmajor" or r["params"].get("kernel") in K_MAJOR_KERNELS
+
+
+# --dry-run: the same shape names (the totals add them up), sizes the interpreter runs in seconds
+DRY_SHAPES = {"qkv": (96, 256), "o": (64, 256), "gate_up": (192, 256), "down": (64, 512)}
+DRY_COPIES = 2
 
 
 class Weights:
-    """One shape's operands: COPIES bf16 weights, 4-bit packed ones (zero points) and their K-major repacks."""
+    """One shape's operands: ``copies`` bf16 weights, 4-bit packed ones (zero points) and their K-major repacks."""
 
-    def __init__(self, n: int, k: int, gen: torch.Generator) -> None:
+    def __init__(self, n: int, k: int, gen: torch.Generator, copies: int = COPIES, device: str = "cuda") -> None:
         self.n, self.k = n, k
-        self.dense = [(torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-                      for _ in range(COPIES)]
-        self.packed = [random_packed(n, k, 4, True, gen) for _ in range(COPIES)]
+        self.dense = [(torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+                      for _ in range(copies)]
+        self.packed = [random_packed(n, k, 4, True, gen, device) for _ in range(copies)]
         self.kmajor = [repack_k_major(p) for p in self.packed]
         self.dequant = dequantize(self.packed[0])  # fp32 [K, N], the reference's weight
 
@@ -164,11 +200,18 @@ def today_choice(x: torch.Tensor, w: Weights) -> tuple[str, dict[str, Any], dict
     return f"today:{config.name}", {"kernel": type(config).__name__, **asdict(config)}, plan
 
 
-def write(pr: GemvProbe) -> None:
+def dry_timer(batch_call) -> float:
+    """--dry-run's stand-in for graph_us: µs of one call by the wall clock (the interpreter's; means nothing)."""
+    start = time.perf_counter()
+    outs = batch_call()
+    return (time.perf_counter() - start) * 1e6 / len(outs)
+
+
+def write(pr: GemvProbe, copies: int, dry_run: bool) -> None:
     finish_rows(pr.results)
     write_record(pr.out, "gpu_w4_gemv_probe", copy_rate_gbps=pr.copy_rate, floor_bytes_per_s=FLOOR_BYTES_PER_S,
-                 copies=COPIES, group_size=GROUP, results=pr.results, best=best_per_case(pr.results, list(SHAPES)),
-                 decode_totals=decode_totals(pr.results),
+                 copies=copies, dry_run=dry_run, group_size=GROUP, results=pr.results,
+                 best=best_per_case(pr.results, list(SHAPES)), decode_totals=decode_totals(pr.results),
                  suggested_table={"w4a16_g128": suggested_entries(pr.results),
                                   "w4a16_g128_kmajor": suggested_k_major_entries(pr.results)},
                  failures=pr.failures,
@@ -180,7 +223,7 @@ def table(pr: GemvProbe, top: int | None = None) -> list[str]:
 
 
 def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Generator) -> None:
-    x = torch.randn(rows, w.k, device="cuda", generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, w.k, device=w.dense[0].device, generator=gen).to(torch.bfloat16)
     ref = x.float() @ w.dequant
     case = {"shape": shape, "rows": rows, "n": w.n, "k": w.k, "floor_bytes": packed_bytes(w.packed[0])}
     bf16 = {**case, "floor_bytes": w.dense[0].nbytes}
@@ -200,22 +243,52 @@ def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Gene
         params = {"kernel": "w4_kmajor_gemm", **asdict(config), "block_k_run": kmajor_gemm_block_k(config, GROUP)}
         pr.measure(case, config.name, params, lambda c=config: w4_kmajor_gemm(x, w.kmajor[0], c),
                    lambda c=config: [w4_kmajor_gemm(x, p, c) for p in w.kmajor], ref)
+    for config in dequant_candidates(rows, w.n, w.k):
+        plan = {next_power_of_2(rows): config}  # the engine's dispatch with this config chosen for these rows
+        pr.measure(case, config.name, {"kernel": "dequant_mm", **asdict(config)},
+                   lambda pl=plan: kmajor_cuda_linear(x, w.kmajor[0], None, pl),
+                   lambda pl=plan: [kmajor_cuda_linear(x, p, None, pl) for p in w.kmajor], ref)
+        if rows == DEQUANT_ALONE_ROWS and not config.chunk_n:
+            dequant_alone(pr, case, w, config)
     print(f"{shape} rows={rows} done at {time.monotonic() - START:.0f} s", flush=True)
+
+
+TOTAL_TAGS = ("bf16", "today", "new", "no_repack", "k_major", "kmajor_gemm", "dequant")
+
+
+def total_tags(r: dict[str, Any]) -> list[str]:
+    """The decode_totals columns a result row counts in."""
+    if result_tag(r) != "new":
+        return [result_tag(r)]
+    if not k_major(r):
+        return ["new", "no_repack"]
+    kernel = r["params"].get("kernel")
+    alone = {"w4_kmajor_gemm": ["kmajor_gemm"], "dequant_mm": ["dequant"]}.get(kernel, [])
+    return ["new", "k_major", *alone]
+
+
+def dequant_alone(pr: GemvProbe, case: dict[str, Any], w: Weights, config: KMajorDequantConfig) -> None:
+    """The dense copy alone (label ``part:``: a baseline-like row, never a candidate or in the totals), checked
+    against the fp32 dequantized weight; its %floor is of codes + scales + zero points read and bf16 written, so it
+    says how close the kernel streams to HBM speed, and the dequant rows minus it is cuBLAS's share."""
+    part = {**case, "floor_bytes": case["floor_bytes"] + w.n * w.k * 2}
+    pr.measure(part, f"part:{config.name}", {"kernel": "dequant_only", **asdict(config)},
+               lambda: dequantize_k_major_dense(w.kmajor[0], torch.bfloat16, config),
+               lambda: [dequantize_k_major_dense(p, torch.bfloat16, config) for p in w.kmajor], w.dequant.t())
 
 
 def decode_totals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The four projections added up per row count: bf16, today's kernel, the best new variant per shape, the
-    best new variant that serves the GPTQ layout as loaded (no repack), and the best K-major one (what serving
-    only the repacked copy gives)."""
+    best new variant that serves the GPTQ layout as loaded (no repack), the best K-major one (what serving
+    only the repacked copy gives), and the best K-major GEMM and dequantize + cuBLAS each alone."""
     by: dict[tuple, float] = {}
     for r in results:
-        keys = [result_tag(r)] if result_tag(r) != "new" else ["new", "k_major" if k_major(r) else "no_repack"]
-        for tag in keys:
+        for tag in total_tags(r):
             by[(r["rows"], tag, r["shape"])] = min(by.get((r["rows"], tag, r["shape"]), float("inf")), r["us"])
     totals = []
     for rows in sorted({r["rows"] for r in results}):
         sums = {tag: sum(by.get((rows, tag, s), float("nan")) for s in SHAPES)
-                for tag in ("bf16", "today", "new", "no_repack", "k_major")}
+                for tag in TOTAL_TAGS}
         totals.append({"rows": rows, **{f"{tag}_us": us for tag, us in sums.items()},
                        **{f"{tag}_x_bf16": sums["bf16"] / us for tag, us in sums.items() if tag != "bf16"}})
     return totals
@@ -232,10 +305,9 @@ def suggested_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
     table: dict[str, dict[str, Any]] = {}
-    for (shape, rows), r in sorted(best.items()):
-        n, k = SHAPES[shape]
+    for (_, rows), r in sorted(best.items()):
         fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits", "kernel")}
-        table.setdefault(f"{n}x{k}", {})[str(rows)] = {"kernel": "w4_gemv", **fields}
+        table.setdefault(f"{r['n']}x{r['k']}", {})[str(rows)] = {"kernel": "w4_gemv", **fields}
     return table
 
 
@@ -249,11 +321,10 @@ def suggested_k_major_entries(results: list[dict[str, Any]]) -> dict[str, dict[s
         if result_tag(r) == "new" and k_major(r) and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
     table: dict[str, dict[str, Any]] = {}
-    for (shape, rows), r in sorted(best.items()):
-        n, k = SHAPES[shape]
+    for (_, rows), r in sorted(best.items()):
         fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits", "kernel", "block_k_run")}
-        kernel = "w4_kmajor_gemm" if r["params"].get("kernel") == "w4_kmajor_gemm" else "w4_gemv"
-        table.setdefault(f"{n}x{k}", {})[str(rows)] = {"kernel": kernel, **fields}
+        kernel = r["params"]["kernel"] if r["params"].get("kernel") in K_MAJOR_KERNELS else "w4_gemv"
+        table.setdefault(f"{r['n']}x{r['k']}", {})[str(rows)] = {"kernel": kernel, **fields}
     return table
 
 
@@ -264,6 +335,8 @@ def summary_lines(pr: GemvProbe) -> list[str]:
                      f"({t['today_x_bf16']:.2f}x), best new {t['new_us']:7.1f} us ({t['new_x_bf16']:.2f}x), "
                      f"best without repack {t['no_repack_us']:7.1f} us ({t['no_repack_x_bf16']:.2f}x), "
                      f"best K-major {t['k_major_us']:7.1f} us ({t['k_major_x_bf16']:.2f}x)")
+        lines.append(f"{'':9} K-major GEMM alone {t['kmajor_gemm_us']:7.1f} us ({t['kmajor_gemm_x_bf16']:.2f}x), "
+                     f"dequantize + cuBLAS alone {t['dequant_us']:7.1f} us ({t['dequant_x_bf16']:.2f}x)")
     return lines + pr.failure_lines()
 
 
@@ -274,17 +347,24 @@ def main() -> int:
                         help="seconds from the process start after which no new measurement starts")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU check under TRITON_INTERPRET=1: tiny shapes, wall-clock times that mean nothing")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
-    pr = GemvProbe(START, args.time_limit, Path(args.out), graph_us,
+    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--dry-run needs TRITON_INTERPRET=1 (the Triton kernels run in its interpreter)")
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --dry-run under TRITON_INTERPRET=1)")
+    device, copies, shapes = ("cpu", DRY_COPIES, DRY_SHAPES) if args.dry_run else ("cuda", COPIES, SHAPES)
+    timer = dry_timer if args.dry_run else graph_us
+    pr = GemvProbe(START, args.time_limit, Path(args.out), timer,
                    lambda case, us: 100 * case["floor_bytes"] / FLOOR_BYTES_PER_S / (us * 1e-6), "pct_of_floor",
                    (OutOfResources,))
-    pr.copy_rate = copy_rate_gbps()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    pr.run(lambda: {shape: Weights(*SHAPES[shape], gen) for shape in args.shapes.split(",")},
+    if not args.dry_run:
+        pr.copy_rate = copy_rate_gbps()
+    gen = torch.Generator(device=device).manual_seed(0)
+    pr.run(lambda: {shape: Weights(*shapes[shape], gen, copies, device) for shape in args.shapes.split(",")},
            [int(r) for r in args.rows.split(",")], lambda p, shape, w, rows: probe_case(p, shape, w, rows, gen),
-           write)
+           lambda p: write(p, copies, args.dry_run))
     full = table(pr) + summary_lines(pr)
     pr.out.with_suffix(".txt").write_text("\n".join(full) + "\n")
     print("\n".join(table(pr, top=3) + summary_lines(pr)))  # the console keeps the fastest three

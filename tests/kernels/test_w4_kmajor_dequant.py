@@ -24,7 +24,11 @@ from tokenmill.kernels.quant_dispatch import (
     wna16_cuda_linear,
 )
 from tokenmill.kernels.w4_gemv import W4GemvConfig, dequantize_k_major, repack_k_major
-from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig, dequantize_k_major_dense
+from tokenmill.kernels.w4_kmajor_dequant import (
+    KMajorDequantConfig,
+    dequantize_k_major_dense,
+    w4_kmajor_dequant_mm,
+)
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig
 from tokenmill.kernels.wna16_gemm import wna16_linear_reference
 
@@ -43,16 +47,19 @@ def _weights(device, k, n, group, zeros, dtype, seed, fractional_zeros=False):
 
 
 @requires_triton_device
-@pytest.mark.parametrize("group,zeros,fractional,dtype,block_n", [
-    (128, True, False, torch.bfloat16, 32), (32, False, False, torch.float16, 8), (256, True, True, torch.bfloat16, 16),
-    (16, True, False, torch.float16, 64), (1024, False, False, torch.bfloat16, 4)])
-def test_dequantize_kernel_equals_the_repack_dequantization(device, group, zeros, fractional, dtype, block_n):
+@pytest.mark.parametrize("group,zeros,fractional,dtype,block_n,k_first", [
+    (128, True, False, torch.bfloat16, 32, False), (32, False, False, torch.float16, 8, False),
+    (256, True, True, torch.bfloat16, 16, False), (16, True, False, torch.float16, 64, False),
+    (1024, False, False, torch.bfloat16, 4, False), (128, True, False, torch.bfloat16, 8, True),
+    (1024, True, True, torch.float16, 8, True)])
+def test_dequantize_kernel_equals_the_repack_dequantization(device, group, zeros, fractional, dtype, block_n,
+                                                             k_first):
     """Every weight: fp32 out equals the torch dequantization bit for bit, x's dtype out is within one unit in the
     last place of it (the GPU rounds to nearest; Triton's interpreter truncates). 40 output channels (a partial
     channel tile at every block_n but 4 and 8), 3 groups; group 1024 spans several programs."""
     _, weight = _weights(device, 3 * group, 40, group, zeros, dtype, seed=group, fractional_zeros=fractional)
     want = dequantize_k_major(weight).t().cpu()  # [N, K] fp32
-    config = KMajorDequantConfig(block_n=block_n)
+    config = KMajorDequantConfig(block_n=block_n, k_first=k_first)
     assert torch.equal(dequantize_k_major_dense(weight, torch.float32, config).cpu(), want)
     low = dequantize_k_major_dense(weight, dtype, config).cpu()
     assert low.dtype == dtype
@@ -124,3 +131,48 @@ def test_a_measured_table_routes_k_major_weights_by_its_entries(device, tmp_path
         wna16_cuda_linear(x, packed, None, {})
     with pytest.raises(ValueError, match="other weight layout"):
         kmajor_cuda_linear(x, weight, None, {})
+
+
+@requires_triton_device
+@pytest.mark.parametrize("chunk_n,zeros,bias", [(16, True, True), (32, False, False), (24, True, False),
+                                                (64, True, True)])
+def test_chunked_dequant_matches_the_fp32_reference(device, chunk_n, zeros, bias):
+    """``chunk_n`` output channels at a time through one reused buffer, each product written into its slice of the
+    output: 40 channels (a partial last chunk at 16, 24 and 32; one whole chunk at 64), with and without bias and
+    zero points, equal to the fp32 product within output rounding and to the unchunked path's bits' rounding."""
+    k, n, group = 256, 40, 64
+    packed, weight = _weights(device, k, n, group, zeros, torch.bfloat16, seed=chunk_n)
+    gen = torch.Generator().manual_seed(chunk_n + 1)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16).to(device) if bias else None
+    config = KMajorDequantConfig(block_n=8, chunk_n=chunk_n)
+    assert config.name == f"dequant_n8_w4_c{chunk_n}"
+    for rows in (3, 17):
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16).to(device)
+        ref = wna16_linear_reference(x.float(), packed, None if b is None else b.float()).float()
+        out = w4_kmajor_dequant_mm(x, weight, config, b)
+        assert out.shape == (rows, n) and out.dtype == torch.bfloat16 and out.is_contiguous()
+        assert rel_err(out, ref) < TOL[torch.bfloat16], rows
+        whole = w4_kmajor_dequant_mm(x, weight, KMajorDequantConfig(block_n=8), b)
+        assert rel_err(out, whole.float()) < TOL[torch.bfloat16], rows
+
+
+@requires_triton_device
+def test_dequantize_into_a_given_buffer(device):
+    """``out`` is written in place (the chunked path's reused buffer); a buffer of the wrong shape, dtype or
+    layout is refused by name."""
+    _, weight = _weights(device, 256, 24, 128, True, torch.bfloat16, seed=11)
+    buffer = torch.full((24, 256), float("nan"), dtype=torch.float32, device=device)
+    got = dequantize_k_major_dense(weight, torch.float32, KMajorDequantConfig(block_n=8), out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer.cpu(), dequantize_k_major(weight).t().cpu())
+    for bad in (torch.empty(24, 128, device=device), torch.empty(24, 256, dtype=torch.bfloat16, device=device),
+                torch.empty(256, 24, device=device).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            dequantize_k_major_dense(weight, torch.float32, out=bad)
+
+
+def test_dequant_config_checks_chunk_n():
+    with pytest.raises(ValueError, match="chunk_n must be >= 0"):
+        KMajorDequantConfig(chunk_n=-1)
+    assert KMajorDequantConfig().name == "dequant_n32_w4"  # the unchunked default keeps its table name
+    assert KMajorDequantConfig(64, 8, chunk_n=512, k_first=True).name == "dequant_n64_w8_c512_kf"
