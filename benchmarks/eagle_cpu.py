@@ -70,10 +70,31 @@ def chat_prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
                                           tokenize=True, return_dict=False) for t in texts]
 
 
+def paired_timing(teacher, head: EagleHead, prompts: list[list[int]], k: int, rows_ids, max_new: int,
+                  eos_id: int | None, rounds: int) -> dict:
+    """Wall time of plain greedy vs EAGLE greedy at ``k``, back to back per prompt, order alternating."""
+    ratios, plain_s, spec_s, tokens = [], 0.0, 0.0, 0
+    for r in range(rounds):
+        for i, prompt in enumerate(prompts):
+            times = {}
+            for which in (("plain", "spec") if (r + i) % 2 == 0 else ("spec", "plain")):
+                started = time.perf_counter()
+                if which == "plain":
+                    tokens += len(plain_greedy(teacher, prompt, max_new, eos_id))
+                else:
+                    speculative_greedy(teacher, EagleDrafter(head, rows_ids), prompt, k, max_new, eos_id)
+                times[which] = time.perf_counter() - started
+            ratios.append(times["plain"] / times["spec"])
+            plain_s, spec_s = plain_s + times["plain"], spec_s + times["spec"]
+    return {"k": k, "rounds": rounds, "plain_tok_s": round(tokens / plain_s, 2),
+            "eagle_tok_s": round(tokens / spec_s, 2), "speedup": round(plain_s / spec_s, 3),
+            "median_pair_speedup": round(statistics.median(ratios), 3), "pair_speedups": [round(x, 3) for x in ratios]}
+
+
 def reference_runs(teacher, head: EagleHead, prompts: list[list[int]], ks: list[int], rows_ids, max_new: int,
-                   eos_id: int | None, time_rounds: int) -> dict:
-    """Acceptance per k from the real loop, every output asserted equal to plain greedy; with ``time_rounds``, paired
-    wall times (plain vs EAGLE at the first k) alternating order."""
+                   eos_id: int | None, time_rounds: int = 0, time_ks: list[int] = ()) -> dict:
+    """Acceptance per k from the real loop, every output asserted equal to plain greedy; with ``time_rounds``,
+    paired wall times at each of ``time_ks``."""
     plain = [plain_greedy(teacher, p, max_new, eos_id) for p in prompts]
     out: dict = {"output_tokens": sum(len(t) for t in plain)}
     for k in ks:
@@ -84,26 +105,8 @@ def reference_runs(teacher, head: EagleHead, prompts: list[list[int]], ks: list[
                 raise AssertionError(f"k={k}: EAGLE output differs from plain greedy for prompt {prompt[-8:]}")
             lengths += result.round_lengths
         out[f"k{k}"] = {"mean_acceptance_length": mean(lengths), "rounds": len(lengths), "token_identical": True}
-    if time_rounds:
-        k = ks[0]
-        ratios, plain_s, spec_s = [], 0.0, 0.0
-        for r in range(time_rounds):
-            for i, prompt in enumerate(prompts):
-                times = {}
-                for which in (("plain", "spec") if (r + i) % 2 == 0 else ("spec", "plain")):
-                    started = time.perf_counter()
-                    if which == "plain":
-                        plain_greedy(teacher, prompt, max_new, eos_id)
-                    else:
-                        speculative_greedy(teacher, EagleDrafter(head, rows_ids), prompt, k, max_new, eos_id)
-                    times[which] = time.perf_counter() - started
-                ratios.append(times["plain"] / times["spec"])
-                plain_s, spec_s = plain_s + times["plain"], spec_s + times["spec"]
-        tokens = out["output_tokens"] * time_rounds
-        out["timing"] = {"k": k, "rounds": time_rounds, "plain_tok_s": round(tokens / plain_s, 2),
-                         "eagle_tok_s": round(tokens / spec_s, 2), "speedup": round(plain_s / spec_s, 3),
-                         "median_pair_speedup": round(statistics.median(ratios), 3),
-                         "pair_speedups": [round(x, 3) for x in ratios]}
+    for k in time_ks:
+        out[f"timing_k{k}"] = paired_timing(teacher, head, prompts, k, rows_ids, max_new, eos_id, time_rounds)
     return out
 
 
@@ -122,15 +125,19 @@ def main() -> None:
     parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--token-weight", type=float, default=0.1)
     parser.add_argument("--noise", type=float, default=0.1)
-    parser.add_argument("--unroll", type=int, default=1)
+    parser.add_argument("--unroll", type=int, default=1, help="2: also train the second draft step on its own "
+                                                               "predicted features")
+    parser.add_argument("--prompt-positions", action="store_true", help="train on the prompts' positions too")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deadline", default=None, help="ISO time (e.g. 2026-12-07T06:30+00:00): stop training then")
     parser.add_argument("--draft-vocab-size", type=int, default=4096, help="0: the whole head")
     parser.add_argument("--ks", default="4,2,3,5")
     parser.add_argument("--replay-sequences", type=int, default=0, help="held-out answers replayed (0: all)")
     parser.add_argument("--reference-prompts", type=int, default=10, help="held-out prompts in the real loop")
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--time-rounds", type=int, default=0)
+    parser.add_argument("--time-rounds", type=int, default=0, help="timed rounds over the chat prompts (0: none)")
+    parser.add_argument("--time-ks", default="2,3,4", help="k values timed against plain greedy")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
@@ -164,13 +171,27 @@ def main() -> None:
             answers = [torch.tensor(r["output_ids"]) for r in records[: len(records) - args.heldout]]
             write_draft_vocab(head_dir, count_token_ids(answers, vocab), size)
         rows_ids = load_draft_vocab(head_dir, vocab)
-        config = EagleTrainConfig(args.steps, args.batch_size, args.lr, args.warmup_steps, args.feature_weight,
-                                  args.token_weight, args.noise, args.unroll, args.seed, args.eval_every)
-        history = train(head, train_set, config, rows_ids, heldout, log=lambda m: print(m, flush=True))
+        config = EagleTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                  warmup_steps=args.warmup_steps, feature_weight=args.feature_weight,
+                                  token_weight=args.token_weight, noise=args.noise, unroll=args.unroll,
+                                  prompt_positions=args.prompt_positions, seed=args.seed, eval_every=args.eval_every)
+        probe = heldout.subset(range(min(40, len(heldout))))
+
+        def on_eval(step: int, trained: EagleHead) -> dict:  # a checkpoint + k = 4 replay on 40 held-out answers
+            trained.save(head_dir / "checkpoints" / f"step_{step:06d}", size)
+            if size is not None:
+                (head_dir / "checkpoints" / f"step_{step:06d}" / "draft_vocab.json").write_bytes(
+                    (head_dir / "draft_vocab.json").read_bytes())
+            return {"replay_k4_first40": replay_summary(trained, probe, [4], rows_ids)["k4"]}
+
+        deadline = (datetime.datetime.fromisoformat(args.deadline).timestamp() if args.deadline else None)
+        history = train(head, train_set, config, rows_ids, heldout, log=lambda m: print(m, flush=True),
+                        on_eval=on_eval, deadline=deadline)
         head.save(head_dir, size)
         (head_dir / "train_history.json").write_text(json.dumps(history))
         record["training"] = {"config": history["config"], "evals": history["evals"], "seconds": history["seconds"],
                               "train_sequences": len(train_set), "init_from": args.init_from,
+                              "stopped_early_at_step": history.get("stopped_early_at_step"),
                               "final_losses": history["steps"][-1]}
     head = EagleHead.load(head_dir, teacher.get_input_embeddings().weight, teacher.get_output_embeddings().weight)
     rows_ids = load_draft_vocab(head_dir, vocab)
@@ -184,11 +205,13 @@ def main() -> None:
     print(json.dumps(record["heldout"]), flush=True)
     eos = tokenizer.eos_token_id
     chat = chat_prompt_ids(tokenizer, benchmark_prompts(1)["chat"])
-    record["chat_prompts"] = reference_runs(teacher, head, chat, ks, rows_ids, args.max_tokens, eos, args.time_rounds)
+    time_ks = [int(k) for k in args.time_ks.split(",")] if args.time_rounds else []
+    record["chat_prompts"] = reference_runs(teacher, head, chat, ks, rows_ids, args.max_tokens, eos, args.time_rounds,
+                                            time_ks)
     print(json.dumps(record["chat_prompts"]), flush=True)
     if args.reference_prompts:
         held = [records[len(records) - args.heldout + i]["prompt_ids"] for i in range(args.reference_prompts)]
-        record["heldout_reference"] = reference_runs(teacher, head, held, ks, rows_ids, args.max_tokens, eos, 0)
+        record["heldout_reference"] = reference_runs(teacher, head, held, ks, rows_ids, args.max_tokens, eos)
         print(json.dumps(record["heldout_reference"]), flush=True)
     record["load_average_end"] = os.getloadavg()
     record["seconds"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1)

@@ -31,6 +31,7 @@ class EagleTrainConfig:
     token_weight: float = 0.1  # EAGLE-1's weights
     noise: float = 0.1  # uniform noise, +-noise x the features' RMS
     unroll: int = 1
+    prompt_positions: bool = False  # also learn the teacher's features/distributions over the prompts' tokens
     seed: int = 0
     eval_every: int = 0
 
@@ -41,9 +42,11 @@ class EagleTrainConfig:
             raise ValueError(f"unroll must be 1 or 2; got {self.unroll}")
 
 
-def pad_batch(data: FeatureSet, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [B, L], features [B, L, h] fp32, answer mask [B, L] (True where the id is an answer token), right-padded
-    (causal attention never lets a real position see the padding after it)."""
+def pad_batch(data: FeatureSet, indices: list[int],
+              prompt_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [B, L], features [B, L, h] fp32, loss mask [B, L] (True where the id is an answer token, or any but the
+    first with ``prompt_positions``), right-padded (causal attention never lets a real position see the padding
+    after it)."""
     seqs = [data.sequence(i) for i in indices]
     length = max(s[0].numel() for s in seqs)
     hidden = data.features.shape[1]
@@ -52,7 +55,7 @@ def pad_batch(data: FeatureSet, indices: list[int]) -> tuple[torch.Tensor, torch
     answer = torch.zeros(len(seqs), length, dtype=torch.bool)
     for row, (i, f, p) in enumerate(seqs):
         ids[row, : i.numel()], feats[row, : i.numel()] = i, f.float()
-        answer[row, p : i.numel()] = True
+        answer[row, 1 if prompt_positions else p : i.numel()] = True
     return ids, feats, answer
 
 
@@ -120,8 +123,10 @@ def teacher_forced_agreement(head: EagleHead, data: FeatureSet, rows_ids: torch.
 
 
 def train(head: EagleHead, data: FeatureSet, c: EagleTrainConfig, rows_ids: torch.Tensor | None,
-          heldout: FeatureSet | None = None, log=print) -> dict:
-    """Train ``head`` in place; returns the history (per-step losses, evaluations, seconds)."""
+          heldout: FeatureSet | None = None, log=print, on_eval=None, deadline: float | None = None) -> dict:
+    """Train ``head`` in place; returns the history (per-step losses, evaluations, seconds). ``on_eval(step,
+    head)`` may add entries to an evaluation's record (a checkpoint, a replayed acceptance); past ``deadline``
+    (``time.time()``) training stops early, evaluated, and the history says so."""
     torch.manual_seed(c.seed)
     generator = torch.Generator().manual_seed(c.seed)
     rows = head.lm_head if rows_ids is None else head.lm_head[rows_ids].clone()
@@ -136,17 +141,25 @@ def train(head: EagleHead, data: FeatureSet, c: EagleTrainConfig, rows_ids: torc
             head.eval()
             record = {"step": step, "seconds": round(time.perf_counter() - started, 1),
                       **teacher_forced_agreement(head, heldout, rows_ids)}
+            if on_eval is not None:
+                record.update(on_eval(step, head))
             head.train()
             history["evals"].append(record)
             log(f"eval {record}")
 
     head.train()
     evaluate(0)
+    done = c.steps
     for step in range(c.steps):
+        if deadline is not None and time.time() > deadline:
+            done = step
+            history["stopped_early_at_step"] = step
+            log(f"deadline: stopped at step {step} of {c.steps}")
+            break
         if len(order) < c.batch_size:
             order += torch.randperm(len(data), generator=generator).tolist()
         batch, order = order[: c.batch_size], order[c.batch_size :]
-        ids, feats, answer = pad_batch(data, batch)
+        ids, feats, answer = pad_batch(data, batch, c.prompt_positions)
         losses = step_losses(head, rows, ids, feats, answer, c.noise, c.unroll, generator)
         loss = c.feature_weight * losses["feature"] + c.token_weight * losses["token"]
         for group in optimizer.param_groups:
@@ -162,7 +175,7 @@ def train(head: EagleHead, data: FeatureSet, c: EagleTrainConfig, rows_ids: torc
             log(f"step {step + 1}/{c.steps} {history['steps'][-1]} {time.perf_counter() - started:.0f} s")
         if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
             evaluate(step + 1)
-    evaluate(c.steps)
+    evaluate(done)
     head.eval()
     history["seconds"] = round(time.perf_counter() - started, 1)
     return history
