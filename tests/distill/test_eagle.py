@@ -96,3 +96,25 @@ def test_reference_loop_equals_plain_greedy_and_its_replay(teacher, features, k,
         seen.update(result.round_lengths)
     if k > 1:
         assert len(seen) > 1  # rounds that stopped early and rounds that went further: both paths ran
+
+
+def test_pad_batch_masks_answers_or_every_position_and_never_padding() -> None:
+    lengths, prompt_lens = [9, 5], [3, 2]
+    data = FeatureSet.from_sequences([torch.arange(n) + 1 for n in lengths], [torch.randn(n, 8) for n in lengths],
+                                     prompt_lens)
+    for prompt_positions in (False, True):
+        ids, feats, mask = pad_batch(data, [0, 1], prompt_positions)
+        assert ids.shape == (2, 9) and feats.shape == (2, 9, 8)
+        for row in (0, 1):
+            first = 1 if prompt_positions else prompt_lens[row]
+            expected = torch.zeros(9, dtype=torch.bool)
+            expected[first : lengths[row]] = True
+            assert torch.equal(mask[row], expected)
+            assert torch.equal(feats[row, : lengths[row]], data.sequence(row)[1].float())
+
+
+def test_deadline_stops_training_early(teacher, features) -> None:
+    head = EagleHead.from_target(teacher)
+    history = train(head, features, EagleTrainConfig(steps=50, batch_size=2, warmup_steps=1), None,
+                    log=lambda _: None, deadline=0.0)
+    assert history["stopped_early_at_step"] == 0 and history["steps"] == []
