@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=133, help="the last N answers: never trained on")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--init-from", default=None, help="continue training this head directory")
+    parser.add_argument("--extra-features", action="append", default=[],
+                        help="another feature cache (eagle_data.FeatureSet) to train on too")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -138,7 +140,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--time-rounds", type=int, default=0, help="timed rounds over the chat prompts (0: none)")
     parser.add_argument("--time-ks", default="2,3,4", help="k values timed against plain greedy")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads while training")
+    parser.add_argument("--measure-threads", type=int, default=1,
+                        help="torch threads for replays, reference loops and timings (one-token steps: a second "
+                             "spinning thread only costs on a shared box)")
+    parser.add_argument("--no-full-vocab-replay", dest="full_vocab_replay", action="store_false")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -149,8 +155,8 @@ def main() -> None:
 
     started = datetime.datetime.now(datetime.UTC)
     record: dict = {"date": started.isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-                    "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads, "
-                              f"{os.cpu_count()} cores",
+                    "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads training, "
+                              f"{args.measure_threads} measuring, {os.cpu_count()} cores",
                     "load_average_start": os.getloadavg()}
     teacher, tokenizer, source = load_teacher(None)
     record["teacher"] = source
@@ -159,6 +165,11 @@ def main() -> None:
     record["features"] = check
     train_set, heldout = data.subset(range(len(data) - args.heldout)), data.subset(range(len(data) - args.heldout,
                                                                                           len(data)))
+    for extra in args.extra_features:  # more answers (other prompts) for training only; the held-out set stays
+        more = FeatureSet.load(Path(extra))
+        train_set = FeatureSet.from_sequences(*zip(*([train_set.sequence(i) for i in range(len(train_set))]
+                                                     + [more.sequence(i) for i in range(len(more))]), strict=True))
+        record.setdefault("extra_features", []).append({"path": extra, "sequences": len(more)})
     head_dir = Path(args.head)
     vocab = teacher.config.vocab_size
     if not args.skip_train:
@@ -167,7 +178,10 @@ def main() -> None:
                 else EagleHead.from_target(teacher))
         size = args.draft_vocab_size or None
         head.save(head_dir, size)
-        if size is not None:  # the ranking: answer tokens of the training answers (as --draft-vocab-size does)
+        inherited = Path(args.init_from or "") / "draft_vocab.json"
+        if size is not None and args.init_from and inherited.is_file():  # keep the rows the head was trained on
+            (head_dir / "draft_vocab.json").write_bytes(inherited.read_bytes())
+        elif size is not None:  # the ranking: answer tokens of the training answers (as --draft-vocab-size does)
             answers = [torch.tensor(r["output_ids"]) for r in records[: len(records) - args.heldout]]
             write_draft_vocab(head_dir, count_token_ids(answers, vocab), size)
         rows_ids = load_draft_vocab(head_dir, vocab)
@@ -182,7 +196,10 @@ def main() -> None:
             if size is not None:
                 (head_dir / "checkpoints" / f"step_{step:06d}" / "draft_vocab.json").write_bytes(
                     (head_dir / "draft_vocab.json").read_bytes())
-            return {"replay_k4_first40": replay_summary(trained, probe, [4], rows_ids)["k4"]}
+            torch.set_num_threads(args.measure_threads)
+            replayed = replay_summary(trained, probe, [4], rows_ids)["k4"]
+            torch.set_num_threads(args.threads)
+            return {"replay_k4_first40": replayed}
 
         deadline = (datetime.datetime.fromisoformat(args.deadline).timestamp() if args.deadline else None)
         history = train(head, train_set, config, rows_ids, heldout, log=lambda m: print(m, flush=True),
@@ -193,6 +210,7 @@ def main() -> None:
                               "train_sequences": len(train_set), "init_from": args.init_from,
                               "stopped_early_at_step": history.get("stopped_early_at_step"),
                               "final_losses": history["steps"][-1]}
+    torch.set_num_threads(args.measure_threads)
     head = EagleHead.load(head_dir, teacher.get_input_embeddings().weight, teacher.get_output_embeddings().weight)
     rows_ids = load_draft_vocab(head_dir, vocab)
     record["draft_vocab_size"] = None if rows_ids is None else rows_ids.numel()
@@ -200,7 +218,7 @@ def main() -> None:
     replay_set = heldout if not args.replay_sequences else heldout.subset(range(args.replay_sequences))
     record["heldout"] = {"sequences": len(replay_set), **teacher_forced_agreement(head, replay_set, rows_ids),
                          "replay": replay_summary(head, replay_set, ks, rows_ids)}
-    if rows_ids is not None:
+    if rows_ids is not None and args.full_vocab_replay:
         record["heldout"]["replay_full_vocab_k4"] = replay_summary(head, replay_set, [4], None)["k4"]
     print(json.dumps(record["heldout"]), flush=True)
     eos = tokenizer.eos_token_id

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.distill.eagle_data import FeatureSet, compute_features
+from tokenmill.distill.eagle_data import (
+    FeatureSet,
+    compute_features,
+    generate_with_features,
+    teacher_features,
+)
 from tokenmill.distill.eagle_head import EagleHead, KVCache
 from tokenmill.distill.eagle_train import EagleTrainConfig, pad_batch, step_losses, train
 from tokenmill.spec_decode.eagle_reference import EagleDrafter, plain_greedy, replay, speculative_greedy
@@ -118,3 +123,13 @@ def test_deadline_stops_training_early(teacher, features) -> None:
     history = train(head, features, EagleTrainConfig(steps=50, batch_size=2, warmup_steps=1), None,
                     log=lambda _: None, deadline=0.0)
     assert history["stopped_early_at_step"] == 0 and history["steps"] == []
+
+
+def test_batched_generation_gives_greedy_answers_and_their_features(teacher) -> None:
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21, 22, 23]]
+    eos = 7
+    answers, features = generate_with_features(teacher, prompts, 12, eos)
+    for prompt, answer, feats in zip(prompts, answers, features, strict=True):
+        assert answer == plain_greedy(teacher, prompt, 12, eos)  # left padding changes nothing but rounding
+        expected = teacher_features(teacher, torch.tensor(prompt + answer))
+        torch.testing.assert_close(feats.float(), expected, atol=5e-3, rtol=5e-3)  # stored as fp16

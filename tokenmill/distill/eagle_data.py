@@ -88,3 +88,42 @@ def compute_features(teacher: nn.Module, records: list[dict], log_every: int = 1
     check = {"answer_tokens": total, "teacher_argmax_equals_answer": agree / max(1, total),
              "seconds": round(time.perf_counter() - started, 1)}
     return FeatureSet.from_sequences(ids_list, feats, prompt_lens), check
+
+
+@torch.no_grad()
+def generate_with_features(teacher: nn.Module, prompts: list[list[int]], max_new: int, eos_id: int | None,
+                           ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """The teacher's greedy answers to ``prompts`` (one left-padded batch, KV cache) and, per sequence, its features
+    over prompt + answer ([len, hidden] fp16), taken while generating: no second pass over the text. Position ids
+    follow each row's own tokens, so padding changes nothing but rounding."""
+    from transformers import DynamicCache
+
+    width = max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]
+    ids = torch.tensor([[0] * pad + p for pad, p in zip(pads, prompts, strict=True)])
+    mask = torch.tensor([[0] * pad + [1] * len(p) for pad, p in zip(pads, prompts, strict=True)])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    head = teacher.get_output_embeddings().weight
+    cache = DynamicCache()
+    feats = teacher.model(ids, attention_mask=mask, position_ids=positions, cache=cache).last_hidden_state.float()
+    prompt_feats = [feats[row, pad:] for row, pad in enumerate(pads)]
+    tokens = [(feats[:, -1] @ head.T).argmax(-1)]
+    step_feats: list[torch.Tensor] = []
+    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    for _ in range(max_new):
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+        positions = positions[:, -1:] + 1
+        out = teacher.model(tokens[-1][:, None], attention_mask=mask, position_ids=positions, cache=cache)
+        step_feats.append(out.last_hidden_state[:, 0].float())
+        if eos_id is not None:
+            finished |= tokens[-1] == eos_id
+        if bool(finished.all()) or len(tokens) == max_new:
+            break
+        tokens.append((step_feats[-1] @ head.T).argmax(-1))
+    answers, features = [], []
+    generated = torch.stack(tokens, 1).tolist()
+    for row, row_tokens in enumerate(generated):
+        n = row_tokens.index(eos_id) + 1 if eos_id is not None and eos_id in row_tokens else len(row_tokens)
+        answers.append(row_tokens[:n])
+        features.append(torch.cat([prompt_feats[row], torch.stack([f[row] for f in step_feats[:n]])]).half())
+    return answers, features
