@@ -1,0 +1,135 @@
+"""The EAGLE draft head on a tiny random Llama teacher: its layer equals the teacher's, training lowers the loss, the
+saved head reloads, and the reference loop's output equals plain greedy (its replay giving the same rounds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.distill.eagle_data import (
+    FeatureSet,
+    compute_features,
+    generate_with_features,
+    teacher_features,
+)
+from tokenmill.distill.eagle_head import EagleHead, KVCache
+from tokenmill.distill.eagle_train import EagleTrainConfig, pad_batch, step_losses, train
+from tokenmill.spec_decode.eagle_reference import EagleDrafter, plain_greedy, replay, speculative_greedy
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, rope_theta=10000.0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # a sharper head, so greedy answers vary instead of repeating one token
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def features(teacher) -> FeatureSet:
+    generator = torch.Generator().manual_seed(1)
+    records = []
+    for _ in range(12):
+        prompt = torch.randint(3, 96, (6,), generator=generator).tolist()
+        records.append({"prompt_ids": prompt, "output_ids": plain_greedy(teacher, prompt, 16, None)})
+    data, check = compute_features(teacher, records, log_every=0)
+    assert check["teacher_argmax_equals_answer"] == 1.0  # the answers are the teacher's greedy output
+    return data
+
+
+def test_layer_matches_teacher_last_layer_with_and_without_cache(teacher) -> None:
+    head = EagleHead.from_target(teacher)
+    x = torch.randn(1, 7, 64)
+    positions = torch.arange(7)[None]
+    expected = teacher.model.layers[-1](x, position_embeddings=teacher.model.rotary_emb(x, positions),
+                                        attention_mask=None, position_ids=positions)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    with torch.no_grad():
+        whole = head.layers[0](x, 0, None)
+        cache = KVCache()
+        parts = torch.cat([head.layers[0](x[:, :4], 0, cache), head.layers[0](x[:, 4:], 4, cache)], 1)
+    torch.testing.assert_close(whole, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_training_lowers_the_loss_and_the_saved_head_reloads(teacher, features, tmp_path) -> None:
+    head = EagleHead.from_target(teacher)
+    rows = head.lm_head
+
+    def loss() -> float:
+        ids, feats, answer = pad_batch(features, list(range(len(features))))
+        with torch.no_grad():
+            parts = step_losses(head, rows, ids, feats, answer, 0.0, 1, None)
+        return (parts["feature"] + parts["token"]).item()
+
+    before = loss()
+    history = train(head, features, EagleTrainConfig(steps=30, batch_size=4, lr=3e-3, warmup_steps=2,
+                                                     token_weight=1.0, unroll=2), None, log=lambda _: None)
+    assert len(history["steps"]) == 30
+    assert loss() < 0.8 * before
+    head.save(tmp_path / "head", draft_vocab_size=None)
+    again = EagleHead.load(tmp_path / "head", head.embed, head.lm_head)
+    ids, feats, _ = pad_batch(features, [0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids[:, 1:], feats[:, :-1]), head(ids[:, 1:], feats[:, :-1]))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("subset", [False, True])
+def test_reference_loop_equals_plain_greedy_and_its_replay(teacher, features, k, subset) -> None:
+    head = EagleHead.from_target(teacher).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():  # a head that drafts imperfectly, so rounds both accept and reject
+        head.fc.weight.add_(0.05 * torch.randn_like(head.fc.weight))
+    rows_ids = torch.randperm(96)[:48] if subset else None
+    seen: set[int] = set()
+    for i in range(4):
+        ids, feats, prompt_len = features.sequence(i)
+        prompt = ids[:prompt_len].tolist()
+        expected = plain_greedy(teacher, prompt, 16, None)
+        result = speculative_greedy(teacher, EagleDrafter(head, rows_ids), prompt, k, 16, None)
+        assert result.tokens == expected
+        assert sum(result.round_lengths) == len(expected) - 1
+        assert max(result.round_lengths) <= k + 1
+        assert replay(head, ids, feats, prompt_len, k, rows_ids) == result.round_lengths
+        seen.update(result.round_lengths)
+    if k > 1:
+        assert len(seen) > 1  # rounds that stopped early and rounds that went further: both paths ran
+
+
+def test_pad_batch_masks_answers_or_every_position_and_never_padding() -> None:
+    lengths, prompt_lens = [9, 5], [3, 2]
+    data = FeatureSet.from_sequences([torch.arange(n) + 1 for n in lengths], [torch.randn(n, 8) for n in lengths],
+                                     prompt_lens)
+    for prompt_positions in (False, True):
+        ids, feats, mask = pad_batch(data, [0, 1], prompt_positions)
+        assert ids.shape == (2, 9) and feats.shape == (2, 9, 8)
+        for row in (0, 1):
+            first = 1 if prompt_positions else prompt_lens[row]
+            expected = torch.zeros(9, dtype=torch.bool)
+            expected[first : lengths[row]] = True
+            assert torch.equal(mask[row], expected)
+            assert torch.equal(feats[row, : lengths[row]], data.sequence(row)[1].float())
+
+
+def test_deadline_stops_training_early(teacher, features) -> None:
+    head = EagleHead.from_target(teacher)
+    history = train(head, features, EagleTrainConfig(steps=50, batch_size=2, warmup_steps=1), None,
+                    log=lambda _: None, deadline=0.0)
+    assert history["stopped_early_at_step"] == 0 and history["steps"] == []
+
+
+def test_batched_generation_gives_greedy_answers_and_their_features(teacher) -> None:
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20, 21, 22, 23]]
+    eos = 7
+    answers, features = generate_with_features(teacher, prompts, 12, eos)
+    for prompt, answer, feats in zip(prompts, answers, features, strict=True):
+        assert answer == plain_greedy(teacher, prompt, 12, eos)  # left padding changes nothing but rounding
+        expected = teacher_features(teacher, torch.tensor(prompt + answer))
+        torch.testing.assert_close(feats.float(), expected, atol=5e-3, rtol=5e-3)  # stored as fp16
