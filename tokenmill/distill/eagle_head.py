@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.kernels.rms_norm import rms_norm_reference
+from tokenmill.kernels.rotary import rope_inv_freq
+
 ARCHITECTURE = "EagleLlamaForCausalLM"
 
 
@@ -63,14 +66,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Llama's rotate-half RoPE on x [B, heads, T, d] at ``positions`` [T]."""
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    inv_freq = rope_inv_freq(d, theta).to(x.device)
     angles = positions.float()[:, None] * inv_freq[None]
     cos, sin = torch.cat([angles, angles], -1).cos().to(x.dtype), torch.cat([angles, angles], -1).sin().to(x.dtype)
     half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)

@@ -188,8 +188,8 @@ def wna16_cuda_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor 
 
 def default_kmajor_config(rows: int, n: int, k: int, num_sms: int = 132) -> KMajorChoice:
     """The K-major layout's kernel for ``rows`` x ``n`` x ``k`` where nothing was measured: GEMV tiles that won the
-    H100 probe at 1, 2 and 4 rows; the GEMM's probe candidates that compile for sm_90 without spills (not yet timed
-    on a GPU: benchmarks/gpu_w4_gemv_probe.py kmajor_gemm_candidates), past 64 rows with K split until the output
+    H100 probe at 1, 2 and 4 rows; the GEMM's probe candidates that compile for sm_90 without spills (the H100
+    probe's winners per shape are table entries in configs/quant_gemv.json, which take precedence), past 64 rows with K split until the output
     tiles times the splits fill the SMs (at least 4 K steps a split; kernels/splitk.py lowers any split to what its
     workspace holds and K offers); dequantize + cuBLAS past KMAJOR_GEMM_MAX_ROWS."""
     if rows <= 1:

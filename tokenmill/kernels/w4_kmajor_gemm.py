@@ -28,7 +28,7 @@ sm_90 compiles without a GPU), so for many rows ``scale_codes=True`` instead mak
 (2^23-magic conversion, one FMA) rounded to x's dtype, and chains one accumulator through the products.
 Accumulation is fp32. tests/kernels/test_w4_kmajor_gemm.py compares it with the fp32 product of x and the
 dequantized weight; benchmarks/gpu_w4_gemv_probe.py times it at 8-256 rows. kernels/quant_dispatch.py's
-``kmajor_cuda_linear`` serves 5-256 rows of K-major weights with it by default (configs not yet timed on a GPU).
+``kmajor_cuda_linear`` serves 5-256 rows of K-major weights with it (the H100 probe's winners are table entries).
 """
 
 from __future__ import annotations
