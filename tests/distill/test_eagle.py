@@ -13,7 +13,15 @@ from tokenmill.distill.eagle_data import (
     teacher_features,
 )
 from tokenmill.distill.eagle_head import EagleHead, KVCache
-from tokenmill.distill.eagle_train import EagleTrainConfig, pad_batch, step_losses, train
+from tokenmill.distill.eagle_train import (
+    EagleTrainConfig,
+    draft_acceptance,
+    draft_passes,
+    lr_at,
+    pad_batch,
+    step_losses,
+    train,
+)
 from tokenmill.spec_decode.eagle_reference import EagleDrafter, plain_greedy, replay, speculative_greedy
 
 
@@ -58,7 +66,8 @@ def test_layer_matches_teacher_last_layer_with_and_without_cache(teacher) -> Non
     torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
 
 
-def test_training_lowers_the_loss_and_the_saved_head_reloads(teacher, features, tmp_path) -> None:
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_training_lowers_the_loss_and_the_saved_head_reloads(teacher, features, tmp_path, unroll) -> None:
     head = EagleHead.from_target(teacher)
     rows = head.lm_head
 
@@ -70,7 +79,7 @@ def test_training_lowers_the_loss_and_the_saved_head_reloads(teacher, features, 
 
     before = loss()
     history = train(head, features, EagleTrainConfig(steps=30, batch_size=4, lr=3e-3, warmup_steps=2,
-                                                     token_weight=1.0, unroll=2), None, log=lambda _: None)
+                                                     token_weight=1.0, unroll=unroll), None, log=lambda _: None)
     assert len(history["steps"]) == 30
     assert loss() < 0.8 * before
     head.save(tmp_path / "head", draft_vocab_size=None)
@@ -133,3 +142,72 @@ def test_batched_generation_gives_greedy_answers_and_their_features(teacher) -> 
         assert answer == plain_greedy(teacher, prompt, 12, eos)  # left padding changes nothing but rounding
         expected = teacher_features(teacher, torch.tensor(prompt + answer))
         torch.testing.assert_close(feats.float(), expected, atol=5e-3, rtol=5e-3)  # stored as fp16
+
+
+def _imperfect_head(teacher, seed: int = 2) -> EagleHead:
+    """The teacher's head with a perturbed fc: drafts that are sometimes right, sometimes wrong."""
+    head = EagleHead.from_target(teacher).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        head.fc.weight.add_(0.05 * torch.randn_like(head.fc.weight))
+    return head
+
+
+def test_draft_passes_are_the_drafters_later_steps(teacher, features) -> None:
+    """Pass d at position i = draft step d+1 of a round whose head cache holds positions 0..i-d (true features),
+    the earlier drafts being the right tokens: what the unrolled loss trains and draft_acceptance scores."""
+    head = _imperfect_head(teacher)
+    ids, feats, _ = features.sequence(0)
+    with torch.no_grad():
+        preds = draft_passes(head, ids[None, 1:], feats[None, :-1].float(), 4)
+    for depth in range(1, 4):
+        for i in range(depth, ids.numel() - 1, 3):
+            cached = i - depth + 1
+            drafter = EagleDrafter(head)
+            drafter.extend(ids[1 : cached + 1], feats[:cached])
+            predicted = drafter.last
+            with torch.no_grad():
+                for e in range(1, depth + 1):
+                    step = head(ids[None, cached + e : cached + e + 1], predicted[None, None], drafter.cache.length,
+                                drafter.cache)
+                    predicted = step[0, -1]
+            torch.testing.assert_close(preds[depth][0, i], predicted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_batched_acceptance_equals_the_replay(teacher, features, subset) -> None:
+    head = _imperfect_head(teacher, seed=3)
+    rows_ids = torch.randperm(96, generator=torch.Generator().manual_seed(4))[:64] if subset else None
+    ks = [1, 2, 4]
+    batched = draft_acceptance(head, features, ks, rows_ids, batch_size=5)
+    assert batched["sequences"] == len(features) and batched["sequences_left_out"] == 0
+    seen = set()
+    for k in ks:
+        lengths = [n for i in range(len(features)) for n in replay(head, *features.sequence(i), k, rows_ids)]
+        seen.update(lengths)
+        assert batched[f"k{k}"]["rounds"] == len(lengths)
+        assert batched[f"k{k}"]["mean_acceptance_length"] == round(sum(lengths) / len(lengths), 4)
+    assert len(seen) > 2  # rounds that stopped at each depth, not one kind only
+    late = draft_acceptance(head, features, ks, rows_ids, batch_size=5, deadline=0.0)
+    assert late["sequences"] == 0 and late["sequences_left_out"] == len(features)
+
+
+def test_pad_batch_gathers_from_any_order_of_indices() -> None:
+    data = FeatureSet.from_sequences([torch.arange(n) + 1 for n in (3, 7, 4)], [torch.randn(n, 4) for n in (3, 7, 4)],
+                                     [1, 2, 3])
+    ids, feats, mask = pad_batch(data, [2, 0])
+    assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 3, 0]]
+    assert mask.tolist() == [[False, False, False, True], [False, True, True, False]]
+    assert torch.equal(feats[1, 3], torch.zeros(4)) and torch.equal(feats[0], data.sequence(2)[1].float())
+
+
+def test_time_schedule_follows_progress_after_warmup() -> None:
+    c = EagleTrainConfig(steps=10_000, lr=1.0, warmup_steps=2)
+    assert lr_at(0, c, 0.9) == 0.5  # warm-up counts steps whatever the clock says
+    assert lr_at(50, c, 0.0) == pytest.approx(1.0) and lr_at(50, c, 1.0) == pytest.approx(0.1)
+    assert lr_at(50, c, 0.5) == pytest.approx(0.55)
+
+
+def test_unroll_outside_the_measured_depths_is_refused() -> None:
+    with pytest.raises(ValueError, match="unroll must be 1..5"):
+        EagleTrainConfig(unroll=6)

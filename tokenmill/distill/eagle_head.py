@@ -118,7 +118,10 @@ class DecoderLayer(nn.Module):
             "up_proj": nn.Linear(c.hidden_size, c.intermediate_size, bias=False),
             "down_proj": nn.Linear(c.intermediate_size, c.hidden_size, bias=False)})
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask`` [t, keys] (True: may attend) replaces the causal rule: training's unrolled draft steps
+        (eagle_train.draft_passes) see keys of several passes at one position."""
         c, attn = self.c, self.self_attn
         b, t, _ = x.shape
         h = self.input_layernorm(x)
@@ -129,7 +132,9 @@ class DecoderLayer(nn.Module):
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         if cache is not None:
             k, v = cache.append(k, v)
-        if k.shape[2] == t:
+        if attn_mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        elif k.shape[2] == t:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # t new queries after a cache: query i sees keys up to start + i
             mask = torch.arange(k.shape[2], device=x.device)[None] <= positions[:, None]
@@ -154,11 +159,11 @@ class EagleHead(nn.Module):
         self.register_buffer("lm_head", lm_head.detach(), persistent=False)
 
     def forward(self, next_ids: torch.Tensor, features: torch.Tensor, start: int = 0,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted features [B, T, h] (normed) of positions start+1.., from ``next_ids`` [B, T] (x_{t+1}) and the
         target's ``features`` [B, T, h] (f_t) at positions start.. ."""
         x = self.fc(torch.cat([F.embedding(next_ids, self.embed).to(features.dtype), features], -1))
-        return self.norm(self.layers[0](x, start, cache))
+        return self.norm(self.layers[0](x, start, cache, attn_mask))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """fc and the layer; the final norm stays the target's (its output is what the target's head reads)."""
