@@ -14,6 +14,7 @@ and counted: ``near_benchmark``.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 import time
@@ -31,17 +32,23 @@ STOPWORDS = frozenset("a an the of to for in on at is are what why how do i me m
                       "two three short give write explain make".split())
 
 
-def content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in STOPWORDS}
+@functools.lru_cache(maxsize=4096)  # the evaluation prompts' words are looked up once per candidate
+def content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in re.findall(r"[a-z]+", text.lower()) if w not in STOPWORDS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _flat(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 def near_benchmark(prompt: str, benchmarks: list[str]) -> str | None:
     """The evaluation prompt ``prompt`` is too close to, if any: the same text (case and spacing aside), or all of
     an evaluation prompt's content words (e.g. "lighthouse keeper", "sky blue child") in it."""
-    flat = " ".join(prompt.lower().split())
+    flat, mine = _flat(prompt), content_words(prompt)
     for bench in benchmarks:
         words = content_words(bench)
-        if flat == " ".join(bench.lower().split()) or (words and words <= content_words(prompt)):
+        if flat == _flat(bench) or (words and words <= mine):
             return bench
     return None
 

@@ -92,12 +92,17 @@ def paired_timing(teacher, head: EagleHead, prompts: list[list[int]], k: int, ro
 
 
 def reference_runs(teacher, head: EagleHead, prompts: list[list[int]], ks: list[int], rows_ids, max_new: int,
-                   eos_id: int | None, time_rounds: int = 0, time_ks: list[int] = ()) -> dict:
+                   eos_id: int | None, time_rounds: int = 0, time_ks: list[int] = (),
+                   deadline: float | None = None) -> dict:
     """Acceptance per k from the real loop, every output asserted equal to plain greedy; with ``time_rounds``,
-    paired wall times at each of ``time_ks``."""
+    paired wall times at each of ``time_ks``. A k whose turn comes after ``deadline`` (``time.time()``) is left
+    out and named."""
     plain = [plain_greedy(teacher, p, max_new, eos_id) for p in prompts]
     out: dict = {"output_tokens": sum(len(t) for t in plain)}
     for k in ks:
+        if deadline is not None and time.time() > deadline:
+            out.setdefault("not_run_past_deadline", []).append(k)
+            continue
         lengths = []
         for prompt, expected in zip(prompts, plain, strict=True):
             result = speculative_greedy(teacher, EagleDrafter(head, rows_ids), prompt, k, max_new, eos_id)
@@ -127,8 +132,8 @@ def main() -> None:
     parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--token-weight", type=float, default=0.1)
     parser.add_argument("--noise", type=float, default=0.1)
-    parser.add_argument("--unroll", type=int, default=1, help="2: also train the second draft step on its own "
-                                                               "predicted features")
+    parser.add_argument("--unroll", type=int, default=1, help="1-5: also train draft steps 2..n on the head's own "
+                                                               "predicted features (eagle_train.draft_passes)")
     parser.add_argument("--prompt-positions", action="store_true", help="train on the prompts' positions too")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)

@@ -143,6 +143,11 @@ def split_file(path: Path, targets: list[Path], part_bytes: int = PART_BYTES) ->
     return {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "parts": names}
 
 
+def carried_gguf(dirs: dict[str, Path], work: Path) -> Path:
+    """SmolLM2's GGUF, joined from the parts calls D1 and D2 carried."""
+    return join_parts(dirs["llm2"].parent, json.loads((dirs["llm2"] / MANIFEST).read_text()), work / GGUF_NAME)
+
+
 def join_parts(root: Path, manifest: dict, out: Path) -> Path:
     """The file the manifest describes, from its parts under ``root``; a missing part or a wrong hash stops here."""
     missing = [p for p in manifest["parts"] if not (root / p).is_file()]
@@ -665,8 +670,13 @@ def restore(results: Path, out: Path, encoder_teacher: str | None = None, encode
         summary = {k: record["training"][k] for k in ("config", "model", "evals", "seconds", "history")}
         (config.out_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2))
         report["draft"] = {"student_dir": str(config.out_dir), "tensors": count}
+    if (results / "gpu_distill_eagle.json").is_file():
+        from gpu_eagle import restore_eagle
+
+        report["eagle"] = restore_eagle(results, out / "eagle", draft_teacher)
     if not report:
-        raise SystemExit(f"{results} holds neither gpu_distill_encoder.json nor gpu_distill_draft.json")
+        raise SystemExit(f"{results} holds none of gpu_distill_encoder.json, gpu_distill_draft.json, "
+                         "gpu_distill_eagle.json")
     (out / "restore_report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
@@ -679,7 +689,8 @@ def main() -> None:
     parser.add_argument("--extra-text", type=Path, default=None,
                         help="prepare: more KJV text (not Ruth / Ecclesiastes, the held-out books) for the "
                              "encoder; encoder job: read it from here instead of the carry")
-    parser.add_argument("--job", choices=("encoder", "draft"), help="device: which student to train")
+    parser.add_argument("--job", choices=("encoder", "draft", "eagle"),
+                        help="device: which student to train (eagle: the EAGLE head, benchmarks/gpu_eagle.py)")
     parser.add_argument("--carry", type=Path, default=ROOT / ".distill_carry", help="the prefix given to --prepare")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_distill_out")))
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_distill_work"))
@@ -706,6 +717,17 @@ def main() -> None:
     parser.add_argument("--encoder-overrides", type=json.loads, default={},
                         help='DistillConfig fields for both encoder stages as JSON, e.g. \'{"batch_size": 64}\'')
     parser.add_argument("--draft-overrides", type=json.loads, default={}, help="DistillConfig fields of the draft")
+    parser.add_argument("--llm-teacher", default=None,
+                        help="draft/eagle: this GGUF or HF directory instead of the carried GGUF (CPU runs)")
+    parser.add_argument("--seconds", type=float, default=270,
+                        help="eagle: the whole job's budget from its start (loads included), split by --phase-ends")
+    parser.add_argument("--phase-ends", default=",".join(str(x) for x in (0.10, 0.38, 0.48, 0.86, 1.0)),
+                        help="eagle: where prompts, answers, features, training and eval end, as shares of --seconds")
+    parser.add_argument("--answer-max-tokens", type=int, default=96, help="eagle: teacher answer length cap")
+    parser.add_argument("--chat-max-tokens", type=int, default=96,
+                        help="eagle: tokens per chat prompt in the reference loop (spec_decode_cpu.py's 96)")
+    parser.add_argument("--eagle-overrides", type=json.loads, default={},
+                        help='eagle: EagleTrainConfig fields as JSON, e.g. \'{"unroll": 3, "batch_size": 256}\'')
     parser.add_argument("--restore", type=Path, help="CPU box: the folder of files that came back")
     parser.add_argument("--restore-out", type=Path, default=Path("/tmp/gpu_distill_restored"))
     args = parser.parse_args()
@@ -730,14 +752,24 @@ def main() -> None:
                            [1, 32], 30, args.encoder_overrides,
                            extra_sentences=sentences(read_corpus(extra)) if extra.is_file() else [], compile=args.compile,
                            start_from=args.encoder_continue)
+    elif args.job == "eagle":
+        from distill_self_prompts import ENGINE_CHAT_PROMPTS
+        from gpu_eagle import default_prompts, eagle_job
+
+        held, train = default_prompts()
+        data = eagle_job(args.llm_teacher or str(carried_gguf(dirs, args.work)), args.out, args.work, args.device,
+                         args.seconds, held, train[: args.max_prompts], ENGINE_CHAT_PROMPTS,
+                         self_prompt_count=args.self_prompts, samples=args.samples,
+                         max_tokens=args.answer_max_tokens, chat_max_tokens=args.chat_max_tokens,
+                         train_overrides=args.eagle_overrides,
+                         phase_ends=tuple(float(x) for x in args.phase_ends.split(",")))
     else:
         from distill_cpu import CHAT_PROMPTS
 
         from tokenmill.distill.data import HELDOUT_FRACTION
         from tokenmill.distill.teacher_data import bundled_prompts
 
-        manifest = json.loads((dirs["llm2"] / MANIFEST).read_text())
-        gguf = join_parts(dirs["llm2"].parent, manifest, args.work / GGUF_NAME)
+        gguf = args.llm_teacher or carried_gguf(dirs, args.work)
         prompts = bundled_prompts()[: args.max_prompts]
         if args.self_prompts:
             prompts = teacher_prompts(str(gguf), args.self_prompts, args.device, args.self_prompt_openings) + prompts
@@ -746,8 +778,8 @@ def main() -> None:
                          max(1, round(len(prompts) * HELDOUT_FRACTION)), args.samples, args.generation_seconds,
                          args.training_seconds, CHAT_PROMPTS, 96, 4, overrides=args.draft_overrides,
                          assisted=args.assisted)
-    print(json.dumps({k: data.get(k) for k in ("quality", "speculative", "speed", "generation")}, indent=2,
-                     default=str))
+    print(json.dumps({k: data.get(k) for k in ("quality", "speculative", "speed", "generation", "held_out",
+                                                "chat_prompts") if k in data}, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -155,3 +155,66 @@ def test_teacher_prompts_are_self_written_turns_on_the_cpu(tmp_path, monkeypatch
     monkeypatch.setattr(teacher_data, "keep_self_prompt", lambda text, reason, seen: bool(text) and text.lower() not in seen)
     prompts = script.teacher_prompts(str(teacher), 3, "cpu")
     assert len(prompts) == 3 and all(p and "\n" not in p for p in prompts)
+
+
+def _eagle_job(script, tmp_path, teacher: Path, seconds: float):
+    import gpu_eagle  # benchmarks/ is on the path once gpu_distill is loaded
+
+    held = [f"Held-out question number {i}?" for i in range(3)]
+    train = [f"Tell me about topic number {i}." for i in range(10)] + [held[0].upper()]  # a repeat: dropped
+    out = tmp_path / f"out{seconds:g}"
+    out.mkdir()
+    overrides = dict(steps=6, batch_size=4, warmup_steps=1, eval_every=3, lr=3e-3)
+    record = gpu_eagle.eagle_job(str(teacher), out, tmp_path / f"work{seconds:g}", "cpu", seconds, held, train,
+                                 ["Write a short story about a lighthouse keeper."], samples=1, max_tokens=8,
+                                 chat_max_tokens=6, ks=(2, 4), draft_vocab_size=64, engine_args={"max_num_seqs": 8},
+                                 chunk=4, train_overrides=overrides, replay_check=3, log=lambda _: None)
+    return record, out
+
+
+def test_eagle_job_runs_and_restore_rebuilds_the_head(tmp_path):
+    from safetensors.torch import load_file
+
+    from tokenmill.distill.eagle_head import EagleHead
+
+    script = _script()
+    teacher = make_tiny_model_dir(tmp_path / "teacher", "llama", num_hidden_layers=2)
+    record, out = _eagle_job(script, tmp_path, teacher, 600.0)
+    assert record["phases_done"] == ["prompts", "answers", "features", "training", "saved", "held_out",
+                                     "replay_check", "chat_prompts"]
+    assert record["prompts"]["training"] == 10 and record["prompts"]["dropped_repeats_or_near_evaluation"] == 1
+    answers = record["answers"]
+    assert answers["held_out_answers"] == 3 and answers["training_answers"] == 20  # greedy + one sampled pass
+    assert record["features"]["training"]["sequences"] == 20 and record["features"]["held_out"]["left_out"] == 0
+    assert record["features"]["held_out"]["teacher_argmax_equals_answer_first_256"] > 0.9
+    assert record["training"]["steps_done"] == 6 and len(record["training"]["evals"]) == 3
+    replay = record["held_out"]["replay"]
+    assert {"k2", "k4"} <= set(replay) and 1.0 <= replay["k4"]["mean_acceptance_length"] <= 5.0
+    check = record["replay_check"]  # batched passes against the reference drafter, one process
+    assert check["batched_on_device_k4"] == check["eagle_reference_replay_cpu_k4"]
+    chat = record["chat_prompts"]
+    assert chat["k4"]["token_identical"] and chat["k2"]["token_identical"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*record["trained_files"], "gpu_distill_eagle.json"])
+    report = script.restore(out, tmp_path / "restored", draft_teacher=str(teacher))["eagle"]
+    head_dir = Path(report["head_dir"])
+    restored = load_file(str(head_dir / "model.safetensors"))
+    sent = load_file(str(out / "eagle_head_0.safetensors"))
+    assert set(restored) == set(sent) | {"norm.weight"}
+    for name, tensor in sent.items():
+        assert torch.equal(restored[name], tensor.float()), name
+    assert json.loads((head_dir / "config.json").read_text())["draft_vocab_size"] == 64
+    assert (head_dir / "draft_vocab.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(str(teacher))
+    EagleHead.load(head_dir, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+
+
+def test_eagle_job_out_of_time_still_saves_and_says_what_it_left_out(tmp_path):
+    script = _script()
+    teacher = make_tiny_model_dir(tmp_path / "teacher", "llama", num_hidden_layers=2)
+    record, out = _eagle_job(script, tmp_path, teacher, 0.0)
+    assert record["answers"]["held_out_answers"] == 3  # always answered: the measurement needs them
+    assert record["training"]["steps_done"] <= 6
+    assert (out / "eagle_head_0.safetensors").is_file()
+    assert record["chat_prompts"]["not_run_past_deadline"] == [4, 2]

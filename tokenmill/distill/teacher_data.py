@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,7 @@ SELF_PROMPT_OPENINGS = (
 
 def self_prompts(teacher: str | None, count: int, seed: int = 0, temperature: float = 0.9,
                  max_tokens: int = 48, batch_size: int = 32, log=print, engine_args: dict | None = None,
-                 openings: tuple[str, ...] | list[str] = ("",)) -> list[str]:
+                 openings: tuple[str, ...] | list[str] = ("",), llm=None, deadline: float | None = None) -> list[str]:
     """``count`` chat prompts the teacher writes itself: it samples a user turn after its chat template's opening
     of one (system turn, then the user header), as Magpie (Xu et al. 2024) does. An instruct model's own idea of
     what users ask covers more forms than a fixed set of templates, so a draft trained on its answers to them
@@ -122,12 +123,15 @@ def self_prompts(teacher: str | None, count: int, seed: int = 0, temperature: fl
     mostly ASCII, not seen before; the seeds go on until ``count`` are kept (at most 4x as many tries).
     ``engine_args``: more ``LLM`` arguments (e.g. a GPU memory share). ``openings``: try ``i`` starts the user turn
     with ``openings[(seed + i) % len(openings)]`` (kept in the prompt) and the teacher completes it, which steers the
-    kinds of request (``SELF_PROMPT_OPENINGS``); the default ``("",)`` is plain Magpie."""
+    kinds of request (``SELF_PROMPT_OPENINGS``); the default ``("",)`` is plain Magpie. ``llm``: an engine already
+    running the teacher (``teacher`` and ``engine_args`` unused); ``deadline`` (``time.time()``): no batch starts
+    after it."""
     from tokenmill import LLM, SamplingParams
 
     if count < 1:
         raise ValueError(f"self_prompts needs count >= 1; got {count}")
-    llm = LLM(teacher, dtype="float32", **{"max_num_seqs": batch_size, **(engine_args or {})})
+    if llm is None:
+        llm = LLM(teacher, dtype="float32", **{"max_num_seqs": batch_size, **(engine_args or {})})
     tokenizer = llm.get_tokenizer()
     if tokenizer is None or not tokenizer.chat_template:
         raise ValueError("the teacher has no chat template; it cannot write its own user turns")
@@ -140,7 +144,7 @@ def self_prompts(teacher: str | None, count: int, seed: int = 0, temperature: fl
     kept: list[str] = []
     seen: set[str] = set()
     tried = 0
-    while len(kept) < count and tried < 4 * count:
+    while len(kept) < count and tried < 4 * count and (deadline is None or time.time() < deadline):
         params = [SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens, seed=seed + tried + i)
                   for i in range(batch_size)]
         which = [(seed + tried + i) % len(openings) for i in range(batch_size)]
