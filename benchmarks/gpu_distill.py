@@ -1,5 +1,6 @@
-"""Issue 24 on an H100: both distillation students trained far longer than the CPU box allows, measured there, and their
-trained tensors sent back (frozen embeddings and heads are rebuilt from the teachers by ``--restore`` on the CPU box).
+"""Issue 24 on an H100: both distillation students (and SmolLM2's EAGLE head, ``--job eagle``: gpu_eagle.py) trained far
+longer than the CPU box allows, measured there, and their trained tensors sent back (frozen embeddings and heads are
+rebuilt from the teachers by ``--restore`` on the CPU box).
 
 The teachers do not fit one device call (the working tree, carried folders included, is capped at 64 MiB): MiniLM
 travels as fp16 tensors with only the word-embedding rows the distillation text uses; SmolLM2's 98 MB GGUF travels
@@ -18,8 +19,18 @@ byte-exact in two parts, in two calls made back to back on the same warm machine
     # ... or (~230 s) with 3,000 more prompts the teacher writes itself, steered to kinds of chat request (stories, tips,
     # explanations, ...; --self-prompt-openings none: plain Magpie) and kept away from the evaluation prompts
     PYTHONPATH=/tmp/site timeout 320 python3 benchmarks/gpu_distill.py --job draft --self-prompts 3000 --out $OUT
-    # CPU box: rebuild the full student directories from what came back (and export / evaluate them)
+    # ... or, D2 for the EAGLE head instead (benchmarks/gpu_eagle.py; after the same D1; ~300 s of the call): the teacher
+    # writes up to 30,000 prompts and answers them, features, bf16 training with the unrolled loss, measurement;
+    # every phase ends at its share of --seconds from the job's start
+    PYTHONPATH=/tmp/site timeout 320 python3 benchmarks/gpu_distill.py --job eagle --self-prompts 30000 \
+        --seconds 270 --out $OUT
+    # CPU box: rebuild the full student directories (and the EAGLE head's, OUT/eagle) from what came back (and export /
+    # evaluate them)
     python benchmarks/gpu_distill.py --restore RESULTS_DIR --restore-out /tmp/distill_restored
+    # CPU box, end to end with the real GGUF and tiny budgets (the eagle job's check before a device call)
+    PYTHONPATH=. python benchmarks/gpu_distill.py --job eagle --device cpu --carry .distill_carry --seconds 200 \
+        --phase-ends 0.3,0.55,0.65,0.8,1 --self-prompts 16 --max-prompts 24 --held-out 8 --samples 1 \
+        --chat-max-tokens 12 --eagle-overrides '{"batch_size": 8}' --out /tmp/eagle_cpu_out
     # CPU box: continue a trained encoder student with the real teacher (stage 2 only)
     python benchmarks/gpu_distill.py --job encoder --device cpu --encoder-teacher MINILM_DIR --extra-text kjv_more.txt \
         --encoder-continue STUDENT_DIR --encoder-seconds 0,1500 --out OUT
@@ -721,9 +732,11 @@ def main() -> None:
                         help="draft/eagle: this GGUF or HF directory instead of the carried GGUF (CPU runs)")
     parser.add_argument("--seconds", type=float, default=270,
                         help="eagle: the whole job's budget from its start (loads included), split by --phase-ends")
-    parser.add_argument("--phase-ends", default=",".join(str(x) for x in (0.10, 0.38, 0.48, 0.86, 1.0)),
+    parser.add_argument("--phase-ends", default="0.15,0.42,0.5,0.86,1",
                         help="eagle: where prompts, answers, features, training and eval end, as shares of --seconds")
     parser.add_argument("--answer-max-tokens", type=int, default=96, help="eagle: teacher answer length cap")
+    parser.add_argument("--held-out", type=int, default=None,
+                        help="eagle: only the first N of the 133 held-out prompts (CPU checks; the device uses all)")
     parser.add_argument("--chat-max-tokens", type=int, default=96,
                         help="eagle: tokens per chat prompt in the reference loop (spec_decode_cpu.py's 96)")
     parser.add_argument("--eagle-overrides", type=json.loads, default={},
@@ -758,7 +771,7 @@ def main() -> None:
 
         held, train = default_prompts()
         data = eagle_job(args.llm_teacher or str(carried_gguf(dirs, args.work)), args.out, args.work, args.device,
-                         args.seconds, held, train[: args.max_prompts], ENGINE_CHAT_PROMPTS,
+                         args.seconds, held[: args.held_out], train[: args.max_prompts], ENGINE_CHAT_PROMPTS,
                          self_prompt_count=args.self_prompts, samples=args.samples,
                          max_tokens=args.answer_max_tokens, chat_max_tokens=args.chat_max_tokens,
                          train_overrides=args.eagle_overrides,

@@ -211,3 +211,15 @@ def test_time_schedule_follows_progress_after_warmup() -> None:
 def test_unroll_outside_the_measured_depths_is_refused() -> None:
     with pytest.raises(ValueError, match="unroll must be 1..5"):
         EagleTrainConfig(unroll=6)
+
+
+def test_bf16_autocast_training_runs_unrolled_and_lowers_the_loss(teacher, features) -> None:
+    """The GPU job's path (bf16 autocast, unroll 2, the clock's schedule) on the CPU's autocast: dtypes meet."""
+    head = EagleHead.from_target(teacher)
+    config = EagleTrainConfig(steps=20, batch_size=4, lr=3e-3, warmup_steps=2, token_weight=1.0, unroll=2, bf16=True,
+                              prompt_positions=True)
+    history = train(head, features, config, torch.arange(0, 96, 2), None, log=lambda _: None, seconds=600.0)
+    losses = [s["loss"] for s in history["steps"]]
+    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert all(p.dtype == torch.float32 for p in head.parameters())  # autocast leaves the master weights fp32
