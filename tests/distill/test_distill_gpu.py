@@ -32,3 +32,41 @@ def test_bf16_distillation_on_cuda_lowers_kl(target, tmp_path):
     summary = distill(config, log=lambda _: None)
     assert summary["evals"][-1]["kl_to_teacher"] < summary["evals"][0]["kl_to_teacher"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_eagle_head_bf16_unrolled_training_and_batched_acceptance_on_cuda():
+    """gpu_distill.py --job eagle's device path: features on the GPU, bf16 autocast with the unrolled loss lowers the
+    loss, and the batched acceptance on the GPU matches eagle_reference.replay on the CPU (the same head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokenmill.distill.eagle_data import FeatureSet, compute_features
+    from tokenmill.distill.eagle_head import EagleHead
+    from tokenmill.distill.eagle_train import EagleTrainConfig, draft_acceptance, train
+    from tokenmill.spec_decode.eagle_reference import plain_greedy, replay
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                           max_position_embeddings=256)).eval()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20)
+    generator = torch.Generator().manual_seed(1)
+    records = []
+    for _ in range(16):
+        prompt = torch.randint(3, 96, (6,), generator=generator).tolist()
+        records.append({"prompt_ids": prompt, "output_ids": plain_greedy(teacher, prompt, 16, None)})
+    data, _ = compute_features(teacher, records, log_every=0)
+    on_gpu = FeatureSet(data.ids.cuda(), data.features.cuda(), data.offsets, data.prompt_lens)
+    head = EagleHead.from_target(teacher).cuda()
+    config = EagleTrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=2, token_weight=1.0, unroll=2, bf16=True)
+    history = train(head, on_gpu, config, None, None, log=lambda _: None, seconds=600.0)
+    losses = [s["loss"] for s in history["steps"]]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    head.eval()
+    batched = draft_acceptance(head, on_gpu, [4], None, 8)["k4"]
+    cpu = EagleHead(head.config, teacher.get_input_embeddings().weight, teacher.get_output_embeddings().weight)
+    cpu.load_state_dict({k: v.cpu() for k, v in head.state_dict().items()})
+    lengths = [n for i in range(len(data)) for n in replay(cpu.eval(), *data.sequence(i), 4)]
+    # the same rounds up to a draft whose top two logits tie differently on the two devices
+    assert abs(batched["rounds"] - len(lengths)) <= 0.05 * len(lengths)
+    assert abs(batched["mean_acceptance_length"] - sum(lengths) / len(lengths)) < 0.05
