@@ -37,25 +37,15 @@ def test_bf16_distillation_on_cuda_lowers_kl(target, tmp_path):
 def test_eagle_head_bf16_unrolled_training_and_batched_acceptance_on_cuda():
     """gpu_distill.py --job eagle's device path: features on the GPU, bf16 autocast with the unrolled loss lowers the
     loss, and the batched acceptance on the GPU matches eagle_reference.replay on the CPU (the same head)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from distill_helpers import tiny_eagle_features, tiny_eagle_teacher
 
-    from tokenmill.distill.eagle_data import FeatureSet, compute_features
+    from tokenmill.distill.eagle_data import FeatureSet
     from tokenmill.distill.eagle_head import EagleHead
     from tokenmill.distill.eagle_train import EagleTrainConfig, draft_acceptance, train
-    from tokenmill.spec_decode.eagle_reference import plain_greedy, replay
+    from tokenmill.spec_decode.eagle_reference import replay
 
-    torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                           max_position_embeddings=256)).eval()
-    with torch.no_grad():
-        teacher.lm_head.weight.mul_(20)
-    generator = torch.Generator().manual_seed(1)
-    records = []
-    for _ in range(16):
-        prompt = torch.randint(3, 96, (6,), generator=generator).tolist()
-        records.append({"prompt_ids": prompt, "output_ids": plain_greedy(teacher, prompt, 16, None)})
-    data, _ = compute_features(teacher, records, log_every=0)
+    teacher = tiny_eagle_teacher()
+    data, _ = tiny_eagle_features(teacher, 16)
     on_gpu = FeatureSet(data.ids.cuda(), data.features.cuda(), data.offsets, data.prompt_lens)
     head = EagleHead.from_target(teacher).cuda()
     config = EagleTrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=2, token_weight=1.0, unroll=2, bf16=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distill_helpers import tiny_eagle_features, tiny_eagle_teacher
 
 from tokenmill.distill.eagle_data import (
     FeatureSet,
-    compute_features,
     generate_with_features,
     teacher_features,
 )
@@ -27,26 +27,12 @@ from tokenmill.spec_decode.eagle_reference import EagleDrafter, plain_greedy, re
 
 @pytest.fixture(scope="module")
 def teacher():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, rope_theta=10000.0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # a sharper head, so greedy answers vary instead of repeating one token
-        model.lm_head.weight.mul_(20)
-    return model
+    return tiny_eagle_teacher()
 
 
 @pytest.fixture(scope="module")
 def features(teacher) -> FeatureSet:
-    generator = torch.Generator().manual_seed(1)
-    records = []
-    for _ in range(12):
-        prompt = torch.randint(3, 96, (6,), generator=generator).tolist()
-        records.append({"prompt_ids": prompt, "output_ids": plain_greedy(teacher, prompt, 16, None)})
-    data, check = compute_features(teacher, records, log_every=0)
+    data, check = tiny_eagle_features(teacher, 12)
     assert check["teacher_argmax_equals_answer"] == 1.0  # the answers are the teacher's greedy output
     return data
 
