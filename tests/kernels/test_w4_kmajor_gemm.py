@@ -2,8 +2,10 @@
 dequantized weight, on fresh random codes, scales, zero points (integer and fractional), activations and bias:
 one product a K step (x loaded in runs and reordered, or gathered; codes scaled before the product or
 the product after) and one a nibble position, odd row counts and widths (partial tiles), groups 32/64/128,
-K split over programs, bf16 and fp16. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (there bf16 products go
-in as fp32: kernels/splitk.py's dot_in_fp32, the interpreter's bf16 tl.dot multiplies raw storage)."""
+K split over programs, bf16 and fp16; the same for the transposed product (``w_lhs``: weight codes as the left
+operand, x^T gathered in runs as the right) at groups 16 (two words a step) to 128. Runs on CUDA, or on CPU under
+TRITON_INTERPRET=1 (there bf16 products go in as fp32: kernels/splitk.py's dot_in_fp32, the interpreter's bf16
+tl.dot multiplies raw storage)."""
 
 from __future__ import annotations
 
@@ -65,6 +67,24 @@ def test_small_groups_and_fractional_zeros(device, group, dtype):
     _check(device, 21, 5 * group, 40, group, True, dtype, configs, seed=group, fractional_zeros=True)
 
 
+def w_lhs(m: int, n: int, k: int, split: int = 1, sc: bool = False) -> KMajorGemmConfig:
+    return KMajorGemmConfig(m, n, k, split, x_runs=False, scale_codes=sc, w_lhs=True)
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows,group,zeros,dtype", [(37, 128, True, torch.float16), (16, 128, False, torch.bfloat16),
+                                                    (70, 64, True, torch.bfloat16), (9, 16, True, torch.float16),
+                                                    (21, 32, False, torch.float16)])
+def test_w_lhs_matches_fp32_reference(device, rows, group, zeros, dtype):
+    """The transposed product: codes as the left operand (nibbles of a lane's words in the tensor-core fragment's
+    column order), x^T as the right; partial tiles both ways, a split with one step fewer, steps capped at the group,
+    the product scaled after (one partial a step) or the codes before."""
+    configs = [w_lhs(16, 32, 128, split=2), w_lhs(32, 64, 64, split=3, sc=True), w_lhs(64, 16, 32),
+               w_lhs(16, 64, 128, sc=True)]
+    _check(device, rows, 3 * 128, 72, group, zeros, dtype, configs, seed=rows * 11 + group,
+           fractional_zeros=zeros and group < 128)
+
+
 @requires_triton_device
 def test_launcher_rejects_what_the_kernel_cannot_serve(device):
     packed = random_packed(192, 32, 4, 64, True, torch.float16, device, seed=3)
@@ -91,6 +111,11 @@ def test_config_validation():
         KMajorGemmConfig(one_dot=False, x_runs=False, scale_codes=True)
     with pytest.raises(ValueError, match="split_k"):
         KMajorGemmConfig(split_k=0)
+    with pytest.raises(ValueError, match="w_lhs=True takes one_dot=True, x_runs=False"):
+        KMajorGemmConfig(w_lhs=True)
+    with pytest.raises(ValueError, match="w_lhs=True takes one_dot=True, x_runs=False"):
+        KMajorGemmConfig(one_dot=False, x_runs=False, w_lhs=True)
+    assert w_lhs(64, 128, 64, 2, sc=True).name == "kmgemm_wl_sc_m64_n128_k64_s2_w4_st3"
     assert KMajorGemmConfig(64, 128, 128, 2, False, 8, 4, False).name == "kmgemm_j_m64_n128_k128_s2_w8_st4"
     assert KMajorGemmConfig(16, 64, 64).name == "kmgemm_r_m16_n64_k64_s1_w4_st3"
     assert KMajorGemmConfig(128, scale_codes=True).name == "kmgemm_r_sc_m128_n64_k128_s1_w4_st3"
