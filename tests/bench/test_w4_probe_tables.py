@@ -91,7 +91,9 @@ def test_a_winning_transposed_product_is_an_entry_the_dispatch_reads_back():
     totals = {t["rows"]: t for t in probe.decode_totals(results)}
     assert totals[64]["kmajor_gemm_us"] == totals[64]["w_lhs_us"] == 160.0
     assert totals[256]["w_lhs_us"] != totals[256]["w_lhs_us"]  # NaN: none measured at 256 rows
+    assert totals[64]["gluon_us"] != totals[64]["gluon_us"]  # the Triton-compiled product is not Gluon's
     assert probe.w_lhs_candidates(8) == [] and all(c.w_lhs for c in probe.w_lhs_candidates(256))
+    assert {c.gluon for c in probe.w_lhs_candidates(64)} == {False, True}
 
 
 def test_dequant_chunks_fit_l2_and_split_the_weight():

@@ -36,6 +36,8 @@ is nibble 2 p + e of word TW q + t and each lane's codes come from its own words
 product). Measured only by compiles so far: on triton 3.6 (the device's) and 3.9 for sm_90 the codes still reach
 the tensor cores through shared memory (Triton stores the dequantized tile, then loads it in the operand's
 layout: ldmatrix), at 128-255 registers a thread, so the saving the layout aims at is not realized by the compiler.
+``gluon=True`` runs the same product from kernels/w4_kmajor_gluon.py, written with explicit layouts so the codes are
+built in the operand's register layout (no shared-memory trip; compiled for sm_90 without a GPU, not yet run).
 Accumulation is fp32. tests/kernels/test_w4_kmajor_gemm.py compares it with the fp32 product of x and the
 dequantized weight; benchmarks/gpu_w4_gemv_probe.py times it at 8-256 rows (``w_lhs`` from 16). kernels/quant_dispatch.py's
 ``kmajor_cuda_linear`` serves 5-256 rows of K-major weights with it (the H100 probe's winners are table entries).
@@ -50,6 +52,7 @@ import torch
 from tokenmill.kernels._triton import HAS_TRITON, tl, triton
 from tokenmill.kernels.splitk import dot_in_fp32, fit_split_k, splitk_workspace
 from tokenmill.kernels.w4_gemv import KMajorWeight
+from tokenmill.kernels.w4_kmajor_gluon import HAS_GLUON
 from tokenmill.kernels.wna16_gemm import checked_input
 
 
@@ -58,7 +61,8 @@ class KMajorGemmConfig:
     """One launch's tiles: ``block_m`` rows (>= 16, tl.dot's M; its N with ``w_lhs``), ``block_n`` channels,
     ``block_k`` inputs a K step (capped at the group size), K split over ``split_k`` programs (lowered to what the
     workspace holds and what K offers), ``one_dot``, ``x_runs``, ``scale_codes`` and ``w_lhs`` (the transposed
-    product; default off, so table entries written before it keep their kernel) as in the module docstring."""
+    product; default off, so table entries written before it keep their kernel) as in the module docstring;
+    ``gluon``: the transposed product from kernels/w4_kmajor_gluon.py (CUDA only; ``num_stages`` unused)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -70,6 +74,7 @@ class KMajorGemmConfig:
     x_runs: bool = True
     scale_codes: bool = False
     w_lhs: bool = False
+    gluon: bool = False
 
     def __post_init__(self) -> None:
         for field, value, low in (("block_m", self.block_m, 16), ("block_n", self.block_n, 16),
@@ -84,18 +89,26 @@ class KMajorGemmConfig:
             raise ValueError("scale_codes=True is a variant of one_dot=True only")
         if self.w_lhs and (self.x_runs or not self.one_dot):
             raise ValueError("w_lhs=True takes one_dot=True, x_runs=False (it loads x's columns in runs of its own)")
+        if self.gluon and (not self.w_lhs or self.scale_codes):
+            raise ValueError("gluon=True is the w_lhs=True product written in Gluon (scaled after the product only)")
+        if self.gluon and (self.block_n % (16 * self.num_warps) or self.block_m > 256):
+            raise ValueError(f"gluon=True needs block_n a multiple of 16 x num_warps (a wgmma warpgroup's 4 warps "
+                             f"take 64 channels) and block_m <= 256; got {self.block_n}, {self.num_warps} warps, "
+                             f"{self.block_m}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1; got {self.split_k}")
 
     @property
     def name(self) -> str:
-        variant = "_wl" if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
+        variant = ("_wlg" if self.gluon else "_wl") if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
         return (f"kmgemm{variant}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
                 f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}")
 
 
 if HAS_TRITON:
     from tokenmill.kernels.splitk import splitk_finish, splitk_tile
+if HAS_GLUON:
+    from tokenmill.kernels.w4_kmajor_gluon import _kmajor_gemm_gluon_kernel
 
     @triton.jit
     def _magic16(codes, MAGIC_BITS: tl.constexpr, dtype: tl.constexpr):
@@ -269,6 +282,17 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
     work = splitk_workspace(x.device)
     magic_bits, magic = (0x4300, 128.0) if x.dtype == torch.bfloat16 else (0x6400, 1024.0)
     zeros = weight.zeros if weight.zeros is not None else weight.scales
+    if config.gluon:
+        if not (HAS_GLUON and x.is_cuda):
+            raise ValueError("gluon=True needs CUDA and triton's Gluon (Triton's interpreter does not run Gluon)")
+        _kmajor_gemm_gluon_kernel[(tiles, split_k)](
+            x, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, out,
+            work.partials, work.counters, m, n, k, x.stride(0), weight.qweight.stride(0), out.stride(0),
+            HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_K=block_k, GW=weight.group_size // 8, TW=min(4, block_k // 8),
+            MAGIC_BITS=magic_bits, MAGIC=magic, WARPS=config.num_warps, num_warps=config.num_warps,
+        )
+        return out
     if config.w_lhs:
         _kmajor_gemm_lhs_kernel[(tiles, split_k)](
             x, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, out,
