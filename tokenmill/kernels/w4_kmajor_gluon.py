@@ -13,8 +13,8 @@ order (runs of 2 TW columns: 16-byte loads at TW = 4) into a wgmma-swizzled shar
 after each step (the module docstring of w4_kmajor_gemm.py: magic-number codes, s (part - (magic + z) sum x));
 the next step's words and scales load before this step's product (register prefetch; x loads in its step; no
 cp.async ring yet).
-Split-K: the same partials + arrival counter protocol as kernels/splitk.py (``splitk_finish`` is a Triton
-function; Gluon cannot call it).
+Split-K: kernels/splitk.py's partials + arrival counter protocol, restated in Gluon (its ``splitk_finish`` is
+written for Triton's implicit layouts).
 
 Needs Hopper (sm_90) and triton's Gluon (3.6 on the device). No CPU path: Triton's interpreter does not run Gluon.
 tests/kernels/test_w4_kmajor_gemm.py checks it against fp32 on CUDA (and the index maths on CPU through a torch
@@ -161,7 +161,7 @@ if HAS_GLUON:
             if HAS_BIAS:
                 acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
             gl.store(out_ptr + out_off, acc.to(dtype), mask=omask)
-        else:  # kernels/splitk.py's protocol: partials in split order, the last arrival sums and resets the counter
+        else:  # splitk.py's protocol: partials in split order, the last arrival sums them and resets the counter
             part_off = gl.expand_dims(om * N, 0) + gl.expand_dims(on, 1)
             gl.store(part_ptr + pid_k * M * N + part_off, acc, mask=omask)
             cta_barrier()
