@@ -63,7 +63,8 @@ for job in "$@"; do
     quant_e2e_all) cfg="$out/quant_gemv.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/quant_gemv.json
                TOKENMILL_QUANT_GEMV_CONFIGS="$cfg" run python3 benchmarks/gpu_quantized.py --e2e only \
                  --e2e-methods bf16,rtn4,int8,fp8 --e2e-batches 1,16,64,256 --out "$out/gpu_quantized_e2e_all.json" ;;
-    # Issue 20: the W4A16 GEMV variants of kernels/w4_gemv.py, the K-major GEMM and dequantize + cuBLAS (8-256 rows)
+    # Issue 20: the W4A16 GEMV variants of kernels/w4_gemv.py, the K-major GEMM (with its transposed product, w_lhs,
+    # in Triton and Gluon, from 16 rows) and dequantize + cuBLAS (8-256 rows)
     # vs bf16 and today's dispatched kernel; quant_e2e after it in the same call serves its K-major winners.
     w4_probe) run python3 benchmarks/gpu_w4_gemv_probe.py --time-limit "${W4_TIME_LIMIT:-150}" \
                  --out "$out/gpu_w4_gemv_probe.json" ;;

@@ -1,11 +1,14 @@
 """Probe of the W4A16 GEMV variants (kernels/w4_gemv.py) and the tensor-core GEMM on the same K-major layout
-(kernels/w4_kmajor_gemm.py) and dequantize + cuBLAS (kernels/w4_kmajor_dequant.py, from 8 rows) on Llama-3-8B's
+(kernels/w4_kmajor_gemm.py; from 16 rows also its transposed product, ``w_lhs``: codes as the left operand, in
+Triton and in Gluon, kernels/w4_kmajor_gluon.py) and
+dequantize + cuBLAS (kernels/w4_kmajor_dequant.py, from 8 rows) on Llama-3-8B's
 projections (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336; 4-bit, group 128, integer zero points
-as RTN writes them) at 1, 2, 4, 8, 16, 64, 128 and 256 rows, against
+as RTN writes them) at 1, 2, 4, 8, 16, 32, 64, 128 and 256 rows, against
 cuBLAS bf16 and today's dispatched kernel (kernels/quant_dispatch.py's choice; on a GPU its shipped table does not
 list, e.g. an H200, the H100's entry), all in one run: issue 20's batch-1 target is W4A16 >= 2.5x bf16. The
 totals' ``k_major`` column is what serving one K-major copy would give at each row count (the best of the K-major
-GEMV, GEMM and dequantize + cuBLAS a shape; ``kmajor_gemm`` and ``dequant`` the best of each of those two alone).
+GEMV, GEMM and dequantize + cuBLAS a shape; ``kmajor_gemm`` and ``dequant`` the best of each of those two alone,
+``w_lhs`` the transposed product's best alone, ``gluon`` its Gluon kernel's).
 Dequantize + cuBLAS runs through kernels/quant_dispatch.py's ``kmajor_cuda_linear`` with its config as the plan:
 the engine's call, its dense copy allocated every call as there (from the graph's pool when captured).
 
@@ -24,9 +27,9 @@ $OUT/gpu_w4_gemv_probe.txt (the full table); the console keeps the fastest three
 after every shape and row count too) lists what was skipped. ``--dry-run`` runs the whole probe on the CPU under
 TRITON_INTERPRET=1 (tiny shapes with the same names, 2 weight copies, wall-clock times that mean nothing): every
 variant checked against fp32, the JSON, totals and suggested entries written as on the GPU (variants the
-interpreter cannot run, e.g. inline PTX, are recorded as failures). Rows run in the order 1, 16, 8, 64, 256, 128,
-4, 2 so that a cut loses the least needed (past 16 rows only bf16, today's kernel, the K-major GEMM and dequantize +
-cuBLAS run). Needs torch + triton only.
+interpreter cannot run, e.g. inline PTX or Gluon, are recorded as failures). Rows run in the order 1, 16, 8, 64, 256, 128,
+32, 4, 2 so that a cut loses the least needed (past 16 rows only bf16, today's kernel, the K-major GEMM and
+dequantize + cuBLAS run). Needs torch + triton only.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig, dequantize_
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, kmajor_gemm_block_k, w4_kmajor_gemm  # noqa: E402
 from tokenmill.kernels.wna16_gemm import dequantize  # noqa: E402
 
-ROWS = (1, 16, 8, 64, 256, 128, 4, 2)
+ROWS = (1, 16, 8, 64, 256, 128, 32, 4, 2)
 KMAJOR_GEMM_MIN_ROWS = 8
 DEQUANT_MIN_ROWS = 8
 DEQUANT_ALONE_ROWS = 16  # the row count at which the dequantize kernel is also timed alone (it reads no x)
@@ -136,6 +139,40 @@ def kmajor_gemm_candidates(rows: int) -> list[KMajorGemmConfig]:
                 kmgemm(32, 64, 128, 4)]
     return [kmgemm(128, 128, 64, 1, w=8, sc=True), kmgemm(128, 128, 64, 2, w=8, st=4, sc=True),
             kmgemm(64, 128, 128, 2, sc=True), kmgemm(64, 256, 64, 1, w=8, sc=True)]
+
+
+def wlhs(m: int, n: int, k: int, split: int, w: int = 4, st: int = 3, sc: bool = False,
+         gluon: bool = False) -> KMajorGemmConfig:
+    return KMajorGemmConfig(m, n, k, split, True, w, st, False, sc, w_lhs=True, gluon=gluon)
+
+
+def wlg(m: int, n: int, k: int, split: int, w: int) -> KMajorGemmConfig:
+    return wlhs(m, n, k, split, w, gluon=True)
+
+
+# The transposed product (w_lhs: codes the left operand, n the tensor cores' M; the config's block_m is their N).
+# From sm_90 compiles without a GPU (triton 3.6), none of these spills. Triton's compile (w_lhs): 128-255 registers
+# (243-255 from 64 rows) and the codes still reach the tensor cores through shared memory (stored, then reloaded
+# with ldmatrix; K loop 551-1026 SASS instructions vs 363-661 for the W-right kernel's configs), so only a few are
+# timed. Gluon's (gluon, kernels/w4_kmajor_gluon.py: codes built in the operand's registers, no shared trip): K loop
+# 257-559 instructions, 126-255 registers. 20 configs a shape in all (10 distinct compiles each kind), so the probe
+# keeps near --time-limit 140 on the H100 (rows 4 and 2, last, are the ones a cut would lose).
+def w_lhs_candidates(rows: int) -> list[KMajorGemmConfig]:
+    """The transposed-product GEMM's configs for ``rows`` (16 rows and up), Triton's then Gluon's."""
+    if rows < 16:
+        return []
+    if rows <= 16:
+        return [wlhs(16, 64, 128, 8), wlg(16, 64, 128, 8, 4), wlg(16, 128, 128, 8, 8)]
+    if rows <= 32:
+        return [wlhs(32, 64, 128, 4), wlg(32, 64, 128, 4, 4), wlg(32, 128, 128, 4, 8)]
+    if rows <= 64:
+        return [wlhs(64, 64, 128, 4), wlhs(64, 128, 64, 2, sc=True), wlg(64, 128, 128, 2, 8),
+                wlg(64, 128, 128, 4, 8), wlg(64, 128, 64, 1, 8), wlg(64, 64, 128, 1, 4)]
+    if rows <= 128:
+        return [wlhs(64, 128, 128, 2, w=8), wlg(128, 128, 64, 1, 8), wlg(64, 128, 128, 2, 8),
+                wlg(64, 128, 64, 1, 8)]
+    return [wlhs(64, 128, 128, 2, w=8), wlhs(128, 128, 64, 1, w=8), wlg(128, 128, 64, 1, 8),
+            wlg(128, 128, 128, 1, 8), wlg(64, 128, 128, 2, 8), wlg(64, 128, 64, 1, 8)]
 
 
 # Today's default (32 channels x one group a program, 4 warps), taller tiles with more warps (more work a program:
@@ -239,7 +276,7 @@ def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Gene
             params["groups_run"], params["splits"] = split_plan(config, rows, w.n, w.k // GROUP)
         pr.measure(case, config.name, params, lambda c=config, ws=weights: w4_gemv(x, ws[0], c),
                    lambda c=config, ws=weights: [w4_gemv(x, p, c) for p in ws], ref)
-    for config in kmajor_gemm_candidates(rows):
+    for config in kmajor_gemm_candidates(rows) + w_lhs_candidates(rows):
         params = {"kernel": "w4_kmajor_gemm", **asdict(config), "block_k_run": kmajor_gemm_block_k(config, GROUP)}
         pr.measure(case, config.name, params, lambda c=config: w4_kmajor_gemm(x, w.kmajor[0], c),
                    lambda c=config: [w4_kmajor_gemm(x, p, c) for p in w.kmajor], ref)
@@ -253,7 +290,7 @@ def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Gene
     print(f"{shape} rows={rows} done at {time.monotonic() - START:.0f} s", flush=True)
 
 
-TOTAL_TAGS = ("bf16", "today", "new", "no_repack", "k_major", "kmajor_gemm", "dequant")
+TOTAL_TAGS = ("bf16", "today", "new", "no_repack", "k_major", "kmajor_gemm", "w_lhs", "gluon", "dequant")
 
 
 def total_tags(r: dict[str, Any]) -> list[str]:
@@ -264,6 +301,8 @@ def total_tags(r: dict[str, Any]) -> list[str]:
         return ["new", "no_repack"]
     kernel = r["params"].get("kernel")
     alone = {"w4_kmajor_gemm": ["kmajor_gemm"], "dequant_mm": ["dequant"]}.get(kernel, [])
+    if r["params"].get("w_lhs"):  # the transposed product also alone (it counts in the K-major GEMM's best too)
+        alone += ["w_lhs", "gluon"] if r["params"].get("gluon") else ["w_lhs"]
     return ["new", "k_major", *alone]
 
 
@@ -336,6 +375,8 @@ def summary_lines(pr: GemvProbe) -> list[str]:
                      f"best without repack {t['no_repack_us']:7.1f} us ({t['no_repack_x_bf16']:.2f}x), "
                      f"best K-major {t['k_major_us']:7.1f} us ({t['k_major_x_bf16']:.2f}x)")
         lines.append(f"{'':9} K-major GEMM alone {t['kmajor_gemm_us']:7.1f} us ({t['kmajor_gemm_x_bf16']:.2f}x), "
+                     f"of it w_lhs alone {t['w_lhs_us']:7.1f} us ({t['w_lhs_x_bf16']:.2f}x), "
+                     f"Gluon's alone {t['gluon_us']:7.1f} us ({t['gluon_x_bf16']:.2f}x), "
                      f"dequantize + cuBLAS alone {t['dequant_us']:7.1f} us ({t['dequant_x_bf16']:.2f}x)")
     return lines + pr.failure_lines()
 

@@ -62,10 +62,10 @@ def _loops(sass: str) -> list[dict[str, Any]]:
 
 
 def compile_sm90(fn: Any, args: dict[str, Any], num_warps: int = 4, num_stages: int = 2, capability: int = 90,
-                 keep_text: bool = False) -> SassInfo:
+                 keep_text: bool = False, gluon: bool = False) -> SassInfo:
     """``args``: every kernel argument by name: a type string ("*fp8e4nv", "*bf16", "i32"; ":16" appended marks a
     pointer or int divisible by 16, as the launcher would find it; pointers are marked by default) or a constexpr
-    value."""
+    value. ``gluon``: ``fn`` is a Gluon kernel (explicit layouts)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -83,6 +83,8 @@ def compile_sm90(fn: Any, args: dict[str, Any], num_warps: int = 4, num_stages: 
         else:
             signature[name] = "constexpr"
             constexprs[name] = value
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: N814
     src = ASTSource(fn, signature, constexprs, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})

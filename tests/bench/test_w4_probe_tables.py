@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.quant_dispatch import _tuned
+from tokenmill.kernels.quant_dispatch import _tuned, config_from_json
 from tokenmill.kernels.w4_gemv import W4GemvConfig
 from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig
@@ -70,6 +70,30 @@ def test_the_fastest_k_major_path_per_shape_and_rows_becomes_the_table_entry():
     assert totals[256]["k_major_us"] == totals[256]["dequant_us"] == 110 + 111 + 112 + 113
     assert totals[256]["dequant_x_bf16"] == pytest.approx(160 / 446)
     assert probe.k_major(results[-1]) and not probe.k_major(results[2])
+
+
+def test_a_winning_transposed_product_is_an_entry_the_dispatch_reads_back():
+    """A w_lhs GEMM row (the transposed product) counts in the K-major GEMM's total and its own, and where it is
+    fastest its entry carries w_lhs, so the merged table's config is the transposed product; the other rows keep
+    w_lhs False (today's kernel)."""
+    probe = _script("gpu_w4_gemv_probe")
+    wl = {**GEMM, "x_runs": False, "scale_codes": False, "w_lhs": True, "block_n": 128, "split_k": 2}
+    results = _results() + [_row(shape, 64, "kmgemm_wl_m64_n128_k128_s2_w4_st3", 40.0, wl)
+                            for shape in ("qkv", "o", "gate_up", "down")]
+    entries = probe.suggested_k_major_entries(results)
+    assert entries["4096x4096"]["64"] == {k: v for k, v in wl.items() if k != "block_k_run"}
+    assert "w_lhs" not in entries["4096x4096"]["1"]
+    config = config_from_json(entries["4096x4096"]["64"])
+    assert isinstance(config, KMajorGemmConfig) and config.w_lhs
+    assert config.name == "kmgemm_wl_m64_n128_k128_s2_w4_st3"
+    old_entry = {k: v for k, v in GEMM.items() if k != "block_k_run"}  # as written before the variant existed
+    assert not config_from_json(old_entry).w_lhs
+    totals = {t["rows"]: t for t in probe.decode_totals(results)}
+    assert totals[64]["kmajor_gemm_us"] == totals[64]["w_lhs_us"] == 160.0
+    assert totals[256]["w_lhs_us"] != totals[256]["w_lhs_us"]  # NaN: none measured at 256 rows
+    assert totals[64]["gluon_us"] != totals[64]["gluon_us"]  # the Triton-compiled product is not Gluon's
+    assert probe.w_lhs_candidates(8) == [] and all(c.w_lhs for c in probe.w_lhs_candidates(256))
+    assert {c.gluon for c in probe.w_lhs_candidates(64)} == {False, True}
 
 
 def test_dequant_chunks_fit_l2_and_split_the_weight():

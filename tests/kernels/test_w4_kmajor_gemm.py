@@ -2,20 +2,26 @@
 dequantized weight, on fresh random codes, scales, zero points (integer and fractional), activations and bias:
 one product a K step (x loaded in runs and reordered, or gathered; codes scaled before the product or
 the product after) and one a nibble position, odd row counts and widths (partial tiles), groups 32/64/128,
-K split over programs, bf16 and fp16. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (there bf16 products go
-in as fp32: kernels/splitk.py's dot_in_fp32, the interpreter's bf16 tl.dot multiplies raw storage)."""
+K split over programs, bf16 and fp16; the same for the transposed product (``w_lhs``: weight codes as the left
+operand, x^T gathered in runs as the right) at groups 16 (two words a step) to 128. Runs on CUDA, or on CPU under
+TRITON_INTERPRET=1 (there bf16 products go in as fp32: kernels/splitk.py's dot_in_fp32, the interpreter's bf16
+tl.dot multiplies raw storage)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err, requires_triton_device
+from conftest import rel_err, requires_cuda, requires_triton_device
 from test_wna16_gemm import random_packed
 
 from tokenmill.kernels.w4_gemv import repack_k_major
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, w4_kmajor_gemm
+from tokenmill.kernels.w4_kmajor_gluon import HAS_GLUON, code_columns, code_words
 from tokenmill.kernels.wna16_gemm import wna16_linear_reference
 
 pytestmark = pytest.mark.gpu
@@ -65,6 +71,82 @@ def test_small_groups_and_fractional_zeros(device, group, dtype):
     _check(device, 21, 5 * group, 40, group, True, dtype, configs, seed=group, fractional_zeros=True)
 
 
+def w_lhs(m: int, n: int, k: int, split: int = 1, sc: bool = False) -> KMajorGemmConfig:
+    return KMajorGemmConfig(m, n, k, split, x_runs=False, scale_codes=sc, w_lhs=True)
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows,group,zeros,dtype", [(37, 128, True, torch.float16), (16, 128, False, torch.bfloat16),
+                                                    (70, 64, True, torch.bfloat16), (9, 16, True, torch.float16),
+                                                    (21, 32, False, torch.float16)])
+def test_w_lhs_matches_fp32_reference(device, rows, group, zeros, dtype):
+    """The transposed product: codes as the left operand (nibbles of a lane's words in the tensor-core fragment's
+    column order), x^T as the right; partial tiles both ways, a split with one step fewer, steps capped at the group,
+    the product scaled after (one partial a step) or the codes before."""
+    configs = [w_lhs(16, 32, 128, split=2), w_lhs(32, 64, 64, split=3, sc=True), w_lhs(64, 16, 32),
+               w_lhs(16, 64, 128, sc=True)]
+    _check(device, rows, 3 * 128, 72, group, zeros, dtype, configs, seed=rows * 11 + group,
+           fractional_zeros=zeros and group < 128)
+
+
+@pytest.mark.parametrize("group,block_k", [(128, 128), (128, 64), (32, 32), (16, 16)])
+def test_gluon_code_order_reads_the_words_it_multiplies(group, block_k):
+    """kernels/w4_kmajor_gluon.py's column order (the formulas its kernel inlines) on CPU, in torch: code column c
+    takes nibble code_words(c) of the step's words and multiplies x column code_columns(c); over every step of K
+    that is the product with the dequantized weight (Triton's interpreter does not run Gluon)."""
+    k, n, rows = 2 * max(group, 128), 24, 5
+    packed = random_packed(k, n, 4, group, True, torch.float16, "cpu", seed=group + block_k)
+    weight = repack_k_major(packed)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(block_k)).double()
+    word, nibble = code_words(block_k)
+    cols = code_columns(block_k, group // 8)
+    assert sorted(cols.tolist()) == list(range(block_k)) or block_k < group  # a step's columns, each once
+    out = torch.zeros(rows, n, dtype=torch.float64)
+    kw, gw = block_k // 8, group // 8
+    for step in range(k // block_k):
+        g, sub = divmod(step * kw, gw)
+        words = weight.qweight[:, step * kw + word]  # [n, c]
+        codes = ((words >> (4 * nibble)) & 0xF).double()
+        zero, scale = weight.zeros[:, g].double(), weight.scales[:, g].double()
+        w = (codes - zero[:, None]) * scale[:, None]
+        out += x[:, g * group + 2 * sub + cols] @ w.t()
+    ref = wna16_linear_reference(x.float(), packed).double()
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_GLUON or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs triton's Gluon, compiled (the interpreter swaps jit functions for its own)")
+@pytest.mark.parametrize("config,group", [(w_lhs(64, 128, 128, 2), 128), (w_lhs(16, 64, 32), 32)])
+def test_gluon_kernel_builds_codes_in_the_operand_layout(config, group):
+    """Compiles the Gluon kernel for sm_90 without a GPU: the codes' reshape into the wgmma A operand must be a
+    trivial layout conversion (the kernel asserts it at compile time), and nothing spills."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from triton_sass import compile_sm90
+
+    from tokenmill.kernels.w4_kmajor_gluon import _kmajor_gemm_gluon_kernel
+
+    config = dataclasses.replace(config, gluon=True, num_warps=4 if config.block_n == 64 else 8)
+    block_k = min(config.block_k, group)
+    args = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16",
+                part_ptr="*fp32", cnt_ptr="*i32", M="i32:1", N="i32:16", K="i32:16", stride_xm="i32:16",
+                stride_wn="i32:16", stride_om="i32:16", HAS_ZEROS=True, HAS_BIAS=True, SPLIT_K=config.split_k,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GW=group // 8,
+                TW=min(4, block_k // 8), MAGIC_BITS=0x4300, MAGIC=128.0, WARPS=config.num_warps)
+    info = compile_sm90(_kmajor_gemm_gluon_kernel, args, num_warps=config.num_warps, gluon=True)
+    assert info.spill_bytes == 0 and info.loops
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows,group,zeros,dtype", [(37, 128, True, torch.bfloat16), (200, 128, False, torch.float16),
+                                                    (16, 32, True, torch.bfloat16), (9, 16, True, torch.float16)])
+def test_gluon_w_lhs_matches_fp32_reference(rows, group, zeros, dtype):
+    """The Gluon kernel (CUDA only): partial tiles both ways, K split with an uneven last split, bias."""
+    configs = [dataclasses.replace(w_lhs(16, 64, 128, split=3), gluon=True),
+               dataclasses.replace(w_lhs(64, 128, 64, split=2), gluon=True, num_warps=8)]
+    _check("cuda", rows, 3 * 128, 200, group, zeros, dtype, configs, seed=rows + group,
+           fractional_zeros=zeros and group < 128)
+
+
 @requires_triton_device
 def test_launcher_rejects_what_the_kernel_cannot_serve(device):
     packed = random_packed(192, 32, 4, 64, True, torch.float16, device, seed=3)
@@ -91,6 +173,19 @@ def test_config_validation():
         KMajorGemmConfig(one_dot=False, x_runs=False, scale_codes=True)
     with pytest.raises(ValueError, match="split_k"):
         KMajorGemmConfig(split_k=0)
+    with pytest.raises(ValueError, match="w_lhs=True takes one_dot=True, x_runs=False"):
+        KMajorGemmConfig(w_lhs=True)
+    with pytest.raises(ValueError, match="w_lhs=True takes one_dot=True, x_runs=False"):
+        KMajorGemmConfig(one_dot=False, x_runs=False, w_lhs=True)
+    assert w_lhs(64, 128, 64, 2, sc=True).name == "kmgemm_wl_sc_m64_n128_k64_s2_w4_st3"
+    with pytest.raises(ValueError, match="gluon=True is the w_lhs=True product"):
+        KMajorGemmConfig(gluon=True)
+    with pytest.raises(ValueError, match="gluon=True is the w_lhs=True product"):
+        KMajorGemmConfig(x_runs=False, w_lhs=True, scale_codes=True, gluon=True)
+    with pytest.raises(ValueError, match="block_n a multiple of 16 x num_warps"):
+        KMajorGemmConfig(16, 64, x_runs=False, w_lhs=True, gluon=True, num_warps=8)
+    gl_config = KMajorGemmConfig(64, 128, 128, 2, num_warps=8, x_runs=False, w_lhs=True, gluon=True)
+    assert gl_config.name == "kmgemm_wlg_m64_n128_k128_s2_w8_st3"
     assert KMajorGemmConfig(64, 128, 128, 2, False, 8, 4, False).name == "kmgemm_j_m64_n128_k128_s2_w8_st4"
     assert KMajorGemmConfig(16, 64, 64).name == "kmgemm_r_m16_n64_k64_s1_w4_st3"
     assert KMajorGemmConfig(128, scale_codes=True).name == "kmgemm_r_sc_m128_n64_k128_s1_w4_st3"

@@ -26,8 +26,20 @@ and adds s (part - (magic + z) sum x) in fp32: scale and zero point once a group
 That keeps a second [BLOCK_M, BLOCK_N] fp32 tile live beside the accumulator (registers spill at 128 x 128 tiles:
 sm_90 compiles without a GPU), so for many rows ``scale_codes=True`` instead makes every code (c - z) s in fp32
 (2^23-magic conversion, one FMA) rounded to x's dtype, and chains one accumulator through the products.
+``w_lhs=True`` computes the transposed product acc [BLOCK_N, BLOCK_M] = codes [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K,
+BLOCK_M] and stores acc transposed: on Hopper a wgmma's right operand must sit in shared memory, its left one may be
+in registers, so the dequantized tile goes left. Word tiles load as [BLOCK_N, KW] (contiguous rows, 16-byte loads
+with the row stride an argument); a row's words are spread over TW = min(4, KW) lanes as the 16-bit operand
+fragment spreads a row's K (a lane holds columns 2 t, 2 t + 1 of every 8), so code column 8 TW q + 2 TW p + 2 t + e
+is nibble 2 p + e of word TW q + t and each lane's codes come from its own words; x^T is gathered to match (runs of
+2 TW columns: 16-byte loads at TW = 4). Scale and zero point as above (``scale_codes`` or after each step's
+product). Measured only by compiles so far: on triton 3.6 (the device's) and 3.9 for sm_90 the codes still reach
+the tensor cores through shared memory (Triton stores the dequantized tile, then loads it in the operand's
+layout: ldmatrix), at 128-255 registers a thread, so the saving the layout aims at is not realized by the compiler.
+``gluon=True`` runs the same product from kernels/w4_kmajor_gluon.py, written with explicit layouts so the codes are
+built in the operand's register layout (no shared-memory trip; compiled for sm_90 without a GPU, not yet run).
 Accumulation is fp32. tests/kernels/test_w4_kmajor_gemm.py compares it with the fp32 product of x and the
-dequantized weight; benchmarks/gpu_w4_gemv_probe.py times it at 8-256 rows. kernels/quant_dispatch.py's
+dequantized weight; benchmarks/gpu_w4_gemv_probe.py times it at 8-256 rows (``w_lhs`` from 16). kernels/quant_dispatch.py's
 ``kmajor_cuda_linear`` serves 5-256 rows of K-major weights with it (the H100 probe's winners are table entries).
 """
 
@@ -40,14 +52,17 @@ import torch
 from tokenmill.kernels._triton import HAS_TRITON, tl, triton
 from tokenmill.kernels.splitk import dot_in_fp32, fit_split_k, splitk_workspace
 from tokenmill.kernels.w4_gemv import KMajorWeight
+from tokenmill.kernels.w4_kmajor_gluon import HAS_GLUON
 from tokenmill.kernels.wna16_gemm import checked_input
 
 
 @dataclass(frozen=True)
 class KMajorGemmConfig:
-    """One launch's tiles: ``block_m`` rows (>= 16, tl.dot's M), ``block_n`` channels, ``block_k`` inputs a K step
-    (capped at the group size), K split over ``split_k`` programs (lowered to what the workspace holds and what
-    K offers), ``one_dot``, ``x_runs`` and ``scale_codes`` as in the module docstring."""
+    """One launch's tiles: ``block_m`` rows (>= 16, tl.dot's M; its N with ``w_lhs``), ``block_n`` channels,
+    ``block_k`` inputs a K step (capped at the group size), K split over ``split_k`` programs (lowered to what the
+    workspace holds and what K offers), ``one_dot``, ``x_runs``, ``scale_codes`` and ``w_lhs`` (the transposed
+    product; default off, so table entries written before it keep their kernel) as in the module docstring;
+    ``gluon``: the transposed product from kernels/w4_kmajor_gluon.py (CUDA only; ``num_stages`` unused)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -58,6 +73,8 @@ class KMajorGemmConfig:
     num_stages: int = 3
     x_runs: bool = True
     scale_codes: bool = False
+    w_lhs: bool = False
+    gluon: bool = False
 
     def __post_init__(self) -> None:
         for field, value, low in (("block_m", self.block_m, 16), ("block_n", self.block_n, 16),
@@ -70,22 +87,41 @@ class KMajorGemmConfig:
             raise ValueError("x_runs=True is a variant of one_dot=True only (one_dot=False loads x at stride 2)")
         if self.scale_codes and not self.one_dot:
             raise ValueError("scale_codes=True is a variant of one_dot=True only")
+        if self.w_lhs and (self.x_runs or not self.one_dot):
+            raise ValueError("w_lhs=True takes one_dot=True, x_runs=False (it loads x's columns in runs of its own)")
+        if self.gluon and (not self.w_lhs or self.scale_codes):
+            raise ValueError("gluon=True is the w_lhs=True product written in Gluon (scaled after the product only)")
+        if self.gluon and (self.block_n % (16 * self.num_warps) or self.block_m > 256):
+            raise ValueError(f"gluon=True needs block_n a multiple of 16 x num_warps (a wgmma warpgroup's 4 warps "
+                             f"take 64 channels) and block_m <= 256; got {self.block_n}, {self.num_warps} warps, "
+                             f"{self.block_m}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1; got {self.split_k}")
 
     @property
     def name(self) -> str:
-        return (f"kmgemm{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
+        variant = ("_wlg" if self.gluon else "_wl") if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
+        return (f"kmgemm{variant}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
                 f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}")
 
 
 if HAS_TRITON:
     from tokenmill.kernels.splitk import splitk_finish, splitk_tile
+if HAS_GLUON:
+    from tokenmill.kernels.w4_kmajor_gluon import _kmajor_gemm_gluon_kernel
 
     @triton.jit
     def _magic16(codes, MAGIC_BITS: tl.constexpr, dtype: tl.constexpr):
         """4-bit codes (int32, already masked) as 16-bit floats magic + code."""
         return (codes | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True)
+
+    @triton.jit
+    def _split_steps(K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """[first, last) K steps of split ``pid_k`` (the last split may have fewer steps, or none)."""
+        steps = K // BLOCK_K
+        per_split = tl.cdiv(steps, SPLIT_K)
+        first = pid_k * per_split
+        return first, tl.minimum(first + per_split, steps)
 
     @triton.jit
     def _product(a, b, acc, DOT_F32: tl.constexpr):
@@ -109,10 +145,7 @@ if HAS_TRITON:
         pid_k = tl.program_id(1)
         kwords = K // 8
         groups = K // S
-        steps = K // BLOCK_K
-        per_split = tl.cdiv(steps, SPLIT_K)
-        first = pid_k * per_split
-        last = tl.minimum(first + per_split, steps)
+        first, last = _split_steps(K, pid_k, BLOCK_K, SPLIT_K)
         dtype = x_ptr.dtype.element_ty
         x_rows = x_ptr + m[:, None] * stride_xm
         kw = tl.arange(0, KW)
@@ -168,6 +201,58 @@ if HAS_TRITON:
                 acc += (part - xsum[:, None] * (MAGIC + zero)[None, :]) * scale[None, :]
         splitk_finish(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tl.program_id(0), pid_k, HAS_BIAS, SPLIT_K)
 
+    @triton.jit(do_not_specialize=["M"])
+    def _kmajor_gemm_lhs_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+        M, N, K, stride_xm, stride_wn, stride_om,
+        HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GW: tl.constexpr, TW: tl.constexpr, MAGIC_BITS: tl.constexpr,
+        MAGIC: tl.constexpr, SCALE_CODES: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        """w_lhs=True: acc [BLOCK_N, BLOCK_M] = codes [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M], stored transposed.
+        Code column c = 8 TW q + 2 TW p + 2 t + e holds nibble 2 p + e of word TW q + t (TW = min(4, KW) lanes a
+        row: the 16-bit dot operand's fragment gives a lane columns 2 t, 2 t + 1 of every 8, so each lane holds
+        whole words); its x column is the step's 2 GW p + 2 TW q + (c mod 2 TW), runs of 2 TW."""
+        KW: tl.constexpr = BLOCK_K // 8
+        S: tl.constexpr = GW * 8  # the group size
+        STEPS_A_GROUP: tl.constexpr = GW // KW
+        m, n, mmask, nmask = splitk_tile(M, N, BLOCK_M, BLOCK_N)
+        pid_k = tl.program_id(1)
+        groups = K // S
+        first, last = _split_steps(K, pid_k, BLOCK_K, SPLIT_K)
+        dtype = x_ptr.dtype.element_ty
+        c = tl.arange(0, BLOCK_K)
+        k_of_c = 2 * GW * ((c // (2 * TW)) % 4) + 2 * TW * (c // (8 * TW)) + c % (2 * TW)
+        x_at = x_ptr + m[None, :] * stride_xm + k_of_c[:, None]  # x^T [BLOCK_K, BLOCK_M]
+        # [BLOCK_N, KW]: contiguous rows (the row stride an argument: its divisibility by 16 gives 16-byte loads)
+        w_at = qw_ptr + n[:, None] * stride_wn + tl.arange(0, KW)[None, :]
+        j = tl.arange(0, 8)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for step in range(first, last):
+            group = step // STEPS_A_GROUP  # a step never crosses a group (BLOCK_K divides it)
+            col0 = group * S + 2 * KW * (step % STEPS_A_GROUP)  # x column of the step's first word's nibble 0
+            words = tl.load(w_at + step * KW, mask=nmask[:, None], other=0)
+            scale = tl.load(s_ptr + n * groups + group, mask=nmask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zero = tl.load(z_ptr + n * groups + group, mask=nmask, other=0.0).to(tl.float32)
+            else:
+                zero = tl.full([BLOCK_N], 8.0, tl.float32)
+            codes = (words[:, :, None] >> (4 * j)[None, None, :]) & 0xF  # [BLOCK_N, KW, 8]: word w, nibble j
+            codes = tl.reshape(tl.permute(tl.reshape(codes, [BLOCK_N, KW // TW, TW, 4, 2]), (0, 1, 3, 2, 4)),
+                               [BLOCK_N, BLOCK_K])  # -> [n, q, p, t, e]
+            xt = tl.load(x_at + col0, mask=mmask[None, :], other=0.0)
+            if SCALE_CODES:  # (c - z) s a weight, one accumulator chained through the products
+                cf = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + c, minus 2^23
+                a = (cf * scale[:, None] - (zero * scale)[:, None]).to(dtype)
+                acc = _product(a, xt, acc, DOT_F32)
+            else:  # magic + c a weight; scale and zero point once a group and channel, after the product
+                part = _product(_magic16(codes, MAGIC_BITS, dtype), xt, tl.zeros([BLOCK_N, BLOCK_M], tl.float32),
+                                DOT_F32)
+                xsum = tl.sum(xt.to(tl.float32), axis=0)
+                acc += (part - (MAGIC + zero)[:, None] * xsum[None, :]) * scale[:, None]
+        splitk_finish(tl.trans(acc), b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tl.program_id(0),
+                      pid_k, HAS_BIAS, SPLIT_K)
+
 
 def kmajor_gemm_block_k(config: KMajorGemmConfig, group_size: int) -> int:
     """The K step a launch uses: the config's, capped at the group size (a step never crosses a group)."""
@@ -197,6 +282,27 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
     work = splitk_workspace(x.device)
     magic_bits, magic = (0x4300, 128.0) if x.dtype == torch.bfloat16 else (0x6400, 1024.0)
     zeros = weight.zeros if weight.zeros is not None else weight.scales
+    if config.gluon:
+        if not (HAS_GLUON and x.is_cuda):
+            raise ValueError("gluon=True needs CUDA and triton's Gluon (Triton's interpreter does not run Gluon)")
+        _kmajor_gemm_gluon_kernel[(tiles, split_k)](
+            x, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, out,
+            work.partials, work.counters, m, n, k, x.stride(0), weight.qweight.stride(0), out.stride(0),
+            HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_K=block_k, GW=weight.group_size // 8, TW=min(4, block_k // 8),
+            MAGIC_BITS=magic_bits, MAGIC=magic, WARPS=config.num_warps, num_warps=config.num_warps,
+        )
+        return out
+    if config.w_lhs:
+        _kmajor_gemm_lhs_kernel[(tiles, split_k)](
+            x, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, out,
+            work.partials, work.counters, m, n, k, x.stride(0), weight.qweight.stride(0), out.stride(0),
+            HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_K=block_k, GW=weight.group_size // 8, TW=min(4, block_k // 8),
+            MAGIC_BITS=magic_bits, MAGIC=magic, SCALE_CODES=config.scale_codes, DOT_F32=dot_in_fp32(x.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return out
     _kmajor_gemm_kernel[(tiles, split_k)](
         x, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, out,
         work.partials, work.counters, m, n, k, x.stride(0), out.stride(0),
