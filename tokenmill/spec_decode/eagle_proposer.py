@@ -9,16 +9,20 @@ then the accepted tokens of the last verification), then runs k - 1 one-token dr
 features back in; draft keys are dropped afterwards (rejected drafts leave nothing behind). The same loop, batch 1
 and without the engine, is spec_decode/eagle_reference.py's ``EagleDrafter``; the tests hold the two to equal drafts.
 
-Positions are absolute (RoPE), but the cache may start late: positions the target never computed for this sequence
-(a prefix-cache hit) are simply not attended to. Drafts are then a little worse, the output is not: verification is
-the target's. Drafts are the head's argmax for every request (as vLLM's EAGLE proposer): a sampled request is
+A prefix-cache hit means the target never computes the prefix's positions for that sequence: the head's cache then
+starts from another sequence's (live, or one of the last ``PREFIX_STORE`` finished) whose ids agree over the prefix:
+position t's head keys depend on ids 0..t + 1 only, so they agree but for the prefix's last position when the two
+sequences part right after it (its key read the other's next token: one approximate key). With no such sequence
+the cache starts after the prefix (positions stay absolute for RoPE). Either way only drafts can get worse, never
+the output: verification is the target's. Drafts are the head's argmax for every request (as vLLM's EAGLE proposer): a sampled request is
 verified by the target's own draws, which is exact.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,8 @@ from tokenmill.spec_decode.draft_vocab import load_draft_vocab
 
 logger = logging.getLogger(__name__)
 
+PREFIX_STORE = 8  # finished sequences whose head caches a later prefix-cache hit may start from
+
 
 @dataclass
 class _EagleSequence:
@@ -43,6 +49,7 @@ class _EagleSequence:
     last: torch.Tensor | None = None  # [h]: the head's predicted features of position end (its first draft's)
     pending: torch.Tensor | None = None  # [P, h]: target features of positions pending_start.. not read yet
     pending_start: int = 0
+    token_ids: list[int] = field(default_factory=list)  # the sequence's ids at the last proposal (read-only)
 
     @property
     def end(self) -> int:
@@ -77,6 +84,7 @@ class EagleProposer:
         self.vocab_ids = vocab_ids
         self.rows = head.lm_head if vocab_ids is None else head.lm_head.index_select(0, vocab_ids).contiguous()
         self.sequences: dict[str, _EagleSequence] = {}
+        self.finished: deque[_EagleSequence] = deque(maxlen=PREFIX_STORE)
         self.feature_sink = self  # the runner hands every step's hidden states to ``add_features``
 
     @classmethod
@@ -118,7 +126,24 @@ class EagleProposer:
             state.pending = torch.cat([state.pending[: start - state.pending_start], features])
 
     def release(self, seq_id: str) -> None:
-        self.sequences.pop(seq_id, None)
+        state = self.sequences.pop(seq_id, None)
+        if state is not None and state.base == 0 and state.length:
+            self.finished.append(state)
+
+    def _seed_from_prefix(self, state: _EagleSequence, token_ids: list[int]) -> None:
+        """Give a cache that starts at position base > 0 (a prefix-cache hit) the head's keys of positions
+        0..base - 1 from a sequence whose ids 0..base - 1 agree (live first, then recently finished)."""
+        base = state.base
+        for other in (*self.sequences.values(), *reversed(self.finished)):
+            if (other is not state and other.base == 0 and other.length >= base and len(other.token_ids) >= base
+                    and other.token_ids[:base] == token_ids[:base]):
+                held_k, held_v, length = state.keys, state.values, state.length
+                state.keys = state.values = None
+                state.base, state.length = 0, 0
+                state.append(other.keys[:, :base], other.values[:, :base])
+                if length:
+                    state.append(held_k[:, :length], held_v[:, :length])
+                return
 
     # ---- proposing -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -128,6 +153,9 @@ class EagleProposer:
             state = self.sequences.get(request.seq_id)
             if state is None:
                 continue
+            state.token_ids = request.token_ids
+            if state.base > 0:
+                self._seed_from_prefix(state, request.token_ids)
             want = len(request.token_ids) - 1  # the head reads every position whose next token is known
             if state.pending is not None and state.pending_start > state.end:
                 state.restart_at(state.pending_start)  # a gap (prefix-cache hit): start the cache after it
