@@ -13,6 +13,8 @@ speculative engine lives across kinds, as a server's would); JSON with date, dev
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --draft-model DIR   # also a draft model (distilled)
     # the draft proposing from its 4k / 8k most frequent ids and from the whole vocabulary (draft_vocab.json)
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --kinds chat --draft-model DIR --draft-vocab-sizes 4096,8192,full
+    # an EAGLE head (benchmarks/eagle_cpu.py trains one; its own draft_vocab_size), k = 4 every step
+    PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --kinds chat --no-ngram --eagle DIR --no-adaptive --rounds 2
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ def main() -> int:
     parser.add_argument("--draft-vocab-sizes", default=None,
                         help="comma list of N (or 'full'): the draft proposes from its N most frequent ids, one run "
                              "each (default: the draft directory's own draft_vocab_size, if any)")
-    parser.add_argument("--no-ngram", action="store_true", help="measure only the draft model")
+    parser.add_argument("--eagle", default=None, help="also measure an EAGLE head directory (method eagle)")
+    parser.add_argument("--no-ngram", action="store_true", help="measure only the draft model / EAGLE head")
     parser.add_argument("--kinds", default="quote,code,chat")
     parser.add_argument("--prompts-per-kind", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="each prompt's plain/speculative pair, order alternating")
@@ -207,6 +210,9 @@ def main() -> int:
             full = size == "full"
             methods[f"draft_model_vocab_{size}"] = {
                 **draft, "draft_vocab_size": plain.engine.model.vocab_size if full else int(size)}
+    if args.eagle:
+        methods["eagle"] = {"method": "eagle", "model": args.eagle, "num_speculative_tokens": args.k,
+                            "adaptive": not args.no_adaptive}
     load_before = os.getloadavg()
     row_costs = {}
     if args.linear_rows:

@@ -229,3 +229,20 @@ def test_a_head_whose_draft_vocabulary_ranking_is_missing_is_refused(target, hea
     with pytest.raises(ValueError, match="draft_vocab.json is missing"):
         LLM(str(target_dir), **BASE, speculative_config=eagle(broken))
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_on_cuda_graphs_hands_hidden_states_and_is_token_identical(target, heads):
+    """CUDA: every decode graph ends at the hidden states (the feature sink reads them, the LM head runs after the
+    replay), async scheduling and rows padded to one draft count; output equals plain decoding's."""
+    target_dir, _ = target
+    cuda = {**BASE, "device": "cuda", "block_size": 16, "num_kv_blocks": 64}
+    reference = _ids(LLM(str(target_dir), **cuda))
+    llm = LLM(str(target_dir), **cuda, speculative_config=eagle(heads["shifted"], k=4))
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.eager_logits_from == 1 and llm.engine.runner.feature_sink is not None
+    assert _ids(llm) == reference
+    stats = llm.engine.get_stats().spec_decode
+    assert stats.num_accepted_tokens > stats.num_draft_tokens / 2
+    _assert_freed(llm)
