@@ -20,6 +20,7 @@ verified by the target's own draws, which is exact.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class _EagleSequence:
     pending: torch.Tensor | None = None  # [P, h]: target features of positions pending_start.. not read yet
     pending_start: int = 0
     token_ids: list[int] = field(default_factory=list)  # the sequence's ids at the last proposal (read-only)
+    prefix_looked_up: bool = False  # a late-starting cache looked for another sequence's prefix once
 
     @property
     def end(self) -> int:
@@ -73,7 +75,7 @@ class _EagleSequence:
     def restart_at(self, position: int) -> None:
         """Forget the cache: the target's features for its next position are gone (recomputed from later on)."""
         self.keys = self.values = self.last = None
-        self.base, self.length = position, 0
+        self.base, self.length, self.prefix_looked_up = position, 0, False
 
 
 class EagleProposer:
@@ -128,12 +130,13 @@ class EagleProposer:
     def release(self, seq_id: str) -> None:
         state = self.sequences.pop(seq_id, None)
         if state is not None and state.base == 0 and state.length:
+            state.pending = state.last = None  # only its cache and ids serve a later prefix-cache hit
             self.finished.append(state)
 
     def _seed_from_prefix(self, state: _EagleSequence, token_ids: list[int]) -> None:
         """Give a cache that starts at position base > 0 (a prefix-cache hit) the head's keys of positions
         0..base - 1 from a sequence whose ids 0..base - 1 agree (live first, then recently finished)."""
-        base = state.base
+        base, state.prefix_looked_up = state.base, True
         for other in (*self.sequences.values(), *reversed(self.finished)):
             if (other is not state and other.base == 0 and other.length >= base and len(other.token_ids) >= base
                     and other.token_ids[:base] == token_ids[:base]):
@@ -154,7 +157,7 @@ class EagleProposer:
             if state is None:
                 continue
             state.token_ids = request.token_ids
-            if state.base > 0:
+            if state.base > 0 and not state.prefix_looked_up:
                 self._seed_from_prefix(state, request.token_ids)
             want = len(request.token_ids) - 1  # the head reads every position whose next token is known
             if state.pending is not None and state.pending_start > state.end:
@@ -266,8 +269,6 @@ def load_head_for(model_dir: str | Path, target: torch.nn.Module) -> EagleHead:
     if spec is None or embed is None or lm_head is None or not all(isinstance(m, DenseLinearMethod) for m in methods):
         raise ValueError('speculative method "eagle" needs a target with dense (unquantized) embedding and LM head '
                          "weights: the head reads both")
-    import json
-
     data = json.loads(config_path.read_text())
     if data.get("architectures") != [ARCHITECTURE]:
         raise ValueError(f"{str(path)!r} is not an EAGLE head (architectures {data.get('architectures')}, expected "
