@@ -127,7 +127,9 @@ def run_kind(plain: LLM, spec: LLM, messages: list[str] | list[list[str]], param
             **timer.summary()}
 
 
-def cpu_device() -> str:
+def cpu_device(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
 
 
@@ -192,10 +194,11 @@ def main() -> int:
     parser.add_argument("--linear-rows", default=None,
                         help="comma list of query-token counts: also time the target's linear layers and head at "
                              "each (what a 1 + k token verification step pays in matmuls)")
+    parser.add_argument("--device", default="cpu", help="cuda: the same measurement on a GPU (gpu_jobs.sh eagle)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    engine_args = dict(dtype="float32", max_model_len=2048, max_num_seqs=1)
+    engine_args = dict(dtype="float32", max_model_len=2048, max_num_seqs=1, device=args.device)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     plain = LLM(None, **engine_args)
     methods = {} if args.no_ngram else {
@@ -257,7 +260,7 @@ def main() -> int:
     if args.out:
         path = write_record(
             Path(args.out), "spec_decode_cpu", model=plain.engine.model_name, config=vars(args), results=results,
-            device=cpu_device(), load_average=load, measured_step_ms=costs, linear_row_costs=row_costs,
+            device=cpu_device(args.device), load_average=load, measured_step_ms=costs, linear_row_costs=row_costs,
             median_speedup={m: statistics.median(r["speedup"] for r in rows.values()) for m, rows in results.items()})
         print(f"wrote {path}")
     return 0
