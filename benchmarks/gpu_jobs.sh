@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
 #   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe fp8_probe fp8_e2e
 #   bash benchmarks/gpu_jobs.sh maxload
+#   bash benchmarks/gpu_jobs.sh eagle           (carry .eagle_carry: see the job)
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -27,6 +28,16 @@ for job in "$@"; do
                  --out "$out/gpu_spec_decode_adaptive.json" ;;
     spec_fp32) run python3 benchmarks/gpu_spec_decode.py --dtype float32 --skip-costs --adaptive-batches 1 \
                  --adaptive-rounds 1 --draft-preset '' --out "$out/gpu_spec_decode_fp32.json" ;;
+    # Issue 24's EAGLE head served on the GPU (needs .eagle_carry/head: config.json, model.safetensors and
+    # draft_vocab.json of /tmp/s18e/head_s3): its engine tests (CUDA graphs ending at the hidden states), then
+    # SmolLM2 batch 1 on the 3 chat prompts, plain vs EAGLE at k = 2 and 4 fixed and adaptive k <= 4.
+    eagle) run python3 -m pytest tests/spec_decode/test_eagle_engine.py -q -p no:cacheprovider 2>&1 \
+             | tee "$out/eagle_tests.txt" | tail -5
+           for args in "--no-adaptive --k 2" "--no-adaptive --k 4" "--k 4"; do
+             tag=$(echo "$args" | tr -d ' -')
+             run python3 benchmarks/spec_decode_cpu.py --device cuda --kinds chat --no-ngram --eagle .eagle_carry/head \
+               --rounds 2 $args --out "$out/spec_decode_eagle_${tag}.json"
+           done ;;
     quantized) run python3 benchmarks/gpu_quantized.py --e2e off --out "$out/gpu_quantized_kernels.json" ;;
     e2e) run python3 benchmarks/gpu_quantized.py --e2e only --out "$out/gpu_quantized_e2e.json" ;;
     modelserver) OUT="$out" python3 benchmarks/gpu_modelserver.py --carry .modelserver_carry ;;

@@ -13,6 +13,8 @@ speculative engine lives across kinds, as a server's would); JSON with date, dev
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --draft-model DIR   # also a draft model (distilled)
     # the draft proposing from its 4k / 8k most frequent ids and from the whole vocabulary (draft_vocab.json)
     PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --kinds chat --draft-model DIR --draft-vocab-sizes 4096,8192,full
+    # an EAGLE head (benchmarks/eagle_cpu.py trains one; its own draft_vocab_size), k = 4 every step
+    PYTHONPATH=. python3 benchmarks/spec_decode_cpu.py --kinds chat --no-ngram --eagle DIR --no-adaptive --rounds 2
 """
 
 from __future__ import annotations
@@ -125,7 +127,9 @@ def run_kind(plain: LLM, spec: LLM, messages: list[str] | list[list[str]], param
             **timer.summary()}
 
 
-def cpu_device() -> str:
+def cpu_device(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
 
 
@@ -179,7 +183,8 @@ def main() -> int:
     parser.add_argument("--draft-vocab-sizes", default=None,
                         help="comma list of N (or 'full'): the draft proposes from its N most frequent ids, one run "
                              "each (default: the draft directory's own draft_vocab_size, if any)")
-    parser.add_argument("--no-ngram", action="store_true", help="measure only the draft model")
+    parser.add_argument("--eagle", default=None, help="also measure an EAGLE head directory (method eagle)")
+    parser.add_argument("--no-ngram", action="store_true", help="measure only the draft model / EAGLE head")
     parser.add_argument("--kinds", default="quote,code,chat")
     parser.add_argument("--prompts-per-kind", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="each prompt's plain/speculative pair, order alternating")
@@ -189,10 +194,11 @@ def main() -> int:
     parser.add_argument("--linear-rows", default=None,
                         help="comma list of query-token counts: also time the target's linear layers and head at "
                              "each (what a 1 + k token verification step pays in matmuls)")
+    parser.add_argument("--device", default="cpu", help="cuda: the same measurement on a GPU (gpu_jobs.sh eagle)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    engine_args = dict(dtype="float32", max_model_len=2048, max_num_seqs=1)
+    engine_args = dict(dtype="float32", max_model_len=2048, max_num_seqs=1, device=args.device)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     plain = LLM(None, **engine_args)
     methods = {} if args.no_ngram else {
@@ -207,6 +213,9 @@ def main() -> int:
             full = size == "full"
             methods[f"draft_model_vocab_{size}"] = {
                 **draft, "draft_vocab_size": plain.engine.model.vocab_size if full else int(size)}
+    if args.eagle:
+        methods["eagle"] = {"method": "eagle", "model": args.eagle, "num_speculative_tokens": args.k,
+                            "adaptive": not args.no_adaptive}
     load_before = os.getloadavg()
     row_costs = {}
     if args.linear_rows:
@@ -251,7 +260,7 @@ def main() -> int:
     if args.out:
         path = write_record(
             Path(args.out), "spec_decode_cpu", model=plain.engine.model_name, config=vars(args), results=results,
-            device=cpu_device(), load_average=load, measured_step_ms=costs, linear_row_costs=row_costs,
+            device=cpu_device(args.device), load_average=load, measured_step_ms=costs, linear_row_costs=row_costs,
             median_speedup={m: statistics.median(r["speedup"] for r in rows.values()) for m, rows in results.items()})
         print(f"wrote {path}")
     return 0

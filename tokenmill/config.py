@@ -291,7 +291,7 @@ class RunnerConfig:
         return self.cudagraph_mode == "FULL_AND_PIECEWISE" and not self.enforce_eager
 
 
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle")
 
 
 @dataclass
@@ -299,7 +299,8 @@ class SpeculativeConfig:
     """Speculative decoding (vLLM's ``--speculative-config`` keys): who proposes draft tokens and how many.
 
     ``ngram``: prompt lookup (the last ``prompt_lookup_min..max`` tokens matched earlier in the prompt + output).
-    ``draft_model``: a second, small model at ``model`` sharing the target's tokenizer. ``disable_by_batch_size``
+    ``draft_model``: a second, small model at ``model`` sharing the target's tokenizer. ``eagle``: an EAGLE-1 draft
+    head at ``model`` (vLLM's ``EagleLlamaForCausalLM`` layout) reading the target's hidden states. ``disable_by_batch_size``
     turns speculation off while more sequences than that run (vLLM's key); the adaptive policy (spec_decode/)
     also lowers k per step as the batch grows or acceptance drops, unless ``adaptive`` is False.
     ``draft_vocab_size``: the draft proposes from its N most frequent token ids (EAGLE-3's key; the draft directory's
@@ -323,7 +324,8 @@ class SpeculativeConfig:
             elif self.model is not None:
                 self.method = "draft_model"
             else:
-                raise ValueError('speculative_config needs "method" ("ngram" or "draft_model") or a draft "model"')
+                raise ValueError('speculative_config needs "method" ("ngram", "draft_model" or "eagle") or a draft '
+                                 '"model"')
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}; "
                              f"got {self.method!r}")
@@ -340,13 +342,16 @@ class SpeculativeConfig:
             if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
                 raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max; got "
                                  f"min {self.prompt_lookup_min}, max {self.prompt_lookup_max}")
+        elif self.model is None and self.method == "eagle":
+            raise ValueError('method "eagle" needs "model": the directory of an EAGLE head trained for the target '
+                             "(config.json + model.safetensors, as tokenmill's benchmarks/eagle_cpu.py saves one)")
         elif self.model is None:
             raise ValueError('method "draft_model" needs "model": a directory (or .gguf) of a small model '
                              "with the target's tokenizer")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"disable_by_batch_size must be >= 1; got {self.disable_by_batch_size}")
-        if self.draft_vocab_size is not None and (self.method != "draft_model" or self.draft_vocab_size < 1):
-            raise ValueError('draft_vocab_size applies to method "draft_model" and must be >= 1; got '
+        if self.draft_vocab_size is not None and (self.method == "ngram" or self.draft_vocab_size < 1):
+            raise ValueError('draft_vocab_size applies to methods "draft_model" and "eagle" and must be >= 1; got '
                              f"{self.draft_vocab_size} with method {self.method!r}")
 
     @classmethod

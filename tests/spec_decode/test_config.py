@@ -30,7 +30,9 @@ def test_method_is_inferred_like_vllm():
 
 
 @pytest.mark.parametrize("value, message", [
-    ({"method": "eagle", "num_speculative_tokens": 2}, "must be one of ngram, draft_model"),
+    ({"method": "medusa", "num_speculative_tokens": 2}, "must be one of ngram, draft_model, eagle"),
+    ({"method": "eagle", "num_speculative_tokens": 2}, 'method "eagle" needs "model"'),
+    ({"method": "ngram", "num_speculative_tokens": 2, "draft_vocab_size": 64}, "draft_vocab_size applies to"),
     ({"method": "ngram"}, "num_speculative_tokens must be between 1 and 7"),
     ({"method": "ngram", "num_speculative_tokens": 8}, "between 1 and 7"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2},

@@ -70,10 +70,12 @@ class RMSNorm(nn.Module):
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Llama's rotate-half RoPE on x [B, heads, T, d] at ``positions`` [T]."""
+    """Llama's rotate-half RoPE on x [B, heads, T, d] at ``positions`` [T] (every row) or [B, T] (per row)."""
     d = x.shape[-1]
     inv_freq = rope_inv_freq(d, theta).to(x.device)
-    angles = positions.float()[:, None] * inv_freq[None]
+    angles = positions.float()[..., None] * inv_freq
+    if angles.dim() == 3:  # [B, T, d/2] -> [B, 1, T, d/2]: one position row per batch row, shared by the heads
+        angles = angles[:, None]
     cos, sin = torch.cat([angles, angles], -1).cos().to(x.dtype), torch.cat([angles, angles], -1).sin().to(x.dtype)
     half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return x * cos + half * sin
@@ -122,14 +124,9 @@ class DecoderLayer(nn.Module):
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attn_mask`` [t, keys] (True: may attend) replaces the causal rule: training's unrolled draft steps
         (eagle_train.draft_passes) see keys of several passes at one position."""
-        c, attn = self.c, self.self_attn
-        b, t, _ = x.shape
-        h = self.input_layernorm(x)
-        q = attn["q_proj"](h).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
-        k = attn["k_proj"](h).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        v = attn["v_proj"](h).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        t = x.shape[1]
         positions = torch.arange(start, start + t, device=x.device)
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        q, k, v = self.project(x, positions)
         if cache is not None:
             k, v = cache.append(k, v)
         if attn_mask is not None:
@@ -139,7 +136,23 @@ class DecoderLayer(nn.Module):
         else:  # t new queries after a cache: query i sees keys up to start + i
             mask = torch.arange(k.shape[2], device=x.device)[None] <= positions[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        x = x + attn["o_proj"](out.transpose(1, 2).reshape(b, t, -1))
+        return self.finish(x, out)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, heads, T, d] and k, v [B, kv_heads, T, d] of x [B, T, h], rotated to ``positions`` ([T] or
+        [B, T]): the half before attention (the engine's proposer attends over its own batched caches)."""
+        c, attn = self.c, self.self_attn
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        q = attn["q_proj"](h).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = attn["k_proj"](h).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = attn["v_proj"](h).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its input x [B, T, h] and the attention output [B, heads, T, d]."""
+        b, t, _ = x.shape
+        x = x + self.self_attn["o_proj"](attn_out.transpose(1, 2).reshape(b, t, -1))
         h = self.post_attention_layernorm(x)
         mlp = self.mlp
         return x + mlp["down_proj"](F.silu(mlp["gate_proj"](h)) * mlp["up_proj"](h))
@@ -162,8 +175,11 @@ class EagleHead(nn.Module):
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted features [B, T, h] (normed) of positions start+1.., from ``next_ids`` [B, T] (x_{t+1}) and the
         target's ``features`` [B, T, h] (f_t) at positions start.. ."""
-        x = self.fc(torch.cat([F.embedding(next_ids, self.embed).to(features.dtype), features], -1))
-        return self.norm(self.layers[0](x, start, cache, attn_mask))
+        return self.norm(self.layers[0](self.mix(next_ids, features), start, cache, attn_mask))
+
+    def mix(self, next_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The layer's input [B, T, h]: fc over [embedding of ``next_ids`` | ``features``] (vLLM's order)."""
+        return self.fc(torch.cat([F.embedding(next_ids, self.embed).to(features.dtype), features], -1))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """fc and the layer; the final norm stays the target's (its output is what the target's head reads)."""

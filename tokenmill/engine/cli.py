@@ -65,8 +65,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                              '"FULL_DECODE_ONLY"}\' graphs decode steps only; NONE is --enforce-eager')
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
-                             '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' or \'{"method": "draft_model", '
-                             '"model": PATH, "num_speculative_tokens": 4}\'')
+                             '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\', \'{"method": "draft_model", '
+                             '"model": PATH, "num_speculative_tokens": 4}\' or \'{"method": "eagle", "model": '
+                             'EAGLE_HEAD_DIR, "num_speculative_tokens": 2}\'')
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

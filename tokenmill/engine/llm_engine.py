@@ -133,6 +133,9 @@ class LLMEngine:
             from tokenmill.spec_decode.decoder import build_speculative_decoder
 
             draft_proposer = build_speculative_decoder(spec, self, mc.device, pad_to_uniform=graphs)
+        # An EAGLE proposer reads the target's hidden states of every step (set before graph capture: the graphs
+        # then end at the hidden states).
+        self.runner.feature_sink = getattr(draft_proposer, "feature_sink", None)
         if on_cuda and executor is None and config.runner.tune_gemm:
             from tokenmill.runner.linear_tuning import tune_linears
 

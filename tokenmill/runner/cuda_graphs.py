@@ -136,6 +136,22 @@ class DecodeGraphs:
 
         ``in_flight``: rows whose token the previous step sampled and the host has not read (staging reads it).
         """
+        out, ends_at_logits = self._replay(input_ids, positions, meta, in_flight)
+        return out if ends_at_logits else self.model.compute_logits(out)
+
+    def run_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                   in_flight: InFlightIds | None = None) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of every token (a view into the graph's output buffer); only for
+        graphs that end there (``eager_logits_from`` 1 captures no other kind)."""
+        out, ends_at_logits = self._replay(input_ids, positions, meta, in_flight)
+        if ends_at_logits:
+            raise RuntimeError("this decode graph ends at the logits; capture with eager_logits_from=1 for hidden "
+                               "states")
+        return out
+
+    def _replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                in_flight: InFlightIds | None) -> tuple[torch.Tensor, bool]:
+        """Stage the inputs, replay the graph; (its output rows, whether they are logits)."""
         q, batch = meta.decode_query_len, meta.num_seqs  # the shape: which graph, how much padding
         size = next(s for s in self.sizes if s >= batch)
         if q == 1 and self.inputs is not None:  # one fused kernel stages ids, positions and the metadata
@@ -148,5 +164,4 @@ class DecodeGraphs:
             self.positions[q][:tokens].copy_(positions)
             self.buffers[q].prepare_for_replay(meta, size)
         self.graphs[q, size].replay()
-        out = self.outputs[q, size][: batch * q]
-        return out if self.logits_in_graph(q, size) else self.model.compute_logits(out)
+        return self.outputs[q, size][: batch * q], self.logits_in_graph(q, size)

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,6 +30,13 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.rejection import DraftDistributionRow, draft_verifier
 
 logger = logging.getLogger(__name__)
+
+
+class FeatureSink(Protocol):
+    """Takes the target's last hidden states (post final norm: what the LM head reads) of the positions each step
+    computed: an EAGLE proposer drafts from them (spec_decode/eagle_proposer.py)."""
+
+    def add_features(self, seq_id: str, start: int, features: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -112,6 +119,8 @@ class ModelRunner:
         # Speculative decoding with a sampling draft model: request id -> the [k, V] distribution its drafts were
         # drawn from (filled by the proposer before the step; rank 0 only). Such rows are rejection-sampled.
         self.draft_probs: dict[str, torch.Tensor] | None = None
+        # An EAGLE proposer's sink for every step's hidden states (None: the runner keeps only the sampled rows').
+        self.feature_sink: FeatureSink | None = None
 
     def shutdown(self) -> None:
         """In-process runner: nothing to stop (the tensor-parallel executor stops its workers here)."""
@@ -157,8 +166,10 @@ class ModelRunner:
     def capture_graphs(self, max_batch: int, max_model_len: int, query_lens: tuple[int, ...] = (1,)) -> None:
         """``query_lens``: 1, plus 1 + k for each k verification rows may have (speculative decoding)."""
         max_blocks = self.kv_spec.blocks_for_tokens(max_model_len)
+        # With a feature sink every graph ends at the hidden states (the sink needs them; the LM head runs after).
+        eager_logits_from = 1 if self.feature_sink is not None else 2
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_blocks, self.device,
-                                   query_lens, eager_logits_from=2)
+                                   query_lens, eager_logits_from=eager_logits_from)
         self.graphs.capture()
         self._warm_up_staging()
 
@@ -189,22 +200,39 @@ class ModelRunner:
         """Logits [num_sampled_tokens, vocab] (model dtype) and which scheduled entries sample (a verification
         row with k drafts has k + 1 consecutive logit rows)."""
         inputs = self.prepare_inputs(record)
-        return self.run_model(inputs), inputs.sample_rows
+        if self.feature_sink is None:
+            return self.run_model(inputs), inputs.sample_rows
+        hidden = self.run_hidden(inputs)
+        self._hand_features(record, hidden)
+        return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices)), inputs.sample_rows
+
+    def _hand_features(self, record: StepRecord, hidden: torch.Tensor) -> None:
+        """Each scheduled request's rows of ``hidden`` (its tokens are consecutive, in record order) to the sink."""
+        offset = 0
+        for entry in record.scheduled:
+            self.feature_sink.add_features(entry.req_id, entry.num_computed_tokens,
+                                           hidden[offset : offset + entry.num_tokens])
+            offset += entry.num_tokens
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """Logits of the sampling rows: a captured graph for decode batches it covers, else piecewise graphs
         (with eager attention) when captured and the step fits, else eager."""
-        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+        if self.graphs is not None and self.graphs.can_run(inputs.meta) and self.feature_sink is None:
             # The graph computed every token's logits (row-major by sequence); keep the sampled ones.
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.in_flight)
             if logits.shape[0] != inputs.sample_indices.shape[0]:  # e.g. a 1-token chunk mid-prompt
                 logits = logits.index_select(0, inputs.sample_indices)
             return logits
+        return self.model.compute_logits(self.run_hidden(inputs).index_select(0, inputs.sample_indices))
+
+    def run_hidden(self, inputs: ModelInputs) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of every token of the step (the final norm's output). A graph's view
+        is its output buffer, overwritten by the next replay."""
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            return self.graphs.run_hidden(inputs.input_ids, inputs.positions, inputs.meta, inputs.in_flight)
         if self.piecewise is not None and self.piecewise.can_run(inputs.positions.shape[0]):
-            hidden = self.piecewise.run(inputs.resolved_ids(), inputs.positions, self.kv_caches, inputs.meta)
-        else:
-            hidden = self.model(inputs.resolved_ids(), inputs.positions, self.kv_caches, inputs.meta)
-        return self.model.compute_logits(hidden.index_select(0, inputs.sample_indices))
+            return self.piecewise.run(inputs.resolved_ids(), inputs.positions, self.kv_caches, inputs.meta)
+        return self.model(inputs.resolved_ids(), inputs.positions, self.kv_caches, inputs.meta)
 
     @torch.inference_mode()
     def launch(self, record: StepRecord, grammars: dict[str, Any] | None = None,

@@ -84,6 +84,11 @@ class SpeculativeDecoder:
         return self.propose_batch([DraftRequest(seq_id, token_ids, max_num_tokens)]).get(seq_id, [])
 
     @property
+    def feature_sink(self) -> Any:
+        """Where the runner hands every step's hidden states (an EAGLE proposer), or None."""
+        return getattr(self.proposer, "feature_sink", None)
+
+    @property
     def draft_probs(self) -> dict | None:
         """request id -> [k, V] distribution of its drafts this step (a sampling draft model), for the runner."""
         return getattr(self.proposer, "draft_probs", None)
@@ -163,6 +168,12 @@ def build_speculative_decoder(config: SpeculativeConfig, target: Any, device: st
     draft_cost = 0.0
     if config.method == "ngram":
         proposer: Proposer = NgramBatchProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    elif config.method == "eagle":
+        from tokenmill.spec_decode.eagle_proposer import EagleProposer
+
+        eagle = EagleProposer.for_target(config, target, device)
+        proposer = eagle
+        draft_cost = eagle.num_weights_per_token / max(1, _weights_per_token(target.model))
     else:
         from tokenmill.spec_decode.draft_model import DraftModelProposer
 
