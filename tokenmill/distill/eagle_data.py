@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tokenmill.model.hf_cache import kv_cache_kwargs
+
 
 @dataclass
 class FeatureSet:
@@ -105,7 +107,8 @@ def generate_with_features(teacher: nn.Module, prompts: list[list[int]], max_new
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     head = teacher.get_output_embeddings().weight
     cache = DynamicCache()
-    feats = teacher.model(ids, attention_mask=mask, position_ids=positions, cache=cache).last_hidden_state.float()
+    feats = teacher.model(ids, attention_mask=mask, position_ids=positions,
+                          **kv_cache_kwargs(teacher.model, cache)).last_hidden_state.float()
     prompt_feats = [feats[row, pad:] for row, pad in enumerate(pads)]
     tokens = [(feats[:, -1] @ head.T).argmax(-1)]
     step_feats: list[torch.Tensor] = []
@@ -113,7 +116,8 @@ def generate_with_features(teacher: nn.Module, prompts: list[list[int]], max_new
     for _ in range(max_new):
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
         positions = positions[:, -1:] + 1
-        out = teacher.model(tokens[-1][:, None], attention_mask=mask, position_ids=positions, cache=cache)
+        out = teacher.model(tokens[-1][:, None], attention_mask=mask, position_ids=positions,
+                            **kv_cache_kwargs(teacher.model, cache))
         step_feats.append(out.last_hidden_state[:, 0].float())
         if eos_id is not None:
             finished |= tokens[-1] == eos_id

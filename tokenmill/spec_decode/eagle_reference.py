@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tokenmill.distill.eagle_head import EagleHead, KVCache
+from tokenmill.model.hf_cache import kv_cache_kwargs
 
 
 class EagleDrafter:
@@ -90,7 +91,7 @@ def replay(head: EagleHead, ids: torch.Tensor, features: torch.Tensor, prompt_le
 
 
 def _target_step(target: nn.Module, ids: list[int], cache) -> torch.Tensor:
-    out = target.model(torch.tensor([ids]), cache=cache, use_cache=True)
+    out = target.model(torch.tensor([ids]), use_cache=True, **kv_cache_kwargs(target.model, cache))
     return out.last_hidden_state[0].float()
 
 
