@@ -187,6 +187,10 @@ def main() -> int:
     parser.add_argument("--no-ngram", action="store_true", help="measure only the draft model / EAGLE head")
     parser.add_argument("--kinds", default="quote,code,chat")
     parser.add_argument("--prompts-per-kind", type=int, default=3)
+    parser.add_argument("--chat-prompts-file", default=None,
+                        help="chat prompts from this file instead (one a line), with --chat-prompt-lines")
+    parser.add_argument("--chat-prompt-lines", default=None,
+                        help="A:B, the file's lines A..B-1 (0-based), e.g. 1193:1326: gpu_eagle.py's held-out prompts")
     parser.add_argument("--rounds", type=int, default=1, help="each prompt's plain/speculative pair, order alternating")
     parser.add_argument("--no-adaptive", action="store_true", help="draft k tokens every step (the policy off)")
     parser.add_argument("--batch", action="store_true",
@@ -224,6 +228,12 @@ def main() -> int:
             print(f"target matmuls, {n} query tokens: linears {row['linears_ms']:.1f} ms, head {row['head_ms']:.1f} ms")
     costs: dict[str, list[tuple[int, float]]] = {}
     all_prompts = prompts(args.passage_chars)
+    if args.chat_prompts_file:  # e.g. the EAGLE head's held-out prompts: a larger chat set than the three above
+        lines = Path(args.chat_prompts_file).read_text().splitlines()
+        first, last = (int(x) for x in (args.chat_prompt_lines or f"0:{len(lines)}").split(":"))
+        all_prompts["chat"] = [line for line in lines[first:last] if line.strip()]
+        if not all_prompts["chat"]:
+            raise SystemExit(f"no prompts in lines {first}:{last} of {args.chat_prompts_file}")
     results: dict[str, dict[str, Any]] = {}
     warm = SamplingParams(temperature=0.0, max_tokens=4)
     timed_chat(plain, "Hello!", warm)  # first-call costs (allocator, caches) stay out of the timed runs
