@@ -68,6 +68,14 @@ class Clock:
     def left(self, phase: str) -> float:
         return self.end(phase) - time.time()
 
+    def prompts_end(self) -> float:
+        """When self-prompting must stop: the prompt phase's share of the generation window (prompts + answers)
+        still left, so an engine start-up longer than the phase's fixed end (59 s of the 40 s on the H100,
+        2026-12-07: no prompt got written) does not skip it."""
+        now = time.time()
+        share = self.ends[0] / self.ends[1]
+        return max(self.end("prompts"), now + share * max(0.0, self.end("answers") - now))
+
 
 def default_prompts() -> tuple[list[str], list[str]]:
     """(held-out, training): session 18's held-out kinds prompts; every other kinds prompt, then the bundled ones."""
@@ -260,7 +268,7 @@ def eagle_job(teacher: str, out: Path, work: Path, device: str, seconds: float, 
     if self_prompt_count:
         t0 = time.time()
         written = self_prompts(None, self_prompt_count, seed=SELF_PROMPT_SEED, batch_size=chunk, llm=llm,
-                               deadline=clock.end("prompts"), openings=SELF_PROMPT_OPENINGS, log=lambda _: None)
+                               deadline=clock.prompts_end(), openings=SELF_PROMPT_OPENINGS, log=lambda _: None)
         log(f"{len(written)} self-written prompts in {time.time() - t0:.1f} s")
     prompts, dropped = training_prompts(train + written, held, near)
     record.update("prompts", prompts={"self_written": len(written), "given": len(train), "training": len(prompts),

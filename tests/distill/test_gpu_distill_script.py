@@ -218,3 +218,13 @@ def test_eagle_job_out_of_time_still_saves_and_says_what_it_left_out(tmp_path):
     assert record["training"]["steps_done"] <= 6
     assert (out / "eagle_head_0.safetensors").is_file()
     assert record["chat_prompts"]["not_run_past_deadline"] == [4, 2]
+
+
+def test_self_prompting_keeps_its_share_after_a_slow_engine_start(monkeypatch):
+    _script()
+    import gpu_eagle  # benchmarks/ is on the path once gpu_distill is loaded
+
+    clock = gpu_eagle.Clock(100.0, (0.2, 0.6, 0.7, 0.9, 1.0))
+    assert clock.prompts_end() == pytest.approx(clock.end("prompts"), abs=0.05)  # on time: the phase's own end
+    monkeypatch.setattr(gpu_eagle.time, "time", lambda: clock.start + 40.0)  # the engine took 40 s to start
+    assert clock.prompts_end() == pytest.approx(clock.start + 40.0 + (0.2 / 0.6) * 20.0, abs=1e-3)  # a third of the 20 s left to answers
