@@ -33,11 +33,12 @@ with the row stride an argument); a row's words are spread over TW = min(4, KW) 
 fragment spreads a row's K (a lane holds columns 2 t, 2 t + 1 of every 8), so code column 8 TW q + 2 TW p + 2 t + e
 is nibble 2 p + e of word TW q + t and each lane's codes come from its own words; x^T is gathered to match (runs of
 2 TW columns: 16-byte loads at TW = 4). Scale and zero point as above (``scale_codes`` or after each step's
-product). Measured only by compiles so far: on triton 3.6 (the device's) and 3.9 for sm_90 the codes still reach
-the tensor cores through shared memory (Triton stores the dequantized tile, then loads it in the operand's
-layout: ldmatrix), at 128-255 registers a thread, so the saving the layout aims at is not realized by the compiler.
-``gluon=True`` runs the same product from kernels/w4_kmajor_gluon.py, written with explicit layouts so the codes are
-built in the operand's register layout (no shared-memory trip; compiled for sm_90 without a GPU, not yet run).
+product). On triton 3.6 (the device's) and 3.9 for sm_90 the codes still reach the tensor cores through shared
+memory (Triton stores the dequantized tile, then loads it in the operand's layout: ldmatrix), at 128-255 registers
+a thread, so the compiler does not realize the saving. ``gluon=True`` runs the same product from
+kernels/w4_kmajor_gluon.py, written with explicit layouts so the codes are built in the operand's register layout:
+on the H100 (benchmarks/results/gpu_w4_gemv_probe_h100_2026-12-07_s19.json) it won 16-128 rows, e.g. the four
+Llama-3-8B projections at 64 rows in 196 us against 292 us for this module's best and 165 us for bf16.
 Accumulation is fp32. tests/kernels/test_w4_kmajor_gemm.py compares it with the fp32 product of x and the
 dequantized weight; benchmarks/gpu_w4_gemv_probe.py times it at 8-256 rows (``w_lhs`` from 16). kernels/quant_dispatch.py's
 ``kmajor_cuda_linear`` serves 5-256 rows of K-major weights with it (the H100 probe's winners are table entries).
@@ -105,10 +106,10 @@ class KMajorGemmConfig:
                 f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}")
 
 
-if HAS_TRITON:
-    from tokenmill.kernels.splitk import splitk_finish, splitk_tile
 if HAS_GLUON:
     from tokenmill.kernels.w4_kmajor_gluon import _kmajor_gemm_gluon_kernel
+if HAS_TRITON:  # the Triton kernels need no Gluon (an older Triton has none)
+    from tokenmill.kernels.splitk import splitk_finish, splitk_tile
 
     @triton.jit
     def _magic16(codes, MAGIC_BITS: tl.constexpr, dtype: tl.constexpr):
@@ -282,26 +283,19 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
     work = splitk_workspace(x.device)
     magic_bits, magic = (0x4300, 128.0) if x.dtype == torch.bfloat16 else (0x6400, 1024.0)
     zeros = weight.zeros if weight.zeros is not None else weight.scales
-    if config.gluon:
-        if not (HAS_GLUON and x.is_cuda):
+    if config.w_lhs:  # the transposed product: Triton's kernel, or Gluon's with the same arguments
+        if config.gluon and not (HAS_GLUON and x.is_cuda):
             raise ValueError("gluon=True needs CUDA and triton's Gluon (Triton's interpreter does not run Gluon)")
-        _kmajor_gemm_gluon_kernel[(tiles, split_k)](
-            x, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, out,
-            work.partials, work.counters, m, n, k, x.stride(0), weight.qweight.stride(0), out.stride(0),
-            HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n, BLOCK_K=block_k, GW=weight.group_size // 8, TW=min(4, block_k // 8),
-            MAGIC_BITS=magic_bits, MAGIC=magic, WARPS=config.num_warps, num_warps=config.num_warps,
-        )
-        return out
-    if config.w_lhs:
-        _kmajor_gemm_lhs_kernel[(tiles, split_k)](
-            x, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, out,
-            work.partials, work.counters, m, n, k, x.stride(0), weight.qweight.stride(0), out.stride(0),
-            HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n, BLOCK_K=block_k, GW=weight.group_size // 8, TW=min(4, block_k // 8),
-            MAGIC_BITS=magic_bits, MAGIC=magic, SCALE_CODES=config.scale_codes, DOT_F32=dot_in_fp32(x.dtype),
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+        args = (x, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, out,
+                work.partials, work.counters, m, n, k, x.stride(0), weight.qweight.stride(0), out.stride(0))
+        shared = dict(HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GW=weight.group_size // 8,
+                      TW=min(4, block_k // 8), MAGIC_BITS=magic_bits, MAGIC=magic, num_warps=config.num_warps)
+        if config.gluon:
+            _kmajor_gemm_gluon_kernel[(tiles, split_k)](*args, **shared, WARPS=config.num_warps)
+        else:
+            _kmajor_gemm_lhs_kernel[(tiles, split_k)](*args, **shared, SCALE_CODES=config.scale_codes,
+                                                      DOT_F32=dot_in_fp32(x.dtype), num_stages=config.num_stages)
         return out
     _kmajor_gemm_kernel[(tiles, split_k)](
         x, weight.qweight, weight.scales, zeros, bias if bias is not None else weight.scales, out,

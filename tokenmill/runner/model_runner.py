@@ -217,7 +217,7 @@ class ModelRunner:
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """Logits of the sampling rows: a captured graph for decode batches it covers, else piecewise graphs
         (with eager attention) when captured and the step fits, else eager."""
-        if self.graphs is not None and self.graphs.can_run(inputs.meta) and self.feature_sink is None:
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
             # The graph computed every token's logits (row-major by sequence); keep the sampled ones.
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.in_flight)
             if logits.shape[0] != inputs.sample_indices.shape[0]:  # e.g. a 1-token chunk mid-prompt
