@@ -715,6 +715,7 @@ def main() -> None:
     parser.add_argument("--encoder-continue", type=Path, default=None,
                         help="encoder job: skip stage 1 and continue this trained student directory")
     parser.add_argument("--compile", action="store_true", help="encoder: time the torch backend compiled")
+    parser.add_argument("--encoder-batch-sizes", default="1,32", help="encoder: batch sizes timed (seq 64)")
     parser.add_argument("--samples", type=int, default=6, help="sampled answers per training prompt (time allowing)")
     parser.add_argument("--generation-seconds", type=float, default=40,
                         help="draft: generation time after the engine started (greedy pass, then sampled ones)")
@@ -762,7 +763,7 @@ def main() -> None:
         seconds = tuple(float(x) for x in args.encoder_seconds.split(","))
         extra = args.extra_text or dirs["encoder"] / EXTRA_TEXT
         data = encoder_job(teacher, data_path("sentiment_head.json"), args.out, args.work, args.device, seconds,
-                           [1, 32], 30, args.encoder_overrides,
+                           [int(b) for b in args.encoder_batch_sizes.split(",")], 30, args.encoder_overrides,
                            extra_sentences=sentences(read_corpus(extra)) if extra.is_file() else [], compile=args.compile,
                            start_from=args.encoder_continue)
     elif args.job == "eagle":
