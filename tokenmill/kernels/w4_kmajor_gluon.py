@@ -13,8 +13,8 @@ order (runs of 2 TW columns: 16-byte loads at TW = 4) into a wgmma-swizzled shar
 after each step (the module docstring of w4_kmajor_gemm.py: magic-number codes, s (part - (magic + z) sum x));
 the next step's words and scales load before this step's product (register prefetch; x loads in its step; no
 cp.async ring yet).
-Split-K: kernels/splitk.py's partials + arrival counter protocol, restated in Gluon (its ``splitk_finish`` is
-written for Triton's implicit layouts).
+Split-K: kernels/splitk.py's partials + arrival counter protocol, restated in Gluon (``_store_transposed``, shared
+with kernels/w4_kmajor_gluon_ring.py's pipelined version).
 
 Needs Hopper (sm_90) and triton's Gluon (3.6 on the device). No CPU path: Triton's interpreter does not run Gluon.
 tests/kernels/test_w4_kmajor_gemm.py checks it against fp32 on CUDA (and the index maths on CPU through a torch
@@ -79,6 +79,38 @@ if HAS_GLUON:
         else:
             zero = gl.full_like(scale, 8.0)
         return words, scale, zero
+
+    @gluon.jit
+    def _store_transposed(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, pid, pid_k, n0, m0, M, N, stride_om,
+                          HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                          MMA: gl.constexpr):
+        """acc [BLOCK_N, BLOCK_M] (+ bias) into out [M, N] as its transpose; with SPLIT_K > 1 through
+        kernels/splitk.py's protocol (partials in split order, the last arrival sums them and resets the counter),
+        restated in Gluon (its ``splitk_finish`` is written for Triton's implicit layouts)."""
+        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
+        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
+        on = n0 + gl.arange(0, BLOCK_N, layout=ROWS)
+        om = m0 + gl.arange(0, BLOCK_M, layout=COLS)
+        omask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
+        out_off = gl.expand_dims(om * stride_om, 0) + gl.expand_dims(on, 1)  # out [M, N] written as its transpose
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
+            gl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        else:
+            part_off = gl.expand_dims(om * N, 0) + gl.expand_dims(on, 1)
+            gl.store(part_ptr + pid_k * M * N + part_off, acc, mask=omask)
+            cta_barrier()
+            arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+                for s in gl.static_range(SPLIT_K):
+                    total += gl.load(part_ptr + s * M * N + part_off, mask=omask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
+                gl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=omask)
+                gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+
 
     @gluon.jit(do_not_specialize=["M"])
     def _kmajor_gemm_gluon_kernel(
@@ -153,24 +185,5 @@ if HAS_GLUON:
             acc += (part - gl.expand_dims(MAGIC + zero, 1) * gl.expand_dims(xsum, 0)) * gl.expand_dims(scale, 1)
             words, scale, zero = nxt
 
-        on = n0 + gl.arange(0, BLOCK_N, layout=ROWS)
-        om = m0 + gl.arange(0, BLOCK_M, layout=COLS)
-        omask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
-        out_off = gl.expand_dims(om * stride_om, 0) + gl.expand_dims(on, 1)  # out [M, N] written as its transpose
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
-            gl.store(out_ptr + out_off, acc.to(dtype), mask=omask)
-        else:  # splitk.py's protocol: partials in split order, the last arrival sums them and resets the counter
-            part_off = gl.expand_dims(om * N, 0) + gl.expand_dims(on, 1)
-            gl.store(part_ptr + pid_k * M * N + part_off, acc, mask=omask)
-            cta_barrier()
-            arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                for s in gl.static_range(SPLIT_K):
-                    total += gl.load(part_ptr + s * M * N + part_off, mask=omask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
-                gl.store(out_ptr + out_off, total.to(dtype), mask=omask)
-                gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+        _store_transposed(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, pid, pid_k, n0, m0, M, N, stride_om, HAS_BIAS,
+                          SPLIT_K, BLOCK_N, BLOCK_M, MMA)
