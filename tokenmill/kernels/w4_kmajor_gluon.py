@@ -81,6 +81,31 @@ if HAS_GLUON:
         return words, scale, zero
 
     @gluon.jit
+    def _program_tile(M, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                      SPLIT_K: gl.constexpr):
+        """(pid, pid_k, m0, n0, steps, first, last): the program's output tile (row tiles vary fastest: programs
+        sharing a weight tile run together) and its split's [first, last) K steps (the last split may have fewer)."""
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_m = gl.cdiv(M, BLOCK_M)
+        steps = K // BLOCK_K
+        per_split = gl.cdiv(steps, SPLIT_K)
+        first = pid_k * per_split
+        return (pid, pid_k, (pid % num_m) * BLOCK_M, (pid // num_m) * BLOCK_N, steps, first,
+                gl.minimum(first + per_split, steps))
+
+    @gluon.jit
+    def _word_offsets(n0, N, stride_wn, BLOCK_N: gl.constexpr, QN: gl.constexpr, TW: gl.constexpr,
+                      WL: gl.constexpr):
+        """Offsets [n, q, t] of word TW q + t of each channel's step (or group), and the channel mask."""
+        wn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
+        wq = gl.arange(0, QN, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
+        wt = gl.arange(0, TW, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
+        w_off = (gl.expand_dims(gl.expand_dims(wn * stride_wn, 1), 2) + gl.expand_dims(gl.expand_dims(TW * wq, 0), 2)
+                 + gl.expand_dims(gl.expand_dims(wt, 0), 1))
+        return w_off, gl.expand_dims(gl.expand_dims(wn < N, 1), 2)
+
+    @gluon.jit
     def _store_transposed(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, pid, pid_k, n0, m0, M, N, stride_om,
                           HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                           MMA: gl.constexpr):
@@ -111,7 +136,6 @@ if HAS_GLUON:
                 gl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=omask)
                 gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
 
-
     @gluon.jit(do_not_specialize=["M"])
     def _kmajor_gemm_gluon_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
@@ -135,23 +159,9 @@ if HAS_GLUON:
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
         COLS: gl.constexpr = gl.SliceLayout(0, MMA)
 
-        pid = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        num_m = gl.cdiv(M, BLOCK_M)
-        m0 = (pid % num_m) * BLOCK_M  # row tiles vary fastest: programs sharing a weight tile run together
-        n0 = (pid // num_m) * BLOCK_N
+        pid, pid_k, m0, n0, steps, first, last = _program_tile(M, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
         groups = K // S
-        steps = K // BLOCK_K
-        per_split = gl.cdiv(steps, SPLIT_K)
-        first = pid_k * per_split
-        last = gl.minimum(first + per_split, steps)
-
-        wn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
-        wq = gl.arange(0, QN, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
-        wt = gl.arange(0, TW, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
-        w_off = (gl.expand_dims(gl.expand_dims(wn * stride_wn, 1), 2) + gl.expand_dims(gl.expand_dims(TW * wq, 0), 2)
-                 + gl.expand_dims(gl.expand_dims(wt, 0), 1))
-        w_mask = gl.expand_dims(gl.expand_dims(wn < N, 1), 2)
+        w_off, w_mask = _word_offsets(n0, N, stride_wn, BLOCK_N, QN, TW, WL)
         pp = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
         ee = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L5)))))
         shift_p = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(8 * pp, 0), 1), 3), 4)  # [1,1,4,1,1]

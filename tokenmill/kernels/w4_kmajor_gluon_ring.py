@@ -63,7 +63,7 @@ if HAS_GLUON:
         warpgroup_mma_wait,
     )
 
-    from tokenmill.kernels.w4_kmajor_gluon import _store_transposed, cta_barrier
+    from tokenmill.kernels.w4_kmajor_gluon import _program_tile, _store_transposed, _word_offsets, cta_barrier
 
     # triton 3.6 (the device's) names cp.async async_copy_global_to_shared; later ones async_load (the old name raises)
     cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
@@ -135,23 +135,9 @@ if HAS_GLUON:
         XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
         AS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
 
-        pid = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        num_m = gl.cdiv(M, BLOCK_M)
-        m0 = (pid % num_m) * BLOCK_M  # row tiles vary fastest: programs sharing a weight tile run together
-        n0 = (pid // num_m) * BLOCK_N
+        pid, pid_k, m0, n0, steps, first, last = _program_tile(M, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
         groups = K // (8 * GW)
-        steps = K // BLOCK_K
-        per_split = gl.cdiv(steps, SPLIT_K)
-        first = pid_k * per_split
-        last = gl.minimum(first + per_split, steps)
-
-        wn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
-        wq = gl.arange(0, Q, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
-        wt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
-        w_off = (gl.expand_dims(gl.expand_dims(wn * stride_wn, 1), 2) + gl.expand_dims(gl.expand_dims(4 * wq, 0), 2)
-                 + gl.expand_dims(gl.expand_dims(wt, 0), 1))
-        w_mask = gl.expand_dims(gl.expand_dims(wn < N, 1), 2)
+        w_off, w_mask = _word_offsets(n0, N, stride_wn, BLOCK_N, Q, 4, WL)  # word 4 q + t of the group
         pp = gl.arange(0, P, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))))
         ee = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L5)))))
         shift = (gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(8 * pp, 0), 2), 3), 4)
