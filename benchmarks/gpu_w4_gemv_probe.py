@@ -8,7 +8,8 @@ cuBLAS bf16 and today's dispatched kernel (kernels/quant_dispatch.py's choice; o
 list, e.g. an H200, the H100's entry), all in one run: issue 20's batch-1 target is W4A16 >= 2.5x bf16. The
 totals' ``k_major`` column is what serving one K-major copy would give at each row count (the best of the K-major
 GEMV, GEMM and dequantize + cuBLAS a shape; ``kmajor_gemm`` and ``dequant`` the best of each of those two alone,
-``w_lhs`` the transposed product's best alone, ``gluon`` its Gluon kernel's).
+``w_lhs`` the transposed product's best alone, ``gluon`` its Gluon kernels', ``ring`` the pipelined Gluon
+kernel's, kernels/w4_kmajor_gluon_ring.py, from 64 rows).
 Dequantize + cuBLAS runs through kernels/quant_dispatch.py's ``kmajor_cuda_linear`` with its config as the plan:
 the engine's call, its dense copy allocated every call as there (from the graph's pool when captured).
 
@@ -150,13 +151,21 @@ def wlg(m: int, n: int, k: int, split: int, w: int) -> KMajorGemmConfig:
     return wlhs(m, n, k, split, w, gluon=True)
 
 
+def ring(m: int, n: int, k: int, split: int, st: int = 4) -> KMajorGemmConfig:
+    """kernels/w4_kmajor_gluon_ring.py's pipelined Gluon kernel (8 warps: two warpgroups of 64 channels)."""
+    return KMajorGemmConfig(m, n, k, split, True, 8, st, False, w_lhs=True, gluon=True, pipelined=True)
+
+
 # The transposed product (w_lhs: codes the left operand, n the tensor cores' M; the config's block_m is their N).
 # From sm_90 compiles without a GPU (triton 3.6), none of these spills. Triton's compile (w_lhs): 128-255 registers
 # (243-255 from 64 rows) and the codes still reach the tensor cores through shared memory (stored, then reloaded
 # with ldmatrix; K loop 551-1026 SASS instructions vs 363-661 for the W-right kernel's configs), so only a few are
 # timed. Gluon's (gluon, kernels/w4_kmajor_gluon.py: codes built in the operand's registers, no shared trip): K loop
 # 257-559 instructions, 126-255 registers. 20 configs a shape in all (10 distinct compiles each kind), so the probe
-# keeps near --time-limit 140 on the H100 (rows 4 and 2, last, are the ones a cut would lose).
+# keeps near --time-limit 140 on the H100 (rows 4 and 2, last, are the ones a cut would lose). From 64 rows the
+# pipelined Gluon kernel (ring: cp.async x ring, async wgmma, codes via shared memory) replaces the configs that never
+# won there on the H100 (s19); sm_90 compiles (triton 3.6): 166-252 registers, no spills for these (split-K at
+# 256-row tiles, or at 128 x 128 steps, spills: its epilogue holds a second tile, so none of those are listed).
 def w_lhs_candidates(rows: int) -> list[KMajorGemmConfig]:
     """The transposed-product GEMM's configs for ``rows`` (16 rows and up), Triton's then Gluon's."""
     if rows < 16:
@@ -166,13 +175,13 @@ def w_lhs_candidates(rows: int) -> list[KMajorGemmConfig]:
     if rows <= 32:
         return [wlhs(32, 64, 128, 4), wlg(32, 64, 128, 4, 4), wlg(32, 128, 128, 4, 8)]
     if rows <= 64:
-        return [wlhs(64, 64, 128, 4), wlhs(64, 128, 64, 2, sc=True), wlg(64, 128, 128, 2, 8),
-                wlg(64, 128, 128, 4, 8), wlg(64, 128, 64, 1, 8), wlg(64, 64, 128, 1, 4)]
+        return [wlhs(64, 64, 128, 4), wlg(64, 128, 128, 2, 8), wlg(64, 128, 128, 4, 8), wlg(64, 128, 64, 1, 8),
+                wlg(64, 64, 128, 1, 4), ring(64, 128, 128, 2), ring(64, 128, 128, 4)]
     if rows <= 128:
-        return [wlhs(64, 128, 128, 2, w=8), wlg(128, 128, 64, 1, 8), wlg(64, 128, 128, 2, 8),
-                wlg(64, 128, 64, 1, 8)]
-    return [wlhs(64, 128, 128, 2, w=8), wlhs(128, 128, 64, 1, w=8), wlg(128, 128, 64, 1, 8),
-            wlg(128, 128, 128, 1, 8), wlg(64, 128, 128, 2, 8), wlg(64, 128, 64, 1, 8)]
+        return [wlhs(64, 128, 128, 2, w=8), wlg(64, 128, 128, 2, 8), wlg(64, 128, 64, 1, 8),
+                ring(128, 128, 64, 1), ring(128, 128, 64, 2), ring(64, 128, 128, 2)]
+    return [wlg(128, 128, 64, 1, 8), wlg(128, 128, 128, 1, 8), wlg(64, 128, 128, 2, 8), wlg(64, 128, 64, 1, 8),
+            ring(256, 128, 64, 1), ring(128, 128, 64, 2), ring(128, 128, 128, 1)]
 
 
 # Today's default (32 channels x one group a program, 4 warps), taller tiles with more warps (more work a program:
@@ -290,7 +299,7 @@ def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Gene
     print(f"{shape} rows={rows} done at {time.monotonic() - START:.0f} s", flush=True)
 
 
-TOTAL_TAGS = ("bf16", "today", "new", "no_repack", "k_major", "kmajor_gemm", "w_lhs", "gluon", "dequant")
+TOTAL_TAGS = ("bf16", "today", "new", "no_repack", "k_major", "kmajor_gemm", "w_lhs", "gluon", "ring", "dequant")
 
 
 def total_tags(r: dict[str, Any]) -> list[str]:
@@ -303,6 +312,7 @@ def total_tags(r: dict[str, Any]) -> list[str]:
     alone = {"w4_kmajor_gemm": ["kmajor_gemm"], "dequant_mm": ["dequant"]}.get(kernel, [])
     if r["params"].get("w_lhs"):  # the transposed product also alone (it counts in the K-major GEMM's best too)
         alone += ["w_lhs", "gluon"] if r["params"].get("gluon") else ["w_lhs"]
+        alone += ["ring"] if r["params"].get("pipelined") else []
     return ["new", "k_major", *alone]
 
 
@@ -377,6 +387,7 @@ def summary_lines(pr: GemvProbe) -> list[str]:
         lines.append(f"{'':9} K-major GEMM alone {t['kmajor_gemm_us']:7.1f} us ({t['kmajor_gemm_x_bf16']:.2f}x), "
                      f"of it w_lhs alone {t['w_lhs_us']:7.1f} us ({t['w_lhs_x_bf16']:.2f}x), "
                      f"Gluon's alone {t['gluon_us']:7.1f} us ({t['gluon_x_bf16']:.2f}x), "
+                     f"of it pipelined alone {t['ring_us']:7.1f} us ({t['ring_x_bf16']:.2f}x), "
                      f"dequantize + cuBLAS alone {t['dequant_us']:7.1f} us ({t['dequant_x_bf16']:.2f}x)")
     return lines + pr.failure_lines()
 

@@ -22,6 +22,7 @@ from test_wna16_gemm import random_packed
 from tokenmill.kernels.w4_gemv import repack_k_major
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, w4_kmajor_gemm
 from tokenmill.kernels.w4_kmajor_gluon import HAS_GLUON, code_columns, code_words
+from tokenmill.kernels.w4_kmajor_gluon_ring import ring_block_k, ring_code_words
 from tokenmill.kernels.wna16_gemm import wna16_linear_reference
 
 pytestmark = pytest.mark.gpu
@@ -147,6 +148,75 @@ def test_gluon_w_lhs_matches_fp32_reference(rows, group, zeros, dtype):
            fractional_zeros=zeros and group < 128)
 
 
+@pytest.mark.parametrize("group,block_k", [(128, 128), (128, 64), (128, 32), (64, 64), (32, 32), (256, 128)])
+def test_ring_code_order_reads_the_words_it_multiplies(group, block_k):
+    """kernels/w4_kmajor_gluon_ring.py's natural K order on CPU, in torch: code column c of sub-step s of a group
+    takes nibble ring_code_words(c) of the group's words and multiplies x column step * block_k + c."""
+    k, n, rows = 2 * max(group, 128), 24, 5
+    packed = random_packed(k, n, 4, group, True, torch.float16, "cpu", seed=group + block_k + 1)
+    weight = repack_k_major(packed)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(block_k + 1)).double()
+    step_k = ring_block_k(block_k, group)
+    out = torch.zeros(rows, n, dtype=torch.float64)
+    for step in range(k // step_k):
+        g, sub = divmod(step * step_k, group)
+        word, nibble = ring_code_words(step_k, group, sub // step_k)
+        words = weight.qweight[:, g * (group // 8) + word]  # [n, c]
+        codes = ((words >> (4 * nibble)) & 0xF).double()
+        w = (codes - weight.zeros[:, g, None].double()) * weight.scales[:, g, None].double()
+        out += x[:, step * step_k:(step + 1) * step_k] @ w.t()
+    assert rel_err(out, wna16_linear_reference(x.float(), packed).double()) < 1e-5
+
+
+def test_ring_block_k_caps_and_rejects():
+    assert ring_block_k(128, 128) == 128 and ring_block_k(256, 64) == 64 and ring_block_k(16, 128) == 32
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ring_block_k(64, 16)
+
+
+def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4) -> KMajorGemmConfig:
+    return KMajorGemmConfig(m, n, k, split, num_warps=warps, num_stages=stages, x_runs=False, w_lhs=True,
+                            gluon=True, pipelined=True)
+
+
+@pytest.mark.skipif(not HAS_GLUON or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs triton's Gluon, compiled (the interpreter swaps jit functions for its own)")
+@pytest.mark.parametrize("config,group", [(ring(128, 128, 128), 128), (ring(64, 128, 64, 2, stages=3), 128),
+                                          (ring(64, 64, 32, warps=4), 32)])
+def test_gluon_ring_kernel_compiles_async(config, group):
+    """Compiles the pipelined kernel for sm_90 without a GPU: the codes' reshape into the wgmma operand layout is
+    trivial (asserted at compile time), nothing spills, the K loop keeps one product in flight (wgmma wait 1),
+    x arrives by cp.async and both operands are read from shared memory (the codes stored by stmatrix)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from triton_sass import compile_sm90
+
+    from tokenmill.kernels.w4_kmajor_gluon_ring import _kmajor_gemm_gluon_ring_kernel
+
+    args = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16",
+                part_ptr="*fp32", cnt_ptr="*i32", M="i32:1", N="i32:16", K="i32:16", stride_xm="i32:16",
+                stride_wn="i32:16", stride_om="i32:16", HAS_ZEROS=True, HAS_BIAS=True, SPLIT_K=config.split_k,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=ring_block_k(config.block_k, group),
+                GW=group // 8, STAGES=config.num_stages, WARPS=config.num_warps)
+    info = compile_sm90(_kmajor_gemm_gluon_ring_kernel, args, num_warps=config.num_warps, gluon=True,
+                        keep_text=True)
+    assert info.spill_bytes == 0 and info.loops
+    assert "wgmma.wait_group.sync.aligned 1" in info.ptx and "cp.async" in info.ptx
+    loop = info.loops[-1]["opcodes"]
+    assert loop.get("HGMMA") and loop.get("LDGSTS") and loop.get("STSM") and not loop.get("LDSM")
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows,group,zeros,dtype", [(37, 128, True, torch.bfloat16), (200, 128, False, torch.float16),
+                                                    (256, 64, True, torch.bfloat16), (70, 32, True, torch.float16)])
+def test_gluon_ring_matches_fp32_reference(rows, group, zeros, dtype):
+    """The pipelined Gluon kernel (CUDA only): partial tiles both ways (200 channels, odd rows), K split with an
+    uneven last split, steps of a quarter, half or a whole group, ring depths 3-5, 4 and 8 warps, bias."""
+    configs = [ring(64, 128, 128, split=3), ring(128, 128, 64, stages=3), ring(256, 128, 32, split=2, stages=5),
+               ring(64, 64, 128, warps=4)]
+    _check("cuda", rows, 8 * 128, 200, group, zeros, dtype, configs, seed=rows + group + 5,
+           fractional_zeros=zeros and group < 128)
+
+
 @requires_triton_device
 def test_launcher_rejects_what_the_kernel_cannot_serve(device):
     packed = random_packed(192, 32, 4, 64, True, torch.float16, device, seed=3)
@@ -182,6 +252,11 @@ def test_config_validation():
         KMajorGemmConfig(gluon=True)
     with pytest.raises(ValueError, match="gluon=True is the w_lhs=True product"):
         KMajorGemmConfig(x_runs=False, w_lhs=True, scale_codes=True, gluon=True)
+    with pytest.raises(ValueError, match="pipelined=True is a gluon=True variant"):
+        KMajorGemmConfig(x_runs=False, w_lhs=True, pipelined=True)
+    with pytest.raises(ValueError, match="pipelined=True is a gluon=True variant"):
+        KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, pipelined=True, num_stages=2)
+    assert ring(128, 128, 128).name == "kmgemm_wlgp_m128_n128_k128_s1_w8_st4"
     with pytest.raises(ValueError, match="block_n a multiple of 16 x num_warps"):
         KMajorGemmConfig(16, 64, x_runs=False, w_lhs=True, gluon=True, num_warps=8)
     gl_config = KMajorGemmConfig(64, 128, 128, 2, num_warps=8, x_runs=False, w_lhs=True, gluon=True)

@@ -54,6 +54,7 @@ from tokenmill.kernels._triton import HAS_TRITON, tl, triton
 from tokenmill.kernels.splitk import dot_in_fp32, fit_split_k, splitk_workspace
 from tokenmill.kernels.w4_gemv import KMajorWeight
 from tokenmill.kernels.w4_kmajor_gluon import HAS_GLUON
+from tokenmill.kernels.w4_kmajor_gluon_ring import ring_block_k
 from tokenmill.kernels.wna16_gemm import checked_input
 
 
@@ -63,7 +64,9 @@ class KMajorGemmConfig:
     ``block_k`` inputs a K step (capped at the group size), K split over ``split_k`` programs (lowered to what the
     workspace holds and what K offers), ``one_dot``, ``x_runs``, ``scale_codes`` and ``w_lhs`` (the transposed
     product; default off, so table entries written before it keep their kernel) as in the module docstring;
-    ``gluon``: the transposed product from kernels/w4_kmajor_gluon.py (CUDA only; ``num_stages`` unused)."""
+    ``gluon``: the transposed product from kernels/w4_kmajor_gluon.py (CUDA only; ``num_stages`` unused);
+    ``pipelined`` (with ``gluon``): kernels/w4_kmajor_gluon_ring.py's version (an x ring of ``num_stages`` >= 3
+    stages, asynchronous wgmma, codes scaled before the product: ``scale_codes`` is implied)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -76,6 +79,7 @@ class KMajorGemmConfig:
     scale_codes: bool = False
     w_lhs: bool = False
     gluon: bool = False
+    pipelined: bool = False
 
     def __post_init__(self) -> None:
         for field, value, low in (("block_m", self.block_m, 16), ("block_n", self.block_n, 16),
@@ -96,18 +100,22 @@ class KMajorGemmConfig:
             raise ValueError(f"gluon=True needs block_n a multiple of 16 x num_warps (a wgmma warpgroup's 4 warps "
                              f"take 64 channels) and block_m <= 256; got {self.block_n}, {self.num_warps} warps, "
                              f"{self.block_m}")
+        if self.pipelined and (not self.gluon or self.num_stages < 3):
+            raise ValueError(f"pipelined=True is a gluon=True variant with num_stages >= 3 (an x ring of that many "
+                             f"stages); got gluon={self.gluon}, num_stages={self.num_stages}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1; got {self.split_k}")
 
     @property
     def name(self) -> str:
-        variant = ("_wlg" if self.gluon else "_wl") if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
+        variant = (("_wlgp" if self.pipelined else "_wlg") if self.gluon else "_wl") if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
         return (f"kmgemm{variant}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
                 f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}")
 
 
 if HAS_GLUON:
     from tokenmill.kernels.w4_kmajor_gluon import _kmajor_gemm_gluon_kernel
+    from tokenmill.kernels.w4_kmajor_gluon_ring import _kmajor_gemm_gluon_ring_kernel
 if HAS_TRITON:  # the Triton kernels need no Gluon (an older Triton has none)
     from tokenmill.kernels.splitk import splitk_finish, splitk_tile
 
@@ -274,7 +282,10 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
     x = checked_input(x, weight, "w4_kmajor_gemm")
     m, k = x.shape
     n = weight.out_features
-    block_k = kmajor_gemm_block_k(config, weight.group_size)
+    if config.pipelined:  # natural K order: a step is a quarter to all of a group
+        block_k = ring_block_k(config.block_k, weight.group_size)
+    else:
+        block_k = kmajor_gemm_block_k(config, weight.group_size)
     out = x.new_empty((m, n))
     if m == 0:
         return out
@@ -290,7 +301,12 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
                 work.partials, work.counters, m, n, k, x.stride(0), weight.qweight.stride(0), out.stride(0))
         shared = dict(HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k,
                       BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GW=weight.group_size // 8,
-                      TW=min(4, block_k // 8), MAGIC_BITS=magic_bits, MAGIC=magic, num_warps=config.num_warps)
+                      num_warps=config.num_warps)
+        if config.pipelined:
+            _kmajor_gemm_gluon_ring_kernel[(tiles, split_k)](*args, **shared, STAGES=config.num_stages,
+                                                            WARPS=config.num_warps)
+            return out
+        shared.update(TW=min(4, block_k // 8), MAGIC_BITS=magic_bits, MAGIC=magic)
         if config.gluon:
             _kmajor_gemm_gluon_kernel[(tiles, split_k)](*args, **shared, WARPS=config.num_warps)
         else:

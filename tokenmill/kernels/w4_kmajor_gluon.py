@@ -13,8 +13,8 @@ order (runs of 2 TW columns: 16-byte loads at TW = 4) into a wgmma-swizzled shar
 after each step (the module docstring of w4_kmajor_gemm.py: magic-number codes, s (part - (magic + z) sum x));
 the next step's words and scales load before this step's product (register prefetch; x loads in its step; no
 cp.async ring yet).
-Split-K: kernels/splitk.py's partials + arrival counter protocol, restated in Gluon (its ``splitk_finish`` is
-written for Triton's implicit layouts).
+Split-K: kernels/splitk.py's partials + arrival counter protocol, restated in Gluon (``_store_transposed``, shared
+with kernels/w4_kmajor_gluon_ring.py's pipelined version).
 
 Needs Hopper (sm_90) and triton's Gluon (3.6 on the device). No CPU path: Triton's interpreter does not run Gluon.
 tests/kernels/test_w4_kmajor_gemm.py checks it against fp32 on CUDA (and the index maths on CPU through a torch
@@ -80,6 +80,62 @@ if HAS_GLUON:
             zero = gl.full_like(scale, 8.0)
         return words, scale, zero
 
+    @gluon.jit
+    def _program_tile(M, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                      SPLIT_K: gl.constexpr):
+        """(pid, pid_k, m0, n0, steps, first, last): the program's output tile (row tiles vary fastest: programs
+        sharing a weight tile run together) and its split's [first, last) K steps (the last split may have fewer)."""
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_m = gl.cdiv(M, BLOCK_M)
+        steps = K // BLOCK_K
+        per_split = gl.cdiv(steps, SPLIT_K)
+        first = pid_k * per_split
+        return (pid, pid_k, (pid % num_m) * BLOCK_M, (pid // num_m) * BLOCK_N, steps, first,
+                gl.minimum(first + per_split, steps))
+
+    @gluon.jit
+    def _word_offsets(n0, N, stride_wn, BLOCK_N: gl.constexpr, QN: gl.constexpr, TW: gl.constexpr,
+                      WL: gl.constexpr):
+        """Offsets [n, q, t] of word TW q + t of each channel's step (or group), and the channel mask."""
+        wn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
+        wq = gl.arange(0, QN, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
+        wt = gl.arange(0, TW, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
+        w_off = (gl.expand_dims(gl.expand_dims(wn * stride_wn, 1), 2) + gl.expand_dims(gl.expand_dims(TW * wq, 0), 2)
+                 + gl.expand_dims(gl.expand_dims(wt, 0), 1))
+        return w_off, gl.expand_dims(gl.expand_dims(wn < N, 1), 2)
+
+    @gluon.jit
+    def _store_transposed(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, pid, pid_k, n0, m0, M, N, stride_om,
+                          HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                          MMA: gl.constexpr):
+        """acc [BLOCK_N, BLOCK_M] (+ bias) into out [M, N] as its transpose; with SPLIT_K > 1 through
+        kernels/splitk.py's protocol (partials in split order, the last arrival sums them and resets the counter),
+        restated in Gluon (its ``splitk_finish`` is written for Triton's implicit layouts)."""
+        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
+        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
+        on = n0 + gl.arange(0, BLOCK_N, layout=ROWS)
+        om = m0 + gl.arange(0, BLOCK_M, layout=COLS)
+        omask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
+        out_off = gl.expand_dims(om * stride_om, 0) + gl.expand_dims(on, 1)  # out [M, N] written as its transpose
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
+            gl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        else:
+            part_off = gl.expand_dims(om * N, 0) + gl.expand_dims(on, 1)
+            gl.store(part_ptr + pid_k * M * N + part_off, acc, mask=omask)
+            cta_barrier()
+            arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+                for s in gl.static_range(SPLIT_K):
+                    total += gl.load(part_ptr + s * M * N + part_off, mask=omask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
+                gl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=omask)
+                gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+
     @gluon.jit(do_not_specialize=["M"])
     def _kmajor_gemm_gluon_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
@@ -103,23 +159,9 @@ if HAS_GLUON:
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
         COLS: gl.constexpr = gl.SliceLayout(0, MMA)
 
-        pid = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        num_m = gl.cdiv(M, BLOCK_M)
-        m0 = (pid % num_m) * BLOCK_M  # row tiles vary fastest: programs sharing a weight tile run together
-        n0 = (pid // num_m) * BLOCK_N
+        pid, pid_k, m0, n0, steps, first, last = _program_tile(M, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
         groups = K // S
-        steps = K // BLOCK_K
-        per_split = gl.cdiv(steps, SPLIT_K)
-        first = pid_k * per_split
-        last = gl.minimum(first + per_split, steps)
-
-        wn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
-        wq = gl.arange(0, QN, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
-        wt = gl.arange(0, TW, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
-        w_off = (gl.expand_dims(gl.expand_dims(wn * stride_wn, 1), 2) + gl.expand_dims(gl.expand_dims(TW * wq, 0), 2)
-                 + gl.expand_dims(gl.expand_dims(wt, 0), 1))
-        w_mask = gl.expand_dims(gl.expand_dims(wn < N, 1), 2)
+        w_off, w_mask = _word_offsets(n0, N, stride_wn, BLOCK_N, QN, TW, WL)
         pp = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
         ee = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L5)))))
         shift_p = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(8 * pp, 0), 1), 3), 4)  # [1,1,4,1,1]
@@ -153,24 +195,5 @@ if HAS_GLUON:
             acc += (part - gl.expand_dims(MAGIC + zero, 1) * gl.expand_dims(xsum, 0)) * gl.expand_dims(scale, 1)
             words, scale, zero = nxt
 
-        on = n0 + gl.arange(0, BLOCK_N, layout=ROWS)
-        om = m0 + gl.arange(0, BLOCK_M, layout=COLS)
-        omask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
-        out_off = gl.expand_dims(om * stride_om, 0) + gl.expand_dims(on, 1)  # out [M, N] written as its transpose
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
-            gl.store(out_ptr + out_off, acc.to(dtype), mask=omask)
-        else:  # splitk.py's protocol: partials in split order, the last arrival sums them and resets the counter
-            part_off = gl.expand_dims(om * N, 0) + gl.expand_dims(on, 1)
-            gl.store(part_ptr + pid_k * M * N + part_off, acc, mask=omask)
-            cta_barrier()
-            arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                for s in gl.static_range(SPLIT_K):
-                    total += gl.load(part_ptr + s * M * N + part_off, mask=omask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
-                gl.store(out_ptr + out_off, total.to(dtype), mask=omask)
-                gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+        _store_transposed(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, pid, pid_k, n0, m0, M, N, stride_om, HAS_BIAS,
+                          SPLIT_K, BLOCK_N, BLOCK_M, MMA)

@@ -1,0 +1,174 @@
+"""The K-major W4A16 GEMM's transposed product in Gluon, pipelined for 64-256 rows (``KMajorGemmConfig(gluon=True,
+pipelined=True)``): kernels/w4_kmajor_gluon.py's kernel issues a synchronous wgmma after gathering x into shared
+memory each step, so at 128-256 rows it waits on loads and on the tensor cores in turn. Here:
+
+- x [BLOCK_M, BLOCK_K] tiles stream through a ``num_stages`` shared-memory ring by cp.async (16-byte copies, rows
+  past M zero-filled), in natural K order: the wgmma's B operand is the tile's transposed view (K-major B);
+- the wgmma is asynchronous with one chained fp32 accumulator: step i's product runs while step i + 1's codes are
+  dequantized, and ``warpgroup_mma_wait(1)`` retires step i - 1's product (its register A operand is carried in the
+  loop until then: wgmma reads registers asynchronously too);
+- codes are scaled before the product ((c - z) s in fp32, rounded to x's dtype: the w_lhs ``scale_codes`` variant),
+  because scaling after it (w4_kmajor_gluon.py) needs each step's product apart from the accumulator, finished before
+  it is scaled: a second fp32 tile and a wait a step, which is the serialization this kernel removes;
+- BLOCK_N 128 channels on 8 warps (two warpgroups of 64), BLOCK_M up to 256 rows on the wgmma's N.
+
+Natural K order works for the codes too: the A operand gives lane t of a row columns 2 t, 2 t + 1 of every 8, and
+in the K-major layout column 2 GW p + 2 w + e of a group is nibble 2 p + e of word w; with w = 4 q + t, column
+c = 2 GW p + 8 q + 2 t + e, so each lane reads whole words of its own (t, t + 4, ...) and the codes are a
+[n, p, q, t, e] tensor whose layout is the operand's with c's bits split (``ring_codes_layout``), reshaped into the
+operand with a compile-time-checked trivial conversion. A step covers BLOCK_K = 2 GW P columns of one group
+(P = 1, 2 or 4 nibble pairs; P < 4 reloads a word's other nibbles next step, from L1). Needs group >= 32 (four
+words a row, one a lane).
+
+Ring protocol (prefetch distance STAGES - 2): iteration i waits for its own cp.async group, fences and barriers
+(so every thread's copies are visible to the tensor cores, and every warpgroup has retired step i - 2's product),
+then refills the stage step i - 2 used with step i + STAGES - 2. Split-K and the transposed store are
+w4_kmajor_gluon.py's. Needs Hopper (sm_90) and triton's Gluon; no CPU path (the interpreter does not run Gluon):
+tests/kernels/test_w4_kmajor_gemm.py checks the index maths on CPU (``ring_code_words``) and the kernel against
+fp32 on CUDA; benchmarks/gpu_w4_gemv_probe.py times it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.kernels.w4_kmajor_gluon import HAS_GLUON
+
+
+def ring_block_k(block_k: int, group_size: int) -> int:
+    """The K step the pipelined kernel takes: the config's, capped at the group, at least a quarter of it (one
+    nibble pair of every word a step); groups of 32 and more (one word a lane)."""
+    if group_size < 32 or group_size % 32:
+        raise ValueError(f"pipelined=True needs a group size that is a multiple of 32; got {group_size}")
+    return max(min(block_k, group_size), group_size // 4)
+
+
+def ring_code_words(block_k: int, group_size: int, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(word of the group, nibble) code column c of sub-step ``sub`` of a group reads: column
+    c = 2 GW p + 8 q + 2 t + e (natural K order) is nibble 2 (sub P + p) + e of word 4 q + t."""
+    gw = group_size // 8
+    c = torch.arange(block_k)
+    p, q, t, e = c // (2 * gw), (c // 8) % (gw // 4), (c // 2) % 4, c % 2
+    return 4 * q + t, 2 * (sub * (block_k // (2 * gw)) + p) + e
+
+
+if HAS_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import constexpr_function
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
+        fence_async_shared,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    from tokenmill.kernels.w4_kmajor_gluon import _program_tile, _store_transposed, _word_offsets, cta_barrier
+
+    # triton 3.6 (the device's) names cp.async async_copy_global_to_shared; later ones async_load (the old name raises)
+    cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
+
+    @constexpr_function
+    def ring_codes_layout(a_ll, gw):
+        """The A operand's linear layout over [n, c] re-indexed as [n, p, q, t, e] (c = 2 gw p + 8 q + 2 t + e;
+        every basis is one bit of c)."""
+        def five(basis):
+            r, c = basis
+            return [r, c // (2 * gw), (c // 8) % (gw // 4), (c // 2) % 4, c % 2]
+
+        n, k = a_ll.shape
+        return gl.DistributedLinearLayout([five(b) for b in a_ll.reg_bases], [five(b) for b in a_ll.lane_bases],
+                                          [five(b) for b in a_ll.warp_bases], [],
+                                          [n, k // (2 * gw), gw // 4, 4, 2])
+
+    @gluon.jit
+    def _x_copy(x_smem, x_off, x_mask, step, first, last, STAGES: gl.constexpr, BLOCK_K: gl.constexpr):
+        """cp.async of step ``step``'s x tile into its ring stage (nothing copied past the split's last step; the
+        group is committed either way, so the wait counts stay fixed)."""
+        cp_async(x_smem.index((step - first) % STAGES), x_off + step * BLOCK_K, mask=x_mask & (step < last))
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _scaled_codes(words, scale, zero, shift, dtype: gl.constexpr, A_L: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BLOCK_K: gl.constexpr):
+        """(c - z) s in x's dtype, built in the codes' 5-d layout and reshaped into the wgmma A operand."""
+        codes = (gl.expand_dims(gl.expand_dims(words, 1), 4) >> shift) & 0xF
+        c = (codes | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0  # 2^23 + c, minus 2^23: exact
+        a = (c * scale - zero * scale).to(dtype)
+        return gl.convert_layout(gl.reshape(a, [BLOCK_N, BLOCK_K]), A_L, assert_trivial=True)
+
+    @gluon.jit
+    def _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, step, groups, HAS_ZEROS: gl.constexpr,
+                         GW: gl.constexpr, SUBS: gl.constexpr):
+        """One step's words [n, q, t] (the group's, shifted to the step's nibble pairs) and its scale and zero
+        point broadcast as [n, 1, 1, 1, 1] (fp32)."""
+        group = step // SUBS
+        words = gl.load(qw_ptr + w_off + group * GW, mask=w_mask, other=0) >> (8 * (4 // SUBS) * (step % SUBS))
+        scale = gl.load(s_ptr + sn * groups + group).to(gl.float32)  # sn is clamped to real channels
+        if HAS_ZEROS:
+            zero = gl.load(z_ptr + sn * groups + group).to(gl.float32)
+        else:
+            zero = gl.full_like(scale, 8.0)
+        scale = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(scale, 1), 1), 1), 1)
+        zero = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(zero, 1), 1), 1), 1)
+        return words, scale, zero
+
+    @gluon.jit(do_not_specialize=["M"])
+    def _kmajor_gemm_gluon_ring_kernel(
+        x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+        M, N, K, stride_xm, stride_wn, stride_om,
+        HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GW: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+    ):
+        P: gl.constexpr = BLOCK_K // (2 * GW)  # nibble pairs of every word a step
+        SUBS: gl.constexpr = 4 // P  # steps a group
+        Q: gl.constexpr = GW // 4
+        dtype: gl.constexpr = x_ptr.dtype.element_ty
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        A_L: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
+        L5: gl.constexpr = ring_codes_layout(gl.to_linear_layout(A_L, [BLOCK_N, BLOCK_K]), GW)  # [n, p, q, t, e]
+        WL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(4, L5))  # words [n, q, t]
+        SL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(1, gl.SliceLayout(1, gl.SliceLayout(1, L5))))  # [n]
+        TPW_K: gl.constexpr = min(32, BLOCK_K // 8)  # 16-byte copies along K
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_K, TPW_K], [WARPS, 1], [1, 0])
+        XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
+        AS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
+
+        pid, pid_k, m0, n0, steps, first, last = _program_tile(M, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+        groups = K // (8 * GW)
+        w_off, w_mask = _word_offsets(n0, N, stride_wn, BLOCK_N, Q, 4, WL)  # word 4 q + t of the group
+        pp = gl.arange(0, P, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5)))))
+        ee = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L5)))))
+        shift = (gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(8 * pp, 0), 2), 3), 4)
+                 + gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(4 * ee, 0), 1), 2), 3))  # [1,P,1,1,2]
+        sn = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=SL), N - 1)  # clamped: rows past N are masked at the store
+        xm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XL))
+        xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
+        x_off = x_ptr + gl.expand_dims(xm * stride_xm, 1) + gl.expand_dims(xk, 0)
+        x_mask = gl.expand_dims(xm < M, 1)
+
+        x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], XS)
+        a_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_K], AS)
+        for i in gl.static_range(STAGES - 2):
+            _x_copy(x_smem, x_off, x_mask, first + i, first, last, STAGES, BLOCK_K)
+        words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, gl.minimum(first, steps - 1),
+                                              groups, HAS_ZEROS, GW, SUBS)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        for step in range(first, last):
+            a = _scaled_codes(words, scale, zero, shift, dtype, A_L, BLOCK_N, BLOCK_K)  # overlaps step - 1's product
+            words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn,
+                                                  gl.minimum(step + 1, last - 1), groups, HAS_ZEROS, GW, SUBS)
+            # step - 2's product (this warpgroup's rows: the only ones it stores) was retired last iteration
+            a_smem.index((step - first) % 2).store(a)
+            async_copy.wait_group(STAGES - 3)  # this thread's copies of this step have landed
+            fence_async_shared()  # ... and the codes' stores: visible to the tensor cores (async proxy)
+            cta_barrier()  # every thread's, and every warpgroup has retired step - 2's product
+            _x_copy(x_smem, x_off, x_mask, step + STAGES - 2, first, last, STAGES, BLOCK_K)  # into step - 2's stage
+            acc = warpgroup_mma(a_smem.index((step - first) % 2), x_smem.index((step - first) % STAGES).permute((1, 0)),
+                                acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])  # step - 1's product done: its stages are free
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        async_copy.wait_group(0)  # the zero-filled copies past the split's last step
+        _store_transposed(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, pid, pid_k, n0, m0, M, N, stride_om, HAS_BIAS,
+                          SPLIT_K, BLOCK_N, BLOCK_M, MMA)
