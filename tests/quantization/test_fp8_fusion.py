@@ -73,7 +73,7 @@ def test_engine_greedy_tokens_are_the_unfused_engines(tiny_llama, device):
     on the GPU, in CUDA graphs and piecewise graphs). CPU: identical by construction. GPU: the fused kernels make
     the unfused pair's roundings (tests/kernels/test_fp8_fused_quant.py), so the tokens agree."""
     common = dict(device=device, dtype="float32" if device == "cpu" else "bfloat16", quantization="fp8",
-                  block_size=16, max_num_batched_tokens=256, seed=0)
+                  block_size=16, max_num_batched_tokens=256, max_num_seqs=32, seed=0)
     prompts = [p.tolist() for p in make_prompts([5 + 3 * (i % 7) for i in range(20)], 384, seed=11)]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     outs = {}
