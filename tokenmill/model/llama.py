@@ -5,7 +5,7 @@ Checkpoint names (HF layout) load through ``load_weights``, which packs q/k/v an
 On CPU, decode-shaped steps of a stack whose linears all have a PyTorch CPU kernel weight (int4/int8, bf16) run
 through quantization/cpu_decode_stack.py instead of the modules (same ops, bit-identical, less Python per token).
 Each RMSNorm and the SiLU-and-mul are told the linear they feed, which may take their output quantized to FP8 in the
-same pass (model/layers.py; vLLM's fuse_norm_quant / fuse_act_quant, on unless the quantization config says off).
+same pass (model/layers.py; vLLM's pass_config fuse_norm_quant / fuse_act_quant: on for quantized models unless turned off).
 """
 
 from __future__ import annotations
