@@ -105,6 +105,31 @@ def test_fp8_lm_head_is_opt_in_and_close_to_the_dense_head(tiny_llama):
     assert err > 1e-4  # the head really was rounded
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA sm89+ GPU")
+@pytest.mark.parametrize("rows", [1, 12, 40])
+def test_fp8_lm_head_on_the_gpu_is_the_product_of_its_operands(tiny_llama, rows):
+    """The FP8 head on CUDA: the FP8-weight GEMV's rows (bf16 hidden states) and ``_scaled_mm``'s (hidden states
+    quantized per token) against the fp64 product of the same operands (1e-2: bf16 output, fp32 accumulation)."""
+    from tokenmill.attention.torch_backend import TorchAttentionBackend
+    from tokenmill.config import ModelConfig
+    from tokenmill.model import load_model
+
+    loaded = load_model(ModelConfig(model=str(tiny_llama), dtype="bfloat16", device="cuda", quantization="fp8",
+                                    quantize_lm_head=True), TorchAttentionBackend())
+    head = loaded.model.lm_head
+    hidden = torch.randn(rows, loaded.spec.hidden_size, device="cuda").to(torch.bfloat16)
+    got = loaded.model.compute_logits(hidden)
+    if head.linear_method.gemv_choice(head, rows, hidden.device, hidden.dtype) is None:
+        xq, xs = quantize_fp8(hidden, dim=-1)
+        x = xq.double() * xs.double()
+    else:
+        x = hidden.double()
+    want = x @ (head.weight.double() * head.weight_scale.double()[:, None]).t()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, loaded.spec.vocab_size)
+    assert rel_err(got, want) <= 1e-2
+
+
 def test_quantize_lm_head_refusals(tiny_llama, tiny_model_dirs):
     with pytest.raises(ValueError, match="served dense"):
         load(tiny_llama, quantize_lm_head=True)
