@@ -26,14 +26,15 @@ for job in "$@"; do
     maxload) run python3 benchmarks/gpu_maxload.py --out "$out/gpu_maxload.json" ${MAXLOAD_ARGS:-} ;;
     # Issue 22: RMSNorm / SiLU-and-mul writing FP8 for the next W8A8 linear. Their kernel and model tests, the pairs
     # timed fused vs unfused at 950 rows (Llama-3-8B widths), then max load (FUSE_SETTINGS) with FP8 W+KV fused (the
-    # default), unfused, and fused with the FP8 LM head, runs started within FUSE_MAXLOAD_BUDGET s. Target < 200 s.
+    # default), unfused, and fused with the FP8 LM head, runs started within FUSE_MAXLOAD_BUDGET s (a run past it is
+    # listed as skipped). Target < 200 s.
     fp8_fuse) run python3 -m pytest tests/kernels/test_fp8_fused_quant.py -q -p no:cacheprovider 2>&1 \
                 | tee "$out/fp8_fuse_kernel_tests.txt" | tail -3
-              run python3 -m pytest tests/quantization/test_fp8_fusion.py -q -p no:cacheprovider 2>&1 \
+              run python3 -m pytest tests/quantization/test_fp8_fusion.py -m gpu -q -p no:cacheprovider 2>&1 \
                 | tee "$out/fp8_fuse_model_tests.txt" | tail -3
               run python3 benchmarks/gpu_fp8_fuse.py --out "$out/gpu_fp8_fuse.json"
               run python3 benchmarks/gpu_maxload.py --variants fp8_w_kv,fp8_w_kv_unfused,fp8_w_kv_lmhead \
-                --settings "${FUSE_SETTINGS:-1024:1024:8192}" --budget-s "${FUSE_MAXLOAD_BUDGET:-80}" \
+                --settings "${FUSE_SETTINGS:-1024:1024:8192}" --budget-s "${FUSE_MAXLOAD_BUDGET:-75}" \
                 --out "$out/gpu_maxload_fp8_fuse.json" ;;
     spec) run python3 benchmarks/gpu_spec_decode.py --out "$out/gpu_spec_decode.json" ;;
     spec_adaptive) run python3 benchmarks/gpu_spec_decode.py --skip-costs --draft-preset '' \

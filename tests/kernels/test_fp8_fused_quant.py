@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import fp8_device
 
 from tokenmill.kernels.activation import (
+    FP8_ACT_MAX_COLS,
     silu_and_mul_fp8_reference,
     silu_and_mul_fp8_triton,
     silu_and_mul_triton,
@@ -86,6 +87,14 @@ def test_silu_and_mul_fp8_matches_activation_then_quantize(device, rows, inter, 
     # fp16: gate * up neither overflows nor lands among fp16's subnormals
     decades = (-2, 3) if dtype == torch.bfloat16 else (-0.5, 1.5)
     x = _rows(rows, 2 * inter, device, dtype, seed=rows + inter, decades=decades)
+    got = silu_and_mul_fp8_triton(x)
+    gate, up = x.float().chunk(2, dim=-1)
+    _check_against_fp32(got, F.silu(gate) * up, device)
+    _check_against_composition(got, silu_and_mul_fp8_reference(x), device)
+
+
+def test_silu_and_mul_fp8_wider_than_one_program_takes_the_two_kernels(device):
+    x = _rows(2, 2 * (FP8_ACT_MAX_COLS + 8), device, torch.bfloat16, seed=5, decades=(-1, 1))
     got = silu_and_mul_fp8_triton(x)
     gate, up = x.float().chunk(2, dim=-1)
     _check_against_fp32(got, F.silu(gate) * up, device)
