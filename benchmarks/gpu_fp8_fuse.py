@@ -3,7 +3,7 @@
 At a max-load decode step (950 rows; Llama-3-8B: hidden 4096, intermediate 14336, bf16) each pair is timed both
 ways, one CUDA-graph replay of 10 calls (launch overhead out): unfused, the bf16 kernel then
 ``quantize_fp8_per_token`` (what the profile of 2026-12-07 shows: 1.1 ms of quantization a step); fused, the one
-program. Before timing, the fused output is compared with the unfused pair's (codes and scales: identical on the
+program (at its default warp count, and a small sweep of warp counts to tune it). Before timing, the fused output is compared with the unfused pair's (codes and scales: identical on the
 GPU). The per-step figure counts 32 layers x (2 norms + 1 activation).
 
     python3 benchmarks/gpu_fp8_fuse.py --out $OUT/gpu_fp8_fuse.json                       # H100, ~10 s
@@ -50,17 +50,22 @@ def agreement(fused: Fp8Tokens, values: torch.Tensor, scales: torch.Tensor) -> d
             "scales_max_rel_diff": ((fused.scales - scales).abs() / scales).max().item()}
 
 
-def bench_pair(name: str, unfused: Callable[[], tuple[torch.Tensor, torch.Tensor]], fused: Callable[[], Fp8Tokens],
-               bytes_moved: dict[str, int], device: str, repeats: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"op": name, **agreement(fused(), *unfused())}
+def bench_pair(name: str, unfused: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+               fused: Callable[[int | None], Fp8Tokens], warps: tuple[int, ...], bytes_moved: dict[str, int],
+               device: str, repeats: int) -> dict[str, Any]:
+    """``fused(num_warps)``: None is the wrapper's own choice (the one compared and reported as fused_us); the
+    ``warps`` sweep is timed only (another warp count reduces the row in another order)."""
+    row: dict[str, Any] = {"op": name, **agreement(fused(None), *unfused())}
     row["unfused_us"] = time_us(unfused, device, repeats)
-    row["fused_us"] = time_us(fused, device, repeats)
+    row["fused_us"] = time_us(lambda: fused(None), device, repeats)
+    row["fused_us_by_num_warps"] = {w: time_us(lambda w=w: fused(w), device, repeats) for w in warps}
     row["saved_us"] = row["unfused_us"] - row["fused_us"]
     for way in ("unfused", "fused"):
         row[f"{way}_gbps"] = bytes_moved[way] / (row[f"{way}_us"] * 1e3)
     print(f"[{name}] unfused {row['unfused_us']:.1f} us ({row['unfused_gbps']:.0f} GB/s), fused {row['fused_us']:.1f} "
           f"us ({row['fused_gbps']:.0f} GB/s); codes equal {100 * row['codes_equal_share']:.3f}%, scales max rel "
-          f"diff {row['scales_max_rel_diff']:.2e}", flush=True)
+          f"diff {row['scales_max_rel_diff']:.2e}; fused by num_warps "
+          f"{ {w: round(t, 1) for w, t in row['fused_us_by_num_warps'].items()} }", flush=True)
     return row
 
 
@@ -91,10 +96,10 @@ def main() -> int:
     act_io = rows * 2 * inter * 2 + rows * inter + 4 * rows
     runs = [
         bench_pair("rms_norm_residual", lambda: quantize_fp8_per_token_triton(rms_norm_triton(x, weight, 1e-5, residual)[0]),
-                   lambda: rms_norm_fp8_triton(x, weight, 1e-5, residual)[0],
+                   lambda w: rms_norm_fp8_triton(x, weight, 1e-5, residual, num_warps=w)[0], (4, 8, 16),
                    {"unfused": norm_io + 2 * rows * hidden * 2, "fused": norm_io}, device, args.repeats),
         bench_pair("silu_and_mul", lambda: quantize_fp8_per_token_triton(silu_and_mul_triton(gate_up)),
-                   lambda: silu_and_mul_fp8_triton(gate_up),
+                   lambda w: silu_and_mul_fp8_triton(gate_up, num_warps=w), (8, 16, 32),
                    {"unfused": act_io + 2 * rows * inter * 2, "fused": act_io}, device, args.repeats),
     ]
     per_step_saved_ms = LAYERS * (2 * runs[0]["saved_us"] + runs[1]["saved_us"]) / 1e3

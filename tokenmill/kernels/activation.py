@@ -101,9 +101,10 @@ def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> tor
     return out
 
 
-def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Tokens:
+def silu_and_mul_fp8_triton(x: torch.Tensor, num_warps: int | None = None) -> Fp8Tokens:
     """Per-token e4m3 of silu(gate) * up, one program per row; x [T, 2I]. Rows wider than FP8_ACT_MAX_COLS: the
-    plain kernel, then the per-token quantization kernel (same codes)."""
+    plain kernel, then the per-token quantization kernel (same codes). ``num_warps``: 32 elements a thread unless
+    given (benchmarks/gpu_fp8_fuse.py sweeps it)."""
     require_triton("silu_and_mul_fp8")
     if x.dim() != 2 or x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul_fp8 takes [tokens, 2 * intermediate]; got shape {tuple(x.shape)}")
@@ -119,6 +120,6 @@ def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Tokens:
         block = next_power_of_2(inter)
         _silu_and_mul_fp8_kernel[(rows,)](
             x, values, scales, x.stride(0), INTER=inter, BLOCK=block, FP8_MAX=FP8_E4M3_MAX, MIN_S=MIN_SCALE,
-            **pdl_launch(x.device, rows), num_warps=min(32, max(4, block // 1024)),
+            **pdl_launch(x.device, rows), num_warps=num_warps or min(32, max(4, block // 1024)),
         )
     return Fp8Tokens(values, scales, x.dtype)

@@ -107,21 +107,23 @@ def rms_norm_triton(
 
 
 def rms_norm_fp8_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    num_warps: int | None = None,
 ) -> tuple[Fp8Tokens, torch.Tensor]:
-    """(per-token e4m3 of norm(x [+ residual]), x [+ residual]) in one program per row; x [T, H]."""
+    """(per-token e4m3 of norm(x [+ residual]), x [+ residual]) in one program per row; x [T, H]. ``num_warps``:
+    the bf16 kernel's choice unless given (benchmarks/gpu_fp8_fuse.py sweeps it)."""
     require_triton("rms_norm_fp8")
     if x.dim() != 2:
         raise ValueError(f"rms_norm_fp8 takes [tokens, hidden]; got shape {tuple(x.shape)}")
     values = torch.empty(x.shape, dtype=FP8_E4M3, device=x.device)
     scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    hidden = _launch(x, weight, eps, residual, values, None, scales)
+    hidden = _launch(x, weight, eps, residual, values, None, scales, num_warps)
     return Fp8Tokens(values, scales, x.dtype), x if residual is None else hidden
 
 
 def _launch(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, out: torch.Tensor,
-    residual_out: torch.Tensor | None, fp8_scales: torch.Tensor | None,
+    residual_out: torch.Tensor | None, fp8_scales: torch.Tensor | None, num_warps: int | None = None,
 ) -> torch.Tensor:
     """Run the kernel into ``out`` (e4m3 with ``fp8_scales``); returns the x + residual rows (x without one)."""
     hidden_size = x.shape[-1]
@@ -157,6 +159,6 @@ def _launch(
             FP8_MAX=FP8_E4M3_MAX,
             MIN_S=MIN_SCALE,
             **pdl_launch(x.device, rows),
-            num_warps=min(16, max(1, block // 256)),
+            num_warps=num_warps or min(16, max(1, block // 256)),
         )
     return res_out
