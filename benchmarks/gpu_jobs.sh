@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
 #   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe fp8_probe fp8_e2e
 #   bash benchmarks/gpu_jobs.sh maxload
+#   bash benchmarks/gpu_jobs.sh fp8_fuse
 #   bash benchmarks/gpu_jobs.sh eagle           (carry .eagle_carry: see the job)
 set -uo pipefail
 out="$(mktemp -d)"
@@ -23,6 +24,18 @@ for job in "$@"; do
     fp8) run python3 benchmarks/gpu_fp8.py --out "$out/gpu_fp8.json" ;;
     # Issue 22's max load: 1024 x 128 -> 128 at once, bf16 and FP8 W+KV, per (max_num_seqs, graph cap, prefill budget).
     maxload) run python3 benchmarks/gpu_maxload.py --out "$out/gpu_maxload.json" ${MAXLOAD_ARGS:-} ;;
+    # Issue 22: RMSNorm / SiLU-and-mul writing FP8 for the next W8A8 linear. Their kernel and model tests, the pairs
+    # timed fused vs unfused at 950 rows (Llama-3-8B widths), then max load (FUSE_SETTINGS) with FP8 W+KV fused (the
+    # default), unfused, and fused with the FP8 LM head, runs started within FUSE_MAXLOAD_BUDGET s (a run past it is
+    # listed as skipped). Target < 200 s.
+    fp8_fuse) run python3 -m pytest tests/kernels/test_fp8_fused_quant.py -q -p no:cacheprovider 2>&1 \
+                | tee "$out/fp8_fuse_kernel_tests.txt" | tail -3
+              run python3 -m pytest tests/quantization/test_fp8_fusion.py -m gpu -q -p no:cacheprovider 2>&1 \
+                | tee "$out/fp8_fuse_model_tests.txt" | tail -3
+              run python3 benchmarks/gpu_fp8_fuse.py --out "$out/gpu_fp8_fuse.json"
+              run python3 benchmarks/gpu_maxload.py --variants fp8_w_kv,fp8_w_kv_unfused,fp8_w_kv_lmhead \
+                --settings "${FUSE_SETTINGS:-1024:1024:8192}" --budget-s "${FUSE_MAXLOAD_BUDGET:-75}" \
+                --out "$out/gpu_maxload_fp8_fuse.json" ;;
     spec) run python3 benchmarks/gpu_spec_decode.py --out "$out/gpu_spec_decode.json" ;;
     spec_adaptive) run python3 benchmarks/gpu_spec_decode.py --skip-costs --draft-preset '' \
                  --out "$out/gpu_spec_decode_adaptive.json" ;;

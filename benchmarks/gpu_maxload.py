@@ -67,7 +67,16 @@ from tokenmill.bench.workloads import fixed_workload  # noqa: E402
 from tokenmill.engine.gc_heap import CollectionTimer, freeze_startup_heap, unfreeze_heap  # noqa: E402
 from tokenmill.engine.llm_engine import LLMEngine  # noqa: E402
 
-VARIANTS = {"fp8_w_kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}, "bf16": {}}
+FP8_W_KV = {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+VARIANTS = {
+    "fp8_w_kv": FP8_W_KV,  # RMSNorm / SiLU-and-mul write FP8 for the next linear (vLLM's fuse_*_quant, default on)
+    "bf16": {},
+    # the A/B of those fusions: the separate per-token quantization kernel before every W8A8 linear
+    "fp8_w_kv_unfused": {**FP8_W_KV, "compilation_config": {"pass_config": {"fuse_norm_quant": False,
+                                                                           "fuse_act_quant": False}}},
+    "fp8_w_kv_lmhead": {**FP8_W_KV, "quantize_lm_head": True},  # the LM head in FP8 too (opt-in)
+}
+DEFAULT_VARIANTS = "fp8_w_kv,bf16"
 # (max_num_seqs, max_cudagraph_capture_size, max_num_batched_tokens), in the order they run (the budget may cut the
 # tail): the full batch with graphs for it, the last run's setting, a larger prefill budget, half the batch, and the
 # full batch with vLLM's default graph cap (decode steps past 512 rows run eagerly).
@@ -144,7 +153,7 @@ def one_run(args: argparse.Namespace, variant: str, setting: tuple[int, int, int
         breakdown.remove()
     finally:
         unfreeze_heap()
-    fp8 = variant == "fp8_w_kv"
+    fp8 = variant.startswith("fp8")
     dtype_bytes = 1 if fp8 else 2  # FP8 W+KV: one byte per weight and KV element
     ceilings = Ceilings(ceils.get("copy_gbps", 3000.0),
                         ceils.get("fp8_matmul_tflops", H100_FP8_TFLOPS) if fp8 else ceils.get("bf16_matmul_tflops", 800.0))
@@ -174,7 +183,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--preset", default="llama3-8b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"known: {', '.join(VARIANTS)}")
     parser.add_argument("--settings", default=None, help=f"SEQS:GRAPHS:TOKENS,... (default {SETTINGS})")
     parser.add_argument("--workload", default="1024:128:128", help="REQUESTS:INPUT:OUTPUT")
     parser.add_argument("--max-model-len", type=int, default=512)

@@ -16,7 +16,7 @@ fi
 ALL_GROUPS="kernels quantized_kernels quantization model engine spec distributed"
 declare -A groups=(
   [kernels]="tests/kernels --ignore-glob=*fp8_* --ignore-glob=*wna16_* --ignore-glob=*w4_gemv* --ignore-glob=*w4_kmajor*"
-  [quantized_kernels]="tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_gemv.py tests/kernels/test_fp8_stream.py tests/kernels/test_fp8_kv_kernels.py tests/kernels/test_wna16_gemm.py tests/kernels/test_wna16_splitk.py tests/kernels/test_w4_gemv.py tests/kernels/test_w4_kmajor_gemm.py tests/kernels/test_w4_kmajor_dequant.py"
+  [quantized_kernels]="tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_fused_quant.py tests/kernels/test_fp8_gemv.py tests/kernels/test_fp8_stream.py tests/kernels/test_fp8_kv_kernels.py tests/kernels/test_wna16_gemm.py tests/kernels/test_wna16_splitk.py tests/kernels/test_w4_gemv.py tests/kernels/test_w4_kmajor_gemm.py tests/kernels/test_w4_kmajor_dequant.py"
   [quantization]="tests/quantization"
   [model]="tests/model tests/test_kv_cache.py tests/test_kv_cache_fp8.py tests/test_torch_attention.py tests/sampling tests/structured tests/distill/test_distill_gpu.py tests/bench/test_jit_watch.py tests/bench/test_throughput.py tests/gateway/test_gateway_health.py"
   [engine]="tests/engine"

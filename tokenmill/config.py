@@ -71,6 +71,12 @@ class ModelConfig:
     quantization: str | None = None
     # Device layout of 4-bit weight-only linears (quantization/weight_layout.py): auto | gptq | kmajor.
     quant_weight_layout: str = "auto"
+    # vLLM's compilation-config pass_config keys: an RMSNorm (a SiLU-and-mul) hands the next W8A8 linear with
+    # dynamic per-token scales its output already in FP8, made in the same kernel (model/layers.py).
+    fuse_norm_quant: bool = True
+    fuse_act_quant: bool = True
+    # FP8 models: the LM head in FP8 too (per vocabulary row, quantized at load); vLLM keeps it unquantized.
+    quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -213,8 +219,9 @@ class SchedulerConfig:
 
 
 CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
-# The keys of vLLM's --compilation-config this engine reads.
-COMPILATION_CONFIG_KEYS = ("cudagraph_mode", "max_cudagraph_capture_size")
+# The keys of vLLM's --compilation-config this engine reads, and of its pass_config (model build options).
+COMPILATION_CONFIG_KEYS = ("cudagraph_mode", "max_cudagraph_capture_size", "pass_config")
+PASS_CONFIG_KEYS = ("fuse_norm_quant", "fuse_act_quant")
 # Largest decode batch captured as a CUDA graph when max_cudagraph_capture_size is not given: vLLM's cap (more
 # graphs lengthen start-up; a larger decode batch runs eagerly or through piecewise graphs).
 DEFAULT_MAX_GRAPH_BATCH = 512
@@ -240,7 +247,16 @@ def parse_compilation_config(value: str | dict[str, Any] | None) -> dict[str, An
     unknown = sorted(set(value) - set(COMPILATION_CONFIG_KEYS))
     if unknown:
         raise ValueError(f"compilation_config keys {unknown} are not supported; known: {list(COMPILATION_CONFIG_KEYS)}")
-    return dict(value)
+    value = dict(value)
+    passes = json_object(value.pop("pass_config", {}), "pass_config")
+    unknown = sorted(set(passes) - set(PASS_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"compilation_config pass_config keys {unknown} are not supported; known: "
+                         f"{list(PASS_CONFIG_KEYS)}")
+    for key, flag in passes.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"compilation_config pass_config {key} must be true or false; got {flag!r}")
+    return {**value, **passes}
 
 
 @dataclass

@@ -54,6 +54,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                              "CUDA: gptq (packed along K as loaded), kmajor (one K-major copy: the fast batch-1 "
                              "GEMV, a tensor-core GEMM and dequantize + cuBLAS for prefill), auto (gptq for now; "
                              "layers kmajor cannot serve keep gptq)")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="FP8 models (--quantization fp8 or an FP8 checkpoint): the LM head in FP8 too, per "
+                             "vocabulary row, quantized at load (default: bf16, as vLLM)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="ranks sharing each layer, one process per rank (gloo on CPU, NCCL on GPUs)")
     parser.add_argument("--custom-all-reduce", action="store_true",
@@ -62,7 +65,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--compilation-config", "-O", default=None, metavar="JSON",
                         help='vLLM\'s key cudagraph_mode: FULL_AND_PIECEWISE (default) also replays graphs for '
                              'steps with prompts (attention eager between them); \'{"cudagraph_mode": '
-                             '"FULL_DECODE_ONLY"}\' graphs decode steps only; NONE is --enforce-eager')
+                             '"FULL_DECODE_ONLY"}\' graphs decode steps only; NONE is --enforce-eager. '
+                             'pass_config fuse_norm_quant / fuse_act_quant (default true): RMSNorm / SiLU-and-mul '
+                             'write FP8 for the next W8A8 linear')
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
                              '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\', \'{"method": "draft_model", '
@@ -93,6 +98,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         random_weights=args.random_weights,
         quantization=args.quantization,
         quant_weight_layout=args.quant_weight_layout,
+        quantize_lm_head=args.quantize_lm_head,
         tensor_parallel_size=args.tensor_parallel_size,
         custom_all_reduce=args.custom_all_reduce,
         speculative_config=args.speculative_config,

@@ -3,9 +3,13 @@
 W8A8 linears quantize their input before every matmul; in torch that is five launches (abs, amax, divide, clamp,
 cast) and two extra passes over the activations. Here one program per row reads the row twice (max, then
 quantize) and writes the FP8 row and its fp32 scale. ``quantize_fp8`` is the torch reference (and the CPU path).
+A producer that already holds the row (RMSNorm, SiLU-and-mul: kernels/rms_norm.py, activation.py) can emit the same
+pair itself as ``Fp8Tokens``, which saves this pass (model/layers.py asks the consuming linear whether it wants one).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +18,17 @@ from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_trito
 FP8_E4M3 = torch.float8_e4m3fn
 FP8_E4M3_MAX = float(torch.finfo(FP8_E4M3).max)  # 448
 MIN_SCALE = 1e-12  # an all-zero row still gets a finite, nonzero scale
+
+
+@dataclass(frozen=True, slots=True)
+class Fp8Tokens:
+    """Activations already quantized per token, as a W8A8 linear with dynamic scales consumes them: ``values`` e4m3
+    [T, K], ``scales`` fp32 [T, 1] (values * scales ~= the activations), ``dtype`` the activations' own dtype (the
+    linear's output takes it). Only a linear whose method said yes (``LinearMethod.accepts_fp8_tokens``) gets one."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
 
 
 def quantize_fp8(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -233,16 +233,20 @@ def kmajor_cuda_linear(x: torch.Tensor, weight: KMajorWeight, bias: torch.Tensor
 def fp8_gemv_config(x: torch.Tensor, n: int, plan: Plan) -> Fp8Choice:
     """The FP8 GEMV config for x's rows (kernels/fp8_gemv.py's SplitKConfig or kernels/fp8_stream.py's
     Fp8StreamConfig), or None where ``torch._scaled_mm`` serves them."""
-    rows = x.shape[0]
+    return fp8_rows_config(x.shape[0], n, x.shape[1], x.device, plan)
+
+
+def fp8_rows_config(rows: int, n: int, k: int, device: torch.device, plan: Plan) -> Fp8Choice:
+    """``fp8_gemv_config`` by row count, before the input exists (a producer asks whether to quantize for it)."""
     key = next_power_of_2(max(rows, 1))
     if plan and key in plan:
         return plan[key]
-    found, config = tuned_choice(x.device, "fp8", n, x.shape[1], rows)
+    found, config = tuned_choice(device, "fp8", n, k, rows)
     if found:
         stream_ok = isinstance(config, Fp8StreamConfig) and rows <= config.max_rows and (
-            config.kind != "fma" or fma_supported(x.shape[1]))
+            config.kind != "fma" or fma_supported(k))
         if isinstance(config, SplitKConfig) or stream_ok:
             return config
-        return default_fp8_config(rows, n, x.shape[1]) if isinstance(config, Fp8StreamConfig) else None
-    return default_fp8_config(rows, n, x.shape[1])
+        return default_fp8_config(rows, n, k) if isinstance(config, Fp8StreamConfig) else None
+    return default_fp8_config(rows, n, k)
 

@@ -2,12 +2,14 @@
 
 The hot functions (``rms_norm``, ``apply_rotary``, ``silu_and_mul``) are plain functions so the GPU team can
 swap in fused Triton kernels; every parameter carries a ``weight_loader`` so layers own their weight loading.
+A norm or activation is told which linear it ``feeds``; when that linear's method takes per-token FP8 input
+(``accepts_fp8_tokens``: W8A8 with dynamic scales at this row count), it gets ``Fp8Tokens`` made in the same pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,10 @@ from torch import nn
 
 from tokenmill.kernels import ops as fused
 from tokenmill.kernels._triton import HAS_TRITON
+from tokenmill.kernels.fp8_quant import Fp8Tokens, quantize_fp8
+
+if TYPE_CHECKING:
+    from tokenmill.model.linear import LinearBase
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -29,11 +35,24 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: A
     param.data.copy_(loaded)
 
 
+def _wants_fp8(feeds: LinearBase | None, x: torch.Tensor) -> bool:
+    """Whether the linear this output feeds takes it quantized per token (its method decides, by x's rows)."""
+    return feeds is not None and x.dim() == 2 and feeds.accepts_fp8_tokens(x)
+
+
+def _per_token_fp8(out: torch.Tensor) -> Fp8Tokens:
+    """The unfused pair's second half (CPU: the reference composition, the same ops as the linear's own)."""
+    return Fp8Tokens(*quantize_fp8(out, dim=-1), out.dtype)
+
+
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual), x + residual); with no residual, (norm(x), x). Variance in fp32 like HF."""
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, fp8_out: bool = False
+) -> tuple[torch.Tensor | Fp8Tokens, torch.Tensor]:
+    """(norm(x + residual), x + residual); with no residual, (norm(x), x). Variance in fp32 like HF. ``fp8_out``
+    (x [T, H]): the norm as ``Fp8Tokens``."""
     if _fused(x):
+        if fp8_out:
+            return fused.rms_norm_fp8(x, weight, eps, residual)
         if residual is None:
             return fused.rms_norm(x.contiguous(), weight, eps), x
         return fused.rms_norm(x, weight, eps, residual)
@@ -42,7 +61,8 @@ def rms_norm(
     # F.rms_norm is x * rsqrt(mean(x^2) + eps) in fp32, the statement HF writes out, in one call (fewer
     # Python-level ops: a CPU decode step runs 61 of these on 576-wide rows)
     normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
-    return weight * normed, x
+    out = weight * normed
+    return (_per_token_fp8(out) if fp8_out else out), x
 
 
 class RMSNorm(nn.Module):
@@ -53,17 +73,21 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rms_norm(x, self.weight, self.eps, residual)
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, feeds: LinearBase | None = None
+    ) -> tuple[torch.Tensor | Fp8Tokens, torch.Tensor]:
+        """``feeds``: the linear that consumes the output (it may take it as ``Fp8Tokens``)."""
+        return rms_norm(x, self.weight, self.eps, residual, _wants_fp8(feeds, x))
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU on a fused [.., 2 * d] gate|up projection: silu(gate) * up."""
+def silu_and_mul(x: torch.Tensor, feeds: LinearBase | None = None) -> torch.Tensor | Fp8Tokens:
+    """SwiGLU on a fused [.., 2 * d] gate|up projection: silu(gate) * up; as ``Fp8Tokens`` where ``feeds`` (the
+    down projection) takes them."""
+    fp8_out = _wants_fp8(feeds, x)
     if _fused(x):
-        return fused.silu_and_mul(x)
+        return fused.silu_and_mul_fp8(x) if fp8_out else fused.silu_and_mul(x)
     d = x.shape[-1] // 2
-    return F.silu(x[..., :d]) * x[..., d:]
+    out = F.silu(x[..., :d]) * x[..., d:]
+    return _per_token_fp8(out) if fp8_out else out
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -134,6 +134,10 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)
 
+    def accepts_fp8_tokens(self, x: torch.Tensor) -> bool:
+        """Whether this layer takes an input of x's rows as ``Fp8Tokens`` (its method decides; see LinearMethod)."""
+        return self.linear_method.accepts_fp8_tokens(self, x)
+
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size}, rank={self.parallel.rank}/"
                 f"{self.parallel.world_size}, method={type(self.linear_method).__name__}")

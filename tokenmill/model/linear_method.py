@@ -60,8 +60,15 @@ class LinearMethod:
         """Repack the loaded weights for the kernel, once, after the last checkpoint tensor is in."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x W^T (+ bias) for x [T, input_size] -> [T, sum(output_sizes)]."""
+        """x W^T (+ bias) for x [T, input_size] -> [T, sum(output_sizes)]. A method whose ``accepts_fp8_tokens``
+        said yes may get x as ``kernels.fp8_quant.Fp8Tokens`` instead; every other method gets plain tensors."""
         raise NotImplementedError
+
+    def accepts_fp8_tokens(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether ``apply`` would quantize an input of x's rows, device and dtype to e4m3 per token itself, so the
+        producer (an RMSNorm or SiLU-and-mul, model/layers.py) may hand it over as ``Fp8Tokens`` made in its own
+        pass. x is the producer's input or output: only its row count, device and dtype are read."""
+        return False
 
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the weight for ``input_ids`` (vocabulary-parallel embedding); dense formats only today."""
@@ -107,6 +114,12 @@ class QuantizationConfig:
 
     quant_method: ClassVar[str] = ""
     weight_layout: str = "auto"  # --quant-weight-layout, handed to each layer's method (linear_method_for)
+    # Engine options the format may honour (set by resolve_quantization; formats without FP8 activations ignore
+    # the fusions): vLLM's compilation-config pass_config keys fuse_norm_quant / fuse_act_quant (an RMSNorm / a
+    # SiLU-and-mul quantizes its output for the next W8A8 linear), and --quantize-lm-head (vLLM's attribute name).
+    fuse_norm_quant: bool = True
+    fuse_act_quant: bool = True
+    lm_head_quantized: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> QuantizationConfig:
@@ -187,19 +200,28 @@ def quantization_config_from_hf(hf_quant_config: dict[str, Any] | None) -> Quant
 
 
 def resolve_quantization(
-    checkpoint: QuantizationConfig | None, requested: str | None, weight_layout: str = "auto"
+    checkpoint: QuantizationConfig | None, requested: str | None, weight_layout: str = "auto",
+    fuse_norm_quant: bool = True, fuse_act_quant: bool = True, quantize_lm_head: bool = False,
 ) -> QuantizationConfig | None:
     """The format to serve: the checkpoint's own (config.json / GGUF), checked against ``--quantization`` when
     given, or, for a dense checkpoint, the requested method quantizing at load (vLLM's ``--quantization``);
-    ``weight_layout`` (``--quant-weight-layout``) goes with it to the layers."""
+    ``weight_layout`` (``--quant-weight-layout``), the FP8 input fusions and ``quantize_lm_head`` go with it."""
     config = _resolve_format(checkpoint, requested)
     if config is None:
         if weight_layout == "kmajor":
             raise ValueError("--quant-weight-layout kmajor applies to 4-bit weight-only formats (gptq, awq, "
                              "compressed-tensors, rtn4); this model is served dense: add --quantization rtn4 or "
                              "drop the flag")
+        if quantize_lm_head:
+            raise ValueError("--quantize-lm-head applies to FP8 models (--quantization fp8 or an FP8 checkpoint); "
+                             "this model is served dense: add --quantization fp8 or drop the flag")
         return None
+    if quantize_lm_head and config.quant_method != "fp8":
+        raise ValueError(f"--quantize-lm-head is supported for fp8 only; this model is served as "
+                         f"{config.quant_method!r}: drop the flag")
     config.weight_layout = weight_layout
+    config.fuse_norm_quant, config.fuse_act_quant = fuse_norm_quant, fuse_act_quant
+    config.lm_head_quantized = quantize_lm_head
     return config
 
 

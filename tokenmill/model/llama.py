@@ -4,6 +4,8 @@ Tokens of all sequences arrive packed flat ([T], no batch dim); attention goes t
 Checkpoint names (HF layout) load through ``load_weights``, which packs q/k/v and gate/up into fused weights.
 On CPU, decode-shaped steps of a stack whose linears all have a PyTorch CPU kernel weight (int4/int8, bf16) run
 through quantization/cpu_decode_stack.py instead of the modules (same ops, bit-identical, less Python per token).
+Each RMSNorm and the SiLU-and-mul are told the linear they feed, which may take their output quantized to FP8 in the
+same pass (model/layers.py; vLLM's pass_config fuse_norm_quant / fuse_act_quant: on for quantized models unless turned off).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.kv_scales import KVScales, checkpoint_kv_scale, load_kv_scale
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.distributed.context import ParallelContext
+from tokenmill.kernels.fp8_quant import Fp8Tokens
 from tokenmill.model.layers import RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
 from tokenmill.model.linear import (
     SINGLE_RANK,
@@ -72,11 +75,12 @@ class LlamaAttention(nn.Module):
         self.attn_backend = attn_backend
         self.kv_scales = KVScales()  # used only when the cache stores FP8
 
-    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project(self, hidden: torch.Tensor | Fp8Tokens) -> tuple[torch.Tensor, ...]:
         """q [T, heads, dim], k and v [T, kv heads, dim] of this layer's tokens, not yet rotated.
         Graph-capturable: no metadata, no host reads."""
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(hidden)
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -112,9 +116,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(
             size, spec.hidden_size, spec.mlp_bias, linear_method_for(quant_config, f"{prefix}.down_proj"), parallel
         )
+        self.fuse_act_quant = quant_config is not None and quant_config.fuse_act_quant  # dense: no question to ask
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
+        feeds = self.down_proj if self.fuse_act_quant else None
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), feeds=feeds))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -144,6 +150,7 @@ class LlamaModel(nn.Module):
             for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.fuse_norm_quant = quant_config is not None and quant_config.fuse_norm_quant
         self.flat_cpu_decode = True  # CPU decode steps of int4/int8 CPU-kernel weights: quantization/cpu_decode_stack.py
         self._cpu_stack: cpu_decode_stack.CPUDecodeStack | None = None
         self._cpu_stack_built = False
@@ -176,16 +183,18 @@ class LlamaModel(nn.Module):
         piecewise_graphs.py; the eager pass runs the same pieces). Piece 0 embeds the tokens and projects layer
         0's q, k, v; piece i finishes layer i - 1 from its attention output ``attn_out`` and projects layer i's;
         the last piece finishes the last layer and returns (final hidden states,). Else (q, k, v, residual)."""
+        fuse = self.fuse_norm_quant
         if index == 0:
             hidden = self.embed_tokens(input_ids)
         else:  # the residual add is fused into the next norm: rms_norm(x, w, eps, r) returns (norm(x+r), x+r)
             layer = self.layers[index - 1]
-            hidden, residual = layer.post_attention_layernorm(layer.self_attn.o_proj(attn_out), residual)
+            hidden, residual = layer.post_attention_layernorm(layer.self_attn.o_proj(attn_out), residual,
+                                                              feeds=layer.mlp.gate_up_proj if fuse else None)
             hidden = layer.mlp(hidden)
-        if index == len(self.layers):
+        if index == len(self.layers):  # the final norm feeds the LM head only on sampled rows (and feature sinks)
             return (self.norm(hidden, residual)[0],)
         layer = self.layers[index]
-        hidden, residual = layer.input_layernorm(hidden, residual)
+        hidden, residual = layer.input_layernorm(hidden, residual, feeds=layer.self_attn.qkv_proj if fuse else None)
         return (*layer.self_attn.project(hidden), residual)
 
 
@@ -215,6 +224,9 @@ class LlamaForCausalLM(nn.Module):
         self.attn_backend = attn_backend  # the runner builds this backend's metadata and graph buffers
         self.model = LlamaModel(spec, attn_backend, parallel, quant_config)
         self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads if spec.num_layers else spec.num_kv_heads
+        if spec.tie_word_embeddings and quant_config is not None and quant_config.lm_head_quantized:
+            raise ValueError("--quantize-lm-head: this model ties its LM head to the input embedding table "
+                             "(tie_word_embeddings), which stays dense; drop the flag")
         self.lm_head = ParallelLMHead(
             spec.vocab_size, spec.hidden_size, linear_method_for(quant_config, "lm_head"), parallel,
             tie_to=self.model.embed_tokens if spec.tie_word_embeddings else None,

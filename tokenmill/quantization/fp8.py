@@ -7,7 +7,11 @@ copied to every row of its fused shard, which is exact). Activations are quantiz
 row-wise scales on sm89+ GPUs, and dequantize + matmul in fp32 on CPU (emulated, so tests run anywhere). Decode
 batches of up to 16 rows on CUDA take an FP8-weight GEMV instead (kernels/fp8_gemv.py, or kernels/fp8_stream.py
 where kernels/quant_dispatch.py picks it: weights upcast in registers, activations left in bf16), which streams
-the halved weight bytes at a higher rate.
+the halved weight bytes at a higher rate. Where the layer would quantize its input per token itself, it says so
+(``accepts_fp8_tokens``) and its producer hands it ``Fp8Tokens`` made in the producer's own pass (model/layers.py).
+
+``--quantize-lm-head`` (off by default, as vLLM keeps lm_head unquantized) serves the LM head the same way: its dense
+weight rounded to e4m3 per vocabulary row at load, logits from the FP8 product.
 """
 
 from __future__ import annotations
@@ -20,9 +24,15 @@ from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.fp8_gemv import fp8_gemv
-from tokenmill.kernels.fp8_quant import FP8_E4M3, quantize_fp8, quantize_fp8_per_token, quantize_fp8_static
+from tokenmill.kernels.fp8_quant import (
+    FP8_E4M3,
+    Fp8Tokens,
+    quantize_fp8,
+    quantize_fp8_per_token,
+    quantize_fp8_static,
+)
 from tokenmill.kernels.fp8_stream import Fp8StreamConfig, fp8_stream_gemv
-from tokenmill.kernels.quant_dispatch import fp8_gemv_config
+from tokenmill.kernels.quant_dispatch import Fp8Choice, fp8_rows_config
 from tokenmill.kernels.splitk import splitk_workspace
 from tokenmill.model.linear_method import (
     DenseLinearMethod,
@@ -48,26 +58,31 @@ def check_fp8_gpu(device: torch.device) -> None:
 
 
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+    x: torch.Tensor | Fp8Tokens, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
     input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [..., K] times (weight [N, K] e4m3 * weight_scale [N])^T (+ bias), x quantized to e4m3 first: per token
-    (dynamic, ``input_scale`` None) or by the static per-tensor ``input_scale``."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if input_scale is None:
-        xq, x_scale = quantize_fp8_per_token(x2)
+    (dynamic, ``input_scale`` None) or by the static per-tensor ``input_scale``; ``Fp8Tokens`` [T, K] come
+    quantized per token already."""
+    if isinstance(x, Fp8Tokens):
+        shape, dtype = x.values.shape, x.dtype
+        xq, x_scale = x.values, x.scales
     else:
-        xq = quantize_fp8_static(x2, input_scale)
-        x_scale = input_scale.reshape(1, 1).expand(x2.shape[0], 1)
-    if x2.is_cuda:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        if input_scale is None:
+            xq, x_scale = quantize_fp8_per_token(x2)
+        else:
+            xq = quantize_fp8_static(x2, input_scale)
+            x_scale = input_scale.reshape(1, 1).expand(x2.shape[0], 1)
+    if xq.is_cuda:
         # Row-wise scaled GEMM (one scale per row of x, one per column of W^T): cuBLASLt FP8 on Hopper; its
         # row-wise mode writes bf16. W^T is the column-major view of the [N, K] weight, as it requires.
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale.contiguous(), scale_b=weight_scale.view(1, -1),
                                out_dtype=torch.bfloat16)
     else:  # emulated: exactly the dequantized operands multiplied in fp32
         out = (xq.float() * x_scale) @ (weight.float() * weight_scale.view(-1, 1)).t()
-    out = out.to(x.dtype)
+    out = out.to(dtype)
     if bias is not None:
         out = out + bias
     return out.reshape(*shape[:-1], weight.shape[0])
@@ -143,18 +158,33 @@ class Fp8LinearMethod(LinearMethod):
             raise ValueError("a static FP8 input_scale is zero or missing; the checkpoint's activation scales "
                              "did not load")
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda and HAS_TRITON and x.dtype in (torch.bfloat16, torch.float16):
+    def gemv_choice(self, layer: nn.Module, rows: int, device: torch.device, dtype: torch.dtype) -> Fp8Choice:
+        """The FP8-weight GEMV for ``rows`` bf16/fp16 rows on CUDA (kernels/quant_dispatch.py), or None where
+        the input is quantized and multiplied by ``torch._scaled_mm`` (or emulated off CUDA)."""
+        if device.type != "cuda" or not HAS_TRITON or dtype not in (torch.bfloat16, torch.float16):
+            return None
+        return fp8_rows_config(rows, layer.weight.shape[0], layer.weight.shape[1], device,
+                               getattr(layer, "gemm_plan", None))
+
+    def accepts_fp8_tokens(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        # Dynamic scales only (a static scale is the checkpoint's, not the row's), and not where the GEMV reads
+        # the activations in bf16 (decode batches of up to 16 rows).
+        rows = math.prod(x.shape[:-1])
+        return not self.static_input and self.gemv_choice(layer, rows, x.device, x.dtype) is None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Tokens, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, Fp8Tokens):
+            return fp8_linear(x, layer.weight, layer.weight_scale, bias)
+        config = self.gemv_choice(layer, math.prod(x.shape[:-1]), x.device, x.dtype)
+        if config is not None:
             # Few rows: the FP8-weight GEMV (bf16 activations, no activation quantization) streams the weight
-            # faster than torch._scaled_mm; None above its row range.
+            # faster than torch._scaled_mm.
             x2 = x.reshape(-1, x.shape[-1])
-            config = fp8_gemv_config(x2, layer.weight.shape[0], getattr(layer, "gemm_plan", None))
             if isinstance(config, Fp8StreamConfig):
                 out = fp8_stream_gemv(x2, layer.weight, layer.weight_scale, config, bias)
-                return out.reshape(*x.shape[:-1], layer.weight.shape[0])
-            if config is not None:
+            else:
                 out = fp8_gemv(x2, layer.weight, layer.weight_scale, bias, config)
-                return out.reshape(*x.shape[:-1], layer.weight.shape[0])
+            return out.reshape(*x.shape[:-1], layer.weight.shape[0])
         return fp8_linear(x, layer.weight, layer.weight_scale, bias, layer.input_scale if self.static_input else None)
 
 
@@ -194,6 +224,9 @@ class Fp8Config(QuantizationConfig):
         return cls(False, "dynamic", [])
 
     def get_linear_method(self, layer_prefix: str) -> LinearMethod:
+        if layer_prefix == "lm_head" and self.lm_head_quantized:
+            # checkpoints store lm_head dense (vLLM's too): quantized at load, per vocabulary row, dynamic input
+            return Fp8LinearMethod(serialized=False, static_input=False)
         if layer_prefix in ("lm_head", "model.embed_tokens") or _skipped(layer_prefix, self.ignored_layers):
             return DenseLinearMethod()
         return Fp8LinearMethod(self.serialized, self.activation_scheme == "static")
