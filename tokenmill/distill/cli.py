@@ -65,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="windows (draft, default 8), sentences (encoder, default 32) or answers (eagle, default "
                         "16) per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=128, help="draft: tokens per window; encoder: max tokens")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="draft: tokens per window; encoder: max tokens (eagle: whole answers)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 5e-4 draft, 1e-3 encoder, 3e-3 eagle)")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW's (default: 0.01; eagle 0)")

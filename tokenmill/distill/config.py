@@ -55,10 +55,10 @@ class DistillConfig:
     eval_data: str | None = None  # None: bundled held-out KJV with the default data, else the data's last 10%
     out: str = "distilled"
     steps: int = 200
-    batch_size: int | None = None  # None: 8 (draft) / 32 (encoder)
+    batch_size: int | None = None  # None: 8 (draft) / 32 (encoder) / 16 answers (eagle)
     grad_accum: int = 1
-    seq_len: int = 128  # draft: tokens per training window; encoder: max tokens per sentence
-    lr: float | None = None  # None: 5e-4 (draft) / 1e-3 (encoder)
+    seq_len: int = 128  # draft: tokens per training window; encoder: max tokens per sentence (eagle: whole answers)
+    lr: float | None = None  # None: 5e-4 (draft) / 1e-3 (encoder) / 3e-3 (eagle)
     weight_decay: float | None = None  # None: 0.01 (draft, encoder) / 0 (eagle)
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
