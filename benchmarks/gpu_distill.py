@@ -741,7 +741,8 @@ def main() -> None:
     parser.add_argument("--chat-max-tokens", type=int, default=96,
                         help="eagle: tokens per chat prompt in the reference loop (spec_decode_cpu.py's 96)")
     parser.add_argument("--eagle-overrides", type=json.loads, default={},
-                        help='eagle: EagleTrainConfig fields as JSON, e.g. \'{"unroll": 3, "batch_size": 256}\'')
+                        help='eagle: DistillConfig fields of --target eagle as JSON, e.g. '
+                             '\'{"unroll": 3, "batch_size": 256, "feature_noise": 0.2}\'')
     parser.add_argument("--restore", type=Path, help="CPU box: the folder of files that came back")
     parser.add_argument("--restore-out", type=Path, default=Path("/tmp/gpu_distill_restored"))
     args = parser.parse_args()

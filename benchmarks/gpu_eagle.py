@@ -11,8 +11,10 @@ evaluation starts.
     (session 18's: kinds prompts 1,193-1,325), then the training prompts (the other kinds prompts, the bundled ones,
     the self-written ones), then sampled passes (T = 0.8) over them while time lasts.
  3. features: the transformers teacher (the dequantized GGUF in fp32; TF32 matmuls for training sequences, plain
-    fp32 for the held-out ones) over prompt + answer, in length-sorted batches.
- 4. training: ``EagleHead.from_target``, bf16 autocast, unroll 2, the cosine following the clock.
+    fp32 for the held-out ones) over prompt + answer, in length-sorted batches (``eagle_data.batched_features``).
+ 4. training: ``tokenmill distill --target eagle``'s task (``distill.eagle.EagleTask``, the recipe its defaults hold:
+    unroll 2, token weight 1, prompt positions) on these features, in the shared loop (``distill.trainer``, bf16
+    autocast), its step count sized to the phase's time (``gpu_distill.train_for``).
  5. eval, of the fp16-rounded head that comes back: held-out agreement and batched acceptance at k = 2..5
     (``eagle_train.draft_acceptance``), checked against ``eagle_reference.replay`` on some held-out answers, then
     the reference loop (``eagle_reference.speculative_greedy``, asserted token-identical to plain greedy) on
@@ -25,7 +27,6 @@ import copy
 import gc
 import json
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from gpu_distill import (  # benchmarks/ is on sys.path
     Record,
     device_name,
     prompt_ids,
+    train_for,
 )
 
 PHASES = ("prompts", "answers", "features", "training", "eval")
@@ -50,8 +52,9 @@ HEAD_VOCAB = "eagle_draft_vocab.json"
 JSON_NAME = "gpu_distill_eagle.json"
 GPU_ENGINE = {"max_num_seqs": 1024, "max_model_len": 512, "max_num_batched_tokens": 8192,  # prefill 2,048 prompts fast
               "gpu_memory_utilization": 0.4, "enforce_eager": True}
-TRAIN_DEFAULTS = {"steps": 1_000_000, "batch_size": 128, "lr": 3e-3, "warmup_steps": 50, "token_weight": 1.0,
-                  "noise": 0.1, "unroll": 2, "prompt_positions": True, "eval_every": 250}
+# DistillConfig fields of ``--target eagle`` (its defaults are this run's recipe) for the device: bigger batches; the
+# step count is sized to the phase's time by gpu_distill.train_for
+TRAIN_DEFAULTS = {"steps": 1_000_000, "batch_size": 128, "warmup_steps": 50, "eval_every": 250}
 
 
 class Clock:
@@ -149,58 +152,6 @@ def teacher_answers(llm, held: list[str], train: list[str], end: float, chunk: i
     return records, held_records, stats
 
 
-@torch.inference_mode()
-def feature_set(teacher, records: list[dict], device: str, end: float | None, batch_tokens: int,
-                tf32: bool) -> tuple[object, list[int], dict]:
-    """The teacher's post-norm last hidden states over prompt + answer of ``records`` (eagle_data's features, fp16,
-    on ``device``), in length-sorted right-padded batches of at most ``batch_tokens`` ids, taken in a shuffled
-    order so a deadline (``end``, checked after the first batch) drops a random share; (FeatureSet, the records'
-    indices it holds, a check)."""
-    from tokenmill.distill.eagle_data import FeatureSet
-
-    started = time.time()
-    sequences = [r["prompt_ids"] + r["output_ids"] for r in records]
-    order = sorted(range(len(records)), key=lambda i: len(sequences[i]))
-    batches, batch = [], []
-    for i in order:
-        if batch and (len(batch) + 1) * len(sequences[i]) > batch_tokens:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    batches += [batch] if batch else []
-    random.Random(0).shuffle(batches)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    feats: dict[int, torch.Tensor] = {}
-    try:
-        for batch in batches:
-            if feats and end is not None and time.time() > end:
-                break
-            width = max(len(sequences[i]) for i in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.int64)
-            for row, i in enumerate(batch):
-                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-            hidden = teacher.model(ids.to(device)).last_hidden_state  # causal: padding after a row never leaks in
-            for row, i in enumerate(batch):
-                feats[i] = hidden[row, : len(sequences[i])].half()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    done = sorted(feats)
-    data = FeatureSet.from_sequences([torch.tensor(sequences[i], device=device) for i in done],
-                                     [feats[i] for i in done], [len(records[i]["prompt_ids"]) for i in done])
-    head = teacher.get_output_embeddings().weight
-    agree = total = 0
-    for i in done[:256]:  # the answers are the teacher's greedy output: its head on these features must agree
-        p = len(records[i]["prompt_ids"])
-        guesses = (feats[i][p - 1 : -1].float() @ head.T).argmax(-1).cpu()
-        agree += int((guesses == torch.tensor(records[i]["output_ids"])).sum())
-        total += len(records[i]["output_ids"])
-    check = {"sequences": len(done), "left_out": len(records) - len(done), "tokens": int(data.ids.numel()),
-             "tf32": tf32, "seconds": round(time.time() - started, 1),
-             "teacher_argmax_equals_answer_first_256": agree / max(1, total)}
-    return data, done, check
-
-
 def save_head(head, out: Path, head_dir: Path) -> list[str]:
     """The head's own tensors (fc + the layer; the final norm, embedding and LM head are the teacher's) in fp16,
     with its config and draft vocabulary; the head keeps the fp16-rounded values, so what is measured next is
@@ -246,12 +197,13 @@ def eagle_job(teacher: str, out: Path, work: Path, device: str, seconds: float, 
     from eagle_cpu import reference_runs
 
     from tokenmill import LLM
-    from tokenmill.distill.eagle_head import EagleHead
-    from tokenmill.distill.eagle_train import EagleTrainConfig, draft_acceptance, teacher_forced_agreement
-    from tokenmill.distill.eagle_train import train as train_head
+    from tokenmill.distill.config import DistillConfig
+    from tokenmill.distill.eagle import EagleData, EagleTask
+    from tokenmill.distill.eagle_data import batched_features
+    from tokenmill.distill.eagle_train import draft_acceptance, teacher_forced_agreement
     from tokenmill.distill.llm import load_teacher
     from tokenmill.distill.teacher_data import SELF_PROMPT_OPENINGS, self_prompts
-    from tokenmill.spec_decode.draft_vocab import count_token_ids, load_draft_vocab, write_draft_vocab
+    from tokenmill.spec_decode.draft_vocab import load_draft_vocab
     from tokenmill.spec_decode.eagle_reference import replay
 
     clock = Clock(seconds, phase_ends)
@@ -285,35 +237,31 @@ def eagle_job(teacher: str, out: Path, work: Path, device: str, seconds: float, 
 
     teacher_cpu, tokenizer, source = loading.result()
     teacher_dev = copy.deepcopy(teacher_cpu).to(device) if cuda else teacher_cpu
-    held_set, _, held_check = feature_set(teacher_dev, held_records, device, None, 32_768, tf32=False)
-    train_set, _, train_check = feature_set(teacher_dev, records, device, clock.end("features"), 65_536, tf32=True)
+    held_set, _, held_check = batched_features(teacher_dev, held_records, device, None, 32_768, tf32=False)
+    train_set, _, train_check = batched_features(teacher_dev, records, device, clock.end("features"), 65_536, tf32=True)
     record.update("features", teacher=source, features={"held_out": held_check, "training": train_check,
                                                         "seconds_from_start": round(time.time() - clock.start, 1)})
 
-    head = EagleHead.from_target(teacher_cpu)
+    config = DistillConfig(**{"target": "eagle", "teacher": teacher, "out": str(work / "eagle_train"),
+                              "device": device, "bf16": cuda, "draft_vocab_size": draft_vocab_size,
+                              "checkpoint_every": 0, "progress": False, **TRAIN_DEFAULTS, **(train_overrides or {})})
+    data = EagleData(teacher_cpu, source, train_set, held_set,
+                     f"{len(train_set)} teacher answers (greedy + sampled) to training prompts; greedy answers to "
+                     f"{len(held_set)} held-out prompts", {"train": train_check, "held_out": held_check})
+    task = EagleTask(config, data)  # the head: EagleHead.from_target, on the device
+    summary = train_for(task, config, max(1.0, clock.left("training")), log=log)
+    head = task.head
     head_dir = work / "eagle_head"
-    head.save(head_dir, draft_vocab_size)  # on the CPU: safetensors writes host tensors
-    head = head.to(device)
-    vocab = teacher_cpu.config.vocab_size
-    if draft_vocab_size is not None:  # the ranking of the training answers' tokens, as eagle_cpu.py does
-        write_draft_vocab(head_dir, count_token_ids([torch.tensor(r["output_ids"]) for r in records], vocab),
-                          draft_vocab_size)
-    rows_ids = load_draft_vocab(head_dir, vocab)
+    task.save_student(head_dir)  # config.json, model.safetensors, draft_vocab.json (the training answers' ranking)
+    rows_ids = load_draft_vocab(head_dir, teacher_cpu.config.vocab_size)
     rows_dev = None if rows_ids is None else rows_ids.to(device)
-    config = EagleTrainConfig(**{**TRAIN_DEFAULTS, "bf16": cuda, **(train_overrides or {})})
-
-    def on_eval(step: int, trained) -> dict:  # k = 4 on the held-out answers: cheap batched
-        return {"held_out_k4": draft_acceptance(trained, held_set, [4], rows_dev, 64)["k4"]}
-
-    history = train_head(head, train_set, config, rows_dev, held_set, log=log, on_eval=on_eval,
-                         seconds=max(1.0, clock.left("training")))
-    steps = history["steps"]
+    steps = summary["history"]
     record.update("training", training={
-        "config": history["config"], "evals": history["evals"], "seconds": history["seconds"],
-        "steps_done": len(steps), "sequences_seen": len(steps) * config.batch_size,
-        "epochs": round(len(steps) * config.batch_size / max(1, len(train_set)), 2),
-        "losses_every_20": steps[19::20], "final_losses": steps[-1] if steps else None,
-        "stopped_early_at_step": history.get("stopped_early_at_step")})
+        "config": summary["config"], "evals": summary["evals"], "seconds": summary["seconds"],
+        "steps_done": summary["steps_done"], "planned_steps": summary["planned_steps"],
+        "sequences_seen": summary["steps_done"] * config.batch_size * config.grad_accum,
+        "epochs": round(summary["steps_done"] * config.batch_size * config.grad_accum / max(1, len(train_set)), 2),
+        "losses_every_20": steps[19::20], "final_losses": steps[-1] if steps else None})
     files = save_head(head, out, head_dir)
     record.update("saved", trained_files=files, draft_vocab_size=draft_vocab_size)
 

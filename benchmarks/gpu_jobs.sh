@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_jobs.sh maxload
 #   bash benchmarks/gpu_jobs.sh fp8_fuse
 #   bash benchmarks/gpu_jobs.sh eagle           (carry .eagle_carry: see the job)
+#   bash benchmarks/gpu_jobs.sh distill_gpu
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -51,6 +52,11 @@ for job in "$@"; do
              run python3 benchmarks/spec_decode_cpu.py --device cuda --kinds chat --no-ngram --eagle .eagle_carry/head \
                --rounds 2 $args --out "$out/spec_decode_eagle_${tag}.json"
            done ;;
+    # Issue 24's `tokenmill distill` on CUDA (bf16 autocast): draft, encoder and eagle targets on tiny teachers
+    # (--target eagle: the teacher's answers from the engine on the GPU, features there, the shared loop), and the
+    # EAGLE head's unrolled bf16 training with its batched acceptance against the CPU replay. Well under 200 s.
+    distill_gpu) run python3 -m pytest tests/distill/test_distill_gpu.py -q -p no:cacheprovider \
+                   --junitxml "$out/distill_gpu_tests.xml" 2>&1 | tee "$out/distill_gpu_tests.txt" | tail -8 ;;
     quantized) run python3 benchmarks/gpu_quantized.py --e2e off --out "$out/gpu_quantized_kernels.json" ;;
     e2e) run python3 benchmarks/gpu_quantized.py --e2e only --out "$out/gpu_quantized_e2e.json" ;;
     modelserver) OUT="$out" python3 benchmarks/gpu_modelserver.py --carry .modelserver_carry ;;

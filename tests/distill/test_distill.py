@@ -230,7 +230,7 @@ def test_bad_arguments_fail_before_training(llama_teacher, bert_teacher, text_fi
     assert "needs trained word embeddings" in _cli_error(
         capsys, [*encoder, "--teacher-head", str(bert_teacher[1]), "--student-hidden-size", "16",
                  "--freeze-word-embeddings"])
-    assert "--draft-vocab-size applies to --target draft and must be >= 1" in _cli_error(
+    assert "--draft-vocab-size applies to --target draft or eagle and must be >= 1" in _cli_error(
         capsys, [*base, "--draft-vocab-size", "0"])
     assert "--draft-vocab-size must lie between 1 and the vocabulary size" in _cli_error(
         capsys, [*base, "--draft-vocab-size", "100000"])

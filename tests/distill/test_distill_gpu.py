@@ -60,3 +60,28 @@ def test_eagle_head_bf16_unrolled_training_and_batched_acceptance_on_cuda():
     # the same rounds up to a draft whose top two logits tie differently on the two devices
     assert abs(batched["rounds"] - len(lengths)) <= 0.05 * len(lengths)
     assert abs(batched["mean_acceptance_length"] - sum(lengths) / len(lengths)) < 0.05
+
+
+def test_eagle_target_on_cuda_trains_in_bf16_and_saves_an_fp32_head(tmp_path):
+    """`tokenmill distill --target eagle --device cuda`: the teacher's answers from the engine on the GPU, features on
+    the GPU, bf16 autocast with the unrolled loss in the shared loop lowers the loss; the head is fp32 on disk and
+    loads back."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.distill.eagle_head import EagleHead
+    from tokenmill.distill.teacher_data import bundled_prompts
+
+    teacher = make_tiny_model_dir(tmp_path / "teacher", "llama")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(bundled_prompts(0)[:12]) + "\n")
+    out = tmp_path / "head"
+    summary = distill(DistillConfig(target="eagle", teacher=str(teacher), prompts=str(prompts), teacher_generated=10,
+                                    teacher_max_tokens=16, out=str(out), steps=20, batch_size=3, warmup_steps=2,
+                                    checkpoint_every=0, progress=False, device="cuda", bf16=True,
+                                    draft_vocab_size=64), log=lambda _: None)
+    first, last = summary["evals"][0], summary["evals"][-1]
+    assert last["loss"] < first["loss"] and last["kl_to_teacher"] < first["kl_to_teacher"]
+    assert all(t.dtype == torch.float32 for t in load_file(str(out / "model.safetensors")).values())
+    target = AutoModelForCausalLM.from_pretrained(str(teacher))
+    EagleHead.load(out, target.get_input_embeddings().weight, target.get_output_embeddings().weight)

@@ -109,7 +109,7 @@ def test_a_cache_from_other_settings_is_refused(llama_teacher, prompts_file, tmp
 @pytest.mark.parametrize("overrides, message", [
     ({"data": "x.txt"}, "drop --data"),
     ({"teacher_generated": 1}, ">= 2 prompts"),
-    ({"target": "encoder"}, "--target draft only"),
+    ({"target": "encoder"}, "--target draft or eagle, not encoder"),
     ({"teacher_max_tokens": 0}, "--teacher-max-tokens"),
 ])
 def test_bad_teacher_generated_arguments(overrides, message, tmp_path):

@@ -1,7 +1,7 @@
 """``DistillConfig``: one validated record of what ``tokenmill distill`` trains, on what, and how.
 
-Checked at construction (argument ranges); the teacher/student/data checks that need files happen in
-``tokenmill.distill.run.prepare`` before the first step.
+Checked at construction (argument ranges); the teacher/student/data checks that need files happen when
+``tokenmill.distill.run.build_task`` builds the target's task, before the first step.
 """
 
 from __future__ import annotations
@@ -9,28 +9,40 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TARGETS = ("draft", "encoder")
+TARGETS = ("draft", "encoder", "eagle")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 HIDDEN_LAYERS = ("all", "last")
 INTERMEDIATE_INITS = ("norm", "first")  # which teacher FFN neurons a narrower-FFN student starts from
 # Per-target values of the fields left None. The encoder's are the measured recipe (docs/DISTILL.md): per-token
-# matching of the last layer beside the pooled cosine, the teacher's word embeddings kept fixed, larger steps.
+# matching of the last layer beside the pooled cosine, the teacher's word embeddings kept fixed, larger steps. The EAGLE
+# head's are the H100 run's (docs/DISTILL.md: held-out k = 4 acceptance 2.04): feature and token loss weighted 1 : 1,
+# input noise 0.1, the second draft step trained on the head's own features (unroll 2), prompt positions too.
 TARGET_DEFAULTS = {
-    "draft": {"lr": 5e-4, "batch_size": 8, "hidden_weight": 0.0, "hidden_layers": "all"},
-    "encoder": {"lr": 1e-3, "batch_size": 32, "hidden_weight": 30.0, "hidden_layers": "last"},
+    "draft": {"lr": 5e-4, "batch_size": 8, "hidden_weight": 0.0, "hidden_layers": "all", "weight_decay": 0.01,
+              "teacher_generated": 0},
+    "encoder": {"lr": 1e-3, "batch_size": 32, "hidden_weight": 30.0, "hidden_layers": "last", "weight_decay": 0.01,
+                "teacher_generated": 0},
+    "eagle": {"lr": 3e-3, "batch_size": 16, "hidden_weight": 0.0, "hidden_layers": "all", "weight_decay": 0.0,
+              "teacher_generated": 1000, "feature_weight": 1.0, "token_weight": 1.0, "feature_noise": 0.1,
+              "unroll": 2, "prompt_positions": True},
 }
+EAGLE_FIELDS = ("feature_weight", "token_weight", "feature_noise", "unroll", "prompt_positions")  # None elsewhere
+MAX_UNROLL = 5  # EAGLE draft steps a round's training passes cover (k <= 5 is measured)
 # Fields that change the trained result: a resumed run must match the checkpoint's values.
 RESUME_FIELDS = ("target", "teacher", "student", "student_layers", "layer_map", "student_hidden_size",
                  "student_intermediate_size", "intermediate_init", "data", "seq_len", "batch_size", "grad_accum", "steps", "lr",
                  "warmup_steps", "temperature", "kd_loss", "jsd_beta", "seed", "hidden_weight", "hidden_layers",
                  "embedding_weight", "freeze_word_embeddings", "student_dropout", "teacher_generated", "prompts",
-                 "teacher_max_tokens", "teacher_temperature", "cpu_bf16")
+                 "teacher_max_tokens", "teacher_temperature", "cpu_bf16", "weight_decay", "draft_vocab_size",
+                 *EAGLE_FIELDS)
 
 
 @dataclass
 class DistillConfig:
-    target: str = "draft"  # draft: a decoder sharing the teacher's tokenizer; encoder: a BERT-family classifier
-    teacher: str | None = None  # None: embedded SmolLM2 (draft) / bundled MiniLM + sentiment head (encoder)
+    # draft: a decoder sharing the teacher's tokenizer; encoder: a BERT-family classifier; eagle: an EAGLE-1 draft head
+    # (one decoder layer on the teacher's own last hidden states; distill/eagle.py)
+    target: str = "draft"
+    teacher: str | None = None  # None: embedded SmolLM2 (draft, eagle) / bundled MiniLM + sentiment head (encoder)
     teacher_head: str | None = None  # encoder: head JSON of the teacher (default: the shipped sentiment head)
     student: str | None = None  # an HF directory to start from; None: built from the teacher (see below)
     student_layers: int | None = None  # None: half the teacher's layers (DistilBERT's choice), or len(layer_map)
@@ -43,11 +55,11 @@ class DistillConfig:
     eval_data: str | None = None  # None: bundled held-out KJV with the default data, else the data's last 10%
     out: str = "distilled"
     steps: int = 200
-    batch_size: int | None = None  # None: 8 (draft) / 32 (encoder)
+    batch_size: int | None = None  # None: 8 (draft) / 32 (encoder) / 16 answers (eagle)
     grad_accum: int = 1
-    seq_len: int = 128  # draft: tokens per training window; encoder: max tokens per sentence
-    lr: float | None = None  # None: 5e-4 (draft) / 1e-3 (encoder)
-    weight_decay: float = 0.01
+    seq_len: int = 128  # draft: tokens per training window; encoder: max tokens per sentence (eagle: whole answers)
+    lr: float | None = None  # None: 5e-4 (draft) / 1e-3 (encoder) / 3e-3 (eagle)
+    weight_decay: float | None = None  # None: 0.01 (draft, encoder) / 0 (eagle)
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     temperature: float = 2.0
@@ -64,15 +76,24 @@ class DistillConfig:
     # a 2-layer student's held-out cosine after 100 steps was 0.865, without 0.877)
     student_dropout: float = 0.0
     # draft: train on the teacher's own answers to the first N chat prompts (sequence-level KD, generated once with
-    # tokenmill's engine and cached; the last tenth held out) instead of windows of --data; 0: off
-    teacher_generated: int = 0
+    # tokenmill's engine and cached; the last tenth held out) instead of windows of --data; 0: off. eagle: always
+    # (None: 1000 prompts)
+    teacher_generated: int | None = None
     prompts: str | None = None  # one chat prompt per line; None: the bundled template x topic prompts
     teacher_generated_cache: str | None = None  # None: OUT/teacher_generated.jsonl
     teacher_max_tokens: int = 128  # answer length the teacher generates
     teacher_temperature: float = 0.0  # 0: greedy answers (what a greedy target verifies)
-    # draft: write the training text's token ranking beside the student (spec_decode/draft_vocab.py) and let it
+    # draft, eagle: write the training text's token ranking beside the student (spec_decode/draft_vocab.py) and let it
     # propose from its N most frequent ids; None: the whole vocabulary, no ranking written
     draft_vocab_size: int | None = None
+    # eagle (None elsewhere; TARGET_DEFAULTS): weights of the smooth-L1 feature regression and of the KL to the
+    # teacher's next-token distribution, uniform input-feature noise (x the features' RMS), draft steps trained per
+    # position (2+: the later ones on the head's own predicted features), and whether prompt positions train too
+    feature_weight: float | None = None
+    token_weight: float | None = None
+    feature_noise: float | None = None
+    unroll: int | None = None
+    prompt_positions: bool | None = None
     eval_every: int = 0  # 0: evaluate only before and after training
     eval_batches: int = 8
     checkpoint_every: int = 50  # 0: only the final checkpoint
@@ -95,14 +116,20 @@ class DistillConfig:
                 setattr(self, name, value)
         if self.hidden_layers not in HIDDEN_LAYERS:
             raise ValueError(f"--hidden-layers {self.hidden_layers!r} is not supported; choose all or last")
-        if self.teacher_generated and self.target != "draft":
-            raise ValueError("--teacher-generated applies to --target draft only")
+        if self.target != "eagle":
+            given = [name for name in EAGLE_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} applies to --target eagle only")
+        if self.teacher_generated and self.target == "encoder":
+            raise ValueError("--teacher-generated applies to --target draft or eagle, not encoder")
         if self.teacher_generated < 0 or (self.teacher_generated and self.teacher_generated < 2):
             raise ValueError(f"--teacher-generated must be 0 (off) or >= 2 prompts (one is held out); "
                              f"got {self.teacher_generated}")
         if self.teacher_generated and self.data is not None:
             raise ValueError("--teacher-generated trains on the teacher's answers to --prompts; drop --data "
                              "(--eval-data still sets the held-out text)")
+        if self.target == "eagle":
+            self._check_eagle()
         if self.teacher_max_tokens < 1 or self.teacher_temperature < 0:
             raise ValueError("--teacher-max-tokens must be >= 1 and --teacher-temperature >= 0")
         if self.intermediate_init not in INTERMEDIATE_INITS:
@@ -146,11 +173,32 @@ class DistillConfig:
             elif self.student_layers != len(self.layer_map):
                 raise ValueError(f"--layer-map names {len(self.layer_map)} layers but --student-layers is "
                                  f"{self.student_layers}")
-        if self.draft_vocab_size is not None and (self.target != "draft" or self.draft_vocab_size < 1):
-            raise ValueError("--draft-vocab-size applies to --target draft and must be >= 1 (ids the draft proposes "
-                             f"from); got {self.draft_vocab_size} with --target {self.target}")
+        if self.draft_vocab_size is not None and (self.target == "encoder" or self.draft_vocab_size < 1):
+            raise ValueError("--draft-vocab-size applies to --target draft or eagle and must be >= 1 (ids the draft "
+                             f"proposes from); got {self.draft_vocab_size} with --target {self.target}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0; got {self.weight_decay}")
         if self.repository is not None and self.target != "encoder":
             raise ValueError("--repository (ONNX export) applies to --target encoder only")
+
+    def _check_eagle(self) -> None:
+        """The head is one decoder layer shaped like the teacher's last, trained on the teacher's answers only."""
+        shaped = [name for name in ("student", "student_layers", "layer_map", "student_hidden_size",
+                                    "student_intermediate_size") if getattr(self, name) is not None]
+        if shaped:
+            raise ValueError(f"--{shaped[0].replace('_', '-')} does not apply to --target eagle: the head is one "
+                             "decoder layer shaped like the teacher's last")
+        if self.eval_data is not None:
+            raise ValueError("--eval-data does not apply to --target eagle: the last tenth of the teacher's answers "
+                             "is held out")
+        if self.teacher_generated == 0:
+            raise ValueError("--target eagle trains on the teacher's answers: --teacher-generated must be >= 2")
+        if not 1 <= self.unroll <= MAX_UNROLL:
+            raise ValueError(f"--unroll must be 1..{MAX_UNROLL} (draft steps trained per position); got {self.unroll}")
+        if self.feature_noise < 0 or self.feature_weight < 0 or self.token_weight < 0:
+            raise ValueError("--feature-noise, --feature-weight and --token-weight must be >= 0")
+        if self.feature_weight == 0 and self.token_weight == 0:
+            raise ValueError("--feature-weight and --token-weight are both 0: nothing to train on")
 
     @property
     def out_dir(self) -> Path:

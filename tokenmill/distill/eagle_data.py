@@ -131,3 +131,57 @@ def generate_with_features(teacher: nn.Module, prompts: list[list[int]], max_new
         answers.append(row_tokens[:n])
         features.append(torch.cat([prompt_feats[row], torch.stack([f[row] for f in step_feats[:n]])]).half())
     return answers, features
+
+
+@torch.inference_mode()
+def batched_features(teacher: nn.Module, records: list[dict], device: str | torch.device, end: float | None = None,
+                     batch_tokens: int = 32_768, tf32: bool = False) -> tuple[FeatureSet, list[int], dict]:
+    """The teacher's post-norm last hidden states over prompt + answer of ``records`` (fp16, on ``device``, where the
+    teacher is), in length-sorted right-padded batches of at most ``batch_tokens`` ids (causal attention: padding
+    after a row never reaches it), taken in a shuffled order so a deadline (``end``, ``time.time()``, checked after
+    the first batch) drops a random share; (FeatureSet, the indices of the records it holds, a check: the share of
+    answer tokens the teacher's head agrees with on these features, ~1.0 for its greedy answers). ``tf32``: CUDA
+    matmuls in TF32 (faster; the features then round differently)."""
+    import random
+
+    started = time.time()
+    sequences = [r["prompt_ids"] + r["output_ids"] for r in records]
+    order = sorted(range(len(records)), key=lambda i: len(sequences[i]))
+    batches, batch = [], []
+    for i in order:
+        if batch and (len(batch) + 1) * len(sequences[i]) > batch_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    batches += [batch] if batch else []
+    random.Random(0).shuffle(batches)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    feats: dict[int, torch.Tensor] = {}
+    try:
+        for batch in batches:
+            if feats and end is not None and time.time() > end:
+                break
+            width = max(len(sequences[i]) for i in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.int64)
+            for row, i in enumerate(batch):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+            hidden = teacher.model(ids.to(device)).last_hidden_state
+            for row, i in enumerate(batch):
+                feats[i] = hidden[row, : len(sequences[i])].half()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    done = sorted(feats)
+    data = FeatureSet.from_sequences([torch.tensor(sequences[i], device=device) for i in done],
+                                     [feats[i] for i in done], [len(records[i]["prompt_ids"]) for i in done])
+    head = teacher.get_output_embeddings().weight
+    agree = total = 0
+    for i in done[:256]:
+        p = len(records[i]["prompt_ids"])
+        guesses = (feats[i][p - 1 : -1].float() @ head.T).argmax(-1).cpu()
+        agree += int((guesses == torch.tensor(records[i]["output_ids"])).sum())
+        total += len(records[i]["output_ids"])
+    check = {"sequences": len(done), "left_out": len(records) - len(done), "tokens": int(data.ids.numel()),
+             "tf32": tf32, "seconds": round(time.time() - started, 1),
+             "teacher_argmax_equals_answer_first_256": agree / max(1, total)}
+    return data, done, check

@@ -202,7 +202,9 @@ class EagleHead(nn.Module):
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out / "model.safetensors"))
+        # host tensors (safetensors writes from host memory; the head may sit on a GPU)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(out / "model.safetensors"))
         (out / "config.json").write_text(json.dumps(self.config.to_json(draft_vocab_size), indent=2) + "\n")
 
     @staticmethod

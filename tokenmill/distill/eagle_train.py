@@ -19,10 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.distill.config import MAX_UNROLL
 from tokenmill.distill.eagle_data import FeatureSet
 from tokenmill.distill.eagle_head import EagleHead, KVCache
-
-MAX_UNROLL = 5  # draft steps a round's passes cover (k <= 5 is measured)
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,9 @@ def step_losses(head: EagleHead, rows: torch.Tensor, ids: torch.Tensor, feats: t
         inputs = inputs + (u * 2 - 1) * noise * rms
     mask = answer[:, 2:]  # position t predicts x_{t+2}
     length = mask.shape[1]
-    with torch.no_grad():  # fp32 whatever the autocast: the distribution every step is pulled towards
-        teacher = F.log_softmax(head_logits(targets[:, :length], rows), -1)
+    # fp32 whatever the autocast (the Trainer's too): the distribution every step is pulled towards
+    with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
+        teacher = F.log_softmax(head_logits(targets[:, :length], rows.float()), -1)
         teacher_p = teacher.exp()
     position = torch.arange(length, device=ids.device)
     out = {"feature": torch.zeros((), device=ids.device), "token": torch.zeros((), device=ids.device)}

@@ -159,29 +159,14 @@ class DraftTask:
         self.num_examples = len(self.train_windows)
 
     def _load_teacher_answers(self) -> None:
-        from tokenmill.distill.teacher_data import (
-            CACHE_FILE,
-            GenerationSpec,
-            answer_batch,
-            load_or_generate,
-            read_prompts,
-        )
+        from tokenmill.distill.teacher_data import answer_batch, teacher_answers
 
         config = self.config
-        prompts = read_prompts(config.prompts)
-        if len(prompts) < config.teacher_generated:
-            raise ValueError(f"--teacher-generated {config.teacher_generated} asks for more prompts than the "
-                             f"{len(prompts)} available; lower it or give a longer --prompts file")
-        cache = Path(config.teacher_generated_cache or config.out_dir / CACHE_FILE).expanduser()
-        spec = GenerationSpec(config.teacher_max_tokens, config.teacher_temperature, config.seed)
-        records = load_or_generate(cache, config.teacher, prompts[: config.teacher_generated], spec,
-                                   log=lambda line: print(line, flush=True) if config.progress else None)
-        held = max(1, round(len(records) * HELDOUT_FRACTION))
+        train, held, self.answer_source = teacher_answers(
+            config, log=lambda line: print(line, flush=True) if config.progress else None)
         pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        self.train_windows, self.train_mask = answer_batch(records[:-held], config.seq_len, pad)
-        self.eval_sets["answers"] = answer_batch(records[-held:], config.seq_len, pad)
-        self.answer_source = (f"teacher answers to {config.teacher_generated} prompts "
-                              f"({config.prompts or 'bundled templates x topics'}; last {held} held out), {cache}")
+        self.train_windows, self.train_mask = answer_batch(train, config.seq_len, pad)
+        self.eval_sets["answers"] = answer_batch(held, config.seq_len, pad)
 
     def trainable(self) -> nn.Module:
         return self.student

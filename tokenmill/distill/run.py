@@ -26,6 +26,10 @@ def build_task(config: DistillConfig) -> DistillTask:
         from tokenmill.distill.llm import DraftTask
 
         return DraftTask(config)
+    if config.target == "eagle":
+        from tokenmill.distill.eagle import EagleTask
+
+        return EagleTask(config)
     from tokenmill.distill.encoder import EncoderTask
 
     return EncoderTask(config)
@@ -63,11 +67,17 @@ def distill(config: DistillConfig, stop_after: int | None = None, log=print) -> 
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     summary["loss_curve"] = plot_loss_curve(summary, out / CURVE_FILE)
-    first, last = trainer.evals[0], trainer.evals[-1]
-    log(f"held-out KD loss {first['kd_loss']:.4f} -> {last['kd_loss']:.4f}, KL to teacher "
-        f"{first['kl_to_teacher']:.4f} -> {last['kl_to_teacher']:.4f}, top-1 agreement "
-        f"{first['top1_agreement']:.3f} -> {last['top1_agreement']:.3f} after {trainer.step} steps")
+    log(held_out_line(trainer.evals[0], trainer.evals[-1]) + f" after {trainer.step} steps")
     return summary
+
+
+HEADLINES = (("loss", "held-out loss"), ("kl_to_teacher", "KL to teacher"), ("top1_agreement", "top-1 agreement"),
+             ("acceptance_length_k4", "k = 4 acceptance length"))
+
+
+def held_out_line(first: dict, last: dict) -> str:
+    """The headline held-out metrics at the first and the last evaluation (those the target reports)."""
+    return ", ".join(f"{label} {first[key]:.4f} -> {last[key]:.4f}" for key, label in HEADLINES if key in last)
 
 
 def plot_loss_curve(summary: dict, path: Path) -> str | None:
@@ -83,7 +93,7 @@ def plot_loss_curve(summary: dict, path: Path) -> str | None:
     history = summary["history"]
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="training loss", lw=1)
     ax.plot([e["step"] for e in summary["evals"]], [e["loss"] for e in summary["evals"]], "o-",
-            label="held-out loss (same terms, no hidden MSE)")
+            label="held-out loss (same terms; no hidden MSE, no input noise)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"tokenmill distill --target {summary['config']['target']}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.distill.data import DATA_DIR
+from tokenmill.distill.data import DATA_DIR, HELDOUT_FRACTION
 
 # Written for tokenmill (project licence): 25 chat templates x 118 topics, none of them the evaluation prompts of
 # benchmarks/distill_cpu.py or benchmarks/spec_decode_cpu.py (tests check that).
@@ -182,6 +182,24 @@ def load_or_generate(cache: Path, teacher: str | None, prompts: list[str], spec:
             records += batch
             log(f"teacher answered {len(records)}/{len(prompts)} prompts")
     return records[: len(prompts)]
+
+
+def teacher_answers(config, log=print) -> tuple[list[dict], list[dict], str]:
+    """(training, held-out, description): the teacher's answers to the first ``config.teacher_generated`` prompts
+    (``--prompts`` or the bundled ones), read from ``--teacher-generated-cache`` (default OUT/teacher_generated.jsonl)
+    and generated where missing; the last tenth (at least one) is held out. ``--target draft`` and ``--target eagle``
+    both train on these."""
+    prompts = read_prompts(config.prompts)
+    if len(prompts) < config.teacher_generated:
+        raise ValueError(f"--teacher-generated {config.teacher_generated} asks for more prompts than the "
+                         f"{len(prompts)} available; lower it or give a longer --prompts file")
+    cache = Path(config.teacher_generated_cache or config.out_dir / CACHE_FILE).expanduser()
+    spec = GenerationSpec(config.teacher_max_tokens, config.teacher_temperature, config.seed)
+    records = load_or_generate(cache, config.teacher, prompts[: config.teacher_generated], spec, log=log)
+    held = max(1, round(len(records) * HELDOUT_FRACTION))
+    source = (f"teacher answers to {config.teacher_generated} prompts ({config.prompts or 'bundled templates x topics'}"
+              f"; last {held} held out), {cache}")
+    return records[:-held], records[-held:], source
 
 
 def answer_batch(records: list[dict], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The training loop both targets share: AdamW, linear warm-up + cosine decay, gradient accumulation, bf16
+"""The training loop every target shares: AdamW, linear warm-up + cosine decay, gradient accumulation, bf16
 autocast on CUDA, gradient clipping, periodic held-out evaluation, and checkpoints that resume bit-exactly
 (student + optimizer + schedule + RNG state + data position)."""
 
