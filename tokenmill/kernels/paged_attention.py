@@ -25,6 +25,7 @@ from tokenmill.kernels._triton import (
     triton,
 )
 from tokenmill.kernels.kv_cache_write import scale_launch_args
+from tokenmill.kernels.paged_decode_config import DecodeConfig, decode_config
 
 
 def paged_decode_reference(
@@ -76,6 +77,7 @@ class DecodePlan:
 
 
 REDUCE_WIDTH = 64  # plan_decode's default cap on splits
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (heads_fastest puts sequences there)
 
 
 def plan_decode(
@@ -128,6 +130,24 @@ def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _widen_kv(x, q, KV_CONVERT: tl.constexpr):
+        """An FP8 K/V tile as the products' operand dtype (DecodeConfig.kv_convert)."""
+        if KV_CONVERT == "f16":
+            return x.to(tl.float16)
+        elif KV_CONVERT == "direct":
+            return x.to(q.dtype)
+        else:  # via fp32: the conversion every sm89+ target has
+            return x.to(tl.float32).to(q.dtype)
+
+    @triton.jit
+    def _query_operand(q, SCALED: tl.constexpr, KV_CONVERT: tl.constexpr):
+        """The query as the score product's operand: fp16 (clamped to its range) when an FP8 cache widens to fp16."""
+        if SCALED and KV_CONVERT == "f16":
+            return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        else:
+            return q
+
     # Triton compiles a variant per divisibility of every int argument (== 1, % 16 == 0, other); these
     # follow the batch (block-table width, split geometry), so each new variant cost a mid-run compile
     # (measured: 0.5-0.7 s inside one timed step on the H100). Pointers into the step's packed metadata are
@@ -167,10 +187,16 @@ if HAS_TRITON:
         QUERY_LEN: tl.constexpr = 1,  # new tokens per sequence; 1 compiles without the causal mask
         SCALED: tl.constexpr = False,
         SCALE_STRIDE: tl.constexpr = 0,
+        KV_CONVERT: tl.constexpr = "f32",
+        HEADS_FASTEST: tl.constexpr = False,  # grid (kv_head, seq, split) instead of (seq, kv_head, split)
     ):
         pdl_wait(PDL)
-        seq = tl.program_id(0).to(tl.int64)
-        kv_head = tl.program_id(1)
+        if HEADS_FASTEST:
+            seq = tl.program_id(1).to(tl.int64)
+            kv_head = tl.program_id(0)
+        else:
+            seq = tl.program_id(0).to(tl.int64)
+            kv_head = tl.program_id(1)
         split = tl.program_id(2)
         if SCALED:  # s = q . (k_stored * k_scale): one multiply per score instead of one per key element
             qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * SCALE_STRIDE)
@@ -197,6 +223,7 @@ if HAS_TRITON:
             mask=gmask[:, None] & dmask[None, :],
             other=0.0,
         )
+        q = _query_operand(q, SCALED, KV_CONVERT)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -211,8 +238,8 @@ if HAS_TRITON:
             k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             if SCALED:  # FP8 storage: widen in registers, scales are applied outside the dot products
-                k = k.to(tl.float32).to(q.dtype)  # via fp32: the conversion every sm89+ target has
-                v = v.to(tl.float32).to(q.dtype)
+                k = _widen_kv(k, q, KV_CONVERT)
+                v = _widen_kv(v, q, KV_CONVERT)
             # Next tile's block ids load while K/V are in flight: the table read leaves the critical path.
             n_next = n + BLOCK_N
             block = tl.load(bt_row + n_next // BLOCK_SIZE, mask=n_next < end, other=0)
@@ -252,6 +279,120 @@ if HAS_TRITON:
             res = acc / tl.maximum(l_i, 1e-30)[:, None]
             tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + d[None, :], res, mask=out_mask)
             tl.store(part_lse_ptr + idx, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=gmask)
+
+    @triton.jit(do_not_specialize=["bt_stride", "num_seqs"])
+    def _paged_decode_packed_kernel(
+        q_ptr,
+        cache_ptr,
+        bt_ptr,
+        seq_lens_ptr,
+        out_ptr,
+        q_stride_b,
+        q_stride_h,
+        out_stride_b,
+        out_stride_h,
+        bt_stride,
+        v_offset,
+        qk_scale,
+        num_seqs,
+        k_scale_ptr,
+        v_scale_ptr,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PACK: tl.constexpr,  # sequences a program serves (a power of two)
+        BLOCK_G: tl.constexpr,  # rows: PACK * GROUP (sequence, query head of this KV head), padded
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+        STRIDE_BLOCK: tl.constexpr,
+        STRIDE_TOKEN: tl.constexpr,
+        STRIDE_HEAD: tl.constexpr,
+        PDL: tl.constexpr = False,
+        SCALED: tl.constexpr = False,
+        SCALE_STRIDE: tl.constexpr = 0,
+        KV_CONVERT: tl.constexpr = "f32",
+        HEADS_FASTEST: tl.constexpr = False,
+    ):
+        """One query token of PACK sequences against one KV head, unsplit. The pack's keys are walked as one run
+        (sequence after sequence, a tile may hold the end of one and the start of the next); each score row
+        keeps only its own sequence's keys, so the online softmax of every row sees exactly its keys."""
+        pdl_wait(PDL)
+        if HEADS_FASTEST:
+            pack = tl.program_id(1)
+            kv_head = tl.program_id(0)
+        else:
+            pack = tl.program_id(0)
+            kv_head = tl.program_id(1)
+        first = pack.to(tl.int64) * PACK
+        if SCALED:
+            qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * SCALE_STRIDE)
+        p = tl.arange(0, PACK)
+        lens = tl.load(seq_lens_ptr + first + p, mask=first + p < num_seqs, other=0)
+        ends = tl.cumsum(lens, axis=0)  # run index where each packed sequence's keys end
+        starts = ends - lens
+        total = tl.sum(lens, axis=0)
+
+        r = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD_DIM
+        row_slot = r // GROUP  # which packed sequence a row belongs to
+        seqs = first + row_slot
+        gmask = (r < PACK * GROUP) & (seqs < num_seqs)
+        heads = kv_head * GROUP + r % GROUP
+        q = tl.load(
+            q_ptr + (seqs * q_stride_b + heads * q_stride_h)[:, None] + d[None, :],
+            mask=gmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        q = _query_operand(q, SCALED, KV_CONVERT)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        n = tl.arange(0, BLOCK_N)
+        # Key n of the run: packed sequence key_slot (ends passed), position pos in it; past the run key_slot is
+        # PACK (masked: no table row or cache slot is read for it).
+        key_slot = tl.sum((n[:, None] >= ends[None, :]).to(tl.int32), axis=1)
+        pos = n - tl.sum(tl.where(key_slot[:, None] == p[None, :], starts[None, :], 0), axis=1)
+        block = tl.load(bt_ptr + (first + key_slot) * bt_stride + pos // BLOCK_SIZE, mask=n < total, other=0)
+        for _ in range(0, total, BLOCK_N):
+            nmask = n < total
+            row = block.to(tl.int64) * STRIDE_BLOCK + (pos % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
+            kv_mask = nmask[:, None] & dmask[None, :]
+            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if SCALED:
+                k = _widen_kv(k, q, KV_CONVERT)
+                v = _widen_kv(v, q, KV_CONVERT)
+            # Next tile's keys and block ids while K/V are in flight (as the per-sequence kernel does).
+            n_next = n + BLOCK_N
+            slot_next = tl.sum((n_next[:, None] >= ends[None, :]).to(tl.int32), axis=1)
+            pos_next = n_next - tl.sum(tl.where(slot_next[:, None] == p[None, :], starts[None, :], 0), axis=1)
+            block = tl.load(bt_ptr + (first + slot_next) * bt_stride + pos_next // BLOCK_SIZE,
+                            mask=n_next < total, other=0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
+            s = tl.where((key_slot[None, :] == row_slot[:, None]) & nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row whose sequence has no key yet (its keys come in a later tile) stays at zero weight.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            w = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(w, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+            n = n_next
+            key_slot = slot_next
+            pos = pos_next
+
+        if SCALED:
+            acc = acc * tl.load(v_scale_ptr + kv_head * SCALE_STRIDE)
+        res = acc / tl.maximum(l_i, 1e-30)[:, None]  # a sequence of length 0 (graph padding) gives zeros
+        tl.store(
+            out_ptr + (seqs * out_stride_b + heads * out_stride_h)[:, None] + d[None, :],
+            res.to(out_ptr.dtype.element_ty),
+            mask=gmask[:, None] & dmask[None, :],
+        )
 
     @triton.jit(do_not_specialize=["num_splits"])
     def _paged_decode_reduce_kernel(
@@ -301,15 +442,20 @@ def paged_decode(
     plan: DecodePlan | None = None,
     num_sms: int | None = None,
     out: torch.Tensor | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     query_len: int = 1,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """query [B * query_len, Hq, D] (``query_len`` new tokens per sequence, causal among themselves) ->
     [B * query_len, Hq, D]. seq_lens 0 gives zeros (padding rows). ``k_scale``/``v_scale``: an FP8 cache's
     dequantization scales (float32, shape () or [num_kv_heads]).
+
+    ``config``: the launch (kernels/paged_decode_config.py; None: the measured table's entry for this device,
+    KV dtype and batch); ``num_warps``/``num_stages`` override its fields. A given ``plan`` keeps its own
+    block_n; without one the plan takes the config's.
 
     K/V are indexed [K/V, block, token, head, dim] through the cache object's strides, so a head-major storage
     works too (measured on the H100: no faster, gpu_kernels_decode_layout_2026-11-24.json).
@@ -335,17 +481,64 @@ def paged_decode(
         out = torch.empty_like(query)
     if num_seqs == 0:
         return out
+    if config is None:
+        config = decode_config(query.device, cache.spec.dtype, num_seqs)
     if plan is None:
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-        plan = plan_decode(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, num_sms)
+        plan = plan_decode(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, num_sms,
+                           block_n=config.block_n)
+    launch = {"num_warps": num_warps or config.num_warps, "num_stages": num_stages or config.num_stages}
     group = num_heads // num_kv_heads
+    k_scale_arg, v_scale_arg, scaling = scale_launch_args(cache, k_scale, v_scale)
+    options = {
+        "BLOCK_D": max(16, next_power_of_2(head_dim)),
+        "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
+        "STRIDE_BLOCK": cache.strides[0],
+        "STRIDE_TOKEN": cache.strides[1],
+        "STRIDE_HEAD": cache.strides[2],
+        **pdl_launch(query.device, num_seqs),
+        "SCALED": scaling["SCALED"],
+        "SCALE_STRIDE": scaling["SCALE_STRIDE"],
+        "KV_CONVERT": config.kv_convert,
+        **launch,
+    }
+    if config.seqs_per_program > 1 and plan.num_splits == 1 and query_len == 1:
+        pack = config.seqs_per_program
+        packs = -(-num_seqs // pack)
+        heads_fastest = config.heads_fastest and packs <= MAX_GRID_Y
+        _paged_decode_packed_kernel[(num_kv_heads, packs) if heads_fastest else (packs, num_kv_heads)](
+            query,
+            cache.kv,
+            block_tables,
+            seq_lens,
+            out,
+            query.stride(0),
+            query.stride(1),
+            out.stride(0),
+            out.stride(1),
+            block_tables.stride(0),
+            cache.v_offset,
+            scale * 1.4426950408889634,
+            num_seqs,
+            k_scale_arg,
+            v_scale_arg,
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            BLOCK_N=plan.block_n,
+            PACK=pack,
+            BLOCK_G=max(16, next_power_of_2(pack * group)),
+            HEADS_FASTEST=heads_fastest,
+            **options,
+        )
+        return out
     split_shape = (num_tokens, num_heads, plan.num_splits) if plan.num_splits > 1 else (1, 1, 1)
     part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
     part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)
-    block_d = max(16, next_power_of_2(head_dim))
-    k_scale_arg, v_scale_arg, scaling = scale_launch_args(cache, k_scale, v_scale)
-    _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
+    heads_fastest = config.heads_fastest and num_seqs <= MAX_GRID_Y
+    grid = (num_kv_heads, num_seqs, plan.num_splits) if heads_fastest else (num_seqs, num_kv_heads, plan.num_splits)
+    _paged_decode_kernel[grid](
         query,
         cache.kv,
         block_tables,
@@ -370,17 +563,9 @@ def paged_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=plan.block_n,
         BLOCK_G=max(16, next_power_of_2(query_len * group)),
-        BLOCK_D=block_d,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        STRIDE_BLOCK=cache.strides[0],
-        STRIDE_TOKEN=cache.strides[1],
-        STRIDE_HEAD=cache.strides[2],
-        **pdl_launch(query.device, num_seqs),
         QUERY_LEN=query_len,
-        SCALED=scaling["SCALED"],
-        SCALE_STRIDE=scaling["SCALE_STRIDE"],
-        num_warps=num_warps,
-        num_stages=num_stages,
+        HEADS_FASTEST=heads_fastest,
+        **options,
     )
     if plan.num_splits > 1:
         _paged_decode_reduce_kernel[(num_tokens, num_heads)](
@@ -395,7 +580,7 @@ def paged_decode(
             # One width for every split count up to the planner's cap: a width per count compiled a new
             # variant whenever a mixed step's block-table width moved the count (eager steps, mid-run).
             BLOCK_S=max(REDUCE_WIDTH, next_power_of_2(plan.num_splits)),
-            BLOCK_D=block_d,
+            BLOCK_D=options["BLOCK_D"],
             **pdl_launch(query.device, num_seqs),
             num_warps=4,
         )

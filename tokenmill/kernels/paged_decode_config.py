@@ -1,0 +1,121 @@
+"""Launch configs of the paged decode kernel (kernels/paged_attention.py) and the measured table that picks one.
+
+A config is chosen per (device, KV storage dtype, batch) from ``configs/paged_decode.json`` (or the file
+``TOKENMILL_PAGED_DECODE_CONFIGS`` names), as benchmarks/gpu_paged_decode_probe.py writes it: the entry of the
+largest measured batch <= this batch. No entry: ``DecodeConfig()``, the launch that served before the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.config import FP8_DTYPES
+
+SHIPPED_CONFIGS = Path(__file__).parent / "configs" / "paged_decode.json"
+CONFIGS_ENV = "TOKENMILL_PAGED_DECODE_CONFIGS"
+KV_CONVERTS = ("f32", "direct", "f16")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How one decode launch runs; every field changes speed only, never the result beyond rounding.
+
+    ``seqs_per_program`` > 1 packs that many sequences into one program's padded GQA rows (rows = sequences x
+    query heads of one KV head, 16 at least for the tensor cores), their keys read as one dense run: short
+    contexts at large batches then pay the per-program set-up once per pack and no half-empty last tile per
+    sequence. It applies to unsplit plans of one query token; other launches run the per-sequence kernel.
+    ``kv_convert`` (FP8 cache only): "f32" widens e4m3 through fp32 to the query's dtype (every sm89+ target has
+    it), "direct" lets Triton pick the conversion to the query's dtype, "f16" widens to fp16 (packed e4m3x2 ->
+    f16x2 on Hopper) and runs both products in fp16 (the query clamped to fp16's range; fp16 holds softmax
+    weights more precisely than bf16). ``heads_fastest``: program ids walk KV heads first, so the programs
+    running together read neighbouring heads of the same tokens (one 1-2 KB run of the cache per token).
+    """
+
+    block_n: int = 64  # keys per inner iteration (the plan's block_n)
+    num_warps: int = 4
+    num_stages: int = 2
+    seqs_per_program: int = 1
+    kv_convert: str = "f32"
+    heads_fastest: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"DecodeConfig.block_n must be a power of two >= 16; got {self.block_n}")
+        if self.seqs_per_program < 1 or self.seqs_per_program & (self.seqs_per_program - 1):
+            raise ValueError(f"DecodeConfig.seqs_per_program must be a power of two >= 1; got "
+                             f"{self.seqs_per_program}")
+        if self.kv_convert not in KV_CONVERTS:
+            raise ValueError(f"DecodeConfig.kv_convert must be one of {KV_CONVERTS}; got {self.kv_convert!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"DecodeConfig needs num_warps in 1-16 (a power of two) and num_stages >= 1; got "
+                             f"{self.num_warps}, {self.num_stages}")
+
+    @property
+    def name(self) -> str:
+        """Short label (probe tables, logs): bn64_w4_s2 plus the non-default options."""
+        parts = [f"bn{self.block_n}_w{self.num_warps}_s{self.num_stages}"]
+        if self.seqs_per_program > 1:
+            parts.append(f"pack{self.seqs_per_program}")
+        if self.kv_convert != "f32":
+            parts.append(self.kv_convert)
+        if self.heads_fastest:
+            parts.append("hf")
+        return "_".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> DecodeConfig:
+        unknown = set(entry) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"paged decode config table: unknown fields {sorted(unknown)} in {entry}")
+        return cls(**entry)
+
+
+def kv_format(dtype: torch.dtype) -> str:
+    """The table's key for a KV storage dtype: "fp8" (any float8) or "16bit" (bf16, fp16; fp32 reads the same)."""
+    return "fp8" if dtype in FP8_DTYPES else "16bit"
+
+
+@functools.cache
+def _load_table(path: str) -> dict[str, Any]:
+    """The table at ``path`` ({} when there is none), read once per process."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+@functools.cache
+def _cuda_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def decode_config(device: torch.device, kv_dtype: torch.dtype, num_seqs: int) -> DecodeConfig:
+    """The measured config for ``num_seqs`` sequences over a ``kv_dtype`` cache on ``device``; depends on shapes
+    only (no host sync), so a CUDA graph captures the same launch every replay."""
+    return _lookup(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS), _device_name(device), kv_format(kv_dtype),
+                   num_seqs)
+
+
+@functools.cache
+def _lookup(path: str, device_name: str, fmt: str, num_seqs: int) -> DecodeConfig:
+    """Table shape: {device name: {"fp8" | "16bit": {batch: config fields}}}; the largest batch <= num_seqs."""
+    entries = _load_table(path).get(device_name, {}).get(fmt, {})
+    bucket = max((int(b) for b in entries if int(b) <= num_seqs), default=None)
+    return DecodeConfig() if bucket is None else DecodeConfig.from_json(entries[str(bucket)])
