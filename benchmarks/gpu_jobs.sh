@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
 #   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe fp8_probe fp8_e2e
 #   bash benchmarks/gpu_jobs.sh maxload
+#   bash benchmarks/gpu_jobs.sh paged_probe paged_tests
 #   bash benchmarks/gpu_jobs.sh eagle           (carry .eagle_carry: see the job)
 set -uo pipefail
 out="$(mktemp -d)"
@@ -88,6 +89,16 @@ for job in "$@"; do
     fp8_e2e) cfg="$out/quant_gemv_fp8.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/quant_gemv.json
              TOKENMILL_QUANT_GEMV_CONFIGS="$cfg" run python3 benchmarks/gpu_quantized.py --e2e only \
                --e2e-methods bf16,fp8 --e2e-batches 1,16 --out "$out/gpu_fp8_e2e.json" ;;
+    # Issue 22's decode attention: launch configs of kernels/paged_attention.py (packed sequences, FP8 widening in
+    # PTX, tiles/warps/stages, head-first grid) at max load (950 x U[128, 254], FP8 and bf16 KV), 256 x ~540 and
+    # 1 x 4096, each checked against fp32 first; % of the byte floor at the copy rate measured in the run. Writes the
+    # config table of each shape's winner (> 3% over today's launch) to $out/paged_decode.json: adopt it by copying
+    # it to tokenmill/kernels/configs/paged_decode.json (the engine reads it; nothing else changes). < 150 s.
+    paged_probe) run python3 benchmarks/gpu_paged_decode_probe.py --time-limit "${PAGED_TIME_LIMIT:-140}" \
+                 --out "$out/gpu_paged_decode_probe.json" --configs-out "$out/paged_decode.json" ;;
+    # The paged decode kernel tests on the GPU (every DecodeConfig option incl. the PTX FP8 widening, FP8 KV decode).
+    paged_tests) run python3 -m pytest tests/kernels/test_paged_decode_configs.py tests/kernels/test_fp8_kv_kernels.py \
+                 tests/kernels/test_triton_kernels.py -k "decode or config" -q -p no:cacheprovider ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"

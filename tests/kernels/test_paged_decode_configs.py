@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_paged_batch, rel_err, triton_device
+from conftest import fp8_device, make_paged_batch, rel_err, triton_device
 
 from tokenmill.kernels.kv_cache_write import reshape_and_cache
-from tokenmill.kernels.paged_attention import paged_decode, paged_decode_reference, plan_decode
+from tokenmill.kernels.paged_attention import kv_convert, paged_decode, paged_decode_reference, plan_decode
 from tokenmill.kernels.paged_decode_config import CONFIGS_ENV, DecodeConfig, decode_config
 
 TOL = 1e-2
@@ -67,12 +67,13 @@ def test_configs_match_the_reference(config, heads, kv_heads):
     assert torch.equal(out[2], torch.zeros_like(out[2]))  # seq_len 0: zeros
 
 
-@needs_kernels
-@pytest.mark.parametrize("kv_convert", ["f32", "direct", "f16"])
+@pytest.mark.skipif(fp8_device() is None, reason="needs CUDA sm89+ + triton (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("kv_convert", ["f32", "direct", "f16", "asm"])
 @pytest.mark.parametrize("pack", [1, 4])
 def test_fp8_cache_widening_modes(kv_convert, pack):
-    device = triton_device()
-    dtype = torch.bfloat16 if kv_convert == "f16" or device != "cpu" else torch.float16
+    """"asm" runs its PTX on CUDA only; under the interpreter it runs as "f16" (kernels.paged_attention.kv_convert)."""
+    device = fp8_device()
+    dtype = torch.bfloat16 if kv_convert in ("f16", "asm") or device != "cpu" else torch.float16
     seq_lens = [40, 129, 3, 77, 200]
     heads, kv_heads, dim = 8, 2, 128
     query, cache, meta = _batch(seq_lens, heads, kv_heads, dim, 16, dtype, device, seed=pack + 3)
@@ -113,6 +114,15 @@ def test_config_rejects_bad_fields():
         DecodeConfig(block_n=48)
     with pytest.raises(ValueError, match="unknown fields"):
         DecodeConfig.from_json({"block_n": 64, "pack": 2})
+
+
+def test_asm_widening_falls_back_where_it_cannot_run():
+    asm = DecodeConfig(kv_convert="asm")
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert kv_convert(asm, torch.float8_e4m3fn, cuda) == "asm"
+    assert kv_convert(asm, torch.float8_e5m2, cuda) == "f16"
+    assert kv_convert(asm, torch.float8_e4m3fn, cpu) == "f16"
+    assert kv_convert(DecodeConfig(kv_convert="direct"), torch.float8_e5m2, cuda) == "direct"
 
 
 def test_table_gives_the_largest_measured_batch_at_or_below(tmp_path, monkeypatch):

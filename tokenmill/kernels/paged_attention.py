@@ -135,6 +135,20 @@ if HAS_TRITON:
         """An FP8 K/V tile as the products' operand dtype (DecodeConfig.kv_convert)."""
         if KV_CONVERT == "f16":
             return x.to(tl.float16)
+        elif KV_CONVERT == "asm":
+            # e4m3 pairs -> f16 pairs in PTX. Not pure on purpose: Triton then cannot move the operand's layout
+            # change in front of the conversion (it does for casts, and gathers FP8 bytes one by one out of shared
+            # memory for the transposed V operand: 2.4x the loop's SASS instructions and 177 registers vs 124,
+            # sm_90 compile of bn64_w4_s2, triton 3.9); the widened tile takes the bf16 path (ldmatrix).
+            return tl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
+                "cvt.rn.f16x2.e4m3x2 $1, hi; }",
+                "=r,=r,r",
+                [x.to(tl.uint8, bitcast=True)],
+                dtype=tl.float16,
+                is_pure=False,
+                pack=4,
+            )
         elif KV_CONVERT == "direct":
             return x.to(q.dtype)
         else:  # via fp32: the conversion every sm89+ target has
@@ -143,7 +157,7 @@ if HAS_TRITON:
     @triton.jit
     def _query_operand(q, SCALED: tl.constexpr, KV_CONVERT: tl.constexpr):
         """The query as the score product's operand: fp16 (clamped to its range) when an FP8 cache widens to fp16."""
-        if SCALED and KV_CONVERT == "f16":
+        if SCALED and (KV_CONVERT == "f16" or KV_CONVERT == "asm"):
             return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         else:
             return q
@@ -433,6 +447,14 @@ if HAS_TRITON:
         )
 
 
+def kv_convert(config: DecodeConfig, kv_dtype: torch.dtype, device: torch.device) -> str:
+    """The config's FP8 widening where it can run: "asm" is e4m3 PTX, so e5m2 caches and Triton's CPU interpreter
+    take "f16" (the same products, Triton's cast)."""
+    if config.kv_convert == "asm" and (kv_dtype != torch.float8_e4m3fn or device.type != "cuda"):
+        return "f16"
+    return config.kv_convert
+
+
 def paged_decode(
     query: torch.Tensor,
     kv_cache: LayerKVCache | torch.Tensor,
@@ -500,7 +522,7 @@ def paged_decode(
         **pdl_launch(query.device, num_seqs),
         "SCALED": scaling["SCALED"],
         "SCALE_STRIDE": scaling["SCALE_STRIDE"],
-        "KV_CONVERT": config.kv_convert,
+        "KV_CONVERT": kv_convert(config, cache.spec.dtype, query.device),
         **launch,
     }
     if config.seqs_per_program > 1 and plan.num_splits == 1 and query_len == 1:

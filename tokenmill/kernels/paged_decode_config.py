@@ -21,7 +21,7 @@ from tokenmill.config import FP8_DTYPES
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs" / "paged_decode.json"
 CONFIGS_ENV = "TOKENMILL_PAGED_DECODE_CONFIGS"
-KV_CONVERTS = ("f32", "direct", "f16")
+KV_CONVERTS = ("f32", "direct", "f16", "asm")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class DecodeConfig:
     ``kv_convert`` (FP8 cache only): "f32" widens e4m3 through fp32 to the query's dtype (every sm89+ target has
     it), "direct" lets Triton pick the conversion to the query's dtype, "f16" widens to fp16 (packed e4m3x2 ->
     f16x2 on Hopper) and runs both products in fp16 (the query clamped to fp16's range; fp16 holds softmax
-    weights more precisely than bf16). ``heads_fastest``: program ids walk KV heads first, so the programs
+    weights more precisely than bf16), "asm" the same with the conversion in PTX, which keeps Triton from
+    gathering FP8 bytes for the transposed V operand (e4m3 on CUDA; elsewhere it runs as "f16").
+    ``heads_fastest``: program ids walk KV heads first, so the programs
     running together read neighbouring heads of the same tokens (one 1-2 KB run of the cache per token).
     """
 
