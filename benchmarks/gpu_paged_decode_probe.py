@@ -82,10 +82,13 @@ def c(**kw: Any) -> DecodeConfig:
     return DecodeConfig(**kw)
 
 
-# From sm_90 compiles without a GPU (triton 3.9; the device runs 3.6): today's FP8 loop is 998 SASS instructions a
-# 64-key tile at 177 registers (2 programs an SM), Triton gathering FP8 bytes out of shared memory for the
-# transposed V operand; "asm" (PTX e4m3x2 -> f16x2 that Triton cannot reorder) 408 at 124 registers; "f16" 766.
-# Packing 4 sequences adds ~110-150 instructions a tile for the key -> sequence map but no half-empty last tiles.
+# From sm_90 compiles without a GPU (triton 3.6 as on the device; 3.9 within a few %), SASS instructions of the key
+# loop a tile, registers, programs an SM (registers / shared memory): FP8 today (bn64_w4_s2) 1002, 168, 3: Triton
+# gathers FP8 bytes out of shared memory one by one for the transposed V operand; "f16" 773, 168, 3; "direct" 967;
+# "asm" (PTX e4m3x2 -> f16x2 Triton cannot reorder: the widened tile takes the bf16 path) 421, 128, 4; bn32_w2 asm
+# 434, 128, 7. bf16 today 466, 120, 4. Packing (the key -> sequence map is per key) adds 120-270 a tile: FP8 asm pack4
+# 596, 141, 3; bf16 pack4 737, 128, 4; it saves the half-empty last tile of every sequence (~15% of the tiles at
+# contexts 128-254 with 64-key tiles) and the per-program set-up.
 FP8_UNSPLIT = [
     c(kv_convert="f16"), c(kv_convert="direct"), c(kv_convert="asm"), c(kv_convert="asm", num_stages=1),
     c(kv_convert="asm", num_stages=3), c(kv_convert="asm", block_n=32, num_warps=2),
@@ -93,7 +96,7 @@ FP8_UNSPLIT = [
     c(kv_convert="asm", block_n=128, num_warps=8), c(kv_convert="asm", heads_fastest=True),
     c(kv_convert="asm", seqs_per_program=2), c(kv_convert="asm", seqs_per_program=4),
     c(kv_convert="asm", seqs_per_program=4, num_stages=3), c(kv_convert="asm", seqs_per_program=4, block_n=32, num_warps=2),
-    c(kv_convert="asm", seqs_per_program=4, heads_fastest=True), c(seqs_per_program=4),
+    c(kv_convert="asm", seqs_per_program=4, heads_fastest=True),
 ]
 BF16_UNSPLIT = [
     c(seqs_per_program=2), c(seqs_per_program=4), c(seqs_per_program=4, num_stages=3),

@@ -43,7 +43,7 @@ def _fp8(cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor]) -> torc
 CONFIGS = [
     DecodeConfig(seqs_per_program=4),
     DecodeConfig(seqs_per_program=2, block_n=32, num_warps=2),
-    DecodeConfig(seqs_per_program=8, block_n=16, heads_fastest=True),
+    DecodeConfig(seqs_per_program=4, block_n=16, heads_fastest=True),
     DecodeConfig(heads_fastest=True),
     DecodeConfig(block_n=128, num_stages=3),
 ]

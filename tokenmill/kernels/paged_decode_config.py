@@ -28,10 +28,11 @@ KV_CONVERTS = ("f32", "direct", "f16", "asm")
 class DecodeConfig:
     """How one decode launch runs; every field changes speed only, never the result beyond rounding.
 
-    ``seqs_per_program`` > 1 packs that many sequences into one program's padded GQA rows (rows = sequences x
+    ``seqs_per_program`` 2 or 4 packs that many sequences into one program's padded GQA rows (rows = sequences x
     query heads of one KV head, 16 at least for the tensor cores), their keys read as one dense run: short
     contexts at large batches then pay the per-program set-up once per pack and no half-empty last tile per
-    sequence. It applies to unsplit plans of one query token; other launches run the per-sequence kernel.
+    sequence (the key -> sequence map costs instructions per key instead). It applies to unsplit plans of one
+    query token; other launches run the per-sequence kernel.
     ``kv_convert`` (FP8 cache only): "f32" widens e4m3 through fp32 to the query's dtype (every sm89+ target has
     it), "direct" lets Triton pick the conversion to the query's dtype, "f16" widens to fp16 (packed e4m3x2 ->
     f16x2 on Hopper) and runs both products in fp16 (the query clamped to fp16's range; fp16 holds softmax
@@ -51,9 +52,8 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"DecodeConfig.block_n must be a power of two >= 16; got {self.block_n}")
-        if self.seqs_per_program < 1 or self.seqs_per_program & (self.seqs_per_program - 1):
-            raise ValueError(f"DecodeConfig.seqs_per_program must be a power of two >= 1; got "
-                             f"{self.seqs_per_program}")
+        if self.seqs_per_program not in (1, 2, 4):
+            raise ValueError(f"DecodeConfig.seqs_per_program must be 1, 2 or 4; got {self.seqs_per_program}")
         if self.kv_convert not in KV_CONVERTS:
             raise ValueError(f"DecodeConfig.kv_convert must be one of {KV_CONVERTS}; got {self.kv_convert!r}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
