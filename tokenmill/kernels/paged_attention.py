@@ -162,6 +162,34 @@ if HAS_TRITON:
         else:
             return q
 
+    @triton.jit
+    def _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED: tl.constexpr, KV_CONVERT: tl.constexpr):
+        """K and V of the tile's keys (cache offsets ``row``), an FP8 cache's widened in registers (its scales are
+        applied outside the products)."""
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if SCALED:
+            k = _widen_kv(k, q, KV_CONVERT)
+            v = _widen_kv(v, q, KV_CONVERT)
+        return k, v
+
+    @triton.jit
+    def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+        """One tile of masked scores s [G, N] (log2 units, -inf where a key is not a row's) into the running max,
+        sum and output. EMPTY_ROWS: a row may have seen no key yet; it stays at zero weight instead of
+        exp2(-inf - -inf) = NaN."""
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if EMPTY_ROWS:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
     # Triton compiles a variant per divisibility of every int argument (== 1, % 16 == 0, other); these
     # follow the batch (block-table width, split geometry), so each new variant cost a mid-run compile
     # (measured: 0.5-0.7 s inside one timed step on the H100). Pointers into the step's packed metadata are
@@ -248,31 +276,17 @@ if HAS_TRITON:
         for _ in range(start, end, BLOCK_N):
             nmask = n < end
             row = block.to(tl.int64) * STRIDE_BLOCK + (n % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
-            kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if SCALED:  # FP8 storage: widen in registers, scales are applied outside the dot products
-                k = _widen_kv(k, q, KV_CONVERT)
-                v = _widen_kv(v, q, KV_CONVERT)
+            k, v = _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
             # Next tile's block ids load while K/V are in flight: the table read leaves the critical path.
             n_next = n + BLOCK_N
             block = tl.load(bt_row + n_next // BLOCK_SIZE, mask=n_next < end, other=0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
             if QUERY_LEN == 1:
                 s = tl.where(nmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_use = m_new
             else:
                 s = tl.where(nmask[None, :] & (n[None, :] < visible_end[:, None]), s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                # A row may see no key of this tile yet (the split ends past its position): keep it at zero
-                # weight instead of exp2(-inf - -inf) = NaN.
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            # With several new tokens a row may see no key of this tile yet (the split ends past its position).
+            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION, QUERY_LEN > 1)
             n = n_next
 
         out_mask = gmask[:, None] & dmask[None, :]
@@ -393,25 +407,14 @@ if HAS_TRITON:
             key_slot, pos = _run_slot(n, e1, e2, e3)
             nmask = n < total
             row = block.to(tl.int64) * STRIDE_BLOCK + (pos % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
-            kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if SCALED:
-                k = _widen_kv(k, q, KV_CONVERT)
-                v = _widen_kv(v, q, KV_CONVERT)
+            k, v = _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
             # Next tile's keys and block ids while K/V are in flight (as the per-sequence kernel does).
             n_next = n + BLOCK_N
             block = _run_block_ids(bt_ptr, bt_stride, first, n_next, e1, e2, e3, total, BLOCK_SIZE)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
             s = tl.where((key_slot[None, :] == row_slot[:, None]) & nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row whose sequence has no key yet (its keys come in a later tile) stays at zero weight.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            w = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(w, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION, True)
             n = n_next
 
         if SCALED:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from tokenmill.config import FP8_DTYPES
+from tokenmill.kernels.config_table import device_name, load_table
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs" / "paged_decode.json"
 CONFIGS_ENV = "TOKENMILL_PAGED_DECODE_CONFIGS"
@@ -88,36 +88,16 @@ def kv_format(dtype: torch.dtype) -> str:
     return "fp8" if dtype in FP8_DTYPES else "16bit"
 
 
-@functools.cache
-def _load_table(path: str) -> dict[str, Any]:
-    """The table at ``path`` ({} when there is none), read once per process."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-@functools.cache
-def _cuda_name(device_index: int) -> str:
-    return torch.cuda.get_device_name(device_index)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def decode_config(device: torch.device, kv_dtype: torch.dtype, num_seqs: int) -> DecodeConfig:
     """The measured config for ``num_seqs`` sequences over a ``kv_dtype`` cache on ``device``; depends on shapes
     only (no host sync), so a CUDA graph captures the same launch every replay."""
-    return _lookup(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS), _device_name(device), kv_format(kv_dtype),
+    return _lookup(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS), device_name(device), kv_format(kv_dtype),
                    num_seqs)
 
 
 @functools.cache
 def _lookup(path: str, device_name: str, fmt: str, num_seqs: int) -> DecodeConfig:
     """Table shape: {device name: {"fp8" | "16bit": {batch: config fields}}}; the largest batch <= num_seqs."""
-    entries = _load_table(path).get(device_name, {}).get(fmt, {})
+    entries = load_table(path).get(device_name, {}).get(fmt, {})
     bucket = max((int(b) for b in entries if int(b) <= num_seqs), default=None)
     return DecodeConfig() if bucket is None else DecodeConfig.from_json(entries[str(bucket)])
