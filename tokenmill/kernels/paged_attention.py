@@ -155,8 +155,15 @@ if HAS_TRITON:
             return x.to(tl.float32).to(q.dtype)
 
     @triton.jit
-    def _query_operand(q, SCALED: tl.constexpr, KV_CONVERT: tl.constexpr):
-        """The query as the score product's operand: fp16 (clamped to its range) when an FP8 cache widens to fp16."""
+    def _load_query(q_ptr, tokens, heads, q_stride_b, q_stride_h, d, gmask, dmask, SCALED: tl.constexpr,
+                    KV_CONVERT: tl.constexpr):
+        """The rows' queries [G, D] (zeros in padding rows) as the score product's operand: fp16 (clamped to its
+        range) when an FP8 cache widens to fp16."""
+        q = tl.load(
+            q_ptr + (tokens * q_stride_b + heads * q_stride_h)[:, None] + d[None, :],
+            mask=gmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
         if SCALED and (KV_CONVERT == "f16" or KV_CONVERT == "asm"):
             return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         else:
@@ -260,12 +267,7 @@ if HAS_TRITON:
             heads = kv_head * GROUP + r % GROUP
             tokens = seq * QUERY_LEN + qi
             visible_end = seq_len - QUERY_LEN + 1 + qi  # keys [0, visible_end) are causal for this row
-        q = tl.load(
-            q_ptr + (tokens * q_stride_b + heads * q_stride_h)[:, None] + d[None, :],
-            mask=gmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        q = _query_operand(q, SCALED, KV_CONVERT)
+        q = _load_query(q_ptr, tokens, heads, q_stride_b, q_stride_h, d, gmask, dmask, SCALED, KV_CONVERT)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -391,12 +393,7 @@ if HAS_TRITON:
         seqs = first + row_slot
         gmask = (r < PACK * GROUP) & (seqs < num_seqs)
         heads = kv_head * GROUP + r % GROUP
-        q = tl.load(
-            q_ptr + (seqs * q_stride_b + heads * q_stride_h)[:, None] + d[None, :],
-            mask=gmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        q = _query_operand(q, SCALED, KV_CONVERT)
+        q = _load_query(q_ptr, seqs, heads, q_stride_b, q_stride_h, d, gmask, dmask, SCALED, KV_CONVERT)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
