@@ -96,9 +96,10 @@ for job in "$@"; do
     # it to tokenmill/kernels/configs/paged_decode.json (the engine reads it; nothing else changes). < 150 s.
     paged_probe) run python3 benchmarks/gpu_paged_decode_probe.py --time-limit "${PAGED_TIME_LIMIT:-140}" \
                  --out "$out/gpu_paged_decode_probe.json" --configs-out "$out/paged_decode.json" ;;
-    # The paged decode kernel tests on the GPU (every DecodeConfig option incl. the PTX FP8 widening, FP8 KV decode).
+    # The paged decode kernel tests on the GPU: every DecodeConfig option (the PTX FP8 widening included) and FP8 KV
+    # decode against fp32 (the rest of the paged tests run in gpu_suite.sh's kernels group).
     paged_tests) run python3 -m pytest tests/kernels/test_paged_decode_configs.py tests/kernels/test_fp8_kv_kernels.py \
-                 tests/kernels/test_triton_kernels.py -k "decode or config" -q -p no:cacheprovider ;;
+                 -k "decode or config or widening or asm" -q -p no:cacheprovider ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"

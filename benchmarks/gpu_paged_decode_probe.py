@@ -17,7 +17,8 @@ the copy rate measured in the same run (read + write, as benchmarks/gpu_quant_ge
 
 The JSON holds every measurement, failures, the best config per shape and the table: per shape, its winner where it
 beat today's launch by more than --min-gain (else today's launch), keyed {device: {"fp8" | "16bit": {batch: config}}}
-as kernels/paged_decode_config.py reads it; adopt it by copying it to tokenmill/kernels/configs/paged_decode.json
+as kernels/paged_decode_config.py reads it (the largest key <= a step's batch serves it; a winner at batch B > 1 is
+keyed at B // 2, batch 1's serves batch 1 only: ``table_bucket``); adopt it by copying it to tokenmill/kernels/configs/paged_decode.json
 (or point TOKENMILL_PAGED_DECODE_CONFIGS at it). ``--dry-run`` runs everything on the CPU under TRITON_INTERPRET=1
 (tiny shapes with the same names, fp16 queries: the interpreter mis-computes bf16 products; "asm" runs as "f16"
 there; wall-clock times that mean nothing).
@@ -208,14 +209,26 @@ def best_rows(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def table_bucket(batch: int) -> int:
+    """The table key a winner measured at ``batch`` goes under: the lookup serves it from there up to the next key.
+    Batch 1 stays batch 1 (today's launch from 2 on, unmeasured); a larger batch's winner also serves down to half
+    that batch (a max-load step's batch drifts below the measured one as requests finish; at half of it packed
+    programs still fill the SMs several times over)."""
+    return 1 if batch == 1 else max(2, batch // 2)
+
+
 def table(best: dict[str, dict[str, Any]], device_name: str, min_gain: float) -> dict[str, Any]:
-    """The config table: each shape's winner where it beat today's launch by more than ``min_gain``."""
+    """The config table: each shape's winner where it beat today's launch by more than ``min_gain`` (else today's
+    launch), under ``table_bucket`` of its batch; batches below every measured bucket but 1 get today's launch."""
     entries: dict[str, dict[str, Any]] = {}
     for b in best.values():
         keep = b["speedup_vs_today"] is not None and b["speedup_vs_today"] > 1 + min_gain
         config = DecodeConfig.from_json(b["config"]) if keep else DecodeConfig()
-        entries.setdefault(kv_format(torch.float8_e4m3fn if b["kv"] == "fp8" else torch.bfloat16), {})[
-            str(b["batch"])] = config.to_json()
+        fmt = kv_format(torch.float8_e4m3fn if b["kv"] == "fp8" else torch.bfloat16)
+        entries.setdefault(fmt, {})[str(table_bucket(b["batch"]))] = config.to_json()
+    for fmt_entries in entries.values():
+        if "1" in fmt_entries:
+            fmt_entries.setdefault("2", DecodeConfig().to_json())
     return {device_name: entries}
 
 

@@ -44,13 +44,17 @@ def test_table_keeps_winners_past_the_gain_and_the_dispatch_reads_it(tmp_path, m
                _row("b256", "bf16", 256, DecodeConfig(), 100.0), _row("b256", "bf16", 256, stages, 98.0)]
     best = probe.best_rows(results)
     assert best["maxload_fp8"]["best"] == packed.name and best["maxload_fp8"]["speedup_vs_today"] == 200 / 130
-    table = probe.table(best, "cpu", min_gain=0.03)
-    assert table == {"cpu": {"fp8": {"950": packed.to_json()}, "16bit": {"256": DecodeConfig().to_json()}}}
+    results += [_row("b1", "fp8", 1, DecodeConfig(), 20.0), _row("b1", "fp8", 1, stages, 10.0)]
+    table = probe.table(probe.best_rows(results), "cpu", min_gain=0.03)
+    assert table == {"cpu": {"fp8": {"475": packed.to_json(), "1": stages.to_json(), "2": DecodeConfig().to_json()},
+                             "16bit": {"128": DecodeConfig().to_json()}}}
     path = tmp_path / "paged_decode.json"
     path.write_text(json.dumps(table))
     monkeypatch.setenv(CONFIGS_ENV, str(path))
-    assert decode_config(torch.device("cpu"), torch.float8_e4m3fn, 1024) == packed
-    assert decode_config(torch.device("cpu"), torch.float8_e4m3fn, 949) == DecodeConfig()
+    cpu = torch.device("cpu")
+    assert decode_config(cpu, torch.float8_e4m3fn, 1024) == decode_config(cpu, torch.float8_e4m3fn, 475) == packed
+    assert decode_config(cpu, torch.float8_e4m3fn, 474) == decode_config(cpu, torch.float8_e4m3fn, 2) == DecodeConfig()
+    assert decode_config(cpu, torch.float8_e4m3fn, 1) == stages
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter)")

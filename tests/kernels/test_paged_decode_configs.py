@@ -32,12 +32,12 @@ def _batch(seq_lens: list[int], heads: int, kv_heads: int, dim: int, block_size:
     return query, cache, meta
 
 
-def _fp8(cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The cache stored as e4m3 under per-head scales (NaN poison kept)."""
+def _fp8(cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The cache stored as FP8 under per-head scales (NaN poison kept)."""
     k_scale, v_scale = scales
     s = torch.stack([k_scale, v_scale]).float()[:, None, None, :, None]
-    limit = torch.finfo(torch.float8_e4m3fn).max
-    return (cache.float() / s).clamp(-limit, limit).to(torch.float8_e4m3fn)
+    limit = torch.finfo(dtype).max
+    return (cache.float() / s).clamp(-limit, limit).to(dtype)
 
 
 CONFIGS = [
@@ -68,9 +68,10 @@ def test_configs_match_the_reference(config, heads, kv_heads):
 
 
 @pytest.mark.skipif(fp8_device() is None, reason="needs CUDA sm89+ + triton (or TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("kv_convert", ["f32", "direct", "f16", "asm"])
+@pytest.mark.parametrize(("kv_convert", "fp8"), [("f32", "e4m3"), ("direct", "e4m3"), ("f16", "e4m3"), ("asm", "e4m3"),
+                                                 ("f16", "e5m2"), ("asm", "e5m2")])
 @pytest.mark.parametrize("pack", [1, 4])
-def test_fp8_cache_widening_modes(kv_convert, pack):
+def test_fp8_cache_widening_modes(kv_convert, fp8, pack):
     """"asm" runs its PTX on CUDA only; under the interpreter it runs as "f16" (kernels.paged_attention.kv_convert)."""
     device = fp8_device()
     dtype = torch.bfloat16 if kv_convert in ("f16", "asm") or device != "cpu" else torch.float16
@@ -78,7 +79,7 @@ def test_fp8_cache_widening_modes(kv_convert, pack):
     heads, kv_heads, dim = 8, 2, 128
     query, cache, meta = _batch(seq_lens, heads, kv_heads, dim, 16, dtype, device, seed=pack + 3)
     scales = ((0.004 + 0.01 * torch.rand(kv_heads)).to(device), (0.004 + 0.01 * torch.rand(kv_heads)).to(device))
-    fp8 = _fp8(cache, scales)
+    fp8 = _fp8(cache, scales, torch.float8_e4m3fn if fp8 == "e4m3" else torch.float8_e5m2)
     config = DecodeConfig(seqs_per_program=pack, kv_convert=kv_convert)
     plan = plan_decode(len(seq_lens), kv_heads, meta.block_tables.shape[1] * 16, 1)
     out = torch.full_like(query, float("nan"))
