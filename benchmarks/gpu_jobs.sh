@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
 #   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe fp8_probe fp8_e2e
 #   bash benchmarks/gpu_jobs.sh maxload
-#   bash benchmarks/gpu_jobs.sh paged_probe paged_tests
+#   bash benchmarks/gpu_jobs.sh paged_probe paged_tests maxload_paged
 #   bash benchmarks/gpu_jobs.sh eagle           (carry .eagle_carry: see the job)
 set -uo pipefail
 out="$(mktemp -d)"
@@ -96,6 +96,11 @@ for job in "$@"; do
     # it to tokenmill/kernels/configs/paged_decode.json (the engine reads it; nothing else changes). < 150 s.
     paged_probe) run python3 benchmarks/gpu_paged_decode_probe.py --time-limit "${PAGED_TIME_LIMIT:-140}" \
                  --out "$out/gpu_paged_decode_probe.json" --configs-out "$out/paged_decode.json" ;;
+    # maxload again with the decode configs paged_probe just wrote (same call: $out/paged_decode.json; else the
+    # committed table): the engine A/B of the table against the plain maxload job's numbers.
+    maxload_paged) cfg="$out/paged_decode.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/paged_decode.json
+                 TOKENMILL_PAGED_DECODE_CONFIGS="$cfg" run python3 benchmarks/gpu_maxload.py \
+                   --out "$out/gpu_maxload_paged.json" ${MAXLOAD_ARGS:-} ;;
     # The paged decode kernel tests on the GPU: every DecodeConfig option (the PTX FP8 widening included) and FP8 KV
     # decode against fp32 (the rest of the paged tests run in gpu_suite.sh's kernels group).
     paged_tests) run python3 -m pytest tests/kernels/test_paged_decode_configs.py tests/kernels/test_fp8_kv_kernels.py \

@@ -20,6 +20,7 @@ from tokenmill.config import FP8_DTYPES
 from tokenmill.kernels.config_table import device_name, load_table
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs" / "paged_decode.json"
+_SHIPPED_PATH = str(SHIPPED_CONFIGS)  # eager steps look a config up every layer: no Path -> str each time
 CONFIGS_ENV = "TOKENMILL_PAGED_DECODE_CONFIGS"
 KV_CONVERTS = ("f32", "direct", "f16", "asm")
 
@@ -91,8 +92,7 @@ def kv_format(dtype: torch.dtype) -> str:
 def decode_config(device: torch.device, kv_dtype: torch.dtype, num_seqs: int) -> DecodeConfig:
     """The measured config for ``num_seqs`` sequences over a ``kv_dtype`` cache on ``device``; depends on shapes
     only (no host sync), so a CUDA graph captures the same launch every replay."""
-    return _lookup(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS), device_name(device), kv_format(kv_dtype),
-                   num_seqs)
+    return _lookup(os.environ.get(CONFIGS_ENV) or _SHIPPED_PATH, device_name(device), kv_format(kv_dtype), num_seqs)
 
 
 @functools.cache
