@@ -87,9 +87,10 @@ def c(**kw: Any) -> DecodeConfig:
 # loop a tile, registers, programs an SM (registers / shared memory): FP8 today (bn64_w4_s2) 1002, 168, 3: Triton
 # gathers FP8 bytes out of shared memory one by one for the transposed V operand; "f16" 773, 168, 3; "direct" 967;
 # "asm" (PTX e4m3x2 -> f16x2 Triton cannot reorder: the widened tile takes the bf16 path) 421, 128, 4; bn32_w2 asm
-# 434, 128, 7. bf16 today 466, 120, 4. Packing (the key -> sequence map is per key) adds 120-270 a tile: FP8 asm pack4
-# 596, 141, 3; bf16 pack4 737, 128, 4; it saves the half-empty last tile of every sequence (~15% of the tiles at
-# contexts 128-254 with 64-key tiles) and the per-program set-up.
+# 434, 128, 7. bf16 today 466, 120, 4. Packing, tile-aligned (the default pack_keys): FP8 asm pack4 489, 144, 3;
+# pack2 466, 142, 3; bf16 pack4 511, 168, 3; pack2 495, 122, 4: one pipelined K/V stream over the pack's sequences
+# and one set-up for them. As one dense run ("run": no part-empty last tiles, ~15% of the tiles at contexts 128-254
+# with 64-key tiles, but a per-key sequence map): FP8 asm pack4 596, bf16 737.
 FP8_UNSPLIT = [
     c(kv_convert="f16"), c(kv_convert="direct"), c(kv_convert="asm"), c(kv_convert="asm", num_stages=1),
     c(kv_convert="asm", num_stages=3), c(kv_convert="asm", block_n=32, num_warps=2),
@@ -97,12 +98,13 @@ FP8_UNSPLIT = [
     c(kv_convert="asm", block_n=128, num_warps=8), c(kv_convert="asm", heads_fastest=True),
     c(kv_convert="asm", seqs_per_program=2), c(kv_convert="asm", seqs_per_program=4),
     c(kv_convert="asm", seqs_per_program=4, num_stages=3), c(kv_convert="asm", seqs_per_program=4, block_n=32, num_warps=2),
-    c(kv_convert="asm", seqs_per_program=4, heads_fastest=True),
+    c(kv_convert="asm", seqs_per_program=4, heads_fastest=True), c(kv_convert="asm", seqs_per_program=4, pack_keys="run"),
 ]
 BF16_UNSPLIT = [
     c(seqs_per_program=2), c(seqs_per_program=4), c(seqs_per_program=4, num_stages=3),
     c(seqs_per_program=4, block_n=32, num_warps=2), c(block_n=32, num_warps=2), c(num_stages=3),
-    c(heads_fastest=True), c(seqs_per_program=4, heads_fastest=True), c(block_n=128, num_warps=8),
+    c(heads_fastest=True), c(seqs_per_program=2, heads_fastest=True), c(seqs_per_program=4, pack_keys="run"),
+    c(block_n=128, num_warps=8),
 ]
 BF16_SPLIT = [c(block_n=32, num_warps=2), c(num_stages=3), c(block_n=128, num_warps=8)]
 FP8_SPLIT = [c(kv_convert="asm"), c(kv_convert="asm", num_stages=3), c(kv_convert="asm", block_n=32, num_warps=2),

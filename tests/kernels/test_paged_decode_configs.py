@@ -42,7 +42,9 @@ def _fp8(cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor], dtype: 
 
 CONFIGS = [
     DecodeConfig(seqs_per_program=4),
+    DecodeConfig(seqs_per_program=4, pack_keys="run"),
     DecodeConfig(seqs_per_program=2, block_n=32, num_warps=2),
+    DecodeConfig(seqs_per_program=2, block_n=16, pack_keys="run"),
     DecodeConfig(seqs_per_program=4, block_n=16, heads_fastest=True),
     DecodeConfig(heads_fastest=True),
     DecodeConfig(block_n=128, num_stages=3),
@@ -70,17 +72,18 @@ def test_configs_match_the_reference(config, heads, kv_heads):
 @pytest.mark.skipif(fp8_device() is None, reason="needs CUDA sm89+ + triton (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize(("kv_convert", "fp8"), [("f32", "e4m3"), ("direct", "e4m3"), ("f16", "e4m3"), ("asm", "e4m3"),
                                                  ("f16", "e5m2"), ("asm", "e5m2")])
-@pytest.mark.parametrize("pack", [1, 4])
+@pytest.mark.parametrize("pack", [1, 4, "4run"])
 def test_fp8_cache_widening_modes(kv_convert, fp8, pack):
     """"asm" runs its PTX on CUDA only; under the interpreter it runs as "f16" (kernels.paged_attention.kv_convert)."""
     device = fp8_device()
     dtype = torch.bfloat16 if kv_convert in ("f16", "asm") or device != "cpu" else torch.float16
     seq_lens = [40, 129, 3, 77, 200]
     heads, kv_heads, dim = 8, 2, 128
-    query, cache, meta = _batch(seq_lens, heads, kv_heads, dim, 16, dtype, device, seed=pack + 3)
+    query, cache, meta = _batch(seq_lens, heads, kv_heads, dim, 16, dtype, device, seed=len(str(pack)) + 3)
     scales = ((0.004 + 0.01 * torch.rand(kv_heads)).to(device), (0.004 + 0.01 * torch.rand(kv_heads)).to(device))
     fp8 = _fp8(cache, scales, torch.float8_e4m3fn if fp8 == "e4m3" else torch.float8_e5m2)
-    config = DecodeConfig(seqs_per_program=pack, kv_convert=kv_convert)
+    config = DecodeConfig(seqs_per_program=int(str(pack)[0]), kv_convert=kv_convert,
+                          pack_keys="run" if pack == "4run" else "tiles")
     plan = plan_decode(len(seq_lens), kv_heads, meta.block_tables.shape[1] * 16, 1)
     out = torch.full_like(query, float("nan"))
     paged_decode(query, fp8, meta.block_tables, meta.seq_lens, dim**-0.5, plan=plan, out=out, config=config,
@@ -111,6 +114,8 @@ def test_config_rejects_bad_fields():
         DecodeConfig(seqs_per_program=3)
     with pytest.raises(ValueError, match="kv_convert"):
         DecodeConfig(kv_convert="fp32")
+    with pytest.raises(ValueError, match="pack_keys"):
+        DecodeConfig(seqs_per_program=2, pack_keys="dense")
     with pytest.raises(ValueError, match="block_n"):
         DecodeConfig(block_n=48)
     with pytest.raises(ValueError, match="unknown fields"):

@@ -328,6 +328,22 @@ if HAS_TRITON:
         slot, pos = _run_slot(n, e1, e2, e3)
         return tl.load(bt_ptr + (first + slot) * bt_stride + pos // BLOCK_SIZE, mask=n < total, other=0)
 
+    @triton.jit
+    def _tile_keys(t, t1, t2, t3, l0, l1, l2, l3, BLOCK_N: tl.constexpr):
+        """Tile t of a pack walked tile-aligned (sequence j's keys fill tiles [t_j, t_j+1)): its sequence (0-3, a
+        scalar), key positions in that sequence and the sequence's length."""
+        slot = (t >= t1).to(tl.int32) + (t >= t2).to(tl.int32) + (t >= t3).to(tl.int32)
+        first_tile = tl.where(t >= t3, t3, tl.where(t >= t2, t2, tl.where(t >= t1, t1, 0)))
+        length = tl.where(slot == 0, l0, tl.where(slot == 1, l1, tl.where(slot == 2, l2, l3)))
+        return slot, (t - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N), length
+
+    @triton.jit
+    def _tile_block_ids(bt_ptr, bt_stride, first, t, t1, t2, t3, l0, l1, l2, l3, BLOCK_N: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr):
+        """Cache block ids of tile t's keys (past the pack's last tile: none read)."""
+        slot, n, length = _tile_keys(t, t1, t2, t3, l0, l1, l2, l3, BLOCK_N)
+        return tl.load(bt_ptr + (first + slot) * bt_stride + n // BLOCK_SIZE, mask=n < length, other=0)
+
     @triton.jit(do_not_specialize=["bt_stride", "num_seqs"])
     def _paged_decode_packed_kernel(
         q_ptr,
@@ -361,10 +377,13 @@ if HAS_TRITON:
         SCALE_STRIDE: tl.constexpr = 0,
         KV_CONVERT: tl.constexpr = "f32",
         HEADS_FASTEST: tl.constexpr = False,
+        RUN: tl.constexpr = False,  # DecodeConfig.pack_keys "run" (else "tiles")
     ):
-        """One query token of PACK sequences against one KV head, unsplit. The pack's keys are walked as one run
-        (sequence after sequence, a tile may hold the end of one and the start of the next); each score row
-        keeps only its own sequence's keys, so the online softmax of every row sees exactly its keys."""
+        """One query token of PACK sequences against one KV head, unsplit, in one pipelined loop over the pack's
+        keys: sequence after sequence, as one dense run (RUN: a tile may hold the end of one and the start of the
+        next; the key -> sequence map is per key) or tile-aligned (every sequence starts a tile: the map is per
+        tile, scalars, but each sequence's last tile is part empty, as in the per-sequence kernel). Each score
+        row keeps only its own sequence's keys, so every row's online softmax sees exactly its keys."""
         pdl_wait(PDL)
         if HEADS_FASTEST:
             pack = tl.program_id(1)
@@ -375,16 +394,16 @@ if HAS_TRITON:
         first = pack.to(tl.int64) * PACK
         if SCALED:
             qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * SCALE_STRIDE)
-        # Where each packed sequence's keys end in the run, as scalars (vectors of ends cost a [keys, PACK]
-        # compare and reductions a tile: +60-80% loop instructions on sm_90). PACK 2 repeats the total.
-        e1 = _seq_len(seq_lens_ptr, first, num_seqs)
-        e2 = e1 + _seq_len(seq_lens_ptr, first + 1, num_seqs)
+        # The packed sequences' lengths as scalars (vectors of them cost a [keys, PACK] compare and reductions a
+        # tile: +60-80% loop instructions on sm_90); PACK 2 adds two empty sequences.
+        l0 = _seq_len(seq_lens_ptr, first, num_seqs)
+        l1 = _seq_len(seq_lens_ptr, first + 1, num_seqs)
         if PACK == 4:
-            e3 = e2 + _seq_len(seq_lens_ptr, first + 2, num_seqs)
-            total = e3 + _seq_len(seq_lens_ptr, first + 3, num_seqs)
+            l2 = _seq_len(seq_lens_ptr, first + 2, num_seqs)
+            l3 = _seq_len(seq_lens_ptr, first + 3, num_seqs)
         else:
-            e3 = e2
-            total = e2
+            l2 = l0 * 0
+            l3 = l0 * 0
 
         r = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
@@ -398,21 +417,42 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        n = tl.arange(0, BLOCK_N)
-        block = _run_block_ids(bt_ptr, bt_stride, first, n, e1, e2, e3, total, BLOCK_SIZE)
-        for _ in range(0, total, BLOCK_N):
-            key_slot, pos = _run_slot(n, e1, e2, e3)
-            nmask = n < total
-            row = block.to(tl.int64) * STRIDE_BLOCK + (pos % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
-            k, v = _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
-            # Next tile's keys and block ids while K/V are in flight (as the per-sequence kernel does).
-            n_next = n + BLOCK_N
-            block = _run_block_ids(bt_ptr, bt_stride, first, n_next, e1, e2, e3, total, BLOCK_SIZE)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
-            s = tl.where((key_slot[None, :] == row_slot[:, None]) & nmask[None, :], s, float("-inf"))
-            # A row whose sequence has no key yet (its keys come in a later tile) stays at zero weight.
-            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION, True)
-            n = n_next
+        if RUN:  # where each sequence's keys end in the run
+            e1 = l0
+            e2 = e1 + l1
+            e3 = e2 + l2
+            total = e3 + l3
+            n = tl.arange(0, BLOCK_N)
+            block = _run_block_ids(bt_ptr, bt_stride, first, n, e1, e2, e3, total, BLOCK_SIZE)
+            for _ in range(0, total, BLOCK_N):
+                key_slot, pos = _run_slot(n, e1, e2, e3)
+                nmask = n < total
+                row = block.to(tl.int64) * STRIDE_BLOCK + (pos % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
+                k, v = _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
+                # Next tile's keys and block ids while K/V are in flight (as the per-sequence kernel does).
+                n_next = n + BLOCK_N
+                block = _run_block_ids(bt_ptr, bt_stride, first, n_next, e1, e2, e3, total, BLOCK_SIZE)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
+                s = tl.where((key_slot[None, :] == row_slot[:, None]) & nmask[None, :], s, float("-inf"))
+                # A row whose sequence has no key yet (its keys come in a later tile) stays at zero weight.
+                m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION, True)
+                n = n_next
+        else:  # tile-aligned: where each sequence's tiles end
+            t1 = tl.cdiv(l0, BLOCK_N)
+            t2 = t1 + tl.cdiv(l1, BLOCK_N)
+            t3 = t2 + tl.cdiv(l2, BLOCK_N)
+            tiles = t3 + tl.cdiv(l3, BLOCK_N)
+            block = _tile_block_ids(bt_ptr, bt_stride, first, 0, t1, t2, t3, l0, l1, l2, l3, BLOCK_N, BLOCK_SIZE)
+            for t in range(0, tiles):
+                slot, n, length = _tile_keys(t, t1, t2, t3, l0, l1, l2, l3, BLOCK_N)
+                nmask = n < length
+                row = block.to(tl.int64) * STRIDE_BLOCK + (n % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
+                k, v = _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
+                block = _tile_block_ids(bt_ptr, bt_stride, first, t + 1, t1, t2, t3, l0, l1, l2, l3, BLOCK_N,
+                                        BLOCK_SIZE)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
+                s = tl.where((row_slot[:, None] == slot) & nmask[None, :], s, float("-inf"))
+                m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION, True)
 
         if SCALED:
             acc = acc * tl.load(v_scale_ptr + kv_head * SCALE_STRIDE)
@@ -567,6 +607,7 @@ def paged_decode(
             PACK=pack,
             BLOCK_G=max(16, next_power_of_2(pack * group)),
             HEADS_FASTEST=heads_fastest,
+            RUN=config.pack_keys == "run",
             **options,
         )
         return out

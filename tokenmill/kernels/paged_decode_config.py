@@ -32,8 +32,10 @@ class DecodeConfig:
     ``seqs_per_program`` 2 or 4 packs that many sequences into one program's padded GQA rows (rows = sequences x
     query heads of one KV head, 16 at least for the tensor cores), their keys read as one dense run: short
     contexts at large batches then pay the per-program set-up once per pack and no half-empty last tile per
-    sequence (the key -> sequence map costs instructions per key instead). It applies to unsplit plans of one
-    query token; other launches run the per-sequence kernel.
+    sequence (the key -> sequence map costs instructions per key instead) with ``pack_keys`` "run"; with "tiles"
+    each sequence starts a tile (the map is per tile, scalars; last tiles part empty as unpacked), the K/V stream
+    still one pipelined loop across the pack's sequences. It applies to unsplit plans of one query token; other
+    launches run the per-sequence kernel.
     ``kv_convert`` (FP8 cache only): "f32" widens e4m3 through fp32 to the query's dtype (every sm89+ target has
     it), "direct" lets Triton pick the conversion to the query's dtype, "f16" widens to fp16 (packed e4m3x2 ->
     f16x2 on Hopper) and runs both products in fp16 (the query clamped to fp16's range; fp16 holds softmax
@@ -49,12 +51,15 @@ class DecodeConfig:
     seqs_per_program: int = 1
     kv_convert: str = "f32"
     heads_fastest: bool = False
+    pack_keys: str = "tiles"  # packed programs: "tiles" (each sequence from a tile boundary) or "run" (dense)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"DecodeConfig.block_n must be a power of two >= 16; got {self.block_n}")
         if self.seqs_per_program not in (1, 2, 4):
             raise ValueError(f"DecodeConfig.seqs_per_program must be 1, 2 or 4; got {self.seqs_per_program}")
+        if self.pack_keys not in ("tiles", "run"):
+            raise ValueError(f"DecodeConfig.pack_keys must be 'tiles' or 'run'; got {self.pack_keys!r}")
         if self.kv_convert not in KV_CONVERTS:
             raise ValueError(f"DecodeConfig.kv_convert must be one of {KV_CONVERTS}; got {self.kv_convert!r}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
@@ -66,7 +71,7 @@ class DecodeConfig:
         """Short label (probe tables, logs): bn64_w4_s2 plus the non-default options."""
         parts = [f"bn{self.block_n}_w{self.num_warps}_s{self.num_stages}"]
         if self.seqs_per_program > 1:
-            parts.append(f"pack{self.seqs_per_program}")
+            parts.append(f"pack{self.seqs_per_program}" + ("run" if self.pack_keys == "run" else ""))
         if self.kv_convert != "f32":
             parts.append(self.kv_convert)
         if self.heads_fastest:
