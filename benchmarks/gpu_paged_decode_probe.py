@@ -1,8 +1,9 @@
 """Probe of the paged decode kernel's launch configs (kernels/paged_decode_config.py) on issue 22's shapes: Llama-3-8B
 attention (32 query heads, 8 KV heads, head dim 128, block size 16 as the engine uses), batch 950 with contexts
 uniform in [128, 254] (max load, 128 -> 128) over an FP8 (e4m3, per-tensor scales) and a bf16 cache, batch 256 with
-~540-token contexts and batch 1 with 4096 tokens (both dtypes): today's launch (``DecodeConfig()``) against packed
-sequences, the FP8 widening modes, tile/warp/stage choices and the head-first grid.
+~540-token contexts, batch 1 with 4096 tokens and batch 600 with ~1000 (both dtypes): today's launch
+(``DecodeConfig()``) against packed sequences, the FP8 widening modes, tile/warp/stage choices and the head-first
+grid.
 
 Every variant is first checked against the fp32 reference (``paged_decode_reference``, on 128 of the batch's
 sequences: the first 96 and the last 32, so the last, short pack is among them) on fresh random inputs (a variant
@@ -73,10 +74,13 @@ SHAPES = [
     Shape("b1_l4096_bf16", 1, 4096, 4096, "bf16"),
     Shape("b256_l540_fp8", 256, 524, 556, "fp8"),
     Shape("b1_l4096_fp8", 1, 4096, 4096, "fp8"),
+    # Long contexts at a large batch (last: a time-limit cut loses them first): does a max-load winner hold there?
+    Shape("b600_l1000_fp8", 600, 900, 1100, "fp8"),
+    Shape("b600_l1000_bf16", 600, 900, 1100, "bf16"),
 ]
 DRY_SHAPES = [Shape(s.name, b, lo, hi, s.kv) for s, (b, lo, hi) in
-              zip(SHAPES, [(9, 5, 40), (9, 5, 40), (3, 60, 70), (1, 150, 150), (3, 60, 70), (1, 150, 150)],
-                  strict=True)]
+              zip(SHAPES, [(9, 5, 40), (9, 5, 40), (3, 60, 70), (1, 150, 150), (3, 60, 70), (1, 150, 150),
+                           (9, 40, 90), (9, 40, 90)], strict=True)]
 
 
 def c(**kw: Any) -> DecodeConfig:
