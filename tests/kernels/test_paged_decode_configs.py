@@ -12,8 +12,8 @@ import torch
 from conftest import fp8_device, make_paged_batch, rel_err, triton_device
 
 from tokenmill.kernels.kv_cache_write import reshape_and_cache
-from tokenmill.kernels.paged_attention import kv_convert, paged_decode, paged_decode_reference, plan_decode
-from tokenmill.kernels.paged_decode_config import CONFIGS_ENV, DecodeConfig, decode_config
+from tokenmill.kernels.paged_attention import paged_decode, paged_decode_reference, plan_decode
+from tokenmill.kernels.paged_decode_config import CONFIGS_ENV, DecodeConfig, decode_config, kv_convert
 
 TOL = 1e-2
 needs_kernels = pytest.mark.skipif(triton_device() is None, reason="needs CUDA + triton (or TRITON_INTERPRET=1)")

@@ -25,7 +25,8 @@ from tokenmill.kernels._triton import (
     triton,
 )
 from tokenmill.kernels.kv_cache_write import scale_launch_args
-from tokenmill.kernels.paged_decode_config import DecodeConfig, decode_config
+from tokenmill.kernels.paged_decode_config import DecodeConfig, decode_config, kv_convert
+from tokenmill.kernels.paged_decode_packed import MAX_GRID_Y, paged_decode_packed
 
 
 def paged_decode_reference(
@@ -77,7 +78,6 @@ class DecodePlan:
 
 
 REDUCE_WIDTH = 64  # plan_decode's default cap on splits
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (heads_fastest puts sequences there)
 
 
 def plan_decode(
@@ -129,73 +129,7 @@ def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _widen_kv(x, q, KV_CONVERT: tl.constexpr):
-        """An FP8 K/V tile as the products' operand dtype (DecodeConfig.kv_convert)."""
-        if KV_CONVERT == "f16":
-            return x.to(tl.float16)
-        elif KV_CONVERT == "asm":
-            # e4m3 pairs -> f16 pairs in PTX. Not pure on purpose: Triton then cannot move the operand's layout
-            # change in front of the conversion (it does for casts, and gathers FP8 bytes one by one out of shared
-            # memory for the transposed V operand: 2.4x the loop's SASS instructions and 177 registers vs 124,
-            # sm_90 compile of bn64_w4_s2, triton 3.9); the widened tile takes the bf16 path (ldmatrix).
-            return tl.inline_asm_elementwise(
-                "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
-                "cvt.rn.f16x2.e4m3x2 $1, hi; }",
-                "=r,=r,r",
-                [x.to(tl.uint8, bitcast=True)],
-                dtype=tl.float16,
-                is_pure=False,
-                pack=4,
-            )
-        elif KV_CONVERT == "direct":
-            return x.to(q.dtype)
-        else:  # via fp32: the conversion every sm89+ target has
-            return x.to(tl.float32).to(q.dtype)
-
-    @triton.jit
-    def _load_query(q_ptr, tokens, heads, q_stride_b, q_stride_h, d, gmask, dmask, SCALED: tl.constexpr,
-                    KV_CONVERT: tl.constexpr):
-        """The rows' queries [G, D] (zeros in padding rows) as the score product's operand: fp16 (clamped to its
-        range) when an FP8 cache widens to fp16."""
-        q = tl.load(
-            q_ptr + (tokens * q_stride_b + heads * q_stride_h)[:, None] + d[None, :],
-            mask=gmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        if SCALED and (KV_CONVERT == "f16" or KV_CONVERT == "asm"):
-            return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-        else:
-            return q
-
-    @triton.jit
-    def _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED: tl.constexpr, KV_CONVERT: tl.constexpr):
-        """K and V of the tile's keys (cache offsets ``row``), an FP8 cache's widened in registers (its scales are
-        applied outside the products)."""
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if SCALED:
-            k = _widen_kv(k, q, KV_CONVERT)
-            v = _widen_kv(v, q, KV_CONVERT)
-        return k, v
-
-    @triton.jit
-    def _online_softmax(s, v, m_i, l_i, acc, PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr):
-        """One tile of masked scores s [G, N] (log2 units, -inf where a key is not a row's) into the running max,
-        sum and output. EMPTY_ROWS: a row may have seen no key yet; it stays at zero weight instead of
-        exp2(-inf - -inf) = NaN."""
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        if EMPTY_ROWS:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return m_new, l_i, acc
+    from tokenmill.kernels.paged_decode_tiles import load_kv_tile, load_query, online_softmax
 
     # Triton compiles a variant per divisibility of every int argument (== 1, % 16 == 0, other); these
     # follow the batch (block-table width, split geometry), so each new variant cost a mid-run compile
@@ -267,7 +201,7 @@ if HAS_TRITON:
             heads = kv_head * GROUP + r % GROUP
             tokens = seq * QUERY_LEN + qi
             visible_end = seq_len - QUERY_LEN + 1 + qi  # keys [0, visible_end) are causal for this row
-        q = _load_query(q_ptr, tokens, heads, q_stride_b, q_stride_h, d, gmask, dmask, SCALED, KV_CONVERT)
+        q = load_query(q_ptr, tokens, heads, q_stride_b, q_stride_h, d, gmask, dmask, SCALED, KV_CONVERT)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -278,7 +212,7 @@ if HAS_TRITON:
         for _ in range(start, end, BLOCK_N):
             nmask = n < end
             row = block.to(tl.int64) * STRIDE_BLOCK + (n % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
-            k, v = _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
+            k, v = load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
             # Next tile's block ids load while K/V are in flight: the table read leaves the critical path.
             n_next = n + BLOCK_N
             block = tl.load(bt_row + n_next // BLOCK_SIZE, mask=n_next < end, other=0)
@@ -288,7 +222,7 @@ if HAS_TRITON:
             else:
                 s = tl.where(nmask[None, :] & (n[None, :] < visible_end[:, None]), s, float("-inf"))
             # With several new tokens a row may see no key of this tile yet (the split ends past its position).
-            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION, QUERY_LEN > 1)
+            m_i, l_i, acc = online_softmax(s, v, m_i, l_i, acc, PRECISION, QUERY_LEN > 1)
             n = n_next
 
         out_mask = gmask[:, None] & dmask[None, :]
@@ -309,159 +243,6 @@ if HAS_TRITON:
             res = acc / tl.maximum(l_i, 1e-30)[:, None]
             tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + d[None, :], res, mask=out_mask)
             tl.store(part_lse_ptr + idx, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=gmask)
-
-    @triton.jit
-    def _seq_len(seq_lens_ptr, seq, num_seqs):
-        """A packed sequence's length; 0 past the batch (the last pack may be short)."""
-        return tl.load(seq_lens_ptr + seq, mask=seq < num_seqs, other=0)
-
-    @triton.jit
-    def _run_slot(n, e1, e2, e3):
-        """Keys n of a pack's run: which packed sequence (0-3; the ends are increasing) and the position in it."""
-        slot = (n >= e1).to(tl.int32) + (n >= e2).to(tl.int32) + (n >= e3).to(tl.int32)
-        start = tl.where(n >= e3, e3, tl.where(n >= e2, e2, tl.where(n >= e1, e1, 0)))
-        return slot, n - start
-
-    @triton.jit
-    def _run_block_ids(bt_ptr, bt_stride, first, n, e1, e2, e3, total, BLOCK_SIZE: tl.constexpr):
-        """Cache block ids of keys n of the run (keys past it read nothing)."""
-        slot, pos = _run_slot(n, e1, e2, e3)
-        return tl.load(bt_ptr + (first + slot) * bt_stride + pos // BLOCK_SIZE, mask=n < total, other=0)
-
-    @triton.jit
-    def _tile_keys(t, t1, t2, t3, l0, l1, l2, l3, BLOCK_N: tl.constexpr):
-        """Tile t of a pack walked tile-aligned (sequence j's keys fill tiles [t_j, t_j+1)): its sequence (0-3, a
-        scalar), key positions in that sequence and the sequence's length."""
-        slot = (t >= t1).to(tl.int32) + (t >= t2).to(tl.int32) + (t >= t3).to(tl.int32)
-        first_tile = tl.where(t >= t3, t3, tl.where(t >= t2, t2, tl.where(t >= t1, t1, 0)))
-        length = tl.where(slot == 0, l0, tl.where(slot == 1, l1, tl.where(slot == 2, l2, l3)))
-        return slot, (t - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N), length
-
-    @triton.jit
-    def _tile_block_ids(bt_ptr, bt_stride, first, t, t1, t2, t3, l0, l1, l2, l3, BLOCK_N: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr):
-        """Cache block ids of tile t's keys (past the pack's last tile: none read)."""
-        slot, n, length = _tile_keys(t, t1, t2, t3, l0, l1, l2, l3, BLOCK_N)
-        return tl.load(bt_ptr + (first + slot) * bt_stride + n // BLOCK_SIZE, mask=n < length, other=0)
-
-    @triton.jit(do_not_specialize=["bt_stride", "num_seqs"])
-    def _paged_decode_packed_kernel(
-        q_ptr,
-        cache_ptr,
-        bt_ptr,
-        seq_lens_ptr,
-        out_ptr,
-        q_stride_b,
-        q_stride_h,
-        out_stride_b,
-        out_stride_h,
-        bt_stride,
-        v_offset,
-        qk_scale,
-        num_seqs,
-        k_scale_ptr,
-        v_scale_ptr,
-        GROUP: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        PACK: tl.constexpr,  # sequences a program serves: 2 or 4
-        BLOCK_G: tl.constexpr,  # rows: PACK * GROUP (sequence, query head of this KV head), padded
-        BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr,
-        STRIDE_BLOCK: tl.constexpr,
-        STRIDE_TOKEN: tl.constexpr,
-        STRIDE_HEAD: tl.constexpr,
-        PDL: tl.constexpr = False,
-        SCALED: tl.constexpr = False,
-        SCALE_STRIDE: tl.constexpr = 0,
-        KV_CONVERT: tl.constexpr = "f32",
-        HEADS_FASTEST: tl.constexpr = False,
-        RUN: tl.constexpr = False,  # DecodeConfig.pack_keys "run" (else "tiles")
-    ):
-        """One query token of PACK sequences against one KV head, unsplit, in one pipelined loop over the pack's
-        keys: sequence after sequence, as one dense run (RUN: a tile may hold the end of one and the start of the
-        next; the key -> sequence map is per key) or tile-aligned (every sequence starts a tile: the map is per
-        tile, scalars, but each sequence's last tile is part empty, as in the per-sequence kernel). Each score
-        row keeps only its own sequence's keys, so every row's online softmax sees exactly its keys."""
-        pdl_wait(PDL)
-        if HEADS_FASTEST:
-            pack = tl.program_id(1)
-            kv_head = tl.program_id(0)
-        else:
-            pack = tl.program_id(0)
-            kv_head = tl.program_id(1)
-        first = pack.to(tl.int64) * PACK
-        if SCALED:
-            qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * SCALE_STRIDE)
-        # The packed sequences' lengths as scalars (vectors of them cost a [keys, PACK] compare and reductions a
-        # tile: +60-80% loop instructions on sm_90); PACK 2 adds two empty sequences.
-        l0 = _seq_len(seq_lens_ptr, first, num_seqs)
-        l1 = _seq_len(seq_lens_ptr, first + 1, num_seqs)
-        if PACK == 4:
-            l2 = _seq_len(seq_lens_ptr, first + 2, num_seqs)
-            l3 = _seq_len(seq_lens_ptr, first + 3, num_seqs)
-        else:
-            l2 = l0 * 0
-            l3 = l0 * 0
-
-        r = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < HEAD_DIM
-        row_slot = r // GROUP  # which packed sequence a row belongs to
-        seqs = first + row_slot
-        gmask = (r < PACK * GROUP) & (seqs < num_seqs)
-        heads = kv_head * GROUP + r % GROUP
-        q = _load_query(q_ptr, seqs, heads, q_stride_b, q_stride_h, d, gmask, dmask, SCALED, KV_CONVERT)
-
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        if RUN:  # where each sequence's keys end in the run
-            e1 = l0
-            e2 = e1 + l1
-            e3 = e2 + l2
-            total = e3 + l3
-            n = tl.arange(0, BLOCK_N)
-            block = _run_block_ids(bt_ptr, bt_stride, first, n, e1, e2, e3, total, BLOCK_SIZE)
-            for _ in range(0, total, BLOCK_N):
-                key_slot, pos = _run_slot(n, e1, e2, e3)
-                nmask = n < total
-                row = block.to(tl.int64) * STRIDE_BLOCK + (pos % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
-                k, v = _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
-                # Next tile's keys and block ids while K/V are in flight (as the per-sequence kernel does).
-                n_next = n + BLOCK_N
-                block = _run_block_ids(bt_ptr, bt_stride, first, n_next, e1, e2, e3, total, BLOCK_SIZE)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
-                s = tl.where((key_slot[None, :] == row_slot[:, None]) & nmask[None, :], s, float("-inf"))
-                # A row whose sequence has no key yet (its keys come in a later tile) stays at zero weight.
-                m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION, True)
-                n = n_next
-        else:  # tile-aligned: where each sequence's tiles end
-            t1 = tl.cdiv(l0, BLOCK_N)
-            t2 = t1 + tl.cdiv(l1, BLOCK_N)
-            t3 = t2 + tl.cdiv(l2, BLOCK_N)
-            tiles = t3 + tl.cdiv(l3, BLOCK_N)
-            block = _tile_block_ids(bt_ptr, bt_stride, first, 0, t1, t2, t3, l0, l1, l2, l3, BLOCK_N, BLOCK_SIZE)
-            for t in range(0, tiles):
-                slot, n, length = _tile_keys(t, t1, t2, t3, l0, l1, l2, l3, BLOCK_N)
-                nmask = n < length
-                row = block.to(tl.int64) * STRIDE_BLOCK + (n % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
-                k, v = _load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
-                block = _tile_block_ids(bt_ptr, bt_stride, first, t + 1, t1, t2, t3, l0, l1, l2, l3, BLOCK_N,
-                                        BLOCK_SIZE)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
-                s = tl.where((row_slot[:, None] == slot) & nmask[None, :], s, float("-inf"))
-                m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PRECISION, True)
-
-        if SCALED:
-            acc = acc * tl.load(v_scale_ptr + kv_head * SCALE_STRIDE)
-        res = acc / tl.maximum(l_i, 1e-30)[:, None]  # a sequence of length 0 (graph padding) gives zeros
-        tl.store(
-            out_ptr + (seqs * out_stride_b + heads * out_stride_h)[:, None] + d[None, :],
-            res.to(out_ptr.dtype.element_ty),
-            mask=gmask[:, None] & dmask[None, :],
-        )
 
     @triton.jit(do_not_specialize=["num_splits"])
     def _paged_decode_reduce_kernel(
@@ -500,14 +281,6 @@ if HAS_TRITON:
             res.to(out_ptr.dtype.element_ty),
             mask=d < HEAD_DIM,
         )
-
-
-def kv_convert(config: DecodeConfig, kv_dtype: torch.dtype, device: torch.device) -> str:
-    """The config's FP8 widening where it can run: "asm" is e4m3 PTX, so e5m2 caches and Triton's CPU interpreter
-    take "f16" (the same products, Triton's cast)."""
-    if config.kv_convert == "asm" and (kv_dtype != torch.float8_e4m3fn or device.type != "cuda"):
-        return "f16"
-    return config.kv_convert
 
 
 def paged_decode(
@@ -581,36 +354,8 @@ def paged_decode(
         **launch,
     }
     if config.seqs_per_program > 1 and plan.num_splits == 1 and query_len == 1:
-        pack = config.seqs_per_program
-        packs = -(-num_seqs // pack)
-        heads_fastest = config.heads_fastest and packs <= MAX_GRID_Y
-        _paged_decode_packed_kernel[(num_kv_heads, packs) if heads_fastest else (packs, num_kv_heads)](
-            query,
-            cache.kv,
-            block_tables,
-            seq_lens,
-            out,
-            query.stride(0),
-            query.stride(1),
-            out.stride(0),
-            out.stride(1),
-            block_tables.stride(0),
-            cache.v_offset,
-            scale * 1.4426950408889634,
-            num_seqs,
-            k_scale_arg,
-            v_scale_arg,
-            GROUP=group,
-            HEAD_DIM=head_dim,
-            BLOCK_SIZE=block_size,
-            BLOCK_N=plan.block_n,
-            PACK=pack,
-            BLOCK_G=max(16, next_power_of_2(pack * group)),
-            HEADS_FASTEST=heads_fastest,
-            RUN=config.pack_keys == "run",
-            **options,
-        )
-        return out
+        return paged_decode_packed(query, cache, block_tables, seq_lens, out, scale * 1.4426950408889634, plan.block_n,
+                                   config, (k_scale_arg, v_scale_arg), options)
     split_shape = (num_tokens, num_heads, plan.num_splits) if plan.num_splits > 1 else (1, 1, 1)
     part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
     part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)

@@ -106,3 +106,11 @@ def _lookup(path: str, device_name: str, fmt: str, num_seqs: int) -> DecodeConfi
     entries = load_table(path).get(device_name, {}).get(fmt, {})
     bucket = max((int(b) for b in entries if int(b) <= num_seqs), default=None)
     return DecodeConfig() if bucket is None else DecodeConfig.from_json(entries[str(bucket)])
+
+
+def kv_convert(config: DecodeConfig, kv_dtype: torch.dtype, device: torch.device) -> str:
+    """The config's FP8 widening where it can run: "asm" is e4m3 PTX, so e5m2 caches and Triton's CPU interpreter
+    take "f16" (the same products, Triton's cast)."""
+    if config.kv_convert == "asm" and (kv_dtype != torch.float8_e4m3fn or device.type != "cuda"):
+        return "f16"
+    return config.kv_convert
