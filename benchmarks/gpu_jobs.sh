@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe fp8_probe fp8_e2e
 #   bash benchmarks/gpu_jobs.sh maxload
 #   bash benchmarks/gpu_jobs.sh fp8_fuse
+#   bash benchmarks/gpu_jobs.sh paged_probe paged_tests maxload_paged
 #   bash benchmarks/gpu_jobs.sh eagle           (carry .eagle_carry: see the job)
 #   bash benchmarks/gpu_jobs.sh distill_gpu
 set -uo pipefail
@@ -107,6 +108,22 @@ for job in "$@"; do
     fp8_e2e) cfg="$out/quant_gemv_fp8.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/quant_gemv.json
              TOKENMILL_QUANT_GEMV_CONFIGS="$cfg" run python3 benchmarks/gpu_quantized.py --e2e only \
                --e2e-methods bf16,fp8 --e2e-batches 1,16 --out "$out/gpu_fp8_e2e.json" ;;
+    # Issue 22's decode attention: launch configs of kernels/paged_attention.py (packed sequences, FP8 widening in
+    # PTX, tiles/warps/stages, head-first grid) at max load (950 x U[128, 254], FP8 and bf16 KV), 256 x ~540 and
+    # 1 x 4096, each checked against fp32 first; % of the byte floor at the copy rate measured in the run. Writes the
+    # config table of each shape's winner (> 3% over today's launch) to $out/paged_decode.json: adopt it by copying
+    # it to tokenmill/kernels/configs/paged_decode.json (the engine reads it; nothing else changes). < 150 s.
+    paged_probe) run python3 benchmarks/gpu_paged_decode_probe.py --time-limit "${PAGED_TIME_LIMIT:-140}" \
+                 --out "$out/gpu_paged_decode_probe.json" --configs-out "$out/paged_decode.json" ;;
+    # maxload again with the decode configs paged_probe just wrote (same call: $out/paged_decode.json; else the
+    # committed table): the engine A/B of the table against the plain maxload job's numbers.
+    maxload_paged) cfg="$out/paged_decode.json"; [ -s "$cfg" ] || cfg=tokenmill/kernels/configs/paged_decode.json
+                 TOKENMILL_PAGED_DECODE_CONFIGS="$cfg" run python3 benchmarks/gpu_maxload.py \
+                   --out "$out/gpu_maxload_paged.json" ${MAXLOAD_ARGS:-} ;;
+    # The paged decode kernel tests on the GPU: every DecodeConfig option (the PTX FP8 widening included) and FP8 KV
+    # decode against fp32 (the rest of the paged tests run in gpu_suite.sh's kernels group).
+    paged_tests) run python3 -m pytest tests/kernels/test_paged_decode_configs.py tests/kernels/test_fp8_kv_kernels.py \
+                 -k "decode or config or widening or asm" -q -p no:cacheprovider ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"

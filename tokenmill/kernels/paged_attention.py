@@ -25,6 +25,8 @@ from tokenmill.kernels._triton import (
     triton,
 )
 from tokenmill.kernels.kv_cache_write import scale_launch_args
+from tokenmill.kernels.paged_decode_config import DecodeConfig, decode_config, kv_convert
+from tokenmill.kernels.paged_decode_packed import MAX_GRID_Y, paged_decode_packed
 
 
 def paged_decode_reference(
@@ -127,6 +129,7 @@ def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
 
 
 if HAS_TRITON:
+    from tokenmill.kernels.paged_decode_tiles import load_kv_tile, load_query, online_softmax
 
     # Triton compiles a variant per divisibility of every int argument (== 1, % 16 == 0, other); these
     # follow the batch (block-table width, split geometry), so each new variant cost a mid-run compile
@@ -167,10 +170,16 @@ if HAS_TRITON:
         QUERY_LEN: tl.constexpr = 1,  # new tokens per sequence; 1 compiles without the causal mask
         SCALED: tl.constexpr = False,
         SCALE_STRIDE: tl.constexpr = 0,
+        KV_CONVERT: tl.constexpr = "f32",
+        HEADS_FASTEST: tl.constexpr = False,  # grid (kv_head, seq, split) instead of (seq, kv_head, split)
     ):
         pdl_wait(PDL)
-        seq = tl.program_id(0).to(tl.int64)
-        kv_head = tl.program_id(1)
+        if HEADS_FASTEST:
+            seq = tl.program_id(1).to(tl.int64)
+            kv_head = tl.program_id(0)
+        else:
+            seq = tl.program_id(0).to(tl.int64)
+            kv_head = tl.program_id(1)
         split = tl.program_id(2)
         if SCALED:  # s = q . (k_stored * k_scale): one multiply per score instead of one per key element
             qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * SCALE_STRIDE)
@@ -192,11 +201,7 @@ if HAS_TRITON:
             heads = kv_head * GROUP + r % GROUP
             tokens = seq * QUERY_LEN + qi
             visible_end = seq_len - QUERY_LEN + 1 + qi  # keys [0, visible_end) are causal for this row
-        q = tl.load(
-            q_ptr + (tokens * q_stride_b + heads * q_stride_h)[:, None] + d[None, :],
-            mask=gmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
+        q = load_query(q_ptr, tokens, heads, q_stride_b, q_stride_h, d, gmask, dmask, SCALED, KV_CONVERT)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -207,31 +212,17 @@ if HAS_TRITON:
         for _ in range(start, end, BLOCK_N):
             nmask = n < end
             row = block.to(tl.int64) * STRIDE_BLOCK + (n % BLOCK_SIZE) * STRIDE_TOKEN + kv_head * STRIDE_HEAD
-            kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(cache_ptr + v_offset + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if SCALED:  # FP8 storage: widen in registers, scales are applied outside the dot products
-                k = k.to(tl.float32).to(q.dtype)  # via fp32: the conversion every sm89+ target has
-                v = v.to(tl.float32).to(q.dtype)
+            k, v = load_kv_tile(cache_ptr, v_offset, row, d, nmask, dmask, q, SCALED, KV_CONVERT)
             # Next tile's block ids load while K/V are in flight: the table read leaves the critical path.
             n_next = n + BLOCK_N
             block = tl.load(bt_row + n_next // BLOCK_SIZE, mask=n_next < end, other=0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
             if QUERY_LEN == 1:
                 s = tl.where(nmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_use = m_new
             else:
                 s = tl.where(nmask[None, :] & (n[None, :] < visible_end[:, None]), s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                # A row may see no key of this tile yet (the split ends past its position): keep it at zero
-                # weight instead of exp2(-inf - -inf) = NaN.
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            # With several new tokens a row may see no key of this tile yet (the split ends past its position).
+            m_i, l_i, acc = online_softmax(s, v, m_i, l_i, acc, PRECISION, QUERY_LEN > 1)
             n = n_next
 
         out_mask = gmask[:, None] & dmask[None, :]
@@ -301,15 +292,20 @@ def paged_decode(
     plan: DecodePlan | None = None,
     num_sms: int | None = None,
     out: torch.Tensor | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     query_len: int = 1,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """query [B * query_len, Hq, D] (``query_len`` new tokens per sequence, causal among themselves) ->
     [B * query_len, Hq, D]. seq_lens 0 gives zeros (padding rows). ``k_scale``/``v_scale``: an FP8 cache's
     dequantization scales (float32, shape () or [num_kv_heads]).
+
+    ``config``: the launch (kernels/paged_decode_config.py; None: the measured table's entry for this device,
+    KV dtype and batch); ``num_warps``/``num_stages`` override its fields. A given ``plan`` keeps its own
+    block_n; without one the plan takes the config's.
 
     K/V are indexed [K/V, block, token, head, dim] through the cache object's strides, so a head-major storage
     works too (measured on the H100: no faster, gpu_kernels_decode_layout_2026-11-24.json).
@@ -335,17 +331,37 @@ def paged_decode(
         out = torch.empty_like(query)
     if num_seqs == 0:
         return out
+    if config is None:
+        config = decode_config(query.device, cache.spec.dtype, num_seqs)
     if plan is None:
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-        plan = plan_decode(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, num_sms)
+        plan = plan_decode(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, num_sms,
+                           block_n=config.block_n)
+    launch = {"num_warps": num_warps or config.num_warps, "num_stages": num_stages or config.num_stages}
     group = num_heads // num_kv_heads
+    k_scale_arg, v_scale_arg, scaling = scale_launch_args(cache, k_scale, v_scale)
+    options = {
+        "BLOCK_D": max(16, next_power_of_2(head_dim)),
+        "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
+        "STRIDE_BLOCK": cache.strides[0],
+        "STRIDE_TOKEN": cache.strides[1],
+        "STRIDE_HEAD": cache.strides[2],
+        **pdl_launch(query.device, num_seqs),
+        "SCALED": scaling["SCALED"],
+        "SCALE_STRIDE": scaling["SCALE_STRIDE"],
+        "KV_CONVERT": kv_convert(config, cache.spec.dtype, query.device),
+        **launch,
+    }
+    if config.seqs_per_program > 1 and plan.num_splits == 1 and query_len == 1:
+        return paged_decode_packed(query, cache, block_tables, seq_lens, out, scale * 1.4426950408889634, plan.block_n,
+                                   config, (k_scale_arg, v_scale_arg), options)
     split_shape = (num_tokens, num_heads, plan.num_splits) if plan.num_splits > 1 else (1, 1, 1)
     part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
     part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)
-    block_d = max(16, next_power_of_2(head_dim))
-    k_scale_arg, v_scale_arg, scaling = scale_launch_args(cache, k_scale, v_scale)
-    _paged_decode_kernel[(num_seqs, num_kv_heads, plan.num_splits)](
+    heads_fastest = config.heads_fastest and num_seqs <= MAX_GRID_Y
+    grid = (num_kv_heads, num_seqs, plan.num_splits) if heads_fastest else (num_seqs, num_kv_heads, plan.num_splits)
+    _paged_decode_kernel[grid](
         query,
         cache.kv,
         block_tables,
@@ -370,17 +386,9 @@ def paged_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=plan.block_n,
         BLOCK_G=max(16, next_power_of_2(query_len * group)),
-        BLOCK_D=block_d,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        STRIDE_BLOCK=cache.strides[0],
-        STRIDE_TOKEN=cache.strides[1],
-        STRIDE_HEAD=cache.strides[2],
-        **pdl_launch(query.device, num_seqs),
         QUERY_LEN=query_len,
-        SCALED=scaling["SCALED"],
-        SCALE_STRIDE=scaling["SCALE_STRIDE"],
-        num_warps=num_warps,
-        num_stages=num_stages,
+        HEADS_FASTEST=heads_fastest,
+        **options,
     )
     if plan.num_splits > 1:
         _paged_decode_reduce_kernel[(num_tokens, num_heads)](
@@ -395,7 +403,7 @@ def paged_decode(
             # One width for every split count up to the planner's cap: a width per count compiled a new
             # variant whenever a mixed step's block-table width moved the count (eager steps, mid-run).
             BLOCK_S=max(REDUCE_WIDTH, next_power_of_2(plan.num_splits)),
-            BLOCK_D=block_d,
+            BLOCK_D=options["BLOCK_D"],
             **pdl_launch(query.device, num_seqs),
             num_warps=4,
         )

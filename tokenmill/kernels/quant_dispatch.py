@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from tokenmill.kernels._triton import next_power_of_2
+from tokenmill.kernels.config_table import device_name, load_table
 from tokenmill.kernels.fp8_stream import Fp8StreamConfig, fma_supported
 from tokenmill.kernels.splitk import SplitKConfig
 from tokenmill.kernels.w4_gemv import KMajorWeight, W4GemvConfig, w4_gemv
@@ -83,35 +83,15 @@ def config_from_json(entry: dict[str, Any]) -> Choice:
     raise ValueError(f"quantized GEMV config table: unknown kernel {entry['kernel']!r}")
 
 
-@functools.cache
-def _load_table(path: str) -> dict[str, Any]:
-    """The table at ``path`` ({} when there is none), read once: the lookup runs on every eager linear call."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-@functools.cache
-def _cuda_name(device_index: int) -> str:
-    return torch.cuda.get_device_name(device_index)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def tuned_choice(device: torch.device, fmt: str, n: int, k: int, rows: int) -> tuple[bool, Choice]:
     """(found, choice) from the measured table: the entry for the smallest measured row count >= rows."""
-    return _tuned(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS), _device_name(device), fmt, n, k, rows)
+    return _tuned(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS), device_name(device), fmt, n, k, rows)
 
 
 @functools.cache
 def _tuned(path: str, device_name: str, fmt: str, n: int, k: int, rows: int) -> tuple[bool, Choice]:
     """tuned_choice's answer, worked out once per layer shape and row count (eager linears ask on every call)."""
-    shapes = _load_table(path).get(device_name, {}).get(fmt, {}).get(f"{n}x{k}")
+    shapes = load_table(path).get(device_name, {}).get(fmt, {}).get(f"{n}x{k}")
     if not shapes:
         return False, None
     bucket = min((int(r) for r in shapes if int(r) >= rows), default=None)
