@@ -124,3 +124,26 @@ def test_a_measured_table_entry_routes_a_layer_to_the_w4_gemv(device, tmp_path, 
     ref = wna16_linear_reference(x.float(), packed).float()
     assert rel_err(wna16_cuda_linear(x, packed, None, {}), ref) < TOL[torch.bfloat16]
     assert config_from_json({"kernel": "w4_gemv", "kind": "kmajor"}) == W4GemvConfig("kmajor")
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows,group,zeros,dtype", [(1, 128, True, torch.bfloat16), (3, 64, False, torch.float16),
+                                                    (8, 32, True, torch.bfloat16)])
+def test_kmajor_preload_matches_fp32_reference(device, rows, group, zeros, dtype):
+    """The PDL variants: the first chunk loaded before the wait and peeled off the loop (one chunk, several, a
+    ragged tail, with the next chunk prefetched); past the first, L2 prefetches (GPU only)."""
+    configs = [W4GemvConfig("kmajor", block_n=4, pdl=True, preload_steps=1),
+               W4GemvConfig("kmajor", block_n=8, groups=2, pdl=True, preload_steps=1),
+               W4GemvConfig("kmajor", block_n=4, groups=1, pdl=True, preload_steps=3),
+               W4GemvConfig("kmajor", block_n=4, groups=2, prefetch=True, pdl=True, preload_steps=2),
+               W4GemvConfig("kmajor", block_n=4, groups=2, pdl=True)]
+    _check(device, rows, 5 * group, 200, group, zeros, dtype, configs, seed=rows * 7 + group)
+
+
+def test_pdl_fields_are_checked():
+    with pytest.raises(ValueError, match="only with pdl=True"):
+        W4GemvConfig("kmajor", preload_steps=1)
+    with pytest.raises(ValueError, match="'kmajor' kind only"):
+        W4GemvConfig("nmajor", groups=1, pdl=True)
+    assert W4GemvConfig("kmajor", pdl=True, preload_steps=2).name.endswith("_pdl_pre2")
+    assert W4GemvConfig("kmajor").name == "kmajor_n4_g0_w4_st2"  # today's names (table keys, results) unchanged
