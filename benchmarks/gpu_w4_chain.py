@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_pdl_probe import time_graph  # noqa: E402
 from gpu_quant_gemv_sweep import FLOOR_BYTES_PER_S, packed_bytes, random_packed, rel_err  # noqa: E402
 from gpu_record import write_record  # noqa: E402
 
@@ -120,26 +120,6 @@ def reference(x: torch.Tensor, layers: list[Layer], count: int, hidden: int, den
     return chain(x.float(), layers, count, linear, norm, silu_and_mul_reference, hidden)
 
 
-def replay_us(fn: Callable[[], Any], replays: int) -> float:
-    """Median µs of one replay of a CUDA graph of ``fn``."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_w4_chain.json"))
@@ -183,7 +163,7 @@ def main() -> int:
         if name.startswith("w4:"):
             row["rel_err_vs_today"] = rel_err(full[name], full["w4:today"])
             row["matches_fp32"] = row["matches_fp32"] and row["rel_err_vs_today"] < 1e-3
-        total = (time.perf_counter() - start) * 1e6 if args.dry_run else replay_us(run, args.replays)
+        total = (time.perf_counter() - start) * 1e6 if args.dry_run else time_graph(run, args.replays)
         row |= {"us_per_layer": total / count, "pct_of_floor": 100 * floor_us[dense] / (total / count)}
         rows.append(row)
     for row in rows:
