@@ -7,7 +7,8 @@ Per layer: RMSNorm (residual add; the engine's kernel) -> qkv -> a small kernel 
 layers (weights of ``--distinct`` layers cycled: never served from L2), captured in one CUDA graph, median of
 ``--replays`` replays. Variants: ``bf16`` (F.linear, cuBLAS), ``w4:today`` (kernels/quant_dispatch.py's
 ``kmajor_cuda_linear``: the shipped table's or default config), ``w4:pdl`` (that config with ``pdl=True``) and
-``w4:pdl_preN`` (with ``preload_steps=N`` too). Each chain's first two layers are checked against the fp32 torch
+``w4:pdl_preN`` (with ``preload_steps=N`` too), ``w4:pre8`` (``preload_steps=8`` without PDL: the later
+chunks' L2 prefetch alone). Each chain's first two layers are checked against the fp32 torch
 chain (dequantized weights, reference norm and activation), and every W4 variant's 32-layer output against
 ``w4:today``'s (the same arithmetic); a mismatch is marked and makes the exit status 1. Reports µs a layer and % of the layer's byte floor (weights
 over 3.0 TB/s; W4: codes + scales + zero points, 38.6 µs; bf16: 145 µs).
@@ -54,7 +55,7 @@ from tokenmill.kernels.w4_gemv import KMajorWeight, W4GemvConfig, dequantize_k_m
 EPS = 1e-5
 HIDDEN, INTER, QKV = 4096, 14336, 6144
 DRY = {"hidden": 256, "inter": 512, "qkv": 384}
-PRELOADS = (1, 2, 4)
+PRELOADS = (1, 2, 8)  # 8: every later chunk L2-prefetched (down has 7 of 16 groups, the others 1)
 TOLERANCE = 3e-2  # bf16 rounding of every kernel's output over the checked layers
 CHECK_LAYERS = 2
 
@@ -146,6 +147,9 @@ def main() -> int:
     for n in PRELOADS:
         configs = {s: dataclasses.replace(c, pdl=True, preload_steps=n) for s, c in today.items()}
         variants[f"w4:pdl_pre{n}"] = (w4_linear(configs), False)
+    # the L2 prefetch of every later chunk without PDL: what of the gain is not the overlap with the kernel before
+    variants[f"w4:pre{PRELOADS[-1]}"] = (w4_linear({s: dataclasses.replace(c, preload_steps=PRELOADS[-1])
+                                                    for s, c in today.items()}), False)
     # fp32 check over the first CHECK_LAYERS layers (every kernel, every weight set): over 32 the residual stream's
     # bf16 rounding would blur a tolerance; the full chains of the W4 variants must equal today's (same arithmetic)
     check = min(CHECK_LAYERS, count)

@@ -184,4 +184,5 @@ def test_a_winning_pdl_preload_gemv_keeps_its_fields_through_the_merge(tmp_path)
     found, config = _tuned(str(tmp_path / "merged.json"), DEVICE, "w4a16_g128_kmajor", 4096, 14336, 1)
     assert found and config == W4GemvConfig(**pdl) and config.name.endswith("_pdl_pre2")
     assert not config_from_json({"kernel": "w4_gemv", **GEMV}).pdl
-    assert [c.preload_steps for c in probe.candidates(1) if c.pdl] == [0, 1, 2, 4]
+    assert [(c.pdl, c.preload_steps) for c in probe.candidates(1) if c.pdl or c.preload_steps] == [
+        (True, 0), (True, 1), (True, 2), (True, 8), (False, 8)]

@@ -136,18 +136,21 @@ def test_a_measured_table_entry_routes_a_layer_to_the_w4_gemv(device, tmp_path, 
                                                     (8, 32, True, torch.bfloat16)])
 def test_kmajor_preload_matches_fp32_reference(device, rows, group, zeros, dtype):
     """The PDL variants: the first chunk loaded before the wait and peeled off the loop (one chunk, several, a
-    ragged tail, with the next chunk prefetched); past the first, L2 prefetches (GPU only)."""
+    ragged tail, with the next chunk prefetched, preload without PDL); past the first, L2 prefetches (GPU only)."""
     configs = [W4GemvConfig("kmajor", block_n=4, pdl=True, preload_steps=1),
                W4GemvConfig("kmajor", block_n=8, groups=2, pdl=True, preload_steps=1),
                W4GemvConfig("kmajor", block_n=4, groups=1, pdl=True, preload_steps=3),
                W4GemvConfig("kmajor", block_n=4, groups=2, prefetch=True, pdl=True, preload_steps=2),
-               W4GemvConfig("kmajor", block_n=4, groups=2, pdl=True)]
+               W4GemvConfig("kmajor", block_n=4, groups=2, pdl=True),
+               W4GemvConfig("kmajor", block_n=4, groups=1, preload_steps=8)]
     _check(device, rows, 5 * group, 200, group, zeros, dtype, configs, seed=rows * 7 + group)
 
 
 def test_pdl_fields_are_checked():
-    with pytest.raises(ValueError, match="only with pdl=True"):
-        W4GemvConfig("kmajor", preload_steps=1)
+    with pytest.raises(ValueError, match="only for the 'kmajor' kind"):
+        W4GemvConfig("nmajor", groups=1, preload_steps=1)
+    with pytest.raises(ValueError, match="preload_steps must be 0-8"):
+        W4GemvConfig("kmajor", preload_steps=9)
     with pytest.raises(ValueError, match="'kmajor' kind only"):
         W4GemvConfig("nmajor", groups=1, pdl=True)
     assert W4GemvConfig("kmajor", pdl=True, preload_steps=2).name.endswith("_pdl_pre2")

@@ -46,7 +46,7 @@ GEMV_KINDS = ("kmajor", "nmajor", "mma", "mma_k")
 REDUCE_MODES = ("finish", "atomic")
 MAX_ROWS = 16
 FMA_MAX_ROWS = 8  # the FMA kinds multiply every row on the CUDA cores: past 8 rows the tensor cores win
-MAX_PRELOAD_STEPS = 8  # chunks a kmajor program may request before its PDL wait (one in registers, the rest L2)
+MAX_PRELOAD_STEPS = 8  # chunks a kmajor program requests before its PDL wait (one in registers, the rest L2)
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,10 @@ class W4GemvConfig:
     time). ``reduce`` is how K splits meet; ``asm`` only for the ``mma`` kinds.
 
     ``pdl`` (``kmajor`` only): launched with programmatic dependent launch where kernels/_triton.py's
-    ``pdl_launch`` allows (Hopper, <= 64 rows), like the engine's other decode kernels. ``preload_steps`` (with
-    ``pdl``): chunks of weights requested before the kernel waits for the previous one (its x): the first into
-    registers, the next ``preload_steps - 1`` as L2 prefetches. Defaults: neither (as before).
+    ``pdl_launch`` allows (Hopper, <= 64 rows), like the engine's other decode kernels. ``preload_steps``
+    (``kmajor`` only): chunks of weights requested first thing, before the wait for the previous kernel (its x)
+    under PDL: the first into registers, the next ``preload_steps - 1`` as L2 prefetches (without PDL the
+    prefetches alone still put a program's later chunks in flight at its start). Defaults: neither (as before).
     """
 
     kind: str = "kmajor"
@@ -148,9 +149,9 @@ class W4GemvConfig:
             raise ValueError("prefetch=True is a variant of the 'kmajor' kind only")
         if self.pdl and self.kind != "kmajor":
             raise ValueError("pdl=True is a variant of the 'kmajor' kind only")
-        if not 0 <= self.preload_steps <= MAX_PRELOAD_STEPS or (self.preload_steps and not self.pdl):
-            raise ValueError(f"preload_steps must be 0-{MAX_PRELOAD_STEPS}, and above 0 only with pdl=True (loads "
-                             f"issued before the PDL wait); got {self.preload_steps} with pdl={self.pdl}")
+        if not 0 <= self.preload_steps <= MAX_PRELOAD_STEPS or (self.preload_steps and self.kind != "kmajor"):
+            raise ValueError(f"preload_steps must be 0-{MAX_PRELOAD_STEPS}, and above 0 only for the 'kmajor' kind; "
+                             f"got {self.preload_steps} ({self.kind!r})")
         if self.asm and not self.kind.startswith("mma"):
             raise ValueError("asm=True is a variant of the tensor-core kinds ('mma', 'mma_k') only")
 
@@ -301,10 +302,10 @@ if HAS_TRITON:
         shuffle. ``xp_ptr`` is x as int32 pairs (``stride_xm`` in pairs). PREFETCH loads the next chunk's words
         before this chunk's arithmetic (two chunks in flight where K takes several).
 
-        PRELOAD >= 1 (with PDL): the weights do not depend on the kernel before, only x does, so the first
-        chunk's words and scales are loaded into registers before ``pdl_wait`` and, PRELOAD >= 2 with
-        L2_PREFETCH, the next PRELOAD - 1 chunks' lines are asked of L2: a program launched early streams its
-        weights while the previous kernel finishes.
+        PRELOAD >= 1: the weights do not depend on the kernel before, only x does, so the first chunk's words and
+        scales are loaded into registers before ``pdl_wait`` and, PRELOAD >= 2 with L2_PREFETCH, the next
+        PRELOAD - 1 chunks' lines are asked of L2: a program launched early (PDL) streams its weights while the
+        previous kernel finishes, and every program has its later chunks in flight from its start.
 
         Per word, p = sum x (base + c / 16) - xb with xb = sum x base (p starts at -xb; then one FMA a weight),
         so sum x c = 16 p and the group adds s (16 sum_w p - z xs); p is summed over the group's words at once, so
