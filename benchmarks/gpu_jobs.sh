@@ -3,7 +3,7 @@
 # each times its own work), every job's console log and JSON into one tarball, $OUT/gpu_jobs.tgz (the device
 # tool returns a few files only). Installs the carried wheels (.whl) first.
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
-#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe fp8_probe fp8_e2e
+#   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe w4_chain fp8_probe fp8_e2e
 #   bash benchmarks/gpu_jobs.sh maxload
 #   bash benchmarks/gpu_jobs.sh fp8_fuse
 #   bash benchmarks/gpu_jobs.sh paged_probe paged_tests maxload_paged
@@ -99,6 +99,10 @@ for job in "$@"; do
     # vs bf16 and today's dispatched kernel; quant_e2e after it in the same call serves its K-major winners.
     w4_probe) run python3 benchmarks/gpu_w4_gemv_probe.py --time-limit "${W4_TIME_LIMIT:-150}" \
                  --out "$out/gpu_w4_gemv_probe.json" ;;
+    # Issue 20: the batch-1 decode chain (norms, SiLU-mul and the four projections, 32 layers in one CUDA graph), bf16
+    # vs W4 K-major today vs with PDL + pre-wait preload, then again with TOKENMILL_PDL_EARLY_LAUNCH=1 (~1 min).
+    w4_chain) run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain.json"
+              TOKENMILL_PDL_EARLY_LAUNCH=1 run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain_early.json" ;;
     # Issue 22: the FP8-weight GEMV variants of kernels/fp8_stream.py vs bf16 and today's FP8 GEMV at 1-16 rows (each
     # checked against fp32 before it is timed; their tests are in gpu_suite.sh's quantized_kernels group).
     fp8_probe) run python3 benchmarks/gpu_fp8_gemv_probe.py --time-limit "${FP8_TIME_LIMIT:-140}" \

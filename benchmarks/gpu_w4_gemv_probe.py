@@ -89,8 +89,10 @@ DEQUANT_ALONE_ROWS = 16  # the row count at which the dequantize kernel is also 
 K_MAJOR_KERNELS = ("w4_kmajor_gemm", "dequant_mm")  # result params' "kernel" of the K-major kinds besides the GEMV
 
 
-def kmajor(n: int, g: int, w: int = 4, st: int = 2, pf: bool = False) -> W4GemvConfig:
-    return W4GemvConfig("kmajor", block_n=n, groups=g, num_warps=w, num_stages=st, prefetch=pf)
+def kmajor(n: int, g: int, w: int = 4, st: int = 2, pf: bool = False, pdl: bool = False,
+           pre: int = 0) -> W4GemvConfig:
+    return W4GemvConfig("kmajor", block_n=n, groups=g, num_warps=w, num_stages=st, prefetch=pf, pdl=pdl,
+                        preload_steps=pre)
 
 
 def nmajor(n: int, g: int, reduce: str = "finish", w: int = 4) -> W4GemvConfig:
@@ -100,6 +102,14 @@ def nmajor(n: int, g: int, reduce: str = "finish", w: int = 4) -> W4GemvConfig:
 def mma(n: int, g: int, reduce: str = "finish", asm: bool = False, w: int = 4, st: int = 2,
         kind: str = "mma_k") -> W4GemvConfig:
     return W4GemvConfig(kind, block_n=n, groups=g, reduce=reduce, asm=asm, num_warps=w, num_stages=st)
+
+
+# The 1-row winner launched with PDL, its first chunk preloaded before the wait, and 1 or all later chunks (8: down's
+# 7, the others' 1) L2-prefetched; and the whole-slice L2 prefetch without PDL. Timed here back to back (the graph's
+# calls are each other's predecessors), so the PDL ones overlap the previous call's tail;
+# benchmarks/gpu_w4_chain.py times them behind the decode chain's real small kernels.
+PDL_VARIANTS = (kmajor(4, 16, w=2, pdl=True), kmajor(4, 16, w=2, pdl=True, pre=1),
+                kmajor(4, 16, w=2, pdl=True, pre=2), kmajor(4, 16, w=2, pdl=True, pre=8), kmajor(4, 16, w=2, pre=8))
 
 
 # Chosen from the SASS of sm_90 compiles without a GPU (triton 3.6, as on the device, and 3.9: instructions a
@@ -113,9 +123,9 @@ def candidates(rows: int) -> list[W4GemvConfig]:
     tensor = [mma(128, 8, asm=True), mma(128, 8), mma(64, 4, asm=True), mma(128, 8, asm=True, w=8),
               mma(64, 4, asm=True, st=4), mma(64, 2, asm=True), mma(64, 4, kind="mma"), mma(64, 4, "atomic", asm=True)]
     fma = {1: [kmajor(4, 32), kmajor(8, 32), kmajor(4, 16, w=2), kmajor(4, 16, w=2, pf=True), nmajor(64, 2),
-               nmajor(64, 2, "atomic")],
-           2: [kmajor(4, 32), kmajor(2, 32)],
-           4: [kmajor(2, 32), kmajor(4, 16, w=2)],
+               nmajor(64, 2, "atomic"), *PDL_VARIANTS],
+           2: [kmajor(4, 32), kmajor(2, 32), kmajor(4, 32, pdl=True, pre=8)],
+           4: [kmajor(2, 32), kmajor(4, 16, w=2), kmajor(4, 16, w=2, pdl=True, pre=8)],
            8: [kmajor(2, 32)]}
     return fma.get(rows, []) + (tensor if rows <= MAX_ROWS else [])
 

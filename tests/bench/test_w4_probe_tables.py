@@ -164,3 +164,25 @@ def test_probe_dry_run_checks_dequant_against_fp32_and_suggests_it(tmp_path):
     entry = record["suggested_table"]["w4a16_g128_kmajor"]["64x256"]["16"]
     assert entry["kernel"] in ("dequant_mm", "w4_kmajor_gemm", "w4_gemv")
     assert {"kmajor_gemm_us", "dequant_us"} <= set(record["decode_totals"][0])
+
+
+def test_a_winning_pdl_preload_gemv_keeps_its_fields_through_the_merge(tmp_path):
+    """The probe's 1-row PDL variants (pdl, preload_steps): where one is fastest, its entry carries both fields, the
+    merged table hands the dispatch that config, and entries written before the fields existed read back without
+    PDL."""
+    probe = _script("gpu_w4_gemv_probe")
+    pdl = {**GEMV, "pdl": True, "preload_steps": 2}
+    results = _results() + [_row(shape, 1, "kmajor_n4_g16_w2_st2_pdl_pre2", 8.0, pdl)
+                            for shape in ("qkv", "o", "gate_up", "down")]
+    entries = probe.suggested_k_major_entries(results)
+    assert entries["4096x4096"]["1"] == {"kernel": "w4_gemv", **pdl}
+    record = {"device": DEVICE, "suggested_table": {"w4a16_g128_kmajor": entries}}
+    (tmp_path / "probe.json").write_text(json.dumps(record))
+    merge = _script("quant_table_merge")
+    merged, _ = merge.merge({}, record)
+    (tmp_path / "merged.json").write_text(json.dumps(merged))
+    found, config = _tuned(str(tmp_path / "merged.json"), DEVICE, "w4a16_g128_kmajor", 4096, 14336, 1)
+    assert found and config == W4GemvConfig(**pdl) and config.name.endswith("_pdl_pre2")
+    assert not config_from_json({"kernel": "w4_gemv", **GEMV}).pdl
+    assert [(c.pdl, c.preload_steps) for c in probe.candidates(1) if c.pdl or c.preload_steps] == [
+        (True, 0), (True, 1), (True, 2), (True, 8), (False, 8)]

@@ -5,11 +5,16 @@ groups 32/64/128, 1-16 rows, with and without zero points. Runs on CUDA, or on C
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import rel_err, requires_cuda, requires_triton_device
 from test_wna16_gemm import random_packed
 
+from tokenmill.kernels._triton import HAS_TRITON, PDL_EARLY_LAUNCH
 from tokenmill.kernels.w4_gemv import W4GemvConfig, dequantize_k_major, repack_k_major, w4_gemv
 from tokenmill.kernels.wna16_gemm import dequantize, wna16_linear_reference
 
@@ -124,3 +129,59 @@ def test_a_measured_table_entry_routes_a_layer_to_the_w4_gemv(device, tmp_path, 
     ref = wna16_linear_reference(x.float(), packed).float()
     assert rel_err(wna16_cuda_linear(x, packed, None, {}), ref) < TOL[torch.bfloat16]
     assert config_from_json({"kernel": "w4_gemv", "kind": "kmajor"}) == W4GemvConfig("kmajor")
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows,group,zeros,dtype", [(1, 128, True, torch.bfloat16), (3, 64, False, torch.float16),
+                                                    (8, 32, True, torch.bfloat16)])
+def test_kmajor_preload_matches_fp32_reference(device, rows, group, zeros, dtype):
+    """The PDL variants: the first chunk loaded before the wait and peeled off the loop (one chunk, several, a
+    ragged tail, with the next chunk prefetched, preload without PDL); past the first, L2 prefetches (GPU only)."""
+    configs = [W4GemvConfig("kmajor", block_n=4, pdl=True, preload_steps=1),
+               W4GemvConfig("kmajor", block_n=8, groups=2, pdl=True, preload_steps=1),
+               W4GemvConfig("kmajor", block_n=4, groups=1, pdl=True, preload_steps=3),
+               W4GemvConfig("kmajor", block_n=4, groups=2, prefetch=True, pdl=True, preload_steps=2),
+               W4GemvConfig("kmajor", block_n=4, groups=2, pdl=True),
+               W4GemvConfig("kmajor", block_n=4, groups=1, preload_steps=8)]
+    _check(device, rows, 5 * group, 200, group, zeros, dtype, configs, seed=rows * 7 + group)
+
+
+def test_pdl_fields_are_checked():
+    with pytest.raises(ValueError, match="only for the 'kmajor' kind"):
+        W4GemvConfig("nmajor", groups=1, preload_steps=1)
+    with pytest.raises(ValueError, match="preload_steps must be 0-8"):
+        W4GemvConfig("kmajor", preload_steps=9)
+    with pytest.raises(ValueError, match="'kmajor' kind only"):
+        W4GemvConfig("nmajor", groups=1, pdl=True)
+    assert W4GemvConfig("kmajor", pdl=True, preload_steps=2).name.endswith("_pdl_pre2")
+    assert W4GemvConfig("kmajor").name == "kmajor_n4_g0_w4_st2"  # today's names (table keys, results) unchanged
+
+
+@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs triton, compiled (the interpreter swaps jit functions for its own)")
+@pytest.mark.parametrize("preload,pdl", [(1, True), (2, True), (4, PDL_EARLY_LAUNCH)])
+def test_kmajor_preload_is_issued_before_the_pdl_wait(preload, pdl):
+    """Compiles the K-major kernel for sm_90 without a GPU: the preloaded words and scales (ld.global) and the L2
+    prefetches come before griddepcontrol.wait, x's loads after it; an early launch releases the next kernel after
+    the wait; nothing spills."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from triton_sass import compile_sm90
+
+    from tokenmill.kernels.w4_gemv import _kmajor_kernel
+
+    args = dict(xp_ptr="*i32", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16",
+                M="i32:1", N="i32:16", G="i32:16", stride_xm="i32:16", stride_om="i32:16", m128="i32:1", m8="i32:1",
+                HAS_ZEROS=True, HAS_BIAS=False, ROWS=1, BLOCK_N=4, CHUNK_G=16, GW=16, X_BF16=True, EVEN=True,
+                PREFETCH=False, PRELOAD=preload, L2_PREFETCH=preload > 1, PDL=pdl)
+    info = compile_sm90(_kmajor_kernel, args, num_warps=2, keep_text=True)
+    lines = info.ptx.splitlines()
+
+    def at(pattern: str) -> list[int]:
+        return [i for i, line in enumerate(lines) if pattern in line]
+
+    (wait,) = at("griddepcontrol.wait")
+    loads = at("ld.global")
+    assert 0 < len([i for i in loads if i < wait]) < len(loads)  # the first chunk before, x (and the rest) after
+    assert all(i < wait for i in at("prefetch.global.L2")) and (len(at("prefetch.global.L2")) > 0) == (preload > 1)
+    assert [i > wait for i in at("griddepcontrol.launch_dependents")] == ([True] if pdl == PDL_EARLY_LAUNCH else [])
+    assert info.spill_bytes == 0

@@ -14,7 +14,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU CI has no triton; references still work.
     triton = None
     tl = None
@@ -27,9 +27,14 @@ if HAS_TRITON:
     def pdl_wait(PDL: tl.constexpr):
         """First statement of every kernel launched through ``pdl_launch``: a kernel launched early
         (programmatic dependent launch) waits here until the previous kernel has finished and its writes are
-        visible; without PDL it compiles to nothing."""
+        visible; without PDL it compiles to nothing. PDL == 2 (PDL_EARLY_LAUNCH) then also lets the next kernel
+        launch (griddepcontrol.launch_dependents) instead of at this one's end: its programs may sit resident
+        and issue loads that do not depend on this kernel (kernels/w4_gemv.py's preload) while this one runs.
+        After the wait, not before, so at most one kernel ahead is resident."""
         if PDL:
             gdc_wait()
+            if PDL == 2:
+                gdc_launch_dependents()
 
 else:
     pdl_wait = None
@@ -72,8 +77,22 @@ def use_pdl(device: torch.device) -> bool:
 PDL_MAX_ROWS = 64
 
 
-def pdl_launch(device: torch.device, rows: int) -> dict[str, bool]:
+# pdl_wait's PDL value for "wait, then let the next kernel launch"; True: wait only (the next kernel launches when
+# this one's programs exit).
+PDL_EARLY_LAUNCH = 2
+
+
+@functools.cache
+def pdl_early_launch() -> bool:
+    """``TOKENMILL_PDL_EARLY_LAUNCH=1``: PDL kernels release the next kernel right after their wait (read once per
+    process). Off by default: the H100's PDL probe found an early release alone slightly slower (1.21 vs 1.13 µs
+    a link, benchmarks/results/gpu_pdl_probe_2026-11-24.json); it pays only where the next kernel has loads to
+    issue before its wait (benchmarks/gpu_w4_chain.py measures it)."""
+    return os.environ.get("TOKENMILL_PDL_EARLY_LAUNCH", "0") == "1"
+
+
+def pdl_launch(device: torch.device, rows: int) -> dict[str, bool | int]:
     """Launch keywords for a kernel with a ``PDL`` constexpr over ``rows`` rows: the flag and Triton's
     ``launch_pdl`` go together, since a kernel launched early must wait (``pdl_wait``) before touching memory."""
     on = rows <= PDL_MAX_ROWS and use_pdl(device)
-    return {"PDL": on, "launch_pdl": on}
+    return {"PDL": (PDL_EARLY_LAUNCH if pdl_early_launch() else True) if on else False, "launch_pdl": on}

@@ -10,7 +10,8 @@ defaults for unmeasured shapes failed the H100 suite on tiny models), for FP8 th
 candidates, not defaults: no GPU has timed them yet.
 
 K-major 4-bit weights (``--quant-weight-layout kmajor``, kernels/w4_gemv.py's KMajorWeight) have their own table
-format (``w4a16_g128_kmajor``) and kinds: the ``w4_gemv`` kind ``kmajor`` (FMA GEMV), ``w4_kmajor_gemm``
+format (``w4a16_g128_kmajor``) and kinds: the ``w4_gemv`` kind ``kmajor`` (FMA GEMV; entries with ``pdl`` /
+``preload_steps`` launch it with PDL and request its first chunks before the wait), ``w4_kmajor_gemm``
 (tensor cores; entries with ``w_lhs`` / ``gluon`` run its transposed product, entries without them today's
 kernel) and ``dequant_mm`` (dense copy + cuBLAS); their defaults are ``default_kmajor_config``'s.
 """

@@ -32,11 +32,12 @@ entries for the GPTQ layout (none shipped).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, tl, triton
+from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, pdl_launch, pdl_wait, tl, triton
 from tokenmill.kernels.splitk import COUNTERS, PARTIAL_ELEMENTS, dot_in_fp32, splitk_workspace
 from tokenmill.kernels.wna16_gemm import PackedWeight, checked_input, unpack_codes
 from tokenmill.quantization.packing import pack_along, unpack_along
@@ -45,6 +46,7 @@ GEMV_KINDS = ("kmajor", "nmajor", "mma", "mma_k")
 REDUCE_MODES = ("finish", "atomic")
 MAX_ROWS = 16
 FMA_MAX_ROWS = 8  # the FMA kinds multiply every row on the CUDA cores: past 8 rows the tensor cores win
+MAX_PRELOAD_STEPS = 8  # chunks a kmajor program requests before its PDL wait (one in registers, the rest L2)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,12 @@ class W4GemvConfig:
     many groups (0: all of K in one chunk; ``prefetch`` keeps the next chunk's load in flight); ``nmajor`` and
     the ``mma`` kinds split K into programs of that many groups (``mma`` kinds loop over them one group at a
     time). ``reduce`` is how K splits meet; ``asm`` only for the ``mma`` kinds.
+
+    ``pdl`` (``kmajor`` only): launched with programmatic dependent launch where kernels/_triton.py's
+    ``pdl_launch`` allows (Hopper, <= 64 rows), like the engine's other decode kernels. ``preload_steps``
+    (``kmajor`` only): chunks of weights requested first thing, before the wait for the previous kernel (its x)
+    under PDL: the first into registers, the next ``preload_steps - 1`` as L2 prefetches (without PDL the
+    prefetches alone still put a program's later chunks in flight at its start). Defaults: neither (as before).
     """
 
     kind: str = "kmajor"
@@ -123,6 +131,8 @@ class W4GemvConfig:
     num_warps: int = 4
     num_stages: int = 2
     prefetch: bool = False
+    pdl: bool = False
+    preload_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in GEMV_KINDS:
@@ -137,6 +147,11 @@ class W4GemvConfig:
             raise ValueError(f"the {self.kind!r} kind needs groups >= 1 (groups of K per program)")
         if self.prefetch and self.kind != "kmajor":
             raise ValueError("prefetch=True is a variant of the 'kmajor' kind only")
+        if self.pdl and self.kind != "kmajor":
+            raise ValueError("pdl=True is a variant of the 'kmajor' kind only")
+        if not 0 <= self.preload_steps <= MAX_PRELOAD_STEPS or (self.preload_steps and self.kind != "kmajor"):
+            raise ValueError(f"preload_steps must be 0-{MAX_PRELOAD_STEPS}, and above 0 only for the 'kmajor' kind; "
+                             f"got {self.preload_steps} ({self.kind!r})")
         if self.asm and not self.kind.startswith("mma"):
             raise ValueError("asm=True is a variant of the tensor-core kinds ('mma', 'mma_k') only")
 
@@ -144,7 +159,8 @@ class W4GemvConfig:
     def name(self) -> str:
         tail = f"_{self.reduce}" if self.kind != "kmajor" else ""
         return (f"{self.kind}{'_asm' if self.asm else ''}_n{self.block_n}_g{self.groups}{tail}"
-                f"_w{self.num_warps}_st{self.num_stages}{'_pf' if self.prefetch else ''}")
+                f"_w{self.num_warps}_st{self.num_stages}{'_pf' if self.prefetch else ''}"
+                f"{'_pdl' if self.pdl else ''}{f'_pre{self.preload_steps}' if self.preload_steps else ''}")
 
 
 if HAS_TRITON:
@@ -205,18 +221,91 @@ if HAS_TRITON:
             bits = (words >> 12) & 0x000F0000 | M8
         return bits.to(tl.float32, bitcast=True)
 
+    @triton.jit
+    def _chunk_words(qw_ptr, n3, kc3, g0, N, kw, GW: tl.constexpr, EVEN: tl.constexpr):
+        """The words of the chunk that starts at group ``g0`` ([1, n, words]; past K or N: 0)."""
+        at = qw_ptr + n3 * kw + g0 * GW + kc3
+        if EVEN:  # whole tiles: no masks (a predicated load costs a zeroing move a register)
+            return tl.load(at)
+        return tl.load(at, mask=(n3 < N) & (g0 * GW + kc3 < kw), other=0)
+
+    @triton.jit
+    def _chunk_scales(s_ptr, z_ptr, n3, g0, N, G, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CHUNK_G: tl.constexpr, EVEN: tl.constexpr):
+        """(scale, zero point) in fp32 of the chunk's groups ([1, n, groups]; symmetric: zero 8)."""
+        g3 = g0 + tl.arange(0, CHUNK_G)[None, None, :]
+        sz_at = n3 * G + g3
+        if EVEN:
+            scale = tl.load(s_ptr + sz_at).to(tl.float32)
+            zero = tl.load(z_ptr + sz_at).to(tl.float32) if HAS_ZEROS else tl.full(scale.shape, 8.0, tl.float32)
+        else:
+            mask = (n3 < N) & (g3 < G)
+            scale = tl.load(s_ptr + sz_at, mask=mask, other=0.0).to(tl.float32)
+            zero = (tl.load(z_ptr + sz_at, mask=mask, other=0.0).to(tl.float32) if HAS_ZEROS
+                    else tl.full(scale.shape, 8.0, tl.float32))
+        return scale, zero
+
+    @triton.jit
+    def _l2_prefetch(ptrs):
+        """Asks L2 for the lines at ``ptrs`` (no registers, nothing waits on it): a warp's prefetch of addresses
+        in one 128-byte line is one request. GPU only (inline PTX)."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+    @triton.jit
+    def _chunk_product(acc, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_G: tl.constexpr, GW: tl.constexpr,
+                       X_BF16: tl.constexpr, EVEN: tl.constexpr):
+        """acc + the chunk's sum x (c - z) s per group (see _kmajor_kernel), x loaded here."""
+        pair_at = xp_ptr + tl.minimum(m3, M - 1) * stride_xm + g0 * (4 * GW) + pair_of  # rows past M: copies
+        if EVEN:
+            pair0 = tl.load(pair_at)
+            pair1 = tl.load(pair_at + GW)
+            pair2 = tl.load(pair_at + 2 * GW)
+            pair3 = tl.load(pair_at + 3 * GW)
+        else:
+            xmask = g0 * GW + kc3 < kw
+            pair0 = tl.load(pair_at, mask=xmask, other=0)
+            pair1 = tl.load(pair_at + GW, mask=xmask, other=0)
+            pair2 = tl.load(pair_at + 2 * GW, mask=xmask, other=0)
+            pair3 = tl.load(pair_at + 3 * GW, mask=xmask, other=0)
+        x0, x1 = _pair_halves(pair0, X_BF16)
+        x2, x3 = _pair_halves(pair1, X_BF16)
+        x4, x5 = _pair_halves(pair2, X_BF16)
+        x6, x7 = _pair_halves(pair3, X_BF16)
+        xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        # the bases of _sixteenth_code: 128 for nibbles 0, 2, 3, 5; 8 for 1, 4, 6, 7
+        xb = 128.0 * ((x0 + x2) + (x3 + x5)) + 8.0 * ((x1 + x4) + (x6 + x7))
+        p = _sixteenth_code(words, 0, m128, m8) * x0 - xb  # one FMA a statement
+        p += _sixteenth_code(words, 1, m128, m8) * x1
+        p += _sixteenth_code(words, 2, m128, m8) * x2
+        p += _sixteenth_code(words, 3, m128, m8) * x3
+        p += _sixteenth_code(words, 4, m128, m8) * x4
+        p += _sixteenth_code(words, 5, m128, m8) * x5
+        p += _sixteenth_code(words, 6, m128, m8) * x6
+        p += _sixteenth_code(words, 7, m128, m8) * x7
+        p_group = tl.sum(tl.reshape(p, [ROWS, BLOCK_N, CHUNK_G, GW]), axis=3)
+        xs_group = tl.sum(tl.reshape(xs, [ROWS, 1, CHUNK_G, GW]), axis=3)
+        return acc + scale * (16.0 * p_group - zero * xs_group)
+
     @triton.jit(do_not_specialize=["M"])
     def _kmajor_kernel(
         xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         M, N, G, stride_xm, stride_om, m128, m8,
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         CHUNK_G: tl.constexpr, GW: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH: tl.constexpr, PRELOAD: tl.constexpr = 0, L2_PREFETCH: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
         """Program: BLOCK_N output channels over all of K, CHUNK_G groups of GW words a load. Words and x pairs
         are loaded as [rows or 1, n or 1, g, w] tiles of the same shape along (g, w): one register layout, no
         shuffle. ``xp_ptr`` is x as int32 pairs (``stride_xm`` in pairs). PREFETCH loads the next chunk's words
         before this chunk's arithmetic (two chunks in flight where K takes several).
+
+        PRELOAD >= 1: the weights do not depend on the kernel before, only x does, so the first chunk's words and
+        scales are loaded into registers before ``pdl_wait`` and, PRELOAD >= 2 with L2_PREFETCH, the next
+        PRELOAD - 1 chunks' lines are asked of L2: a program launched early (PDL) streams its weights while the
+        previous kernel finishes, and every program has its later chunks in flight from its start.
 
         Per word, p = sum x (base + c / 16) - xb with xb = sum x base (p starts at -xb; then one FMA a weight),
         so sum x c = 16 p and the group adds s (16 sum_w p - z xs); p is summed over the group's words at once, so
@@ -231,60 +320,35 @@ if HAS_TRITON:
         pair_of = (kc3 // GW) * (4 * GW) + kc3 % GW
         kw = G * GW  # words per output channel
         acc = tl.zeros([ROWS, BLOCK_N, CHUNK_G], tl.float32)
-        if PREFETCH:
-            ahead = tl.load(qw_ptr + n3 * kw + kc3, mask=(n3 < N) & (kc3 < kw), other=0)
-        for g0 in range(0, G, CHUNK_G):
-            g3 = g0 + tl.arange(0, CHUNK_G)[None, None, :]
-            sz_at = n3 * G + g3
-            pair_at = xp_ptr + tl.minimum(m3, M - 1) * stride_xm + g0 * (4 * GW) + pair_of  # rows past M: copies
+        if PRELOAD >= 1:  # before the wait: nothing here was written by the kernel before
+            words0 = _chunk_words(qw_ptr, n3, kc3, 0, N, kw, GW, EVEN)
+            scale0, zero0 = _chunk_scales(s_ptr, z_ptr, n3, 0, N, G, HAS_ZEROS, BLOCK_N, CHUNK_G, EVEN)
+            if L2_PREFETCH:
+                n_in = tl.minimum(n3, N - 1)  # clamped, not masked: a prefetch has no mask
+                LINE: tl.constexpr = 32 if KC >= 32 else KC  # words of a 128-byte line
+                line3 = tl.arange(0, KC // LINE)[None, None, :] * LINE
+                for c in tl.static_range(1, PRELOAD):
+                    _l2_prefetch(qw_ptr + n_in * kw + tl.minimum(c * KC + line3, kw - 1))
+                    gs = c * CHUNK_G + tl.arange(0, CHUNK_G)[None, None, :]
+                    _l2_prefetch(s_ptr + n_in * G + tl.minimum(gs, G - 1))
+                    if HAS_ZEROS:
+                        _l2_prefetch(z_ptr + n_in * G + tl.minimum(gs, G - 1))
+        pdl_wait(PDL)
+        g_first: tl.constexpr = CHUNK_G if PRELOAD >= 1 else 0
+        if PREFETCH:  # issued before the preloaded chunk's arithmetic
+            ahead = _chunk_words(qw_ptr, n3, kc3, g_first, N, kw, GW, False)
+        if PRELOAD >= 1:
+            acc = _chunk_product(acc, words0, scale0, zero0, xp_ptr, m3, M, stride_xm, 0, pair_of, kc3, kw, m128,
+                                 m8, ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN)
+        for g0 in range(g_first, G, CHUNK_G):
             if PREFETCH:
                 words = ahead
-                nxt = (g0 + CHUNK_G) * GW + kc3
-                ahead = tl.load(qw_ptr + n3 * kw + nxt, mask=(n3 < N) & (nxt < kw), other=0)
-            elif EVEN:
-                words = tl.load(qw_ptr + n3 * kw + g0 * GW + kc3)
+                ahead = _chunk_words(qw_ptr, n3, kc3, g0 + CHUNK_G, N, kw, GW, False)
             else:
-                words = tl.load(qw_ptr + n3 * kw + g0 * GW + kc3, mask=(n3 < N) & (g0 * GW + kc3 < kw), other=0)
-            if EVEN:  # whole tiles: no masks (a predicated load costs a zeroing move a register)
-                scale = tl.load(s_ptr + sz_at).to(tl.float32)
-                if HAS_ZEROS:
-                    zero = tl.load(z_ptr + sz_at).to(tl.float32)
-                else:
-                    zero = tl.full([1, BLOCK_N, CHUNK_G], 8.0, tl.float32)
-                pair0 = tl.load(pair_at)
-                pair1 = tl.load(pair_at + GW)
-                pair2 = tl.load(pair_at + 2 * GW)
-                pair3 = tl.load(pair_at + 3 * GW)
-            else:
-                sz_mask = (n3 < N) & (g3 < G)
-                scale = tl.load(s_ptr + sz_at, mask=sz_mask, other=0.0).to(tl.float32)
-                if HAS_ZEROS:
-                    zero = tl.load(z_ptr + sz_at, mask=sz_mask, other=0.0).to(tl.float32)
-                else:
-                    zero = tl.full([1, BLOCK_N, CHUNK_G], 8.0, tl.float32)
-                xmask = g0 * GW + kc3 < kw
-                pair0 = tl.load(pair_at, mask=xmask, other=0)
-                pair1 = tl.load(pair_at + GW, mask=xmask, other=0)
-                pair2 = tl.load(pair_at + 2 * GW, mask=xmask, other=0)
-                pair3 = tl.load(pair_at + 3 * GW, mask=xmask, other=0)
-            x0, x1 = _pair_halves(pair0, X_BF16)
-            x2, x3 = _pair_halves(pair1, X_BF16)
-            x4, x5 = _pair_halves(pair2, X_BF16)
-            x6, x7 = _pair_halves(pair3, X_BF16)
-            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-            # the bases of _sixteenth_code: 128 for nibbles 0, 2, 3, 5; 8 for 1, 4, 6, 7
-            xb = 128.0 * ((x0 + x2) + (x3 + x5)) + 8.0 * ((x1 + x4) + (x6 + x7))
-            p = _sixteenth_code(words, 0, m128, m8) * x0 - xb  # one FMA a statement
-            p += _sixteenth_code(words, 1, m128, m8) * x1
-            p += _sixteenth_code(words, 2, m128, m8) * x2
-            p += _sixteenth_code(words, 3, m128, m8) * x3
-            p += _sixteenth_code(words, 4, m128, m8) * x4
-            p += _sixteenth_code(words, 5, m128, m8) * x5
-            p += _sixteenth_code(words, 6, m128, m8) * x6
-            p += _sixteenth_code(words, 7, m128, m8) * x7
-            p_group = tl.sum(tl.reshape(p, [ROWS, BLOCK_N, CHUNK_G, GW]), axis=3)
-            xs_group = tl.sum(tl.reshape(xs, [ROWS, 1, CHUNK_G, GW]), axis=3)
-            acc += scale * (16.0 * p_group - zero * xs_group)
+                words = _chunk_words(qw_ptr, n3, kc3, g0, N, kw, GW, EVEN)
+            scale, zero = _chunk_scales(s_ptr, z_ptr, n3, g0, N, G, HAS_ZEROS, BLOCK_N, CHUNK_G, EVEN)
+            acc = _chunk_product(acc, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
+                                 ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN)
         out = tl.sum(acc, axis=2)
         n2 = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
         if HAS_BIAS:
@@ -515,11 +579,16 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
             chunk = next_power_of_2(groups) if config.groups == 0 else min(config.groups, next_power_of_2(groups))
             if x.stride(0) % 2:
                 x = x.contiguous()
+            launch = pdl_launch(x.device, m) if config.pdl else {}
+            # preloading also runs without PDL (plain order, same arithmetic): the interpreter checks that path
+            preload = min(config.preload_steps, -(-groups // chunk))
             _kmajor_kernel[(triton.cdiv(n, config.block_n),)](
                 x.view(torch.int32), weight.qweight, weight.scales, zeros, bias_arg, out, m, n, groups,
                 x.stride(0) // 2, out.stride(0), 0x43000000, 0x41000000, ROWS=max(1, next_power_of_2(m)), CHUNK_G=chunk,
                 X_BF16=x.dtype == torch.bfloat16, EVEN=n % config.block_n == 0 and groups % chunk == 0,
-                PREFETCH=config.prefetch, **common)
+                PREFETCH=config.prefetch, PRELOAD=preload,
+                L2_PREFETCH=preload > 1 and os.environ.get("TRITON_INTERPRET") != "1",  # inline PTX: GPU only
+                **launch, **common)
         return out
     per_split, split = split_plan(config, m, n, groups)
     tiles = triton.cdiv(n, config.block_n)

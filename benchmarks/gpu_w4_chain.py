@@ -1,0 +1,186 @@
+"""Batch-1 decode chain of Llama-3-8B's linears with the small kernels between them, bf16 vs W4A16 (K-major), to see
+what programmatic dependent launch (PDL) and the W4 GEMV's pre-wait preload (kernels/w4_gemv.py's ``pdl`` and
+``preload_steps``) save: isolated kernel timings cannot show it, since the preload overlaps the *previous* kernel.
+
+Per layer: RMSNorm (residual add; the engine's kernel) -> qkv -> a small kernel standing in for RoPE + attention
+(an RMSNorm over q) -> o -> RMSNorm (residual add) -> gate_up -> SiLU-and-mul (the engine's kernel) -> down; 32
+layers (weights of ``--distinct`` layers cycled: never served from L2), captured in one CUDA graph, median of
+``--replays`` replays. Variants: ``bf16`` (F.linear, cuBLAS), ``w4:today`` (kernels/quant_dispatch.py's
+``kmajor_cuda_linear``: the shipped table's or default config), ``w4:pdl`` (that config with ``pdl=True``) and
+``w4:pdl_preN`` (with ``preload_steps=N`` too), ``w4:pre8`` (``preload_steps=8`` without PDL: the later
+chunks' L2 prefetch alone). Each chain's first two layers are checked against the fp32 torch
+chain (dequantized weights, reference norm and activation), and every W4 variant's 32-layer output against
+``w4:today``'s (the same arithmetic); a mismatch is marked and makes the exit status 1. Reports µs a layer and % of the layer's byte floor (weights
+over 3.0 TB/s; W4: codes + scales + zero points, 38.6 µs; bf16: 145 µs).
+
+``TOKENMILL_PDL_EARLY_LAUNCH=1`` makes every PDL kernel (norms, activation, W4 GEMV) release the next kernel right
+after its own wait (kernels/_triton.py), so the W4 GEMV's programs can be resident and preloading while the small
+kernel before it runs; without it the next kernel launches as the previous one's programs exit. The gpu_jobs.sh
+job runs both:
+
+    python3 benchmarks/gpu_w4_chain.py --out $OUT/gpu_w4_chain.json                                  # H100, ~30 s
+    TOKENMILL_PDL_EARLY_LAUNCH=1 python3 benchmarks/gpu_w4_chain.py --out $OUT/gpu_w4_chain_early.json
+
+``--dry-run`` (TRITON_INTERPRET=1, CPU, ~4 min): tiny shapes, 3 layers, no graph, wall-clock times that mean
+nothing; every variant still checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_pdl_probe import time_graph  # noqa: E402
+from gpu_quant_gemv_sweep import FLOOR_BYTES_PER_S, packed_bytes, random_packed, rel_err  # noqa: E402
+from gpu_record import write_record  # noqa: E402
+
+from tokenmill.kernels._triton import pdl_early_launch  # noqa: E402
+from tokenmill.kernels.activation import silu_and_mul_reference, silu_and_mul_triton  # noqa: E402
+from tokenmill.kernels.quant_dispatch import default_kmajor_config, kmajor_cuda_linear, tuned_choice  # noqa: E402
+from tokenmill.kernels.rms_norm import rms_norm_reference, rms_norm_triton  # noqa: E402
+from tokenmill.kernels.w4_gemv import KMajorWeight, W4GemvConfig, dequantize_k_major, repack_k_major  # noqa: E402
+
+EPS = 1e-5
+HIDDEN, INTER, QKV = 4096, 14336, 6144
+DRY = {"hidden": 256, "inter": 512, "qkv": 384}
+PRELOADS = (1, 2, 8)  # 8: every later chunk L2-prefetched (down has 7 of 16 groups, the others 1)
+TOLERANCE = 3e-2  # bf16 rounding of every kernel's output over the checked layers
+CHECK_LAYERS = 2
+
+
+class Layer:
+    """One layer's weights: norms, bf16 projections ([N, K]) and their K-major 4-bit copies."""
+
+    def __init__(self, hidden: int, inter: int, qkv: int, gen: torch.Generator, device: str) -> None:
+        self.norm = [(1 + 0.1 * torch.randn(hidden, generator=gen, device=device)).to(torch.bfloat16)
+                     for _ in range(3)]
+        shapes = {"qkv": (qkv, hidden), "o": (hidden, hidden), "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+        self.dense = {s: (torch.randn(n, k, generator=gen, device=device) * k ** -0.5).to(torch.bfloat16)
+                      for s, (n, k) in shapes.items()}
+        packed = {s: random_packed(n, k, 4, True, gen, device) for s, (n, k) in shapes.items()}
+        self.w4 = {s: repack_k_major(p) for s, p in packed.items()}
+        self.w4_bytes = sum(packed_bytes(p) for p in packed.values())
+        self.bf16_bytes = sum(w.nbytes for w in self.dense.values())
+
+
+Linear = Callable[[torch.Tensor, str, Layer], torch.Tensor]
+
+
+def chain(x: torch.Tensor, layers: list[Layer], count: int, linear: Linear, norm: Callable, act: Callable,
+          hidden: int) -> torch.Tensor:
+    """``count`` layers (cycling ``layers``); returns the last residual stream plus the last output."""
+    residual = torch.zeros_like(x)
+    for i in range(count):
+        layer = layers[i % len(layers)]
+        h, residual = norm(x, layer.norm[0], EPS, residual)
+        q = norm(linear(h, "qkv", layer)[:, :hidden], layer.norm[1], EPS)  # stands in for RoPE + attention
+        h, residual = norm(linear(q, "o", layer), layer.norm[2], EPS, residual)
+        x = linear(act(linear(h, "gate_up", layer)), "down", layer)
+    return x + residual
+
+
+def w4_linear(configs: dict[str, W4GemvConfig] | None) -> Linear:
+    """The K-major W4 projection: the engine's dispatch (``configs`` None) or one config per projection."""
+    def linear(h: torch.Tensor, shape: str, layer: Layer) -> torch.Tensor:
+        plan = {} if configs is None else {1: configs[shape]}
+        return kmajor_cuda_linear(h, layer.w4[shape], None, plan)
+    return linear
+
+
+def today_config(device: torch.device, w: KMajorWeight) -> W4GemvConfig:
+    """The config the dispatch serves one row with (table entry, else default)."""
+    found, config = tuned_choice(device, "w4a16_g128_kmajor", w.out_features, w.in_features, 1)
+    config = config if found and config is not None else default_kmajor_config(1, w.out_features, w.in_features)
+    if not isinstance(config, W4GemvConfig):
+        raise SystemExit(f"the 1-row K-major choice is {type(config).__name__}, not the GEMV: nothing to vary")
+    return config
+
+
+def reference(x: torch.Tensor, layers: list[Layer], count: int, hidden: int, dense: bool) -> torch.Tensor:
+    """The fp32 torch chain (dense: the bf16 weights; else the dequantized K-major ones)."""
+    weights = [{s: (w.float() if dense else dequantize_k_major(layer.w4[s]).t()) for s, w in layer.dense.items()}
+               for layer in layers]
+
+    def linear(h: torch.Tensor, shape: str, layer: Layer) -> torch.Tensor:
+        return h @ weights[layers.index(layer)][shape].t()
+
+    def norm(v, w, eps, residual=None):
+        return rms_norm_reference(v, w.float(), eps, residual)
+    return chain(x.float(), layers, count, linear, norm, silu_and_mul_reference, hidden)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_w4_chain.json"))
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--distinct", type=int, default=4, help="layers of distinct weights, cycled")
+    parser.add_argument("--replays", type=int, default=50)
+    parser.add_argument("--dry-run", action="store_true", help="CPU check under TRITON_INTERPRET=1")
+    args = parser.parse_args()
+    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--dry-run needs TRITON_INTERPRET=1 (the Triton kernels run in its interpreter)")
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --dry-run under TRITON_INTERPRET=1)")
+    device = "cpu" if args.dry_run else "cuda"
+    dims = DRY if args.dry_run else {"hidden": HIDDEN, "inter": INTER, "qkv": QKV}
+    count = min(args.layers, 3) if args.dry_run else args.layers
+    gen = torch.Generator(device=device).manual_seed(0)
+    layers = [Layer(dims["hidden"], dims["inter"], dims["qkv"], gen, device) for _ in range(args.distinct)]
+    x = torch.randn(1, dims["hidden"], generator=gen, device=device).to(torch.bfloat16)
+    today = {s: today_config(x.device, w) for s, w in layers[0].w4.items()}
+    variants: dict[str, tuple[Linear, bool]] = {
+        "bf16": (lambda h, s, layer: F.linear(h, layer.dense[s]), True),
+        "w4:today": (w4_linear(None), False),
+        "w4:pdl": (w4_linear({s: dataclasses.replace(c, pdl=True) for s, c in today.items()}), False)}
+    for n in PRELOADS:
+        configs = {s: dataclasses.replace(c, pdl=True, preload_steps=n) for s, c in today.items()}
+        variants[f"w4:pdl_pre{n}"] = (w4_linear(configs), False)
+    # the L2 prefetch of every later chunk without PDL: what of the gain is not the overlap with the kernel before
+    variants[f"w4:pre{PRELOADS[-1]}"] = (w4_linear({s: dataclasses.replace(c, preload_steps=PRELOADS[-1])
+                                                    for s, c in today.items()}), False)
+    # fp32 check over the first CHECK_LAYERS layers (every kernel, every weight set): over 32 the residual stream's
+    # bf16 rounding would blur a tolerance; the full chains of the W4 variants must equal today's (same arithmetic)
+    check = min(CHECK_LAYERS, count)
+    refs = {dense: reference(x, layers[:check], check, dims["hidden"], dense) for dense in (True, False)}
+    rows = []
+    floor_us = {True: layers[0].bf16_bytes / FLOOR_BYTES_PER_S * 1e6, False: layers[0].w4_bytes / FLOOR_BYTES_PER_S * 1e6}
+    full: dict[str, torch.Tensor] = {}
+    for name, (linear, dense) in variants.items():
+        def run(lin=linear, layers_run=count):
+            return chain(x, layers, layers_run, lin, rms_norm_triton, silu_and_mul_triton, dims["hidden"])
+        err = rel_err(run(layers_run=check).float(), refs[dense])
+        start = time.perf_counter()
+        full[name] = run().float()
+        row: dict[str, Any] = {"variant": name, "rel_err": err, "matches_fp32": err < TOLERANCE}
+        if name.startswith("w4:"):
+            row["rel_err_vs_today"] = rel_err(full[name], full["w4:today"])
+            row["matches_fp32"] = row["matches_fp32"] and row["rel_err_vs_today"] < 1e-3
+        total = (time.perf_counter() - start) * 1e6 if args.dry_run else time_graph(run, args.replays)
+        row |= {"us_per_layer": total / count, "pct_of_floor": 100 * floor_us[dense] / (total / count)}
+        rows.append(row)
+    for row in rows:
+        row["x_bf16"] = rows[0]["us_per_layer"] / row["us_per_layer"]
+        print(f"{row['variant']:>12}: {row['us_per_layer']:8.2f} us/layer, {row['pct_of_floor']:5.1f}% of floor, "
+              f"{row['x_bf16']:.3f}x bf16 (rel err vs fp32 {row['rel_err']:.2e}"
+              f"{'' if row['matches_fp32'] else ': MISMATCH'})")
+    write_record(Path(args.out), "gpu_w4_chain", dry_run=args.dry_run, layers=count, distinct=args.distinct,
+                 replays=args.replays, pdl_early_launch=pdl_early_launch(), dims=dims,
+                 today_configs={s: dataclasses.asdict(c) for s, c in today.items()},
+                 floor_us_per_layer={"bf16": floor_us[True], "w4": floor_us[False]}, rows=rows)
+    return 0 if all(r["matches_fp32"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
