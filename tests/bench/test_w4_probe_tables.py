@@ -186,3 +186,20 @@ def test_a_winning_pdl_preload_gemv_keeps_its_fields_through_the_merge(tmp_path)
     assert not config_from_json({"kernel": "w4_gemv", **GEMV}).pdl
     assert [(c.pdl, c.preload_steps) for c in probe.candidates(1) if c.pdl or c.preload_steps] == [
         (True, 0), (True, 1), (True, 2), (True, 8), (False, 8)]
+
+
+def test_shipped_gluon_entries_fall_back_to_triton_where_gluon_is_missing(monkeypatch):
+    """Every K-major GEMM entry of the shipped table still parses on a Triton without Gluon: the same tiles through
+    Triton's w_lhs kernel (the shipped H100 table names Gluon kernels from 16 rows)."""
+    import tokenmill.kernels.quant_dispatch as dispatch
+
+    table = json.loads(dispatch.SHIPPED_CONFIGS.read_text())
+    entries = [e for formats in table.values() for fmt, shapes in formats.items() if fmt.endswith("_kmajor")
+               for rows in shapes.values() for e in rows.values() if e["kernel"] == "w4_kmajor_gemm"]
+    assert any(e.get("gluon") for e in entries)
+    monkeypatch.setattr(dispatch, "HAS_GLUON", False)
+    for entry in entries:
+        config = config_from_json(entry)
+        assert not config.gluon and not config.pipelined
+        assert (config.block_m, config.block_n, config.split_k, config.w_lhs) == (
+            entry["block_m"], entry["block_n"], entry["split_k"], entry["w_lhs"])

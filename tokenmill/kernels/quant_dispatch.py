@@ -33,6 +33,7 @@ from tokenmill.kernels.splitk import SplitKConfig
 from tokenmill.kernels.w4_gemv import KMajorWeight, W4GemvConfig, w4_gemv
 from tokenmill.kernels.w4_kmajor_dequant import KMajorDequantConfig, w4_kmajor_dequant_mm
 from tokenmill.kernels.w4_kmajor_gemm import KMajorGemmConfig, w4_kmajor_gemm
+from tokenmill.kernels.w4_kmajor_gluon import HAS_GLUON
 from tokenmill.kernels.wna16_gemm import PackedWeight, WNA16Config, wna16_linear
 from tokenmill.kernels.wna16_splitk import wna16_splitk_linear
 
@@ -70,6 +71,8 @@ def config_from_json(entry: dict[str, Any]) -> Choice:
     if entry["kernel"] == "w4_gemv":  # 4-bit; kind kmajor for K-major formats, the others for the GPTQ layout
         return W4GemvConfig(**fields)
     if entry["kernel"] == "w4_kmajor_gemm":
+        if fields.get("gluon") and not HAS_GLUON:  # a table measured with Gluon, read by a Triton without it:
+            fields.update(gluon=False, pipelined=False)  # the same tiles through Triton's w_lhs kernel
         return KMajorGemmConfig(**fields)
     if entry["kernel"] == "dequant_mm":
         return KMajorDequantConfig(**fields)
