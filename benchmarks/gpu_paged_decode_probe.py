@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv_probe import GemvProbe  # noqa: E402
-from gpu_record import write_record  # noqa: E402
+from gpu_record import probe_device, write_record  # noqa: E402
 
 from tokenmill.kernels.paged_attention import paged_decode, paged_decode_reference, plan_decode  # noqa: E402
 from tokenmill.kernels.paged_decode_config import DecodeConfig, kv_format  # noqa: E402
@@ -249,11 +248,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU check under TRITON_INTERPRET=1: tiny shapes, wall-clock times that mean nothing")
     args = parser.parse_args()
-    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("--dry-run needs TRITON_INTERPRET=1 (the Triton kernels run in its interpreter)")
-    if not args.dry_run and not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU (or --dry-run under TRITON_INTERPRET=1)")
-    device = "cpu" if args.dry_run else "cuda"
+    device = probe_device(args.dry_run)
     shapes = DRY_SHAPES if args.dry_run else SHAPES
     if args.shapes:
         wanted = args.shapes.split(",")

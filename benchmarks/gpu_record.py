@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -26,3 +27,15 @@ def write_record(path: Path, benchmark: str, **fields: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def probe_device(dry_run: bool) -> str:
+    """"cuda", or "cpu" for a probe's ``--dry-run`` (its Triton kernels in the interpreter: TRITON_INTERPRET=1 must
+    be set before triton is imported); exits with the reason when neither is possible."""
+    if dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--dry-run needs TRITON_INTERPRET=1 (the Triton kernels run in its interpreter)")
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --dry-run under TRITON_INTERPRET=1)")
+    return "cuda"

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_pdl_probe import time_graph  # noqa: E402
 from gpu_quant_gemv_sweep import FLOOR_BYTES_PER_S, packed_bytes, random_packed, rel_err  # noqa: E402
-from gpu_record import write_record  # noqa: E402
+from gpu_record import probe_device, write_record  # noqa: E402
 
 from tokenmill.kernels._triton import pdl_early_launch  # noqa: E402
 from tokenmill.kernels.activation import silu_and_mul_reference, silu_and_mul_triton  # noqa: E402
@@ -129,11 +129,7 @@ def main() -> int:
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--dry-run", action="store_true", help="CPU check under TRITON_INTERPRET=1")
     args = parser.parse_args()
-    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("--dry-run needs TRITON_INTERPRET=1 (the Triton kernels run in its interpreter)")
-    if not args.dry_run and not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU (or --dry-run under TRITON_INTERPRET=1)")
-    device = "cpu" if args.dry_run else "cuda"
+    device = probe_device(args.dry_run)
     dims = DRY if args.dry_run else {"hidden": HIDDEN, "inter": INTER, "qkv": QKV}
     count = min(args.layers, 3) if args.dry_run else args.layers
     gen = torch.Generator(device=device).manual_seed(0)

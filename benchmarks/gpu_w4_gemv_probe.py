@@ -66,7 +66,7 @@ from gpu_quant_gemv_sweep import (  # noqa: E402
     packed_bytes,
     random_packed,
 )
-from gpu_record import write_record  # noqa: E402
+from gpu_record import probe_device, write_record  # noqa: E402
 
 from tokenmill.kernels._triton import next_power_of_2  # noqa: E402
 from tokenmill.kernels.quant_dispatch import (  # noqa: E402
@@ -412,11 +412,8 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU check under TRITON_INTERPRET=1: tiny shapes, wall-clock times that mean nothing")
     args = parser.parse_args()
-    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("--dry-run needs TRITON_INTERPRET=1 (the Triton kernels run in its interpreter)")
-    if not args.dry_run and not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU (or --dry-run under TRITON_INTERPRET=1)")
-    device, copies, shapes = ("cpu", DRY_COPIES, DRY_SHAPES) if args.dry_run else ("cuda", COPIES, SHAPES)
+    device = probe_device(args.dry_run)
+    copies, shapes = (DRY_COPIES, DRY_SHAPES) if args.dry_run else (COPIES, SHAPES)
     timer = dry_timer if args.dry_run else graph_us
     pr = GemvProbe(START, args.time_limit, Path(args.out), timer,
                    lambda case, us: 100 * case["floor_bytes"] / FLOOR_BYTES_PER_S / (us * 1e-6), "pct_of_floor",
