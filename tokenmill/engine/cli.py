@@ -55,8 +55,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                              "GEMV, a tensor-core GEMM and dequantize + cuBLAS for prefill), auto (gptq for now; "
                              "layers kmajor cannot serve keep gptq)")
     parser.add_argument("--quantize-lm-head", action="store_true",
-                        help="FP8 models (--quantization fp8 or an FP8 checkpoint): the LM head in FP8 too, per "
-                             "vocabulary row, quantized at load (default: bf16, as vLLM)")
+                        help="the LM head quantized at load too (default: bf16, as vLLM): FP8 per vocabulary row "
+                             "with --quantization fp8 or an FP8 checkpoint; 4-/8-bit codes with rtn4 / int8")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="ranks sharing each layer, one process per rank (gloo on CPU, NCCL on GPUs)")
     parser.add_argument("--custom-all-reduce", action="store_true",

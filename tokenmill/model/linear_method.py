@@ -199,6 +199,10 @@ def quantization_config_from_hf(hf_quant_config: dict[str, Any] | None) -> Quant
     return QUANTIZATION_REGISTRY.get(name.lower()).from_config(hf_quant_config)
 
 
+# Formats whose LM head ``--quantize-lm-head`` quantizes at load (the checkpoint's head is dense in all of them).
+LM_HEAD_QUANTIZABLE = ("fp8", "rtn4", "int8")
+
+
 def resolve_quantization(
     checkpoint: QuantizationConfig | None, requested: str | None, weight_layout: str = "auto",
     fuse_norm_quant: bool = True, fuse_act_quant: bool = True, quantize_lm_head: bool = False,
@@ -213,12 +217,13 @@ def resolve_quantization(
                              "compressed-tensors, rtn4); this model is served dense: add --quantization rtn4 or "
                              "drop the flag")
         if quantize_lm_head:
-            raise ValueError("--quantize-lm-head applies to FP8 models (--quantization fp8 or an FP8 checkpoint); "
-                             "this model is served dense: add --quantization fp8 or drop the flag")
+            raise ValueError("--quantize-lm-head applies to models quantized at load or FP8 checkpoints "
+                             f"({', '.join(LM_HEAD_QUANTIZABLE)}); this model is served dense: add --quantization "
+                             "fp8 (or rtn4, int8) or drop the flag")
         return None
-    if quantize_lm_head and config.quant_method != "fp8":
-        raise ValueError(f"--quantize-lm-head is supported for fp8 only; this model is served as "
-                         f"{config.quant_method!r}: drop the flag")
+    if quantize_lm_head and config.quant_method not in LM_HEAD_QUANTIZABLE:
+        raise ValueError(f"--quantize-lm-head is supported for {', '.join(LM_HEAD_QUANTIZABLE)}; this model is "
+                         f"served as {config.quant_method!r}: drop the flag")
     config.weight_layout = weight_layout
     config.fuse_norm_quant, config.fuse_act_quant = fuse_norm_quant, fuse_act_quant
     config.lm_head_quantized = quantize_lm_head

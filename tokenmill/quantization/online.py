@@ -59,6 +59,9 @@ class _RTNOnlineConfig(QuantizationConfig):
         return cls()
 
     def get_linear_method(self, layer_prefix: str) -> LinearMethod:
+        if layer_prefix == "lm_head" and self.lm_head_quantized:
+            # --quantize-lm-head (vLLM's GPTQ lm_head_quantized): the head's vocabulary rows rounded like any linear
+            return RTNOnlineLinearMethod(self.bits, self.group_size)
         if layer_prefix in ("lm_head", "model.embed_tokens"):
             return DenseLinearMethod()
         return RTNOnlineLinearMethod(self.bits, self.group_size)
