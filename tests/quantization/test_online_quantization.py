@@ -81,10 +81,10 @@ def test_quantize_lm_head_rounds_the_head_too(tiny_llama, tmp_path, method):
 def test_quantized_lm_head_on_the_gpu_is_the_product_of_its_operands(tiny_llama_256, layout, rows):
     """The rtn4 head on CUDA (the W4A16 GEMV / GEMM the tuner picks for its shape) against the fp64 product of the
     bf16 hidden states and the dequantized head (1e-2: bf16 output, fp32 accumulation)."""
-    from tokenmill.attention.torch_backend import TorchAttentionBackend
-    from tokenmill.config import ModelConfig
     from safetensors.torch import load_file
 
+    from tokenmill.attention.torch_backend import TorchAttentionBackend
+    from tokenmill.config import ModelConfig
     from tokenmill.model import load_model
 
     loaded = load_model(ModelConfig(model=str(tiny_llama_256), dtype="bfloat16", device="cuda", quantization="rtn4",
