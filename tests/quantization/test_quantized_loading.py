@@ -81,16 +81,18 @@ def _reading_order(name: str) -> tuple:
     return (layer, order.get(parts[-2], 9), name)
 
 
-def _pack_by_hand(tiny_llama: Path, out: Path, method: str, group: int) -> Path:
+def _pack_by_hand(tiny_llama: Path, out: Path, method: str, group: int, lm_head: bool = False) -> Path:
     """Quantize each linear asymmetrically with a random act-order grouping (GPTQ) or plain groups (AWQ), pack
-    with the loop packers of test_packing.py, and write the checkpoint + its dense reference."""
+    with the loop packers of test_packing.py, and write the checkpoint + its dense reference. ``lm_head``: the
+    LM head packed too (GPTQModel's ``lm_head: true``)."""
     gen = torch.Generator().manual_seed(11)
     with safe_open(str(tiny_llama / "model.safetensors"), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     packed, dense = {}, {}
     perm = torch.arange(0)
     for name, weight in sorted(tensors.items(), key=lambda item: _reading_order(item[0])):
-        if ".layers." not in name or not name.endswith("proj.weight"):
+        quantized = (".layers." in name and name.endswith("proj.weight")) or (lm_head and name == "lm_head.weight")
+        if not quantized:
             packed[name] = dense[name] = weight
             continue
         out_f, in_f = weight.shape
@@ -129,7 +131,7 @@ def _pack_by_hand(tiny_llama: Path, out: Path, method: str, group: int) -> Path:
         for file in tiny_llama.iterdir():
             if file.suffix == ".json" and file.name != "config.json":
                 shutil.copy2(file, directory / file.name)
-    qc = ({"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True, "sym": False}
+    qc = ({"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True, "sym": False, "lm_head": lm_head}
           if method == "gptq" else {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                     "version": "gemm"})
     (out / "q" / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
@@ -141,6 +143,18 @@ def _pack_by_hand(tiny_llama: Path, out: Path, method: str, group: int) -> Path:
 def test_checkpoint_packed_from_the_format_description_loads(tiny_llama, tmp_path, method):
     out = _pack_by_hand(tiny_llama, tmp_path, method, group=16)
     _assert_logits_match(out / "q", out / "dense")
+
+
+def test_gptq_checkpoint_with_a_quantized_lm_head_loads(tiny_llama, tmp_path):
+    """GPTQModel's ``lm_head: true`` (vLLM reads it as lm_head_quantized): the head stays packed and the logits
+    equal transformers' on the dequantized model, whose head differs from the original's."""
+    out = _pack_by_hand(tiny_llama, tmp_path, "gptq", group=16, lm_head=True)
+    head = load(out / "q").model.lm_head
+    assert "weight" not in dict(head.named_parameters()) and head.wna16.bits == 4
+    _assert_logits_match(out / "q", out / "dense")
+    with safe_open(str(out / "dense" / "model.safetensors"), framework="pt") as dense, \
+            safe_open(str(tiny_llama / "model.safetensors"), framework="pt") as original:
+        assert not torch.equal(dense.get_tensor("lm_head.weight"), original.get_tensor("lm_head.weight"))
 
 
 def test_unsupported_formats_fail_at_load_with_what_is_supported(tiny_llama, tmp_path):

@@ -13,6 +13,7 @@ from linear_helpers import rank_context
 
 from tokenmill.model.linear import (
     MergedColumnParallelLinear,
+    ParallelLMHead,
     RowParallelLinear,
     process_weights_after_loading,
 )
@@ -111,3 +112,24 @@ def test_fused_shards_with_different_act_order_permutations_are_refused():
     _load(layer, first, "gate")
     with pytest.raises(ValueError, match="differs from shard 'gate'"):
         _load(layer, second, "up")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_quantized_lm_head_vocabulary_shards_match_dense(world_size, act_order):
+    """A GPTQ LM head (``lm_head: true``) split by vocabulary rows: each rank loads its rows of qweight / scales
+    and its packed qzeros words (8 rows a word), g_idx whole; the ranks' logits side by side are the dense ones."""
+    vocab = 8 * 40  # rows per rank a multiple of the 8 rows a qzeros word holds
+    gen = torch.Generator().manual_seed(20 + world_size)
+    tensors, dense = _checkpoint("gptq4", vocab, HIDDEN, gen, act_order=act_order)
+    x = torch.randn(3, HIDDEN, generator=gen)
+    parts = []
+    for rank in range(world_size):
+        head = ParallelLMHead(vocab, HIDDEN, _method("gptq4", act_order), parallel=rank_context(rank, world_size))
+        _load(head, tensors)
+        process_weights_after_loading(head)
+        parts.append(head.linear_method.apply(head, x, None))
+    want = F.linear(x, dense)
+    torch.testing.assert_close(torch.cat(parts, dim=-1), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    with pytest.raises(ValueError, match="checkpoint vocabulary has 320 rows; the model expects 328"):
+        _load(ParallelLMHead(vocab + 8, HIDDEN, _method("gptq4")), tensors)

@@ -241,9 +241,14 @@ class VocabParallelEmbedding(nn.Module):
             param.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: Sliceable, shard_id: Any = None) -> None:
-        if tuple(loaded.shape)[param.output_dim] != self.vocab_size:
-            raise ValueError(f"checkpoint vocabulary has {tuple(loaded.shape)[param.output_dim]} rows; the model "
-                             f"expects {self.vocab_size}")
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is None:  # a quantized head's per-input tensor (GPTQ g_idx): whole on every rank
+            load_partition(param, loaded, None, None, "the LM head")
+            return
+        packed = getattr(param, "packed_dim", None) == output_dim  # e.g. GPTQ qzeros: 8 vocabulary rows a word
+        rows = tuple(loaded.shape)[output_dim] * (param.packed_factor if packed else 1)
+        if rows != self.vocab_size:
+            raise ValueError(f"checkpoint vocabulary has {rows} rows; the model expects {self.vocab_size}")
         if self.num_real_rows < self.rows_per_rank:
             param.data.zero_()  # the last rank's padding rows stay zero
         load_partition(param, loaded, (0, self.num_real_rows, self.vocab_start), None, "the vocabulary")

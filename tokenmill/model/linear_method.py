@@ -226,7 +226,7 @@ def resolve_quantization(
                          f"served as {config.quant_method!r}: drop the flag")
     config.weight_layout = weight_layout
     config.fuse_norm_quant, config.fuse_act_quant = fuse_norm_quant, fuse_act_quant
-    config.lm_head_quantized = quantize_lm_head
+    config.lm_head_quantized = config.lm_head_quantized or quantize_lm_head  # or the checkpoint's (GPTQ lm_head)
     return config
 
 

@@ -225,8 +225,9 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(spec, attn_backend, parallel, quant_config)
         self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads if spec.num_layers else spec.num_kv_heads
         if spec.tie_word_embeddings and quant_config is not None and quant_config.lm_head_quantized:
-            raise ValueError("--quantize-lm-head: this model ties its LM head to the input embedding table "
-                             "(tie_word_embeddings), which stays dense; drop the flag")
+            raise ValueError("a quantized LM head (--quantize-lm-head, or a GPTQ checkpoint's lm_head: true): this "
+                             "model ties its LM head to the input embedding table (tie_word_embeddings), which "
+                             "stays dense; drop the flag")
         self.lm_head = ParallelLMHead(
             spec.vocab_size, spec.hidden_size, linear_method_for(quant_config, "lm_head"), parallel,
             tie_to=self.model.embed_tokens if spec.tie_word_embeddings else None,
