@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_jobs.sh paged_probe paged_tests maxload_paged
 #   bash benchmarks/gpu_jobs.sh eagle           (carry .eagle_carry: see the job)
 #   bash benchmarks/gpu_jobs.sh distill_gpu
+#   bash benchmarks/gpu_jobs.sh profiles
 set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -128,6 +129,19 @@ for job in "$@"; do
     # decode against fp32 (the rest of the paged tests run in gpu_suite.sh's kernels group).
     paged_tests) run python3 -m pytest tests/kernels/test_paged_decode_configs.py tests/kernels/test_fp8_kv_kernels.py \
                  -k "decode or config or widening or asm" -q -p no:cacheprovider ;;
+    # Three torch-profiler summaries (kernel table + time by category; the chrome traces are dropped: too big to
+    # return): issue 22's max-load prompt steps (FP8 W+KV, steps 2-4 of 1024 x 128 -> 128 at 8,192 tokens a step),
+    # and batch-1 decode steps 20-29 of FP8 + FP8 LM head and of rtn4 K-major + 4-bit LM head (issues 22 and 20:
+    # what besides the linears a batch-1 step spends). ~2 min.
+    profiles) tp() { name=$1; shift; run python3 -m tokenmill bench throughput --random-weights llama3-8b \
+                       --ignore-eos --profile "$out/prof_$name" "$@" && rm -f "$out/prof_$name/trace.json"; }
+              tp maxload_prefill --quantization fp8 --kv-cache-dtype fp8 --num-prompts 1024 --input-len 128 \
+                --output-len 128 --max-num-seqs 1024 --max-num-batched-tokens 8192 --max-cudagraph-capture-size 1024 \
+                --profile-start 2 --profile-steps 3
+              tp b1_fp8_lmhead --quantization fp8 --quantize-lm-head --num-prompts 1 --input-len 128 --output-len 64 \
+                --max-num-seqs 8 --profile-start 20 --profile-steps 10
+              tp b1_rtn4_kmajor_lmhead --quantization rtn4 --quant-weight-layout kmajor --quantize-lm-head \
+                --num-prompts 1 --input-len 128 --output-len 64 --max-num-seqs 8 --profile-start 20 --profile-steps 10 ;;
     *) echo "unknown job $job" ;;
   esac > "$out/$job.log" 2>&1
   echo "== $job: exit $? in $(( $(date +%s) - start )) s"; tail -n 25 "$out/$job.log"
