@@ -72,10 +72,15 @@ def test_dequantized_copy_runs_in_transformers(tiny_llama, tmp_path):
     assert 0.0 < rel < 0.5  # quantized: close to the original, not equal
 
 
-def test_quantize_rejects_bad_options(tiny_llama, tmp_path, capsys):
+def test_quantize_rejects_bad_options(tiny_llama, tiny_model_dirs, tmp_path, capsys):
     for flags, message in [(["--method", "awq", "--bits", "8"], "AWQ checkpoints hold 4-bit"),
                            (["--group-size", "48"], "does not divide"),
-                           (["--method", "rtn", "--act-order"], "--act-order applies")]:
+                           (["--method", "rtn", "--act-order"], "--act-order applies"),
+                           (["--method", "awq", "--lm-head"], "keeps the LM head dense"),
+                           (["--method", "fp8", "--lm-head"], "serve with --quantize-lm-head")]:
         with pytest.raises(SystemExit):
             _quantize(tiny_llama, tmp_path / "bad", *flags)
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _quantize(tiny_model_dirs["qwen2"], tmp_path / "tied", "--method", "rtn", "--lm-head")
+    assert "ties its LM head to the input embedding table" in capsys.readouterr().err

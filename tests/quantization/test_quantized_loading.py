@@ -29,6 +29,7 @@ CASES = {
     "gptq8_g64": ["--method", "gptq", "--bits", "8", "--group-size", "64"],
     "gptq4_one_group_asym": ["--method", "gptq", "--group-size", "-1", "--no-sym"],
     "awq4_g32": ["--method", "awq", "--group-size", "32"],
+    "gptq4_g32_lm_head": ["--method", "gptq", "--group-size", "32", "--lm-head"],
 }
 
 
@@ -61,6 +62,8 @@ def test_weights_stay_packed(quantized):
         assert "weight" not in params and params["qweight"].dtype == torch.int32
         assert linear.wna16.bits in (4, 8)
         assert params["qweight"].numel() * 32 == linear.input_size * linear.output_size * linear.wna16.bits
+    head_packed = json.loads((quantized[0] / "config.json").read_text())["quantization_config"].get("lm_head", False)
+    assert ("weight" not in dict(model.lm_head.named_parameters())) == head_packed  # --lm-head: lm_head: true
 
 
 def test_greedy_tokens_match_dequantized_model(quantized):

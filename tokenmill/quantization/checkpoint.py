@@ -25,7 +25,7 @@ def quantization_config(config: QuantizeConfig) -> dict:
                 "zero_point": True, "version": "gemm"}
     return {"quant_method": "gptq", "bits": config.bits, "group_size": config.group_size,
             "desc_act": config.act_order, "sym": bool(config.sym), "damp_percent": config.damp_percent,
-            "true_sequential": False, "static_groups": False, "checkpoint_format": "gptq", "lm_head": False,
+            "true_sequential": False, "static_groups": False, "checkpoint_format": "gptq", "lm_head": config.lm_head,
             "quantizer": [f"tokenmill:{config.method}"]}
 
 

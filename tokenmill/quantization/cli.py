@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="symmetric codes (default: on for rtn/gptq, off (zero points) for awq)")
     quantize.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation")
     quantize.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ: Hessian damping")
+    quantize.add_argument("--lm-head", action="store_true",
+                          help="the (untied) LM head too (GPTQ format: lm_head: true, as GPTQModel writes; faster "
+                               "decode, larger logit error)")
     quantize.add_argument("--calib-data", default=None, help="text file (default: bundled public-domain KJV excerpt)")
     quantize.add_argument("--num-samples", type=int, default=128)
     quantize.add_argument("--seq-len", type=int, default=512)
@@ -55,7 +58,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     config = QuantizeConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
         damp_percent=args.damp_percent, num_samples=args.num_samples, seq_len=args.seq_len,
-        calib_data=args.calib_data, device=args.device, format=args.format,
+        calib_data=args.calib_data, device=args.device, format=args.format, lm_head=args.lm_head,
     )
     model, tokenizer = load_source_model(args.model)
     result = quantize_model(model, tokenizer, config)
@@ -73,6 +76,9 @@ def run_quantize_fp8(args: argparse.Namespace) -> int:
     fmt = args.format or "compressed-tensors"
     if fmt not in ("compressed-tensors", "fp8"):
         raise ValueError(f"--method fp8 writes the 'compressed-tensors' or 'fp8' format; got --format {fmt}")
+    if args.lm_head:
+        raise ValueError("--lm-head applies to rtn/gptq checkpoints; FP8 checkpoints keep the LM head dense: serve "
+                         "with --quantize-lm-head to quantize it at load")
     if args.bits != 4 or args.group_size != 128 or args.sym is not None or args.act_order:
         # 4 / 128 are the 4-bit defaults: anything else was asked for and means nothing for e4m3.
         raise ValueError("--bits, --group-size, --sym and --act-order apply to rtn/gptq/awq; FP8 keeps one scale "

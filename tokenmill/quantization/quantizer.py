@@ -41,6 +41,7 @@ class QuantizeConfig:
     calib_data: str | None = None
     device: str = "cpu"
     format: str | None = None  # checkpoint convention: gptq | awq | compressed-tensors (None: by method)
+    lm_head: bool = False  # the (untied) LM head too, on the final norm's outputs (GPTQModel's lm_head=True)
 
     def __post_init__(self) -> None:
         if self.format not in (None, *CHECKPOINT_FORMATS):
@@ -66,6 +67,10 @@ class QuantizeConfig:
             raise ValueError("AWQ checkpoints hold 4-bit weights with zero points: use --bits 4 without --sym")
         if self.act_order and self.method != "gptq":
             raise ValueError("--act-order applies to --method gptq only")
+        if self.lm_head and self.checkpoint_format != "gptq":
+            raise ValueError("--lm-head writes the GPTQ convention's lm_head: true (vLLM reads it); the "
+                             f"{self.checkpoint_format!r} format keeps the LM head dense: use --format gptq with "
+                             "--method gptq or rtn")
         if not 0.0 < self.damp_percent < 1.0:
             raise ValueError(f"--damp-percent must lie in (0, 1); got {self.damp_percent}")
 
@@ -237,6 +242,9 @@ def quantize_model(model: nn.Module, tokenizer, config: QuantizeConfig, progress
     """Quantize ``model`` (a transformers Llama-family model on the CPU) in place; see the module docstring."""
     from tqdm import tqdm
 
+    if config.lm_head and getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError("--lm-head: this model ties its LM head to the input embedding table "
+                         "(tie_word_embeddings), which stays dense; drop --lm-head")
     device = torch.device(config.device)
     text = read_text(config.calib_data, CALIBRATION_TEXT)
     samples = calibration_samples(tokenizer, text, config.num_samples, config.seq_len)
@@ -267,7 +275,31 @@ def quantize_model(model: nn.Module, tokenizer, config: QuantizeConfig, progress
                 result.reports.append(LayerReport(full_name, rel**0.5))
             inputs = _run_layer(layer, inputs, kwargs)
             layer.to("cpu", original_dtype)
+        if config.lm_head:
+            _quantize_lm_head(model, inputs, config, result)
     return result
+
+
+def _quantize_lm_head(model: nn.Module, hidden: list[torch.Tensor], config: QuantizeConfig,
+                      result: QuantizeResult) -> None:
+    """The LM head on the final norm of the last layer's outputs (its inputs), like any decoder linear."""
+    head, norm = model.get_output_embeddings(), model.model.norm
+    device = hidden[0].device
+    originals = [(m, next(m.parameters()).dtype) for m in (head, norm)]
+    head.to(device, torch.float32)
+    norm.to(device, torch.float32)
+    stats = _InputStats(head.in_features, device)
+    inputs = [norm(x) for x in hidden]
+    for x in inputs:
+        stats(head, (x,), None)
+    layer = nn.Module()
+    layer.add_module("lm_head", head)
+    (qw, (before, after)), = _quantize_layer(layer, {"lm_head": stats}, config).values()
+    result.weights["lm_head"] = qw
+    rel = output_error(after - before, stats.hessian) / max(output_error(before, stats.hessian), 1e-30)
+    result.reports.append(LayerReport("lm_head", rel**0.5))
+    for module, dtype in originals:
+        module.to("cpu", dtype)
 
 
 def load_source_model(model_path: str | Path):
