@@ -53,6 +53,7 @@ VARIANTS = {  # name -> engine kwargs on top of the common ones; run in this ord
     "fp8_w_kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"},
     "fp8_kv": {"kv_cache_dtype": "fp8"},
     "fp8_w": {"quantization": "fp8"},
+    "fp8_w_kv_lmhead": {"quantization": "fp8", "kv_cache_dtype": "fp8", "quantize_lm_head": True},  # opt-in head
 }
 L2_DEFEAT_BYTES = 256 * 2**20  # data touched per graph replay: several times the H100's 50 MB L2
 
