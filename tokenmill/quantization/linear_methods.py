@@ -247,10 +247,10 @@ class GPTQConfig(QuantizationConfig):
         _check_group_size(group_size, "GPTQ")
         if fmt != "gptq":
             raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; supported: 'gptq' (v1)")
-        config_ = cls(bits, group_size, bool(config.get("sym", True)), bool(config.get("desc_act", False)))
+        gptq = cls(bits, group_size, bool(config.get("sym", True)), bool(config.get("desc_act", False)))
         # GPTQModel's lm_head=True (vLLM's lm_head_quantized): the LM head is stored packed like any linear
-        config_.lm_head_quantized = bool(config.get("lm_head", False))
-        return config_
+        gptq.lm_head_quantized = bool(config.get("lm_head", False))
+        return gptq
 
     def get_linear_method(self, layer_prefix: str) -> LinearMethod:
         if layer_prefix == "lm_head" and self.lm_head_quantized:
