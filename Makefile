@@ -29,13 +29,16 @@ generate: $(STAMP)
 # `extended` tests load the real SmolLM2 to repeat a check a tiny-model test already makes (pyproject's markers).
 # Two pytest-xdist workers, tests handed out one by one: most of the suite's time is single-threaded (server and
 # gateway processes importing torch, waits on timers), so a second worker uses the second core. A worker builds the
-# session and module fixtures its tests need (some servers start on both). Measured on a shared 2-core box, whole
-# suite: one process 976 s; --dist loadfile (whole files per worker) 636 s; --dist load 375-584 s (box load 2-5).
+# session and module fixtures its tests need, so --dist loadgroup keeps the tests that share an expensive one on one
+# worker (tests/conftest.py puts them in groups; with --dist load the SmolLM2 server, the model-server export and
+# others were built on both). Measured on a shared 2-core box, whole suite: one process 976 s; --dist loadfile
+# (whole files per worker) 636 s; --dist load 375-584 s (box load 2-5); fixture work summed over both workers
+# 802-819 s with --dist load, 724 s with loadgroup.
 # TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check tokenmill tests benchmarks
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist load -m "not extended" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup -m "not extended" $(PYTEST_ARGS)
 
 test-extended: $(STAMP)
 	$(PY) -m pytest -q -ra -m extended $(PYTEST_ARGS)
