@@ -19,7 +19,7 @@ from model_helpers import (
 )
 
 from tokenmill.model import Tokenizer, load_tokenizer
-from tokenmill.model.gguf_loader import hf_tensor_name, unpermute_qk
+from tokenmill.model.gguf_loader import hf_tensor_name, open_gguf, unpermute_qk
 
 LENGTHS = [7, 13, 4]
 
@@ -122,6 +122,31 @@ def test_gguf_tokenizer_is_converted_and_cached(tiny_model_dirs, tmp_path, monke
         assert len(cached) == 1 and (cached[0] / "tokenizer_config.json").is_file()
     # A .gguf file also works as a tokenizer for another model (or for random weights).
     assert load_tokenizer(path).encode(text) == reference.encode(text)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_1"])
+def test_open_gguf_reads_what_the_gguf_package_reads(tiny_model_dirs, tmp_path, qtype):
+    """open_gguf's reader (plain views of the mapping, for speed) gives every field and tensor the package's does."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    path = write_tiny_gguf(tiny_model_dirs["llama"], tmp_path / "t.gguf", qtype, with_tokenizer=True)
+    ours, theirs = open_gguf(path), GGUFReader(str(path))
+    assert type(ours) is not GGUFReader  # the faster reader is in use with this gguf package
+    assert list(ours.fields) == list(theirs.fields) and "tokenizer.ggml.merges" in ours.fields
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.offset, mine.data, mine.types) == (field.offset, field.data, field.types), name
+        assert len(mine.parts) == len(field.parts)
+        for a, b in zip(mine.parts, field.parts, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+        assert mine.contents() == field.contents(), name
+    assert len(ours.tensors) == len(theirs.tensors) > 0
+    for mine, tensor in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (mine.name, mine.tensor_type, mine.data_offset, mine.n_bytes) == (
+            tensor.name, tensor.tensor_type, tensor.data_offset, tensor.n_bytes)
+        assert np.array_equal(mine.shape, tensor.shape) and np.array_equal(mine.data, tensor.data), mine.name
+        assert mine.data.dtype == tensor.data.dtype and not mine.data.flags.writeable
 
 
 def test_gguf_without_tokenizer_metadata_has_no_tokenizer(tiny_model_dirs, tmp_path):
