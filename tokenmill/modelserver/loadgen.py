@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -172,9 +173,9 @@ class RawHttpConnection:
             self.writer = None
 
 
-def _client_proc(url: str, body: bytes, headers: dict, clients: int, start_at: float, seconds: float,
+def _client_proc(url: str, body: bytes, headers: dict, clients: int, start: _StartSignal, seconds: float,
                  kind: str, out: mp.Queue) -> None:
-    """One load-generator process: ``clients`` keep-alive connections sending back to back."""
+    """One load-generator process: ``clients`` keep-alive connections sending back to back from the common start."""
 
     async def main() -> tuple[list[float], int]:
         latencies: list[float] = []
@@ -221,6 +222,7 @@ def _client_proc(url: str, body: bytes, headers: dict, clients: int, start_at: f
 
         if kind == "raw":  # connect before the clock starts: the window measures steady keep-alive traffic
             await asyncio.gather(*[c.connect() for c in connections])
+        start_at = start.wait_for_start()  # blocks the loop: nothing else runs in it yet
         await asyncio.sleep(max(0.0, start_at - time.time()))
         await asyncio.gather(*[worker(i) for i in range(clients)])
         if kind == "raw":
@@ -238,18 +240,42 @@ def _client_proc(url: str, body: bytes, headers: dict, clients: int, start_at: f
     out.put(asyncio.run(main()))
 
 
+class _StartSignal:
+    """The clients' common start: each process reports ready (client imported, raw connections open), then all
+    begin at one wall-clock instant the parent sets once the last is ready. A fixed delay instead (it was 2-3 s)
+    waited needlessly on every level when the clients were ready sooner, and started late ones mid-window."""
+
+    def __init__(self, ctx: Any, procs: int, timeout_s: float = 180.0) -> None:
+        self.ready, self.go = ctx.Barrier(procs + 1, timeout=timeout_s), ctx.Event()
+        self.start_at, self.timeout_s = ctx.Value("d", 0.0), timeout_s
+
+    def wait_for_start(self) -> float:
+        """In a client process: report ready, wait for the parent's start, return its time.time()."""
+        self.ready.wait()
+        if not self.go.wait(self.timeout_s):
+            raise TimeoutError("the load generator's parent never started the clients")
+        return self.start_at.value
+
+    def start_when_ready(self) -> None:
+        """In the parent: once every client is ready, start them all a moment from now."""
+        self.ready.wait()
+        self.start_at.value = time.time() + 0.05
+        self.go.set()
+
+
 def drive(url: str, body: bytes, headers: dict, concurrency: int, seconds: float, procs: int = 2,
           kind: str = "raw") -> LoadResult:
     """``concurrency`` clients split over ``procs`` processes, all starting together; the merged summary."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = max(1, min(procs, concurrency))
-    start_at = time.time() + 2.0 + 0.5 * procs  # after every process has imported its client
+    start = _StartSignal(ctx, procs)
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    workers = [ctx.Process(target=_client_proc, args=(url, body, headers, n, start_at, seconds, kind, out))
+    workers = [ctx.Process(target=_client_proc, args=(url, body, headers, n, start, seconds, kind, out))
                for n in shares]
     for w in workers:
         w.start()
+    start.start_when_ready()
     latencies, failed = [], 0
     for _ in workers:
         lat, fail = out.get(timeout=seconds + 180)
