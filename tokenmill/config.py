@@ -75,7 +75,7 @@ class ModelConfig:
     # dynamic per-token scales its output already in FP8, made in the same kernel (model/layers.py).
     fuse_norm_quant: bool = True
     fuse_act_quant: bool = True
-    # FP8 models: the LM head in FP8 too (per vocabulary row, quantized at load); vLLM keeps it unquantized.
+    # The untied LM head quantized at load too (fp8 per vocabulary row; rtn4 / int8 codes); vLLM keeps it dense.
     quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
