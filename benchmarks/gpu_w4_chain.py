@@ -48,7 +48,12 @@ from gpu_record import probe_device, write_record  # noqa: E402
 
 from tokenmill.kernels._triton import pdl_early_launch  # noqa: E402
 from tokenmill.kernels.activation import silu_and_mul_reference, silu_and_mul_triton  # noqa: E402
-from tokenmill.kernels.quant_dispatch import default_kmajor_config, kmajor_cuda_linear, tuned_choice  # noqa: E402
+from tokenmill.kernels.quant_dispatch import (  # noqa: E402
+    default_kmajor_config,
+    kmajor_cuda_linear,
+    kmajor_cuda_silu_and_mul,
+    tuned_choice,
+)
 from tokenmill.kernels.rms_norm import rms_norm_reference, rms_norm_triton  # noqa: E402
 from tokenmill.kernels.w4_gemv import KMajorWeight, W4GemvConfig, dequantize_k_major, repack_k_major  # noqa: E402
 
@@ -79,16 +84,36 @@ Linear = Callable[[torch.Tensor, str, Layer], torch.Tensor]
 
 
 def chain(x: torch.Tensor, layers: list[Layer], count: int, linear: Linear, norm: Callable, act: Callable,
-          hidden: int) -> torch.Tensor:
-    """``count`` layers (cycling ``layers``); returns the last residual stream plus the last output."""
+          hidden: int, gate_up_act: Callable | None = None) -> torch.Tensor:
+    """``count`` layers (cycling ``layers``); returns the last residual stream plus the last output.
+    ``gate_up_act(h, layer)``: the gate_up projection and the activation in one call (else ``act(linear(..))``)."""
     residual = torch.zeros_like(x)
     for i in range(count):
         layer = layers[i % len(layers)]
         h, residual = norm(x, layer.norm[0], EPS, residual)
         q = norm(linear(h, "qkv", layer)[:, :hidden], layer.norm[1], EPS)  # stands in for RoPE + attention
         h, residual = norm(linear(q, "o", layer), layer.norm[2], EPS, residual)
-        x = linear(act(linear(h, "gate_up", layer)), "down", layer)
+        activated = gate_up_act(h, layer) if gate_up_act is not None else act(linear(h, "gate_up", layer))
+        x = linear(activated, "down", layer)
     return x + residual
+
+
+def fused_gate_up_act(h: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """The engine's gate_up call with SiLU-and-mul in the GEMV's epilogue (kernels/w4_gemv.py ``act_mul``)."""
+    act = kmajor_cuda_silu_and_mul(h, layer.w4["gate_up"], None, {})
+    if act is None:
+        raise SystemExit("the 1-row gate_up choice is not the K-major GEMV: no SiLU-and-mul epilogue to time")
+    return act
+
+
+def skip_act(x: torch.Tensor) -> torch.Tensor:
+    """Ablation (timing only): the gate half as is, no activation kernel."""
+    return x[:, : x.shape[1] // 2]
+
+
+def skip_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Ablation (timing only): no norm kernel (the residual stream is not added either)."""
+    return (x, x) if residual is not None else x
 
 
 def w4_linear(configs: dict[str, W4GemvConfig] | None) -> Linear:
@@ -146,6 +171,13 @@ def main() -> int:
     # the L2 prefetch of every later chunk without PDL: what of the gain is not the overlap with the kernel before
     variants[f"w4:pre{PRELOADS[-1]}"] = (w4_linear({s: dataclasses.replace(c, preload_steps=PRELOADS[-1])
                                                     for s, c in today.items()}), False)
+    # today's dispatch with the gate_up GEMV's SiLU-and-mul epilogue: one kernel less a layer, the same arithmetic
+    fused = {"w4:fused_act": fused_gate_up_act}
+    variants["w4:fused_act"] = (w4_linear(None), False)
+    # ablations (timed, not checked): a kernel left out, to bound what fusing it away could save
+    ablations = {"bf16-act": (skip_act, rms_norm_triton), "bf16-norms": (silu_and_mul_triton, skip_norm),
+                 "w4:today-act": (skip_act, rms_norm_triton), "w4:today-norms": (silu_and_mul_triton, skip_norm)}
+    variants |= {name: variants[name.split("-")[0]] for name in ablations}
     # fp32 check over the first CHECK_LAYERS layers (every kernel, every weight set): over 32 the residual stream's
     # bf16 rounding would blur a tolerance; the full chains of the W4 variants must equal today's (same arithmetic)
     check = min(CHECK_LAYERS, count)
@@ -154,13 +186,17 @@ def main() -> int:
     floor_us = {True: layers[0].bf16_bytes / FLOOR_BYTES_PER_S * 1e6, False: layers[0].w4_bytes / FLOOR_BYTES_PER_S * 1e6}
     full: dict[str, torch.Tensor] = {}
     for name, (linear, dense) in variants.items():
-        def run(lin=linear, layers_run=count):
-            return chain(x, layers, layers_run, lin, rms_norm_triton, silu_and_mul_triton, dims["hidden"])
+        act, norm = ablations.get(name, (silu_and_mul_triton, rms_norm_triton))
+
+        def run(lin=linear, layers_run=count, act=act, norm=norm, gate_up_act=fused.get(name)):
+            return chain(x, layers, layers_run, lin, norm, act, dims["hidden"], gate_up_act)
         err = rel_err(run(layers_run=check).float(), refs[dense])
         start = time.perf_counter()
         full[name] = run().float()
         row: dict[str, Any] = {"variant": name, "rel_err": err, "matches_fp32": err < TOLERANCE}
-        if name.startswith("w4:"):
+        if name in ablations:
+            row |= {"ablation": True, "matches_fp32": True}  # wrong on purpose: a timing bound, not a result
+        elif name.startswith("w4:"):
             row["rel_err_vs_today"] = rel_err(full[name], full["w4:today"])
             row["matches_fp32"] = row["matches_fp32"] and row["rel_err_vs_today"] < 1e-3
         total = (time.perf_counter() - start) * 1e6 if args.dry_run else time_graph(run, args.replays)

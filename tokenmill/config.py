@@ -75,6 +75,9 @@ class ModelConfig:
     # dynamic per-token scales its output already in FP8, made in the same kernel (model/layers.py).
     fuse_norm_quant: bool = True
     fuse_act_quant: bool = True
+    # tokenmill's pass_config key (vLLM has none for it): a gate|up projection whose kernel can apply SiLU-and-mul in
+    # its epilogue at this row count (the 4-bit K-major GEMV) does, saving the activation kernel's launch.
+    fuse_gemm_act: bool = True
     # The untied LM head quantized at load too (fp8 per vocabulary row; rtn4 / int8 codes); vLLM keeps it dense.
     quantize_lm_head: bool = False
 
@@ -221,7 +224,7 @@ class SchedulerConfig:
 CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
 # The keys of vLLM's --compilation-config this engine reads, and of its pass_config (model build options).
 COMPILATION_CONFIG_KEYS = ("cudagraph_mode", "max_cudagraph_capture_size", "pass_config")
-PASS_CONFIG_KEYS = ("fuse_norm_quant", "fuse_act_quant")
+PASS_CONFIG_KEYS = ("fuse_norm_quant", "fuse_act_quant", "fuse_gemm_act")
 # Largest decode batch captured as a CUDA graph when max_cudagraph_capture_size is not given: vLLM's cap (more
 # graphs lengthen start-up; a larger decode batch runs eagerly or through piecewise graphs).
 DEFAULT_MAX_GRAPH_BATCH = 512

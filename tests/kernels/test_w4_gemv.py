@@ -159,11 +159,12 @@ def test_pdl_fields_are_checked():
 
 @pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs triton, compiled (the interpreter swaps jit functions for its own)")
-@pytest.mark.parametrize("preload,pdl", [(1, True), (2, True), (4, PDL_EARLY_LAUNCH)])
-def test_kmajor_preload_is_issued_before_the_pdl_wait(preload, pdl):
+@pytest.mark.parametrize("preload,pdl,act_mul", [(1, True, False), (2, True, False), (4, PDL_EARLY_LAUNCH, False),
+                                                 (2, True, True)])
+def test_kmajor_preload_is_issued_before_the_pdl_wait(preload, pdl, act_mul):
     """Compiles the K-major kernel for sm_90 without a GPU: the preloaded words and scales (ld.global) and the L2
     prefetches come before griddepcontrol.wait, x's loads after it; an early launch releases the next kernel after
-    the wait; nothing spills."""
+    the wait; nothing spills (the SiLU-and-mul epilogue included)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from triton_sass import compile_sm90
 
@@ -172,7 +173,7 @@ def test_kmajor_preload_is_issued_before_the_pdl_wait(preload, pdl):
     args = dict(xp_ptr="*i32", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16",
                 M="i32:1", N="i32:16", G="i32:16", stride_xm="i32:16", stride_om="i32:16", m128="i32:1", m8="i32:1",
                 HAS_ZEROS=True, HAS_BIAS=False, ROWS=1, BLOCK_N=4, CHUNK_G=16, GW=16, X_BF16=True, EVEN=True,
-                PREFETCH=False, PRELOAD=preload, L2_PREFETCH=preload > 1, PDL=pdl)
+                PREFETCH=False, PRELOAD=preload, L2_PREFETCH=preload > 1, PDL=pdl, ACT_MUL=act_mul)
     info = compile_sm90(_kmajor_kernel, args, num_warps=2, keep_text=True)
     lines = info.ptx.splitlines()
 
@@ -185,3 +186,38 @@ def test_kmajor_preload_is_issued_before_the_pdl_wait(preload, pdl):
     assert all(i < wait for i in at("prefetch.global.L2")) and (len(at("prefetch.global.L2")) > 0) == (preload > 1)
     assert [i > wait for i in at("griddepcontrol.launch_dependents")] == ([True] if pdl == PDL_EARLY_LAUNCH else [])
     assert info.spill_bytes == 0
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows,group,zeros,dtype,bias", [(1, 128, True, torch.bfloat16, False),
+                                                         (3, 64, False, torch.float16, True),
+                                                         (4, 32, True, torch.bfloat16, True)])
+def test_kmajor_silu_and_mul_epilogue_equals_the_unfused_pair(device, rows, group, zeros, dtype, bias):
+    """``act_mul``: the gate|up GEMV with SiLU-and-mul in its epilogue gives exactly the unfused pair's output (the
+    GEMV, then kernels/activation.py's kernel), and the fp32 silu(gate) * up within the output rounding; whole tiles
+    (EVEN), a ragged last tile (100 gate channels over 8-wide programs), preloads and chunks."""
+    from tokenmill.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
+
+    for width, configs in ((128, [W4GemvConfig("kmajor", block_n=4), W4GemvConfig("kmajor", block_n=8, groups=2,
+                                                                                  pdl=True, preload_steps=2)]),
+                           (100, [W4GemvConfig("kmajor", block_n=16, groups=1, prefetch=True)])):
+        packed = random_packed(5 * group, 2 * width, 4, group, zeros, dtype, device, seed=rows * 5 + width)
+        gen = torch.Generator().manual_seed(rows + width)
+        x = torch.randn(rows, 5 * group, generator=gen).to(dtype).to(device)
+        b = torch.randn(2 * width, generator=gen).to(dtype).to(device) if bias else None
+        ref = silu_and_mul_reference(wna16_linear_reference(x.float(), packed, None if b is None else b.float()))
+        kmajor = repack_k_major(packed)
+        for config in configs:
+            fused = w4_gemv(x, kmajor, config, b, act_mul=True)
+            assert fused.shape == (rows, width) and fused.dtype == dtype, config
+            assert torch.equal(fused, silu_and_mul_triton(w4_gemv(x, kmajor, config, b))), config
+            assert rel_err(fused, ref) < TOL[dtype], config
+
+
+def test_act_mul_is_refused_where_the_kernel_has_no_epilogue():
+    packed = random_packed(128, 64, 4, 128, True, torch.bfloat16, "cpu", seed=3)
+    x = torch.randn(1, 128).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="act_mul takes the 'kmajor' kind"):
+        w4_gemv(x, packed, W4GemvConfig("nmajor", groups=1), act_mul=True)
+    with pytest.raises(ValueError, match="block_n >= 2"):
+        w4_gemv(x, repack_k_major(packed), W4GemvConfig("kmajor", block_n=1), act_mul=True)

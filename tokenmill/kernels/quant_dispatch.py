@@ -197,14 +197,30 @@ def default_kmajor_config(rows: int, n: int, k: int, num_sms: int = 132) -> KMaj
     return dataclasses.replace(config, split_k=split)
 
 
-def kmajor_cuda_linear(x: torch.Tensor, weight: KMajorWeight, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
-    """x [M, K] on CUDA times a K-major 4-bit weight through the planned, measured or default kernel for M rows."""
+def kmajor_choice(x: torch.Tensor, weight: KMajorWeight, plan: Plan) -> Choice:
+    """The planned, measured or default kernel for x's rows times a K-major 4-bit weight."""
     rows = x.shape[0]
     config = plan.get(next_power_of_2(max(rows, 1))) if plan else None
     if config is None:
         found, config = tuned_choice(x.device, wna16_format(weight), weight.out_features, weight.in_features, rows)
         if not found or config is None:
             config = default_kmajor_config(rows, weight.out_features, weight.in_features)
+    return config
+
+
+def kmajor_cuda_silu_and_mul(x: torch.Tensor, weight: KMajorWeight, bias: torch.Tensor | None,
+                             plan: Plan) -> torch.Tensor | None:
+    """silu(gate) * up of a fused gate|up K-major weight in one launch where x's rows go to the K-major GEMV (its
+    ``act_mul`` epilogue); None where they go to a GEMM (the caller runs the pair)."""
+    config = kmajor_choice(x, weight, plan)
+    if not isinstance(config, W4GemvConfig) or config.kind != "kmajor" or config.block_n < 2:
+        return None
+    return w4_gemv(x, weight, config, bias, act_mul=True)
+
+
+def kmajor_cuda_linear(x: torch.Tensor, weight: KMajorWeight, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
+    """x [M, K] on CUDA times a K-major 4-bit weight through the planned, measured or default kernel for M rows."""
+    config = kmajor_choice(x, weight, plan)
     if isinstance(config, W4GemvConfig):
         return w4_gemv(x, weight, config, bias)
     if isinstance(config, KMajorGemmConfig):

@@ -288,6 +288,16 @@ if HAS_TRITON:
         xs_group = tl.sum(tl.reshape(xs, [ROWS, 1, CHUNK_G, GW]), axis=3)
         return acc + scale * (16.0 * p_group - zero * xs_group)
 
+    @triton.jit
+    def _channels(pid, N, BLOCK_N: tl.constexpr, ACT_MUL: tl.constexpr):
+        """The program's output channels: BLOCK_N in a row, or (ACT_MUL) BLOCK_N / 2 gate channels j then their up
+        channels N / 2 + j. Past the last: >= N (the gate half's lanes past N / 2 read up rows, masked at the store)."""
+        lane = tl.arange(0, BLOCK_N)
+        if ACT_MUL:
+            HALF: tl.constexpr = BLOCK_N // 2
+            return pid * HALF + lane % HALF + (lane // HALF) * (N // 2)
+        return pid * BLOCK_N + lane
+
     @triton.jit(do_not_specialize=["M"])
     def _kmajor_kernel(
         xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -295,7 +305,7 @@ if HAS_TRITON:
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         CHUNK_G: tl.constexpr, GW: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
         PREFETCH: tl.constexpr, PRELOAD: tl.constexpr = 0, L2_PREFETCH: tl.constexpr = False,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False,
     ):
         """Program: BLOCK_N output channels over all of K, CHUNK_G groups of GW words a load. Words and x pairs
         are loaded as [rows or 1, n or 1, g, w] tiles of the same shape along (g, w): one register layout, no
@@ -309,11 +319,16 @@ if HAS_TRITON:
 
         Per word, p = sum x (base + c / 16) - xb with xb = sum x base (p starts at -xb; then one FMA a weight),
         so sum x c = 16 p and the group adds s (16 sum_w p - z xs); p is summed over the group's words at once, so
-        no per-word accumulator stays live across chunks (registers: more programs per SM, more loads in flight)."""
+        no per-word accumulator stays live across chunks (registers: more programs per SM, more loads in flight).
+
+        ACT_MUL: the weight is a fused gate|up projection (N = 2 D) and the output silu(gate) * up [M, D]: a
+        program takes BLOCK_N / 2 gate channels and the matching up channels (rows j and D + j: each channel's
+        words are contiguous, so the pick is an index, not a repack) and applies the activation to its own
+        outputs, rounded as the unfused pair rounds them (the GEMV's output, then the product, in out's dtype)."""
         pid = tl.program_id(0)
         KC: tl.constexpr = CHUNK_G * GW  # words a chunk: one flat last dim, so every Triton version lays the
         # words and the x pairs out alike (threads and warps along it; channels and rows in registers)
-        n3 = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[None, :, None]
+        n3 = _channels(pid, N, BLOCK_N, ACT_MUL)[None, :, None]
         m3 = tl.arange(0, ROWS)[:, None, None]
         kc3 = tl.arange(0, KC)[None, None, :]
         # word kc of the chunk sits in group kc // GW at word kc % GW; its x pairs at 4 GW group + GW t + word
@@ -350,11 +365,20 @@ if HAS_TRITON:
             acc = _chunk_product(acc, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
                                  ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN)
         out = tl.sum(acc, axis=2)
-        n2 = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+        n2 = _channels(pid, N, BLOCK_N, ACT_MUL)[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
         m2 = tl.arange(0, ROWS)[:, None]
-        tl.store(out_ptr + m2 * stride_om + n2, out.to(out_ptr.dtype.element_ty), mask=(m2 < M) & (n2 < N))
+        if ACT_MUL:
+            HALF: tl.constexpr = BLOCK_N // 2
+            rounded = out.to(out_ptr.dtype.element_ty).to(tl.float32)  # the projection's output, as stored unfused
+            gate, up = tl.split(tl.permute(tl.reshape(rounded, [ROWS, 2, HALF]), (0, 2, 1)))
+            col = (pid * HALF + tl.arange(0, HALF))[None, :]
+            act = gate / (1.0 + tl.exp(-gate))  # kernels/activation.py's formula
+            tl.store(out_ptr + m2 * stride_om + col, (act * up).to(out_ptr.dtype.element_ty),
+                     mask=(m2 < M) & (col < N // 2))
+        else:
+            tl.store(out_ptr + m2 * stride_om + n2, out.to(out_ptr.dtype.element_ty), mask=(m2 < M) & (n2 < N))
 
     @triton.jit
     def _reduce_store(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tile, pid_k,
@@ -553,9 +577,14 @@ def split_plan(config: W4GemvConfig, rows: int, n: int, groups: int) -> tuple[in
 
 
 def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4GemvConfig,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
+            bias: torch.Tensor | None = None, act_mul: bool = False) -> torch.Tensor:
     """x [M, K] (bf16/fp16, M <= 16) times the dequantized 4-bit weight (+ bias) -> [M, N] in x's dtype;
-    ``kmajor`` takes ``repack_k_major``'s weight, the other kinds the PackedWeight as loaded."""
+    ``kmajor`` takes ``repack_k_major``'s weight, the other kinds the PackedWeight as loaded. ``act_mul``
+    (``kmajor`` only): the weight is a fused gate|up projection and the result silu(gate) * up [M, N / 2], the
+    SiLU-and-mul kernel's output (kernels/activation.py) made in this kernel's epilogue."""
+    if act_mul and (config.kind != "kmajor" or config.block_n < 2 or weight.out_features % 2):
+        raise ValueError(f"act_mul takes the 'kmajor' kind with block_n >= 2 and an even output width; got "
+                         f"{config.kind!r}, block_n {config.block_n}, {weight.out_features} outputs")
     if (config.kind == "kmajor") != isinstance(weight, KMajorWeight):
         raise ValueError(f"the {config.kind!r} W4 GEMV takes a "
                          f"{'KMajorWeight (repack_k_major)' if config.kind == 'kmajor' else 'PackedWeight'}")
@@ -574,7 +603,7 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
     common = dict(HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, GW=gw,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     if config.kind == "kmajor":
-        out = x.new_empty((m, n))
+        out = x.new_empty((m, n // 2 if act_mul else n))
         if m:
             chunk = next_power_of_2(groups) if config.groups == 0 else min(config.groups, next_power_of_2(groups))
             if x.stride(0) % 2:
@@ -582,13 +611,15 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
             launch = pdl_launch(x.device, m) if config.pdl else {}
             # preloading also runs without PDL (plain order, same arithmetic): the interpreter checks that path
             preload = min(config.preload_steps, -(-groups // chunk))
-            _kmajor_kernel[(triton.cdiv(n, config.block_n),)](
+            # act_mul: each program holds block_n / 2 gate channels and their up channels
+            per_program = config.block_n // 2 if act_mul else config.block_n
+            _kmajor_kernel[(triton.cdiv(out.shape[1], per_program),)](
                 x.view(torch.int32), weight.qweight, weight.scales, zeros, bias_arg, out, m, n, groups,
                 x.stride(0) // 2, out.stride(0), 0x43000000, 0x41000000, ROWS=max(1, next_power_of_2(m)), CHUNK_G=chunk,
-                X_BF16=x.dtype == torch.bfloat16, EVEN=n % config.block_n == 0 and groups % chunk == 0,
+                X_BF16=x.dtype == torch.bfloat16, EVEN=out.shape[1] % per_program == 0 and groups % chunk == 0,
                 PREFETCH=config.prefetch, PRELOAD=preload,
                 L2_PREFETCH=preload > 1 and os.environ.get("TRITON_INTERPRET") != "1",  # inline PTX: GPU only
-                **launch, **common)
+                ACT_MUL=act_mul, **launch, **common)
         return out
     per_split, split = split_plan(config, m, n, groups)
     tiles = triton.cdiv(n, config.block_n)

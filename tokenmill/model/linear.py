@@ -134,6 +134,11 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A fused gate|up layer's silu(gate) * up from one kernel, where its method has one for x's rows; else None
+        (see LinearMethod.apply_silu_and_mul)."""
+        return self.linear_method.apply_silu_and_mul(self, x, self.bias)
+
     def accepts_fp8_tokens(self, x: torch.Tensor) -> bool:
         """Whether this layer takes an input of x's rows as ``Fp8Tokens`` (its method decides; see LinearMethod)."""
         return self.linear_method.accepts_fp8_tokens(self, x)

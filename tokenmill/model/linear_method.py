@@ -70,6 +70,13 @@ class LinearMethod:
         pass. x is the producer's input or output: only its row count, device and dtype are read."""
         return False
 
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
+                           bias: torch.Tensor | None) -> torch.Tensor | None:
+        """silu(gate) * up of a fused gate|up layer ([T, sum / 2]) from one kernel whose epilogue applies the
+        activation, where the method has one for x's rows and device; None: it has not (the caller runs ``apply``
+        and kernels/activation.py's kernel)."""
+        return None
+
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the weight for ``input_ids`` (vocabulary-parallel embedding); dense formats only today."""
         raise NotImplementedError(f"{type(self).__name__} cannot serve as an embedding table")
@@ -119,6 +126,7 @@ class QuantizationConfig:
     # SiLU-and-mul quantizes its output for the next W8A8 linear), and --quantize-lm-head (vLLM's attribute name).
     fuse_norm_quant: bool = True
     fuse_act_quant: bool = True
+    fuse_gemm_act: bool = True  # tokenmill's pass_config key: SiLU-and-mul in the gate|up kernel's epilogue
     lm_head_quantized: bool = False
 
     @classmethod
@@ -206,6 +214,7 @@ LM_HEAD_QUANTIZABLE = ("fp8", "rtn4", "int8")
 def resolve_quantization(
     checkpoint: QuantizationConfig | None, requested: str | None, weight_layout: str = "auto",
     fuse_norm_quant: bool = True, fuse_act_quant: bool = True, quantize_lm_head: bool = False,
+    fuse_gemm_act: bool = True,
 ) -> QuantizationConfig | None:
     """The format to serve: the checkpoint's own (config.json / GGUF), checked against ``--quantization`` when
     given, or, for a dense checkpoint, the requested method quantizing at load (vLLM's ``--quantization``);
@@ -226,6 +235,7 @@ def resolve_quantization(
                          f"served as {config.quant_method!r}: drop the flag")
     config.weight_layout = weight_layout
     config.fuse_norm_quant, config.fuse_act_quant = fuse_norm_quant, fuse_act_quant
+    config.fuse_gemm_act = fuse_gemm_act
     config.lm_head_quantized = config.lm_head_quantized or quantize_lm_head  # or the checkpoint's (GPTQ lm_head)
     return config
 

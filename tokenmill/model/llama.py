@@ -117,10 +117,14 @@ class LlamaMLP(nn.Module):
             size, spec.hidden_size, spec.mlp_bias, linear_method_for(quant_config, f"{prefix}.down_proj"), parallel
         )
         self.fuse_act_quant = quant_config is not None and quant_config.fuse_act_quant  # dense: no question to ask
+        self.fuse_gemm_act = quant_config is not None and quant_config.fuse_gemm_act
 
     def forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
-        feeds = self.down_proj if self.fuse_act_quant else None
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), feeds=feeds))
+        # the gate|up kernel's own epilogue where it has one for these rows (the 4-bit K-major GEMV)
+        act = self.gate_up_proj.silu_and_mul(x) if self.fuse_gemm_act and isinstance(x, torch.Tensor) else None
+        if act is None:
+            act = silu_and_mul(self.gate_up_proj(x), feeds=self.down_proj if self.fuse_act_quant else None)
+        return self.down_proj(act)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.quant_dispatch import kmajor_cuda_linear, wna16_cuda_linear
+from tokenmill.kernels.quant_dispatch import kmajor_cuda_linear, kmajor_cuda_silu_and_mul, wna16_cuda_linear
 from tokenmill.kernels.splitk import splitk_workspace
 from tokenmill.kernels.w4_gemv import KMajorWeight, k_major_from_codes
 from tokenmill.kernels.wna16_cpu import cpu_linear, cpu_weight
@@ -83,6 +83,16 @@ class WNA16LinearMethod(LinearMethod):
         else:
             out = wna16_linear_cpu(x2, packed, bias)
         return out.reshape(*shape[:-1], packed.out_features)
+
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
+                           bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The K-major GEMV's SiLU-and-mul epilogue (kernels/w4_gemv.py ``act_mul``) for the rows it serves."""
+        packed = layer.wna16
+        if not isinstance(packed, KMajorWeight) or x.dim() != 2:
+            return None
+        if layer.wna16_perm is not None:
+            x = x.index_select(1, layer.wna16_perm)
+        return kmajor_cuda_silu_and_mul(x, packed, bias, getattr(layer, "gemm_plan", None))
 
     def _sort_by_group(self, codes: torch.Tensor, g_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Act-order: codes [K, N] with rows sorted by group (groups become contiguous) and the permutation the
