@@ -6,11 +6,15 @@ Triton's casts and the tensor-core product to fp32)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import fp8_device, rel_err
 
+from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.fp8_quant import quantize_fp8
 from tokenmill.kernels.fp8_stream import Fp8StreamConfig, fp8_stream_gemv
 from tokenmill.kernels.quant_dispatch import (
@@ -58,6 +62,30 @@ def test_fp8_stream_gemv_matches_dequantized_product(device, rows, n, k, dtype):
         assert out.dtype == dtype and out.shape == (rows, n)
         assert rel_err(out, ref) < 2e-2, config.name
         assert torch.equal(out, fp8_stream_gemv(x, w, scale, config, bias)), config.name  # split-K counters reset
+
+
+@needs_fp8
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width,dtype", [(1, 48, torch.bfloat16), (3, 20, torch.float16)])
+def test_fp8_stream_silu_and_mul_epilogue_equals_the_unfused_pair(device, rows, width, dtype):
+    """``act_mul`` (fma kind): a fused gate|up weight's silu(gate) * up in the GEMV's epilogue equals the GEMV then
+    kernels/activation.py's kernel bit for bit, and the fp32 reference within the output rounding; 48 gate channels
+    fill 8-wide programs, 20 leave a ragged last one (and K = 200 a K tail)."""
+    from tokenmill.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
+
+    k = 512 if width == 48 else 200
+    w, scale = _weights(2 * width, k, device, seed=rows + width)
+    gen = torch.Generator().manual_seed(rows * width)
+    x = torch.randn(rows, k, generator=gen).to(dtype).to(device)
+    bias = torch.randn(2 * width, generator=gen).to(dtype).to(device)
+    ref = silu_and_mul_reference(x.float() @ (w.float() * scale[:, None]).t() + bias.float())
+    for config in [c for c in _configs(rows) if c.kind == "fma" and c.block_n >= 2]:
+        fused = fp8_stream_gemv(x, w, scale, config, bias, act_mul=True)
+        assert fused.shape == (rows, width) and fused.dtype == dtype, config.name
+        assert torch.equal(fused, silu_and_mul_triton(fp8_stream_gemv(x, w, scale, config, bias))), config.name
+        assert rel_err(fused, ref) < 2e-2, config.name
+    with pytest.raises(ValueError, match="act_mul takes the 'fma'"):
+        fp8_stream_gemv(x, w, scale, _configs(rows)[0], act_mul=True)
 
 
 @needs_fp8
@@ -113,3 +141,20 @@ def test_fp8_dispatch_serves_a_table_entry_only_within_its_kind_rows(tmp_path, m
     assert fp8_gemv_config(torch.zeros(12, 64), 64, {}) == default_fp8_config(12, 64, 64)
     plan = Fp8StreamConfig("mma", block_n=64, asm=False)
     assert fp8_gemv_config(torch.zeros(12, 64), 64, {16: plan}) is plan  # a layer's plan is taken as given
+
+
+@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs triton, compiled (the interpreter swaps jit functions for its own)")
+@pytest.mark.parametrize("act_mul", [False, True])
+def test_fp8_fma_kernel_compiles_for_sm90_without_spills(act_mul):
+    """The shipped 1-row gate_up entry's kernel (inline-PTX conversions, PDL), with and without the SiLU-and-mul
+    epilogue, compiled for sm_90 without a GPU: no spills."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from triton_sass import compile_sm90
+
+    from tokenmill.kernels.fp8_stream import _fp8_fma_kernel
+
+    args = dict(x_ptr="*i64", w_ptr="*i32", ws_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16", M="i32:1", N="i32:16",
+                KW="i32:16", stride_xq="i32:16", stride_ww="i32:16", stride_om="i32:16", HAS_BIAS=False, ROWS=1,
+                BLOCK_N=16, PAIRS=64, X_BF16=True, EVEN=True, ASM=True, PREFETCH=False, PDL=True, ACT_MUL=act_mul)
+    assert compile_sm90(_fp8_fma_kernel, args, num_warps=2).spill_bytes == 0

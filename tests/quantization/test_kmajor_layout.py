@@ -204,3 +204,27 @@ def test_fused_and_tensor_parallel_shards_repack_per_rank(kmajor_device, fmt, wo
             h = (F.silu(g) * u).to(torch.bfloat16)
             total += down_proj.linear_method.apply(down_proj, h, None).float().cpu()
         assert rel_err(total, want) < 3e-2, rows
+
+
+@requires_cuda
+@pytest.mark.parametrize("quantization,layout", [("rtn4", "kmajor"), ("fp8", "auto")])
+def test_engine_gate_up_epilogue_gives_the_unfused_tokens(tiny_llama, quantization, layout):
+    """The gate|up GEMV's SiLU-and-mul epilogue (pass_config fuse_gemm_act, on by default) against the unfused pair
+    in the engine (CUDA graphs of 1-3 rows: the W4 K-major GEMV, the FP8 stream GEMV where sm89+): the same greedy
+    tokens, since the epilogue rounds as the pair does."""
+    from tokenmill.engine.llm import LLM
+    from tokenmill.sampling_params import SamplingParams
+
+    if quantization == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs sm89+")
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 9, 17, 3], [40, 41, 42, 43, 44, 45, 46], [7]]
+    runs = {}
+    for fuse in (True, False):
+        llm = LLM(str(tiny_llama), device="cuda", dtype="bfloat16", quantization=quantization,
+                  quant_weight_layout=layout, max_model_len=256, seed=0,
+                  compilation_config={"pass_config": {"fuse_gemm_act": fuse}})
+        runs[fuse] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        runs[fuse] += [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:1]]
+        llm.engine.shutdown()
+    assert runs[True] == runs[False]

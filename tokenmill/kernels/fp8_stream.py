@@ -38,6 +38,7 @@ from tokenmill.kernels._triton import (
     tl,
     triton,
 )
+from tokenmill.kernels.gemv_epilogue import check_act_mul, gemv_channels, store_gemv_out
 from tokenmill.kernels.splitk import dot_in_fp32, fit_split_k, splitk_workspace
 
 STREAM_KINDS = ("fma", "mma")
@@ -141,17 +142,18 @@ if HAS_TRITON:
         M, N, KW, stride_xq, stride_ww, stride_om,
         HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
         X_BF16: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False,
     ):
         """Program: BLOCK_N channels over all of K. ``w_ptr``: the weight as int32 words [N, KW] (KW = K / 4,
         ``stride_ww`` in words); ``x_ptr``: x as int64 quads (``stride_xq`` in quads), quad j = word j's x. A step
         covers 2 PAIRS words a channel in one flat last dim whose contiguity is declared 2: words load 8 bytes at a
         time and x 16 (two quads), and every thread and warp sits along that dim in both tiles, so both get one
         register layout on every Triton version (3.6 breaks ties between the other dims differently from 3.9 and
-        had shuffled each product through shared memory)."""
+        had shuffled each product through shared memory). ACT_MUL: a fused gate|up weight, silu(gate) * up out
+        (kernels/gemv_epilogue.py)."""
         pdl_wait(PDL)
         pid = tl.program_id(0)
-        n3 = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[None, :, None]
+        n3 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :, None]
         m3 = tl.arange(0, ROWS)[:, None, None]
         c3 = tl.max_contiguous(tl.arange(0, 2 * PAIRS), 2)[None, None, :]
         w_at = w_ptr + n3.to(tl.int64) * stride_ww + c3
@@ -181,12 +183,11 @@ if HAS_TRITON:
                 quads = tl.load(x_at + k0, mask=kmask, other=0)
             acc = _fma_step(acc, words, quads, ASM, X_BF16)
         out = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
-        n2 = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        m2 = tl.arange(0, ROWS)[:, None]
+        n2 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :]
         out = out * tl.load(ws_ptr + n2, mask=n2 < N, other=0.0)
         if HAS_BIAS:
             out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m2 * stride_om + n2, out.to(out_ptr.dtype.element_ty), mask=(m2 < M) & (n2 < N))
+        store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS, BLOCK_N, ACT_MUL)
 
     @triton.jit(do_not_specialize=["M"])
     def _fp8_mma_kernel(
@@ -249,17 +250,22 @@ def fma_supported(k: int) -> bool:
 
 def fp8_stream_gemv(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, config: Fp8StreamConfig,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, act_mul: bool = False,
 ) -> torch.Tensor:
     """x [M, K] (bf16/fp16, M <= config.max_rows) times (weight [N, K] e4m3 * weight_scale [N])^T (+ bias)
-    -> [M, N] in x's dtype."""
+    -> [M, N] in x's dtype. ``act_mul`` (``fma`` kind): the weight is a fused gate|up projection and the result
+    silu(gate) * up [M, N / 2] (kernels/gemv_epilogue.py)."""
     require_triton("fp8_stream_gemv")
     x = _checked(x, weight, weight_scale)
     m, k = x.shape
     n = weight.shape[0]
     if m > config.max_rows:
         raise ValueError(f"the {config.kind!r} FP8 stream GEMV takes at most {config.max_rows} rows; got {m}")
-    out = x.new_empty((m, n))
+    if act_mul:
+        if config.kind != "fma":
+            raise ValueError(f"act_mul takes the 'fma' FP8 stream kind; got {config.kind!r}")
+        check_act_mul(config.block_n, n, "the FP8 stream GEMV")
+    out = x.new_empty((m, n // 2 if act_mul else n))
     if m == 0:
         return out
     if weight.stride(1) != 1:
@@ -276,12 +282,13 @@ def fp8_stream_gemv(
         if weight.stride(0) % 4 or weight.storage_offset() % 4:
             weight = weight.contiguous()
         kw = k // 4
-        _fp8_fma_kernel[(triton.cdiv(n, config.block_n),)](
+        per_program = config.block_n // 2 if act_mul else config.block_n  # act_mul: half gate, half up channels
+        _fp8_fma_kernel[(triton.cdiv(out.shape[1], per_program),)](
             x.view(torch.int64), weight.view(torch.int32), scale, bias_arg, out,
             m, n, kw, x.stride(0) // 4, weight.stride(0) // 4, out.stride(0),
             HAS_BIAS=bias is not None, ROWS=next_power_of_2(m), BLOCK_N=config.block_n, PAIRS=config.pairs,
-            X_BF16=x.dtype == torch.bfloat16, EVEN=n % config.block_n == 0 and kw % (2 * config.pairs) == 0,
-            ASM=config.asm and not interpret, PREFETCH=config.prefetch, **launch,
+            X_BF16=x.dtype == torch.bfloat16, EVEN=out.shape[1] % per_program == 0 and kw % (2 * config.pairs) == 0,
+            ASM=config.asm and not interpret, PREFETCH=config.prefetch, ACT_MUL=act_mul, **launch,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         return out

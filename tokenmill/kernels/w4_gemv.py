@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, pdl_launch, pdl_wait, tl, triton
+from tokenmill.kernels.gemv_epilogue import check_act_mul
 from tokenmill.kernels.splitk import COUNTERS, PARTIAL_ELEMENTS, dot_in_fp32, splitk_workspace
 from tokenmill.kernels.wna16_gemm import PackedWeight, checked_input, unpack_codes
 from tokenmill.quantization.packing import pack_along, unpack_along
@@ -164,6 +165,7 @@ class W4GemvConfig:
 
 
 if HAS_TRITON:
+    from tokenmill.kernels.gemv_epilogue import gemv_channels, store_gemv_out
     from tokenmill.kernels.splitk import splitk_finish
 
     @triton.jit
@@ -288,16 +290,6 @@ if HAS_TRITON:
         xs_group = tl.sum(tl.reshape(xs, [ROWS, 1, CHUNK_G, GW]), axis=3)
         return acc + scale * (16.0 * p_group - zero * xs_group)
 
-    @triton.jit
-    def _channels(pid, N, BLOCK_N: tl.constexpr, ACT_MUL: tl.constexpr):
-        """The program's output channels: BLOCK_N in a row, or (ACT_MUL) BLOCK_N / 2 gate channels j then their up
-        channels N / 2 + j. Past the last: >= N (the gate half's lanes past N / 2 read up rows, masked at the store)."""
-        lane = tl.arange(0, BLOCK_N)
-        if ACT_MUL:
-            HALF: tl.constexpr = BLOCK_N // 2
-            return pid * HALF + lane % HALF + (lane // HALF) * (N // 2)
-        return pid * BLOCK_N + lane
-
     @triton.jit(do_not_specialize=["M"])
     def _kmajor_kernel(
         xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -321,14 +313,11 @@ if HAS_TRITON:
         so sum x c = 16 p and the group adds s (16 sum_w p - z xs); p is summed over the group's words at once, so
         no per-word accumulator stays live across chunks (registers: more programs per SM, more loads in flight).
 
-        ACT_MUL: the weight is a fused gate|up projection (N = 2 D) and the output silu(gate) * up [M, D]: a
-        program takes BLOCK_N / 2 gate channels and the matching up channels (rows j and D + j: each channel's
-        words are contiguous, so the pick is an index, not a repack) and applies the activation to its own
-        outputs, rounded as the unfused pair rounds them (the GEMV's output, then the product, in out's dtype)."""
+        ACT_MUL: the weight is a fused gate|up projection and the output silu(gate) * up (kernels/gemv_epilogue.py)."""
         pid = tl.program_id(0)
         KC: tl.constexpr = CHUNK_G * GW  # words a chunk: one flat last dim, so every Triton version lays the
         # words and the x pairs out alike (threads and warps along it; channels and rows in registers)
-        n3 = _channels(pid, N, BLOCK_N, ACT_MUL)[None, :, None]
+        n3 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :, None]
         m3 = tl.arange(0, ROWS)[:, None, None]
         kc3 = tl.arange(0, KC)[None, None, :]
         # word kc of the chunk sits in group kc // GW at word kc % GW; its x pairs at 4 GW group + GW t + word
@@ -365,20 +354,10 @@ if HAS_TRITON:
             acc = _chunk_product(acc, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
                                  ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN)
         out = tl.sum(acc, axis=2)
-        n2 = _channels(pid, N, BLOCK_N, ACT_MUL)[None, :]
+        n2 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
-        m2 = tl.arange(0, ROWS)[:, None]
-        if ACT_MUL:
-            HALF: tl.constexpr = BLOCK_N // 2
-            rounded = out.to(out_ptr.dtype.element_ty).to(tl.float32)  # the projection's output, as stored unfused
-            gate, up = tl.split(tl.permute(tl.reshape(rounded, [ROWS, 2, HALF]), (0, 2, 1)))
-            col = (pid * HALF + tl.arange(0, HALF))[None, :]
-            act = gate / (1.0 + tl.exp(-gate))  # kernels/activation.py's formula
-            tl.store(out_ptr + m2 * stride_om + col, (act * up).to(out_ptr.dtype.element_ty),
-                     mask=(m2 < M) & (col < N // 2))
-        else:
-            tl.store(out_ptr + m2 * stride_om + n2, out.to(out_ptr.dtype.element_ty), mask=(m2 < M) & (n2 < N))
+        store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS, BLOCK_N, ACT_MUL)
 
     @triton.jit
     def _reduce_store(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tile, pid_k,
@@ -582,9 +561,10 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
     ``kmajor`` takes ``repack_k_major``'s weight, the other kinds the PackedWeight as loaded. ``act_mul``
     (``kmajor`` only): the weight is a fused gate|up projection and the result silu(gate) * up [M, N / 2], the
     SiLU-and-mul kernel's output (kernels/activation.py) made in this kernel's epilogue."""
-    if act_mul and (config.kind != "kmajor" or config.block_n < 2 or weight.out_features % 2):
-        raise ValueError(f"act_mul takes the 'kmajor' kind with block_n >= 2 and an even output width; got "
-                         f"{config.kind!r}, block_n {config.block_n}, {weight.out_features} outputs")
+    if act_mul:
+        if config.kind != "kmajor":
+            raise ValueError(f"act_mul takes the 'kmajor' kind; got {config.kind!r}")
+        check_act_mul(config.block_n, weight.out_features, "the K-major W4 GEMV")
     if (config.kind == "kmajor") != isinstance(weight, KMajorWeight):
         raise ValueError(f"the {config.kind!r} W4 GEMV takes a "
                          f"{'KMajorWeight (repack_k_major)' if config.kind == 'kmajor' else 'PackedWeight'}")

@@ -172,6 +172,15 @@ class Fp8LinearMethod(LinearMethod):
         rows = math.prod(x.shape[:-1])
         return not self.static_input and self.gemv_choice(layer, rows, x.device, x.dtype) is None
 
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
+                           bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The FP8 stream GEMV's SiLU-and-mul epilogue (``fma`` kind: the 1-8 row decode batches it serves)."""
+        config = self.gemv_choice(layer, math.prod(x.shape[:-1]), x.device, x.dtype)
+        if not isinstance(config, Fp8StreamConfig) or config.kind != "fma" or config.block_n < 2:
+            return None
+        out = fp8_stream_gemv(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale, config, bias, act_mul=True)
+        return out.reshape(*x.shape[:-1], layer.weight.shape[0] // 2)
+
     def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Tokens, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(x, Fp8Tokens):
             return fp8_linear(x, layer.weight, layer.weight_scale, bias)
