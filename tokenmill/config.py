@@ -76,7 +76,7 @@ class ModelConfig:
     fuse_norm_quant: bool = True
     fuse_act_quant: bool = True
     # tokenmill's pass_config key (vLLM has none for it): a gate|up projection whose kernel can apply SiLU-and-mul in
-    # its epilogue at this row count (the 4-bit K-major GEMV) does, saving the activation kernel's launch.
+    # its epilogue at this row count (the 4-bit K-major GEMV, the FP8 fma GEMV) does, saving the activation's launch.
     fuse_gemm_act: bool = True
     # The untied LM head quantized at load too (fp8 per vocabulary row; rtn4 / int8 codes); vLLM keeps it dense.
     quantize_lm_head: bool = False

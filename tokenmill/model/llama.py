@@ -120,7 +120,7 @@ class LlamaMLP(nn.Module):
         self.fuse_gemm_act = quant_config is not None and quant_config.fuse_gemm_act
 
     def forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
-        # the gate|up kernel's own epilogue where it has one for these rows (the 4-bit K-major GEMV)
+        # the gate|up kernel's own epilogue where it has one for these rows (the 4-bit K-major / FP8 fma GEMVs)
         act = self.gate_up_proj.silu_and_mul(x) if self.fuse_gemm_act and isinstance(x, torch.Tensor) else None
         if act is None:
             act = silu_and_mul(self.gate_up_proj(x), feeds=self.down_proj if self.fuse_act_quant else None)
