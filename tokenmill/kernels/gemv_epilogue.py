@@ -24,11 +24,16 @@ if HAS_TRITON:
 
     @triton.jit
     def store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       ACT_MUL: tl.constexpr):
+                       ACT_MUL: tl.constexpr, r_ptr=None, stride_rm=0, ADD_RESIDUAL: tl.constexpr = False):
         """out [ROWS, BLOCK_N] fp32 of channels ``n2`` ([1, BLOCK_N], gemv_channels') into out [M, N], or (ACT_MUL)
         silu(gate) * up into out [M, N / 2], rounded as the unfused pair rounds it: the projection's output in
-        out's dtype, then kernels/activation.py's formula in fp32, then out's dtype."""
+        out's dtype, then kernels/activation.py's formula in fp32, then out's dtype. ADD_RESIDUAL: out + r
+        ([M, N] at ``r_ptr``), rounded as the RMSNorm kernel's residual add rounds the projection's output and the
+        sum (the next residual stream)."""
         m2 = tl.arange(0, ROWS)[:, None]
+        if ADD_RESIDUAL:
+            r = tl.load(r_ptr + m2 * stride_rm + n2, mask=(m2 < M) & (n2 < N), other=0.0).to(tl.float32)
+            out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + r
         if ACT_MUL:
             HALF: tl.constexpr = BLOCK_N // 2
             rounded = out.to(out_ptr.dtype.element_ty).to(tl.float32)

@@ -109,6 +109,18 @@ def dequantize_k_major(weight: KMajorWeight) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PrologueNorm:
+    """The RMSNorm a ``kmajor`` GEMV applies to its input (``w4_gemv``'s ``norm``): norm(x [+ residual]) * weight.
+    With ``residual``, x + residual (rounded to x's dtype, the next residual stream) is stored into
+    ``residual_out`` ([M, K], not aliasing x or residual: the other programs still read them)."""
+
+    weight: torch.Tensor  # [K], x's dtype
+    eps: float
+    residual: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class W4GemvConfig:
     """One variant's tiles (see the module docstring for ``kind``).
 
@@ -255,26 +267,65 @@ if HAS_TRITON:
                                   pack=1)
 
     @triton.jit
-    def _chunk_product(acc, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
-                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_G: tl.constexpr, GW: tl.constexpr,
-                       X_BF16: tl.constexpr, EVEN: tl.constexpr):
-        """acc + the chunk's sum x (c - z) s per group (see _kmajor_kernel), x loaded here."""
-        pair_at = xp_ptr + tl.minimum(m3, M - 1) * stride_xm + g0 * (4 * GW) + pair_of  # rows past M: copies
+    def _chunk_pairs(at, mask, GW: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr):
+        """The eight fp32 values a word position meets: pairs at ``at`` + t GW (t < 4), low half first."""
         if EVEN:
-            pair0 = tl.load(pair_at)
-            pair1 = tl.load(pair_at + GW)
-            pair2 = tl.load(pair_at + 2 * GW)
-            pair3 = tl.load(pair_at + 3 * GW)
+            pair0 = tl.load(at)
+            pair1 = tl.load(at + GW)
+            pair2 = tl.load(at + 2 * GW)
+            pair3 = tl.load(at + 3 * GW)
         else:
-            xmask = g0 * GW + kc3 < kw
-            pair0 = tl.load(pair_at, mask=xmask, other=0)
-            pair1 = tl.load(pair_at + GW, mask=xmask, other=0)
-            pair2 = tl.load(pair_at + 2 * GW, mask=xmask, other=0)
-            pair3 = tl.load(pair_at + 3 * GW, mask=xmask, other=0)
+            pair0 = tl.load(at, mask=mask, other=0)
+            pair1 = tl.load(at + GW, mask=mask, other=0)
+            pair2 = tl.load(at + 2 * GW, mask=mask, other=0)
+            pair3 = tl.load(at + 3 * GW, mask=mask, other=0)
         x0, x1 = _pair_halves(pair0, X_BF16)
         x2, x3 = _pair_halves(pair1, X_BF16)
         x4, x5 = _pair_halves(pair2, X_BF16)
         x6, x7 = _pair_halves(pair3, X_BF16)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _round16(v, X_BF16: tl.constexpr):
+        """v rounded to the activations' 16-bit dtype (kept in fp32)."""
+        if X_BF16:
+            return v.to(tl.bfloat16).to(tl.float32)
+        return v.to(tl.float16).to(tl.float32)
+
+    @triton.jit
+    def _normed(x, r, w, NORM: tl.constexpr, X_BF16: tl.constexpr):
+        """The norm prologue's input to the product: (x [+ r], rounded as the residual stream is) times the norm
+        weight; the 1 / rms factor is applied to the program's outputs at the end (the product is linear in x)."""
+        if NORM == 2:
+            x = _round16(x + r, X_BF16)
+        return x * w
+
+    @triton.jit
+    def _chunk_product(acc, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_G: tl.constexpr, GW: tl.constexpr,
+                       X_BF16: tl.constexpr, EVEN: tl.constexpr, r_ptr=None, nw_ptr=None, stride_rm=0,
+                       NORM: tl.constexpr = 0):
+        """acc + the chunk's sum x (c - z) s per group (see _kmajor_kernel), x loaded here (NORM: x is the norm
+        prologue's input, see _kmajor_kernel)."""
+        rows = tl.minimum(m3, M - 1)  # rows past M: copies
+        offset = g0 * (4 * GW) + pair_of
+        xmask = g0 * GW + kc3 < kw
+        x0, x1, x2, x3, x4, x5, x6, x7 = _chunk_pairs(xp_ptr + rows * stride_xm + offset, xmask, GW, X_BF16, EVEN)
+        if NORM:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _chunk_pairs(nw_ptr + offset, xmask, GW, X_BF16, EVEN)
+            if NORM == 2:
+                r0, r1, r2, r3, r4, r5, r6, r7 = _chunk_pairs(r_ptr + rows * stride_rm + offset, xmask, GW, X_BF16,
+                                                              EVEN)
+            else:  # unused by _normed
+                r0, r1, r2, r3, r4, r5, r6, r7 = x0, x1, x2, x3, x4, x5, x6, x7
+            x0 = _normed(x0, r0, w0, NORM, X_BF16)
+            x1 = _normed(x1, r1, w1, NORM, X_BF16)
+            x2 = _normed(x2, r2, w2, NORM, X_BF16)
+            x3 = _normed(x3, r3, w3, NORM, X_BF16)
+            x4 = _normed(x4, r4, w4, NORM, X_BF16)
+            x5 = _normed(x5, r5, w5, NORM, X_BF16)
+            x6 = _normed(x6, r6, w6, NORM, X_BF16)
+            x7 = _normed(x7, r7, w7, NORM, X_BF16)
         xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         # the bases of _sixteenth_code: 128 for nibbles 0, 2, 3, 5; 8 for 1, 4, 6, 7
         xb = 128.0 * ((x0 + x2) + (x3 + x5)) + 8.0 * ((x1 + x4) + (x6 + x7))
@@ -290,6 +341,30 @@ if HAS_TRITON:
         xs_group = tl.sum(tl.reshape(xs, [ROWS, 1, CHUNK_G, GW]), axis=3)
         return acc + scale * (16.0 * p_group - zero * xs_group)
 
+    @triton.jit
+    def _norm_prepass(xp_ptr, r_ptr, h_ptr, M, stride_xm, stride_rm, stride_hm, KP, eps, pid, ROWS: tl.constexpr,
+                      BLOCK_P: tl.constexpr, X_BF16: tl.constexpr, NORM: tl.constexpr):
+        """1 / rms of each row's norm input (x, or x + r rounded: the residual stream), [ROWS] fp32, over KP pairs;
+        NORM == 2: program 0 also stores x + r into h (the next residual stream)."""
+        m2 = tl.arange(0, ROWS)[:, None]
+        rows = tl.minimum(m2, M - 1)
+        c = tl.arange(0, BLOCK_P)[None, :]
+        squares = tl.zeros([ROWS, BLOCK_P], tl.float32)
+        for p0 in range(0, KP, BLOCK_P):
+            mask = p0 + c < KP
+            lo, hi = _pair_halves(tl.load(xp_ptr + rows * stride_xm + p0 + c, mask=mask, other=0), X_BF16)
+            if NORM == 2:
+                rlo, rhi = _pair_halves(tl.load(r_ptr + rows * stride_rm + p0 + c, mask=mask, other=0), X_BF16)
+                lo = _round16(lo + rlo, X_BF16)
+                hi = _round16(hi + rhi, X_BF16)
+                if pid == 0:
+                    h_at = h_ptr + m2 * stride_hm + 2 * (p0 + c)
+                    keep = mask & (m2 < M)
+                    tl.store(h_at, lo.to(h_ptr.dtype.element_ty), mask=keep)
+                    tl.store(h_at + 1, hi.to(h_ptr.dtype.element_ty), mask=keep)
+            squares += lo * lo + hi * hi
+        return 1.0 / tl.sqrt(tl.sum(squares, axis=1) / (2 * KP) + eps)
+
     @triton.jit(do_not_specialize=["M"])
     def _kmajor_kernel(
         xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -297,7 +372,9 @@ if HAS_TRITON:
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         CHUNK_G: tl.constexpr, GW: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
         PREFETCH: tl.constexpr, PRELOAD: tl.constexpr = 0, L2_PREFETCH: tl.constexpr = False,
-        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False,
+        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False, r_ptr=None, nw_ptr=None, h_ptr=None, stride_rm=0,
+        stride_hm=0, eps=0.0, NORM: tl.constexpr = 0, NORM_BLOCK: tl.constexpr = 1, res_ptr=None, stride_resm=0,
+        ADD_RESIDUAL: tl.constexpr = False,
     ):
         """Program: BLOCK_N output channels over all of K, CHUNK_G groups of GW words a load. Words and x pairs
         are loaded as [rows or 1, n or 1, g, w] tiles of the same shape along (g, w): one register layout, no
@@ -313,7 +390,17 @@ if HAS_TRITON:
         so sum x c = 16 p and the group adds s (16 sum_w p - z xs); p is summed over the group's words at once, so
         no per-word accumulator stays live across chunks (registers: more programs per SM, more loads in flight).
 
-        ACT_MUL: the weight is a fused gate|up projection and the output silu(gate) * up (kernels/gemv_epilogue.py)."""
+        ACT_MUL: the weight is a fused gate|up projection and the output silu(gate) * up (kernels/gemv_epilogue.py).
+
+        NORM (the RMSNorm before the projection, in its prologue): x is the norm's input (NORM 1), or x and the
+        residual stream r (NORM 2: the input is x + r, rounded, which program 0 also stores into h). Every program
+        works out the rows' 1 / rms in a pass over x (its preloaded weights stay in flight meanwhile), multiplies
+        x by the norm weight (``nw_ptr``, pairs) as it streams and its outputs by 1 / rms at the end: the product
+        is linear in x. Not the unfused norm's roundings (it rounds norm(x) and the weight's product to 16 bits):
+        fp32 throughout, within that rounding of it.
+
+        ADD_RESIDUAL: out is the projection plus the residual stream at ``res_ptr`` (kernels/gemv_epilogue.py), the
+        next residual stream, which a NORM 1 consumer then normalizes."""
         pid = tl.program_id(0)
         KC: tl.constexpr = CHUNK_G * GW  # words a chunk: one flat last dim, so every Triton version lays the
         # words and the x pairs out alike (threads and warps along it; channels and rows in registers)
@@ -338,12 +425,15 @@ if HAS_TRITON:
                     if HAS_ZEROS:
                         _l2_prefetch(z_ptr + n_in * G + tl.minimum(gs, G - 1))
         pdl_wait(PDL)
+        if NORM:
+            rstd = _norm_prepass(xp_ptr, r_ptr, h_ptr, M, stride_xm, stride_rm, stride_hm, G * GW * 4, eps, pid,
+                                 ROWS, NORM_BLOCK, X_BF16, NORM)
         g_first: tl.constexpr = CHUNK_G if PRELOAD >= 1 else 0
         if PREFETCH:  # issued before the preloaded chunk's arithmetic
             ahead = _chunk_words(qw_ptr, n3, kc3, g_first, N, kw, GW, False)
         if PRELOAD >= 1:
             acc = _chunk_product(acc, words0, scale0, zero0, xp_ptr, m3, M, stride_xm, 0, pair_of, kc3, kw, m128,
-                                 m8, ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN)
+                                 m8, ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN, r_ptr, nw_ptr, stride_rm, NORM)
         for g0 in range(g_first, G, CHUNK_G):
             if PREFETCH:
                 words = ahead
@@ -352,12 +442,15 @@ if HAS_TRITON:
                 words = _chunk_words(qw_ptr, n3, kc3, g0, N, kw, GW, EVEN)
             scale, zero = _chunk_scales(s_ptr, z_ptr, n3, g0, N, G, HAS_ZEROS, BLOCK_N, CHUNK_G, EVEN)
             acc = _chunk_product(acc, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
-                                 ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN)
+                                 ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN, r_ptr, nw_ptr, stride_rm, NORM)
         out = tl.sum(acc, axis=2)
+        if NORM:
+            out = out * rstd[:, None]
         n2 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
-        store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS, BLOCK_N, ACT_MUL)
+        store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS, BLOCK_N, ACT_MUL, res_ptr, stride_resm,
+                       ADD_RESIDUAL)
 
     @triton.jit
     def _reduce_store(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tile, pid_k,
@@ -555,12 +648,51 @@ def split_plan(config: W4GemvConfig, rows: int, n: int, groups: int) -> tuple[in
     return per_split, split
 
 
+def _norm_launch(norm: PrologueNorm | None, x: torch.Tensor, rows: int) -> dict:
+    """The ``kmajor`` kernel's NORM arguments (pairs views of the norm weight and the residual stream)."""
+    if norm is None:
+        return {}
+    k = x.shape[1]
+    if norm.weight.shape != (k,) or norm.weight.dtype != x.dtype:
+        raise ValueError(f"the norm prologue's weight must be [{k}] in {x.dtype}; got {tuple(norm.weight.shape)} "
+                         f"{norm.weight.dtype}")
+    args = dict(nw_ptr=norm.weight.contiguous().view(torch.int32), eps=norm.eps, NORM=1,
+                NORM_BLOCK=max(32, min(next_power_of_2(k // 2), 4096 // next_power_of_2(max(rows, 1)))))
+    if norm.residual is not None:
+        residual, out = norm.residual, norm.residual_out
+        if out is None or residual.shape != x.shape or out.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError("the norm prologue's residual and residual_out must be shaped and typed like x")
+        if residual.stride(-1) != 1 or residual.stride(0) % 2:
+            residual = residual.contiguous()
+        args.update(r_ptr=residual.view(torch.int32), h_ptr=out, stride_rm=residual.stride(0) // 2,
+                    stride_hm=out.stride(0), NORM=2)
+    return args
+
+
+def _residual_launch(residual: torch.Tensor | None, rows: int, n: int, dtype: torch.dtype) -> dict:
+    """The ``kmajor`` kernel's ADD_RESIDUAL arguments."""
+    if residual is None:
+        return {}
+    if residual.shape != (rows, n) or residual.dtype != dtype or residual.stride(-1) != 1:
+        raise ValueError(f"the residual added in the epilogue must be [{rows}, {n}] {dtype}, rows contiguous; got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    return dict(res_ptr=residual, stride_resm=residual.stride(0), ADD_RESIDUAL=True)
+
+
 def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4GemvConfig,
-            bias: torch.Tensor | None = None, act_mul: bool = False) -> torch.Tensor:
+            bias: torch.Tensor | None = None, act_mul: bool = False,
+            norm: PrologueNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, M <= 16) times the dequantized 4-bit weight (+ bias) -> [M, N] in x's dtype;
     ``kmajor`` takes ``repack_k_major``'s weight, the other kinds the PackedWeight as loaded. ``act_mul``
     (``kmajor`` only): the weight is a fused gate|up projection and the result silu(gate) * up [M, N / 2], the
-    SiLU-and-mul kernel's output (kernels/activation.py) made in this kernel's epilogue."""
+    SiLU-and-mul kernel's output (kernels/activation.py) made in this kernel's epilogue. ``norm`` (``kmajor``
+    only): x is the input of the RMSNorm before the projection, applied in the kernel (PrologueNorm).
+    ``residual`` (``kmajor`` only, not with act_mul): returns the projection plus ``residual``, rounded as the norm
+    kernel's residual add (the next residual stream), in a new tensor."""
+    if (norm is not None or residual is not None) and config.kind != "kmajor":
+        raise ValueError(f"the norm prologue and the residual epilogue take the 'kmajor' kind; got {config.kind!r}")
+    if residual is not None and act_mul:
+        raise ValueError("the residual epilogue adds to the projection's output; act_mul replaces it")
     if act_mul:
         if config.kind != "kmajor":
             raise ValueError(f"act_mul takes the 'kmajor' kind; got {config.kind!r}")
@@ -599,7 +731,8 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
                 X_BF16=x.dtype == torch.bfloat16, EVEN=out.shape[1] % per_program == 0 and groups % chunk == 0,
                 PREFETCH=config.prefetch, PRELOAD=preload,
                 L2_PREFETCH=preload > 1 and os.environ.get("TRITON_INTERPRET") != "1",  # inline PTX: GPU only
-                ACT_MUL=act_mul, **launch, **common)
+                ACT_MUL=act_mul, **_norm_launch(norm, x, m), **_residual_launch(residual, m, n, x.dtype), **launch,
+                **common)
         return out
     per_split, split = split_plan(config, m, n, groups)
     tiles = triton.cdiv(n, config.block_n)
