@@ -171,12 +171,13 @@ def _param_bytes(modules: list[torch.nn.Module]) -> int:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
-E2E_SUFFIXES = ("lmhead", "noact")  # --quantize-lm-head; pass_config fuse_gemm_act off (the unfused SiLU-and-mul)
+# --quantize-lm-head; pass_config fuse_gemm_act off (the SiLU-and-mul kernel), fuse_gemm_norm off (the norm kernels)
+E2E_SUFFIXES = ("lmhead", "noact", "nonorm")
 
 
-def parse_methods(spec: str) -> list[tuple[str, str | None, str, bool, bool]]:
+def parse_methods(spec: str) -> list[tuple[str, str | None, str, bool, dict[str, bool]]]:
     """``bf16,rtn4:gptq,rtn4:kmajor+lmhead+noact`` -> [(label, --quantization or None, --quant-weight-layout,
-    --quantize-lm-head, fuse_gemm_act)]."""
+    --quantize-lm-head, pass_config)]."""
     out = []
     for item in spec.split(","):
         base, *suffixes = item.split("+")
@@ -184,8 +185,8 @@ def parse_methods(spec: str) -> list[tuple[str, str | None, str, bool, bool]]:
         if unknown:
             raise SystemExit(f"--e2e-methods {item!r}: + suffixes are {', '.join(E2E_SUFFIXES)}; got {unknown}")
         method, _, layout = base.partition(":")
-        out.append((item, None if method == "bf16" else method, layout or "auto", "lmhead" in suffixes,
-                    "noact" not in suffixes))
+        passes = {"fuse_gemm_act": "noact" not in suffixes, "fuse_gemm_norm": "nonorm" not in suffixes}
+        out.append((item, None if method == "bf16" else method, layout or "auto", "lmhead" in suffixes, passes))
     return out
 
 
@@ -206,14 +207,14 @@ def end_to_end(batches: tuple[int, ...], rate: float | None, input_len: int, out
     from tokenmill.engine.llm_engine import LLMEngine
 
     rows = []
-    for label, quantization, layout, lm_head, fuse_gemm_act in parse_methods(",".join(methods)):
+    for label, quantization, layout, lm_head, passes in parse_methods(",".join(methods)):
         served_layout = "auto" if dry_run and layout == "kmajor" else layout
         start = time.perf_counter()
         engine = LLMEngine.from_kwargs(
             random_weights=preset, dtype="bfloat16", device=device,
             max_model_len=max_model_len or input_len + output_len + 16, max_num_seqs=max(batches),
             quantization=quantization, quant_weight_layout=served_layout, quantize_lm_head=lm_head,
-            compilation_config={"pass_config": {"fuse_gemm_act": fuse_gemm_act}}, stream_outputs=False)
+            compilation_config={"pass_config": passes}, stream_outputs=False)
         start_s = time.perf_counter() - start
         model = engine.model
         weight_bytes = _param_bytes([model])
@@ -237,7 +238,7 @@ def end_to_end(batches: tuple[int, ...], rate: float | None, input_len: int, out
             prefill_s = sum(t for shape, t in timed if not shape.is_decode)
             prefill_tokens = sum(shape.num_tokens for shape, _ in timed if not shape.is_decode)
             row = {"method": label, "quantization": quantization, "layout": layout, "served_layouts": layouts,
-                   "quantize_lm_head": lm_head, "fuse_gemm_act": fuse_gemm_act,
+                   "quantize_lm_head": lm_head, **passes,
                    "batch": batch, "decode_step_ms": step_ms, "decode_tok_s": batch / step_ms * 1e3,
                    "prefill_tok_s": prefill_tokens / prefill_s if prefill_s else None,
                    "output_tok_s": result.output_tok_s, "weight_gib": weight_bytes / 2**30,
@@ -284,8 +285,9 @@ def main() -> None:
     parser.add_argument("--e2e-batches", default="1,16,64,256")
     parser.add_argument("--e2e-methods", default="bf16,rtn4,int8",
                         help="bf16 and --quantization methods (e.g. fp8), each optionally :gptq or :kmajor "
-                             "(--quant-weight-layout), +lmhead (--quantize-lm-head) and +noact (pass_config "
-                             "fuse_gemm_act off), e.g. bf16,rtn4:gptq,rtn4:kmajor,fp8+lmhead+noact")
+                             "(--quant-weight-layout), +lmhead (--quantize-lm-head), +noact and +nonorm "
+                             "(pass_config fuse_gemm_act / fuse_gemm_norm off), e.g. "
+                             "bf16,rtn4:gptq,rtn4:kmajor,fp8+lmhead+noact")
     parser.add_argument("--e2e-lens", default="128,64", help="input,output tokens per request")
     parser.add_argument("--e2e-max-model-len", type=int, default=None,
                         help="engine max_model_len (default input + output + 16; larger lets GPU memory, not the "

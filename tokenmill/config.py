@@ -78,6 +78,9 @@ class ModelConfig:
     # tokenmill's pass_config key (vLLM has none for it): a gate|up projection whose kernel can apply SiLU-and-mul in
     # its epilogue at this row count (the 4-bit K-major GEMV, the FP8 fma GEMV) does, saving the activation's launch.
     fuse_gemm_act: bool = True
+    # tokenmill's too: where the GEMVs can (the 4-bit K-major GEMV at 1-4 rows), o_proj / down_proj add the residual
+    # stream in their epilogue and qkv / gate_up apply the RMSNorm before them in their prologue (no norm kernel).
+    fuse_gemm_norm: bool = True
     # The untied LM head quantized at load too (fp8 per vocabulary row; rtn4 / int8 codes); vLLM keeps it dense.
     quantize_lm_head: bool = False
 
@@ -224,7 +227,7 @@ class SchedulerConfig:
 CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
 # The keys of vLLM's --compilation-config this engine reads, and of its pass_config (model build options).
 COMPILATION_CONFIG_KEYS = ("cudagraph_mode", "max_cudagraph_capture_size", "pass_config")
-PASS_CONFIG_KEYS = ("fuse_norm_quant", "fuse_act_quant", "fuse_gemm_act")
+PASS_CONFIG_KEYS = ("fuse_norm_quant", "fuse_act_quant", "fuse_gemm_act", "fuse_gemm_norm")
 # Largest decode batch captured as a CUDA graph when max_cudagraph_capture_size is not given: vLLM's cap (more
 # graphs lengthen start-up; a larger decode batch runs eagerly or through piecewise graphs).
 DEFAULT_MAX_GRAPH_BATCH = 512

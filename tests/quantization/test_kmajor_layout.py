@@ -35,7 +35,7 @@ from tokenmill.model.linear import (
     process_weights_after_loading,
 )
 from tokenmill.model.loader import default_dtype, load_model
-from tokenmill.quantization import weight_layout
+from tokenmill.quantization import linear_methods, weight_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from model_helpers import make_prompts, rel_err, run_in_steps  # noqa: E402
@@ -112,13 +112,25 @@ def test_kmajor_model_matches_the_gptq_layout(checkpoint, kmajor_auto_on_cpu, mo
         today = run_in_steps(gptq_bf16.model, batch, step_lens, cache_dtype=torch.bfloat16)
         for g, w, t in zip(got, want, today, strict=True):
             assert rel_err(g, w) < max(2 * rel_err(t, w), 1e-2)  # bf16 through the model: ~2% either way
-    # the gate|up GEMV's SiLU-and-mul epilogue (on above, for the GEMV-sized steps) against the pair: on CPU the
-    # pair's activation is torch's bf16 silu (on CUDA the Triton kernel, which the epilogue equals bit for bit:
-    # tests/kernels/test_w4_gemv.py): here both within bf16 rounding of fp32 (rtn4: 1.6% vs the pair's 1.7%)
+    # the GEMVs' fusions (on above, for the GEMV-sized steps: SiLU-and-mul in gate_up's epilogue, residual adds in
+    # o / down's, RMSNorms in qkv / gate_up's prologues) against the separate kernels: on CPU the pair's activation
+    # is torch's bf16 silu and the prologue keeps 1 / rms in fp32, so here both within bf16 rounding of fp32
+    # (rtn4: 1.6% vs 1.7%); on CUDA the epilogues equal the separate kernels bit for bit (tests/kernels)
     unfused = load_model(ModelConfig(model=str(directory), dtype="bfloat16", device="cpu", quantization=quantization,
-                                     fuse_gemm_act=False), TorchAttentionBackend())
+                                     fuse_gemm_act=False, fuse_gemm_norm=False), TorchAttentionBackend())
     assert all(not m.fuse_gemm_act for m in unfused.model.modules() if hasattr(m, "fuse_gemm_act"))
+    fused_calls = []
+    real_gemv = linear_methods.w4_gemv
+
+    def counting_gemv(*args, **kwargs):
+        fused_calls.append(sorted(k for k in ("norm", "residual", "act_mul") if kwargs.get(k) is not None))
+        return real_gemv(*args, **kwargs)
+
+    monkeypatch.setattr(linear_methods, "w4_gemv", counting_gemv)
     got = run_in_steps(kmajor.model, prompts, steps, cache_dtype=torch.bfloat16)
+    if four_bit and "act_order" not in str(directory):  # every fused kind ran (act-order layers keep the kernels)
+        assert {"norm"} <= {k for call in fused_calls for k in call} and ["residual"] in fused_calls
+        assert ["act_mul", "norm"] in fused_calls
     pair = run_in_steps(unfused.model, prompts, steps, cache_dtype=torch.bfloat16)
     want = run_in_steps(reference.model, prompts, steps)
     for g, p, w in zip(got, pair, want, strict=True):

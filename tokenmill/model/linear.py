@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tokenmill.distributed.context import ParallelContext
-from tokenmill.model.linear_method import DenseLinearMethod, LinearMethod, set_weight_attrs
+from tokenmill.model.linear_method import DenseLinearMethod, LinearMethod, NormedInput, set_weight_attrs
 
 SINGLE_RANK = ParallelContext(0, 1, None)
 
@@ -134,10 +134,18 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)
 
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+    def silu_and_mul(self, x: torch.Tensor | NormedInput) -> torch.Tensor | None:
         """A fused gate|up layer's silu(gate) * up from one kernel, where its method has one for x's rows; else None
         (see LinearMethod.apply_silu_and_mul)."""
         return self.linear_method.apply_silu_and_mul(self, x, self.bias)
+
+    def accepts_normed_input(self, hidden: torch.Tensor) -> bool:
+        """Whether this layer takes the residual stream as a NormedInput (its kernel applies the norm)."""
+        return self.linear_method.accepts_normed_input(self, hidden)
+
+    def add_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """x W^T (+ b) + residual from one kernel where the method has one for x's rows; else None."""
+        return self.linear_method.apply_add_residual(self, x, self.bias, residual)
 
     def accepts_fp8_tokens(self, x: torch.Tensor) -> bool:
         """Whether this layer takes an input of x's rows as ``Fp8Tokens`` (its method decides; see LinearMethod)."""
@@ -216,6 +224,10 @@ class RowParallelLinear(LinearBase):
 
     def matmul_bias(self) -> torch.Tensor | None:
         return None if self.reduce else self.bias
+
+    def add_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        # several ranks: the residual is added after the all-reduce, outside the kernel
+        return None if self.reduce else super().add_residual(x, residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce:  # one rank: the bias rides in the matmul

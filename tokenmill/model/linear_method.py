@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +44,16 @@ def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
         if hasattr(param, key):
             raise ValueError(f"parameter already has attribute {key!r}; a layout is set once")
         setattr(param, key, value)
+
+
+@dataclass(frozen=True)
+class NormedInput:
+    """A linear's input given as the residual stream ``hidden`` whose RMSNorm (``weight``, ``eps``) the linear's
+    kernel applies itself (model/llama.py hands it over where ``accepts_normed_input`` says yes)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    eps: float
 
 
 class LinearMethod:
@@ -70,11 +81,22 @@ class LinearMethod:
         pass. x is the producer's input or output: only its row count, device and dtype are read."""
         return False
 
-    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | NormedInput,
                            bias: torch.Tensor | None) -> torch.Tensor | None:
         """silu(gate) * up of a fused gate|up layer ([T, sum / 2]) from one kernel whose epilogue applies the
         activation, where the method has one for x's rows and device; None: it has not (the caller runs ``apply``
-        and kernels/activation.py's kernel)."""
+        and kernels/activation.py's kernel). x may be a NormedInput where ``accepts_normed_input`` said yes."""
+        return None
+
+    def accepts_normed_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether ``apply`` (and ``apply_silu_and_mul``) would take a NormedInput of x's rows, applying the RMSNorm
+        in the projection's own kernel; x is the residual stream (only its rows, device and dtype are read)."""
+        return False
+
+    def apply_add_residual(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                           residual: torch.Tensor) -> torch.Tensor | None:
+        """x W^T (+ bias) + residual, rounded as the RMSNorm kernel's residual add rounds them (the next residual
+        stream), from one kernel where the method has one for x's rows; None: it has not."""
         return None
 
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -127,6 +149,7 @@ class QuantizationConfig:
     fuse_norm_quant: bool = True
     fuse_act_quant: bool = True
     fuse_gemm_act: bool = True  # tokenmill's pass_config key: SiLU-and-mul in the gate|up kernel's epilogue
+    fuse_gemm_norm: bool = True  # tokenmill's: residual adds in the GEMVs' epilogues, RMSNorms in their prologues
     lm_head_quantized: bool = False
 
     @classmethod
@@ -214,7 +237,7 @@ LM_HEAD_QUANTIZABLE = ("fp8", "rtn4", "int8")
 def resolve_quantization(
     checkpoint: QuantizationConfig | None, requested: str | None, weight_layout: str = "auto",
     fuse_norm_quant: bool = True, fuse_act_quant: bool = True, quantize_lm_head: bool = False,
-    fuse_gemm_act: bool = True,
+    fuse_gemm_act: bool = True, fuse_gemm_norm: bool = True,
 ) -> QuantizationConfig | None:
     """The format to serve: the checkpoint's own (config.json / GGUF), checked against ``--quantization`` when
     given, or, for a dense checkpoint, the requested method quantizing at load (vLLM's ``--quantization``);
@@ -235,7 +258,7 @@ def resolve_quantization(
                          f"served as {config.quant_method!r}: drop the flag")
     config.weight_layout = weight_layout
     config.fuse_norm_quant, config.fuse_act_quant = fuse_norm_quant, fuse_act_quant
-    config.fuse_gemm_act = fuse_gemm_act
+    config.fuse_gemm_act, config.fuse_gemm_norm = fuse_gemm_act, fuse_gemm_norm
     config.lm_head_quantized = config.lm_head_quantized or quantize_lm_head  # or the checkpoint's (GPTQ lm_head)
     return config
 

@@ -23,6 +23,7 @@ from tokenmill.kernels.fp8_quant import Fp8Tokens
 from tokenmill.model.layers import RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
 from tokenmill.model.linear import (
     SINGLE_RANK,
+    LinearBase,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -30,7 +31,7 @@ from tokenmill.model.linear import (
     VocabParallelEmbedding,
     divide,
 )
-from tokenmill.model.linear_method import QuantizationConfig, linear_method_for
+from tokenmill.model.linear_method import NormedInput, QuantizationConfig, linear_method_for
 from tokenmill.model.spec import ModelSpec
 from tokenmill.quantization import cpu_decode_stack
 
@@ -119,12 +120,17 @@ class LlamaMLP(nn.Module):
         self.fuse_act_quant = quant_config is not None and quant_config.fuse_act_quant  # dense: no question to ask
         self.fuse_gemm_act = quant_config is not None and quant_config.fuse_gemm_act
 
-    def forward(self, x: torch.Tensor | Fp8Tokens) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Tokens | NormedInput) -> torch.Tensor:
+        return self.down_proj(self.activated(x))
+
+    def activated(self, x: torch.Tensor | Fp8Tokens | NormedInput) -> torch.Tensor | Fp8Tokens:
+        """silu(gate) * up, the down projection's input (``x`` a NormedInput: gate_up applies the norm)."""
         # the gate|up kernel's own epilogue where it has one for these rows (the 4-bit K-major / FP8 fma GEMVs)
-        act = self.gate_up_proj.silu_and_mul(x) if self.fuse_gemm_act and isinstance(x, torch.Tensor) else None
+        fusable = self.fuse_gemm_act and isinstance(x, torch.Tensor | NormedInput)
+        act = self.gate_up_proj.silu_and_mul(x) if fusable else None
         if act is None:
             act = silu_and_mul(self.gate_up_proj(x), feeds=self.down_proj if self.fuse_act_quant else None)
-        return self.down_proj(act)
+        return act
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -155,6 +161,7 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.fuse_norm_quant = quant_config is not None and quant_config.fuse_norm_quant
+        self.fuse_gemm_norm = quant_config is not None and quant_config.fuse_gemm_norm
         self.flat_cpu_decode = True  # CPU decode steps of int4/int8 CPU-kernel weights: quantization/cpu_decode_stack.py
         self._cpu_stack: cpu_decode_stack.CPUDecodeStack | None = None
         self._cpu_stack_built = False
@@ -188,18 +195,39 @@ class LlamaModel(nn.Module):
         0's q, k, v; piece i finishes layer i - 1 from its attention output ``attn_out`` and projects layer i's;
         the last piece finishes the last layer and returns (final hidden states,). Else (q, k, v, residual)."""
         fuse = self.fuse_norm_quant
-        if index == 0:
-            hidden = self.embed_tokens(input_ids)
+        if index == 0:  # the stream starts as the embeddings (no residual to add)
+            hidden, residual = None, self.embed_tokens(input_ids)
         else:  # the residual add is fused into the next norm: rms_norm(x, w, eps, r) returns (norm(x+r), x+r)
             layer = self.layers[index - 1]
-            hidden, residual = layer.post_attention_layernorm(layer.self_attn.o_proj(attn_out), residual,
-                                                              feeds=layer.mlp.gate_up_proj if fuse else None)
-            hidden = layer.mlp(hidden)
+            hidden, residual = self._project_add(layer.self_attn.o_proj, attn_out, residual)
+            normed, residual = self._normed(layer.post_attention_layernorm, hidden, residual, layer.mlp.gate_up_proj,
+                                            fuse)
+            hidden, residual = self._project_add(layer.mlp.down_proj, layer.mlp.activated(normed), residual)
         if index == len(self.layers):  # the final norm feeds the LM head only on sampled rows (and feature sinks)
-            return (self.norm(hidden, residual)[0],)
+            return (self.norm(residual)[0] if hidden is None else self.norm(hidden, residual)[0],)
         layer = self.layers[index]
-        hidden, residual = layer.input_layernorm(hidden, residual, feeds=layer.self_attn.qkv_proj if fuse else None)
-        return (*layer.self_attn.project(hidden), residual)
+        normed, residual = self._normed(layer.input_layernorm, hidden, residual, layer.self_attn.qkv_proj, fuse)
+        return (*layer.self_attn.project(normed), residual)
+
+    def _project_add(self, linear: RowParallelLinear, x: torch.Tensor | Fp8Tokens,
+                     residual: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(None, x W^T + residual) where the projection's kernel adds the residual stream (fuse_gemm_norm), else
+        (x W^T, residual) for the next norm to add."""
+        if self.fuse_gemm_norm and isinstance(x, torch.Tensor):
+            summed = linear.add_residual(x, residual)
+            if summed is not None:
+                return None, summed
+        return linear(x), residual
+
+    def _normed(self, norm: RMSNorm, hidden: torch.Tensor | None, residual: torch.Tensor, feeds: LinearBase,
+                fuse_quant: bool) -> tuple[torch.Tensor | Fp8Tokens | NormedInput, torch.Tensor]:
+        """(the consumer's input, the residual stream): ``hidden`` None means ``residual`` already holds the sum;
+        then the consumer applies the norm in its own kernel where it can (NormedInput)."""
+        if hidden is not None:
+            return norm(hidden, residual, feeds=feeds if fuse_quant else None)
+        if self.fuse_gemm_norm and feeds.accepts_normed_input(residual):
+            return NormedInput(residual, norm.weight, norm.eps), residual
+        return norm(residual, feeds=feeds if fuse_quant else None)[0], residual
 
 
 class LlamaForCausalLM(nn.Module):

@@ -328,7 +328,8 @@ def load_model(
     quant_config = resolve_quantization(source.quant_config, model_config.quantization,
                                         model_config.quant_weight_layout, model_config.fuse_norm_quant,
                                         model_config.fuse_act_quant, model_config.quantize_lm_head,
-                                        fuse_gemm_act=model_config.fuse_gemm_act)
+                                        fuse_gemm_act=model_config.fuse_gemm_act,
+                                        fuse_gemm_norm=model_config.fuse_gemm_norm)
     model = build_model(spec, attn_backend, model_config.torch_dtype, device or model_config.device, parallel,
                         quant_config)
     with torch.no_grad():

@@ -17,14 +17,20 @@ import torch
 from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.quant_dispatch import kmajor_cuda_linear, kmajor_cuda_silu_and_mul, wna16_cuda_linear
+from tokenmill.kernels.quant_dispatch import (
+    kmajor_choice,
+    kmajor_cuda_linear,
+    kmajor_cuda_silu_and_mul,
+    wna16_cuda_linear,
+)
 from tokenmill.kernels.splitk import splitk_workspace
-from tokenmill.kernels.w4_gemv import KMajorWeight, k_major_from_codes
+from tokenmill.kernels.w4_gemv import KMajorWeight, PrologueNorm, W4GemvConfig, k_major_from_codes, w4_gemv
 from tokenmill.kernels.wna16_cpu import cpu_linear, cpu_weight
 from tokenmill.kernels.wna16_gemm import PackedWeight, wna16_linear_cpu
 from tokenmill.model.linear_method import (
     DenseLinearMethod,
     LinearMethod,
+    NormedInput,
     QuantizationConfig,
     register_quantization_config,
     set_weight_attrs,
@@ -67,7 +73,9 @@ class WNA16LinearMethod(LinearMethod):
     def set_weight_layout(self, layout: str) -> None:
         self.weight_layout = layout
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | NormedInput, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, NormedInput):  # accepts_normed_input said yes: the K-major GEMV's norm prologue
+            return self._gemv(layer, x.hidden, bias, norm=PrologueNorm(x.weight, x.eps))
         packed: PackedWeight | KMajorWeight = layer.wna16
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -84,15 +92,41 @@ class WNA16LinearMethod(LinearMethod):
             out = wna16_linear_cpu(x2, packed, bias)
         return out.reshape(*shape[:-1], packed.out_features)
 
-    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | NormedInput,
                            bias: torch.Tensor | None) -> torch.Tensor | None:
         """The K-major GEMV's SiLU-and-mul epilogue (kernels/w4_gemv.py ``act_mul``) for the rows it serves."""
+        if isinstance(x, NormedInput):
+            return self._gemv(layer, x.hidden, bias, norm=PrologueNorm(x.weight, x.eps), act_mul=True)
         packed = layer.wna16
         if not isinstance(packed, KMajorWeight) or x.dim() != 2:
             return None
         if layer.wna16_perm is not None:
             x = x.index_select(1, layer.wna16_perm)
         return kmajor_cuda_silu_and_mul(x, packed, bias, getattr(layer, "gemm_plan", None))
+
+    def _gemv_config(self, layer: nn.Module, x: torch.Tensor) -> W4GemvConfig | None:
+        """The K-major GEMV config x's rows get, or None (another kernel, another layout, act-order)."""
+        packed = layer.wna16
+        if not isinstance(packed, KMajorWeight) or x.dim() != 2 or layer.wna16_perm is not None:
+            return None
+        config = kmajor_choice(x, packed, getattr(layer, "gemm_plan", None))
+        return config if isinstance(config, W4GemvConfig) and config.kind == "kmajor" else None
+
+    def _gemv(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, **fused: Any) -> torch.Tensor:
+        config = self._gemv_config(layer, x)
+        if config is None:
+            raise ValueError("the fused GEMV path was asked of a layer whose rows go to another kernel")
+        return w4_gemv(x, layer.wna16, config, bias, **fused)
+
+    def accepts_normed_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        # act-order layers permute x's columns first: the norm would need its weight permuted too (not done)
+        return self._gemv_config(layer, x) is not None
+
+    def apply_add_residual(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                           residual: torch.Tensor) -> torch.Tensor | None:
+        if self._gemv_config(layer, x) is None:
+            return None
+        return self._gemv(layer, x, bias, residual=residual)
 
     def _sort_by_group(self, codes: torch.Tensor, g_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Act-order: codes [K, N] with rows sorted by group (groups become contiguous) and the permutation the
