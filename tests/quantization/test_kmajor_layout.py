@@ -83,8 +83,8 @@ def _param_bytes(linears: list[torch.nn.Module]) -> int:
 @requires_interpreter
 def test_kmajor_model_matches_the_gptq_layout(checkpoint, kmajor_auto_on_cpu, monkeypatch):
     directory, quantization = checkpoint
-    kmajor = load_model(ModelConfig(model=str(directory), dtype="bfloat16", device="cpu", quantization=quantization),
-                        TorchAttentionBackend())
+    kmajor = load_model(ModelConfig(model=str(directory), dtype="bfloat16", device="cpu", quantization=quantization,
+                                    fuse_gemm_norm=True), TorchAttentionBackend())  # every GEMV fusion on
     linears = _quantized_linears(kmajor.model)
     four_bit = "gptq8" not in str(directory)
     for linear in linears:
