@@ -7,6 +7,7 @@ import pytest
 from tokenmill.bench.roofline import (
     Ceilings,
     StepShape,
+    StoredBytes,
     attention_pairs,
     bandwidth_time,
     floor_time,
@@ -49,6 +50,19 @@ def test_decode_step_bytes_add_kv_read_and_written() -> None:
     step = StepShape(cached=(100, 300), new=(1, 1), num_sampled=2)
     assert step.is_decode and step.num_tokens == 2
     assert step_bytes(spec, step) == 16_060_522_496 + 131_072 * 400 + 131_072 * 2
+
+
+def test_stored_bytes_replace_the_dtype_formula() -> None:
+    """Quantized weights and an FP8 cache: the bytes they really take, not the model dtype's (a 4-bit Llama-3-8B
+    at 4.58 GiB read at bf16's 16 GB showed 204% of the decode roofline)."""
+    spec = preset_spec("llama3-8b")
+    step = StepShape(cached=(100, 300), new=(1, 1), num_sampled=2)
+    stored = StoredBytes(weights=4_918_000_000, kv_element=1)
+    assert step_bytes(spec, step, 2, stored) == 4_918_000_000 + 65_536 * 402
+    assert step_bytes(spec, step, 2, StoredBytes()) == step_bytes(spec, step)  # nothing given: the formula
+    assert step_bytes(spec, step, 2, StoredBytes(kv_element=1)) == 16_060_522_496 + 65_536 * 402
+    summary = summarize(spec, [step], [0.01], H100, 2, stored)
+    assert summary.decode_roofline_s == pytest.approx(step_bytes(spec, step, 2, stored) / 3.01e12)
 
 
 def test_attention_pairs_are_causal() -> None:

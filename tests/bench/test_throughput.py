@@ -222,3 +222,23 @@ def test_gpu_tensor_parallel_quick_on_cpu(tmp_path: Path) -> None:
     speedup = two["workloads"]["b"]["output_tok_s"] / one["workloads"]["b"]["output_tok_s"]
     assert scale["b_speedup"] == pytest.approx(speedup) and scale["b_efficiency"] == pytest.approx(speedup / 2)
     assert "scaling tiny-llama TP 1 → 2" in proc.stdout
+
+
+def test_roofline_counts_the_bytes_a_quantized_engine_stores() -> None:
+    """``stored_bytes``: a dense engine's parameters give the spec's formula; rtn4 at load stores fewer (codes and
+    scales), and an FP8 cache one byte a value."""
+    from tokenmill.bench.roofline import kv_bytes_per_token, weight_bytes
+    from tokenmill.bench.throughput import stored_bytes
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    kwargs = dict(random_weights="tiny-llama", device="cpu", num_kv_blocks=16, stream_outputs=False)
+    dense = LLMEngine.from_kwargs(**kwargs)
+    spec = dense.model.spec
+    assert stored_bytes(dense).weights == weight_bytes(spec, dense.config.model.torch_dtype.itemsize)
+    assert stored_bytes(dense).kv_element == dense.config.model.torch_dtype.itemsize
+    quantized = LLMEngine.from_kwargs(**kwargs, quantization="rtn4", kv_cache_dtype="fp8")
+    stored = stored_bytes(quantized)
+    assert stored.weights < weight_bytes(spec, quantized.config.model.torch_dtype.itemsize) and stored.kv_element == 1
+    assert kv_bytes_per_token(spec, stored.kv_element) * 4 == kv_bytes_per_token(spec, 4)
+    for engine in (dense, quantized):
+        engine.shutdown()

@@ -90,17 +90,35 @@ def step_flops(spec: ModelSpec, step: StepShape) -> float:
     return dense + head + attn
 
 
-def step_bytes(spec: ModelSpec, step: StepShape, dtype_bytes: int = 2) -> float:
+@dataclass(frozen=True)
+class StoredBytes:
+    """What the weights and the KV cache take in memory when not ``dtype_bytes`` a value: ``weights`` the bytes of
+    all weights as served (4-bit codes and scales, FP8), ``kv_element`` the KV cache's bytes a value (FP8: 1)."""
+
+    weights: int | None = None
+    kv_element: int | None = None
+
+
+def _weights_and_kv(spec: ModelSpec, dtype_bytes: int, stored: StoredBytes | None) -> tuple[int, int]:
+    """(weight bytes, KV bytes a token) for the roofline."""
+    stored = stored or StoredBytes()
+    weights = stored.weights if stored.weights is not None else weight_bytes(spec, dtype_bytes)
+    kv = kv_bytes_per_token(spec, stored.kv_element if stored.kv_element is not None else dtype_bytes)
+    return weights, kv
+
+
+def step_bytes(spec: ModelSpec, step: StepShape, dtype_bytes: int = 2, stored: StoredBytes | None = None) -> float:
     """Bytes moved at least once: all weights, the cached KV read, the new KV written."""
-    per_token = kv_bytes_per_token(spec, dtype_bytes)
+    weights, per_token = _weights_and_kv(spec, dtype_bytes, stored)
     kv_read = per_token * sum(step.cached)
     kv_written = per_token * step.num_tokens
-    return float(weight_bytes(spec, dtype_bytes) + kv_read + kv_written)
+    return float(weights + kv_read + kv_written)
 
 
-def bandwidth_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings, dtype_bytes: int = 2) -> float:
+def bandwidth_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings, dtype_bytes: int = 2,
+                   stored: StoredBytes | None = None) -> float:
     """Seconds to move ``step_bytes`` at the copy bandwidth (the decode roofline)."""
-    return step_bytes(spec, step, dtype_bytes) / (ceilings.bandwidth_gbps * 1e9)
+    return step_bytes(spec, step, dtype_bytes, stored) / (ceilings.bandwidth_gbps * 1e9)
 
 
 def compute_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings) -> float:
@@ -117,9 +135,10 @@ def serial_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings, dtype_byte
     return max(compute_time(spec, step, ceilings), weights) + kv
 
 
-def floor_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings, dtype_bytes: int = 2) -> float:
+def floor_time(spec: ModelSpec, step: StepShape, ceilings: Ceilings, dtype_bytes: int = 2,
+               stored: StoredBytes | None = None) -> float:
     """Physical floor of one step: the slower of compute and memory traffic."""
-    return max(compute_time(spec, step, ceilings), bandwidth_time(spec, step, ceilings, dtype_bytes))
+    return max(compute_time(spec, step, ceilings), bandwidth_time(spec, step, ceilings, dtype_bytes, stored))
 
 
 @dataclass(frozen=True)
@@ -168,11 +187,13 @@ def summarize(
     times_s: Sequence[float],
     ceilings: Ceilings,
     dtype_bytes: int = 2,
+    stored: StoredBytes | None = None,
 ) -> RooflineSummary:
-    """Floor over all steps and bandwidth roofline over decode-only steps, against measured step times."""
+    """Floor over all steps and bandwidth roofline over decode-only steps, against measured step times; bytes
+    from ``dtype_bytes`` a value unless ``stored`` gives what quantized weights or an FP8 cache really take."""
     if len(steps) != len(times_s):
         raise ValueError(f"steps ({len(steps)}) and times_s ({len(times_s)}) must have the same length")
-    floor = sum(floor_time(spec, s, ceilings, dtype_bytes) for s in steps)
+    floor = sum(floor_time(spec, s, ceilings, dtype_bytes, stored) for s in steps)
     decode = [(s, t) for s, t in zip(steps, times_s, strict=True) if s.is_decode]
     prefill = [(s, t) for s, t in zip(steps, times_s, strict=True) if not s.is_decode]
     return RooflineSummary(
@@ -181,7 +202,7 @@ def summarize(
         floor_s=floor,
         num_decode_steps=len(decode),
         decode_measured_s=float(sum(t for _, t in decode)),
-        decode_roofline_s=sum(bandwidth_time(spec, s, ceilings, dtype_bytes) for s, _ in decode),
+        decode_roofline_s=sum(bandwidth_time(spec, s, ceilings, dtype_bytes, stored) for s, _ in decode),
         prefill_measured_s=float(sum(t for _, t in prefill)),
         prefill_compute_s=sum(compute_time(spec, s, ceilings) for s, _ in prefill),
     )

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.bench.jit_watch import JitWatch
-from tokenmill.bench.roofline import H100_COPY_GBPS, H100_MATMUL_TFLOPS, Ceilings, StepShape, summarize
+from tokenmill.bench.roofline import (
+    H100_COPY_GBPS,
+    H100_MATMUL_TFLOPS,
+    Ceilings,
+    StepShape,
+    StoredBytes,
+    summarize,
+)
 from tokenmill.bench.workloads import (
     OfflineRequest,
     fixed_workload,
@@ -392,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
                              profile_start=args.profile_start)
     finally:
         unfreeze_heap()  # a caller in the same process (a test) may build other engines after this one
-    roof = summarize(spec, result.steps, result.step_times_s, ceilings, dtype_bytes)
+    roof = summarize(spec, result.steps, result.step_times_s, ceilings, dtype_bytes, stored_bytes(engine))
     print_report(result, roof.to_dict(), engine.model_name, device)
     spec_stats = engine.spec_decode_stats.since(spec_before).summary() if spec_before is not None else None
     if spec_stats is not None:  # the timed run's drafts only (warm-up excluded)
@@ -427,6 +434,16 @@ def _run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {path}")
     return 0
+
+
+def stored_bytes(engine: Any) -> StoredBytes:
+    """The bytes the roofline counts for this engine: its weights as served (quantized codes and scales, FP8; all
+    ranks' shards: the roofline is one GPU's bandwidth against the whole model, as for bf16) and its KV cache's
+    bytes a value. Dense models in their dtype come out as the spec's formula (the parameters are the spec's)."""
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    return StoredBytes(weights=weights * engine.config.runner.tensor_parallel_size,
+                       kv_element=engine.config.cache.kv_cache_spec(1, 1, engine.config.model.torch_dtype)
+                       .dtype.itemsize)
 
 
 def print_report(result: OfflineResult, roof: dict[str, float], model: str, device: str) -> None:
