@@ -208,12 +208,18 @@ def kmajor_choice(x: torch.Tensor, weight: KMajorWeight, plan: Plan) -> Choice:
     return config
 
 
+def kmajor_gemv_choice(x: torch.Tensor, weight: KMajorWeight, plan: Plan) -> W4GemvConfig | None:
+    """The K-major GEMV config x's rows go to, or None where they go to a GEMM (the GEMV's fusions need it)."""
+    config = kmajor_choice(x, weight, plan)
+    return config if isinstance(config, W4GemvConfig) and config.kind == "kmajor" else None
+
+
 def kmajor_cuda_silu_and_mul(x: torch.Tensor, weight: KMajorWeight, bias: torch.Tensor | None,
                              plan: Plan) -> torch.Tensor | None:
     """silu(gate) * up of a fused gate|up K-major weight in one launch where x's rows go to the K-major GEMV (its
     ``act_mul`` epilogue); None where they go to a GEMM (the caller runs the pair)."""
-    config = kmajor_choice(x, weight, plan)
-    if not isinstance(config, W4GemvConfig) or config.kind != "kmajor" or config.block_n < 2:
+    config = kmajor_gemv_choice(x, weight, plan)
+    if config is None or config.block_n < 2:
         return None
     return w4_gemv(x, weight, config, bias, act_mul=True)
 

@@ -110,14 +110,11 @@ def dequantize_k_major(weight: KMajorWeight) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PrologueNorm:
-    """The RMSNorm a ``kmajor`` GEMV applies to its input (``w4_gemv``'s ``norm``): norm(x [+ residual]) * weight.
-    With ``residual``, x + residual (rounded to x's dtype, the next residual stream) is stored into
-    ``residual_out`` ([M, K], not aliasing x or residual: the other programs still read them)."""
+    """The RMSNorm a ``kmajor`` GEMV applies to its input (``w4_gemv``'s ``norm``): norm(x) * weight, x being the
+    residual stream (a producer GEMV's ``residual`` epilogue made the sum)."""
 
     weight: torch.Tensor  # [K], x's dtype
     eps: float
-    residual: torch.Tensor | None = None
-    residual_out: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -286,46 +283,19 @@ if HAS_TRITON:
         return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _round16(v, X_BF16: tl.constexpr):
-        """v rounded to the activations' 16-bit dtype (kept in fp32)."""
-        if X_BF16:
-            return v.to(tl.bfloat16).to(tl.float32)
-        return v.to(tl.float16).to(tl.float32)
-
-    @triton.jit
-    def _normed(x, r, w, NORM: tl.constexpr, X_BF16: tl.constexpr):
-        """The norm prologue's input to the product: (x [+ r], rounded as the residual stream is) times the norm
-        weight; the 1 / rms factor is applied to the program's outputs at the end (the product is linear in x)."""
-        if NORM == 2:
-            x = _round16(x + r, X_BF16)
-        return x * w
-
-    @triton.jit
     def _chunk_product(acc, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_G: tl.constexpr, GW: tl.constexpr,
-                       X_BF16: tl.constexpr, EVEN: tl.constexpr, r_ptr=None, nw_ptr=None, stride_rm=0,
-                       NORM: tl.constexpr = 0):
+                       X_BF16: tl.constexpr, EVEN: tl.constexpr, nw_ptr=None, NORM: tl.constexpr = False):
         """acc + the chunk's sum x (c - z) s per group (see _kmajor_kernel), x loaded here (NORM: x is the norm
         prologue's input, see _kmajor_kernel)."""
         rows = tl.minimum(m3, M - 1)  # rows past M: copies
         offset = g0 * (4 * GW) + pair_of
         xmask = g0 * GW + kc3 < kw
         x0, x1, x2, x3, x4, x5, x6, x7 = _chunk_pairs(xp_ptr + rows * stride_xm + offset, xmask, GW, X_BF16, EVEN)
-        if NORM:
+        if NORM:  # times the norm weight; 1 / rms comes at the end (the product is linear in x)
             w0, w1, w2, w3, w4, w5, w6, w7 = _chunk_pairs(nw_ptr + offset, xmask, GW, X_BF16, EVEN)
-            if NORM == 2:
-                r0, r1, r2, r3, r4, r5, r6, r7 = _chunk_pairs(r_ptr + rows * stride_rm + offset, xmask, GW, X_BF16,
-                                                              EVEN)
-            else:  # unused by _normed
-                r0, r1, r2, r3, r4, r5, r6, r7 = x0, x1, x2, x3, x4, x5, x6, x7
-            x0 = _normed(x0, r0, w0, NORM, X_BF16)
-            x1 = _normed(x1, r1, w1, NORM, X_BF16)
-            x2 = _normed(x2, r2, w2, NORM, X_BF16)
-            x3 = _normed(x3, r3, w3, NORM, X_BF16)
-            x4 = _normed(x4, r4, w4, NORM, X_BF16)
-            x5 = _normed(x5, r5, w5, NORM, X_BF16)
-            x6 = _normed(x6, r6, w6, NORM, X_BF16)
-            x7 = _normed(x7, r7, w7, NORM, X_BF16)
+            x0, x1, x2, x3 = x0 * w0, x1 * w1, x2 * w2, x3 * w3
+            x4, x5, x6, x7 = x4 * w4, x5 * w5, x6 * w6, x7 * w7
         xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         # the bases of _sixteenth_code: 128 for nibbles 0, 2, 3, 5; 8 for 1, 4, 6, 7
         xb = 128.0 * ((x0 + x2) + (x3 + x5)) + 8.0 * ((x1 + x4) + (x6 + x7))
@@ -342,26 +312,14 @@ if HAS_TRITON:
         return acc + scale * (16.0 * p_group - zero * xs_group)
 
     @triton.jit
-    def _norm_prepass(xp_ptr, r_ptr, h_ptr, M, stride_xm, stride_rm, stride_hm, KP, eps, pid, ROWS: tl.constexpr,
-                      BLOCK_P: tl.constexpr, X_BF16: tl.constexpr, NORM: tl.constexpr):
-        """1 / rms of each row's norm input (x, or x + r rounded: the residual stream), [ROWS] fp32, over KP pairs;
-        NORM == 2: program 0 also stores x + r into h (the next residual stream)."""
-        m2 = tl.arange(0, ROWS)[:, None]
-        rows = tl.minimum(m2, M - 1)
+    def _norm_prepass(xp_ptr, M, stride_xm, KP, eps, ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
+                      X_BF16: tl.constexpr):
+        """1 / rms of each row of x, [ROWS] fp32, over KP pairs."""
+        rows = tl.minimum(tl.arange(0, ROWS)[:, None], M - 1)
         c = tl.arange(0, BLOCK_P)[None, :]
         squares = tl.zeros([ROWS, BLOCK_P], tl.float32)
         for p0 in range(0, KP, BLOCK_P):
-            mask = p0 + c < KP
-            lo, hi = _pair_halves(tl.load(xp_ptr + rows * stride_xm + p0 + c, mask=mask, other=0), X_BF16)
-            if NORM == 2:
-                rlo, rhi = _pair_halves(tl.load(r_ptr + rows * stride_rm + p0 + c, mask=mask, other=0), X_BF16)
-                lo = _round16(lo + rlo, X_BF16)
-                hi = _round16(hi + rhi, X_BF16)
-                if pid == 0:
-                    h_at = h_ptr + m2 * stride_hm + 2 * (p0 + c)
-                    keep = mask & (m2 < M)
-                    tl.store(h_at, lo.to(h_ptr.dtype.element_ty), mask=keep)
-                    tl.store(h_at + 1, hi.to(h_ptr.dtype.element_ty), mask=keep)
+            lo, hi = _pair_halves(tl.load(xp_ptr + rows * stride_xm + p0 + c, mask=p0 + c < KP, other=0), X_BF16)
             squares += lo * lo + hi * hi
         return 1.0 / tl.sqrt(tl.sum(squares, axis=1) / (2 * KP) + eps)
 
@@ -372,8 +330,8 @@ if HAS_TRITON:
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         CHUNK_G: tl.constexpr, GW: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
         PREFETCH: tl.constexpr, PRELOAD: tl.constexpr = 0, L2_PREFETCH: tl.constexpr = False,
-        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False, r_ptr=None, nw_ptr=None, h_ptr=None, stride_rm=0,
-        stride_hm=0, eps=0.0, NORM: tl.constexpr = 0, NORM_BLOCK: tl.constexpr = 1, res_ptr=None, stride_resm=0,
+        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False, nw_ptr=None, eps=0.0, NORM: tl.constexpr = False,
+        NORM_BLOCK: tl.constexpr = 1, res_ptr=None, stride_resm=0,
         ADD_RESIDUAL: tl.constexpr = False,
     ):
         """Program: BLOCK_N output channels over all of K, CHUNK_G groups of GW words a load. Words and x pairs
@@ -392,15 +350,14 @@ if HAS_TRITON:
 
         ACT_MUL: the weight is a fused gate|up projection and the output silu(gate) * up (kernels/gemv_epilogue.py).
 
-        NORM (the RMSNorm before the projection, in its prologue): x is the norm's input (NORM 1), or x and the
-        residual stream r (NORM 2: the input is x + r, rounded, which program 0 also stores into h). Every program
+        NORM (the RMSNorm before the projection, in its prologue): x is the norm's input. Every program
         works out the rows' 1 / rms in a pass over x (its preloaded weights stay in flight meanwhile), multiplies
         x by the norm weight (``nw_ptr``, pairs) as it streams and its outputs by 1 / rms at the end: the product
         is linear in x. Not the unfused norm's roundings (it rounds norm(x) and the weight's product to 16 bits):
         fp32 throughout, within that rounding of it.
 
         ADD_RESIDUAL: out is the projection plus the residual stream at ``res_ptr`` (kernels/gemv_epilogue.py), the
-        next residual stream, which a NORM 1 consumer then normalizes."""
+        next residual stream, which a NORM consumer then normalizes."""
         pid = tl.program_id(0)
         KC: tl.constexpr = CHUNK_G * GW  # words a chunk: one flat last dim, so every Triton version lays the
         # words and the x pairs out alike (threads and warps along it; channels and rows in registers)
@@ -426,14 +383,13 @@ if HAS_TRITON:
                         _l2_prefetch(z_ptr + n_in * G + tl.minimum(gs, G - 1))
         pdl_wait(PDL)
         if NORM:
-            rstd = _norm_prepass(xp_ptr, r_ptr, h_ptr, M, stride_xm, stride_rm, stride_hm, G * GW * 4, eps, pid,
-                                 ROWS, NORM_BLOCK, X_BF16, NORM)
+            rstd = _norm_prepass(xp_ptr, M, stride_xm, G * GW * 4, eps, ROWS, NORM_BLOCK, X_BF16)
         g_first: tl.constexpr = CHUNK_G if PRELOAD >= 1 else 0
         if PREFETCH:  # issued before the preloaded chunk's arithmetic
             ahead = _chunk_words(qw_ptr, n3, kc3, g_first, N, kw, GW, False)
         if PRELOAD >= 1:
             acc = _chunk_product(acc, words0, scale0, zero0, xp_ptr, m3, M, stride_xm, 0, pair_of, kc3, kw, m128,
-                                 m8, ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN, r_ptr, nw_ptr, stride_rm, NORM)
+                                 m8, ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN, nw_ptr, NORM)
         for g0 in range(g_first, G, CHUNK_G):
             if PREFETCH:
                 words = ahead
@@ -442,7 +398,7 @@ if HAS_TRITON:
                 words = _chunk_words(qw_ptr, n3, kc3, g0, N, kw, GW, EVEN)
             scale, zero = _chunk_scales(s_ptr, z_ptr, n3, g0, N, G, HAS_ZEROS, BLOCK_N, CHUNK_G, EVEN)
             acc = _chunk_product(acc, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
-                                 ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN, r_ptr, nw_ptr, stride_rm, NORM)
+                                 ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN, nw_ptr, NORM)
         out = tl.sum(acc, axis=2)
         if NORM:
             out = out * rstd[:, None]
@@ -649,24 +605,15 @@ def split_plan(config: W4GemvConfig, rows: int, n: int, groups: int) -> tuple[in
 
 
 def _norm_launch(norm: PrologueNorm | None, x: torch.Tensor, rows: int) -> dict:
-    """The ``kmajor`` kernel's NORM arguments (pairs views of the norm weight and the residual stream)."""
+    """The ``kmajor`` kernel's NORM arguments (the norm weight as pairs)."""
     if norm is None:
         return {}
     k = x.shape[1]
     if norm.weight.shape != (k,) or norm.weight.dtype != x.dtype:
         raise ValueError(f"the norm prologue's weight must be [{k}] in {x.dtype}; got {tuple(norm.weight.shape)} "
                          f"{norm.weight.dtype}")
-    args = dict(nw_ptr=norm.weight.contiguous().view(torch.int32), eps=norm.eps, NORM=1,
+    return dict(nw_ptr=norm.weight.contiguous().view(torch.int32), eps=norm.eps, NORM=True,
                 NORM_BLOCK=max(32, min(next_power_of_2(k // 2), 4096 // next_power_of_2(max(rows, 1)))))
-    if norm.residual is not None:
-        residual, out = norm.residual, norm.residual_out
-        if out is None or residual.shape != x.shape or out.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError("the norm prologue's residual and residual_out must be shaped and typed like x")
-        if residual.stride(-1) != 1 or residual.stride(0) % 2:
-            residual = residual.contiguous()
-        args.update(r_ptr=residual.view(torch.int32), h_ptr=out, stride_rm=residual.stride(0) // 2,
-                    stride_hm=out.stride(0), NORM=2)
-    return args
 
 
 def _residual_launch(residual: torch.Tensor | None, rows: int, n: int, dtype: torch.dtype) -> dict:

@@ -18,9 +18,9 @@ from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.quant_dispatch import (
-    kmajor_choice,
     kmajor_cuda_linear,
     kmajor_cuda_silu_and_mul,
+    kmajor_gemv_choice,
     wna16_cuda_linear,
 )
 from tokenmill.kernels.splitk import splitk_workspace
@@ -75,7 +75,7 @@ class WNA16LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor | NormedInput, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(x, NormedInput):  # accepts_normed_input said yes: the K-major GEMV's norm prologue
-            return self._gemv(layer, x.hidden, bias, norm=PrologueNorm(x.weight, x.eps))
+            return self._normed_gemv(layer, x, bias)
         packed: PackedWeight | KMajorWeight = layer.wna16
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -96,7 +96,7 @@ class WNA16LinearMethod(LinearMethod):
                            bias: torch.Tensor | None) -> torch.Tensor | None:
         """The K-major GEMV's SiLU-and-mul epilogue (kernels/w4_gemv.py ``act_mul``) for the rows it serves."""
         if isinstance(x, NormedInput):
-            return self._gemv(layer, x.hidden, bias, norm=PrologueNorm(x.weight, x.eps), act_mul=True)
+            return self._normed_gemv(layer, x, bias, act_mul=True)
         packed = layer.wna16
         if not isinstance(packed, KMajorWeight) or x.dim() != 2:
             return None
@@ -105,28 +105,27 @@ class WNA16LinearMethod(LinearMethod):
         return kmajor_cuda_silu_and_mul(x, packed, bias, getattr(layer, "gemm_plan", None))
 
     def _gemv_config(self, layer: nn.Module, x: torch.Tensor) -> W4GemvConfig | None:
-        """The K-major GEMV config x's rows get, or None (another kernel, another layout, act-order)."""
+        """The K-major GEMV config x's rows get, or None (a GEMM, the GPTQ layout, act-order: the norm would need
+        its weight permuted too, and the residual add is simply not wired for it)."""
         packed = layer.wna16
         if not isinstance(packed, KMajorWeight) or x.dim() != 2 or layer.wna16_perm is not None:
             return None
-        config = kmajor_choice(x, packed, getattr(layer, "gemm_plan", None))
-        return config if isinstance(config, W4GemvConfig) and config.kind == "kmajor" else None
+        return kmajor_gemv_choice(x, packed, getattr(layer, "gemm_plan", None))
 
-    def _gemv(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, **fused: Any) -> torch.Tensor:
-        config = self._gemv_config(layer, x)
-        if config is None:
-            raise ValueError("the fused GEMV path was asked of a layer whose rows go to another kernel")
-        return w4_gemv(x, layer.wna16, config, bias, **fused)
+    def _normed_gemv(self, layer: nn.Module, x: NormedInput, bias: torch.Tensor | None,
+                     act_mul: bool = False) -> torch.Tensor:
+        config = self._gemv_config(layer, x.hidden)
+        if config is None:  # accepts_normed_input said yes for these rows: a caller bug
+            raise ValueError("a NormedInput reached a layer whose rows go to another kernel")
+        return w4_gemv(x.hidden, layer.wna16, config, bias, act_mul=act_mul, norm=PrologueNorm(x.weight, x.eps))
 
     def accepts_normed_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
-        # act-order layers permute x's columns first: the norm would need its weight permuted too (not done)
         return self._gemv_config(layer, x) is not None
 
     def apply_add_residual(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
                            residual: torch.Tensor) -> torch.Tensor | None:
-        if self._gemv_config(layer, x) is None:
-            return None
-        return self._gemv(layer, x, bias, residual=residual)
+        config = self._gemv_config(layer, x)
+        return None if config is None else w4_gemv(x, layer.wna16, config, bias, residual=residual)
 
     def _sort_by_group(self, codes: torch.Tensor, g_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Act-order: codes [K, N] with rows sorted by group (groups become contiguous) and the permutation the
