@@ -175,7 +175,7 @@ def test_kmajor_preload_is_issued_before_the_pdl_wait(preload, pdl, act_mul, nor
                 M="i32:1", N="i32:16", G="i32:16", stride_xm="i32:16", stride_om="i32:16", m128="i32:1", m8="i32:1",
                 HAS_ZEROS=True, HAS_BIAS=False, ROWS=1, BLOCK_N=4, CHUNK_G=16, GW=16, X_BF16=True, EVEN=True,
                 PREFETCH=False, PRELOAD=preload, L2_PREFETCH=preload > 1, PDL=pdl, ACT_MUL=act_mul,
-                nw_ptr="*i32", eps="fp32", NORM=norm, NORM_BLOCK=2048, res_ptr="*bf16", stride_resm="i32:16", ADD_RESIDUAL=residual)
+                nw_ptr="*i32", eps="fp32", NORM=norm, res_ptr="*bf16", stride_resm="i32:16", ADD_RESIDUAL=residual)
     info = compile_sm90(_kmajor_kernel, args, num_warps=2, keep_text=True)
     lines = info.ptx.splitlines()
 
