@@ -125,11 +125,11 @@ def test_merge_adds_dequant_winners_and_the_dispatch_routes_to_them(tmp_path):
     assert merged[DEVICE]["w4a16_g128"] == gptq  # the GPTQ layout's baseline is not changed
     fmt = "w4a16_g128_kmajor"
     for n, k in ((4096, 4096), (28672, 4096), (4096, 14336)):
-        assert _tuned(str(out_path), DEVICE, fmt, n, k, 1) == (True, W4GemvConfig(**GEMV))
-        found, config = _tuned(str(out_path), DEVICE, fmt, n, k, 33)
+        assert _tuned(str(out_path), (DEVICE,), fmt, n, k, 1) == (True, W4GemvConfig(**GEMV))
+        found, config = _tuned(str(out_path), (DEVICE,), fmt, n, k, 33)
         assert found and isinstance(config, KMajorGemmConfig) and config.split_k == 4
-        assert _tuned(str(out_path), DEVICE, fmt, n, k, 129) == (True, KMajorDequantConfig(64, 8))
-        assert _tuned(str(out_path), DEVICE, fmt, n, k, 257) == (False, None)  # defaults past the probe's rows
+        assert _tuned(str(out_path), (DEVICE,), fmt, n, k, 129) == (True, KMajorDequantConfig(64, 8))
+        assert _tuned(str(out_path), (DEVICE,), fmt, n, k, 257) == (False, None)  # defaults past the probe's rows
 
 
 def test_merge_refuses_a_gptq_layout_kernel_under_the_k_major_format():
@@ -181,7 +181,7 @@ def test_a_winning_pdl_preload_gemv_keeps_its_fields_through_the_merge(tmp_path)
     merge = _script("quant_table_merge")
     merged, _ = merge.merge({}, record)
     (tmp_path / "merged.json").write_text(json.dumps(merged))
-    found, config = _tuned(str(tmp_path / "merged.json"), DEVICE, "w4a16_g128_kmajor", 4096, 14336, 1)
+    found, config = _tuned(str(tmp_path / "merged.json"), (DEVICE,), "w4a16_g128_kmajor", 4096, 14336, 1)
     assert found and config == W4GemvConfig(**pdl) and config.name.endswith("_pdl_pre2")
     assert not config_from_json({"kernel": "w4_gemv", **GEMV}).pdl
     assert [(c.pdl, c.preload_steps) for c in probe.candidates(1) if c.pdl or c.preload_steps] == [
@@ -194,7 +194,8 @@ def test_shipped_gluon_entries_fall_back_to_triton_where_gluon_is_missing(monkey
     import tokenmill.kernels.quant_dispatch as dispatch
 
     table = json.loads(dispatch.SHIPPED_CONFIGS.read_text())
-    entries = [e for formats in table.values() for fmt, shapes in formats.items() if fmt.endswith("_kmajor")
+    entries = [e for formats in table.values() if isinstance(formats, dict)  # not an architecture's alias
+               for fmt, shapes in formats.items() if fmt.endswith("_kmajor")
                for rows in shapes.values() for e in rows.values() if e["kernel"] == "w4_kmajor_gemm"]
     assert any(e.get("gluon") for e in entries)
     monkeypatch.setattr(dispatch, "HAS_GLUON", False)

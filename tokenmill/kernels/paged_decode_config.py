@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tokenmill.config import FP8_DTYPES
-from tokenmill.kernels.config_table import device_name, load_table
+from tokenmill.kernels.config_table import device_entries, device_keys, load_table
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs" / "paged_decode.json"
 _SHIPPED_PATH = str(SHIPPED_CONFIGS)  # eager steps look a config up every layer: no Path -> str each time
@@ -97,13 +97,13 @@ def kv_format(dtype: torch.dtype) -> str:
 def decode_config(device: torch.device, kv_dtype: torch.dtype, num_seqs: int) -> DecodeConfig:
     """The measured config for ``num_seqs`` sequences over a ``kv_dtype`` cache on ``device``; depends on shapes
     only (no host sync), so a CUDA graph captures the same launch every replay."""
-    return _lookup(os.environ.get(CONFIGS_ENV) or _SHIPPED_PATH, device_name(device), kv_format(kv_dtype), num_seqs)
+    return _lookup(os.environ.get(CONFIGS_ENV) or _SHIPPED_PATH, device_keys(device), kv_format(kv_dtype), num_seqs)
 
 
 @functools.cache
-def _lookup(path: str, device_name: str, fmt: str, num_seqs: int) -> DecodeConfig:
+def _lookup(path: str, keys: tuple[str, ...], fmt: str, num_seqs: int) -> DecodeConfig:
     """Table shape: {device name: {"fp8" | "16bit": {batch: config fields}}}; the largest batch <= num_seqs."""
-    entries = load_table(path).get(device_name, {}).get(fmt, {})
+    entries = device_entries(load_table(path), keys).get(fmt, {})
     bucket = max((int(b) for b in entries if int(b) <= num_seqs), default=None)
     return DecodeConfig() if bucket is None else DecodeConfig.from_json(entries[str(bucket)])
 

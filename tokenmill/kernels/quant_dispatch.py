@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from tokenmill.kernels._triton import next_power_of_2
-from tokenmill.kernels.config_table import device_name, load_table
+from tokenmill.kernels.config_table import device_entries, device_keys, load_table
 from tokenmill.kernels.fp8_stream import Fp8StreamConfig, fma_supported
 from tokenmill.kernels.splitk import SplitKConfig
 from tokenmill.kernels.w4_gemv import KMajorWeight, W4GemvConfig, w4_gemv
@@ -89,13 +89,13 @@ def config_from_json(entry: dict[str, Any]) -> Choice:
 
 def tuned_choice(device: torch.device, fmt: str, n: int, k: int, rows: int) -> tuple[bool, Choice]:
     """(found, choice) from the measured table: the entry for the smallest measured row count >= rows."""
-    return _tuned(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS), device_name(device), fmt, n, k, rows)
+    return _tuned(os.environ.get(CONFIGS_ENV) or str(SHIPPED_CONFIGS), device_keys(device), fmt, n, k, rows)
 
 
 @functools.cache
-def _tuned(path: str, device_name: str, fmt: str, n: int, k: int, rows: int) -> tuple[bool, Choice]:
+def _tuned(path: str, keys: tuple[str, ...], fmt: str, n: int, k: int, rows: int) -> tuple[bool, Choice]:
     """tuned_choice's answer, worked out once per layer shape and row count (eager linears ask on every call)."""
-    shapes = load_table(path).get(device_name, {}).get(fmt, {}).get(f"{n}x{k}")
+    shapes = device_entries(load_table(path), keys).get(fmt, {}).get(f"{n}x{k}")
     if not shapes:
         return False, None
     bucket = min((int(r) for r in shapes if int(r) >= rows), default=None)
