@@ -56,8 +56,11 @@ from tokenmill.kernels.quant_dispatch import (  # noqa: E402
 )
 from tokenmill.kernels.rms_norm import rms_norm_reference, rms_norm_triton  # noqa: E402
 from tokenmill.kernels.w4_gemv import (  # noqa: E402
+    EpilogueNorm,
     KMajorWeight,
+    NormSums,
     PrologueNorm,
+    PrologueRms,
     W4GemvConfig,
     dequantize_k_major,
     repack_k_major,
@@ -128,6 +131,30 @@ def fused_chain(configs: dict[str, W4GemvConfig]) -> Callable[..., torch.Tensor]
             activated = w4_gemv(residual, layer.w4["gate_up"], configs["gate_up"], act_mul=True,
                                 norm=PrologueNorm(layer.norm[2], EPS))
             residual = w4_gemv(activated, layer.w4["down"], configs["down"], residual=residual)
+        return residual
+    return run
+
+
+def fused_sums_chain(configs: dict[str, W4GemvConfig], sums: NormSums) -> Callable[..., torch.Tensor]:
+    """``fused_chain`` with each norm's input made by the GEMV before it: o and down add the residual stream and
+    write the stream times the next norm's weight plus its sums of squares (``EpilogueNorm``, a two-slot ring),
+    so qkv and gate_up only scale their outputs by 1 / rms (``PrologueRms``: no pass over x, no norm weight in the
+    K loop). The first qkv normalizes x itself (``PrologueNorm``). Same signature as ``chain``."""
+    def run(x, layers, count, linear, norm, act, hidden, gate_up_act=None):
+        residual, h = x, None
+        for i in range(count):
+            layer = layers[i % len(layers)]
+            qkv = (w4_gemv(residual, layer.w4["qkv"], configs["qkv"], norm=PrologueNorm(layer.norm[0], EPS))
+                   if h is None else w4_gemv(h, layer.w4["qkv"], configs["qkv"], norm=PrologueRms(EPS, sums, 1)))
+            q = rms_norm_triton(qkv[:, :hidden], layer.norm[1], EPS)  # stands in for RoPE + attention
+            h = torch.empty_like(residual)
+            residual = w4_gemv(q, layer.w4["o"], configs["o"], residual=residual,
+                               next_norm=EpilogueNorm(layer.norm[2], h, sums, 0))
+            activated = w4_gemv(h, layer.w4["gate_up"], configs["gate_up"], act_mul=True,
+                                norm=PrologueRms(EPS, sums, 0))
+            h = torch.empty_like(residual)
+            residual = w4_gemv(activated, layer.w4["down"], configs["down"], residual=residual,
+                               next_norm=EpilogueNorm(layers[(i + 1) % len(layers)].norm[0], h, sums, 1))
         return residual
     return run
 
@@ -227,6 +254,9 @@ def main() -> int:
     # ... and the norms: residual adds in the o / down epilogues, norms in the qkv / gate_up prologues
     chains = {"w4:fused_norm_act": fused_chain(today)}
     variants["w4:fused_norm_act"] = (w4_linear(None), False)
+    # ... with the norms' inputs made by the producers (o / down epilogues), the consumers only scaling by 1 / rms
+    chains["w4:fused_sums_act"] = fused_sums_chain(today, NormSums.make(x.device))
+    variants["w4:fused_sums_act"] = (w4_linear(None), False)
     # ablations (timed, not checked): a kernel left out, to bound what fusing it away could save
     ablations = {"bf16-act": (skip_act, rms_norm_triton), "bf16-norms": (silu_and_mul_triton, skip_norm),
                  "w4:today-act": (skip_act, rms_norm_triton), "w4:today-norms": (silu_and_mul_triton, skip_norm)}

@@ -160,12 +160,13 @@ def test_pdl_fields_are_checked():
 @pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs triton, compiled (the interpreter swaps jit functions for its own)")
 @pytest.mark.parametrize("preload,pdl,act_mul,norm,residual", [
-    (1, True, False, False, False), (2, True, False, False, False), (4, PDL_EARLY_LAUNCH, False, False, False),
-    (2, True, True, False, False), (2, True, True, True, False), (2, True, False, False, True)])
+    (1, True, False, 0, False), (2, True, False, 0, False), (4, PDL_EARLY_LAUNCH, False, 0, False),
+    (2, True, True, 0, False), (2, True, True, 1, False), (2, True, False, 0, True), (2, True, True, 2, False),
+    (2, True, False, 0, "next_norm")])
 def test_kmajor_preload_is_issued_before_the_pdl_wait(preload, pdl, act_mul, norm, residual):
     """Compiles the K-major kernel for sm_90 without a GPU: the preloaded words and scales (ld.global) and the L2
     prefetches come before griddepcontrol.wait, x's loads after it; an early launch releases the next kernel after
-    the wait; nothing spills (the SiLU-and-mul and residual epilogues and the norm prologue included)."""
+    the wait; nothing spills (the SiLU-and-mul, residual and next-norm epilogues and both norm prologues included)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from triton_sass import compile_sm90
 
@@ -175,7 +176,9 @@ def test_kmajor_preload_is_issued_before_the_pdl_wait(preload, pdl, act_mul, nor
                 M="i32:1", N="i32:16", G="i32:16", stride_xm="i32:16", stride_om="i32:16", m128="i32:1", m8="i32:1",
                 HAS_ZEROS=True, HAS_BIAS=False, ROWS=1, BLOCK_N=4, CHUNK_G=16, GW=16, X_BF16=True, EVEN=True,
                 PREFETCH=False, PRELOAD=preload, L2_PREFETCH=preload > 1, PDL=pdl, ACT_MUL=act_mul,
-                nw_ptr="*i32", eps="fp32", NORM=norm, res_ptr="*bf16", stride_resm="i32:16", ADD_RESIDUAL=residual)
+                nw_ptr="*i32", eps="fp32", NORM=norm, res_ptr="*bf16", stride_resm="i32:16",
+                ADD_RESIDUAL=bool(residual), sums_ptr="*fp32", next_nw_ptr="*bf16", h_ptr="*bf16", stride_hm="i32:16",
+                next_sums_ptr="*fp32", zero_ptr="*fp32", NEXT_NORM=residual == "next_norm")
     info = compile_sm90(_kmajor_kernel, args, num_warps=2, keep_text=True)
     lines = info.ptx.splitlines()
 
@@ -271,3 +274,50 @@ def test_kmajor_residual_epilogue_is_the_norm_kernels_residual_add(device, rows,
                 else torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=0)), config
     with pytest.raises(ValueError, match="act_mul replaces it"):
         w4_gemv(x, kmajor, W4GemvConfig("kmajor"), residual=res, act_mul=True)
+
+
+@requires_triton_device
+@pytest.mark.parametrize("rows,dtype", [(1, torch.bfloat16), (3, torch.float16)])
+def test_kmajor_next_norm_epilogue_feeds_the_rms_prologue(device, rows, dtype):
+    """``next_norm`` + ``PrologueRms``: a residual GEMV's epilogue makes the next norm's input (the stream times
+    the norm weight, the rows' sums of squares in a two-slot ring, the other slot zeroed) and the consumer GEMV
+    scales by 1 / rms from it: the stream equals the plain residual epilogue's, the chain matches fp32
+    norm-then-product, twice round the ring (o -> gate_up|act, down -> qkv), with a ragged last tile."""
+    from tokenmill.kernels.activation import silu_and_mul_reference
+    from tokenmill.kernels.w4_gemv import EpilogueNorm, NormSums, PrologueRms
+
+    hidden, inter, group = 256, 192, 64
+    gen = torch.Generator().manual_seed(rows + 7)
+    o = random_packed(hidden, hidden, 4, group, True, dtype, device, seed=rows)
+    gate_up = random_packed(hidden, 2 * inter, 4, group, True, dtype, device, seed=rows + 1)
+    down = random_packed(inter, hidden, 4, group, True, dtype, device, seed=rows + 2)
+    qkv = random_packed(hidden, 200, 4, group, False, dtype, device, seed=rows + 3)
+    k_o, k_gu, k_down, k_qkv = map(repack_k_major, (o, gate_up, down, qkv))
+    norm_w = [(1 + 0.2 * torch.randn(hidden, generator=gen)).to(dtype).to(device) for _ in range(2)]
+    x = torch.randn(rows, hidden, generator=gen).to(dtype).to(device)
+    residual = (3 * torch.randn(rows, hidden, generator=gen)).to(dtype).to(device)
+    sums = NormSums.make(torch.device(device))
+    sums.ring.fill_(5.0)  # slot 0 must start at zero (as made); slot 1 is zeroed by the first producer
+    sums.ring[0].zero_()
+
+    def normed32(stream: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        s = stream.float()
+        return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
+
+    for config in [W4GemvConfig("kmajor", block_n=8), W4GemvConfig("kmajor", block_n=4, pdl=True, preload_steps=2)]:
+        h = torch.empty(rows, hidden, dtype=dtype, device=device)
+        stream = w4_gemv(x, k_o, config, residual=residual, next_norm=EpilogueNorm(norm_w[0], h, sums, 0))
+        assert torch.equal(stream, w4_gemv(x, k_o, config, residual=residual)), config
+        assert torch.all(sums.ring[1, :rows] == 0)  # the other slot, zeroed for the next producer
+        assert torch.allclose(sums.ring[0, :rows], stream.float().pow(2).sum(-1), rtol=1e-5, atol=0)
+        assert rel_err(h, stream.float() * norm_w[0].float()) < TOL[dtype]
+        act = w4_gemv(h, k_gu, config, act_mul=True, norm=PrologueRms(1e-5, sums, 0))
+        want = silu_and_mul_reference(wna16_linear_reference(normed32(stream, norm_w[0]), gate_up).float())
+        assert rel_err(act, want) < TOL[dtype], config
+        h2 = torch.empty_like(h)
+        stream2 = w4_gemv(act, k_down, config, residual=stream, next_norm=EpilogueNorm(norm_w[1], h2, sums, 1))
+        assert torch.all(sums.ring[0, :rows] == 0)  # slot 0 zero again for the next layer's o producer
+        got = w4_gemv(h2, k_qkv, config, norm=PrologueRms(1e-5, sums, 1))
+        assert rel_err(got, wna16_linear_reference(normed32(stream2, norm_w[1]), qkv).float()) < TOL[dtype], config
+    with pytest.raises(ValueError, match="pass residual too"):
+        w4_gemv(x, k_o, W4GemvConfig("kmajor"), next_norm=EpilogueNorm(norm_w[0], h, sums, 0))

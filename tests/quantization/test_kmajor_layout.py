@@ -28,7 +28,7 @@ from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.cli import main
 from tokenmill.config import ModelConfig
 from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.w4_gemv import KMajorWeight
+from tokenmill.kernels.w4_gemv import KMajorWeight, PrologueRms
 from tokenmill.model.linear import (
     MergedColumnParallelLinear,
     RowParallelLinear,
@@ -123,14 +123,19 @@ def test_kmajor_model_matches_the_gptq_layout(checkpoint, kmajor_auto_on_cpu, mo
     real_gemv = linear_methods.w4_gemv
 
     def counting_gemv(*args, **kwargs):
-        fused_calls.append(sorted(k for k in ("norm", "residual", "act_mul") if kwargs.get(k) is not None))
+        fused_calls.append(sorted(k for k in ("norm", "residual", "act_mul", "next_norm")
+                                  if kwargs.get(k) is not None and kwargs.get(k) is not False))
+        if isinstance(kwargs.get("norm"), PrologueRms):
+            fused_calls[-1].append("rms")
         return real_gemv(*args, **kwargs)
 
     monkeypatch.setattr(linear_methods, "w4_gemv", counting_gemv)
     got = run_in_steps(kmajor.model, prompts, steps, cache_dtype=torch.bfloat16)
     if four_bit and "act_order" not in str(directory):  # every fused kind ran (act-order layers keep the kernels)
-        assert {"norm"} <= {k for call in fused_calls for k in call} and ["residual"] in fused_calls
-        assert ["act_mul", "norm"] in fused_calls
+        # o / down make the next norm's input (next_norm), qkv / gate_up scale by 1 / rms from it (rms); the
+        # first qkv normalizes the embeddings itself (norm without rms)
+        assert ["next_norm", "residual"] in fused_calls and ["norm"] in fused_calls
+        assert ["act_mul", "norm", "rms"] in fused_calls and ["norm", "rms"] in fused_calls
     pair = run_in_steps(unfused.model, prompts, steps, cache_dtype=torch.bfloat16)
     want = run_in_steps(reference.model, prompts, steps)
     for g, p, w in zip(got, pair, want, strict=True):

@@ -24,16 +24,33 @@ if HAS_TRITON:
 
     @triton.jit
     def store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       ACT_MUL: tl.constexpr, r_ptr=None, stride_rm=0, ADD_RESIDUAL: tl.constexpr = False):
+                       ACT_MUL: tl.constexpr, r_ptr=None, stride_rm=0, ADD_RESIDUAL: tl.constexpr = False,
+                       nw_ptr=None, h_ptr=None, stride_hm=0, sums_ptr=None, zero_ptr=None,
+                       NEXT_NORM: tl.constexpr = False):
         """out [ROWS, BLOCK_N] fp32 of channels ``n2`` ([1, BLOCK_N], gemv_channels') into out [M, N], or (ACT_MUL)
         silu(gate) * up into out [M, N / 2], rounded as the unfused pair rounds it: the projection's output in
         out's dtype, then kernels/activation.py's formula in fp32, then out's dtype. ADD_RESIDUAL: out + r
         ([M, N] at ``r_ptr``), rounded as the RMSNorm kernel's residual add rounds the projection's output and the
-        sum (the next residual stream)."""
+        sum (the next residual stream).
+
+        NEXT_NORM (with ADD_RESIDUAL): the next RMSNorm's input made here too, so its consumer GEMV needs no pass of
+        its own over x: h = the stream times the norm weight (``nw_ptr``, [N]) into ``h_ptr``, and the rows' sums of
+        squares of the stream added (fp32 atomics) into ``sums_ptr`` [rows]; program 0 zeroes ``zero_ptr`` [rows],
+        the other slot of the two-slot ring (kernels/w4_gemv.py ``NormSums``) for the next producer."""
         m2 = tl.arange(0, ROWS)[:, None]
         if ADD_RESIDUAL:
             r = tl.load(r_ptr + m2 * stride_rm + n2, mask=(m2 < M) & (n2 < N), other=0.0).to(tl.float32)
             out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + r
+            if NEXT_NORM:
+                live = (m2 < M) & (n2 < N)
+                stream = out.to(out_ptr.dtype.element_ty).to(tl.float32)  # the stored residual stream
+                nw = tl.load(nw_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
+                tl.store(h_ptr + m2 * stride_hm + n2, (stream * nw).to(h_ptr.dtype.element_ty), mask=live)
+                m1 = tl.arange(0, ROWS)
+                tl.atomic_add(sums_ptr + m1, tl.sum(tl.where(live, stream * stream, 0.0), axis=1), mask=m1 < M,
+                              sem="relaxed")
+                if pid == 0:
+                    tl.store(zero_ptr + m1, tl.zeros([ROWS], tl.float32), mask=m1 < M)
         if ACT_MUL:
             HALF: tl.constexpr = BLOCK_N // 2
             rounded = out.to(out_ptr.dtype.element_ty).to(tl.float32)

@@ -118,6 +118,43 @@ class PrologueNorm:
 
 
 @dataclass(frozen=True)
+class NormSums:
+    """A two-slot ring of the residual stream's per-row sums of squares ([2, FMA_MAX_ROWS] fp32, zeros when made):
+    the producer of slot s (o / down with ``residual`` and ``next_norm``) adds into it and zeroes slot 1 - s, its
+    consumer (qkv / gate_up with ``PrologueRms``) reads it. Producers alternate slots, so each slot is zero when its
+    producer starts (the one before zeroed it) without a memset, in a CUDA graph too; stream order keeps a
+    consumer's reads before the next producer's zeroing. The sums are fp32 atomics, so their order (and the last bit
+    of 1 / rms) may vary from run to run."""
+
+    ring: torch.Tensor
+
+    @staticmethod
+    def make(device: torch.device) -> NormSums:
+        return NormSums(torch.zeros(2, FMA_MAX_ROWS, dtype=torch.float32, device=device))
+
+
+@dataclass(frozen=True)
+class EpilogueNorm:
+    """The next RMSNorm's input made in a ``residual`` GEMV's epilogue (``w4_gemv``'s ``next_norm``): the stream
+    times ``weight`` into ``normed`` ([M, N], x's dtype) and its sums of squares into ``sums`` slot ``slot``."""
+
+    weight: torch.Tensor  # [N]
+    normed: torch.Tensor
+    sums: NormSums
+    slot: int
+
+
+@dataclass(frozen=True)
+class PrologueRms:
+    """The consumer's side of EpilogueNorm (``w4_gemv``'s ``norm``): x is the stream times the norm weight, and
+    the outputs are scaled by 1 / rms from ``sums`` slot ``slot``: no pass over x, no norm weight in the K loop."""
+
+    eps: float
+    sums: NormSums
+    slot: int
+
+
+@dataclass(frozen=True)
 class W4GemvConfig:
     """One variant's tiles (see the module docstring for ``kind``).
 
@@ -285,14 +322,14 @@ if HAS_TRITON:
     @triton.jit
     def _chunk_product(acc, squares, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of, kc3, kw, m128, m8,
                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_G: tl.constexpr, GW: tl.constexpr,
-                       X_BF16: tl.constexpr, EVEN: tl.constexpr, nw_ptr=None, NORM: tl.constexpr = False):
+                       X_BF16: tl.constexpr, EVEN: tl.constexpr, nw_ptr=None, NORM: tl.constexpr = 0):
         """(acc + the chunk's sum x (c - z) s per group (see _kmajor_kernel), squares + the chunk's x^2 where NORM),
         x loaded here (NORM: x is the norm prologue's input, see _kmajor_kernel)."""
         rows = tl.minimum(m3, M - 1)  # rows past M: copies
         offset = g0 * (4 * GW) + pair_of
         xmask = g0 * GW + kc3 < kw
         x0, x1, x2, x3, x4, x5, x6, x7 = _chunk_pairs(xp_ptr + rows * stride_xm + offset, xmask, GW, X_BF16, EVEN)
-        if NORM:  # its squares for 1 / rms, which comes at the end (the product is linear in x); x times the weight
+        if NORM == 1:  # its squares for 1 / rms, which comes at the end (the product is linear in x); x times the weight
             squares += tl.sum(((x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)) + ((x4 * x4 + x5 * x5) + (x6 * x6 + x7 * x7)),
                               axis=2)
             w0, w1, w2, w3, w4, w5, w6, w7 = _chunk_pairs(nw_ptr + offset, xmask, GW, X_BF16, EVEN)
@@ -320,9 +357,9 @@ if HAS_TRITON:
         HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
         CHUNK_G: tl.constexpr, GW: tl.constexpr, X_BF16: tl.constexpr, EVEN: tl.constexpr,
         PREFETCH: tl.constexpr, PRELOAD: tl.constexpr = 0, L2_PREFETCH: tl.constexpr = False,
-        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False, nw_ptr=None, eps=0.0, NORM: tl.constexpr = False,
-        res_ptr=None, stride_resm=0,
-        ADD_RESIDUAL: tl.constexpr = False,
+        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False, nw_ptr=None, eps=0.0, NORM: tl.constexpr = 0,
+        res_ptr=None, stride_resm=0, ADD_RESIDUAL: tl.constexpr = False, sums_ptr=None,
+        next_nw_ptr=None, h_ptr=None, stride_hm=0, next_sums_ptr=None, zero_ptr=None, NEXT_NORM: tl.constexpr = False,
     ):
         """Program: BLOCK_N output channels over all of K, CHUNK_G groups of GW words a load. Words and x pairs
         are loaded as [rows or 1, n or 1, g, w] tiles of the same shape along (g, w): one register layout, no
@@ -346,8 +383,12 @@ if HAS_TRITON:
         product is linear in x. Not the unfused norm's roundings (it rounds norm(x) and the weight's product to 16 bits):
         fp32 throughout, within that rounding of it.
 
+        NORM 2 (PrologueRms): x already is the stream times the norm weight (a NEXT_NORM producer's ``h``), and
+        the outputs are scaled by 1 / rms from the rows' sums of squares at ``sums_ptr``.
+
         ADD_RESIDUAL: out is the projection plus the residual stream at ``res_ptr`` (kernels/gemv_epilogue.py), the
-        next residual stream, which a NORM consumer then normalizes."""
+        next residual stream, which a NORM consumer then normalizes; NEXT_NORM also makes that consumer's NORM 2
+        input (store_gemv_out)."""
         pid = tl.program_id(0)
         KC: tl.constexpr = CHUNK_G * GW  # words a chunk: one flat last dim, so every Triton version lays the
         # words and the x pairs out alike (threads and warps along it; channels and rows in registers)
@@ -389,13 +430,17 @@ if HAS_TRITON:
             acc, squares = _chunk_product(acc, squares, words, scale, zero, xp_ptr, m3, M, stride_xm, g0, pair_of,
                                           kc3, kw, m128, m8, ROWS, BLOCK_N, CHUNK_G, GW, X_BF16, EVEN, nw_ptr, NORM)
         out = tl.sum(acc, axis=2)
-        if NORM:  # K = 8 G GW
+        if NORM == 1:  # K = 8 G GW
             out = out * (1.0 / tl.sqrt(tl.sum(squares, axis=1) / (8 * G * GW) + eps))[:, None]
+        if NORM == 2:
+            m1 = tl.arange(0, ROWS)
+            sums = tl.load(sums_ptr + m1, mask=m1 < M, other=0.0)
+            out = out * (1.0 / tl.sqrt(sums / (8 * G * GW) + eps))[:, None]
         n2 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
         store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS, BLOCK_N, ACT_MUL, res_ptr, stride_resm,
-                       ADD_RESIDUAL)
+                       ADD_RESIDUAL, next_nw_ptr, h_ptr, stride_hm, next_sums_ptr, zero_ptr, NEXT_NORM)
 
     @triton.jit
     def _reduce_store(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, m, n, M, N, stride_om, tile, pid_k,
@@ -593,15 +638,17 @@ def split_plan(config: W4GemvConfig, rows: int, n: int, groups: int) -> tuple[in
     return per_split, split
 
 
-def _norm_launch(norm: PrologueNorm | None, x: torch.Tensor) -> dict:
-    """The ``kmajor`` kernel's NORM arguments (the norm weight as pairs)."""
+def _norm_launch(norm: PrologueNorm | PrologueRms | None, x: torch.Tensor) -> dict:
+    """The ``kmajor`` kernel's NORM arguments (the norm weight as pairs; or the sums' slot)."""
     if norm is None:
         return {}
+    if isinstance(norm, PrologueRms):
+        return dict(sums_ptr=norm.sums.ring[norm.slot], eps=norm.eps, NORM=2)
     k = x.shape[1]
     if norm.weight.shape != (k,) or norm.weight.dtype != x.dtype:
         raise ValueError(f"the norm prologue's weight must be [{k}] in {x.dtype}; got {tuple(norm.weight.shape)} "
                          f"{norm.weight.dtype}")
-    return dict(nw_ptr=norm.weight.contiguous().view(torch.int32), eps=norm.eps, NORM=True)
+    return dict(nw_ptr=norm.weight.contiguous().view(torch.int32), eps=norm.eps, NORM=1)
 
 
 def _residual_launch(residual: torch.Tensor | None, rows: int, n: int, dtype: torch.dtype) -> dict:
@@ -614,16 +661,35 @@ def _residual_launch(residual: torch.Tensor | None, rows: int, n: int, dtype: to
     return dict(res_ptr=residual, stride_resm=residual.stride(0), ADD_RESIDUAL=True)
 
 
+def _next_norm_launch(next_norm: EpilogueNorm | None, residual: torch.Tensor | None, rows: int, n: int) -> dict:
+    """The ``kmajor`` kernel's NEXT_NORM arguments."""
+    if next_norm is None:
+        return {}
+    if residual is None:
+        raise ValueError("next_norm normalizes the residual stream the epilogue makes: pass residual too")
+    normed, ring = next_norm.normed, next_norm.sums.ring
+    if normed.shape != (rows, n) or normed.dtype != residual.dtype or normed.stride(-1) != 1:
+        raise ValueError(f"next_norm's output must be [{rows}, {n}] {residual.dtype}, rows contiguous; got "
+                         f"{tuple(normed.shape)} {normed.dtype}")
+    if next_norm.weight.shape != (n,) or rows > ring.shape[1] or next_norm.slot not in (0, 1):
+        raise ValueError(f"next_norm: a [{n}] weight, at most {ring.shape[1]} rows and slot 0 or 1; got "
+                         f"{tuple(next_norm.weight.shape)}, {rows} rows, slot {next_norm.slot}")
+    return dict(next_nw_ptr=next_norm.weight, h_ptr=normed, stride_hm=normed.stride(0),
+                next_sums_ptr=ring[next_norm.slot], zero_ptr=ring[1 - next_norm.slot], NEXT_NORM=True)
+
+
 def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4GemvConfig,
             bias: torch.Tensor | None = None, act_mul: bool = False,
-            norm: PrologueNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+            norm: PrologueNorm | PrologueRms | None = None, residual: torch.Tensor | None = None,
+            next_norm: EpilogueNorm | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, M <= 16) times the dequantized 4-bit weight (+ bias) -> [M, N] in x's dtype;
     ``kmajor`` takes ``repack_k_major``'s weight, the other kinds the PackedWeight as loaded. ``act_mul``
     (``kmajor`` only): the weight is a fused gate|up projection and the result silu(gate) * up [M, N / 2], the
     SiLU-and-mul kernel's output (kernels/activation.py) made in this kernel's epilogue. ``norm`` (``kmajor``
     only): x is the input of the RMSNorm before the projection, applied in the kernel (PrologueNorm).
     ``residual`` (``kmajor`` only, not with act_mul): returns the projection plus ``residual``, rounded as the norm
-    kernel's residual add (the next residual stream), in a new tensor."""
+    kernel's residual add (the next residual stream), in a new tensor; ``next_norm`` (with ``residual``) also
+    writes the next norm's input for a ``PrologueRms`` consumer (EpilogueNorm)."""
     if (norm is not None or residual is not None) and config.kind != "kmajor":
         raise ValueError(f"the norm prologue and the residual epilogue take the 'kmajor' kind; got {config.kind!r}")
     if residual is not None and act_mul:
@@ -666,7 +732,8 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
                 X_BF16=x.dtype == torch.bfloat16, EVEN=out.shape[1] % per_program == 0 and groups % chunk == 0,
                 PREFETCH=config.prefetch, PRELOAD=preload,
                 L2_PREFETCH=preload > 1 and os.environ.get("TRITON_INTERPRET") != "1",  # inline PTX: GPU only
-                ACT_MUL=act_mul, **_norm_launch(norm, x), **_residual_launch(residual, m, n, x.dtype), **launch,
+                ACT_MUL=act_mul, **_norm_launch(norm, x), **_residual_launch(residual, m, n, x.dtype),
+                **_next_norm_launch(next_norm, residual, m, n), **launch,
                 **common)
         return out
     per_split, split = split_plan(config, m, n, groups)

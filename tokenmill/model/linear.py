@@ -147,6 +147,15 @@ class LinearBase(nn.Module):
         """x W^T (+ b) + residual from one kernel where the method has one for x's rows; else None."""
         return self.linear_method.apply_add_residual(self, x, self.bias, residual)
 
+    def accepts_residual_norm(self, x: torch.Tensor) -> bool:
+        """Whether ``add_residual_norm`` serves an input of x's rows (LinearMethod.accepts_residual_norm)."""
+        return self.linear_method.accepts_residual_norm(self, x)
+
+    def add_residual_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                          norm: NormedInput) -> tuple[torch.Tensor, NormedInput] | None:
+        """The residual stream and the next norm's input from one kernel (LinearMethod.apply_add_residual_norm)."""
+        return self.linear_method.apply_add_residual_norm(self, x, self.bias, residual, norm)
+
     def accepts_fp8_tokens(self, x: torch.Tensor) -> bool:
         """Whether this layer takes an input of x's rows as ``Fp8Tokens`` (its method decides; see LinearMethod)."""
         return self.linear_method.accepts_fp8_tokens(self, x)

@@ -49,11 +49,17 @@ def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
 @dataclass(frozen=True)
 class NormedInput:
     """A linear's input given as the residual stream ``hidden`` whose RMSNorm (``weight``, ``eps``) the linear's
-    kernel applies itself (model/llama.py hands it over where ``accepts_normed_input`` says yes)."""
+    kernel applies itself (model/llama.py hands it over where ``accepts_normed_input`` says yes).
+
+    With ``sums`` (kernels/w4_gemv.py's NormSums, made by the producer's ``apply_add_residual_norm``): ``hidden``
+    already is the stream times ``weight`` and ``sums`` slot ``slot`` holds its rows' sums of squares, so the
+    kernel only scales by 1 / rms."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     eps: float
+    sums: Any = None
+    slot: int = 0
 
 
 class LinearMethod:
@@ -99,6 +105,17 @@ class LinearMethod:
         stream), from one kernel where the method has one for x's rows; None: it has not."""
         return None
 
+    def accepts_residual_norm(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether ``apply_add_residual_norm`` would serve an input of x's rows (only rows, device, dtype read)."""
+        return False
+
+    def apply_add_residual_norm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                                residual: torch.Tensor, norm: NormedInput) -> tuple[torch.Tensor, NormedInput] | None:
+        """``apply_add_residual``'s stream, plus the next RMSNorm's input made in the same kernel: ``norm`` names
+        the norm (weight, eps) and the sums' ring and slot (its ``hidden`` is not read); returns (the stream, a
+        NormedInput with ``hidden`` the stream times the weight). None where the method has no such kernel."""
+        return None
+
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the weight for ``input_ids`` (vocabulary-parallel embedding); dense formats only today."""
         raise NotImplementedError(f"{type(self).__name__} cannot serve as an embedding table")
@@ -130,6 +147,17 @@ class DenseLinearMethod(LinearMethod):
             if config is not None:
                 return decode_linear(x, layer.weight, bias, config)
         return F.linear(x, layer.weight, bias)
+
+    def accepts_residual_norm(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether ``apply_add_residual_norm`` would serve an input of x's rows (only rows, device, dtype read)."""
+        return False
+
+    def apply_add_residual_norm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                                residual: torch.Tensor, norm: NormedInput) -> tuple[torch.Tensor, NormedInput] | None:
+        """``apply_add_residual``'s stream, plus the next RMSNorm's input made in the same kernel: ``norm`` names
+        the norm (weight, eps) and the sums' ring and slot (its ``hidden`` is not read); returns (the stream, a
+        NormedInput with ``hidden`` the stream times the weight). None where the method has no such kernel."""
+        return None
 
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, layer.weight)

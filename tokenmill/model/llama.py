@@ -20,6 +20,7 @@ from tokenmill.attention.kv_scales import KVScales, checkpoint_kv_scale, load_kv
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.distributed.context import ParallelContext
 from tokenmill.kernels.fp8_quant import Fp8Tokens
+from tokenmill.kernels.w4_gemv import NormSums
 from tokenmill.model.layers import RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
 from tokenmill.model.linear import (
     SINGLE_RANK,
@@ -162,6 +163,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.fuse_norm_quant = quant_config is not None and quant_config.fuse_norm_quant
         self.fuse_gemm_norm = quant_config is not None and quant_config.fuse_gemm_norm
+        self._norm_sums: NormSums | None = None  # fuse_gemm_norm: the next norms' sums of squares (two slots)
         self.flat_cpu_decode = True  # CPU decode steps of int4/int8 CPU-kernel weights: quantization/cpu_decode_stack.py
         self._cpu_stack: cpu_decode_stack.CPUDecodeStack | None = None
         self._cpu_stack_built = False
@@ -199,30 +201,62 @@ class LlamaModel(nn.Module):
             hidden, residual = None, self.embed_tokens(input_ids)
         else:  # the residual add is fused into the next norm: rms_norm(x, w, eps, r) returns (norm(x+r), x+r)
             layer = self.layers[index - 1]
-            hidden, residual = self._project_add(layer.self_attn.o_proj, attn_out, residual)
+            sums = self._norm_sums_for(layer, attn_out, residual)
+            hidden, residual = self._project_add(layer.self_attn.o_proj, attn_out, residual,
+                                                 layer.post_attention_layernorm, sums, 0)
             normed, residual = self._normed(layer.post_attention_layernorm, hidden, residual, layer.mlp.gate_up_proj,
                                             fuse)
-            hidden, residual = self._project_add(layer.mlp.down_proj, layer.mlp.activated(normed), residual)
+            next_norm = self.norm if index == len(self.layers) else self.layers[index].input_layernorm
+            hidden, residual = self._project_add(layer.mlp.down_proj, layer.mlp.activated(normed), residual,
+                                                 next_norm, sums, 1)
         if index == len(self.layers):  # the final norm feeds the LM head only on sampled rows (and feature sinks)
+            if isinstance(hidden, NormedInput):  # made only to keep the sums' ring zeroed: the norm kernel runs
+                hidden = None
             return (self.norm(residual)[0] if hidden is None else self.norm(hidden, residual)[0],)
         layer = self.layers[index]
         normed, residual = self._normed(layer.input_layernorm, hidden, residual, layer.self_attn.qkv_proj, fuse)
         return (*layer.self_attn.project(normed), residual)
 
-    def _project_add(self, linear: RowParallelLinear, x: torch.Tensor | Fp8Tokens,
-                     residual: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(None, x W^T + residual) where the projection's kernel adds the residual stream (fuse_gemm_norm), else
-        (x W^T, residual) for the next norm to add."""
+    def _norm_sums_for(self, layer: LlamaDecoderLayer, attn_out: torch.Tensor | Fp8Tokens,
+                       residual: torch.Tensor) -> NormSums | None:
+        """The ring o_proj and down_proj write the next norms' inputs into (slots 0 and 1), where both serve these
+        rows with that epilogue; None otherwise. Both or neither: slot 0 is zeroed only by down_proj, so an o_proj
+        writing it without its down_proj after would leave it dirty for the next layer's."""
+        if not (self.fuse_gemm_norm and isinstance(attn_out, torch.Tensor)
+                and layer.self_attn.o_proj.accepts_residual_norm(attn_out)
+                and layer.mlp.down_proj.accepts_residual_norm(residual)):
+            return None
+        if self._norm_sums is None:  # zeros; no memset after: producers keep each other's slot zeroed
+            self._norm_sums = NormSums.make(residual.device)
+        return self._norm_sums
+
+    def _project_add(self, linear: RowParallelLinear, x: torch.Tensor | Fp8Tokens, residual: torch.Tensor,
+                     next_norm: RMSNorm, sums: NormSums | None,
+                     slot: int) -> tuple[torch.Tensor | NormedInput | None, torch.Tensor]:
+        """(None, x W^T + residual) where the projection's kernel adds the residual stream (fuse_gemm_norm), or
+        (the next norm's input, that sum) where it also makes that input (``sums``: its ring, written at ``slot``);
+        else (x W^T, residual) for the next norm to add."""
+        if sums is not None:
+            made = linear.add_residual_norm(x, residual, NormedInput(residual, next_norm.weight, next_norm.eps,
+                                                                     sums, slot))
+            if made is None:  # _norm_sums_for said both serve these rows: a bug that would corrupt the ring
+                raise RuntimeError(f"{type(linear).__name__} refused the next-norm epilogue it accepted")
+            return made[1], made[0]
         if self.fuse_gemm_norm and isinstance(x, torch.Tensor):
             summed = linear.add_residual(x, residual)
             if summed is not None:
                 return None, summed
         return linear(x), residual
 
-    def _normed(self, norm: RMSNorm, hidden: torch.Tensor | None, residual: torch.Tensor, feeds: LinearBase,
-                fuse_quant: bool) -> tuple[torch.Tensor | Fp8Tokens | NormedInput, torch.Tensor]:
+    def _normed(self, norm: RMSNorm, hidden: torch.Tensor | NormedInput | None, residual: torch.Tensor,
+                feeds: LinearBase, fuse_quant: bool) -> tuple[torch.Tensor | Fp8Tokens | NormedInput, torch.Tensor]:
         """(the consumer's input, the residual stream): ``hidden`` None means ``residual`` already holds the sum;
-        then the consumer applies the norm in its own kernel where it can (NormedInput)."""
+        then the consumer applies the norm in its own kernel where it can (NormedInput). A NormedInput ``hidden``
+        (made by the producer) goes to a consumer that takes it; otherwise the norm kernel runs on the stream."""
+        if isinstance(hidden, NormedInput):
+            if feeds.accepts_normed_input(residual):
+                return hidden, residual
+            hidden = None
         if hidden is not None:
             return norm(hidden, residual, feeds=feeds if fuse_quant else None)
         if self.fuse_gemm_norm and feeds.accepts_normed_input(residual):

@@ -11,6 +11,7 @@ into kernels/w4_gemv.py's K-major layout only (same bytes), after fusing and sha
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -24,7 +25,15 @@ from tokenmill.kernels.quant_dispatch import (
     wna16_cuda_linear,
 )
 from tokenmill.kernels.splitk import splitk_workspace
-from tokenmill.kernels.w4_gemv import KMajorWeight, PrologueNorm, W4GemvConfig, k_major_from_codes, w4_gemv
+from tokenmill.kernels.w4_gemv import (
+    EpilogueNorm,
+    KMajorWeight,
+    PrologueNorm,
+    PrologueRms,
+    W4GemvConfig,
+    k_major_from_codes,
+    w4_gemv,
+)
 from tokenmill.kernels.wna16_cpu import cpu_linear, cpu_weight
 from tokenmill.kernels.wna16_gemm import PackedWeight, wna16_linear_cpu
 from tokenmill.model.linear_method import (
@@ -117,7 +126,8 @@ class WNA16LinearMethod(LinearMethod):
         config = self._gemv_config(layer, x.hidden)
         if config is None:  # accepts_normed_input said yes for these rows: a caller bug
             raise ValueError("a NormedInput reached a layer whose rows go to another kernel")
-        return w4_gemv(x.hidden, layer.wna16, config, bias, act_mul=act_mul, norm=PrologueNorm(x.weight, x.eps))
+        norm = PrologueNorm(x.weight, x.eps) if x.sums is None else PrologueRms(x.eps, x.sums, x.slot)
+        return w4_gemv(x.hidden, layer.wna16, config, bias, act_mul=act_mul, norm=norm)
 
     def accepts_normed_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
         return self._gemv_config(layer, x) is not None
@@ -126,6 +136,20 @@ class WNA16LinearMethod(LinearMethod):
                            residual: torch.Tensor) -> torch.Tensor | None:
         config = self._gemv_config(layer, x)
         return None if config is None else w4_gemv(x, layer.wna16, config, bias, residual=residual)
+
+    def accepts_residual_norm(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        return self._gemv_config(layer, x) is not None
+
+    def apply_add_residual_norm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                                residual: torch.Tensor, norm: NormedInput) -> tuple[torch.Tensor, NormedInput] | None:
+        """The K-major GEMV's next-norm epilogue (kernels/w4_gemv.py ``EpilogueNorm``)."""
+        config = self._gemv_config(layer, x)
+        if config is None:
+            return None
+        normed = torch.empty_like(residual)
+        stream = w4_gemv(x, layer.wna16, config, bias, residual=residual,
+                         next_norm=EpilogueNorm(norm.weight, normed, norm.sums, norm.slot))
+        return stream, dataclasses.replace(norm, hidden=normed)
 
     def _sort_by_group(self, codes: torch.Tensor, g_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Act-order: codes [K, N] with rows sorted by group (groups become contiguous) and the permutation the
