@@ -255,3 +255,51 @@ def test_engine_gate_up_epilogue_gives_the_unfused_tokens(tiny_llama, quantizati
         runs[fuse] += [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:1]]
         llm.engine.shutdown()
     assert runs[True] == runs[False]
+
+
+@requires_cuda
+def test_norm_inputs_made_by_the_producers_on_cuda(tiny_llama_bf16_exact, monkeypatch):
+    """pass_config fuse_gemm_norm on the GPU: o / down make the next norm's input and its sums (the two-slot ring),
+    qkv / gate_up scale by 1 / rms. Steps of 1-3 rows over several forwards (the ring reused, never reset): logits
+    within 1.5x the unfused kernels' error against fp32 (the GPTQ layout's, dense dequantized) and the ring's
+    down_proj slot zeroed after each forward. Then the engine (CUDA graphs) in fp16 gives the unfused greedy
+    tokens."""
+    from tokenmill.engine.llm import LLM
+    from tokenmill.sampling_params import SamplingParams
+
+    def load(dtype: str, layout: str, fuse: bool):
+        monkeypatch.setattr(weight_layout, "AUTO_WEIGHT_LAYOUT", layout)
+        return load_model(ModelConfig(model=str(tiny_llama_bf16_exact), dtype=dtype, device="cuda",
+                                      quantization="rtn4", fuse_gemm_norm=fuse), TorchAttentionBackend())
+
+    fused, unfused, reference = load("bfloat16", "kmajor", True), load("bfloat16", "kmajor", False), load(
+        "float32", "gptq", False)
+    kinds = []
+    real_gemv = linear_methods.w4_gemv
+
+    def counting_gemv(*args, **kwargs):
+        kinds.append(("next_norm" in kwargs, isinstance(kwargs.get("norm"), PrologueRms)))
+        return real_gemv(*args, **kwargs)
+
+    monkeypatch.setattr(linear_methods, "w4_gemv", counting_gemv)
+    prompts = make_prompts([9, 5, 14], fused.spec.vocab_size, seed=6)
+    steps = [[1, 1, 1], [2, 1, 3], [1, 2, 1], [1, 1, 3], [4, 1, 6]]
+    got = run_in_steps(fused.model, prompts, steps, cache_dtype=torch.bfloat16)
+    assert (True, False) in kinds and (False, True) in kinds  # the producers' epilogue and the consumers' scale
+    assert torch.all(fused.model.model._norm_sums.ring[0] == 0)  # down_proj zeroed o_proj's slot for the next
+    monkeypatch.setattr(linear_methods, "w4_gemv", real_gemv)
+    pair = run_in_steps(unfused.model, prompts, steps, cache_dtype=torch.bfloat16)
+    want = run_in_steps(reference.model, prompts, steps)
+    for g, p, w in zip(got, pair, want, strict=True):
+        assert rel_err(g, w) < max(1.5 * rel_err(p, w), 1e-2)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine_prompts = [[5, 9, 17, 3], [40, 41, 42, 43, 44, 45, 46], [7]]
+    runs = {}
+    for fuse in (True, False):
+        llm = LLM(str(tiny_llama_bf16_exact), device="cuda", dtype="float16", quantization="rtn4",
+                  quant_weight_layout="kmajor", max_model_len=256, seed=0,
+                  compilation_config={"pass_config": {"fuse_gemm_norm": fuse}})
+        runs[fuse] = [o.outputs[0].token_ids for o in llm.generate(engine_prompts, params, use_tqdm=False)]
+        runs[fuse] += [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in engine_prompts]
+        llm.engine.shutdown()
+    assert runs[True] == runs[False]

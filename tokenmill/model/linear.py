@@ -238,6 +238,13 @@ class RowParallelLinear(LinearBase):
         # several ranks: the residual is added after the all-reduce, outside the kernel
         return None if self.reduce else super().add_residual(x, residual)
 
+    def accepts_residual_norm(self, x: torch.Tensor) -> bool:
+        return not self.reduce and super().accepts_residual_norm(x)  # several ranks: as add_residual
+
+    def add_residual_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                          norm: NormedInput) -> tuple[torch.Tensor, NormedInput] | None:
+        return None if self.reduce else super().add_residual_norm(x, residual, norm)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce:  # one rank: the bias rides in the matmul
             return self.linear_method.apply(self, x, self.bias)
