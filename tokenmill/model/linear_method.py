@@ -148,17 +148,6 @@ class DenseLinearMethod(LinearMethod):
                 return decode_linear(x, layer.weight, bias, config)
         return F.linear(x, layer.weight, bias)
 
-    def accepts_residual_norm(self, layer: nn.Module, x: torch.Tensor) -> bool:
-        """Whether ``apply_add_residual_norm`` would serve an input of x's rows (only rows, device, dtype read)."""
-        return False
-
-    def apply_add_residual_norm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
-                                residual: torch.Tensor, norm: NormedInput) -> tuple[torch.Tensor, NormedInput] | None:
-        """``apply_add_residual``'s stream, plus the next RMSNorm's input made in the same kernel: ``norm`` names
-        the norm (weight, eps) and the sums' ring and slot (its ``hidden`` is not read); returns (the stream, a
-        NormedInput with ``hidden`` the stream times the weight). None where the method has no such kernel."""
-        return None
-
     def embedding(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, layer.weight)
 
