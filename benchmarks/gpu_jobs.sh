@@ -4,6 +4,7 @@
 # tool returns a few files only). Installs the carried wheels (.whl) first.
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
 #   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe w4_chain fp8_probe fp8_e2e
+#   bash benchmarks/gpu_jobs.sh norm_ab
 #   bash benchmarks/gpu_jobs.sh maxload
 #   bash benchmarks/gpu_jobs.sh fp8_fuse
 #   bash benchmarks/gpu_jobs.sh paged_probe paged_tests maxload_paged
@@ -102,6 +103,16 @@ for job in "$@"; do
                  --out "$out/gpu_w4_gemv_probe.json" ;;
     # Issue 20: the batch-1 decode chain (norms, SiLU-mul and the four projections, 32 layers in one CUDA graph), bf16
     # vs W4 K-major today vs with PDL + pre-wait preload, then again with TOKENMILL_PDL_EARLY_LAUNCH=1 (~1 min).
+    # Issue 20: the RMSNorms in the W4 GEMVs (pass_config fuse_gemm_norm, off until this A/B): the kernel and model
+    # tests on the card, then the chain (w4:fused_sums_act, norm inputs made by o / down, beside w4:fused_act) and
+    # batch-1 decode with and without +norm, bf16 in the same run. Target < 300 s.
+    norm_ab) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_w4_gemv.py) 2>&1 \
+               | tee "$out/norm_ab_kernel_tests.txt" | tail -3
+             (cd tests/quantization && run python3 -m pytest -q -p no:cacheprovider test_kmajor_layout.py) 2>&1 \
+               | tee "$out/norm_ab_model_tests.txt" | tail -3
+             run python3 benchmarks/gpu_w4_chain.py --replays 30 --out "$out/gpu_w4_chain_norm.json"
+             run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm \
+               --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
     w4_chain) run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain.json"
               TOKENMILL_PDL_EARLY_LAUNCH=1 run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain_early.json" ;;
     # Issue 22: the FP8-weight GEMV variants of kernels/fp8_stream.py vs bf16 and today's FP8 GEMV at 1-16 rows (each
