@@ -103,15 +103,16 @@ for job in "$@"; do
                  --out "$out/gpu_w4_gemv_probe.json" ;;
     # Issue 20: the batch-1 decode chain (norms, SiLU-mul and the four projections, 32 layers in one CUDA graph), bf16
     # vs W4 K-major today vs with PDL + pre-wait preload, then again with TOKENMILL_PDL_EARLY_LAUNCH=1 (~1 min).
-    # Issue 20: the RMSNorms in the W4 GEMVs (pass_config fuse_gemm_norm, off until this A/B): the kernel and model
-    # tests on the card, then the chain (w4:fused_sums_act, norm inputs made by o / down, beside w4:fused_act) and
-    # batch-1 decode with and without +norm, bf16 in the same run. Target < 300 s.
-    norm_ab) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_w4_gemv.py) 2>&1 \
-               | tee "$out/norm_ab_kernel_tests.txt" | tail -3
-             (cd tests/quantization && run python3 -m pytest -q -p no:cacheprovider test_kmajor_layout.py) 2>&1 \
-               | tee "$out/norm_ab_model_tests.txt" | tail -3
+    # Issues 20 and 22: the RMSNorms in the W4 and FP8 GEMVs (pass_config fuse_gemm_norm, off until this A/B): the
+    # kernel and model tests on the card, then the chain (w4:fused_sums_act, norm inputs made by o / down, beside
+    # w4:fused_act) and batch-1 decode with and without +norm, bf16 in the same run. Target < 400 s.
+    norm_ab) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_w4_gemv.py test_fp8_stream.py) \
+               2>&1 | tee "$out/norm_ab_kernel_tests.txt" | tail -3
+             (cd tests/quantization && run python3 -m pytest -q -p no:cacheprovider test_kmajor_layout.py \
+               test_fp8_fusion.py) 2>&1 | tee "$out/norm_ab_model_tests.txt" | tail -3
              run python3 benchmarks/gpu_w4_chain.py --replays 30 --out "$out/gpu_w4_chain_norm.json"
-             run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm \
+             run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods \
+               "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm,fp8+lmhead,fp8+lmhead+norm}" \
                --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
     w4_chain) run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain.json"
               TOKENMILL_PDL_EARLY_LAUNCH=1 run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain_early.json" ;;

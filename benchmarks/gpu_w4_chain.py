@@ -48,6 +48,7 @@ from gpu_record import probe_device, write_record  # noqa: E402
 
 from tokenmill.kernels._triton import pdl_early_launch  # noqa: E402
 from tokenmill.kernels.activation import silu_and_mul_reference, silu_and_mul_triton  # noqa: E402
+from tokenmill.kernels.gemv_epilogue import EpilogueNorm, NormSums, PrologueRms  # noqa: E402
 from tokenmill.kernels.quant_dispatch import (  # noqa: E402
     default_kmajor_config,
     kmajor_cuda_linear,
@@ -56,11 +57,8 @@ from tokenmill.kernels.quant_dispatch import (  # noqa: E402
 )
 from tokenmill.kernels.rms_norm import rms_norm_reference, rms_norm_triton  # noqa: E402
 from tokenmill.kernels.w4_gemv import (  # noqa: E402
-    EpilogueNorm,
     KMajorWeight,
-    NormSums,
     PrologueNorm,
-    PrologueRms,
     W4GemvConfig,
     dequantize_k_major,
     repack_k_major,

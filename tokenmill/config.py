@@ -82,7 +82,8 @@ class ModelConfig:
     # residual stream in their epilogue and qkv / gate_up apply the RMSNorm in their prologue (no norm kernel). Off
     # because it was slower on the H100 (batch-1 step 2.667 vs 2.434 ms) when every GEMV program re-read x for 1 / rms;
     # now o_proj / down_proj make the next norm's input in their epilogue (the stream times the norm weight and its
-    # sums of squares) and qkv / gate_up only scale by 1 / rms (not yet timed on a GPU).
+    # sums of squares) and qkv / gate_up only scale by 1 / rms, in the W4 K-major and the FP8 fma GEMVs (not yet
+    # timed on a GPU).
     fuse_gemm_norm: bool = False
     # The untied LM head quantized at load too (fp8 per vocabulary row; rtn4 / int8 codes); vLLM keeps it dense.
     quantize_lm_head: bool = False

@@ -143,12 +143,59 @@ def test_fp8_dispatch_serves_a_table_entry_only_within_its_kind_rows(tmp_path, m
     assert fp8_gemv_config(torch.zeros(12, 64), 64, {16: plan}) is plan  # a layer's plan is taken as given
 
 
+@needs_fp8
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,dtype", [(1, torch.bfloat16), (3, torch.float16)])
+def test_fp8_stream_next_norm_epilogue_feeds_the_rms_prologue(device, rows, dtype):
+    """fma kind: ``residual`` + ``next_norm`` make the next norm's input and its sums (the two-slot ring) and
+    ``rms`` consumers scale by 1 / rms from it: the stream equals the GEMV plus the residual rounded as the norm
+    kernel adds (on CUDA; within a bf16 step under the interpreter), the chain o -> gate_up|act -> down -> qkv matches fp32 norm-then-product, twice round the ring;
+    K = 200 and 40 channels leave tails."""
+    from tokenmill.kernels.activation import silu_and_mul_reference
+    from tokenmill.kernels.gemv_epilogue import EpilogueNorm, NormSums, PrologueRms
+
+    hidden, inter = 200, 96
+    o, gate_up, down, qkv = (_weights(n, k, device, seed=rows + i) for i, (n, k) in
+                             enumerate([(hidden, hidden), (2 * inter, hidden), (hidden, inter), (40, hidden)]))
+    gen = torch.Generator().manual_seed(rows + 11)
+    norm_w = [(1 + 0.2 * torch.randn(hidden, generator=gen)).to(dtype).to(device) for _ in range(2)]
+    x = torch.randn(rows, hidden, generator=gen).to(dtype).to(device)
+    residual = (3 * torch.randn(rows, hidden, generator=gen)).to(dtype).to(device)
+    sums = NormSums.make(torch.device(device))
+
+    def product(h: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return h.float() @ (weight[0].float() * weight[1][:, None]).t()
+
+    def normed32(stream: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        s = stream.float()
+        return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
+
+    for config in [c for c in _configs(rows) if c.kind == "fma" and c.block_n >= 2]:
+        h = torch.empty(rows, hidden, dtype=dtype, device=device)
+        stream = fp8_stream_gemv(x, *o, config, residual=residual, next_norm=EpilogueNorm(norm_w[0], h, sums, 0))
+        want_stream = (fp8_stream_gemv(x, *o, config).float() + residual.float()).to(dtype)
+        assert (torch.equal(stream, want_stream) if device == "cuda"  # the interpreter rounds bf16 its own way
+                else torch.allclose(stream.float(), want_stream.float(), rtol=2 ** -7, atol=0)), config.name
+        assert torch.all(sums.ring[1, :rows] == 0)
+        assert torch.allclose(sums.ring[0, :rows], stream.float().pow(2).sum(-1), rtol=1e-5, atol=0)
+        act = fp8_stream_gemv(h, *gate_up, config, act_mul=True, rms=PrologueRms(1e-5, sums, 0))
+        assert rel_err(act, silu_and_mul_reference(product(normed32(stream, norm_w[0]), gate_up))) < 2e-2, config.name
+        h2 = torch.empty_like(h)
+        stream2 = fp8_stream_gemv(act, *down, config, residual=stream, next_norm=EpilogueNorm(norm_w[1], h2, sums, 1))
+        assert torch.all(sums.ring[0, :rows] == 0)
+        got = fp8_stream_gemv(h2, *qkv, config, rms=PrologueRms(1e-5, sums, 1))
+        assert rel_err(got, product(normed32(stream2, norm_w[1]), qkv)) < 2e-2, config.name
+    with pytest.raises(ValueError, match="take the 'fma' kind"):
+        fp8_stream_gemv(x, *o, _configs(rows)[0], residual=residual)
+
+
 @pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs triton, compiled (the interpreter swaps jit functions for its own)")
-@pytest.mark.parametrize("act_mul", [False, True])
-def test_fp8_fma_kernel_compiles_for_sm90_without_spills(act_mul):
+@pytest.mark.parametrize("act_mul,rms,next_norm", [(False, False, False), (True, False, False), (True, True, False),
+                                                   (False, False, True)])
+def test_fp8_fma_kernel_compiles_for_sm90_without_spills(act_mul, rms, next_norm):
     """The shipped 1-row gate_up entry's kernel (inline-PTX conversions, PDL), with and without the SiLU-and-mul
-    epilogue, compiled for sm_90 without a GPU: no spills."""
+    epilogue, the rms prologue and the residual / next-norm epilogue, compiled for sm_90 without a GPU: no spills."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from triton_sass import compile_sm90
 
@@ -156,5 +203,8 @@ def test_fp8_fma_kernel_compiles_for_sm90_without_spills(act_mul):
 
     args = dict(x_ptr="*i64", w_ptr="*i32", ws_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16", M="i32:1", N="i32:16",
                 KW="i32:16", stride_xq="i32:16", stride_ww="i32:16", stride_om="i32:16", HAS_BIAS=False, ROWS=1,
-                BLOCK_N=16, PAIRS=64, X_BF16=True, EVEN=True, ASM=True, PREFETCH=False, PDL=True, ACT_MUL=act_mul)
+                BLOCK_N=16, PAIRS=64, X_BF16=True, EVEN=True, ASM=True, PREFETCH=False, PDL=True, ACT_MUL=act_mul,
+                sums_ptr="*fp32", eps="fp32", RMS=rms, res_ptr="*bf16", stride_resm="i32:16", ADD_RESIDUAL=next_norm,
+                next_nw_ptr="*bf16", h_ptr="*bf16", stride_hm="i32:16", next_sums_ptr="*fp32", zero_ptr="*fp32",
+                NEXT_NORM=next_norm)
     assert compile_sm90(_fp8_fma_kernel, args, num_warps=2).spill_bytes == 0

@@ -284,7 +284,7 @@ def test_kmajor_next_norm_epilogue_feeds_the_rms_prologue(device, rows, dtype):
     scales by 1 / rms from it: the stream equals the plain residual epilogue's, the chain matches fp32
     norm-then-product, twice round the ring (o -> gate_up|act, down -> qkv), with a ragged last tile."""
     from tokenmill.kernels.activation import silu_and_mul_reference
-    from tokenmill.kernels.w4_gemv import EpilogueNorm, NormSums, PrologueRms
+    from tokenmill.kernels.gemv_epilogue import EpilogueNorm, NormSums, PrologueRms
 
     hidden, inter, group = 256, 192, 64
     gen = torch.Generator().manual_seed(rows + 7)

@@ -38,7 +38,15 @@ from tokenmill.kernels._triton import (
     tl,
     triton,
 )
-from tokenmill.kernels.gemv_epilogue import check_act_mul, gemv_channels, store_gemv_out
+from tokenmill.kernels.gemv_epilogue import (
+    EpilogueNorm,
+    PrologueRms,
+    check_act_mul,
+    gemv_channels,
+    next_norm_launch,
+    residual_launch,
+    store_gemv_out,
+)
 from tokenmill.kernels.splitk import dot_in_fp32, fit_split_k, splitk_workspace
 
 STREAM_KINDS = ("fma", "mma")
@@ -142,7 +150,9 @@ if HAS_TRITON:
         M, N, KW, stride_xq, stride_ww, stride_om,
         HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
         X_BF16: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
-        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False,
+        PDL: tl.constexpr = False, ACT_MUL: tl.constexpr = False, sums_ptr=None, eps=0.0, RMS: tl.constexpr = False,
+        res_ptr=None, stride_resm=0, ADD_RESIDUAL: tl.constexpr = False, next_nw_ptr=None, h_ptr=None, stride_hm=0,
+        next_sums_ptr=None, zero_ptr=None, NEXT_NORM: tl.constexpr = False,
     ):
         """Program: BLOCK_N channels over all of K. ``w_ptr``: the weight as int32 words [N, KW] (KW = K / 4,
         ``stride_ww`` in words); ``x_ptr``: x as int64 quads (``stride_xq`` in quads), quad j = word j's x. A step
@@ -150,7 +160,9 @@ if HAS_TRITON:
         time and x 16 (two quads), and every thread and warp sits along that dim in both tiles, so both get one
         register layout on every Triton version (3.6 breaks ties between the other dims differently from 3.9 and
         had shuffled each product through shared memory). ACT_MUL: a fused gate|up weight, silu(gate) * up out
-        (kernels/gemv_epilogue.py)."""
+        (kernels/gemv_epilogue.py). RMS (PrologueRms): x is the stream times the norm weight and the product is
+        scaled by 1 / rms from the rows' sums of squares at ``sums_ptr``; ADD_RESIDUAL / NEXT_NORM: the residual
+        add and the next norm's input in the epilogue (store_gemv_out)."""
         pdl_wait(PDL)
         pid = tl.program_id(0)
         n3 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :, None]
@@ -185,9 +197,14 @@ if HAS_TRITON:
         out = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
         n2 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :]
         out = out * tl.load(ws_ptr + n2, mask=n2 < N, other=0.0)
+        if RMS:  # K = 4 KW
+            m1 = tl.arange(0, ROWS)
+            sums = tl.load(sums_ptr + m1, mask=m1 < M, other=0.0)
+            out = out * (1.0 / tl.sqrt(sums / (4 * KW) + eps))[:, None]
         if HAS_BIAS:
             out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
-        store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS, BLOCK_N, ACT_MUL)
+        store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS, BLOCK_N, ACT_MUL, res_ptr, stride_resm,
+                       ADD_RESIDUAL, next_nw_ptr, h_ptr, stride_hm, next_sums_ptr, zero_ptr, NEXT_NORM)
 
     @triton.jit(do_not_specialize=["M"])
     def _fp8_mma_kernel(
@@ -250,17 +267,26 @@ def fma_supported(k: int) -> bool:
 
 def fp8_stream_gemv(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, config: Fp8StreamConfig,
-    bias: torch.Tensor | None = None, act_mul: bool = False,
+    bias: torch.Tensor | None = None, act_mul: bool = False, rms: PrologueRms | None = None,
+    residual: torch.Tensor | None = None, next_norm: EpilogueNorm | None = None,
 ) -> torch.Tensor:
     """x [M, K] (bf16/fp16, M <= config.max_rows) times (weight [N, K] e4m3 * weight_scale [N])^T (+ bias)
     -> [M, N] in x's dtype. ``act_mul`` (``fma`` kind): the weight is a fused gate|up projection and the result
-    silu(gate) * up [M, N / 2] (kernels/gemv_epilogue.py)."""
+    silu(gate) * up [M, N / 2] (kernels/gemv_epilogue.py). ``fma`` kind too: ``rms``, x is the next norm's input a
+    producer made and the product is scaled by 1 / rms (PrologueRms); ``residual`` (not with act_mul), the product
+    plus the residual stream (the next stream, rounded as the norm kernel's add); ``next_norm`` with it, the next
+    norm's input for a PrologueRms consumer (EpilogueNorm)."""
     require_triton("fp8_stream_gemv")
     x = _checked(x, weight, weight_scale)
     m, k = x.shape
     n = weight.shape[0]
     if m > config.max_rows:
         raise ValueError(f"the {config.kind!r} FP8 stream GEMV takes at most {config.max_rows} rows; got {m}")
+    if (rms is not None or residual is not None or next_norm is not None) and config.kind != "fma":
+        raise ValueError(f"the rms prologue and the residual / next-norm epilogues take the 'fma' kind; got "
+                         f"{config.kind!r}")
+    if residual is not None and act_mul:
+        raise ValueError("the residual epilogue adds to the projection's output; act_mul replaces it")
     if act_mul:
         if config.kind != "fma":
             raise ValueError(f"act_mul takes the 'fma' FP8 stream kind; got {config.kind!r}")
@@ -288,7 +314,9 @@ def fp8_stream_gemv(
             m, n, kw, x.stride(0) // 4, weight.stride(0) // 4, out.stride(0),
             HAS_BIAS=bias is not None, ROWS=next_power_of_2(m), BLOCK_N=config.block_n, PAIRS=config.pairs,
             X_BF16=x.dtype == torch.bfloat16, EVEN=out.shape[1] % per_program == 0 and kw % (2 * config.pairs) == 0,
-            ASM=config.asm and not interpret, PREFETCH=config.prefetch, ACT_MUL=act_mul, **launch,
+            ASM=config.asm and not interpret, PREFETCH=config.prefetch, ACT_MUL=act_mul,
+            **({} if rms is None else dict(sums_ptr=rms.sums.ring[rms.slot], eps=rms.eps, RMS=True)),
+            **residual_launch(residual, m, n, x.dtype), **next_norm_launch(next_norm, residual, m, n), **launch,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         return out

@@ -7,7 +7,51 @@ weights are a contiguous row of K in both layouts, so the pick is an index, not 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from tokenmill.kernels._triton import HAS_TRITON, tl, triton
+
+RING_ROWS = 8  # rows NormSums holds: the whole-K GEMVs serve at most 8 (kernels/w4_gemv.py FMA_MAX_ROWS)
+
+
+@dataclass(frozen=True)
+class NormSums:
+    """A two-slot ring of the residual stream's per-row sums of squares ([2, RING_ROWS] fp32, zeros when made):
+    the producer of slot s (o / down with ``residual`` and ``next_norm``) adds into it and zeroes slot 1 - s, its
+    consumer (qkv / gate_up with ``PrologueRms``) reads it. Producers alternate slots, so each slot is zero when its
+    producer starts (the one before zeroed it) without a memset, in a CUDA graph too; stream order keeps a
+    consumer's reads before the next producer's zeroing. The sums are fp32 atomics, so their order (and the last bit
+    of 1 / rms) may vary from run to run."""
+
+    ring: torch.Tensor
+
+    @staticmethod
+    def make(device: torch.device) -> NormSums:
+        return NormSums(torch.zeros(2, RING_ROWS, dtype=torch.float32, device=device))
+
+
+@dataclass(frozen=True)
+class EpilogueNorm:
+    """The next RMSNorm's input made in a ``residual`` GEMV's epilogue (the GEMVs' ``next_norm``): the stream
+    times ``weight`` into ``normed`` ([M, N], x's dtype) and its sums of squares into ``sums`` slot ``slot``."""
+
+    weight: torch.Tensor  # [N]
+    normed: torch.Tensor
+    sums: NormSums
+    slot: int
+
+
+@dataclass(frozen=True)
+class PrologueRms:
+    """The consumer's side of EpilogueNorm (the GEMVs' ``norm`` / ``rms``): x is the stream times the norm weight, and
+    the outputs are scaled by 1 / rms from ``sums`` slot ``slot``: no pass over x, no norm weight in the K loop."""
+
+    eps: float
+    sums: NormSums
+    slot: int
+
 
 if HAS_TRITON:
 
@@ -68,3 +112,30 @@ def check_act_mul(block_n: int, out_features: int, what: str) -> None:
     if block_n < 2 or out_features % 2:
         raise ValueError(f"act_mul ({what}) needs block_n >= 2 and an even output width; got block_n {block_n}, "
                          f"{out_features} outputs")
+
+
+def residual_launch(residual: torch.Tensor | None, rows: int, n: int, dtype: torch.dtype) -> dict:
+    """A whole-K GEMV kernel's ADD_RESIDUAL arguments (store_gemv_out)."""
+    if residual is None:
+        return {}
+    if residual.shape != (rows, n) or residual.dtype != dtype or residual.stride(-1) != 1:
+        raise ValueError(f"the residual added in the epilogue must be [{rows}, {n}] {dtype}, rows contiguous; got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    return dict(res_ptr=residual, stride_resm=residual.stride(0), ADD_RESIDUAL=True)
+
+
+def next_norm_launch(next_norm: EpilogueNorm | None, residual: torch.Tensor | None, rows: int, n: int) -> dict:
+    """A whole-K GEMV kernel's NEXT_NORM arguments (store_gemv_out)."""
+    if next_norm is None:
+        return {}
+    if residual is None:
+        raise ValueError("next_norm normalizes the residual stream the epilogue makes: pass residual too")
+    normed, ring = next_norm.normed, next_norm.sums.ring
+    if normed.shape != (rows, n) or normed.dtype != residual.dtype or normed.stride(-1) != 1:
+        raise ValueError(f"next_norm's output must be [{rows}, {n}] {residual.dtype}, rows contiguous; got "
+                         f"{tuple(normed.shape)} {normed.dtype}")
+    if next_norm.weight.shape != (n,) or rows > ring.shape[1] or next_norm.slot not in (0, 1):
+        raise ValueError(f"next_norm: a [{n}] weight, at most {ring.shape[1]} rows and slot 0 or 1; got "
+                         f"{tuple(next_norm.weight.shape)}, {rows} rows, slot {next_norm.slot}")
+    return dict(next_nw_ptr=next_norm.weight, h_ptr=normed, stride_hm=normed.stride(0),
+                next_sums_ptr=ring[next_norm.slot], zero_ptr=ring[1 - next_norm.slot], NEXT_NORM=True)

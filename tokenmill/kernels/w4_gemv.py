@@ -38,7 +38,13 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, pdl_launch, pdl_wait, tl, triton
-from tokenmill.kernels.gemv_epilogue import check_act_mul
+from tokenmill.kernels.gemv_epilogue import (
+    EpilogueNorm,
+    PrologueRms,
+    check_act_mul,
+    next_norm_launch,
+    residual_launch,
+)
 from tokenmill.kernels.splitk import COUNTERS, PARTIAL_ELEMENTS, dot_in_fp32, splitk_workspace
 from tokenmill.kernels.wna16_gemm import PackedWeight, checked_input, unpack_codes
 from tokenmill.quantization.packing import pack_along, unpack_along
@@ -115,43 +121,6 @@ class PrologueNorm:
 
     weight: torch.Tensor  # [K], x's dtype
     eps: float
-
-
-@dataclass(frozen=True)
-class NormSums:
-    """A two-slot ring of the residual stream's per-row sums of squares ([2, FMA_MAX_ROWS] fp32, zeros when made):
-    the producer of slot s (o / down with ``residual`` and ``next_norm``) adds into it and zeroes slot 1 - s, its
-    consumer (qkv / gate_up with ``PrologueRms``) reads it. Producers alternate slots, so each slot is zero when its
-    producer starts (the one before zeroed it) without a memset, in a CUDA graph too; stream order keeps a
-    consumer's reads before the next producer's zeroing. The sums are fp32 atomics, so their order (and the last bit
-    of 1 / rms) may vary from run to run."""
-
-    ring: torch.Tensor
-
-    @staticmethod
-    def make(device: torch.device) -> NormSums:
-        return NormSums(torch.zeros(2, FMA_MAX_ROWS, dtype=torch.float32, device=device))
-
-
-@dataclass(frozen=True)
-class EpilogueNorm:
-    """The next RMSNorm's input made in a ``residual`` GEMV's epilogue (``w4_gemv``'s ``next_norm``): the stream
-    times ``weight`` into ``normed`` ([M, N], x's dtype) and its sums of squares into ``sums`` slot ``slot``."""
-
-    weight: torch.Tensor  # [N]
-    normed: torch.Tensor
-    sums: NormSums
-    slot: int
-
-
-@dataclass(frozen=True)
-class PrologueRms:
-    """The consumer's side of EpilogueNorm (``w4_gemv``'s ``norm``): x is the stream times the norm weight, and
-    the outputs are scaled by 1 / rms from ``sums`` slot ``slot``: no pass over x, no norm weight in the K loop."""
-
-    eps: float
-    sums: NormSums
-    slot: int
 
 
 @dataclass(frozen=True)
@@ -651,33 +620,6 @@ def _norm_launch(norm: PrologueNorm | PrologueRms | None, x: torch.Tensor) -> di
     return dict(nw_ptr=norm.weight.contiguous().view(torch.int32), eps=norm.eps, NORM=1)
 
 
-def _residual_launch(residual: torch.Tensor | None, rows: int, n: int, dtype: torch.dtype) -> dict:
-    """The ``kmajor`` kernel's ADD_RESIDUAL arguments."""
-    if residual is None:
-        return {}
-    if residual.shape != (rows, n) or residual.dtype != dtype or residual.stride(-1) != 1:
-        raise ValueError(f"the residual added in the epilogue must be [{rows}, {n}] {dtype}, rows contiguous; got "
-                         f"{tuple(residual.shape)} {residual.dtype}")
-    return dict(res_ptr=residual, stride_resm=residual.stride(0), ADD_RESIDUAL=True)
-
-
-def _next_norm_launch(next_norm: EpilogueNorm | None, residual: torch.Tensor | None, rows: int, n: int) -> dict:
-    """The ``kmajor`` kernel's NEXT_NORM arguments."""
-    if next_norm is None:
-        return {}
-    if residual is None:
-        raise ValueError("next_norm normalizes the residual stream the epilogue makes: pass residual too")
-    normed, ring = next_norm.normed, next_norm.sums.ring
-    if normed.shape != (rows, n) or normed.dtype != residual.dtype or normed.stride(-1) != 1:
-        raise ValueError(f"next_norm's output must be [{rows}, {n}] {residual.dtype}, rows contiguous; got "
-                         f"{tuple(normed.shape)} {normed.dtype}")
-    if next_norm.weight.shape != (n,) or rows > ring.shape[1] or next_norm.slot not in (0, 1):
-        raise ValueError(f"next_norm: a [{n}] weight, at most {ring.shape[1]} rows and slot 0 or 1; got "
-                         f"{tuple(next_norm.weight.shape)}, {rows} rows, slot {next_norm.slot}")
-    return dict(next_nw_ptr=next_norm.weight, h_ptr=normed, stride_hm=normed.stride(0),
-                next_sums_ptr=ring[next_norm.slot], zero_ptr=ring[1 - next_norm.slot], NEXT_NORM=True)
-
-
 def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4GemvConfig,
             bias: torch.Tensor | None = None, act_mul: bool = False,
             norm: PrologueNorm | PrologueRms | None = None, residual: torch.Tensor | None = None,
@@ -732,8 +674,8 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
                 X_BF16=x.dtype == torch.bfloat16, EVEN=out.shape[1] % per_program == 0 and groups % chunk == 0,
                 PREFETCH=config.prefetch, PRELOAD=preload,
                 L2_PREFETCH=preload > 1 and os.environ.get("TRITON_INTERPRET") != "1",  # inline PTX: GPU only
-                ACT_MUL=act_mul, **_norm_launch(norm, x), **_residual_launch(residual, m, n, x.dtype),
-                **_next_norm_launch(next_norm, residual, m, n), **launch,
+                ACT_MUL=act_mul, **_norm_launch(norm, x), **residual_launch(residual, m, n, x.dtype),
+                **next_norm_launch(next_norm, residual, m, n), **launch,
                 **common)
         return out
     per_split, split = split_plan(config, m, n, groups)

@@ -143,6 +143,10 @@ class LinearBase(nn.Module):
         """Whether this layer takes the residual stream as a NormedInput (its kernel applies the norm)."""
         return self.linear_method.accepts_normed_input(self, hidden)
 
+    def accepts_rms_input(self, hidden: torch.Tensor) -> bool:
+        """Whether this layer takes a producer-made norm input (NormedInput with sums; LinearMethod's)."""
+        return self.linear_method.accepts_rms_input(self, hidden)
+
     def add_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """x W^T (+ b) + residual from one kernel where the method has one for x's rows; else None."""
         return self.linear_method.apply_add_residual(self, x, self.bias, residual)

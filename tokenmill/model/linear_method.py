@@ -105,6 +105,11 @@ class LinearMethod:
         stream), from one kernel where the method has one for x's rows; None: it has not."""
         return None
 
+    def accepts_rms_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether ``apply`` (and ``apply_silu_and_mul``) would take a producer-made NormedInput (with ``sums``) of
+        x's rows, only scaling by 1 / rms; a method that applies the whole norm itself takes that too."""
+        return self.accepts_normed_input(layer, x)
+
     def accepts_residual_norm(self, layer: nn.Module, x: torch.Tensor) -> bool:
         """Whether ``apply_add_residual_norm`` would serve an input of x's rows (only rows, device, dtype read)."""
         return False

@@ -20,7 +20,7 @@ from tokenmill.attention.kv_scales import KVScales, checkpoint_kv_scale, load_kv
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.distributed.context import ParallelContext
 from tokenmill.kernels.fp8_quant import Fp8Tokens
-from tokenmill.kernels.w4_gemv import NormSums
+from tokenmill.kernels.gemv_epilogue import NormSums
 from tokenmill.model.layers import RMSNorm, RotaryEmbedding, default_weight_loader, silu_and_mul
 from tokenmill.model.linear import (
     SINGLE_RANK,
@@ -254,7 +254,7 @@ class LlamaModel(nn.Module):
         then the consumer applies the norm in its own kernel where it can (NormedInput). A NormedInput ``hidden``
         (made by the producer) goes to a consumer that takes it; otherwise the norm kernel runs on the stream."""
         if isinstance(hidden, NormedInput):
-            if feeds.accepts_normed_input(residual):
+            if feeds.accepts_rms_input(residual):
                 return hidden, residual
             hidden = None
         if hidden is not None:

@@ -16,6 +16,7 @@ weight rounded to e4m3 per vocabulary row at load, logits from the FP8 product.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -32,11 +33,13 @@ from tokenmill.kernels.fp8_quant import (
     quantize_fp8_static,
 )
 from tokenmill.kernels.fp8_stream import Fp8StreamConfig, fp8_stream_gemv
+from tokenmill.kernels.gemv_epilogue import RING_ROWS, EpilogueNorm, PrologueRms
 from tokenmill.kernels.quant_dispatch import Fp8Choice, fp8_rows_config
 from tokenmill.kernels.splitk import splitk_workspace
 from tokenmill.model.linear_method import (
     DenseLinearMethod,
     LinearMethod,
+    NormedInput,
     QuantizationConfig,
     register_quantization_config,
     set_weight_attrs,
@@ -172,16 +175,52 @@ class Fp8LinearMethod(LinearMethod):
         rows = math.prod(x.shape[:-1])
         return not self.static_input and self.gemv_choice(layer, rows, x.device, x.dtype) is None
 
-    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor,
+    def _fma_config(self, layer: nn.Module, x: torch.Tensor) -> Fp8StreamConfig | None:
+        """The ``fma`` stream GEMV config x's rows get (the kind with the epilogues), or None."""
+        config = self.gemv_choice(layer, math.prod(x.shape[:-1]), x.device, x.dtype)
+        return config if isinstance(config, Fp8StreamConfig) and config.kind == "fma" else None
+
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | NormedInput,
                            bias: torch.Tensor | None) -> torch.Tensor | None:
         """The FP8 stream GEMV's SiLU-and-mul epilogue (``fma`` kind: the 1-8 row decode batches it serves)."""
-        config = self.gemv_choice(layer, math.prod(x.shape[:-1]), x.device, x.dtype)
-        if not isinstance(config, Fp8StreamConfig) or config.kind != "fma" or config.block_n < 2:
+        if isinstance(x, NormedInput):  # accepts_rms_input said yes
+            return self._rms_gemv(layer, x, bias, act_mul=True)
+        config = self._fma_config(layer, x)
+        if config is None or config.block_n < 2:
             return None
         out = fp8_stream_gemv(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale, config, bias, act_mul=True)
         return out.reshape(*x.shape[:-1], layer.weight.shape[0] // 2)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Tokens, bias: torch.Tensor | None) -> torch.Tensor:
+    def accepts_rms_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        # the producer-made norm input only (its kernel has no norm prologue of its own), up to the ring's rows
+        config = self._fma_config(layer, x)
+        return config is not None and config.block_n >= 2 and x.dim() == 2 and x.shape[0] <= RING_ROWS
+
+    def accepts_residual_norm(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        return self._fma_config(layer, x) is not None and x.dim() == 2 and x.shape[0] <= RING_ROWS
+
+    def apply_add_residual_norm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                                residual: torch.Tensor, norm: NormedInput) -> tuple[torch.Tensor, NormedInput] | None:
+        """The FP8 ``fma`` GEMV's next-norm epilogue (kernels/gemv_epilogue.py ``EpilogueNorm``)."""
+        if not self.accepts_residual_norm(layer, x):
+            return None
+        normed = torch.empty_like(residual)
+        stream = fp8_stream_gemv(x, layer.weight, layer.weight_scale, self._fma_config(layer, x), bias,
+                                 residual=residual, next_norm=EpilogueNorm(norm.weight, normed, norm.sums, norm.slot))
+        return stream, dataclasses.replace(norm, hidden=normed)
+
+    def _rms_gemv(self, layer: nn.Module, x: NormedInput, bias: torch.Tensor | None,
+                  act_mul: bool = False) -> torch.Tensor:
+        if x.sums is None or not self.accepts_rms_input(layer, x.hidden):  # a caller bug
+            raise ValueError("the FP8 GEMV takes only a producer-made norm input (NormedInput with sums) of rows it "
+                             "serves with the fma kind")
+        return fp8_stream_gemv(x.hidden, layer.weight, layer.weight_scale, self._fma_config(layer, x.hidden), bias,
+                               act_mul=act_mul, rms=PrologueRms(x.eps, x.sums, x.slot))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Tokens | NormedInput,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, NormedInput):
+            return self._rms_gemv(layer, x, bias)
         if isinstance(x, Fp8Tokens):
             return fp8_linear(x, layer.weight, layer.weight_scale, bias)
         config = self.gemv_choice(layer, math.prod(x.shape[:-1]), x.device, x.dtype)

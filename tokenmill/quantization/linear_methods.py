@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
+from tokenmill.kernels.gemv_epilogue import EpilogueNorm, PrologueRms
 from tokenmill.kernels.quant_dispatch import (
     kmajor_cuda_linear,
     kmajor_cuda_silu_and_mul,
@@ -25,15 +26,7 @@ from tokenmill.kernels.quant_dispatch import (
     wna16_cuda_linear,
 )
 from tokenmill.kernels.splitk import splitk_workspace
-from tokenmill.kernels.w4_gemv import (
-    EpilogueNorm,
-    KMajorWeight,
-    PrologueNorm,
-    PrologueRms,
-    W4GemvConfig,
-    k_major_from_codes,
-    w4_gemv,
-)
+from tokenmill.kernels.w4_gemv import KMajorWeight, PrologueNorm, W4GemvConfig, k_major_from_codes, w4_gemv
 from tokenmill.kernels.wna16_cpu import cpu_linear, cpu_weight
 from tokenmill.kernels.wna16_gemm import PackedWeight, wna16_linear_cpu
 from tokenmill.model.linear_method import (
