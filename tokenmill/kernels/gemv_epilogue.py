@@ -3,6 +3,10 @@ a fused gate|up projection (N = 2 D outputs, gate rows first) whose programs eac
 the matching up channels, so the activation is applied to a program's own outputs and silu(gate) * up [M, D] is
 stored in place of the projection: one launch (and one [M, 2 D] round trip) less than the pair. Each channel's
 weights are a contiguous row of K in both layouts, so the pick is an index, not a repack.
+
+The same GEMVs' other epilogues live here too: the residual add (the next residual stream) and, with it, the next
+RMSNorm's input (the stream times the norm weight, and its sums of squares in ``NormSums``) for a consumer GEMV that
+then only scales by 1 / rms (``PrologueRms``).
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ if HAS_TRITON:
         NEXT_NORM (with ADD_RESIDUAL): the next RMSNorm's input made here too, so its consumer GEMV needs no pass of
         its own over x: h = the stream times the norm weight (``nw_ptr``, [N]) into ``h_ptr``, and the rows' sums of
         squares of the stream added (fp32 atomics) into ``sums_ptr`` [rows]; program 0 zeroes ``zero_ptr`` [rows],
-        the other slot of the two-slot ring (kernels/w4_gemv.py ``NormSums``) for the next producer."""
+        the other slot of the two-slot ring (``NormSums``) for the next producer."""
         m2 = tl.arange(0, ROWS)[:, None]
         if ADD_RESIDUAL:
             r = tl.load(r_ptr + m2 * stride_rm + n2, mask=(m2 < M) & (n2 < N), other=0.0).to(tl.float32)
