@@ -37,9 +37,7 @@ def _cuda_arch(device_index: int) -> str:
 
 def device_name(device: torch.device) -> str:
     """The table key of ``device``: the CUDA device name ("NVIDIA H100 80GB HBM3"), or "cpu"."""
-    if device.type != "cuda":
-        return "cpu"
-    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+    return device_keys(device)[0]
 
 
 def device_keys(device: torch.device) -> tuple[str, ...]:

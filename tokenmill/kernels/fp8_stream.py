@@ -45,6 +45,8 @@ from tokenmill.kernels.gemv_epilogue import (
     gemv_channels,
     next_norm_launch,
     residual_launch,
+    rms_launch,
+    rms_scaled,
     store_gemv_out,
 )
 from tokenmill.kernels.splitk import dot_in_fp32, fit_split_k, splitk_workspace
@@ -198,9 +200,7 @@ if HAS_TRITON:
         n2 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :]
         out = out * tl.load(ws_ptr + n2, mask=n2 < N, other=0.0)
         if RMS:  # K = 4 KW
-            m1 = tl.arange(0, ROWS)
-            sums = tl.load(sums_ptr + m1, mask=m1 < M, other=0.0)
-            out = out * (1.0 / tl.sqrt(sums / (4 * KW) + eps))[:, None]
+            out = rms_scaled(out, sums_ptr, M, 4 * KW, eps, ROWS)
         if HAS_BIAS:
             out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
         store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS, BLOCK_N, ACT_MUL, res_ptr, stride_resm,
@@ -315,7 +315,7 @@ def fp8_stream_gemv(
             HAS_BIAS=bias is not None, ROWS=next_power_of_2(m), BLOCK_N=config.block_n, PAIRS=config.pairs,
             X_BF16=x.dtype == torch.bfloat16, EVEN=out.shape[1] % per_program == 0 and kw % (2 * config.pairs) == 0,
             ASM=config.asm and not interpret, PREFETCH=config.prefetch, ACT_MUL=act_mul,
-            **({} if rms is None else dict(sums_ptr=rms.sums.ring[rms.slot], eps=rms.eps, RMS=True)),
+            RMS=rms is not None, **rms_launch(rms),
             **residual_launch(residual, m, n, x.dtype), **next_norm_launch(next_norm, residual, m, n), **launch,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

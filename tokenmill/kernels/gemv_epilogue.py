@@ -71,6 +71,14 @@ if HAS_TRITON:
         return pid * BLOCK_N + lane
 
     @triton.jit
+    def rms_scaled(out, sums_ptr, M, K, eps, ROWS: tl.constexpr):
+        """out [ROWS, N] times each row's 1 / rms over K values from the sums of squares at ``sums_ptr`` (a
+        PrologueRms consumer: its x is the stream times the norm weight, made by the producer before it)."""
+        m1 = tl.arange(0, ROWS)
+        sums = tl.load(sums_ptr + m1, mask=m1 < M, other=0.0)
+        return out * (1.0 / tl.sqrt(sums / K + eps))[:, None]
+
+    @triton.jit
     def store_gemv_out(out, out_ptr, pid, M, N, stride_om, n2, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                        ACT_MUL: tl.constexpr, r_ptr=None, stride_rm=0, ADD_RESIDUAL: tl.constexpr = False,
                        nw_ptr=None, h_ptr=None, stride_hm=0, sums_ptr=None, zero_ptr=None,
@@ -116,6 +124,11 @@ def check_act_mul(block_n: int, out_features: int, what: str) -> None:
     if block_n < 2 or out_features % 2:
         raise ValueError(f"act_mul ({what}) needs block_n >= 2 and an even output width; got block_n {block_n}, "
                          f"{out_features} outputs")
+
+
+def rms_launch(rms: PrologueRms | None) -> dict:
+    """A whole-K GEMV kernel's arguments for ``rms_scaled`` (its flag, RMS, is set by the caller)."""
+    return {} if rms is None else dict(sums_ptr=rms.sums.ring[rms.slot], eps=rms.eps)
 
 
 def residual_launch(residual: torch.Tensor | None, rows: int, n: int, dtype: torch.dtype) -> dict:

@@ -44,6 +44,7 @@ from tokenmill.kernels.gemv_epilogue import (
     check_act_mul,
     next_norm_launch,
     residual_launch,
+    rms_launch,
 )
 from tokenmill.kernels.splitk import COUNTERS, PARTIAL_ELEMENTS, dot_in_fp32, splitk_workspace
 from tokenmill.kernels.wna16_gemm import PackedWeight, checked_input, unpack_codes
@@ -180,7 +181,7 @@ class W4GemvConfig:
 
 
 if HAS_TRITON:
-    from tokenmill.kernels.gemv_epilogue import gemv_channels, store_gemv_out
+    from tokenmill.kernels.gemv_epilogue import gemv_channels, rms_scaled, store_gemv_out
     from tokenmill.kernels.splitk import splitk_finish
 
     @triton.jit
@@ -402,9 +403,7 @@ if HAS_TRITON:
         if NORM == 1:  # K = 8 G GW
             out = out * (1.0 / tl.sqrt(tl.sum(squares, axis=1) / (8 * G * GW) + eps))[:, None]
         if NORM == 2:
-            m1 = tl.arange(0, ROWS)
-            sums = tl.load(sums_ptr + m1, mask=m1 < M, other=0.0)
-            out = out * (1.0 / tl.sqrt(sums / (8 * G * GW) + eps))[:, None]
+            out = rms_scaled(out, sums_ptr, M, 8 * G * GW, eps, ROWS)
         n2 = gemv_channels(pid, N, BLOCK_N, ACT_MUL)[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
@@ -612,7 +611,7 @@ def _norm_launch(norm: PrologueNorm | PrologueRms | None, x: torch.Tensor) -> di
     if norm is None:
         return {}
     if isinstance(norm, PrologueRms):
-        return dict(sums_ptr=norm.sums.ring[norm.slot], eps=norm.eps, NORM=2)
+        return rms_launch(norm) | dict(NORM=2)
     k = x.shape[1]
     if norm.weight.shape != (k,) or norm.weight.dtype != x.dtype:
         raise ValueError(f"the norm prologue's weight must be [{k}] in {x.dtype}; got {tuple(norm.weight.shape)} "

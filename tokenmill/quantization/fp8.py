@@ -191,31 +191,37 @@ class Fp8LinearMethod(LinearMethod):
         out = fp8_stream_gemv(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale, config, bias, act_mul=True)
         return out.reshape(*x.shape[:-1], layer.weight.shape[0] // 2)
 
+    def _ring_config(self, layer: nn.Module, x: torch.Tensor) -> Fp8StreamConfig | None:
+        """The ``fma`` config of rows the norm ring holds (2-D x, at most RING_ROWS rows), or None."""
+        return self._fma_config(layer, x) if x.dim() == 2 and x.shape[0] <= RING_ROWS else None
+
     def accepts_rms_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
-        # the producer-made norm input only (its kernel has no norm prologue of its own), up to the ring's rows
-        config = self._fma_config(layer, x)
-        return config is not None and config.block_n >= 2 and x.dim() == 2 and x.shape[0] <= RING_ROWS
+        # the producer-made norm input only (its kernel has no norm prologue of its own)
+        config = self._ring_config(layer, x)
+        return config is not None and config.block_n >= 2
 
     def accepts_residual_norm(self, layer: nn.Module, x: torch.Tensor) -> bool:
-        return self._fma_config(layer, x) is not None and x.dim() == 2 and x.shape[0] <= RING_ROWS
+        return self._ring_config(layer, x) is not None
 
     def apply_add_residual_norm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
                                 residual: torch.Tensor, norm: NormedInput) -> tuple[torch.Tensor, NormedInput] | None:
         """The FP8 ``fma`` GEMV's next-norm epilogue (kernels/gemv_epilogue.py ``EpilogueNorm``)."""
-        if not self.accepts_residual_norm(layer, x):
+        config = self._ring_config(layer, x)
+        if config is None:
             return None
         normed = torch.empty_like(residual)
-        stream = fp8_stream_gemv(x, layer.weight, layer.weight_scale, self._fma_config(layer, x), bias,
-                                 residual=residual, next_norm=EpilogueNorm(norm.weight, normed, norm.sums, norm.slot))
+        stream = fp8_stream_gemv(x, layer.weight, layer.weight_scale, config, bias, residual=residual,
+                                 next_norm=EpilogueNorm(norm.weight, normed, norm.sums, norm.slot))
         return stream, dataclasses.replace(norm, hidden=normed)
 
     def _rms_gemv(self, layer: nn.Module, x: NormedInput, bias: torch.Tensor | None,
                   act_mul: bool = False) -> torch.Tensor:
-        if x.sums is None or not self.accepts_rms_input(layer, x.hidden):  # a caller bug
+        config = self._ring_config(layer, x.hidden)
+        if x.sums is None or config is None or config.block_n < 2:  # accepts_rms_input said no: a caller bug
             raise ValueError("the FP8 GEMV takes only a producer-made norm input (NormedInput with sums) of rows it "
                              "serves with the fma kind")
-        return fp8_stream_gemv(x.hidden, layer.weight, layer.weight_scale, self._fma_config(layer, x.hidden), bias,
-                               act_mul=act_mul, rms=PrologueRms(x.eps, x.sums, x.slot))
+        return fp8_stream_gemv(x.hidden, layer.weight, layer.weight_scale, config, bias, act_mul=act_mul,
+                               rms=PrologueRms(x.eps, x.sums, x.slot))
 
     def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Tokens | NormedInput,
               bias: torch.Tensor | None) -> torch.Tensor:
