@@ -161,9 +161,25 @@ def wlg(m: int, n: int, k: int, split: int, w: int) -> KMajorGemmConfig:
     return wlhs(m, n, k, split, w, gluon=True)
 
 
-def ring(m: int, n: int, k: int, split: int, st: int = 4) -> KMajorGemmConfig:
-    """kernels/w4_kmajor_gluon_ring.py's pipelined Gluon kernel (8 warps: two warpgroups of 64 channels)."""
-    return KMajorGemmConfig(m, n, k, split, True, 8, st, False, w_lhs=True, gluon=True, pipelined=True)
+def ring(m: int, n: int, k: int, split: int, st: int = 4, wr: bool = False) -> KMajorGemmConfig:
+    """kernels/w4_kmajor_gluon_ring.py's pipelined Gluon kernel (8 warps: two warpgroups of 64 channels); ``wr``:
+    the words ride the cp.async ring too (``weight_ring``)."""
+    return KMajorGemmConfig(m, n, k, split, True, 8, st, False, w_lhs=True, gluon=True, pipelined=True,
+                            weight_ring=wr)
+
+
+# The words ring (weight_ring): at 64 rows the register-prefetched kernels stream the weights at ~0.56 TB/s (one
+# step, ~8 KB a CTA, in flight); the ring keeps num_stages - 2 steps of words in flight. sm_90 compiles (triton 3.9,
+# no GPU): 73-251 registers, no spills (K loop 169-529 SASS instructions; the 128-row split-2 k64 tile spills).
+def weight_ring_candidates(rows: int) -> list[KMajorGemmConfig]:
+    if rows < 64:
+        return []
+    if rows <= 64:
+        return [ring(64, 128, 128, 1, 4, True), ring(64, 128, 128, 2, 4, True), ring(64, 128, 128, 2, 5, True),
+                ring(64, 128, 64, 2, 6, True)]
+    if rows <= 128:
+        return [ring(128, 128, 128, 1, 4, True), ring(128, 128, 128, 2, 4, True), ring(128, 128, 64, 1, 5, True)]
+    return [ring(256, 128, 128, 1, 3, True), ring(256, 128, 64, 1, 4, True), ring(128, 128, 128, 1, 4, True)]
 
 
 # The transposed product (w_lhs: codes the left operand, n the tensor cores' M; the config's block_m is their N).
@@ -278,7 +294,11 @@ def table(pr: GemvProbe, top: int | None = None) -> list[str]:
     return table_lines(pr.results, list(SHAPES), "pct_of_floor", "%floor", top)
 
 
-def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Generator) -> None:
+FAMILIES = ("gemv", "kmajor", "w_lhs", "weight_ring", "dequant")  # --families: the candidate lists probe_case times
+
+
+def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Generator,
+               families: tuple[str, ...] = FAMILIES) -> None:
     x = torch.randn(rows, w.k, device=w.dense[0].device, generator=gen).to(torch.bfloat16)
     ref = x.float() @ w.dequant
     case = {"shape": shape, "rows": rows, "n": w.n, "k": w.k, "floor_bytes": packed_bytes(w.packed[0])}
@@ -288,18 +308,21 @@ def probe_case(pr: GemvProbe, shape: str, w: Weights, rows: int, gen: torch.Gene
     label, params, plan = today_choice(x, w)
     pr.measure(case, label, params, lambda: wna16_cuda_linear(x, w.packed[0], None, plan),
                lambda: [wna16_cuda_linear(x, p, None, plan) for p in w.packed], ref)
-    for config in candidates(rows):
+    for config in candidates(rows) if "gemv" in families else []:
         weights = w.kmajor if config.kind == "kmajor" else w.packed
         params = asdict(config)
         if config.kind != "kmajor":  # what ran: the finish workspace may have raised the groups per program
             params["groups_run"], params["splits"] = split_plan(config, rows, w.n, w.k // GROUP)
         pr.measure(case, config.name, params, lambda c=config, ws=weights: w4_gemv(x, ws[0], c),
                    lambda c=config, ws=weights: [w4_gemv(x, p, c) for p in ws], ref)
-    for config in kmajor_gemm_candidates(rows) + w_lhs_candidates(rows):
+    gemms = ((kmajor_gemm_candidates(rows) if "kmajor" in families else [])
+             + (w_lhs_candidates(rows) if "w_lhs" in families else [])
+             + (weight_ring_candidates(rows) if "weight_ring" in families else []))
+    for config in gemms:
         params = {"kernel": "w4_kmajor_gemm", **asdict(config), "block_k_run": kmajor_gemm_block_k(config, GROUP)}
         pr.measure(case, config.name, params, lambda c=config: w4_kmajor_gemm(x, w.kmajor[0], c),
                    lambda c=config: [w4_kmajor_gemm(x, p, c) for p in w.kmajor], ref)
-    for config in dequant_candidates(rows, w.n, w.k):
+    for config in dequant_candidates(rows, w.n, w.k) if "dequant" in families else []:
         plan = {next_power_of_2(rows): config}  # the engine's dispatch with this config chosen for these rows
         pr.measure(case, config.name, {"kernel": "dequant_mm", **asdict(config)},
                    lambda pl=plan: kmajor_cuda_linear(x, w.kmajor[0], None, pl),
@@ -409,9 +432,14 @@ def main() -> int:
                         help="seconds from the process start after which no new measurement starts")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help="candidate families to time (bf16 and today's kernel always run): " + ", ".join(FAMILIES))
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU check under TRITON_INTERPRET=1: tiny shapes, wall-clock times that mean nothing")
     args = parser.parse_args()
+    families = tuple(args.families.split(","))
+    if unknown := set(families) - set(FAMILIES):
+        parser.error(f"unknown --families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
     device = probe_device(args.dry_run)
     copies, shapes = (DRY_COPIES, DRY_SHAPES) if args.dry_run else (COPIES, SHAPES)
     timer = dry_timer if args.dry_run else graph_us
@@ -422,7 +450,7 @@ def main() -> int:
         pr.copy_rate = copy_rate_gbps()
     gen = torch.Generator(device=device).manual_seed(0)
     pr.run(lambda: {shape: Weights(*shapes[shape], gen, copies, device) for shape in args.shapes.split(",")},
-           [int(r) for r in args.rows.split(",")], lambda p, shape, w, rows: probe_case(p, shape, w, rows, gen),
+           [int(r) for r in args.rows.split(",")], lambda p, shape, w, rows: probe_case(p, shape, w, rows, gen, families),
            lambda p: write(p, copies, args.dry_run))
     full = table(pr) + summary_lines(pr)
     pr.out.with_suffix(".txt").write_text("\n".join(full) + "\n")

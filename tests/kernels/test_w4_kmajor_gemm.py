@@ -174,19 +174,24 @@ def test_ring_block_k_caps_and_rejects():
         ring_block_k(64, 16)
 
 
-def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4) -> KMajorGemmConfig:
+def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4,
+         weight_ring: bool = False) -> KMajorGemmConfig:
     return KMajorGemmConfig(m, n, k, split, num_warps=warps, num_stages=stages, x_runs=False, w_lhs=True,
-                            gluon=True, pipelined=True)
+                            gluon=True, pipelined=True, weight_ring=weight_ring)
 
 
 @pytest.mark.skipif(not HAS_GLUON or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs triton's Gluon, compiled (the interpreter swaps jit functions for its own)")
 @pytest.mark.parametrize("config,group", [(ring(128, 128, 128), 128), (ring(64, 128, 64, 2, stages=3), 128),
-                                          (ring(64, 64, 32, warps=4), 32)])
+                                          (ring(64, 64, 32, warps=4), 32),
+                                          (ring(64, 128, 128, 2, weight_ring=True), 128),
+                                          (ring(256, 128, 64, stages=3, weight_ring=True), 64)])
 def test_gluon_ring_kernel_compiles_async(config, group):
     """Compiles the pipelined kernel for sm_90 without a GPU: the codes' reshape into the wgmma operand layout is
     trivial (asserted at compile time), nothing spills, the K loop keeps one product in flight (wgmma wait 1),
-    x arrives by cp.async and both operands are read from shared memory (the codes stored by stmatrix)."""
+    x arrives by cp.async and both operands are read from shared memory (the codes stored by stmatrix); with
+    weight_ring the words come by cp.async too and are read from shared memory (no global load of words in the
+    loop: the scales' and zero points' two remain)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from triton_sass import compile_sm90
 
@@ -196,13 +201,17 @@ def test_gluon_ring_kernel_compiles_async(config, group):
                 part_ptr="*fp32", cnt_ptr="*i32", M="i32:1", N="i32:16", K="i32:16", stride_xm="i32:16",
                 stride_wn="i32:16", stride_om="i32:16", HAS_ZEROS=True, HAS_BIAS=True, SPLIT_K=config.split_k,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=ring_block_k(config.block_k, group),
-                GW=group // 8, STAGES=config.num_stages, WARPS=config.num_warps)
+                GW=group // 8, STAGES=config.num_stages, WARPS=config.num_warps, W_RING=config.weight_ring)
     info = compile_sm90(_kmajor_gemm_gluon_ring_kernel, args, num_warps=config.num_warps, gluon=True,
                         keep_text=True)
     assert info.spill_bytes == 0 and info.loops
     assert "wgmma.wait_group.sync.aligned 1" in info.ptx and "cp.async" in info.ptx
     loop = info.loops[-1]["opcodes"]
-    assert loop.get("HGMMA") and loop.get("LDGSTS") and loop.get("STSM") and not loop.get("LDSM")
+    assert loop.get("HGMMA") and loop.get("LDGSTS") and loop.get("STSM")
+    if config.weight_ring:  # the words read from shared memory (lds / ldmatrix), only scales / zeros from global
+        assert loop.get("LDS", 0) + loop.get("LDSM", 0) and loop.get("LDG", 0) <= 4
+    else:
+        assert not loop.get("LDSM")
 
 
 @requires_cuda
@@ -212,7 +221,9 @@ def test_gluon_ring_matches_fp32_reference(rows, group, zeros, dtype):
     """The pipelined Gluon kernel (CUDA only): partial tiles both ways (200 channels, odd rows), K split with an
     uneven last split, steps of a quarter, half or a whole group, ring depths 3-5, 4 and 8 warps, bias."""
     configs = [ring(64, 128, 128, split=3), ring(128, 128, 64, stages=3), ring(256, 128, 32, split=2, stages=5),
-               ring(64, 64, 128, warps=4)]
+               ring(64, 64, 128, warps=4), ring(64, 128, 128, split=3, weight_ring=True),
+               ring(128, 128, 64, stages=3, weight_ring=True), ring(256, 64, 32, split=2, warps=4, stages=5,
+                                                                    weight_ring=True)]
     _check("cuda", rows, 8 * 128, 200, group, zeros, dtype, configs, seed=rows + group + 5,
            fractional_zeros=zeros and group < 128)
 
@@ -254,6 +265,8 @@ def test_config_validation():
         KMajorGemmConfig(x_runs=False, w_lhs=True, scale_codes=True, gluon=True)
     with pytest.raises(ValueError, match="pipelined=True is a gluon=True variant"):
         KMajorGemmConfig(x_runs=False, w_lhs=True, pipelined=True)
+    with pytest.raises(ValueError, match="weight_ring=True is a pipelined=True variant"):
+        KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, weight_ring=True)
     with pytest.raises(ValueError, match="pipelined=True is a gluon=True variant"):
         KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, pipelined=True, num_stages=2)
     assert ring(128, 128, 128).name == "kmgemm_wlgp_m128_n128_k128_s1_w8_st4"

@@ -66,7 +66,9 @@ class KMajorGemmConfig:
     product; default off, so table entries written before it keep their kernel) as in the module docstring;
     ``gluon``: the transposed product from kernels/w4_kmajor_gluon.py (CUDA only; ``num_stages`` unused);
     ``pipelined`` (with ``gluon``): kernels/w4_kmajor_gluon_ring.py's version (an x ring of ``num_stages`` >= 3
-    stages, asynchronous wgmma, codes scaled before the product: ``scale_codes`` is implied)."""
+    stages, asynchronous wgmma, codes scaled before the product: ``scale_codes`` is implied); ``weight_ring`` (with
+    ``pipelined``): the packed words ride the same cp.async ring as x, ``num_stages - 2`` steps ahead, instead of
+    loads one step ahead into registers (groups of 32-128)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -80,6 +82,7 @@ class KMajorGemmConfig:
     w_lhs: bool = False
     gluon: bool = False
     pipelined: bool = False
+    weight_ring: bool = False
 
     def __post_init__(self) -> None:
         for field, value, low in (("block_m", self.block_m, 16), ("block_n", self.block_n, 16),
@@ -103,12 +106,14 @@ class KMajorGemmConfig:
         if self.pipelined and (not self.gluon or self.num_stages < 3):
             raise ValueError(f"pipelined=True is a gluon=True variant with num_stages >= 3 (an x ring of that many "
                              f"stages); got gluon={self.gluon}, num_stages={self.num_stages}")
+        if self.weight_ring and not self.pipelined:
+            raise ValueError("weight_ring=True is a pipelined=True variant (the words join its cp.async ring)")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1; got {self.split_k}")
 
     @property
     def name(self) -> str:
-        variant = (("_wlgp" if self.pipelined else "_wlg") if self.gluon else "_wl") if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
+        variant = (("_wlgpw" if self.weight_ring else "_wlgp" if self.pipelined else "_wlg") if self.gluon else "_wl") if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
         return (f"kmgemm{variant}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
                 f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}")
 
@@ -284,6 +289,9 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
     n = weight.out_features
     if config.pipelined:  # natural K order: a step is a quarter to all of a group
         block_k = ring_block_k(config.block_k, weight.group_size)
+        if config.weight_ring and weight.group_size > 128:
+            raise ValueError(f"weight_ring=True serves groups of 32-128 (a row's group of words one ring copy); got "
+                             f"{weight.group_size}")
     else:
         block_k = kmajor_gemm_block_k(config, weight.group_size)
     out = x.new_empty((m, n))
@@ -304,7 +312,7 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
                       num_warps=config.num_warps)
         if config.pipelined:
             _kmajor_gemm_gluon_ring_kernel[(tiles, split_k)](*args, **shared, STAGES=config.num_stages,
-                                                            WARPS=config.num_warps)
+                                                            WARPS=config.num_warps, W_RING=config.weight_ring)
             return out
         shared.update(TW=min(4, block_k // 8), MAGIC_BITS=magic_bits, MAGIC=magic)
         if config.gluon:

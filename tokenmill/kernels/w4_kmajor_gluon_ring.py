@@ -81,11 +81,28 @@ if HAS_GLUON:
                                           [five(b) for b in a_ll.warp_bases], [],
                                           [n, k // (2 * gw), gw // 4, 4, 2])
 
+    @constexpr_function
+    def words_2d_layout(w_ll):
+        """The words' [n, q, t] layout as [n, 4 q + t]: how a lane reads its words of a ring stage (a row's GW words
+        contiguous in shared memory), reshaped into [n, q, t] by a trivial conversion."""
+        def two(basis):
+            n, q, t = basis
+            return [n, 4 * q + t]
+
+        n, q, t = w_ll.shape
+        return gl.DistributedLinearLayout([two(b) for b in w_ll.reg_bases], [two(b) for b in w_ll.lane_bases],
+                                          [two(b) for b in w_ll.warp_bases], [], [n, 4 * q])
+
     @gluon.jit
-    def _x_copy(x_smem, x_off, x_mask, step, first, last, STAGES: gl.constexpr, BLOCK_K: gl.constexpr):
-        """cp.async of step ``step``'s x tile into its ring stage (nothing copied past the split's last step; the
-        group is committed either way, so the wait counts stay fixed)."""
-        cp_async(x_smem.index((step - first) % STAGES), x_off + step * BLOCK_K, mask=x_mask & (step < last))
+    def _ring_copy(x_smem, x_off, x_mask, w_smem, w_src, w_mask, step, first, last, STAGES: gl.constexpr,
+                   BLOCK_K: gl.constexpr, GW: gl.constexpr, SUBS: gl.constexpr, W_RING: gl.constexpr):
+        """cp.async of step ``step``'s x tile, and with W_RING its group's words [BLOCK_N, GW], into their ring
+        stages, one commit group a step (nothing copied past the split's last step; the group is committed either
+        way, so the wait counts stay fixed)."""
+        stage = (step - first) % STAGES
+        if W_RING:
+            cp_async(w_smem.index(stage), w_src + (step // SUBS) * GW, mask=w_mask & (step < last))
+        cp_async(x_smem.index(stage), x_off + step * BLOCK_K, mask=x_mask & (step < last))
         async_copy.commit_group()
 
     @gluon.jit
@@ -99,11 +116,14 @@ if HAS_GLUON:
 
     @gluon.jit
     def _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, step, groups, HAS_ZEROS: gl.constexpr,
-                         GW: gl.constexpr, SUBS: gl.constexpr):
-        """One step's words [n, q, t] (the group's, shifted to the step's nibble pairs) and its scale and zero
-        point broadcast as [n, 1, 1, 1, 1] (fp32)."""
+                         GW: gl.constexpr, SUBS: gl.constexpr, LOAD_WORDS: gl.constexpr):
+        """One step's words [n, q, t] (the group's, shifted to the step's nibble pairs; zeros without LOAD_WORDS:
+        the words ring brings them) and its scale and zero point broadcast as [n, 1, 1, 1, 1] (fp32)."""
         group = step // SUBS
-        words = gl.load(qw_ptr + w_off + group * GW, mask=w_mask, other=0) >> (8 * (4 // SUBS) * (step % SUBS))
+        if LOAD_WORDS:
+            words = gl.load(qw_ptr + w_off + group * GW, mask=w_mask, other=0) >> (8 * (4 // SUBS) * (step % SUBS))
+        else:
+            words = gl.zeros_like(w_off)
         scale = gl.load(s_ptr + sn * groups + group).to(gl.float32)  # sn is clamped to real channels
         if HAS_ZEROS:
             zero = gl.load(z_ptr + sn * groups + group).to(gl.float32)
@@ -119,6 +139,7 @@ if HAS_GLUON:
         M, N, K, stride_xm, stride_wn, stride_om,
         HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GW: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+        W_RING: gl.constexpr = False,
     ):
         P: gl.constexpr = BLOCK_K // (2 * GW)  # nibble pairs of every word a step
         SUBS: gl.constexpr = 4 // P  # steps a group
@@ -134,6 +155,12 @@ if HAS_GLUON:
         XL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_K, TPW_K], [WARPS, 1], [1, 0])
         XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
         AS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
+        # the words ring (W_RING): 16-byte copies of a row's GW words; a lane then reads word 4 q + t of rows
+        # 8 apart in a warp, so 4-word chunks are XOR-swizzled by the row (a 128-byte line holds 32 / GW rows)
+        TPW_W: gl.constexpr = GW // 4
+        WCL: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPW_W, TPW_W], [WARPS, 1], [1, 0])
+        WS: gl.constexpr = gl.SwizzledSharedLayout(4, 32 // GW, GW // 4, [1, 0])
+        W2: gl.constexpr = words_2d_layout(gl.to_linear_layout(WL, [BLOCK_N, Q, 4]))
 
         pid, pid_k, m0, n0, steps, first, last = _program_tile(M, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
         groups = K // (8 * GW)
@@ -150,21 +177,52 @@ if HAS_GLUON:
 
         x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], XS)
         a_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_K], AS)
+        if W_RING:
+            wcn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WCL))
+            wcc = gl.arange(0, GW, layout=gl.SliceLayout(0, WCL))
+            w_src = qw_ptr + gl.expand_dims(wcn * stride_wn, 1) + gl.expand_dims(wcc, 0)
+            w_copy_mask = gl.expand_dims(wcn < N, 1)
+            w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, GW], WS)
+        else:  # unused: the copies take the x ring's operands in their place
+            w_src = x_off
+            w_copy_mask = x_mask
+            w_smem = x_smem
         for i in gl.static_range(STAGES - 2):
-            _x_copy(x_smem, x_off, x_mask, first + i, first, last, STAGES, BLOCK_K)
+            _ring_copy(x_smem, x_off, x_mask, w_smem, w_src, w_copy_mask, first + i, first, last, STAGES, BLOCK_K, GW,
+                       SUBS, W_RING)
         words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, gl.minimum(first, steps - 1),
-                                              groups, HAS_ZEROS, GW, SUBS)
+                                              groups, HAS_ZEROS, GW, SUBS, not W_RING)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         for step in range(first, last):
-            a = _scaled_codes(words, scale, zero, shift, dtype, A_L, BLOCK_N, BLOCK_K)  # overlaps step - 1's product
-            words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn,
-                                                  gl.minimum(step + 1, last - 1), groups, HAS_ZEROS, GW, SUBS)
-            # step - 2's product (this warpgroup's rows: the only ones it stores) was retired last iteration
-            a_smem.index((step - first) % 2).store(a)
-            async_copy.wait_group(STAGES - 3)  # this thread's copies of this step have landed
-            fence_async_shared()  # ... and the codes' stores: visible to the tensor cores (async proxy)
-            cta_barrier()  # every thread's, and every warpgroup has retired step - 2's product
-            _x_copy(x_smem, x_off, x_mask, step + STAGES - 2, first, last, STAGES, BLOCK_K)  # into step - 2's stage
+            if W_RING:
+                # this step's words and x have landed (every thread's copies), and every warpgroup has retired
+                # step - 2's product: its stages are refilled, then the codes dequantize while step - 1's runs
+                async_copy.wait_group(STAGES - 3)
+                cta_barrier()
+                _ring_copy(x_smem, x_off, x_mask, w_smem, w_src, w_copy_mask, step + STAGES - 2, first, last, STAGES,
+                           BLOCK_K, GW, SUBS, W_RING)
+                stage_words = w_smem.index((step - first) % STAGES).load(W2)
+                words = gl.convert_layout(gl.reshape(stage_words, [BLOCK_N, Q, 4]), WL, assert_trivial=True)
+                words = words >> (8 * (4 // SUBS) * (step % SUBS))
+                a = _scaled_codes(words, scale, zero, shift, dtype, A_L, BLOCK_N, BLOCK_K)
+                words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn,
+                                                      gl.minimum(step + 1, last - 1), groups, HAS_ZEROS, GW, SUBS,
+                                                      False)
+                a_smem.index((step - first) % 2).store(a)
+                fence_async_shared()  # the codes' stores: visible to the tensor cores (async proxy)
+                cta_barrier()
+            else:
+                a = _scaled_codes(words, scale, zero, shift, dtype, A_L, BLOCK_N, BLOCK_K)  # overlaps step - 1's
+                words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn,
+                                                      gl.minimum(step + 1, last - 1), groups, HAS_ZEROS, GW, SUBS,
+                                                      True)
+                # step - 2's product (this warpgroup's rows: the only ones it stores) was retired last iteration
+                a_smem.index((step - first) % 2).store(a)
+                async_copy.wait_group(STAGES - 3)  # this thread's copies of this step have landed
+                fence_async_shared()  # ... and the codes' stores: visible to the tensor cores (async proxy)
+                cta_barrier()  # every thread's, and every warpgroup has retired step - 2's product
+                _ring_copy(x_smem, x_off, x_mask, w_smem, w_src, w_copy_mask, step + STAGES - 2, first, last, STAGES,
+                           BLOCK_K, GW, SUBS, W_RING)  # into step - 2's stage
             acc = warpgroup_mma(a_smem.index((step - first) % 2), x_smem.index((step - first) % STAGES).permute((1, 0)),
                                 acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])  # step - 1's product done: its stages are free
