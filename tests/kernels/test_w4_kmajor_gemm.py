@@ -175,9 +175,9 @@ def test_ring_block_k_caps_and_rejects():
 
 
 def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4,
-         weight_ring: bool = False) -> KMajorGemmConfig:
+         weight_ring: bool = False, pair: bool = False) -> KMajorGemmConfig:
     return KMajorGemmConfig(m, n, k, split, num_warps=warps, num_stages=stages, x_runs=False, w_lhs=True,
-                            gluon=True, pipelined=True, weight_ring=weight_ring)
+                            gluon=True, pipelined=True, weight_ring=weight_ring, pair_dequant=pair)
 
 
 @pytest.mark.skipif(not HAS_GLUON or os.environ.get("TRITON_INTERPRET") == "1",
@@ -185,7 +185,8 @@ def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4
 @pytest.mark.parametrize("config,group", [(ring(128, 128, 128), 128), (ring(64, 128, 64, 2, stages=3), 128),
                                           (ring(64, 64, 32, warps=4), 32),
                                           (ring(64, 128, 128, 2, weight_ring=True), 128),
-                                          (ring(256, 128, 64, stages=3, weight_ring=True), 64)])
+                                          (ring(256, 128, 64, stages=3, weight_ring=True), 64),
+                                          (ring(64, 128, 128, 2, weight_ring=True, pair=True), 128)])
 def test_gluon_ring_kernel_compiles_async(config, group):
     """Compiles the pipelined kernel for sm_90 without a GPU: the codes' reshape into the wgmma operand layout is
     trivial (asserted at compile time), nothing spills, the K loop keeps one product in flight (wgmma wait 1),
@@ -201,7 +202,8 @@ def test_gluon_ring_kernel_compiles_async(config, group):
                 part_ptr="*fp32", cnt_ptr="*i32", M="i32:1", N="i32:16", K="i32:16", stride_xm="i32:16",
                 stride_wn="i32:16", stride_om="i32:16", HAS_ZEROS=True, HAS_BIAS=True, SPLIT_K=config.split_k,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=ring_block_k(config.block_k, group),
-                GW=group // 8, STAGES=config.num_stages, WARPS=config.num_warps, W_RING=config.weight_ring)
+                GW=group // 8, STAGES=config.num_stages, WARPS=config.num_warps, W_RING=config.weight_ring,
+                PACKED=config.pair_dequant)
     info = compile_sm90(_kmajor_gemm_gluon_ring_kernel, args, num_warps=config.num_warps, gluon=True,
                         keep_text=True)
     assert info.spill_bytes == 0 and info.loops
@@ -212,6 +214,8 @@ def test_gluon_ring_kernel_compiles_async(config, group):
         assert loop.get("LDS", 0) + loop.get("LDSM", 0) and loop.get("LDG", 0) <= 4
     else:
         assert not loop.get("LDSM")
+    if config.pair_dequant:  # two codes a bf16x2 subtract and multiply, no fp32 arithmetic on the codes
+        assert loop.get("HMUL2") and loop.get("HADD2") and not loop.get("FFMA") and not loop.get("F2FP")
 
 
 @requires_cuda
@@ -223,7 +227,8 @@ def test_gluon_ring_matches_fp32_reference(rows, group, zeros, dtype):
     configs = [ring(64, 128, 128, split=3), ring(128, 128, 64, stages=3), ring(256, 128, 32, split=2, stages=5),
                ring(64, 64, 128, warps=4), ring(64, 128, 128, split=3, weight_ring=True),
                ring(128, 128, 64, stages=3, weight_ring=True), ring(256, 64, 32, split=2, warps=4, stages=5,
-                                                                    weight_ring=True)]
+                                                                    weight_ring=True),
+               ring(64, 128, 128, split=3, weight_ring=True, pair=True), ring(128, 64, 64, warps=4, pair=True)]
     _check("cuda", rows, 8 * 128, 200, group, zeros, dtype, configs, seed=rows + group + 5,
            fractional_zeros=zeros and group < 128)
 
@@ -267,6 +272,9 @@ def test_config_validation():
         KMajorGemmConfig(x_runs=False, w_lhs=True, pipelined=True)
     with pytest.raises(ValueError, match="weight_ring=True is a pipelined=True variant"):
         KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, weight_ring=True)
+    with pytest.raises(ValueError, match="pair_dequant=True is a pipelined=True variant"):
+        KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, pair_dequant=True)
+    assert ring(64, 128, 128, 2, weight_ring=True, pair=True).name == "kmgemm_wlgpw2_m64_n128_k128_s2_w8_st4"
     with pytest.raises(ValueError, match="pipelined=True is a gluon=True variant"):
         KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, pipelined=True, num_stages=2)
     assert ring(128, 128, 128).name == "kmgemm_wlgp_m128_n128_k128_s1_w8_st4"
@@ -277,3 +285,16 @@ def test_config_validation():
     assert KMajorGemmConfig(64, 128, 128, 2, False, 8, 4, False).name == "kmgemm_j_m64_n128_k128_s2_w8_st4"
     assert KMajorGemmConfig(16, 64, 64).name == "kmgemm_r_m16_n64_k64_s1_w4_st3"
     assert KMajorGemmConfig(128, scale_codes=True).name == "kmgemm_r_sc_m128_n64_k128_s1_w4_st3"
+
+
+def test_integer_zero_points_picks_the_pair_dequant_path():
+    """pair_dequant's exact bf16 subtraction needs integer zero points: symmetric, GPTQ / AWQ (integers stored as
+    floats) qualify, GGUF Q4_1-like fractional ones do not (the kernel then keeps the fp32 path)."""
+    from tokenmill.kernels.w4_gemv import integer_zero_points
+
+    assert integer_zero_points(None)
+    assert integer_zero_points(torch.tensor([[0.0, 8.0], [15.0, 16.0]], dtype=torch.bfloat16))
+    assert not integer_zero_points(torch.tensor([[0.0, 7.5]]))
+    assert not integer_zero_points(torch.tensor([[200.0]]))
+    packed = random_packed(256, 16, 4, 128, True, torch.bfloat16, "cpu", seed=4)
+    assert repack_k_major(packed).integer_zeros == integer_zero_points(packed.zeros)

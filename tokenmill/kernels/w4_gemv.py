@@ -68,6 +68,7 @@ class KMajorWeight:
     scales: torch.Tensor  # [N, groups]
     zeros: torch.Tensor | None  # [N, groups] float zero points, or None (symmetric: 8)
     group_size: int
+    integer_zeros: bool = False  # every zero point a small integer (exact in bf16 next to the codes' 128 + c)
 
     @property
     def in_features(self) -> int:
@@ -101,7 +102,16 @@ def k_major_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     codes = codes.t().reshape(_pair_order(n, k, group_size))
     words = pack_along(codes.permute(0, 1, 3, 2, 4).reshape(n, k), 4, dim=1)
     zeros = None if zeros is None else zeros.t().contiguous()
-    return KMajorWeight(words, scales.t().contiguous(), zeros, group_size)
+    return KMajorWeight(words, scales.t().contiguous(), zeros, group_size, integer_zero_points(zeros))
+
+
+def integer_zero_points(zeros: torch.Tensor | None) -> bool:
+    """Whether every zero point is an integer in [-64, 64] (None: symmetric, 8): GPTQ / AWQ / RTN ones are, GGUF
+    Q4_1's (-min / scale) are not. A one-time check at load (it reads the tensor)."""
+    if zeros is None:
+        return True
+    z = zeros.float()
+    return bool(torch.equal(z, z.round()) and z.abs().max().item() <= 64) if z.numel() else True
 
 
 def dequantize_k_major(weight: KMajorWeight) -> torch.Tensor:

@@ -68,7 +68,9 @@ class KMajorGemmConfig:
     ``pipelined`` (with ``gluon``): kernels/w4_kmajor_gluon_ring.py's version (an x ring of ``num_stages`` >= 3
     stages, asynchronous wgmma, codes scaled before the product: ``scale_codes`` is implied); ``weight_ring`` (with
     ``pipelined``): the packed words ride the same cp.async ring as x, ``num_stages - 2`` steps ahead, instead of
-    loads one step ahead into registers (groups of 32-128)."""
+    loads one step ahead into registers (groups of 32-128); ``pair_dequant`` (with ``pipelined``): two codes a
+    register in x's dtype (bf16x2 / f16x2 arithmetic, the fp32 path's exact result) where the weight's zero points
+    are integers (``KMajorWeight.integer_zeros``; the fp32 path otherwise)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -83,6 +85,7 @@ class KMajorGemmConfig:
     gluon: bool = False
     pipelined: bool = False
     weight_ring: bool = False
+    pair_dequant: bool = False
 
     def __post_init__(self) -> None:
         for field, value, low in (("block_m", self.block_m, 16), ("block_n", self.block_n, 16),
@@ -108,12 +111,15 @@ class KMajorGemmConfig:
                              f"stages); got gluon={self.gluon}, num_stages={self.num_stages}")
         if self.weight_ring and not self.pipelined:
             raise ValueError("weight_ring=True is a pipelined=True variant (the words join its cp.async ring)")
+        if self.pair_dequant and not self.pipelined:
+            raise ValueError("pair_dequant=True is a pipelined=True variant")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1; got {self.split_k}")
 
     @property
     def name(self) -> str:
-        variant = (("_wlgpw" if self.weight_ring else "_wlgp" if self.pipelined else "_wlg") if self.gluon else "_wl") if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
+        ring = f"_wlgp{'w' if self.weight_ring else ''}{'2' if self.pair_dequant else ''}"
+        variant = ((ring if self.pipelined else "_wlg") if self.gluon else "_wl") if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
         return (f"kmgemm{variant}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
                 f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}")
 
@@ -312,7 +318,8 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
                       num_warps=config.num_warps)
         if config.pipelined:
             _kmajor_gemm_gluon_ring_kernel[(tiles, split_k)](*args, **shared, STAGES=config.num_stages,
-                                                            WARPS=config.num_warps, W_RING=config.weight_ring)
+                                                            WARPS=config.num_warps, W_RING=config.weight_ring,
+                                                            PACKED=config.pair_dequant and weight.integer_zeros)
             return out
         shared.update(TW=min(4, block_k // 8), MAGIC_BITS=magic_bits, MAGIC=magic)
         if config.gluon:

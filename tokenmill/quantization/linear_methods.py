@@ -177,7 +177,7 @@ class WNA16LinearMethod(LinearMethod):
         layer.register_buffer("wna16_perm", perm, persistent=False)
         zeros_data = None if zeros is None else layer.wna16_zeros.data
         if layer.wna16_layout.layout == "kmajor":
-            layer.wna16 = KMajorWeight(layer.qweight.data, layer.scales.data, zeros_data, group)
+            layer.wna16 = KMajorWeight(layer.qweight.data, layer.scales.data, zeros_data, group, kmajor.integer_zeros)
         else:
             layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data, zeros_data, self.bits, group)
         if qweight.is_cuda and HAS_TRITON:  # made now, not first inside a CUDA graph capture
