@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_jobs.sh ab18 kv_memory fp8 spec spec_adaptive spec_fp32 quantized e2e modelserver online_piecewise
 #   bash benchmarks/gpu_jobs.sh online_chatbot issue26 quant_sweep quant_e2e quant_e2e_all w4_probe w4_chain fp8_probe fp8_e2e
 #   bash benchmarks/gpu_jobs.sh norm_ab
+#   JOB_TIMEOUT=170 bash benchmarks/gpu_jobs.sh w4_ring norm_e2e
 #   bash benchmarks/gpu_jobs.sh maxload
 #   bash benchmarks/gpu_jobs.sh fp8_fuse
 #   bash benchmarks/gpu_jobs.sh paged_probe paged_tests maxload_paged
@@ -101,6 +102,18 @@ for job in "$@"; do
     # vs bf16 and today's dispatched kernel; quant_e2e after it in the same call serves its K-major winners.
     w4_probe) run python3 benchmarks/gpu_w4_gemv_probe.py --time-limit "${W4_TIME_LIMIT:-150}" \
                  --out "$out/gpu_w4_gemv_probe.json" ;;
+    # Issue 20, batch 64 / 256: the pipelined Gluon GEMM with the words on its cp.async ring (weight_ring) and
+    # bf16x2 dequantization (pair_dequant): its CUDA tests, the probe (those vs Gluon's earlier kernels, bf16 in the
+    # same run), then batch 64 / 256 decode served with the probe's winners merged into the table. Target < 420 s.
+    w4_ring) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_w4_kmajor_gemm.py -k gluon_ring) \
+               2>&1 | tee "$out/w4_ring_tests.txt" | tail -3
+             run python3 benchmarks/gpu_w4_gemv_probe.py --families w_lhs,weight_ring --rows 64,256,128 \
+               --time-limit "${W4_TIME_LIMIT:-140}" --out "$out/gpu_w4_ring_probe.json"
+             python3 benchmarks/quant_table_merge.py tokenmill/kernels/configs/quant_gemv.json \
+               "$out/gpu_w4_ring_probe.json" "$out/quant_gemv_ring.json" &&
+             TOKENMILL_QUANT_GEMV_CONFIGS="$out/quant_gemv_ring.json" run python3 benchmarks/gpu_quantized.py \
+               --e2e only --e2e-methods bf16,rtn4:kmajor --e2e-batches 64,256 --e2e-lens 128,32 \
+               --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_ring.json" ;;
     # Issue 20: the batch-1 decode chain (norms, SiLU-mul and the four projections, 32 layers in one CUDA graph), bf16
     # vs W4 K-major today vs with PDL + pre-wait preload, then again with TOKENMILL_PDL_EARLY_LAUNCH=1 (~1 min).
     # Issues 20 and 22: the RMSNorms in the W4 and FP8 GEMVs (pass_config fuse_gemm_norm, off until this A/B): the
@@ -114,6 +127,10 @@ for job in "$@"; do
              run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods \
                "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm,fp8+lmhead,fp8+lmhead+norm}" \
                --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
+    # norm_ab's batch-1 decode A/B alone (its tests run in gpu_suite.sh's groups).
+    norm_e2e) run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods \
+                "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm,fp8+lmhead,fp8+lmhead+norm}" \
+                --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
     w4_chain) run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain.json"
               TOKENMILL_PDL_EARLY_LAUNCH=1 run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain_early.json" ;;
     # Issue 22: the FP8-weight GEMV variants of kernels/fp8_stream.py vs bf16 and today's FP8 GEMV at 1-16 rows (each
