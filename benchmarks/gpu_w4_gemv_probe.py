@@ -183,8 +183,8 @@ def weight_ring_candidates(rows: int) -> list[KMajorGemmConfig]:
     if rows <= 128:
         return [ring(128, 128, 128, 1, 4, True), ring(128, 128, 128, 1, 4, True, True),
                 ring(128, 128, 64, 1, 5, True, True)]
-    return [ring(256, 128, 128, 1, 3, True), ring(256, 128, 128, 1, 3, True, True), ring(256, 128, 64, 1, 4, True, True),
-            ring(128, 128, 128, 1, 4, True, True)]
+    return [ring(256, 128, 128, 1, 3, True), ring(256, 128, 128, 1, 3, True, True),
+            ring(256, 128, 64, 1, 4, True, True), ring(128, 128, 128, 1, 4, True, True)]
 
 
 # The transposed product (w_lhs: codes the left operand, n the tensor cores' M; the config's block_m is their N).

@@ -118,8 +118,12 @@ class KMajorGemmConfig:
 
     @property
     def name(self) -> str:
-        ring = f"_wlgp{'w' if self.weight_ring else ''}{'2' if self.pair_dequant else ''}"
-        variant = ((ring if self.pipelined else "_wlg") if self.gluon else "_wl") if self.w_lhs else f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
+        if not self.w_lhs:
+            variant = f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
+        elif self.pipelined:
+            variant = f"_wlgp{'w' if self.weight_ring else ''}{'2' if self.pair_dequant else ''}"
+        else:
+            variant = "_wlg" if self.gluon else "_wl"
         return (f"kmgemm{variant}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
                 f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}")
 

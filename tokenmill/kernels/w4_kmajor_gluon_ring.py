@@ -20,6 +20,13 @@ operand with a compile-time-checked trivial conversion. A step covers BLOCK_K = 
 (P = 1, 2 or 4 nibble pairs; P < 4 reloads a word's other nibbles next step, from L1). Needs group >= 32 (four
 words a row, one a lane).
 
+Variants (constexpr, from ``KMajorGemmConfig``): ``W_RING`` (``weight_ring``) copies each step's group of words
+[BLOCK_N, GW] on the same ring (a step of less than a group copies its group again), read back from a row-swizzled
+shared tile in the words' register layout, so STAGES - 2 steps of weights are in flight instead of one in registers;
+the wait and barrier then come before the dequantization (it reads the landed words) and a second barrier after
+the codes' store. ``PACKED`` (``pair_dequant``, integer zero points only) builds two codes of a byte in one bf16x2
+/ f16x2 register by PTX (``_PAIR_BF16``), the fp32 path's exact result in half the instructions.
+
 Ring protocol (prefetch distance STAGES - 2): iteration i waits for its own cp.async group, fences and barriers
 (so every thread's copies are visible to the tensor cores, and every warpgroup has retired step i - 2's product),
 then refills the stage step i - 2 used with step i + STAGES - 2. Split-K and the transposed store are
@@ -110,10 +117,13 @@ if HAS_GLUON:
     # magic exponent (bf16 0x4300 = 128 + c, f16 0x6400 = 1024 + c), then (magic + c) - (magic + z) (exact for
     # integer zero points) times the scale, rounded once: the fp32 path's result, in 5 instructions a pair instead
     # of ~10. $1 / $3: the pair's first word and shift (8 p; the second's are the same word and 8 p + 4).
-    _PAIR_BF16: gl.constexpr = gl.constexpr("{ .reg .b32 t; shr.u32 t, $1, $3; and.b32 t, t, 255; mul.lo.u32 t, t, 4097; "
-                  "lop3.b32 t, t, 983055, 1124090624, 234; sub.rn.bf16x2 t, t, $6; mul.rn.bf16x2 $0, t, $5; }")
-    _PAIR_F16: gl.constexpr = gl.constexpr("{ .reg .b32 t; shr.u32 t, $1, $3; and.b32 t, t, 255; mul.lo.u32 t, t, 4097; "
-                 "lop3.b32 t, t, 983055, 1677747200, 234; sub.rn.f16x2 t, t, $6; mul.rn.f16x2 $0, t, $5; }")
+    # lop3 LUT 234 = (a & b) | c; 983055 = 0x000F000F, 1124090624 = 0x43004300, 1677747200 = 0x64006400.
+    _PAIR_BF16: gl.constexpr = gl.constexpr(
+        "{ .reg .b32 t; shr.u32 t, $1, $3; and.b32 t, t, 255; mul.lo.u32 t, t, 4097; "
+        "lop3.b32 t, t, 983055, 1124090624, 234; sub.rn.bf16x2 t, t, $6; mul.rn.bf16x2 $0, t, $5; }")
+    _PAIR_F16: gl.constexpr = gl.constexpr(
+        "{ .reg .b32 t; shr.u32 t, $1, $3; and.b32 t, t, 255; mul.lo.u32 t, t, 4097; "
+        "lop3.b32 t, t, 983055, 1677747200, 234; sub.rn.f16x2 t, t, $6; mul.rn.f16x2 $0, t, $5; }")
 
     @gluon.jit
     def _scaled_codes(words, scale, zero, shift, dtype: gl.constexpr, A_L: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -123,11 +133,11 @@ if HAS_GLUON:
         if PACKED:
             w5 = gl.expand_dims(gl.expand_dims(words, 1), 4)
             if dtype == gl.bfloat16:
-                a = gl.inline_asm_elementwise(_PAIR_BF16, "=r,r,r,r,r,r,r",
-                                              [w5, shift, scale.to(dtype), (zero + 128.0).to(dtype)], gl.bfloat16, True, 2)
+                a = gl.inline_asm_elementwise(_PAIR_BF16, "=r,r,r,r,r,r,r", [w5, shift, scale.to(dtype),
+                                              (zero + 128.0).to(dtype)], gl.bfloat16, True, 2)
             else:
-                a = gl.inline_asm_elementwise(_PAIR_F16, "=r,r,r,r,r,r,r",
-                                              [w5, shift, scale.to(dtype), (zero + 1024.0).to(dtype)], gl.float16, True, 2)
+                a = gl.inline_asm_elementwise(_PAIR_F16, "=r,r,r,r,r,r,r", [w5, shift, scale.to(dtype),
+                                              (zero + 1024.0).to(dtype)], gl.float16, True, 2)
         else:
             codes = (gl.expand_dims(gl.expand_dims(words, 1), 4) >> shift) & 0xF
             c = (codes | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0  # 2^23 + c, minus 2^23: exact
@@ -232,7 +242,7 @@ if HAS_GLUON:
                 fence_async_shared()  # the codes' stores: visible to the tensor cores (async proxy)
                 cta_barrier()
             else:
-                a = _scaled_codes(words, scale, zero, shift, dtype, A_L, BLOCK_N, BLOCK_K, PACKED)  # overlaps step - 1's
+                a = _scaled_codes(words, scale, zero, shift, dtype, A_L, BLOCK_N, BLOCK_K, PACKED)  # during step - 1's
                 words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn,
                                                       gl.minimum(step + 1, last - 1), groups, HAS_ZEROS, GW, SUBS,
                                                       True)
