@@ -172,19 +172,21 @@ def ring(m: int, n: int, k: int, split: int, st: int = 4, wr: bool = False, pair
 # The words ring (weight_ring): at 64 rows the register-prefetched kernels stream the weights at ~0.56 TB/s (one
 # step, ~8 KB a CTA, in flight); the ring keeps num_stages - 2 steps of words in flight. pair_dequant: the K loop
 # of the 64 x 128 x 128 tile from 471 SASS instructions to 316 (bf16x2 arithmetic instead of fp32). sm_90 compiles
-# (triton 3.9, no GPU): 73-251 registers, no spills (the 128-row split-2 k64 tile spills, so it is not listed).
+# (triton 3.9, no GPU): 73-254 registers, no spills (128-row tiles split over K spill, so they are not listed: 64-row
+# tiles split in two fill the SMs at 128-256 rows on the 4096-channel projections, 32 channel tiles each).
 def weight_ring_candidates(rows: int) -> list[KMajorGemmConfig]:
     if rows < 64:
         return []
     if rows <= 64:
         return [ring(64, 128, 128, 1, 4, True), ring(64, 128, 128, 2, 4, True), ring(64, 128, 128, 1, 4, True, True),
                 ring(64, 128, 128, 2, 4, True, True), ring(64, 128, 128, 2, 5, True, True),
-                ring(64, 128, 64, 2, 6, True, True)]
+                ring(64, 128, 128, 4, 4, True, True), ring(64, 128, 64, 2, 6, True, True)]
     if rows <= 128:
         return [ring(128, 128, 128, 1, 4, True), ring(128, 128, 128, 1, 4, True, True),
-                ring(128, 128, 64, 1, 5, True, True)]
+                ring(128, 128, 64, 1, 5, True, True), ring(64, 128, 128, 2, 4, True, True)]
     return [ring(256, 128, 128, 1, 3, True), ring(256, 128, 128, 1, 3, True, True),
-            ring(256, 128, 64, 1, 4, True, True), ring(128, 128, 128, 1, 4, True, True)]
+            ring(256, 128, 64, 1, 4, True, True), ring(128, 128, 128, 1, 4, True, True),
+            ring(64, 128, 128, 2, 4, True, True)]
 
 
 # The transposed product (w_lhs: codes the left operand, n the tensor cores' M; the config's block_m is their N).
