@@ -161,17 +161,20 @@ def wlg(m: int, n: int, k: int, split: int, w: int) -> KMajorGemmConfig:
     return wlhs(m, n, k, split, w, gluon=True)
 
 
-def ring(m: int, n: int, k: int, split: int, st: int = 4, wr: bool = False, pair: bool = False) -> KMajorGemmConfig:
+def ring(m: int, n: int, k: int, split: int, st: int = 4, wr: bool = False, pair: bool = False,
+         ra: bool = False) -> KMajorGemmConfig:
     """kernels/w4_kmajor_gluon_ring.py's pipelined Gluon kernel (8 warps: two warpgroups of 64 channels); ``wr``:
     the words ride the cp.async ring too (``weight_ring``); ``pair``: two codes a bf16x2 register
-    (``pair_dequant``)."""
+    (``pair_dequant``); ``ra``: the codes as the wgmma's register operand (``register_a``)."""
     return KMajorGemmConfig(m, n, k, split, True, 8, st, False, w_lhs=True, gluon=True, pipelined=True,
-                            weight_ring=wr, pair_dequant=pair)
+                            weight_ring=wr, pair_dequant=pair, register_a=ra)
 
 
 # The words ring (weight_ring): at 64 rows the register-prefetched kernels stream the weights at ~0.56 TB/s (one
 # step, ~8 KB a CTA, in flight); the ring keeps num_stages - 2 steps of words in flight. pair_dequant: the K loop
-# of the 64 x 128 x 128 tile from 471 SASS instructions to 316 (bf16x2 arithmetic instead of fp32). sm_90 compiles
+# of the 64 x 128 x 128 tile from 471 SASS instructions to 316 (bf16x2 arithmetic instead of fp32); register_a: 281
+# a step (562 for the loop's two), no codes through shared memory (at 64 rows the A tile's store and wgmma read were
+# ~64 of ~128 KB of shared-memory traffic a step). sm_90 compiles
 # (triton 3.9, no GPU): 73-254 registers, no spills (128-row tiles split over K spill, so they are not listed: 64-row
 # tiles split in two fill the SMs at 128-256 rows on the 4096-channel projections, 32 channel tiles each).
 def weight_ring_candidates(rows: int) -> list[KMajorGemmConfig]:
@@ -180,13 +183,17 @@ def weight_ring_candidates(rows: int) -> list[KMajorGemmConfig]:
     if rows <= 64:
         return [ring(64, 128, 128, 1, 4, True), ring(64, 128, 128, 2, 4, True), ring(64, 128, 128, 1, 4, True, True),
                 ring(64, 128, 128, 2, 4, True, True), ring(64, 128, 128, 2, 5, True, True),
-                ring(64, 128, 128, 4, 4, True, True), ring(64, 128, 64, 2, 6, True, True)]
+                ring(64, 128, 128, 4, 4, True, True), ring(64, 128, 64, 2, 6, True, True),
+                ring(64, 128, 128, 2, 4, True, True, True), ring(64, 128, 128, 4, 4, True, True, True),
+                ring(64, 128, 64, 2, 6, True, True, True)]
     if rows <= 128:
         return [ring(128, 128, 128, 1, 4, True), ring(128, 128, 128, 1, 4, True, True),
-                ring(128, 128, 64, 1, 5, True, True), ring(64, 128, 128, 2, 4, True, True)]
+                ring(128, 128, 64, 1, 5, True, True), ring(64, 128, 128, 2, 4, True, True),
+                ring(128, 128, 128, 1, 4, True, True, True), ring(64, 128, 128, 2, 4, True, True, True)]
     return [ring(256, 128, 128, 1, 3, True), ring(256, 128, 128, 1, 3, True, True),
             ring(256, 128, 64, 1, 4, True, True), ring(128, 128, 128, 1, 4, True, True),
-            ring(64, 128, 128, 2, 4, True, True)]
+            ring(64, 128, 128, 2, 4, True, True), ring(256, 128, 64, 1, 4, True, True, True),
+            ring(128, 128, 128, 1, 4, True, True, True)]
 
 
 # The transposed product (w_lhs: codes the left operand, n the tensor cores' M; the config's block_m is their N).

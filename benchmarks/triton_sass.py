@@ -99,3 +99,48 @@ def compile_sm90(fn: Any, args: dict[str, Any], num_warps: int = 4, num_stages: 
     spill = sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", usage))
     return SassInfo(regs, spill, _loops(sass), kernel.asm["ptx"] if keep_text else "",
                     sass if keep_text else "")
+
+
+_SASS_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_NOT_A_WRITE = ("ST", "HGMMA", "ISETP", "FSETP", "BRA", "LDGSTS", "RED", "ATOM", "BAR", "WARPGROUP", "DEPBAR",
+                "LDGDEPBAR", "MEMBAR", "FENCE", "EXIT", "NOP", "ARRIVES", "SYNCS", "UMOV", "UIADD3", "ULEA", "ULOP3",
+                "USHF", "USEL", "R2UR")  # no general-register destination (uniform ones start with U)
+
+
+def wgmma_operand_hazards(sass: str, loop_label: str | None = None) -> list[str]:
+    """Instructions that write a general register an HGMMA in flight reads as its A operand (a register-A wgmma
+    reads them asynchronously, until the WARPGROUP.DEPBAR that retires its group). The kernel's text is walked once
+    in order, then, if ``loop_label`` (e.g. ".L_x_1") names a loop, its body twice more (the back edge: registers
+    written early in an iteration while the last one's product still runs). Destinations are taken as the first
+    operand of instructions that write one (4 registers for LDSM / 128-bit loads, 2 for 64-bit results)."""
+    lines = sass.splitlines()
+    walk = list(range(len(lines)))
+    if loop_label is not None:
+        start = next(i for i, line in enumerate(lines) if line.strip() == f"{loop_label}:")
+        end = next(i for i, line in enumerate(lines) if f"BRA `({loop_label})" in line)
+        walk += list(range(start + 1, end + 1)) * 2
+    groups: list[set[int]] = []  # A registers of each committed, unretired wgmma group, oldest first
+    pending: set[int] = set()
+    found = []
+    for i in walk:
+        m = _SASS_INSTR.search(lines[i])
+        if m is None:
+            continue
+        text = re.sub(r"^@!?U?P\w+\s+", "", m.group(1))
+        op, _, operands = text.partition(" ")
+        if op.startswith("HGMMA"):
+            a = operands.split(",")[1].strip()
+            if re.fullmatch(r"R\d+", a):
+                pending |= set(range(int(a[1:]), int(a[1:]) + 4))
+            if "gsb0" in operands:
+                groups.append(pending)
+                pending = set()
+        elif op.startswith("WARPGROUP.DEPBAR"):
+            keep = int(re.search(r"0x([0-9a-f]+)", operands).group(1), 16)
+            del groups[:max(0, len(groups) - keep)]
+        elif not op.startswith(_NOT_A_WRITE) and (d := re.match(r"R(\d+)\b", operands)) is not None:
+            first = int(d.group(1))
+            width = 4 if op.startswith("LDSM") or ".128" in op else 2 if (".64" in op or "WIDE" in op) else 1
+            if any(set(range(first, first + width)) & g for g in groups):
+                found.append(text)
+    return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -175,9 +176,10 @@ def test_ring_block_k_caps_and_rejects():
 
 
 def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4,
-         weight_ring: bool = False, pair: bool = False) -> KMajorGemmConfig:
+         weight_ring: bool = False, pair: bool = False, register_a: bool = False) -> KMajorGemmConfig:
     return KMajorGemmConfig(m, n, k, split, num_warps=warps, num_stages=stages, x_runs=False, w_lhs=True,
-                            gluon=True, pipelined=True, weight_ring=weight_ring, pair_dequant=pair)
+                            gluon=True, pipelined=True, weight_ring=weight_ring or register_a, pair_dequant=pair,
+                            register_a=register_a)
 
 
 @pytest.mark.skipif(not HAS_GLUON or os.environ.get("TRITON_INTERPRET") == "1",
@@ -186,7 +188,9 @@ def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4
                                           (ring(64, 64, 32, warps=4), 32),
                                           (ring(64, 128, 128, 2, weight_ring=True), 128),
                                           (ring(256, 128, 64, stages=3, weight_ring=True), 64),
-                                          (ring(64, 128, 128, 2, weight_ring=True, pair=True), 128)])
+                                          (ring(64, 128, 128, 2, weight_ring=True, pair=True), 128),
+                                          (ring(64, 128, 128, pair=True, register_a=True), 128),
+                                          (ring(64, 64, 64, 2, warps=4, register_a=True), 32)])
 def test_gluon_ring_kernel_compiles_async(config, group):
     """Compiles the pipelined kernel for sm_90 without a GPU: the codes' reshape into the wgmma operand layout is
     trivial (asserted at compile time), nothing spills, the K loop keeps one product in flight (wgmma wait 1),
@@ -194,7 +198,7 @@ def test_gluon_ring_kernel_compiles_async(config, group):
     weight_ring the words come by cp.async too and are read from shared memory (no global load of words in the
     loop: the scales' and zero points' two remain)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from triton_sass import compile_sm90
+    from triton_sass import compile_sm90, wgmma_operand_hazards
 
     from tokenmill.kernels.w4_kmajor_gluon_ring import _kmajor_gemm_gluon_ring_kernel
 
@@ -203,15 +207,18 @@ def test_gluon_ring_kernel_compiles_async(config, group):
                 stride_wn="i32:16", stride_om="i32:16", HAS_ZEROS=True, HAS_BIAS=True, SPLIT_K=config.split_k,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=ring_block_k(config.block_k, group),
                 GW=group // 8, STAGES=config.num_stages, WARPS=config.num_warps, W_RING=config.weight_ring,
-                PACKED=config.pair_dequant)
+                PACKED=config.pair_dequant, A_REGS=config.register_a)
     info = compile_sm90(_kmajor_gemm_gluon_ring_kernel, args, num_warps=config.num_warps, gluon=True,
                         keep_text=True)
     assert info.spill_bytes == 0 and info.loops
     assert "wgmma.wait_group.sync.aligned 1" in info.ptx and "cp.async" in info.ptx
     loop = info.loops[-1]["opcodes"]
-    assert loop.get("HGMMA") and loop.get("LDGSTS") and loop.get("STSM")
+    assert loop.get("HGMMA") and loop.get("LDGSTS") and bool(loop.get("STSM")) != config.register_a
+    if config.register_a:  # ptxas keeps each in-flight product's A registers (the two steps' sets apart)
+        label = re.search(r"^\s*(\.L_x_\d+):(?:(?!^\s*\.L_x_).)*HGMMA", info.sass, re.M | re.S).group(1)
+        assert wgmma_operand_hazards(info.sass, label) == []
     if config.weight_ring:  # the words read from shared memory (lds / ldmatrix), only scales / zeros from global
-        assert loop.get("LDS", 0) + loop.get("LDSM", 0) and loop.get("LDG", 0) <= 4
+        assert loop.get("LDS", 0) + loop.get("LDSM", 0) and loop.get("LDG", 0) <= 4 * (1 + config.register_a)
     else:
         assert not loop.get("LDSM")
     if config.pair_dequant:  # two codes a bf16x2 subtract and multiply, no fp32 arithmetic on the codes
@@ -228,7 +235,8 @@ def test_gluon_ring_matches_fp32_reference(rows, group, zeros, dtype):
                ring(64, 64, 128, warps=4), ring(64, 128, 128, split=3, weight_ring=True),
                ring(128, 128, 64, stages=3, weight_ring=True), ring(256, 64, 32, split=2, warps=4, stages=5,
                                                                     weight_ring=True),
-               ring(64, 128, 128, split=3, weight_ring=True, pair=True), ring(128, 64, 64, warps=4, pair=True)]
+               ring(64, 128, 128, split=3, weight_ring=True, pair=True), ring(128, 64, 64, warps=4, pair=True),
+               ring(64, 128, 128, split=3, pair=True, register_a=True), ring(256, 64, 32, warps=4, register_a=True)]
     _check("cuda", rows, 8 * 128, 200, group, zeros, dtype, configs, seed=rows + group + 5,
            fractional_zeros=zeros and group < 128)
 
@@ -275,6 +283,8 @@ def test_config_validation():
     with pytest.raises(ValueError, match="pair_dequant=True is a pipelined=True variant"):
         KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, pair_dequant=True)
     assert ring(64, 128, 128, 2, weight_ring=True, pair=True).name == "kmgemm_wlgpw2_m64_n128_k128_s2_w8_st4"
+    with pytest.raises(ValueError, match="register_a=True is a weight_ring=True variant"):
+        KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, pipelined=True, register_a=True)
     with pytest.raises(ValueError, match="pipelined=True is a gluon=True variant"):
         KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, pipelined=True, num_stages=2)
     assert ring(128, 128, 128).name == "kmgemm_wlgp_m128_n128_k128_s1_w8_st4"

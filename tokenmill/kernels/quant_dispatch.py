@@ -72,7 +72,8 @@ def config_from_json(entry: dict[str, Any]) -> Choice:
         return W4GemvConfig(**fields)
     if entry["kernel"] == "w4_kmajor_gemm":
         if fields.get("gluon") and not HAS_GLUON:  # a table measured with Gluon, read by a Triton without it:
-            fields.update(gluon=False, pipelined=False, weight_ring=False, pair_dequant=False)  # the same tiles through Triton's w_lhs kernel
+            fields.update(gluon=False, pipelined=False, weight_ring=False, pair_dequant=False,
+                          register_a=False)  # the same tiles through Triton's w_lhs kernel
         return KMajorGemmConfig(**fields)
     if entry["kernel"] == "dequant_mm":
         return KMajorDequantConfig(**fields)

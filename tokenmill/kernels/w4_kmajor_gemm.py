@@ -70,7 +70,8 @@ class KMajorGemmConfig:
     ``pipelined``): the packed words ride the same cp.async ring as x, ``num_stages - 2`` steps ahead, instead of
     loads one step ahead into registers (groups of 32-128); ``pair_dequant`` (with ``pipelined``): two codes a
     register in x's dtype (bf16x2 / f16x2 arithmetic, the fp32 path's exact result) where the weight's zero points
-    are integers (``KMajorWeight.integer_zeros``; the fp32 path otherwise)."""
+    are integers (``KMajorWeight.integer_zeros``; the fp32 path otherwise); ``register_a`` (with ``weight_ring``):
+    the codes go to the wgmma as its register A operand, two steps a loop iteration (no shared-memory round trip)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -86,6 +87,7 @@ class KMajorGemmConfig:
     pipelined: bool = False
     weight_ring: bool = False
     pair_dequant: bool = False
+    register_a: bool = False
 
     def __post_init__(self) -> None:
         for field, value, low in (("block_m", self.block_m, 16), ("block_n", self.block_n, 16),
@@ -113,6 +115,8 @@ class KMajorGemmConfig:
             raise ValueError("weight_ring=True is a pipelined=True variant (the words join its cp.async ring)")
         if self.pair_dequant and not self.pipelined:
             raise ValueError("pair_dequant=True is a pipelined=True variant")
+        if self.register_a and not self.weight_ring:
+            raise ValueError("register_a=True is a weight_ring=True variant")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1; got {self.split_k}")
 
@@ -121,7 +125,8 @@ class KMajorGemmConfig:
         if not self.w_lhs:
             variant = f"{'' if self.one_dot else '_j'}{'_r' if self.x_runs else ''}"
         elif self.pipelined:
-            variant = f"_wlgp{'w' if self.weight_ring else ''}{'2' if self.pair_dequant else ''}"
+            variant = (f"_wlgp{'w' if self.weight_ring else ''}{'2' if self.pair_dequant else ''}"
+                       f"{'r' if self.register_a else ''}")
         else:
             variant = "_wlg" if self.gluon else "_wl"
         return (f"kmgemm{variant}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
@@ -323,7 +328,8 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
         if config.pipelined:
             _kmajor_gemm_gluon_ring_kernel[(tiles, split_k)](*args, **shared, STAGES=config.num_stages,
                                                             WARPS=config.num_warps, W_RING=config.weight_ring,
-                                                            PACKED=config.pair_dequant and weight.integer_zeros)
+                                                            PACKED=config.pair_dequant and weight.integer_zeros,
+                                                            A_REGS=config.register_a)
             return out
         shared.update(TW=min(4, block_k // 8), MAGIC_BITS=magic_bits, MAGIC=magic)
         if config.gluon:

@@ -163,13 +163,39 @@ if HAS_GLUON:
         zero = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(zero, 1), 1), 1), 1)
         return words, scale, zero
 
+    @gluon.jit
+    def _ring_codes(step, first, last, scale, zero, x_smem, x_off, x_mask, w_smem, w_src, w_copy_mask, qw_ptr, s_ptr,
+                    z_ptr, w_off, w_mask, sn, groups, shift, HAS_ZEROS: gl.constexpr, PACKED: gl.constexpr,
+                    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GW: gl.constexpr,
+                    SUBS: gl.constexpr, Q: gl.constexpr, A_L: gl.constexpr, W2: gl.constexpr, WL: gl.constexpr):
+        """The words ring's step: wait for the step's copies (every thread's: every warpgroup has also retired step
+        - 2's product), refill step - 2's stages, read the words and build the codes (during step - 1's product);
+        the next step's scales and zero points load. Returns (codes in the A operand layout, scale, zero)."""
+        async_copy.wait_group(STAGES - 3)
+        cta_barrier()
+        _ring_copy(x_smem, x_off, x_mask, w_smem, w_src, w_copy_mask, step + STAGES - 2, first, last, STAGES, BLOCK_K,
+                   GW, SUBS, True)
+        stage_words = w_smem.index((step - first) % STAGES).load(W2)
+        words = gl.convert_layout(gl.reshape(stage_words, [BLOCK_N, Q, 4]), WL, assert_trivial=True)
+        words = words >> (8 * (4 // SUBS) * (step % SUBS))
+        a = _scaled_codes(words, scale, zero, shift, x_smem.dtype, A_L, BLOCK_N, BLOCK_K, PACKED)
+        _, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, gl.minimum(step + 1, last - 1),
+                                          groups, HAS_ZEROS, GW, SUBS, False)
+        return a, scale, zero
+
+    @gluon.jit
+    def _register_product(a, x_smem, acc, step, first, STAGES: gl.constexpr):
+        """The step's product with its codes as the register A operand, in flight until the next step's wait."""
+        acc = warpgroup_mma(a, x_smem.index((step - first) % STAGES).permute((1, 0)), acc, is_async=True)
+        return warpgroup_mma_wait(1, deps=[acc])  # step - 1's product done
+
     @gluon.jit(do_not_specialize=["M"])
     def _kmajor_gemm_gluon_ring_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_wn, stride_om,
         HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GW: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-        W_RING: gl.constexpr = False, PACKED: gl.constexpr = False,
+        W_RING: gl.constexpr = False, PACKED: gl.constexpr = False, A_REGS: gl.constexpr = False,
     ):
         P: gl.constexpr = BLOCK_K // (2 * GW)  # nibble pairs of every word a step
         SUBS: gl.constexpr = 4 // P  # steps a group
@@ -223,39 +249,49 @@ if HAS_GLUON:
         words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, gl.minimum(first, steps - 1),
                                               groups, HAS_ZEROS, GW, SUBS, not W_RING)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        for step in range(first, last):
-            if W_RING:
-                # this step's words and x have landed (every thread's copies), and every warpgroup has retired
-                # step - 2's product: its stages are refilled, then the codes dequantize while step - 1's runs
-                async_copy.wait_group(STAGES - 3)
-                cta_barrier()
-                _ring_copy(x_smem, x_off, x_mask, w_smem, w_src, w_copy_mask, step + STAGES - 2, first, last, STAGES,
-                           BLOCK_K, GW, SUBS, W_RING)
-                stage_words = w_smem.index((step - first) % STAGES).load(W2)
-                words = gl.convert_layout(gl.reshape(stage_words, [BLOCK_N, Q, 4]), WL, assert_trivial=True)
-                words = words >> (8 * (4 // SUBS) * (step % SUBS))
-                a = _scaled_codes(words, scale, zero, shift, dtype, A_L, BLOCK_N, BLOCK_K, PACKED)
-                words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn,
-                                                      gl.minimum(step + 1, last - 1), groups, HAS_ZEROS, GW, SUBS,
-                                                      False)
-                a_smem.index((step - first) % 2).store(a)
-                fence_async_shared()  # the codes' stores: visible to the tensor cores (async proxy)
-                cta_barrier()
-            else:
-                a = _scaled_codes(words, scale, zero, shift, dtype, A_L, BLOCK_N, BLOCK_K, PACKED)  # during step - 1's
-                words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn,
-                                                      gl.minimum(step + 1, last - 1), groups, HAS_ZEROS, GW, SUBS,
-                                                      True)
-                # step - 2's product (this warpgroup's rows: the only ones it stores) was retired last iteration
-                a_smem.index((step - first) % 2).store(a)
-                async_copy.wait_group(STAGES - 3)  # this thread's copies of this step have landed
-                fence_async_shared()  # ... and the codes' stores: visible to the tensor cores (async proxy)
-                cta_barrier()  # every thread's, and every warpgroup has retired step - 2's product
-                _ring_copy(x_smem, x_off, x_mask, w_smem, w_src, w_copy_mask, step + STAGES - 2, first, last, STAGES,
-                           BLOCK_K, GW, SUBS, W_RING)  # into step - 2's stage
-            acc = warpgroup_mma(a_smem.index((step - first) % 2), x_smem.index((step - first) % STAGES).permute((1, 0)),
-                                acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=[acc])  # step - 1's product done: its stages are free
+        if A_REGS:
+            # Two steps an iteration: each product's register operand is a value of its own (a PTX register the
+            # next step's codes do not overwrite), rewritten only after the wait that retires its product.
+            for step in range(first, last - 1, 2):
+                a, scale, zero = _ring_codes(step, first, last, scale, zero, x_smem, x_off, x_mask, w_smem, w_src,
+                                             w_copy_mask, qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, groups, shift,
+                                             HAS_ZEROS, PACKED, STAGES, BLOCK_N, BLOCK_K, GW, SUBS, Q, A_L, W2, WL)
+                acc = _register_product(a, x_smem, acc, step, first, STAGES)
+                a_odd, scale, zero = _ring_codes(step + 1, first, last, scale, zero, x_smem, x_off, x_mask, w_smem,
+                                                 w_src, w_copy_mask, qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, groups,
+                                                 shift, HAS_ZEROS, PACKED, STAGES, BLOCK_N, BLOCK_K, GW, SUBS, Q, A_L,
+                                                 W2, WL)
+                acc = _register_product(a_odd, x_smem, acc, step + 1, first, STAGES)
+            if (last - first) % 2 == 1:
+                a_last, scale, zero = _ring_codes(last - 1, first, last, scale, zero, x_smem, x_off, x_mask, w_smem,
+                                                  w_src, w_copy_mask, qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, groups,
+                                                  shift, HAS_ZEROS, PACKED, STAGES, BLOCK_N, BLOCK_K, GW, SUBS, Q, A_L,
+                                                  W2, WL)
+                acc = _register_product(a_last, x_smem, acc, last - 1, first, STAGES)
+        else:
+            for step in range(first, last):
+                if W_RING:
+                    a, scale, zero = _ring_codes(step, first, last, scale, zero, x_smem, x_off, x_mask, w_smem, w_src,
+                                                 w_copy_mask, qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn, groups, shift,
+                                                 HAS_ZEROS, PACKED, STAGES, BLOCK_N, BLOCK_K, GW, SUBS, Q, A_L, W2, WL)
+                    a_smem.index((step - first) % 2).store(a)
+                    fence_async_shared()  # the codes' stores: visible to the tensor cores (async proxy)
+                    cta_barrier()
+                else:
+                    a = _scaled_codes(words, scale, zero, shift, dtype, A_L, BLOCK_N, BLOCK_K, PACKED)  # during
+                    words, scale, zero = _ring_step_loads(qw_ptr, s_ptr, z_ptr, w_off, w_mask, sn,  # step - 1's
+                                                          gl.minimum(step + 1, last - 1), groups, HAS_ZEROS, GW, SUBS,
+                                                          True)
+                    # step - 2's product (this warpgroup's rows: the only ones it stores) was retired last iteration
+                    a_smem.index((step - first) % 2).store(a)
+                    async_copy.wait_group(STAGES - 3)  # this thread's copies of this step have landed
+                    fence_async_shared()  # ... and the codes' stores: visible to the tensor cores (async proxy)
+                    cta_barrier()  # every thread's, and every warpgroup has retired step - 2's product
+                    _ring_copy(x_smem, x_off, x_mask, w_smem, w_src, w_copy_mask, step + STAGES - 2, first, last,
+                               STAGES, BLOCK_K, GW, SUBS, W_RING)  # into step - 2's stage
+                acc = warpgroup_mma(a_smem.index((step - first) % 2),
+                                    x_smem.index((step - first) % STAGES).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=[acc])  # step - 1's product done: its stages are free
         acc = warpgroup_mma_wait(0, deps=[acc])
         async_copy.wait_group(0)  # the zero-filled copies past the split's last step
         _store_transposed(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, pid, pid_k, n0, m0, M, N, stride_om, HAS_BIAS,
