@@ -9,14 +9,15 @@ set -uo pipefail
 out="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
-groups="${SUITE_GROUPS:-kernels quantized_kernels quantization model engine spec distributed}"
+groups="${SUITE_GROUPS:-kernels quantized_kernels w4_kernels quantization model engine spec distributed}"
 for g in $groups; do
   OUT="$out" timeout "${SUITE_TIMEOUT:-900}" bash benchmarks/gpu_suite.sh "$g" > "$out/suite_$g.console" 2>&1 &
 done
 wait
 # A group stopped by the timeout while all shared the card (no pytest summary line) runs again alone, within
-# RERUN_TIMEOUT s (quantized_kernels took 227 s in parallel on 2026-12-07 and 12-28 s alone with warm caches, but
-# over 120 s alone on a fresh machine that day); its parallel log is kept.
+# RERUN_TIMEOUT s (quantized_kernels, the W4 files then included, took 227 s in parallel on 2026-12-07 and 12-28 s
+# alone with warm caches, but over 120 s alone on a fresh machine that day: w4_kernels is now a group of its own);
+# its parallel log is kept.
 for g in $groups; do
   if ! tail -n 3 "$out/gpu_suite_$g.txt" 2>/dev/null | grep -qE ' in [0-9]+\.[0-9]+s'; then  # pytest's last line
     mv "$out/gpu_suite_$g.txt" "$out/gpu_suite_${g}_parallel_timed_out.txt" 2>/dev/null
