@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.kernels._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from tokenmill.kernels.splitk import dot_in_fp32
 
 CPU_SLAB_ELEMENTS = 1 << 22  # dequantized weight elements alive at once on the CPU path (16 MB in fp32)
 
@@ -165,6 +166,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DOT_F32: tl.constexpr = False,  # splitk.dot_in_fp32: bf16 operands widened for Triton's interpreter
     ):
         PER_WORD: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
@@ -191,7 +193,10 @@ if HAS_TRITON:
             group = k0 // group_size  # BLOCK_K divides group_size: one group per step
             scale, zero = _group_scale_zero(s_ptr, z_ptr, group, n, nmask, N, BITS, HAS_ZEROS, BLOCK_N)
             w = ((codes.to(tl.float32) - zero[None, :]) * scale[None, :]).to(x.dtype)
-            acc = tl.dot(x, w, acc)
+            if DOT_F32:
+                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
+            else:
+                acc = tl.dot(x, w, acc)
         _store_tile(acc, b_ptr, out_ptr, m, n, mmask, nmask, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
@@ -289,5 +294,5 @@ def wna16_linear(
         _wna16_gemv_kernel[grid](*args, ROWS=max(2, next_power_of_2(m)), **common)
     else:
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
-        _wna16_gemm_kernel[grid](*args, BLOCK_M=config.block_m, **common)
+        _wna16_gemm_kernel[grid](*args, BLOCK_M=config.block_m, DOT_F32=dot_in_fp32(x.dtype), **common)
     return out.to(x.dtype) if split else out
