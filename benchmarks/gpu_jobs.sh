@@ -104,12 +104,13 @@ for job in "$@"; do
     w4_probe) run python3 benchmarks/gpu_w4_gemv_probe.py --time-limit "${W4_TIME_LIMIT:-150}" \
                  --out "$out/gpu_w4_gemv_probe.json" ;;
     # Issue 20, batch 64 / 256: the pipelined Gluon GEMM with the words on its cp.async ring (weight_ring) and
-    # bf16x2 dequantization (pair_dequant): its CUDA tests, the probe (those vs Gluon's earlier kernels, bf16 in the
-    # same run), then batch 64 / 256 decode served with the probe's winners merged into the table. ~17 configs a
-    # shape at 64 rows: the probe's 200 s may not reach 128 rows. Target < 480 s (JOB_TIMEOUT=230).
+    # bf16x2 dequantization (pair_dequant) and the codes as the wgmma's register operand (register_a): its CUDA tests,
+    # the probe (those vs the K-major kernel the shipped table picks, kmajor_today, and bf16 in the same run; add
+    # W4_FAMILIES=weight_ring,w_lhs for Gluon's earlier kernels too), then batch 64 / 256 decode served with the
+    # probe's winners merged into the table. Target < 480 s (JOB_TIMEOUT=230).
     w4_ring) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_w4_kmajor_gemm.py -k gluon_ring) \
                2>&1 | tee "$out/w4_ring_tests.txt" | tail -3
-             run python3 benchmarks/gpu_w4_gemv_probe.py --families w_lhs,weight_ring --rows 64,256,128 \
+             run python3 benchmarks/gpu_w4_gemv_probe.py --families "${W4_FAMILIES:-weight_ring}" --rows 64,256,128 \
                --time-limit "${W4_TIME_LIMIT:-200}" --out "$out/gpu_w4_ring_probe.json"
              python3 benchmarks/quant_table_merge.py tokenmill/kernels/configs/quant_gemv.json \
                "$out/gpu_w4_ring_probe.json" "$out/quant_gemv_ring.json" &&
