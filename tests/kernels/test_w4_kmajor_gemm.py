@@ -196,7 +196,9 @@ def test_gluon_ring_kernel_compiles_async(config, group):
     trivial (asserted at compile time), nothing spills, the K loop keeps one product in flight (wgmma wait 1),
     x arrives by cp.async and both operands are read from shared memory (the codes stored by stmatrix); with
     weight_ring the words come by cp.async too and are read from shared memory (no global load of words in the
-    loop: the scales' and zero points' two remain)."""
+    loop: the scales' and zero points' two remain); with register_a no codes are stored and ptxas writes no
+    in-flight product's A registers; with pair_dequant (bf16 and fp16) Triton hands each asm instance one byte's
+    two codes."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from triton_sass import compile_sm90, wgmma_operand_hazards
 
@@ -223,6 +225,19 @@ def test_gluon_ring_kernel_compiles_async(config, group):
         assert not loop.get("LDSM")
     if config.pair_dequant:  # two codes a bf16x2 subtract and multiply, no fp32 arithmetic on the codes
         assert loop.get("HMUL2") and loop.get("HADD2") and not loop.get("FFMA") and not loop.get("F2FP")
+        # each asm instance gets one byte's two codes: the same word, shifts 8 p and 8 p + 4 (its PTX comment
+        # names both elements' operands), which is what the asm assumes when it reads only the first's
+        fp16_args = {**args, **dict.fromkeys(("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr"), "*fp16")}
+        half = compile_sm90(_kmajor_gemm_gluon_ring_kernel, fp16_args, num_warps=config.num_warps, gluon=True,
+                            keep_text=True)
+        assert "sub.rn.f16x2" in half.ptx and "sub.rn.bf16x2" in info.ptx
+        per_step = config.block_n * ring_block_k(config.block_k, group) // (2 * 32 * config.num_warps)
+        for ptx in (info.ptx, half.ptx):
+            consts = {r: int(v) for r, v in re.findall(r"mov\.b32\s+(%r\d+),\s*(\d+);", ptx)}
+            pairs = re.findall(r"// pair (%r\d+) (%r\d+) (%r\d+) (%r\d+)", ptx)
+            assert pairs and len(pairs) % per_step == 0  # a step's pairs a thread, once per inlined step
+            for w0, w1, s0, s1 in pairs:
+                assert w0 == w1 and consts[s0] % 8 == 0 and consts[s1] == consts[s0] + 4, (w0, w1, s0, s1)
 
 
 @requires_cuda

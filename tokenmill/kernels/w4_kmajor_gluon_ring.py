@@ -116,14 +116,15 @@ if HAS_GLUON:
     # the byte is isolated and copied 12 bits up (t * 4097), so the nibbles land at bits 0-3 and 16-19 under the
     # magic exponent (bf16 0x4300 = 128 + c, f16 0x6400 = 1024 + c), then (magic + c) - (magic + z) (exact for
     # integer zero points) times the scale, rounded once: the fp32 path's result, in 5 instructions a pair instead
-    # of ~10. $1 / $3: the pair's first word and shift (8 p; the second's are the same word and 8 p + 4).
+    # of ~10. $1 / $3: the pair's first word and shift (8 p; the second's are the same word and 8 p + 4). The trailing
+    # comment names both elements' operands in the PTX, so a compile test checks that Triton packs those two.
     # lop3 LUT 234 = (a & b) | c; 983055 = 0x000F000F, 1124090624 = 0x43004300, 1677747200 = 0x64006400.
     _PAIR_BF16: gl.constexpr = gl.constexpr(
         "{ .reg .b32 t; shr.u32 t, $1, $3; and.b32 t, t, 255; mul.lo.u32 t, t, 4097; "
-        "lop3.b32 t, t, 983055, 1124090624, 234; sub.rn.bf16x2 t, t, $6; mul.rn.bf16x2 $0, t, $5; }")
+        "lop3.b32 t, t, 983055, 1124090624, 234; sub.rn.bf16x2 t, t, $6; mul.rn.bf16x2 $0, t, $5; } // pair $1 $2 $3 $4")
     _PAIR_F16: gl.constexpr = gl.constexpr(
         "{ .reg .b32 t; shr.u32 t, $1, $3; and.b32 t, t, 255; mul.lo.u32 t, t, 4097; "
-        "lop3.b32 t, t, 983055, 1677747200, 234; sub.rn.f16x2 t, t, $6; mul.rn.f16x2 $0, t, $5; }")
+        "lop3.b32 t, t, 983055, 1677747200, 234; sub.rn.f16x2 t, t, $6; mul.rn.f16x2 $0, t, $5; } // pair $1 $2 $3 $4")
 
     @gluon.jit
     def _scaled_codes(words, scale, zero, shift, dtype: gl.constexpr, A_L: gl.constexpr, BLOCK_N: gl.constexpr,
