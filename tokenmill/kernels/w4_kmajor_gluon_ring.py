@@ -5,8 +5,8 @@ memory each step, so at 128-256 rows it waits on loads and on the tensor cores i
 - x [BLOCK_M, BLOCK_K] tiles stream through a ``num_stages`` shared-memory ring by cp.async (16-byte copies, rows
   past M zero-filled), in natural K order: the wgmma's B operand is the tile's transposed view (K-major B);
 - the wgmma is asynchronous with one chained fp32 accumulator: step i's product runs while step i + 1's codes are
-  dequantized, and ``warpgroup_mma_wait(1)`` retires step i - 1's product (its register A operand is carried in the
-  loop until then: wgmma reads registers asynchronously too);
+  dequantized, and ``warpgroup_mma_wait(1)`` retires step i - 1's product (the codes reach it through a
+  double-buffered shared tile, or, ``A_REGS``, as its register operand: see the variants below);
 - codes are scaled before the product ((c - z) s in fp32, rounded to x's dtype: the w_lhs ``scale_codes`` variant),
   because scaling after it (w4_kmajor_gluon.py) needs each step's product apart from the accumulator, finished before
   it is scaled: a second fp32 tile and a wait a step, which is the serialization this kernel removes;
@@ -25,7 +25,11 @@ Variants (constexpr, from ``KMajorGemmConfig``): ``W_RING`` (``weight_ring``) co
 shared tile in the words' register layout, so STAGES - 2 steps of weights are in flight instead of one in registers;
 the wait and barrier then come before the dequantization (it reads the landed words) and a second barrier after
 the codes' store. ``PACKED`` (``pair_dequant``, integer zero points only) builds two codes of a byte in one bf16x2
-/ f16x2 register by PTX (``_PAIR_BF16``), the fp32 path's exact result in half the instructions.
+/ f16x2 register by PTX (``_PAIR_BF16``), the fp32 path's exact result in half the instructions. ``A_REGS``
+(``register_a``, with W_RING) hands the codes to the wgmma as its register A operand, no shared tile: wgmma reads
+them asynchronously, and with one step a loop iteration ptxas wrote the next step's codes into the registers of the
+product still in flight (the PTX reuses one register per operand across iterations); two steps an iteration give
+each in-flight operand registers of its own (``benchmarks/triton_sass.wgmma_operand_hazards`` checks the SASS).
 
 Ring protocol (prefetch distance STAGES - 2): iteration i waits for its own cp.async group, fences and barriers
 (so every thread's copies are visible to the tensor cores, and every warpgroup has retired step i - 2's product),
