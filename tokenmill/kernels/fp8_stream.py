@@ -285,8 +285,6 @@ def fp8_stream_gemv(
     if (rms is not None or residual is not None or next_norm is not None) and config.kind != "fma":
         raise ValueError(f"the rms prologue and the residual / next-norm epilogues take the 'fma' kind; got "
                          f"{config.kind!r}")
-    if residual is not None and act_mul:
-        raise ValueError("the residual epilogue adds to the projection's output; act_mul replaces it")
     if act_mul:
         if config.kind != "fma":
             raise ValueError(f"act_mul takes the 'fma' FP8 stream kind; got {config.kind!r}")
@@ -316,7 +314,8 @@ def fp8_stream_gemv(
             X_BF16=x.dtype == torch.bfloat16, EVEN=out.shape[1] % per_program == 0 and kw % (2 * config.pairs) == 0,
             ASM=config.asm and not interpret, PREFETCH=config.prefetch, ACT_MUL=act_mul,
             RMS=rms is not None, **rms_launch(rms),
-            **residual_launch(residual, m, n, x.dtype), **next_norm_launch(next_norm, residual, m, n), **launch,
+            **residual_launch(residual, m, n, x.dtype, act_mul), **next_norm_launch(next_norm, residual, m, n),
+            **launch,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         return out

@@ -131,10 +131,12 @@ def rms_launch(rms: PrologueRms | None) -> dict:
     return {} if rms is None else dict(sums_ptr=rms.sums.ring[rms.slot], eps=rms.eps)
 
 
-def residual_launch(residual: torch.Tensor | None, rows: int, n: int, dtype: torch.dtype) -> dict:
+def residual_launch(residual: torch.Tensor | None, rows: int, n: int, dtype: torch.dtype, act_mul: bool) -> dict:
     """A whole-K GEMV kernel's ADD_RESIDUAL arguments (store_gemv_out)."""
     if residual is None:
         return {}
+    if act_mul:
+        raise ValueError("the residual epilogue adds to the projection's output; act_mul replaces it")
     if residual.shape != (rows, n) or residual.dtype != dtype or residual.stride(-1) != 1:
         raise ValueError(f"the residual added in the epilogue must be [{rows}, {n}] {dtype}, rows contiguous; got "
                          f"{tuple(residual.shape)} {residual.dtype}")

@@ -643,8 +643,6 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
     writes the next norm's input for a ``PrologueRms`` consumer (EpilogueNorm)."""
     if (norm is not None or residual is not None) and config.kind != "kmajor":
         raise ValueError(f"the norm prologue and the residual epilogue take the 'kmajor' kind; got {config.kind!r}")
-    if residual is not None and act_mul:
-        raise ValueError("the residual epilogue adds to the projection's output; act_mul replaces it")
     if act_mul:
         if config.kind != "kmajor":
             raise ValueError(f"act_mul takes the 'kmajor' kind; got {config.kind!r}")
@@ -683,7 +681,7 @@ def w4_gemv(x: torch.Tensor, weight: PackedWeight | KMajorWeight, config: W4Gemv
                 X_BF16=x.dtype == torch.bfloat16, EVEN=out.shape[1] % per_program == 0 and groups % chunk == 0,
                 PREFETCH=config.prefetch, PRELOAD=preload,
                 L2_PREFETCH=preload > 1 and os.environ.get("TRITON_INTERPRET") != "1",  # inline PTX: GPU only
-                ACT_MUL=act_mul, **_norm_launch(norm, x), **residual_launch(residual, m, n, x.dtype),
+                ACT_MUL=act_mul, **_norm_launch(norm, x), **residual_launch(residual, m, n, x.dtype, act_mul),
                 **next_norm_launch(next_norm, residual, m, n), **launch,
                 **common)
         return out

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +33,7 @@ from torch import nn
 
 from tokenmill.kernels._triton import next_power_of_2
 from tokenmill.kernels.decode_linear import decode_linear
+from tokenmill.kernels.gemv_epilogue import EpilogueNorm, NormSums, PrologueRms
 
 # Layout attributes every parameter of a linear layer carries (see the module docstring).
 LAYOUT_ATTRS = ("input_dim", "output_dim", "packed_dim", "packed_factor")
@@ -51,15 +52,26 @@ class NormedInput:
     """A linear's input given as the residual stream ``hidden`` whose RMSNorm (``weight``, ``eps``) the linear's
     kernel applies itself (model/llama.py hands it over where ``accepts_normed_input`` says yes).
 
-    With ``sums`` (kernels/w4_gemv.py's NormSums, made by the producer's ``apply_add_residual_norm``): ``hidden``
-    already is the stream times ``weight`` and ``sums`` slot ``slot`` holds its rows' sums of squares, so the
-    kernel only scales by 1 / rms."""
+    With ``sums`` (kernels/gemv_epilogue.py's NormSums, made by the producer's ``apply_add_residual_norm``):
+    ``hidden`` already is the stream times ``weight`` and ``sums`` slot ``slot`` holds its rows' sums of squares, so
+    the kernel only scales by 1 / rms (``prologue_rms``)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     eps: float
-    sums: Any = None
+    sums: NormSums | None = None
     slot: int = 0
+
+    def prologue_rms(self) -> PrologueRms:
+        """The consumer kernel's 1 / rms scaling of a producer-made input (``sums`` set)."""
+        return PrologueRms(self.eps, self.sums, self.slot)
+
+    def made_by(self, residual: torch.Tensor,
+                gemv: Callable[[EpilogueNorm], torch.Tensor]) -> tuple[torch.Tensor, NormedInput]:
+        """(the stream, this norm's input) from a producer ``gemv`` run with the next-norm epilogue into a new
+        tensor shaped as ``residual`` (``apply_add_residual_norm``'s body for every method that has one)."""
+        normed = torch.empty_like(residual)
+        return gemv(EpilogueNorm(self.weight, normed, self.sums, self.slot)), replace(self, hidden=normed)
 
 
 class LinearMethod:

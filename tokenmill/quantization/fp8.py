@@ -16,7 +16,6 @@ weight rounded to e4m3 per vocabulary row at load, logits from the FP8 product.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -33,7 +32,7 @@ from tokenmill.kernels.fp8_quant import (
     quantize_fp8_static,
 )
 from tokenmill.kernels.fp8_stream import Fp8StreamConfig, fp8_stream_gemv
-from tokenmill.kernels.gemv_epilogue import RING_ROWS, EpilogueNorm, PrologueRms
+from tokenmill.kernels.gemv_epilogue import RING_ROWS
 from tokenmill.kernels.quant_dispatch import Fp8Choice, fp8_rows_config
 from tokenmill.kernels.splitk import splitk_workspace
 from tokenmill.model.linear_method import (
@@ -209,10 +208,8 @@ class Fp8LinearMethod(LinearMethod):
         config = self._ring_config(layer, x)
         if config is None:
             return None
-        normed = torch.empty_like(residual)
-        stream = fp8_stream_gemv(x, layer.weight, layer.weight_scale, config, bias, residual=residual,
-                                 next_norm=EpilogueNorm(norm.weight, normed, norm.sums, norm.slot))
-        return stream, dataclasses.replace(norm, hidden=normed)
+        return norm.made_by(residual, lambda next_norm: fp8_stream_gemv(
+            x, layer.weight, layer.weight_scale, config, bias, residual=residual, next_norm=next_norm))
 
     def _rms_gemv(self, layer: nn.Module, x: NormedInput, bias: torch.Tensor | None,
                   act_mul: bool = False) -> torch.Tensor:
@@ -221,7 +218,7 @@ class Fp8LinearMethod(LinearMethod):
             raise ValueError("the FP8 GEMV takes only a producer-made norm input (NormedInput with sums) of rows it "
                              "serves with the fma kind")
         return fp8_stream_gemv(x.hidden, layer.weight, layer.weight_scale, config, bias, act_mul=act_mul,
-                               rms=PrologueRms(x.eps, x.sums, x.slot))
+                               rms=x.prologue_rms())
 
     def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Tokens | NormedInput,
               bias: torch.Tensor | None) -> torch.Tensor:

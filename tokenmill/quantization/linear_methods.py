@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from tokenmill.kernels._triton import HAS_TRITON
-from tokenmill.kernels.gemv_epilogue import EpilogueNorm, PrologueRms
 from tokenmill.kernels.quant_dispatch import (
     kmajor_cuda_linear,
     kmajor_cuda_silu_and_mul,
@@ -119,7 +118,7 @@ class WNA16LinearMethod(LinearMethod):
         config = self._gemv_config(layer, x.hidden)
         if config is None:  # accepts_normed_input said yes for these rows: a caller bug
             raise ValueError("a NormedInput reached a layer whose rows go to another kernel")
-        norm = PrologueNorm(x.weight, x.eps) if x.sums is None else PrologueRms(x.eps, x.sums, x.slot)
+        norm = PrologueNorm(x.weight, x.eps) if x.sums is None else x.prologue_rms()
         return w4_gemv(x.hidden, layer.wna16, config, bias, act_mul=act_mul, norm=norm)
 
     def accepts_normed_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
@@ -135,14 +134,12 @@ class WNA16LinearMethod(LinearMethod):
 
     def apply_add_residual_norm(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
                                 residual: torch.Tensor, norm: NormedInput) -> tuple[torch.Tensor, NormedInput] | None:
-        """The K-major GEMV's next-norm epilogue (kernels/w4_gemv.py ``EpilogueNorm``)."""
+        """The K-major GEMV's next-norm epilogue (kernels/gemv_epilogue.py ``EpilogueNorm``)."""
         config = self._gemv_config(layer, x)
         if config is None:
             return None
-        normed = torch.empty_like(residual)
-        stream = w4_gemv(x, layer.wna16, config, bias, residual=residual,
-                         next_norm=EpilogueNorm(norm.weight, normed, norm.sums, norm.slot))
-        return stream, dataclasses.replace(norm, hidden=normed)
+        return norm.made_by(residual, lambda next_norm: w4_gemv(x, layer.wna16, config, bias, residual=residual,
+                                                                 next_norm=next_norm))
 
     def _sort_by_group(self, codes: torch.Tensor, g_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Act-order: codes [K, N] with rows sorted by group (groups become contiguous) and the permutation the
@@ -177,7 +174,8 @@ class WNA16LinearMethod(LinearMethod):
         layer.register_buffer("wna16_perm", perm, persistent=False)
         zeros_data = None if zeros is None else layer.wna16_zeros.data
         if layer.wna16_layout.layout == "kmajor":
-            layer.wna16 = KMajorWeight(layer.qweight.data, layer.scales.data, zeros_data, group, kmajor.integer_zeros)
+            layer.wna16 = dataclasses.replace(kmajor, qweight=layer.qweight.data, scales=layer.scales.data,
+                                              zeros=zeros_data)
         else:
             layer.wna16 = PackedWeight(layer.qweight.data, layer.scales.data, zeros_data, self.bits, group)
         if qweight.is_cuda and HAS_TRITON:  # made now, not first inside a CUDA graph capture
