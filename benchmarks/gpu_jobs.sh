@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_jobs.sh norm_ab
 #   JOB_TIMEOUT=230 bash benchmarks/gpu_jobs.sh w4_ring
 #   JOB_TIMEOUT=170 bash benchmarks/gpu_jobs.sh norm_e2e
+#   JOB_TIMEOUT=120 bash benchmarks/gpu_jobs.sh fused_reduce
 #   bash benchmarks/gpu_jobs.sh maxload
 #   bash benchmarks/gpu_jobs.sh fp8_fuse
 #   bash benchmarks/gpu_jobs.sh paged_probe paged_tests maxload_paged
@@ -134,6 +135,21 @@ for job in "$@"; do
     norm_e2e) run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods \
                 "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm,fp8+lmhead,fp8+lmhead+norm}" \
                 --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
+    # Issues 20 and 22, batch 1 / 16: the paged decode merging its splits in the decode launch (DecodeConfig
+    # fused_reduce: one launch less a layer) against the reduce kernel: its tests on the card, then decode with the
+    # shipped table and with fused_reduce set in its split-plan entries (batches < 128), twice each, alternating.
+    fused_reduce) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_paged_decode_configs.py \
+                    -k fused) 2>&1 | tee "$out/fused_reduce_tests.txt" | tail -3
+                  python3 benchmarks/paged_decode_table_edit.py tokenmill/kernels/configs/paged_decode.json \
+                    "$out/paged_decode_fused.json" --below 128 --set fused_reduce=true
+                  for rep in 1 2; do
+                    for v in off on; do
+                      tbl=tokenmill/kernels/configs/paged_decode.json; [ "$v" = on ] && tbl="$out/paged_decode_fused.json"
+                      TOKENMILL_PAGED_DECODE_CONFIGS="$tbl" run python3 benchmarks/gpu_quantized.py --e2e only \
+                        --e2e-methods "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,fp8+lmhead}" --e2e-batches 1,16 \
+                        --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_fr_${v}_$rep.json"
+                    done
+                  done ;;
     w4_chain) run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain.json"
               TOKENMILL_PDL_EARLY_LAUNCH=1 run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain_early.json" ;;
     # Issue 22: the FP8-weight GEMV variants of kernels/fp8_stream.py vs bf16 and today's FP8 GEMV at 1-16 rows (each

@@ -43,6 +43,9 @@ class DecodeConfig:
     gathering FP8 bytes for the transposed V operand (e4m3 on CUDA; elsewhere it runs as "f16").
     ``heads_fastest``: program ids walk KV heads first, so the programs
     running together read neighbouring heads of the same tokens (one 1-2 KB run of the cache per token).
+    ``fused_reduce``: split plans merge their partials inside the decode launch (the last split of each sequence
+    and KV head to arrive does it, through kernels/splitk.py's arrival counters) instead of in a reduce kernel:
+    one launch less a layer where the plan splits (small batches).
     """
 
     block_n: int = 64  # keys per inner iteration (the plan's block_n)
@@ -52,6 +55,7 @@ class DecodeConfig:
     kv_convert: str = "f32"
     heads_fastest: bool = False
     pack_keys: str = "tiles"  # packed programs: "tiles" (each sequence from a tile boundary) or "run" (dense)
+    fused_reduce: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -76,6 +80,8 @@ class DecodeConfig:
             parts.append(self.kv_convert)
         if self.heads_fastest:
             parts.append("hf")
+        if self.fused_reduce:
+            parts.append("fr")
         return "_".join(parts)
 
     def to_json(self) -> dict[str, Any]:
