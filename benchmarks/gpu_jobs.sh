@@ -137,15 +137,18 @@ for job in "$@"; do
                 --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
     # Issues 20 and 22, batch 1 / 16: the paged decode merging its splits in the decode launch (DecodeConfig
     # fused_reduce: one launch less a layer) against the reduce kernel: its tests on the card, then decode with the
-    # shipped table and with fused_reduce set in its split-plan entries (batches < 128), FR_REPS times each,
-    # alternating (FR_BATCHES: the decode batches, default 1,16).
+    # shipped table ("off") and with the table's split-plan entries (batches < 128) edited ("fr": fused_reduce;
+    # "fr_mp64": also min_partition 64, a short context over more programs), FR_REPS times each, alternating
+    # (FR_VARIANTS: which, default "off fr"; FR_BATCHES: the decode batches, default 1,16).
     fused_reduce) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_paged_decode_configs.py \
-                    -k fused) 2>&1 | tee "$out/fused_reduce_tests.txt" | tail -3
-                  python3 benchmarks/paged_decode_table_edit.py tokenmill/kernels/configs/paged_decode.json \
-                    "$out/paged_decode_fused.json" --below 128 --set fused_reduce=true
+                    -k "fused or min_partition") 2>&1 | tee "$out/fused_reduce_tests.txt" | tail -3
+                  edit() { python3 benchmarks/paged_decode_table_edit.py tokenmill/kernels/configs/paged_decode.json \
+                             "$out/paged_decode_$1.json" --below 128 "${@:2}"; }
+                  edit fr --set fused_reduce=true
+                  edit fr_mp64 --set fused_reduce=true --set min_partition=64
                   for rep in $(seq "${FR_REPS:-2}"); do
-                    for v in off on; do
-                      tbl=tokenmill/kernels/configs/paged_decode.json; [ "$v" = on ] && tbl="$out/paged_decode_fused.json"
+                    for v in ${FR_VARIANTS:-off fr}; do
+                      tbl=tokenmill/kernels/configs/paged_decode.json; [ "$v" = off ] || tbl="$out/paged_decode_$v.json"
                       TOKENMILL_PAGED_DECODE_CONFIGS="$tbl" run python3 benchmarks/gpu_quantized.py --e2e only \
                         --e2e-methods "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,fp8+lmhead}" \
                         --e2e-batches "${FR_BATCHES:-1,16}" --e2e-lens 128,32 --e2e-max-model-len 4096 \

@@ -109,9 +109,12 @@ BF16_UNSPLIT = [
     c(heads_fastest=True), c(seqs_per_program=2, heads_fastest=True), c(seqs_per_program=4, pack_keys="run"),
     c(block_n=128, num_warps=8),
 ]
-BF16_SPLIT = [c(block_n=32, num_warps=2), c(num_stages=3), c(block_n=128, num_warps=8)]
+# Split plans (small batches): also the merge inside the decode launch (fused_reduce: no reduce kernel) and a
+# smaller floor on a split's keys (min_partition 64: a short context spreads over more programs).
+BF16_SPLIT = [c(block_n=32, num_warps=2), c(num_stages=3), c(block_n=128, num_warps=8), c(fused_reduce=True),
+              c(fused_reduce=True, min_partition=64)]
 FP8_SPLIT = [c(kv_convert="asm"), c(kv_convert="asm", num_stages=3), c(kv_convert="asm", block_n=32, num_warps=2),
-             c(kv_convert="f16")]
+             c(kv_convert="f16"), c(kv_convert="asm", num_stages=3, fused_reduce=True)]
 
 
 def candidates(shape: Shape, num_kv_heads: int, num_sms: int) -> list[DecodeConfig]:
@@ -163,7 +166,8 @@ class Case:
 
     def run(self, config: DecodeConfig, table: torch.Tensor, num_sms: int) -> torch.Tensor:
         """The engine's call (kernels run with the plan triton_backend would make for this table)."""
-        plan = plan_decode(self.shape.batch, self.num_kv_heads, table.shape[1] * BS, num_sms, block_n=config.block_n)
+        plan = plan_decode(self.shape.batch, self.num_kv_heads, table.shape[1] * BS, num_sms, block_n=config.block_n,
+                           min_partition=config.min_partition)
         return paged_decode(self.query, self.cache, table, self.lens, self.head_dim**-0.5, plan=plan, out=self.out,
                             k_scale=self.scales[0], v_scale=self.scales[1], config=config)
 

@@ -208,3 +208,24 @@ def test_fused_reduce_kernel_compiles_for_sm90_without_spills(query_len):
                 SCALED=False, SCALE_STRIDE=0, KV_CONVERT="f32", HEADS_FASTEST=False, counters_ptr="*i32",
                 FUSED_REDUCE=True, BLOCK_S=64)
     assert compile_sm90(_paged_decode_kernel, args, num_warps=4).spill_bytes == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("config", [DecodeConfig(min_partition=32, block_n=16),
+                                    DecodeConfig(min_partition=64, fused_reduce=True)], ids=lambda c: c.name)
+def test_min_partition_spreads_short_contexts(config):
+    """Without a given plan, paged_decode plans with the config's min_partition: short sequences in a graph-sized
+    block table spread over length / min_partition splits (the default 128 would give 41 keys one split)."""
+    device = triton_device()
+    seq_lens = [41, 130, 0, 7]
+    query, cache, meta = _batch(seq_lens, 8, 2, 64, 16, _query_dtype(device), device, seed=config.min_partition)
+    table = torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables).repeat(1, 20)], dim=1)  # max_len 4096+
+    plan = plan_decode(len(seq_lens), 2, table.shape[1] * 16, 64, block_n=config.block_n,
+                       min_partition=config.min_partition)
+    assert plan.min_partition == config.min_partition and plan.num_splits >= 41 // config.min_partition + 1
+    out = torch.full_like(query, float("nan"))
+    paged_decode(query, cache, table, meta.seq_lens, 0.125, num_sms=64, out=out, config=config)
+    ref = paged_decode_reference(query.float(), cache.float(), meta.block_tables, meta.seq_lens, 0.125)
+    assert rel_err(out, ref) <= TOL
+    with pytest.raises(ValueError, match="min_partition"):
+        DecodeConfig(min_partition=40)

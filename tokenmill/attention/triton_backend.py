@@ -115,7 +115,7 @@ class TritonAttentionBackend(AttentionBackend):
         config = decode_config(query.device, cache.spec.dtype, num_seqs)
         plan = plan_decode(
             num_seqs, cache.num_kv_heads, block_tables.shape[1] * cache.block_size, self._sm_count(query.device),
-            block_n=config.block_n,
+            block_n=config.block_n, min_partition=config.min_partition,
         )
         return paged_decode(query, cache, block_tables, seq_lens, scale, plan=plan, out=out, query_len=query_len,
                             k_scale=k_scale, v_scale=v_scale, config=config)

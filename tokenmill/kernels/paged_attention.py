@@ -328,7 +328,7 @@ def paged_decode(
 
     ``config``: the launch (kernels/paged_decode_config.py; None: the measured table's entry for this device,
     KV dtype and batch); ``num_warps``/``num_stages`` override its fields. A given ``plan`` keeps its own
-    block_n; without one the plan takes the config's.
+    block_n and min_partition; without one the plan takes the config's.
 
     K/V are indexed [K/V, block, token, head, dim] through the cache object's strides, so a head-major storage
     works too (measured on the H100: no faster, gpu_kernels_decode_layout_2026-11-24.json).
@@ -360,7 +360,7 @@ def paged_decode(
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count
         plan = plan_decode(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, num_sms,
-                           block_n=config.block_n)
+                           block_n=config.block_n, min_partition=config.min_partition)
     launch = {"num_warps": num_warps or config.num_warps, "num_stages": num_stages or config.num_stages}
     group = num_heads // num_kv_heads
     k_scale_arg, v_scale_arg, scaling = scale_launch_args(cache, k_scale, v_scale)

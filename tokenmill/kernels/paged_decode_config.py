@@ -46,6 +46,8 @@ class DecodeConfig:
     ``fused_reduce``: split plans merge their partials inside the decode launch (the last split of each sequence
     and KV head to arrive does it, through kernels/splitk.py's arrival counters) instead of in a reduce kernel:
     one launch less a layer where the plan splits (small batches).
+    ``min_partition``: the fewest keys a split takes (``plan_decode``'s floor): a short context at a small batch
+    spreads over length / min_partition programs, each with that many keys to walk.
     """
 
     block_n: int = 64  # keys per inner iteration (the plan's block_n)
@@ -56,6 +58,7 @@ class DecodeConfig:
     heads_fastest: bool = False
     pack_keys: str = "tiles"  # packed programs: "tiles" (each sequence from a tile boundary) or "run" (dense)
     fused_reduce: bool = False
+    min_partition: int = 128
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -66,6 +69,8 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.pack_keys must be 'tiles' or 'run'; got {self.pack_keys!r}")
         if self.kv_convert not in KV_CONVERTS:
             raise ValueError(f"DecodeConfig.kv_convert must be one of {KV_CONVERTS}; got {self.kv_convert!r}")
+        if self.min_partition < 16 or self.min_partition % 16:
+            raise ValueError(f"DecodeConfig.min_partition must be a multiple of 16; got {self.min_partition}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"DecodeConfig needs num_warps in 1-16 (a power of two) and num_stages >= 1; got "
                              f"{self.num_warps}, {self.num_stages}")
@@ -82,6 +87,8 @@ class DecodeConfig:
             parts.append("hf")
         if self.fused_reduce:
             parts.append("fr")
+        if self.min_partition != 128:
+            parts.append(f"mp{self.min_partition}")
         return "_".join(parts)
 
     def to_json(self) -> dict[str, Any]:
