@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_jobs.sh norm_ab
 #   JOB_TIMEOUT=230 bash benchmarks/gpu_jobs.sh w4_ring
 #   JOB_TIMEOUT=170 bash benchmarks/gpu_jobs.sh norm_e2e
-#   JOB_TIMEOUT=120 bash benchmarks/gpu_jobs.sh fused_reduce
+#   JOB_TIMEOUT=120 bash benchmarks/gpu_jobs.sh paged_table_ab
 #   bash benchmarks/gpu_jobs.sh maxload
 #   bash benchmarks/gpu_jobs.sh fp8_fuse
 #   bash benchmarks/gpu_jobs.sh paged_probe paged_tests maxload_paged
@@ -135,26 +135,24 @@ for job in "$@"; do
     norm_e2e) run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods \
                 "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm,fp8+lmhead,fp8+lmhead+norm}" \
                 --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
-    # Issues 20 and 22, batch 1 / 16: the paged decode merging its splits in the decode launch (DecodeConfig
-    # fused_reduce: one launch less a layer) against the reduce kernel: its tests on the card, then decode with the
-    # shipped table ("off") and with the table's split-plan entries (batches < 128) edited ("fr": fused_reduce;
-    # "fr_mp64": also min_partition 64, a short context over more programs), FR_REPS times each, alternating
-    # (FR_VARIANTS: which, default "off fr"; FR_BATCHES: the decode batches, default 1,16).
-    fused_reduce) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_paged_decode_configs.py \
-                    -k "fused or min_partition") 2>&1 | tee "$out/fused_reduce_tests.txt" | tail -3
-                  edit() { python3 benchmarks/paged_decode_table_edit.py tokenmill/kernels/configs/paged_decode.json \
-                             "$out/paged_decode_$1.json" --below 128 "${@:2}"; }
-                  edit fr --set fused_reduce=true
-                  edit fr_mp64 --set fused_reduce=true --set min_partition=64
-                  for rep in $(seq "${FR_REPS:-2}"); do
-                    for v in ${FR_VARIANTS:-off fr}; do
-                      tbl=tokenmill/kernels/configs/paged_decode.json; [ "$v" = off ] || tbl="$out/paged_decode_$v.json"
-                      TOKENMILL_PAGED_DECODE_CONFIGS="$tbl" run python3 benchmarks/gpu_quantized.py --e2e only \
-                        --e2e-methods "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,fp8+lmhead}" \
-                        --e2e-batches "${FR_BATCHES:-1,16}" --e2e-lens 128,32 --e2e-max-model-len 4096 \
-                        --out "$out/gpu_quantized_e2e_fr_${v}_$rep.json"
-                    done
-                  done ;;
+    # Issues 20 and 22, small batches: a paged decode option (PAGED_SET, default min_partition=64) set in the table's
+    # split-plan entries (batches < 128) against the shipped table: the paged config tests on the card, then decode
+    # both ways, PAGED_REPS times each, alternating (PAGED_BATCHES: the decode batches, default 1,16).
+    paged_table_ab) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_paged_decode_configs.py) \
+                      2>&1 | tee "$out/paged_table_ab_tests.txt" | tail -3
+                    sets=(); for f in ${PAGED_SET:-min_partition=64}; do sets+=(--set "$f"); done
+                    python3 benchmarks/paged_decode_table_edit.py tokenmill/kernels/configs/paged_decode.json \
+                      "$out/paged_decode_edited.json" --below 128 "${sets[@]}"
+                    for rep in $(seq "${PAGED_REPS:-2}"); do
+                      for v in shipped edited; do
+                        tbl=tokenmill/kernels/configs/paged_decode.json
+                        [ "$v" = edited ] && tbl="$out/paged_decode_edited.json"
+                        TOKENMILL_PAGED_DECODE_CONFIGS="$tbl" run python3 benchmarks/gpu_quantized.py --e2e only \
+                          --e2e-methods "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,fp8+lmhead}" \
+                          --e2e-batches "${PAGED_BATCHES:-1,16}" --e2e-lens 128,32 --e2e-max-model-len 4096 \
+                          --out "$out/gpu_quantized_e2e_paged_${v}_$rep.json"
+                      done
+                    done ;;
     w4_chain) run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain.json"
               TOKENMILL_PDL_EARLY_LAUNCH=1 run python3 benchmarks/gpu_w4_chain.py --out "$out/gpu_w4_chain_early.json" ;;
     # Issue 22: the FP8-weight GEMV variants of kernels/fp8_stream.py vs bf16 and today's FP8 GEMV at 1-16 rows (each

@@ -109,12 +109,11 @@ BF16_UNSPLIT = [
     c(heads_fastest=True), c(seqs_per_program=2, heads_fastest=True), c(seqs_per_program=4, pack_keys="run"),
     c(block_n=128, num_warps=8),
 ]
-# Split plans (small batches): also the merge inside the decode launch (fused_reduce: no reduce kernel) and a
-# smaller floor on a split's keys (min_partition 64: a short context spreads over more programs).
-BF16_SPLIT = [c(block_n=32, num_warps=2), c(num_stages=3), c(block_n=128, num_warps=8), c(fused_reduce=True),
-              c(fused_reduce=True, min_partition=64)]
+# Split plans (small batches): also a smaller floor on a split's keys (min_partition 64: a short context spreads
+# over more programs).
+BF16_SPLIT = [c(block_n=32, num_warps=2), c(num_stages=3), c(block_n=128, num_warps=8), c(min_partition=64)]
 FP8_SPLIT = [c(kv_convert="asm"), c(kv_convert="asm", num_stages=3), c(kv_convert="asm", block_n=32, num_warps=2),
-             c(kv_convert="f16"), c(kv_convert="asm", num_stages=3, fused_reduce=True)]
+             c(kv_convert="f16"), c(kv_convert="asm", num_stages=3, min_partition=64)]
 
 
 def candidates(shape: Shape, num_kv_heads: int, num_sms: int) -> list[DecodeConfig]:

@@ -1,7 +1,7 @@
 """Set a field in the paged decode table's entries below a batch, for a same-call A/B of one DecodeConfig option
 (kernels/paged_decode_config.py) against the shipped table:
 
-    python3 benchmarks/paged_decode_table_edit.py BASE_TABLE OUT_TABLE --below 128 --set fused_reduce=true
+    python3 benchmarks/paged_decode_table_edit.py BASE_TABLE OUT_TABLE --below 128 --set min_partition=64
 
 Every device and KV format; values are JSON (true, 32, "asm"). Each edited entry is checked by
 ``DecodeConfig.from_json`` before anything is written; the run's env ``TOKENMILL_PAGED_DECODE_CONFIGS=OUT_TABLE``

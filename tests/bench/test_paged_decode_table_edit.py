@@ -26,10 +26,10 @@ def _edit_module():
     return module
 
 
-def test_fused_reduce_set_below_a_batch_only(tmp_path):
-    out = tmp_path / "fused.json"
+def test_an_option_is_set_below_a_batch_only(tmp_path):
+    out = tmp_path / "edited.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paged_decode_table_edit.py"), str(SHIPPED_CONFIGS),
-                    str(out), "--below", "128", "--set", "fused_reduce=true"], check=True, capture_output=True)
+                    str(out), "--below", "128", "--set", "min_partition=64"], check=True, capture_output=True)
     base, edited = json.loads(SHIPPED_CONFIGS.read_text()), json.loads(out.read_text())
     assert edited["sm_90"] == base["sm_90"]
     seen = 0
@@ -40,7 +40,7 @@ def test_fused_reduce_set_below_a_batch_only(tmp_path):
             for batch, entry in entries.items():
                 got = edited[device][fmt][batch]
                 if int(batch) < 128:
-                    assert got == {**entry, "fused_reduce": True}
+                    assert got == {**entry, "min_partition": 64}
                     seen += 1
                 else:
                     assert got == entry
@@ -48,14 +48,14 @@ def test_fused_reduce_set_below_a_batch_only(tmp_path):
     h100 = ("NVIDIA H100 80GB HBM3",)
     paged_decode_config._lookup.cache_clear()
     try:
-        assert paged_decode_config._lookup(str(out), h100, "16bit", 1).fused_reduce
-        assert not paged_decode_config._lookup(str(out), h100, "16bit", 300).fused_reduce
-        assert device_entries(edited, ("sm_90",))["fp8"]["1"]["fused_reduce"] is True
+        assert paged_decode_config._lookup(str(out), h100, "16bit", 1).min_partition == 64
+        assert paged_decode_config._lookup(str(out), h100, "16bit", 300).min_partition == 128
+        assert device_entries(edited, ("sm_90",))["fp8"]["1"]["min_partition"] == 64
     finally:
         paged_decode_config._lookup.cache_clear()
 
 
 def test_an_unknown_field_is_refused():
     with pytest.raises(ValueError, match="unknown fields"):
-        _edit_module().edit(json.loads(SHIPPED_CONFIGS.read_text()), 128, {"fused_reduc": True})
-    assert DecodeConfig().fused_reduce is False  # the shipped default launch keeps the reduce kernel
+        _edit_module().edit(json.loads(SHIPPED_CONFIGS.read_text()), 128, {"min_partitions": 64})
+    assert DecodeConfig().min_partition == 128  # plan_decode's default: the launch before the option

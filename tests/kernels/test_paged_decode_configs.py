@@ -5,21 +5,15 @@ interpreter mis-computes bf16 dots)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import fp8_device, make_paged_batch, rel_err, triton_device
 
-from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.kv_cache_write import reshape_and_cache
 from tokenmill.kernels.paged_attention import paged_decode, paged_decode_reference, plan_decode
 from tokenmill.kernels.paged_decode_config import CONFIGS_ENV, DecodeConfig, decode_config, kv_convert
-from tokenmill.kernels.splitk import splitk_workspace
 
 TOL = 1e-2
 needs_kernels = pytest.mark.skipif(triton_device() is None, reason="needs CUDA + triton (or TRITON_INTERPRET=1)")
@@ -154,65 +148,8 @@ def test_table_gives_the_largest_measured_batch_at_or_below(tmp_path, monkeypatc
 
 
 @needs_kernels
-@pytest.mark.parametrize("query_len", [1, 3])
-@pytest.mark.parametrize("config", [DecodeConfig(fused_reduce=True),
-                                    DecodeConfig(fused_reduce=True, heads_fastest=True, block_n=32, num_warps=2)],
+@pytest.mark.parametrize("config", [DecodeConfig(min_partition=32, block_n=16), DecodeConfig(min_partition=64)],
                          ids=lambda c: c.name)
-def test_fused_reduce_matches_the_reduce_kernel(config, query_len):
-    """Split plans merged by the last split to arrive (per sequence and KV head, through the split-K arrival
-    counters) equal the reduce kernel's merge and fp32, twice in a row (the counters reset themselves), with empty
-    sequences and sequences shorter than one split among them; verification rows (query_len 3) too."""
-    device = triton_device()
-    lengths = [300, 0, 41, 129, 5, 77]
-    rows, key, value, cache, meta = make_paged_batch(
-        [(max(n - query_len, 0), query_len if n else 0) for n in lengths], 8, 2, 64, 16, _query_dtype(device),
-        device, seed=query_len + config.block_n)
-    reshape_and_cache(key, value, cache, meta.slot_mapping)
-    num_seqs = len(lengths)
-    gen = torch.Generator().manual_seed(query_len)
-    query = torch.randn((num_seqs * query_len, *rows.shape[1:]), generator=gen).to(rows)  # rows for length 0 too
-    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    plan = plan_decode(num_seqs, 2, meta.block_tables.shape[1] * 16, 10_000, block_n=config.block_n, min_partition=32)
-    assert plan.num_splits > 2
-    plain = dataclasses.replace(config, fused_reduce=False)
-    expected = paged_decode(query, cache, meta.block_tables, seq_lens, 0.125, plan=plan, query_len=query_len,
-                            config=plain)
-    ref = paged_decode_reference(query.float(), cache.float(), meta.block_tables, seq_lens, 0.125, query_len)
-    counters = splitk_workspace(query.device).counters
-    for _ in range(2):
-        out = torch.full_like(query, float("nan"))
-        paged_decode(query, cache, meta.block_tables, seq_lens, 0.125, plan=plan, out=out, query_len=query_len,
-                     config=config)
-        assert rel_err(out, expected) <= 1e-3
-        assert rel_err(out, ref) <= TOL
-        assert not torch.any(counters), "an arrival counter was left non-zero"
-
-
-@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs triton, compiled (the interpreter swaps jit functions for its own)")
-@pytest.mark.parametrize("query_len", [1, 3])
-def test_fused_reduce_kernel_compiles_for_sm90_without_spills(query_len):
-    """The decode kernel with the in-launch merge (Llama-3-8B heads, bf16 cache), compiled for sm_90 without a GPU:
-    the merge's [splits, head_dim] tile costs registers (116 -> 144 at one token) but spills nothing."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from triton_sass import compile_sm90
-
-    from tokenmill.kernels.paged_attention import _paged_decode_kernel
-
-    args = dict(q_ptr="*bf16", cache_ptr="*bf16", bt_ptr="*i32", seq_lens_ptr="*i32", out_ptr="*bf16",
-                part_out_ptr="*fp32", part_lse_ptr="*fp32", q_stride_b="i32:16", q_stride_h="i32:16",
-                out_stride_b="i32:16", out_stride_h="i32:16", bt_stride="i32", v_offset="i64:16", qk_scale="fp32",
-                num_splits="i32", min_partition="i32", k_scale_ptr="*fp32", v_scale_ptr="*fp32", NUM_KV_HEADS=8,
-                GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, BLOCK_G=16, BLOCK_D=128, PRECISION="tf32",
-                STRIDE_BLOCK=16 * 8 * 128, STRIDE_TOKEN=8 * 128, STRIDE_HEAD=128, PDL=True, QUERY_LEN=query_len,
-                SCALED=False, SCALE_STRIDE=0, KV_CONVERT="f32", HEADS_FASTEST=False, counters_ptr="*i32",
-                FUSED_REDUCE=True, BLOCK_S=64)
-    assert compile_sm90(_paged_decode_kernel, args, num_warps=4).spill_bytes == 0
-
-
-@needs_kernels
-@pytest.mark.parametrize("config", [DecodeConfig(min_partition=32, block_n=16),
-                                    DecodeConfig(min_partition=64, fused_reduce=True)], ids=lambda c: c.name)
 def test_min_partition_spreads_short_contexts(config):
     """Without a given plan, paged_decode plans with the config's min_partition: short sequences in a graph-sized
     block table spread over length / min_partition splits (the default 128 would give 41 keys one split)."""

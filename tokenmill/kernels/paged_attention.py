@@ -3,10 +3,9 @@
 One query token per sequence (plain decode), or 1 + k (a verification row of k draft tokens, causal among the
 new tokens). GQA-aware (one program serves every query head of a KV head, and every new token, so K/V are
 read once) and split-K (flash-decoding): long contexts split into partitions whose partial softmax results a
-reduce kernel merges (with DecodeConfig.fused_reduce, the last split to finish, inside the same launch). The
-one-token case is a constexpr specialisation with no causal mask. An FP8 cache is read as FP8 (half the bytes
-of bf16), widened to the query's dtype in registers, and its scales are folded in once: the k scale into the
-softmax scale, the v scale into the normalized output.
+reduce kernel merges. The one-token case is a constexpr specialisation with no causal mask. An FP8 cache is read
+as FP8 (half the bytes of bf16), widened to the query's dtype in registers, and its scales are folded in once:
+the k scale into the softmax scale, the v scale into the normalized output.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from tokenmill.kernels._triton import (
 from tokenmill.kernels.kv_cache_write import scale_launch_args
 from tokenmill.kernels.paged_decode_config import DecodeConfig, decode_config, kv_convert
 from tokenmill.kernels.paged_decode_packed import MAX_GRID_Y, paged_decode_packed
-from tokenmill.kernels.splitk import COUNTERS, splitk_workspace
 
 
 def paged_decode_reference(
@@ -174,9 +172,6 @@ if HAS_TRITON:
         SCALE_STRIDE: tl.constexpr = 0,
         KV_CONVERT: tl.constexpr = "f32",
         HEADS_FASTEST: tl.constexpr = False,  # grid (kv_head, seq, split) instead of (seq, kv_head, split)
-        counters_ptr=None,  # FUSED_REDUCE: int32 arrival count per (sequence, KV head), zero between launches
-        FUSED_REDUCE: tl.constexpr = False,
-        BLOCK_S: tl.constexpr = 64,  # FUSED_REDUCE: the merge's split width (>= num_splits)
     ):
         pdl_wait(PDL)
         if HEADS_FASTEST:
@@ -248,44 +243,6 @@ if HAS_TRITON:
             res = acc / tl.maximum(l_i, 1e-30)[:, None]
             tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + d[None, :], res, mask=out_mask)
             tl.store(part_lse_ptr + idx, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=gmask)
-            if FUSED_REDUCE:  # the last split of this (sequence, KV head) to arrive merges its rows' partials
-                tl.debug_barrier()  # every thread's partial is written before the counter is released
-                counter = counters_ptr + seq * NUM_KV_HEADS + kv_head
-                arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-                if arrived == num_splits - 1:
-                    for row in range(QUERY_LEN * GROUP):
-                        _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq * QUERY_LEN + row // GROUP,
-                                      kv_head * GROUP + row % GROUP, num_splits, out_stride_b, out_stride_h,
-                                      NUM_KV_HEADS * GROUP, HEAD_DIM, BLOCK_S, BLOCK_D, ".cg")
-                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-
-    @triton.jit
-    def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, token, head, num_splits, out_stride_b, out_stride_h,
-                      NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
-        """One (token, head)'s output from its splits' partials, each weighed by exp2(lse - max lse). ``CACHE``
-        ".cg" reads them from L2: partials other SMs wrote inside the same launch."""
-        # Splits past a sequence's end wrote lse = -inf and zeros, so every split can be read without
-        # first loading seq_len (one dependent load fewer on this short kernel's critical path).
-        s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, BLOCK_D)
-        smask = s < num_splits
-        base = (token * NUM_HEADS + head) * num_splits
-        lse = tl.load(part_lse_ptr + base + s, mask=smask, other=float("-inf"), cache_modifier=CACHE)
-        parts = tl.load(
-            part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
-            mask=smask[:, None] & (d[None, :] < HEAD_DIM),
-            other=0.0,
-            cache_modifier=CACHE,
-        )
-        m = tl.maximum(tl.max(lse, axis=0), -1e30)  # finite even when no split saw a key (seq_len 0)
-        w = tl.exp2(lse - m)
-        res = tl.sum(parts * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
-        tl.store(
-            out_ptr + token * out_stride_b + head * out_stride_h + d,
-            res.to(out_ptr.dtype.element_ty),
-            mask=d < HEAD_DIM,
-        )
 
     @triton.jit(do_not_specialize=["num_splits"])
     def _paged_decode_reduce_kernel(
@@ -302,8 +259,28 @@ if HAS_TRITON:
         PDL: tl.constexpr = False,
     ):
         pdl_wait(PDL)
-        _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1),
-                      num_splits, out_stride_b, out_stride_h, NUM_HEADS, HEAD_DIM, BLOCK_S, BLOCK_D, "")
+        # Splits past a sequence's end wrote lse = -inf and zeros, so every split can be read without
+        # first loading seq_len (one dependent load fewer on this short kernel's critical path).
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        smask = s < num_splits
+        base = (seq * NUM_HEADS + head) * num_splits
+        lse = tl.load(part_lse_ptr + base + s, mask=smask, other=float("-inf"))
+        parts = tl.load(
+            part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
+            mask=smask[:, None] & (d[None, :] < HEAD_DIM),
+            other=0.0,
+        )
+        m = tl.maximum(tl.max(lse, axis=0), -1e30)  # finite even when no split saw a key (seq_len 0)
+        w = tl.exp2(lse - m)
+        res = tl.sum(parts * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
+        tl.store(
+            out_ptr + seq * out_stride_b + head * out_stride_h + d,
+            res.to(out_ptr.dtype.element_ty),
+            mask=d < HEAD_DIM,
+        )
 
 
 def paged_decode(
@@ -383,11 +360,6 @@ def paged_decode(
     part_out = torch.empty((*split_shape, head_dim), dtype=torch.float32, device=query.device)
     part_lse = torch.empty(split_shape, dtype=torch.float32, device=query.device)
     heads_fastest = config.heads_fastest and num_seqs <= MAX_GRID_Y
-    # One width for every split count up to the planner's cap: a width per count compiled a new variant whenever a
-    # mixed step's block-table width moved the count (eager steps, mid-run).
-    reduce_width = max(REDUCE_WIDTH, next_power_of_2(plan.num_splits))
-    fused_reduce = config.fused_reduce and plan.num_splits > 1 and num_seqs * num_kv_heads <= COUNTERS
-    counters = splitk_workspace(query.device).counters if fused_reduce else None
     grid = (num_kv_heads, num_seqs, plan.num_splits) if heads_fastest else (num_seqs, num_kv_heads, plan.num_splits)
     _paged_decode_kernel[grid](
         query,
@@ -416,12 +388,9 @@ def paged_decode(
         BLOCK_G=max(16, next_power_of_2(query_len * group)),
         QUERY_LEN=query_len,
         HEADS_FASTEST=heads_fastest,
-        counters_ptr=counters,
-        FUSED_REDUCE=fused_reduce,
-        BLOCK_S=reduce_width,
         **options,
     )
-    if plan.num_splits > 1 and not fused_reduce:
+    if plan.num_splits > 1:
         _paged_decode_reduce_kernel[(num_tokens, num_heads)](
             part_out,
             part_lse,
@@ -431,7 +400,9 @@ def paged_decode(
             plan.num_splits,
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
-            BLOCK_S=reduce_width,
+            # One width for every split count up to the planner's cap: a width per count compiled a new
+            # variant whenever a mixed step's block-table width moved the count (eager steps, mid-run).
+            BLOCK_S=max(REDUCE_WIDTH, next_power_of_2(plan.num_splits)),
             BLOCK_D=options["BLOCK_D"],
             **pdl_launch(query.device, num_seqs),
             num_warps=4,

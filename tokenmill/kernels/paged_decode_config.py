@@ -43,9 +43,6 @@ class DecodeConfig:
     gathering FP8 bytes for the transposed V operand (e4m3 on CUDA; elsewhere it runs as "f16").
     ``heads_fastest``: program ids walk KV heads first, so the programs
     running together read neighbouring heads of the same tokens (one 1-2 KB run of the cache per token).
-    ``fused_reduce``: split plans merge their partials inside the decode launch (the last split of each sequence
-    and KV head to arrive does it, through kernels/splitk.py's arrival counters) instead of in a reduce kernel:
-    one launch less a layer where the plan splits (small batches).
     ``min_partition``: the fewest keys a split takes (``plan_decode``'s floor): a short context at a small batch
     spreads over length / min_partition programs, each with that many keys to walk.
     """
@@ -57,7 +54,6 @@ class DecodeConfig:
     kv_convert: str = "f32"
     heads_fastest: bool = False
     pack_keys: str = "tiles"  # packed programs: "tiles" (each sequence from a tile boundary) or "run" (dense)
-    fused_reduce: bool = False
     min_partition: int = 128
 
     def __post_init__(self) -> None:
@@ -85,8 +81,6 @@ class DecodeConfig:
             parts.append(self.kv_convert)
         if self.heads_fastest:
             parts.append("hf")
-        if self.fused_reduce:
-            parts.append("fr")
         if self.min_partition != 128:
             parts.append(f"mp{self.min_partition}")
         return "_".join(parts)
