@@ -170,6 +170,9 @@ def ring(m: int, n: int, k: int, split: int, st: int = 4, wr: bool = False, pair
                             weight_ring=wr, pair_dequant=pair, register_a=ra)
 
 
+# H100, s25, 64 rows: register_a won every shape (four projections 130.9 us vs bf16 162.5), but qkv and o, with
+# 48 and 32 output tiles, stayed below bf16 at split 2 / 4: split 8 (250 registers, no spills, no wgmma operand
+# hazards in sm_90 compiles) gives them 256-384 programs.
 # The words ring (weight_ring): at 64 rows the register-prefetched kernels stream the weights at ~0.56 TB/s (one
 # step, ~8 KB a CTA, in flight); the ring keeps num_stages - 2 steps of words in flight. pair_dequant: the K loop
 # of the 64 x 128 x 128 tile from 471 SASS instructions to 316 (bf16x2 arithmetic instead of fp32); register_a: 281
@@ -185,7 +188,8 @@ def weight_ring_candidates(rows: int) -> list[KMajorGemmConfig]:
                 ring(64, 128, 128, 2, 4, True, True), ring(64, 128, 128, 2, 5, True, True),
                 ring(64, 128, 128, 4, 4, True, True), ring(64, 128, 64, 2, 6, True, True),
                 ring(64, 128, 128, 2, 4, True, True, True), ring(64, 128, 128, 4, 4, True, True, True),
-                ring(64, 128, 64, 2, 6, True, True, True)]
+                ring(64, 128, 64, 2, 6, True, True, True), ring(64, 128, 128, 8, 4, True, True, True),
+                ring(64, 128, 64, 8, 6, True, True, True)]
     if rows <= 128:
         return [ring(128, 128, 128, 1, 4, True), ring(128, 128, 128, 1, 4, True, True),
                 ring(128, 128, 64, 1, 5, True, True), ring(64, 128, 128, 2, 4, True, True),

@@ -190,6 +190,7 @@ def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4
                                           (ring(256, 128, 64, stages=3, weight_ring=True), 64),
                                           (ring(64, 128, 128, 2, weight_ring=True, pair=True), 128),
                                           (ring(64, 128, 128, pair=True, register_a=True), 128),
+                                          (ring(64, 128, 128, 8, pair=True, register_a=True), 128),
                                           (ring(64, 64, 64, 2, warps=4, register_a=True), 32)])
 def test_gluon_ring_kernel_compiles_async(config, group):
     """Compiles the pipelined kernel for sm_90 without a GPU: the codes' reshape into the wgmma operand layout is
