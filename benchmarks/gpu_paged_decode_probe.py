@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_probe import GemvProbe  # noqa: E402
 from gpu_record import probe_device, write_record  # noqa: E402
 
-from tokenmill.kernels.paged_attention import paged_decode, paged_decode_reference, plan_decode  # noqa: E402
+from tokenmill.kernels.paged_attention import paged_decode, paged_decode_reference, plan_for_config  # noqa: E402
 from tokenmill.kernels.paged_decode_config import DecodeConfig, kv_format  # noqa: E402
 
 HEADS = (32, 8, 128)  # query heads, KV heads, head dim (Llama-3-8B)
@@ -165,8 +165,7 @@ class Case:
 
     def run(self, config: DecodeConfig, table: torch.Tensor, num_sms: int) -> torch.Tensor:
         """The engine's call (kernels run with the plan triton_backend would make for this table)."""
-        plan = plan_decode(self.shape.batch, self.num_kv_heads, table.shape[1] * BS, num_sms, block_n=config.block_n,
-                           min_partition=config.min_partition)
+        plan = plan_for_config(config, self.shape.batch, self.num_kv_heads, table.shape[1] * BS, num_sms)
         return paged_decode(self.query, self.cache, table, self.lens, self.head_dim**-0.5, plan=plan, out=self.out,
                             k_scale=self.scales[0], v_scale=self.scales[1], config=config)
 

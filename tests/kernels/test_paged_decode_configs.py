@@ -5,14 +5,21 @@ interpreter mis-computes bf16 dots)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from conftest import fp8_device, make_paged_batch, rel_err, triton_device
 
+from tokenmill.kernels import paged_attention
 from tokenmill.kernels.kv_cache_write import reshape_and_cache
-from tokenmill.kernels.paged_attention import paged_decode, paged_decode_reference, plan_decode
+from tokenmill.kernels.paged_attention import (
+    paged_decode,
+    paged_decode_reference,
+    plan_decode,
+    plan_for_config,
+)
 from tokenmill.kernels.paged_decode_config import CONFIGS_ENV, DecodeConfig, decode_config, kv_convert
 
 TOL = 1e-2
@@ -150,18 +157,24 @@ def test_table_gives_the_largest_measured_batch_at_or_below(tmp_path, monkeypatc
 @needs_kernels
 @pytest.mark.parametrize("config", [DecodeConfig(min_partition=32, block_n=16), DecodeConfig(min_partition=64)],
                          ids=lambda c: c.name)
-def test_min_partition_spreads_short_contexts(config):
-    """Without a given plan, paged_decode plans with the config's min_partition: short sequences in a graph-sized
-    block table spread over length / min_partition splits (the default 128 would give 41 keys one split)."""
+def test_min_partition_spreads_short_contexts(config, monkeypatch):
+    """Without a given plan, paged_decode plans with the config's min_partition (plan_for_config, the backend's
+    planner too): short sequences in a graph-sized block table spread over length / min_partition splits (the
+    default 128 gives 41 keys one split), and the result stays the reference's."""
     device = triton_device()
     seq_lens = [41, 130, 0, 7]
     query, cache, meta = _batch(seq_lens, 8, 2, 64, 16, _query_dtype(device), device, seed=config.min_partition)
-    table = torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables).repeat(1, 20)], dim=1)  # max_len 4096+
-    plan = plan_decode(len(seq_lens), 2, table.shape[1] * 16, 64, block_n=config.block_n,
-                       min_partition=config.min_partition)
-    assert plan.min_partition == config.min_partition and plan.num_splits >= 41 // config.min_partition + 1
+    table = torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables).repeat(1, 20)], dim=1)  # ~3k keys
+    plan = plan_for_config(config, len(seq_lens), 2, table.shape[1] * 16, 64)
+    default = plan_for_config(dataclasses.replace(config, min_partition=128), len(seq_lens), 2, table.shape[1] * 16,
+                              64)
+    assert plan.min_partition == config.min_partition < default.min_partition  # 41 keys: 2 splits or more, not 1
+    plans = []
+    monkeypatch.setattr(paged_attention, "plan_for_config",
+                        lambda *args: plans.append(plan_for_config(*args)) or plans[-1])
     out = torch.full_like(query, float("nan"))
     paged_decode(query, cache, table, meta.seq_lens, 0.125, num_sms=64, out=out, config=config)
+    assert plans == [plan]
     ref = paged_decode_reference(query.float(), cache.float(), meta.block_tables, meta.seq_lens, 0.125)
     assert rel_err(out, ref) <= TOL
     with pytest.raises(ValueError, match="min_partition"):

@@ -15,7 +15,7 @@ from tokenmill.attention.kv_cache import LayerKVCache
 from tokenmill.attention.metadata import AttentionMetadata
 from tokenmill.kernels._triton import HAS_TRITON
 from tokenmill.kernels.kv_cache_write import reshape_and_cache
-from tokenmill.kernels.paged_attention import count_leading_decodes, paged_decode, plan_decode
+from tokenmill.kernels.paged_attention import count_leading_decodes, paged_decode, plan_for_config
 from tokenmill.kernels.paged_decode_config import decode_config
 from tokenmill.kernels.prefill_attention import prefill_attention
 from tokenmill.kernels.rotary_kv_write import rotary_and_cache
@@ -113,9 +113,7 @@ class TritonAttentionBackend(AttentionBackend):
         # The config and plan depend on shapes only (block-table width bounds every length): graph-capturable.
         num_seqs = block_tables.shape[0]
         config = decode_config(query.device, cache.spec.dtype, num_seqs)
-        plan = plan_decode(
-            num_seqs, cache.num_kv_heads, block_tables.shape[1] * cache.block_size, self._sm_count(query.device),
-            block_n=config.block_n, min_partition=config.min_partition,
-        )
+        plan = plan_for_config(config, num_seqs, cache.num_kv_heads, block_tables.shape[1] * cache.block_size,
+                               self._sm_count(query.device))
         return paged_decode(query, cache, block_tables, seq_lens, scale, plan=plan, out=out, query_len=query_len,
                             k_scale=k_scale, v_scale=v_scale, config=config)

@@ -113,6 +113,13 @@ def plan_decode(
     return DecodePlan(num_splits=num_splits, partition_size=partition, block_n=block_n, min_partition=floor)
 
 
+def plan_for_config(config: DecodeConfig, num_seqs: int, num_kv_heads: int, max_len: int,
+                    num_sms: int) -> DecodePlan:
+    """The plan a launch config asks for: its key tile and its floor on a split's keys."""
+    return plan_decode(num_seqs, num_kv_heads, max_len, num_sms, block_n=config.block_n,
+                       min_partition=config.min_partition)
+
+
 def count_leading_decodes(query_start_loc_cpu: list[int]) -> int:
     """How many sequences at the head of a packed batch have exactly one query token.
 
@@ -336,8 +343,7 @@ def paged_decode(
     if plan is None:
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-        plan = plan_decode(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, num_sms,
-                           block_n=config.block_n, min_partition=config.min_partition)
+        plan = plan_for_config(config, num_seqs, num_kv_heads, block_tables.shape[1] * block_size, num_sms)
     launch = {"num_warps": num_warps or config.num_warps, "num_stages": num_stages or config.num_stages}
     group = num_heads // num_kv_heads
     k_scale_arg, v_scale_arg, scaling = scale_launch_args(cache, k_scale, v_scale)
