@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_jobs.sh norm_ab
 #   JOB_TIMEOUT=230 bash benchmarks/gpu_jobs.sh w4_ring
 #   JOB_TIMEOUT=170 bash benchmarks/gpu_jobs.sh norm_e2e
+#   JOB_TIMEOUT=150 bash benchmarks/gpu_jobs.sh norm_tests norm_e2e
 #   JOB_TIMEOUT=120 bash benchmarks/gpu_jobs.sh paged_table_ab
 #   bash benchmarks/gpu_jobs.sh maxload
 #   bash benchmarks/gpu_jobs.sh fp8_fuse
@@ -131,6 +132,9 @@ for job in "$@"; do
              run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods \
                "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm,fp8+lmhead,fp8+lmhead+norm}" \
                --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
+    # norm_ab's model tests alone (the norm-fusion kernels' tests ran whole in gpu_suite.sh's kernel groups).
+    norm_tests) (cd tests/quantization && run python3 -m pytest -q -p no:cacheprovider test_kmajor_layout.py \
+                  test_fp8_fusion.py -k "norm or fus") 2>&1 | tee "$out/norm_model_tests.txt" | tail -3 ;;
     # norm_ab's batch-1 decode A/B alone (its tests run in gpu_suite.sh's groups).
     norm_e2e) run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods \
                 "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm,fp8+lmhead,fp8+lmhead+norm}" \

@@ -420,12 +420,16 @@ def suggested_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]
 def suggested_k_major_entries(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Table entries for weights served in the K-major layout (--quant-weight-layout kmajor; format
     w4a16_g128_kmajor): the fastest K-major variant per shape and row count, whether or not it beats today's
-    kernel (that layout has no other). Row counts past the probe's keep kernels/quant_dispatch.py's defaults."""
+    kernel (that layout has no other), but not where the K-major table's own entry (``kmajor_today``) measured
+    faster: a run of a few families (H100, s26: the ring alone at 256 rows) must not replace a better entry. Row
+    counts past the probe's keep kernels/quant_dispatch.py's defaults."""
+    table_us = {(r["shape"], r["rows"]): r["us"] for r in results if result_tag(r) == "kmajor_today"}
     best: dict[tuple, dict[str, Any]] = {}
     for r in results:
         key = (r["shape"], r["rows"])
         if result_tag(r) == "new" and k_major(r) and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
+    best = {key: r for key, r in best.items() if r["us"] < table_us.get(key, float("inf"))}
     table: dict[str, dict[str, Any]] = {}
     for (_, rows), r in sorted(best.items()):
         fields = {f: v for f, v in r["params"].items() if f not in ("groups_run", "splits", "kernel", "block_k_run")}

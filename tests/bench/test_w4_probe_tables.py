@@ -204,3 +204,14 @@ def test_shipped_gluon_entries_fall_back_to_triton_where_gluon_is_missing(monkey
         assert not config.gluon and not config.pipelined
         assert (config.block_m, config.block_n, config.split_k, config.w_lhs) == (
             entry["block_m"], entry["block_n"], entry["split_k"], entry["w_lhs"])
+
+
+def test_a_new_variant_slower_than_the_k_major_table_leaves_its_entry_alone():
+    """A probe of a few families (the ring alone) may measure nothing faster than the table's own K-major entry at a
+    shape: no suggestion there, so the merge keeps the table's entry; where the new variant wins it is suggested."""
+    probe = _script("gpu_w4_gemv_probe")
+    results = _results() + [_row("down", 64, "kmajor_today:table", 45.0, {"kernel": "kmajor_table"}),
+                            _row("o", 64, "kmajor_today:table", 60.0, {"kernel": "kmajor_table"})]
+    entries = probe.suggested_k_major_entries(results)
+    assert "64" not in entries["4096x14336"] and "256" in entries["4096x14336"]  # down: the table's 45 us beat 53
+    assert entries["4096x4096"]["64"]["kernel"] == "w4_kmajor_gemm"  # o: 51 us beat the table's 60

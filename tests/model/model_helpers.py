@@ -43,8 +43,10 @@ def run_in_steps(
     cache_dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
     """Feed prompt i in steps of ``step_lens[s][i]`` tokens (all sequences packed per step) and return each
-    prompt's logits [len, vocab]. Blocks are handed out in a shuffled order so tables are non-contiguous.
+    prompt's logits [len, vocab] (on the CPU). Blocks are handed out in a shuffled order so tables are
+    non-contiguous. Runs on the model's device.
     """
+    device = next(model.parameters()).device
     lengths = [len(p) for p in prompts]
     for i, length in enumerate(lengths):
         if sum(step[i] for step in step_lens) != length:
@@ -58,18 +60,18 @@ def run_in_steps(
         tables.append(order[start : start + need])
         start += need
     caches = KVCache(KVCacheSpec(block_size, model.num_kv_heads, model.head_dim, cache_dtype), model.num_layers,
-                     num_blocks, "cpu")
+                     num_blocks, device)
     done = [0] * len(prompts)
     logits: list[list[torch.Tensor]] = [[] for _ in prompts]
     with torch.no_grad():
         for step in step_lens:
-            ids = torch.cat([p[done[i] : done[i] + step[i]] for i, p in enumerate(prompts)])
-            positions = torch.cat([torch.arange(done[i], done[i] + step[i]) for i in range(len(prompts))])
+            ids = torch.cat([p[done[i] : done[i] + step[i]] for i, p in enumerate(prompts)]).to(device)
+            positions = torch.cat([torch.arange(done[i], done[i] + step[i]) for i in range(len(prompts))]).to(device)
             seq_lens = [done[i] + step[i] for i in range(len(prompts))]
-            meta = AttentionMetadata.build(step, seq_lens, tables, block_size, "cpu")
+            meta = AttentionMetadata.build(step, seq_lens, tables, block_size, device)
             out = model.compute_logits(model(ids, positions, caches, meta))
             for i, chunk in enumerate(out.split(step)):
-                logits[i].append(chunk)
+                logits[i].append(chunk.cpu())
             done = seq_lens
     return [torch.cat(parts) for parts in logits]
 
