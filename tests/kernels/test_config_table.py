@@ -49,3 +49,20 @@ def test_every_alias_of_the_shipped_tables_names_a_measured_card():
         aliases = {k: v for k, v in table.items() if isinstance(v, str)}
         assert aliases == {"sm_90": MEASURED}
         assert all(isinstance(table[v], dict) for v in aliases.values())
+
+
+def test_every_shipped_quantized_entry_reads_back_as_a_config():
+    """Probe-merged entries land in the shipped table by hand: each must parse (config_from_json validates its
+    fields), so a typo fails here rather than at a GPU start-up."""
+    table = json.loads(quant_dispatch.SHIPPED_CONFIGS.read_text())
+    count = 0
+    for device, formats in table.items():
+        if isinstance(formats, str):
+            continue
+        for fmt, shapes in formats.items():
+            for shape, by_rows in shapes.items():
+                for rows, entry in by_rows.items():
+                    assert int(rows) > 0, (device, fmt, shape, rows)
+                    quant_dispatch.config_from_json(entry)
+                    count += 1
+    assert count > 0
