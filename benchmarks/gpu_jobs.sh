@@ -112,12 +112,12 @@ for job in "$@"; do
     # probe's winners merged into the table. Target < 480 s (JOB_TIMEOUT=230).
     w4_ring) (cd tests/kernels && run python3 -m pytest -q -p no:cacheprovider test_w4_kmajor_gemm.py -k gluon_ring) \
                2>&1 | tee "$out/w4_ring_tests.txt" | tail -3
-             run python3 benchmarks/gpu_w4_gemv_probe.py --families "${W4_FAMILIES:-weight_ring}" --rows 64,256,128 \
-               --time-limit "${W4_TIME_LIMIT:-200}" --out "$out/gpu_w4_ring_probe.json"
+             run python3 benchmarks/gpu_w4_gemv_probe.py --families "${W4_FAMILIES:-weight_ring}" \
+               --rows "${W4_ROWS:-64,256,128}" --time-limit "${W4_TIME_LIMIT:-200}" --out "$out/gpu_w4_ring_probe.json"
              python3 benchmarks/quant_table_merge.py tokenmill/kernels/configs/quant_gemv.json \
                "$out/gpu_w4_ring_probe.json" "$out/quant_gemv_ring.json" &&
              TOKENMILL_QUANT_GEMV_CONFIGS="$out/quant_gemv_ring.json" run python3 benchmarks/gpu_quantized.py \
-               --e2e only --e2e-methods bf16,rtn4:kmajor --e2e-batches 64,256 --e2e-lens 128,32 \
+               --e2e only --e2e-methods bf16,rtn4:kmajor --e2e-batches "${W4_E2E_BATCHES:-64,256}" --e2e-lens 128,32 \
                --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_ring.json" ;;
     # Issue 20: the batch-1 decode chain (norms, SiLU-mul and the four projections, 32 layers in one CUDA graph), bf16
     # vs W4 K-major today vs with PDL + pre-wait preload, then again with TOKENMILL_PDL_EARLY_LAUNCH=1 (~1 min).

@@ -193,11 +193,14 @@ def weight_ring_candidates(rows: int) -> list[KMajorGemmConfig]:
     if rows <= 128:
         return [ring(128, 128, 128, 1, 4, True), ring(128, 128, 128, 1, 4, True, True),
                 ring(128, 128, 64, 1, 5, True, True), ring(64, 128, 128, 2, 4, True, True),
-                ring(128, 128, 128, 1, 4, True, True, True), ring(64, 128, 128, 2, 4, True, True, True)]
-    return [ring(256, 128, 128, 1, 3, True), ring(256, 128, 128, 1, 3, True, True),
-            ring(256, 128, 64, 1, 4, True, True), ring(128, 128, 128, 1, 4, True, True),
+                ring(128, 128, 128, 1, 4, True, True, True), ring(64, 128, 128, 2, 4, True, True, True),
+                ring(64, 128, 128, 4, 4, True, True, True)]
+    # s26 (H100, 256 rows): the 128- and 256-row tiles give down / o (32 channel tiles) 32-64 programs, and lost to
+    # the table's entries there; the 64-row tiles split over K (256-512 programs) with the codes in registers.
+    return [ring(256, 128, 64, 1, 4, True, True), ring(128, 128, 128, 1, 4, True, True),
             ring(64, 128, 128, 2, 4, True, True), ring(256, 128, 64, 1, 4, True, True, True),
-            ring(128, 128, 128, 1, 4, True, True, True)]
+            ring(128, 128, 128, 1, 4, True, True, True), ring(64, 128, 128, 2, 4, True, True, True),
+            ring(64, 128, 128, 4, 4, True, True, True)]
 
 
 # The transposed product (w_lhs: codes the left operand, n the tensor cores' M; the config's block_m is their N).
