@@ -130,14 +130,14 @@ for job in "$@"; do
                test_fp8_fusion.py) 2>&1 | tee "$out/norm_ab_model_tests.txt" | tail -3
              run python3 benchmarks/gpu_w4_chain.py --replays 30 --out "$out/gpu_w4_chain_norm.json"
              run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods \
-               "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead+nonorm,rtn4:kmajor+lmhead,fp8+lmhead+nonorm,fp8+lmhead}" \
+               "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm,fp8+lmhead,fp8+lmhead+norm}" \
                --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
     # norm_ab's model tests alone (the norm-fusion kernels' tests ran whole in gpu_suite.sh's kernel groups).
     norm_tests) (cd tests/quantization && run python3 -m pytest -q -p no:cacheprovider test_kmajor_layout.py \
                   test_fp8_fusion.py -k "norm or fus") 2>&1 | tee "$out/norm_model_tests.txt" | tail -3 ;;
     # norm_ab's batch-1 decode A/B alone (its tests run in gpu_suite.sh's groups).
     norm_e2e) run python3 benchmarks/gpu_quantized.py --e2e only --e2e-methods \
-                "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead+nonorm,rtn4:kmajor+lmhead,fp8+lmhead+nonorm,fp8+lmhead}" \
+                "${E2E_METHODS:-bf16,rtn4:kmajor+lmhead,rtn4:kmajor+lmhead+norm,fp8+lmhead,fp8+lmhead+norm}" \
                 --e2e-batches 1 --e2e-lens 128,32 --e2e-max-model-len 4096 --out "$out/gpu_quantized_e2e_norm.json" ;;
     # Issues 20 and 22, small batches: a paged decode option (PAGED_SET, default min_partition=64) set in the table's
     # split-plan entries (batches < 128) against the shipped table: the paged config tests on the card, then decode

@@ -172,7 +172,7 @@ def _param_bytes(modules: list[torch.nn.Module]) -> int:
 
 
 # --quantize-lm-head; pass_config fuse_gemm_act off (the SiLU-and-mul kernel), fuse_gemm_norm on (no norm kernels)
-E2E_SUFFIXES = ("lmhead", "noact", "norm", "nonorm")  # norm: fuse_gemm_norm on, its default since s26
+E2E_SUFFIXES = ("lmhead", "noact", "norm")
 
 
 def parse_methods(spec: str) -> list[tuple[str, str | None, str, bool, dict[str, bool]]]:
@@ -185,7 +185,7 @@ def parse_methods(spec: str) -> list[tuple[str, str | None, str, bool, dict[str,
         if unknown:
             raise SystemExit(f"--e2e-methods {item!r}: + suffixes are {', '.join(E2E_SUFFIXES)}; got {unknown}")
         method, _, layout = base.partition(":")
-        passes = {"fuse_gemm_act": "noact" not in suffixes, "fuse_gemm_norm": "nonorm" not in suffixes}
+        passes = {"fuse_gemm_act": "noact" not in suffixes, "fuse_gemm_norm": "norm" in suffixes}
         out.append((item, None if method == "bf16" else method, layout or "auto", "lmhead" in suffixes, passes))
     return out
 
@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--e2e-methods", default="bf16,rtn4,int8",
                         help="bf16 and --quantization methods (e.g. fp8), each optionally :gptq or :kmajor "
                              "(--quant-weight-layout), +lmhead (--quantize-lm-head), +noact (pass_config fuse_gemm_act "
-                             "off) and +nonorm (fuse_gemm_norm off; +norm, on, is the default), e.g. "
+                             "off) and +norm (fuse_gemm_norm on), e.g. "
                              "bf16,rtn4:gptq,rtn4:kmajor,fp8+lmhead+noact")
     parser.add_argument("--e2e-lens", default="128,64", help="input,output tokens per request")
     parser.add_argument("--e2e-max-model-len", type=int, default=None,
