@@ -78,11 +78,14 @@ class ModelConfig:
     # tokenmill's pass_config key (vLLM has none for it): a gate|up projection whose kernel can apply SiLU-and-mul in
     # its epilogue at this row count (the 4-bit K-major GEMV, the FP8 fma GEMV) does, saving the activation's launch.
     fuse_gemm_act: bool = True
-    # tokenmill's too: where the GEMVs can (the 4-bit K-major GEMV and the FP8 fma GEMV at 1-4 rows), o_proj /
-    # down_proj make the next norm's input in their epilogue (the residual stream added, times the norm weight, and
-    # its sums of squares) and qkv / gate_up scale by 1 / rms in their prologue: no norm kernel. H100, batch-1 step
-    # (benchmarks/results, s25 and s26): W4 2.449 -> 2.387 ms, FP8 3.398 -> 3.312.
-    fuse_gemm_norm: bool = True
+    # tokenmill's too, off: where the GEMVs can (the 4-bit K-major GEMV at 1-4 rows), o_proj / down_proj add the
+    # residual stream in their epilogue and qkv / gate_up apply the RMSNorm in their prologue (no norm kernel). Off
+    # because it was slower on the H100 (batch-1 step 2.667 vs 2.434 ms) when every GEMV program re-read x for 1 / rms;
+    # now o_proj / down_proj make the next norm's input in their epilogue (the stream times the norm weight and its
+    # sums of squares) and qkv / gate_up only scale by 1 / rms, in the W4 K-major and the FP8 fma GEMVs (not yet
+    # timed on a GPU). H100, s25 / s26: batch-1 step W4 2.449 -> 2.387 ms, FP8 3.398 -> 3.312; stays off until the W4
+    # model test (tests/quantization/test_kmajor_layout.py, producers on CUDA) has passed on a GPU.
+    fuse_gemm_norm: bool = False
     # The untied LM head quantized at load too (fp8 per vocabulary row; rtn4 / int8 codes); vLLM keeps it dense.
     quantize_lm_head: bool = False
 

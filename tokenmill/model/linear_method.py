@@ -183,7 +183,7 @@ class QuantizationConfig:
     fuse_norm_quant: bool = True
     fuse_act_quant: bool = True
     fuse_gemm_act: bool = True  # tokenmill's pass_config key: SiLU-and-mul in the gate|up kernel's epilogue
-    fuse_gemm_norm: bool = True  # tokenmill's: residual adds in the GEMVs' epilogues, RMSNorms in their prologues
+    fuse_gemm_norm: bool = False  # tokenmill's: residual adds in the GEMVs' epilogues, RMSNorms in their prologues
     lm_head_quantized: bool = False
 
     @classmethod
@@ -271,7 +271,7 @@ LM_HEAD_QUANTIZABLE = ("fp8", "rtn4", "int8")
 def resolve_quantization(
     checkpoint: QuantizationConfig | None, requested: str | None, weight_layout: str = "auto",
     fuse_norm_quant: bool = True, fuse_act_quant: bool = True, quantize_lm_head: bool = False,
-    fuse_gemm_act: bool = True, fuse_gemm_norm: bool = True,
+    fuse_gemm_act: bool = True, fuse_gemm_norm: bool = False,
 ) -> QuantizationConfig | None:
     """The format to serve: the checkpoint's own (config.json / GGUF), checked against ``--quantization`` when
     given, or, for a dense checkpoint, the requested method quantizing at load (vLLM's ``--quantization``);
