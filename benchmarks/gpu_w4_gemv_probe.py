@@ -162,12 +162,13 @@ def wlg(m: int, n: int, k: int, split: int, w: int) -> KMajorGemmConfig:
 
 
 def ring(m: int, n: int, k: int, split: int, st: int = 4, wr: bool = False, pair: bool = False,
-         ra: bool = False) -> KMajorGemmConfig:
+         ra: bool = False, finish: int = 0) -> KMajorGemmConfig:
     """kernels/w4_kmajor_gluon_ring.py's pipelined Gluon kernel (8 warps: two warpgroups of 64 channels); ``wr``:
     the words ride the cp.async ring too (``weight_ring``); ``pair``: two codes a bf16x2 register
-    (``pair_dequant``); ``ra``: the codes as the wgmma's register operand (``register_a``)."""
+    (``pair_dequant``); ``ra``: the codes as the wgmma's register operand (``register_a``); ``finish``: the last
+    split sums that many channels at a time (``finish_rows``)."""
     return KMajorGemmConfig(m, n, k, split, True, 8, st, False, w_lhs=True, gluon=True, pipelined=True,
-                            weight_ring=wr, pair_dequant=pair, register_a=ra)
+                            weight_ring=wr, pair_dequant=pair, register_a=ra, finish_rows=finish)
 
 
 # H100, s25, 64 rows: register_a won every shape (four projections 130.9 us vs bf16 162.5), but qkv and o, with
@@ -179,7 +180,9 @@ def ring(m: int, n: int, k: int, split: int, st: int = 4, wr: bool = False, pair
 # a step (562 for the loop's two), no codes through shared memory (at 64 rows the A tile's store and wgmma read were
 # ~64 of ~128 KB of shared-memory traffic a step). sm_90 compiles
 # (triton 3.9, no GPU): 73-254 registers, no spills (128-row tiles split over K spill, so they are not listed: 64-row
-# tiles split in two fill the SMs at 128-256 rows on the 4096-channel projections, 32 channel tiles each).
+# tiles split in two fill the SMs at 128-256 rows on the 4096-channel projections, 32 channel tiles each). s26:
+# finish_rows 32 (the split-K sum in channel chunks) lets 128- and 256-row tiles split without spills (194-250
+# registers), and takes the 64-row split-8 tile from 250 registers to 162.
 def weight_ring_candidates(rows: int) -> list[KMajorGemmConfig]:
     if rows < 64:
         return []
@@ -189,18 +192,22 @@ def weight_ring_candidates(rows: int) -> list[KMajorGemmConfig]:
                 ring(64, 128, 128, 4, 4, True, True), ring(64, 128, 64, 2, 6, True, True),
                 ring(64, 128, 128, 2, 4, True, True, True), ring(64, 128, 128, 4, 4, True, True, True),
                 ring(64, 128, 64, 2, 6, True, True, True), ring(64, 128, 128, 8, 4, True, True, True),
-                ring(64, 128, 64, 8, 6, True, True, True)]
+                ring(64, 128, 64, 8, 6, True, True, True), ring(64, 128, 128, 4, 4, True, True, True, 32),
+                ring(64, 128, 128, 8, 4, True, True, True, 32)]
     if rows <= 128:
         return [ring(128, 128, 128, 1, 4, True), ring(128, 128, 128, 1, 4, True, True),
                 ring(128, 128, 64, 1, 5, True, True), ring(64, 128, 128, 2, 4, True, True),
                 ring(128, 128, 128, 1, 4, True, True, True), ring(64, 128, 128, 2, 4, True, True, True),
-                ring(64, 128, 128, 4, 4, True, True, True)]
+                ring(64, 128, 128, 4, 4, True, True, True), ring(128, 128, 128, 2, 4, True, True, True, 32),
+                ring(64, 128, 128, 4, 4, True, True, True, 32)]
     # s26 (H100, 256 rows): the 128- and 256-row tiles give down / o (32 channel tiles) 32-64 programs, and lost to
     # the table's entries there; the 64-row tiles split over K (256-512 programs) with the codes in registers.
     return [ring(256, 128, 64, 1, 4, True, True), ring(128, 128, 128, 1, 4, True, True),
             ring(64, 128, 128, 2, 4, True, True), ring(256, 128, 64, 1, 4, True, True, True),
             ring(128, 128, 128, 1, 4, True, True, True), ring(64, 128, 128, 2, 4, True, True, True),
-            ring(64, 128, 128, 4, 4, True, True, True)]
+            ring(64, 128, 128, 4, 4, True, True, True), ring(128, 128, 128, 2, 4, True, True, True, 32),
+            ring(128, 128, 128, 4, 4, True, True, True, 32), ring(256, 128, 64, 2, 4, True, True, True, 32),
+            ring(256, 128, 64, 4, 4, True, True, True, 32)]
 
 
 # The transposed product (w_lhs: codes the left operand, n the tensor cores' M; the config's block_m is their N).

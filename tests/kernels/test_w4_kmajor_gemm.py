@@ -176,10 +176,11 @@ def test_ring_block_k_caps_and_rejects():
 
 
 def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4,
-         weight_ring: bool = False, pair: bool = False, register_a: bool = False) -> KMajorGemmConfig:
+         weight_ring: bool = False, pair: bool = False, register_a: bool = False,
+         finish: int = 0) -> KMajorGemmConfig:
     return KMajorGemmConfig(m, n, k, split, num_warps=warps, num_stages=stages, x_runs=False, w_lhs=True,
                             gluon=True, pipelined=True, weight_ring=weight_ring or register_a, pair_dequant=pair,
-                            register_a=register_a)
+                            register_a=register_a, finish_rows=finish)
 
 
 @pytest.mark.skipif(not HAS_GLUON or os.environ.get("TRITON_INTERPRET") == "1",
@@ -191,7 +192,9 @@ def ring(m: int, n: int, k: int, split: int = 1, warps: int = 8, stages: int = 4
                                           (ring(64, 128, 128, 2, weight_ring=True, pair=True), 128),
                                           (ring(64, 128, 128, pair=True, register_a=True), 128),
                                           (ring(64, 128, 128, 8, pair=True, register_a=True), 128),
-                                          (ring(64, 64, 64, 2, warps=4, register_a=True), 32)])
+                                          (ring(64, 64, 64, 2, warps=4, register_a=True), 32),
+                                          (ring(128, 128, 128, 2, pair=True, register_a=True, finish=32), 128),
+                                          (ring(256, 128, 64, 4, pair=True, register_a=True, finish=32), 64)])
 def test_gluon_ring_kernel_compiles_async(config, group):
     """Compiles the pipelined kernel for sm_90 without a GPU: the codes' reshape into the wgmma operand layout is
     trivial (asserted at compile time), nothing spills, the K loop keeps one product in flight (wgmma wait 1),
@@ -210,7 +213,7 @@ def test_gluon_ring_kernel_compiles_async(config, group):
                 stride_wn="i32:16", stride_om="i32:16", HAS_ZEROS=True, HAS_BIAS=True, SPLIT_K=config.split_k,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=ring_block_k(config.block_k, group),
                 GW=group // 8, STAGES=config.num_stages, WARPS=config.num_warps, W_RING=config.weight_ring,
-                PACKED=config.pair_dequant, A_REGS=config.register_a)
+                PACKED=config.pair_dequant, A_REGS=config.register_a, FINISH_ROWS=config.finish_rows)
     info = compile_sm90(_kmajor_gemm_gluon_ring_kernel, args, num_warps=config.num_warps, gluon=True,
                         keep_text=True)
     assert info.spill_bytes == 0 and info.loops
@@ -252,7 +255,9 @@ def test_gluon_ring_matches_fp32_reference(rows, group, zeros, dtype):
                ring(128, 128, 64, stages=3, weight_ring=True), ring(256, 64, 32, split=2, warps=4, stages=5,
                                                                     weight_ring=True),
                ring(64, 128, 128, split=3, weight_ring=True, pair=True), ring(128, 64, 64, warps=4, pair=True),
-               ring(64, 128, 128, split=3, pair=True, register_a=True), ring(256, 64, 32, warps=4, register_a=True)]
+               ring(64, 128, 128, split=3, pair=True, register_a=True), ring(256, 64, 32, warps=4, register_a=True),
+               ring(128, 128, 128, split=2, pair=True, register_a=True, finish=32),
+               ring(256, 128, 64, split=3, weight_ring=True, finish=64), ring(64, 64, 32, 2, warps=4, finish=32)]
     _check("cuda", rows, 8 * 128, 200, group, zeros, dtype, configs, seed=rows + group + 5,
            fractional_zeros=zeros and group < 128)
 
@@ -298,6 +303,13 @@ def test_config_validation():
         KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, weight_ring=True)
     with pytest.raises(ValueError, match="pair_dequant=True is a pipelined=True variant"):
         KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, pair_dequant=True)
+    with pytest.raises(ValueError, match="finish_rows is a pipelined=True variant"):
+        KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, finish_rows=32)
+    for rows in (16, 48, 256):  # under a warp's lanes, not a power of two, not dividing block_n 128
+        with pytest.raises(ValueError, match="finish_rows"):
+            ring(64, 128, 128, 2, finish=rows)
+    assert ring(64, 128, 128, 2, finish=32).name == "kmgemm_wlgp_m64_n128_k128_s2_w8_st4_f32"
+    assert ring(64, 128, 128, 2).name == "kmgemm_wlgp_m64_n128_k128_s2_w8_st4"
     assert ring(64, 128, 128, 2, weight_ring=True, pair=True).name == "kmgemm_wlgpw2_m64_n128_k128_s2_w8_st4"
     with pytest.raises(ValueError, match="register_a=True is a weight_ring=True variant"):
         KMajorGemmConfig(x_runs=False, w_lhs=True, gluon=True, pipelined=True, register_a=True)

@@ -73,7 +73,7 @@ def config_from_json(entry: dict[str, Any]) -> Choice:
     if entry["kernel"] == "w4_kmajor_gemm":
         if fields.get("gluon") and not HAS_GLUON:  # a table measured with Gluon, read by a Triton without it:
             fields.update(gluon=False, pipelined=False, weight_ring=False, pair_dequant=False,
-                          register_a=False)  # the same tiles through Triton's w_lhs kernel
+                          register_a=False, finish_rows=0)  # the same tiles through Triton's w_lhs kernel
         return KMajorGemmConfig(**fields)
     if entry["kernel"] == "dequant_mm":
         return KMajorDequantConfig(**fields)

@@ -71,7 +71,10 @@ class KMajorGemmConfig:
     loads one step ahead into registers (groups of 32-128); ``pair_dequant`` (with ``pipelined``): two codes a
     register in x's dtype (bf16x2 / f16x2 arithmetic, the fp32 path's exact result) where the weight's zero points
     are integers (``KMajorWeight.integer_zeros``; the fp32 path otherwise); ``register_a`` (with ``weight_ring``):
-    the codes go to the wgmma as its register A operand, two steps a loop iteration (no shared-memory round trip)."""
+    the codes go to the wgmma as its register A operand, two steps a loop iteration (no shared-memory round trip);
+    ``finish_rows`` (with ``pipelined``, split K): the last split sums the partials that many channels at a time in
+    a blocked layout instead of a second tile in the accumulator's (0: the whole tile; sm_90 compiles: 128 x 128 and
+    256-row tiles split over K then spill no more, and 64 x 128 split 8 holds 162 registers instead of 250)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -88,6 +91,7 @@ class KMajorGemmConfig:
     weight_ring: bool = False
     pair_dequant: bool = False
     register_a: bool = False
+    finish_rows: int = 0
 
     def __post_init__(self) -> None:
         for field, value, low in (("block_m", self.block_m, 16), ("block_n", self.block_n, 16),
@@ -119,6 +123,10 @@ class KMajorGemmConfig:
             raise ValueError("register_a=True is a weight_ring=True variant")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1; got {self.split_k}")
+        rows = self.finish_rows
+        if rows and (not self.pipelined or rows < 32 or rows & (rows - 1) or self.block_n % rows):
+            raise ValueError(f"finish_rows is a pipelined=True variant: 0, or a power of two >= 32 (a warp's lanes) "
+                             f"that divides block_n; got {self.finish_rows} with block_n {self.block_n}")
 
     @property
     def name(self) -> str:
@@ -130,7 +138,8 @@ class KMajorGemmConfig:
         else:
             variant = "_wlg" if self.gluon else "_wl"
         return (f"kmgemm{variant}{'_sc' if self.scale_codes else ''}_m{self.block_m}_n{self.block_n}_k{self.block_k}"
-                f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}")
+                f"_s{self.split_k}_w{self.num_warps}_st{self.num_stages}"
+                f"{f'_f{self.finish_rows}' if self.finish_rows else ''}")
 
 
 if HAS_GLUON:
@@ -329,7 +338,8 @@ def w4_kmajor_gemm(x: torch.Tensor, weight: KMajorWeight, config: KMajorGemmConf
             _kmajor_gemm_gluon_ring_kernel[(tiles, split_k)](*args, **shared, STAGES=config.num_stages,
                                                             WARPS=config.num_warps, W_RING=config.weight_ring,
                                                             PACKED=config.pair_dequant and weight.integer_zeros,
-                                                            A_REGS=config.register_a)
+                                                            A_REGS=config.register_a,
+                                                            FINISH_ROWS=config.finish_rows if split_k > 1 else 0)
             return out
         shared.update(TW=min(4, block_k // 8), MAGIC_BITS=magic_bits, MAGIC=magic)
         if config.gluon:

@@ -201,6 +201,7 @@ if HAS_GLUON:
         HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GW: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
         W_RING: gl.constexpr = False, PACKED: gl.constexpr = False, A_REGS: gl.constexpr = False,
+        FINISH_ROWS: gl.constexpr = 0,
     ):
         P: gl.constexpr = BLOCK_K // (2 * GW)  # nibble pairs of every word a step
         SUBS: gl.constexpr = 4 // P  # steps a group
@@ -300,4 +301,4 @@ if HAS_GLUON:
         acc = warpgroup_mma_wait(0, deps=[acc])
         async_copy.wait_group(0)  # the zero-filled copies past the split's last step
         _store_transposed(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, pid, pid_k, n0, m0, M, N, stride_om, HAS_BIAS,
-                          SPLIT_K, BLOCK_N, BLOCK_M, MMA)
+                          SPLIT_K, BLOCK_N, BLOCK_M, MMA, FINISH_ROWS, WARPS)
