@@ -145,27 +145,23 @@ if HAS_GLUON:
             if HAS_BIAS:
                 acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
             gl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=omask)
-        elif FINISH_ROWS > 0:
-            part_off = gl.expand_dims(om * N, 0) + gl.expand_dims(on, 1)
-            gl.store(part_ptr + pid_k * M * N + part_off, acc, mask=omask)
-            cta_barrier()
-            arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                _finish_in_chunks(b_ptr, out_ptr, part_ptr, n0, m0, M, N, stride_om, HAS_BIAS, SPLIT_K, BLOCK_N,
-                                  BLOCK_M, FINISH_ROWS, WARPS)
-                gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
         else:
             part_off = gl.expand_dims(om * N, 0) + gl.expand_dims(on, 1)
             gl.store(part_ptr + pid_k * M * N + part_off, acc, mask=omask)
             cta_barrier()
             arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT_K - 1:
-                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                for s in gl.static_range(SPLIT_K):
-                    total += gl.load(part_ptr + s * M * N + part_off, mask=omask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
-                gl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=omask)
+                if FINISH_ROWS > 0:
+                    _finish_in_chunks(b_ptr, out_ptr, part_ptr, n0, m0, M, N, stride_om, HAS_BIAS, SPLIT_K, BLOCK_N,
+                                      BLOCK_M, FINISH_ROWS, WARPS)
+                else:
+                    total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+                    for s in gl.static_range(SPLIT_K):
+                        total += gl.load(part_ptr + s * M * N + part_off, mask=omask, other=0.0,
+                                         cache_modifier=".cg")
+                    if HAS_BIAS:
+                        total += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
+                    gl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=omask)
                 gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
 
     @gluon.jit(do_not_specialize=["M"])
